@@ -1,0 +1,202 @@
+"""The `moeq` command line: parse, call one library function, render the result.
+
+Errors are MoeqError subclasses; every command runs under `_guard`, which prints the
+one-line message, exits with the error's code, and shows a traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from moeq import __version__
+from moeq.config import Pipeline, SynthSpec, load_pipeline
+from moeq.errors import CheckFailed, MoeqError
+from moeq.toolchain import Toolchain
+
+app = typer.Typer(
+    name="moeq",
+    help="Quantize Mixture-of-Experts models to GGUF and publish them with model cards that tell the truth.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+synth_app = typer.Typer(help="Make synthetic models for demos and tests.", no_args_is_help=True)
+app.add_typer(synth_app, name="synth")
+
+console = Console()
+_state = {"debug": os.environ.get("MOEQ_DEBUG") == "1"}
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Path to pipeline.yaml.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def _guard(fn: Callable) -> Callable:
+    """Turn MoeqError into a one-line message and its exit code; tracebacks only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MoeqError as exc:
+            if _state["debug"]:
+                traceback.print_exc()
+            sys.stderr.write(f"error: {exc.message}\n")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            sys.stderr.write("error: interrupted\n")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # a bug in moeq: say so plainly, keep the traceback for --debug
+            if _state["debug"]:
+                traceback.print_exc()
+            sys.stderr.write(f"error: internal error {exc.__class__.__name__}: {exc} "
+                             "(rerun with --debug for the traceback and report it)\n")
+            raise typer.Exit(70) from None
+
+    return wrapper
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"moeq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback,
+                                                    is_eager=True, help="Print the moeq version.")] = None,
+) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+def _print_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _load(config: Path) -> Pipeline:
+    return load_pipeline(config)
+
+
+# ---------------------------------------------------------------- doctor
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+@_guard
+def doctor(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Also validate this pipeline file "
+                                                   "and check disk space for it.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check the llama.cpp tools, Python packages, Hub login and (with --config) disk space."""
+    from moeq.doctor import run_doctor
+
+    pipeline = _load(config) if config else None
+    chain = Toolchain(pipeline.toolchain.llama_cpp_bin if pipeline else None)
+    report = run_doctor(chain, pipeline)
+    if as_json:
+        _print_json(report.as_dict())
+    else:
+        table = Table(title="llama.cpp tools")
+        for column in ("tool", "status", "commit", "path"):
+            table.add_column(column, overflow="fold")
+        for check in report.tools:
+            status = f"[green]{check.detail}[/]" if check.ok else f"[red]{check.detail}[/]"
+            table.add_row(check.name, status, check.commit, check.path)
+        console.print(table)
+        packages = Table(title="Python packages")
+        packages.add_column("package")
+        packages.add_column("version")
+        for name, version in report.packages.items():
+            packages.add_row(name, version)
+        console.print(packages)
+        console.print(f"Hub endpoint: {report.hub_endpoint}")
+        console.print(f"Hub token present: {'yes' if report.hub_token_present else 'no'}")
+        if report.disk:
+            disk = report.disk
+            if disk.needed_bytes is None:
+                console.print(f"Disk: {_human_bytes(disk.free_bytes)} free in {disk.workspace}; need unknown "
+                              "(set model.parameters in the pipeline file)")
+            else:
+                verdict = "[green]OK[/]" if disk.ok else "[red]NOT ENOUGH[/]"
+                console.print(f"Disk: {_human_bytes(disk.free_bytes)} free in {disk.workspace}, "
+                              f"pipeline needs {_human_bytes(disk.needed_bytes)}: {verdict}")
+    if not report.ok:
+        problems = [c.name for c in report.tools if not c.ok]
+        if report.disk and not report.disk.ok:
+            problems.append("disk space")
+        raise CheckFailed(f"doctor found problems with: {', '.join(problems)}")
+
+
+# ---------------------------------------------------------------- synth
+
+
+@synth_app.command("tiny-phimoe")
+@_guard
+def synth_tiny_phimoe(
+    out: Annotated[Path, typer.Argument(help="Output GGUF path.")],
+    layers: int = SynthSpec.layers,
+    experts: int = SynthSpec.experts,
+    experts_used: int = SynthSpec.experts_used,
+    embd: Annotated[int, typer.Option(help="Embedding width (multiple of 256).")] = SynthSpec.embd,
+    ff: Annotated[int, typer.Option(help="Expert FFN width (multiple of 256).")] = SynthSpec.ff,
+    heads: int = SynthSpec.heads,
+    kv_heads: int = SynthSpec.kv_heads,
+    vocab: int = SynthSpec.vocab,
+    seed: int = SynthSpec.seed,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a deterministic F16 phimoe GGUF with Phi-3.5-MoE's layout, scaled down."""
+    from moeq.synth import parameter_count, write_tiny_phimoe
+
+    spec = SynthSpec(layers=layers, experts=experts, experts_used=experts_used, embd=embd, ff=ff,
+                     heads=heads, kv_heads=kv_heads, vocab=vocab, seed=seed)
+    path = write_tiny_phimoe(out, spec)
+    result = {"path": str(path), "bytes": path.stat().st_size, "parameters": parameter_count(spec),
+              "options": vars(spec)}
+    if as_json:
+        _print_json(result)
+    else:
+        console.print(f"wrote {path} ({_human_bytes(result['bytes'])}, {result['parameters']:,} parameters)")
+
+
+# ---------------------------------------------------------------- config
+
+
+@app.command("check-config")
+@_guard
+def check_config(config: ConfigOption, as_json: JsonOption = False) -> None:
+    """Validate a pipeline file and show the repos and files it will produce."""
+    pipeline = _load(config)
+    rows = [{"quant": q.type, "file": q.file, "repo": pipeline.repo_id(q)} for q in pipeline.quants]
+    if as_json:
+        _print_json({"pipeline": str(pipeline.path), "workspace": str(pipeline.workspace), "quants": rows})
+        return
+    table = Table(title=f"{pipeline.path}: {pipeline.model.name}")
+    for column in ("quant", "file", "repo"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["quant"], row["file"], row["repo"])
+    console.print(table)
+    console.print(f"workspace: {pipeline.workspace}")

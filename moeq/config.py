@@ -1,0 +1,540 @@
+"""pipeline.yaml -> a typed, validated Pipeline.
+
+Every problem is refused with `FILE:LINE: key.path: what is wrong`, using the line numbers
+PyYAML's composer keeps on each node. Unknown keys, duplicate keys, wrong types, unknown
+quant types, bad repo ids and unsafe relative names are all errors, never warnings.
+
+    >>> pipeline = load_pipeline(Path("examples/tiny-phimoe.yaml"))
+    >>> [q.type for q in pipeline.quants]
+    ['Q8_0', 'Q4_K_M', 'Q2_K']
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from moeq import quant_types
+from moeq.errors import ConfigError
+
+SOURCE_KINDS = ("hf", "gguf", "local", "synth")
+REPO_TEMPLATE_FIELDS = {"namespace", "quant", "quant_slug", "quant_lower", "file_stem"}
+DEFAULT_REPO_TEMPLATE = "{namespace}/phi-3.5-moe-{quant_slug}-cpu-offload-gguf"
+DEFAULT_FILE_TEMPLATE = "{file_stem}-{quant}.gguf"
+BENCH_MODES = ("gpu", "cpu-moe")
+
+
+# ---------------------------------------------------------------- typed pipeline
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    base_model: str
+    license: str
+    languages: tuple[str, ...]
+    quantized_by: str
+    file_stem: str
+    parameters: int | None = None  # total parameter count, for disk-space estimates
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    layers: int = 2
+    experts: int = 4
+    experts_used: int = 2
+    embd: int = 256
+    ff: int = 512
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    kind: str
+    repo: str | None = None
+    revision: str | None = None
+    file: str | None = None
+    path: Path | None = None
+    synth: SynthSpec | None = None
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    type: str
+    imatrix: Path | None = None
+    tensor_types: tuple[tuple[str, str], ...] = ()
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    file: str = ""  # output file name inside the workspace
+
+    @property
+    def slug(self) -> str:
+        return self.type.lower().replace("_", "-")
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    namespace: str
+    repo_template: str = DEFAULT_REPO_TEMPLATE
+    private: bool = False
+    create_pr: bool = False
+    max_shard_size: int = 50_000_000_000
+    push: bool = False
+
+
+@dataclass(frozen=True)
+class CardSpec:
+    template: Path | None = None  # None: moeq's own templates/model-card.md.j2
+    extra: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class PerplexitySpec:
+    text: Path | None = None  # None: the evaluation text shipped with moeq
+    ctx: int = 512
+    chunks: int = 8
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    modes: tuple[str, ...] = ("gpu", "cpu-moe")  # plus integers N for -ncmoe N, as strings
+    n_prompt: int = 512
+    n_gen: int = 128
+    repetitions: int = 3
+    threads: int | None = None
+    ctx: tuple[int, ...] = (4096,)
+    timeout_s: int = 1800
+    perplexity: PerplexitySpec = field(default_factory=PerplexitySpec)
+
+
+@dataclass(frozen=True)
+class ToolchainSpec:
+    llama_cpp_bin: Path | None = None
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    path: Path
+    model: ModelSpec
+    source: SourceSpec
+    workspace: Path
+    quants: tuple[QuantSpec, ...]
+    hub: HubSpec
+    card: CardSpec
+    bench: BenchSpec
+    toolchain: ToolchainSpec
+
+    def quant(self, name: str) -> QuantSpec:
+        for q in self.quants:
+            if q.type.lower() == name.lower():
+                return q
+        known = ", ".join(q.type for q in self.quants)
+        raise ConfigError(f"{self.path}: quants: no quant {name!r} in the ladder (configured: {known})")
+
+    def repo_id(self, quant: QuantSpec) -> str:
+        return render_repo_id(self.hub, self.model, quant)
+
+
+def render_repo_id(hub: HubSpec, model: ModelSpec, quant: QuantSpec) -> str:
+    return hub.repo_template.format(
+        namespace=hub.namespace, quant=quant.type, quant_slug=quant.slug,
+        quant_lower=quant.type.lower(), file_stem=model.file_stem,
+    )
+
+
+# ---------------------------------------------------------------- node walking
+
+
+class _Node:
+    """A YAML node with its key path, for error messages that point at the line."""
+
+    def __init__(self, file: Path, node: yaml.Node, path: str):
+        self.file, self.node, self.path = file, node, path
+
+    @property
+    def line(self) -> int:
+        return self.node.start_mark.line + 1
+
+    def fail(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.file}:{self.line}: {self.path}: {message}")
+
+    def child_path(self, key: str | int) -> str:
+        if isinstance(key, int):
+            return f"{self.path}[{key}]"
+        return f"{self.path}.{key}" if self.path else key
+
+    def mapping(self, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict[str, _Node]:
+        if not isinstance(self.node, yaml.MappingNode):
+            raise self.fail(f"expected a mapping, got {_kind(self.node)}")
+        out: dict[str, _Node] = {}
+        for key_node, value_node in self.node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _Node(self.file, key_node, self.path).fail("keys must be plain names")
+            key = key_node.value
+            where = _Node(self.file, key_node, self.child_path(key))
+            if key not in allowed:
+                raise where.fail(f"unknown key; allowed here: {', '.join(allowed)}")
+            if key in out:
+                raise where.fail(f"duplicate key (first at line {out[key].line})")
+            out[key] = _Node(self.file, value_node, self.child_path(key))
+        for key in required:
+            if key not in out:
+                raise self.fail(f"missing required key {key!r}")
+        return out
+
+    def scalar(self) -> Any:
+        if not isinstance(self.node, yaml.ScalarNode):
+            raise self.fail(f"expected a single value, got {_kind(self.node)}")
+        return yaml.safe_load(yaml.serialize(self.node))
+
+    def str(self) -> str:
+        value = self.scalar()
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(f"expected a non-empty string, got {value!r}")
+        return value
+
+    def int(self, minimum: int | None = None) -> int:
+        value = self.scalar()
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(f"expected an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.fail(f"must be at least {minimum}, got {value}")
+        return value
+
+    def bool(self) -> bool:
+        value = self.scalar()
+        if not isinstance(value, bool):
+            raise self.fail(f"expected true or false, got {value!r}")
+        return value
+
+    def list(self) -> list[_Node]:
+        if not isinstance(self.node, yaml.SequenceNode):
+            raise self.fail(f"expected a list, got {_kind(self.node)}")
+        return [_Node(self.file, n, self.child_path(i)) for i, n in enumerate(self.node.value)]
+
+    def relative_name(self) -> str:
+        """A file name inside a repo or the workspace: relative, no '..', no backslashes."""
+        value = self.str()
+        pure = PurePosixPath(value)
+        if pure.is_absolute() or value.startswith("~") or ".." in pure.parts or "\\" in value:
+            raise self.fail(f"{value!r} is not a safe relative name; use a plain name like 'model-Q8_0.gguf'")
+        return value
+
+    def path_value(self, base: Path, must_exist: bool = False) -> Path:
+        """A local path: absolute, or relative to the pipeline file's folder."""
+        raw = Path(self.str()).expanduser()
+        resolved = raw if raw.is_absolute() else base / raw
+        if must_exist and not resolved.exists():
+            raise self.fail(f"{resolved} does not exist; fix the path (relative paths start at {base})")
+        return resolved
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return f"{node.value!r}"
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _model(n: _Node) -> ModelSpec:
+    m = n.mapping(("name", "base_model", "license", "languages", "quantized_by", "file_stem", "parameters"),
+                  required=("name", "base_model", "license", "quantized_by"))
+    base_model = _repo_id(m["base_model"])
+    languages: tuple[str, ...] = ("en",)
+    if "languages" in m:
+        items = m["languages"].list()
+        if not items:
+            raise m["languages"].fail("list at least one language code, e.g. [en]")
+        languages = tuple(item.str() for item in items)
+    name = m["name"].str()
+    file_stem = m["file_stem"].relative_name() if "file_stem" in m else _slug(name)
+    if "/" in file_stem:
+        raise m["file_stem"].fail("must be a plain name without '/'")
+    return ModelSpec(
+        name=name, base_model=base_model, license=m["license"].str(), languages=languages,
+        quantized_by=m["quantized_by"].str(), file_stem=file_stem,
+        parameters=m["parameters"].int(minimum=1) if "parameters" in m else None,
+    )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-") or "model"
+
+
+def _repo_id(n: _Node) -> str:
+    value = n.str()
+    try:
+        validate_repo_id(value)
+    except HFValidationError as exc:
+        raise n.fail(f"{value!r} is not a valid Hub repo id ({_first_sentence(exc)})") from None
+    if value.count("/") != 1:
+        raise n.fail(f"{value!r} must be 'namespace/name'")
+    return value
+
+
+def _first_sentence(exc: Exception) -> str:
+    return str(exc).strip().split("\n")[0].rstrip(".")
+
+
+def _synth(n: _Node) -> SynthSpec:
+    fields = SynthSpec.__dataclass_fields__
+    m = n.mapping(tuple(fields))
+    values = {key: node.int(minimum=0 if key == "seed" else 1) for key, node in m.items()}
+    spec = SynthSpec(**values)
+    if spec.experts_used > spec.experts:
+        raise m.get("experts_used", n).fail(f"experts_used ({spec.experts_used}) exceeds experts ({spec.experts})")
+    for key in ("embd", "ff"):
+        if getattr(spec, key) % 256:
+            raise m.get(key, n).fail(f"must be a multiple of 256 so K-quants apply, got {getattr(spec, key)}")
+    if spec.embd % spec.heads or spec.heads % spec.kv_heads:
+        raise n.fail("embd must divide by heads, and heads by kv_heads")
+    return spec
+
+
+def _source(n: _Node, base: Path) -> SourceSpec:
+    m = n.mapping(("kind", "repo", "revision", "file", "path", "synth"), required=("kind",))
+    kind = m["kind"].str()
+    if kind not in SOURCE_KINDS:
+        raise m["kind"].fail(f"unknown source kind {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
+    needs = {"hf": ("repo", "revision"), "gguf": ("repo", "revision", "file"), "local": ("path",), "synth": ()}
+    allowed_extra = {"hf": ("repo", "revision"), "gguf": ("repo", "revision", "file"),
+                     "local": ("path",), "synth": ("synth",)}
+    for key in needs[kind]:
+        if key not in m:
+            raise n.fail(f"source kind {kind!r} needs {key!r}")
+    for key in m:
+        if key != "kind" and key not in allowed_extra[kind]:
+            raise m[key].fail(f"not used by source kind {kind!r}; remove it")
+    return SourceSpec(
+        kind=kind,
+        repo=_repo_id(m["repo"]) if "repo" in m else None,
+        revision=m["revision"].str() if "revision" in m else None,
+        file=m["file"].relative_name() if "file" in m else None,
+        path=m["path"].path_value(base) if "path" in m else None,
+        synth=_synth(m["synth"]) if "synth" in m else (SynthSpec() if kind == "synth" else None),
+    )
+
+
+def _ggml_type(n: _Node) -> str:
+    value = n.str()
+    found = quant_types.lookup_ggml_type(value)
+    if found is None:
+        raise n.fail(f"unknown tensor type {value!r}; use a ggml type such as q8_0, q6_K, q4_K, f16")
+    return found.name.lower()
+
+
+def _quant(n: _Node, base: Path, model: ModelSpec) -> QuantSpec:
+    if isinstance(n.node, yaml.ScalarNode):  # "- Q8_0" shorthand
+        m = {"type": n}
+    else:
+        m = n.mapping(("type", "imatrix", "tensor_types", "output_tensor_type", "token_embedding_type", "file"),
+                      required=("type",))
+    type_node = m["type"]
+    raw_type = type_node.str()
+    known = quant_types.lookup(raw_type)
+    if known is None:
+        raise type_node.fail(f"unknown quant type {raw_type!r}; llama-quantize accepts "
+                             f"{', '.join(quant_types.QUANT_TYPES)}")
+    overrides: list[tuple[str, str]] = []
+    if "tensor_types" in m:
+        tt = m["tensor_types"]
+        if not isinstance(tt.node, yaml.MappingNode):
+            raise tt.fail("expected a mapping of tensor name -> type, e.g. {attn_v: q8_0}")
+        seen: set[str] = set()
+        for key_node, value_node in tt.node.value:
+            key = _Node(n.file, key_node, tt.path).str()
+            entry = _Node(n.file, value_node, tt.child_path(key))
+            if not re.fullmatch(r"[A-Za-z0-9_.*\\\[\]()|+?^$-]+", key):
+                raise entry.fail(f"{key!r} is not a tensor name or pattern")
+            if key.lower() in seen:
+                raise entry.fail("duplicate tensor override")
+            seen.add(key.lower())
+            overrides.append((key.lower(), _ggml_type(entry)))
+    quant_type = known.name
+    file = m["file"].relative_name() if "file" in m else DEFAULT_FILE_TEMPLATE.format(
+        file_stem=model.file_stem, quant=quant_type)
+    return QuantSpec(
+        type=quant_type,
+        imatrix=m["imatrix"].path_value(base, must_exist=True) if "imatrix" in m else None,
+        tensor_types=tuple(overrides),
+        output_tensor_type=_ggml_type(m["output_tensor_type"]) if "output_tensor_type" in m else None,
+        token_embedding_type=_ggml_type(m["token_embedding_type"]) if "token_embedding_type" in m else None,
+        file=file,
+    )
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+               "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int | None:
+    """'50GB' -> 50_000_000_000 (decimal, as llama-gguf-split counts); None when unparseable."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _SIZE_UNITS:
+        return None
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def _hub(n: _Node, model: ModelSpec, quants: tuple[QuantSpec, ...]) -> HubSpec:
+    m = n.mapping(("namespace", "repo_template", "private", "create_pr", "max_shard_size", "push"),
+                  required=("namespace",))
+    namespace = m["namespace"].str()
+    try:
+        validate_repo_id(namespace)
+    except HFValidationError:
+        raise m["namespace"].fail(f"{namespace!r} is not a valid Hub user or organization name") from None
+    if "/" in namespace:
+        raise m["namespace"].fail("a namespace is one name, without '/'")
+    template = m["repo_template"].str() if "repo_template" in m else DEFAULT_REPO_TEMPLATE
+    where = m.get("repo_template", n)
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise where.fail(f"bad template: {exc}") from None
+    unknown = names - REPO_TEMPLATE_FIELDS
+    if unknown:
+        raise where.fail(f"unknown placeholder {{{sorted(unknown)[0]}}}; "
+                         f"use {', '.join('{' + f + '}' for f in sorted(REPO_TEMPLATE_FIELDS))}")
+    if len(quants) > 1 and not names & {"quant", "quant_slug", "quant_lower"}:
+        raise where.fail("must contain {quant_slug} (or {quant}) so each quant gets its own repo")
+    max_shard = 50_000_000_000
+    if "max_shard_size" in m:
+        raw = m["max_shard_size"].scalar()
+        parsed = raw if isinstance(raw, int) and not isinstance(raw, bool) else parse_size(str(raw))
+        if not parsed or parsed <= 0:
+            raise m["max_shard_size"].fail(f"{raw!r} is not a size; write e.g. 50GB, 45G or 500MB")
+        max_shard = parsed
+    spec = HubSpec(
+        namespace=namespace, repo_template=template,
+        private=m["private"].bool() if "private" in m else False,
+        create_pr=m["create_pr"].bool() if "create_pr" in m else False,
+        max_shard_size=max_shard, push=m["push"].bool() if "push" in m else False,
+    )
+    for quant in quants:
+        repo = render_repo_id(spec, model, quant)
+        try:
+            validate_repo_id(repo)
+        except HFValidationError as exc:
+            raise where.fail(f"gives {repo!r} for {quant.type}, not a valid repo id ({_first_sentence(exc)})") from None
+        if not repo.startswith(namespace + "/"):
+            raise where.fail(f"gives {repo!r}, outside the namespace {namespace!r}")
+    return spec
+
+
+def _card(n: _Node, base: Path) -> CardSpec:
+    m = n.mapping(("template", "extra"))
+    extra: tuple[tuple[str, Any], ...] = ()
+    if "extra" in m:
+        node = m["extra"]
+        if not isinstance(node.node, yaml.MappingNode):
+            raise node.fail("expected a mapping of fact name -> value")
+        value = yaml.safe_load(yaml.serialize(node.node))
+        extra = tuple(sorted((str(k), v) for k, v in value.items()))
+    return CardSpec(
+        template=m["template"].path_value(base, must_exist=True) if "template" in m else None,
+        extra=extra,
+    )
+
+
+def _bench(n: _Node, base: Path) -> BenchSpec:
+    m = n.mapping(("modes", "n_prompt", "n_gen", "repetitions", "threads", "ctx", "timeout_s", "perplexity"))
+    defaults = BenchSpec()
+    modes = defaults.modes
+    if "modes" in m:
+        modes_list = []
+        for item in m["modes"].list():
+            value = item.scalar()
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                modes_list.append(str(value))
+            elif value in BENCH_MODES:
+                modes_list.append(value)
+            else:
+                raise item.fail(f"unknown mode {value!r}; use gpu, cpu-moe, or an integer N for -ncmoe N")
+        modes = tuple(modes_list)
+    ppl = defaults.perplexity
+    if "perplexity" in m:
+        p = m["perplexity"].mapping(("text", "ctx", "chunks"))
+        ppl = PerplexitySpec(
+            text=p["text"].path_value(base, must_exist=True) if "text" in p else None,
+            ctx=p["ctx"].int(minimum=16) if "ctx" in p else defaults.perplexity.ctx,
+            chunks=p["chunks"].int(minimum=1) if "chunks" in p else defaults.perplexity.chunks,
+        )
+    return BenchSpec(
+        modes=modes,
+        n_prompt=m["n_prompt"].int(minimum=0) if "n_prompt" in m else defaults.n_prompt,
+        n_gen=m["n_gen"].int(minimum=0) if "n_gen" in m else defaults.n_gen,
+        repetitions=m["repetitions"].int(minimum=1) if "repetitions" in m else defaults.repetitions,
+        threads=m["threads"].int(minimum=1) if "threads" in m else None,
+        ctx=tuple(i.int(minimum=1) for i in m["ctx"].list()) if "ctx" in m else defaults.ctx,
+        timeout_s=m["timeout_s"].int(minimum=1) if "timeout_s" in m else defaults.timeout_s,
+        perplexity=ppl,
+    )
+
+
+def _toolchain(n: _Node, base: Path) -> ToolchainSpec:
+    m = n.mapping(("llama_cpp_bin",))
+    return ToolchainSpec(llama_cpp_bin=m["llama_cpp_bin"].path_value(base) if "llama_cpp_bin" in m else None)
+
+
+# ---------------------------------------------------------------- entry point
+
+TOP_LEVEL = ("model", "source", "workspace", "quants", "hub", "card", "bench", "toolchain")
+
+
+def load_pipeline(path: Path) -> Pipeline:
+    """Read and validate a pipeline file; raise ConfigError naming file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: pipeline file not found; pass --config with the path to your pipeline.yaml") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read pipeline file ({exc.__class__.__name__}: {exc})") from None
+    try:
+        root_node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise ConfigError(f"{path}:{line}: not valid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}:1: not valid YAML: {exc}") from None
+    if root_node is None:
+        raise ConfigError(f"{path}:1: the pipeline file is empty; start from examples/tiny-phimoe.yaml")
+    base = path.resolve().parent
+    root = _Node(path, root_node, "")
+    top = root.mapping(TOP_LEVEL, required=("model", "source", "quants", "hub"))
+    model = _model(top["model"])
+    source = _source(top["source"], base)
+    quant_nodes = top["quants"].list()
+    if not quant_nodes:
+        raise top["quants"].fail("the ladder is empty; list at least one quant, e.g. - type: Q8_0")
+    quants: list[QuantSpec] = []
+    for node in quant_nodes:
+        quant = _quant(node, base, model)
+        if any(q.type == quant.type for q in quants):
+            raise node.fail(f"{quant.type} appears twice in the ladder")
+        if any(q.file == quant.file for q in quants):
+            raise node.fail(f"output file {quant.file!r} is already used by another quant")
+        quants.append(quant)
+    workspace = top["workspace"].path_value(base) if "workspace" in top else base / "work"
+    return Pipeline(
+        path=path, model=model, source=source, workspace=workspace, quants=tuple(quants),
+        hub=_hub(top["hub"], model, tuple(quants)),
+        card=_card(top["card"], base) if "card" in top else CardSpec(),
+        bench=_bench(top["bench"], base) if "bench" in top else BenchSpec(),
+        toolchain=_toolchain(top["toolchain"], base) if "toolchain" in top else ToolchainSpec(),
+    )

@@ -1,0 +1,63 @@
+"""The one error family of moeq.
+
+Every failure a person can cause or fix is a MoeqError with a one-line message that names
+the file, key, tool or tensor and says what to do. The CLI prints the message and exits
+with the class's exit code; tracebacks are shown only with --debug.
+"""
+
+from __future__ import annotations
+
+
+class MoeqError(Exception):
+    """Base class: a one-line, actionable message and an exit code."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(MoeqError):
+    """pipeline.yaml is missing, unreadable or invalid (FILE:LINE: key.path: problem)."""
+
+    exit_code = 2
+
+
+class InputError(MoeqError):
+    """A file given to moeq (model, record, card) is missing or not what it should be."""
+
+    exit_code = 3
+
+
+class ToolError(MoeqError):
+    """A llama.cpp tool is missing, broken, or exited with an error."""
+
+    exit_code = 4
+
+
+class HubError(MoeqError):
+    """The Hub refused or failed a request."""
+
+    exit_code = 5
+
+
+class ResourceError(MoeqError):
+    """Not enough disk space, or an artifact is locked by another moeq process."""
+
+    exit_code = 6
+
+
+class CheckFailed(MoeqError):
+    """A check command (doctor, validate, lint) ran and found problems."""
+
+    exit_code = 7
+
+
+class Interrupted(MoeqError):
+    """Stopped by SIGINT or SIGTERM; partial outputs were removed."""
+
+    exit_code = 130

@@ -1,0 +1,61 @@
+"""Quantization types llama-quantize accepts, as in the pinned build's QUANT_OPTIONS table.
+
+tests/test_toolchain.py checks this table against `llama-quantize --help` of the pinned build,
+so a llama.cpp upgrade that changes the list fails loudly instead of drifting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+
+
+@dataclass(frozen=True)
+class QuantType:
+    name: str
+    file_type: int  # general.file_type (llama_ftype)
+    approx_bpw: float  # whole-model bits per weight, used only for disk-space estimates
+
+
+# name -> (llama_ftype, approximate bits per weight for a large model)
+_TABLE: dict[str, tuple[int, float]] = {
+    "Q1_0": (40, 1.125), "Q2_0": (41, 2.25),
+    "Q4_0": (2, 4.55), "Q4_1": (3, 5.0), "MXFP4_MOE": (38, 4.25),
+    "Q5_0": (8, 5.55), "Q5_1": (9, 6.0),
+    "IQ2_XXS": (19, 2.06), "IQ2_XS": (20, 2.31), "IQ2_S": (28, 2.5), "IQ2_M": (29, 2.7),
+    "IQ1_S": (24, 1.56), "IQ1_M": (31, 1.75), "TQ1_0": (36, 1.69), "TQ2_0": (37, 2.06),
+    "Q2_K": (10, 2.96), "Q2_K_S": (21, 2.96),
+    "IQ3_XXS": (23, 3.06), "IQ3_S": (26, 3.44), "IQ3_M": (27, 3.66),
+    "Q3_K": (12, 3.91), "IQ3_XS": (22, 3.3),
+    "Q3_K_S": (11, 3.5), "Q3_K_M": (12, 3.91), "Q3_K_L": (13, 4.27),
+    "IQ4_NL": (25, 4.5), "IQ4_XS": (30, 4.25),
+    "Q4_K": (15, 4.89), "Q4_K_S": (14, 4.58), "Q4_K_M": (15, 4.89),
+    "Q5_K": (17, 5.7), "Q5_K_S": (16, 5.54), "Q5_K_M": (17, 5.7),
+    "Q6_K": (18, 6.56), "Q8_0": (7, 8.5),
+    "F16": (1, 16.0), "BF16": (32, 16.0), "F32": (0, 32.0), "COPY": (0, 16.0),
+}
+
+QUANT_TYPES: dict[str, QuantType] = {
+    name: QuantType(name, ftype, bpw) for name, (ftype, bpw) in _TABLE.items()
+}
+
+
+def lookup(name: str) -> QuantType | None:
+    """The QuantType for `name`, matched case-insensitively as llama-quantize does."""
+    for known in QUANT_TYPES.values():
+        if known.name.lower() == name.lower():
+            return known
+    return None
+
+
+def ggml_type_names() -> list[str]:
+    """Tensor type names accepted by --tensor-type / --output-tensor-type (ggml_type_name)."""
+    return [t.name.lower() for t in gguf.GGMLQuantizationType]
+
+
+def lookup_ggml_type(name: str) -> gguf.GGMLQuantizationType | None:
+    for t in gguf.GGMLQuantizationType:
+        if t.name.lower() == name.lower():
+            return t
+    return None

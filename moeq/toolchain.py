@@ -1,0 +1,146 @@
+"""Find the llama.cpp tools moeq shells out to, and report which build they are.
+
+Each tool is looked up in this order: `toolchain.llama_cpp_bin` from pipeline.yaml, the
+MOEQ_LLAMA_CPP_BIN environment variable, the pinned build in the cache
+(`$MOEQ_CACHE_DIR/llama.cpp/<commit>/bin`, default `~/.cache/moeq`), then PATH.
+
+    >>> chain = Toolchain()
+    >>> chain.tool("llama-quantize").build.commit
+    '0c1e570'
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from moeq.errors import ToolError
+
+PINNED_COMMIT = "0c1e570"
+PINNED_SDIST = "llama-cpp-python==0.3.36"
+TOOLS = (
+    "llama-quantize", "llama-gguf-split", "llama-bench", "llama-perplexity",
+    "llama-imatrix", "llama-completion", "ggml-rpc-server",
+)
+FIX_HINT = "run scripts/setup, or set MOEQ_LLAMA_CPP_BIN to a folder holding the llama.cpp binaries"
+
+_VERSION_RE = re.compile(r"version:\s*(?P<version>\S+)\s*\(build\s*(?P<build>[^,]+),\s*commit\s*(?P<commit>[0-9a-fA-F]+)\)")
+_BUILT_WITH_RE = re.compile(r"built with\s+(?P<compiler>.+?)\s+for\s+(?P<target>\S+)")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOEQ_CACHE_DIR") or Path.home() / ".cache" / "moeq")
+
+
+def pinned_dir() -> Path:
+    return cache_dir() / "llama.cpp" / PINNED_COMMIT
+
+
+def pinned_bin_dir() -> Path:
+    return pinned_dir() / "bin"
+
+
+def pinned_src_dir() -> Path:
+    """The llama.cpp source tree of the pinned build (convert_hf_to_gguf.py, gguf-py)."""
+    return pinned_dir() / "src"
+
+
+@dataclass(frozen=True)
+class ToolBuild:
+    version: str
+    build: str
+    commit: str
+    compiler: str
+    target: str
+
+    @property
+    def pinned(self) -> bool:
+        return self.commit.startswith(PINNED_COMMIT) or PINNED_COMMIT.startswith(self.commit)
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    path: Path
+    found_via: str  # config, env, cache or PATH
+    build: ToolBuild
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "path": str(self.path), "found_via": self.found_via, **self.build.as_dict()}
+
+
+def parse_version(text: str) -> ToolBuild | None:
+    """Parse `--version` output: 'version: 0.5.0-dev (build 1, commit 0c1e570)' + 'built with ...'."""
+    match = _VERSION_RE.search(text)
+    if not match:
+        return None
+    built = _BUILT_WITH_RE.search(text)
+    return ToolBuild(
+        version=match["version"], build=match["build"].strip(), commit=match["commit"],
+        compiler=built["compiler"] if built else "unknown", target=built["target"] if built else "unknown",
+    )
+
+
+class Toolchain:
+    """Resolves and probes llama.cpp tools once per process; probes are cached."""
+
+    def __init__(self, configured_bin: Path | None = None):
+        self.configured_bin = Path(configured_bin) if configured_bin else None
+        self._tools: dict[str, Tool] = {}
+
+    def candidates(self, name: str) -> list[tuple[str, Path]]:
+        """Where `name` is looked for, in order, as (found_via, path)."""
+        places: list[tuple[str, Path]] = []
+        if self.configured_bin:
+            places.append(("config", self.configured_bin / name))
+        env_bin = os.environ.get("MOEQ_LLAMA_CPP_BIN")
+        if env_bin:
+            places.append(("env", Path(env_bin) / name))
+        places.append(("cache", pinned_bin_dir() / name))
+        on_path = shutil.which(name)
+        places.append(("PATH", Path(on_path) if on_path else Path(f"$PATH/{name}")))
+        return places
+
+    def locate(self, name: str) -> tuple[str, Path]:
+        if name not in TOOLS:
+            raise ToolError(f"{name}: not a llama.cpp tool moeq uses ({', '.join(TOOLS)})")
+        places = self.candidates(name)
+        for found_via, path in places:
+            if path.is_file() and os.access(path, os.X_OK):
+                return found_via, path
+        looked = ", ".join(str(p) if via != "PATH" else "PATH" for via, p in places)
+        raise ToolError(f"{name}: not found (looked in {looked}); {FIX_HINT}")
+
+    def tool(self, name: str) -> Tool:
+        if name not in self._tools:
+            found_via, path = self.locate(name)
+            self._tools[name] = Tool(name, path, found_via, probe_build(name, path))
+        return self._tools[name]
+
+    def path(self, name: str) -> Path:
+        return self.tool(name).path
+
+
+def probe_build(name: str, path: Path) -> ToolBuild:
+    """Run `TOOL --version` and parse it; a tool that cannot say its build is broken."""
+    try:
+        proc = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30,
+                              errors="replace", stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise ToolError(f"{name}: {path} --version did not answer in 30 s; {FIX_HINT}") from None
+    except OSError as exc:
+        raise ToolError(f"{name}: {path} cannot run ({exc.strerror}); {FIX_HINT}") from None
+    output = proc.stdout + proc.stderr
+    build = parse_version(output)
+    if build is None:
+        last = next((line.strip() for line in reversed(output.splitlines()) if line.strip()), "no output")
+        raise ToolError(f"{name}: {path} --version exited {proc.returncode} without a version line "
+                        f"({last[:160]}); {FIX_HINT}")
+    return build
