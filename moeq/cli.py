@@ -122,9 +122,12 @@ def doctor(
         for column in ("tool", "status", "commit", "path"):
             table.add_column(column, overflow="fold")
         for check in report.tools:
-            status = f"[green]{check.detail}[/]" if check.ok else f"[red]{check.detail}[/]"
+            status = f"[green]{check.detail}[/]" if check.ok else "[red]problem (below)[/]"
             table.add_row(check.name, status, check.commit, check.path)
         console.print(table)
+        for check in report.tools:
+            if not check.ok:
+                sys.stdout.write(f"problem: {check.detail}\n")
         packages = Table(title="Python packages")
         packages.add_column("package")
         packages.add_column("version")

@@ -26,9 +26,16 @@ TOOLS = (
     "llama-quantize", "llama-gguf-split", "llama-bench", "llama-perplexity",
     "llama-imatrix", "llama-completion", "ggml-rpc-server",
 )
+# These two have no --version; each is checked by its usage text and takes the build
+# reported by a sibling tool of the same folder (one build makes them all).
+NO_VERSION_FLAG = {
+    "llama-quantize": (["--help"], "allowed quantization types"),
+    "ggml-rpc-server": (["--help"], "--port"),
+}
+VERSION_SIBLINGS = ("llama-gguf-split", "llama-completion", "llama-bench")
 FIX_HINT = "run scripts/setup, or set MOEQ_LLAMA_CPP_BIN to a folder holding the llama.cpp binaries"
 
-_VERSION_RE = re.compile(r"version:\s*(?P<version>\S+)\s*\(build\s*(?P<build>[^,]+),\s*commit\s*(?P<commit>[0-9a-fA-F]+)\)")
+_VERSION_RE = re.compile(r"version:\s*(?P<version>\S+)\s*\(build\s*(?P<build>[^,]+),\s*commit\s*(?P<commit>\w+)\)")
 _BUILT_WITH_RE = re.compile(r"built with\s+(?P<compiler>.+?)\s+for\s+(?P<target>\S+)")
 
 
@@ -121,26 +128,54 @@ class Toolchain:
     def tool(self, name: str) -> Tool:
         if name not in self._tools:
             found_via, path = self.locate(name)
-            self._tools[name] = Tool(name, path, found_via, probe_build(name, path))
+            if name in NO_VERSION_FLAG:
+                args, marker = NO_VERSION_FLAG[name]
+                check_runs(name, path, args, marker)
+                build = self._sibling_build(path.parent)
+            else:
+                build = probe_build(name, path)
+            self._tools[name] = Tool(name, path, found_via, build)
         return self._tools[name]
+
+    def _sibling_build(self, folder: Path) -> ToolBuild:
+        for sibling in VERSION_SIBLINGS:
+            candidate = folder / sibling
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return probe_build(sibling, candidate)
+        return ToolBuild("unknown", "unknown", "unknown", "unknown", "unknown")
 
     def path(self, name: str) -> Path:
         return self.tool(name).path
 
 
-def probe_build(name: str, path: Path) -> ToolBuild:
-    """Run `TOOL --version` and parse it; a tool that cannot say its build is broken."""
+def _run_probe(name: str, path: Path, args: list[str]) -> subprocess.CompletedProcess:
     try:
-        proc = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30,
+        return subprocess.run([str(path), *args], capture_output=True, text=True, timeout=30,
                               errors="replace", stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise ToolError(f"{name}: {path} --version did not answer in 30 s; {FIX_HINT}") from None
+        raise ToolError(f"{name}: {path} {' '.join(args)} did not answer in 30 s; {FIX_HINT}") from None
     except OSError as exc:
         raise ToolError(f"{name}: {path} cannot run ({exc.strerror}); {FIX_HINT}") from None
+
+
+def _last_line(text: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")[:160]
+
+
+def check_runs(name: str, path: Path, args: list[str], marker: str) -> None:
+    """A tool without --version: it must start and print its usage text."""
+    proc = _run_probe(name, path, args)
+    output = proc.stdout + proc.stderr
+    if marker not in output:
+        raise ToolError(f"{name}: {path} does not start properly ({_last_line(output)}); {FIX_HINT}")
+
+
+def probe_build(name: str, path: Path) -> ToolBuild:
+    """Run `TOOL --version` and parse it; a tool that cannot say its build is broken."""
+    proc = _run_probe(name, path, ["--version"])
     output = proc.stdout + proc.stderr
     build = parse_version(output)
     if build is None:
-        last = next((line.strip() for line in reversed(output.splitlines()) if line.strip()), "no output")
         raise ToolError(f"{name}: {path} --version exited {proc.returncode} without a version line "
-                        f"({last[:160]}); {FIX_HINT}")
+                        f"({_last_line(output)}); {FIX_HINT}")
     return build

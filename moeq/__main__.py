@@ -1,0 +1,3 @@
+from moeq.cli import app
+
+app(prog_name="moeq")

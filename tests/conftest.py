@@ -1,0 +1,36 @@
+"""Shared fixtures: the real pinned llama.cpp tools and the tiny synthetic model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moeq.config import SynthSpec
+from moeq.synth import write_tiny_phimoe
+from moeq.toolchain import Toolchain
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def toolchain() -> Toolchain:
+    """The tools scripts/setup built. Missing tools fail the tests: they are not optional."""
+    chain = Toolchain()
+    chain.tool("llama-quantize")
+    return chain
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_phimoe(tmp_path_factory.mktemp("models") / "tiny-phimoe-F16.gguf", SynthSpec())
+
+
+def run_moeq(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real `moeq` command line in a subprocess, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "moeq", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or REPO, timeout=300)

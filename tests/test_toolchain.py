@@ -1,0 +1,147 @@
+"""Toolchain discovery and `moeq doctor`, on the real pinned build."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from moeq import quant_types
+from moeq.errors import ToolError
+from moeq.toolchain import PINNED_COMMIT, TOOLS, Toolchain, parse_version, pinned_bin_dir
+
+from conftest import run_moeq
+
+
+def test_parse_version():
+    build = parse_version("version: 0.5.0-dev (build 1, commit 0c1e570)\nbuilt with GNU 12.2.0 for Linux x86_64\n")
+    assert (build.version, build.build, build.commit) == ("0.5.0-dev", "1", "0c1e570")
+    assert build.compiler == "GNU 12.2.0" and build.target == "Linux" or build.target.startswith("Linux")
+    assert build.pinned
+    assert parse_version("usage: llama-quantize ...") is None
+
+
+def test_every_tool_resolves_to_the_pinned_build(toolchain):
+    for name in TOOLS:
+        tool = toolchain.tool(name)
+        assert tool.path.is_file(), name
+        assert tool.build.commit == PINNED_COMMIT, (name, tool.build)
+        assert tool.found_via in ("cache", "env", "config", "PATH")
+
+
+def test_quant_table_matches_llama_quantize_help(toolchain):
+    """moeq's list of quant types is exactly the pinned llama-quantize's list."""
+    proc = subprocess.run([str(toolchain.path("llama-quantize")), "--help"], capture_output=True, text=True)
+    listed = re.findall(r"^\s+(?:(\d+)\s+or\s+)?(\w+)\s+:", proc.stdout + proc.stderr, re.M)
+    from_help = {name: int(ftype) if ftype else None for ftype, name in listed}
+    assert set(from_help) == set(quant_types.QUANT_TYPES)
+    for name, ftype in from_help.items():
+        if ftype is not None:
+            assert quant_types.QUANT_TYPES[name].file_type == ftype, name
+
+
+def test_lookup_order_config_env_cache(tmp_path, monkeypatch, toolchain):
+    real = toolchain.path("llama-completion")
+    config_bin, env_bin = tmp_path / "config-bin", tmp_path / "env-bin"
+    for folder in (config_bin, env_bin):
+        folder.mkdir()
+        (folder / "llama-completion").symlink_to(real)
+    monkeypatch.setenv("MOEQ_LLAMA_CPP_BIN", str(env_bin))
+    assert Toolchain(config_bin).locate("llama-completion") == ("config", config_bin / "llama-completion")
+    assert Toolchain().locate("llama-completion") == ("env", env_bin / "llama-completion")
+    monkeypatch.delenv("MOEQ_LLAMA_CPP_BIN")
+    assert Toolchain().locate("llama-completion") == ("cache", pinned_bin_dir() / "llama-completion")
+
+
+def test_missing_tool_error_names_tool_places_and_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEQ_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("MOEQ_LLAMA_CPP_BIN", str(tmp_path / "nothing-here"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with pytest.raises(ToolError) as info:
+        Toolchain().tool("llama-bench")
+    message = str(info.value)
+    assert message.startswith("llama-bench: not found (looked in ")
+    assert str(tmp_path / "nothing-here" / "llama-bench") in message
+    assert str(tmp_path / "empty-cache" / "llama.cpp" / PINNED_COMMIT / "bin" / "llama-bench") in message
+    assert message.endswith("run scripts/setup, or set MOEQ_LLAMA_CPP_BIN to a folder holding the llama.cpp binaries")
+
+
+def _partial_bin(tmp_path: Path, toolchain, leave_out: str) -> Path:
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for name in TOOLS:
+        if name != leave_out:
+            (folder / name).symlink_to(toolchain.path(name))
+    return folder
+
+
+def _isolated_env(tmp_path: Path, bin_dir: Path) -> dict:
+    return {"MOEQ_LLAMA_CPP_BIN": str(bin_dir), "MOEQ_CACHE_DIR": str(tmp_path / "no-cache"),
+            "PATH": os.path.dirname(os.sys.executable) + ":/usr/bin:/bin"}
+
+
+def test_doctor_passes_after_setup(toolchain):
+    proc = run_moeq("doctor", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ok"] is True
+    assert [t["name"] for t in report["tools"]] == list(TOOLS)
+    assert all(t["commit"] == PINNED_COMMIT for t in report["tools"])
+    assert report["packages"]["gguf"].startswith("0.19")
+
+
+def test_doctor_fails_when_a_tool_is_missing(tmp_path, toolchain):
+    env = _isolated_env(tmp_path, _partial_bin(tmp_path, toolchain, leave_out="llama-perplexity"))
+    proc = run_moeq("doctor", env=env)
+    assert proc.returncode == 7
+    assert "problem: llama-perplexity: not found (looked in" in proc.stdout
+    assert proc.stderr.strip() == "error: doctor found problems with: llama-perplexity"
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_doctor_fails_when_a_tool_is_broken(tmp_path, toolchain):
+    folder = _partial_bin(tmp_path, toolchain, leave_out="llama-bench")
+    fake = folder / "llama-bench"
+    fake.write_text("#!/bin/sh\necho 'segfault in the middle of nowhere' >&2\nexit 139\n")
+    fake.chmod(0o755)
+    proc = run_moeq("doctor", "--json", env=_isolated_env(tmp_path, folder))
+    assert proc.returncode == 7
+    bench = next(t for t in json.loads(proc.stdout)["tools"] if t["name"] == "llama-bench")
+    assert bench["ok"] is False
+    assert "--version exited 139 without a version line (segfault in the middle of nowhere)" in bench["detail"]
+
+
+def test_doctor_never_shows_the_token(tmp_path, toolchain):
+    secret = "hf_" + "Zq7" * 12
+    proc = run_moeq("doctor", "--config", "examples/tiny-phimoe.yaml", env={"HF_TOKEN": secret})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Hub token present: yes" in proc.stdout
+    assert secret not in proc.stdout + proc.stderr
+    assert secret[:8] not in proc.stdout + proc.stderr
+    assert "pipeline needs" in proc.stdout
+
+
+def test_doctor_disk_refusal_is_reported(tmp_path, toolchain):
+    """A pipeline that needs more than the disk has fails doctor (parameters set absurdly high)."""
+    text = (Path(__file__).parent.parent / "pipeline.yaml").read_text()
+    text = text.replace("parameters: 41873153472", "parameters: 4000000000000000")
+    text = text.replace("workspace: work", f"workspace: {tmp_path / 'ws'}")
+    cfg = tmp_path / "huge.yaml"
+    cfg.write_text(text)
+    proc = run_moeq("doctor", "--json", "--config", str(cfg))
+    assert proc.returncode == 7
+    disk = json.loads(proc.stdout)["disk"]
+    assert disk["ok"] is False and disk["needed_bytes"] > disk["free_bytes"]
+    assert proc.stderr.strip() == "error: doctor found problems with: disk space"
+
+
+def test_doctor_with_bad_config_names_file_and_line(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: {}\n")
+    proc = run_moeq("doctor", "--config", str(cfg))
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {cfg}:1: model: missing required key 'name'\n"
