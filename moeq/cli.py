@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -20,7 +21,7 @@ from rich.table import Table
 
 from moeq import __version__
 from moeq.config import Pipeline, SynthSpec, load_pipeline
-from moeq.errors import CheckFailed, MoeqError
+from moeq.errors import CheckFailed, Interrupted, MoeqError
 from moeq.toolchain import Toolchain
 
 app = typer.Typer(
@@ -53,7 +54,8 @@ def _guard(fn: Callable) -> Callable:
             sys.stderr.write(f"error: {exc.message}\n")
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            sys.stderr.write("error: interrupted\n")
+            sys.stderr.write("error: interrupted by SIGINT; stopped the running tool and removed partial "
+                             "files, run the command again to start that step over\n")
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -65,6 +67,14 @@ def _guard(fn: Callable) -> Callable:
             raise typer.Exit(70) from None
 
     return wrapper
+
+
+def _sigterm_to_exception(signum, frame) -> None:
+    raise Interrupted("interrupted by SIGTERM; stopped the running tool and removed partial files, "
+                      "run the command again to start that step over", exit_code=143)
+
+
+signal.signal(signal.SIGTERM, _sigterm_to_exception)
 
 
 def _version_callback(value: bool) -> None:
@@ -203,3 +213,79 @@ def check_config(config: ConfigOption, as_json: JsonOption = False) -> None:
         table.add_row(row["quant"], row["file"], row["repo"])
     console.print(table)
     console.print(f"workspace: {pipeline.workspace}")
+
+
+# ---------------------------------------------------------------- quantize
+
+
+@app.command()
+@_guard
+def quantize(
+    config: ConfigOption,
+    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="Quant type(s) of the ladder "
+                                                       "(default: all).")] = None,
+    force: Annotated[bool, typer.Option(help="Run even when the record says it is up to date.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="Threads for llama-quantize.")] = None,
+    allow_requantize: Annotated[bool, typer.Option(help="Accept an already-quantized source "
+                                                   "(loses quality).")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Quantize the configured F16 source into each requested quant of the ladder."""
+    from moeq.quantize.stage import quantize as run_quantize
+    from moeq.workspace import Workspace
+
+    pipeline = _load(config)
+    quants = [pipeline.quant(q) for q in quant] if quant else list(pipeline.quants)
+    ws = Workspace(pipeline.workspace)
+    chain = Toolchain(pipeline.toolchain.llama_cpp_bin)
+    results = []
+    for spec in quants:
+        with _quantize_progress(spec.type, plain=as_json or not console.is_terminal) as on_tensor:
+            outcome = run_quantize(pipeline, spec, ws, chain, force=force, threads=threads,
+                                   allow_requantize=allow_requantize, on_tensor=on_tensor,
+                                   on_message=lambda msg: sys.stderr.write(msg + "\n"))
+        record = outcome.record
+        results.append({"skipped": outcome.skipped, "log": str(outcome.log_path), "record": record.to_dict()})
+        if not as_json:
+            state = "up to date" if outcome.skipped else f"done in {record.wall_s:.1f} s"
+            console.print(f"{record.quant}: {state}: {record.output.path} "
+                          f"({_human_bytes(record.output.size)}, {record.quant_bpw:.2f} BPW)")
+    if as_json:
+        _print_json(results)
+
+
+class _quantize_progress:
+    """A rich progress bar on a terminal; plain log lines (stderr) otherwise."""
+
+    def __init__(self, label: str, plain: bool):
+        self.label, self.plain = label, plain
+        self.progress = None
+        self.task = None
+        self.mib_in = self.mib_out = 0.0
+
+    def __enter__(self):
+        if not self.plain:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[mib]}"), TimeElapsedColumn(),
+                                     TimeRemainingColumn(), console=console, transient=True)
+            self.progress.__enter__()
+            self.task = self.progress.add_task(self.label, total=None, mib="")
+        return self.on_tensor
+
+    def on_tensor(self, t) -> None:
+        self.mib_in += t.mib_in
+        self.mib_out += t.mib_out
+        if self.plain:
+            sys.stderr.write(f"{self.label}: [{t.index}/{t.total}] {t.name} {t.type_before} -> {t.type_after} "
+                             f"({self.mib_in:.1f} -> {self.mib_out:.1f} MiB)\n")
+        else:
+            self.progress.update(self.task, total=t.total, completed=t.index,
+                                 mib=f"{self.mib_in:.1f} -> {self.mib_out:.1f} MiB")
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+        return False

@@ -61,3 +61,7 @@ class Interrupted(MoeqError):
     """Stopped by SIGINT or SIGTERM; partial outputs were removed."""
 
     exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

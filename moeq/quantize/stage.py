@@ -1,0 +1,211 @@
+"""The quantize stage: F16 source -> one quant of the ladder, whole or not at all.
+
+    >>> outcome = quantize(pipeline, pipeline.quant("Q8_0"), Workspace(pipeline.workspace), Toolchain())
+    >>> outcome.skipped, outcome.record.output.sha256
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import gguf
+
+from moeq import quant_types
+from moeq.config import Pipeline, QuantSpec
+from moeq.errors import InputError, ResourceError, ToolError
+from moeq.quantize.progress import QuantizeLogParser, TensorLine
+from moeq.records import FileRef, QuantizeRecord, SourceRecord, TensorRow, ToolBuildRef
+from moeq.runner import run_tool
+from moeq.source import prepare_source
+from moeq.toolchain import Toolchain
+from moeq.workspace import Workspace, commit_file, free_bytes, hash_cache, partial_path
+
+UNQUANTIZED = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+DISK_MARGIN = 1.10
+DISK_SLACK = 64 * 2**20
+REQUANTIZE_WARNING = ("requantizing an already-quantized model can severely reduce quality compared to "
+                      "quantizing from 16 or 32 bit")
+
+
+@dataclass
+class QuantizeOutcome:
+    record: QuantizeRecord
+    skipped: bool
+    log_path: Path
+
+
+def quantize(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolchain, *,
+             force: bool = False, threads: int | None = None, allow_requantize: bool = False,
+             on_tensor: Callable[[TensorLine], None] | None = None,
+             on_message: Callable[[str], None] | None = None) -> QuantizeOutcome:
+    """Quantize the pipeline's source into `quant`; skip when the record says nothing changed."""
+    say = on_message or (lambda _msg: None)
+    if quant_types.lookup(quant.type) is None:
+        raise InputError(f"{quant.type}: unknown quant type; llama-quantize accepts "
+                         f"{', '.join(quant_types.QUANT_TYPES)}")
+    source_record = prepare_source(pipeline, ws)
+    source = Path(source_record.output.path)
+    source_info = inspect_source(source, allow_requantize)
+    if source_info["quantized"]:
+        say(f"warning: {source} is already quantized; {REQUANTIZE_WARNING}")
+    tool = chain.tool("llama-quantize")
+    options = quant_options(quant, allow_requantize, ws)
+    final = ws.quant_path(quant.file)
+    log_path = final.with_name(final.name + ".log")
+    record_path = ws.record_path("quantize", quant.type)
+    hashes = hash_cache(ws)
+
+    with ws.lock(f"quant-{quant.type}", on_wait=say):
+        previous = QuantizeRecord.load(record_path)
+        if not force and previous and _up_to_date(previous, source_record, options, tool.build.commit, final, hashes):
+            return QuantizeOutcome(previous, skipped=True, log_path=log_path)
+
+        expected = int(source.stat().st_size * quant_types.QUANT_TYPES[quant.type].approx_bpw / 16
+                       * DISK_MARGIN) + DISK_SLACK
+        free = free_bytes(ws.quants_dir)
+        if free < expected:
+            raise ResourceError(f"{ws.quants_dir}: {free / 2**20:.0f} MiB free, {quant.type} needs about "
+                                f"{expected / 2**20:.0f} MiB; free some space or move the workspace")
+
+        partial = partial_path(final)
+        partial.unlink(missing_ok=True)
+        command = build_command(tool.path, quant, options, source, partial, threads)
+        parser = QuantizeLogParser()
+
+        def on_line(line: str) -> None:
+            tensor = parser.feed(line)
+            if tensor and on_tensor:
+                on_tensor(tensor)
+
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            # The source hash (cached after the first time) overlaps with llama-quantize's work.
+            source_hash = pool.submit(hashes.sha256, source)
+            try:
+                run_tool(command, log_path, on_line)
+                output_reader = _open_output(partial, log_path)
+                commit_file(partial, final)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            source_sha = source_hash.result()
+        wall = time.monotonic() - started
+        if source_sha != source_record.output.sha256:
+            raise InputError(f"{source}: changed while it was being quantized (sha256 differs from its record); "
+                             "run again")
+        record = QuantizeRecord(
+            quant=quant.type,
+            file_type=int(output_reader.fields["general.file_type"].contents()),
+            source=source_record.output,
+            output=FileRef(str(final), final.stat().st_size, hashes.sha256(final)),
+            options=options,
+            tool=ToolBuildRef(**tool.build.as_dict()),
+            command=[str(c) if c != partial else str(final) for c in command],
+            wall_s=round(wall, 3),
+            tensors=tensor_rows(source_info["reader"], output_reader),
+            model_size_mib=parser.summary.model_size_mib, model_bpw=parser.summary.model_bpw,
+            quant_size_mib=parser.summary.quant_size_mib, quant_bpw=parser.summary.quant_bpw,
+            fallback_tensors=parser.summary.fallback_tensors, threads=threads,
+        )
+        if len(parser.summary.tensors) != len(record.tensors):
+            raise ToolError(f"llama-quantize reported {len(parser.summary.tensors)} tensors but {final} holds "
+                            f"{len(record.tensors)}; see {log_path}")
+        record.save(record_path)
+        return QuantizeOutcome(record, skipped=False, log_path=log_path)
+
+
+def quant_options(quant: QuantSpec, allow_requantize: bool, ws: Workspace) -> dict:
+    """Everything that changes llama-quantize's output, as the record keeps it."""
+    imatrix = None
+    if quant.imatrix is not None:
+        if not quant.imatrix.is_file():
+            raise InputError(f"{quant.imatrix}: imatrix file not found; fix quants[].imatrix")
+        imatrix = {"path": str(quant.imatrix), "sha256": hash_cache(ws).sha256(quant.imatrix)}
+    return {
+        "type": quant.type,
+        "imatrix": imatrix,
+        "tensor_types": dict(quant.tensor_types),
+        "output_tensor_type": quant.output_tensor_type,
+        "token_embedding_type": quant.token_embedding_type,
+        "allow_requantize": allow_requantize,
+    }
+
+
+def build_command(tool: Path, quant: QuantSpec, options: dict, source: Path, out: Path,
+                  threads: int | None) -> list[str]:
+    command = [str(tool)]
+    if options["allow_requantize"]:
+        command.append("--allow-requantize")
+    if options["imatrix"]:
+        command += ["--imatrix", options["imatrix"]["path"]]
+    for name, ggml_type in quant.tensor_types:
+        command += ["--tensor-type", f"{name}={ggml_type}"]
+    if quant.output_tensor_type:
+        command += ["--output-tensor-type", quant.output_tensor_type]
+    if quant.token_embedding_type:
+        command += ["--token-embedding-type", quant.token_embedding_type]
+    command += [str(source), str(out), quant.type]
+    if threads:
+        command.append(str(threads))
+    return command
+
+
+def inspect_source(source: Path, allow_requantize: bool) -> dict:
+    """Refuse a source that is missing, not a GGUF, or already quantized (unless allowed)."""
+    if not source.is_file():
+        raise InputError(f"{source}: source model not found; check source in the pipeline file")
+    with open(source, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise InputError(f"{source}: not a GGUF file (starts with {magic!r}); point the source at an F16 GGUF")
+    try:
+        reader = gguf.GGUFReader(source)
+    except Exception as exc:  # gguf-py raises ValueError, struct errors, IndexError... on bad headers
+        raise InputError(f"{source}: GGUF header cannot be read ({exc.__class__.__name__}: {exc}); "
+                         "re-create or re-download it") from None
+    quantized = [t.name for t in reader.tensors if t.tensor_type not in UNQUANTIZED]
+    if quantized and not allow_requantize:
+        raise InputError(f"{source}: already quantized ({quantized[0]} is {_type_of(reader, quantized[0])}); "
+                         f"quantize from the F16 model, or pass --allow-requantize ({REQUANTIZE_WARNING})")
+    return {"reader": reader, "quantized": bool(quantized)}
+
+
+def _type_of(reader: gguf.GGUFReader, name: str) -> str:
+    return next(t.tensor_type.name for t in reader.tensors if t.name == name)
+
+
+def _open_output(partial: Path, log_path: Path) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(partial)
+    except Exception as exc:
+        raise ToolError(f"llama-quantize wrote a file gguf-py cannot open ({exc.__class__.__name__}: {exc}); "
+                        f"see {log_path}") from None
+
+
+def tensor_rows(source: gguf.GGUFReader, output: gguf.GGUFReader) -> list[TensorRow]:
+    before = {t.name: t for t in source.tensors}
+    rows = []
+    for t in output.tensors:
+        src = before.get(t.name)
+        rows.append(TensorRow(
+            name=t.name, shape=[int(x) for x in t.shape],
+            type_before=src.tensor_type.name if src is not None else "absent",
+            type_after=t.tensor_type.name,
+            bytes_before=int(src.n_bytes) if src is not None else 0, bytes_after=int(t.n_bytes),
+        ))
+    return rows
+
+
+def _up_to_date(previous: QuantizeRecord, source: SourceRecord, options: dict, commit: str,
+                final: Path, hashes) -> bool:
+    if (previous.source.sha256 != source.output.sha256 or previous.options != options
+            or previous.tool.commit != commit or not final.is_file()):
+        return False
+    if os.stat(final).st_size != previous.output.size:
+        return False
+    return hashes.sha256(final) == previous.output.sha256

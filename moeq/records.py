@@ -1,0 +1,116 @@
+"""The records stages write and read: the only hand-off between stages.
+
+Each record is a dataclass saved as JSON with a schema version; a record of another schema
+version is treated as absent (the stage runs again), never misread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from moeq.workspace import write_text_atomic
+
+SCHEMA_VERSION = 1
+
+R = TypeVar("R", bound="Record")
+
+
+@dataclass
+class FileRef:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class ToolBuildRef:
+    version: str
+    build: str
+    commit: str
+    compiler: str
+    target: str
+
+
+@dataclass
+class Record:
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "stage": self.stage, **dataclasses.asdict(self)}
+
+    def save(self, path: Path) -> None:
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+
+    @classmethod
+    def load(cls: type[R], path: Path) -> R | None:
+        """The record at `path`, or None when absent, unreadable or of another schema."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return None
+        if data.get("schema_version") != SCHEMA_VERSION or data.get("stage") != cls.stage:
+            return None
+        try:
+            return _from_dict(cls, data)
+        except (TypeError, KeyError):
+            return None
+
+
+def _from_dict(cls, data: dict):
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        ftype = f.type if not isinstance(f.type, str) else _TYPES.get(f.type)
+        if ftype in (FileRef, ToolBuildRef) and isinstance(value, dict):
+            value = ftype(**value)
+        elif f.type == "list[TensorRow]":
+            value = [TensorRow(**row) for row in value]
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+@dataclass
+class SourceRecord(Record):
+    stage = "source"
+    kind: str
+    origin: str  # repo@revision/file, a local path, or the synth options
+    output: FileRef
+    wall_s: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TensorRow:
+    name: str
+    shape: list[int]
+    type_before: str
+    type_after: str
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class QuantizeRecord(Record):
+    stage = "quantize"
+    quant: str
+    file_type: int
+    source: FileRef
+    output: FileRef
+    options: dict[str, Any]
+    tool: ToolBuildRef
+    command: list[str]
+    wall_s: float
+    tensors: list[TensorRow]
+    model_size_mib: float
+    model_bpw: float
+    quant_size_mib: float
+    quant_bpw: float
+    fallback_tensors: int = 0
+    threads: int | None = None
+
+
+_TYPES = {"FileRef": FileRef, "ToolBuildRef": ToolBuildRef}

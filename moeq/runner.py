@@ -1,0 +1,90 @@
+"""Run one llama.cpp tool: stream its lines to a parser and a log file, fail with its own words.
+
+A non-zero exit becomes a ToolError quoting the tail of the log and naming it. If moeq is
+interrupted (SIGINT, or SIGTERM turned into an exception by the CLI) the tool is stopped
+before the exception travels on, so no tool outlives the command that started it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from moeq.errors import ToolError
+
+TAIL_LINES = 3
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child before exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class ToolRun:
+    command: list[str]
+    returncode: int
+    wall_s: float
+    log_path: Path
+
+
+def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] | None = None,
+             env: dict[str, str] | None = None, timeout_s: float | None = None) -> ToolRun:
+    """Run `command`, writing every output line to `log_path` and handing it to `on_line`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    name = Path(command[0]).name
+    tail: deque[str] = deque(maxlen=40)
+    started = time.monotonic()
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write("$ " + " ".join(command) + "\n")
+        log.flush()
+        try:
+            proc = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                text=True, errors="replace", bufsize=1, env={**os.environ, **(env or {})},
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        except OSError as exc:
+            raise ToolError(f"{name}: cannot start {command[0]} ({exc.strerror}); run scripts/setup") from None
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                stripped = line.rstrip("\n")
+                if stripped.strip():
+                    tail.append(stripped.strip())
+                if on_line:
+                    on_line(stripped)
+                if timeout_s is not None and time.monotonic() - started > timeout_s:
+                    raise ToolError(f"{name}: still running after {timeout_s:.0f} s, stopped; log: {log_path}")
+            returncode = proc.wait()
+        except BaseException:
+            _stop(proc)
+            raise
+    wall = time.monotonic() - started
+    if returncode != 0:
+        quoted = " | ".join(list(tail)[-TAIL_LINES:]) or "no output"
+        how = f"killed by signal {-returncode}" if returncode < 0 else f"exited {returncode}"
+        raise ToolError(f"{name} {how}: {quoted} (full log: {log_path})")
+    return ToolRun(command=command, returncode=returncode, wall_s=wall, log_path=log_path)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,174 @@
+"""Where artifacts live, how they are written whole, hashed once, and locked.
+
+    workspace/
+      source/<stem>-F16.gguf         the F16 model every quant is made from
+      quants/<file>                  one GGUF per quant, with <file>.log beside it
+      records/<stage>-<quant>.json   what each stage did (records.py)
+      locks/<artifact>.lock          one writer per artifact
+      sha256-cache.json              sha256 by (path, size, mtime, inode)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+
+from moeq.errors import ResourceError
+
+CHUNK = 8 * 1024 * 1024
+
+
+class Workspace:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @property
+    def source_dir(self) -> Path:
+        return self.root / "source"
+
+    @property
+    def quants_dir(self) -> Path:
+        return self.root / "quants"
+
+    @property
+    def records_dir(self) -> Path:
+        return self.root / "records"
+
+    def source_path(self, file_stem: str) -> Path:
+        return self.source_dir / f"{file_stem}-F16.gguf"
+
+    def quant_path(self, file: str) -> Path:
+        return self.quants_dir / file
+
+    def record_path(self, stage: str, quant: str | None = None) -> Path:
+        return self.records_dir / (f"{stage}-{quant}.json" if quant else f"{stage}.json")
+
+    def ensure(self) -> None:
+        for folder in (self.source_dir, self.quants_dir, self.records_dir, self.root / "locks"):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self, artifact: str, on_wait: Callable[[str], None] | None = None,
+             wait: bool = True) -> Iterator[None]:
+        """Hold the artifact's lock; a second moeq waits (after telling on_wait) or refuses."""
+        self.ensure()
+        path = self.root / "locks" / f"{artifact}.lock"
+        with open(path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = path.read_text().strip() or "another moeq process"
+                if not wait:
+                    raise ResourceError(f"{artifact}: being written by {holder}; wait for it or stop it") from None
+                if on_wait:
+                    on_wait(f"{artifact}: waiting for {holder} to finish")
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()}\n")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fh.seek(0)
+                fh.truncate()
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def partial_path(final: Path) -> Path:
+    return final.with_name(final.name + ".partial")
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def commit_file(partial: Path, final: Path) -> None:
+    """fsync the finished partial file and rename it into place."""
+    fsync_file(partial)
+    os.replace(partial, final)
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(path)
+    partial.write_text(text, encoding="utf-8")
+    commit_file(partial, path)
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem that holds `path` (or its nearest existing parent)."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+# ---------------------------------------------------------------- sha256
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class HashCache:
+    """sha256 of files keyed by (path, size, mtime_ns, inode), so unchanged files are hashed once."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self._entries: dict[str, dict] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self._entries = {}
+
+    @staticmethod
+    def _key(path: Path) -> tuple[str, dict]:
+        st = os.stat(path)
+        return str(Path(path).resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+    def lookup(self, path: Path) -> str | None:
+        key, stamp = self._key(path)
+        entry = self._entries.get(key)
+        if entry and all(entry.get(k) == v for k, v in stamp.items()):
+            return entry["sha256"]
+        return None
+
+    def remember(self, path: Path, sha256: str) -> None:
+        key, stamp = self._key(path)
+        with self._lock:
+            self._entries[key] = {**stamp, "sha256": sha256}
+            write_text_atomic(self.path, json.dumps(self._entries, indent=1, sort_keys=True))
+
+    def sha256(self, path: Path) -> str:
+        cached = self.lookup(path)
+        if cached:
+            return cached
+        digest = sha256_file(path)
+        self.remember(path, digest)
+        return digest
+
+
+def hash_cache(ws: Workspace) -> HashCache:
+    return HashCache(ws.root / "sha256-cache.json")
