@@ -166,7 +166,7 @@ class _Node:
         return self.node.start_mark.line + 1
 
     def fail(self, message: str) -> ConfigError:
-        return ConfigError(f"{self.file}:{self.line}: {self.path}: {message}")
+        return ConfigError(f"{self.file}:{self.line}: {self.path or '(top level)'}: {message}")
 
     def child_path(self, key: str | int) -> str:
         if isinstance(key, int):

@@ -144,4 +144,4 @@ def test_doctor_with_bad_config_names_file_and_line(tmp_path):
     cfg.write_text("model: {}\n")
     proc = run_moeq("doctor", "--config", str(cfg))
     assert proc.returncode == 2
-    assert proc.stderr == f"error: {cfg}:1: model: missing required key 'name'\n"
+    assert proc.stderr == f"error: {cfg}:1: (top level): missing required key 'source'\n"

@@ -105,7 +105,7 @@ def quantize(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolcha
             output=FileRef(str(final), final.stat().st_size, hashes.sha256(final)),
             options=options,
             tool=ToolBuildRef(**tool.build.as_dict()),
-            command=[str(c) if c != partial else str(final) for c in command],
+            command=command,  # exactly as run: llama-quantize writes NAME.partial, moeq renames it
             wall_s=round(wall, 3),
             tensors=tensor_rows(source_info["reader"], output_reader),
             model_size_mib=parser.summary.model_size_mib, model_bpw=parser.summary.model_bpw,
