@@ -21,9 +21,10 @@ from moeq.errors import InputError, ResourceError, ToolError
 from moeq.quantize.progress import QuantizeLogParser, TensorLine
 from moeq.records import FileRef, QuantizeRecord, SourceRecord, TensorRow, ToolBuildRef
 from moeq.runner import run_tool
-from moeq.source import prepare_source
+from moeq.source import record_source, source_file
 from moeq.toolchain import Toolchain
-from moeq.workspace import Workspace, commit_file, free_bytes, hash_cache, partial_path
+from moeq.gguf_header import GGUFHeader, check_extent, read_header
+from moeq.workspace import Workspace, commit_file, free_bytes, hash_cache, partial_path, sha256_file
 
 UNQUANTIZED = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
 DISK_MARGIN = 1.10
@@ -48,11 +49,9 @@ def quantize(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolcha
     if quant_types.lookup(quant.type) is None:
         raise InputError(f"{quant.type}: unknown quant type; llama-quantize accepts "
                          f"{', '.join(quant_types.QUANT_TYPES)}")
-    source_record = prepare_source(pipeline, ws)
-    source = Path(source_record.output.path)
-    source_info = inspect_source(source, allow_requantize)
-    if source_info["quantized"]:
-        say(f"warning: {source} is already quantized; {REQUANTIZE_WARNING}")
+    source = source_file(pipeline, ws)
+    if not source.is_file():
+        raise InputError(f"{source}: source model not found; check source in the pipeline file")
     tool = chain.tool("llama-quantize")
     options = quant_options(quant, allow_requantize, ws)
     final = ws.quant_path(quant.file)
@@ -62,8 +61,15 @@ def quantize(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolcha
 
     with ws.lock(f"quant-{quant.type}", on_wait=say):
         previous = QuantizeRecord.load(record_path)
-        if not force and previous and _up_to_date(previous, source_record, options, tool.build.commit, final, hashes):
-            return QuantizeOutcome(previous, skipped=True, log_path=log_path)
+        if not force and previous and final.is_file():
+            # Deciding to skip needs the source hash now (cached after the first time).
+            source_record = record_source(pipeline, ws, source, hashes.sha256(source))
+            if _up_to_date(previous, source_record, options, tool.build.commit, final, hashes):
+                return QuantizeOutcome(previous, skipped=True, log_path=log_path)
+
+        source_header = inspect_source(source, allow_requantize)
+        if any(t.type not in UNQUANTIZED for t in source_header.tensors):
+            say(f"warning: {source} is already quantized; {REQUANTIZE_WARNING}")
 
         expected = int(source.stat().st_size * quant_types.QUANT_TYPES[quant.type].approx_bpw / 16
                        * DISK_MARGIN) + DISK_SLACK
@@ -83,31 +89,37 @@ def quantize(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolcha
                 on_tensor(tensor)
 
         started = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            # The source hash (cached after the first time) overlaps with llama-quantize's work.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            # When there is nothing to skip, the source hash overlaps with llama-quantize's work.
             source_hash = pool.submit(hashes.sha256, source)
             try:
                 run_tool(command, log_path, on_line)
+                # gguf-py's full open and the output hash run side by side, then the rename.
+                output_sha = pool.submit(sha256_file, partial)
                 output_reader = _open_output(partial, log_path)
+                output_header = read_header(partial)
+                check_extent(output_header)
+                output_digest = output_sha.result()
                 commit_file(partial, final)
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
             source_sha = source_hash.result()
+        hashes.remember(final, output_digest)
         wall = time.monotonic() - started
-        if source_sha != source_record.output.sha256:
-            raise InputError(f"{source}: changed while it was being quantized (sha256 differs from its record); "
-                             "run again")
+        if hashes.lookup(source) != source_sha:
+            raise InputError(f"{source}: changed while it was being quantized; run again")
+        source_record = record_source(pipeline, ws, source, source_sha)
         record = QuantizeRecord(
             quant=quant.type,
             file_type=int(output_reader.fields["general.file_type"].contents()),
             source=source_record.output,
-            output=FileRef(str(final), final.stat().st_size, hashes.sha256(final)),
+            output=FileRef(str(final), final.stat().st_size, output_digest),
             options=options,
             tool=ToolBuildRef(**tool.build.as_dict()),
             command=command,  # exactly as run: llama-quantize writes NAME.partial, moeq renames it
             wall_s=round(wall, 3),
-            tensors=tensor_rows(source_info["reader"], output_reader),
+            tensors=tensor_rows(source_header, output_header),
             model_size_mib=parser.summary.model_size_mib, model_bpw=parser.summary.model_bpw,
             quant_size_mib=parser.summary.quant_size_mib, quant_bpw=parser.summary.quant_bpw,
             fallback_tensors=parser.summary.fallback_tensors, threads=threads,
@@ -155,7 +167,7 @@ def build_command(tool: Path, quant: QuantSpec, options: dict, source: Path, out
     return command
 
 
-def inspect_source(source: Path, allow_requantize: bool) -> dict:
+def inspect_source(source: Path, allow_requantize: bool) -> GGUFHeader:
     """Refuse a source that is missing, not a GGUF, or already quantized (unless allowed)."""
     if not source.is_file():
         raise InputError(f"{source}: source model not found; check source in the pipeline file")
@@ -163,20 +175,13 @@ def inspect_source(source: Path, allow_requantize: bool) -> dict:
         magic = fh.read(4)
     if magic != b"GGUF":
         raise InputError(f"{source}: not a GGUF file (starts with {magic!r}); point the source at an F16 GGUF")
-    try:
-        reader = gguf.GGUFReader(source)
-    except Exception as exc:  # gguf-py raises ValueError, struct errors, IndexError... on bad headers
-        raise InputError(f"{source}: GGUF header cannot be read ({exc.__class__.__name__}: {exc}); "
-                         "re-create or re-download it") from None
-    quantized = [t.name for t in reader.tensors if t.tensor_type not in UNQUANTIZED]
+    header = read_header(source)
+    check_extent(header)
+    quantized = [t for t in header.tensors if t.type not in UNQUANTIZED]
     if quantized and not allow_requantize:
-        raise InputError(f"{source}: already quantized ({quantized[0]} is {_type_of(reader, quantized[0])}); "
+        raise InputError(f"{source}: already quantized ({quantized[0].name} is {quantized[0].type.name}); "
                          f"quantize from the F16 model, or pass --allow-requantize ({REQUANTIZE_WARNING})")
-    return {"reader": reader, "quantized": bool(quantized)}
-
-
-def _type_of(reader: gguf.GGUFReader, name: str) -> str:
-    return next(t.tensor_type.name for t in reader.tensors if t.name == name)
+    return header
 
 
 def _open_output(partial: Path, log_path: Path) -> gguf.GGUFReader:
@@ -187,16 +192,15 @@ def _open_output(partial: Path, log_path: Path) -> gguf.GGUFReader:
                         f"see {log_path}") from None
 
 
-def tensor_rows(source: gguf.GGUFReader, output: gguf.GGUFReader) -> list[TensorRow]:
+def tensor_rows(source: GGUFHeader, output: GGUFHeader) -> list[TensorRow]:
     before = {t.name: t for t in source.tensors}
     rows = []
     for t in output.tensors:
         src = before.get(t.name)
         rows.append(TensorRow(
-            name=t.name, shape=[int(x) for x in t.shape],
-            type_before=src.tensor_type.name if src is not None else "absent",
-            type_after=t.tensor_type.name,
-            bytes_before=int(src.n_bytes) if src is not None else 0, bytes_after=int(t.n_bytes),
+            name=t.name, shape=list(t.shape),
+            type_before=src.type.name if src is not None else "absent", type_after=t.type.name,
+            bytes_before=src.n_bytes if src is not None else 0, bytes_after=t.n_bytes,
         ))
     return rows
 

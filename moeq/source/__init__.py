@@ -16,41 +16,47 @@ from moeq.records import FileRef, SourceRecord
 from moeq.workspace import Workspace, hash_cache
 
 
-def prepare_source(pipeline: Pipeline, ws: Workspace) -> SourceRecord:
-    """Make sure the F16 source exists and is recorded; reuse the record when still current."""
+def source_file(pipeline: Pipeline, ws: Workspace) -> Path:
+    """The F16 source on disk, made first when the pipeline says to synthesize it."""
     ws.ensure()
-    record_path = ws.record_path("source")
-    previous = SourceRecord.load(record_path)
     spec = pipeline.source
-    hashes = hash_cache(ws)
-    started = time.monotonic()
     if spec.kind == "synth":
         from moeq.synth import write_tiny_phimoe
 
-        options = dataclasses.asdict(spec.synth)
         target = ws.source_path(pipeline.model.file_stem)
-        if previous and previous.options == options and _still_there(previous.output, hashes):
-            return previous
-        with ws.lock("source"):
-            write_tiny_phimoe(target, spec.synth, name=pipeline.model.name)
-        origin = "synth " + ", ".join(f"{k}={v}" for k, v in options.items())
-    elif spec.kind == "local":
-        target, options = Path(spec.path), {}
-        if not target.is_file():
-            raise InputError(f"{target}: source.path does not exist; fix source.path in {pipeline.path}")
-        origin = str(target)
-    else:
-        raise InputError(f"{pipeline.path}: source kind {spec.kind!r} is downloaded by the fetch stage, "
-                         "which this version of moeq does not have yet; use kind local or synth")
-    output = FileRef(str(target), target.stat().st_size, hashes.sha256(target))
-    if previous and previous.output == output and previous.options == options:
+        previous = SourceRecord.load(ws.record_path("source"))
+        current = (previous is not None and previous.options == dataclasses.asdict(spec.synth)
+                   and target.is_file() and target.stat().st_size == previous.output.size)
+        if not current:
+            with ws.lock("source"):
+                write_tiny_phimoe(target, spec.synth, name=pipeline.model.name)
+        return target
+    if spec.kind == "local":
+        if not Path(spec.path).is_file():
+            raise InputError(f"{spec.path}: source.path does not exist; fix source.path in {pipeline.path}")
+        return Path(spec.path)
+    raise InputError(f"{pipeline.path}: source kind {spec.kind!r} is downloaded by the fetch stage, "
+                     "which this version of moeq does not have yet; use kind local or synth")
+
+
+def record_source(pipeline: Pipeline, ws: Workspace, path: Path, sha256: str) -> SourceRecord:
+    """Write (or reuse) the SourceRecord for `path` whose sha256 the caller computed."""
+    spec = pipeline.source
+    options = dataclasses.asdict(spec.synth) if spec.kind == "synth" else {}
+    origin = ("synth " + ", ".join(f"{k}={v}" for k, v in options.items())) if spec.kind == "synth" else str(path)
+    output = FileRef(str(path), path.stat().st_size, sha256)
+    record_path = ws.record_path("source")
+    previous = SourceRecord.load(record_path)
+    if previous and previous.output == output and previous.options == options and previous.kind == spec.kind:
         return previous
-    record = SourceRecord(kind=spec.kind, origin=origin, output=output,
-                          wall_s=round(time.monotonic() - started, 3), options=options)
+    record = SourceRecord(kind=spec.kind, origin=origin, output=output, wall_s=0.0, options=options)
     record.save(record_path)
     return record
 
 
-def _still_there(ref: FileRef, hashes) -> bool:
-    path = Path(ref.path)
-    return path.is_file() and path.stat().st_size == ref.size and hashes.sha256(path) == ref.sha256
+def prepare_source(pipeline: Pipeline, ws: Workspace) -> SourceRecord:
+    started = time.monotonic()
+    path = source_file(pipeline, ws)
+    record = record_source(pipeline, ws, path, hash_cache(ws).sha256(path))
+    record.wall_s = round(time.monotonic() - started, 3)
+    return record
