@@ -94,9 +94,10 @@ def fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def commit_file(partial: Path, final: Path) -> None:
-    """fsync the finished partial file and rename it into place."""
-    fsync_file(partial)
+def commit_file(partial: Path, final: Path, synced: bool = False) -> None:
+    """fsync the finished partial file (unless the caller did) and rename it into place."""
+    if not synced:
+        fsync_file(partial)
     os.replace(partial, final)
     with contextlib.suppress(OSError):
         dir_fd = os.open(final.parent, os.O_RDONLY)

@@ -24,7 +24,8 @@ from moeq.runner import run_tool
 from moeq.source import record_source, source_file
 from moeq.toolchain import Toolchain
 from moeq.gguf_header import GGUFHeader, check_extent, read_header
-from moeq.workspace import Workspace, commit_file, free_bytes, hash_cache, partial_path, sha256_file
+from moeq.workspace import (Workspace, commit_file, free_bytes, fsync_file, hash_cache, partial_path,
+                            sha256_file)
 
 UNQUANTIZED = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
 DISK_MARGIN = 1.10
@@ -89,18 +90,20 @@ def quantize(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolcha
                 on_tensor(tensor)
 
         started = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
             # When there is nothing to skip, the source hash overlaps with llama-quantize's work.
             source_hash = pool.submit(hashes.sha256, source)
             try:
                 run_tool(command, log_path, on_line)
-                # gguf-py's full open and the output hash run side by side, then the rename.
+                # gguf-py's full open, the output hash and the fsync run side by side, then the rename.
                 output_sha = pool.submit(sha256_file, partial)
+                synced = pool.submit(fsync_file, partial)
                 output_reader = _open_output(partial, log_path)
                 output_header = read_header(partial)
                 check_extent(output_header)
                 output_digest = output_sha.result()
-                commit_file(partial, final)
+                synced.result()
+                commit_file(partial, final, synced=True)
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
