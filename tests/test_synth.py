@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import gguf
@@ -88,16 +89,21 @@ def test_cli_synth_bad_options(tmp_path):
 
 
 def test_generates_in_llama_completion(tiny_model, toolchain):
-    proc = subprocess.run(
-        [str(toolchain.path("llama-completion")), "-m", str(tiny_model), "-p", "the cat", "-n", "12",
-         "-c", "256", "-no-cnv", "--temp", "0", "-t", "2", "--seed", "1"],
-        capture_output=True, text=True, errors="replace", timeout=120, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    command = [str(toolchain.path("llama-completion")), "-m", str(tiny_model), "-p", "the cat", "-n", "12",
+               "-c", "256", "-no-cnv", "--temp", "0", "-t", "2", "--seed", "1"]
+    # The pinned llama-completion sometimes (about 1 run in 40, seen here) exits 0 right after
+    # printing its sampler settings, without evaluating anything; such a run is retried.
+    for _attempt in range(3):
+        proc = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=120,
+                              stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        if "eval time" in proc.stderr:
+            break
+    # llama.cpp's own timing summary counts the generated tokens.
+    evals = [int(n) for n in re.findall(r"eval time =.*?/\s+(\d+) runs", proc.stderr)]
+    assert evals and evals[-1] >= 11, proc.stderr[-1500:]
     prompt_at = proc.stdout.find("the cat")
     assert prompt_at >= 0 and len(proc.stdout) > prompt_at + len("the cat"), proc.stdout
-    # llama.cpp reports the generated token count in its timing summary.
-    evals = [int(n) for n in __import__("re").findall(r"eval time =.*?/\s+(\d+) runs", proc.stderr)]
-    assert evals and evals[-1] >= 11, proc.stderr[-1500:]
 
 
 def test_runs_in_llama_bench(tiny_model, toolchain):
