@@ -249,7 +249,7 @@ def quantize(
         if not as_json:
             state = "up to date" if outcome.skipped else f"done in {record.wall_s:.1f} s"
             console.print(f"{record.quant}: {state}: {record.output.path} "
-                          f"({_human_bytes(record.output.size)}, {record.quant_bpw:.2f} BPW)")
+                          f"({_human_bytes(record.output.size)}, {record.quant_bpw:.2f} BPW)", soft_wrap=True)
     if as_json:
         _print_json(results)
 

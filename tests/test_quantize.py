@@ -180,6 +180,49 @@ def test_interrupt_leaves_nothing_and_next_run_succeeds(tmp_path, toolchain):
     assert gguf.GGUFReader(final).fields["general.file_type"].contents() == 10
 
 
+BIGGER = "{layers: 4, experts: 16, experts_used: 2, embd: 1024, ff: 1024, vocab: 512}"
+
+
+def start_quantize(cfg: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "moeq", "quantize", "--config", str(cfg), "--quant", "Q2_K",
+                             "--threads", "1", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO)
+
+
+def wait_for(path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} never appeared"
+
+
+def test_sigterm_stops_cleanly(tmp_path, toolchain):
+    cfg = write_config(tmp_path, synth=BIGGER)
+    final = tmp_path / "ws" / "quants" / "tiny-phimoe-Q2_K.gguf"
+    proc = start_quantize(cfg)
+    wait_for(final.with_name(final.name + ".partial"))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.rstrip().endswith("interrupted by SIGTERM; stopped the running tool and removed partial files, "
+                                 "run the command again to start that step over")
+    assert not final.exists() and not final.with_name(final.name + ".partial").exists()
+
+
+def test_second_writer_waits_for_the_first(tmp_path, toolchain):
+    cfg = write_config(tmp_path, synth=BIGGER)
+    final = tmp_path / "ws" / "quants" / "tiny-phimoe-Q2_K.gguf"
+    first = start_quantize(cfg)
+    wait_for(final.with_name(final.name + ".partial"))
+    second = start_quantize(cfg)
+    out1, err1 = first.communicate(timeout=300)
+    out2, err2 = second.communicate(timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, err1 + err2
+    assert f"quant-Q2_K: waiting for pid {first.pid} to finish" in err2
+    assert json.loads(out1)[0]["skipped"] is False
+    assert json.loads(out2)[0]["skipped"] is True  # the second found the first's fresh result
+
+
 def local_source_config(tmp_path: Path, source_path: Path) -> Path:
     return write_config(tmp_path, source=f"  kind: local\n  path: {source_path}\n")
 

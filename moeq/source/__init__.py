@@ -24,12 +24,14 @@ def source_file(pipeline: Pipeline, ws: Workspace) -> Path:
         from moeq.synth import write_tiny_phimoe
 
         target = ws.source_path(pipeline.model.file_stem)
-        previous = SourceRecord.load(ws.record_path("source"))
-        current = (previous is not None and previous.options == dataclasses.asdict(spec.synth)
-                   and target.is_file() and target.stat().st_size == previous.output.size)
-        if not current:
-            with ws.lock("source"):
+        with ws.lock("source"):
+            previous = SourceRecord.load(ws.record_path("source"))
+            current = (previous is not None and previous.options == dataclasses.asdict(spec.synth)
+                       and target.is_file() and target.stat().st_size == previous.output.size)
+            if not current:
+                # Recorded at once, so a concurrent moeq sees it is current and leaves it alone.
                 write_tiny_phimoe(target, spec.synth, name=pipeline.model.name)
+                record_source(pipeline, ws, target, hash_cache(ws).sha256(target))
         return target
     if spec.kind == "local":
         if not Path(spec.path).is_file():
