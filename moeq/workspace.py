@@ -125,10 +125,13 @@ def free_bytes(path: Path) -> int:
 # ---------------------------------------------------------------- sha256
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
+    """sha256 of a file; `stop` lets an interrupted stage end a long hash early."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
+            if stop is not None and stop.is_set():
+                raise InterruptedError(f"hashing {path} stopped")
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -162,11 +165,11 @@ class HashCache:
             self._entries[key] = {**stamp, "sha256": sha256}
             write_text_atomic(self.path, json.dumps(self._entries, indent=1, sort_keys=True))
 
-    def sha256(self, path: Path) -> str:
+    def sha256(self, path: Path, stop: threading.Event | None = None) -> str:
         cached = self.lookup(path)
         if cached:
             return cached
-        digest = sha256_file(path)
+        digest = sha256_file(path, stop)
         self.remember(path, digest)
         return digest
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,6 @@ def quantize(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolcha
         raise InputError(f"{quant.type}: unknown quant type; llama-quantize accepts "
                          f"{', '.join(quant_types.QUANT_TYPES)}")
     source = source_file(pipeline, ws)
-    if not source.is_file():
-        raise InputError(f"{source}: source model not found; check source in the pipeline file")
     tool = chain.tool("llama-quantize")
     options = quant_options(quant, allow_requantize, ws)
     final = ws.quant_path(quant.file)
@@ -90,28 +89,34 @@ def quantize(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolcha
                 on_tensor(tensor)
 
         started = time.monotonic()
+        stop_hashing = threading.Event()
         with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
             # When there is nothing to skip, the source hash overlaps with llama-quantize's work.
-            source_hash = pool.submit(hashes.sha256, source)
+            source_hash = pool.submit(hashes.sha256, source, stop_hashing)
             try:
                 run_tool(command, log_path, on_line)
-                # gguf-py's full open, the output hash and the fsync run side by side, then the rename.
-                output_sha = pool.submit(sha256_file, partial)
+                # gguf-py's full open, the output hash and the fsync run side by side; every check
+                # on the result happens before the rename, so a failed check leaves no final file.
+                output_sha = pool.submit(sha256_file, partial, stop_hashing)
                 synced = pool.submit(fsync_file, partial)
                 output_reader = _open_output(partial, log_path)
                 output_header = read_header(partial)
                 check_extent(output_header)
+                if len(parser.summary.tensors) != len(output_header.tensors):
+                    raise ToolError(f"llama-quantize reported {len(parser.summary.tensors)} tensors but wrote "
+                                    f"{len(output_header.tensors)}; see {log_path}")
+                source_sha = source_hash.result()
+                if hashes.lookup(source) != source_sha:
+                    raise InputError(f"{source}: changed while it was being quantized; run again")
                 output_digest = output_sha.result()
                 synced.result()
                 commit_file(partial, final, synced=True)
             except BaseException:
+                stop_hashing.set()
                 partial.unlink(missing_ok=True)
                 raise
-            source_sha = source_hash.result()
         hashes.remember(final, output_digest)
         wall = time.monotonic() - started
-        if hashes.lookup(source) != source_sha:
-            raise InputError(f"{source}: changed while it was being quantized; run again")
         source_record = record_source(pipeline, ws, source, source_sha)
         record = QuantizeRecord(
             quant=quant.type,
@@ -127,9 +132,6 @@ def quantize(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolcha
             quant_size_mib=parser.summary.quant_size_mib, quant_bpw=parser.summary.quant_bpw,
             fallback_tensors=parser.summary.fallback_tensors, threads=threads,
         )
-        if len(parser.summary.tensors) != len(record.tensors):
-            raise ToolError(f"llama-quantize reported {len(parser.summary.tensors)} tensors but {final} holds "
-                            f"{len(record.tensors)}; see {log_path}")
         record.save(record_path)
         return QuantizeOutcome(record, skipped=False, log_path=log_path)
 
