@@ -1,0 +1,1 @@
+"""Bench stage: llama-bench / llama-perplexity runners and their log parsers (issue 7)."""
