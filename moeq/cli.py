@@ -21,7 +21,7 @@ from rich.table import Table
 
 from moeq import __version__
 from moeq.config import Pipeline, SynthSpec, load_pipeline
-from moeq.errors import CheckFailed, Interrupted, MoeqError
+from moeq.errors import CheckFailed, InputError, Interrupted, MoeqError
 from moeq.toolchain import Toolchain
 
 app = typer.Typer(
@@ -289,3 +289,42 @@ class _quantize_progress:
         if self.progress is not None:
             self.progress.__exit__(*exc)
         return False
+
+
+# ---------------------------------------------------------------- plan
+
+
+@app.command()
+@_guard
+def plan(
+    file: Annotated[Path, typer.Argument(help="A GGUF file.")],
+    ctx: Annotated[Optional[list[int]], typer.Option("--ctx", help="Context size(s) for the KV cache.")] = None,
+    kv_type: Annotated[str, typer.Option(help="KV cache type: f16 or q8_0.")] = "f16",
+    compute_allowance_mib: Annotated[int, typer.Option(help="Allowance for compute buffers and context, "
+                                                       "per GPU.")] = 1024,
+    as_json: JsonOption = False,
+) -> None:
+    """Where each byte of FILE goes under llama.cpp's placement rules, and what fits which GPU."""
+    from moeq.validate.plan import plan_file
+
+    if not file.is_file():
+        raise InputError(f"{file}: no such file; pass the path of a GGUF model")
+    result = plan_file(file, ctx_sizes=ctx or [4096], kv_type=kv_type,
+                       compute_allowance=compute_allowance_mib * 2**20)
+    if as_json:
+        _print_json(result.as_dict())
+        return
+    weights = Table(title=f"{file.name}: weights by placement (computed from the file's tensors)")
+    for column in ("mode", "GPU", "system RAM"):
+        weights.add_column(column)
+    for p in result.weights:
+        weights.add_row(p.mode, _human_bytes(p.gpu_bytes), _human_bytes(p.cpu_bytes))
+    console.print(weights)
+    fits = Table(title=f"smallest -ncmoe that fits (KV {result.kv_type}, "
+                       f"{compute_allowance_mib} MiB compute allowance)")
+    fits.add_column("GPU")
+    for c in result.kv_bytes:
+        fits.add_column(f"ctx {c} (KV {_human_bytes(result.kv_bytes[c])})")
+    for gib in sorted({f.gpu_gib for f in result.fits}):
+        fits.add_row(f"{gib} GiB", *[f.advice for f in result.fits if f.gpu_gib == gib])
+    console.print(fits)

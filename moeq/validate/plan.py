@@ -1,0 +1,132 @@
+"""The memory planner: where each byte of a GGUF goes under llama.cpp's placement rules.
+
+Rules (llama.cpp common/arg.cpp and src/llama-model.cpp, pinned commit):
+- the input layer (token_embd) always stays in system RAM;
+- with all layers offloaded every other tensor goes to the GPU, the output layer included;
+- `--cpu-moe` keeps every tensor matching `\\.ffn_(up|down|gate|gate_up)_(ch|)exps` in system RAM;
+- `--n-cpu-moe N` does that only for blocks 0..N-1.
+The KV cache lives with its layer: n_layer x ctx x (K width + V width) x bytes per element.
+
+    >>> plan = plan_memory(read_header(Path("model-Q4_K_M.gguf")), ctx_sizes=[4096])
+    >>> plan.weights[0].gpu_bytes   # all on the GPU
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from moeq.errors import InputError
+from moeq.gguf_header import GGUFHeader
+
+EXPERT_RE = re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch|)exps")
+BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
+INPUT_LAYER = "token_embd.weight"
+KV_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32}
+GPU_SIZES_GIB = (8, 12, 16, 24, 48, 80)
+DEFAULT_COMPUTE_ALLOWANCE = 1024 * 2**20  # compute buffers, CUDA context and slack; stated, not measured
+
+
+@dataclass
+class Placement:
+    mode: str  # "all-gpu", "cpu-moe", or "ncmoe N"
+    n_cpu_moe: int
+    gpu_bytes: int
+    cpu_bytes: int
+
+
+@dataclass
+class Fit:
+    gpu_gib: int
+    ctx: int
+    n_cpu_moe: int | None  # smallest N that fits; None when even --cpu-moe does not fit
+    gpu_bytes: int | None  # weights + KV + allowance at that N
+
+    @property
+    def advice(self) -> str:
+        if self.n_cpu_moe is None:
+            return "does not fit"
+        return "all on GPU" if self.n_cpu_moe == 0 else f"-ncmoe {self.n_cpu_moe}"
+
+
+@dataclass
+class MemoryPlan:
+    file: str
+    n_layer: int
+    kv_type: str
+    compute_allowance_bytes: int
+    weights: list[Placement] = field(default_factory=list)
+    kv_bytes: dict[int, int] = field(default_factory=dict)
+    fits: list[Fit] = field(default_factory=list)
+
+    def placement(self, n_cpu_moe: int) -> Placement:
+        return self.weights[1 + n_cpu_moe]
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        for fit, raw in zip(self.fits, data["fits"]):
+            raw["advice"] = fit.advice
+        return data
+
+
+def _split(header: GGUFHeader, n_cpu_moe: int) -> tuple[int, int]:
+    gpu = cpu = 0
+    for t in header.tensors:
+        block = BLOCK_RE.match(t.name)
+        on_cpu = t.name == INPUT_LAYER or (
+            EXPERT_RE.search(t.name) is not None and block is not None and int(block.group(1)) < n_cpu_moe)
+        if on_cpu:
+            cpu += t.n_bytes
+        else:
+            gpu += t.n_bytes
+    return gpu, cpu
+
+
+def _hparam(header: GGUFHeader, key: str) -> int:
+    arch = header.metadata.get("general.architecture")
+    value = header.metadata.get(f"{arch}.{key}")
+    if not isinstance(value, int):
+        raise InputError(f"{header.path}: metadata key {arch}.{key} is missing; the memory plan needs it")
+    return value
+
+
+def kv_bytes(header: GGUFHeader, ctx: int, kv_type: str = "f16") -> int:
+    n_layer = _hparam(header, "block_count")
+    n_embd, n_head = _hparam(header, "embedding_length"), _hparam(header, "attention.head_count")
+    n_head_kv = _hparam(header, "attention.head_count_kv")
+    width = n_embd // n_head * n_head_kv
+    return int(n_layer * ctx * 2 * width * KV_BYTES_PER_ELEMENT[kv_type])
+
+
+def plan_memory(header: GGUFHeader, ctx_sizes: list[int] | tuple[int, ...] = (4096,), kv_type: str = "f16",
+                gpu_sizes_gib: tuple[int, ...] = GPU_SIZES_GIB,
+                compute_allowance: int = DEFAULT_COMPUTE_ALLOWANCE) -> MemoryPlan:
+    if kv_type not in KV_BYTES_PER_ELEMENT:
+        raise InputError(f"kv type {kv_type!r}: use one of {', '.join(KV_BYTES_PER_ELEMENT)}")
+    n_layer = _hparam(header, "block_count")
+    plan = MemoryPlan(str(header.path), n_layer, kv_type, compute_allowance)
+    plan.weights.append(Placement("all-gpu", 0, *_split(header, 0)))
+    for n in range(n_layer + 1):
+        mode = "cpu-moe" if n == n_layer else f"ncmoe {n}"
+        plan.weights.append(Placement(mode, n, *_split(header, n)))
+    for ctx in ctx_sizes:
+        plan.kv_bytes[ctx] = kv_bytes(header, ctx, kv_type)
+        for gib in gpu_sizes_gib:
+            budget = gib * 2**30
+            fit = Fit(gib, ctx, None, None)
+            for n in range(n_layer + 1):
+                need = plan.placement(n).gpu_bytes + plan.kv_bytes[ctx] + compute_allowance
+                if need <= budget:
+                    fit = Fit(gib, ctx, n, need)
+                    break
+            plan.fits.append(fit)
+    return plan
+
+
+def plan_file(path: Path, **kwargs) -> MemoryPlan:
+    from moeq.gguf_header import check_extent, read_header
+
+    header = read_header(path)
+    check_extent(header)
+    return plan_memory(header, **kwargs)
