@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moeq import __version__
-from moeq.config import Pipeline, SynthSpec, load_pipeline
+from moeq.config import SynthSpec, load_pipeline
 from moeq.errors import CheckFailed, InputError, Interrupted, MoeqError
 from moeq.toolchain import Toolchain
 
@@ -97,10 +97,6 @@ def _print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _load(config: Path) -> Pipeline:
-    return load_pipeline(config)
-
-
 # ---------------------------------------------------------------- doctor
 
 
@@ -122,7 +118,7 @@ def doctor(
     """Check the llama.cpp tools, Python packages, Hub login and (with --config) disk space."""
     from moeq.doctor import run_doctor
 
-    pipeline = _load(config) if config else None
+    pipeline = load_pipeline(config) if config else None
     chain = Toolchain(pipeline.toolchain.llama_cpp_bin if pipeline else None)
     report = run_doctor(chain, pipeline)
     if as_json:
@@ -201,7 +197,7 @@ def synth_tiny_phimoe(
 @_guard
 def check_config(config: ConfigOption, as_json: JsonOption = False) -> None:
     """Validate a pipeline file and show the repos and files it will produce."""
-    pipeline = _load(config)
+    pipeline = load_pipeline(config)
     rows = [{"quant": q.type, "file": q.file, "repo": pipeline.repo_id(q)} for q in pipeline.quants]
     if as_json:
         _print_json({"pipeline": str(pipeline.path), "workspace": str(pipeline.workspace), "quants": rows})
@@ -234,7 +230,7 @@ def quantize(
     from moeq.quantize.stage import quantize as run_quantize
     from moeq.workspace import Workspace
 
-    pipeline = _load(config)
+    pipeline = load_pipeline(config)
     quants = [pipeline.quant(q) for q in quant] if quant else list(pipeline.quants)
     ws = Workspace(pipeline.workspace)
     chain = Toolchain(pipeline.toolchain.llama_cpp_bin)

@@ -6,16 +6,15 @@ value) and, given a pipeline, the free disk against what the pipeline will write
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 
 from moeq import quant_types
 from moeq.config import Pipeline
 from moeq.errors import ToolError
 from moeq.synth import parameter_count
 from moeq.toolchain import PINNED_COMMIT, TOOLS, Toolchain
+from moeq.workspace import free_bytes
 
 PACKAGES = ("moeq", "gguf", "huggingface_hub", "typer", "rich", "jinja2", "pyyaml", "numpy")
 DISK_MARGIN = 1.05  # 5% headroom for logs, records and filesystem overhead
@@ -100,16 +99,9 @@ def hub_status() -> tuple[bool, str]:
     return get_token() is not None, constants.ENDPOINT
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
 def plan_disk(pipeline: Pipeline) -> DiskPlan:
     """Bytes the pipeline will write: the F16 source (and its download) plus every quant."""
-    free = shutil.disk_usage(_existing_ancestor(pipeline.workspace)).free
+    free = free_bytes(pipeline.workspace)
     if pipeline.source.kind == "synth":
         params: int | None = parameter_count(pipeline.source.synth)
     else:

@@ -15,7 +15,7 @@ import gguf
 import pytest
 
 from moeq.config import load_pipeline
-from moeq.errors import InputError, ResourceError, ToolError
+from moeq.errors import ResourceError
 from moeq.quantize.stage import quantize
 from moeq.records import QuantizeRecord
 from moeq.toolchain import TOOLS, Toolchain

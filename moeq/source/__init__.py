@@ -30,8 +30,10 @@ def source_file(pipeline: Pipeline, ws: Workspace) -> Path:
                        and target.is_file() and target.stat().st_size == previous.output.size)
             if not current:
                 # Recorded at once, so a concurrent moeq sees it is current and leaves it alone.
+                started = time.monotonic()
                 write_tiny_phimoe(target, spec.synth, name=pipeline.model.name)
-                record_source(pipeline, ws, target, hash_cache(ws).sha256(target))
+                record_source(pipeline, ws, target, hash_cache(ws).sha256(target),
+                              wall_s=round(time.monotonic() - started, 3))
         return target
     if spec.kind == "local":
         if not Path(spec.path).is_file():
@@ -41,8 +43,10 @@ def source_file(pipeline: Pipeline, ws: Workspace) -> Path:
                      "which this version of moeq does not have yet; use kind local or synth")
 
 
-def record_source(pipeline: Pipeline, ws: Workspace, path: Path, sha256: str) -> SourceRecord:
-    """Write (or reuse) the SourceRecord for `path` whose sha256 the caller computed."""
+def record_source(pipeline: Pipeline, ws: Workspace, path: Path, sha256: str, wall_s: float = 0.0) -> SourceRecord:
+    """Write (or reuse) the SourceRecord for `path` whose sha256 the caller computed.
+
+    wall_s is the time spent making the file (0 for a local file used in place)."""
     spec = pipeline.source
     options = dataclasses.asdict(spec.synth) if spec.kind == "synth" else {}
     origin = ("synth " + ", ".join(f"{k}={v}" for k, v in options.items())) if spec.kind == "synth" else str(path)
@@ -51,14 +55,6 @@ def record_source(pipeline: Pipeline, ws: Workspace, path: Path, sha256: str) ->
     previous = SourceRecord.load(record_path)
     if previous and previous.output == output and previous.options == options and previous.kind == spec.kind:
         return previous
-    record = SourceRecord(kind=spec.kind, origin=origin, output=output, wall_s=0.0, options=options)
+    record = SourceRecord(kind=spec.kind, origin=origin, output=output, wall_s=wall_s, options=options)
     record.save(record_path)
-    return record
-
-
-def prepare_source(pipeline: Pipeline, ws: Workspace) -> SourceRecord:
-    started = time.monotonic()
-    path = source_file(pipeline, ws)
-    record = record_source(pipeline, ws, path, hash_cache(ws).sha256(path))
-    record.wall_s = round(time.monotonic() - started, 3)
     return record
