@@ -324,3 +324,39 @@ def plan(
     for gib in sorted({f.gpu_gib for f in result.fits}):
         fits.add_row(f"{gib} GiB", *[f.advice for f in result.fits if f.gpu_gib == gib])
     console.print(fits)
+
+
+# ---------------------------------------------------------------- validate
+
+
+@app.command()
+@_guard
+def validate(
+    file: Annotated[Path, typer.Argument(help="The GGUF file to check.")],
+    against: Annotated[Optional[Path], typer.Option(help="The F16 source it was made from.")] = None,
+    numerics: Annotated[str, typer.Option(help="sample, full or off.")] = "sample",
+    arch: Annotated[str, typer.Option(help="Expected architecture.")] = "phimoe",
+    as_json: JsonOption = False,
+) -> None:
+    """Check FILE: container, model, tensors, metadata and numerics against its source."""
+    from dataclasses import asdict
+
+    from moeq.validate.checks import validate_file
+
+    if numerics not in ("sample", "full", "off"):
+        raise InputError(f"--numerics {numerics!r}: use sample, full or off")
+    if not file.exists():
+        raise InputError(f"{file}: no such file; pass the path of a GGUF model")
+    report = validate_file(file, against, numerics, arch)
+    if as_json:
+        _print_json({"ok": report.ok, **asdict(report)})
+    else:
+        table = Table(title=f"validate {file}")
+        for column in ("check", "result", "detail"):
+            table.add_column(column, overflow="fold")
+        for check in report.checks:
+            table.add_row(check.name, "[green]pass[/]" if check.ok else "[red]FAIL[/]", check.detail)
+        console.print(table)
+    if not report.ok:
+        failed = [c.name for c in report.checks if not c.ok]
+        raise CheckFailed(f"{file}: failed {', '.join(failed)}")

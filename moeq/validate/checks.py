@@ -1,0 +1,178 @@
+"""Named checks that prove a quantized GGUF sound against its F16 source.
+
+Each check returns a CheckResult (name, ok, detail); a check that cannot run because an
+earlier one failed says so instead of raising. Type-mix checking (the llama.cpp recipe per
+quant) is not here yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf.quants import dequantize
+
+from moeq.errors import InputError
+from moeq.gguf_header import GGUFHeader, check_extent, read_header
+
+HYPERPARAMS = ("block_count", "embedding_length", "feed_forward_length", "expert_count", "expert_used_count",
+               "attention.head_count", "attention.head_count_kv", "context_length",
+               "rope.dimension_count", "rope.freq_base", "rope.scaling.original_context_length",
+               "rope.scaling.attn_factor")
+CARRIED_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",
+                "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.chat_template")
+REQUIRED_KEYS = ("general.name", "general.license", "general.file_type", "general.quantization_version")
+# Relative RMSE bounds per tensor type: about twice the worst seen on the tiny model's gaussian
+# weights with the pinned llama-quantize (Q8_0 0.0054, Q6_K 0.018, Q4_K 0.072, Q3_K 0.15, Q2_K 0.30).
+RMSE_BOUNDS = {"Q8_0": 0.012, "Q6_K": 0.04, "Q5_K": 0.08, "Q4_K": 0.15, "Q3_K": 0.30, "Q2_K": 0.50}
+SAMPLE_ROWS = 256
+FULL_CHUNK_ROWS = 4096
+
+
+@dataclass
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class ValidateReport:
+    file: str
+    against: str | None
+    checks: list[CheckResult] = field(default_factory=list)
+    worst_tensors: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+def check_container(path: Path) -> tuple[CheckResult, GGUFHeader | None]:
+    try:
+        if Path(path).stat().st_size == 0:
+            return CheckResult("container", False, "zero-byte file"), None
+        header = read_header(path)
+        check_extent(header)
+    except InputError as exc:
+        return CheckResult("container", False, str(exc).removeprefix(f"{path}: ")), None
+    return CheckResult("container", True, f"GGUF v{header.version}, {len(header.tensors)} tensors, "
+                                          f"alignment {header.alignment}, ends where the last tensor ends"), header
+
+
+def check_model(header: GGUFHeader, source: GGUFHeader | None, expected_arch: str) -> CheckResult:
+    arch = header.metadata.get("general.architecture")
+    if arch != expected_arch:
+        return CheckResult("model", False, f"architecture is {arch!r}, expected {expected_arch!r}")
+    if source is None:
+        return CheckResult("model", True, f"architecture {arch}; no source to compare hyperparameters with")
+    differ = [f"{k}: {header.metadata.get(f'{arch}.{k}')!r} != source {source.metadata.get(f'{arch}.{k}')!r}"
+              for k in HYPERPARAMS if header.metadata.get(f"{arch}.{k}") != source.metadata.get(f"{arch}.{k}")]
+    if differ:
+        return CheckResult("model", False, "; ".join(differ))
+    return CheckResult("model", True, f"architecture {arch}; {len(HYPERPARAMS)} hyperparameters equal the source's")
+
+
+def check_tensors(header: GGUFHeader, source: GGUFHeader) -> CheckResult:
+    ours = {t.name: t.shape for t in header.tensors}
+    theirs = {t.name: t.shape for t in source.tensors}
+    missing, extra = sorted(theirs.keys() - ours.keys()), sorted(ours.keys() - theirs.keys())
+    reshaped = [f"{n} {ours[n]} != {theirs[n]}" for n in sorted(ours.keys() & theirs.keys()) if ours[n] != theirs[n]]
+    problems = ([f"missing {', '.join(missing)}"] if missing else []) + \
+               ([f"extra {', '.join(extra)}"] if extra else []) + \
+               ([f"shape {', '.join(reshaped)}"] if reshaped else [])
+    if problems:
+        return CheckResult("tensors", False, "; ".join(problems))
+    return CheckResult("tensors", True, f"{len(ours)} tensors, names and shapes equal the source's")
+
+
+def _field(reader: gguf.GGUFReader, key: str):
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def check_metadata(reader: gguf.GGUFReader, source: gguf.GGUFReader | None) -> CheckResult:
+    absent = [k for k in REQUIRED_KEYS if k not in reader.fields]
+    if absent:
+        return CheckResult("metadata", False, f"missing {', '.join(absent)}")
+    if source is not None:
+        changed = [k for k in CARRIED_KEYS if _field(reader, k) != _field(source, k)]
+        if changed:
+            return CheckResult("metadata", False, f"changed from the source: {', '.join(changed)}")
+    return CheckResult("metadata", True, "name, license and quantization keys present"
+                       + ("; tokenizer and chat template equal the source's" if source is not None else ""))
+
+
+def _rows(data: np.ndarray, row_width: int) -> np.ndarray:
+    return data.reshape(-1, row_width)
+
+
+def check_numerics(reader: gguf.GGUFReader, source: gguf.GGUFReader, mode: str) -> tuple[CheckResult, list[dict]]:
+    src = {t.name: t for t in source.tensors}
+    results, failures = [], []
+    for t in reader.tensors:
+        if t.name not in src:
+            continue
+        q_rows = _rows(t.data, t.data.shape[-1])
+        s_rows = _rows(np.asarray(src[t.name].data), int(t.shape[0]))
+        if q_rows.shape[0] != s_rows.shape[0]:
+            failures.append(f"{t.name}: row count differs from the source")
+            continue
+        if mode == "sample":
+            picks = np.unique(np.linspace(0, q_rows.shape[0] - 1, num=min(SAMPLE_ROWS, q_rows.shape[0])).astype(int))
+            chunks = [picks]
+        else:
+            chunks = [np.arange(i, min(i + FULL_CHUNK_ROWS, q_rows.shape[0]))
+                      for i in range(0, q_rows.shape[0], FULL_CHUNK_ROWS)]
+        err = ref = 0.0
+        finite = True
+        for rows in chunks:
+            ours = dequantize(q_rows[rows], t.tensor_type).astype(np.float64)
+            theirs = s_rows[rows].astype(np.float64)
+            finite &= bool(np.isfinite(ours).all())
+            err += float(np.sum((ours - theirs) ** 2))
+            ref += float(np.sum(theirs ** 2))
+        rel = (err / ref) ** 0.5 if ref > 0 else (0.0 if err == 0 else float("inf"))
+        bound = RMSE_BOUNDS.get(t.tensor_type.name)
+        results.append({"name": t.name, "type": t.tensor_type.name, "rel_rmse": rel, "bound": bound})
+        if not finite:
+            failures.append(f"{t.name}: NaN or Inf after dequantizing")
+        elif bound is not None and not rel <= bound:
+            failures.append(f"{t.name}: relative RMSE {rel:.4f} above the {t.tensor_type.name} bound {bound}")
+    worst = sorted(results, key=lambda r: -r["rel_rmse"] if r["rel_rmse"] == r["rel_rmse"] else float("-inf"))[:5]
+    if failures:
+        return CheckResult("numerics", False, "; ".join(failures[:3])
+                           + (f" (+{len(failures) - 3} more)" if len(failures) > 3 else "")), worst
+    top = worst[0] if worst else None
+    detail = f"{len(results)} tensors compared ({mode}), no NaN/Inf"
+    if top:
+        detail += f"; worst {top['name']} {top['type']} {top['rel_rmse']:.4f}"
+    return CheckResult("numerics", True, detail), worst
+
+
+def validate_file(path: Path, against: Path | None = None, numerics: str = "sample",
+                  expected_arch: str = "phimoe") -> ValidateReport:
+    """Run every check on `path` (and against `against`, the F16 source, when given)."""
+    report = ValidateReport(str(path), str(against) if against else None)
+    container, header = check_container(path)
+    report.checks.append(container)
+    source_header = None
+    if against is not None:
+        source_check, source_header = check_container(against)
+        if not source_check.ok:
+            raise InputError(f"{against}: the source to compare with is not a sound GGUF ({source_check.detail})")
+    if header is None:
+        return report
+    report.checks.append(check_model(header, source_header, expected_arch))
+    if source_header is not None:
+        report.checks.append(check_tensors(header, source_header))
+    reader = gguf.GGUFReader(path)
+    source_reader = gguf.GGUFReader(against) if against is not None else None
+    report.checks.append(check_metadata(reader, source_reader))
+    if numerics != "off" and source_reader is not None and all(c.ok for c in report.checks):
+        result, report.worst_tensors = check_numerics(reader, source_reader, numerics)
+        report.checks.append(result)
+    return report
