@@ -336,9 +336,10 @@ def validate(
     against: Annotated[Optional[Path], typer.Option(help="The F16 source it was made from.")] = None,
     numerics: Annotated[str, typer.Option(help="sample, full or off.")] = "sample",
     arch: Annotated[str, typer.Option(help="Expected architecture.")] = "phimoe",
+    quant: Annotated[Optional[str], typer.Option(help="Quant type FILE should be (checks the type mix).")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Check FILE: container, model, tensors, metadata and numerics against its source."""
+    """Check FILE: container, model, tensors, type mix, metadata and numerics against its source."""
     from dataclasses import asdict
 
     from moeq.validate.checks import validate_file
@@ -347,7 +348,7 @@ def validate(
         raise InputError(f"--numerics {numerics!r}: use sample, full or off")
     if not file.exists():
         raise InputError(f"{file}: no such file; pass the path of a GGUF model")
-    report = validate_file(file, against, numerics, arch)
+    report = validate_file(file, against, numerics, arch, quant)
     if as_json:
         _print_json({"ok": report.ok, **asdict(report)})
     else:

@@ -97,3 +97,26 @@ def test_missing_file_and_bad_option(tmp_path):
     assert proc.returncode == 3 and proc.stderr == f"error: {tmp_path / 'none.gguf'}: no such file; pass the path of a GGUF model\n"
     proc = run_moeq("validate", str(tmp_path / "none.gguf"), "--numerics", "most")
     assert proc.returncode == 3 and proc.stderr == "error: --numerics 'most': use sample, full or off\n"
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M", "Q2_K"])
+def test_type_mix_follows_the_recipe(quants, qtype):
+    proc, report = validate(quants[qtype], "--quant", qtype, "--numerics", "off")
+    assert proc.returncode == 0, proc.stdout
+    assert check_of(report, "type mix")["detail"].startswith(f"file_type {({'Q8_0': 7, 'Q4_K_M': 15, 'Q2_K': 10})[qtype]}")
+
+
+def test_file_type_that_lies(quants, tmp_path):
+    """general.file_type rewritten to say Q4_K_M over Q8_0 tensors."""
+    data = bytearray(quants["Q8_0"].read_bytes())
+    key = b"general.file_type"
+    at = data.index(key) + len(key)
+    assert struct.unpack_from("<I", data, at)[0] == 4  # uint32 value type
+    struct.pack_into("<I", data, at + 4, 15)
+    liar = tmp_path / "liar.gguf"
+    liar.write_bytes(bytes(data))
+    proc, report = validate(liar, "--quant", "Q4_K_M")
+    assert proc.returncode == 7
+    assert "is Q8_0, the Q4_K_M recipe gives Q4_K" in check_of(report, "type mix")["detail"]
+    proc, report = validate(liar, "--quant", "Q8_0")
+    assert check_of(report, "type mix")["detail"].startswith("general.file_type is 15, Q8_0 is 7")

@@ -1,8 +1,7 @@
 """Named checks that prove a quantized GGUF sound against its F16 source.
 
 Each check returns a CheckResult (name, ok, detail); a check that cannot run because an
-earlier one failed says so instead of raising. Type-mix checking (the llama.cpp recipe per
-quant) is not here yet.
+earlier one failed says so instead of raising.
 """
 
 from __future__ import annotations
@@ -89,6 +88,37 @@ def check_tensors(header: GGUFHeader, source: GGUFHeader) -> CheckResult:
     return CheckResult("tensors", True, f"{len(ours)} tensors, names and shapes equal the source's")
 
 
+def check_type_mix(header: GGUFHeader, quant: str, overrides: dict[str, str] | None = None,
+                   output_type: str | None = None, embedding_type: str | None = None) -> CheckResult:
+    from moeq import quant_types
+    from moeq.validate.typemix import allowed_types, keeps_source_type
+
+    known = quant_types.lookup(quant)
+    if known is None:
+        return CheckResult("type mix", False, f"unknown quant type {quant!r}")
+    file_type = header.metadata.get("general.file_type")
+    by_bytes: dict[str, int] = {}
+    for t in header.tensors:
+        by_bytes[t.type.name] = by_bytes.get(t.type.name, 0) + t.n_bytes
+    mix = ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sorted(by_bytes.items(), key=lambda kv: -kv[1]))
+    if file_type != known.file_type:
+        return CheckResult("type mix", False, f"general.file_type is {file_type}, {known.name} is {known.file_type}; "
+                                              f"types by bytes: {mix}")
+    wrong = []
+    for t in header.tensors:
+        if keeps_source_type(t):
+            if t.type != gguf.GGMLQuantizationType.F32:
+                wrong.append(f"{t.name} is {t.type.name}, expected F32")
+            continue
+        allowed = allowed_types(known.name, t, header, overrides or {}, output_type, embedding_type)
+        if allowed is not None and t.type not in allowed:
+            wrong.append(f"{t.name} is {t.type.name}, the {known.name} recipe gives "
+                         f"{'/'.join(sorted(a.name for a in allowed))}")
+    if wrong:
+        return CheckResult("type mix", False, "; ".join(wrong[:3]) + (f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""))
+    return CheckResult("type mix", True, f"file_type {file_type} ({known.name}); {mix}")
+
+
 def _field(reader: gguf.GGUFReader, key: str):
     f = reader.fields.get(key)
     return None if f is None else f.contents()
@@ -154,7 +184,8 @@ def check_numerics(reader: gguf.GGUFReader, source: gguf.GGUFReader, mode: str) 
 
 
 def validate_file(path: Path, against: Path | None = None, numerics: str = "sample",
-                  expected_arch: str = "phimoe") -> ValidateReport:
+                  expected_arch: str = "phimoe", quant: str | None = None,
+                  overrides: dict[str, str] | None = None) -> ValidateReport:
     """Run every check on `path` (and against `against`, the F16 source, when given)."""
     report = ValidateReport(str(path), str(against) if against else None)
     container, header = check_container(path)
@@ -169,6 +200,8 @@ def validate_file(path: Path, against: Path | None = None, numerics: str = "samp
     report.checks.append(check_model(header, source_header, expected_arch))
     if source_header is not None:
         report.checks.append(check_tensors(header, source_header))
+    if quant is not None:
+        report.checks.append(check_type_mix(header, quant, overrides))
     reader = gguf.GGUFReader(path)
     source_reader = gguf.GGUFReader(against) if against is not None else None
     report.checks.append(check_metadata(reader, source_reader))
