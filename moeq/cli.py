@@ -332,7 +332,9 @@ def plan(
 @app.command()
 @_guard
 def validate(
-    file: Annotated[Path, typer.Argument(help="The GGUF file to check.")],
+    file: Annotated[Optional[Path], typer.Argument(help="The GGUF file to check (or use --config/--quant).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Validate the ladder's file for "
+                                                   "--quant against the workspace's source.")] = None,
     against: Annotated[Optional[Path], typer.Option(help="The F16 source it was made from.")] = None,
     numerics: Annotated[str, typer.Option(help="sample, full or off.")] = "sample",
     arch: Annotated[str, typer.Option(help="Expected architecture.")] = "phimoe",
@@ -346,6 +348,28 @@ def validate(
 
     if numerics not in ("sample", "full", "off"):
         raise InputError(f"--numerics {numerics!r}: use sample, full or off")
+    if config is not None:
+        from moeq.validate.stage import validate_quant
+        from moeq.workspace import Workspace
+
+        if quant is None:
+            raise InputError("--config needs --quant TYPE: which quant of the ladder to validate")
+        pipeline = load_pipeline(config)
+        record = validate_quant(pipeline, pipeline.quant(quant), Workspace(pipeline.workspace), numerics)
+        if as_json:
+            _print_json(record.to_dict())
+        else:
+            table = Table(title=f"validate {record.file.path}")
+            for column in ("check", "result", "detail"):
+                table.add_column(column, overflow="fold")
+            for check in record.checks:
+                table.add_row(check["name"], "[green]pass[/]" if check["ok"] else "[red]FAIL[/]", check["detail"])
+            console.print(table)
+        if not record.ok:
+            raise CheckFailed(f"{record.file.path}: failed {', '.join(c['name'] for c in record.checks if not c['ok'])}")
+        return
+    if file is None:
+        raise InputError("give a GGUF file, or --config CFG --quant TYPE")
     if not file.exists():
         raise InputError(f"{file}: no such file; pass the path of a GGUF model")
     report = validate_file(file, against, numerics, arch, quant)

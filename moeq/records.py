@@ -113,4 +113,17 @@ class QuantizeRecord(Record):
     threads: int | None = None
 
 
+@dataclass
+class ValidateRecord(Record):
+    stage = "validate"
+    quant: str
+    file: FileRef
+    source: FileRef
+    numerics: str
+    ok: bool
+    checks: list[dict]
+    worst_tensors: list[dict]
+    plan: dict
+
+
 _TYPES = {"FileRef": FileRef, "ToolBuildRef": ToolBuildRef}

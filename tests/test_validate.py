@@ -120,3 +120,67 @@ def test_file_type_that_lies(quants, tmp_path):
     assert "is Q8_0, the Q4_K_M recipe gives Q4_K" in check_of(report, "type mix")["detail"]
     proc, report = validate(liar, "--quant", "Q8_0")
     assert check_of(report, "type mix")["detail"].startswith("general.file_type is 15, Q8_0 is 7")
+
+
+def test_missing_tensor_and_offset_past_end(quants, tmp_path, tiny_model):
+    fewer = write_tiny_phimoe(tmp_path / "3-layers.gguf", SynthSpec(layers=3))
+    proc, report = validate(fewer, "--against", str(tiny_model), "--arch", "phimoe")
+    assert proc.returncode == 7
+    assert "block_count: 3 != source 2" in check_of(report, "model")["detail"]
+    # A tensor whose offset points past the end of the file.
+    data = bytearray(quants["Q8_0"].read_bytes())
+    header = read_header(quants["Q8_0"])
+    last = header.tensors[-1]
+    name = last.name.encode()
+    at = data.index(name, 0, header.data_offset) + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    offset_at = at + 4 + 8 * n_dims + 4
+    struct.pack_into("<Q", data, offset_at, len(data) * 2 // 32 * 32)
+    broken = tmp_path / "offset.gguf"
+    broken.write_bytes(bytes(data))
+    proc, report = validate(broken)
+    assert proc.returncode == 7
+    assert f"tensor {last.name} ends at byte" in check_of(report, "container")["detail"]
+
+
+def test_corrupted_header_bytes_always_give_a_clean_result(quants, tmp_path):
+    """Bounded fuzz: any header byte changed gives a report (pass or a failing check), never a crash."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from moeq.validate.checks import validate_file
+
+    original = quants["Q2_K"].read_bytes()
+    header_end = read_header(quants["Q2_K"]).data_offset
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.tuples(st.integers(0, header_end - 1), st.integers(0, 255)), min_size=1, max_size=4))
+    def corrupt(edits):
+        data = bytearray(original)
+        for position, value in edits:
+            data[position] = value
+        path = tmp_path / "fuzz.gguf"
+        path.write_bytes(bytes(data))
+        report = validate_file(path, numerics="off")
+        assert report.checks, "no check ran"
+        for check in report.checks:
+            assert check.ok or check.detail.strip(), check
+
+    corrupt()
+
+
+def test_ladder_mode_writes_a_validate_record(tmp_path, toolchain):
+    from test_quantize import write_config
+
+    cfg = write_config(tmp_path, extra_quant=", tensor_types: {attn_v: q8_0}")
+    proc = run_moeq("validate", "--config", str(cfg), "--quant", "Q4_K_M")
+    assert proc.returncode == 3
+    assert proc.stderr.startswith(f"error: {tmp_path / 'ws' / 'records' / 'quantize-Q4_K_M.json'}: no quantize record")
+    assert run_moeq("quantize", "--config", str(cfg), "--quant", "Q4_K_M").returncode == 0
+    proc = run_moeq("validate", "--config", str(cfg), "--quant", "Q4_K_M", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    saved = json.loads((tmp_path / "ws" / "records" / "validate-Q4_K_M.json").read_text())
+    assert saved == json.loads(proc.stdout)
+    assert saved["ok"] is True and saved["stage"] == "validate"
+    assert [c["name"] for c in saved["checks"]] == ["container", "model", "tensors", "type mix", "metadata", "numerics"]
+    assert saved["plan"]["n_layer"] == 2 and len(saved["plan"]["weights"]) == 4

@@ -202,7 +202,12 @@ def validate_file(path: Path, against: Path | None = None, numerics: str = "samp
         report.checks.append(check_tensors(header, source_header))
     if quant is not None:
         report.checks.append(check_type_mix(header, quant, overrides))
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # gguf-py raises many kinds on damaged metadata
+        report.checks.append(CheckResult("metadata", False, f"gguf-py cannot read it ({exc.__class__.__name__}: "
+                                                            f"{str(exc)[:120]})"))
+        return report
     source_reader = gguf.GGUFReader(against) if against is not None else None
     report.checks.append(check_metadata(reader, source_reader))
     if numerics != "off" and source_reader is not None and all(c.ok for c in report.checks):

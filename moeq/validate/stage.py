@@ -1,0 +1,38 @@
+"""The validate stage: check a quant of the ladder against its source and plan its memory.
+
+Reads the QuantizeRecord (the hand-off from quantize), writes a ValidateRecord.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from moeq.config import Pipeline, QuantSpec
+from moeq.errors import InputError
+from moeq.records import QuantizeRecord, ValidateRecord
+from moeq.validate.checks import validate_file
+from moeq.validate.plan import plan_file
+from moeq.workspace import Workspace
+
+
+def validate_quant(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, numerics: str = "sample") -> ValidateRecord:
+    quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
+    if quantized is None:
+        raise InputError(f"{ws.record_path('quantize', quant.type)}: no quantize record for {quant.type}; "
+                         f"run moeq quantize --config {pipeline.path} --quant {quant.type} first")
+    overrides = dict(quant.tensor_types)
+    if quant.output_tensor_type:
+        overrides[r"^output\.weight$"] = quant.output_tensor_type
+    if quant.token_embedding_type:
+        overrides[r"^token_embd\.weight$"] = quant.token_embedding_type
+    report = validate_file(Path(quantized.output.path), Path(quantized.source.path), numerics,
+                           quant=quant.type, overrides=overrides)
+    plan = plan_file(Path(quantized.output.path), ctx_sizes=list(pipeline.bench.ctx))
+    record = ValidateRecord(
+        quant=quant.type, file=quantized.output, source=quantized.source, numerics=numerics, ok=report.ok,
+        checks=[dataclasses.asdict(c) for c in report.checks], worst_tensors=report.worst_tensors,
+        plan=plan.as_dict(),
+    )
+    record.save(ws.record_path("validate", quant.type))
+    return record
