@@ -52,13 +52,19 @@ class GGUFHeader:
     file_size: int = 0
 
 
+class _NeedMore(Exception):
+    """The header runs past the bytes read so far; read more and parse again."""
+
+
 class _Cursor:
-    def __init__(self, data: bytes, path: Path):
-        self.data, self.pos, self.path = data, 0, path
+    def __init__(self, data: bytes, path: Path, whole_file: bool):
+        self.data, self.pos, self.path, self.whole_file = data, 0, path, whole_file
 
     def read(self, fmt: str):
         size = struct.calcsize(fmt)
         if self.pos + size > len(self.data):
+            if not self.whole_file:
+                raise _NeedMore
             raise InputError(f"{self.path}: GGUF header is truncated at byte {self.pos}")
         value = struct.unpack_from(fmt, self.data, self.pos)[0]
         self.pos += size
@@ -67,6 +73,8 @@ class _Cursor:
     def string(self) -> str:
         length = self.read("<Q")
         if length > len(self.data) - self.pos:
+            if not self.whole_file and length < MAX_COUNT:
+                raise _NeedMore
             raise InputError(f"{self.path}: GGUF header string at byte {self.pos} runs past the header")
         raw = self.data[self.pos:self.pos + length]
         self.pos += length
@@ -76,6 +84,10 @@ class _Cursor:
         if vtype == VT.STRING:
             length = self.read("<Q")
             self.pos += length
+            if self.pos > len(self.data):
+                if not self.whole_file and length < MAX_COUNT:
+                    raise _NeedMore
+                raise InputError(f"{self.path}: GGUF header string runs past the end of the file")
         elif vtype in _SCALAR:
             self.pos += struct.calcsize(_SCALAR[vtype])
         else:
@@ -83,14 +95,26 @@ class _Cursor:
 
 
 def read_header(path: Path, max_header: int = 256 * 2**20) -> GGUFHeader:
-    """Parse the header of `path`; InputError on anything that is not a well-formed GGUF."""
+    """Parse the header of `path`; InputError on anything that is not a well-formed GGUF.
+
+    Reads 1 MiB first and more only when the header is longer, so memory stays small."""
     path = Path(path)
     size = path.stat().st_size
+    want = 2**20
     with open(path, "rb") as fh:
-        data = fh.read(min(size, max_header))
+        while True:
+            fh.seek(0)
+            data = fh.read(min(size, want))
+            try:
+                return _parse(path, data, size, whole_file=len(data) >= size or want >= max_header)
+            except _NeedMore:
+                want *= 8
+
+
+def _parse(path: Path, data: bytes, size: int, whole_file: bool) -> GGUFHeader:
     if data[:4] != b"GGUF":
         raise InputError(f"{path}: not a GGUF file (starts with {data[:4]!r})")
-    cur = _Cursor(data, path)
+    cur = _Cursor(data, path, whole_file)
     cur.pos = 4
     version = cur.read("<I")
     if version not in (2, 3):
@@ -111,10 +135,14 @@ def read_header(path: Path, max_header: int = 256 * 2**20) -> GGUFHeader:
             except ValueError:
                 raise InputError(f"{path}: metadata array {key!r} has an unknown item type") from None
             count = cur.read("<Q")
-            if count > len(data):
+            if count > size:
                 raise InputError(f"{path}: metadata array {key!r} claims {count} items; the file is corrupt")
             if item_type in _SCALAR and item_type != VT.STRING:
                 cur.pos += count * struct.calcsize(_SCALAR[item_type])
+                if cur.pos > len(data):
+                    if not whole_file:
+                        raise _NeedMore
+                    raise InputError(f"{path}: metadata array {key!r} runs past the end of the file")
             else:
                 for _ in range(count):
                     cur.skip_value(item_type)

@@ -7,6 +7,7 @@ earlier one failed says so instead of raising.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import os
 from pathlib import Path
 
 import gguf
@@ -124,11 +125,12 @@ def _field(reader: gguf.GGUFReader, key: str):
     return None if f is None else f.contents()
 
 
-def check_metadata(reader: gguf.GGUFReader, source: gguf.GGUFReader | None) -> CheckResult:
-    absent = [k for k in REQUIRED_KEYS if k not in reader.fields]
+def check_metadata(header: GGUFHeader, reader: gguf.GGUFReader | None,
+                   source: gguf.GGUFReader | None) -> CheckResult:
+    absent = [k for k in REQUIRED_KEYS if k not in header.metadata]
     if absent:
         return CheckResult("metadata", False, f"missing {', '.join(absent)}")
-    if source is not None:
+    if source is not None and reader is not None:
         changed = [k for k in CARRIED_KEYS if _field(reader, k) != _field(source, k)]
         if changed:
             return CheckResult("metadata", False, f"changed from the source: {', '.join(changed)}")
@@ -136,42 +138,55 @@ def check_metadata(reader: gguf.GGUFReader, source: gguf.GGUFReader | None) -> C
                        + ("; tokenizer and chat template equal the source's" if source is not None else ""))
 
 
-def _rows(data: np.ndarray, row_width: int) -> np.ndarray:
-    return data.reshape(-1, row_width)
+class _Rows:
+    """Reads whole rows of one tensor with pread: memory stays bounded and no mapping grows."""
+
+    def __init__(self, fh, header: GGUFHeader, tensor):
+        block, type_size = gguf.GGML_QUANT_SIZES[tensor.type]
+        self.fd, self.type = fh.fileno(), tensor.type
+        self.ncols = tensor.shape[0]
+        self.row_bytes = self.ncols // block * type_size
+        self.n_rows = tensor.n_elements // self.ncols
+        self.base = header.data_offset + tensor.offset
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        raw = os.pread(self.fd, self.row_bytes * count, self.base + start * self.row_bytes)
+        rows = np.frombuffer(raw, dtype=np.uint8).reshape(count, self.row_bytes)
+        return dequantize(rows, self.type).reshape(count, self.ncols).astype(np.float64)
 
 
-def check_numerics(reader: gguf.GGUFReader, source: gguf.GGUFReader, mode: str) -> tuple[CheckResult, list[dict]]:
+def _spans(n_rows: int, mode: str) -> list[tuple[int, int]]:
+    if mode == "sample":
+        picks = np.unique(np.linspace(0, n_rows - 1, num=min(SAMPLE_ROWS, n_rows)).astype(int))
+        return [(int(i), 1) for i in picks]
+    return [(i, min(FULL_CHUNK_ROWS, n_rows - i)) for i in range(0, n_rows, FULL_CHUNK_ROWS)]
+
+
+def check_numerics(header: GGUFHeader, source: GGUFHeader, mode: str) -> tuple[CheckResult, list[dict]]:
     src = {t.name: t for t in source.tensors}
     results, failures = [], []
-    for t in reader.tensors:
-        if t.name not in src:
-            continue
-        q_rows = _rows(t.data, t.data.shape[-1])
-        s_rows = _rows(np.asarray(src[t.name].data), int(t.shape[0]))
-        if q_rows.shape[0] != s_rows.shape[0]:
-            failures.append(f"{t.name}: row count differs from the source")
-            continue
-        if mode == "sample":
-            picks = np.unique(np.linspace(0, q_rows.shape[0] - 1, num=min(SAMPLE_ROWS, q_rows.shape[0])).astype(int))
-            chunks = [picks]
-        else:
-            chunks = [np.arange(i, min(i + FULL_CHUNK_ROWS, q_rows.shape[0]))
-                      for i in range(0, q_rows.shape[0], FULL_CHUNK_ROWS)]
-        err = ref = 0.0
-        finite = True
-        for rows in chunks:
-            ours = dequantize(q_rows[rows], t.tensor_type).astype(np.float64)
-            theirs = s_rows[rows].astype(np.float64)
-            finite &= bool(np.isfinite(ours).all())
-            err += float(np.sum((ours - theirs) ** 2))
-            ref += float(np.sum(theirs ** 2))
-        rel = (err / ref) ** 0.5 if ref > 0 else (0.0 if err == 0 else float("inf"))
-        bound = RMSE_BOUNDS.get(t.tensor_type.name)
-        results.append({"name": t.name, "type": t.tensor_type.name, "rel_rmse": rel, "bound": bound})
-        if not finite:
-            failures.append(f"{t.name}: NaN or Inf after dequantizing")
-        elif bound is not None and not rel <= bound:
-            failures.append(f"{t.name}: relative RMSE {rel:.4f} above the {t.tensor_type.name} bound {bound}")
+    with open(header.path, "rb") as ours_fh, open(source.path, "rb") as theirs_fh:
+        for t in header.tensors:
+            if t.name not in src:
+                continue
+            ours, theirs = _Rows(ours_fh, header, t), _Rows(theirs_fh, source, src[t.name])
+            if ours.n_rows != theirs.n_rows:
+                failures.append(f"{t.name}: row count differs from the source")
+                continue
+            err = ref = 0.0
+            finite = True
+            for start, count in _spans(ours.n_rows, mode):
+                a, b = ours.read(start, count), theirs.read(start, count)
+                finite &= bool(np.isfinite(a).all())
+                err += float(np.sum((a - b) ** 2))
+                ref += float(np.sum(b ** 2))
+            rel = (err / ref) ** 0.5 if ref > 0 else (0.0 if err == 0 else float("inf"))
+            bound = RMSE_BOUNDS.get(t.type.name)
+            results.append({"name": t.name, "type": t.type.name, "rel_rmse": rel, "bound": bound})
+            if not finite:
+                failures.append(f"{t.name}: NaN or Inf after dequantizing")
+            elif bound is not None and not rel <= bound:
+                failures.append(f"{t.name}: relative RMSE {rel:.4f} above the {t.type.name} bound {bound}")
     worst = sorted(results, key=lambda r: -r["rel_rmse"] if r["rel_rmse"] == r["rel_rmse"] else float("-inf"))[:5]
     if failures:
         return CheckResult("numerics", False, "; ".join(failures[:3])
@@ -202,15 +217,17 @@ def validate_file(path: Path, against: Path | None = None, numerics: str = "samp
         report.checks.append(check_tensors(header, source_header))
     if quant is not None:
         report.checks.append(check_type_mix(header, quant, overrides))
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # gguf-py raises many kinds on damaged metadata
-        report.checks.append(CheckResult("metadata", False, f"gguf-py cannot read it ({exc.__class__.__name__}: "
-                                                            f"{str(exc)[:120]})"))
-        return report
-    source_reader = gguf.GGUFReader(against) if against is not None else None
-    report.checks.append(check_metadata(reader, source_reader))
-    if numerics != "off" and source_reader is not None and all(c.ok for c in report.checks):
-        result, report.worst_tensors = check_numerics(reader, source_reader, numerics)
+    reader = source_reader = None
+    if against is not None:  # the tokenizer and template are compared value by value with gguf-py
+        try:
+            reader = gguf.GGUFReader(path)
+        except Exception as exc:  # gguf-py raises many kinds on damaged metadata
+            report.checks.append(CheckResult("metadata", False, f"gguf-py cannot read it "
+                                                                f"({exc.__class__.__name__}: {str(exc)[:120]})"))
+            return report
+        source_reader = gguf.GGUFReader(against)
+    report.checks.append(check_metadata(header, reader, source_reader))
+    if numerics != "off" and source_header is not None and all(c.ok for c in report.checks):
+        result, report.worst_tensors = check_numerics(header, source_header, numerics)
         report.checks.append(result)
     return report
