@@ -337,7 +337,8 @@ def validate(
                                                    "--quant against the workspace's source.")] = None,
     against: Annotated[Optional[Path], typer.Option(help="The F16 source it was made from.")] = None,
     numerics: Annotated[str, typer.Option(help="sample, full or off.")] = "sample",
-    arch: Annotated[str, typer.Option(help="Expected architecture.")] = "phimoe",
+    arch: Annotated[Optional[str], typer.Option(help="Expected architecture (default: the source's, "
+                                                "else phimoe).")] = None,
     quant: Annotated[Optional[str], typer.Option(help="Quant type FILE should be (checks the type mix).")] = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -66,9 +66,18 @@ def test_truncated(quants, tmp_path):
     assert proc.returncode == 7 and "the file is truncated" in check_of(report, "container")["detail"]
 
 
-def test_wrong_architecture(quants):
+def test_wrong_architecture(quants, tmp_path):
     proc, report = validate(quants["Q8_0"], "--arch", "llama")
     assert proc.returncode == 7
+    assert check_of(report, "model")["detail"] == "architecture is 'phimoe', expected 'llama'"
+    # Without --arch the expected architecture is the source's.
+    import gguf
+    import numpy as np
+    alien = tmp_path / "alien.gguf"
+    writer = gguf.GGUFWriter(str(alien), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 256), dtype=np.float16))
+    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+    proc, report = validate(quants["Q8_0"], "--against", str(alien), "--numerics", "off")
     assert check_of(report, "model")["detail"] == "architecture is 'phimoe', expected 'llama'"
 
 
@@ -123,10 +132,11 @@ def test_file_type_that_lies(quants, tmp_path):
 
 
 def test_missing_tensor_and_offset_past_end(quants, tmp_path, tiny_model):
-    fewer = write_tiny_phimoe(tmp_path / "3-layers.gguf", SynthSpec(layers=3))
-    proc, report = validate(fewer, "--against", str(tiny_model), "--arch", "phimoe")
+    more = write_tiny_phimoe(tmp_path / "3-layers.gguf", SynthSpec(layers=3))
+    proc, report = validate(quants["Q8_0"], "--against", str(more))
     assert proc.returncode == 7
-    assert "block_count: 3 != source 2" in check_of(report, "model")["detail"]
+    assert "block_count: 2 != source 3" in check_of(report, "model")["detail"]
+    assert check_of(report, "tensors")["detail"].startswith("missing blk.2.attn_k.bias, blk.2.attn_k.weight")
     # A tensor whose offset points past the end of the file.
     data = bytearray(quants["Q8_0"].read_bytes())
     header = read_header(quants["Q8_0"])

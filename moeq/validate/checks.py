@@ -200,7 +200,7 @@ def check_numerics(header: GGUFHeader, source: GGUFHeader, mode: str) -> tuple[C
 
 
 def validate_file(path: Path, against: Path | None = None, numerics: str = "sample",
-                  expected_arch: str = "phimoe", quant: str | None = None,
+                  expected_arch: str | None = None, quant: str | None = None,
                   overrides: dict[str, str] | None = None) -> ValidateReport:
     """Run every check on `path` (and against `against`, the F16 source, when given)."""
     report = ValidateReport(str(path), str(against) if against else None)
@@ -213,6 +213,8 @@ def validate_file(path: Path, against: Path | None = None, numerics: str = "samp
             raise InputError(f"{against}: the source to compare with is not a sound GGUF ({source_check.detail})")
     if header is None:
         return report
+    if expected_arch is None:  # the source's architecture, or this pipeline's model family
+        expected_arch = str(source_header.metadata.get("general.architecture")) if source_header else "phimoe"
     report.checks.append(check_model(header, source_header, expected_arch))
     if source_header is not None:
         report.checks.append(check_tensors(header, source_header))
