@@ -357,32 +357,28 @@ def validate(
             raise InputError("--config needs --quant TYPE: which quant of the ladder to validate")
         pipeline = load_pipeline(config)
         record = validate_quant(pipeline, pipeline.quant(quant), Workspace(pipeline.workspace), numerics)
-        if as_json:
-            _print_json(record.to_dict())
-        else:
-            table = Table(title=f"validate {record.file.path}")
-            for column in ("check", "result", "detail"):
-                table.add_column(column, overflow="fold")
-            for check in record.checks:
-                table.add_row(check["name"], "[green]pass[/]" if check["ok"] else "[red]FAIL[/]", check["detail"])
-            console.print(table)
-        if not record.ok:
-            raise CheckFailed(f"{record.file.path}: failed {', '.join(c['name'] for c in record.checks if not c['ok'])}")
+        _report_checks(record.file.path, record.checks, record.to_dict() if as_json else None)
         return
     if file is None:
         raise InputError("give a GGUF file, or --config CFG --quant TYPE")
     if not file.exists():
         raise InputError(f"{file}: no such file; pass the path of a GGUF model")
     report = validate_file(file, against, numerics, arch, quant)
-    if as_json:
-        _print_json({"ok": report.ok, **asdict(report)})
+    _report_checks(str(file), [asdict(c) for c in report.checks],
+                   {"ok": report.ok, **asdict(report)} if as_json else None)
+
+
+def _report_checks(file: str, checks: list[dict], as_json: dict | None) -> None:
+    """Print the checks (a table, or `as_json` when given) and fail when any check failed."""
+    if as_json is not None:
+        _print_json(as_json)
     else:
         table = Table(title=f"validate {file}")
         for column in ("check", "result", "detail"):
             table.add_column(column, overflow="fold")
-        for check in report.checks:
-            table.add_row(check.name, "[green]pass[/]" if check.ok else "[red]FAIL[/]", check.detail)
+        for check in checks:
+            table.add_row(check["name"], "[green]pass[/]" if check["ok"] else "[red]FAIL[/]", check["detail"])
         console.print(table)
-    if not report.ok:
-        failed = [c.name for c in report.checks if not c.ok]
+    failed = [c["name"] for c in checks if not c["ok"]]
+    if failed:
         raise CheckFailed(f"{file}: failed {', '.join(failed)}")
