@@ -89,8 +89,11 @@ def check_tensors(header: GGUFHeader, source: GGUFHeader) -> CheckResult:
     return CheckResult("tensors", True, f"{len(ours)} tensors, names and shapes equal the source's")
 
 
-def check_type_mix(header: GGUFHeader, quant: str, overrides: dict[str, str] | None = None,
-                   output_type: str | None = None, embedding_type: str | None = None) -> CheckResult:
+def _first_three(problems: list[str]) -> str:
+    return "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+
+
+def check_type_mix(header: GGUFHeader, quant: str, overrides: dict[str, str] | None = None) -> CheckResult:
     from moeq import quant_types
     from moeq.validate.typemix import allowed_types, keeps_source_type
 
@@ -111,12 +114,12 @@ def check_type_mix(header: GGUFHeader, quant: str, overrides: dict[str, str] | N
             if t.type != gguf.GGMLQuantizationType.F32:
                 wrong.append(f"{t.name} is {t.type.name}, expected F32")
             continue
-        allowed = allowed_types(known.name, t, header, overrides or {}, output_type, embedding_type)
+        allowed = allowed_types(known.name, t, header, overrides or {})
         if allowed is not None and t.type not in allowed:
             wrong.append(f"{t.name} is {t.type.name}, the {known.name} recipe gives "
                          f"{'/'.join(sorted(a.name for a in allowed))}")
     if wrong:
-        return CheckResult("type mix", False, "; ".join(wrong[:3]) + (f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""))
+        return CheckResult("type mix", False, _first_three(wrong))
     return CheckResult("type mix", True, f"file_type {file_type} ({known.name}); {mix}")
 
 
@@ -190,8 +193,7 @@ def check_numerics(header: GGUFHeader, source: GGUFHeader, mode: str) -> tuple[C
                 failures.append(f"{t.name}: relative RMSE {rel:.4f} above the {t.type.name} bound {bound}")
     worst = sorted(results, key=lambda r: -r["rel_rmse"] if r["rel_rmse"] == r["rel_rmse"] else float("-inf"))[:5]
     if failures:
-        return CheckResult("numerics", False, "; ".join(failures[:3])
-                           + (f" (+{len(failures) - 3} more)" if len(failures) > 3 else "")), worst
+        return CheckResult("numerics", False, _first_three(failures)), worst
     top = worst[0] if worst else None
     detail = f"{len(results)} tensors compared ({mode}), no NaN/Inf"
     if top:

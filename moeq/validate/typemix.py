@@ -37,8 +37,8 @@ def keeps_source_type(t: TensorInfo) -> bool:
     return len([d for d in t.shape if d > 1]) <= 1 or t.name.endswith("ffn_gate_inp.weight") or ".bias" in t.name
 
 
-def allowed_types(quant: str, t: TensorInfo, header: GGUFHeader, overrides: dict[str, str],
-                  output_type: str | None, embedding_type: str | None) -> set | None:
+def allowed_types(quant: str, t: TensorInfo, header: GGUFHeader, overrides: dict[str, str]) -> set | None:
+    """Types the recipe can give `t`; `overrides` maps name patterns to the types the pipeline asked for."""
     recipe = RECIPES.get(quant)
     if recipe is None:
         return None
@@ -50,10 +50,6 @@ def allowed_types(quant: str, t: TensorInfo, header: GGUFHeader, overrides: dict
     for pattern, ggml_type in overrides.items():
         if re.search(pattern, t.name):
             allowed = {Q[ggml_type.upper()]}
-    if cat == "output" and output_type:
-        allowed = {Q[output_type.upper()]}
-    if cat == "token_embd" and embedding_type:
-        allowed = {Q[embedding_type.upper()]}
     ncols = t.shape[0]
     out = set()
     for wanted in allowed:
