@@ -111,6 +111,7 @@ class QuantizeRecord(Record):
     quant_bpw: float
     fallback_tensors: int = 0
     threads: int | None = None
+    model: dict[str, Any] = field(default_factory=dict)  # architecture facts read from the source header
 
 
 @dataclass
@@ -124,6 +125,20 @@ class ValidateRecord(Record):
     checks: list[dict]
     worst_tensors: list[dict]
     plan: dict
+
+
+@dataclass
+class CardRecord(Record):
+    stage = "card"
+    quant: str
+    repo_id: str
+    folder: str  # the staged repo: exactly the files the Hub repo will hold
+    readme: FileRef
+    manifest: FileRef
+    repo_files: list[str]
+    template: str
+    templates_sha256: str
+    not_measured: list[str]  # sections the card says "not measured" for, for want of a record
 
 
 _TYPES = {"FileRef": FileRef, "ToolBuildRef": ToolBuildRef}

@@ -4,6 +4,7 @@
       source/<stem>-F16.gguf         the F16 model every quant is made from
       quants/<file>                  one GGUF per quant, with <file>.log beside it
       records/<stage>-<quant>.json   what each stage did (records.py)
+      repos/<quant>/                 the staged Hub repo: README.md, the GGUF (hard link), the manifest
       locks/<artifact>.lock          one writer per artifact
       sha256-cache.json              sha256 by (path, size, mtime, inode)
 """
@@ -41,6 +42,13 @@ class Workspace:
     @property
     def records_dir(self) -> Path:
         return self.root / "records"
+
+    @property
+    def repos_dir(self) -> Path:
+        return self.root / "repos"
+
+    def repo_dir(self, quant: str) -> Path:
+        return self.repos_dir / quant
 
     def source_path(self, file_stem: str) -> Path:
         return self.source_dir / f"{file_stem}-F16.gguf"

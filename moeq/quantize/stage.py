@@ -131,6 +131,7 @@ def quantize(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolcha
             model_size_mib=parser.summary.model_size_mib, model_bpw=parser.summary.model_bpw,
             quant_size_mib=parser.summary.quant_size_mib, quant_bpw=parser.summary.quant_bpw,
             fallback_tensors=parser.summary.fallback_tensors, threads=threads,
+            model=model_facts(source_header),
         )
         record.save(record_path)
         return QuantizeOutcome(record, skipped=False, log_path=log_path)
@@ -210,8 +211,25 @@ def tensor_rows(source: GGUFHeader, output: GGUFHeader) -> list[TensorRow]:
     return rows
 
 
+MODEL_KEYS = ("block_count", "expert_count", "expert_used_count", "context_length", "embedding_length",
+              "attention.head_count", "attention.head_count_kv")
+
+
+def model_facts(header: GGUFHeader) -> dict:
+    """What later stages (cards) need to know of the model, read once here from the source header."""
+    arch = header.metadata.get("general.architecture")
+    facts = {"architecture": arch, "parameters": sum(t.n_elements for t in header.tensors),
+             "tensors": len(header.tensors)}
+    for key in MODEL_KEYS:
+        value = header.metadata.get(f"{arch}.{key}")
+        facts[key.replace("attention.", "")] = value if isinstance(value, int) else None
+    return facts
+
+
 def _up_to_date(previous: QuantizeRecord, source: SourceRecord, options: dict, commit: str,
                 final: Path, hashes) -> bool:
+    if not previous.model:  # written before records carried the model's facts
+        return False
     if (previous.source.sha256 != source.output.sha256 or previous.options != options
             or previous.tool.commit != commit or not final.is_file()):
         return False

@@ -1,115 +1,26 @@
-"""The `moeq` command line: parse, call one library function, render the result.
-
-Errors are MoeqError subclasses; every command runs under `_guard`, which prints the
-one-line message, exits with the error's code, and shows a traceback only with --debug.
-"""
+"""Commands for the tools and the first stages: doctor, synth, check-config, quantize, plan, validate."""
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-import signal
 import sys
-import traceback
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from moeq import __version__
+from moeq.cli.common import (ConfigOption, JsonOption, guard, human_bytes, print_json, app, console,
+                             synth_app)
 from moeq.config import SynthSpec, load_pipeline
-from moeq.errors import CheckFailed, InputError, Interrupted, MoeqError
+from moeq.errors import CheckFailed, InputError
 from moeq.toolchain import Toolchain
-
-app = typer.Typer(
-    name="moeq",
-    help="Quantize Mixture-of-Experts models to GGUF and publish them with model cards that tell the truth.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-synth_app = typer.Typer(help="Make synthetic models for demos and tests.", no_args_is_help=True)
-app.add_typer(synth_app, name="synth")
-
-console = Console()
-_state = {"debug": os.environ.get("MOEQ_DEBUG") == "1"}
-
-ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Path to pipeline.yaml.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-
-
-def _guard(fn: Callable) -> Callable:
-    """Turn MoeqError into a one-line message and its exit code; tracebacks only with --debug."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MoeqError as exc:
-            if _state["debug"]:
-                traceback.print_exc()
-            sys.stderr.write(f"error: {exc.message}\n")
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            sys.stderr.write("error: interrupted by SIGINT; stopped the running tool and removed partial "
-                             "files, run the command again to start that step over\n")
-            raise typer.Exit(130) from None
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as exc:  # a bug in moeq: say so plainly, keep the traceback for --debug
-            if _state["debug"]:
-                traceback.print_exc()
-            sys.stderr.write(f"error: internal error {exc.__class__.__name__}: {exc} "
-                             "(rerun with --debug for the traceback and report it)\n")
-            raise typer.Exit(70) from None
-
-    return wrapper
-
-
-def _sigterm_to_exception(signum, frame) -> None:
-    raise Interrupted("interrupted by SIGTERM; stopped the running tool and removed partial files, "
-                      "run the command again to start that step over", exit_code=143)
-
-
-signal.signal(signal.SIGTERM, _sigterm_to_exception)
-
-
-def _version_callback(value: bool) -> None:
-    if value:
-        print(f"moeq {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback,
-                                                    is_eager=True, help="Print the moeq version.")] = None,
-) -> None:
-    if debug:
-        _state["debug"] = True
-
-
-def _print_json(data: object) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 # ---------------------------------------------------------------- doctor
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
-
-
 @app.command()
-@_guard
+@guard
 def doctor(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Also validate this pipeline file "
                                                    "and check disk space for it.")] = None,
@@ -122,7 +33,7 @@ def doctor(
     chain = Toolchain(pipeline.toolchain.llama_cpp_bin if pipeline else None)
     report = run_doctor(chain, pipeline)
     if as_json:
-        _print_json(report.as_dict())
+        print_json(report.as_dict())
     else:
         table = Table(title="llama.cpp tools")
         for column in ("tool", "status", "commit", "path"):
@@ -145,12 +56,12 @@ def doctor(
         if report.disk:
             disk = report.disk
             if disk.needed_bytes is None:
-                console.print(f"Disk: {_human_bytes(disk.free_bytes)} free in {disk.workspace}; need unknown "
+                console.print(f"Disk: {human_bytes(disk.free_bytes)} free in {disk.workspace}; need unknown "
                               "(set model.parameters in the pipeline file)")
             else:
                 verdict = "[green]OK[/]" if disk.ok else "[red]NOT ENOUGH[/]"
-                console.print(f"Disk: {_human_bytes(disk.free_bytes)} free in {disk.workspace}, "
-                              f"pipeline needs {_human_bytes(disk.needed_bytes)}: {verdict}")
+                console.print(f"Disk: {human_bytes(disk.free_bytes)} free in {disk.workspace}, "
+                              f"pipeline needs {human_bytes(disk.needed_bytes)}: {verdict}")
     if not report.ok:
         problems = [c.name for c in report.tools if not c.ok]
         if report.disk and not report.disk.ok:
@@ -162,7 +73,7 @@ def doctor(
 
 
 @synth_app.command("tiny-phimoe")
-@_guard
+@guard
 def synth_tiny_phimoe(
     out: Annotated[Path, typer.Argument(help="Output GGUF path.")],
     layers: int = SynthSpec.layers,
@@ -185,22 +96,22 @@ def synth_tiny_phimoe(
     result = {"path": str(path), "bytes": path.stat().st_size, "parameters": parameter_count(spec),
               "options": vars(spec)}
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
-        console.print(f"wrote {path} ({_human_bytes(result['bytes'])}, {result['parameters']:,} parameters)")
+        console.print(f"wrote {path} ({human_bytes(result['bytes'])}, {result['parameters']:,} parameters)")
 
 
 # ---------------------------------------------------------------- config
 
 
 @app.command("check-config")
-@_guard
+@guard
 def check_config(config: ConfigOption, as_json: JsonOption = False) -> None:
     """Validate a pipeline file and show the repos and files it will produce."""
     pipeline = load_pipeline(config)
     rows = [{"quant": q.type, "file": q.file, "repo": pipeline.repo_id(q)} for q in pipeline.quants]
     if as_json:
-        _print_json({"pipeline": str(pipeline.path), "workspace": str(pipeline.workspace), "quants": rows})
+        print_json({"pipeline": str(pipeline.path), "workspace": str(pipeline.workspace), "quants": rows})
         return
     table = Table(title=f"{pipeline.path}: {pipeline.model.name}")
     for column in ("quant", "file", "repo"):
@@ -215,7 +126,7 @@ def check_config(config: ConfigOption, as_json: JsonOption = False) -> None:
 
 
 @app.command()
-@_guard
+@guard
 def quantize(
     config: ConfigOption,
     quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="Quant type(s) of the ladder "
@@ -245,9 +156,9 @@ def quantize(
         if not as_json:
             state = "up to date" if outcome.skipped else f"done in {record.wall_s:.1f} s"
             console.print(f"{record.quant}: {state}: {record.output.path} "
-                          f"({_human_bytes(record.output.size)}, {record.quant_bpw:.2f} BPW)", soft_wrap=True)
+                          f"({human_bytes(record.output.size)}, {record.quant_bpw:.2f} BPW)", soft_wrap=True)
     if as_json:
-        _print_json(results)
+        print_json(results)
 
 
 class _quantize_progress:
@@ -291,7 +202,7 @@ class _quantize_progress:
 
 
 @app.command()
-@_guard
+@guard
 def plan(
     file: Annotated[Path, typer.Argument(help="A GGUF file.")],
     ctx: Annotated[Optional[list[int]], typer.Option("--ctx", help="Context size(s) for the KV cache.")] = None,
@@ -308,19 +219,19 @@ def plan(
     result = plan_file(file, ctx_sizes=ctx or [4096], kv_type=kv_type,
                        compute_allowance=compute_allowance_mib * 2**20)
     if as_json:
-        _print_json(result.as_dict())
+        print_json(result.as_dict())
         return
     weights = Table(title=f"{file.name}: weights by placement (computed from the file's tensors)")
     for column in ("mode", "GPU", "system RAM"):
         weights.add_column(column)
     for p in result.weights:
-        weights.add_row(p.mode, _human_bytes(p.gpu_bytes), _human_bytes(p.cpu_bytes))
+        weights.add_row(p.mode, human_bytes(p.gpu_bytes), human_bytes(p.cpu_bytes))
     console.print(weights)
     fits = Table(title=f"smallest -ncmoe that fits (KV {result.kv_type}, "
                        f"{compute_allowance_mib} MiB compute allowance)")
     fits.add_column("GPU")
     for c in result.kv_bytes:
-        fits.add_column(f"ctx {c} (KV {_human_bytes(result.kv_bytes[c])})")
+        fits.add_column(f"ctx {c} (KV {human_bytes(result.kv_bytes[c])})")
     for gib in sorted({f.gpu_gib for f in result.fits}):
         fits.add_row(f"{gib} GiB", *[f.advice for f in result.fits if f.gpu_gib == gib])
     console.print(fits)
@@ -330,7 +241,7 @@ def plan(
 
 
 @app.command()
-@_guard
+@guard
 def validate(
     file: Annotated[Optional[Path], typer.Argument(help="The GGUF file to check (or use --config/--quant).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Validate the ladder's file for "
@@ -371,7 +282,7 @@ def validate(
 def _report_checks(file: str, checks: list[dict], as_json: dict | None) -> None:
     """Print the checks (a table, or `as_json` when given) and fail when any check failed."""
     if as_json is not None:
-        _print_json(as_json)
+        print_json(as_json)
     else:
         table = Table(title=f"validate {file}")
         for column in ("check", "result", "detail"):

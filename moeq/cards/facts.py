@@ -1,0 +1,230 @@
+"""Records manifest -> the plain dict of facts a card template formats.
+
+Every figure is formatted here, once, from a record value; the template only lays them out.
+A section whose record is absent is None, and the template says "not measured".
+
+    >>> facts = card_facts(read_manifest(Path("work/repos/Q8_0/moeq-manifest.json")))
+    >>> facts["quant"]["bpw"]
+    '8.50'
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import PurePath
+
+from moeq.errors import InputError
+
+HUB = "https://huggingface.co"
+LLAMA_CPP_REPO = "https://github.com/ggml-org/llama.cpp"
+TAGS = ("gguf", "quantized", "moe", "mixture-of-experts", "cpu-offload", "text-generation")
+
+# What each quant of a ladder is for: words, not figures (the figures come from records).
+QUANT_ADVICE = {
+    "Q8_0": "highest quality of the ladder, close to F16; the largest file",
+    "Q6_K": "very close to Q8_0 quality in three quarters of its size",
+    "Q5_K_M": "high quality with a clearly smaller file than Q8_0",
+    "Q4_K_M": "the usual balance of size and quality",
+    "Q3_K_M": "small, with a visible quality loss",
+    "Q2_K": "the smallest file, for tight RAM; the largest quality loss",
+}
+
+
+def decimal_size(n: int) -> str:
+    """Bytes in the Hub's decimal units: 2,170,000,000 -> '2.17 GB'."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def binary_size(n: int) -> str:
+    """Bytes in llama.cpp's binary units: 1,578,000,000 -> '1.47 GiB'."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def short_count(n: int) -> str:
+    """41,873,153,472 -> '41.9B'; 3,807,808 -> '3.8M'."""
+    for unit, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def hub_url(repo_id: str) -> str:
+    return f"{HUB}/{repo_id}"
+
+
+def _require(data: dict | None, key: str, where: str):
+    if not data or data.get(key) is None:
+        raise InputError(f"records manifest: {where}.{key} is missing; make the card again from current records")
+    return data[key]
+
+
+def card_facts(manifest: dict) -> dict:
+    """Everything a card can say, from the manifest alone."""
+    records = manifest.get("records") or {}
+    quantized = records.get("quantize")
+    if not quantized:
+        raise InputError("records manifest: records.quantize is missing; run moeq quantize, then moeq card")
+    model_spec = _require(manifest.get("pipeline"), "model", "pipeline")
+    this = manifest["quant"]
+    repo_id = manifest["repo_id"]
+    return {
+        "generator": manifest["generator"],
+        "frontmatter": {
+            "license": model_spec["license"],
+            "language": list(model_spec["languages"]),
+            "base_model": model_spec["base_model"],
+            "base_model_relation": "quantized",
+            "quantized_by": model_spec["quantized_by"],
+            "pipeline_tag": "text-generation",
+            "tags": [*TAGS, this],
+        },
+        "model": _model(model_spec, _require(quantized, "model", "records.quantize")),
+        "quant": _quant(manifest, quantized, repo_id),
+        "ladder": [_ladder_row(row, this) for row in manifest["ladder"]],
+        "memory": _memory(records.get("validate")),
+        "validation": _validation(records.get("validate")),
+        "quantization": _quantization(quantized, records.get("source")),
+        "speed": None,
+        "measured_memory": None,
+        "quality": None,
+        "extra": dict(manifest["pipeline"].get("card_extra") or {}),
+    }
+
+
+def _model(spec: dict, model: dict) -> dict:
+    return {
+        "name": spec["name"],
+        "base_model": spec["base_model"],
+        "base_model_url": hub_url(spec["base_model"]),
+        "license": spec["license"],
+        "quantized_by": spec["quantized_by"],
+        "architecture": model["architecture"],
+        "parameters": short_count(model["parameters"]),
+        "parameters_exact": f"{model['parameters']:,}",
+        "blocks": model["block_count"],
+        "experts": model["expert_count"],
+        "experts_used": model["expert_used_count"],
+        "context_length": model["context_length"],
+    }
+
+
+def _quant(manifest: dict, quantized: dict, repo_id: str) -> dict:
+    files = [{"name": f["name"], "size": decimal_size(f["size"]), "sha256": f["sha256"],
+              "url": f"{hub_url(repo_id)}/resolve/main/{f['name']}"} for f in manifest["files"]]
+    return {
+        "type": manifest["quant"],
+        "advice": QUANT_ADVICE.get(manifest["quant"], ""),
+        "file_type": quantized["file_type"],
+        "repo_id": repo_id,
+        "repo_url": hub_url(repo_id),
+        "files": files,
+        "file": files[0]["name"],
+        "size": decimal_size(sum(f["size"] for f in manifest["files"])),
+        "bpw": f"{quantized['quant_bpw']:.2f}",
+        "source_bpw": f"{quantized['model_bpw']:.2f}",
+        "source_size": decimal_size(quantized["source"]["size"]),
+    }
+
+
+def _ladder_row(row: dict, this: str) -> dict:
+    return {
+        "quant": row["quant"],
+        "repo_id": row["repo_id"],
+        "url": hub_url(row["repo_id"]),
+        "file": row["file"],
+        "size": decimal_size(row["size"]) if row["size"] is not None else None,
+        "bpw": f"{row['bpw']:.2f}" if row["bpw"] is not None else None,
+        "cpu_moe_vram": binary_size(row["cpu_moe_gpu_bytes"]) if row["cpu_moe_gpu_bytes"] is not None else None,
+        "advice": QUANT_ADVICE.get(row["quant"], ""),
+        "is_this": row["quant"] == this,
+    }
+
+
+def _memory(validated: dict | None) -> dict | None:
+    if not validated:
+        return None
+    plan = validated["plan"]
+    weights = {p["mode"]: p for p in plan["weights"]}
+    n_layer = plan["n_layer"]
+    advised = sorted({f["n_cpu_moe"] for f in plan["fits"] if f["n_cpu_moe"] not in (None, 0, n_layer)})
+    modes = [("all layers on the GPU", "-ngl 99", weights["all-gpu"]),
+             ("all experts in system RAM", "-ngl 99 --cpu-moe", weights["cpu-moe"])]
+    modes += [(f"experts of the first {n} of {n_layer} layers in system RAM", f"-ngl 99 -ncmoe {n}",
+               weights[f"ncmoe {n}"]) for n in advised]
+    kv_bytes = {int(ctx): n for ctx, n in plan["kv_bytes"].items()}  # JSON keys are strings
+    contexts = sorted(kv_bytes)
+    gpu_sizes = sorted({f["gpu_gib"] for f in plan["fits"]})
+    advice = {(f["gpu_gib"], f["ctx"]): f for f in plan["fits"]}
+    example = next((f for f in plan["fits"] if f["n_cpu_moe"] not in (None, 0, n_layer)), None)
+    return {
+        "kv_type": plan["kv_type"],
+        "compute_allowance": binary_size(plan["compute_allowance_bytes"]),
+        "modes": [{"label": label, "flags": flags, "gpu": binary_size(p["gpu_bytes"]),
+                   "ram": binary_size(p["cpu_bytes"])} for label, flags, p in modes],
+        "kv": [{"ctx": ctx, "size": binary_size(kv_bytes[ctx])} for ctx in contexts],
+        "contexts": contexts,
+        "fits": [{"gpu": f"{gib} GiB",
+                  "cells": [_fit_cell(advice[(gib, ctx)], n_layer) for ctx in contexts]} for gib in gpu_sizes],
+        "ncmoe_example": {"n": example["n_cpu_moe"], "gpu": f"{example['gpu_gib']} GiB", "ctx": example["ctx"]}
+        if example else None,
+        "blocks": n_layer,
+    }
+
+
+def _fit_cell(fit: dict, n_layer: int) -> str:
+    if fit["n_cpu_moe"] is None:
+        return "does not fit"
+    if fit["n_cpu_moe"] == 0:
+        return "all on the GPU"
+    flag = "--cpu-moe" if fit["n_cpu_moe"] == n_layer else f"-ncmoe {fit['n_cpu_moe']}"
+    return f"`{flag}` ({binary_size(fit['gpu_bytes'])})"
+
+
+def _validation(validated: dict | None) -> dict | None:
+    if not validated:
+        return None
+    worst_by_type: dict[str, dict] = {}
+    for row in validated["worst_tensors"]:
+        kept = worst_by_type.get(row["type"])
+        if kept is None or row["rel_rmse"] > kept["rel_rmse"]:
+            worst_by_type[row["type"]] = row
+    return {
+        "numerics": validated["numerics"],
+        "checks": [{"name": c["name"], "ok": c["ok"], "detail": c["detail"]} for c in validated["checks"]],
+        "worst": [{"type": t, "tensor": r["name"], "rel_rmse": f"{r['rel_rmse']:.4f}", "bound": f"{r['bound']:.3f}"}
+                  for t, r in sorted(worst_by_type.items())],
+    }
+
+
+def _quantization(quantized: dict, source: dict | None) -> dict:
+    tool = quantized["tool"]
+    mix: Counter = Counter()
+    mix_bytes: Counter = Counter()
+    for row in quantized["tensors"]:
+        mix[row["type_after"]] += 1
+        mix_bytes[row["type_after"]] += row["bytes_after"]
+    command = ["llama-quantize", *quantized["command"][1:]]
+    options = quantized["options"]
+    return {
+        "command": " ".join(command),
+        "llama_cpp": {"version": tool["version"], "commit": tool["commit"],
+                      "commit_url": f"{LLAMA_CPP_REPO}/commit/{tool['commit']}"},
+        "imatrix": ({"file": PurePath(options["imatrix"]["path"]).name, "sha256": options["imatrix"]["sha256"]}
+                    if options.get("imatrix") else None),
+        "overrides": [f"{k}={v}" for k, v in (options.get("tensor_types") or {}).items()]
+        + ([f"output={options['output_tensor_type']}"] if options.get("output_tensor_type") else [])
+        + ([f"token_embd={options['token_embedding_type']}"] if options.get("token_embedding_type") else []),
+        "source": {"file": quantized["source"]["path"], "sha256": quantized["source"]["sha256"],
+                   "size": decimal_size(quantized["source"]["size"]),
+                   "origin": source["origin"] if source else None, "kind": source["kind"] if source else None},
+        "output_sha256": quantized["output"]["sha256"],
+        "type_mix": [{"type": t, "tensors": mix[t], "size": binary_size(mix_bytes[t])}
+                     for t in sorted(mix, key=lambda t: -mix_bytes[t])],
+        "tensors": len(quantized["tensors"]),
+    }

@@ -1,0 +1,210 @@
+"""Card lint: the defects hand-written cards ship, found before they are published.
+
+Each finding is `FILE:LINE: RULE: message`. Rules that need to know what the repo holds and which
+figures the records hold (hub-link, unrecorded-figure, unknown-file) run when a records manifest is
+given.
+
+    >>> findings = lint_card(Path("README.md").read_text(), "README.md", manifest=None)
+    >>> [f.rule for f in findings]
+    ['conflict-marker', 'relative-link']
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from huggingface_hub import ModelCard
+
+from moeq.cards.facts import card_facts
+
+REQUIRED_FRONTMATTER = ("license", "language", "base_model", "base_model_relation", "quantized_by",
+                        "pipeline_tag", "tags")
+HUB_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}
+# First path segments of huggingface.co that are pages, not model repos.
+HUB_PAGES = {"docs", "blog", "papers", "spaces", "datasets", "models", "settings", "join", "login", "pricing",
+             "learn", "collections", "organizations", "tasks", "chat", "api", "posts", "enterprise"}
+
+CONFLICT_OPEN, CONFLICT_BASE, CONFLICT_MID, CONFLICT_CLOSE = "<" * 7, "|" * 7, "=" * 7, ">" * 7
+FENCE = re.compile(r"^\s{0,3}(```|~~~)")
+INLINE_LINK = re.compile(r"!?\[(?:[^\]\\]|\\.)*\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
+REFERENCE_DEF = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)")
+AUTOLINK = re.compile(r"<([a-zA-Z][a-zA-Z0-9+.-]*:[^\s>]+)>")
+BARE_URL = re.compile(r"(?<![(<\w])(?:https?|ftp)://[^\s)>\]]+")
+CODE_SPAN = re.compile(r"(`+)(.+?)\1")
+# A figure: a number standing alone (not part of a name such as Q8_0, phi-3.5 or a sha256).
+FIGURE = re.compile(r"(?<![\w.\-])-?\d+(?:[.,]\d+)*(?![\w])")
+FILE_NAME = re.compile(r"[\w.\-]+\.gguf\b")
+
+
+@dataclass(frozen=True)
+class Finding:
+    line: int
+    rule: str
+    message: str
+
+    def format(self, path: str) -> str:
+        return f"{path}:{self.line}: {self.rule}: {self.message}"
+
+
+def lint_card(text: str, path: str = "README.md", manifest: dict | None = None) -> list[Finding]:
+    """All findings in a card, in line order."""
+    lines = text.split("\n")
+    body_start, findings = _frontmatter(text, lines)
+    findings += _conflict_markers(lines)
+    findings += [Finding(i, "trailing-whitespace", "line ends in spaces or tabs")
+                 for i, line in enumerate(lines, 1) if line != line.rstrip()]
+    allowed_repos = None
+    if manifest is not None:
+        base = (manifest.get("pipeline") or {}).get("model", {}).get("base_model", "")
+        allowed_repos = {base.lower()} | {row["repo_id"].lower() for row in manifest.get("ladder", [])}
+    for number, line in _prose_lines(lines, body_start):
+        for url in _links(line):
+            findings += [Finding(number, rule, msg) for rule, msg in _check_link(url, allowed_repos)]
+    if manifest is not None:
+        findings += _table_findings(lines, body_start, manifest)
+    return sorted(findings, key=lambda f: (f.line, f.rule))
+
+
+def _frontmatter(text: str, lines: list[str]) -> tuple[int, list[Finding]]:
+    """(index of the first body line, findings) for the YAML frontmatter."""
+    if not lines or lines[0].strip() != "---":
+        return 0, [Finding(1, "frontmatter", "the card has no YAML frontmatter; the Hub needs license, "
+                                             "base_model and tags there")]
+    end = next((i for i in range(1, len(lines)) if lines[i].strip() == "---"), None)
+    if end is None:
+        return 0, [Finding(1, "frontmatter", "the frontmatter is never closed with a '---' line")]
+    try:
+        data = ModelCard(text, ignore_metadata_errors=False).data.to_dict()
+    except Exception as exc:  # huggingface_hub raises ValueError or YAML errors
+        return end + 1, [Finding(1, "frontmatter", f"does not parse: {str(exc).splitlines()[0]}")]
+    findings = [Finding(1, "frontmatter", f"required key {key!r} is missing")
+                for key in REQUIRED_FRONTMATTER if not data.get(key)]
+    if data.get("base_model_relation") and data["base_model_relation"] != "quantized":
+        findings.append(Finding(1, "frontmatter", f"base_model_relation is {data['base_model_relation']!r}; "
+                                                  "a quant repo says 'quantized'"))
+    tags = data.get("tags") or []
+    if tags and "gguf" not in tags:
+        findings.append(Finding(1, "frontmatter", "tags lack 'gguf'"))
+    return end + 1, findings
+
+
+def _conflict_markers(lines: list[str]) -> list[Finding]:
+    findings, depth = [], 0
+    for i, line in enumerate(lines, 1):
+        if line.startswith(CONFLICT_OPEN):
+            depth += 1
+        elif line.startswith(CONFLICT_CLOSE):
+            depth = max(0, depth - 1)
+        elif not (depth and (line.rstrip() == CONFLICT_MID or line.startswith(CONFLICT_BASE))):
+            continue
+        findings.append(Finding(i, "conflict-marker", f"git merge-conflict marker {line.strip()[:40]!r}; "
+                                                      "resolve the merge"))
+    return findings
+
+
+def _prose_lines(lines: list[str], start: int):
+    """(line number, text) of the lines outside fenced code blocks."""
+    in_fence = None
+    for i in range(start, len(lines)):
+        line = lines[i]
+        fence = FENCE.match(line)
+        if fence:
+            marker = fence.group(1)
+            in_fence = None if in_fence == marker else (in_fence or marker)
+            continue
+        if in_fence is None:
+            yield i + 1, line
+
+
+def _links(line: str) -> list[str]:
+    line = CODE_SPAN.sub("", line)  # a URL in code is an example, not a link
+    urls = INLINE_LINK.findall(line) + AUTOLINK.findall(line)
+    ref = REFERENCE_DEF.match(line)
+    if ref:
+        urls.append(ref.group(1))
+    rest = AUTOLINK.sub("", INLINE_LINK.sub("", line))
+    return urls + BARE_URL.findall(rest)
+
+
+def _check_link(url: str, allowed_repos: set[str] | None) -> list[tuple[str, str]]:
+    if not url or url.startswith("#"):
+        return []
+    parsed = urlparse(url)
+    if not parsed.scheme:
+        return [("relative-link", f"{url!r} is relative: it breaks on the Hub; link with https://huggingface.co/...")]
+    if parsed.scheme != "https":
+        return [("insecure-link", f"{url!r} is not https")]
+    if allowed_repos is None or (parsed.hostname or "").lower() not in HUB_HOSTS:
+        return []
+    parts = [p for p in parsed.path.split("/") if p]
+    if len(parts) < 2 or parts[0].lower() in HUB_PAGES:
+        return []
+    repo = f"{parts[0]}/{parts[1]}".lower()
+    if repo not in allowed_repos:
+        return [("hub-link", f"links {parts[0]}/{parts[1]}, which is neither the base model nor a repo of this "
+                             "ladder")]
+    return []
+
+
+# ---------------------------------------------------------------- tables against records
+
+
+def _figures(value) -> set[str]:
+    if isinstance(value, dict):
+        return set().union(*(_figures(v) for v in value.values())) if value else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_figures(v) for v in value)) if value else set()
+    if isinstance(value, bool) or value is None:
+        return set()
+    if isinstance(value, (int, float)):
+        return {str(value)}
+    return set(FIGURE.findall(str(value)))
+
+
+def known_figures(manifest: dict) -> set[str]:
+    """Every figure the card's facts hold, from records: what a table may show (card.extra is not a record)."""
+    facts = card_facts(manifest)
+    facts.pop("extra", None)
+    return _figures(facts)
+
+
+def _cells(line: str) -> list[str]:
+    row = line.strip()
+    row = row[1:] if row.startswith("|") else row
+    row = row[:-1] if row.endswith("|") and not row.endswith("\\|") else row
+    return [c.strip() for c in re.split(r"(?<!\\)\|", row)]
+
+
+def _table_findings(lines: list[str], start: int, manifest: dict) -> list[Finding]:
+    figures = known_figures(manifest)
+    repo_files = set(manifest.get("repo_files", []))
+    ladder_files = {row["file"] for row in manifest.get("ladder", [])}
+    findings = []
+    header: list[str] | None = None
+    for number, line in _prose_lines(lines, start):
+        if not line.lstrip().startswith("|"):
+            header = None
+            continue
+        cells = _cells(line)
+        if all(re.fullmatch(r":?-{3,}:?", c) for c in cells if c):
+            continue
+        if header is None:
+            header = cells
+        files_table = bool(header) and header[0].lower() == "file"
+        for column, cell in enumerate(cells):
+            text = INLINE_LINK.sub(lambda m: m.group(0)[1:m.group(0).index("]")], cell)
+            for name in FILE_NAME.findall(text):
+                if files_table and column == 0 and cells is not header and name not in repo_files:
+                    findings.append(Finding(number, "unknown-file", f"the file table names {name}, which this "
+                                                                    "repo will not contain"))
+                elif name not in repo_files and name not in ladder_files:
+                    findings.append(Finding(number, "unknown-file", f"names {name}, a file of no repo of this "
+                                                                    "ladder"))
+            text = FILE_NAME.sub("", text)
+            for figure in FIGURE.findall(text):
+                if figure not in figures:
+                    findings.append(Finding(number, "unrecorded-figure", f"{figure} is in no record; "
+                                                                         "figures come from records, not hands"))
+    return findings

@@ -1,0 +1,130 @@
+"""The records manifest: one JSON file, published beside the card, holding every record it was built from.
+
+The card is rendered from this manifest and nothing else, so `moeq card lint --records` can rebuild the
+same facts from the published manifest and check that every figure in the card comes from a record.
+Local paths are reduced to file names: a maintainer's folders are nobody's business.
+
+    >>> manifest = build_manifest(pipeline, pipeline.quant("Q8_0"), Workspace(pipeline.workspace))
+    >>> manifest["records"]["quantize"]["quant_bpw"]
+    8.5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path, PurePath
+from typing import Any, Callable
+
+from moeq import __version__
+from moeq.config import Pipeline, QuantSpec
+from moeq.errors import InputError
+from moeq.records import QuantizeRecord, Record, SourceRecord, ValidateRecord
+from moeq.workspace import Workspace
+
+MANIFEST_NAME = "moeq-manifest.json"
+README_NAME = "README.md"
+MANIFEST_VERSION = 1
+PATH_KEYS = {"path", "file"}
+
+
+def _strip_paths(value: Any, key: str = "") -> Any:
+    """Replace local paths by file names, recursively; `X.partial` (what a tool wrote) by X."""
+    if isinstance(value, dict):
+        return {k: _strip_paths(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_paths(v, key) for v in value]
+    if not isinstance(value, str):
+        return value
+    if (key in PATH_KEYS or key == "command") and "/" in value or value.startswith(("/", "~")):
+        value = PurePath(value).name
+    if key == "command" and value.endswith(".partial"):
+        value = value[: -len(".partial")]
+    return value
+
+
+def _record_dict(record: Record | None) -> dict | None:
+    return _strip_paths(record.to_dict()) if record is not None else None
+
+
+def current_validation(ws: Workspace, quant: str, quantized: QuantizeRecord | None,
+                       warn: Callable[[str], None]) -> ValidateRecord | None:
+    """The validate record of `quant` when it describes the current file; a stale one is ignored."""
+    record = ValidateRecord.load(ws.record_path("validate", quant))
+    if record is not None and quantized is not None and record.file.sha256 != quantized.output.sha256:
+        warn(f"{ws.record_path('validate', quant)}: describes an older {quant} file; ignored "
+             f"(run moeq validate again)")
+        return None
+    return record
+
+
+def build_manifest(pipeline: Pipeline, quant: QuantSpec, ws: Workspace,
+                   warn: Callable[[str], None] = lambda _msg: None) -> dict:
+    """Collect this quant's records, its siblings' summaries and the pipeline's card facts."""
+    quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
+    if quantized is None:
+        raise InputError(f"{ws.record_path('quantize', quant.type)}: no quantize record for {quant.type}; "
+                         f"run moeq quantize --config {pipeline.path} --quant {quant.type} first")
+    if not quantized.model:
+        raise InputError(f"{ws.record_path('quantize', quant.type)}: written by an older moeq without the "
+                         f"model's facts; run moeq quantize --config {pipeline.path} --quant {quant.type} --force")
+    validated = current_validation(ws, quant.type, quantized, warn)
+    if validated is not None and not validated.ok:
+        failed = ", ".join(c["name"] for c in validated.checks if not c["ok"])
+        raise InputError(f"{ws.record_path('validate', quant.type)}: {quant.type} failed validation ({failed}); "
+                         f"fix the file before making its card")
+    gguf_name = Path(quantized.output.path).name
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "generator": f"moeq {__version__}",
+        "quant": quant.type,
+        "repo_id": pipeline.repo_id(quant),
+        "pipeline": {
+            "model": _strip_paths(dataclasses.asdict(pipeline.model)),
+            "card_extra": dict(pipeline.card.extra),
+        },
+        "files": [{"name": gguf_name, "size": quantized.output.size, "sha256": quantized.output.sha256}],
+        "repo_files": sorted([gguf_name, README_NAME, MANIFEST_NAME]),
+        "ladder": [_ladder_entry(pipeline, q, ws) for q in pipeline.quants],
+        "records": {
+            "source": _record_dict(SourceRecord.load(ws.record_path("source"))),
+            "quantize": _record_dict(quantized),
+            "validate": _record_dict(validated),
+            "bench": None,  # measured speed, VRAM and quality join with the bench stage
+        },
+    }
+
+
+def _ladder_entry(pipeline: Pipeline, quant: QuantSpec, ws: Workspace) -> dict:
+    """A sibling's row of the ladder table, from its own records (None where it has none)."""
+    quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
+    validated = current_validation(ws, quant.type, quantized, lambda _msg: None)
+    cpu_moe = None
+    if validated is not None:
+        cpu_moe = next(p["gpu_bytes"] for p in validated.plan["weights"] if p["mode"] == "cpu-moe")
+    return {
+        "quant": quant.type,
+        "repo_id": pipeline.repo_id(quant),
+        "file": quant.file,
+        "size": quantized.output.size if quantized else None,
+        "bpw": quantized.quant_bpw if quantized else None,
+        "cpu_moe_gpu_bytes": cpu_moe,
+    }
+
+
+def manifest_text(manifest: dict) -> str:
+    return json.dumps(manifest, indent=1, sort_keys=False) + "\n"
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no records manifest; make the card with moeq card, or pass --records "
+                         f"with the folder that holds {MANIFEST_NAME}") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable records manifest ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(data, dict) or data.get("manifest_version") != MANIFEST_VERSION:
+        raise InputError(f"{path}: not a moeq records manifest of version {MANIFEST_VERSION}; "
+                         f"make the card again with this moeq")
+    return data

@@ -1,0 +1,56 @@
+"""A card as a standalone HTML page, to see it as readers will before pushing.
+
+    >>> html = card_html(Path("README.md").read_text(), title="tiny-phimoe Q8_0")
+"""
+
+from __future__ import annotations
+
+import html
+
+import yaml
+from markdown_it import MarkdownIt
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 56rem; margin: 2rem auto; padding: 0 1rem;
+       line-height: 1.5; color: #1f2328; }
+table { border-collapse: collapse; margin: 1rem 0; } th, td { border: 1px solid #d0d7de; padding: .3rem .6rem; }
+th { background: #f6f8fa; } code { background: #f6f8fa; padding: .1rem .3rem; border-radius: 4px; }
+pre { background: #f6f8fa; padding: 1rem; overflow-x: auto; } pre code { padding: 0; }
+.frontmatter { border: 1px solid #d0d7de; border-radius: 6px; padding: .5rem 1rem; font-size: .9rem; }
+.tag { display: inline-block; background: #eef2ff; border-radius: 4px; padding: 0 .4rem; margin: .1rem; }
+"""
+
+
+def split_frontmatter(text: str) -> tuple[dict, str]:
+    """(frontmatter as a dict, body); an unparseable or missing block gives ({}, text)."""
+    lines = text.split("\n")
+    if lines and lines[0].strip() == "---":
+        for i in range(1, len(lines)):
+            if lines[i].strip() == "---":
+                try:
+                    data = yaml.safe_load("\n".join(lines[1:i])) or {}
+                except yaml.YAMLError:
+                    return {}, text
+                return (data if isinstance(data, dict) else {}), "\n".join(lines[i + 1:])
+    return {}, text
+
+
+def _frontmatter_html(data: dict) -> str:
+    if not data:
+        return ""
+    rows = []
+    for key, value in data.items():
+        if isinstance(value, list):
+            shown = " ".join(f'<span class="tag">{html.escape(str(v))}</span>' for v in value)
+        else:
+            shown = html.escape(str(value))
+        rows.append(f"<div><b>{html.escape(str(key))}</b>: {shown}</div>")
+    return '<div class="frontmatter">' + "\n".join(rows) + "</div>\n"
+
+
+def card_html(text: str, title: str) -> str:
+    data, body = split_frontmatter(text)
+    renderer = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
+    return (f"<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+            f"{_frontmatter_html(data)}{renderer.render(body)}</body>\n</html>\n")

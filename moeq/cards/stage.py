@@ -1,0 +1,108 @@
+"""The card stage: records -> manifest -> facts -> README.md, linted, in a staged repo folder.
+
+The staged folder (workspace/repos/<quant>/) holds exactly what the Hub repo will hold: the card, the
+GGUF (a hard link to the quant, so no copy) and the records manifest. A card that fails lint is never
+written.
+
+    >>> outcome = make_card(pipeline, pipeline.quant("Q8_0"), Workspace(pipeline.workspace))
+    >>> outcome.record.folder
+    'work/repos/Q8_0'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moeq.cards.facts import card_facts
+from moeq.cards.lint import lint_card
+from moeq.cards.manifest import MANIFEST_NAME, README_NAME, build_manifest, manifest_text
+from moeq.cards.render import DEFAULT_TEMPLATE, render_card, templates_sha256
+from moeq.config import Pipeline, QuantSpec
+from moeq.errors import CheckFailed
+from moeq.records import CardRecord, FileRef, QuantizeRecord
+from moeq.workspace import Workspace, commit_file, partial_path, write_text_atomic
+
+MEASURED_SECTIONS = {"memory": "memory plan (validate)", "validation": "checks (validate)",
+                     "speed": "speed (bench)", "measured_memory": "measured VRAM (bench)",
+                     "quality": "quality (bench)"}
+
+
+@dataclass
+class CardOutcome:
+    record: CardRecord
+    skipped: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def make_card(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, force: bool = False) -> CardOutcome:
+    """Render, lint and stage the card of `quant`; skip when manifest and templates are unchanged."""
+    warnings: list[str] = []
+    manifest = build_manifest(pipeline, quant, ws, warn=warnings.append)
+    manifest_body = manifest_text(manifest)
+    template = pipeline.card.template or DEFAULT_TEMPLATE
+    templates_digest = templates_sha256(template)
+    folder = ws.repo_dir(quant.type)
+    record_path = ws.record_path("card", quant.type)
+    with ws.lock(f"repo-{quant.type}"):
+        previous = CardRecord.load(record_path)
+        if (not force and previous and previous.manifest.sha256 == _sha(manifest_body)
+                and previous.templates_sha256 == templates_digest and _staged_intact(previous, ws, quant)):
+            return CardOutcome(previous, skipped=True, warnings=warnings)
+        facts = card_facts(manifest)
+        text = render_card(facts, template)
+        findings = lint_card(text, README_NAME, manifest)
+        if findings:
+            shown = "; ".join(f.format(README_NAME) for f in findings[:3])
+            more = f" (+{len(findings) - 3} more)" if len(findings) > 3 else ""
+            raise CheckFailed(f"{template}: the card it renders for {quant.type} fails lint, so it was not "
+                              f"written: {shown}{more}")
+        folder.mkdir(parents=True, exist_ok=True)
+        quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
+        _link_artifact(Path(quantized.output.path), folder / Path(quantized.output.path).name)
+        write_text_atomic(folder / MANIFEST_NAME, manifest_body)
+        write_text_atomic(folder / README_NAME, text)
+        for stray in folder.iterdir():
+            if stray.name not in manifest["repo_files"]:
+                stray.unlink()
+        record = CardRecord(
+            quant=quant.type, repo_id=manifest["repo_id"], folder=str(folder),
+            readme=FileRef(str(folder / README_NAME), len(text.encode()), _sha(text)),
+            manifest=FileRef(str(folder / MANIFEST_NAME), len(manifest_body.encode()), _sha(manifest_body)),
+            repo_files=list(manifest["repo_files"]), template=str(template), templates_sha256=templates_digest,
+            not_measured=[label for key, label in MEASURED_SECTIONS.items() if facts[key] is None],
+        )
+        record.save(record_path)
+    return CardOutcome(record, skipped=False, warnings=warnings)
+
+
+def _staged_intact(record: CardRecord, ws: Workspace, quant: QuantSpec) -> bool:
+    folder = Path(record.folder)
+    if not folder.is_dir():
+        return False
+    quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
+    if quantized is None or sorted(p.name for p in folder.iterdir() if p.is_file()) != record.repo_files:
+        return False
+    staged = folder / Path(quantized.output.path).name
+    readme = folder / README_NAME
+    return (staged.exists() and os.path.samefile(staged, quantized.output.path)
+            and _sha(readme.read_text(encoding="utf-8")) == record.readme.sha256)
+
+
+def _link_artifact(artifact: Path, staged: Path) -> None:
+    """Hard-link the quant into the staged repo (a symlink across filesystems); never a partial file."""
+    if staged.exists() and os.path.samefile(staged, artifact):
+        return
+    partial = partial_path(staged)
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(artifact, partial)
+    except OSError:
+        os.symlink(artifact.resolve(), partial)
+    commit_file(partial, staged, synced=True)

@@ -1,0 +1,143 @@
+"""`moeq card`: render, lint and preview model cards."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moeq.cli.common import JsonOption, app, console, guard, print_json
+from moeq.config import load_pipeline
+from moeq.errors import CheckFailed, InputError
+
+card_app = typer.Typer(help="Model cards: render (with --config/--quant), lint, preview.",
+                       invoke_without_command=True)
+app.add_typer(card_app, name="card")
+
+QuantOption = Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="Quant type(s) of the ladder "
+                                                          "(default: all).")]
+
+
+@card_app.callback()
+@guard
+def card(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Path to pipeline.yaml.")] = None,
+    quant: QuantOption = None,
+    force: Annotated[bool, typer.Option(help="Render even when the records and templates are unchanged.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Render README.md for each quant's repo from its records, lint it, and stage the repo folder.
+
+    The staged folder (WORKSPACE/repos/TYPE/) holds exactly what the Hub repo will: README.md, the GGUF
+    and moeq-manifest.json (the records the card was built from).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if config is None:
+        raise InputError("moeq card needs --config CFG (and --quant TYPE), or a subcommand: lint, preview")
+    from moeq.cards.stage import make_card
+    from moeq.workspace import Workspace
+
+    pipeline = load_pipeline(config)
+    quants = [pipeline.quant(q) for q in quant] if quant else list(pipeline.quants)
+    ws = Workspace(pipeline.workspace)
+    results = []
+    for spec in quants:
+        outcome = make_card(pipeline, spec, ws, force=force)
+        for warning in outcome.warnings:
+            sys.stderr.write(f"warning: {warning}\n")
+        record = outcome.record
+        results.append({"skipped": outcome.skipped, "warnings": outcome.warnings, "record": record.to_dict()})
+        if not as_json:
+            state = "up to date" if outcome.skipped else "written"
+            console.print(f"{record.quant}: card {state}: {record.readme.path} (repo {record.repo_id})",
+                          soft_wrap=True)
+            if record.not_measured:
+                console.print(f"  not measured: {', '.join(record.not_measured)}", soft_wrap=True)
+    if as_json:
+        print_json(results)
+
+
+@card_app.command("lint")
+@guard
+def lint(
+    file: Annotated[Path, typer.Argument(help="The card (README.md) to check.")],
+    records: Annotated[Optional[Path], typer.Option(help="Folder holding moeq-manifest.json (default: the "
+                                                    "card's own folder, when it has one).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Report each problem in a card as FILE:LINE: RULE: message; exit 7 when there is any.
+
+    Rules: conflict-marker, trailing-whitespace, relative-link, insecure-link, frontmatter; with a records
+    manifest also hub-link, unrecorded-figure and unknown-file.
+    """
+    from moeq.cards.lint import lint_card
+    from moeq.cards.manifest import MANIFEST_NAME, read_manifest
+
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{file}: no such card; pass the path of a README.md") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{file}: cannot read the card ({exc.__class__.__name__})") from None
+    manifest = None
+    if records is not None:
+        manifest = read_manifest(records / MANIFEST_NAME)
+    elif (file.parent / MANIFEST_NAME).is_file():
+        manifest = read_manifest(file.parent / MANIFEST_NAME)
+    else:
+        sys.stderr.write(f"note: no {MANIFEST_NAME} beside {file}; hub-link, unrecorded-figure and "
+                         "unknown-file were not checked (pass --records DIR)\n")
+    findings = lint_card(text, str(file), manifest)
+    if as_json:
+        print_json({"file": str(file), "records": manifest is not None,
+                    "findings": [{"line": f.line, "rule": f.rule, "message": f.message} for f in findings]})
+    else:
+        for finding in findings:
+            sys.stdout.write(finding.format(str(file)) + "\n")
+    if findings:
+        raise CheckFailed(f"{file}: {len(findings)} finding(s)")
+    if not as_json:
+        console.print(f"{file}: no findings")
+
+
+@card_app.command("preview")
+@guard
+def preview(
+    file: Annotated[Optional[Path], typer.Argument(help="A card (README.md); or use --config/--quant.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Path to pipeline.yaml.")] = None,
+    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Quant of the ladder.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="HTML file to write (default: WORKSPACE/previews/"
+                                                "TYPE.html, or FILE's name with .html in the current "
+                                                "folder).")] = None,
+) -> None:
+    """Write a card as a standalone HTML page, to see it as readers will before pushing."""
+    from moeq.cards.preview import card_html
+    from moeq.workspace import Workspace, write_text_atomic
+
+    if config is not None:
+        if quant is None:
+            raise InputError("--config needs --quant TYPE: which quant's card to preview")
+        pipeline = load_pipeline(config)
+        spec = pipeline.quant(quant)
+        ws = Workspace(pipeline.workspace)
+        file = ws.repo_dir(spec.type) / "README.md"
+        if not file.is_file():
+            raise InputError(f"{file}: no card yet; run moeq card --config {config} --quant {spec.type}")
+        out = out or ws.root / "previews" / f"{spec.type}.html"
+        title = pipeline.repo_id(spec)
+    elif file is not None:
+        if not file.is_file():
+            raise InputError(f"{file}: no such card; pass the path of a README.md")
+        out = out or Path.cwd() / (file.stem + ".html")
+        title = str(file)
+    else:
+        raise InputError("give a card FILE, or --config CFG --quant TYPE")
+    if out.resolve().parent == file.resolve().parent and (file.parent / "moeq-manifest.json").is_file():
+        raise CheckFailed(f"{out}: is inside the staged repo folder, which must hold only what is pushed; "
+                          "choose another --out")
+    write_text_atomic(out, card_html(file.read_text(encoding="utf-8"), title=title))
+    console.print(f"wrote {out}", soft_wrap=True)

@@ -1,0 +1,102 @@
+"""What every command shares: the Typer app, the console, the error guard and small renderers.
+
+Errors are MoeqError subclasses; every command runs under `guard`, which prints the
+one-line message, exits with the error's code, and shows a traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from moeq import __version__
+from moeq.errors import Interrupted, MoeqError
+
+app = typer.Typer(
+    name="moeq",
+    help="Quantize Mixture-of-Experts models to GGUF and publish them with model cards that tell the truth.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+synth_app = typer.Typer(help="Make synthetic models for demos and tests.", no_args_is_help=True)
+app.add_typer(synth_app, name="synth")
+
+console = Console()
+_state = {"debug": os.environ.get("MOEQ_DEBUG") == "1"}
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Path to pipeline.yaml.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def guard(fn: Callable) -> Callable:
+    """Turn MoeqError into a one-line message and its exit code; tracebacks only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MoeqError as exc:
+            if _state["debug"]:
+                traceback.print_exc()
+            sys.stderr.write(f"error: {exc.message}\n")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            sys.stderr.write("error: interrupted by SIGINT; stopped the running tool and removed partial "
+                             "files, run the command again to start that step over\n")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # a bug in moeq: say so plainly, keep the traceback for --debug
+            if _state["debug"]:
+                traceback.print_exc()
+            sys.stderr.write(f"error: internal error {exc.__class__.__name__}: {exc} "
+                             "(rerun with --debug for the traceback and report it)\n")
+            raise typer.Exit(70) from None
+
+    return wrapper
+
+
+def _sigterm_to_exception(signum, frame) -> None:
+    raise Interrupted("interrupted by SIGTERM; stopped the running tool and removed partial files, "
+                      "run the command again to start that step over", exit_code=143)
+
+
+signal.signal(signal.SIGTERM, _sigterm_to_exception)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"moeq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback,
+                                                    is_eager=True, help="Print the moeq version.")] = None,
+) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+def print_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)

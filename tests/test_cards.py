@@ -1,0 +1,387 @@
+"""Model cards on the tiny model's real quants: golden files, lint rules, missing records, preview.
+
+Golden cards are regenerated with
+    MOEQ_REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/test_cards.py -k golden
+and reviewed by eye before committing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from moeq.cards.facts import card_facts
+from moeq.cards.lint import lint_card
+from moeq.cards.manifest import MANIFEST_NAME, read_manifest
+from moeq.cards.stage import make_card
+from moeq.config import load_pipeline
+from moeq.errors import CheckFailed, InputError
+from moeq.quantize.stage import quantize
+from moeq.toolchain import Toolchain
+from moeq.validate.stage import validate_quant
+from moeq.workspace import Workspace
+
+from conftest import REPO, run_moeq
+
+GOLDEN = REPO / "tests" / "golden"
+SEED = REPO / "tests" / "data" / "seed-model-card.md"  # a hand-written card of this kind, as published
+LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
+
+
+def copy_example(folder: Path, card: str = "") -> Path:
+    """examples/tiny-phimoe.yaml in `folder` (so its workspace is there), optionally with another card: section."""
+    text = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
+    if card:
+        text = re.sub(r"\ncard:\n(?:  .*\n|\n)*", "\n" + card, text)
+    path = folder / "tiny-phimoe.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def build_until_card(config: Path, validate: tuple[str, ...] = LADDER) -> tuple:
+    pipeline = load_pipeline(config)
+    ws = Workspace(pipeline.workspace)
+    chain = Toolchain()
+    for q in LADDER:
+        quantize(pipeline, pipeline.quant(q), ws, chain)
+    for q in validate:
+        validate_quant(pipeline, pipeline.quant(q), ws, numerics="sample")
+    return pipeline, ws
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory, toolchain):
+    """The example pipeline quantized, validated and carded in a workspace of its own."""
+    config = copy_example(tmp_path_factory.mktemp("cards"))
+    pipeline, ws = build_until_card(config)
+    outcomes = {q: make_card(pipeline, pipeline.quant(q), ws) for q in LADDER}
+    return pipeline, ws, outcomes
+
+
+def card_text(ws: Workspace, quant: str) -> str:
+    return (ws.repo_dir(quant) / "README.md").read_text()
+
+
+@pytest.mark.parametrize("quant", LADDER)
+def test_golden(ladder, quant):
+    _, ws, _ = ladder
+    text = card_text(ws, quant)
+    golden = GOLDEN / f"tiny-phimoe-{quant}.md"
+    if os.environ.get("MOEQ_REGEN_GOLDEN") == "1":
+        GOLDEN.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert text == golden.read_text(), f"card differs from {golden}; see the module docstring to regenerate"
+
+
+def test_cards_link_each_other_absolutely_and_pass_lint(ladder):
+    pipeline, ws, _ = ladder
+    urls = {q: f"https://huggingface.co/{pipeline.repo_id(pipeline.quant(q))}" for q in LADDER}
+    for quant in LADDER:
+        text = card_text(ws, quant)
+        manifest = read_manifest(ws.repo_dir(quant) / MANIFEST_NAME)
+        assert lint_card(text, "README.md", manifest) == []
+        for other in LADDER:
+            assert f"]({urls[other]})" in text
+        assert "](../" not in text
+
+
+def test_staged_folder_holds_exactly_the_repo(ladder):
+    pipeline, ws, outcomes = ladder
+    for quant in LADDER:
+        folder = ws.repo_dir(quant)
+        gguf_name = pipeline.quant(quant).file
+        assert sorted(p.name for p in folder.iterdir()) == sorted(["README.md", MANIFEST_NAME, gguf_name])
+        assert os.path.samefile(folder / gguf_name, ws.quant_path(gguf_name))
+        manifest = read_manifest(folder / MANIFEST_NAME)
+        assert manifest["files"][0]["sha256"] == json.loads(
+            ws.record_path("quantize", quant).read_text())["output"]["sha256"]
+        # A maintainer's folders stay local: no absolute path reaches what is published.
+        for name in ("README.md", MANIFEST_NAME):
+            published = (folder / name).read_text()
+            assert str(ws.root) not in published and str(Path.home()) not in published
+
+
+def test_frontmatter_round_trips_through_huggingface_hub(ladder):
+    _, ws, _ = ladder
+    for quant in LADDER:
+        facts = card_facts(read_manifest(ws.repo_dir(quant) / MANIFEST_NAME))
+        data = ModelCard(card_text(ws, quant)).data.to_dict()
+        assert data == facts["frontmatter"]
+        assert data["base_model_relation"] == "quantized" and quant in data["tags"]
+
+
+def test_second_card_run_is_up_to_date(ladder):
+    pipeline, ws, _ = ladder
+    before = (ws.repo_dir("Q8_0") / "README.md").stat().st_mtime_ns
+    outcome = make_card(pipeline, pipeline.quant("Q8_0"), ws)
+    assert outcome.skipped
+    assert (ws.repo_dir("Q8_0") / "README.md").stat().st_mtime_ns == before
+
+
+def test_cli_card_and_json(ladder):
+    pipeline, _, _ = ladder
+    proc = run_moeq("card", "--config", str(pipeline.path), "--quant", "Q4_K_M", "--json")
+    assert proc.returncode == 0, proc.stderr
+    [result] = json.loads(proc.stdout)
+    assert result["skipped"] is True
+    assert result["record"]["repo_id"] == pipeline.repo_id(pipeline.quant("Q4_K_M"))
+    assert result["record"]["not_measured"] == ["speed (bench)", "measured VRAM (bench)", "quality (bench)"]
+
+
+# ---------------------------------------------------------------- missing records and facts
+
+
+def test_missing_validate_record_says_not_measured(tmp_path, toolchain):
+    config = copy_example(tmp_path)
+    pipeline, ws = build_until_card(config, validate=("Q8_0",))
+    outcome = make_card(pipeline, pipeline.quant("Q2_K"), ws)
+    text = card_text(ws, "Q2_K")
+    memory = text.split("## Memory: where the weights go")[1].split("\n## ")[0]
+    assert memory.strip() == ("Not measured: this file has no validation record, so no memory plan was "
+                              "computed for it.")
+    assert "GiB" not in memory and "KiB" not in memory
+    assert "memory plan (validate)" in outcome.record.not_measured
+    # The ladder row of the unvalidated quant says so; the validated sibling's figure is there.
+    q2_row = next(line for line in text.splitlines() if line.startswith("| **Q2_K**"))
+    assert "not measured" in q2_row
+    assert lint_card(text, "README.md", read_manifest(ws.repo_dir("Q2_K") / MANIFEST_NAME)) == []
+
+
+def test_stale_validate_record_is_ignored_with_a_warning(tmp_path, toolchain):
+    config = copy_example(tmp_path)
+    pipeline, ws = build_until_card(config, validate=("Q8_0",))
+    record_path = ws.record_path("validate", "Q8_0")
+    data = json.loads(record_path.read_text())
+    data["file"]["sha256"] = "0" * 64
+    record_path.write_text(json.dumps(data))
+    outcome = make_card(pipeline, pipeline.quant("Q8_0"), ws)
+    assert any("describes an older Q8_0 file" in w for w in outcome.warnings)
+    assert "memory plan (validate)" in outcome.record.not_measured
+
+
+def test_missing_quantize_record_is_a_clear_error(tmp_path):
+    config = copy_example(tmp_path)
+    proc = run_moeq("card", "--config", str(config), "--quant", "Q8_0")
+    assert proc.returncode == 3
+    assert proc.stderr.startswith("error: ") and "no quantize record for Q8_0; run moeq quantize" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "work" / "repos").exists()
+
+
+def test_template_asking_for_a_missing_fact_names_it(tmp_path, toolchain):
+    template = tmp_path / "card.md.j2"
+    template.write_text("---\nlicense: mit\n---\n# {{ model.name }}\n\nSize: {{ quant.weight_in_tons }}\n")
+    config = copy_example(tmp_path, card=f"card:\n  template: {template}\n")
+    pipeline, ws = build_until_card(config, validate=())
+    with pytest.raises(InputError) as err:
+        make_card(pipeline, pipeline.quant("Q8_0"), ws)
+    assert f"{template}:6:" in err.value.message and "weight_in_tons" in err.value.message
+    assert not ws.repo_dir("Q8_0").exists()
+
+
+def test_card_that_fails_lint_is_not_written(tmp_path, toolchain):
+    bad = tmp_path / "bad.md.j2"
+    good = (REPO / "templates" / "model-card.md.j2").read_text()
+    bad.write_text(good.replace("## Model details", "See [the other quant](../sibling-gguf).\n\n## Model details"))
+    config = copy_example(tmp_path, card=f"card:\n  template: {bad}\n")
+    pipeline, ws = build_until_card(config, validate=())
+    with pytest.raises(CheckFailed) as err:
+        make_card(pipeline, pipeline.quant("Q8_0"), ws)
+    assert "relative-link" in err.value.message and "was not" in err.value.message
+    assert not (ws.repo_dir("Q8_0") / "README.md").exists()
+    proc = run_moeq("card", "--config", str(config), "--quant", "Q8_0")
+    assert proc.returncode == 7 and "relative-link" in proc.stderr
+
+
+def test_user_template_can_include_builtin_partials(tmp_path, toolchain):
+    template = tmp_path / "mine.md.j2"
+    template.write_text("---\n{{ frontmatter | card_yaml }}\n---\n\n# {{ model.name }} {{ quant.type }}\n\n"
+                        "{% include 'partials/cpu-moe.md.j2' %}\n")
+    config = copy_example(tmp_path, card=f"card:\n  template: {template}\n")
+    pipeline, ws = build_until_card(config, validate=())
+    make_card(pipeline, pipeline.quant("Q8_0"), ws)
+    text = card_text(ws, "Q8_0")
+    assert text.splitlines()[-1].startswith("layers to fit the GPU")
+    assert "# tiny-phimoe Q8_0" in text
+
+
+# ---------------------------------------------------------------- lint rules
+
+
+@pytest.fixture(scope="module")
+def good(ladder):
+    _, ws, _ = ladder
+    return card_text(ws, "Q8_0"), read_manifest(ws.repo_dir("Q8_0") / MANIFEST_NAME)
+
+
+def rules(text: str, manifest: dict | None) -> list[tuple[int, str]]:
+    return [(f.line, f.rule) for f in lint_card(text, "README.md", manifest)]
+
+
+def insert_after_heading(text: str, addition: str, heading: str = "## Model details") -> tuple[str, int]:
+    """The card with `addition` as a paragraph before `heading`, and the line it landed on."""
+    before, after = text.split(heading, 1)
+    line = before.count("\n") + 1
+    return f"{before}{addition}\n\n{heading}{after}", line
+
+
+BAD_ADDITIONS = [
+    ("conflict-marker", "<<<<<<< HEAD"),
+    ("trailing-whitespace", "A line with a hard break  "),
+    ("relative-link", "Smaller: [Q2_K](../phi-3.5-moe-q2-k-cpu-offload-gguf)."),
+    ("insecure-link", "See [the paper](http://arxiv.org/abs/2404.14219)."),
+    ("hub-link", "Also try [this](https://huggingface.co/someone/else-gguf)."),
+]
+GOOD_ADDITIONS = [
+    ("conflict-marker", "Heading\n======="),  # a setext heading underline, not a merge conflict
+    ("trailing-whitespace", "A line without trailing spaces"),
+    ("relative-link", "Jump to [usage](#usage)."),
+    ("insecure-link", "See [the paper](https://arxiv.org/abs/2404.14219)."),
+    ("hub-link", "Smaller: [Q2_K](https://huggingface.co/moeq-test/tiny-phimoe-q2-k-gguf) and the "
+                 "[base model](https://huggingface.co/microsoft/Phi-3.5-MoE-instruct/tree/main)."),
+]
+
+
+@pytest.mark.parametrize("rule,addition", BAD_ADDITIONS, ids=[r for r, _ in BAD_ADDITIONS])
+def test_rule_fails(good, rule, addition):
+    text, manifest = good
+    changed, line = insert_after_heading(text, addition)
+    assert rules(changed, manifest) == [(line, rule)]
+
+
+@pytest.mark.parametrize("rule,addition", GOOD_ADDITIONS, ids=[r for r, _ in GOOD_ADDITIONS])
+def test_rule_passes(good, rule, addition):
+    text, manifest = good
+    changed, _ = insert_after_heading(text, addition)
+    assert rules(changed, manifest) == []
+
+
+def test_links_inside_code_are_not_links(good):
+    text, manifest = good
+    changed, _ = insert_after_heading(text, "```sh\ncurl http://localhost:8080/v1 ../x\n```\nand `http://x/y`")
+    assert rules(changed, manifest) == []
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t.replace("base_model_relation: quantized\n", ""), "'base_model_relation' is missing"),
+    (lambda t: t.replace("base_model_relation: quantized", "base_model_relation: finetune"), "'quantized'"),
+    (lambda t: t.replace("license: mit", "license: [mit"), "does not parse"),
+    (lambda t: t.split("---\n", 2)[2], "no YAML frontmatter"),
+])
+def test_frontmatter_rule(good, change, message):
+    text, manifest = good
+    findings = lint_card(change(text), "README.md", manifest)
+    assert [f.rule for f in findings] == ["frontmatter"] and message in findings[0].message
+    assert findings[0].line == 1
+
+
+def test_unrecorded_figure(good):
+    text, manifest = good
+    row = next(line for line in text.splitlines() if line.startswith("| **Q8_0**"))
+    size = re.search(r"\| (\d+\.\d+) MB \|", row).group(1)
+    typed = row.replace(f"{size} MB", "4.20 MB")
+    line = text.splitlines().index(row) + 1
+    assert rules(text.replace(row, typed), manifest) == [(line, "unrecorded-figure")]
+    # The same edit passes when nothing says what the records hold: that is what --records is for.
+    assert rules(text.replace(row, typed), None) == []
+
+
+def test_unknown_file(good):
+    text, manifest = good
+    row = next(line for line in text.splitlines() if line.startswith("| [tiny-phimoe-Q8_0.gguf]"))
+    line = text.splitlines().index(row) + 1
+    extra = row.replace("tiny-phimoe-Q8_0.gguf", "tiny-phimoe-Q8_0-00002-of-00002.gguf")
+    findings = lint_card(text.replace(row, row + "\n" + extra), "README.md", manifest)
+    assert [(f.line, f.rule) for f in findings] == [(line + 1, "unknown-file")]
+    assert "this repo will not contain" in findings[0].message
+
+
+def test_seed_card_fails_with_its_known_defects():
+    text = SEED.read_text()
+    lines = text.split("\n")
+    findings = lint_card(text, "seed.md", None)
+    by_rule: dict[str, list[int]] = {}
+    for f in findings:
+        by_rule.setdefault(f.rule, []).append(f.line)
+    markers = [i for i, line in enumerate(lines, 1) if re.match(r"(<{7}|={7}$|>{7})", line)]
+    assert by_rule["conflict-marker"] == markers and len(markers) == 24
+    relative = [i for i, line in enumerate(lines, 1) if "](../" in line]
+    assert by_rule["relative-link"] == relative == [155, 156, 213, 214]
+    assert by_rule["frontmatter"] == [1]  # no base_model_relation
+    assert set(by_rule) == {"conflict-marker", "relative-link", "trailing-whitespace", "frontmatter"}
+
+
+def test_cli_lint_on_the_seed_card(tmp_path):
+    seed = tmp_path / "README.md"
+    shutil.copy(SEED, seed)
+    proc = run_moeq("card", "lint", str(seed))
+    assert proc.returncode == 7
+    out = proc.stdout.splitlines()
+    assert f"{seed}:83: conflict-marker: git merge-conflict marker '<<<<<<< HEAD'; resolve the merge" in out
+    assert any(line.startswith(f"{seed}:155: relative-link: ") for line in out)
+    assert "hub-link, unrecorded-figure and unknown-file were not checked" in proc.stderr
+    proc = run_moeq("card", "lint", str(seed), "--records", str(tmp_path))
+    assert proc.returncode == 3 and "no records manifest" in proc.stderr
+
+
+def test_cli_lint_clean_card_uses_its_manifest(ladder):
+    _, ws, _ = ladder
+    proc = run_moeq("card", "lint", str(ws.repo_dir("Q2_K") / "README.md"), "--json")
+    assert proc.returncode == 0, proc.stdout
+    assert json.loads(proc.stdout) == {"file": str(ws.repo_dir("Q2_K") / "README.md"), "records": True,
+                                       "findings": []}
+
+
+# ---------------------------------------------------------------- preview
+
+
+def test_preview_writes_html_outside_the_staged_repo(ladder):
+    pipeline, ws, _ = ladder
+    proc = run_moeq("card", "preview", "--config", str(pipeline.path), "--quant", "Q4_K_M")
+    assert proc.returncode == 0, proc.stderr
+    html = (ws.root / "previews" / "Q4_K_M.html").read_text()
+    assert "<table>" in html and "<h1>tiny-phimoe Q4_K_M GGUF" in html
+    assert '<a href="https://huggingface.co/moeq-test/tiny-phimoe-q8-0-gguf">' in html
+    assert '<span class="tag">gguf</span>' in html
+    assert sorted(p.name for p in ws.repo_dir("Q4_K_M").iterdir()) == sorted(
+        ["README.md", MANIFEST_NAME, "tiny-phimoe-Q4_K_M.gguf"])
+    inside = ws.repo_dir("Q4_K_M") / "preview.html"
+    proc = run_moeq("card", "preview", str(ws.repo_dir("Q4_K_M") / "README.md"), "--out", str(inside))
+    assert proc.returncode == 7 and not inside.exists()
+
+
+def test_memory_section_on_the_real_models_layout(good):
+    """The fit table and the -ncmoe example, on Phi-3.5-MoE's real tensor layout in Q8_0 (header only)."""
+    import copy
+
+    import gguf
+
+    from moeq.cards.render import render_card
+    from moeq.config import SynthSpec
+    from moeq.gguf_header import GGUFHeader, TensorInfo
+    from moeq.synth import tensor_layout
+    from moeq.validate.plan import plan_memory
+
+    Q8_0 = gguf.GGMLQuantizationType.Q8_0
+    real = SynthSpec(layers=32, experts=16, experts_used=2, embd=4096, ff=6400, heads=32, kv_heads=8, vocab=32064)
+    tensors = [TensorInfo(name, list(shape), dtype if len(shape) == 1 or "gate_inp" in name else Q8_0, 0)
+               for name, shape, dtype in tensor_layout(real)]
+    metadata = {"general.architecture": "phimoe", "phimoe.block_count": 32, "phimoe.embedding_length": 4096,
+                "phimoe.attention.head_count": 32, "phimoe.attention.head_count_kv": 8}
+    plan = plan_memory(GGUFHeader(Path("real.gguf"), 3, metadata, tensors), ctx_sizes=[4096, 32768])
+    _, manifest = good
+    manifest = copy.deepcopy(manifest)
+    manifest["records"]["validate"]["plan"] = json.loads(json.dumps(plan.as_dict()))
+    text = render_card(card_facts(manifest))
+    assert lint_card(text, "README.md", manifest) == []
+    assert "| 8 GiB | `-ncmoe 28` (" in text
+    assert "| all experts in system RAM | `-ngl 99 --cpu-moe` | 1.47 GiB |" in text
+    assert "llama-server -m models/tiny-phimoe-Q8_0.gguf -ngl 99 -ncmoe 28\n" in text
+    assert "| 32768 | 4.00 GiB |" in text  # 32 layers x 32768 x (K + V) x 1024 wide x 2 bytes
