@@ -141,4 +141,19 @@ class CardRecord(Record):
     not_measured: list[str]  # sections the card says "not measured" for, for want of a record
 
 
+@dataclass
+class PushRecord(Record):
+    stage = "push"
+    quant: str
+    repo_id: str
+    create_pr: bool
+    commit: str | None  # None when nothing had changed
+    commit_url: str | None
+    pr_url: str | None
+    files: list[dict]  # path, action, size, sha256
+    uploaded_bytes: int
+    readme_sha256: str
+    wall_s: float
+
+
 _TYPES = {"FileRef": FileRef, "ToolBuildRef": ToolBuildRef}

@@ -34,3 +34,19 @@ def run_moeq(*args: str, env: dict | None = None, cwd: Path | None = None) -> su
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "moeq", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd or REPO, timeout=300)
+
+
+HUB_TOKEN = "hf_moeqTestTokenThatMustNeverLeak0123456789"
+HUB_USER = "moeq-test"
+
+
+@pytest.fixture
+def test_hub(tmp_path):
+    """A running Hub-protocol server (tests/hub_server.py) and the environment that points moeq at it."""
+    from hub_server import TestHub
+
+    hub = TestHub({HUB_TOKEN: HUB_USER, "hf_otherUserToken": "someone-else"})
+    hub.env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": HUB_TOKEN, "HF_HUB_DISABLE_XET": "1",
+               "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    yield hub
+    hub.close()

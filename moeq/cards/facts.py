@@ -10,6 +10,7 @@ A section whose record is absent is None, and the template says "not measured".
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import PurePath
 
@@ -124,7 +125,9 @@ def _quant(manifest: dict, quantized: dict, repo_id: str) -> dict:
         "repo_id": repo_id,
         "repo_url": hub_url(repo_id),
         "files": files,
-        "file": files[0]["name"],
+        "file": files[0]["name"],  # the first shard when split: llama.cpp loads the rest from it
+        "sharded": len(files) > 1,
+        "download_pattern": re.sub(r"-\d{5}-of-(\d{5})\.gguf$", r"-*-of-\1.gguf", files[0]["name"]),
         "size": decimal_size(sum(f["size"] for f in manifest["files"])),
         "bpw": f"{quantized['quant_bpw']:.2f}",
         "source_bpw": f"{quantized['model_bpw']:.2f}",

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from moeq import __version__
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import InputError
-from moeq.records import QuantizeRecord, Record, SourceRecord, ValidateRecord
+from moeq.records import FileRef, QuantizeRecord, Record, SourceRecord, ValidateRecord
 from moeq.workspace import Workspace
 
 MANIFEST_NAME = "moeq-manifest.json"
@@ -58,9 +58,12 @@ def current_validation(ws: Workspace, quant: str, quantized: QuantizeRecord | No
     return record
 
 
-def build_manifest(pipeline: Pipeline, quant: QuantSpec, ws: Workspace,
+def build_manifest(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, gguf_files: list[FileRef],
                    warn: Callable[[str], None] = lambda _msg: None) -> dict:
-    """Collect this quant's records, its siblings' summaries and the pipeline's card facts."""
+    """Collect this quant's records, its siblings' summaries and the pipeline's card facts.
+
+    `gguf_files` are what the repo holds of the model: the quant, or its shards (hub/split.py).
+    """
     quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
     if quantized is None:
         raise InputError(f"{ws.record_path('quantize', quant.type)}: no quantize record for {quant.type}; "
@@ -73,7 +76,7 @@ def build_manifest(pipeline: Pipeline, quant: QuantSpec, ws: Workspace,
         failed = ", ".join(c["name"] for c in validated.checks if not c["ok"])
         raise InputError(f"{ws.record_path('validate', quant.type)}: {quant.type} failed validation ({failed}); "
                          f"fix the file before making its card")
-    gguf_name = Path(quantized.output.path).name
+    names = [Path(f.path).name for f in gguf_files]
     return {
         "manifest_version": MANIFEST_VERSION,
         "generator": f"moeq {__version__}",
@@ -83,8 +86,8 @@ def build_manifest(pipeline: Pipeline, quant: QuantSpec, ws: Workspace,
             "model": _strip_paths(dataclasses.asdict(pipeline.model)),
             "card_extra": dict(pipeline.card.extra),
         },
-        "files": [{"name": gguf_name, "size": quantized.output.size, "sha256": quantized.output.sha256}],
-        "repo_files": sorted([gguf_name, README_NAME, MANIFEST_NAME]),
+        "files": [{"name": Path(f.path).name, "size": f.size, "sha256": f.sha256} for f in gguf_files],
+        "repo_files": sorted([*names, README_NAME, MANIFEST_NAME]),
         "ladder": [_ladder_entry(pipeline, q, ws) for q in pipeline.quants],
         "records": {
             "source": _record_dict(SourceRecord.load(ws.record_path("source"))),

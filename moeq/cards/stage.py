@@ -22,7 +22,9 @@ from moeq.cards.manifest import MANIFEST_NAME, README_NAME, build_manifest, mani
 from moeq.cards.render import DEFAULT_TEMPLATE, render_card, templates_sha256
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import CheckFailed
-from moeq.records import CardRecord, FileRef, QuantizeRecord
+from moeq.hub.split import repo_gguf_files
+from moeq.records import CardRecord, FileRef
+from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace, commit_file, partial_path, write_text_atomic
 
 MEASURED_SECTIONS = {"memory": "memory plan (validate)", "validation": "checks (validate)",
@@ -41,10 +43,16 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def make_card(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, force: bool = False) -> CardOutcome:
-    """Render, lint and stage the card of `quant`; skip when manifest and templates are unchanged."""
+def make_card(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, force: bool = False,
+              chain: Toolchain | None = None) -> CardOutcome:
+    """Render, lint and stage the card of `quant`; skip when manifest and templates are unchanged.
+
+    A quant over hub.max_shard_size is split first (with `chain`'s llama-gguf-split) and the card lists
+    the shards.
+    """
     warnings: list[str] = []
-    manifest = build_manifest(pipeline, quant, ws, warn=warnings.append)
+    gguf_files = repo_gguf_files(pipeline, quant, ws, chain)
+    manifest = build_manifest(pipeline, quant, ws, gguf_files, warn=warnings.append)
     manifest_body = manifest_text(manifest)
     template = pipeline.card.template or DEFAULT_TEMPLATE
     templates_digest = templates_sha256(template)
@@ -53,7 +61,7 @@ def make_card(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, force: bool =
     with ws.lock(f"repo-{quant.type}"):
         previous = CardRecord.load(record_path)
         if (not force and previous and previous.manifest.sha256 == _sha(manifest_body)
-                and previous.templates_sha256 == templates_digest and _staged_intact(previous, ws, quant)):
+                and previous.templates_sha256 == templates_digest and _staged_intact(previous, gguf_files)):
             return CardOutcome(previous, skipped=True, warnings=warnings)
         facts = card_facts(manifest)
         text = render_card(facts, template)
@@ -64,8 +72,8 @@ def make_card(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, force: bool =
             raise CheckFailed(f"{template}: the card it renders for {quant.type} fails lint, so it was not "
                               f"written: {shown}{more}")
         folder.mkdir(parents=True, exist_ok=True)
-        quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
-        _link_artifact(Path(quantized.output.path), folder / Path(quantized.output.path).name)
+        for ref in gguf_files:
+            _link_artifact(Path(ref.path), folder / Path(ref.path).name)
         write_text_atomic(folder / MANIFEST_NAME, manifest_body)
         write_text_atomic(folder / README_NAME, text)
         for stray in folder.iterdir():
@@ -82,16 +90,13 @@ def make_card(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, force: bool =
     return CardOutcome(record, skipped=False, warnings=warnings)
 
 
-def _staged_intact(record: CardRecord, ws: Workspace, quant: QuantSpec) -> bool:
+def _staged_intact(record: CardRecord, gguf_files: list[FileRef]) -> bool:
     folder = Path(record.folder)
-    if not folder.is_dir():
+    if not folder.is_dir() or sorted(p.name for p in folder.iterdir() if p.is_file()) != record.repo_files:
         return False
-    quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
-    if quantized is None or sorted(p.name for p in folder.iterdir() if p.is_file()) != record.repo_files:
-        return False
-    staged = folder / Path(quantized.output.path).name
+    staged = [(folder / Path(ref.path).name, ref.path) for ref in gguf_files]
     readme = folder / README_NAME
-    return (staged.exists() and os.path.samefile(staged, quantized.output.path)
+    return (all(s.exists() and os.path.samefile(s, original) for s, original in staged)
             and _sha(readme.read_text(encoding="utf-8")) == record.readme.sha256)
 
 

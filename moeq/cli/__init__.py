@@ -4,7 +4,7 @@ Errors are MoeqError subclasses; every command runs under `guard`, which prints 
 one-line message, exits with the error's code, and shows a traceback only with --debug.
 """
 
-from moeq.cli import cards, stages  # noqa: F401  (registers the commands)
+from moeq.cli import cards, hub, stages  # noqa: F401  (registers the commands)
 from moeq.cli.common import app
 
 __all__ = ["app"]

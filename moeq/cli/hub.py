@@ -1,0 +1,78 @@
+"""`moeq push` and `moeq fetch`: the two ends that touch the Hub."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from moeq.cli.common import ConfigOption, JsonOption, app, console, guard, human_bytes, print_json
+from moeq.config import load_pipeline
+
+
+def quiet_progress_off_terminal() -> None:
+    """huggingface_hub's progress bars on a terminal; in logs (CI) they would be noise."""
+    if not sys.stderr.isatty():
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+@app.command()
+@guard
+def push(
+    config: ConfigOption,
+    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="Quant type(s) of the ladder "
+                                                       "(default: all).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan; send nothing that changes the "
+                                          "Hub.")] = False,
+    create_pr: Annotated[Optional[bool], typer.Option("--create-pr/--no-create-pr", help="Open a pull request "
+                                                      "instead of committing to main (default: hub.create_pr).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace a README.md on the Hub that moeq did not write.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Publish each quant's staged repo (moeq card) in one commit: GGUF(s), README.md and the records manifest.
+
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed or stored.
+    """
+    from moeq.hub.client import hub_api
+    from moeq.hub.push import push_quant
+    from moeq.workspace import Workspace
+
+    pipeline = load_pipeline(config)
+    quants = [pipeline.quant(q) for q in quant] if quant else list(pipeline.quants)
+    ws = Workspace(pipeline.workspace)
+    api = hub_api()
+    quiet_progress_off_terminal()
+    results = []
+    for spec in quants:
+        outcome = push_quant(pipeline, spec, ws, api, dry_run=dry_run, create_pr=create_pr, force=force,
+                             on_message=lambda msg: sys.stderr.write(msg + "\n"))
+        plan, record = outcome.plan, outcome.record
+        results.append({"quant": spec.type, "repo_id": plan.repo_id, "dry_run": dry_run,
+                        "repo_exists": plan.repo_exists,
+                        "files": [{k: v for k, v in asdict(f).items() if k != "local"} for f in plan.files],
+                        "upload_bytes": plan.upload_bytes if plan.changes else 0,
+                        "record": record.to_dict() if record else None})
+        if as_json:
+            continue
+        title = f"{plan.repo_id}{'' if plan.repo_exists else ' (new repo)'}: push plan{' (dry run)' if dry_run else ''}"
+        table = Table(title=title)
+        for column in ("file", "action", "size"):
+            table.add_column(column, overflow="fold")
+        for f in plan.files:
+            table.add_row(f.path, f.action, human_bytes(f.size) if f.action != "delete" else "")
+        console.print(table)
+        if dry_run:
+            console.print(f"{len(plan.changes)} change(s), {human_bytes(plan.upload_bytes if plan.changes else 0)} "
+                          "to upload; nothing was sent")
+        elif record.commit is None:
+            console.print(f"{spec.type}: up to date, no commit")
+        else:
+            console.print(f"{spec.type}: {'opened ' + record.pr_url if record.pr_url else 'committed ' + record.commit_url}",
+                          soft_wrap=True)
+    if as_json:
+        print_json(results)

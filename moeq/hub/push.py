@@ -1,0 +1,201 @@
+"""The push stage: a quant's staged repo folder -> its Hub repo, in one commit, only what changed.
+
+Plan first: each file of the staged folder (the GGUF or its shards, README.md, moeq-manifest.json) is
+compared by sha256 with the Hub (`get_paths_info`): add, update or unchanged; GGUFs and the manifest
+on the Hub that the folder no longer holds are deleted. Then one commit (or pull request) carries all
+changes, so a card never goes live without its files; nothing changed means no commit and no upload.
+
+    >>> outcome = push_quant(pipeline, pipeline.quant("Q8_0"), ws, hub_api(), dry_run=True)
+    >>> [(f.path, f.action) for f in outcome.plan.files]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.utils.sha import git_hash
+
+from moeq import __version__
+from moeq.cards.manifest import MANIFEST_NAME, README_NAME
+from moeq.cards.render import MARKER
+from moeq.config import Pipeline, QuantSpec
+from moeq.errors import HubError, InputError
+from moeq.hub.client import hub_errors, require_token
+from moeq.records import CardRecord, PushRecord
+from moeq.workspace import Workspace
+
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+COMMIT_ATTEMPTS = 4
+
+
+@dataclass
+class PlannedFile:
+    path: str
+    action: str  # add, update, unchanged, delete
+    size: int
+    sha256: str | None = None
+    local: str | None = None
+
+
+@dataclass
+class PushPlan:
+    repo_id: str
+    repo_exists: bool
+    files: list[PlannedFile] = field(default_factory=list)
+    foreign_readme: bool = False
+
+    @property
+    def changes(self) -> list[PlannedFile]:
+        return [f for f in self.files if f.action != "unchanged"]
+
+    @property
+    def upload_bytes(self) -> int:
+        return sum(f.size for f in self.files if f.action in ("add", "update"))
+
+
+@dataclass
+class PushOutcome:
+    plan: PushPlan
+    record: PushRecord | None  # None for a dry run
+
+
+def _local_files(card: CardRecord) -> dict[str, PlannedFile]:
+    """The staged folder as the card stage left it, with sha256 from its records (no re-hashing of GGUFs)."""
+    folder = Path(card.folder)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    known = {f["name"]: f["sha256"] for f in manifest["files"]}
+    known[README_NAME] = card.readme.sha256
+    known[MANIFEST_NAME] = card.manifest.sha256
+    files = {}
+    for name in card.repo_files:
+        path = folder / name
+        if not path.is_file():
+            raise InputError(f"{path}: missing from the staged repo; run moeq card --config CFG --quant {card.quant}")
+        files[name] = PlannedFile(name, "add", path.stat().st_size, known[name], str(path))
+    if hashlib.sha256((folder / README_NAME).read_bytes()).hexdigest() != card.readme.sha256:
+        raise InputError(f"{folder / README_NAME}: changed since moeq card wrote it; run moeq card again")
+    return files
+
+
+def plan_push(api: HfApi, card: CardRecord) -> PushPlan:
+    """Compare the staged folder with the repo's main branch (read requests only)."""
+    local = _local_files(card)
+    plan = PushPlan(card.repo_id, repo_exists=True)
+    try:
+        remote_paths = set(api.list_repo_files(card.repo_id, revision="main"))
+    except RepositoryNotFoundError:
+        plan.repo_exists = False
+        plan.files = list(local.values())
+        return plan
+    remote = {f.path: f for f in api.get_paths_info(card.repo_id, sorted(local), revision="main")
+              if hasattr(f, "blob_id")}
+    for name, planned in local.items():
+        there = remote.get(name)
+        if there is not None:
+            if there.lfs is not None:
+                same = there.lfs.sha256 == planned.sha256
+            else:
+                same = there.blob_id == git_hash(Path(planned.local).read_bytes())
+            planned.action = "unchanged" if same else "update"
+        plan.files.append(planned)
+    for path in sorted(remote_paths - set(local)):
+        if path.endswith(".gguf") or path == MANIFEST_NAME:
+            plan.files.append(PlannedFile(path, "delete", 0))
+    if README_NAME in remote and local[README_NAME].action == "update":
+        plan.foreign_readme = MARKER not in _remote_readme(api, card.repo_id)
+    return plan
+
+
+def _remote_readme(api: HfApi, repo_id: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = api.hf_hub_download(repo_id, README_NAME, revision="main", local_dir=tmp)
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def _commit_message(card: CardRecord) -> tuple[str, str]:
+    manifest = json.loads((Path(card.folder) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    commit = manifest["records"]["quantize"]["tool"]["commit"]
+    return (f"{card.quant} GGUF, card and records (moeq {__version__}, llama.cpp {commit})",
+            f"Published by moeq {__version__} from the records in {MANIFEST_NAME}.")
+
+
+def push_quant(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, api: HfApi, *, dry_run: bool = False,
+               create_pr: bool | None = None, force: bool = False,
+               on_message: Callable[[str], None] = lambda _msg: None) -> PushOutcome:
+    card = CardRecord.load(ws.record_path("card", quant.type))
+    if card is None:
+        raise InputError(f"{ws.record_path('card', quant.type)}: no card for {quant.type}; run moeq card "
+                         f"--config {pipeline.path} --quant {quant.type} first")
+    if card.repo_id != pipeline.repo_id(quant):
+        raise InputError(f"{card.folder}: staged for {card.repo_id}, but the pipeline now says "
+                         f"{pipeline.repo_id(quant)}; run moeq card again")
+    create_pr = pipeline.hub.create_pr if create_pr is None else create_pr
+    if not dry_run:
+        require_token()
+    with hub_errors("planning the push", card.repo_id):
+        plan = plan_push(api, card)
+    if plan.foreign_readme and not force:
+        raise HubError(f"{card.repo_id}: README.md on the Hub was not written by moeq; pass --force to replace it")
+    if dry_run:
+        return PushOutcome(plan, None)
+    started = time.monotonic()
+    with ws.lock(f"repo-{quant.type}", on_wait=on_message):
+        with hub_errors("creating the repo", card.repo_id):
+            if not plan.repo_exists:
+                api.create_repo(card.repo_id, private=pipeline.hub.private, exist_ok=True)
+        commit = _commit_with_retries(api, card, plan, create_pr, on_message)
+        record = PushRecord(
+            quant=quant.type, repo_id=card.repo_id, create_pr=create_pr,
+            commit=commit.oid if commit else None, commit_url=commit.commit_url if commit else None,
+            pr_url=commit.pr_url if commit else None,
+            files=[asdict(f) | {"local": None} for f in plan.files], uploaded_bytes=plan.upload_bytes if commit else 0,
+            readme_sha256=card.readme.sha256, wall_s=round(time.monotonic() - started, 3),
+        )
+        record.save(ws.record_path("push", quant.type))
+    return PushOutcome(plan, record)
+
+
+def _commit_with_retries(api: HfApi, card: CardRecord, plan: PushPlan, create_pr: bool,
+                         on_message: Callable[[str], None]):
+    """One commit of the plan's changes. The client retries uploads itself but not the commit call: a 429/5xx
+    there is retried here after planning again, so a commit that did land is never made twice."""
+    summary, description = _commit_message(card)
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        if not plan.changes:
+            on_message(f"{card.repo_id}: up to date, nothing to commit")
+            return None
+        operations = []
+        for f in plan.changes:
+            if f.action == "delete":
+                operations.append(CommitOperationDelete(path_in_repo=f.path))
+                continue
+            op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.local)
+            op.upload_info.sha256 = bytes.fromhex(f.sha256)  # known from the records: no second read of the GGUF
+            operations.append(op)
+        with hub_errors("committing", card.repo_id):
+            try:
+                return api.create_commit(card.repo_id, operations, commit_message=summary,
+                                         commit_description=description, revision="main", create_pr=create_pr)
+            except HfHubHTTPError as exc:
+                status = exc.response.status_code if exc.response is not None else None
+                if status not in RETRY_STATUSES or attempt == COMMIT_ATTEMPTS:
+                    raise
+                wait = _retry_after(exc) or 2 ** (attempt - 1)
+                on_message(f"{card.repo_id}: the Hub answered {status} to the commit; planning again in {wait} s")
+        time.sleep(wait)
+        with hub_errors("planning the push again", card.repo_id):
+            plan.files = plan_push(api, card).files
+    return None
+
+
+def _retry_after(exc: HfHubHTTPError) -> int | None:
+    value = exc.response.headers.get("Retry-After") if exc.response is not None else None
+    return int(value) if value and value.isdigit() else None

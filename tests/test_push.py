@@ -1,0 +1,228 @@
+"""`moeq push` with the real huggingface_hub client against the Hub-protocol server in tests/hub_server.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import gguf
+import pytest
+
+from moeq.cards.stage import make_card
+from moeq.config import load_pipeline
+from moeq.quantize.stage import quantize
+from moeq.toolchain import Toolchain
+from moeq.validate.stage import validate_quant
+from moeq.workspace import Workspace
+
+from conftest import HUB_TOKEN, REPO, run_moeq
+from hub_server import Blob, Fault
+
+REPO_ID = "moeq-test/tiny-phimoe-q8-0-gguf"
+
+
+def staged_pipeline(tmp_path: Path, card: str = "", hub_extra: str = "", validate: bool = True):
+    """The example pipeline in tmp_path, its Q8_0 quantized (and validated) and carded."""
+    text = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
+    if hub_extra:
+        text = text.replace("  max_shard_size: 50GB\n", f"  max_shard_size: 50GB\n{hub_extra}")
+    if card:
+        text = text.replace("card:\n  extra:\n", f"card:\n{card}  extra:\n")
+    config = tmp_path / "tiny-phimoe.yaml"
+    config.write_text(text)
+    pipeline = load_pipeline(config)
+    ws = Workspace(pipeline.workspace)
+    quantize(pipeline, pipeline.quant("Q8_0"), ws, Toolchain())
+    if validate:
+        validate_quant(pipeline, pipeline.quant("Q8_0"), ws)
+    make_card(pipeline, pipeline.quant("Q8_0"), ws)
+    return config, pipeline, ws
+
+
+def push(hub, config: Path, *args: str, env: dict | None = None):
+    proc = run_moeq("push", "--config", str(config), "--quant", "Q8_0", *args, env={**hub.env, **(env or {})})
+    for stream in (proc.stdout, proc.stderr):
+        assert HUB_TOKEN not in stream
+    return proc
+
+
+def mark(hub) -> int:
+    return len(hub.requests)
+
+
+def since(hub, start: int):
+    return hub.requests[start:]
+
+
+def uploaded_bytes(requests) -> int:
+    return sum(r.body_bytes for r in requests if r.method == "PUT")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_push_is_one_commit_then_nothing(tmp_path, test_hub, toolchain):
+    config, pipeline, ws = staged_pipeline(tmp_path)
+    proc = push(test_hub, config)
+    assert proc.returncode == 0, proc.stderr
+    assert f"committed {test_hub.url}/{REPO_ID}/commit/" in proc.stdout
+    files = test_hub.state.files(REPO_ID)
+    staged = ws.repo_dir("Q8_0")
+    assert sorted(files) == sorted([".gitattributes", "README.md", "moeq-manifest.json", "tiny-phimoe-Q8_0.gguf"])
+    for name in ("README.md", "moeq-manifest.json", "tiny-phimoe-Q8_0.gguf"):
+        assert sha256(files[name]) == sha256((staged / name).read_bytes())
+    commits = test_hub.state.commits_on(REPO_ID)
+    assert len(commits) == 2 and commits[0].message.startswith("Q8_0 GGUF, card and records (moeq ")
+    assert "llama.cpp 0c1e570" in commits[0].message
+    record = json.loads(ws.record_path("push", "Q8_0").read_text())
+    assert record["commit"] == commits[0].oid and record["uploaded_bytes"] > 4_000_000
+
+    start = mark(test_hub)
+    proc = push(test_hub, config, "--json")
+    assert proc.returncode == 0, proc.stderr
+    [result] = json.loads(proc.stdout)
+    assert [f["action"] for f in result["files"]] == ["unchanged"] * 3
+    assert result["record"]["commit"] is None and result["upload_bytes"] == 0
+    assert len(test_hub.state.commits_on(REPO_ID)) == 2
+    assert uploaded_bytes(since(test_hub, start)) == 0
+    assert not [r for r in since(test_hub, start) if r.writes]
+
+
+def test_changed_card_commits_only_the_card(tmp_path, test_hub, toolchain):
+    template = tmp_path / "card.md.j2"
+    builtin = (REPO / "templates" / "model-card.md.j2").read_text()
+    template.write_text(builtin)
+    config, pipeline, ws = staged_pipeline(tmp_path, card=f"  template: {template}\n")
+    assert push(test_hub, config).returncode == 0
+    template.write_text(builtin.replace("## Model details", "A line added to the template.\n\n## Model details"))
+    make_card(pipeline, pipeline.quant("Q8_0"), ws)
+    start = mark(test_hub)
+    proc = push(test_hub, config, "--json")
+    assert proc.returncode == 0, proc.stderr
+    [result] = json.loads(proc.stdout)
+    assert {f["path"]: f["action"] for f in result["files"]} == {
+        "README.md": "update", "moeq-manifest.json": "unchanged", "tiny-phimoe-Q8_0.gguf": "unchanged"}
+    new, old = test_hub.state.commits_on(REPO_ID)[:2]
+    changed = {p for p in new.files if new.files[p].data != old.files.get(p, Blob(b"", False)).data}
+    assert changed == {"README.md"}
+    assert uploaded_bytes(since(test_hub, start)) == 0  # the card travels inside the commit, no LFS upload
+
+
+def test_create_pr_opens_refs_pr_1(tmp_path, test_hub, toolchain):
+    config, _, _ = staged_pipeline(tmp_path)
+    test_hub.state.create_repo(REPO_ID)
+    proc = push(test_hub, config, "--create-pr")
+    assert proc.returncode == 0, proc.stderr
+    assert f"opened {test_hub.url}/{REPO_ID}/discussions/1" in proc.stdout
+    repo = test_hub.state.repos[REPO_ID]
+    assert "refs/pr/1" in repo.refs
+    assert "README.md" in test_hub.state.files(REPO_ID, "refs/pr/1")
+    assert sorted(test_hub.state.files(REPO_ID)) == [".gitattributes"]  # main untouched
+
+
+def test_dry_run_sends_no_write(tmp_path, test_hub, toolchain):
+    config, _, _ = staged_pipeline(tmp_path)
+    proc = push(test_hub, config, "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    [result] = json.loads(proc.stdout)
+    assert result["repo_exists"] is False and {f["action"] for f in result["files"]} == {"add"}
+    assert result["upload_bytes"] > 4_000_000
+    assert test_hub.requests and not [r for r in test_hub.requests if r.writes]
+    assert REPO_ID not in test_hub.state.repos
+    # Without a token a dry run still plans; a real push says what is missing.
+    proc = push(test_hub, config, "--dry-run", env={"HF_TOKEN": ""})
+    assert proc.returncode == 0, proc.stderr
+    proc = push(test_hub, config, env={"HF_TOKEN": ""})
+    assert proc.returncode == 5 and "no Hub token: set HF_TOKEN" in proc.stderr
+
+
+def test_split_shards_rejoin_to_the_original(tmp_path, test_hub, toolchain):
+    config, pipeline, ws = staged_pipeline(tmp_path, hub_extra="", validate=False)
+    text = config.read_text().replace("max_shard_size: 50GB", "max_shard_size: 1MB")
+    config.write_text(text)
+    pipeline = load_pipeline(config)
+    make_card(pipeline, pipeline.quant("Q8_0"), ws)
+    readme = (ws.repo_dir("Q8_0") / "README.md").read_text()
+    assert push(test_hub, config).returncode == 0
+    files = test_hub.state.files(REPO_ID)
+    shards = sorted(p for p in files if p.endswith(".gguf"))
+    assert len(shards) > 2 and shards[0] == f"tiny-phimoe-Q8_0-00001-of-{len(shards):05d}.gguf"
+    assert all(len(files[s]) <= 1_000_000 for s in shards[1:])
+    for shard in shards:
+        assert f"| [{shard}](" in readme  # the card's file table lists the shards
+    out = tmp_path / "download"
+    out.mkdir()
+    for shard in shards:
+        (out / shard).write_bytes(files[shard])
+    merged = tmp_path / "merged.gguf"
+    subprocess.run([str(toolchain.path("llama-gguf-split")), "--merge", str(out / shards[0]), str(merged)],
+                   check=True, capture_output=True)
+    # Equal to the original but for the split.* keys llama-gguf-split --merge leaves in the header.
+    original, rejoined = (gguf.GGUFReader(p) for p in (ws.quant_path("tiny-phimoe-Q8_0.gguf"), merged))
+    fields = {k: f.contents() for k, f in original.fields.items() if k != "GGUF.kv_count"}
+    assert {k: f.contents() for k, f in rejoined.fields.items() if not k.startswith(("split.", "GGUF.kv"))} == fields
+    assert [(t.name, t.tensor_type, t.data.tobytes()) for t in rejoined.tensors] == \
+        [(t.name, t.tensor_type, t.data.tobytes()) for t in original.tensors]
+
+
+@pytest.mark.parametrize("fault", [
+    Fault("POST", r"/preupload/", 429, headers={"Retry-After": "1"}),
+    Fault("PUT", r"^/lfs-upload/", 500),
+    Fault("PUT", r"^/lfs-upload/", "drop"),
+    Fault("POST", r"/commit/main", 503),
+], ids=["429-preupload", "500-upload", "dropped-upload", "503-commit"])
+def test_push_survives_transient_faults(tmp_path, test_hub, toolchain, fault):
+    config, _, ws = staged_pipeline(tmp_path)
+    test_hub.state.faults.append(fault)
+    proc = push(test_hub, config)
+    assert proc.returncode == 0, proc.stderr
+    assert fault.times == 0  # the fault did happen
+    assert len(test_hub.state.commits_on(REPO_ID)) == 2  # one commit, never two
+    gguf = test_hub.state.files(REPO_ID)["tiny-phimoe-Q8_0.gguf"]
+    assert gguf == ws.quant_path("tiny-phimoe-Q8_0.gguf").read_bytes()
+
+
+def test_failed_push_leaves_the_repo_as_it_was(tmp_path, test_hub, toolchain):
+    config, _, _ = staged_pipeline(tmp_path)
+    test_hub.state.create_repo(REPO_ID)
+    before = test_hub.state.repos[REPO_ID].refs["main"]
+    test_hub.state.faults.append(Fault("POST", r"/commit/main", 500, times=99))
+    proc = push(test_hub, config)
+    assert proc.returncode == 5
+    assert proc.stderr.count("the Hub answered 500 to the commit; planning again") == 3
+    assert proc.stderr.splitlines()[-1].startswith(f"error: {REPO_ID}: the Hub answered 500 while committing")
+    assert "Traceback" not in proc.stderr
+    assert test_hub.state.repos[REPO_ID].refs["main"] == before
+
+
+def test_bad_token_and_wrong_namespace(tmp_path, test_hub, toolchain):
+    config, _, _ = staged_pipeline(tmp_path)
+    proc = push(test_hub, config, env={"HF_TOKEN": "hf_notAValidToken"})
+    assert proc.returncode == 5 and "refused the token (401)" in proc.stderr
+    proc = push(test_hub, config, env={"HF_TOKEN": "hf_otherUserToken"})
+    assert proc.returncode == 5
+    assert "the token may not write to the namespace 'moeq-test' (403)" in proc.stderr
+    assert REPO_ID not in test_hub.state.repos
+
+
+def test_foreign_readme_needs_force(tmp_path, test_hub, toolchain):
+    config, _, _ = staged_pipeline(tmp_path)
+    test_hub.state.add_files(REPO_ID, {"README.md": b"# A card someone wrote by hand\n"})
+    proc = push(test_hub, config)
+    assert proc.returncode == 5 and "README.md on the Hub was not written by moeq; pass --force" in proc.stderr
+    assert test_hub.state.files(REPO_ID)["README.md"] == b"# A card someone wrote by hand\n"
+    proc = push(test_hub, config, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert b"generated by moeq" in test_hub.state.files(REPO_ID)["README.md"]
+
+
+def test_token_never_written_anywhere(tmp_path, test_hub, toolchain):
+    config, _, _ = staged_pipeline(tmp_path)
+    assert push(test_hub, config).returncode == 0
+    assert push(test_hub, config, "--json").returncode == 0
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert HUB_TOKEN.encode() not in path.read_bytes(), path
