@@ -73,6 +73,7 @@ class Request:
     query: dict
     authorized: bool
     body_bytes: int
+    range: str | None = None
     status: int = 0
 
     @property
@@ -233,7 +234,7 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         parts = urlsplit(self.path)
         path, query = unquote(parts.path), parse_qs(parts.query)
-        self.record = Request(method, path, query, "Authorization" in self.headers, 0)
+        self.record = Request(method, path, query, "Authorization" in self.headers, 0, self.headers.get("Range"))
         self.state.requests.append(self.record)
         body = self._body() if method in ("POST", "PUT") else b""
         self.record.body_bytes = len(body)

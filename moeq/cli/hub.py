@@ -76,3 +76,34 @@ def push(
                           soft_wrap=True)
     if as_json:
         print_json(results)
+
+
+@app.command()
+@guard
+def fetch(
+    config: ConfigOption,
+    force: Annotated[bool, typer.Option(help="Fetch again even when the record says the source is current.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Produce the F16 GGUF source: download (and for safetensors, convert) it, or make the synth model.
+
+    The revision is resolved to a commit sha; each file is checked against the Hub's sha256; an
+    interrupted download continues where it stopped.
+    """
+    from moeq.hub.client import hub_api
+    from moeq.source.fetch import fetch_source
+    from moeq.toolchain import Toolchain
+    from moeq.workspace import Workspace
+
+    pipeline = load_pipeline(config)
+    quiet_progress_off_terminal()
+    outcome = fetch_source(pipeline, Workspace(pipeline.workspace), hub_api(),
+                           Toolchain(pipeline.toolchain.llama_cpp_bin), force=force,
+                           on_message=lambda msg: sys.stderr.write(msg + "\n"))
+    record = outcome.record
+    if as_json:
+        print_json({"skipped": outcome.skipped, "record": record.to_dict()})
+        return
+    state = "up to date" if outcome.skipped else f"fetched in {record.wall_s:.1f} s"
+    console.print(f"source {state}: {record.output.path} ({human_bytes(record.output.size)}), from {record.origin}",
+                  soft_wrap=True)

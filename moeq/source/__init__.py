@@ -1,7 +1,8 @@
 """The source stage: the F16 GGUF every quant is made from, and its SourceRecord.
 
 `synth` writes the tiny model into the workspace; `local` uses a GGUF on disk in place.
-The Hub kinds (`hf`, `gguf`) are fetched by the fetch stage.
+The Hub kinds (`hf`, `gguf`) are fetched by the fetch stage (source/fetch.py); later stages find
+the result here.
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ def source_file(pipeline: Pipeline, ws: Workspace) -> Path:
         if not Path(spec.path).is_file():
             raise InputError(f"{spec.path}: source.path does not exist; fix source.path in {pipeline.path}")
         return Path(spec.path)
-    raise InputError(f"{pipeline.path}: source kind {spec.kind!r} is downloaded by the fetch stage, "
-                     "which this version of moeq does not have yet; use kind local or synth")
+    target = ws.source_path(pipeline.model.file_stem)
+    fetched = SourceRecord.load(ws.record_path("source"))
+    if fetched is None or fetched.kind != spec.kind or not target.is_file():
+        raise InputError(f"{target}: the {spec.kind} source has not been fetched; run moeq fetch --config "
+                         f"{pipeline.path}")
+    return target
 
 
 def record_source(pipeline: Pipeline, ws: Workspace, path: Path, sha256: str, wall_s: float = 0.0) -> SourceRecord:
@@ -48,6 +53,12 @@ def record_source(pipeline: Pipeline, ws: Workspace, path: Path, sha256: str, wa
 
     wall_s is the time spent making the file (0 for a local file used in place)."""
     spec = pipeline.source
+    if spec.kind in ("hf", "gguf"):  # the fetch stage wrote the record; it must still describe the file
+        fetched = SourceRecord.load(ws.record_path("source"))
+        if fetched is None or fetched.output.sha256 != sha256:
+            raise InputError(f"{path}: not the file moeq fetch recorded; run moeq fetch --config {pipeline.path} "
+                             "--force")
+        return fetched
     options = dataclasses.asdict(spec.synth) if spec.kind == "synth" else {}
     origin = ("synth " + ", ".join(f"{k}={v}" for k, v in options.items())) if spec.kind == "synth" else str(path)
     output = FileRef(str(path), path.stat().st_size, sha256)

@@ -1,0 +1,104 @@
+"""A tiny PhiMoE checkpoint in Hugging Face's layout: what `source.kind: hf` downloads and converts.
+
+config.json (PhiMoEForCausalLM, longrope scaling, attention and lm_head biases), seeded float16
+safetensors weights under the names microsoft/Phi-3.5-MoE-instruct uses, and a real SentencePiece
+tokenizer (BPE with byte fallback) trained in a second on generated text. Needs the `convert` extra
+(safetensors, sentencepiece).
+
+    >>> write_tiny_phimoe_hf(Path("tiny-phimoe-hf"), SynthSpec(vocab=320))
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from moeq.config import SynthSpec
+from moeq.errors import InputError
+from moeq.synth import CONTEXT_LENGTH, ORIGINAL_CONTEXT_LENGTH, RMS_EPS, ROPE_FREQ_BASE
+
+WORDS = ("the expert router picks two of sixteen experts for every token while attention stays dense "
+         "quantization keeps the weights small and the card says what was measured on which machine "
+         "memory on the graphics card holds the shared layers and system memory holds the experts").split()
+
+
+def _config(spec: SynthSpec) -> dict:
+    head_dim = spec.embd // spec.heads
+    return {
+        "architectures": ["PhiMoEForCausalLM"], "model_type": "phimoe", "torch_dtype": "float16",
+        "hidden_size": spec.embd, "intermediate_size": spec.ff, "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads,
+        "num_local_experts": spec.experts, "num_experts_per_tok": spec.experts_used, "vocab_size": spec.vocab,
+        "attention_bias": True, "lm_head_bias": True, "hidden_act": "silu", "tie_word_embeddings": False,
+        "max_position_embeddings": CONTEXT_LENGTH, "original_max_position_embeddings": ORIGINAL_CONTEXT_LENGTH,
+        "rope_theta": ROPE_FREQ_BASE, "rms_norm_eps": RMS_EPS, "bos_token_id": 1, "eos_token_id": 2,
+        "rope_scaling": {"type": "longrope", "rope_type": "longrope",
+                         "short_factor": [1.0] * (head_dim // 2), "long_factor": [1.0] * (head_dim // 2),
+                         "short_mscale": 1.243, "long_mscale": 1.243},
+    }
+
+
+def _weights(spec: SynthSpec) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(spec.seed)
+    gqa = spec.embd // spec.heads * spec.kv_heads
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.02).astype(np.float16)
+
+    def ones(n: int) -> np.ndarray:
+        return np.ones(n, dtype=np.float16)
+
+    tensors = {"model.embed_tokens.weight": w(spec.vocab, spec.embd)}
+    for i in range(spec.layers):
+        p = f"model.layers.{i}."
+        for name, rows in (("q", spec.embd), ("k", gqa), ("v", gqa), ("o", spec.embd)):
+            tensors[f"{p}self_attn.{name}_proj.weight"] = w(rows, spec.embd)
+            tensors[f"{p}self_attn.{name}_proj.bias"] = w(rows)
+        tensors[f"{p}block_sparse_moe.gate.weight"] = w(spec.experts, spec.embd)
+        for e in range(spec.experts):
+            tensors[f"{p}block_sparse_moe.experts.{e}.w1.weight"] = w(spec.ff, spec.embd)
+            tensors[f"{p}block_sparse_moe.experts.{e}.w2.weight"] = w(spec.embd, spec.ff)
+            tensors[f"{p}block_sparse_moe.experts.{e}.w3.weight"] = w(spec.ff, spec.embd)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"{p}{norm}.weight"] = ones(spec.embd)
+            tensors[f"{p}{norm}.bias"] = w(spec.embd)
+    tensors["model.norm.weight"] = ones(spec.embd)
+    tensors["model.norm.bias"] = w(spec.embd)
+    tensors["lm_head.weight"] = w(spec.vocab, spec.embd)
+    tensors["lm_head.bias"] = w(spec.vocab)
+    return tensors
+
+
+def _tokenizer(spec: SynthSpec) -> bytes:
+    import sentencepiece as spm
+
+    rng = np.random.default_rng(spec.seed)
+    lines = [" ".join(rng.choice(WORDS, size=12)) for _ in range(2000)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=spec.vocab, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1, minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def write_tiny_phimoe_hf(folder: Path, spec: SynthSpec = SynthSpec(vocab=320)) -> Path:
+    """Write the checkpoint into `folder`; the same spec always gives the same weights and config."""
+    from safetensors.numpy import save_file
+
+    if spec.vocab < 300:
+        raise InputError("synth options: vocab must be at least 300 (256 byte tokens, specials and pieces)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(_config(spec), indent=2) + "\n")
+    save_file(_weights(spec), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "tokenizer.model").write_bytes(_tokenizer(spec))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "model_max_length": CONTEXT_LENGTH,
+    }, indent=2) + "\n")
+    return folder

@@ -1,0 +1,166 @@
+"""`moeq fetch`: gguf and hf sources from the test Hub, checked, resumed, then quantized."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import gguf
+import pytest
+
+from moeq.config import SynthSpec
+
+from conftest import HUB_TOKEN, REPO, run_moeq
+from hub_server import Fault
+
+SOURCE_REPO = "someone/tiny-phimoe-f16"
+
+
+def write_config(tmp_path: Path, source: str) -> Path:
+    text = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
+    start, end = text.index("source:\n"), text.index("\nworkspace:")
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(text[:start] + "source:\n" + source + text[end:])
+    return config
+
+
+def fetch(hub, config: Path, *args: str):
+    proc = run_moeq("fetch", "--config", str(config), *args, env=hub.env)
+    assert HUB_TOKEN not in proc.stdout + proc.stderr
+    return proc
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_gguf_source_fetched_checked_and_quantized(tmp_path, test_hub, tiny_model, toolchain):
+    data = tiny_model.read_bytes()
+    commit = test_hub.state.add_files(SOURCE_REPO, {"tiny-phimoe-F16.gguf": data})
+    config = write_config(tmp_path, f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: main\n"
+                                    "  file: tiny-phimoe-F16.gguf\n")
+    proc = fetch(test_hub, config, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert f"source.revision 'main' is not a commit sha; using {commit}" in proc.stderr
+    record = json.loads(proc.stdout)["record"]
+    assert record["origin"] == f"{SOURCE_REPO}@{commit}/tiny-phimoe-F16.gguf"
+    assert record["output"]["sha256"] == sha256(data) and record["options"]["commit"] == commit
+    assert Path(record["output"]["path"]).read_bytes() == data
+    start = len(test_hub.requests)
+    proc = fetch(test_hub, config, "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["skipped"] is True
+    assert not [r for r in test_hub.requests[start:] if "/lfs-objects/" in r.path or "/resolve/" in r.path]
+    proc = run_moeq("quantize", "--config", str(config), "--quant", "Q8_0", env=test_hub.env)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_split_gguf_source_is_merged(tmp_path, test_hub, tiny_model, toolchain):
+    shards_dir = tmp_path / "shards"
+    shards_dir.mkdir()
+    subprocess.run([str(toolchain.path("llama-gguf-split")), "--split", "--split-max-size", "2M", str(tiny_model),
+                    str(shards_dir / "tiny-phimoe-F16")], check=True, capture_output=True)
+    shards = sorted(shards_dir.glob("*.gguf"))
+    assert len(shards) > 2
+    commit = test_hub.state.add_files(SOURCE_REPO, {s.name: s.read_bytes() for s in shards})
+    config = write_config(tmp_path, f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: {commit}\n"
+                                    f"  file: {shards[0].name}\n")
+    proc = fetch(test_hub, config, "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)["record"]
+    assert [f["name"] for f in record["options"]["files"]] == [s.name for s in shards]
+    merged, original = gguf.GGUFReader(record["output"]["path"]), gguf.GGUFReader(tiny_model)
+    assert [(t.name, t.data.tobytes()) for t in merged.tensors] == [(t.name, t.data.tobytes()) for t in original.tensors]
+    # Pinned to a commit sha: a second fetch asks the Hub nothing at all.
+    start = len(test_hub.requests)
+    proc = fetch(test_hub, config)
+    assert proc.returncode == 0 and "up to date" in proc.stdout
+    assert test_hub.requests[start:] == []
+
+
+def test_hf_source_is_downloaded_converted_and_quantized(tmp_path, test_hub, toolchain):
+    from moeq.synth_hf import write_tiny_phimoe_hf
+
+    checkpoint = write_tiny_phimoe_hf(tmp_path / "hf", SynthSpec(vocab=320))
+    files = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+    files["README.md"] = b"# not downloaded: not part of a conversion\n"
+    commit = test_hub.state.add_files("someone/tiny-phimoe-hf", files)
+    config = write_config(tmp_path, f"  kind: hf\n  repo: someone/tiny-phimoe-hf\n  revision: {commit}\n")
+    proc = fetch(test_hub, config, "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)["record"]
+    assert sorted(f["name"] for f in record["options"]["files"]) == sorted(p.name for p in checkpoint.iterdir())
+    reader = gguf.GGUFReader(record["output"]["path"])
+    assert reader.fields["general.architecture"].contents() == "phimoe"
+    assert reader.fields["phimoe.expert_count"].contents() == 4
+    assert {t.name for t in reader.tensors} >= {"blk.1.ffn_down_exps.weight", "output.bias", "rope_factors_long.weight"}
+    proc = run_moeq("quantize", "--config", str(config), "--quant", "Q4_K_M", env=test_hub.env)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_tampered_download_is_rejected(tmp_path, test_hub, tiny_model):
+    data = tiny_model.read_bytes()
+    test_hub.state.add_files(SOURCE_REPO, {"tiny-phimoe-F16.gguf": data})
+    test_hub.state.lfs[sha256(data)] = data[:-16] + b"\0" * 16  # what storage serves is not what the Hub lists
+    config = write_config(tmp_path, f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: main\n"
+                                    "  file: tiny-phimoe-F16.gguf\n")
+    proc = fetch(test_hub, config)
+    assert proc.returncode == 5
+    assert f"downloaded sha256 {sha256(data[:-16] + bytes(16))} is not the {sha256(data)} the Hub reports" in proc.stderr
+    source = tmp_path / "work" / "source"
+    assert not (source / "tiny-phimoe-F16.gguf").exists()
+    assert not list(source.rglob("*.partial"))
+
+
+def test_dropped_download_resumes_with_range(tmp_path, test_hub):
+    from moeq.synth import write_tiny_phimoe
+
+    # Bigger than the client's 10 MB read size, so that a body cut in half has delivered a whole chunk.
+    model = write_tiny_phimoe(tmp_path / "tiny-phimoe-F16.gguf", SynthSpec(layers=4, ff=1024))
+    data = model.read_bytes()
+    assert len(data) > 24 * 2**20
+    test_hub.state.add_files(SOURCE_REPO, {"tiny-phimoe-F16.gguf": data})
+    test_hub.state.faults.append(Fault("GET", r"^/lfs-objects/", "truncate"))
+    config = write_config(tmp_path, f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: main\n"
+                                    "  file: tiny-phimoe-F16.gguf\n")
+    proc = fetch(test_hub, config)
+    assert proc.returncode == 0, proc.stderr
+    gets = [r for r in test_hub.requests if r.method == "GET" and r.path.startswith("/lfs-objects/")]
+    assert len(gets) == 2 and gets[0].range is None
+    resumed_at = int(gets[1].range.removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at <= len(data) // 2
+    assert (tmp_path / "work" / "source" / "tiny-phimoe-F16.gguf").read_bytes() == data
+
+
+def test_killed_download_resumes_in_the_next_run(tmp_path, test_hub, tiny_model):
+    data = tiny_model.read_bytes()
+    test_hub.state.add_files(SOURCE_REPO, {"tiny-phimoe-F16.gguf": data})
+    config = write_config(tmp_path, f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: main\n"
+                                    "  file: tiny-phimoe-F16.gguf\n")
+    partial = tmp_path / "work" / "source" / "download" / "tiny-phimoe-F16.gguf.partial"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data[:3_000_000])  # what a killed run left behind
+    proc = fetch(test_hub, config)
+    assert proc.returncode == 0, proc.stderr
+    gets = [r for r in test_hub.requests if r.method == "GET" and r.path.startswith("/lfs-objects/")]
+    assert [r.range for r in gets] == ["bytes=3000000-"]
+    assert (tmp_path / "work" / "source" / "tiny-phimoe-F16.gguf").read_bytes() == data
+
+
+@pytest.mark.parametrize("source,message", [
+    ("  kind: gguf\n  repo: someone/missing\n  revision: main\n  file: x.gguf\n",
+     "someone/missing: repository not found while resolving the revision"),
+    (f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: main\n  file: nope.gguf\n", "no file nope.gguf"),
+    (f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: v9\n  file: x.gguf\n", "revision not found"),
+])
+def test_fetch_errors(tmp_path, test_hub, tiny_model, source, message):
+    test_hub.state.add_files(SOURCE_REPO, {"tiny-phimoe-F16.gguf": tiny_model.read_bytes()})
+    proc = fetch(test_hub, write_config(tmp_path, source))
+    assert proc.returncode == 5 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_quantize_before_fetch_says_what_to_do(tmp_path, test_hub):
+    config = write_config(tmp_path, f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: main\n  file: x.gguf\n")
+    proc = run_moeq("quantize", "--config", str(config), env=test_hub.env)
+    assert proc.returncode == 3 and "has not been fetched; run moeq fetch --config" in proc.stderr
