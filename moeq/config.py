@@ -417,6 +417,8 @@ def _hub(n: _Node, model: ModelSpec, quants: tuple[QuantSpec, ...]) -> HubSpec:
         parsed = raw if isinstance(raw, int) and not isinstance(raw, bool) else parse_size(str(raw))
         if not parsed or parsed <= 0:
             raise m["max_shard_size"].fail(f"{raw!r} is not a size; write e.g. 50GB, 45G or 500MB")
+        if parsed < 10**6:
+            raise m["max_shard_size"].fail(f"{raw!r} is under 1MB; llama-gguf-split splits in whole megabytes")
         max_shard = parsed
     spec = HubSpec(
         namespace=namespace, repo_template=template,

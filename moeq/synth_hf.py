@@ -88,8 +88,11 @@ def _tokenizer(spec: SynthSpec) -> bytes:
 
 def write_tiny_phimoe_hf(folder: Path, spec: SynthSpec = SynthSpec(vocab=320)) -> Path:
     """Write the checkpoint into `folder`; the same spec always gives the same weights and config."""
-    from safetensors.numpy import save_file
-
+    try:
+        from safetensors.numpy import save_file
+    except ImportError:
+        raise InputError("a Hugging Face checkpoint needs safetensors and sentencepiece: "
+                         ".venv/bin/pip install -e '.[convert]'") from None
     if spec.vocab < 300:
         raise InputError("synth options: vocab must be at least 300 (256 byte tokens, specials and pieces)")
     folder = Path(folder)

@@ -226,3 +226,19 @@ def test_token_never_written_anywhere(tmp_path, test_hub, toolchain):
     for path in tmp_path.rglob("*"):
         if path.is_file() and not path.is_symlink():
             assert HUB_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_multipart_upload_into_a_private_repo(tmp_path, test_hub, toolchain):
+    config, _, ws = staged_pipeline(tmp_path, hub_extra="  private: true\n", validate=False)
+    test_hub.state.multipart_threshold = test_hub.state.chunk_size = 1_000_000
+    proc = push(test_hub, config)
+    assert proc.returncode == 0, proc.stderr
+    parts = [r for r in test_hub.requests if r.method == "PUT" and r.path.startswith("/lfs-part/")]
+    assert len(parts) == 5  # 4.08 MB in 1 MB parts
+    assert [r for r in test_hub.requests if r.path.startswith("/lfs-complete/")]
+    repo = test_hub.state.repos[REPO_ID]
+    assert repo.private
+    assert test_hub.state.files(REPO_ID)["tiny-phimoe-Q8_0.gguf"] == ws.quant_path("tiny-phimoe-Q8_0.gguf").read_bytes()
+    # A private repo is invisible without the token: the plan then sees no repo at all.
+    proc = push(test_hub, config, "--dry-run", "--json", env={"HF_TOKEN": ""})
+    assert proc.returncode == 0 and json.loads(proc.stdout)[0]["repo_exists"] is False

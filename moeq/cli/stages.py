@@ -101,6 +101,22 @@ def synth_tiny_phimoe(
         console.print(f"wrote {path} ({human_bytes(result['bytes'])}, {result['parameters']:,} parameters)")
 
 
+@synth_app.command("tiny-phimoe-hf")
+@guard
+def synth_tiny_phimoe_hf(
+    out: Annotated[Path, typer.Argument(help="Output folder.")],
+    layers: int = SynthSpec.layers,
+    experts: int = SynthSpec.experts,
+    vocab: Annotated[int, typer.Option(help="SentencePiece vocabulary size (300 or more).")] = 320,
+    seed: int = SynthSpec.seed,
+) -> None:
+    """Write a tiny PhiMoE checkpoint in Hugging Face's layout (config, safetensors, tokenizer), for `kind: hf`."""
+    from moeq.synth_hf import write_tiny_phimoe_hf
+
+    folder = write_tiny_phimoe_hf(out, SynthSpec(layers=layers, experts=experts, vocab=vocab, seed=seed))
+    console.print(f"wrote {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
+
+
 # ---------------------------------------------------------------- config
 
 
