@@ -128,6 +128,21 @@ class ValidateRecord(Record):
 
 
 @dataclass
+class BenchRecord(Record):
+    stage = "bench"
+    quant: str
+    file: FileRef
+    machine: dict[str, Any]  # cpu, cores, ram_bytes, gpus (name, memory), os, date
+    tool: ToolBuildRef
+    options: dict[str, Any]
+    speed: list[dict]  # per mode: command, backends, gpu_info, tests (pp/tg avg_ts, stddev_ts)
+    memory: list[dict]  # per mode and context: buffers per device, device_mib, planned_mib, difference_mib
+    quality: dict | None  # base (F16) and quant figures from llama-perplexity
+    errors: list[dict]  # per failed mode: mode, error
+    wall_s: float
+
+
+@dataclass
 class CardRecord(Record):
     stage = "card"
     quant: str

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import time
 
 import pytest
 
@@ -29,25 +27,6 @@ def model(tmp_path_factory, toolchain):
     subprocess.run([str(toolchain.path("llama-quantize")), str(f16), str(out), "Q4_K_M"],
                    check=True, capture_output=True)
     return out
-
-
-@pytest.fixture(scope="module")
-def rpc_device(toolchain):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([str(toolchain.path("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=10)
 
 
 def load_on_device(toolchain, model, rpc, extra: list[str]) -> list:

@@ -1,1 +1,1 @@
-"""Bench stage: llama-bench / llama-perplexity runners and their log parsers (issue 7)."""
+"""The bench stage: speed, offload memory and quality loss, measured with llama.cpp's own tools."""

@@ -91,9 +91,7 @@ def card_facts(manifest: dict) -> dict:
         "memory": _memory(records.get("validate")),
         "validation": _validation(records.get("validate")),
         "quantization": _quantization(quantized, records.get("source")),
-        "speed": None,
-        "measured_memory": None,
-        "quality": None,
+        **_bench(records.get("bench")),
         "extra": dict(manifest["pipeline"].get("card_extra") or {}),
     }
 
@@ -231,3 +229,62 @@ def _quantization(quantized: dict, source: dict | None) -> dict:
                      for t in sorted(mix, key=lambda t: -mix_bytes[t])],
         "tensors": len(quantized["tensors"]),
     }
+
+
+# ---------------------------------------------------------------- measured (bench record)
+
+MODE_LABELS = {"gpu": ("all layers on the GPU", "-ngl 99"), "cpu-moe": ("all experts in system RAM", "-ngl 99 --cpu-moe")}
+
+
+def _mode(name: str) -> dict:
+    label, flags = MODE_LABELS.get(name) or (f"experts of the first {name.split()[-1]} layers in system RAM",
+                                             f"-ngl 99 -ncmoe {name.split()[-1]}")
+    return {"label": label, "flags": flags}
+
+
+def _machine(bench: dict, offload: bool = True) -> str:
+    m = bench["machine"]
+    parts = [f"{m['cpu']} ({m['cores']} cores" + (f", {binary_size(m['ram_bytes'])} RAM)" if m.get("ram_bytes") else ")")]
+    parts += [f"{g['name']}" + (f" ({binary_size(g['memory_bytes'])})" if g.get("memory_bytes") else "")
+              for g in m.get("gpus") or []]
+    devices = {run["backends"]: run["gpu_info"] for run in bench["speed"]} if offload else {}
+    if "RPC" in devices:
+        parts.append(f"offload device: llama.cpp's RPC backend ({devices['RPC']}), standing in for a GPU")
+    return "; ".join(parts) + f"; llama.cpp {bench['tool']['commit']}; {m['date'][:10]}"
+
+
+def _pm(value: float, err: float | None, digits: int) -> str:
+    return f"{value:.{digits}f}" + (f" ± {err:.{digits}f}" if err is not None else "")
+
+
+def _bench(bench: dict | None) -> dict:
+    """speed, measured_memory and quality: None each where the bench record has no such figures."""
+    if not bench:
+        return {"speed": None, "measured_memory": None, "quality": None, "bench_errors": []}
+    machine = _machine(bench)
+    speed = None
+    if bench["speed"]:
+        speed = {"machine": machine, "rows": [
+            {**_mode(run["mode"]), "test": t["test"], "tokens_per_s": _pm(t["avg_ts"], t["stddev_ts"], 2)}
+            for run in bench["speed"] for t in run["tests"]],
+            "repetitions": bench["options"]["repetitions"], "backends": sorted({r["backends"] for r in bench["speed"]})}
+    memory = None
+    if bench["memory"]:
+        memory = {"machine": machine, "rows": [
+            {**_mode(m["mode"]), "ctx": m["ctx"], "model": f"{m['device_mib']['model']:.2f} MiB",
+             "kv": f"{m['device_mib']['KV']:.2f} MiB", "compute": f"{m['device_mib']['compute']:.2f} MiB",
+             "planned_model": f"{m['planned_mib']['model']:.2f} MiB",
+             "difference": f"{m['difference_mib']['model']:+.2f} MiB"} for m in bench["memory"]]}
+    quality = None
+    if bench.get("quality"):
+        q, base = bench["quality"]["quant"], bench["quality"]["base"]
+        quality = {
+            "machine": _machine(bench, offload=False), "text": bench["quality"]["text"], "ctx": bench["quality"]["ctx"],
+            "chunks": bench["quality"]["chunks"],
+            "ppl_f16": _pm(base["ppl"], base.get("ppl_err"), 4), "ppl": _pm(q["ppl_q"], q.get("ppl_q_err"), 4),
+            "ppl_ratio": _pm(q["ppl_ratio"], q.get("ppl_ratio_err"), 4),
+            "kld_mean": _pm(q["kld_mean"], q.get("kld_mean_err"), 6), "kld_p99": f"{q['kld_p99']:.6f}",
+            "kld_max": f"{q['kld_max']:.6f}", "same_top_p": _pm(q["same_top_p"], q.get("same_top_p_err"), 2) + " %",
+        }
+    errors = [{"mode": e["mode"], "error": e["error"]} for e in bench["errors"]]
+    return {"speed": speed, "measured_memory": memory, "quality": quality, "bench_errors": errors}

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from moeq import __version__
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import InputError
-from moeq.records import FileRef, QuantizeRecord, Record, SourceRecord, ValidateRecord
+from moeq.records import BenchRecord, FileRef, QuantizeRecord, Record, SourceRecord, ValidateRecord
 from moeq.workspace import Workspace
 
 MANIFEST_NAME = "moeq-manifest.json"
@@ -47,13 +47,13 @@ def _record_dict(record: Record | None) -> dict | None:
     return _strip_paths(record.to_dict()) if record is not None else None
 
 
-def current_validation(ws: Workspace, quant: str, quantized: QuantizeRecord | None,
-                       warn: Callable[[str], None]) -> ValidateRecord | None:
-    """The validate record of `quant` when it describes the current file; a stale one is ignored."""
-    record = ValidateRecord.load(ws.record_path("validate", quant))
+def current_record(ws: Workspace, kind: str, quant: str, quantized: QuantizeRecord | None,
+                   warn: Callable[[str], None]) -> Record | None:
+    """The validate or bench record of `quant` when it describes the current file; a stale one is ignored."""
+    cls = {"validate": ValidateRecord, "bench": BenchRecord}[kind]
+    record = cls.load(ws.record_path(kind, quant))
     if record is not None and quantized is not None and record.file.sha256 != quantized.output.sha256:
-        warn(f"{ws.record_path('validate', quant)}: describes an older {quant} file; ignored "
-             f"(run moeq validate again)")
+        warn(f"{ws.record_path(kind, quant)}: describes an older {quant} file; ignored (run moeq {kind} again)")
         return None
     return record
 
@@ -71,7 +71,7 @@ def build_manifest(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, gguf_fil
     if not quantized.model:
         raise InputError(f"{ws.record_path('quantize', quant.type)}: written by an older moeq without the "
                          f"model's facts; run moeq quantize --config {pipeline.path} --quant {quant.type} --force")
-    validated = current_validation(ws, quant.type, quantized, warn)
+    validated = current_record(ws, "validate", quant.type, quantized, warn)
     if validated is not None and not validated.ok:
         failed = ", ".join(c["name"] for c in validated.checks if not c["ok"])
         raise InputError(f"{ws.record_path('validate', quant.type)}: {quant.type} failed validation ({failed}); "
@@ -93,7 +93,7 @@ def build_manifest(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, gguf_fil
             "source": _record_dict(SourceRecord.load(ws.record_path("source"))),
             "quantize": _record_dict(quantized),
             "validate": _record_dict(validated),
-            "bench": None,  # measured speed, VRAM and quality join with the bench stage
+            "bench": _record_dict(current_record(ws, "bench", quant.type, quantized, warn)),
         },
     }
 
@@ -101,7 +101,7 @@ def build_manifest(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, gguf_fil
 def _ladder_entry(pipeline: Pipeline, quant: QuantSpec, ws: Workspace) -> dict:
     """A sibling's row of the ladder table, from its own records (None where it has none)."""
     quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
-    validated = current_validation(ws, quant.type, quantized, lambda _msg: None)
+    validated = current_record(ws, "validate", quant.type, quantized, lambda _msg: None)
     cpu_moe = None
     if validated is not None:
         cpu_moe = next(p["gpu_bytes"] for p in validated.plan["weights"] if p["mode"] == "cpu-moe")

@@ -12,7 +12,7 @@ from rich.table import Table
 from moeq.cli.common import (ConfigOption, JsonOption, guard, human_bytes, print_json, app, console,
                              synth_app)
 from moeq.config import SynthSpec, load_pipeline
-from moeq.errors import CheckFailed, InputError
+from moeq.errors import CheckFailed, InputError, ToolError
 from moeq.toolchain import Toolchain
 
 
@@ -309,3 +309,68 @@ def _report_checks(file: str, checks: list[dict], as_json: dict | None) -> None:
     failed = [c["name"] for c in checks if not c["ok"]]
     if failed:
         raise CheckFailed(f"{file}: failed {', '.join(failed)}")
+
+
+# ---------------------------------------------------------------- bench
+
+
+@app.command()
+@guard
+def bench(
+    config: ConfigOption,
+    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="Quant type(s) of the ladder "
+                                                       "(default: all).")] = None,
+    modes: Annotated[Optional[list[str]], typer.Option("--mode", help="gpu, cpu-moe or N (-ncmoe N); "
+                                                       "default: bench.modes.")] = None,
+    rpc: Annotated[Optional[str], typer.Option(help="HOST:PORT of a ggml-rpc-server to use as the offload "
+                                               "device (for machines without a GPU).")] = None,
+    force: Annotated[bool, typer.Option(help="Measure again even when the record is current.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure speed (llama-bench), buffers per device (llama-completion) and quality against F16 (llama-perplexity)."""
+    from moeq.bench.stage import bench_quant
+    from moeq.config import BENCH_MODES
+    from moeq.workspace import Workspace
+
+    for mode in modes or []:
+        if mode not in BENCH_MODES and not mode.isdigit():
+            raise InputError(f"--mode {mode!r}: use gpu, cpu-moe, or an integer N for -ncmoe N")
+    pipeline = load_pipeline(config)
+    quants = [pipeline.quant(q) for q in quant] if quant else list(pipeline.quants)
+    ws = Workspace(pipeline.workspace)
+    chain = Toolchain(pipeline.toolchain.llama_cpp_bin)
+    results, failed = [], []
+    for spec in quants:
+        outcome = bench_quant(pipeline, spec, ws, chain, modes=tuple(modes) if modes else None, rpc=rpc, force=force,
+                              on_message=lambda msg: sys.stderr.write(msg + "\n"))
+        record = outcome.record
+        results.append({"skipped": outcome.skipped, "record": record.to_dict()})
+        failed += [f"{spec.type} {e['mode']}" for e in record.errors]
+        if not as_json:
+            _print_bench(record, outcome.skipped)
+    if as_json:
+        print_json(results)
+    if failed:
+        raise ToolError(f"bench recorded errors for {', '.join(failed)}; the other modes were measured "
+                        f"(see {ws.records_dir})")
+
+
+def _print_bench(record, skipped: bool) -> None:
+    table = Table(title=f"{record.quant}: {'up to date' if skipped else 'measured'} on {record.machine['cpu']}"
+                        f"{', ' + record.machine['gpus'][0]['name'] if record.machine['gpus'] else ''}")
+    for column in ("mode", "test", "tokens/s", "device model MiB (plan)", "device KV MiB (plan)"):
+        table.add_column(column)
+    memory = {m["mode"]: m for m in record.memory}
+    for run in record.speed:
+        mem = memory.get(run["mode"])
+        for test in run["tests"]:
+            table.add_row(run["mode"], test["test"], f"{test['avg_ts']:.1f} ± {test['stddev_ts']:.1f}",
+                          f"{mem['device_mib']['model']} ({mem['planned_mib']['model']})" if mem else "",
+                          f"{mem['device_mib']['KV']} ({mem['planned_mib']['KV']})" if mem else "")
+    console.print(table)
+    if record.quality:
+        q = record.quality["quant"]
+        console.print(f"quality: PPL {q.get('ppl_q', 0):.4f} vs F16 {q.get('ppl_base', 0):.4f}, "
+                      f"mean KLD {q['kld_mean']:.6f}, same top token {q.get('same_top_p', 0):.2f} %")
+    for error in record.errors:
+        sys.stderr.write(f"error: {record.quant} mode {error['mode']}: {error['error']}\n")

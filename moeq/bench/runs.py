@@ -1,0 +1,147 @@
+"""One function per llama.cpp tool the bench stage runs, each returning what it parsed from the tool's output.
+
+- llama-bench -o json: tokens/s per test (prompt processing, generation) with the backend it ran on;
+- llama-completion -v (one token): model, KV and compute buffer sizes per device;
+- llama-perplexity: PPL of the F16 source (saving its logits), then PPL ratio, KL divergence and
+  top-token agreement of a quant against those logits.
+Every command is logged beside the bench record; a failure is a ToolError quoting the tool.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from moeq.errors import ToolError
+from moeq.llama_logs import parse_buffer_sizes
+from moeq.runner import run_tool
+
+# The pinned tools now and then exit 0 with the end of their log missing (llama-completion before
+# loading anything, llama-perplexity before its final figures): such a run is made again.
+TRIES = 3
+
+
+@dataclass(frozen=True)
+class Mode:
+    """An offload mode: all layers on the GPU, every expert in RAM (--cpu-moe), or the first N layers' experts."""
+
+    name: str  # "gpu", "cpu-moe", or "ncmoe N"
+    n_cpu_moe: int
+
+    @property
+    def completion_flags(self) -> list[str]:
+        flags = ["-ngl", "99", "-fit", "off"]
+        if self.name == "cpu-moe":
+            return flags + ["--cpu-moe"]
+        return flags + (["-ncmoe", str(self.n_cpu_moe)] if self.n_cpu_moe else [])
+
+    @property
+    def bench_flags(self) -> list[str]:
+        return ["-ngl", "99", "-ncmoe", str(self.n_cpu_moe)]
+
+
+def modes_from_config(names: tuple[str, ...], n_layer: int) -> list[Mode]:
+    modes = []
+    for name in names:
+        if name == "gpu":
+            modes.append(Mode("gpu", 0))
+        elif name == "cpu-moe":
+            modes.append(Mode("cpu-moe", n_layer))
+        else:
+            modes.append(Mode(f"ncmoe {int(name)}", min(int(name), n_layer)))
+    return modes
+
+
+def _rpc(rpc: str | None, flag: str) -> list[str]:
+    return [flag, rpc] if rpc else []
+
+
+def run_speed(tool: Path, model: Path, mode: Mode, log: Path, *, n_prompt: int, n_gen: int, repetitions: int,
+              threads: int | None, rpc: str | None, timeout_s: float) -> dict:
+    command = [str(tool), "-m", str(model), *mode.bench_flags, "-p", str(n_prompt), "-n", str(n_gen),
+               "-r", str(repetitions), "-o", "json", *(["-t", str(threads)] if threads else []), *_rpc(rpc, "-rpc")]
+    lines: list[str] = []
+    run_tool(command, log, on_line=lines.append, timeout_s=timeout_s)
+    text = "\n".join(lines)
+    start, end = text.find("["), text.rfind("]")
+    try:
+        tests = json.loads(text[start:end + 1])
+    except ValueError:
+        raise ToolError(f"llama-bench printed no JSON results for mode {mode.name}; see {log}") from None
+    results = []
+    for t in tests:
+        kind = "pp" if t["n_prompt"] and not t["n_gen"] else "tg"
+        results.append({
+            "test": f"{kind}{t['n_prompt'] or t['n_gen']}", "n_prompt": t["n_prompt"], "n_gen": t["n_gen"],
+            "avg_ts": t["avg_ts"], "stddev_ts": t["stddev_ts"], "samples_ts": t["samples_ts"],
+            "n_threads": t["n_threads"], "n_cpu_moe": t["n_cpu_moe"], "n_gpu_layers": t["n_gpu_layers"],
+        })
+    first = tests[0] if tests else {}
+    return {"mode": mode.name, "command": command, "backends": first.get("backends"), "gpu_info": first.get("gpu_info"),
+            "cpu_info": first.get("cpu_info"), "model_size": first.get("model_size"),
+            "model_n_params": first.get("model_n_params"), "build_commit": first.get("build_commit"),
+            "tests": results}
+
+
+def run_memory(tool: Path, model: Path, mode: Mode, ctx: int, log: Path, *, threads: int | None, rpc: str | None,
+               timeout_s: float) -> dict:
+    """Load the model once in `mode` and read llama.cpp's buffer sizes, per device, in MiB."""
+    command = [str(tool), "-m", str(model), *mode.completion_flags, "-c", str(ctx), "-n", "1", "-p", "hi",
+               "-no-cnv", "-v", *(["-t", str(threads)] if threads else []), *_rpc(rpc, "--rpc")]
+    for _ in range(TRIES):
+        lines: list[str] = []
+        run_tool(command, log, on_line=lines.append, timeout_s=timeout_s)
+        buffers = parse_buffer_sizes("\n".join(lines))
+        if any(b.kind == "model" for b in buffers):
+            break
+    else:
+        raise ToolError(f"llama-completion loaded nothing in mode {mode.name} ({TRIES} tries); see {log}")
+    devices: dict[str, dict[str, float]] = {}
+    for b in buffers:
+        kinds = devices.setdefault(b.device, {})
+        kinds[b.kind] = round(kinds.get(b.kind, 0.0) + b.mib, 2)
+    return {"mode": mode.name, "ctx": ctx, "command": command, "devices": devices}
+
+
+_FLOAT = r"(-?[\d.]+(?:e[-+]?\d+)?)"
+_PATTERNS = {
+    "ppl": rf"Final estimate: PPL = {_FLOAT} \+/- {_FLOAT}",
+    "ppl_q": rf"Mean PPL\(Q\)\s*:\s*{_FLOAT}\s*±\s*{_FLOAT}",
+    "ppl_base": rf"Mean PPL\(base\)\s*:\s*{_FLOAT}\s*±\s*{_FLOAT}",
+    "ppl_ratio": rf"Mean PPL\(Q\)/PPL\(base\)\s*:\s*{_FLOAT}\s*±\s*{_FLOAT}",
+    "kld_mean": rf"Mean\s+KLD:\s*{_FLOAT}\s*±\s*{_FLOAT}",
+    "kld_max": rf"Maximum KLD:\s*{_FLOAT}",
+    "kld_p99": rf"99\.0%\s+KLD:\s*{_FLOAT}",
+    "kld_median": rf"Median\s+KLD:\s*{_FLOAT}",
+    "same_top_p": rf"Same top p:\s*{_FLOAT}\s*±\s*{_FLOAT} %",
+}
+
+
+def parse_perplexity(text: str) -> dict:
+    """The figures llama-perplexity printed; each with its ± where it gives one."""
+    out = {}
+    for key, pattern in _PATTERNS.items():
+        match = re.search(pattern, text)
+        if match:
+            out[key] = float(match.group(1))
+            if match.lastindex and match.lastindex > 1:
+                out[key + "_err"] = float(match.group(2))
+    return out
+
+
+def run_perplexity(tool: Path, model: Path, text: Path, log: Path, *, ctx: int, chunks: int, kld_base: Path,
+                   save_base: bool, threads: int | None, timeout_s: float) -> dict:
+    command = [str(tool), "-m", str(model), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks),
+               "--kl-divergence-base", str(kld_base), *([] if save_base else ["--kl-divergence"]),
+               *(["-t", str(threads)] if threads else [])]
+    wanted = ("ppl",) if save_base else ("kld_mean", "same_top_p", "ppl_ratio")
+    for _ in range(TRIES):
+        lines: list[str] = []
+        run_tool(command, log, on_line=lines.append, timeout_s=timeout_s)
+        figures = parse_perplexity("\n".join(lines))
+        if all(key in figures for key in wanted):
+            return {"command": command, **figures}
+    raise ToolError(f"llama-perplexity printed no {'PPL' if save_base else 'KL divergence'} for {model.name} "
+                    f"({TRIES} tries; is the text long enough for {chunks} chunks of {ctx} tokens?); see {log}")

@@ -1,0 +1,161 @@
+"""The bench stage: speed per offload mode, measured buffers beside the plan, and quality against F16.
+
+Reads the quantize and validate records (the file, its source, and the plan to compare with) and
+writes a BenchRecord that holds every figure with the machine, tool build and command line it came
+from. A mode that fails (no GPU, out of memory, over its time limit) is recorded as an error naming
+the mode; the other modes still run.
+
+    >>> outcome = bench_quant(pipeline, pipeline.quant("Q8_0"), ws, Toolchain(), rpc="127.0.0.1:50052")
+    >>> outcome.record.speed[0]["tests"][0]["avg_ts"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from moeq.bench.machine import machine_facts
+from moeq.bench.runs import modes_from_config, run_memory, run_perplexity, run_speed
+from moeq.config import Pipeline, QuantSpec
+from moeq.errors import InputError, MoeqError, ToolError
+from moeq.records import BenchRecord, QuantizeRecord, ToolBuildRef, ValidateRecord
+from moeq.toolchain import Toolchain
+from moeq.workspace import Workspace, hash_cache, write_text_atomic
+
+MIB = 2**20
+OFFLOAD_BACKENDS_ABSENT = {None, "", "CPU", "BLAS", "CPU,BLAS"}
+
+
+@dataclass
+class BenchOutcome:
+    record: BenchRecord
+    skipped: bool
+    errors: list[dict] = field(default_factory=list)
+
+
+def default_eval_text() -> Path:
+    return Path(str(resources.files("moeq.bench") / "eval-text.txt"))
+
+
+def bench_quant(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolchain, *,
+                modes: tuple[str, ...] | None = None, rpc: str | None = None, force: bool = False,
+                on_message: Callable[[str], None] = lambda _msg: None) -> BenchOutcome:
+    quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
+    validated = ValidateRecord.load(ws.record_path("validate", quant.type))
+    if quantized is None or validated is None or validated.file.sha256 != quantized.output.sha256:
+        raise InputError(f"{ws.record_path('validate', quant.type)}: no current validate record for {quant.type}; "
+                         f"run moeq validate --config {pipeline.path} --quant {quant.type} first (the bench "
+                         "compares measured memory with its plan)")
+    cfg = pipeline.bench
+    text = cfg.perplexity.text or default_eval_text()
+    options = {
+        "modes": list(modes or cfg.modes), "n_prompt": cfg.n_prompt, "n_gen": cfg.n_gen,
+        "repetitions": cfg.repetitions, "threads": cfg.threads, "ctx": list(cfg.ctx), "timeout_s": cfg.timeout_s,
+        "rpc": bool(rpc), "perplexity": {"text": text.name, "text_sha256": hash_cache(ws).sha256(text),
+                                         "ctx": cfg.perplexity.ctx, "chunks": cfg.perplexity.chunks},
+    }
+    machine = machine_facts()
+    record_path = ws.record_path("bench", quant.type)
+    tool = chain.tool("llama-bench")
+    with ws.lock(f"bench-{quant.type}", on_wait=on_message):
+        previous = BenchRecord.load(record_path)
+        if (not force and previous and previous.file.sha256 == quantized.output.sha256 and previous.options == options
+                and previous.tool.commit == tool.build.commit and _same_machine(previous.machine, machine)):
+            return BenchOutcome(previous, skipped=True, errors=previous.errors)
+        started = time.monotonic()
+        logs = ws.root / "bench" / quant.type
+        model = Path(quantized.output.path)
+        plan = validated.plan
+        errors: list[dict] = []
+        speed, memory = _offload_modes(chain, model, plan, options, rpc, logs, errors, on_message)
+        quality = _quality(chain, pipeline, quantized, ws, text, options, errors, on_message)
+        record = BenchRecord(
+            quant=quant.type, file=quantized.output, machine=machine, tool=ToolBuildRef(**tool.build.as_dict()),
+            options=options, speed=speed, memory=memory, quality=quality, errors=errors,
+            wall_s=round(time.monotonic() - started, 3),
+        )
+        record.save(record_path)
+    return BenchOutcome(record, skipped=False, errors=errors)
+
+
+def _same_machine(a: dict, b: dict) -> bool:
+    keys = ("cpu", "cores", "ram_bytes", "gpus")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _offload_modes(chain: Toolchain, model: Path, plan: dict, options: dict, rpc: str | None, logs: Path,
+                   errors: list[dict], on_message: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+    speed, memory = [], []
+    no_device: str | None = None  # once llama.cpp shows it has no offload device, the other modes would too
+    placements = {p["n_cpu_moe"]: p for p in plan["weights"][1:]}
+    kv_planned = {int(c): n for c, n in plan["kv_bytes"].items()}
+    for mode in modes_from_config(tuple(options["modes"]), plan["n_layer"]):
+        slug = mode.name.replace(" ", "-")
+        if no_device:
+            errors.append({"mode": mode.name, "error": no_device})
+            continue
+        try:
+            on_message(f"{model.name}: llama-bench, mode {mode.name}")
+            result = run_speed(chain.path("llama-bench"), model, mode, logs / f"speed-{slug}.log",
+                               n_prompt=options["n_prompt"], n_gen=options["n_gen"],
+                               repetitions=options["repetitions"], threads=options["threads"], rpc=rpc,
+                               timeout_s=options["timeout_s"])
+            if result["backends"] in OFFLOAD_BACKENDS_ABSENT:
+                no_device = (f"llama.cpp ran on {result['backends'] or 'the CPU'} only: this machine or build has "
+                             "no GPU; run on a GPU build, or pass --rpc HOST:PORT to measure through an RPC device")
+                raise ToolError(no_device)
+            speed.append(result)
+            for ctx in options["ctx"]:
+                on_message(f"{model.name}: llama-completion, mode {mode.name}, context {ctx}")
+                measured = run_memory(chain.path("llama-completion"), model, mode, ctx,
+                                      logs / f"memory-{slug}-{ctx}.log", threads=options["threads"], rpc=rpc,
+                                      timeout_s=options["timeout_s"])
+                memory.append(_compare(measured, placements[mode.n_cpu_moe]["gpu_bytes"], kv_planned.get(ctx)))
+        except MoeqError as exc:
+            errors.append({"mode": mode.name, "error": exc.message})
+    return speed, memory
+
+
+def _compare(measured: dict, planned_model: int, planned_kv: int | None) -> dict:
+    """Measured buffers on the offload devices (not CPU*) beside the plan, in MiB."""
+    device = {"model": 0.0, "KV": 0.0, "compute": 0.0}
+    for name, kinds in measured["devices"].items():
+        if not name.startswith("CPU"):
+            for kind in device:
+                device[kind] += kinds.get(kind, 0.0)
+    planned = {"model": round(planned_model / MIB, 2), "KV": round(planned_kv / MIB, 2) if planned_kv else None}
+    return {**measured, "device_mib": {k: round(v, 2) for k, v in device.items()}, "planned_mib": planned,
+            "difference_mib": {k: round(device[k] - planned[k], 2) for k in ("model", "KV") if planned[k] is not None}}
+
+
+def _quality(chain: Toolchain, pipeline: Pipeline, quantized: QuantizeRecord, ws: Workspace, text: Path,
+             options: dict, errors: list[dict], on_message: Callable[[str], None]) -> dict | None:
+    ppl = options["perplexity"]
+    key = hashlib.sha256(json.dumps([quantized.source.sha256, ppl, quantized.tool.commit]).encode()).hexdigest()[:16]
+    folder = ws.root / "bench" / "base"
+    base_kld, base_json = folder / f"{key}.kld", folder / f"{key}.json"
+    tool = chain.path("llama-perplexity")
+    try:
+        with ws.lock(f"kld-base-{key}", on_wait=on_message):
+            if not (base_kld.is_file() and base_json.is_file()):
+                on_message(f"{Path(quantized.source.path).name}: llama-perplexity on the F16 source (saved for KLD)")
+                partial = base_kld.with_name(base_kld.name + ".partial")
+                base = run_perplexity(tool, Path(quantized.source.path), text, folder / f"{key}.log",
+                                      ctx=ppl["ctx"], chunks=ppl["chunks"], kld_base=partial, save_base=True,
+                                      threads=options["threads"], timeout_s=options["timeout_s"])
+                partial.rename(base_kld)
+                write_text_atomic(base_json, json.dumps(base, indent=1))
+            base = json.loads(base_json.read_text())
+        on_message(f"{Path(quantized.output.path).name}: llama-perplexity with KL divergence against F16")
+        quant = run_perplexity(tool, Path(quantized.output.path), text, ws.root / "bench" / quantized.quant /
+                               "perplexity.log", ctx=ppl["ctx"], chunks=ppl["chunks"], kld_base=base_kld,
+                               save_base=False, threads=options["threads"], timeout_s=options["timeout_s"])
+    except MoeqError as exc:
+        errors.append({"mode": "quality", "error": exc.message})
+        return None
+    return {"base": base, "quant": quant, "text": ppl["text"], "ctx": ppl["ctx"], "chunks": ppl["chunks"]}

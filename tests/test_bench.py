@@ -1,0 +1,156 @@
+"""`moeq bench` on the tiny model's real quants: llama-bench, llama-completion and llama-perplexity,
+with llama.cpp's RPC backend standing in for a GPU."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from moeq.bench.runs import parse_perplexity
+from moeq.bench.stage import bench_quant, default_eval_text
+from moeq.cards.lint import lint_card
+from moeq.cards.manifest import MANIFEST_NAME, read_manifest
+from moeq.cards.stage import make_card
+from moeq.config import load_pipeline
+from moeq.llama_logs import parse_buffer_sizes
+from moeq.quantize.stage import quantize
+from moeq.toolchain import Toolchain
+from moeq.validate.stage import validate_quant
+from moeq.workspace import Workspace
+
+from conftest import REPO, run_moeq
+
+LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
+EVAL_TEXT_SHA256 = "f08ec0c98a45566f009f3e07dce1e5a0247a9fb8311a3a8dea6ea86bad0612db"
+
+
+def prepared(folder: Path, quants=LADDER):
+    config = folder / "tiny-phimoe.yaml"
+    config.write_text((REPO / "examples" / "tiny-phimoe.yaml").read_text())
+    pipeline = load_pipeline(config)
+    ws = Workspace(pipeline.workspace)
+    for q in quants:
+        quantize(pipeline, pipeline.quant(q), ws, Toolchain())
+        validate_quant(pipeline, pipeline.quant(q), ws)
+    return config, pipeline, ws
+
+
+@pytest.fixture(scope="module")
+def benched(tmp_path_factory, toolchain, rpc_device):
+    config, pipeline, ws = prepared(tmp_path_factory.mktemp("bench"))
+    outcomes = {q: bench_quant(pipeline, pipeline.quant(q), ws, toolchain, rpc=rpc_device) for q in LADDER}
+    return config, pipeline, ws, outcomes
+
+
+def test_eval_text_is_the_shipped_one():
+    assert hashlib.sha256(default_eval_text().read_bytes()).hexdigest() == EVAL_TEXT_SHA256
+
+
+@pytest.mark.parametrize("quant", LADDER)
+def test_speed_per_mode(benched, quant):
+    record = benched[3][quant].record
+    assert record.errors == []
+    assert [run["mode"] for run in record.speed] == ["gpu", "cpu-moe", "ncmoe 1"]
+    for run in record.speed:
+        assert run["backends"] == "RPC" and run["gpu_info"].startswith("127.0.0.1:")
+        assert [t["test"] for t in run["tests"]] == ["pp64", "tg16"]
+        assert all(t["avg_ts"] > 0 and len(t["samples_ts"]) == 2 for t in run["tests"])
+        assert run["model_n_params"] == 3_807_808
+    assert record.machine["cores"] >= 1 and record.machine["cpu"] and record.machine["date"]
+    assert record.tool.commit == "0c1e570"
+
+
+@pytest.mark.parametrize("quant", LADDER)
+def test_offload_moves_the_planned_bytes(benched, quant):
+    _, _, ws, outcomes = benched
+    record = outcomes[quant].record
+    assert [(m["mode"], m["ctx"]) for m in record.memory] == [("gpu", 512), ("cpu-moe", 512), ("ncmoe 1", 512)]
+    for m in record.memory:
+        assert abs(m["difference_mib"]["model"]) <= 0.1, m
+        assert abs(m["difference_mib"]["KV"]) <= 0.1, m
+        assert m["device_mib"]["compute"] > 0
+    by_mode = {m["mode"]: m["device_mib"]["model"] for m in record.memory}
+    assert by_mode["gpu"] > by_mode["ncmoe 1"] > by_mode["cpu-moe"] > 0
+    # The parser on the tool's own output, as this run captured it.
+    log = (ws.root / "bench" / quant / "memory-cpu-moe-512.log").read_text()
+    rpc = [b for b in parse_buffer_sizes(log) if b.kind == "model" and b.device.startswith("RPC0")]
+    assert [b.mib for b in rpc] == [record.memory[1]["device_mib"]["model"]]
+
+
+def test_quality_against_f16(benched):
+    _, _, ws, outcomes = benched
+    quality = {q: outcomes[q].record.quality for q in LADDER}
+    bases = {q["base"]["ppl"] for q in quality.values()}
+    assert len(bases) == 1 and bases.pop() > 1  # one F16 run, reused
+    kld = [quality[q]["quant"]["kld_mean"] for q in LADDER]
+    assert 0 < kld[0] < kld[1] < kld[2], kld  # more bits, less divergence
+    top = [quality[q]["quant"]["same_top_p"] for q in LADDER]
+    assert top[0] > top[2]
+    for q in LADDER:
+        assert quality[q]["quant"]["ppl_ratio"] > 0
+        log = (ws.root / "bench" / q / "perplexity.log").read_text()
+        assert parse_perplexity(log)["kld_mean"] == quality[q]["quant"]["kld_mean"]
+
+
+def test_rerun_reuses_the_record_unless_forced(benched, toolchain, rpc_device):
+    _, pipeline, ws, outcomes = benched
+    log = ws.root / "bench" / "Q8_0" / "speed-gpu.log"
+    before = log.stat().st_mtime_ns
+    again = bench_quant(pipeline, pipeline.quant("Q8_0"), ws, toolchain, rpc=rpc_device)
+    assert again.skipped and again.record.to_dict() == outcomes["Q8_0"].record.to_dict()
+    assert log.stat().st_mtime_ns == before  # no tool ran
+    forced = bench_quant(pipeline, pipeline.quant("Q8_0"), ws, toolchain, rpc=rpc_device, force=True,
+                         modes=("cpu-moe",))
+    assert not forced.skipped and [r["mode"] for r in forced.record.speed] == ["cpu-moe"]
+
+
+def test_card_shows_the_measurements(benched, toolchain, rpc_device):
+    _, pipeline, ws, _ = benched
+    bench_quant(pipeline, pipeline.quant("Q8_0"), ws, toolchain, rpc=rpc_device, force=True)
+    outcome = make_card(pipeline, pipeline.quant("Q4_K_M"), ws)
+    assert outcome.record.not_measured == []
+    text = (ws.repo_dir("Q4_K_M") / "README.md").read_text()
+    assert "### Speed" in text and "### VRAM with and without `--cpu-moe`" in text and "### Quality against F16" in text
+    measured = text.split("## Measured speed, VRAM and quality")[1].split("## Usage")[0]
+    assert "offload device: llama.cpp's RPC backend" in measured and "not measured" not in measured
+    manifest = read_manifest(ws.repo_dir("Q4_K_M") / MANIFEST_NAME)
+    assert lint_card(text, "README.md", manifest) == []
+    # A hand-typed speed is caught by lint against the published records.
+    row = next(line for line in text.splitlines() if "| tg16 |" in line)
+    assert [f.rule for f in lint_card(text.replace(row, row[: row.rindex("|", 0, -1)] + "| 99999.99 |"),
+                                      "README.md", manifest)] == ["unrecorded-figure"]
+
+
+def test_cli_without_a_gpu_records_errors_per_mode(tmp_path, toolchain):
+    config, _, ws = prepared(tmp_path, quants=("Q2_K",))
+    proc = run_moeq("bench", "--config", str(config), "--quant", "Q2_K", "--json")
+    assert proc.returncode == 4
+    [result] = json.loads(proc.stdout)
+    errors = result["record"]["errors"]
+    assert [e["mode"] for e in errors] == ["gpu", "cpu-moe", "ncmoe 1"]
+    assert all("no GPU" in e["error"] and "--rpc HOST:PORT" in e["error"] for e in errors)
+    assert result["record"]["quality"]["quant"]["kld_mean"] > 0  # measured all the same
+    assert "bench recorded errors for Q2_K gpu, Q2_K cpu-moe, Q2_K ncmoe 1" in proc.stderr.splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_model_that_fails_to_load_is_reported_per_mode(tmp_path, toolchain, rpc_device):
+    config, pipeline, ws = prepared(tmp_path, quants=("Q2_K",))
+    model = ws.quant_path("tiny-phimoe-Q2_K.gguf")
+    data = model.read_bytes()
+    model.write_bytes(data[: len(data) // 2])  # damaged after validation
+    outcome = bench_quant(pipeline, pipeline.quant("Q2_K"), ws, toolchain, rpc=rpc_device, modes=("cpu-moe",))
+    modes = [e["mode"] for e in outcome.errors]
+    assert modes == ["cpu-moe", "quality"]
+    assert all("exited" in e["error"] and "full log:" in e["error"] for e in outcome.errors)
+    assert outcome.record.speed == [] and outcome.record.quality is None
+
+
+def test_bench_needs_a_validate_record(tmp_path):
+    config = tmp_path / "tiny-phimoe.yaml"
+    config.write_text((REPO / "examples" / "tiny-phimoe.yaml").read_text())
+    proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0")
+    assert proc.returncode == 3 and "no current validate record for Q8_0; run moeq validate" in proc.stderr
