@@ -115,6 +115,7 @@ class BenchSpec:
     ctx: tuple[int, ...] = (4096,)
     timeout_s: int = 1800
     perplexity: PerplexitySpec = field(default_factory=PerplexitySpec)
+    rpc: str | None = None  # HOST:PORT of a ggml-rpc-server, or "local" to start one on 127.0.0.1
 
 
 @dataclass(frozen=True)
@@ -453,7 +454,7 @@ def _card(n: _Node, base: Path) -> CardSpec:
 
 
 def _bench(n: _Node, base: Path) -> BenchSpec:
-    m = n.mapping(("modes", "n_prompt", "n_gen", "repetitions", "threads", "ctx", "timeout_s", "perplexity"))
+    m = n.mapping(("modes", "n_prompt", "n_gen", "repetitions", "threads", "ctx", "timeout_s", "perplexity", "rpc"))
     defaults = BenchSpec()
     modes = defaults.modes
     if "modes" in m:
@@ -484,7 +485,15 @@ def _bench(n: _Node, base: Path) -> BenchSpec:
         ctx=tuple(i.int(minimum=1) for i in m["ctx"].list()) if "ctx" in m else defaults.ctx,
         timeout_s=m["timeout_s"].int(minimum=1) if "timeout_s" in m else defaults.timeout_s,
         perplexity=ppl,
+        rpc=_rpc(m["rpc"]) if "rpc" in m else None,
     )
+
+
+def _rpc(n: _Node) -> str:
+    value = n.str()
+    if value != "local" and not re.fullmatch(r"[\w.\-]+:\d{1,5}", value):
+        raise n.fail(f"{value!r} is not HOST:PORT; use e.g. 127.0.0.1:50052, or local to start a ggml-rpc-server")
+    return value
 
 
 def _toolchain(n: _Node, base: Path) -> ToolchainSpec:

@@ -11,6 +11,7 @@ MOEQ_LLAMA_CPP_BIN environment variable, the pinned build in the cache
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -95,12 +96,45 @@ def parse_version(text: str) -> ToolBuild | None:
     )
 
 
-class Toolchain:
-    """Resolves and probes llama.cpp tools once per process; probes are cached."""
+class ProbeCache:
+    """Tool builds already probed, by (path, size, mtime): a run with nothing to do starts no tool."""
 
-    def __init__(self, configured_bin: Path | None = None):
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._entries: dict[str, dict] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self._entries = {}
+
+    @staticmethod
+    def _key(tool: Path) -> str:
+        st = tool.stat()
+        return f"{tool.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    def get(self, tool: Path) -> ToolBuild | None:
+        entry = self._entries.get(self._key(tool))
+        return ToolBuild(**entry) if entry else None
+
+    def put(self, tool: Path, build: ToolBuild) -> None:
+        self._entries[self._key(tool)] = build.as_dict()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_name(self.path.name + f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(self._entries, indent=1, sort_keys=True))
+            os.replace(partial, self.path)
+        except OSError:
+            pass  # a cache that cannot be written only costs a probe next time
+
+
+class Toolchain:
+    """Resolves and probes llama.cpp tools once per process, and remembers probes across runs.
+
+    `fresh=True` (moeq doctor) probes every tool again instead of trusting the remembered builds."""
+
+    def __init__(self, configured_bin: Path | None = None, fresh: bool = False):
         self.configured_bin = Path(configured_bin) if configured_bin else None
         self._tools: dict[str, Tool] = {}
+        self._probes = None if fresh else ProbeCache(cache_dir() / "tool-probes.json")
 
     def candidates(self, name: str) -> list[tuple[str, Path]]:
         """Where `name` is looked for, in order, as (found_via, path)."""
@@ -128,6 +162,10 @@ class Toolchain:
     def tool(self, name: str) -> Tool:
         if name not in self._tools:
             found_via, path = self.locate(name)
+            remembered = self._probes.get(path) if self._probes else None
+            if remembered is not None:
+                self._tools[name] = Tool(name, path, found_via, remembered)
+                return self._tools[name]
             if name in NO_VERSION_FLAG:
                 args, marker = NO_VERSION_FLAG[name]
                 check_runs(name, path, args, marker)
@@ -135,6 +173,8 @@ class Toolchain:
             else:
                 build = probe_build(name, path)
             self._tools[name] = Tool(name, path, found_via, build)
+            if self._probes and build.commit != "unknown":
+                self._probes.put(path, build)
         return self._tools[name]
 
     def _sibling_build(self, folder: Path) -> ToolBuild:

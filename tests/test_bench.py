@@ -27,9 +27,10 @@ LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
 EVAL_TEXT_SHA256 = "f08ec0c98a45566f009f3e07dce1e5a0247a9fb8311a3a8dea6ea86bad0612db"
 
 
-def prepared(folder: Path, quants=LADDER):
+def prepared(folder: Path, quants=LADDER, rpc: bool = True):
     config = folder / "tiny-phimoe.yaml"
-    config.write_text((REPO / "examples" / "tiny-phimoe.yaml").read_text())
+    text = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
+    config.write_text(text if rpc else "\n".join(line for line in text.splitlines() if "rpc: local" not in line))
     pipeline = load_pipeline(config)
     ws = Workspace(pipeline.workspace)
     for q in quants:
@@ -125,7 +126,7 @@ def test_card_shows_the_measurements(benched, toolchain, rpc_device):
 
 
 def test_cli_without_a_gpu_records_errors_per_mode(tmp_path, toolchain):
-    config, _, ws = prepared(tmp_path, quants=("Q2_K",))
+    config, _, ws = prepared(tmp_path, quants=("Q2_K",), rpc=False)
     proc = run_moeq("bench", "--config", str(config), "--quant", "Q2_K", "--json")
     assert proc.returncode == 4
     [result] = json.loads(proc.stdout)

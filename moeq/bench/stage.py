@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from moeq.bench.machine import machine_facts
+from moeq.bench.rpc import rpc_endpoint
 from moeq.bench.runs import modes_from_config, run_memory, run_perplexity, run_speed
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import InputError, MoeqError, ToolError
@@ -45,6 +46,8 @@ def default_eval_text() -> Path:
 def bench_quant(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolchain, *,
                 modes: tuple[str, ...] | None = None, rpc: str | None = None, force: bool = False,
                 on_message: Callable[[str], None] = lambda _msg: None) -> BenchOutcome:
+    """Measure `quant`; `rpc` (default bench.rpc) is HOST:PORT of a ggml-rpc-server, or "local" to start one."""
+    rpc = rpc or pipeline.bench.rpc
     quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
     validated = ValidateRecord.load(ws.record_path("validate", quant.type))
     if quantized is None or validated is None or validated.file.sha256 != quantized.output.sha256:
@@ -72,7 +75,8 @@ def bench_quant(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
         model = Path(quantized.output.path)
         plan = validated.plan
         errors: list[dict] = []
-        speed, memory = _offload_modes(chain, model, plan, options, rpc, logs, errors, on_message)
+        with rpc_endpoint(rpc, chain) as address:  # "local": a ggml-rpc-server for this run only
+            speed, memory = _offload_modes(chain, model, plan, options, address, logs, errors, on_message)
         quality = _quality(chain, pipeline, quantized, ws, text, options, errors, on_message)
         record = BenchRecord(
             quant=quant.type, file=quantized.output, machine=machine, tool=ToolBuildRef(**tool.build.as_dict()),

@@ -107,3 +107,73 @@ def fetch(
     state = "up to date" if outcome.skipped else f"fetched in {record.wall_s:.1f} s"
     console.print(f"source {state}: {record.output.path} ({human_bytes(record.output.size)}), from {record.origin}",
                   soft_wrap=True)
+
+
+@app.command()
+@guard
+def build(
+    config: ConfigOption,
+    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="Quant type(s) of the ladder.")] = None,
+    all_quants: Annotated[bool, typer.Option("--all", help="Every quant of the ladder.")] = False,
+    push: Annotated[bool, typer.Option("--push", help="Push to the Hub (also when hub.push is true).")] = False,
+    skip_bench: Annotated[bool, typer.Option("--skip-bench", help="Leave the bench stage out.")] = False,
+    force_stage: Annotated[Optional[str], typer.Option(help="Run this stage and every stage after it again: "
+                                                       "fetch, quantize, validate, bench, card or push.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run fetch -> quantize -> validate -> bench -> card -> push for each quant, skipping what is current.
+
+    Without --push the last stage shows the files the push would send, without asking the Hub.
+    Exit 0 when every quant succeeded, else the exit code of the first failed stage.
+    """
+    from moeq.build import build as run_build
+    from moeq.errors import InputError
+    from moeq.hub.client import hub_api
+    from moeq.toolchain import Toolchain
+    from moeq.workspace import Workspace
+
+    pipeline = load_pipeline(config)
+    if bool(quant) == all_quants:
+        raise InputError("moeq build needs --quant TYPE (one or more) or --all")
+    quants = list(pipeline.quants) if all_quants else [pipeline.quant(q) for q in quant]
+    quiet_progress_off_terminal()
+    summary = run_build(pipeline, quants, Workspace(pipeline.workspace), Toolchain(pipeline.toolchain.llama_cpp_bin),
+                        push=push or pipeline.hub.push, api=hub_api(), skip_bench=skip_bench, force_stage=force_stage,
+                        on_message=lambda msg: sys.stderr.write(msg + "\n"))
+    if as_json:
+        print_json(summary.as_dict())
+    else:
+        _print_summary(summary, Workspace(pipeline.workspace))
+    for q in summary.quants:
+        failed = next((s for s in q.stages if s.status == "failed"), None)
+        if failed:
+            sys.stderr.write(f"error: {q.quant}: {failed.stage} failed: {failed.detail}\n")
+    if not summary.ok:
+        raise typer.Exit(summary.exit_code)
+
+
+def _print_summary(summary, ws) -> None:
+    from moeq.build import STAGES
+
+    colors = {"ran": "green", "up to date": "cyan", "failed": "red", "skipped": "yellow"}
+    table = Table(title="moeq build")
+    table.add_column("quant")
+    for stage in STAGES:
+        table.add_column(stage)
+    table.add_column("size")
+    for q in summary.quants:
+        cells = {s.stage: f"[{colors[s.status]}]{s.status}[/] {s.seconds:.1f}s" if s.status in ("ran", "failed")
+                 else f"[{colors[s.status]}]{s.status}[/]" for s in q.stages}
+        table.add_row(q.quant, *[cells.get(stage, "") for stage in STAGES],
+                      human_bytes(q.artifact_bytes) if q.artifact_bytes else "")
+    console.print(table)
+    for q in summary.quants:
+        if q.commit_url or q.pr_url:
+            console.print(f"{q.quant}: {q.pr_url or q.commit_url}", soft_wrap=True)
+        elif summary.pushed and q.ok:
+            console.print(f"{q.quant}: {q.repo_url} (up to date)", soft_wrap=True)
+        elif q.push_plan:
+            files = ", ".join(f"{f['path']} ({human_bytes(f['size'])})" for f in q.push_plan)
+            console.print(f"{q.quant}: push plan (dry run, not compared with the Hub) for {q.repo_id}: {files}",
+                          soft_wrap=True)
+    console.print(f"cards: {ws.repos_dir}/<quant>/README.md; records: {ws.records_dir}", soft_wrap=True)

@@ -30,7 +30,7 @@ def doctor(
     from moeq.doctor import run_doctor
 
     pipeline = load_pipeline(config) if config else None
-    chain = Toolchain(pipeline.toolchain.llama_cpp_bin if pipeline else None)
+    chain = Toolchain(pipeline.toolchain.llama_cpp_bin if pipeline else None, fresh=True)
     report = run_doctor(chain, pipeline)
     if as_json:
         print_json(report.as_dict())
@@ -323,7 +323,8 @@ def bench(
     modes: Annotated[Optional[list[str]], typer.Option("--mode", help="gpu, cpu-moe or N (-ncmoe N); "
                                                        "default: bench.modes.")] = None,
     rpc: Annotated[Optional[str], typer.Option(help="HOST:PORT of a ggml-rpc-server to use as the offload "
-                                               "device (for machines without a GPU).")] = None,
+                                               "device (for machines without a GPU), or local to start one; "
+                                               "default: bench.rpc.")] = None,
     force: Annotated[bool, typer.Option(help="Measure again even when the record is current.")] = False,
     as_json: JsonOption = False,
 ) -> None:

@@ -55,8 +55,10 @@ def fetch_source(pipeline: Pipeline, ws: Workspace, api: HfApi | None, chain: To
     spec = pipeline.source
     ws.ensure()
     if spec.kind in ("synth", "local"):
+        previous = SourceRecord.load(ws.record_path("source"))
         path = source_file(pipeline, ws)
-        return FetchOutcome(record_source(pipeline, ws, path, hash_cache(ws).sha256(path)), skipped=True)
+        record = record_source(pipeline, ws, path, hash_cache(ws).sha256(path))
+        return FetchOutcome(record, skipped=previous is not None and previous.to_dict() == record.to_dict())
     target = ws.source_path(pipeline.model.file_stem)
     with ws.lock("source", on_wait=on_message):
         previous = SourceRecord.load(ws.record_path("source"))

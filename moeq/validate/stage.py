@@ -16,6 +16,17 @@ from moeq.validate.plan import plan_file
 from moeq.workspace import Workspace
 
 
+def current_validation(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, numerics: str = "sample") -> ValidateRecord | None:
+    """The validate record when it checked the quant's current file, against its source, the same way."""
+    quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
+    record = ValidateRecord.load(ws.record_path("validate", quant.type))
+    if quantized is None or record is None:
+        return None
+    same = (record.file.sha256 == quantized.output.sha256 and record.source.sha256 == quantized.source.sha256
+            and record.numerics == numerics and sorted(int(c) for c in record.plan["kv_bytes"]) == sorted(pipeline.bench.ctx))
+    return record if same else None
+
+
 def validate_quant(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, numerics: str = "sample") -> ValidateRecord:
     quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
     if quantized is None:

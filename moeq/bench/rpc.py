@@ -1,0 +1,49 @@
+"""A ggml-rpc-server on 127.0.0.1 for the length of a bench: llama.cpp's offload device without a GPU.
+
+    >>> with rpc_endpoint("local", Toolchain()) as address:
+    ...     bench_quant(pipeline, quant, ws, chain, rpc=address)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+from typing import Iterator
+
+from moeq.errors import ToolError
+from moeq.toolchain import Toolchain
+
+START_TIMEOUT_S = 30
+
+
+@contextlib.contextmanager
+def rpc_endpoint(setting: str | None, chain: Toolchain) -> Iterator[str | None]:
+    """None stays None, HOST:PORT is used as it is, and "local" starts a server that stops afterwards."""
+    if setting != "local":
+        yield setting
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([str(chain.path("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise ToolError(f"ggml-rpc-server did not start on 127.0.0.1:{port}") from None
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
