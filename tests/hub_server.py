@@ -61,9 +61,10 @@ class Repo:
 class Fault:
     method: str
     path: str  # a regex searched in the request path
-    action: str | int  # an HTTP status, "drop" (close the socket) or "truncate" (send half the body)
+    action: str | int  # an HTTP status, "drop" (close the socket), "truncate" (half the body) or "sleep"
     times: int = 1
     headers: dict = field(default_factory=dict)
+    seconds: float = 0.0  # for "sleep": how long to wait before answering normally
 
 
 @dataclass
@@ -242,6 +243,9 @@ class Handler(BaseHTTPRequestHandler):
         if fault is not None and isinstance(fault.action, int):
             self._json(fault.action, {"error": "injected"}, fault.headers)
             return
+        if fault is not None and fault.action == "sleep":
+            time.sleep(fault.seconds)
+            fault = None
         if fault is not None and fault.action == "drop":
             self.close_connection = True
             self.connection.shutdown(2)

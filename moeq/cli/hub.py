@@ -11,6 +11,7 @@ from rich.table import Table
 
 from moeq.cli.common import ConfigOption, JsonOption, app, console, guard, human_bytes, print_json
 from moeq.config import load_pipeline
+from moeq.errors import CheckFailed
 
 
 def quiet_progress_off_terminal() -> None:
@@ -32,12 +33,15 @@ def push(
     create_pr: Annotated[Optional[bool], typer.Option("--create-pr/--no-create-pr", help="Open a pull request "
                                                       "instead of committing to main (default: hub.create_pr).")] = None,
     force: Annotated[bool, typer.Option(help="Replace a README.md on the Hub that moeq did not write.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="A dry run that exits 7 unless every repo on the Hub "
+                                        "already holds exactly its staged files.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Publish each quant's staged repo (moeq card) in one commit: GGUF(s), README.md and the records manifest.
 
     The token comes from HF_TOKEN or `hf auth login`; it is never printed or stored.
     """
+    dry_run = dry_run or check
     from moeq.hub.client import hub_api
     from moeq.hub.push import push_quant
     from moeq.workspace import Workspace
@@ -76,6 +80,10 @@ def push(
                           soft_wrap=True)
     if as_json:
         print_json(results)
+    if check:
+        behind = [r["repo_id"] for r in results if any(f["action"] != "unchanged" for f in r["files"])]
+        if behind:
+            raise CheckFailed(f"not what the records say: {', '.join(behind)}; run moeq push for them")
 
 
 @app.command()

@@ -1,0 +1,201 @@
+"""`moeq build` end to end: real tools, the test Hub, reruns that do nothing, kills, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moeq.cards.lint import lint_card
+from moeq.toolchain import TOOLS
+
+from conftest import HUB_TOKEN, REPO, run_moeq
+from hub_server import Fault
+
+LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
+STAGES = ["fetch", "quantize", "validate", "bench", "card", "push"]
+
+
+def repo_id(quant: str) -> str:
+    return f"moeq-test/tiny-phimoe-{quant.lower().replace('_', '-')}-gguf"
+
+
+def wrapped_tools(tmp_path: Path, toolchain, fail_quant: str | None = None) -> Path:
+    """A tool folder whose every tool logs its start to tmp_path/starts, then runs the real one.
+
+    While tmp_path/slow exists, llama-quantize waits 60 s first (touching tmp_path/quantizing), to be killed."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for name in TOOLS:
+        extra = ""
+        if name == "llama-quantize":
+            extra = (f'if [ "$1" != --help ] && [ -f {tmp_path}/slow ]; then touch {tmp_path}/quantizing; sleep 60; fi\n'
+                     + (f'if [ "$3" = {fail_quant} ]; then echo "simulated failure for {fail_quant}" >&2; exit 1; fi\n'
+                        if fail_quant else ""))
+        (folder / name).write_text(f"#!/bin/sh\necho \"{name} $*\" >> {tmp_path}/starts\n{extra}"
+                                   f"exec {toolchain.path(name)} \"$@\"\n")
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def write_config(tmp_path: Path, bin_dir: Path, template: Path | None = None) -> Path:
+    text = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
+    text += f"\ntoolchain:\n  llama_cpp_bin: {bin_dir}\n"
+    if template:
+        text = text.replace("card:\n  extra:\n", f"card:\n  template: {template}\n  extra:\n")
+    config = tmp_path / "tiny-phimoe.yaml"
+    config.write_text(text)
+    return config
+
+
+def build(hub, config: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = run_moeq("build", "--config", str(config), *args, "--json", env=hub.env)
+    assert HUB_TOKEN not in proc.stdout + proc.stderr
+    return proc, (json.loads(proc.stdout) if proc.stdout.strip() else {})
+
+
+def statuses(summary: dict) -> dict[str, list[str]]:
+    return {q["quant"]: [s["status"] for s in q["stages"]] for q in summary["quants"]}
+
+
+def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain):
+    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
+    proc, summary = build(test_hub, config, "--all", "--push")
+    assert proc.returncode == 0, proc.stderr
+    assert statuses(summary) == {q: ["ran"] * 6 for q in LADDER}
+    for quant in LADDER:
+        files = test_hub.state.files(repo_id(quant))
+        readme = files["README.md"].decode()
+        manifest = json.loads(files["moeq-manifest.json"])
+        assert lint_card(readme, "README.md", manifest) == []
+        for other in LADDER:
+            assert f"](https://huggingface.co/{repo_id(other)})" in readme
+        assert "### Speed" in readme and "### Quality against F16" in readme
+        assert len(test_hub.state.commits_on(repo_id(quant))) == 2
+
+    (tmp_path / "starts").unlink()
+    start = len(test_hub.requests)
+    began = time.monotonic()
+    proc, summary = build(test_hub, config, "--all", "--push")
+    elapsed = time.monotonic() - began
+    assert proc.returncode == 0, proc.stderr
+    assert statuses(summary) == {q: ["up to date"] * 6 for q in LADDER}
+    assert not (tmp_path / "starts").exists(), (tmp_path / "starts").read_text()  # no llama.cpp tool started
+    assert all(len(test_hub.state.commits_on(repo_id(q))) == 2 for q in LADDER)
+    assert not [r for r in test_hub.requests[start:] if r.writes]
+    print(f"second build: {elapsed:.2f} s")
+
+
+def test_template_change_reruns_card_and_push_only(tmp_path, test_hub, toolchain):
+    template = tmp_path / "card.md.j2"
+    builtin = (REPO / "templates" / "model-card.md.j2").read_text()
+    template.write_text(builtin)
+    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain), template)
+    assert build(test_hub, config, "--all", "--push")[0].returncode == 0
+    template.write_text(builtin.replace("## Model details", "Published by the release job.\n\n## Model details"))
+    (tmp_path / "starts").unlink()
+    proc, summary = build(test_hub, config, "--all", "--push")
+    assert proc.returncode == 0, proc.stderr
+    assert statuses(summary) == {q: ["up to date"] * 4 + ["ran", "ran"] for q in LADDER}
+    assert not (tmp_path / "starts").exists()
+    for quant in LADDER:
+        new, old = test_hub.state.commits_on(repo_id(quant))[:2]
+        changed = {p for p in new.files if old.files.get(p) is None or new.files[p].data != old.files[p].data}
+        assert changed == {"README.md"}
+        assert b"Published by the release job." in new.files["README.md"].data
+
+
+def start_build(hub, config: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "moeq", "build", "--config", str(config), "--all", "--push"],
+                            cwd=REPO, env={**os.environ, **hub.env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def assert_released(hub, config: Path, tmp_path: Path) -> None:
+    proc = run_moeq("push", "--config", str(config), "--check", env=hub.env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for quant in LADDER:
+        assert len(hub.state.commits_on(repo_id(quant))) == 2  # one moeq commit, never a second
+    leftovers = [p for p in (tmp_path / "work").rglob("*.partial")]
+    assert leftovers == []
+
+
+def test_killed_during_quantize_resumes(tmp_path, test_hub, toolchain):
+    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
+    (tmp_path / "slow").touch()
+    proc = start_build(test_hub, config)
+    wait_for(lambda: (tmp_path / "quantizing").exists(), "llama-quantize to start")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (tmp_path / "work" / "quants" / "tiny-phimoe-Q8_0.gguf").exists()
+    (tmp_path / "slow").unlink()
+    rerun, summary = build(test_hub, config, "--all", "--push")
+    assert rerun.returncode == 0, rerun.stderr
+    assert_released(test_hub, config, tmp_path)
+
+
+def test_killed_during_push_resumes(tmp_path, test_hub, toolchain):
+    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
+    test_hub.state.faults.append(Fault("PUT", r"^/lfs-upload/", "sleep", seconds=5))
+    proc = start_build(test_hub, config)
+    wait_for(lambda: any(r.path.startswith("/lfs-upload/") for r in test_hub.requests), "the first upload")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert all(repo_id(q) not in test_hub.state.repos or len(test_hub.state.commits_on(repo_id(q))) == 1
+               for q in LADDER)  # killed before any commit
+    rerun, summary = build(test_hub, config, "--all", "--push")
+    assert rerun.returncode == 0, rerun.stderr
+    assert statuses(summary)["Q8_0"][:5] == ["up to date"] * 5 and statuses(summary)["Q8_0"][5] == "ran"
+    assert_released(test_hub, config, tmp_path)
+
+
+def test_one_failing_quant_does_not_stop_the_others(tmp_path, test_hub, toolchain):
+    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain, fail_quant="Q2_K"))
+    proc, summary = build(test_hub, config, "--all", "--push")
+    assert proc.returncode == 4  # ToolError: the exit code of the first failed stage
+    assert statuses(summary)["Q2_K"] == ["ran", "failed", "skipped", "skipped", "skipped", "skipped"]
+    assert statuses(summary)["Q8_0"] == statuses(summary)["Q4_K_M"] == ["ran"] * 6
+    failed = summary["quants"][2]["stages"][1]
+    assert "simulated failure for Q2_K" in failed["detail"] and failed["exit_code"] == 4
+    assert "error: Q2_K: quantize failed: llama-quantize exited 1: simulated failure for Q2_K" in proc.stderr
+    assert summary["ok"] is False and summary["exit_code"] == 4
+
+
+def test_offline_main_job_ends_with_a_local_push_plan(tmp_path, toolchain):
+    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert proc.returncode == 0, proc.stderr
+    assert "push plan (dry run, not compared with the Hub) for moeq-test/tiny-phimoe-q8-0-gguf" in proc.stdout
+    assert f"cards: {tmp_path / 'work' / 'repos'}/<quant>/README.md" in proc.stdout.replace("\n", "")
+
+
+@pytest.mark.parametrize("args,code,message", [
+    ((), 3, "moeq build needs --quant TYPE (one or more) or --all"),
+    (("--all", "--force-stage", "polish"), 2, "--force-stage 'polish': use one of fetch, quantize"),
+])
+def test_build_argument_errors(tmp_path, args, code, message):
+    config = tmp_path / "p.yaml"
+    config.write_text((REPO / "examples" / "tiny-phimoe.yaml").read_text())
+    proc = run_moeq("build", "--config", str(config), *args)
+    assert proc.returncode == code and message in proc.stderr
+
+
+def test_force_stage_card_reruns_card_and_push_only(tmp_path, toolchain):
+    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
+    assert run_moeq("build", "--config", str(config), "--quant", "Q4_K_M").returncode == 0
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--force-stage", "card", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert statuses(json.loads(proc.stdout))["Q4_K_M"] == ["up to date"] * 4 + ["ran", "skipped"]
