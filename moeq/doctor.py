@@ -16,7 +16,8 @@ from moeq.synth import parameter_count
 from moeq.toolchain import PINNED_COMMIT, TOOLS, Toolchain
 from moeq.workspace import free_bytes
 
-PACKAGES = ("moeq", "gguf", "huggingface_hub", "typer", "rich", "jinja2", "pyyaml", "numpy")
+PACKAGES = ("moeq", "gguf", "huggingface_hub", "typer", "rich", "jinja2", "pyyaml", "numpy", "markdown-it-py",
+            "torch", "transformers", "sentencepiece", "safetensors")  # the last four: the convert extra
 DISK_MARGIN = 1.05  # 5% headroom for logs, records and filesystem overhead
 
 
