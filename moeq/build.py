@@ -113,8 +113,8 @@ def build(pipeline: Pipeline, quants: list[QuantSpec], ws: Workspace, chain: Too
     fetch_result = StageResult("fetch", "ran")
     started = time.monotonic()
     try:
-        with ws.lock("build-source", wait=False):
-            outcome = fetch_source(pipeline, ws, api, chain, force="fetch" in force, on_message=on_message)
+        # The source has its own lock: a second build waits for the first's fetch, then finds it current.
+        outcome = fetch_source(pipeline, ws, api, chain, force="fetch" in force, on_message=on_message)
         fetch_result.status = "up to date" if outcome.skipped else "ran"
     except MoeqError as exc:
         fetch_result = StageResult("fetch", "failed", detail=exc.message, exit_code=exc.exit_code)

@@ -69,7 +69,7 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
                     raise ToolError(f"{name}: still running after {timeout_s:.0f} s, stopped; log: {log_path}")
             returncode = proc.wait()
         except BaseException:
-            _stop(proc)
+            stop_process(proc)
             raise
     wall = time.monotonic() - started
     if returncode != 0:
@@ -79,7 +79,8 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
     return ToolRun(command=command, returncode=returncode, wall_s=wall, log_path=log_path)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
     if proc.poll() is not None:
         return
     proc.terminate()

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -57,18 +55,7 @@ def test_hub(tmp_path):
 @pytest.fixture(scope="session")
 def rpc_device(toolchain):
     """A ggml-rpc-server on 127.0.0.1: llama.cpp treats it as an offload device, as it would a GPU."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([str(toolchain.path("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=10)
+    from moeq.bench.rpc import rpc_endpoint
+
+    with rpc_endpoint("local", toolchain) as address:
+        yield address

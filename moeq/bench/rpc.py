@@ -13,6 +13,7 @@ import time
 from typing import Iterator
 
 from moeq.errors import ToolError
+from moeq.runner import stop_process
 from moeq.toolchain import Toolchain
 
 START_TIMEOUT_S = 30
@@ -41,9 +42,4 @@ def rpc_endpoint(setting: str | None, chain: Toolchain) -> Iterator[str | None]:
                 time.sleep(0.1)
         yield f"127.0.0.1:{port}"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeq.cli.common import JsonOption, app, console, guard, print_json
+from moeq.cli.common import JsonOption, app, console, guard, print_json, selected_quants
 from moeq.config import load_pipeline
 from moeq.errors import CheckFailed, InputError
 
@@ -42,7 +42,7 @@ def card(
     from moeq.workspace import Workspace
 
     pipeline = load_pipeline(config)
-    quants = [pipeline.quant(q) for q in quant] if quant else list(pipeline.quants)
+    quants = selected_quants(pipeline, quant)
     ws = Workspace(pipeline.workspace)
     results = []
     for spec in quants:

@@ -100,3 +100,8 @@ def human_bytes(n: int) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
     return str(n)
+
+
+def selected_quants(pipeline, names: list[str] | None) -> list:
+    """The quants named on the command line, or the whole ladder."""
+    return [pipeline.quant(q) for q in names] if names else list(pipeline.quants)

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moeq.cli.common import ConfigOption, JsonOption, app, console, guard, human_bytes, print_json
+from moeq.cli.common import (ConfigOption, JsonOption, app, console, guard, human_bytes, print_json,
+                             selected_quants)
 from moeq.config import load_pipeline
 from moeq.errors import CheckFailed
 
@@ -47,7 +48,7 @@ def push(
     from moeq.workspace import Workspace
 
     pipeline = load_pipeline(config)
-    quants = [pipeline.quant(q) for q in quant] if quant else list(pipeline.quants)
+    quants = selected_quants(pipeline, quant)
     ws = Workspace(pipeline.workspace)
     api = hub_api()
     quiet_progress_off_terminal()
@@ -143,7 +144,7 @@ def build(
     pipeline = load_pipeline(config)
     if bool(quant) == all_quants:
         raise InputError("moeq build needs --quant TYPE (one or more) or --all")
-    quants = list(pipeline.quants) if all_quants else [pipeline.quant(q) for q in quant]
+    quants = selected_quants(pipeline, None if all_quants else quant)
     quiet_progress_off_terminal()
     summary = run_build(pipeline, quants, Workspace(pipeline.workspace), Toolchain(pipeline.toolchain.llama_cpp_bin),
                         push=push or pipeline.hub.push, api=hub_api(), skip_bench=skip_bench, force_stage=force_stage,

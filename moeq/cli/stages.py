@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moeq.cli.common import (ConfigOption, JsonOption, guard, human_bytes, print_json, app, console,
-                             synth_app)
+from moeq.cli.common import (ConfigOption, JsonOption, app, console, guard, human_bytes, print_json,
+                             selected_quants, synth_app)
 from moeq.config import SynthSpec, load_pipeline
 from moeq.errors import CheckFailed, InputError, ToolError
 from moeq.toolchain import Toolchain
@@ -158,7 +158,7 @@ def quantize(
     from moeq.workspace import Workspace
 
     pipeline = load_pipeline(config)
-    quants = [pipeline.quant(q) for q in quant] if quant else list(pipeline.quants)
+    quants = selected_quants(pipeline, quant)
     ws = Workspace(pipeline.workspace)
     chain = Toolchain(pipeline.toolchain.llama_cpp_bin)
     results = []
@@ -337,7 +337,7 @@ def bench(
         if mode not in BENCH_MODES and not mode.isdigit():
             raise InputError(f"--mode {mode!r}: use gpu, cpu-moe, or an integer N for -ncmoe N")
     pipeline = load_pipeline(config)
-    quants = [pipeline.quant(q) for q in quant] if quant else list(pipeline.quants)
+    quants = selected_quants(pipeline, quant)
     ws = Workspace(pipeline.workspace)
     chain = Toolchain(pipeline.toolchain.llama_cpp_bin)
     results, failed = [], []
