@@ -164,3 +164,24 @@ def test_quantize_before_fetch_says_what_to_do(tmp_path, test_hub):
     config = write_config(tmp_path, f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: main\n  file: x.gguf\n")
     proc = run_moeq("quantize", "--config", str(config), env=test_hub.env)
     assert proc.returncode == 3 and "has not been fetched; run moeq fetch --config" in proc.stderr
+
+
+def test_disk_space_is_checked_before_downloading(tmp_path, test_hub, tiny_model, monkeypatch):
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    from moeq.config import load_pipeline
+    from moeq.errors import ResourceError
+    from moeq.source.fetch import fetch_source
+    from moeq.workspace import Workspace
+
+    test_hub.state.add_files(SOURCE_REPO, {"tiny-phimoe-F16.gguf": tiny_model.read_bytes()})
+    pipeline = load_pipeline(write_config(tmp_path, f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: main\n"
+                                                    "  file: tiny-phimoe-F16.gguf\n"))
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=2 * 2**20))  # a nearly full disk
+    with pytest.raises(ResourceError) as info:
+        fetch_source(pipeline, Workspace(pipeline.workspace), HfApi(endpoint=test_hub.url, token=HUB_TOKEN))
+    assert info.value.message.startswith(f"{pipeline.workspace / 'source'}: 2 MiB free, the source needs about 8 MiB")
+    assert not [r for r in test_hub.requests if "/lfs-objects/" in r.path or "/resolve/" in r.path]

@@ -115,8 +115,8 @@ def _entries(api: HfApi, repo: str, commit: str, names: list[str]) -> list[RepoF
 def _check_disk(ws: Workspace, need: int) -> None:
     free = free_bytes(ws.source_dir)
     if free < need * DISK_MARGIN:
-        raise ResourceError(f"{ws.source_dir}: {free / 2**30:.1f} GiB free, the source needs about "
-                            f"{need * DISK_MARGIN / 2**30:.1f} GiB; free some space or move the workspace")
+        raise ResourceError(f"{ws.source_dir}: {free / 2**20:.0f} MiB free, the source needs about "
+                            f"{need * DISK_MARGIN / 2**20:.0f} MiB; free some space or move the workspace")
 
 
 def _download_all(api: HfApi, repo: str, commit: str, entries: list[RepoFile], folder: Path,
