@@ -11,6 +11,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -56,6 +57,13 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
             )
         except OSError as exc:
             raise ToolError(f"{name}: cannot start {command[0]} ({exc.strerror}); run scripts/setup") from None
+        # A watchdog, so that a tool that hangs without printing is stopped too.
+        timed_out = threading.Event()
+        watchdog = None
+        if timeout_s is not None:
+            watchdog = threading.Timer(timeout_s, lambda: (timed_out.set(), stop_process(proc, group=True)))
+            watchdog.daemon = True
+            watchdog.start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -65,12 +73,15 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
                     tail.append(stripped.strip())
                 if on_line:
                     on_line(stripped)
-                if timeout_s is not None and time.monotonic() - started > timeout_s:
-                    raise ToolError(f"{name}: still running after {timeout_s:.0f} s, stopped; log: {log_path}")
             returncode = proc.wait()
         except BaseException:
-            stop_process(proc)
+            stop_process(proc, group=True)
             raise
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+        if timed_out.is_set():
+            raise ToolError(f"{name}: still running after {timeout_s:.0f} s, stopped; log: {log_path}")
     wall = time.monotonic() - started
     if returncode != 0:
         quoted = " | ".join(list(tail)[-TAIL_LINES:]) or "no output"
@@ -79,13 +90,20 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
     return ToolRun(command=command, returncode=returncode, wall_s=wall, log_path=log_path)
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL after 10 s."""
+def stop_process(proc: subprocess.Popen, group: bool = False) -> None:
+    """SIGTERM, then SIGKILL after 10 s; with `group`, to the process group the tool leads (its children too)."""
     if proc.poll() is not None:
         return
-    proc.terminate()
+
+    def send(sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    send(signal.SIGTERM)
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        send(signal.SIGKILL)
         proc.wait()

@@ -4,6 +4,7 @@ with llama.cpp's RPC backend standing in for a GPU."""
 from __future__ import annotations
 
 import hashlib
+import time
 import json
 from pathlib import Path
 
@@ -155,3 +156,27 @@ def test_bench_needs_a_validate_record(tmp_path):
     config.write_text((REPO / "examples" / "tiny-phimoe.yaml").read_text())
     proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0")
     assert proc.returncode == 3 and "no current validate record for Q8_0; run moeq validate" in proc.stderr
+
+
+def test_a_mode_over_its_time_limit_is_stopped_and_reported(tmp_path, toolchain, rpc_device):
+    from moeq.toolchain import TOOLS
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for name in TOOLS:
+        if name == "llama-bench":  # answers --version, then hangs without a word
+            (folder / name).write_text(f'#!/bin/sh\n[ "$1" = --version ] && exec {toolchain.path(name)} --version\n'
+                                       "sleep 60\n")
+            (folder / name).chmod(0o755)
+        else:
+            (folder / name).symlink_to(toolchain.path(name))
+    config, pipeline, ws = prepared(tmp_path, quants=("Q8_0",))
+    config.write_text(config.read_text().replace("  repetitions: 2\n", "  repetitions: 2\n  timeout_s: 2\n")
+                      + f"\ntoolchain:\n  llama_cpp_bin: {folder}\n")
+    pipeline = load_pipeline(config)
+    started = time.monotonic()
+    outcome = bench_quant(pipeline, pipeline.quant("Q8_0"), ws, Toolchain(folder), rpc=rpc_device, modes=("gpu",))
+    assert time.monotonic() - started < 30
+    assert outcome.errors[0]["mode"] == "gpu"
+    assert outcome.errors[0]["error"].startswith("llama-bench: still running after 2 s, stopped; log: ")
+    assert outcome.record.quality is not None  # the other measurements still ran
