@@ -180,3 +180,16 @@ def test_a_mode_over_its_time_limit_is_stopped_and_reported(tmp_path, toolchain,
     assert outcome.errors[0]["mode"] == "gpu"
     assert outcome.errors[0]["error"].startswith("llama-bench: still running after 2 s, stopped; log: ")
     assert outcome.record.quality is not None  # the other measurements still ran
+
+
+def test_cli_with_an_rpc_device(tmp_path, toolchain, rpc_device):
+    config, _, _ = prepared(tmp_path, quants=("Q8_0",), rpc=False)
+    proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0", "--modes", "cpu-moe", "--rpc", rpc_device)
+    assert proc.returncode == 0, proc.stderr
+    assert "Q8_0: measured on" in proc.stdout and "cpu-moe" in proc.stdout
+    proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0", "--modes", "cpu-moe", "--rpc", rpc_device,
+                    "--json")
+    [result] = json.loads(proc.stdout)
+    assert result["skipped"] is True and [r["mode"] for r in result["record"]["speed"]] == ["cpu-moe"]
+    proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0", "--modes", "fast")
+    assert proc.returncode == 3 and "--modes 'fast': use gpu, cpu-moe, or an integer N" in proc.stderr

@@ -320,7 +320,7 @@ def bench(
     config: ConfigOption,
     quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="Quant type(s) of the ladder "
                                                        "(default: all).")] = None,
-    modes: Annotated[Optional[list[str]], typer.Option("--mode", help="gpu, cpu-moe or N (-ncmoe N); "
+    modes: Annotated[Optional[list[str]], typer.Option("--mode", "--modes", help="gpu, cpu-moe or N (-ncmoe N), repeatable; "
                                                        "default: bench.modes.")] = None,
     rpc: Annotated[Optional[str], typer.Option(help="HOST:PORT of a ggml-rpc-server to use as the offload "
                                                "device (for machines without a GPU), or local to start one; "
@@ -335,7 +335,7 @@ def bench(
 
     for mode in modes or []:
         if mode not in BENCH_MODES and not mode.isdigit():
-            raise InputError(f"--mode {mode!r}: use gpu, cpu-moe, or an integer N for -ncmoe N")
+            raise InputError(f"--modes {mode!r}: use gpu, cpu-moe, or an integer N for -ncmoe N")
     pipeline = load_pipeline(config)
     quants = selected_quants(pipeline, quant)
     ws = Workspace(pipeline.workspace)
