@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeq.cli.common import JsonOption, app, console, guard, print_json, selected_quants
+from moeq.cli.common import JsonOption, QuantsOption, app, console, guard, print_json, selected_quants
 from moeq.config import load_pipeline
 from moeq.errors import CheckFailed, InputError
 
@@ -16,16 +16,13 @@ card_app = typer.Typer(help="Model cards: render (with --config/--quant), lint, 
                        invoke_without_command=True)
 app.add_typer(card_app, name="card")
 
-QuantOption = Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="Quant type(s) of the ladder "
-                                                          "(default: all).")]
-
 
 @card_app.callback()
 @guard
 def card(
     ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Path to pipeline.yaml.")] = None,
-    quant: QuantOption = None,
+    quant: QuantsOption = None,
     force: Annotated[bool, typer.Option(help="Render even when the records and templates are unchanged.")] = False,
     as_json: JsonOption = False,
 ) -> None:

@@ -36,6 +36,8 @@ _state = {"debug": os.environ.get("MOEQ_DEBUG") == "1"}
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Path to pipeline.yaml.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+QuantsOption = Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="Quant type(s) of the ladder "
+                                                           "(default: all).")]
 
 
 def guard(fn: Callable) -> Callable:

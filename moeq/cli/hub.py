@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moeq.cli.common import (ConfigOption, JsonOption, app, console, guard, human_bytes, print_json,
-                             selected_quants)
+from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, console, guard, human_bytes,
+                             print_json, selected_quants)
 from moeq.config import load_pipeline
 from moeq.errors import CheckFailed
 
@@ -27,8 +27,7 @@ def quiet_progress_off_terminal() -> None:
 @guard
 def push(
     config: ConfigOption,
-    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="Quant type(s) of the ladder "
-                                                       "(default: all).")] = None,
+    quant: QuantsOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan; send nothing that changes the "
                                           "Hub.")] = False,
     create_pr: Annotated[Optional[bool], typer.Option("--create-pr/--no-create-pr", help="Open a pull request "

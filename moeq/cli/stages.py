@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moeq.cli.common import (ConfigOption, JsonOption, app, console, guard, human_bytes, print_json,
-                             selected_quants, synth_app)
+from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, console, guard, human_bytes,
+                             print_json, selected_quants, synth_app)
 from moeq.config import SynthSpec, load_pipeline
 from moeq.errors import CheckFailed, InputError, ToolError
 from moeq.toolchain import Toolchain
@@ -145,8 +145,7 @@ def check_config(config: ConfigOption, as_json: JsonOption = False) -> None:
 @guard
 def quantize(
     config: ConfigOption,
-    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="Quant type(s) of the ladder "
-                                                       "(default: all).")] = None,
+    quant: QuantsOption = None,
     force: Annotated[bool, typer.Option(help="Run even when the record says it is up to date.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="Threads for llama-quantize.")] = None,
     allow_requantize: Annotated[bool, typer.Option(help="Accept an already-quantized source "
@@ -318,8 +317,7 @@ def _report_checks(file: str, checks: list[dict], as_json: dict | None) -> None:
 @guard
 def bench(
     config: ConfigOption,
-    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="Quant type(s) of the ladder "
-                                                       "(default: all).")] = None,
+    quant: QuantsOption = None,
     modes: Annotated[Optional[list[str]], typer.Option("--mode", "--modes", help="gpu, cpu-moe or N (-ncmoe N), repeatable; "
                                                        "default: bench.modes.")] = None,
     rpc: Annotated[Optional[str], typer.Option(help="HOST:PORT of a ggml-rpc-server to use as the offload "
