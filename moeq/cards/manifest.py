@@ -4,7 +4,7 @@ The card is rendered from this manifest and nothing else, so `moeq card lint --r
 same facts from the published manifest and check that every figure in the card comes from a record.
 Local paths are reduced to file names: a maintainer's folders are nobody's business.
 
-    >>> manifest = build_manifest(pipeline, pipeline.quant("Q8_0"), Workspace(pipeline.workspace))
+    >>> manifest = build_manifest(pipeline, quant, ws, quantize_record(pipeline, quant, ws), gguf_files)
     >>> manifest["records"]["quantize"]["quant_bpw"]
     8.5
 """
@@ -58,16 +58,12 @@ def current_record(ws: Workspace, kind: str, quant: str, quantized: QuantizeReco
     return record
 
 
-def build_manifest(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, gguf_files: list[FileRef],
-                   warn: Callable[[str], None] = lambda _msg: None) -> dict:
+def build_manifest(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, quantized: QuantizeRecord,
+                   gguf_files: list[FileRef], warn: Callable[[str], None] = lambda _msg: None) -> dict:
     """Collect this quant's records, its siblings' summaries and the pipeline's card facts.
 
     `gguf_files` are what the repo holds of the model: the quant, or its shards (hub/split.py).
     """
-    quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
-    if quantized is None:
-        raise InputError(f"{ws.record_path('quantize', quant.type)}: no quantize record for {quant.type}; "
-                         f"run moeq quantize --config {pipeline.path} --quant {quant.type} first")
     if not quantized.model:
         raise InputError(f"{ws.record_path('quantize', quant.type)}: written by an older moeq without the "
                          f"model's facts; run moeq quantize --config {pipeline.path} --quant {quant.type} --force")

@@ -23,6 +23,7 @@ from moeq.cards.render import DEFAULT_TEMPLATE, render_card, templates_sha256
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import CheckFailed
 from moeq.hub.split import repo_gguf_files
+from moeq.quantize.stage import quantize_record
 from moeq.records import CardRecord, FileRef
 from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace, commit_file, partial_path, write_text_atomic
@@ -51,8 +52,9 @@ def make_card(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, force: bool =
     the shards.
     """
     warnings: list[str] = []
-    gguf_files = repo_gguf_files(pipeline, quant, ws, chain)
-    manifest = build_manifest(pipeline, quant, ws, gguf_files, warn=warnings.append)
+    quantized = quantize_record(pipeline, quant, ws)
+    gguf_files = repo_gguf_files(pipeline, quantized, ws, chain)
+    manifest = build_manifest(pipeline, quant, ws, quantized, gguf_files, warn=warnings.append)
     manifest_body = manifest_text(manifest)
     template = pipeline.card.template or DEFAULT_TEMPLATE
     templates_digest = templates_sha256(template)

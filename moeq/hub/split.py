@@ -4,7 +4,7 @@ Shards are made by llama-gguf-split in a folder beside the quants, checked (ever
 GGUF, split metadata consistent, all the quant's tensors present once), and reused while the quant's
 sha256 and the shard size are unchanged.
 
-    >>> files = repo_gguf_files(pipeline, pipeline.quant("Q8_0"), ws, chain)
+    >>> files = repo_gguf_files(pipeline, quantize_record(pipeline, pipeline.quant("Q8_0"), ws), ws, chain)
     >>> [f.name for f in files]
     ['phi-3.5-moe-Q8_0.gguf']
 """
@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from moeq.config import Pipeline, QuantSpec
+from moeq.config import Pipeline
 from moeq.errors import InputError, ToolError
 from moeq.gguf_header import check_extent, read_header
 from moeq.records import FileRef, QuantizeRecord
@@ -35,14 +35,11 @@ def split_size_arg(max_bytes: int) -> str:
     return f"{max_bytes // 10**6}M"
 
 
-def repo_gguf_files(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolchain | None = None) -> list[FileRef]:
-    quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
-    if quantized is None:
-        raise InputError(f"{ws.record_path('quantize', quant.type)}: no quantize record for {quant.type}; "
-                         f"run moeq quantize --config {pipeline.path} --quant {quant.type} first")
+def repo_gguf_files(pipeline: Pipeline, quantized: QuantizeRecord, ws: Workspace,
+                    chain: Toolchain | None = None) -> list[FileRef]:
     if quantized.output.size <= pipeline.hub.max_shard_size:
         return [quantized.output]
-    folder = ws.root / "shards" / quant.type
+    folder = ws.root / "shards" / quantized.quant
     size_arg = split_size_arg(pipeline.hub.max_shard_size)
     stamp = {"source_sha256": quantized.output.sha256, "split_max_size": size_arg}
     try:

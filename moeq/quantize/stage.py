@@ -137,6 +137,15 @@ def quantize(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolcha
         return QuantizeOutcome(record, skipped=False, log_path=log_path)
 
 
+def quantize_record(pipeline: Pipeline, quant: QuantSpec, ws: Workspace) -> QuantizeRecord:
+    """The quantize record later stages start from, or an error saying to run moeq quantize."""
+    record = QuantizeRecord.load(ws.record_path("quantize", quant.type))
+    if record is None:
+        raise InputError(f"{ws.record_path('quantize', quant.type)}: no quantize record for {quant.type}; "
+                         f"run moeq quantize --config {pipeline.path} --quant {quant.type} first")
+    return record
+
+
 def quant_options(quant: QuantSpec, allow_requantize: bool, ws: Workspace) -> dict:
     """Everything that changes llama-quantize's output, as the record keeps it."""
     imatrix = None

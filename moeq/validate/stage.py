@@ -9,8 +9,8 @@ import dataclasses
 from pathlib import Path
 
 from moeq.config import Pipeline, QuantSpec
-from moeq.errors import InputError
 from moeq.records import QuantizeRecord, ValidateRecord
+from moeq.quantize.stage import quantize_record
 from moeq.validate.checks import validate_file
 from moeq.validate.plan import plan_file
 from moeq.workspace import Workspace
@@ -28,10 +28,7 @@ def current_validation(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, nume
 
 
 def validate_quant(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, numerics: str = "sample") -> ValidateRecord:
-    quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
-    if quantized is None:
-        raise InputError(f"{ws.record_path('quantize', quant.type)}: no quantize record for {quant.type}; "
-                         f"run moeq quantize --config {pipeline.path} --quant {quant.type} first")
+    quantized = quantize_record(pipeline, quant, ws)
     overrides = dict(quant.tensor_types)
     if quant.output_tensor_type:
         overrides[r"^output\.weight$"] = quant.output_tensor_type
