@@ -159,7 +159,7 @@ def _steps(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolchain
     from moeq.hub.push import push_quant
     from moeq.quantize.stage import quantize
     from moeq.records import CardRecord
-    from moeq.validate.stage import current_validation, validate_quant
+    from moeq.validate.stage import validate_quant
 
     result = runner.result
 
@@ -169,14 +169,13 @@ def _steps(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolchain
         return outcome.skipped
 
     def do_validate():
-        record = None if "validate" in force else current_validation(pipeline, quant, ws)
-        up_to_date = record is not None
-        record = record or validate_quant(pipeline, quant, ws)
+        outcome = validate_quant(pipeline, quant, ws, force="validate" in force)
+        record = outcome.record
         if not record.ok:
             failed = ", ".join(c["name"] for c in record.checks if not c["ok"])
-            raise CheckFailed(f"{quant.type}: validation failed ({failed}); see moeq validate --config "
-                              f"{pipeline.path} --quant {quant.type}")
-        return up_to_date
+            raise CheckFailed(f"{quant.type}: validation failed ({failed}); see moeq validate --quant "
+                              f"{quant.type} --config {pipeline.path}")
+        return outcome.skipped
 
     def do_bench():
         if skip_bench:

@@ -25,10 +25,11 @@ from moeq import quant_types
 from moeq.errors import ConfigError
 
 SOURCE_KINDS = ("hf", "gguf", "local", "synth")
-REPO_TEMPLATE_FIELDS = {"namespace", "quant", "quant_slug", "quant_lower", "file_stem"}
-DEFAULT_REPO_TEMPLATE = "{namespace}/phi-3.5-moe-{quant_slug}-cpu-offload-gguf"
+REPO_TEMPLATE_FIELDS = {"namespace", "model", "quant", "quant_slug", "quant_lower", "file_stem"}
+# The Hub's usual name for one quant's repo (GGUF-my-repo's): <Model>-<QUANT>-GGUF, from the pipeline's model.
+DEFAULT_REPO_TEMPLATE = "{namespace}/{model}-{quant}-GGUF"
 DEFAULT_FILE_TEMPLATE = "{file_stem}-{quant}.gguf"
-BENCH_MODES = ("gpu", "cpu-moe")
+BENCH_MODES = ("cpu", "gpu", "cpu-moe")
 
 
 # ---------------------------------------------------------------- typed pipeline
@@ -107,7 +108,7 @@ class PerplexitySpec:
 
 @dataclass(frozen=True)
 class BenchSpec:
-    modes: tuple[str, ...] = ("gpu", "cpu-moe")  # plus integers N for -ncmoe N, as strings
+    modes: tuple[str, ...] = ("cpu", "gpu", "cpu-moe")  # plus integers N for -ncmoe N, as strings
     n_prompt: int = 512
     n_gen: int = 128
     repetitions: int = 3
@@ -148,9 +149,16 @@ class Pipeline:
 
 def render_repo_id(hub: HubSpec, model: ModelSpec, quant: QuantSpec) -> str:
     return hub.repo_template.format(
-        namespace=hub.namespace, quant=quant.type, quant_slug=quant.slug,
+        namespace=hub.namespace, model=repo_name(model.name), quant=quant.type, quant_slug=quant.slug,
         quant_lower=quant.type.lower(), file_stem=model.file_stem,
     )
+
+
+def repo_name(text: str) -> str:
+    """A model name as a Hub repo name: 'Phi 3.5 MoE (instruct)' -> 'Phi-3.5-MoE-instruct'."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+    name = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", name))
+    return name.strip("-.") or "model"
 
 
 # ---------------------------------------------------------------- node walking
@@ -466,7 +474,7 @@ def _bench(n: _Node, base: Path) -> BenchSpec:
             elif value in BENCH_MODES:
                 modes_list.append(value)
             else:
-                raise item.fail(f"unknown mode {value!r}; use gpu, cpu-moe, or an integer N for -ncmoe N")
+                raise item.fail(f"unknown mode {value!r}; use cpu, gpu, cpu-moe, or an integer N for -ncmoe N")
         modes = tuple(modes_list)
     ppl = defaults.perplexity
     if "perplexity" in m:

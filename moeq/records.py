@@ -140,6 +140,7 @@ class BenchRecord(Record):
     quality: dict | None  # base (F16) and quant figures from llama-perplexity
     errors: list[dict]  # per failed mode: mode, error
     wall_s: float
+    not_measured: list[dict] = field(default_factory=list)  # per offload mode without a device: mode, reason
 
 
 @dataclass

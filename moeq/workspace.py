@@ -6,7 +6,7 @@
       records/<stage>-<quant>.json   what each stage did (records.py)
       repos/<quant>/                 the staged Hub repo: README.md, the GGUF (hard link), the manifest
       locks/<artifact>.lock          one writer per artifact
-      sha256-cache.json              sha256 by (path, size, mtime, inode)
+      sha256-cache.sqlite            sha256 by (path, size, mtime, inode), safe for concurrent processes
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import shutil
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -145,33 +145,42 @@ def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
 
 
 class HashCache:
-    """sha256 of files keyed by (path, size, mtime_ns, inode), so unchanged files are hashed once."""
+    """sha256 of files keyed by (path, size, mtime_ns, inode), so unchanged files are hashed once.
+
+    Kept in SQLite: each moeq process adds and reads rows in its own transactions, so two processes
+    working on different quants of one workspace never drop each other's hashes.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=60)
         try:
-            self._entries: dict[str, dict] = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self._entries = {}
+            with conn:  # one transaction: committed on success, rolled back on an error
+                conn.execute("CREATE TABLE IF NOT EXISTS sha256 (path TEXT PRIMARY KEY, size INTEGER, "
+                             "mtime_ns INTEGER, inode INTEGER, sha256 TEXT)")
+                yield conn
+        finally:
+            conn.close()
 
     @staticmethod
-    def _key(path: Path) -> tuple[str, dict]:
+    def _key(path: Path) -> tuple[str, tuple[int, int, int]]:
         st = os.stat(path)
-        return str(Path(path).resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+        return str(Path(path).resolve()), (st.st_size, st.st_mtime_ns, st.st_ino)
 
     def lookup(self, path: Path) -> str | None:
         key, stamp = self._key(path)
-        entry = self._entries.get(key)
-        if entry and all(entry.get(k) == v for k, v in stamp.items()):
-            return entry["sha256"]
-        return None
+        with self._db() as db:
+            row = db.execute("SELECT size, mtime_ns, inode, sha256 FROM sha256 WHERE path = ?", (key,)).fetchone()
+        return row[3] if row and tuple(row[:3]) == stamp else None
 
     def remember(self, path: Path, sha256: str) -> None:
         key, stamp = self._key(path)
-        with self._lock:
-            self._entries[key] = {**stamp, "sha256": sha256}
-            write_text_atomic(self.path, json.dumps(self._entries, indent=1, sort_keys=True))
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO sha256 VALUES (?, ?, ?, ?, ?)", (key, *stamp, sha256))
 
     def sha256(self, path: Path, stop: threading.Event | None = None) -> str:
         cached = self.lookup(path)
@@ -183,4 +192,4 @@ class HashCache:
 
 
 def hash_cache(ws: Workspace) -> HashCache:
-    return HashCache(ws.root / "sha256-cache.json")
+    return HashCache(ws.root / "sha256-cache.sqlite")

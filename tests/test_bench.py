@@ -55,8 +55,9 @@ def test_eval_text_is_the_shipped_one():
 def test_speed_per_mode(benched, quant):
     record = benched[3][quant].record
     assert record.errors == []
-    assert [run["mode"] for run in record.speed] == ["gpu", "cpu-moe", "ncmoe 1"]
-    for run in record.speed:
+    assert [run["mode"] for run in record.speed] == ["cpu", "gpu", "cpu-moe", "ncmoe 1"]
+    assert record.speed[0]["backends"] == "CPU" and record.not_measured == []
+    for run in record.speed[1:]:
         assert run["backends"] == "RPC" and run["gpu_info"].startswith("127.0.0.1:")
         assert [t["test"] for t in run["tests"]] == ["pp64", "tg16"]
         assert all(t["avg_ts"] > 0 and len(t["samples_ts"]) == 2 for t in run["tests"])
@@ -124,19 +125,46 @@ def test_card_shows_the_measurements(benched, toolchain, rpc_device):
     row = next(line for line in text.splitlines() if "| tg16 |" in line)
     assert [f.rule for f in lint_card(text.replace(row, row[: row.rindex("|", 0, -1)] + "| 99999.99 |"),
                                       "README.md", manifest)] == ["unrecorded-figure"]
+    assert "| everything in system RAM, no GPU | `-ngl 0` | pp64 |" in measured
 
 
-def test_cli_without_a_gpu_records_errors_per_mode(tmp_path, toolchain):
-    config, _, ws = prepared(tmp_path, quants=("Q2_K",), rpc=False)
+def test_without_a_gpu_the_cpu_mode_is_measured_and_offload_modes_are_not(tmp_path, toolchain):
+    """No GPU and no RPC device: not a failure. The cpu mode runs, the offload modes say why they were not measured."""
+    config, pipeline, ws = prepared(tmp_path, quants=("Q2_K",), rpc=False)
     proc = run_moeq("bench", "--config", str(config), "--quant", "Q2_K", "--json")
+    assert proc.returncode == 0, proc.stderr
+    [result] = json.loads(proc.stdout)
+    record = result["record"]
+    assert record["errors"] == []
+    assert [r["mode"] for r in record["speed"]] == ["cpu"] and record["speed"][0]["backends"] == "CPU"
+    assert all(t["avg_ts"] > 0 for t in record["speed"][0]["tests"])
+    assert [m["mode"] for m in record["not_measured"]] == ["gpu", "cpu-moe", "ncmoe 1"]
+    assert all(m["reason"] == "no GPU or RPC device" for m in record["not_measured"])
+    proc = run_moeq("bench", "--config", str(config), "--quant", "Q2_K")
+    assert proc.returncode == 0 and ("Q2_K: not measured: gpu, cpu-moe, ncmoe 1 (no GPU or RPC device); to measure "
+                                     "them, run on a GPU build of llama.cpp or pass --rpc HOST:PORT") in proc.stdout
+    assert record["quality"]["quant"]["kld_mean"] > 0  # measured all the same
+    assert "Traceback" not in proc.stderr
+    outcome = make_card(pipeline, pipeline.quant("Q2_K"), ws)
+    text = (ws.repo_dir("Q2_K") / "README.md").read_text()
+    assert "measured VRAM (bench)" in outcome.record.not_measured
+    assert "- all layers on the GPU (`-ngl 99`): no GPU or RPC device\n" in text
+    assert "not measured (no GPU or RPC device; the memory section above is computed" in text
+    # The build goes on to the card: no stage fails for want of a GPU.
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q2_K", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {s["stage"]: s["status"] for s in json.loads(proc.stdout)["quants"][0]["stages"]}["bench"] == "up to date"
+
+
+def test_an_offload_mode_that_was_tried_and_failed_is_an_error(tmp_path, toolchain):
+    """An RPC device given but unreachable: the offload modes were tried, so they are errors (exit 4)."""
+    config, _, _ = prepared(tmp_path, quants=("Q8_0",), rpc=False)
+    proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0", "--modes", "cpu", "--modes", "gpu",
+                    "--rpc", "127.0.0.1:1", "--json")
     assert proc.returncode == 4
     [result] = json.loads(proc.stdout)
-    errors = result["record"]["errors"]
-    assert [e["mode"] for e in errors] == ["gpu", "cpu-moe", "ncmoe 1"]
-    assert all("no GPU" in e["error"] and "--rpc HOST:PORT" in e["error"] for e in errors)
-    assert result["record"]["quality"]["quant"]["kld_mean"] > 0  # measured all the same
-    assert "bench recorded errors for Q2_K gpu, Q2_K cpu-moe, Q2_K ncmoe 1" in proc.stderr.splitlines()[-1]
-    assert "Traceback" not in proc.stderr
+    assert [r["mode"] for r in result["record"]["speed"]] == ["cpu"]
+    assert [e["mode"] for e in result["record"]["errors"]] == ["gpu"] and result["record"]["not_measured"] == []
 
 
 def test_model_that_fails_to_load_is_reported_per_mode(tmp_path, toolchain, rpc_device):
@@ -151,11 +179,50 @@ def test_model_that_fails_to_load_is_reported_per_mode(tmp_path, toolchain, rpc_
     assert outcome.record.speed == [] and outcome.record.quality is None
 
 
-def test_bench_needs_a_validate_record(tmp_path):
+def test_bench_right_after_quantize_computes_the_plan(tmp_path, toolchain, rpc_device):
+    """No validate record yet: the plan comes from the file's header, and the bench runs."""
     config = tmp_path / "tiny-phimoe.yaml"
     config.write_text((REPO / "examples" / "tiny-phimoe.yaml").read_text())
-    proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0")
-    assert proc.returncode == 3 and "no current validate record for Q8_0; run moeq validate" in proc.stderr
+    assert run_moeq("quantize", "--config", str(config), "--quant", "Q8_0").returncode == 0
+    proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0", "--modes", "cpu-moe", "--rpc", rpc_device,
+                    "--json")
+    assert proc.returncode == 0, proc.stderr
+    [memory] = json.loads(proc.stdout)[0]["record"]["memory"]
+    assert memory["mode"] == "cpu-moe" and abs(memory["difference_mib"]["model"]) <= 0.1
+    assert not (tmp_path / "work" / "records" / "validate-Q8_0.json").exists()
+    proc = run_moeq("bench", "--config", str(config), "--quant", "Q4_K_M")
+    assert proc.returncode == 3 and "no quantize record for Q4_K_M; run moeq quantize" in proc.stderr
+
+
+def test_perplexity_uncertainty_printed_as_nan_is_parsed(tmp_path, toolchain, tiny_model):
+    """The F16 against its own logits: llama-perplexity prints `± nan` (or -nan) for the ratio; that is no failure."""
+    from moeq.bench.runs import run_perplexity
+
+    text = default_eval_text()
+    kwargs = dict(ctx=128, chunks=4, threads=None, timeout_s=300)
+    run_perplexity(toolchain.path("llama-perplexity"), tiny_model, text, tmp_path / "base.log",
+                   kld_base=tmp_path / "base.kld", save_base=True, **kwargs)
+    figures = run_perplexity(toolchain.path("llama-perplexity"), tiny_model, text, tmp_path / "same.log",
+                             kld_base=tmp_path / "base.kld", save_base=False, **kwargs)
+    assert "nan" in (tmp_path / "same.log").read_text().split("Mean PPL(Q)/PPL(base)")[1].splitlines()[0]
+    assert figures["ppl_ratio"] == pytest.approx(1.0) and figures["ppl_ratio_err"] is None
+    assert figures["kld_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert parse_perplexity("Mean PPL(Q)/PPL(base) : 0.999996 ± -nan\nMean    KLD:   inf ± nan\n") == {
+        "ppl_ratio": 0.999996, "ppl_ratio_err": None, "kld_mean": None, "kld_mean_err": None}
+
+
+def test_a_missing_figure_names_the_line(tmp_path, toolchain, tiny_model):
+    from moeq.bench.runs import run_perplexity
+    from moeq.errors import ToolError
+
+    short = tmp_path / "short.txt"
+    short.write_text("Too short a text for any chunk.\n")
+    with pytest.raises(ToolError) as info:
+        run_perplexity(toolchain.path("llama-perplexity"), tiny_model, short, tmp_path / "p.log", ctx=128, chunks=4,
+                       kld_base=tmp_path / "b.kld", save_base=True, threads=None, timeout_s=300)
+    message = info.value.message
+    assert "printed no 'Final estimate: PPL = ...' line" in message, message
+    assert "the text is too short for 4 chunks of 128 tokens" in message, message
 
 
 def test_a_mode_over_its_time_limit_is_stopped_and_reported(tmp_path, toolchain, rpc_device):
@@ -192,4 +259,4 @@ def test_cli_with_an_rpc_device(tmp_path, toolchain, rpc_device):
     [result] = json.loads(proc.stdout)
     assert result["skipped"] is True and [r["mode"] for r in result["record"]["speed"]] == ["cpu-moe"]
     proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0", "--modes", "fast")
-    assert proc.returncode == 3 and "--modes 'fast': use gpu, cpu-moe, or an integer N" in proc.stderr
+    assert proc.returncode == 3 and "--modes 'fast': use cpu, gpu, cpu-moe, or an integer N" in proc.stderr

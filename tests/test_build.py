@@ -107,7 +107,7 @@ def test_template_change_reruns_card_and_push_only(tmp_path, test_hub, toolchain
     for quant in LADDER:
         new, old = test_hub.state.commits_on(repo_id(quant))[:2]
         changed = {p for p in new.files if old.files.get(p) is None or new.files[p].data != old.files[p].data}
-        assert changed == {"README.md"}
+        assert changed == {"README.md", "moeq-manifest.json"}  # the manifest names the templates
         assert b"Published by the release job." in new.files["README.md"].data
 
 
@@ -199,3 +199,17 @@ def test_force_stage_card_reruns_card_and_push_only(tmp_path, toolchain):
     proc = run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--force-stage", "card", "--json")
     assert proc.returncode == 0, proc.stderr
     assert statuses(json.loads(proc.stdout))["Q4_K_M"] == ["up to date"] * 4 + ["ran", "skipped"]
+
+
+def test_summary_reads_whole_in_an_80_column_log(tmp_path, toolchain):
+    """CI logs and standard terminals are 80 columns: no stage name or status is cut or wrapped."""
+    config = write_config(tmp_path, toolchain.path("llama-quantize").parent)
+    proc = run_moeq("build", "--config", str(config), "--all", "--skip-bench", env={"COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = proc.stdout.split("moeq build")[1].split("└")[0]
+    assert "…" not in table and max(len(line) for line in table.splitlines()) <= 80
+    rows = {line.split("│")[1].strip(): line for line in table.splitlines() if line.startswith("│")}
+    assert list(rows) == [*STAGES, "size"]
+    header = next(line for line in table.splitlines() if line.startswith("┃"))
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["stage", *LADDER]
+    assert rows["quantize"].count("ran") == 3 and rows["bench"].count("skipped") == 3

@@ -170,7 +170,7 @@ def test_missing_quantize_record_is_a_clear_error(tmp_path):
     config = copy_example(tmp_path)
     proc = run_moeq("card", "--config", str(config), "--quant", "Q8_0")
     assert proc.returncode == 3
-    assert proc.stderr.startswith("error: ") and "no quantize record for Q8_0; run moeq quantize" in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("error: ") and "no quantize record for Q8_0; run moeq quantize" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "work" / "repos").exists()
 
@@ -291,6 +291,77 @@ def test_unrecorded_figure(good):
     assert rules(text.replace(row, typed), manifest) == [(line, "unrecorded-figure")]
     # The same edit passes when nothing says what the records hold: that is what --records is for.
     assert rules(text.replace(row, typed), None) == []
+
+
+@pytest.mark.parametrize("edit", ["bullet", "prose"])
+def test_unrecorded_figure_outside_tables(good, edit):
+    """A hand-typed figure in a list item or a sentence is caught like one in a table."""
+    text, manifest = good
+    if edit == "bullet":
+        bullet = next(line for line in text.splitlines() if line.startswith("- **File size**: "))
+        size = re.search(r"(\d+\.\d+) MB", bullet).group(1)
+        changed, line = text.replace(bullet, bullet.replace(size, "9.36", 1)), text.splitlines().index(bullet) + 1
+    else:
+        changed, line = insert_after_heading(text, "In our tests it ran at 123.45 tokens/s on a laptop.")
+    findings = lint_card(changed, "README.md", manifest)
+    assert [(f.line, f.rule) for f in findings] == [(line, "unrecorded-figure")]
+    assert findings[0].message.startswith("9.36 is in no record" if edit == "bullet" else "123.45 is in no record")
+
+
+def _staged_copy(ws, quant: str, folder: Path, edit=lambda t: t) -> Path:
+    """The staged README (edited) with its manifest beside it, in `folder`."""
+    folder.mkdir()
+    shutil.copy(ws.repo_dir(quant) / MANIFEST_NAME, folder / MANIFEST_NAME)
+    card = folder / "README.md"
+    card.write_text(edit(card_text(ws, quant)))
+    return card
+
+
+def test_card_verify_finds_every_edited_line(ladder, tmp_path):
+    _, ws, _ = ladder
+    proc = run_moeq("card", "verify", str(ws.repo_dir("Q4_K_M") / "README.md"))
+    assert proc.returncode == 0 and "no findings" in proc.stdout, proc.stdout + proc.stderr
+    text = card_text(ws, "Q4_K_M")
+    lines = text.splitlines()
+    bullet = next(line for line in lines if line.startswith("- **File size**: "))
+    this_row = next(line for line in lines if line.startswith("| **Q4_K_M** (this repo)"))
+    q2k_size = re.search(r"\| ([\d.]+ MB) \|", next(line for line in lines if line.startswith("| Q2_K |"))).group(1)
+    own_size = re.search(r"\| ([\d.]+ MB) \|", this_row).group(1)
+    # Another quant's size in this quant's row: a figure the records hold, so lint passes; verify does not.
+    swapped_row = this_row.replace(own_size, q2k_size)
+    edited_bullet = bullet.replace(own_size.split()[0], "9.36", 1)
+    card = _staged_copy(ws, "Q4_K_M", tmp_path / "edited",
+                        lambda t: t.replace(this_row, swapped_row).replace(bullet, edited_bullet))
+    assert run_moeq("card", "lint", str(card)).stdout.count("unrecorded-figure") == 1  # only the bullet
+    proc = run_moeq("card", "verify", str(card))
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == [
+        f'{card}:{lines.index(bullet) + 1}: edited: expected {json.dumps(bullet)}, found {json.dumps(edited_bullet)}',
+        f'{card}:{lines.index(this_row) + 1}: edited: expected {json.dumps(this_row[:100] + "...")}, '
+        f'found {json.dumps(swapped_row[:100] + "...")}',
+    ]
+    assert proc.stderr.strip() == f"error: {card}: 2 finding(s)"
+    # A removed and an added line are named too.
+    card = _staged_copy(ws, "Q4_K_M", tmp_path / "moved", lambda t: t.replace(bullet + "\n", "") + "Hand-added.\n")
+    proc = run_moeq("card", "verify", str(card), "--json")
+    findings = json.loads(proc.stdout)["findings"]
+    assert [(f["line"], f["rule"]) for f in findings] == [(lines.index(bullet) + 1, "removed"), (len(lines), "added")]
+
+
+def test_card_verify_without_a_manifest_or_with_a_custom_template(ladder, tmp_path):
+    _, ws, _ = ladder
+    lone = tmp_path / "README.md"
+    lone.write_text(card_text(ws, "Q8_0"))
+    proc = run_moeq("card", "verify", str(lone))
+    assert proc.returncode == 3 and proc.stderr.startswith(f"error: {tmp_path / MANIFEST_NAME}: no records manifest")
+    card = _staged_copy(ws, "Q8_0", tmp_path / "custom")
+    manifest = json.loads((card.parent / MANIFEST_NAME).read_text())
+    manifest["card"] = {**manifest["card"], "builtin": False, "template": "ours.md.j2"}
+    (card.parent / MANIFEST_NAME).write_text(json.dumps(manifest))
+    proc = run_moeq("card", "verify", str(card))
+    assert proc.returncode == 3 and "rendered with the pipeline's own template 'ours.md.j2'" in proc.stderr
+    proc = run_moeq("card", "verify", str(card), "--template", str(REPO / "templates" / "model-card.md.j2"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_unknown_file(good):

@@ -2,16 +2,73 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
+import pytest
+
 from moeq import __version__
 
-from conftest import run_moeq
+from conftest import REPO, run_moeq
 
 
-def test_help_lists_commands():
-    proc = run_moeq("--help")
+def test_help_lists_commands_in_the_order_a_user_meets_them():
+    proc = run_moeq("--help", env={"COLUMNS": "100"})
     assert proc.returncode == 0
-    for command in ("doctor", "synth", "check-config"):
-        assert command in proc.stdout
+    listed = re.findall(r"^│ ([a-z-]+) ", proc.stdout.split("Commands")[1], flags=re.MULTILINE)
+    assert listed == ["build", "fetch", "quantize", "validate", "bench", "card", "push", "plan", "check-config",
+                      "doctor", "synth"]
+
+
+@pytest.mark.parametrize("command", [[], ["build"], ["quantize"], ["validate"], ["bench"], ["card"], ["card", "lint"],
+                                     ["push"], ["doctor"], ["synth", "tiny-phimoe"]])
+def test_flags_do_not_look_like_they_take_a_value(command):
+    proc = run_moeq(*command, "--help", env={"COLUMNS": "200"})
+    assert proc.returncode == 0 and "--help" in proc.stdout
+    assert "<bool>" not in proc.stdout
+
+
+def _folder_with_pipeline(tmp_path: Path) -> Path:
+    folder = tmp_path / "release"
+    folder.mkdir()
+    (folder / "pipeline.yaml").write_text((REPO / "examples" / "tiny-phimoe.yaml").read_text())
+    return folder
+
+
+def test_config_defaults_to_pipeline_yaml_here(tmp_path):
+    folder = _folder_with_pipeline(tmp_path)
+    proc = run_moeq("check-config", "--json", cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0] == "pipeline: pipeline.yaml (default)"
+    assert json.loads(proc.stdout)["workspace"] == str(folder / "work")
+    # MOEQ_CONFIG names another file; --config wins over both.
+    other = tmp_path / "other.yaml"
+    other.write_text((folder / "pipeline.yaml").read_text().replace("name: tiny-phimoe", "name: other-model"))
+    proc = run_moeq("check-config", cwd=folder, env={"MOEQ_CONFIG": str(other)})
+    assert proc.stderr.splitlines()[0] == f"pipeline: {other} (MOEQ_CONFIG)" and "other-model" in proc.stdout
+    proc = run_moeq("check-config", "--config", "pipeline.yaml", cwd=folder, env={"MOEQ_CONFIG": str(other)})
+    assert proc.stderr.splitlines()[0] == "pipeline: pipeline.yaml (--config)" and "other-model" not in proc.stdout
+
+
+@pytest.mark.parametrize("command", [["build", "--quant", "Q8_0"], ["quantize"], ["validate", "--quant", "Q8_0"],
+                                     ["bench"], ["card"], ["card", "preview", "--quant", "Q8_0"], ["push"], ["fetch"],
+                                     ["check-config"]])
+def test_a_missing_default_pipeline_is_one_line(tmp_path, command):
+    proc = run_moeq(*command, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"error: {tmp_path / 'pipeline.yaml'}: no pipeline file here; pass --config PATH, "
+                           "set MOEQ_CONFIG, or run moeq in the folder that holds pipeline.yaml\n")
+
+
+def test_check_config_shows_the_default_repo_named_after_the_model(tmp_path):
+    folder = _folder_with_pipeline(tmp_path)
+    text = (folder / "pipeline.yaml").read_text()
+    text = re.sub(r"  repo_template: .*\n", "", text).replace("name: tiny-phimoe", "name: Qwen3-30B-A3B")
+    (folder / "pipeline.yaml").write_text(text)
+    proc = run_moeq("check-config", "--json", cwd=folder)
+    assert [q["repo"] for q in json.loads(proc.stdout)["quants"]] == [
+        "moeq-test/Qwen3-30B-A3B-Q8_0-GGUF", "moeq-test/Qwen3-30B-A3B-Q4_K_M-GGUF", "moeq-test/Qwen3-30B-A3B-Q2_K-GGUF"]
 
 
 def test_version():

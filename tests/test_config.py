@@ -50,7 +50,18 @@ def test_shipped_pipelines_load():
     tiny = load_pipeline(REPO / "examples" / "tiny-phimoe.yaml")
     assert tiny.source.kind == "synth" and tiny.source.synth.embd == 256
     assert tiny.workspace == (REPO / "examples" / "work")
-    assert tiny.bench.modes == ("gpu", "cpu-moe", "1")
+    assert tiny.bench.modes == ("cpu", "gpu", "cpu-moe", "1")
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("tiny-phimoe", ["moeq-test/tiny-phimoe-Q8_0-GGUF", "moeq-test/tiny-phimoe-Q4_K_M-GGUF"]),
+    ("Qwen3 30B A3B (instruct)", ["moeq-test/Qwen3-30B-A3B-instruct-Q8_0-GGUF",
+                                  "moeq-test/Qwen3-30B-A3B-instruct-Q4_K_M-GGUF"]),
+])
+def test_default_repo_names_come_from_the_model(tmp_path, name, expected):
+    """Without hub.repo_template each quant's repo is <Model>-<QUANT>-GGUF, named after this pipeline's model."""
+    p = load_pipeline(write(tmp_path, GOOD.replace("name: tiny-phimoe", f"name: {name}")))
+    assert [p.repo_id(q) for q in p.quants] == expected
 
 
 def test_defaults_and_case_insensitive_types(tmp_path):
@@ -100,8 +111,8 @@ BAD_CASES = [
      "7: source: source kind 'hf' needs 'revision'"),
     ("duplicate key", lambda t: t.replace("  license: mit", "  license: mit\n  license: apache-2.0"),
      "5: model.license: duplicate key (first at line 4)"),
-    ("repo template placeholder", lambda t: t + "  repo_template: '{namespace}/{model}-{quant}'\n",
-     "13: hub.repo_template: unknown placeholder {model}"),
+    ("repo template placeholder", lambda t: t + "  repo_template: '{namespace}/{name}-{quant}'\n",
+     "13: hub.repo_template: unknown placeholder {name}"),
     ("repo template without quant", lambda t: t + "  repo_template: '{namespace}/one-repo'\n",
      "13: hub.repo_template: must contain {quant_slug} (or {quant}) so each quant gets its own repo"),
     ("bad shard size", lambda t: t + "  max_shard_size: lots\n",

@@ -79,24 +79,48 @@ def test_split_gguf_source_is_merged(tmp_path, test_hub, tiny_model, toolchain):
     assert test_hub.requests[start:] == []
 
 
-def test_hf_source_is_downloaded_converted_and_quantized(tmp_path, test_hub, toolchain):
+CARD = b"""---
+license: mit
+language: [en]
+tags: [tiny, phimoe]
+---
+# tiny-phimoe-hf
+
+A checkpoint for moeq's tests.
+"""
+
+
+@pytest.mark.parametrize("with_card", [True, False], ids=["with-card", "without-card"])
+def test_hf_source_is_downloaded_converted_quantized_and_validated(tmp_path, test_hub, toolchain, with_card):
     from moeq.synth_hf import write_tiny_phimoe_hf
 
     checkpoint = write_tiny_phimoe_hf(tmp_path / "hf", SynthSpec(vocab=320))
     files = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
-    files["README.md"] = b"# not downloaded: not part of a conversion\n"
+    files["notes.txt"] = b"not part of a conversion: not downloaded\n"
+    if with_card:  # the card carries the license the converter writes into the GGUF
+        files["README.md"] = CARD
+        files["LICENSE"] = b"MIT License\n"
     commit = test_hub.state.add_files("someone/tiny-phimoe-hf", files)
     config = write_config(tmp_path, f"  kind: hf\n  repo: someone/tiny-phimoe-hf\n  revision: {commit}\n")
     proc = fetch(test_hub, config, "--json")
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)["record"]
-    assert sorted(f["name"] for f in record["options"]["files"]) == sorted(p.name for p in checkpoint.iterdir())
+    assert sorted(f["name"] for f in record["options"]["files"]) == sorted(n for n in files if n != "notes.txt")
     reader = gguf.GGUFReader(record["output"]["path"])
     assert reader.fields["general.architecture"].contents() == "phimoe"
     assert reader.fields["phimoe.expert_count"].contents() == 4
     assert {t.name for t in reader.tensors} >= {"blk.1.ffn_down_exps.weight", "output.bias", "rope_factors_long.weight"}
+    if with_card:
+        assert reader.fields["general.license"].contents() == "mit"
+    else:
+        assert "general.license" not in reader.fields
     proc = run_moeq("quantize", "--config", str(config), "--quant", "Q4_K_M", env=test_hub.env)
     assert proc.returncode == 0, proc.stderr
+    # Every key the source has is carried over; a key it lacks (no card: no license) is not required.
+    proc = run_moeq("validate", "--config", str(config), "--quant", "Q4_K_M", "--json", env=test_hub.env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metadata = next(c for c in json.loads(proc.stdout)["checks"] if c["name"] == "metadata")
+    assert metadata["ok"] and "carried over unchanged" in metadata["detail"]
 
 
 def test_tampered_download_is_rejected(tmp_path, test_hub, tiny_model):

@@ -103,11 +103,14 @@ def test_changed_card_commits_only_the_card(tmp_path, test_hub, toolchain):
     proc = push(test_hub, config, "--json")
     assert proc.returncode == 0, proc.stderr
     [result] = json.loads(proc.stdout)
+    # The manifest names the templates the card was rendered with (what moeq card verify renders it with again).
     assert {f["path"]: f["action"] for f in result["files"]} == {
-        "README.md": "update", "moeq-manifest.json": "unchanged", "tiny-phimoe-Q8_0.gguf": "unchanged"}
+        "README.md": "update", "moeq-manifest.json": "update", "tiny-phimoe-Q8_0.gguf": "unchanged"}
     new, old = test_hub.state.commits_on(REPO_ID)[:2]
     changed = {p for p in new.files if new.files[p].data != old.files.get(p, Blob(b"", False)).data}
-    assert changed == {"README.md"}
+    assert changed == {"README.md", "moeq-manifest.json"}
+    assert json.loads(new.files["moeq-manifest.json"].data)["card"]["templates_sha256"] != \
+        json.loads(old.files["moeq-manifest.json"].data)["card"]["templates_sha256"]
     assert uploaded_bytes(since(test_hub, start)) == 0  # the card travels inside the commit, no LFS upload
 
 
@@ -242,3 +245,21 @@ def test_multipart_upload_into_a_private_repo(tmp_path, test_hub, toolchain):
     # A private repo is invisible without the token: the plan then sees no repo at all.
     proc = push(test_hub, config, "--dry-run", "--json", env={"HF_TOKEN": ""})
     assert proc.returncode == 0 and json.loads(proc.stdout)[0]["repo_exists"] is False
+
+
+def test_check_names_the_lines_edited_on_the_hub(tmp_path, test_hub, toolchain):
+    """Someone edits a figure in the card on the Hub: push --check says which line, as moeq card verify does."""
+    config, _, ws = staged_pipeline(tmp_path)
+    assert push(test_hub, config).returncode == 0
+    assert push(test_hub, config, "--check").returncode == 0
+    card = test_hub.state.files(REPO_ID)["README.md"].decode()
+    lines = card.split("\n")
+    bullet = next(line for line in lines if line.startswith("- **File size**: "))
+    edited = bullet.replace("4.08 MB", "9.08 MB")
+    assert edited != bullet
+    test_hub.state.add_files(REPO_ID, {"README.md": card.replace(bullet, edited).encode()})
+    proc = push(test_hub, config, "--check")
+    assert proc.returncode == 7
+    assert (f'{REPO_ID}/README.md:{lines.index(bullet) + 1}: edited: expected {json.dumps(bullet)}, '
+            f'found {json.dumps(edited)}') in proc.stdout.splitlines()
+    assert f"not what the records say: {REPO_ID}" in proc.stderr

@@ -231,7 +231,7 @@ def test_missing_source(tmp_path, toolchain):
     cfg = local_source_config(tmp_path, tmp_path / "nope.gguf")
     proc = run_moeq("quantize", "--config", str(cfg), "--quant", "Q8_0")
     assert proc.returncode == 3
-    assert proc.stderr == f"error: {tmp_path / 'nope.gguf'}: source.path does not exist; fix source.path in {cfg}\n"
+    assert proc.stderr.splitlines()[-1] + "\n" == f"error: {tmp_path / 'nope.gguf'}: source.path does not exist; fix source.path in {cfg}\n"
 
 
 def test_non_gguf_source(tmp_path, toolchain):
@@ -239,7 +239,7 @@ def test_non_gguf_source(tmp_path, toolchain):
     fake.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
     proc = run_moeq("quantize", "--config", str(local_source_config(tmp_path, fake)), "--quant", "Q8_0")
     assert proc.returncode == 3
-    assert proc.stderr.startswith(f"error: {fake}: not a GGUF file (starts with b'\\x89PNG'); point the source")
+    assert proc.stderr.splitlines()[-1].startswith(f"error: {fake}: not a GGUF file (starts with b'\\x89PNG'); point the source")
 
 
 def test_already_quantized_source(ladder, tmp_path):
@@ -247,7 +247,7 @@ def test_already_quantized_source(ladder, tmp_path):
     cfg = local_source_config(tmp_path, q8)
     proc = run_moeq("quantize", "--config", str(cfg), "--quant", "Q2_K")
     assert proc.returncode == 3
-    assert proc.stderr.startswith(f"error: {q8}: already quantized (output.weight is Q8_0); quantize from the F16")
+    assert proc.stderr.splitlines()[-1].startswith(f"error: {q8}: already quantized (output.weight is Q8_0); quantize from the F16")
     assert "--allow-requantize" in proc.stderr
     allowed = run_moeq("quantize", "--config", str(cfg), "--quant", "Q2_K", "--allow-requantize")
     assert allowed.returncode == 0, allowed.stderr
@@ -258,7 +258,7 @@ def test_unknown_type_refused_before_anything_runs(tmp_path):
     cfg = write_config(tmp_path)
     proc = run_moeq("quantize", "--config", str(cfg), "--quant", "Q9_X")
     assert proc.returncode == 2
-    assert proc.stderr == f"error: {cfg}: quants: no quant 'Q9_X' in the ladder (configured: Q8_0, Q4_K_M, Q2_K)\n"
+    assert proc.stderr.splitlines()[-1] + "\n" == f"error: {cfg}: quants: no quant 'Q9_X' in the ladder (configured: Q8_0, Q4_K_M, Q2_K)\n"
     assert not (tmp_path / "ws").exists()
 
 
@@ -270,7 +270,7 @@ def test_llama_quantize_failure_quotes_its_log(tmp_path, toolchain):
     proc = run_moeq("quantize", "--config", str(local_source_config(tmp_path, bad)), "--quant", "Q8_0")
     assert proc.returncode == 4, proc.stderr
     log = tmp_path / "ws" / "quants" / "tiny-phimoe-Q8_0.gguf.log"
-    assert proc.stderr.startswith("error: llama-quantize exited 1: ")
+    assert proc.stderr.splitlines()[-1].startswith("error: llama-quantize exited 1: ")
     assert proc.stderr.rstrip().endswith(f"(full log: {log})")
     assert "notamodel" in proc.stderr or "architecture" in proc.stderr
     assert not (tmp_path / "ws" / "quants" / "tiny-phimoe-Q8_0.gguf").exists()

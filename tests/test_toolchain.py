@@ -136,7 +136,7 @@ def test_doctor_disk_refusal_is_reported(tmp_path, toolchain):
     assert proc.returncode == 7
     disk = json.loads(proc.stdout)["disk"]
     assert disk["ok"] is False and disk["needed_bytes"] > disk["free_bytes"]
-    assert proc.stderr.strip() == "error: doctor found problems with: disk space"
+    assert proc.stderr.splitlines() == [f"pipeline: {cfg} (--config)", "error: doctor found problems with: disk space"]
 
 
 def test_doctor_with_bad_config_names_file_and_line(tmp_path):

@@ -131,6 +131,22 @@ def test_file_type_that_lies(quants, tmp_path):
     assert check_of(report, "type mix")["detail"].startswith("general.file_type is 15, Q8_0 is 7")
 
 
+def test_metadata_of_the_source_is_carried_over(quants, tiny_model, tmp_path):
+    """Every key the source has must reach the quant unchanged; only the quantization keys are new."""
+    data = bytearray(quants["Q8_0"].read_bytes())
+    at = data.index(b"general.license") + len(b"general.license")
+    assert data[at + 12:at + 15] == b"mit"  # type (4 bytes), length (8), then the string
+    data[at + 12:at + 15] = b"gpl"
+    edited = tmp_path / "edited.gguf"
+    edited.write_bytes(bytes(data))
+    proc, report = validate(edited, "--against", str(tiny_model), "--numerics", "off")
+    assert proc.returncode == 7
+    assert check_of(report, "metadata")["detail"] == "changed from the source: general.license"
+    proc, report = validate(quants["Q8_0"], "--against", str(tiny_model), "--numerics", "off")
+    assert proc.returncode == 0
+    assert check_of(report, "metadata")["detail"].endswith("other keys carried over unchanged")
+
+
 def test_missing_tensor_and_offset_past_end(quants, tmp_path, tiny_model):
     more = write_tiny_phimoe(tmp_path / "3-layers.gguf", SynthSpec(layers=3))
     proc, report = validate(quants["Q8_0"], "--against", str(more))
@@ -185,7 +201,7 @@ def test_ladder_mode_writes_a_validate_record(tmp_path, toolchain):
     cfg = write_config(tmp_path, extra_quant=", tensor_types: {attn_v: q8_0}")
     proc = run_moeq("validate", "--config", str(cfg), "--quant", "Q4_K_M")
     assert proc.returncode == 3
-    assert proc.stderr.startswith(f"error: {tmp_path / 'ws' / 'records' / 'quantize-Q4_K_M.json'}: no quantize record")
+    assert proc.stderr.splitlines()[-1].startswith(f"error: {tmp_path / 'ws' / 'records' / 'quantize-Q4_K_M.json'}: no quantize record")
     assert run_moeq("quantize", "--config", str(cfg), "--quant", "Q4_K_M").returncode == 0
     proc = run_moeq("validate", "--config", str(cfg), "--quant", "Q4_K_M", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -194,3 +210,19 @@ def test_ladder_mode_writes_a_validate_record(tmp_path, toolchain):
     assert saved["ok"] is True and saved["stage"] == "validate"
     assert [c["name"] for c in saved["checks"]] == ["container", "model", "tensors", "type mix", "metadata", "numerics"]
     assert saved["plan"]["n_layer"] == 2 and len(saved["plan"]["weights"]) == 4
+
+
+def test_ladder_mode_skips_a_current_record_unless_forced(tmp_path, toolchain):
+    from test_quantize import write_config
+
+    cfg = write_config(tmp_path)
+    assert run_moeq("quantize", "--config", str(cfg), "--quant", "Q8_0").returncode == 0
+    record = tmp_path / "ws" / "records" / "validate-Q8_0.json"
+    assert run_moeq("validate", "--config", str(cfg), "--quant", "Q8_0").returncode == 0
+    written = record.stat().st_mtime_ns
+    proc = run_moeq("validate", "--config", str(cfg), "--quant", "Q8_0")
+    assert proc.returncode == 0 and "Q8_0: up to date" in proc.stdout
+    assert record.stat().st_mtime_ns == written
+    proc = run_moeq("validate", "--config", str(cfg), "--quant", "Q8_0", "--force")
+    assert proc.returncode == 0 and "up to date" not in proc.stdout
+    assert record.stat().st_mtime_ns > written

@@ -10,6 +10,7 @@ Every command is logged beside the bench record; a failure is a ToolError quotin
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,16 @@ TRIES = 3
 
 @dataclass(frozen=True)
 class Mode:
-    """An offload mode: all layers on the GPU, every expert in RAM (--cpu-moe), or the first N layers' experts."""
+    """A placement: everything in system RAM (cpu), all layers on the GPU, every expert in RAM (--cpu-moe),
+    or the first N layers' experts in RAM."""
 
-    name: str  # "gpu", "cpu-moe", or "ncmoe N"
+    name: str  # "cpu", "gpu", "cpu-moe", or "ncmoe N"
     n_cpu_moe: int
+
+    @property
+    def offload(self) -> bool:
+        """Whether the mode puts weights on an offload device (a GPU, or an RPC device standing in for one)."""
+        return self.name != "cpu"
 
     @property
     def completion_flags(self) -> list[str]:
@@ -39,19 +46,29 @@ class Mode:
 
     @property
     def bench_flags(self) -> list[str]:
+        if not self.offload:
+            return ["-ngl", "0"]
         return ["-ngl", "99", "-ncmoe", str(self.n_cpu_moe)]
 
 
 def modes_from_config(names: tuple[str, ...], n_layer: int) -> list[Mode]:
     modes = []
     for name in names:
-        if name == "gpu":
-            modes.append(Mode("gpu", 0))
+        if name in ("cpu", "gpu"):
+            modes.append(Mode(name, 0))
         elif name == "cpu-moe":
             modes.append(Mode("cpu-moe", n_layer))
         else:
             modes.append(Mode(f"ncmoe {int(name)}", min(int(name), n_layer)))
     return modes
+
+
+def offload_devices(tool: Path, log: Path, timeout_s: float) -> list[str]:
+    """The GPUs llama.cpp finds (`--list-devices`), without loading a model; RPC devices are not listed."""
+    lines: list[str] = []
+    run_tool([str(tool), "--list-devices"], log, on_line=lines.append, timeout_s=timeout_s)
+    start = next((i for i, line in enumerate(lines) if line.startswith("Available devices")), len(lines))
+    return [line.strip().split(":")[0] for line in lines[start + 1:] if line.startswith("  ") and ":" in line]
 
 
 def _rpc(rpc: str | None, flag: str) -> list[str]:
@@ -105,7 +122,9 @@ def run_memory(tool: Path, model: Path, mode: Mode, ctx: int, log: Path, *, thre
     return {"mode": mode.name, "ctx": ctx, "command": command, "devices": devices}
 
 
-_FLOAT = r"(-?[\d.]+(?:e[-+]?\d+)?)"
+# llama-perplexity prints nan (or -nan) where an uncertainty cannot be computed, e.g. for a quant whose
+# logits barely differ from F16 (`Mean PPL(Q)/PPL(base) : 0.999996 ± -nan`): such a figure is None.
+_FLOAT = r"(-?(?:nan|inf|\d[\d.]*(?:e[-+]?\d+)?))"
 _PATTERNS = {
     "ppl": rf"Final estimate: PPL = {_FLOAT} \+/- {_FLOAT}",
     "ppl_q": rf"Mean PPL\(Q\)\s*:\s*{_FLOAT}\s*±\s*{_FLOAT}",
@@ -117,17 +136,25 @@ _PATTERNS = {
     "kld_median": rf"Median\s+KLD:\s*{_FLOAT}",
     "same_top_p": rf"Same top p:\s*{_FLOAT}\s*±\s*{_FLOAT} %",
 }
+# The line each wanted figure comes from, to name the one that is missing.
+_LINES = {"ppl": "Final estimate: PPL = ...", "kld_mean": "Mean    KLD: ...", "same_top_p": "Same top p: ...",
+          "ppl_ratio": "Mean PPL(Q)/PPL(base) : ..."}
+
+
+def _number(text: str) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
 
 
 def parse_perplexity(text: str) -> dict:
-    """The figures llama-perplexity printed; each with its ± where it gives one."""
+    """The figures llama-perplexity printed; each with its ± where it gives one (None where it printed nan)."""
     out = {}
     for key, pattern in _PATTERNS.items():
-        match = re.search(pattern, text)
+        match = re.search(pattern, text, flags=re.IGNORECASE)
         if match:
-            out[key] = float(match.group(1))
+            out[key] = _number(match.group(1))
             if match.lastindex and match.lastindex > 1:
-                out[key + "_err"] = float(match.group(2))
+                out[key + "_err"] = _number(match.group(2))
     return out
 
 
@@ -137,11 +164,16 @@ def run_perplexity(tool: Path, model: Path, text: Path, log: Path, *, ctx: int, 
                "--kl-divergence-base", str(kld_base), *([] if save_base else ["--kl-divergence"]),
                *(["-t", str(threads)] if threads else [])]
     wanted = ("ppl",) if save_base else ("kld_mean", "same_top_p", "ppl_ratio")
+    too_short = False
     for _ in range(TRIES):
         lines: list[str] = []
         run_tool(command, log, on_line=lines.append, timeout_s=timeout_s)
-        figures = parse_perplexity("\n".join(lines))
+        output = "\n".join(lines)
+        figures = parse_perplexity(output)
         if all(key in figures for key in wanted):
             return {"command": command, **figures}
-    raise ToolError(f"llama-perplexity printed no {'PPL' if save_base else 'KL divergence'} for {model.name} "
-                    f"({TRIES} tries; is the text long enough for {chunks} chunks of {ctx} tokens?); see {log}")
+        too_short = too_short or "you need at least" in output  # a retried run may stop before saying so
+    absent = next(key for key in wanted if key not in figures)
+    hint = f"; the text is too short for {chunks} chunks of {ctx} tokens (bench.perplexity)" if too_short else ""
+    raise ToolError(f"llama-perplexity printed no '{_LINES[absent]}' line for {model.name} ({TRIES} tries){hint}; "
+                    f"see {log}")

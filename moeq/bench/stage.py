@@ -1,9 +1,11 @@
 """The bench stage: speed per offload mode, measured buffers beside the plan, and quality against F16.
 
-Reads the quantize and validate records (the file, its source, and the plan to compare with) and
-writes a BenchRecord that holds every figure with the machine, tool build and command line it came
-from. A mode that fails (no GPU, out of memory, over its time limit) is recorded as an error naming
-the mode; the other modes still run.
+Reads the quantize record (the file and its source) and the validate record's memory plan (computed
+from the file's header when validate has not run) and writes a BenchRecord that holds every figure
+with the machine, tool build and command line it came from. The `cpu` mode (everything in system RAM)
+runs everywhere; without a GPU or RPC device the offload modes are recorded as not measured. A mode
+that fails (out of memory, over its time limit) is recorded as an error naming the mode; the other
+modes still run.
 
     >>> outcome = bench_quant(pipeline, pipeline.quant("Q8_0"), ws, Toolchain(), rpc="127.0.0.1:50052")
     >>> outcome.record.speed[0]["tests"][0]["avg_ts"]
@@ -21,15 +23,18 @@ from typing import Callable
 
 from moeq.bench.machine import machine_facts
 from moeq.bench.rpc import rpc_endpoint
-from moeq.bench.runs import modes_from_config, run_memory, run_perplexity, run_speed
+from moeq.bench.runs import modes_from_config, offload_devices, run_memory, run_perplexity, run_speed
 from moeq.config import Pipeline, QuantSpec
-from moeq.errors import InputError, MoeqError, ToolError
+from moeq.errors import MoeqError, ToolError
+from moeq.quantize.stage import quantize_record
 from moeq.records import BenchRecord, QuantizeRecord, ToolBuildRef, ValidateRecord
+from moeq.validate.plan import plan_file
 from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace, hash_cache, write_text_atomic
 
 MIB = 2**20
 OFFLOAD_BACKENDS_ABSENT = {None, "", "CPU", "BLAS", "CPU,BLAS"}
+NO_DEVICE = "no GPU or RPC device"  # the card says it as it is; the CLI adds what to do about it
 
 
 @dataclass
@@ -48,12 +53,7 @@ def bench_quant(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
                 on_message: Callable[[str], None] = lambda _msg: None) -> BenchOutcome:
     """Measure `quant`; `rpc` (default bench.rpc) is HOST:PORT of a ggml-rpc-server, or "local" to start one."""
     rpc = rpc or pipeline.bench.rpc
-    quantized = QuantizeRecord.load(ws.record_path("quantize", quant.type))
-    validated = ValidateRecord.load(ws.record_path("validate", quant.type))
-    if quantized is None or validated is None or validated.file.sha256 != quantized.output.sha256:
-        raise InputError(f"{ws.record_path('validate', quant.type)}: no current validate record for {quant.type}; "
-                         f"run moeq validate --config {pipeline.path} --quant {quant.type} first (the bench "
-                         "compares measured memory with its plan)")
+    quantized = quantize_record(pipeline, quant, ws)
     cfg = pipeline.bench
     text = cfg.perplexity.text or default_eval_text()
     options = {
@@ -73,15 +73,16 @@ def bench_quant(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
         started = time.monotonic()
         logs = ws.root / "bench" / quant.type
         model = Path(quantized.output.path)
-        plan = validated.plan
+        plan = _memory_plan(pipeline, quant, ws, quantized)
         errors: list[dict] = []
+        not_measured: list[dict] = []
         with rpc_endpoint(rpc, chain) as address:  # "local": a ggml-rpc-server for this run only
-            speed, memory = _offload_modes(chain, model, plan, options, address, logs, errors, on_message)
+            speed, memory = _modes(chain, model, plan, options, address, logs, errors, not_measured, on_message)
         quality = _quality(chain, pipeline, quantized, ws, text, options, errors, on_message)
         record = BenchRecord(
             quant=quant.type, file=quantized.output, machine=machine, tool=ToolBuildRef(**tool.build.as_dict()),
             options=options, speed=speed, memory=memory, quality=quality, errors=errors,
-            wall_s=round(time.monotonic() - started, 3),
+            wall_s=round(time.monotonic() - started, 3), not_measured=not_measured,
         )
         record.save(record_path)
     return BenchOutcome(record, skipped=False, errors=errors)
@@ -92,28 +93,48 @@ def _same_machine(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-def _offload_modes(chain: Toolchain, model: Path, plan: dict, options: dict, rpc: str | None, logs: Path,
-                   errors: list[dict], on_message: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+def _memory_plan(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, quantized: QuantizeRecord) -> dict:
+    """The validate record's plan when it is of this file; else computed from the header (about a second)."""
+    validated = ValidateRecord.load(ws.record_path("validate", quant.type))
+    if validated is not None and validated.file.sha256 == quantized.output.sha256:
+        return validated.plan
+    return plan_file(Path(quantized.output.path), ctx_sizes=list(pipeline.bench.ctx)).as_dict()
+
+
+def _modes(chain: Toolchain, model: Path, plan: dict, options: dict, rpc: str | None, logs: Path,
+           errors: list[dict], not_measured: list[dict],
+           on_message: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+    """Speed per mode, and buffers per offload mode beside the plan.
+
+    Without an offload device (no GPU found, no RPC device given) the offload modes are not measured,
+    which is not a failure; a mode that was tried and failed is an error.
+    """
     speed, memory = [], []
-    no_device: str | None = None  # once llama.cpp shows it has no offload device, the other modes would too
     placements = {p["n_cpu_moe"]: p for p in plan["weights"][1:]}
     kv_planned = {int(c): n for c, n in plan["kv_bytes"].items()}
-    for mode in modes_from_config(tuple(options["modes"]), plan["n_layer"]):
-        slug = mode.name.replace(" ", "-")
-        if no_device:
-            errors.append({"mode": mode.name, "error": no_device})
+    modes = modes_from_config(tuple(options["modes"]), plan["n_layer"])
+    no_device = None
+    if rpc is None and any(m.offload for m in modes):
+        if not offload_devices(chain.path("llama-bench"), logs / "devices.log", options["timeout_s"]):
+            no_device = NO_DEVICE
+    for mode in modes:
+        if mode.offload and no_device:
+            not_measured.append({"mode": mode.name, "reason": no_device})
             continue
+        slug = mode.name.replace(" ", "-")
         try:
             on_message(f"{model.name}: llama-bench, mode {mode.name}")
             result = run_speed(chain.path("llama-bench"), model, mode, logs / f"speed-{slug}.log",
                                n_prompt=options["n_prompt"], n_gen=options["n_gen"],
-                               repetitions=options["repetitions"], threads=options["threads"], rpc=rpc,
-                               timeout_s=options["timeout_s"])
-            if result["backends"] in OFFLOAD_BACKENDS_ABSENT:
-                no_device = (f"llama.cpp ran on {result['backends'] or 'the CPU'} only: this machine or build has "
-                             "no GPU; run on a GPU build, or pass --rpc HOST:PORT to measure through an RPC device")
-                raise ToolError(no_device)
+                               repetitions=options["repetitions"], threads=options["threads"],
+                               rpc=rpc if mode.offload else None, timeout_s=options["timeout_s"])
+            if mode.offload and result["backends"] in OFFLOAD_BACKENDS_ABSENT:
+                raise ToolError(f"llama.cpp ran on {result['backends'] or 'the CPU'} only in mode {mode.name}, "
+                                f"though an offload device was {'given (' + rpc + ')' if rpc else 'found'}; "
+                                "check the device and the llama.cpp build")
             speed.append(result)
+            if not mode.offload:  # nothing is placed on a device: there is no plan to compare buffers with
+                continue
             for ctx in options["ctx"]:
                 on_message(f"{model.name}: llama-completion, mode {mode.name}, context {ctx}")
                 measured = run_memory(chain.path("llama-completion"), model, mode, ctx,

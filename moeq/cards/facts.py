@@ -233,7 +233,8 @@ def _quantization(quantized: dict, source: dict | None) -> dict:
 
 # ---------------------------------------------------------------- measured (bench record)
 
-MODE_LABELS = {"gpu": ("all layers on the GPU", "-ngl 99"), "cpu-moe": ("all experts in system RAM", "-ngl 99 --cpu-moe")}
+MODE_LABELS = {"cpu": ("everything in system RAM, no GPU", "-ngl 0"), "gpu": ("all layers on the GPU", "-ngl 99"),
+               "cpu-moe": ("all experts in system RAM", "-ngl 99 --cpu-moe")}
 
 
 def _mode(name: str) -> dict:
@@ -253,19 +254,28 @@ def _machine(bench: dict, offload: bool = True) -> str:
     return "; ".join(parts) + f"; llama.cpp {bench['tool']['commit']}; {m['date'][:10]}"
 
 
-def _pm(value: float, err: float | None, digits: int) -> str:
-    return f"{value:.{digits}f}" + (f" ± {err:.{digits}f}" if err is not None else "")
+def _num(value: float | None, digits: int) -> str:
+    return "unknown" if value is None else f"{value:.{digits}f}"
+
+
+def _pm(figures: dict, key: str, digits: int) -> str:
+    """A figure with its uncertainty; llama.cpp prints nan where it cannot compute one (stored as None)."""
+    text = _num(figures.get(key), digits)
+    if key + "_err" not in figures:
+        return text
+    err = figures[key + "_err"]
+    return text + (f" ± {err:.{digits}f}" if err is not None else " (uncertainty not computed by llama.cpp)")
 
 
 def _bench(bench: dict | None) -> dict:
     """speed, measured_memory and quality: None each where the bench record has no such figures."""
     if not bench:
-        return {"speed": None, "measured_memory": None, "quality": None, "bench_errors": []}
+        return {"speed": None, "measured_memory": None, "quality": None, "bench_errors": [], "bench_not_measured": []}
     machine = _machine(bench)
     speed = None
     if bench["speed"]:
         speed = {"machine": machine, "rows": [
-            {**_mode(run["mode"]), "test": t["test"], "tokens_per_s": _pm(t["avg_ts"], t["stddev_ts"], 2)}
+            {**_mode(run["mode"]), "test": t["test"], "tokens_per_s": f"{t['avg_ts']:.2f} ± {t['stddev_ts']:.2f}"}
             for run in bench["speed"] for t in run["tests"]],
             "repetitions": bench["options"]["repetitions"], "backends": sorted({r["backends"] for r in bench["speed"]})}
     memory = None
@@ -281,10 +291,11 @@ def _bench(bench: dict | None) -> dict:
         quality = {
             "machine": _machine(bench, offload=False), "text": bench["quality"]["text"], "ctx": bench["quality"]["ctx"],
             "chunks": bench["quality"]["chunks"],
-            "ppl_f16": _pm(base["ppl"], base.get("ppl_err"), 4), "ppl": _pm(q["ppl_q"], q.get("ppl_q_err"), 4),
-            "ppl_ratio": _pm(q["ppl_ratio"], q.get("ppl_ratio_err"), 4),
-            "kld_mean": _pm(q["kld_mean"], q.get("kld_mean_err"), 6), "kld_p99": f"{q['kld_p99']:.6f}",
-            "kld_max": f"{q['kld_max']:.6f}", "same_top_p": _pm(q["same_top_p"], q.get("same_top_p_err"), 2) + " %",
+            "ppl_f16": _pm(base, "ppl", 4), "ppl": _pm(q, "ppl_q", 4), "ppl_ratio": _pm(q, "ppl_ratio", 4),
+            "kld_mean": _pm(q, "kld_mean", 6), "kld_p99": _num(q.get("kld_p99"), 6),
+            "kld_max": _num(q.get("kld_max"), 6), "same_top_p": _pm(q, "same_top_p", 2) + " %",
         }
     errors = [{"mode": e["mode"], "error": e["error"]} for e in bench["errors"]]
-    return {"speed": speed, "measured_memory": memory, "quality": quality, "bench_errors": errors}
+    not_measured = [{**_mode(m["mode"]), "reason": m["reason"]} for m in bench.get("not_measured") or []]
+    return {"speed": speed, "measured_memory": memory, "quality": quality, "bench_errors": errors,
+            "bench_not_measured": not_measured}

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 from huggingface_hub import ModelCard
 
 from moeq.cards.facts import card_facts
+from moeq.cards.render import template_files
 
 REQUIRED_FRONTMATTER = ("license", "language", "base_model", "base_model_relation", "quantized_by",
                         "pipeline_tag", "tags")
@@ -48,8 +50,9 @@ class Finding:
         return f"{path}:{self.line}: {self.rule}: {self.message}"
 
 
-def lint_card(text: str, path: str = "README.md", manifest: dict | None = None) -> list[Finding]:
-    """All findings in a card, in line order."""
+def lint_card(text: str, path: str = "README.md", manifest: dict | None = None,
+              template: Path | None = None) -> list[Finding]:
+    """All findings in a card, in line order; `template` (default moeq's own) says which figures are static text."""
     lines = text.split("\n")
     body_start, findings = _frontmatter(text, lines)
     findings += _conflict_markers(lines)
@@ -63,7 +66,7 @@ def lint_card(text: str, path: str = "README.md", manifest: dict | None = None) 
         for url in _links(line):
             findings += [Finding(number, rule, msg) for rule, msg in _check_link(url, allowed_repos)]
     if manifest is not None:
-        findings += _table_findings(lines, body_start, manifest)
+        findings += _figure_findings(lines, body_start, manifest, template)
     return sorted(findings, key=lambda f: (f.line, f.rule))
 
 
@@ -177,8 +180,17 @@ def _cells(line: str) -> list[str]:
     return [c.strip() for c in re.split(r"(?<!\\)\|", row)]
 
 
-def _table_findings(lines: list[str], start: int, manifest: dict) -> list[Finding]:
+def template_figures(template: Path | None) -> set[str]:
+    """Figures written into the templates themselves ("batches of 32 tokens"): static text, not measurements."""
+    return set().union(*(FIGURE.findall(p.read_text(encoding="utf-8")) for p in template_files(template)))
+
+
+def _figure_findings(lines: list[str], start: int, manifest: dict, template: Path | None) -> list[Finding]:
+    """Figures and file names in tables, list items and prose that no record (or template) holds."""
     figures = known_figures(manifest)
+    # Outside tables the templates' own words and the pipeline's card.extra (a citation's year) may add figures;
+    # inside tables every figure is a measurement and must come from a record.
+    prose_figures = figures | template_figures(template) | _figures(manifest.get("pipeline", {}).get("card_extra"))
     repo_files = set(manifest.get("repo_files", []))
     ladder_files = {row["file"] for row in manifest.get("ladder", [])}
     findings = []
@@ -186,6 +198,10 @@ def _table_findings(lines: list[str], start: int, manifest: dict) -> list[Findin
     for number, line in _prose_lines(lines, start):
         if not line.lstrip().startswith("|"):
             header = None
+            text = BARE_URL.sub("", _link_texts(line))
+            findings += [Finding(number, "unrecorded-figure", f"{figure} is in no record; figures come from "
+                                                              "records, not hands")
+                         for figure in FIGURE.findall(FILE_NAME.sub("", text)) if figure not in prose_figures]
             continue
         cells = _cells(line)
         if all(re.fullmatch(r":?-{3,}:?", c) for c in cells if c):
@@ -194,7 +210,7 @@ def _table_findings(lines: list[str], start: int, manifest: dict) -> list[Findin
             header = cells
         files_table = bool(header) and header[0].lower() == "file"
         for column, cell in enumerate(cells):
-            text = INLINE_LINK.sub(lambda m: m.group(0)[1:m.group(0).index("]")], cell)
+            text = _link_texts(cell)
             for name in FILE_NAME.findall(text):
                 if files_table and column == 0 and cells is not header and name not in repo_files:
                     findings.append(Finding(number, "unknown-file", f"the file table names {name}, which this "
@@ -208,3 +224,8 @@ def _table_findings(lines: list[str], start: int, manifest: dict) -> list[Findin
                     findings.append(Finding(number, "unrecorded-figure", f"{figure} is in no record; "
                                                                          "figures come from records, not hands"))
     return findings
+
+
+def _link_texts(text: str) -> str:
+    """Markdown links replaced by their text: a URL's digits are not figures."""
+    return INLINE_LINK.sub(lambda m: m.group(0)[1:m.group(0).index("]")], text)

@@ -17,6 +17,7 @@ from pathlib import Path, PurePath
 from typing import Any, Callable
 
 from moeq import __version__
+from moeq.cards.render import DEFAULT_TEMPLATE, templates_sha256
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import InputError
 from moeq.records import BenchRecord, FileRef, QuantizeRecord, Record, SourceRecord, ValidateRecord
@@ -73,6 +74,7 @@ def build_manifest(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, quantize
         raise InputError(f"{ws.record_path('validate', quant.type)}: {quant.type} failed validation ({failed}); "
                          f"fix the file before making its card")
     names = [Path(f.path).name for f in gguf_files]
+    template = pipeline.card.template or DEFAULT_TEMPLATE
     return {
         "manifest_version": MANIFEST_VERSION,
         "generator": f"moeq {__version__}",
@@ -82,6 +84,8 @@ def build_manifest(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, quantize
             "model": _strip_paths(dataclasses.asdict(pipeline.model)),
             "card_extra": dict(pipeline.card.extra),
         },
+        "card": {"template": template.name, "builtin": pipeline.card.template is None,
+                 "templates_sha256": templates_sha256(template)},
         "files": [{"name": Path(f.path).name, "size": f.size, "sha256": f.sha256} for f in gguf_files],
         "repo_files": sorted([*names, README_NAME, MANIFEST_NAME]),
         "ladder": [_ladder_entry(pipeline, q, ws) for q in pipeline.quants],
@@ -117,13 +121,22 @@ def manifest_text(manifest: dict) -> str:
 
 def read_manifest(path: Path) -> dict:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{path}: no records manifest; make the card with moeq card, or pass --records "
                          f"with the folder that holds {MANIFEST_NAME}") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a readable records manifest ({exc.__class__.__name__}: {exc})") from None
+    return parse_manifest(text, str(path))
+
+
+def parse_manifest(text: str, where: str) -> dict:
+    """A records manifest's JSON text (`where` names it in errors)."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{where}: not a readable records manifest ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(data, dict) or data.get("manifest_version") != MANIFEST_VERSION:
-        raise InputError(f"{path}: not a moeq records manifest of version {MANIFEST_VERSION}; "
+        raise InputError(f"{where}: not a moeq records manifest of version {MANIFEST_VERSION}; "
                          f"make the card again with this moeq")
     return data

@@ -67,7 +67,7 @@ def make_card(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, force: bool =
             return CardOutcome(previous, skipped=True, warnings=warnings)
         facts = card_facts(manifest)
         text = render_card(facts, template)
-        findings = lint_card(text, README_NAME, manifest)
+        findings = lint_card(text, README_NAME, manifest, template)
         if findings:
             shown = "; ".join(f.format(README_NAME) for f in findings[:3])
             more = f" (+{len(findings) - 3} more)" if len(findings) > 3 else ""

@@ -8,11 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeq.cli.common import JsonOption, QuantsOption, app, console, guard, print_json, selected_quants
-from moeq.config import load_pipeline
+from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, console, guard, pipeline_from, print_json,
+                             selected_quants)
 from moeq.errors import CheckFailed, InputError
 
-card_app = typer.Typer(help="Model cards: render (with --config/--quant), lint, preview.",
+card_app = typer.Typer(help="Model cards: render (with --config/--quant), lint, verify, preview.",
                        invoke_without_command=True)
 app.add_typer(card_app, name="card")
 
@@ -21,7 +21,7 @@ app.add_typer(card_app, name="card")
 @guard
 def card(
     ctx: typer.Context,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Path to pipeline.yaml.")] = None,
+    config: ConfigOption = None,
     quant: QuantsOption = None,
     force: Annotated[bool, typer.Option(help="Render even when the records and templates are unchanged.")] = False,
     as_json: JsonOption = False,
@@ -33,12 +33,10 @@ def card(
     """
     if ctx.invoked_subcommand is not None:
         return
-    if config is None:
-        raise InputError("moeq card needs --config CFG (and --quant TYPE), or a subcommand: lint, preview")
     from moeq.cards.stage import make_card
     from moeq.workspace import Workspace
 
-    pipeline = load_pipeline(config)
+    pipeline = pipeline_from(config)
     quants = selected_quants(pipeline, quant)
     ws = Workspace(pipeline.workspace)
     results = []
@@ -58,39 +56,19 @@ def card(
         print_json(results)
 
 
-@card_app.command("lint")
-@guard
-def lint(
-    file: Annotated[Path, typer.Argument(help="The card (README.md) to check.")],
-    records: Annotated[Optional[Path], typer.Option(help="Folder holding moeq-manifest.json (default: the "
-                                                    "card's own folder, when it has one).")] = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Report each problem in a card as FILE:LINE: RULE: message; exit 7 when there is any.
-
-    Rules: conflict-marker, trailing-whitespace, relative-link, insecure-link, frontmatter; with a records
-    manifest also hub-link, unrecorded-figure and unknown-file.
-    """
-    from moeq.cards.lint import lint_card
-    from moeq.cards.manifest import MANIFEST_NAME, read_manifest
-
+def _read_card(file: Path) -> str:
     try:
-        text = file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{file}: no such card; pass the path of a README.md") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{file}: cannot read the card ({exc.__class__.__name__})") from None
-    manifest = None
-    if records is not None:
-        manifest = read_manifest(records / MANIFEST_NAME)
-    elif (file.parent / MANIFEST_NAME).is_file():
-        manifest = read_manifest(file.parent / MANIFEST_NAME)
-    else:
-        sys.stderr.write(f"note: no {MANIFEST_NAME} beside {file}; hub-link, unrecorded-figure and "
-                         "unknown-file were not checked (pass --records DIR)\n")
-    findings = lint_card(text, str(file), manifest)
+
+
+def _print_findings(file: Path, findings: list, records: bool, as_json: bool) -> None:
+    """FILE:LINE: RULE: message per finding (or JSON); exit 7 when there is any."""
     if as_json:
-        print_json({"file": str(file), "records": manifest is not None,
+        print_json({"file": str(file), "records": records,
                     "findings": [{"line": f.line, "rule": f.rule, "message": f.message} for f in findings]})
     else:
         for finding in findings:
@@ -101,11 +79,71 @@ def lint(
         console.print(f"{file}: no findings")
 
 
+CardArgument = Annotated[Path, typer.Argument(help="The card (README.md) to check.")]
+RecordsOption = Annotated[Optional[Path], typer.Option(help="Folder holding moeq-manifest.json (default: the card's "
+                                                       "own folder, when it has one).")]
+TemplateOption = Annotated[Optional[Path], typer.Option(help="The card's template, when the pipeline had its own "
+                                                        "(card.template); default: moeq's.")]
+
+
+@card_app.command("lint")
+@guard
+def lint(
+    file: CardArgument,
+    records: RecordsOption = None,
+    template: TemplateOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Report each problem in a card as FILE:LINE: RULE: message; exit 7 when there is any.
+
+    Rules: conflict-marker, trailing-whitespace, relative-link, insecure-link, frontmatter; with a records
+    manifest also hub-link, unrecorded-figure (tables, list items and prose) and unknown-file.
+    """
+    from moeq.cards.lint import lint_card
+    from moeq.cards.manifest import MANIFEST_NAME, read_manifest
+
+    text = _read_card(file)
+    manifest = None
+    if records is not None:
+        manifest = read_manifest(records / MANIFEST_NAME)
+    elif (file.parent / MANIFEST_NAME).is_file():
+        manifest = read_manifest(file.parent / MANIFEST_NAME)
+    else:
+        sys.stderr.write(f"note: no {MANIFEST_NAME} beside {file}; hub-link, unrecorded-figure and "
+                         "unknown-file were not checked (pass --records DIR)\n")
+    _print_findings(file, lint_card(text, str(file), manifest, template), manifest is not None, as_json)
+
+
+@card_app.command("verify")
+@guard
+def verify(
+    file: CardArgument,
+    records: RecordsOption = None,
+    template: TemplateOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Render the card again from its records manifest and report each line that differs; exit 7 when any does.
+
+    Finds what lint cannot: a hand-edited figure anywhere, or another quant's figure in this quant's row.
+    """
+    from moeq.cards.manifest import MANIFEST_NAME, read_manifest
+    from moeq.cards.verify import card_template, verify_card
+
+    text = _read_card(file)
+    manifest_path = (records or file.parent) / MANIFEST_NAME
+    manifest = read_manifest(manifest_path)
+    template, same = card_template(manifest, template, str(manifest_path))
+    if not same:
+        sys.stderr.write(f"note: the templates at hand ({template.parent}) differ from those the card was rendered "
+                         "with; a difference may come from the templates, not from an edit\n")
+    _print_findings(file, verify_card(text, manifest, template), True, as_json)
+
+
 @card_app.command("preview")
 @guard
 def preview(
-    file: Annotated[Optional[Path], typer.Argument(help="A card (README.md); or use --config/--quant.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Path to pipeline.yaml.")] = None,
+    file: Annotated[Optional[Path], typer.Argument(help="A card (README.md); or use --quant (and --config).")] = None,
+    config: ConfigOption = None,
     quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Quant of the ladder.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="HTML file to write (default: WORKSPACE/previews/"
                                                 "TYPE.html, or FILE's name with .html in the current "
@@ -115,24 +153,22 @@ def preview(
     from moeq.cards.preview import card_html
     from moeq.workspace import Workspace, write_text_atomic
 
-    if config is not None:
+    if file is None:
         if quant is None:
-            raise InputError("--config needs --quant TYPE: which quant's card to preview")
-        pipeline = load_pipeline(config)
+            raise InputError("give a card FILE, or --quant TYPE for a quant of the pipeline's ladder")
+        pipeline = pipeline_from(config)
         spec = pipeline.quant(quant)
         ws = Workspace(pipeline.workspace)
         file = ws.repo_dir(spec.type) / "README.md"
         if not file.is_file():
-            raise InputError(f"{file}: no card yet; run moeq card --config {config} --quant {spec.type}")
+            raise InputError(f"{file}: no card yet; run moeq card --config {pipeline.path} --quant {spec.type}")
         out = out or ws.root / "previews" / f"{spec.type}.html"
         title = pipeline.repo_id(spec)
-    elif file is not None:
+    else:
         if not file.is_file():
             raise InputError(f"{file}: no such card; pass the path of a README.md")
         out = out or Path.cwd() / (file.stem + ".html")
         title = str(file)
-    else:
-        raise InputError("give a card FILE, or --config CFG --quant TYPE")
     if out.resolve().parent == file.resolve().parent and (file.parent / "moeq-manifest.json").is_file():
         raise CheckFailed(f"{out}: is inside the staged repo folder, which must hold only what is pushed; "
                           "choose another --out")

@@ -17,12 +17,34 @@ from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup, TyperOption
 
 from moeq import __version__
-from moeq.errors import Interrupted, MoeqError
+from moeq.errors import ConfigError, Interrupted, MoeqError
+
+# `moeq --help` lists the commands in the order a user meets them, not in the order modules register them.
+COMMAND_ORDER = ("build", "fetch", "quantize", "validate", "bench", "card", "push", "plan", "check-config",
+                 "doctor", "synth")
+DEFAULT_CONFIG = Path("pipeline.yaml")
+
+
+class _OrderedGroup(TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
+
+
+def _flag_type(self, ctx):
+    """Typer prints `<bool>` after every flag, as if it took a value; flags show no type."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+_option_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = _flag_type
 
 app = typer.Typer(
     name="moeq",
+    cls=_OrderedGroup,
     help="Quantize Mixture-of-Experts models to GGUF and publish them with model cards that tell the truth.",
     no_args_is_help=True,
     add_completion=False,
@@ -34,7 +56,8 @@ app.add_typer(synth_app, name="synth")
 console = Console()
 _state = {"debug": os.environ.get("MOEQ_DEBUG") == "1"}
 
-ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Path to pipeline.yaml.")]
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="Path to pipeline.yaml (default: "
+                                                     "$MOEQ_CONFIG, else ./pipeline.yaml).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QuantsOption = Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="Quant type(s) of the ladder "
                                                            "(default: all).")]
@@ -90,6 +113,28 @@ def main(
 ) -> None:
     if debug:
         _state["debug"] = True
+
+
+def pipeline_from(config: Path | None):
+    """The pipeline named by --config, else $MOEQ_CONFIG, else ./pipeline.yaml.
+
+    Once it loads, the first line of output (on stderr, so --json stays clean) says which file that was;
+    a file that does not load is named by its error.
+    """
+    from moeq.config import load_pipeline
+
+    if config is not None:
+        path, why = config, "--config"
+    elif os.environ.get("MOEQ_CONFIG"):
+        path, why = Path(os.environ["MOEQ_CONFIG"]), "MOEQ_CONFIG"
+    else:
+        path, why = DEFAULT_CONFIG, "default"
+        if not path.is_file():
+            raise ConfigError(f"{path.resolve()}: no pipeline file here; pass --config PATH, set MOEQ_CONFIG, "
+                              "or run moeq in the folder that holds pipeline.yaml")
+    pipeline = load_pipeline(path)
+    sys.stderr.write(f"pipeline: {path} ({why})\n")
+    return pipeline
 
 
 def print_json(data: object) -> None:

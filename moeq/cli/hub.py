@@ -10,8 +10,7 @@ import typer
 from rich.table import Table
 
 from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, console, guard, human_bytes,
-                             print_json, selected_quants)
-from moeq.config import load_pipeline
+                             pipeline_from, print_json, selected_quants)
 from moeq.errors import CheckFailed
 
 
@@ -26,7 +25,7 @@ def quiet_progress_off_terminal() -> None:
 @app.command()
 @guard
 def push(
-    config: ConfigOption,
+    config: ConfigOption = None,
     quant: QuantsOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan; send nothing that changes the "
                                           "Hub.")] = False,
@@ -46,7 +45,7 @@ def push(
     from moeq.hub.push import push_quant
     from moeq.workspace import Workspace
 
-    pipeline = load_pipeline(config)
+    pipeline = pipeline_from(config)
     quants = selected_quants(pipeline, quant)
     ws = Workspace(pipeline.workspace)
     api = hub_api()
@@ -82,6 +81,12 @@ def push(
         print_json(results)
     if check:
         behind = [r["repo_id"] for r in results if any(f["action"] != "unchanged" for f in r["files"])]
+        from moeq.hub.push import hub_card_findings
+
+        for r in results:  # a README that differs: say which lines, as moeq card verify does
+            if r["repo_exists"] and any(f["path"] == "README.md" and f["action"] == "update" for f in r["files"]):
+                for line in hub_card_findings(api, r["repo_id"], pipeline.card.template):
+                    sys.stdout.write(line + "\n")
         if behind:
             raise CheckFailed(f"not what the records say: {', '.join(behind)}; run moeq push for them")
 
@@ -89,7 +94,7 @@ def push(
 @app.command()
 @guard
 def fetch(
-    config: ConfigOption,
+    config: ConfigOption = None,
     force: Annotated[bool, typer.Option(help="Fetch again even when the record says the source is current.")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -103,7 +108,7 @@ def fetch(
     from moeq.toolchain import Toolchain
     from moeq.workspace import Workspace
 
-    pipeline = load_pipeline(config)
+    pipeline = pipeline_from(config)
     quiet_progress_off_terminal()
     outcome = fetch_source(pipeline, Workspace(pipeline.workspace), hub_api(),
                            Toolchain(pipeline.toolchain.llama_cpp_bin), force=force,
@@ -120,7 +125,7 @@ def fetch(
 @app.command()
 @guard
 def build(
-    config: ConfigOption,
+    config: ConfigOption = None,
     quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="Quant type(s) of the ladder.")] = None,
     all_quants: Annotated[bool, typer.Option("--all", help="Every quant of the ladder.")] = False,
     push: Annotated[bool, typer.Option("--push", help="Push to the Hub (also when hub.push is true).")] = False,
@@ -140,7 +145,7 @@ def build(
     from moeq.toolchain import Toolchain
     from moeq.workspace import Workspace
 
-    pipeline = load_pipeline(config)
+    pipeline = pipeline_from(config)
     if bool(quant) == all_quants:
         raise InputError("moeq build needs --quant TYPE (one or more) or --all")
     quants = selected_quants(pipeline, None if all_quants else quant)
@@ -164,16 +169,16 @@ def _print_summary(summary, ws) -> None:
     from moeq.build import STAGES
 
     colors = {"ran": "green", "up to date": "cyan", "failed": "red", "skipped": "yellow"}
+    # One row per stage and a column per quant: stage names never wrap in an 80-column terminal or CI log.
     table = Table(title="moeq build")
-    table.add_column("quant")
-    for stage in STAGES:
-        table.add_column(stage)
-    table.add_column("size")
+    table.add_column("stage", no_wrap=True)
     for q in summary.quants:
-        cells = {s.stage: f"[{colors[s.status]}]{s.status}[/] {s.seconds:.1f}s" if s.status in ("ran", "failed")
-                 else f"[{colors[s.status]}]{s.status}[/]" for s in q.stages}
-        table.add_row(q.quant, *[cells.get(stage, "") for stage in STAGES],
-                      human_bytes(q.artifact_bytes) if q.artifact_bytes else "")
+        table.add_column(q.quant, no_wrap=True)
+    cells = [{s.stage: f"[{colors[s.status]}]{s.status}[/]" + (f" {s.seconds:.1f}s" if s.status in ("ran", "failed")
+                                                                else "") for s in q.stages} for q in summary.quants]
+    for stage in STAGES:
+        table.add_row(stage, *[c.get(stage, "") for c in cells])
+    table.add_row("size", *[human_bytes(q.artifact_bytes) if q.artifact_bytes else "" for q in summary.quants])
     console.print(table)
     for q in summary.quants:
         if q.commit_url or q.pr_url:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,9 +10,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, console, guard, human_bytes,
-                             print_json, selected_quants, synth_app)
-from moeq.config import SynthSpec, load_pipeline
+from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, console, guard,
+                             human_bytes, pipeline_from, print_json, selected_quants, synth_app)
+from moeq.config import SynthSpec
 from moeq.errors import CheckFailed, InputError, ToolError
 from moeq.toolchain import Toolchain
 
@@ -23,13 +24,15 @@ from moeq.toolchain import Toolchain
 @guard
 def doctor(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Also validate this pipeline file "
-                                                   "and check disk space for it.")] = None,
+                                                   "and check disk space for it (default: $MOEQ_CONFIG; without "
+                                                   "either, only the machine is checked).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Check the llama.cpp tools, Python packages, Hub login and (with --config) disk space."""
     from moeq.doctor import run_doctor
 
-    pipeline = load_pipeline(config) if config else None
+    # Not ./pipeline.yaml by default: in a checkout that is the full release, and doctor checks the machine.
+    pipeline = pipeline_from(config) if config is not None or os.environ.get("MOEQ_CONFIG") else None
     chain = Toolchain(pipeline.toolchain.llama_cpp_bin if pipeline else None, fresh=True)
     report = run_doctor(chain, pipeline)
     if as_json:
@@ -122,9 +125,9 @@ def synth_tiny_phimoe_hf(
 
 @app.command("check-config")
 @guard
-def check_config(config: ConfigOption, as_json: JsonOption = False) -> None:
+def check_config(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Validate a pipeline file and show the repos and files it will produce."""
-    pipeline = load_pipeline(config)
+    pipeline = pipeline_from(config)
     rows = [{"quant": q.type, "file": q.file, "repo": pipeline.repo_id(q)} for q in pipeline.quants]
     if as_json:
         print_json({"pipeline": str(pipeline.path), "workspace": str(pipeline.workspace), "quants": rows})
@@ -144,7 +147,7 @@ def check_config(config: ConfigOption, as_json: JsonOption = False) -> None:
 @app.command()
 @guard
 def quantize(
-    config: ConfigOption,
+    config: ConfigOption = None,
     quant: QuantsOption = None,
     force: Annotated[bool, typer.Option(help="Run even when the record says it is up to date.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="Threads for llama-quantize.")] = None,
@@ -156,7 +159,7 @@ def quantize(
     from moeq.quantize.stage import quantize as run_quantize
     from moeq.workspace import Workspace
 
-    pipeline = load_pipeline(config)
+    pipeline = pipeline_from(config)
     quants = selected_quants(pipeline, quant)
     ws = Workspace(pipeline.workspace)
     chain = Toolchain(pipeline.toolchain.llama_cpp_bin)
@@ -260,12 +263,15 @@ def plan(
 def validate(
     file: Annotated[Optional[Path], typer.Argument(help="The GGUF file to check (or use --config/--quant).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Validate the ladder's file for "
-                                                   "--quant against the workspace's source.")] = None,
+                                                   "--quant against the workspace's source (the pipeline: "
+                                                   "--config, $MOEQ_CONFIG, else ./pipeline.yaml).")] = None,
     against: Annotated[Optional[Path], typer.Option(help="The F16 source it was made from.")] = None,
     numerics: Annotated[str, typer.Option(help="sample, full or off.")] = "sample",
     arch: Annotated[Optional[str], typer.Option(help="Expected architecture (default: the source's, "
                                                 "else phimoe).")] = None,
     quant: Annotated[Optional[str], typer.Option(help="Quant type FILE should be (checks the type mix).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="With the pipeline: check again even when the record "
+                                        "is current.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Check FILE: container, model, tensors, type mix, metadata and numerics against its source."""
@@ -275,18 +281,23 @@ def validate(
 
     if numerics not in ("sample", "full", "off"):
         raise InputError(f"--numerics {numerics!r}: use sample, full or off")
-    if config is not None:
+    if file is None and quant is not None:  # a quant of the ladder: the pipeline's file and source
         from moeq.validate.stage import validate_quant
         from moeq.workspace import Workspace
 
-        if quant is None:
-            raise InputError("--config needs --quant TYPE: which quant of the ladder to validate")
-        pipeline = load_pipeline(config)
-        record = validate_quant(pipeline, pipeline.quant(quant), Workspace(pipeline.workspace), numerics)
+        pipeline = pipeline_from(config)
+        outcome = validate_quant(pipeline, pipeline.quant(quant), Workspace(pipeline.workspace), numerics,
+                                 force=force)
+        record = outcome.record
+        if outcome.skipped and not as_json:
+            console.print(f"{record.quant}: up to date (the record checked this file; --force to check again)",
+                          soft_wrap=True)
         _report_checks(record.file.path, record.checks, record.to_dict() if as_json else None)
         return
+    if config is not None:
+        raise InputError("--config needs --quant TYPE: which quant of the ladder to validate")
     if file is None:
-        raise InputError("give a GGUF file, or --config CFG --quant TYPE")
+        raise InputError("give a GGUF file, or --quant TYPE for a quant of the pipeline's ladder")
     if not file.exists():
         raise InputError(f"{file}: no such file; pass the path of a GGUF model")
     report = validate_file(file, against, numerics, arch, quant)
@@ -316,9 +327,9 @@ def _report_checks(file: str, checks: list[dict], as_json: dict | None) -> None:
 @app.command()
 @guard
 def bench(
-    config: ConfigOption,
+    config: ConfigOption = None,
     quant: QuantsOption = None,
-    modes: Annotated[Optional[list[str]], typer.Option("--mode", "--modes", help="gpu, cpu-moe or N (-ncmoe N), repeatable; "
+    modes: Annotated[Optional[list[str]], typer.Option("--mode", "--modes", help="cpu, gpu, cpu-moe or N (-ncmoe N), repeatable; "
                                                        "default: bench.modes.")] = None,
     rpc: Annotated[Optional[str], typer.Option(help="HOST:PORT of a ggml-rpc-server to use as the offload "
                                                "device (for machines without a GPU), or local to start one; "
@@ -333,8 +344,8 @@ def bench(
 
     for mode in modes or []:
         if mode not in BENCH_MODES and not mode.isdigit():
-            raise InputError(f"--modes {mode!r}: use gpu, cpu-moe, or an integer N for -ncmoe N")
-    pipeline = load_pipeline(config)
+            raise InputError(f"--modes {mode!r}: use cpu, gpu, cpu-moe, or an integer N for -ncmoe N")
+    pipeline = pipeline_from(config)
     quants = selected_quants(pipeline, quant)
     ws = Workspace(pipeline.workspace)
     chain = Toolchain(pipeline.toolchain.llama_cpp_bin)
@@ -369,7 +380,14 @@ def _print_bench(record, skipped: bool) -> None:
     console.print(table)
     if record.quality:
         q = record.quality["quant"]
-        console.print(f"quality: PPL {q.get('ppl_q', 0):.4f} vs F16 {q.get('ppl_base', 0):.4f}, "
-                      f"mean KLD {q['kld_mean']:.6f}, same top token {q.get('same_top_p', 0):.2f} %")
+        def fig(key: str, digits: int) -> str:
+            return "unknown" if q.get(key) is None else f"{q[key]:.{digits}f}"
+
+        console.print(f"quality: PPL {fig('ppl_q', 4)} vs F16 {fig('ppl_base', 4)}, mean KLD {fig('kld_mean', 6)}, "
+                      f"same top token {fig('same_top_p', 2)} %")
+    if record.not_measured:
+        modes = ", ".join(m["mode"] for m in record.not_measured)
+        console.print(f"{record.quant}: not measured: {modes} ({record.not_measured[0]['reason']}); to measure "
+                      "them, run on a GPU build of llama.cpp or pass --rpc HOST:PORT (bench.rpc)", soft_wrap=True)
     for error in record.errors:
         sys.stderr.write(f"error: {record.quant} mode {error['mode']}: {error['error']}\n")

@@ -24,8 +24,9 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils.sha import git_hash
 
 from moeq import __version__
-from moeq.cards.manifest import MANIFEST_NAME, README_NAME
+from moeq.cards.manifest import MANIFEST_NAME, README_NAME, parse_manifest
 from moeq.cards.render import MARKER
+from moeq.cards.verify import card_template, verify_card
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import HubError, InputError
 from moeq.hub.client import hub_errors, require_token
@@ -110,14 +111,30 @@ def plan_push(api: HfApi, card: CardRecord) -> PushPlan:
         if path.endswith(".gguf") or path == MANIFEST_NAME:
             plan.files.append(PlannedFile(path, "delete", 0))
     if README_NAME in remote and local[README_NAME].action == "update":
-        plan.foreign_readme = MARKER not in _remote_readme(api, card.repo_id)
+        plan.foreign_readme = MARKER not in _remote_text(api, card.repo_id, README_NAME)
     return plan
 
 
-def _remote_readme(api: HfApi, repo_id: str) -> str:
+def _remote_text(api: HfApi, repo_id: str, name: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        path = api.hf_hub_download(repo_id, README_NAME, revision="main", local_dir=tmp)
+        path = api.hf_hub_download(repo_id, name, revision="main", local_dir=tmp)
         return Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def hub_card_findings(api: HfApi, repo_id: str, template: Path | None) -> list[str]:
+    """`moeq card verify` on the repo's README.md, against the records manifest beside it on the Hub."""
+    where = f"{repo_id}/{README_NAME}"
+    with hub_errors("reading the card", repo_id):
+        text = _remote_text(api, repo_id, README_NAME)
+        if MANIFEST_NAME not in api.list_repo_files(repo_id, revision="main"):
+            return [f"{where}: no {MANIFEST_NAME} beside it on the Hub, so its lines cannot be checked"]
+        manifest_text = _remote_text(api, repo_id, MANIFEST_NAME)
+    try:
+        manifest = parse_manifest(manifest_text, f"{repo_id}/{MANIFEST_NAME}")
+        template, _same = card_template(manifest, template, f"{repo_id}/{MANIFEST_NAME}")
+        return [f.format(where) for f in verify_card(text, manifest, template)]
+    except InputError as exc:
+        return [f"{where}: not checked: {exc.message}"]
 
 
 def _commit_message(card: CardRecord) -> tuple[str, str]:

@@ -37,8 +37,11 @@ from moeq.source import record_source, source_file
 from moeq.toolchain import Toolchain, pinned_src_dir
 from moeq.workspace import Workspace, commit_file, free_bytes, hash_cache, partial_path
 
+# README.md is the model card: convert_hf_to_gguf.py takes general.license, name, base model, tags and
+# languages from its frontmatter (gguf-py metadata.py); the license file travels with it.
 HF_PATTERNS = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "added_tokens.json", "*.safetensors", "model.safetensors.index.json")
+               "special_tokens_map.json", "added_tokens.json", "*.safetensors", "model.safetensors.index.json",
+               "README.md", "LICENSE", "LICENSE.*")
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<n>\d{5})-of-(?P<total>\d{5})\.gguf$")
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 DISK_MARGIN = 1.05

@@ -21,10 +21,10 @@ HYPERPARAMS = ("block_count", "embedding_length", "feed_forward_length", "expert
                "attention.head_count", "attention.head_count_kv", "context_length",
                "rope.dimension_count", "rope.freq_base", "rope.scaling.original_context_length",
                "rope.scaling.attn_factor")
-CARRIED_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",
-                "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                "tokenizer.chat_template")
-REQUIRED_KEYS = ("general.name", "general.license", "general.file_type", "general.quantization_version")
+# The keys llama-quantize sets (src/llama-quant.cpp): every other key of the source is copied unchanged,
+# except a split source's split.* keys, which it drops. A key the source lacks is not required.
+QUANTIZATION_KEYS = ("general.file_type", "general.quantization_version")
+DROPPED_PREFIXES = ("split.", "GGUF.")  # GGUF.* are gguf-py's names for the header's own fields
 # Relative RMSE bounds per tensor type: about twice the worst seen on the tiny model's gaussian
 # weights with the pinned llama-quantize (Q8_0 0.0054, Q6_K 0.018, Q4_K 0.072, Q3_K 0.15, Q2_K 0.30).
 RMSE_BOUNDS = {"Q8_0": 0.012, "Q6_K": 0.04, "Q5_K": 0.08, "Q4_K": 0.15, "Q3_K": 0.30, "Q2_K": 0.50}
@@ -130,15 +130,20 @@ def _field(reader: gguf.GGUFReader, key: str):
 
 def check_metadata(header: GGUFHeader, reader: gguf.GGUFReader | None,
                    source: gguf.GGUFReader | None) -> CheckResult:
-    absent = [k for k in REQUIRED_KEYS if k not in header.metadata]
+    absent = [k for k in QUANTIZATION_KEYS if k not in header.metadata]
     if absent:
-        return CheckResult("metadata", False, f"missing {', '.join(absent)}")
-    if source is not None and reader is not None:
-        changed = [k for k in CARRIED_KEYS if _field(reader, k) != _field(source, k)]
-        if changed:
-            return CheckResult("metadata", False, f"changed from the source: {', '.join(changed)}")
-    return CheckResult("metadata", True, "name, license and quantization keys present"
-                       + ("; tokenizer and chat template equal the source's" if source is not None else ""))
+        return CheckResult("metadata", False, f"missing {', '.join(absent)}, which llama-quantize sets")
+    if source is None or reader is None:
+        return CheckResult("metadata", True, "quantization keys present; no source to compare the rest with")
+    carried = [k for k in source.fields if k not in QUANTIZATION_KEYS and not k.startswith(DROPPED_PREFIXES)]
+    missing = [k for k in carried if k not in reader.fields]
+    changed = [k for k in carried if k in reader.fields and _field(reader, k) != _field(source, k)]
+    problems = ([f"lost from the source: {_first_three(missing)}"] if missing else []) + \
+               ([f"changed from the source: {_first_three(changed)}"] if changed else [])
+    if problems:
+        return CheckResult("metadata", False, "; ".join(problems))
+    return CheckResult("metadata", True, f"quantization keys present; the source's {len(carried)} other keys "
+                                         "carried over unchanged")
 
 
 class _Rows:

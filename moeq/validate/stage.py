@@ -27,7 +27,18 @@ def current_validation(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, nume
     return record if same else None
 
 
-def validate_quant(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, numerics: str = "sample") -> ValidateRecord:
+@dataclasses.dataclass
+class ValidateOutcome:
+    record: ValidateRecord
+    skipped: bool
+
+
+def validate_quant(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, numerics: str = "sample",
+                   force: bool = False) -> ValidateOutcome:
+    """Check the quant's file against its source and plan its memory; skip when the record is current."""
+    current = None if force else current_validation(pipeline, quant, ws, numerics)
+    if current is not None:
+        return ValidateOutcome(current, skipped=True)
     quantized = quantize_record(pipeline, quant, ws)
     overrides = dict(quant.tensor_types)
     if quant.output_tensor_type:
@@ -43,4 +54,4 @@ def validate_quant(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, numerics
         plan=plan.as_dict(),
     )
     record.save(ws.record_path("validate", quant.type))
-    return record
+    return ValidateOutcome(record, skipped=False)
