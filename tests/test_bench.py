@@ -212,17 +212,37 @@ def test_perplexity_uncertainty_printed_as_nan_is_parsed(tmp_path, toolchain, ti
 
 
 def test_a_missing_figure_names_the_line(tmp_path, toolchain, tiny_model):
+    """llama-perplexity whose output lacks one expected line (as when it exits before its log is flushed)."""
     from moeq.bench.runs import run_perplexity
     from moeq.errors import ToolError
 
+    real = toolchain.path("llama-perplexity")
+    tool = tmp_path / "llama-perplexity"
+    tool.write_text(f'#!/bin/sh\n{real} "$@" 2>&1 | grep -v "Same top p"\n')
+    tool.chmod(0o755)
+    text, kwargs = default_eval_text(), dict(ctx=128, chunks=2, threads=None, timeout_s=300)
+    run_perplexity(real, tiny_model, text, tmp_path / "base.log", kld_base=tmp_path / "b.kld", save_base=True,
+                   **kwargs)
+    with pytest.raises(ToolError) as info:
+        run_perplexity(tool, tiny_model, text, tmp_path / "p.log", kld_base=tmp_path / "b.kld", save_base=False,
+                       **kwargs)
+    assert info.value.message == (f"llama-perplexity printed no 'Same top p: ...' line for {tiny_model.name} "
+                                  f"(3 tries); see {tmp_path / 'p.log'}")
+
+
+def test_a_text_too_short_for_one_chunk_is_refused_before_running(tmp_path, toolchain, tiny_model):
+    from moeq.bench.runs import run_perplexity
+    from moeq.errors import InputError
+
     short = tmp_path / "short.txt"
     short.write_text("Too short a text for any chunk.\n")
-    with pytest.raises(ToolError) as info:
+    with pytest.raises(InputError) as info:
         run_perplexity(toolchain.path("llama-perplexity"), tiny_model, short, tmp_path / "p.log", ctx=128, chunks=4,
                        kld_base=tmp_path / "b.kld", save_base=True, threads=None, timeout_s=300)
-    message = info.value.message
-    assert "printed no 'Final estimate: PPL = ...' line" in message, message
-    assert "the text is too short for 4 chunks of 128 tokens" in message, message
+    assert info.value.message == (f"{short}: 32 bytes, fewer than the 256 tokens llama-perplexity needs for one "
+                                  "chunk of 128; use a longer text (bench.perplexity.text) or a smaller "
+                                  "bench.perplexity.ctx")
+    assert not (tmp_path / "p.log").exists()
 
 
 def test_a_mode_over_its_time_limit_is_stopped_and_reported(tmp_path, toolchain, rpc_device):

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from moeq.errors import ToolError
+from moeq.errors import InputError, ToolError
 from moeq.llama_logs import parse_buffer_sizes
 from moeq.runner import run_tool
 
@@ -163,6 +163,11 @@ def run_perplexity(tool: Path, model: Path, text: Path, log: Path, *, ctx: int, 
     command = [str(tool), "-m", str(model), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks),
                "--kl-divergence-base", str(kld_base), *([] if save_base else ["--kl-divergence"]),
                *(["-t", str(threads)] if threads else [])]
+    # llama-perplexity needs 2 x ctx tokens for one chunk, and a token covers at least one byte (plus BOS).
+    size = text.stat().st_size
+    if size + 1 < 2 * ctx:
+        raise InputError(f"{text}: {size} bytes, fewer than the {2 * ctx} tokens llama-perplexity needs for one "
+                         f"chunk of {ctx}; use a longer text (bench.perplexity.text) or a smaller bench.perplexity.ctx")
     wanted = ("ppl",) if save_base else ("kld_mean", "same_top_p", "ppl_ratio")
     too_short = False
     for _ in range(TRIES):
