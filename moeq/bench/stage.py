@@ -28,8 +28,8 @@ from moeq.config import Pipeline, QuantSpec
 from moeq.errors import MoeqError, ToolError
 from moeq.quantize.stage import quantize_record
 from moeq.records import BenchRecord, QuantizeRecord, ToolBuildRef, ValidateRecord
-from moeq.validate.plan import plan_file
 from moeq.toolchain import Toolchain
+from moeq.validate.plan import plan_file
 from moeq.workspace import Workspace, hash_cache, write_text_atomic
 
 MIB = 2**20
