@@ -1,3 +1,20 @@
-from moeq.cli import app
+"""`moeq` on the command line (and `python -m moeq`).
 
-app(prog_name="moeq")
+The command line's modules are imported here, inside a guard: a Ctrl-C while they load ends with the
+same one-line message and exit code as one during a command, not with a traceback.
+"""
+
+import sys
+
+
+def main() -> None:
+    try:
+        from moeq.cli import app
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted by SIGINT while starting; nothing was done\n")
+        sys.exit(130)
+    app(prog_name="moeq")
+
+
+if __name__ == "__main__":
+    main()

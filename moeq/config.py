@@ -374,7 +374,7 @@ def _quant(n: _Node, base: Path, model: ModelSpec) -> QuantSpec:
             seen.add(key.lower())
             overrides.append((key.lower(), _ggml_type(entry)))
     quant_type = known.name
-    file = m["file"].relative_name() if "file" in m else DEFAULT_FILE_TEMPLATE.format(
+    file = _quant_file(m["file"]) if "file" in m else DEFAULT_FILE_TEMPLATE.format(
         file_stem=model.file_stem, quant=quant_type)
     return QuantSpec(
         type=quant_type,
@@ -384,6 +384,15 @@ def _quant(n: _Node, base: Path, model: ModelSpec) -> QuantSpec:
         token_embedding_type=_ggml_type(m["token_embedding_type"]) if "token_embedding_type" in m else None,
         file=file,
     )
+
+
+def _quant_file(n: _Node) -> str:
+    """A quant's output file: a plain `.gguf` name, so it can be neither a file of the staged repo (README.md,
+    moeq-manifest.json) nor another quant's llama-quantize log (`X.gguf.log`) or partial file."""
+    value = n.relative_name()
+    if "/" in value or not value.lower().endswith(".gguf") or value.lower() == ".gguf":
+        raise n.fail(f"{value!r} is not a GGUF file name; use a plain name ending in .gguf, like 'model-Q8_0.gguf'")
+    return value
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
@@ -435,8 +444,13 @@ def _hub(n: _Node, model: ModelSpec, quants: tuple[QuantSpec, ...]) -> HubSpec:
         create_pr=m["create_pr"].bool() if "create_pr" in m else False,
         max_shard_size=max_shard, push=m["push"].bool() if "push" in m else False,
     )
+    seen: dict[str, str] = {}
     for quant in quants:
         repo = render_repo_id(spec, model, quant)
+        if repo.lower() in seen:
+            raise where.fail(f"gives {repo!r} for both {seen[repo.lower()]} and {quant.type}; each quant needs its "
+                             "own repo, or one push would delete the other's file")
+        seen[repo.lower()] = quant.type
         try:
             validate_repo_id(repo)
         except HFValidationError as exc:
@@ -546,8 +560,10 @@ def load_pipeline(path: Path) -> Pipeline:
         quant = _quant(node, base, model)
         if any(q.type == quant.type for q in quants):
             raise node.fail(f"{quant.type} appears twice in the ladder")
-        if any(q.file == quant.file for q in quants):
-            raise node.fail(f"output file {quant.file!r} is already used by another quant")
+        clash = next((q for q in quants if q.file.lower() == quant.file.lower()), None)
+        if clash is not None:
+            raise node.fail(f"output file {quant.file!r} collides with {clash.type}'s {clash.file!r}; give each "
+                            "quant its own file name")
         quants.append(quant)
     workspace = top["workspace"].path_value(base) if "workspace" in top else base / "work"
     return Pipeline(

@@ -57,11 +57,17 @@ class CheckFailed(MoeqError):
     exit_code = 7
 
 
-class Interrupted(MoeqError):
-    """Stopped by SIGINT or SIGTERM; partial outputs were removed."""
+class Interrupted(KeyboardInterrupt):
+    """Stopped by SIGTERM (143) or SIGINT (130); partial outputs were removed.
 
-    exit_code = 130
+    Not a MoeqError: an interruption is not a failure of the stage, so nothing that records failures
+    (a bench mode, a build stage) may catch it; it ends the command, which records nothing.
+    """
 
     def __init__(self, message: str, exit_code: int = 130):
         super().__init__(message)
+        self.message = message
         self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return self.message

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,21 +42,53 @@ class Record:
         return {"schema_version": SCHEMA_VERSION, "stage": self.stage, **dataclasses.asdict(self)}
 
     def save(self, path: Path) -> None:
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        """Save as JSON in WORKSPACE/records/; paths inside the workspace are kept relative to it."""
+        data = _paths(self.to_dict(), _workspace_of(path), relative=True)
+        write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
     @classmethod
     def load(cls: type[R], path: Path) -> R | None:
-        """The record at `path`, or None when absent, unreadable or of another schema."""
+        """The record at `path`, or None when absent, unreadable or of another schema.
+
+        Workspace-relative paths come back under the workspace the record is in now, so a moved
+        workspace keeps working and a copied one refers to its own files."""
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError):
             return None
-        if data.get("schema_version") != SCHEMA_VERSION or data.get("stage") != cls.stage:
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION or data.get("stage") != cls.stage:
             return None
         try:
-            return _from_dict(cls, data)
+            return _from_dict(cls, _paths(data, _workspace_of(path), relative=False))
         except (TypeError, KeyError):
             return None
+
+
+PATH_KEYS = ("path", "folder")  # the keys of a record that hold a file or folder
+
+
+def _workspace_of(record_path: Path) -> Path:
+    # WORKSPACE/records/NAME.json; abspath, not resolve: paths stay spelled as the workspace spells them
+    return Path(os.path.abspath(record_path)).parent.parent
+
+
+def _paths(value: Any, root: Path, relative: bool, key: str = "") -> Any:
+    """Paths under `root` made relative to it (relative=True), or relative paths made absolute under it."""
+    if isinstance(value, dict):
+        return {k: _paths(v, root, relative, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_paths(v, root, relative, key) for v in value]
+    if key == "command" and relative and isinstance(value, str):  # as run from the workspace folder; kept so
+        return _paths(value, root, relative, "path")
+    if key not in PATH_KEYS or not isinstance(value, str) or not value:
+        return value
+    path = Path(value)
+    if not relative:
+        return value if path.is_absolute() else str(root / path)
+    try:
+        return path.relative_to(root).as_posix() if path.is_absolute() else value
+    except ValueError:  # outside the workspace (a local source, an imatrix, a template): kept as it is
+        return value
 
 
 def _from_dict(cls, data: dict):

@@ -280,3 +280,52 @@ def test_cli_with_an_rpc_device(tmp_path, toolchain, rpc_device):
     assert result["skipped"] is True and [r["mode"] for r in result["record"]["speed"]] == ["cpu-moe"]
     proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0", "--modes", "fast")
     assert proc.returncode == 3 and "--modes 'fast': use cpu, gpu, cpu-moe, or an integer N" in proc.stderr
+
+
+def _hanging_tools(tmp_path: Path, toolchain, hang: str, script: str) -> Path:
+    """The real tools, except `hang`, which answers --version/--list-devices and otherwise runs `script`."""
+    from moeq.toolchain import TOOLS
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for name in TOOLS:
+        if name == hang:
+            (folder / name).write_text(f'#!/bin/sh\ncase "$1" in --version|--list-devices) exec {toolchain.path(name)} '
+                                       f'"$1";; esac\n{script}\n')
+            (folder / name).chmod(0o755)
+        else:
+            (folder / name).symlink_to(toolchain.path(name))
+    return folder
+
+
+@pytest.mark.parametrize("hang", ["llama-bench", "llama-perplexity"])
+def test_sigterm_during_bench_records_nothing(tmp_path, toolchain, hang):
+    """An interrupted bench is not a measurement failure: exit 143, no record, no partial file; the next run measures."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    marker = tmp_path / "running"
+    # llama-perplexity saving F16 logits: it has begun writing the --kl-divergence-base file when stopped.
+    script = (f'touch {marker}\nwhile [ $# -gt 0 ]; do [ "$1" = --kl-divergence-base ] && : > "$2"; shift; done\n'
+              "sleep 60")
+    folder = _hanging_tools(tmp_path, toolchain, hang, script)
+    config, _, ws = prepared(tmp_path, quants=("Q8_0",), rpc=False)
+    config.write_text(config.read_text() + f"\ntoolchain:\n  llama_cpp_bin: {folder}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "moeq", "bench", "--config", str(config), "--quant", "Q8_0",
+                             "--modes", "cpu"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), proc.communicate(timeout=5)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, out + err
+    assert err.splitlines()[-1].startswith("error: interrupted by SIGTERM") and "Traceback" not in err
+    assert not ws.record_path("bench", "Q8_0").exists()
+    assert not [p for p in ws.root.rglob("*") if p.name.endswith(".partial")]
+    config.write_text(config.read_text().replace(f"\ntoolchain:\n  llama_cpp_bin: {folder}\n", ""))
+    proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0", "--modes", "cpu", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)[0]["record"]["errors"] == []

@@ -213,3 +213,34 @@ def test_summary_reads_whole_in_an_80_column_log(tmp_path, toolchain):
     header = next(line for line in table.splitlines() if line.startswith("┃"))
     assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["stage", *LADDER]
     assert rows["quantize"].count("ran") == 3 and rows["bench"].count("skipped") == 3
+
+
+def test_a_moved_and_a_copied_workspace(tmp_path, toolchain):
+    """Records hold workspace-relative paths: a moved workspace is current; a copy is independent of the original."""
+    bin_dir = wrapped_tools(tmp_path, toolchain)
+    config = write_config(tmp_path, bin_dir)
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench", "--json")
+    assert proc.returncode == 0, proc.stderr
+    original = tmp_path / "work"
+    record_text = (original / "records" / "quantize-Q8_0.json").read_text()
+    assert str(original) not in record_text and '"path": "quants/tiny-phimoe-Q8_0.gguf"' in record_text
+    (tmp_path / "work").rename(tmp_path / "moved")
+    moved = config.with_name("moved.yaml")
+    moved.write_text(config.read_text().replace("workspace: work\n", "workspace: moved\n"))
+    (tmp_path / "starts").unlink()
+    proc = run_moeq("build", "--config", str(moved), "--quant", "Q8_0", "--skip-bench", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {s["stage"]: s["status"] for s in json.loads(proc.stdout)["quants"][0]["stages"]} == {
+        "fetch": "up to date", "quantize": "up to date", "validate": "up to date", "bench": "skipped",
+        "card": "up to date", "push": "skipped"}
+    assert not (tmp_path / "starts").exists()  # no tool ran
+    subprocess.run(["cp", "-a", str(tmp_path / "moved"), str(tmp_path / "copy")], check=True)
+    copy = config.with_name("copy.yaml")
+    copy.write_text(config.read_text().replace("workspace: work\n", "workspace: copy\n"))
+    proc = run_moeq("build", "--config", str(copy), "--quant", "Q8_0", "--skip-bench", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    staged = tmp_path / "copy" / "repos" / "Q8_0" / "tiny-phimoe-Q8_0.gguf"
+    assert os.path.samefile(staged, tmp_path / "copy" / "quants" / "tiny-phimoe-Q8_0.gguf")
+    assert not os.path.samefile(staged, tmp_path / "moved" / "quants" / "tiny-phimoe-Q8_0.gguf")
+    for record in (tmp_path / "copy" / "records").glob("*.json"):
+        assert str(tmp_path / "moved") not in record.read_text(), record

@@ -30,7 +30,7 @@ from moeq.quantize.stage import quantize_record
 from moeq.records import BenchRecord, QuantizeRecord, ToolBuildRef, ValidateRecord
 from moeq.toolchain import Toolchain
 from moeq.validate.plan import plan_file
-from moeq.workspace import Workspace, hash_cache, write_text_atomic
+from moeq.workspace import Workspace, commit_file, hash_cache, partial_path, write_text_atomic
 
 MIB = 2**20
 OFFLOAD_BACKENDS_ABSENT = {None, "", "CPU", "BLAS", "CPU,BLAS"}
@@ -169,11 +169,14 @@ def _quality(chain: Toolchain, pipeline: Pipeline, quantized: QuantizeRecord, ws
         with ws.lock(f"kld-base-{key}", on_wait=on_message):
             if not (base_kld.is_file() and base_json.is_file()):
                 on_message(f"{Path(quantized.source.path).name}: llama-perplexity on the F16 source (saved for KLD)")
-                partial = base_kld.with_name(base_kld.name + ".partial")
-                base = run_perplexity(tool, Path(quantized.source.path), text, folder / f"{key}.log",
-                                      ctx=ppl["ctx"], chunks=ppl["chunks"], kld_base=partial, save_base=True,
-                                      threads=options["threads"], timeout_s=options["timeout_s"])
-                partial.rename(base_kld)
+                partial = partial_path(base_kld)  # one left by a killed run is started over (we hold the lock)
+                try:
+                    base = run_perplexity(tool, Path(quantized.source.path), text, folder / f"{key}.log",
+                                          ctx=ppl["ctx"], chunks=ppl["chunks"], kld_base=partial, save_base=True,
+                                          threads=options["threads"], timeout_s=options["timeout_s"])
+                    commit_file(partial, base_kld)
+                finally:
+                    partial.unlink(missing_ok=True)
                 write_text_atomic(base_json, json.dumps(base, indent=1))
             base = json.loads(base_json.read_text())
         on_message(f"{Path(quantized.output.path).name}: llama-perplexity with KL divergence against F16")

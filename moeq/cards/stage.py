@@ -21,7 +21,7 @@ from moeq.cards.lint import lint_card
 from moeq.cards.manifest import MANIFEST_NAME, README_NAME, build_manifest, manifest_text
 from moeq.cards.render import DEFAULT_TEMPLATE, render_card, templates_sha256
 from moeq.config import Pipeline, QuantSpec
-from moeq.errors import CheckFailed
+from moeq.errors import CheckFailed, InputError
 from moeq.hub.split import repo_gguf_files
 from moeq.quantize.stage import quantize_record
 from moeq.records import CardRecord, FileRef
@@ -75,7 +75,7 @@ def make_card(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, force: bool =
                               f"written: {shown}{more}")
         folder.mkdir(parents=True, exist_ok=True)
         for ref in gguf_files:
-            _link_artifact(Path(ref.path), folder / Path(ref.path).name)
+            _link_artifact(Path(ref.path), folder / Path(ref.path).name, ws)
         write_text_atomic(folder / MANIFEST_NAME, manifest_body)
         write_text_atomic(folder / README_NAME, text)
         for stray in folder.iterdir():
@@ -102,8 +102,13 @@ def _staged_intact(record: CardRecord, gguf_files: list[FileRef]) -> bool:
             and _sha(readme.read_text(encoding="utf-8")) == record.readme.sha256)
 
 
-def _link_artifact(artifact: Path, staged: Path) -> None:
-    """Hard-link the quant into the staged repo (a symlink across filesystems); never a partial file."""
+def _link_artifact(artifact: Path, staged: Path, ws: Workspace) -> None:
+    """Hard-link the quant into the staged repo (a symlink across filesystems); never a partial file.
+
+    Only a file of this workspace is staged: a copied workspace never publishes the original's file."""
+    if not Path(os.path.abspath(artifact)).is_relative_to(os.path.abspath(ws.root)):
+        raise InputError(f"{artifact}: not in the workspace {ws.root}, so it is not staged; run moeq quantize "
+                         "--force for this quant")
     if staged.exists() and os.path.samefile(staged, artifact):
         return
     partial = partial_path(staged)

@@ -75,10 +75,10 @@ def guard(fn: Callable) -> Callable:
                 traceback.print_exc()
             sys.stderr.write(f"error: {exc.message}\n")
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            sys.stderr.write("error: interrupted by SIGINT; stopped the running tool and removed partial "
-                             "files, run the command again to start that step over\n")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM as Interrupted
+            message = exc.message if isinstance(exc, Interrupted) else INTERRUPTED.format(signal="SIGINT")
+            sys.stderr.write(f"error: {message}\n")
+            raise typer.Exit(exc.exit_code if isinstance(exc, Interrupted) else 130) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:  # a bug in moeq: say so plainly, keep the traceback for --debug
@@ -91,9 +91,12 @@ def guard(fn: Callable) -> Callable:
     return wrapper
 
 
+INTERRUPTED = ("interrupted by {signal}; stopped the running tool and removed partial files, run the command "
+               "again to start that step over")
+
+
 def _sigterm_to_exception(signum, frame) -> None:
-    raise Interrupted("interrupted by SIGTERM; stopped the running tool and removed partial files, "
-                      "run the command again to start that step over", exit_code=143)
+    raise Interrupted(INTERRUPTED.format(signal="SIGTERM"), exit_code=143)
 
 
 signal.signal(signal.SIGTERM, _sigterm_to_exception)
