@@ -11,6 +11,7 @@ quant types, bad repo ids and unsafe relative names are all errors, never warnin
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from moeq import quant_types
 from moeq.errors import ConfigError
+from moeq.workspace import read_text_limited
 
 SOURCE_KINDS = ("hf", "gguf", "local", "synth")
 REPO_TEMPLATE_FIELDS = {"namespace", "model", "quant", "quant_slug", "quant_lower", "file_stem"}
@@ -30,6 +32,16 @@ REPO_TEMPLATE_FIELDS = {"namespace", "model", "quant", "quant_slug", "quant_lowe
 DEFAULT_REPO_TEMPLATE = "{namespace}/{model}-{quant}-GGUF"
 DEFAULT_FILE_TEMPLATE = "{file_stem}-{quant}.gguf"
 BENCH_MODES = ("cpu", "gpu", "cpu-moe")
+PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null")}
+PORTABLE_NAME = re.compile(r"[A-Za-z0-9._+\-/]+")  # '/' only where a relative path may have folders
+MAX_NAME = 200  # characters in one file name: the filesystem's limit is 255 bytes, with room for suffixes
+MAX_PIPELINE_BYTES = 1 << 20  # a pipeline file is a few KB; this bounds what is read
+MAX_EXTRA_VALUES = 10_000  # card.extra, after YAML aliases are expanded
+UNQUANTIZED = ("F16", "BF16", "F32", "COPY")
+MAX_CTX = 1 << 24  # tokens: far above any model's context
+MAX_TIMEOUT_S = 7 * 24 * 3600  # one tool run may take a week at most
+SYNTH_MAX = {"layers": 256, "experts": 512, "experts_used": 512, "embd": 65_536, "ff": 262_144, "heads": 1024,
+             "kv_heads": 1024, "vocab": 1 << 20}
 
 
 # ---------------------------------------------------------------- typed pipeline
@@ -204,7 +216,15 @@ class _Node:
     def scalar(self) -> Any:
         if not isinstance(self.node, yaml.ScalarNode):
             raise self.fail(f"expected a single value, got {_kind(self.node)}")
-        return yaml.safe_load(yaml.serialize(self.node))
+        if self.node.tag not in PLAIN_TAGS:
+            raise self.fail(f"the YAML tag {self.node.tag!r} is not allowed; write a plain string, number or boolean")
+        try:
+            value = yaml.safe_load(yaml.serialize(self.node))
+        except yaml.YAMLError as exc:
+            raise self.fail(f"not a valid value ({_first_sentence(exc)})") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(f"{value} is not a usable number")
+        return value
 
     def str(self) -> str:
         value = self.scalar()
@@ -212,12 +232,14 @@ class _Node:
             raise self.fail(f"expected a non-empty string, got {value!r}")
         return value
 
-    def int(self, minimum: int | None = None) -> int:
+    def int(self, minimum: int | None = None, maximum: int | None = None) -> int:
         value = self.scalar()
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(f"expected an integer, got {value!r}")
         if minimum is not None and value < minimum:
             raise self.fail(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.fail(f"must be at most {maximum}, got {value}")
         return value
 
     def bool(self) -> bool:
@@ -232,11 +254,16 @@ class _Node:
         return [_Node(self.file, n, self.child_path(i)) for i, n in enumerate(self.node.value)]
 
     def relative_name(self) -> str:
-        """A file name inside a repo or the workspace: relative, no '..', no backslashes."""
+        """A file name inside a repo or the workspace: relative, no '..', portable characters, not too long."""
         value = self.str()
         pure = PurePosixPath(value)
         if pure.is_absolute() or value.startswith("~") or ".." in pure.parts or "\\" in value:
-            raise self.fail(f"{value!r} is not a safe relative name; use a plain name like 'model-Q8_0.gguf'")
+            raise self.fail(f"{value[:80]!r} is not a safe relative name; use a plain name like 'model-Q8_0.gguf'")
+        if not PORTABLE_NAME.fullmatch(value):
+            raise self.fail(f"{value[:80]!r} has characters a file name should not (spaces, control or non-ASCII "
+                            "characters); use letters, digits and . _ - +")
+        if any(len(part) > MAX_NAME for part in pure.parts):
+            raise self.fail(f"a name of {len(value)} characters; file names are at most {MAX_NAME}")
         return value
 
     def path_value(self, base: Path, must_exist: bool = False) -> Path:
@@ -246,6 +273,31 @@ class _Node:
         if must_exist and not resolved.exists():
             raise self.fail(f"{resolved} does not exist; fix the path (relative paths start at {base})")
         return resolved
+
+
+def _plain(n: _Node, budget: list[int]) -> Any:
+    """A YAML subtree as plain JSON-able values: strings, finite numbers, booleans, null, lists, mappings.
+
+    `budget` counts the values left: aliases can expand a small file into billions of values."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise n.fail(f"more than {MAX_EXTRA_VALUES} values (YAML aliases expand?); keep card.extra small")
+    if isinstance(n.node, yaml.SequenceNode):
+        return [_plain(item, budget) for item in n.list()]
+    if isinstance(n.node, yaml.MappingNode):
+        if n.node.tag != "tag:yaml.org,2002:map":
+            raise n.fail(f"the YAML tag {n.node.tag!r} is not allowed; write a plain mapping")
+        out: dict[str, Any] = {}
+        lines: dict[str, int] = {}
+        for key_node, value_node in n.node.value:
+            key = _Node(n.file, key_node, n.path).str()
+            child = _Node(n.file, value_node, n.child_path(key))
+            if key in out:
+                raise _Node(n.file, key_node, n.child_path(key)).fail(f"duplicate key (first at line {lines[key]})")
+            lines[key] = key_node.start_mark.line + 1
+            out[key] = _plain(child, budget)
+        return out
+    return n.scalar()
 
 
 def _kind(node: yaml.Node) -> str:
@@ -270,13 +322,15 @@ def _model(n: _Node) -> ModelSpec:
             raise m["languages"].fail("list at least one language code, e.g. [en]")
         languages = tuple(item.str() for item in items)
     name = m["name"].str()
+    if len(name) > MAX_NAME:
+        raise m["name"].fail(f"a name of {len(name)} characters; keep it to {MAX_NAME}")
     file_stem = m["file_stem"].relative_name() if "file_stem" in m else _slug(name)
     if "/" in file_stem:
         raise m["file_stem"].fail("must be a plain name without '/'")
     return ModelSpec(
         name=name, base_model=base_model, license=m["license"].str(), languages=languages,
         quantized_by=m["quantized_by"].str(), file_stem=file_stem,
-        parameters=m["parameters"].int(minimum=1) if "parameters" in m else None,
+        parameters=m["parameters"].int(minimum=1, maximum=10**15) if "parameters" in m else None,
     )
 
 
@@ -302,7 +356,8 @@ def _first_sentence(exc: Exception) -> str:
 def _synth(n: _Node) -> SynthSpec:
     fields = SynthSpec.__dataclass_fields__
     m = n.mapping(tuple(fields))
-    values = {key: node.int(minimum=0 if key == "seed" else 1) for key, node in m.items()}
+    values = {key: node.int(minimum=0 if key == "seed" else 1, maximum=SYNTH_MAX.get(key, 2**32 - 1))
+              for key, node in m.items()}
     spec = SynthSpec(**values)
     if spec.experts_used > spec.experts:
         raise m.get("experts_used", n).fail(f"experts_used ({spec.experts_used}) exceeds experts ({spec.experts})")
@@ -358,6 +413,9 @@ def _quant(n: _Node, base: Path, model: ModelSpec) -> QuantSpec:
     if known is None:
         raise type_node.fail(f"unknown quant type {raw_type!r}; llama-quantize accepts "
                              f"{', '.join(quant_types.QUANT_TYPES)}")
+    if known.name in UNQUANTIZED:
+        raise type_node.fail(f"{known.name} is not a quantization; the ladder lists quant types such as Q8_0, "
+                             "Q4_K_M, Q2_K (the F16 source comes from source:)")
     overrides: list[tuple[str, str]] = []
     if "tensor_types" in m:
         tt = m["tensor_types"]
@@ -467,8 +525,7 @@ def _card(n: _Node, base: Path) -> CardSpec:
         node = m["extra"]
         if not isinstance(node.node, yaml.MappingNode):
             raise node.fail("expected a mapping of fact name -> value")
-        value = yaml.safe_load(yaml.serialize(node.node))
-        extra = tuple(sorted((str(k), v) for k, v in value.items()))
+        extra = tuple(sorted(_plain(node, [MAX_EXTRA_VALUES]).items()))
     return CardSpec(
         template=m["template"].path_value(base, must_exist=True) if "template" in m else None,
         extra=extra,
@@ -495,17 +552,19 @@ def _bench(n: _Node, base: Path) -> BenchSpec:
         p = m["perplexity"].mapping(("text", "ctx", "chunks"))
         ppl = PerplexitySpec(
             text=p["text"].path_value(base, must_exist=True) if "text" in p else None,
-            ctx=p["ctx"].int(minimum=16) if "ctx" in p else defaults.perplexity.ctx,
-            chunks=p["chunks"].int(minimum=1) if "chunks" in p else defaults.perplexity.chunks,
+            ctx=p["ctx"].int(minimum=16, maximum=MAX_CTX) if "ctx" in p else defaults.perplexity.ctx,
+            chunks=p["chunks"].int(minimum=1, maximum=100_000) if "chunks" in p else defaults.perplexity.chunks,
         )
+    if "n_prompt" in m and "n_gen" in m and m["n_prompt"].int() == 0 and m["n_gen"].int() == 0:
+        raise m["n_gen"].fail("n_prompt and n_gen are both 0: llama-bench would measure nothing")
     return BenchSpec(
         modes=modes,
-        n_prompt=m["n_prompt"].int(minimum=0) if "n_prompt" in m else defaults.n_prompt,
-        n_gen=m["n_gen"].int(minimum=0) if "n_gen" in m else defaults.n_gen,
-        repetitions=m["repetitions"].int(minimum=1) if "repetitions" in m else defaults.repetitions,
-        threads=m["threads"].int(minimum=1) if "threads" in m else None,
-        ctx=tuple(i.int(minimum=1) for i in m["ctx"].list()) if "ctx" in m else defaults.ctx,
-        timeout_s=m["timeout_s"].int(minimum=1) if "timeout_s" in m else defaults.timeout_s,
+        n_prompt=m["n_prompt"].int(minimum=0, maximum=MAX_CTX) if "n_prompt" in m else defaults.n_prompt,
+        n_gen=m["n_gen"].int(minimum=0, maximum=MAX_CTX) if "n_gen" in m else defaults.n_gen,
+        repetitions=m["repetitions"].int(minimum=1, maximum=1000) if "repetitions" in m else defaults.repetitions,
+        threads=m["threads"].int(minimum=1, maximum=4096) if "threads" in m else None,
+        ctx=tuple(i.int(minimum=1, maximum=MAX_CTX) for i in m["ctx"].list()) if "ctx" in m else defaults.ctx,
+        timeout_s=m["timeout_s"].int(minimum=1, maximum=MAX_TIMEOUT_S) if "timeout_s" in m else defaults.timeout_s,
         perplexity=ppl,
         rpc=_rpc(m["rpc"]) if "rpc" in m else None,
     )
@@ -531,12 +590,9 @@ TOP_LEVEL = ("model", "source", "workspace", "quants", "hub", "card", "bench", "
 def load_pipeline(path: Path) -> Pipeline:
     """Read and validate a pipeline file; raise ConfigError naming file, line and key."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: pipeline file not found; pass --config with the path to your pipeline.yaml") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read pipeline file ({exc.__class__.__name__}: {exc})") from None
+    if not path.exists():
+        raise ConfigError(f"{path}: pipeline file not found; pass --config with the path to your pipeline.yaml")
+    text = read_text_limited(path, MAX_PIPELINE_BYTES, "pipeline file", ConfigError)
     try:
         root_node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -566,6 +622,9 @@ def load_pipeline(path: Path) -> Pipeline:
                             "quant its own file name")
         quants.append(quant)
     workspace = top["workspace"].path_value(base) if "workspace" in top else base / "work"
+    if workspace.exists() and not workspace.is_dir():
+        raise (top["workspace"] if "workspace" in top else top["model"]).fail(
+            f"{workspace} is a file, not a folder; point workspace at a folder (it is made when missing)")
     return Pipeline(
         path=path, model=model, source=source, workspace=workspace, quants=tuple(quants),
         hub=_hub(top["hub"], model, tuple(quants)),

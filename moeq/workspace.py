@@ -18,11 +18,12 @@ import hashlib
 import os
 import shutil
 import sqlite3
+import stat
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
-from moeq.errors import ResourceError
+from moeq.errors import InputError, MoeqError, ResourceError
 
 CHUNK = 8 * 1024 * 1024
 
@@ -120,6 +121,31 @@ def write_text_atomic(path: Path, text: str) -> None:
     partial = partial_path(path)
     partial.write_text(text, encoding="utf-8")
     commit_file(partial, path)
+
+
+def read_text_limited(path: Path, limit: int, what: str, error: type[MoeqError] = InputError) -> str:
+    """The UTF-8 text of a regular file of at most `limit` bytes, else `error` naming it.
+
+    /dev/zero, a FIFO or a huge file is refused before anything is read into memory."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{path}: not a regular file; pass the path of a {what}")
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file; pass the path of a {what}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: a folder; pass the path of a {what}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc.__class__.__name__})") from None
+    if len(data) > limit:
+        raise error(f"{path}: larger than {limit // 1024} KiB, the most moeq reads for a {what}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text; pass the path of a {what}") from None
 
 
 def free_bytes(path: Path) -> int:

@@ -30,14 +30,15 @@ HUB_PAGES = {"docs", "blog", "papers", "spaces", "datasets", "models", "settings
 
 CONFLICT_OPEN, CONFLICT_BASE, CONFLICT_MID, CONFLICT_CLOSE = "<" * 7, "|" * 7, "=" * 7, ">" * 7
 FENCE = re.compile(r"^\s{0,3}(```|~~~)")
-INLINE_LINK = re.compile(r"!?\[(?:[^\]\\]|\\.)*\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
+# Each repeated part stops where another link could start ('[', '(', '<'), so no line takes quadratic time.
+INLINE_LINK = re.compile(r"!?\[(?:[^\[\]\\]|\\.)*\]\(\s*<?([^()\s<>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
 REFERENCE_DEF = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)")
-AUTOLINK = re.compile(r"<([a-zA-Z][a-zA-Z0-9+.-]*:[^\s>]+)>")
+AUTOLINK = re.compile(r"<([a-zA-Z][a-zA-Z0-9+.-]*:[^\s<>]+)>")
 BARE_URL = re.compile(r"(?<![(<\w])(?:https?|ftp)://[^\s)>\]]+")
 CODE_SPAN = re.compile(r"(`+)(.+?)\1")
 # A figure: a number standing alone (not part of a name such as Q8_0, phi-3.5 or a sha256).
 FIGURE = re.compile(r"(?<![\w.\-])-?\d+(?:[.,]\d+)*(?![\w])")
-FILE_NAME = re.compile(r"[\w.\-]+\.gguf\b")
+FILE_NAME = re.compile(r"(?<![\w.\-])[\w.\-]+\.gguf\b")  # starts only where a name can start: linear
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,13 @@ from moeq.cards.render import DEFAULT_TEMPLATE, templates_sha256
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import InputError
 from moeq.records import BenchRecord, FileRef, QuantizeRecord, Record, SourceRecord, ValidateRecord
-from moeq.workspace import Workspace
+from moeq.workspace import Workspace, read_text_limited
 
 MANIFEST_NAME = "moeq-manifest.json"
 README_NAME = "README.md"
 MANIFEST_VERSION = 1
+MAX_CARD_BYTES = 1 << 20  # a card is tens of KB
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest holds a row per tensor: hundreds of KB for the real model
 PATH_KEYS = {"path", "file"}
 
 
@@ -120,14 +122,15 @@ def manifest_text(manifest: dict) -> str:
 
 
 def read_manifest(path: Path) -> dict:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not Path(path).exists():
         raise InputError(f"{path}: no records manifest; make the card with moeq card, or pass --records "
-                         f"with the folder that holds {MANIFEST_NAME}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a readable records manifest ({exc.__class__.__name__}: {exc})") from None
-    return parse_manifest(text, str(path))
+                         f"with the folder that holds {MANIFEST_NAME}")
+    return parse_manifest(read_text_limited(path, MAX_MANIFEST_BYTES, "records manifest"), str(path))
+
+
+def read_card(path: Path) -> str:
+    """A card's text: a regular file of at most MAX_CARD_BYTES."""
+    return read_text_limited(path, MAX_CARD_BYTES, "card (README.md)")
 
 
 def parse_manifest(text: str, where: str) -> dict:

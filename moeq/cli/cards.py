@@ -56,15 +56,6 @@ def card(
         print_json(results)
 
 
-def _read_card(file: Path) -> str:
-    try:
-        return file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{file}: no such card; pass the path of a README.md") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{file}: cannot read the card ({exc.__class__.__name__})") from None
-
-
 def _print_findings(file: Path, findings: list, records: bool, as_json: bool) -> None:
     """FILE:LINE: RULE: message per finding (or JSON); exit 7 when there is any."""
     if as_json:
@@ -100,9 +91,9 @@ def lint(
     manifest also hub-link, unrecorded-figure (tables, list items and prose) and unknown-file.
     """
     from moeq.cards.lint import lint_card
-    from moeq.cards.manifest import MANIFEST_NAME, read_manifest
+    from moeq.cards.manifest import MANIFEST_NAME, read_card, read_manifest
 
-    text = _read_card(file)
+    text = read_card(file)
     manifest = None
     if records is not None:
         manifest = read_manifest(records / MANIFEST_NAME)
@@ -126,10 +117,10 @@ def verify(
 
     Finds what lint cannot: a hand-edited figure anywhere, or another quant's figure in this quant's row.
     """
-    from moeq.cards.manifest import MANIFEST_NAME, read_manifest
+    from moeq.cards.manifest import MANIFEST_NAME, read_card, read_manifest
     from moeq.cards.verify import card_template, verify_card
 
-    text = _read_card(file)
+    text = read_card(file)
     manifest_path = (records or file.parent) / MANIFEST_NAME
     manifest = read_manifest(manifest_path)
     template, same = card_template(manifest, template, str(manifest_path))
@@ -150,6 +141,7 @@ def preview(
                                                 "folder).")] = None,
 ) -> None:
     """Write a card as a standalone HTML page, to see it as readers will before pushing."""
+    from moeq.cards.manifest import read_card
     from moeq.cards.preview import card_html
     from moeq.workspace import Workspace, write_text_atomic
 
@@ -165,12 +157,10 @@ def preview(
         out = out or ws.root / "previews" / f"{spec.type}.html"
         title = pipeline.repo_id(spec)
     else:
-        if not file.is_file():
-            raise InputError(f"{file}: no such card; pass the path of a README.md")
         out = out or Path.cwd() / (file.stem + ".html")
         title = str(file)
     if out.resolve().parent == file.resolve().parent and (file.parent / "moeq-manifest.json").is_file():
         raise CheckFailed(f"{out}: is inside the staged repo folder, which must hold only what is pushed; "
                           "choose another --out")
-    write_text_atomic(out, card_html(file.read_text(encoding="utf-8"), title=title))
+    write_text_atomic(out, card_html(read_card(file), title=title))
     console.print(f"wrote {out}", soft_wrap=True)

@@ -24,14 +24,14 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils.sha import git_hash
 
 from moeq import __version__
-from moeq.cards.manifest import MANIFEST_NAME, README_NAME, parse_manifest
+from moeq.cards.manifest import MANIFEST_NAME, MAX_CARD_BYTES, MAX_MANIFEST_BYTES, README_NAME, parse_manifest
 from moeq.cards.render import MARKER
 from moeq.cards.verify import card_template, verify_card
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import HubError, InputError
 from moeq.hub.client import hub_errors, require_token
 from moeq.records import CardRecord, PushRecord
-from moeq.workspace import Workspace
+from moeq.workspace import Workspace, read_text_limited
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 COMMIT_ATTEMPTS = 4
@@ -118,7 +118,8 @@ def plan_push(api: HfApi, card: CardRecord) -> PushPlan:
 def _remote_text(api: HfApi, repo_id: str, name: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = api.hf_hub_download(repo_id, name, revision="main", local_dir=tmp)
-        return Path(path).read_text(encoding="utf-8", errors="replace")
+        limit = MAX_MANIFEST_BYTES if name == MANIFEST_NAME else MAX_CARD_BYTES
+        return read_text_limited(Path(path), limit, f"{name} of {repo_id}")
 
 
 def hub_card_findings(api: HfApi, repo_id: str, template: Path | None) -> list[str]:
