@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from moeq.config import Pipeline, QuantSpec
-from moeq.errors import CheckFailed, ConfigError, MoeqError, ToolError
+from moeq.errors import CheckFailed, ConfigError, MoeqError, ToolError, from_os_error
 from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace
 
@@ -88,7 +88,10 @@ class _Runner:
     def run(self, stage: str, fn: Callable[[], bool | str]) -> bool:
         started = time.monotonic()
         try:
-            outcome = fn()
+            try:
+                outcome = fn()
+            except OSError as exc:  # a full disk while this quant's stage wrote: that stage failed, not moeq
+                raise from_os_error(exc) from None
         except MoeqError as exc:
             self.result.stages.append(StageResult(stage, "failed", round(time.monotonic() - started, 3),
                                                   exc.message, exc.exit_code))

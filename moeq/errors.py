@@ -57,6 +57,13 @@ class CheckFailed(MoeqError):
     exit_code = 7
 
 
+def from_os_error(exc: OSError) -> "ResourceError":
+    """What the machine refused (a full disk, a read-only folder, a name too long), as one line naming the file."""
+    where = exc.filename or "a file"
+    return ResourceError(f"{where}: {exc.strerror or exc.__class__.__name__}; free some space, or point the "
+                         "workspace at a writable folder with room (moeq wrote nothing under a final name)")
+
+
 class Interrupted(KeyboardInterrupt):
     """Stopped by SIGTERM (143) or SIGINT (130); partial outputs were removed.
 

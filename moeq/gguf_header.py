@@ -182,6 +182,9 @@ def check_extent(header: GGUFHeader) -> None:
             raise InputError(f"{header.path}: tensor {t.name} ends at byte {t_end}, past the end of the file "
                              f"({header.file_size}); the file is truncated")
         end = max(end, t_end)
+    if header.file_size < header.data_offset:
+        raise InputError(f"{header.path}: {header.file_size} bytes, shorter than its own header and metadata "
+                         f"({header.data_offset} bytes); the file is truncated")
     padded = -(-end // header.alignment) * header.alignment
     if header.file_size not in (end, padded):
         raise InputError(f"{header.path}: {header.file_size - padded} unexpected bytes after the last tensor")

@@ -24,7 +24,11 @@ TAIL_LINES = 3
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child before exec
+# ggml attaches gdb to print a backtrace when a tool aborts: noise in a log that moeq quotes to people.
+TOOL_ENV = {"GGML_NO_BACKTRACE": "1"}
+
+
+def die_with_parent() -> None:  # runs in the child before exec: a killed moeq takes its tools with it
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
@@ -52,8 +56,8 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
         try:
             proc = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                text=True, errors="replace", bufsize=1, env={**os.environ, **(env or {})},
-                start_new_session=True, preexec_fn=_die_with_parent,
+                text=True, errors="replace", bufsize=1, env={**os.environ, **TOOL_ENV, **(env or {})},
+                start_new_session=True, preexec_fn=die_with_parent,
             )
         except OSError as exc:
             raise ToolError(f"{name}: cannot start {command[0]} ({exc.strerror}); run scripts/setup") from None

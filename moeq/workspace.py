@@ -62,7 +62,11 @@ class Workspace:
 
     def ensure(self) -> None:
         for folder in (self.source_dir, self.quants_dir, self.records_dir, self.root / "locks"):
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ResourceError(f"{self.root}: cannot make the workspace here ({exc.strerror}); point "
+                                    "workspace in the pipeline file at a writable folder") from None
 
     @contextlib.contextmanager
     def lock(self, artifact: str, on_wait: Callable[[str], None] | None = None,
@@ -117,10 +121,15 @@ def commit_file(partial: Path, final: Path, synced: bool = False) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """The one writer of text artifacts: whole under the final name, or nothing (no partial left behind)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(path)
-    partial.write_text(text, encoding="utf-8")
-    commit_file(partial, path)
+    try:
+        partial.write_text(text, encoding="utf-8")
+        commit_file(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def read_text_limited(path: Path, limit: int, what: str, error: type[MoeqError] = InputError) -> str:
@@ -181,14 +190,25 @@ class HashCache:
         self.path = Path(path)
 
     @contextlib.contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=60)
+    def _db(self) -> Iterator[sqlite3.Connection | None]:
+        """One transaction on the cache, or None when it cannot be used (a full disk): a cache only saves work."""
+        conn = None
         try:
-            with conn:  # one transaction: committed on success, rolled back on an error
-                conn.execute("CREATE TABLE IF NOT EXISTS sha256 (path TEXT PRIMARY KEY, size INTEGER, "
-                             "mtime_ns INTEGER, inode INTEGER, sha256 TEXT)")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=60)
+            conn.execute("CREATE TABLE IF NOT EXISTS sha256 (path TEXT PRIMARY KEY, size INTEGER, "
+                         "mtime_ns INTEGER, inode INTEGER, sha256 TEXT)")
+            conn.commit()
+        except (sqlite3.Error, OSError):
+            if conn is not None:
+                conn.close()
+            yield None
+            return
+        try:
+            with conn:  # committed on success, rolled back on an error
                 yield conn
+        except sqlite3.Error:
+            pass  # not remembered: the next run hashes the file again
         finally:
             conn.close()
 
@@ -199,14 +219,17 @@ class HashCache:
 
     def lookup(self, path: Path) -> str | None:
         key, stamp = self._key(path)
+        row = None
         with self._db() as db:
-            row = db.execute("SELECT size, mtime_ns, inode, sha256 FROM sha256 WHERE path = ?", (key,)).fetchone()
+            if db is not None:
+                row = db.execute("SELECT size, mtime_ns, inode, sha256 FROM sha256 WHERE path = ?", (key,)).fetchone()
         return row[3] if row and tuple(row[:3]) == stamp else None
 
     def remember(self, path: Path, sha256: str) -> None:
         key, stamp = self._key(path)
         with self._db() as db:
-            db.execute("INSERT OR REPLACE INTO sha256 VALUES (?, ?, ?, ?, ?)", (key, *stamp, sha256))
+            if db is not None:
+                db.execute("INSERT OR REPLACE INTO sha256 VALUES (?, ?, ?, ?, ?)", (key, *stamp, sha256))
 
     def sha256(self, path: Path, stop: threading.Event | None = None) -> str:
         cached = self.lookup(path)

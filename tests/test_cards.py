@@ -456,3 +456,24 @@ def test_memory_section_on_the_real_models_layout(good):
     assert "| all experts in system RAM | `-ngl 99 --cpu-moe` | 1.47 GiB |" in text
     assert "llama-server -m models/tiny-phimoe-Q8_0.gguf -ngl 99 -ncmoe 28\n" in text
     assert "| 32768 | 4.00 GiB |" in text  # 32 layers x 32768 x (K + V) x 1024 wide x 2 bytes
+
+
+@pytest.mark.parametrize("body,what", [
+    ("{{ 'x' * 10**10 }}", "a repetition of 10,000,000,000 items"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "more than 1 s"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion too deep"),
+    ("{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% else %}{{ s|length }}{% endif %}{% endmacro %}"
+     "{{ d('x', 40) }}", "more than 256 MiB of memory"),
+], ids=["repeat", "loops", "recursion", "doubling"])
+def test_a_runaway_template_is_stopped_with_its_line(tmp_path, monkeypatch, body, what):
+    """The sandbox has a budget (time, memory, output); small limits here, the real ones in README 'Limits'."""
+    from moeq.cards import render
+
+    monkeypatch.setattr(render, "MAX_SECONDS", 1)
+    monkeypatch.setattr(render, "MAX_MEMORY", 256 << 20)
+    template = tmp_path / "card.md.j2"
+    template.write_text("# A card\n\n" + body + "\n")
+    with pytest.raises(InputError) as info:
+        render.render_card({}, template)
+    assert info.value.message.startswith(f"{template}:3: the template ran past its budget ({what}")
+    assert render.render_card({}, REPO / "templates" / "partials" / "cpu-moe.md.j2")  # the budget is restored

@@ -263,3 +263,16 @@ def test_check_names_the_lines_edited_on_the_hub(tmp_path, test_hub, toolchain):
     assert (f'{REPO_ID}/README.md:{lines.index(bullet) + 1}: edited: expected {json.dumps(bullet)}, '
             f'found {json.dumps(edited)}') in proc.stdout.splitlines()
     assert f"not what the records say: {REPO_ID}" in proc.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("path", [r"/preupload/", r"/commit/main"])
+def test_a_huge_retry_after_is_capped_and_said(tmp_path, test_hub, toolchain, path):
+    """`Retry-After: 100000` (28 hours) on the client's own retries and on moeq's commit retry: waits are capped."""
+    config, _, _ = staged_pipeline(tmp_path)
+    test_hub.state.faults.append(Fault("POST", path, 429, headers={"Retry-After": "100000"}))
+    proc = push(test_hub, config, env={"MOEQ_HUB_MAX_WAIT_S": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert ("warning: the Hub answered 429 and asked to wait 100000 s before retrying; moeq waits at most 1 s"
+            in proc.stderr)
+    assert len(test_hub.state.commits_on(REPO_ID)) == 2

@@ -20,7 +20,7 @@ from rich.console import Console
 from typer.core import TyperGroup, TyperOption
 
 from moeq import __version__
-from moeq.errors import ConfigError, Interrupted, MoeqError
+from moeq.errors import ConfigError, Interrupted, MoeqError, ResourceError, from_os_error
 
 # `moeq --help` lists the commands in the order a user meets them, not in the order modules register them.
 COMMAND_ORDER = ("build", "fetch", "quantize", "validate", "bench", "card", "push", "plan", "check-config",
@@ -81,6 +81,11 @@ def guard(fn: Callable) -> Callable:
             raise typer.Exit(exc.exit_code if isinstance(exc, Interrupted) else 130) from None
         except (typer.Exit, typer.Abort):
             raise
+        except OSError as exc:  # the machine refused: a full disk, a read-only folder, a name too long
+            if _state["debug"]:
+                traceback.print_exc()
+            sys.stderr.write(f"error: {from_os_error(exc).message}\n")
+            raise typer.Exit(ResourceError.exit_code) from None
         except Exception as exc:  # a bug in moeq: say so plainly, keep the traceback for --debug
             if _state["debug"]:
                 traceback.print_exc()

@@ -14,6 +14,10 @@ from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, consol
 from moeq.errors import CheckFailed
 
 
+def say(message: str) -> None:
+    sys.stderr.write(message + "\n")
+
+
 def quiet_progress_off_terminal() -> None:
     """huggingface_hub's progress bars on a terminal; in logs (CI) they would be noise."""
     if not sys.stderr.isatty():
@@ -48,7 +52,7 @@ def push(
     pipeline = pipeline_from(config)
     quants = selected_quants(pipeline, quant)
     ws = Workspace(pipeline.workspace)
-    api = hub_api()
+    api = hub_api(on_message=say)
     quiet_progress_off_terminal()
     results = []
     for spec in quants:
@@ -110,7 +114,7 @@ def fetch(
 
     pipeline = pipeline_from(config)
     quiet_progress_off_terminal()
-    outcome = fetch_source(pipeline, Workspace(pipeline.workspace), hub_api(),
+    outcome = fetch_source(pipeline, Workspace(pipeline.workspace), hub_api(on_message=say),
                            Toolchain(pipeline.toolchain.llama_cpp_bin), force=force,
                            on_message=lambda msg: sys.stderr.write(msg + "\n"))
     record = outcome.record
@@ -151,7 +155,7 @@ def build(
     quants = selected_quants(pipeline, None if all_quants else quant)
     quiet_progress_off_terminal()
     summary = run_build(pipeline, quants, Workspace(pipeline.workspace), Toolchain(pipeline.toolchain.llama_cpp_bin),
-                        push=push or pipeline.hub.push, api=hub_api(), skip_bench=skip_bench, force_stage=force_stage,
+                        push=push or pipeline.hub.push, api=hub_api(on_message=say), skip_bench=skip_bench, force_stage=force_stage,
                         on_message=lambda msg: sys.stderr.write(msg + "\n"))
     if as_json:
         print_json(summary.as_dict())

@@ -232,8 +232,7 @@ def plan(
     """Where each byte of FILE goes under llama.cpp's placement rules, and what fits which GPU."""
     from moeq.validate.plan import plan_file
 
-    if not file.is_file():
-        raise InputError(f"{file}: no such file; pass the path of a GGUF model")
+    _require_file(file)
     result = plan_file(file, ctx_sizes=ctx or [4096], kv_type=kv_type,
                        compute_allowance=compute_allowance_mib * 2**20)
     if as_json:
@@ -256,6 +255,13 @@ def plan(
 
 
 # ---------------------------------------------------------------- validate
+
+
+def _require_file(file: Path) -> None:
+    if file.is_dir():
+        raise InputError(f"{file}: a folder; pass the path of a GGUF model")
+    if not file.is_file():
+        raise InputError(f"{file}: no such file; pass the path of a GGUF model")
 
 
 @app.command()
@@ -298,8 +304,7 @@ def validate(
         raise InputError("--config needs --quant TYPE: which quant of the ladder to validate")
     if file is None:
         raise InputError("give a GGUF file, or --quant TYPE for a quant of the pipeline's ladder")
-    if not file.exists():
-        raise InputError(f"{file}: no such file; pass the path of a GGUF model")
+    _require_file(file)
     report = validate_file(file, against, numerics, arch, quant)
     _report_checks(str(file), [asdict(c) for c in report.checks],
                    {"ok": report.ok, **asdict(report)} if as_json else None)
@@ -349,20 +354,23 @@ def bench(
     quants = selected_quants(pipeline, quant)
     ws = Workspace(pipeline.workspace)
     chain = Toolchain(pipeline.toolchain.llama_cpp_bin)
-    results, failed = [], []
+    results, failed, measured = [], [], []
     for spec in quants:
         outcome = bench_quant(pipeline, spec, ws, chain, modes=tuple(modes) if modes else None, rpc=rpc, force=force,
                               on_message=lambda msg: sys.stderr.write(msg + "\n"))
         record = outcome.record
         results.append({"skipped": outcome.skipped, "record": record.to_dict()})
         failed += [f"{spec.type} {e['mode']}" for e in record.errors]
+        measured += [f"{spec.type} {run['mode']}" for run in record.speed] + ([f"{spec.type} quality"]
+                                                                               if record.quality else [])
         if not as_json:
             _print_bench(record, outcome.skipped)
     if as_json:
         print_json(results)
     if failed:
-        raise ToolError(f"bench recorded errors for {', '.join(failed)}; the other modes were measured "
-                        f"(see {ws.records_dir})")
+        raise ToolError(f"bench recorded errors for {', '.join(failed)}; "
+                        + (f"measured: {', '.join(measured)}" if measured else "nothing was measured")
+                        + f" (see {ws.records_dir})")
 
 
 def _print_bench(record, skipped: bool) -> None:

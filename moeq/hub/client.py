@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+import re
+from typing import Callable, Iterator
 
 import httpx2
-from huggingface_hub import HfApi, constants
+from huggingface_hub import HfApi, constants, set_client_factory
+from huggingface_hub.utils._http import default_client_factory
 from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError,
                                     RevisionNotFoundError)
 from huggingface_hub.utils import get_token
@@ -23,10 +25,50 @@ from huggingface_hub.utils import get_token
 from moeq.errors import HubError
 
 
-def hub_api() -> HfApi:
-    """An HfApi on HF_ENDPOINT (read when called, so tests and CI can point it elsewhere)."""
+MAX_WAIT_S = 60  # the longest moeq (and the client under it) waits when the Hub says to retry later
+
+
+def max_wait_s() -> int:
+    """MAX_WAIT_S, or MOEQ_HUB_MAX_WAIT_S when set (README.md, "Limits")."""
+    value = os.environ.get("MOEQ_HUB_MAX_WAIT_S", "")
+    return int(value) if value.isdigit() else MAX_WAIT_S
+_RATELIMIT_RESET = re.compile(r"(;\s*t=)(\d+)")
+
+
+def hub_api(on_message: Callable[[str], None] = lambda _msg: None) -> HfApi:
+    """An HfApi on HF_ENDPOINT (read when called, so tests and CI can point it elsewhere).
+
+    The client sleeps as long as a 429/503 says (Retry-After, RateLimit reset) before it retries; every
+    such wait is capped at MAX_WAIT_S here, and `on_message` is told when one was."""
     endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+
+    def capped_client() -> httpx2.Client:
+        client = default_client_factory()
+        client.event_hooks["response"] = [*client.event_hooks.get("response", []),
+                                          lambda response: _cap_wait(response, on_message)]
+        return client
+
+    set_client_factory(capped_client)
     return HfApi(endpoint=endpoint, token=get_token())
+
+
+def _cap_wait(response: httpx2.Response, on_message: Callable[[str], None]) -> None:
+    if response.status_code not in (429, 503):
+        return
+    cap = max_wait_s()
+    asked = []
+    value = response.headers.get("Retry-After", "")
+    if value.isdigit() and int(value) > cap:
+        asked.append(int(value))
+        response.headers["Retry-After"] = str(cap)
+    ratelimit = response.headers.get("RateLimit", "")
+    match = _RATELIMIT_RESET.search(ratelimit)
+    if match and int(match.group(2)) > cap:
+        asked.append(int(match.group(2)))
+        response.headers["RateLimit"] = _RATELIMIT_RESET.sub(rf"\g<1>{cap}", ratelimit)
+    if asked:
+        on_message(f"warning: the Hub answered {response.status_code} and asked to wait {max(asked)} s before "
+                   f"retrying; moeq waits at most {cap} s (then gives up with the Hub's error)")
 
 
 def require_token() -> None:

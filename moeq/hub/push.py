@@ -29,7 +29,7 @@ from moeq.cards.render import MARKER
 from moeq.cards.verify import card_template, verify_card
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import HubError, InputError
-from moeq.hub.client import hub_errors, require_token
+from moeq.hub.client import hub_errors, max_wait_s, require_token
 from moeq.records import CardRecord, PushRecord
 from moeq.workspace import Workspace, read_text_limited
 
@@ -206,7 +206,7 @@ def _commit_with_retries(api: HfApi, card: CardRecord, plan: PushPlan, create_pr
                 status = exc.response.status_code if exc.response is not None else None
                 if status not in RETRY_STATUSES or attempt == COMMIT_ATTEMPTS:
                     raise
-                wait = _retry_after(exc) or 2 ** (attempt - 1)
+                wait = min(_retry_after(exc) or 2 ** (attempt - 1), max_wait_s())
                 on_message(f"{card.repo_id}: the Hub answered {status} to the commit; planning again in {wait} s")
         time.sleep(wait)
         with hub_errors("planning the push again", card.repo_id):
