@@ -95,7 +95,6 @@ class _Runner:
         except MoeqError as exc:
             self.result.stages.append(StageResult(stage, "failed", round(time.monotonic() - started, 3),
                                                   exc.message, exc.exit_code))
-            self.on_message(f"{self.result.quant}: {stage} failed: {exc.message}")
             return False
         status = outcome if isinstance(outcome, str) else ("up to date" if outcome else "ran")
         self.result.stages.append(StageResult(stage, status, round(time.monotonic() - started, 3)))
@@ -121,7 +120,6 @@ def build(pipeline: Pipeline, quants: list[QuantSpec], ws: Workspace, chain: Too
         fetch_result.status = "up to date" if outcome.skipped else "ran"
     except MoeqError as exc:
         fetch_result = StageResult("fetch", "failed", detail=exc.message, exit_code=exc.exit_code)
-        on_message(f"fetch failed: {exc.message}")
     fetch_result.seconds = round(time.monotonic() - started, 3)
     runners = []
     for result in results:

@@ -330,7 +330,7 @@ def _model(n: _Node) -> ModelSpec:
     return ModelSpec(
         name=name, base_model=base_model, license=m["license"].str(), languages=languages,
         quantized_by=m["quantized_by"].str(), file_stem=file_stem,
-        parameters=m["parameters"].int(minimum=1, maximum=10**15) if "parameters" in m else None,
+        parameters=m["parameters"].int(minimum=1, maximum=10**18) if "parameters" in m else None,
     )
 
 

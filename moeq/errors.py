@@ -60,7 +60,8 @@ class CheckFailed(MoeqError):
 def from_os_error(exc: OSError) -> "ResourceError":
     """What the machine refused (a full disk, a read-only folder, a name too long), as one line naming the file."""
     where = exc.filename or "a file"
-    return ResourceError(f"{where}: {exc.strerror or exc.__class__.__name__}; free some space, or point the "
+    detail = exc.strerror or (exc.args[0] if exc.args else exc.__class__.__name__)
+    return ResourceError(f"{where}: could not be written ({detail}); free some space, or point the "
                          "workspace at a writable folder with room (moeq wrote nothing under a final name)")
 
 

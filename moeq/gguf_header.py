@@ -173,6 +173,9 @@ def _parse(path: Path, data: bytes, size: int, whole_file: bool) -> GGUFHeader:
 
 def check_extent(header: GGUFHeader) -> None:
     """Every tensor's data lies inside the file, and the file ends where the last tensor's padded data ends."""
+    if header.file_size < header.data_offset:
+        raise InputError(f"{header.path}: {header.file_size} bytes, shorter than its own header and metadata "
+                         f"({header.data_offset} bytes); the file is truncated")
     end = header.data_offset
     for t in header.tensors:
         if t.offset % header.alignment:
@@ -182,9 +185,6 @@ def check_extent(header: GGUFHeader) -> None:
             raise InputError(f"{header.path}: tensor {t.name} ends at byte {t_end}, past the end of the file "
                              f"({header.file_size}); the file is truncated")
         end = max(end, t_end)
-    if header.file_size < header.data_offset:
-        raise InputError(f"{header.path}: {header.file_size} bytes, shorter than its own header and metadata "
-                         f"({header.data_offset} bytes); the file is truncated")
     padded = -(-end // header.alignment) * header.alignment
     if header.file_size not in (end, padded):
         raise InputError(f"{header.path}: {header.file_size - padded} unexpected bytes after the last tensor")

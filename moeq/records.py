@@ -78,8 +78,6 @@ def _paths(value: Any, root: Path, relative: bool, key: str = "") -> Any:
         return {k: _paths(v, root, relative, k) for k, v in value.items()}
     if isinstance(value, list):
         return [_paths(v, root, relative, key) for v in value]
-    if key == "command" and relative and isinstance(value, str):  # as run from the workspace folder; kept so
-        return _paths(value, root, relative, "path")
     if key not in PATH_KEYS or not isinstance(value, str) or not value:
         return value
     path = Path(value)

@@ -182,9 +182,11 @@ def write_tiny_phimoe(out: Path, spec: SynthSpec = SynthSpec(), name: str = "tin
         with open(partial, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(partial, out)
-    except BaseException:
+    except BaseException as exc:
         writer.close()
         partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # numpy's tofile says only "N requested and M written": name the file
+            exc.filename = exc.filename or str(out)
         raise
     return out
 

@@ -205,8 +205,12 @@ def test_ladder_mode_writes_a_validate_record(tmp_path, toolchain):
     assert run_moeq("quantize", "--config", str(cfg), "--quant", "Q4_K_M").returncode == 0
     proc = run_moeq("validate", "--config", str(cfg), "--quant", "Q4_K_M", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    saved = json.loads((tmp_path / "ws" / "records" / "validate-Q4_K_M.json").read_text())
-    assert saved == json.loads(proc.stdout)
+    from moeq.records import ValidateRecord
+
+    path = tmp_path / "ws" / "records" / "validate-Q4_K_M.json"
+    saved = json.loads(path.read_text())
+    assert ValidateRecord.load(path).to_dict() == json.loads(proc.stdout)  # paths in the file: workspace-relative
+    assert saved["file"]["path"] == "quants/tiny-phimoe-Q4_K_M.gguf"
     assert saved["ok"] is True and saved["stage"] == "validate"
     assert [c["name"] for c in saved["checks"]] == ["container", "model", "tensors", "type mix", "metadata", "numerics"]
     assert saved["plan"]["n_layer"] == 2 and len(saved["plan"]["weights"]) == 4

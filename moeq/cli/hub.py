@@ -161,10 +161,13 @@ def build(
         print_json(summary.as_dict())
     else:
         _print_summary(summary, Workspace(pipeline.workspace))
+    failures: dict[tuple[str, str], list[str]] = {}  # one line per failure; the shared fetch names every quant
     for q in summary.quants:
         failed = next((s for s in q.stages if s.status == "failed"), None)
         if failed:
-            sys.stderr.write(f"error: {q.quant}: {failed.stage} failed: {failed.detail}\n")
+            failures.setdefault((failed.stage, failed.detail), []).append(q.quant)
+    for (stage, detail), names in failures.items():
+        sys.stderr.write(f"error: {', '.join(names)}: {stage} failed: {detail}\n")
     if not summary.ok:
         raise typer.Exit(summary.exit_code)
 

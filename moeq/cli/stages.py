@@ -232,6 +232,13 @@ def plan(
     """Where each byte of FILE goes under llama.cpp's placement rules, and what fits which GPU."""
     from moeq.validate.plan import plan_file
 
+    from moeq.config import MAX_CTX
+
+    for size in ctx or []:
+        if not 1 <= size <= MAX_CTX:
+            raise InputError(f"--ctx {size}: a context size is 1 to {MAX_CTX} tokens")
+    if compute_allowance_mib < 0:
+        raise InputError(f"--compute-allowance-mib {compute_allowance_mib}: use 0 or more")
     _require_file(file)
     result = plan_file(file, ctx_sizes=ctx or [4096], kv_type=kv_type,
                        compute_allowance=compute_allowance_mib * 2**20)
@@ -397,5 +404,5 @@ def _print_bench(record, skipped: bool) -> None:
         modes = ", ".join(m["mode"] for m in record.not_measured)
         console.print(f"{record.quant}: not measured: {modes} ({record.not_measured[0]['reason']}); to measure "
                       "them, run on a GPU build of llama.cpp or pass --rpc HOST:PORT (bench.rpc)", soft_wrap=True)
-    for error in record.errors:
-        sys.stderr.write(f"error: {record.quant} mode {error['mode']}: {error['error']}\n")
+    for error in record.errors:  # the command's one error line (stderr) sums them up
+        console.print(f"{record.quant} mode {error['mode']} failed: {error['error']}", soft_wrap=True)

@@ -1,0 +1,295 @@
+"""Hostile inputs and faults, each through the real command line: the documented exit code, one line of
+message, no traceback, nothing half-written, and (for the Hub) nothing changed on the Hub.
+
+Bounds are tested with small limits (a resource limit on file size, a capped wait), never by exhausting
+the machine. Faults that need a running tool (SIGTERM during bench, a huge Retry-After, a runaway
+template's budget) are in test_bench.py, test_push.py and test_cards.py beside their stages.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import HUB_TOKEN, REPO, run_moeq
+
+EXAMPLE = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
+
+
+def pipeline(tmp_path: Path, text: str = EXAMPLE, name: str = "pipeline.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess, code: int, where: Path, *message: str) -> str:
+    """The exit code, exactly one `error:` line (beside progress lines and the `pipeline:` note), no traceback,
+    and no `.partial` file left under `where`. Returns the error line."""
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for part in message:
+        assert part in lines[0], lines[0]
+    assert not [p for p in where.rglob("*") if p.name.endswith(".partial")]
+    return lines[0]
+
+
+def with_quants(quants: str) -> str:
+    return re.sub(r"quants:\n(?:  - .*\n)+", "quants:\n" + quants, EXAMPLE)
+
+
+# ---------------------------------------------------------------- pipeline files: exit 2, nothing written
+
+BAD_PIPELINES = {
+    "quant file named README.md": (with_quants("  - {type: Q8_0, file: README.md}\n"),
+                                   "quants[0].file: 'README.md' is not a GGUF file name"),
+    "quant file named like the manifest": (with_quants("  - {type: Q8_0, file: moeq-manifest.json}\n"),
+                                           "'moeq-manifest.json' is not a GGUF file name"),
+    "quant file named like another's log": (with_quants("  - {type: Q8_0, file: a.gguf}\n"
+                                                        "  - {type: Q4_K_M, file: a.gguf.log}\n"),
+                                            "'a.gguf.log' is not a GGUF file name"),
+    "quant file '.'": (with_quants("  - {type: Q8_0, file: .}\n"), "'.' is not a GGUF file name"),
+    "two quants in one repo": (EXAMPLE.replace('"{namespace}/tiny-phimoe-{quant_slug}-gguf"',
+                                               '"{namespace}/x-{quant:.1}"'),
+                               "gives 'moeq-test/x-Q' for both Q8_0 and Q4_K_M"),
+    "quant type F16": (with_quants("  - F16\n"), "F16 is not a quantization"),
+    "quant type BF16": (with_quants("  - BF16\n"), "BF16 is not a quantization"),
+    "python tag": (EXAMPLE.replace("name: tiny-phimoe", "name: !!python/name:os.system ''"),
+                   "model.name: the YAML tag 'tag:yaml.org,2002:python/name:os.system' is not allowed"),
+    "set in card.extra": (EXAMPLE.replace("card:\n  extra:\n", "card:\n  extra:\n    s: !!set {a, b}\n"),
+                          "card.extra.s: the YAML tag 'tag:yaml.org,2002:set' is not allowed"),
+    "binary in card.extra": (EXAMPLE.replace("card:\n  extra:\n", "card:\n  extra:\n    b: !!binary aGk=\n"),
+                             "card.extra.b: the YAML tag 'tag:yaml.org,2002:binary' is not allowed"),
+    "date in card.extra": (EXAMPLE.replace("card:\n  extra:\n", "card:\n  extra:\n    when: 2024-01-01\n"),
+                           "card.extra.when: the YAML tag 'tag:yaml.org,2002:timestamp' is not allowed"),
+    "nan in card.extra": (EXAMPLE.replace("card:\n  extra:\n", "card:\n  extra:\n    x: .nan\n"),
+                          "card.extra.x: nan is not a usable number"),
+    "duplicate key in card.extra": (EXAMPLE.replace("card:\n  extra:\n", "card:\n  extra:\n    a: 1\n    a: 2\n"),
+                                    "card.extra.a: duplicate key (first at line"),
+    "alias bomb in card.extra": (EXAMPLE.replace("card:\n  extra:\n", "card:\n  extra:\n"
+                                 + "".join(f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}' if i else 'lol'] * 9)}]\n"
+                                           for i in range(9))),
+                                 "more than 10000 values (YAML aliases expand?)"),
+    "100k-character name": (EXAMPLE.replace("name: tiny-phimoe", "name: " + "n" * 100_000),
+                            "model.name: a name of 100000 characters; keep it to 200"),
+    "300-character file_stem": (EXAMPLE.replace("file_stem: tiny-phimoe", "file_stem: " + "s" * 300),
+                                "model.file_stem: a name of 300 characters; file names are at most 200"),
+    "NUL in file_stem": (EXAMPLE.replace("file_stem: tiny-phimoe", 'file_stem: "tiny\\0phimoe"'),
+                         "has characters a file name should not"),
+    "newline in file_stem": (EXAMPLE.replace("file_stem: tiny-phimoe", 'file_stem: "tiny\\nphimoe"'),
+                             "has characters a file name should not"),
+    "emoji in file_stem": (EXAMPLE.replace("file_stem: tiny-phimoe", "file_stem: tiny-\U0001F680"),
+                           "has characters a file name should not"),
+    "timeout_s 1e20": (EXAMPLE.replace("  repetitions: 2\n", "  repetitions: 2\n  timeout_s: 100000000000000000000\n"),
+                       "bench.timeout_s: must be at most 604800"),
+    "n_prompt and n_gen both 0": (EXAMPLE.replace("  n_prompt: 64\n  n_gen: 16\n", "  n_prompt: 0\n  n_gen: 0\n"),
+                                  "bench.n_gen: n_prompt and n_gen are both 0"),
+    "huge synth": (EXAMPLE.replace("layers: 2,", "layers: 100000,"), "source.synth.layers: must be at most 256"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PIPELINES))
+def test_bad_pipeline_is_refused_before_anything_is_written(tmp_path, case):
+    text, message = BAD_PIPELINES[case]
+    config = pipeline(tmp_path, text)
+    for command in (["check-config"], ["build", "--all"]):
+        proc = run_moeq(*command, "--config", str(config))
+        line = assert_clean_failure(proc, 2, tmp_path, message)
+        assert line.startswith(f"error: {config}:"), line  # FILE:LINE
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_workspace_that_is_a_file(tmp_path):
+    (tmp_path / "work").write_text("not a folder")
+    proc = run_moeq("check-config", "--config", str(pipeline(tmp_path)))
+    assert_clean_failure(proc, 2, tmp_path, "is a file, not a folder")
+
+
+@pytest.mark.parametrize("where", ["/proc/moeq-work", "/sys/moeq-work"])
+def test_a_workspace_where_nothing_can_be_written(tmp_path, where):
+    config = pipeline(tmp_path, EXAMPLE.replace("workspace: work", f"workspace: {where}"))
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench")
+    assert_clean_failure(proc, 6, tmp_path, f"{where}: cannot make the workspace here")
+
+
+# ---------------------------------------------------------------- what moeq reads: bounded
+
+@pytest.mark.parametrize("command", [["check-config", "--config", "/dev/zero"], ["card", "lint", "/dev/zero"],
+                                     ["card", "verify", "/dev/zero"], ["card", "preview", "/dev/zero"]])
+def test_dev_zero_is_not_read(tmp_path, command):
+    proc = run_moeq(*command, cwd=tmp_path)
+    assert_clean_failure(proc, 2 if command[0] == "check-config" else 3, tmp_path, "/dev/zero: not a regular file")
+
+
+def test_oversized_pipeline_and_card(tmp_path):
+    big = pipeline(tmp_path, EXAMPLE + "#" * (2 << 20) + "\n")
+    assert_clean_failure(run_moeq("check-config", "--config", str(big)), 2, tmp_path,
+                         "larger than 1024 KiB, the most moeq reads for a pipeline file")
+    card = tmp_path / "README.md"
+    card.write_text("x" * (2 << 20))
+    assert_clean_failure(run_moeq("card", "lint", str(card)), 3, tmp_path, "larger than 1024 KiB")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("unit", ["[", "![", "[a](", "<a:", "a.", "1."])
+def test_lint_reads_a_pathological_line_in_linear_time(tmp_path, unit):
+    """50,000 repetitions: quadratic patterns took minutes (the test's own time limit is the bound)."""
+    card = tmp_path / "README.md"
+    card.write_text("---\nlicense: mit\n---\n| " + unit * 50_000 + "\n")
+    proc = run_moeq("card", "lint", str(card), "--json")
+    assert proc.returncode == 7 and '"rule": "frontmatter"' in proc.stdout
+
+
+def test_validate_and_plan_on_a_folder_and_a_short_file(tmp_path, tiny_model):
+    assert_clean_failure(run_moeq("validate", str(tmp_path)), 3, tmp_path, f"{tmp_path}: a folder")
+    assert_clean_failure(run_moeq("plan", str(tmp_path)), 3, tmp_path, f"{tmp_path}: a folder")
+    from moeq.gguf_header import read_header
+
+    short = tmp_path / "short.gguf"
+
+    header = read_header(tiny_model)
+    short.write_bytes(tiny_model.read_bytes()[:header.data_offset - 8])  # cut in the padding before the data
+    proc = run_moeq("plan", str(short))
+    assert_clean_failure(proc, 3, tmp_path, "shorter than its own header and metadata")
+    assert "unexpected bytes" not in proc.stderr
+    assert_clean_failure(run_moeq("plan", str(tiny_model), "--ctx", "-5"), 3, tmp_path,
+                         "--ctx -5: a context size is 1 to")
+
+
+# ---------------------------------------------------------------- a full disk: exit 6, nothing half-written
+
+def _file_size_limit(limit: int):
+    def apply() -> None:  # in the child: writes past `limit` bytes fail with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def _moeq_limited(limit: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moeq", *args], capture_output=True, text=True, cwd=cwd,
+                          preexec_fn=_file_size_limit(limit), timeout=300)
+
+
+def test_disk_full_while_making_the_source(tmp_path):
+    config = pipeline(tmp_path)
+    proc = _moeq_limited(1 << 20, "build", "--config", str(config), "--quant", "Q8_0", cwd=tmp_path)
+    assert_clean_failure(proc, 6, tmp_path, f"{tmp_path / 'work' / 'source' / 'tiny-phimoe-F16.gguf'}: could not be "
+                         "written (", "moeq wrote nothing under a final name")
+    assert not (tmp_path / "work" / "source" / "tiny-phimoe-F16.gguf").exists()
+
+
+def test_disk_full_while_staging_the_card(tmp_path, toolchain):
+    config = pipeline(tmp_path)
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench")
+    assert proc.returncode == 0, proc.stderr
+    proc = _moeq_limited(8 << 10, "card", "--config", str(config), "--quant", "Q8_0", "--force", cwd=tmp_path)
+    assert_clean_failure(proc, 6, tmp_path, "File too large")
+
+
+# ---------------------------------------------------------------- signals and processes
+
+SIGINT_DURING_IMPORT = """
+import os, signal, sys
+
+class SigintOnImport:  # a real SIGINT at a known moment: while moeq's command line imports rich
+    def find_spec(self, name, path=None, target=None):
+        if name == "rich" and "moeq.cli" in sys.modules:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, SigintOnImport())
+"""
+
+
+def test_ctrl_c_while_starting(tmp_path):
+    """SIGINT while the command line's modules are still importing: one line, exit 130, no traceback."""
+    (tmp_path / "sitecustomize.py").write_text(SIGINT_DURING_IMPORT)
+    proc = subprocess.run([sys.executable, "-m", "moeq", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "error: interrupted by SIGINT while starting; nothing was done\n"
+    assert proc.stdout == ""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_sigkill_of_a_build_takes_its_rpc_server_with_it(tmp_path, toolchain):
+    config = pipeline(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "moeq", "build", "--config", str(config), "--quant", "Q8_0"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, server = time.monotonic() + 120, None
+    while server is None and time.monotonic() < deadline and proc.poll() is None:
+        server = next((c for c in _children(proc.pid) if "ggml-rpc-server" in _cmdline(c)), None)
+        time.sleep(0.05)
+    assert server is not None, "the build never started its ggml-rpc-server"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while "ggml-rpc-server" in _cmdline(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "ggml-rpc-server" not in _cmdline(server), "ggml-rpc-server outlived the build"
+
+
+def test_an_rpc_device_that_does_not_answer(tmp_path, toolchain):
+    config = pipeline(tmp_path)
+    assert run_moeq("quantize", "--config", str(config), "--quant", "Q8_0").returncode == 0
+    proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0", "--modes", "gpu", "--rpc", "127.0.0.1:1")
+    line = assert_clean_failure(proc, 4, tmp_path, "bench recorded errors for Q8_0 gpu; measured: Q8_0 quality")
+    assert "the other modes were measured" not in line
+    assert "gdb" not in proc.stdout + proc.stderr and "backtrace" not in proc.stdout + proc.stderr.lower()
+
+
+def test_sigterm_during_an_upload(tmp_path, test_hub, toolchain):
+    """SIGTERM while the GGUF is uploading: exit 143 (not a Hub error), and the Hub holds nothing new."""
+    from hub_server import Fault
+
+    config = pipeline(tmp_path)
+    assert run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench").returncode == 0
+    test_hub.state.faults.append(Fault("PUT", r"^/lfs-upload/", "sleep", seconds=30))
+    proc = subprocess.Popen([sys.executable, "-m", "moeq", "push", "--config", str(config), "--quant", "Q8_0"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **test_hub.env})
+    deadline = time.monotonic() + 60
+    while not any(r.method == "PUT" for r in test_hub.requests) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out + err
+    assert err.splitlines()[-1].startswith("error: interrupted by SIGTERM") and "Traceback" not in err
+    assert HUB_TOKEN not in out + err
+    assert sorted(test_hub.state.files("moeq-test/tiny-phimoe-q8-0-gguf")) == [".gitattributes"]  # no commit landed
+
+
+def test_a_template_that_runs_away(tmp_path, toolchain):
+    template = tmp_path / "card.md.j2"
+    template.write_text("{{ frontmatter | card_yaml }}\n{{ 'x' * 10**10 }}\n")
+    config = pipeline(tmp_path, EXAMPLE.replace("card:\n  extra:\n", f"card:\n  template: {template}\n  extra:\n"))
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench")
+    assert_clean_failure(proc, 3, tmp_path, f"Q8_0: card failed: {template}:2: the template ran past its budget")
