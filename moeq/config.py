@@ -24,6 +24,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from moeq import quant_types
 from moeq.errors import ConfigError
+from moeq.offload import is_setting
 from moeq.workspace import read_text_limited
 
 SOURCE_KINDS = ("hf", "gguf", "local", "synth")
@@ -31,7 +32,6 @@ REPO_TEMPLATE_FIELDS = {"namespace", "model", "quant", "quant_slug", "quant_lowe
 # The Hub's usual name for one quant's repo (GGUF-my-repo's): <Model>-<QUANT>-GGUF, from the pipeline's model.
 DEFAULT_REPO_TEMPLATE = "{namespace}/{model}-{quant}-GGUF"
 DEFAULT_FILE_TEMPLATE = "{file_stem}-{quant}.gguf"
-BENCH_MODES = ("cpu", "gpu", "cpu-moe")
 PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null")}
 PORTABLE_NAME = re.compile(r"[A-Za-z0-9._+\-/]+")  # '/' only where a relative path may have folders
 MAX_NAME = 200  # characters in one file name: the filesystem's limit is 255 bytes, with room for suffixes
@@ -540,10 +540,8 @@ def _bench(n: _Node, base: Path) -> BenchSpec:
         modes_list = []
         for item in m["modes"].list():
             value = item.scalar()
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            if is_setting(value):
                 modes_list.append(str(value))
-            elif value in BENCH_MODES:
-                modes_list.append(value)
             else:
                 raise item.fail(f"unknown mode {value!r}; use cpu, gpu, cpu-moe, or an integer N for -ncmoe N")
         modes = tuple(modes_list)

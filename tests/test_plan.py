@@ -65,7 +65,7 @@ def test_fit_table_and_cli(model):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert [f["gpu_gib"] for f in data["fits"]] == [8, 12, 16, 24, 48, 80]
-    assert all(f["advice"] == "all on GPU" for f in data["fits"])
+    assert all(f["advice"] == "all on the GPU" for f in data["fits"])
     # A 3-layer model with 3 MiB of KV at 1024 tokens: 3 x 1024 x 2 x 128 x 2 bytes.
     assert plan_file(model, ctx_sizes=[1024]).kv_bytes[1024] == 3 * 1024 * 2 * 128 * 2
 

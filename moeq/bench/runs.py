@@ -12,55 +12,16 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from moeq.errors import InputError, ToolError
 from moeq.llama_logs import parse_buffer_sizes
+from moeq.offload import OffloadMode
 from moeq.runner import run_tool
 
 # The pinned tools now and then exit 0 with the end of their log missing (llama-completion before
 # loading anything, llama-perplexity before its final figures): such a run is made again.
 TRIES = 3
-
-
-@dataclass(frozen=True)
-class Mode:
-    """A placement: everything in system RAM (cpu), all layers on the GPU, every expert in RAM (--cpu-moe),
-    or the first N layers' experts in RAM."""
-
-    name: str  # "cpu", "gpu", "cpu-moe", or "ncmoe N"
-    n_cpu_moe: int
-
-    @property
-    def offload(self) -> bool:
-        """Whether the mode puts weights on an offload device (a GPU, or an RPC device standing in for one)."""
-        return self.name != "cpu"
-
-    @property
-    def completion_flags(self) -> list[str]:
-        flags = ["-ngl", "99", "-fit", "off"]
-        if self.name == "cpu-moe":
-            return flags + ["--cpu-moe"]
-        return flags + (["-ncmoe", str(self.n_cpu_moe)] if self.n_cpu_moe else [])
-
-    @property
-    def bench_flags(self) -> list[str]:
-        if not self.offload:
-            return ["-ngl", "0"]
-        return ["-ngl", "99", "-ncmoe", str(self.n_cpu_moe)]
-
-
-def modes_from_config(names: tuple[str, ...], n_layer: int) -> list[Mode]:
-    modes = []
-    for name in names:
-        if name in ("cpu", "gpu"):
-            modes.append(Mode(name, 0))
-        elif name == "cpu-moe":
-            modes.append(Mode("cpu-moe", n_layer))
-        else:
-            modes.append(Mode(f"ncmoe {int(name)}", min(int(name), n_layer)))
-    return modes
 
 
 def offload_devices(tool: Path, log: Path, timeout_s: float) -> list[str]:
@@ -75,7 +36,7 @@ def _rpc(rpc: str | None, flag: str) -> list[str]:
     return [flag, rpc] if rpc else []
 
 
-def run_speed(tool: Path, model: Path, mode: Mode, log: Path, *, n_prompt: int, n_gen: int, repetitions: int,
+def run_speed(tool: Path, model: Path, mode: OffloadMode, log: Path, *, n_prompt: int, n_gen: int, repetitions: int,
               threads: int | None, rpc: str | None, timeout_s: float) -> dict:
     command = [str(tool), "-m", str(model), *mode.bench_flags, "-p", str(n_prompt), "-n", str(n_gen),
                "-r", str(repetitions), "-o", "json", *(["-t", str(threads)] if threads else []), *_rpc(rpc, "-rpc")]
@@ -102,7 +63,7 @@ def run_speed(tool: Path, model: Path, mode: Mode, log: Path, *, n_prompt: int, 
             "tests": results}
 
 
-def run_memory(tool: Path, model: Path, mode: Mode, ctx: int, log: Path, *, threads: int | None, rpc: str | None,
+def run_memory(tool: Path, model: Path, mode: OffloadMode, ctx: int, log: Path, *, threads: int | None, rpc: str | None,
                timeout_s: float) -> dict:
     """Load the model once in `mode` and read llama.cpp's buffer sizes, per device, in MiB."""
     command = [str(tool), "-m", str(model), *mode.completion_flags, "-c", str(ctx), "-n", "1", "-p", "hi",

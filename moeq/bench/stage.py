@@ -23,8 +23,9 @@ from typing import Callable
 
 from moeq.bench.machine import machine_facts
 from moeq.bench.rpc import rpc_endpoint
-from moeq.bench.runs import modes_from_config, offload_devices, run_memory, run_perplexity, run_speed
+from moeq.bench.runs import offload_devices, run_memory, run_perplexity, run_speed
 from moeq.config import Pipeline, QuantSpec
+from moeq.offload import OffloadMode
 from moeq.errors import MoeqError, ToolError
 from moeq.quantize.stage import quantize_record
 from moeq.records import BenchRecord, QuantizeRecord, ToolBuildRef, ValidateRecord
@@ -110,9 +111,9 @@ def _modes(chain: Toolchain, model: Path, plan: dict, options: dict, rpc: str | 
     which is not a failure; a mode that was tried and failed is an error.
     """
     speed, memory = [], []
-    placements = {p["n_cpu_moe"]: p for p in plan["weights"][1:]}
+    placements = {p["n_cpu_moe"]: p for p in plan["weights"]}
     kv_planned = {int(c): n for c, n in plan["kv_bytes"].items()}
-    modes = modes_from_config(tuple(options["modes"]), plan["n_layer"])
+    modes = [OffloadMode.from_setting(setting, plan["n_layer"]) for setting in options["modes"]]
     no_device = None
     if rpc is None and any(m.offload for m in modes):
         if not offload_devices(chain.path("llama-bench"), logs / "devices.log", options["timeout_s"]):

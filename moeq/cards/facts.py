@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import PurePath
 
 from moeq.errors import InputError
+from moeq.offload import OffloadMode
 
 HUB = "https://huggingface.co"
 LLAMA_CPP_REPO = "https://github.com/ggml-org/llama.cpp"
@@ -91,7 +92,7 @@ def card_facts(manifest: dict) -> dict:
         "memory": _memory(records.get("validate")),
         "validation": _validation(records.get("validate")),
         "quantization": _quantization(quantized, records.get("source")),
-        **_bench(records.get("bench")),
+        **_bench(records.get("bench"), quantized["model"]["block_count"]),
         "extra": dict(manifest["pipeline"].get("card_extra") or {}),
     }
 
@@ -151,13 +152,10 @@ def _memory(validated: dict | None) -> dict | None:
     if not validated:
         return None
     plan = validated["plan"]
-    weights = {p["mode"]: p for p in plan["weights"]}
+    weights = {p["n_cpu_moe"]: p for p in plan["weights"]}
     n_layer = plan["n_layer"]
     advised = sorted({f["n_cpu_moe"] for f in plan["fits"] if f["n_cpu_moe"] not in (None, 0, n_layer)})
-    modes = [("all layers on the GPU", "-ngl 99", weights["all-gpu"]),
-             ("all experts in system RAM", "-ngl 99 --cpu-moe", weights["cpu-moe"])]
-    modes += [(f"experts of the first {n} of {n_layer} layers in system RAM", f"-ngl 99 -ncmoe {n}",
-               weights[f"ncmoe {n}"]) for n in advised]
+    modes = [OffloadMode.for_layers(n, n_layer) for n in (0, n_layer, *advised)]
     kv_bytes = {int(ctx): n for ctx, n in plan["kv_bytes"].items()}  # JSON keys are strings
     contexts = sorted(kv_bytes)
     gpu_sizes = sorted({f["gpu_gib"] for f in plan["fits"]})
@@ -166,8 +164,8 @@ def _memory(validated: dict | None) -> dict | None:
     return {
         "kv_type": plan["kv_type"],
         "compute_allowance": binary_size(plan["compute_allowance_bytes"]),
-        "modes": [{"label": label, "flags": flags, "gpu": binary_size(p["gpu_bytes"]),
-                   "ram": binary_size(p["cpu_bytes"])} for label, flags, p in modes],
+        "modes": [{"label": m.label, "flags": m.flags, "gpu": binary_size(weights[m.n_cpu_moe]["gpu_bytes"]),
+                   "ram": binary_size(weights[m.n_cpu_moe]["cpu_bytes"])} for m in modes],
         "kv": [{"ctx": ctx, "size": binary_size(kv_bytes[ctx])} for ctx in contexts],
         "contexts": contexts,
         "fits": [{"gpu": f"{gib} GiB",
@@ -181,10 +179,8 @@ def _memory(validated: dict | None) -> dict | None:
 def _fit_cell(fit: dict, n_layer: int) -> str:
     if fit["n_cpu_moe"] is None:
         return "does not fit"
-    if fit["n_cpu_moe"] == 0:
-        return "all on the GPU"
-    flag = "--cpu-moe" if fit["n_cpu_moe"] == n_layer else f"-ncmoe {fit['n_cpu_moe']}"
-    return f"`{flag}` ({binary_size(fit['gpu_bytes'])})"
+    mode = OffloadMode.for_layers(fit["n_cpu_moe"], n_layer)
+    return mode.advice if mode.name == "gpu" else f"`{mode.advice}` ({binary_size(fit['gpu_bytes'])})"
 
 
 def _validation(validated: dict | None) -> dict | None:
@@ -233,14 +229,9 @@ def _quantization(quantized: dict, source: dict | None) -> dict:
 
 # ---------------------------------------------------------------- measured (bench record)
 
-MODE_LABELS = {"cpu": ("everything in system RAM, no GPU", "-ngl 0"), "gpu": ("all layers on the GPU", "-ngl 99"),
-               "cpu-moe": ("all experts in system RAM", "-ngl 99 --cpu-moe")}
-
-
-def _mode(name: str) -> dict:
-    label, flags = MODE_LABELS.get(name) or (f"experts of the first {name.split()[-1]} layers in system RAM",
-                                             f"-ngl 99 -ncmoe {name.split()[-1]}")
-    return {"label": label, "flags": flags}
+def _mode(name: str, n_layer: int) -> dict:
+    mode = OffloadMode.from_name(name, n_layer)
+    return {"label": mode.label, "flags": mode.flags}
 
 
 def _machine(bench: dict, offload: bool = True) -> str:
@@ -267,7 +258,7 @@ def _pm(figures: dict, key: str, digits: int) -> str:
     return text + (f" ± {err:.{digits}f}" if err is not None else " (uncertainty not computed by llama.cpp)")
 
 
-def _bench(bench: dict | None) -> dict:
+def _bench(bench: dict | None, n_layer: int) -> dict:
     """speed, measured_memory and quality: None each where the bench record has no such figures."""
     if not bench:
         return {"speed": None, "measured_memory": None, "quality": None, "bench_errors": [], "bench_not_measured": []}
@@ -275,13 +266,13 @@ def _bench(bench: dict | None) -> dict:
     speed = None
     if bench["speed"]:
         speed = {"machine": machine, "rows": [
-            {**_mode(run["mode"]), "test": t["test"], "tokens_per_s": f"{t['avg_ts']:.2f} ± {t['stddev_ts']:.2f}"}
+            {**_mode(run["mode"], n_layer), "test": t["test"], "tokens_per_s": f"{t['avg_ts']:.2f} ± {t['stddev_ts']:.2f}"}
             for run in bench["speed"] for t in run["tests"]],
             "repetitions": bench["options"]["repetitions"], "backends": sorted({r["backends"] for r in bench["speed"]})}
     memory = None
     if bench["memory"]:
         memory = {"machine": machine, "rows": [
-            {**_mode(m["mode"]), "ctx": m["ctx"], "model": f"{m['device_mib']['model']:.2f} MiB",
+            {**_mode(m["mode"], n_layer), "ctx": m["ctx"], "model": f"{m['device_mib']['model']:.2f} MiB",
              "kv": f"{m['device_mib']['KV']:.2f} MiB", "compute": f"{m['device_mib']['compute']:.2f} MiB",
              "planned_model": f"{m['planned_mib']['model']:.2f} MiB",
              "difference": f"{m['difference_mib']['model']:+.2f} MiB"} for m in bench["memory"]]}
@@ -296,6 +287,6 @@ def _bench(bench: dict | None) -> dict:
             "kld_max": _num(q.get("kld_max"), 6), "same_top_p": _pm(q, "same_top_p", 2) + " %",
         }
     errors = [{"mode": e["mode"], "error": e["error"]} for e in bench["errors"]]
-    not_measured = [{**_mode(m["mode"]), "reason": m["reason"]} for m in bench.get("not_measured") or []]
+    not_measured = [{**_mode(m["mode"], n_layer), "reason": m["reason"]} for m in bench.get("not_measured") or []]
     return {"speed": speed, "measured_memory": memory, "quality": quality, "bench_errors": errors,
             "bench_not_measured": not_measured}

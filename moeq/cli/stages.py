@@ -13,6 +13,7 @@ from rich.table import Table
 from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, console, guard,
                              human_bytes, pipeline_from, print_json, selected_quants, synth_app)
 from moeq.config import SynthSpec
+from moeq.offload import is_setting
 from moeq.errors import CheckFailed, InputError, ToolError
 from moeq.toolchain import Toolchain
 
@@ -351,11 +352,10 @@ def bench(
 ) -> None:
     """Measure speed (llama-bench), buffers per device (llama-completion) and quality against F16 (llama-perplexity)."""
     from moeq.bench.stage import bench_quant
-    from moeq.config import BENCH_MODES
     from moeq.workspace import Workspace
 
     for mode in modes or []:
-        if mode not in BENCH_MODES and not mode.isdigit():
+        if not is_setting(mode):
             raise InputError(f"--modes {mode!r}: use cpu, gpu, cpu-moe, or an integer N for -ncmoe N")
     pipeline = pipeline_from(config)
     quants = selected_quants(pipeline, quant)

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import httpx2
 from huggingface_hub import HfApi, constants, set_client_factory
-from huggingface_hub.utils._http import default_client_factory
+from huggingface_hub.utils._http import default_client_factory  # the client's own factory (pinned <3), extended below
 from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError,
                                     RevisionNotFoundError)
 from huggingface_hub.utils import get_token

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from moeq.errors import InputError
 from moeq.gguf_header import GGUFHeader
+from moeq.offload import OffloadMode
 
 EXPERT_RE = re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch|)exps")
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
@@ -30,7 +31,7 @@ DEFAULT_COMPUTE_ALLOWANCE = 1024 * 2**20  # compute buffers, CUDA context and sl
 
 @dataclass
 class Placement:
-    mode: str  # "all-gpu", "cpu-moe", or "ncmoe N"
+    mode: str  # an OffloadMode name: "gpu" (N = 0), "ncmoe N", or "cpu-moe" (N = every layer)
     n_cpu_moe: int
     gpu_bytes: int
     cpu_bytes: int
@@ -42,12 +43,7 @@ class Fit:
     ctx: int
     n_cpu_moe: int | None  # smallest N that fits; None when even --cpu-moe does not fit
     gpu_bytes: int | None  # weights + KV + allowance at that N
-
-    @property
-    def advice(self) -> str:
-        if self.n_cpu_moe is None:
-            return "does not fit"
-        return "all on GPU" if self.n_cpu_moe == 0 else f"-ncmoe {self.n_cpu_moe}"
+    advice: str = "does not fit"  # the mode at that N, as a table cell: all on the GPU, -ncmoe N, --cpu-moe
 
 
 @dataclass
@@ -61,13 +57,10 @@ class MemoryPlan:
     fits: list[Fit] = field(default_factory=list)
 
     def placement(self, n_cpu_moe: int) -> Placement:
-        return self.weights[1 + n_cpu_moe]
+        return self.weights[n_cpu_moe]
 
     def as_dict(self) -> dict:
-        data = asdict(self)
-        for fit, raw in zip(self.fits, data["fits"]):
-            raw["advice"] = fit.advice
-        return data
+        return asdict(self)
 
 
 def _split(header: GGUFHeader, n_cpu_moe: int) -> tuple[int, int]:
@@ -106,10 +99,8 @@ def plan_memory(header: GGUFHeader, ctx_sizes: list[int] | tuple[int, ...] = (40
         raise InputError(f"kv type {kv_type!r}: use one of {', '.join(KV_BYTES_PER_ELEMENT)}")
     n_layer = _hparam(header, "block_count")
     plan = MemoryPlan(str(header.path), n_layer, kv_type, compute_allowance)
-    plan.weights.append(Placement("all-gpu", 0, *_split(header, 0)))
     for n in range(n_layer + 1):
-        mode = "cpu-moe" if n == n_layer else f"ncmoe {n}"
-        plan.weights.append(Placement(mode, n, *_split(header, n)))
+        plan.weights.append(Placement(OffloadMode.for_layers(n, n_layer).name, n, *_split(header, n)))
     for ctx in ctx_sizes:
         plan.kv_bytes[ctx] = kv_bytes(header, ctx, kv_type)
         for gib in gpu_sizes_gib:
@@ -118,7 +109,7 @@ def plan_memory(header: GGUFHeader, ctx_sizes: list[int] | tuple[int, ...] = (40
             for n in range(n_layer + 1):
                 need = plan.placement(n).gpu_bytes + plan.kv_bytes[ctx] + compute_allowance
                 if need <= budget:
-                    fit = Fit(gib, ctx, n, need)
+                    fit = Fit(gib, ctx, n, need, OffloadMode.for_layers(n, n_layer).advice)
                     break
             plan.fits.append(fit)
     return plan
