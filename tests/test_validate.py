@@ -213,7 +213,7 @@ def test_ladder_mode_writes_a_validate_record(tmp_path, toolchain):
     assert saved["file"]["path"] == "quants/tiny-phimoe-Q4_K_M.gguf"
     assert saved["ok"] is True and saved["stage"] == "validate"
     assert [c["name"] for c in saved["checks"]] == ["container", "model", "tensors", "type mix", "metadata", "numerics"]
-    assert saved["plan"]["n_layer"] == 2 and len(saved["plan"]["weights"]) == 4
+    assert saved["plan"]["n_layer"] == 2 and [w["mode"] for w in saved["plan"]["weights"]] == ["gpu", "ncmoe 1", "cpu-moe"]
 
 
 def test_ladder_mode_skips_a_current_record_unless_forced(tmp_path, toolchain):
