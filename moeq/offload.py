@@ -17,6 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SETTINGS = ("cpu", "gpu", "cpu-moe")  # as pipeline.yaml and --modes name them; an integer N is `ncmoe N`
+# name -> (label, flags as a reader types them, cell of a "what fits" table); `ncmoe N` is built from N
+_FIXED = {
+    "cpu": ("everything in system RAM, no GPU", "-ngl 0", "no GPU"),
+    "gpu": ("all layers on the GPU", "-ngl 99", "all on the GPU"),
+    "cpu-moe": ("all experts in system RAM", "-ngl 99 --cpu-moe", "--cpu-moe"),
+}
 
 
 def is_setting(value: object) -> bool:
@@ -66,29 +72,20 @@ class OffloadMode:
 
     @property
     def label(self) -> str:
-        if self.name == "cpu":
-            return "everything in system RAM, no GPU"
-        if self.name == "gpu":
-            return "all layers on the GPU"
-        if self.name == "cpu-moe":
-            return "all experts in system RAM"
+        if self.name in _FIXED:
+            return _FIXED[self.name][0]
         of = f" of {self.n_layer}" if self.n_layer is not None else ""
         return f"experts of the first {self.n_cpu_moe}{of} layers in system RAM"
 
     @property
     def flags(self) -> str:
         """The llama.cpp flags, as a reader types them."""
-        if self.name == "cpu":
-            return "-ngl 0"
-        if self.name == "gpu":
-            return "-ngl 99"
-        return "-ngl 99 --cpu-moe" if self.name == "cpu-moe" else f"-ngl 99 -ncmoe {self.n_cpu_moe}"
+        return _FIXED[self.name][1] if self.name in _FIXED else f"-ngl 99 -ncmoe {self.n_cpu_moe}"
 
     @property
     def advice(self) -> str:
         """The mode in a cell of a "what fits" table."""
-        return {"cpu": "no GPU", "gpu": "all on the GPU", "cpu-moe": "--cpu-moe"}.get(self.name,
-                                                                                     f"-ncmoe {self.n_cpu_moe}")
+        return _FIXED[self.name][2] if self.name in _FIXED else f"-ncmoe {self.n_cpu_moe}"
 
     @property
     def bench_flags(self) -> list[str]:
