@@ -6,6 +6,9 @@
       records/<stage>-<quant>.json   what each stage did (records.py)
       repos/<quant>/                 the staged Hub repo: README.md, the GGUF (hard link), the manifest
       locks/<artifact>.lock          one writer per artifact
+      bench/<quant>/, bench/base/    bench logs; the F16 logits for KL divergence
+      shards/<quant>/                llama-gguf-split shards of a quant over hub.max_shard_size
+      previews/<quant>.html          `moeq card preview`
       sha256-cache.sqlite            sha256 by (path, size, mtime, inode), safe for concurrent processes
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -50,6 +54,21 @@ class Workspace:
 
     def repo_dir(self, quant: str) -> Path:
         return self.repos_dir / quant
+
+    def bench_dir(self, quant: str) -> Path:
+        """Each bench run's full log; `base` holds the F16 logits every quant's KL divergence is measured against."""
+        return self.root / "bench" / quant
+
+    def shards_dir(self, quant: str) -> Path:
+        return self.root / "shards" / quant
+
+    def preview_path(self, quant: str) -> Path:
+        return self.root / "previews" / f"{quant}.html"
+
+    @functools.cached_property
+    def hashes(self) -> "HashCache":
+        """The workspace's one sha256 cache."""
+        return HashCache(self.root / "sha256-cache.sqlite")
 
     def source_path(self, file_stem: str) -> Path:
         return self.source_dir / f"{file_stem}-F16.gguf"
@@ -238,7 +257,3 @@ class HashCache:
         digest = sha256_file(path, stop)
         self.remember(path, digest)
         return digest
-
-
-def hash_cache(ws: Workspace) -> HashCache:
-    return HashCache(ws.root / "sha256-cache.sqlite")

@@ -57,3 +57,20 @@ def test_a_changed_file_is_hashed_again(tmp_path):
     path.write_bytes(b"something else entirely")
     assert cache.lookup(path) is None
     assert cache.sha256(path) == sha256_file(path) != old
+
+
+def test_two_quantize_processes_at_once_keep_both_hashes(tmp_path, toolchain):
+    """Two `moeq quantize` on different quants of one workspace, at the same time (locks are per quant)."""
+    from moeq.workspace import Workspace
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text((REPO / "examples" / "tiny-phimoe.yaml").read_text())
+    assert subprocess.run([sys.executable, "-m", "moeq", "fetch", "--config", str(config)], cwd=REPO,
+                          capture_output=True).returncode == 0
+    procs = [subprocess.Popen([sys.executable, "-m", "moeq", "quantize", "--config", str(config), "--quant", q],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for q in ("Q8_0", "Q4_K_M")]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    ws = Workspace(tmp_path / "work")
+    for name in ("tiny-phimoe-Q8_0.gguf", "tiny-phimoe-Q4_K_M.gguf"):
+        path = ws.quant_path(name)
+        assert ws.hashes.lookup(path) == sha256_file(path)

@@ -31,7 +31,7 @@ from moeq.quantize.stage import quantize_record
 from moeq.records import BenchRecord, QuantizeRecord, ToolBuildRef, ValidateRecord
 from moeq.toolchain import Toolchain
 from moeq.validate.plan import plan_file
-from moeq.workspace import Workspace, commit_file, hash_cache, partial_path, write_text_atomic
+from moeq.workspace import Workspace, commit_file, partial_path, write_text_atomic
 
 MIB = 2**20
 OFFLOAD_BACKENDS_ABSENT = {None, "", "CPU", "BLAS", "CPU,BLAS"}
@@ -60,7 +60,7 @@ def bench_quant(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
     options = {
         "modes": list(modes or cfg.modes), "n_prompt": cfg.n_prompt, "n_gen": cfg.n_gen,
         "repetitions": cfg.repetitions, "threads": cfg.threads, "ctx": list(cfg.ctx), "timeout_s": cfg.timeout_s,
-        "rpc": bool(rpc), "perplexity": {"text": text.name, "text_sha256": hash_cache(ws).sha256(text),
+        "rpc": bool(rpc), "perplexity": {"text": text.name, "text_sha256": ws.hashes.sha256(text),
                                          "ctx": cfg.perplexity.ctx, "chunks": cfg.perplexity.chunks},
     }
     machine = machine_facts()
@@ -72,7 +72,7 @@ def bench_quant(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
                 and previous.tool.commit == tool.build.commit and _same_machine(previous.machine, machine)):
             return BenchOutcome(previous, skipped=True, errors=previous.errors)
         started = time.monotonic()
-        logs = ws.root / "bench" / quant.type
+        logs = ws.bench_dir(quant.type)
         model = Path(quantized.output.path)
         plan = _memory_plan(pipeline, quant, ws, quantized)
         errors: list[dict] = []
@@ -163,7 +163,7 @@ def _quality(chain: Toolchain, pipeline: Pipeline, quantized: QuantizeRecord, ws
              options: dict, errors: list[dict], on_message: Callable[[str], None]) -> dict | None:
     ppl = options["perplexity"]
     key = hashlib.sha256(json.dumps([quantized.source.sha256, ppl, quantized.tool.commit]).encode()).hexdigest()[:16]
-    folder = ws.root / "bench" / "base"
+    folder = ws.bench_dir("base")
     base_kld, base_json = folder / f"{key}.kld", folder / f"{key}.json"
     tool = chain.path("llama-perplexity")
     try:
@@ -181,7 +181,7 @@ def _quality(chain: Toolchain, pipeline: Pipeline, quantized: QuantizeRecord, ws
                 write_text_atomic(base_json, json.dumps(base, indent=1))
             base = json.loads(base_json.read_text())
         on_message(f"{Path(quantized.output.path).name}: llama-perplexity with KL divergence against F16")
-        quant = run_perplexity(tool, Path(quantized.output.path), text, ws.root / "bench" / quantized.quant /
+        quant = run_perplexity(tool, Path(quantized.output.path), text, ws.bench_dir(quantized.quant) /
                                "perplexity.log", ctx=ppl["ctx"], chunks=ppl["chunks"], kld_base=base_kld,
                                save_base=False, threads=options["threads"], timeout_s=options["timeout_s"])
     except MoeqError as exc:

@@ -154,7 +154,7 @@ def preview(
         file = ws.repo_dir(spec.type) / "README.md"
         if not file.is_file():
             raise InputError(f"{file}: no card yet; run moeq card --config {pipeline.path} --quant {spec.type}")
-        out = out or ws.root / "previews" / f"{spec.type}.html"
+        out = out or ws.preview_path(spec.type)
         title = pipeline.repo_id(spec)
     else:
         out = out or Path.cwd() / (file.stem + ".html")

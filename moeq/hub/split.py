@@ -21,7 +21,7 @@ from moeq.gguf_header import check_extent, read_header
 from moeq.records import FileRef, QuantizeRecord
 from moeq.runner import run_tool
 from moeq.toolchain import Toolchain
-from moeq.workspace import Workspace, hash_cache
+from moeq.workspace import Workspace, write_text_atomic
 
 STAMP = "shards.json"
 
@@ -39,7 +39,7 @@ def repo_gguf_files(pipeline: Pipeline, quantized: QuantizeRecord, ws: Workspace
                     chain: Toolchain | None = None) -> list[FileRef]:
     if quantized.output.size <= pipeline.hub.max_shard_size:
         return [quantized.output]
-    folder = ws.root / "shards" / quantized.quant
+    folder = ws.shards_dir(quantized.quant)
     size_arg = split_size_arg(pipeline.hub.max_shard_size)
     stamp = {"source_sha256": quantized.output.sha256, "split_max_size": size_arg}
     try:
@@ -69,10 +69,10 @@ def _split(quantized: QuantizeRecord, folder: Path, size_arg: str, stamp: dict, 
         raise
     shutil.rmtree(folder, ignore_errors=True)
     building.rename(folder)
-    hashes = hash_cache(ws)
+    hashes = ws.hashes
     files = [FileRef(str(folder / s.name), (folder / s.name).stat().st_size, hashes.sha256(folder / s.name))
              for s in shards]
-    (folder / STAMP).write_text(json.dumps({"stamp": stamp, "files": [vars(f) for f in files]}, indent=1))
+    write_text_atomic(folder / STAMP, json.dumps({"stamp": stamp, "files": [vars(f) for f in files]}, indent=1))
     return files
 
 

@@ -25,7 +25,7 @@ from moeq.runner import run_tool
 from moeq.source import record_source, source_file
 from moeq.toolchain import Toolchain
 from moeq.gguf_header import GGUFHeader, check_extent, read_header
-from moeq.workspace import (Workspace, commit_file, free_bytes, fsync_file, hash_cache, partial_path,
+from moeq.workspace import (Workspace, commit_file, free_bytes, fsync_file, partial_path,
                             sha256_file)
 
 UNQUANTIZED = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
@@ -57,7 +57,7 @@ def quantize(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolcha
     final = ws.quant_path(quant.file)
     log_path = final.with_name(final.name + ".log")
     record_path = ws.record_path("quantize", quant.type)
-    hashes = hash_cache(ws)
+    hashes = ws.hashes
 
     with ws.lock(f"quant-{quant.type}", on_wait=say):
         previous = QuantizeRecord.load(record_path)
@@ -152,7 +152,7 @@ def quant_options(quant: QuantSpec, allow_requantize: bool, ws: Workspace) -> di
     if quant.imatrix is not None:
         if not quant.imatrix.is_file():
             raise InputError(f"{quant.imatrix}: imatrix file not found; fix quants[].imatrix")
-        imatrix = {"path": str(quant.imatrix), "sha256": hash_cache(ws).sha256(quant.imatrix)}
+        imatrix = {"path": str(quant.imatrix), "sha256": ws.hashes.sha256(quant.imatrix)}
     return {
         "type": quant.type,
         "imatrix": imatrix,

@@ -14,7 +14,7 @@ from pathlib import Path
 from moeq.config import Pipeline
 from moeq.errors import InputError
 from moeq.records import FileRef, SourceRecord
-from moeq.workspace import Workspace, hash_cache
+from moeq.workspace import Workspace
 
 
 def source_file(pipeline: Pipeline, ws: Workspace) -> Path:
@@ -33,7 +33,7 @@ def source_file(pipeline: Pipeline, ws: Workspace) -> Path:
                 # Recorded at once, so a concurrent moeq sees it is current and leaves it alone.
                 started = time.monotonic()
                 write_tiny_phimoe(target, spec.synth, name=pipeline.model.name)
-                record_source(pipeline, ws, target, hash_cache(ws).sha256(target),
+                record_source(pipeline, ws, target, ws.hashes.sha256(target),
                               wall_s=round(time.monotonic() - started, 3))
         return target
     if spec.kind == "local":

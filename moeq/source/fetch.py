@@ -35,7 +35,7 @@ from moeq.records import FileRef, SourceRecord
 from moeq.runner import run_tool
 from moeq.source import record_source, source_file
 from moeq.toolchain import Toolchain, pinned_src_dir
-from moeq.workspace import Workspace, commit_file, free_bytes, hash_cache, partial_path
+from moeq.workspace import Workspace, commit_file, free_bytes, partial_path
 
 # README.md is the model card: convert_hf_to_gguf.py takes general.license, name, base model, tags and
 # languages from its frontmatter (gguf-py metadata.py); the license file travels with it.
@@ -60,7 +60,7 @@ def fetch_source(pipeline: Pipeline, ws: Workspace, api: HfApi | None, chain: To
     if spec.kind in ("synth", "local"):
         previous = SourceRecord.load(ws.record_path("source"))
         path = source_file(pipeline, ws)
-        record = record_source(pipeline, ws, path, hash_cache(ws).sha256(path))
+        record = record_source(pipeline, ws, path, ws.hashes.sha256(path))
         return FetchOutcome(record, skipped=previous is not None and previous.to_dict() == record.to_dict())
     target = ws.source_path(pipeline.model.file_stem)
     with ws.lock("source", on_wait=on_message):
@@ -79,7 +79,7 @@ def fetch_source(pipeline: Pipeline, ws: Workspace, api: HfApi | None, chain: To
             files = _fetch_gguf(pipeline, ws, api, chain, commit, target, on_message)
         else:
             files = _fetch_hf(pipeline, ws, api, commit, target, on_message)
-        sha = hash_cache(ws).sha256(target)
+        sha = ws.hashes.sha256(target)
         from moeq.quantize.stage import inspect_source
 
         inspect_source(target, allow_requantize=False)
@@ -95,7 +95,7 @@ def fetch_source(pipeline: Pipeline, ws: Workspace, api: HfApi | None, chain: To
 
 def _intact(record: SourceRecord, target: Path, ws: Workspace) -> bool:
     return target.is_file() and target.stat().st_size == record.output.size and \
-        hash_cache(ws).sha256(target) == record.output.sha256
+        ws.hashes.sha256(target) == record.output.sha256
 
 
 def _pinned_and_current(record: SourceRecord, spec, target: Path, ws: Workspace) -> bool:
@@ -148,7 +148,7 @@ def _fetch_gguf(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolchain 
     files = _download_all(api, spec.repo, commit, entries, folder, on_message)
     if not shard:
         commit_file(folder / spec.file, target, synced=True)
-        hash_cache(ws).remember(target, files[0]["sha256"])  # verified while downloading: no second read
+        ws.hashes.remember(target, files[0]["sha256"])  # verified while downloading: no second read
         return files
     merging = partial_path(target)
     merging.unlink(missing_ok=True)
