@@ -5,8 +5,8 @@ GGUF (a hard link to the quant, so no copy) and the records manifest. A card tha
 written.
 
     >>> outcome = make_card(pipeline, pipeline.quant("Q8_0"), Workspace(pipeline.workspace))
-    >>> outcome.record.folder
-    'work/repos/Q8_0'
+    >>> Path(outcome.record.folder) == Workspace(pipeline.workspace).repo_dir("Q8_0")
+    True
 """
 
 from __future__ import annotations

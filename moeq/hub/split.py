@@ -5,7 +5,7 @@ GGUF, split metadata consistent, all the quant's tensors present once), and reus
 sha256 and the shard size are unchanged.
 
     >>> files = repo_gguf_files(pipeline, quantize_record(pipeline, pipeline.quant("Q8_0"), ws), ws, chain)
-    >>> [f.name for f in files]
+    >>> [Path(f.path).name for f in files]   # under hub.max_shard_size: the quant itself
     ['phi-3.5-moe-Q8_0.gguf']
 """
 
