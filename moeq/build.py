@@ -88,13 +88,11 @@ class _Runner:
     def run(self, stage: str, fn: Callable[[], bool | str]) -> bool:
         started = time.monotonic()
         try:
-            try:
-                outcome = fn()
-            except OSError as exc:  # a full disk while this quant's stage wrote: that stage failed, not moeq
-                raise from_os_error(exc) from None
-        except MoeqError as exc:
+            outcome = fn()
+        except (MoeqError, OSError) as exc:  # an OSError (a full disk) fails this quant's stage, not moeq
+            error = from_os_error(exc) if isinstance(exc, OSError) else exc
             self.result.stages.append(StageResult(stage, "failed", round(time.monotonic() - started, 3),
-                                                  exc.message, exc.exit_code))
+                                                  error.message, error.exit_code))
             return False
         status = outcome if isinstance(outcome, str) else ("up to date" if outcome else "ran")
         self.result.stages.append(StageResult(stage, status, round(time.monotonic() - started, 3)))

@@ -199,10 +199,7 @@ def _figure_findings(lines: list[str], start: int, manifest: dict, template: Pat
     for number, line in _prose_lines(lines, start):
         if not line.lstrip().startswith("|"):
             header = None
-            text = BARE_URL.sub("", _link_texts(line))
-            findings += [Finding(number, "unrecorded-figure", f"{figure} is in no record; figures come from "
-                                                              "records, not hands")
-                         for figure in FIGURE.findall(FILE_NAME.sub("", text)) if figure not in prose_figures]
+            findings += _unrecorded(number, BARE_URL.sub("", _link_texts(line)), prose_figures)
             continue
         cells = _cells(line)
         if all(re.fullmatch(r":?-{3,}:?", c) for c in cells if c):
@@ -219,12 +216,14 @@ def _figure_findings(lines: list[str], start: int, manifest: dict, template: Pat
                 elif name not in repo_files and name not in ladder_files:
                     findings.append(Finding(number, "unknown-file", f"names {name}, a file of no repo of this "
                                                                     "ladder"))
-            text = FILE_NAME.sub("", text)
-            for figure in FIGURE.findall(text):
-                if figure not in figures:
-                    findings.append(Finding(number, "unrecorded-figure", f"{figure} is in no record; "
-                                                                         "figures come from records, not hands"))
+            findings += _unrecorded(number, text, figures)
     return findings
+
+
+def _unrecorded(number: int, text: str, allowed: set[str]) -> list[Finding]:
+    """A finding per figure in `text` (file names aside) that `allowed` does not hold."""
+    return [Finding(number, "unrecorded-figure", f"{figure} is in no record; figures come from records, not hands")
+            for figure in FIGURE.findall(FILE_NAME.sub("", text)) if figure not in allowed]
 
 
 def _link_texts(text: str) -> str:

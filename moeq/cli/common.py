@@ -20,7 +20,7 @@ from rich.console import Console
 from typer.core import TyperGroup, TyperOption
 
 from moeq import __version__
-from moeq.errors import ConfigError, Interrupted, MoeqError, ResourceError, from_os_error
+from moeq.errors import ConfigError, Interrupted, MoeqError, from_os_error
 
 # `moeq --help` lists the commands in the order a user meets them, not in the order modules register them.
 COMMAND_ORDER = ("build", "fetch", "quantize", "validate", "bench", "card", "push", "plan", "check-config",
@@ -70,22 +70,18 @@ def guard(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except MoeqError as exc:
+        except (MoeqError, OSError) as exc:  # an OSError is what the machine refused: a full disk, a read-only folder
             if _state["debug"]:
                 traceback.print_exc()
-            sys.stderr.write(f"error: {exc.message}\n")
-            raise typer.Exit(exc.exit_code) from None
+            error = from_os_error(exc) if isinstance(exc, OSError) else exc
+            sys.stderr.write(f"error: {error.message}\n")
+            raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM as Interrupted
             message = exc.message if isinstance(exc, Interrupted) else INTERRUPTED.format(signal="SIGINT")
             sys.stderr.write(f"error: {message}\n")
             raise typer.Exit(exc.exit_code if isinstance(exc, Interrupted) else 130) from None
         except (typer.Exit, typer.Abort):
             raise
-        except OSError as exc:  # the machine refused: a full disk, a read-only folder, a name too long
-            if _state["debug"]:
-                traceback.print_exc()
-            sys.stderr.write(f"error: {from_os_error(exc).message}\n")
-            raise typer.Exit(ResourceError.exit_code) from None
         except Exception as exc:  # a bug in moeq: say so plainly, keep the traceback for --debug
             if _state["debug"]:
                 traceback.print_exc()
