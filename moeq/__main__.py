@@ -10,9 +10,11 @@ import sys
 def main() -> None:
     try:
         from moeq.cli import app
+        from moeq.cli.common import stop_on_sigterm
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted by SIGINT while starting; nothing was done\n")
         sys.exit(130)
+    stop_on_sigterm()
     app(prog_name="moeq")
 
 

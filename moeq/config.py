@@ -4,9 +4,9 @@ Every problem is refused with `FILE:LINE: key.path: what is wrong`, using the li
 PyYAML's composer keeps on each node. Unknown keys, duplicate keys, wrong types, unknown
 quant types, bad repo ids and unsafe relative names are all errors, never warnings.
 
-    >>> pipeline = load_pipeline(Path("examples/tiny-phimoe.yaml"))
-    >>> [q.type for q in pipeline.quants]
-    ['Q8_0', 'Q4_K_M', 'Q2_K']
+    pipeline = load_pipeline(Path("examples/tiny-phimoe.yaml"))
+    [q.type for q in pipeline.quants]
+    # -> ['Q8_0', 'Q4_K_M', 'Q2_K']
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from moeq import quant_types
 from moeq.errors import ConfigError
-from moeq.offload import is_setting
+from moeq.offload import MODE_HINT, is_setting
 from moeq.workspace import read_text_limited
 
 SOURCE_KINDS = ("hf", "gguf", "local", "synth")
@@ -543,7 +543,7 @@ def _bench(n: _Node, base: Path) -> BenchSpec:
             if is_setting(value):
                 modes_list.append(str(value))
             else:
-                raise item.fail(f"unknown mode {value!r}; use cpu, gpu, cpu-moe, or an integer N for -ncmoe N")
+                raise item.fail(f"unknown mode {value!r}; {MODE_HINT}")
         modes = tuple(modes_list)
     ppl = defaults.perplexity
     if "perplexity" in m:

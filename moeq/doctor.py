@@ -14,11 +14,10 @@ from moeq.config import Pipeline
 from moeq.errors import ToolError
 from moeq.synth import parameter_count
 from moeq.toolchain import PINNED_COMMIT, TOOLS, Toolchain
-from moeq.workspace import free_bytes
+from moeq.workspace import disk_needed, free_bytes
 
-PACKAGES = ("moeq", "gguf", "huggingface_hub", "typer", "rich", "jinja2", "pyyaml", "numpy", "markdown-it-py",
+PACKAGES = ("moeq", "gguf", "huggingface_hub", "typer", "rich", "jinja2", "pyyaml", "numpy", "markdown-it-py", "pydantic",
             "torch", "transformers", "sentencepiece", "safetensors")  # the last four: the convert extra
-DISK_MARGIN = 1.05  # 5% headroom for logs, records and filesystem overhead
 
 
 @dataclass
@@ -115,7 +114,7 @@ def plan_disk(pipeline: Pipeline) -> DiskPlan:
     for quant in pipeline.quants:
         bpw = quant_types.QUANT_TYPES[quant.type].approx_bpw
         items.append((quant.file, int(params * bpw / 8)))
-    needed = int(sum(b for _, b in items) * DISK_MARGIN)
+    needed = disk_needed(sum(b for _, b in items))
     return DiskPlan(str(pipeline.workspace), free, needed, items)
 
 

@@ -188,3 +188,25 @@ def check_extent(header: GGUFHeader) -> None:
     padded = -(-end // header.alignment) * header.alignment
     if header.file_size not in (end, padded):
         raise InputError(f"{header.path}: {header.file_size - padded} unexpected bytes after the last tensor")
+
+
+UNQUANTIZED = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+REQUANTIZE_WARNING = ("requantizing an already-quantized model can severely reduce quality compared to "
+                      "quantizing from 16 or 32 bit")
+
+
+def read_source_header(source: Path, allow_requantize: bool = False) -> GGUFHeader:
+    """The header of an F16 source; a file that is missing, not a GGUF, or already quantized (unless allowed) is refused."""
+    if not source.is_file():
+        raise InputError(f"{source}: source model not found; check source in the pipeline file")
+    with open(source, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise InputError(f"{source}: not a GGUF file (starts with {magic!r}); point the source at an F16 GGUF")
+    header = read_header(source)
+    check_extent(header)
+    quantized = [t for t in header.tensors if t.type not in UNQUANTIZED]
+    if quantized and not allow_requantize:
+        raise InputError(f"{source}: already quantized ({quantized[0].name} is {quantized[0].type.name}); "
+                         f"quantize from the F16 model, or pass --allow-requantize ({REQUANTIZE_WARNING})")
+    return header

@@ -32,6 +32,18 @@ def is_setting(value: object) -> bool:
     return value in SETTINGS or (isinstance(value, int) and value >= 0) or (isinstance(value, str) and value.isdigit())
 
 
+MODE_HINT = "use cpu, gpu, cpu-moe, or an integer N for -ncmoe N"
+
+
+def require_settings(values, where: str) -> None:
+    """Refuse a mode that is not a setting, naming where it was given (--modes, bench.modes)."""
+    from moeq.errors import InputError
+
+    for value in values:
+        if not is_setting(value):
+            raise InputError(f"{where} {value!r}: {MODE_HINT}")
+
+
 @dataclass(frozen=True)
 class OffloadMode:
     name: str  # "cpu", "gpu", "cpu-moe" or "ncmoe N"

@@ -6,7 +6,7 @@ longrope factor tensors, expert counts, a llama/SentencePiece vocabulary with by
 bos/eos and the Phi-3.5 chat template), scaled down. Weights are seeded random numbers, so
 the same options always give the same bytes.
 
-    >>> write_tiny_phimoe(Path("tiny.gguf"), SynthSpec(layers=2))
+    write_tiny_phimoe(Path("tiny.gguf"), SynthSpec(layers=2))
 """
 
 from __future__ import annotations

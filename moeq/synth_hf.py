@@ -5,7 +5,7 @@ safetensors weights under the names microsoft/Phi-3.5-MoE-instruct uses, and a r
 tokenizer (BPE with byte fallback) trained in a second on generated text. Needs the `convert` extra
 (safetensors, sentencepiece).
 
-    >>> write_tiny_phimoe_hf(Path("tiny-phimoe-hf"), SynthSpec(vocab=320))
+    write_tiny_phimoe_hf(Path("tiny-phimoe-hf"), SynthSpec(vocab=320))
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Each tool is looked up in this order: `toolchain.llama_cpp_bin` from pipeline.ya
 MOEQ_LLAMA_CPP_BIN environment variable, the pinned build in the cache
 (`$MOEQ_CACHE_DIR/llama.cpp/<commit>/bin`, default `~/.cache/moeq`), then PATH.
 
-    >>> chain = Toolchain()
-    >>> chain.tool("llama-quantize").build.commit
-    '0c1e570'
+    chain = Toolchain()
+    chain.tool("llama-quantize").build.commit
+    # -> '0c1e570'
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moeq.errors import ToolError
+from moeq.workspace import write_json_atomic
 
 PINNED_COMMIT = "0c1e570"
 PINNED_SDIST = "llama-cpp-python==0.3.36"
@@ -118,10 +119,7 @@ class ProbeCache:
     def put(self, tool: Path, build: ToolBuild) -> None:
         self._entries[self._key(tool)] = build.as_dict()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_name(self.path.name + f".{os.getpid()}.partial")
-            partial.write_text(json.dumps(self._entries, indent=1, sort_keys=True))
-            os.replace(partial, self.path)
+            write_json_atomic(self.path, self._entries, indent=1)
         except OSError:
             pass  # a cache that cannot be written only costs a probe next time
 

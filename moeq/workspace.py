@@ -19,6 +19,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import json
 import os
 import shutil
 import sqlite3
@@ -30,6 +31,8 @@ from typing import Callable, Iterator
 from moeq.errors import InputError, MoeqError, ResourceError
 
 CHUNK = 8 * 1024 * 1024
+DISK_MARGIN = 1.10  # headroom over an estimate: logs, records, filesystem overhead, an estimate's error
+DISK_SLACK = 64 * 2**20
 
 
 class Workspace:
@@ -151,6 +154,11 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def write_json_atomic(path: Path, data: object, indent: int = 2) -> None:
+    """The one writer of JSON artifacts (records, caches, stamps): whole or nothing, like write_text_atomic."""
+    write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
+
+
 def read_text_limited(path: Path, limit: int, what: str, error: type[MoeqError] = InputError) -> str:
     """The UTF-8 text of a regular file of at most `limit` bytes, else `error` naming it.
 
@@ -174,6 +182,21 @@ def read_text_limited(path: Path, limit: int, what: str, error: type[MoeqError] 
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise error(f"{path}: not UTF-8 text; pass the path of a {what}") from None
+
+
+def disk_needed(estimate: int | float) -> int:
+    """The one rule for how much free space an artifact of about `estimate` bytes needs."""
+    return int(estimate * DISK_MARGIN) + DISK_SLACK
+
+
+def require_free(folder: Path, estimate: int | float, what: str) -> None:
+    """Refuse to start writing `what` (about `estimate` bytes) into `folder` when the disk cannot hold it."""
+    from moeq.units import binary_size
+
+    need, free = disk_needed(estimate), free_bytes(folder)
+    if free < need:
+        raise ResourceError(f"{folder}: {binary_size(free)} free, {what} needs about {binary_size(need)}; "
+                            "free some space or move the workspace")
 
 
 def free_bytes(path: Path) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -29,11 +30,25 @@ def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_phimoe(tmp_path_factory.mktemp("models") / "tiny-phimoe-F16.gguf", SynthSpec())
 
 
-def run_moeq(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the real `moeq` command line in a subprocess, as a user would."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "moeq", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd or REPO, timeout=300)
+def run_moeq(*args: str, env: dict | None = None, cwd: Path | None = None,
+             process: bool = False) -> subprocess.CompletedProcess:
+    """Run the `moeq` command line: in this process through typer's CliRunner, or as a process of its own.
+
+    A process of its own (`python -m moeq`, as a user runs it) where a process boundary is what is tested:
+    signals and locks (`process=True`), and an environment of its own (`env`), which the Hub client and
+    moeq's limits read when they load."""
+    if process or env is not None:
+        return subprocess.run([sys.executable, "-m", "moeq", *args], capture_output=True, text=True,
+                              env={**os.environ, **(env or {})}, cwd=cwd or REPO, timeout=300)
+    from typer.testing import CliRunner
+
+    from moeq.cli import app
+
+    with contextlib.chdir(cwd or REPO):
+        result = CliRunner().invoke(app, list(args), prog_name="moeq")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a traceback that a process would hide behind exit 1: show it to the test
+    return subprocess.CompletedProcess(["moeq", *args], result.exit_code, result.stdout, result.stderr)
 
 
 HUB_TOKEN = "hf_moeqTestTokenThatMustNeverLeak0123456789"

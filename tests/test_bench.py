@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 
 from moeq.bench.runs import parse_perplexity
-from moeq.bench.stage import bench_quant, default_eval_text
+from moeq.bench.stage import default_eval_text
 from moeq.cards.lint import lint_card
-from moeq.cards.manifest import MANIFEST_NAME, read_manifest
-from moeq.cards.stage import make_card
+from moeq.manifest import MANIFEST_NAME, read_manifest
+from moeq import steps
+from moeq.steps import Context
 from moeq.config import load_pipeline
 from moeq.llama_logs import parse_buffer_sizes
-from moeq.quantize.stage import quantize
 from moeq.toolchain import Toolchain
-from moeq.validate.stage import validate_quant
 from moeq.workspace import Workspace
 
 from conftest import REPO, run_moeq
@@ -35,15 +34,15 @@ def prepared(folder: Path, quants=LADDER, rpc: bool = True):
     pipeline = load_pipeline(config)
     ws = Workspace(pipeline.workspace)
     for q in quants:
-        quantize(pipeline, pipeline.quant(q), ws, Toolchain())
-        validate_quant(pipeline, pipeline.quant(q), ws)
+        steps.quantize(Context.of(pipeline), pipeline.quant(q))
+        steps.validate(Context.of(pipeline), pipeline.quant(q))
     return config, pipeline, ws
 
 
 @pytest.fixture(scope="module")
 def benched(tmp_path_factory, toolchain, rpc_device):
     config, pipeline, ws = prepared(tmp_path_factory.mktemp("bench"))
-    outcomes = {q: bench_quant(pipeline, pipeline.quant(q), ws, toolchain, rpc=rpc_device) for q in LADDER}
+    outcomes = {q: steps.bench(Context.of(pipeline), pipeline.quant(q), rpc=rpc_device) for q in LADDER}
     return config, pipeline, ws, outcomes
 
 
@@ -55,14 +54,14 @@ def test_eval_text_is_the_shipped_one():
 def test_speed_per_mode(benched, quant):
     record = benched[3][quant].record
     assert record.errors == []
-    assert [run["mode"] for run in record.speed] == ["cpu", "gpu", "cpu-moe", "ncmoe 1"]
-    assert record.speed[0]["backends"] == "CPU" and record.not_measured == []
+    assert [run.mode for run in record.speed] == ["cpu", "gpu", "cpu-moe", "ncmoe 1"]
+    assert record.speed[0].backends == "CPU" and record.not_measured == []
     for run in record.speed[1:]:
-        assert run["backends"] == "RPC" and run["gpu_info"].startswith("127.0.0.1:")
-        assert [t["test"] for t in run["tests"]] == ["pp64", "tg16"]
-        assert all(t["avg_ts"] > 0 and len(t["samples_ts"]) == 2 for t in run["tests"])
-        assert run["model_n_params"] == 3_807_808
-    assert record.machine["cores"] >= 1 and record.machine["cpu"] and record.machine["date"]
+        assert run.backends == "RPC" and run.gpu_info.startswith("127.0.0.1:")
+        assert [t.test for t in run.tests] == ["pp64", "tg16"]
+        assert all(t.avg_ts > 0 and len(t.samples_ts) == 2 for t in run.tests)
+        assert run.model_n_params == 3_807_808
+    assert record.machine.cores >= 1 and record.machine.cpu and record.machine.date
     assert record.tool.commit == "0c1e570"
 
 
@@ -70,50 +69,50 @@ def test_speed_per_mode(benched, quant):
 def test_offload_moves_the_planned_bytes(benched, quant):
     _, _, ws, outcomes = benched
     record = outcomes[quant].record
-    assert [(m["mode"], m["ctx"]) for m in record.memory] == [("gpu", 512), ("cpu-moe", 512), ("ncmoe 1", 512)]
+    assert [(m.mode, m.ctx) for m in record.memory] == [("gpu", 512), ("cpu-moe", 512), ("ncmoe 1", 512)]
     for m in record.memory:
-        assert abs(m["difference_mib"]["model"]) <= 0.1, m
-        assert abs(m["difference_mib"]["KV"]) <= 0.1, m
-        assert m["device_mib"]["compute"] > 0
-    by_mode = {m["mode"]: m["device_mib"]["model"] for m in record.memory}
+        assert abs(m.difference_mib["model"]) <= 0.1, m
+        assert abs(m.difference_mib["KV"]) <= 0.1, m
+        assert m.device_mib["compute"] > 0
+    by_mode = {m.mode: m.device_mib["model"] for m in record.memory}
     assert by_mode["gpu"] > by_mode["ncmoe 1"] > by_mode["cpu-moe"] > 0
     # The parser on the tool's own output, as this run captured it.
     log = (ws.root / "bench" / quant / "memory-cpu-moe-512.log").read_text()
     rpc = [b for b in parse_buffer_sizes(log) if b.kind == "model" and b.device.startswith("RPC0")]
-    assert [b.mib for b in rpc] == [record.memory[1]["device_mib"]["model"]]
+    assert [b.mib for b in rpc] == [record.memory[1].device_mib["model"]]
 
 
 def test_quality_against_f16(benched):
     _, _, ws, outcomes = benched
     quality = {q: outcomes[q].record.quality for q in LADDER}
-    bases = {q["base"]["ppl"] for q in quality.values()}
+    bases = {q.base.ppl for q in quality.values()}
     assert len(bases) == 1 and bases.pop() > 1  # one F16 run, reused
-    kld = [quality[q]["quant"]["kld_mean"] for q in LADDER]
+    kld = [quality[q].quant.kld_mean for q in LADDER]
     assert 0 < kld[0] < kld[1] < kld[2], kld  # more bits, less divergence
-    top = [quality[q]["quant"]["same_top_p"] for q in LADDER]
+    top = [quality[q].quant.same_top_p for q in LADDER]
     assert top[0] > top[2]
     for q in LADDER:
-        assert quality[q]["quant"]["ppl_ratio"] > 0
+        assert quality[q].quant.ppl_ratio > 0
         log = (ws.root / "bench" / q / "perplexity.log").read_text()
-        assert parse_perplexity(log)["kld_mean"] == quality[q]["quant"]["kld_mean"]
+        assert parse_perplexity(log)["kld_mean"] == quality[q].quant.kld_mean
 
 
 def test_rerun_reuses_the_record_unless_forced(benched, toolchain, rpc_device):
     _, pipeline, ws, outcomes = benched
     log = ws.root / "bench" / "Q8_0" / "speed-gpu.log"
     before = log.stat().st_mtime_ns
-    again = bench_quant(pipeline, pipeline.quant("Q8_0"), ws, toolchain, rpc=rpc_device)
-    assert again.skipped and again.record.to_dict() == outcomes["Q8_0"].record.to_dict()
+    again = steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), rpc=rpc_device)
+    assert again.skipped and again.record == outcomes["Q8_0"].record
     assert log.stat().st_mtime_ns == before  # no tool ran
-    forced = bench_quant(pipeline, pipeline.quant("Q8_0"), ws, toolchain, rpc=rpc_device, force=True,
+    forced = steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), rpc=rpc_device, force=True,
                          modes=("cpu-moe",))
-    assert not forced.skipped and [r["mode"] for r in forced.record.speed] == ["cpu-moe"]
+    assert not forced.skipped and [r.mode for r in forced.record.speed] == ["cpu-moe"]
 
 
 def test_card_shows_the_measurements(benched, toolchain, rpc_device):
     _, pipeline, ws, _ = benched
-    bench_quant(pipeline, pipeline.quant("Q8_0"), ws, toolchain, rpc=rpc_device, force=True)
-    outcome = make_card(pipeline, pipeline.quant("Q4_K_M"), ws)
+    steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), rpc=rpc_device, force=True)
+    outcome = steps.card(Context.of(pipeline), pipeline.quant("Q4_K_M"))
     assert outcome.record.not_measured == []
     text = (ws.repo_dir("Q4_K_M") / "README.md").read_text()
     assert "### Speed" in text and "### VRAM with and without `--cpu-moe`" in text and "### Quality against F16" in text
@@ -145,7 +144,7 @@ def test_without_a_gpu_the_cpu_mode_is_measured_and_offload_modes_are_not(tmp_pa
                                      "them, run on a GPU build of llama.cpp or pass --rpc HOST:PORT") in proc.stdout
     assert record["quality"]["quant"]["kld_mean"] > 0  # measured all the same
     assert "Traceback" not in proc.stderr
-    outcome = make_card(pipeline, pipeline.quant("Q2_K"), ws)
+    outcome = steps.card(Context.of(pipeline), pipeline.quant("Q2_K"))
     text = (ws.repo_dir("Q2_K") / "README.md").read_text()
     assert "measured VRAM (bench)" in outcome.record.not_measured
     assert "- all layers on the GPU (`-ngl 99`): no GPU or RPC device\n" in text
@@ -172,10 +171,10 @@ def test_model_that_fails_to_load_is_reported_per_mode(tmp_path, toolchain, rpc_
     model = ws.quant_path("tiny-phimoe-Q2_K.gguf")
     data = model.read_bytes()
     model.write_bytes(data[: len(data) // 2])  # damaged after validation
-    outcome = bench_quant(pipeline, pipeline.quant("Q2_K"), ws, toolchain, rpc=rpc_device, modes=("cpu-moe",))
-    modes = [e["mode"] for e in outcome.errors]
+    outcome = steps.bench(Context.of(pipeline), pipeline.quant("Q2_K"), rpc=rpc_device, modes=("cpu-moe",))
+    modes = [e.mode for e in outcome.record.errors]
     assert modes == ["cpu-moe", "quality"]
-    assert all("exited" in e["error"] and "full log:" in e["error"] for e in outcome.errors)
+    assert all("exited" in e.error and "full log:" in e.error for e in outcome.record.errors)
     assert outcome.record.speed == [] and outcome.record.quality is None
 
 
@@ -262,10 +261,10 @@ def test_a_mode_over_its_time_limit_is_stopped_and_reported(tmp_path, toolchain,
                       + f"\ntoolchain:\n  llama_cpp_bin: {folder}\n")
     pipeline = load_pipeline(config)
     started = time.monotonic()
-    outcome = bench_quant(pipeline, pipeline.quant("Q8_0"), ws, Toolchain(folder), rpc=rpc_device, modes=("gpu",))
+    outcome = steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), rpc=rpc_device, modes=("gpu",))
     assert time.monotonic() - started < 30
-    assert outcome.errors[0]["mode"] == "gpu"
-    assert outcome.errors[0]["error"].startswith("llama-bench: still running after 2 s, stopped; log: ")
+    assert outcome.record.errors[0].mode == "gpu"
+    assert outcome.record.errors[0].error.startswith("llama-bench: still running after 2 s, stopped; log: ")
     assert outcome.record.quality is not None  # the other measurements still ran
 
 

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 
 from moeq.cards.lint import lint_card
+from moeq.manifest import parse_manifest
 from moeq.toolchain import TOOLS
 
 from conftest import HUB_TOKEN, REPO, run_moeq
 from hub_server import Fault
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
-STAGES = ["fetch", "quantize", "validate", "bench", "card", "push"]
+STAGES = ["fetch", "quantize", "validate", "bench", "shards", "card", "push"]
 
 
 def repo_id(quant: str) -> str:
@@ -68,11 +69,11 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain)
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
     proc, summary = build(test_hub, config, "--all", "--push")
     assert proc.returncode == 0, proc.stderr
-    assert statuses(summary) == {q: ["ran"] * 6 for q in LADDER}
+    assert statuses(summary) == {q: ["ran"] * 7 for q in LADDER}
     for quant in LADDER:
         files = test_hub.state.files(repo_id(quant))
         readme = files["README.md"].decode()
-        manifest = json.loads(files["moeq-manifest.json"])
+        manifest = parse_manifest(files["moeq-manifest.json"].decode(), "moeq-manifest.json")
         assert lint_card(readme, "README.md", manifest) == []
         for other in LADDER:
             assert f"](https://huggingface.co/{repo_id(other)})" in readme
@@ -85,7 +86,7 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain)
     proc, summary = build(test_hub, config, "--all", "--push")
     elapsed = time.monotonic() - began
     assert proc.returncode == 0, proc.stderr
-    assert statuses(summary) == {q: ["up to date"] * 6 for q in LADDER}
+    assert statuses(summary) == {q: ["up to date"] * 7 for q in LADDER}
     assert not (tmp_path / "starts").exists(), (tmp_path / "starts").read_text()  # no llama.cpp tool started
     assert all(len(test_hub.state.commits_on(repo_id(q))) == 2 for q in LADDER)
     assert not [r for r in test_hub.requests[start:] if r.writes]
@@ -102,7 +103,7 @@ def test_template_change_reruns_card_and_push_only(tmp_path, test_hub, toolchain
     (tmp_path / "starts").unlink()
     proc, summary = build(test_hub, config, "--all", "--push")
     assert proc.returncode == 0, proc.stderr
-    assert statuses(summary) == {q: ["up to date"] * 4 + ["ran", "ran"] for q in LADDER}
+    assert statuses(summary) == {q: ["up to date"] * 5 + ["ran", "ran"] for q in LADDER}
     assert not (tmp_path / "starts").exists()
     for quant in LADDER:
         new, old = test_hub.state.commits_on(repo_id(quant))[:2]
@@ -158,7 +159,7 @@ def test_killed_during_push_resumes(tmp_path, test_hub, toolchain):
                for q in LADDER)  # killed before any commit
     rerun, summary = build(test_hub, config, "--all", "--push")
     assert rerun.returncode == 0, rerun.stderr
-    assert statuses(summary)["Q8_0"][:5] == ["up to date"] * 5 and statuses(summary)["Q8_0"][5] == "ran"
+    assert statuses(summary)["Q8_0"][:6] == ["up to date"] * 6 and statuses(summary)["Q8_0"][6] == "ran"
     assert_released(test_hub, config, tmp_path)
 
 
@@ -166,8 +167,8 @@ def test_one_failing_quant_does_not_stop_the_others(tmp_path, test_hub, toolchai
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain, fail_quant="Q2_K"))
     proc, summary = build(test_hub, config, "--all", "--push")
     assert proc.returncode == 4  # ToolError: the exit code of the first failed stage
-    assert statuses(summary)["Q2_K"] == ["ran", "failed", "skipped", "skipped", "skipped", "skipped"]
-    assert statuses(summary)["Q8_0"] == statuses(summary)["Q4_K_M"] == ["ran"] * 6
+    assert statuses(summary)["Q2_K"] == ["ran", "failed", "skipped", "skipped", "skipped", "skipped", "skipped"]
+    assert statuses(summary)["Q8_0"] == statuses(summary)["Q4_K_M"] == ["ran"] * 7
     failed = summary["quants"][2]["stages"][1]
     assert "simulated failure for Q2_K" in failed["detail"] and failed["exit_code"] == 4
     assert "error: Q2_K: quantize failed: llama-quantize exited 1: simulated failure for Q2_K" in proc.stderr
@@ -198,7 +199,7 @@ def test_force_stage_card_reruns_card_and_push_only(tmp_path, toolchain):
     assert run_moeq("build", "--config", str(config), "--quant", "Q4_K_M").returncode == 0
     proc = run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--force-stage", "card", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert statuses(json.loads(proc.stdout))["Q4_K_M"] == ["up to date"] * 4 + ["ran", "skipped"]
+    assert statuses(json.loads(proc.stdout))["Q4_K_M"] == ["up to date"] * 5 + ["ran", "skipped"]
 
 
 def test_summary_reads_whole_in_an_80_column_log(tmp_path, toolchain):
@@ -222,7 +223,7 @@ def test_a_moved_and_a_copied_workspace(tmp_path, toolchain):
     proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench", "--json")
     assert proc.returncode == 0, proc.stderr
     original = tmp_path / "work"
-    saved = json.loads((original / "records" / "quantize-Q8_0.json").read_text())
+    saved = json.loads((original / "records" / "quantize-Q8_0.json").read_text())["record"]
     assert saved["output"]["path"] == "quants/tiny-phimoe-Q8_0.gguf"  # relative to the workspace
     assert saved["source"]["path"] == "source/tiny-phimoe-F16.gguf"
     (tmp_path / "work").rename(tmp_path / "moved")
@@ -233,7 +234,7 @@ def test_a_moved_and_a_copied_workspace(tmp_path, toolchain):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert {s["stage"]: s["status"] for s in json.loads(proc.stdout)["quants"][0]["stages"]} == {
         "fetch": "up to date", "quantize": "up to date", "validate": "up to date", "bench": "skipped",
-        "card": "up to date", "push": "skipped"}
+        "shards": "up to date", "card": "up to date", "push": "skipped"}
     assert not (tmp_path / "starts").exists()  # no tool ran
     subprocess.run(["cp", "-a", str(tmp_path / "moved"), str(tmp_path / "copy")], check=True)
     copy = config.with_name("copy.yaml")
@@ -243,5 +244,5 @@ def test_a_moved_and_a_copied_workspace(tmp_path, toolchain):
     staged = tmp_path / "copy" / "repos" / "Q8_0" / "tiny-phimoe-Q8_0.gguf"
     assert os.path.samefile(staged, tmp_path / "copy" / "quants" / "tiny-phimoe-Q8_0.gguf")
     assert not os.path.samefile(staged, tmp_path / "moved" / "quants" / "tiny-phimoe-Q8_0.gguf")
-    card = json.loads((tmp_path / "copy" / "records" / "card-Q8_0.json").read_text())
+    card = json.loads((tmp_path / "copy" / "records" / "card-Q8_0.json").read_text())["record"]
     assert card["folder"] == "repos/Q8_0" and card["readme"]["path"] == "repos/Q8_0/README.md"

@@ -18,13 +18,12 @@ from huggingface_hub import ModelCard
 
 from moeq.cards.facts import card_facts
 from moeq.cards.lint import lint_card
-from moeq.cards.manifest import MANIFEST_NAME, read_manifest
-from moeq.cards.stage import make_card
+from moeq.manifest import MANIFEST_NAME, read_manifest
+from moeq import steps
+from moeq.steps import Context
 from moeq.config import load_pipeline
 from moeq.errors import CheckFailed, InputError
-from moeq.quantize.stage import quantize
 from moeq.toolchain import Toolchain
-from moeq.validate.stage import validate_quant
 from moeq.workspace import Workspace
 
 from conftest import REPO, run_moeq
@@ -50,9 +49,9 @@ def build_until_card(config: Path, validate: tuple[str, ...] = LADDER) -> tuple:
     ws = Workspace(pipeline.workspace)
     chain = Toolchain()
     for q in LADDER:
-        quantize(pipeline, pipeline.quant(q), ws, chain)
+        steps.quantize(Context.of(pipeline), pipeline.quant(q))
     for q in validate:
-        validate_quant(pipeline, pipeline.quant(q), ws, numerics="sample")
+        steps.validate(Context.of(pipeline), pipeline.quant(q), numerics="sample")
     return pipeline, ws
 
 
@@ -61,7 +60,7 @@ def ladder(tmp_path_factory, toolchain):
     """The example pipeline quantized, validated and carded in a workspace of its own."""
     config = copy_example(tmp_path_factory.mktemp("cards"))
     pipeline, ws = build_until_card(config)
-    outcomes = {q: make_card(pipeline, pipeline.quant(q), ws) for q in LADDER}
+    outcomes = {q: steps.card(Context.of(pipeline), pipeline.quant(q)) for q in LADDER}
     return pipeline, ws, outcomes
 
 
@@ -100,8 +99,8 @@ def test_staged_folder_holds_exactly_the_repo(ladder):
         assert sorted(p.name for p in folder.iterdir()) == sorted(["README.md", MANIFEST_NAME, gguf_name])
         assert os.path.samefile(folder / gguf_name, ws.quant_path(gguf_name))
         manifest = read_manifest(folder / MANIFEST_NAME)
-        assert manifest["files"][0]["sha256"] == json.loads(
-            ws.record_path("quantize", quant).read_text())["output"]["sha256"]
+        assert manifest.files[0].sha256 == json.loads(
+            ws.record_path("quantize", quant).read_text())["record"]["output"]["sha256"]
         # A maintainer's folders stay local: no absolute path reaches what is published.
         for name in ("README.md", MANIFEST_NAME):
             published = (folder / name).read_text()
@@ -120,7 +119,7 @@ def test_frontmatter_round_trips_through_huggingface_hub(ladder):
 def test_second_card_run_is_up_to_date(ladder):
     pipeline, ws, _ = ladder
     before = (ws.repo_dir("Q8_0") / "README.md").stat().st_mtime_ns
-    outcome = make_card(pipeline, pipeline.quant("Q8_0"), ws)
+    outcome = steps.card(Context.of(pipeline), pipeline.quant("Q8_0"))
     assert outcome.skipped
     assert (ws.repo_dir("Q8_0") / "README.md").stat().st_mtime_ns == before
 
@@ -141,7 +140,7 @@ def test_cli_card_and_json(ladder):
 def test_missing_validate_record_says_not_measured(tmp_path, toolchain):
     config = copy_example(tmp_path)
     pipeline, ws = build_until_card(config, validate=("Q8_0",))
-    outcome = make_card(pipeline, pipeline.quant("Q2_K"), ws)
+    outcome = steps.card(Context.of(pipeline), pipeline.quant("Q2_K"))
     text = card_text(ws, "Q2_K")
     memory = text.split("## Memory: where the weights go")[1].split("\n## ")[0]
     assert memory.strip() == ("Not measured: this file has no validation record, so no memory plan was "
@@ -159,10 +158,11 @@ def test_stale_validate_record_is_ignored_with_a_warning(tmp_path, toolchain):
     pipeline, ws = build_until_card(config, validate=("Q8_0",))
     record_path = ws.record_path("validate", "Q8_0")
     data = json.loads(record_path.read_text())
-    data["file"]["sha256"] = "0" * 64
+    data["record"]["file"]["sha256"] = "0" * 64
     record_path.write_text(json.dumps(data))
-    outcome = make_card(pipeline, pipeline.quant("Q8_0"), ws)
-    assert any("describes an older Q8_0 file" in w for w in outcome.warnings)
+    ctx = Context.of(pipeline)
+    outcome = steps.card(ctx, pipeline.quant("Q8_0"))
+    assert any("describes an older Q8_0 file" in w for w in ctx.warnings)
     assert "memory plan (validate)" in outcome.record.not_measured
 
 
@@ -181,7 +181,7 @@ def test_template_asking_for_a_missing_fact_names_it(tmp_path, toolchain):
     config = copy_example(tmp_path, card=f"card:\n  template: {template}\n")
     pipeline, ws = build_until_card(config, validate=())
     with pytest.raises(InputError) as err:
-        make_card(pipeline, pipeline.quant("Q8_0"), ws)
+        steps.card(Context.of(pipeline), pipeline.quant("Q8_0"))
     assert f"{template}:6:" in err.value.message and "weight_in_tons" in err.value.message
     assert not ws.repo_dir("Q8_0").exists()
 
@@ -193,7 +193,7 @@ def test_card_that_fails_lint_is_not_written(tmp_path, toolchain):
     config = copy_example(tmp_path, card=f"card:\n  template: {bad}\n")
     pipeline, ws = build_until_card(config, validate=())
     with pytest.raises(CheckFailed) as err:
-        make_card(pipeline, pipeline.quant("Q8_0"), ws)
+        steps.card(Context.of(pipeline), pipeline.quant("Q8_0"))
     assert "relative-link" in err.value.message and "was not" in err.value.message
     assert not (ws.repo_dir("Q8_0") / "README.md").exists()
     proc = run_moeq("card", "--config", str(config), "--quant", "Q8_0")
@@ -206,7 +206,7 @@ def test_user_template_can_include_builtin_partials(tmp_path, toolchain):
                         "{% include 'partials/cpu-moe.md.j2' %}\n")
     config = copy_example(tmp_path, card=f"card:\n  template: {template}\n")
     pipeline, ws = build_until_card(config, validate=())
-    make_card(pipeline, pipeline.quant("Q8_0"), ws)
+    steps.card(Context.of(pipeline), pipeline.quant("Q8_0"))
     text = card_text(ws, "Q8_0")
     assert text.splitlines()[-1].startswith("layers to fit the GPU")
     assert "# tiny-phimoe Q8_0" in text
@@ -438,7 +438,7 @@ def test_memory_section_on_the_real_models_layout(good):
     from moeq.config import SynthSpec
     from moeq.gguf_header import GGUFHeader, TensorInfo
     from moeq.synth import tensor_layout
-    from moeq.validate.plan import plan_memory
+    from moeq.memory_plan import plan_memory
 
     Q8_0 = gguf.GGMLQuantizationType.Q8_0
     real = SynthSpec(layers=32, experts=16, experts_used=2, embd=4096, ff=6400, heads=32, kv_heads=8, vocab=32064)
@@ -448,8 +448,8 @@ def test_memory_section_on_the_real_models_layout(good):
                 "phimoe.attention.head_count": 32, "phimoe.attention.head_count_kv": 8}
     plan = plan_memory(GGUFHeader(Path("real.gguf"), 3, metadata, tensors), ctx_sizes=[4096, 32768])
     _, manifest = good
-    manifest = copy.deepcopy(manifest)
-    manifest["records"]["validate"]["plan"] = json.loads(json.dumps(plan.as_dict()))
+    manifest = manifest.model_copy(deep=True)
+    manifest.records.validate_.plan = plan
     text = render_card(card_facts(manifest))
     assert lint_card(text, "README.md", manifest) == []
     assert "| 8 GiB | `-ncmoe 28` (" in text

@@ -197,8 +197,8 @@ def test_disk_space_is_checked_before_downloading(tmp_path, test_hub, tiny_model
 
     from moeq.config import load_pipeline
     from moeq.errors import ResourceError
-    from moeq.source.fetch import fetch_source
-    from moeq.workspace import Workspace
+    from moeq import steps
+    from moeq.steps import Context
 
     test_hub.state.add_files(SOURCE_REPO, {"tiny-phimoe-F16.gguf": tiny_model.read_bytes()})
     pipeline = load_pipeline(write_config(tmp_path, f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: main\n"
@@ -206,6 +206,13 @@ def test_disk_space_is_checked_before_downloading(tmp_path, test_hub, tiny_model
     real_usage = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=2 * 2**20))  # a nearly full disk
     with pytest.raises(ResourceError) as info:
-        fetch_source(pipeline, Workspace(pipeline.workspace), HfApi(endpoint=test_hub.url, token=HUB_TOKEN))
-    assert info.value.message.startswith(f"{pipeline.workspace / 'source'}: 2 MiB free, the source needs about 8 MiB")
+        ctx = Context.of(pipeline)
+        ctx.api = HfApi(endpoint=test_hub.url, token=HUB_TOKEN)
+        steps.fetch(ctx)
+    from moeq.units import binary_size
+    from moeq.workspace import disk_needed
+
+    need = binary_size(disk_needed(tiny_model.stat().st_size))  # the one rule: +10 % and 64 MiB of slack
+    assert info.value.message.startswith(f"{pipeline.workspace / 'source'}: 2.00 MiB free, the source needs about "
+                                         f"{need};")
     assert not [r for r in test_hub.requests if "/lfs-objects/" in r.path or "/resolve/" in r.path]

@@ -10,7 +10,7 @@ import pytest
 from moeq.config import SynthSpec
 from moeq.llama_logs import buffer_total, parse_buffer_sizes
 from moeq.synth import write_tiny_phimoe
-from moeq.validate.plan import plan_file
+from moeq.memory_plan import plan_file
 
 from conftest import run_moeq
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import gguf
 import pytest
 
-from moeq.cards.stage import make_card
+from moeq import steps
+from moeq.steps import Context
 from moeq.config import load_pipeline
-from moeq.quantize.stage import quantize
 from moeq.toolchain import Toolchain
-from moeq.validate.stage import validate_quant
 from moeq.workspace import Workspace
 
 from conftest import HUB_TOKEN, REPO, run_moeq
@@ -34,10 +33,10 @@ def staged_pipeline(tmp_path: Path, card: str = "", hub_extra: str = "", validat
     config.write_text(text)
     pipeline = load_pipeline(config)
     ws = Workspace(pipeline.workspace)
-    quantize(pipeline, pipeline.quant("Q8_0"), ws, Toolchain())
+    steps.quantize(Context.of(pipeline), pipeline.quant("Q8_0"))
     if validate:
-        validate_quant(pipeline, pipeline.quant("Q8_0"), ws)
-    make_card(pipeline, pipeline.quant("Q8_0"), ws)
+        steps.validate(Context.of(pipeline), pipeline.quant("Q8_0"))
+    steps.card(Context.of(pipeline), pipeline.quant("Q8_0"))
     return config, pipeline, ws
 
 
@@ -77,7 +76,7 @@ def test_push_is_one_commit_then_nothing(tmp_path, test_hub, toolchain):
     commits = test_hub.state.commits_on(REPO_ID)
     assert len(commits) == 2 and commits[0].message.startswith("Q8_0 GGUF, card and records (moeq ")
     assert "llama.cpp 0c1e570" in commits[0].message
-    record = json.loads(ws.record_path("push", "Q8_0").read_text())
+    record = json.loads(ws.record_path("push", "Q8_0").read_text())["record"]
     assert record["commit"] == commits[0].oid and record["uploaded_bytes"] > 4_000_000
 
     start = mark(test_hub)
@@ -98,7 +97,7 @@ def test_changed_card_commits_only_the_card(tmp_path, test_hub, toolchain):
     config, pipeline, ws = staged_pipeline(tmp_path, card=f"  template: {template}\n")
     assert push(test_hub, config).returncode == 0
     template.write_text(builtin.replace("## Model details", "A line added to the template.\n\n## Model details"))
-    make_card(pipeline, pipeline.quant("Q8_0"), ws)
+    steps.card(Context.of(pipeline), pipeline.quant("Q8_0"))
     start = mark(test_hub)
     proc = push(test_hub, config, "--json")
     assert proc.returncode == 0, proc.stderr
@@ -147,7 +146,7 @@ def test_split_shards_rejoin_to_the_original(tmp_path, test_hub, toolchain):
     text = config.read_text().replace("max_shard_size: 50GB", "max_shard_size: 1MB")
     config.write_text(text)
     pipeline = load_pipeline(config)
-    make_card(pipeline, pipeline.quant("Q8_0"), ws)
+    steps.card(Context.of(pipeline), pipeline.quant("Q8_0"))
     readme = (ws.repo_dir("Q8_0") / "README.md").read_text()
     assert push(test_hub, config).returncode == 0
     files = test_hub.state.files(REPO_ID)

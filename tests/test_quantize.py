@@ -16,7 +16,8 @@ import pytest
 
 from moeq.config import load_pipeline
 from moeq.errors import ResourceError
-from moeq.quantize.stage import quantize
+from moeq import steps
+from moeq.steps import Context
 from moeq.records import QuantizeRecord
 from moeq.toolchain import TOOLS, Toolchain
 from moeq.workspace import Workspace
@@ -283,8 +284,8 @@ def test_disk_space_refusal(tmp_path, toolchain, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage",
                         lambda p: real_usage(p)._replace(free=3 * 2**20))  # a nearly full disk
     with pytest.raises(ResourceError) as info:
-        quantize(pipeline, pipeline.quant("Q8_0"), Workspace(pipeline.workspace), Toolchain())
-    assert str(info.value).startswith(f"{pipeline.workspace / 'quants'}: 3 MiB free, Q8_0 needs about ")
+        steps.quantize(Context.of(pipeline), pipeline.quant("Q8_0"))
+    assert str(info.value).startswith(f"{pipeline.workspace / 'quants'}: 3.00 MiB free, Q8_0 needs about ")
     assert str(info.value).endswith("free some space or move the workspace")
     assert not list((pipeline.workspace / "quants").iterdir())
 

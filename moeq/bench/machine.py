@@ -1,7 +1,7 @@
 """What machine a figure was measured on: no figure is recorded without it.
 
-    >>> machine_facts()["cpu"]
-    'Intel(R) Xeon(R) Processor'
+    machine_facts()["cpu"]
+    # -> 'Intel(R) Xeon(R) Processor'
 """
 
 from __future__ import annotations

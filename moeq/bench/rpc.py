@@ -1,7 +1,7 @@
 """A ggml-rpc-server on 127.0.0.1 for the length of a bench: llama.cpp's offload device without a GPU.
 
-    >>> with rpc_endpoint("local", Toolchain()) as address:
-    ...     bench_quant(pipeline, quant, ws, chain, rpc=address)
+    with rpc_endpoint("local", Toolchain()) as address:
+        bench_quant(pipeline, quant, ws, chain, rpc=address)
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Every figure is formatted here, once, from a record value; the template only lays them out.
 A section whose record is absent is None, and the template says "not measured".
 
-    >>> facts = card_facts(read_manifest(Path("work/repos/Q8_0/moeq-manifest.json")))
-    >>> facts["quant"]["bpw"]
-    '8.50'
+    facts = card_facts(read_manifest(Path("work/repos/Q8_0/moeq-manifest.json")))
+    facts["quant"]["bpw"]
+    # -> '8.50'
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import re
 from collections import Counter
 from pathlib import PurePath
 
-from moeq.errors import InputError
+from moeq.manifest import LadderEntry, Manifest, ModelCardSpec
 from moeq.offload import OffloadMode
+from moeq.records import (BenchRecord, Fit, ModelFacts, PerplexityFigures, QuantizeRecord, SourceRecord,
+                          ValidateRecord, WorstTensor)
+from moeq.units import binary_size, decimal_size, short_count
 
 HUB = "https://huggingface.co"
 LLAMA_CPP_REPO = "https://github.com/ggml-org/llama.cpp"
@@ -32,198 +35,163 @@ QUANT_ADVICE = {
 }
 
 
-def decimal_size(n: int) -> str:
-    """Bytes in the Hub's decimal units: 2,170,000,000 -> '2.17 GB'."""
-    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
-def binary_size(n: int) -> str:
-    """Bytes in llama.cpp's binary units: 1,578,000,000 -> '1.47 GiB'."""
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
-def short_count(n: int) -> str:
-    """41,873,153,472 -> '41.9B'; 3,807,808 -> '3.8M'."""
-    for unit, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
-
-
 def hub_url(repo_id: str) -> str:
     return f"{HUB}/{repo_id}"
 
 
-def _require(data: dict | None, key: str, where: str):
-    if not data or data.get(key) is None:
-        raise InputError(f"records manifest: {where}.{key} is missing; make the card again from current records")
-    return data[key]
-
-
-def card_facts(manifest: dict) -> dict:
+def card_facts(manifest: Manifest) -> dict:
     """Everything a card can say, from the manifest alone."""
-    records = manifest.get("records") or {}
-    quantized = records.get("quantize")
-    if not quantized:
-        raise InputError("records manifest: records.quantize is missing; run moeq quantize, then moeq card")
-    model_spec = _require(manifest.get("pipeline"), "model", "pipeline")
-    this = manifest["quant"]
-    repo_id = manifest["repo_id"]
+    records = manifest.records
+    quantized = records.quantize
+    model_spec = manifest.pipeline.model
+    this = manifest.quant
     return {
-        "generator": manifest["generator"],
+        "generator": manifest.generator,
         "frontmatter": {
-            "license": model_spec["license"],
-            "language": list(model_spec["languages"]),
-            "base_model": model_spec["base_model"],
+            "license": model_spec.license,
+            "language": list(model_spec.languages),
+            "base_model": model_spec.base_model,
             "base_model_relation": "quantized",
-            "quantized_by": model_spec["quantized_by"],
+            "quantized_by": model_spec.quantized_by,
             "pipeline_tag": "text-generation",
             "tags": [*TAGS, this],
         },
-        "model": _model(model_spec, _require(quantized, "model", "records.quantize")),
-        "quant": _quant(manifest, quantized, repo_id),
-        "ladder": [_ladder_row(row, this) for row in manifest["ladder"]],
-        "memory": _memory(records.get("validate")),
-        "validation": _validation(records.get("validate")),
-        "quantization": _quantization(quantized, records.get("source")),
-        **_bench(records.get("bench"), quantized["model"]["block_count"]),
-        "extra": dict(manifest["pipeline"].get("card_extra") or {}),
+        "model": _model(model_spec, quantized.model),
+        "quant": _quant(manifest, quantized),
+        "ladder": [_ladder_row(row, this) for row in manifest.ladder],
+        "memory": _memory(records.validate_),
+        "validation": _validation(records.validate_),
+        "quantization": _quantization(quantized, records.source),
+        **_bench(records.bench, quantized.model.block_count),
+        "extra": dict(manifest.pipeline.card_extra),
     }
 
 
-def _model(spec: dict, model: dict) -> dict:
+def _model(spec: ModelCardSpec, model: ModelFacts) -> dict:
     return {
-        "name": spec["name"],
-        "base_model": spec["base_model"],
-        "base_model_url": hub_url(spec["base_model"]),
-        "license": spec["license"],
-        "quantized_by": spec["quantized_by"],
-        "architecture": model["architecture"],
-        "parameters": short_count(model["parameters"]),
-        "parameters_exact": f"{model['parameters']:,}",
-        "blocks": model["block_count"],
-        "experts": model["expert_count"],
-        "experts_used": model["expert_used_count"],
-        "context_length": model["context_length"],
+        "name": spec.name,
+        "base_model": spec.base_model,
+        "base_model_url": hub_url(spec.base_model),
+        "license": spec.license,
+        "quantized_by": spec.quantized_by,
+        "architecture": model.architecture,
+        "parameters": short_count(model.parameters),
+        "parameters_exact": f"{model.parameters:,}",
+        "blocks": model.block_count,
+        "experts": model.expert_count,
+        "experts_used": model.expert_used_count,
+        "context_length": model.context_length,
     }
 
 
-def _quant(manifest: dict, quantized: dict, repo_id: str) -> dict:
-    files = [{"name": f["name"], "size": decimal_size(f["size"]), "sha256": f["sha256"],
-              "url": f"{hub_url(repo_id)}/resolve/main/{f['name']}"} for f in manifest["files"]]
+def _quant(manifest: Manifest, quantized: QuantizeRecord) -> dict:
+    repo_id = manifest.repo_id
+    files = [{"name": f.name, "size": decimal_size(f.size), "sha256": f.sha256,
+              "url": f"{hub_url(repo_id)}/resolve/main/{f.name}"} for f in manifest.files]
     return {
-        "type": manifest["quant"],
-        "advice": QUANT_ADVICE.get(manifest["quant"], ""),
-        "file_type": quantized["file_type"],
+        "type": manifest.quant,
+        "advice": QUANT_ADVICE.get(manifest.quant, ""),
+        "file_type": quantized.file_type,
         "repo_id": repo_id,
         "repo_url": hub_url(repo_id),
         "files": files,
         "file": files[0]["name"],  # the first shard when split: llama.cpp loads the rest from it
         "sharded": len(files) > 1,
         "download_pattern": re.sub(r"-\d{5}-of-(\d{5})\.gguf$", r"-*-of-\1.gguf", files[0]["name"]),
-        "size": decimal_size(sum(f["size"] for f in manifest["files"])),
-        "bpw": f"{quantized['quant_bpw']:.2f}",
-        "source_bpw": f"{quantized['model_bpw']:.2f}",
-        "source_size": decimal_size(quantized["source"]["size"]),
+        "size": decimal_size(sum(f.size for f in manifest.files)),
+        "bpw": f"{quantized.quant_bpw:.2f}",
+        "source_bpw": f"{quantized.model_bpw:.2f}",
+        "source_size": decimal_size(quantized.source.size),
     }
 
 
-def _ladder_row(row: dict, this: str) -> dict:
+def _ladder_row(row: LadderEntry, this: str) -> dict:
     return {
-        "quant": row["quant"],
-        "repo_id": row["repo_id"],
-        "url": hub_url(row["repo_id"]),
-        "file": row["file"],
-        "size": decimal_size(row["size"]) if row["size"] is not None else None,
-        "bpw": f"{row['bpw']:.2f}" if row["bpw"] is not None else None,
-        "cpu_moe_vram": binary_size(row["cpu_moe_gpu_bytes"]) if row["cpu_moe_gpu_bytes"] is not None else None,
-        "advice": QUANT_ADVICE.get(row["quant"], ""),
-        "is_this": row["quant"] == this,
+        "quant": row.quant,
+        "repo_id": row.repo_id,
+        "url": hub_url(row.repo_id),
+        "file": row.file,
+        "size": decimal_size(row.size) if row.size is not None else None,
+        "bpw": f"{row.bpw:.2f}" if row.bpw is not None else None,
+        "cpu_moe_vram": binary_size(row.cpu_moe_gpu_bytes) if row.cpu_moe_gpu_bytes is not None else None,
+        "advice": QUANT_ADVICE.get(row.quant, ""),
+        "is_this": row.quant == this,
     }
 
 
-def _memory(validated: dict | None) -> dict | None:
+def _memory(validated: ValidateRecord | None) -> dict | None:
     if not validated:
         return None
-    plan = validated["plan"]
-    weights = {p["n_cpu_moe"]: p for p in plan["weights"]}
-    n_layer = plan["n_layer"]
-    advised = sorted({f["n_cpu_moe"] for f in plan["fits"] if f["n_cpu_moe"] not in (None, 0, n_layer)})
+    plan = validated.plan
+    n_layer = plan.n_layer
+    advised = sorted({f.n_cpu_moe for f in plan.fits if f.n_cpu_moe not in (None, 0, n_layer)})
     modes = [OffloadMode.for_layers(n, n_layer) for n in (0, n_layer, *advised)]
-    kv_bytes = {int(ctx): n for ctx, n in plan["kv_bytes"].items()}  # JSON keys are strings
-    contexts = sorted(kv_bytes)
-    gpu_sizes = sorted({f["gpu_gib"] for f in plan["fits"]})
-    advice = {(f["gpu_gib"], f["ctx"]): f for f in plan["fits"]}
-    example = next((f for f in plan["fits"] if f["n_cpu_moe"] not in (None, 0, n_layer)), None)
+    contexts = sorted(plan.kv_bytes)
+    gpu_sizes = sorted({f.gpu_gib for f in plan.fits})
+    advice = {(f.gpu_gib, f.ctx): f for f in plan.fits}
+    example = next((f for f in plan.fits if f.n_cpu_moe not in (None, 0, n_layer)), None)
     return {
-        "kv_type": plan["kv_type"],
-        "compute_allowance": binary_size(plan["compute_allowance_bytes"]),
-        "modes": [{"label": m.label, "flags": m.flags, "gpu": binary_size(weights[m.n_cpu_moe]["gpu_bytes"]),
-                   "ram": binary_size(weights[m.n_cpu_moe]["cpu_bytes"])} for m in modes],
-        "kv": [{"ctx": ctx, "size": binary_size(kv_bytes[ctx])} for ctx in contexts],
+        "kv_type": plan.kv_type,
+        "compute_allowance": binary_size(plan.compute_allowance_bytes),
+        "modes": [{"label": m.label, "flags": m.flags, "gpu": binary_size(plan.placement(m.n_cpu_moe).gpu_bytes),
+                   "ram": binary_size(plan.placement(m.n_cpu_moe).cpu_bytes)} for m in modes],
+        "kv": [{"ctx": ctx, "size": binary_size(plan.kv_bytes[ctx])} for ctx in contexts],
         "contexts": contexts,
         "fits": [{"gpu": f"{gib} GiB",
                   "cells": [_fit_cell(advice[(gib, ctx)], n_layer) for ctx in contexts]} for gib in gpu_sizes],
-        "ncmoe_example": {"n": example["n_cpu_moe"], "gpu": f"{example['gpu_gib']} GiB", "ctx": example["ctx"]}
+        "ncmoe_example": {"n": example.n_cpu_moe, "gpu": f"{example.gpu_gib} GiB", "ctx": example.ctx}
         if example else None,
         "blocks": n_layer,
     }
 
 
-def _fit_cell(fit: dict, n_layer: int) -> str:
-    if fit["n_cpu_moe"] is None:
+def _fit_cell(fit: Fit, n_layer: int) -> str:
+    if fit.n_cpu_moe is None:
         return "does not fit"
-    mode = OffloadMode.for_layers(fit["n_cpu_moe"], n_layer)
-    return mode.advice if mode.name == "gpu" else f"`{mode.advice}` ({binary_size(fit['gpu_bytes'])})"
+    mode = OffloadMode.for_layers(fit.n_cpu_moe, n_layer)
+    return mode.advice if mode.name == "gpu" else f"`{mode.advice}` ({binary_size(fit.gpu_bytes)})"
 
 
-def _validation(validated: dict | None) -> dict | None:
+def _validation(validated: ValidateRecord | None) -> dict | None:
     if not validated:
         return None
-    worst_by_type: dict[str, dict] = {}
-    for row in validated["worst_tensors"]:
-        kept = worst_by_type.get(row["type"])
-        if kept is None or row["rel_rmse"] > kept["rel_rmse"]:
-            worst_by_type[row["type"]] = row
+    worst_by_type: dict[str, WorstTensor] = {}
+    for row in validated.worst_tensors:
+        kept = worst_by_type.get(row.type)
+        if kept is None or row.rel_rmse > kept.rel_rmse:
+            worst_by_type[row.type] = row
     return {
-        "numerics": validated["numerics"],
-        "checks": [{"name": c["name"], "ok": c["ok"], "detail": c["detail"]} for c in validated["checks"]],
-        "worst": [{"type": t, "tensor": r["name"], "rel_rmse": f"{r['rel_rmse']:.4f}", "bound": f"{r['bound']:.3f}"}
-                  for t, r in sorted(worst_by_type.items())],
+        "numerics": validated.numerics,
+        "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in validated.checks],
+        "worst": [{"type": t, "tensor": r.name, "rel_rmse": f"{r.rel_rmse:.4f}",
+                   "bound": f"{r.bound:.3f}" if r.bound is not None else "none"} for t, r in sorted(worst_by_type.items())],
     }
 
 
-def _quantization(quantized: dict, source: dict | None) -> dict:
-    tool = quantized["tool"]
+def _quantization(quantized: QuantizeRecord, source: SourceRecord | None) -> dict:
+    tool = quantized.tool
     mix: Counter = Counter()
     mix_bytes: Counter = Counter()
-    for row in quantized["tensors"]:
-        mix[row["type_after"]] += 1
-        mix_bytes[row["type_after"]] += row["bytes_after"]
-    command = ["llama-quantize", *quantized["command"][1:]]
-    options = quantized["options"]
+    for row in quantized.tensors:
+        mix[row.type_after] += 1
+        mix_bytes[row.type_after] += row.bytes_after
+    options = quantized.options
     return {
-        "command": " ".join(command),
-        "llama_cpp": {"version": tool["version"], "commit": tool["commit"],
-                      "commit_url": f"{LLAMA_CPP_REPO}/commit/{tool['commit']}"},
-        "imatrix": ({"file": PurePath(options["imatrix"]["path"]).name, "sha256": options["imatrix"]["sha256"]}
-                    if options.get("imatrix") else None),
-        "overrides": [f"{k}={v}" for k, v in (options.get("tensor_types") or {}).items()]
-        + ([f"output={options['output_tensor_type']}"] if options.get("output_tensor_type") else [])
-        + ([f"token_embd={options['token_embedding_type']}"] if options.get("token_embedding_type") else []),
-        "source": {"file": quantized["source"]["path"], "sha256": quantized["source"]["sha256"],
-                   "size": decimal_size(quantized["source"]["size"]),
-                   "origin": source["origin"] if source else None, "kind": source["kind"] if source else None},
-        "output_sha256": quantized["output"]["sha256"],
+        "command": " ".join(["llama-quantize", *quantized.command[1:]]),
+        "llama_cpp": {"version": tool.version, "commit": tool.commit,
+                      "commit_url": f"{LLAMA_CPP_REPO}/commit/{tool.commit}"},
+        "imatrix": ({"file": PurePath(options.imatrix.path).name, "sha256": options.imatrix.sha256}
+                    if options.imatrix else None),
+        "overrides": [f"{k}={v}" for k, v in options.tensor_types.items()]
+        + ([f"output={options.output_tensor_type}"] if options.output_tensor_type else [])
+        + ([f"token_embd={options.token_embedding_type}"] if options.token_embedding_type else []),
+        "source": {"file": quantized.source.path, "sha256": quantized.source.sha256,
+                   "size": decimal_size(quantized.source.size),
+                   "origin": source.origin if source else None, "kind": source.kind if source else None},
+        "output_sha256": quantized.output.sha256,
         "type_mix": [{"type": t, "tensors": mix[t], "size": binary_size(mix_bytes[t])}
                      for t in sorted(mix, key=lambda t: -mix_bytes[t])],
-        "tensors": len(quantized["tensors"]),
+        "tensors": len(quantized.tensors),
     }
 
 
@@ -234,59 +202,58 @@ def _mode(name: str, n_layer: int) -> dict:
     return {"label": mode.label, "flags": mode.flags}
 
 
-def _machine(bench: dict, offload: bool = True) -> str:
-    m = bench["machine"]
-    parts = [f"{m['cpu']} ({m['cores']} cores" + (f", {binary_size(m['ram_bytes'])} RAM)" if m.get("ram_bytes") else ")")]
-    parts += [f"{g['name']}" + (f" ({binary_size(g['memory_bytes'])})" if g.get("memory_bytes") else "")
-              for g in m.get("gpus") or []]
-    devices = {run["backends"]: run["gpu_info"] for run in bench["speed"]} if offload else {}
+def _machine(bench: BenchRecord, offload: bool = True) -> str:
+    m = bench.machine
+    parts = [f"{m.cpu} ({m.cores} cores" + (f", {binary_size(m.ram_bytes)} RAM)" if m.ram_bytes else ")")]
+    parts += [g.name + (f" ({binary_size(g.memory_bytes)})" if g.memory_bytes else "") for g in m.gpus]
+    devices = {run.backends: run.gpu_info for run in bench.speed} if offload else {}
     if "RPC" in devices:
         parts.append(f"offload device: llama.cpp's RPC backend ({devices['RPC']}), standing in for a GPU")
-    return "; ".join(parts) + f"; llama.cpp {bench['tool']['commit']}; {m['date'][:10]}"
+    return "; ".join(parts) + f"; llama.cpp {bench.tool.commit}; {m.date[:10]}"
 
 
 def _num(value: float | None, digits: int) -> str:
     return "unknown" if value is None else f"{value:.{digits}f}"
 
 
-def _pm(figures: dict, key: str, digits: int) -> str:
+def _pm(figures: PerplexityFigures, key: str, digits: int) -> str:
     """A figure with its uncertainty; llama.cpp prints nan where it cannot compute one (stored as None)."""
-    text = _num(figures.get(key), digits)
-    if key + "_err" not in figures:
+    value, err = getattr(figures, key), getattr(figures, key + "_err")
+    text = _num(value, digits)
+    if value is None:
         return text
-    err = figures[key + "_err"]
     return text + (f" ± {err:.{digits}f}" if err is not None else " (uncertainty not computed by llama.cpp)")
 
 
-def _bench(bench: dict | None, n_layer: int) -> dict:
+def _bench(bench: BenchRecord | None, n_layer: int) -> dict:
     """speed, measured_memory and quality: None each where the bench record has no such figures."""
     if not bench:
         return {"speed": None, "measured_memory": None, "quality": None, "bench_errors": [], "bench_not_measured": []}
     machine = _machine(bench)
     speed = None
-    if bench["speed"]:
+    if bench.speed:
         speed = {"machine": machine, "rows": [
-            {**_mode(run["mode"], n_layer), "test": t["test"], "tokens_per_s": f"{t['avg_ts']:.2f} ± {t['stddev_ts']:.2f}"}
-            for run in bench["speed"] for t in run["tests"]],
-            "repetitions": bench["options"]["repetitions"], "backends": sorted({r["backends"] for r in bench["speed"]})}
+            {**_mode(run.mode, n_layer), "test": t.test, "tokens_per_s": f"{t.avg_ts:.2f} ± {t.stddev_ts:.2f}"}
+            for run in bench.speed for t in run.tests],
+            "repetitions": bench.options.repetitions, "backends": sorted({r.backends for r in bench.speed})}
     memory = None
-    if bench["memory"]:
+    if bench.memory:
         memory = {"machine": machine, "rows": [
-            {**_mode(m["mode"], n_layer), "ctx": m["ctx"], "model": f"{m['device_mib']['model']:.2f} MiB",
-             "kv": f"{m['device_mib']['KV']:.2f} MiB", "compute": f"{m['device_mib']['compute']:.2f} MiB",
-             "planned_model": f"{m['planned_mib']['model']:.2f} MiB",
-             "difference": f"{m['difference_mib']['model']:+.2f} MiB"} for m in bench["memory"]]}
+            {**_mode(m.mode, n_layer), "ctx": m.ctx, "model": f"{m.device_mib['model']:.2f} MiB",
+             "kv": f"{m.device_mib['KV']:.2f} MiB", "compute": f"{m.device_mib['compute']:.2f} MiB",
+             "planned_model": f"{m.planned_mib['model']:.2f} MiB",
+             "difference": f"{m.difference_mib['model']:+.2f} MiB"} for m in bench.memory]}
     quality = None
-    if bench.get("quality"):
-        q, base = bench["quality"]["quant"], bench["quality"]["base"]
+    if bench.quality:
+        q, base = bench.quality.quant, bench.quality.base
         quality = {
-            "machine": _machine(bench, offload=False), "text": bench["quality"]["text"], "ctx": bench["quality"]["ctx"],
-            "chunks": bench["quality"]["chunks"],
+            "machine": _machine(bench, offload=False), "text": bench.quality.text, "ctx": bench.quality.ctx,
+            "chunks": bench.quality.chunks,
             "ppl_f16": _pm(base, "ppl", 4), "ppl": _pm(q, "ppl_q", 4), "ppl_ratio": _pm(q, "ppl_ratio", 4),
-            "kld_mean": _pm(q, "kld_mean", 6), "kld_p99": _num(q.get("kld_p99"), 6),
-            "kld_max": _num(q.get("kld_max"), 6), "same_top_p": _pm(q, "same_top_p", 2) + " %",
+            "kld_mean": _pm(q, "kld_mean", 6), "kld_p99": _num(q.kld_p99, 6),
+            "kld_max": _num(q.kld_max, 6), "same_top_p": _pm(q, "same_top_p", 2) + " %",
         }
-    errors = [{"mode": e["mode"], "error": e["error"]} for e in bench["errors"]]
-    not_measured = [{**_mode(m["mode"], n_layer), "reason": m["reason"]} for m in bench.get("not_measured") or []]
+    errors = [{"mode": e.mode, "error": e.error} for e in bench.errors]
+    not_measured = [{**_mode(m.mode, n_layer), "reason": m.reason} for m in bench.not_measured]
     return {"speed": speed, "measured_memory": memory, "quality": quality, "bench_errors": errors,
             "bench_not_measured": not_measured}

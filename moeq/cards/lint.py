@@ -4,9 +4,9 @@ Each finding is `FILE:LINE: RULE: message`. Rules that need to know what the rep
 figures the records hold (hub-link, unrecorded-figure, unknown-file) run when a records manifest is
 given.
 
-    >>> findings = lint_card(Path("README.md").read_text(), "README.md", manifest=None)
-    >>> [f.rule for f in findings]
-    ['conflict-marker', 'relative-link']
+    findings = lint_card(Path("README.md").read_text(), "README.md", manifest=None)
+    [f.rule for f in findings]
+    # -> ['conflict-marker', 'relative-link']
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from huggingface_hub import ModelCard
 
 from moeq.cards.facts import card_facts
 from moeq.cards.render import template_files
+from moeq.manifest import Manifest
 
 REQUIRED_FRONTMATTER = ("license", "language", "base_model", "base_model_relation", "quantized_by",
                         "pipeline_tag", "tags")
@@ -51,7 +52,7 @@ class Finding:
         return f"{path}:{self.line}: {self.rule}: {self.message}"
 
 
-def lint_card(text: str, path: str = "README.md", manifest: dict | None = None,
+def lint_card(text: str, path: str = "README.md", manifest: Manifest | None = None,
               template: Path | None = None) -> list[Finding]:
     """All findings in a card, in line order; `template` (default moeq's own) says which figures are static text."""
     lines = text.split("\n")
@@ -61,8 +62,8 @@ def lint_card(text: str, path: str = "README.md", manifest: dict | None = None,
                  for i, line in enumerate(lines, 1) if line != line.rstrip()]
     allowed_repos = None
     if manifest is not None:
-        base = (manifest.get("pipeline") or {}).get("model", {}).get("base_model", "")
-        allowed_repos = {base.lower()} | {row["repo_id"].lower() for row in manifest.get("ladder", [])}
+        allowed_repos = ({manifest.pipeline.model.base_model.lower()}
+                         | {row.repo_id.lower() for row in manifest.ladder})
     for number, line in _prose_lines(lines, body_start):
         for url in _links(line):
             findings += [Finding(number, rule, msg) for rule, msg in _check_link(url, allowed_repos)]
@@ -167,7 +168,7 @@ def _figures(value) -> set[str]:
     return set(FIGURE.findall(str(value)))
 
 
-def known_figures(manifest: dict) -> set[str]:
+def known_figures(manifest: Manifest) -> set[str]:
     """Every figure the card's facts hold, from records: what a table may show (card.extra is not a record)."""
     facts = card_facts(manifest)
     facts.pop("extra", None)
@@ -186,14 +187,14 @@ def template_figures(template: Path | None) -> set[str]:
     return set().union(*(FIGURE.findall(p.read_text(encoding="utf-8")) for p in template_files(template)))
 
 
-def _figure_findings(lines: list[str], start: int, manifest: dict, template: Path | None) -> list[Finding]:
+def _figure_findings(lines: list[str], start: int, manifest: Manifest, template: Path | None) -> list[Finding]:
     """Figures and file names in tables, list items and prose that no record (or template) holds."""
     figures = known_figures(manifest)
     # Outside tables the templates' own words and the pipeline's card.extra (a citation's year) may add figures;
     # inside tables every figure is a measurement and must come from a record.
-    prose_figures = figures | template_figures(template) | _figures(manifest.get("pipeline", {}).get("card_extra"))
-    repo_files = set(manifest.get("repo_files", []))
-    ladder_files = {row["file"] for row in manifest.get("ladder", [])}
+    prose_figures = figures | template_figures(template) | _figures(manifest.pipeline.card_extra)
+    repo_files = set(manifest.repo_files)
+    ladder_files = {row.file for row in manifest.ladder}
     findings = []
     header: list[str] | None = None
     for number, line in _prose_lines(lines, start):

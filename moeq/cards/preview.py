@@ -1,11 +1,12 @@
 """A card as a standalone HTML page, to see it as readers will before pushing.
 
-    >>> html = card_html(Path("README.md").read_text(), title="tiny-phimoe Q8_0")
+    html = card_html(Path("README.md").read_text(), title="tiny-phimoe Q8_0")
 """
 
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
 import yaml
 from markdown_it import MarkdownIt
@@ -54,3 +55,15 @@ def card_html(text: str, title: str) -> str:
     return (f"<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
             f"{_frontmatter_html(data)}{renderer.render(body)}</body>\n</html>\n")
+
+
+def write_preview(card: Path, out: Path, title: str) -> None:
+    """Write `card` as HTML to `out`; never into a staged repo folder, which holds only what is pushed."""
+    from moeq.errors import CheckFailed
+    from moeq.manifest import MANIFEST_NAME, read_card
+    from moeq.workspace import write_text_atomic
+
+    if out.resolve().parent == card.resolve().parent and (card.parent / MANIFEST_NAME).is_file():
+        raise CheckFailed(f"{out}: is inside the staged repo folder, which must hold only what is pushed; "
+                          "choose another --out")
+    write_text_atomic(out, card_html(read_card(card), title=title))

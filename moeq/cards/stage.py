@@ -1,31 +1,30 @@
 """The card stage: records -> manifest -> facts -> README.md, linted, in a staged repo folder.
 
-The staged folder (workspace/repos/<quant>/) holds exactly what the Hub repo will hold: the card, the
-GGUF (a hard link to the quant, so no copy) and the records manifest. A card that fails lint is never
-written.
+The staged folder (WORKSPACE/repos/<quant>/) holds exactly what the Hub repo will hold: the card, the
+GGUF files the shards record names (hard links, so no copy) and the records manifest. A card that fails
+lint is never written. Its key is the manifest's sha256 and the templates' sha256.
 
-    >>> outcome = make_card(pipeline, pipeline.quant("Q8_0"), Workspace(pipeline.workspace))
-    >>> Path(outcome.record.folder) == Workspace(pipeline.workspace).repo_dir("Q8_0")
-    True
+    inputs = CardInputs.from_records(records, pipeline, quant, shards)
+    result = run_stage(card_stage(pipeline, quant, ws, inputs), records)
+    Path(result.record.folder) == ws.repo_dir(quant.type)
+    # -> True
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from moeq.cards.facts import card_facts
 from moeq.cards.lint import lint_card
-from moeq.cards.manifest import MANIFEST_NAME, README_NAME, build_manifest, manifest_text
+from moeq.cards.manifest import CardInputs, build_manifest
 from moeq.cards.render import DEFAULT_TEMPLATE, render_card, templates_sha256
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import CheckFailed, InputError
-from moeq.hub.split import repo_gguf_files
-from moeq.quantize.stage import quantize_record
+from moeq.manifest import MANIFEST_NAME, README_NAME, manifest_text
 from moeq.records import CardRecord, FileRef
-from moeq.toolchain import Toolchain
+from moeq.stage_runner import Stage
 from moeq.workspace import Workspace, commit_file, partial_path, write_text_atomic
 
 MEASURED_SECTIONS = {"memory": "memory plan (validate)", "validation": "checks (validate)",
@@ -33,38 +32,22 @@ MEASURED_SECTIONS = {"memory": "memory plan (validate)", "validation": "checks (
                      "quality": "quality (bench)"}
 
 
-@dataclass
-class CardOutcome:
-    record: CardRecord
-    skipped: bool
-    warnings: list[str] = field(default_factory=list)
-
-
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def make_card(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, force: bool = False,
-              chain: Toolchain | None = None) -> CardOutcome:
-    """Render, lint and stage the card of `quant`; skip when manifest and templates are unchanged.
-
-    A quant over hub.max_shard_size is split first (with `chain`'s llama-gguf-split) and the card lists
-    the shards.
-    """
-    warnings: list[str] = []
-    quantized = quantize_record(pipeline, quant, ws)
-    gguf_files = repo_gguf_files(pipeline, quantized, ws, chain)
-    manifest = build_manifest(pipeline, quant, ws, quantized, gguf_files, warn=warnings.append)
+def card_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, inputs: CardInputs) -> Stage[CardRecord]:
+    """Render, lint and stage the card of `quant` from `inputs` (the shards record lists the GGUF files)."""
+    manifest = build_manifest(pipeline, quant, inputs, ws)
     manifest_body = manifest_text(manifest)
     template = pipeline.card.template or DEFAULT_TEMPLATE
-    templates_digest = templates_sha256(template)
     folder = ws.repo_dir(quant.type)
-    record_path = ws.record_path("card", quant.type)
-    with ws.lock(f"repo-{quant.type}"):
-        previous = CardRecord.load(record_path)
-        if (not force and previous and previous.manifest.sha256 == _sha(manifest_body)
-                and previous.templates_sha256 == templates_digest and _staged_intact(previous, gguf_files)):
-            return CardOutcome(previous, skipped=True, warnings=warnings)
+    gguf_files = inputs.shards.files
+
+    def key() -> dict:
+        return {"manifest_sha256": _sha(manifest_body), "templates_sha256": templates_sha256(template)}
+
+    def run() -> CardRecord:
         facts = card_facts(manifest)
         text = render_card(facts, template)
         findings = lint_card(text, README_NAME, manifest, template)
@@ -79,17 +62,19 @@ def make_card(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, force: bool =
         write_text_atomic(folder / MANIFEST_NAME, manifest_body)
         write_text_atomic(folder / README_NAME, text)
         for stray in folder.iterdir():
-            if stray.name not in manifest["repo_files"]:
+            if stray.name not in manifest.repo_files:
                 stray.unlink()
-        record = CardRecord(
-            quant=quant.type, repo_id=manifest["repo_id"], folder=str(folder),
-            readme=FileRef(str(folder / README_NAME), len(text.encode()), _sha(text)),
-            manifest=FileRef(str(folder / MANIFEST_NAME), len(manifest_body.encode()), _sha(manifest_body)),
-            repo_files=list(manifest["repo_files"]), template=str(template), templates_sha256=templates_digest,
-            not_measured=[label for key, label in MEASURED_SECTIONS.items() if facts[key] is None],
+        return CardRecord(
+            quant=quant.type, repo_id=manifest.repo_id, folder=str(folder),
+            readme=FileRef(path=str(folder / README_NAME), size=len(text.encode()), sha256=_sha(text)),
+            manifest=FileRef(path=str(folder / MANIFEST_NAME), size=len(manifest_body.encode()),
+                             sha256=_sha(manifest_body)),
+            repo_files=list(manifest.repo_files), template=str(template), templates_sha256=key()["templates_sha256"],
+            not_measured=[label for k, label in MEASURED_SECTIONS.items() if facts[k] is None],
         )
-        record.save(record_path)
-    return CardOutcome(record, skipped=False, warnings=warnings)
+
+    return Stage("card", quant.type, key=key, run=run, intact=lambda r: _staged_intact(r, gguf_files),
+                 lock=f"repo-{quant.type}")
 
 
 def _staged_intact(record: CardRecord, gguf_files: list[FileRef]) -> bool:

@@ -4,9 +4,9 @@ Lint says whether a figure exists in some record; verify says whether each line 
 records and templates give, so a hand-edited figure (or another quant's figure in this quant's row) is
 found wherever it stands.
 
-    >>> findings = verify_card(Path("README.md").read_text(), read_manifest(Path("moeq-manifest.json")))
-    >>> [f.format("README.md") for f in findings]
-    ['README.md:31: edited: expected "- **File size**: 2.36 MB ...", found "- **File size**: 9.36 MB ..."']
+    findings = verify_card(Path("README.md").read_text(), read_manifest(Path("moeq-manifest.json")))
+    [f.format("README.md") for f in findings]
+    # -> ['README.md:31: edited: expected "- **File size**: 2.36 MB ...", found "- **File size**: 9.36 MB ..."']
 """
 
 from __future__ import annotations
@@ -19,22 +19,20 @@ from moeq.cards.facts import card_facts
 from moeq.cards.lint import Finding
 from moeq.cards.render import DEFAULT_TEMPLATE, render_card, templates_sha256
 from moeq.errors import InputError
+from moeq.manifest import Manifest
 
 SHOWN = 100  # characters of a line quoted in a finding
 
 
-def card_template(manifest: dict, template: Path | None, where: str) -> tuple[Path, bool]:
+def card_template(manifest: Manifest, template: Path | None, where: str) -> tuple[Path, bool]:
     """The template the manifest says its card was rendered with, and whether the templates at hand are those."""
-    made_with = manifest.get("card")
-    if not made_with:
-        raise InputError(f"{where}: the manifest does not name the templates its card was rendered with (made "
-                         "by an older moeq); make the card again with moeq card --force")
+    made_with = manifest.card
     if template is None:
-        if not made_with["builtin"]:
+        if not made_with.builtin:
             raise InputError(f"{where}: the card was rendered with the pipeline's own template "
-                             f"{made_with['template']!r} (card.template); pass --template PATH")
+                             f"{made_with.template!r} (card.template); pass --template PATH")
         template = DEFAULT_TEMPLATE
-    return template, templates_sha256(template) == made_with["templates_sha256"]
+    return template, templates_sha256(template) == made_with.templates_sha256
 
 
 def _quote(line: str) -> str:
@@ -42,7 +40,7 @@ def _quote(line: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def verify_card(text: str, manifest: dict, template: Path | None = None) -> list[Finding]:
+def verify_card(text: str, manifest: Manifest, template: Path | None = None) -> list[Finding]:
     """Every line of `text` that differs from the card rendered from `manifest` with `template`."""
     expected = render_card(card_facts(manifest), template).split("\n")
     found = text.split("\n")

@@ -8,9 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, console, guard, pipeline_from, print_json,
+from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, console, guard, open_context, print_json,
                              selected_quants)
 from moeq.errors import CheckFailed, InputError
+from moeq.records import record_json
 
 card_app = typer.Typer(help="Model cards: render (with --config/--quant), lint, verify, preview.",
                        invoke_without_command=True)
@@ -33,21 +34,17 @@ def card(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from moeq.cards.stage import make_card
-    from moeq.workspace import Workspace
+    from moeq import steps
 
-    pipeline = pipeline_from(config)
-    quants = selected_quants(pipeline, quant)
-    ws = Workspace(pipeline.workspace)
+    ctx = open_context(config)
     results = []
-    for spec in quants:
-        outcome = make_card(pipeline, spec, ws, force=force)
-        for warning in outcome.warnings:
-            sys.stderr.write(f"warning: {warning}\n")
-        record = outcome.record
-        results.append({"skipped": outcome.skipped, "warnings": outcome.warnings, "record": record.to_dict()})
+    for spec in selected_quants(ctx.pipeline, quant):
+        ctx.warnings.clear()
+        done = steps.card(ctx, spec, force=force)
+        record = done.record
+        results.append({"skipped": done.skipped, "warnings": list(ctx.warnings), "record": record_json(record)})
         if not as_json:
-            state = "up to date" if outcome.skipped else "written"
+            state = "up to date" if done.skipped else "written"
             console.print(f"{record.quant}: card {state}: {record.readme.path} (repo {record.repo_id})",
                           soft_wrap=True)
             if record.not_measured:
@@ -91,7 +88,7 @@ def lint(
     manifest also hub-link, unrecorded-figure (tables, list items and prose) and unknown-file.
     """
     from moeq.cards.lint import lint_card
-    from moeq.cards.manifest import MANIFEST_NAME, read_card, read_manifest
+    from moeq.manifest import MANIFEST_NAME, read_card, read_manifest
 
     text = read_card(file)
     manifest = None
@@ -117,7 +114,7 @@ def verify(
 
     Finds what lint cannot: a hand-edited figure anywhere, or another quant's figure in this quant's row.
     """
-    from moeq.cards.manifest import MANIFEST_NAME, read_card, read_manifest
+    from moeq.manifest import MANIFEST_NAME, read_card, read_manifest
     from moeq.cards.verify import card_template, verify_card
 
     text = read_card(file)
@@ -141,26 +138,20 @@ def preview(
                                                 "folder).")] = None,
 ) -> None:
     """Write a card as a standalone HTML page, to see it as readers will before pushing."""
-    from moeq.cards.manifest import read_card
-    from moeq.cards.preview import card_html
-    from moeq.workspace import Workspace, write_text_atomic
+    from moeq.cards.preview import write_preview
 
     if file is None:
         if quant is None:
             raise InputError("give a card FILE, or --quant TYPE for a quant of the pipeline's ladder")
-        pipeline = pipeline_from(config)
-        spec = pipeline.quant(quant)
-        ws = Workspace(pipeline.workspace)
-        file = ws.repo_dir(spec.type) / "README.md"
+        ctx = open_context(config)
+        spec = ctx.pipeline.quant(quant)
+        file = ctx.ws.repo_dir(spec.type) / "README.md"
         if not file.is_file():
-            raise InputError(f"{file}: no card yet; run moeq card --config {pipeline.path} --quant {spec.type}")
-        out = out or ws.preview_path(spec.type)
-        title = pipeline.repo_id(spec)
+            raise InputError(f"{file}: no card yet; run moeq card --config {ctx.pipeline.path} --quant {spec.type}")
+        out = out or ctx.ws.preview_path(spec.type)
+        title = ctx.pipeline.repo_id(spec)
     else:
         out = out or Path.cwd() / (file.stem + ".html")
         title = str(file)
-    if out.resolve().parent == file.resolve().parent and (file.parent / "moeq-manifest.json").is_file():
-        raise CheckFailed(f"{out}: is inside the staged repo folder, which must hold only what is pushed; "
-                          "choose another --out")
-    write_text_atomic(out, card_html(read_card(file), title=title))
+    write_preview(file, out, title)
     console.print(f"wrote {out}", soft_wrap=True)

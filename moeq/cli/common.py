@@ -100,7 +100,10 @@ def _sigterm_to_exception(signum, frame) -> None:
     raise Interrupted(INTERRUPTED.format(signal="SIGTERM"), exit_code=143)
 
 
-signal.signal(signal.SIGTERM, _sigterm_to_exception)
+def stop_on_sigterm() -> None:
+    """A SIGTERM (a CI job cancelled) ends a command as Ctrl-C does: tools stopped, partial files removed.
+    Installed by the `moeq` process itself (__main__), not by importing the CLI into another program."""
+    signal.signal(signal.SIGTERM, _sigterm_to_exception)
 
 
 def _version_callback(value: bool) -> None:
@@ -115,8 +118,7 @@ def main(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback,
                                                     is_eager=True, help="Print the moeq version.")] = None,
 ) -> None:
-    if debug:
-        _state["debug"] = True
+    _state["debug"] = debug or os.environ.get("MOEQ_DEBUG") == "1"
 
 
 def pipeline_from(config: Path | None):
@@ -141,16 +143,21 @@ def pipeline_from(config: Path | None):
     return pipeline
 
 
+def say(message: str) -> None:
+    """Progress and warnings: stderr, so --json output stays clean."""
+    sys.stderr.write(message + "\n")
+
+
+def open_context(config: Path | None):
+    """The one context of a command: the pipeline (--config, $MOEQ_CONFIG, ./pipeline.yaml), its workspace,
+    records, tools and Hub client, with progress going to stderr."""
+    from moeq.steps import Context
+
+    return Context.of(pipeline_from(config), say=say)
+
+
 def print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
 
 
 def selected_quants(pipeline, names: list[str] | None) -> list:

@@ -9,13 +9,11 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, console, guard, human_bytes,
-                             pipeline_from, print_json, selected_quants)
+from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, console, guard, open_context, print_json,
+                             selected_quants)
 from moeq.errors import CheckFailed
-
-
-def say(message: str) -> None:
-    sys.stderr.write(message + "\n")
+from moeq.records import record_json
+from moeq.units import binary_size
 
 
 def quiet_progress_off_terminal() -> None:
@@ -44,55 +42,54 @@ def push(
 
     The token comes from HF_TOKEN or `hf auth login`; it is never printed or stored.
     """
-    dry_run = dry_run or check
-    from moeq.hub.client import hub_api
-    from moeq.hub.push import push_quant
-    from moeq.workspace import Workspace
+    from moeq import steps
 
-    pipeline = pipeline_from(config)
-    quants = selected_quants(pipeline, quant)
-    ws = Workspace(pipeline.workspace)
-    api = hub_api(on_message=say)
+    ctx = open_context(config)
     quiet_progress_off_terminal()
+    quants = selected_quants(ctx.pipeline, quant)
+    verdict = steps.check_pushed(ctx, quants, force=force) if check else None
     results = []
-    for spec in quants:
-        outcome = push_quant(pipeline, spec, ws, api, dry_run=dry_run, create_pr=create_pr, force=force,
-                             on_message=lambda msg: sys.stderr.write(msg + "\n"))
-        plan, record = outcome.plan, outcome.record
-        results.append({"quant": spec.type, "repo_id": plan.repo_id, "dry_run": dry_run,
-                        "repo_exists": plan.repo_exists,
-                        "files": [{k: v for k, v in asdict(f).items() if k != "local"} for f in plan.files],
-                        "upload_bytes": plan.upload_bytes if plan.changes else 0,
-                        "record": record.to_dict() if record else None})
-        if as_json:
-            continue
-        title = f"{plan.repo_id}{'' if plan.repo_exists else ' (new repo)'}: push plan{' (dry run)' if dry_run else ''}"
-        table = Table(title=title)
-        for column in ("file", "action", "size"):
-            table.add_column(column, overflow="fold")
-        for f in plan.files:
-            table.add_row(f.path, f.action, human_bytes(f.size) if f.action != "delete" else "")
-        console.print(table)
-        if dry_run:
-            console.print(f"{len(plan.changes)} change(s), {human_bytes(plan.upload_bytes if plan.changes else 0)} "
-                          "to upload; nothing was sent")
-        elif record.commit is None:
-            console.print(f"{spec.type}: up to date, no commit")
+    for index, spec in enumerate(quants):
+        if dry_run or check:
+            plan = verdict.plans[index] if verdict else steps.push_plan(ctx, spec, force=force)
+            files = [{"path": f.path, "action": f.action, "size": f.size, "sha256": f.sha256} for f in plan.files]
+            row = {"quant": spec.type, "repo_id": plan.repo_id, "dry_run": True, "repo_exists": plan.repo_exists,
+                   "files": files, "upload_bytes": plan.upload_bytes if plan.changes else 0, "record": None}
         else:
-            console.print(f"{spec.type}: {'opened ' + record.pr_url if record.pr_url else 'committed ' + record.commit_url}",
-                          soft_wrap=True)
+            record = steps.push(ctx, spec, create_pr=create_pr, force=force).record
+            row = {"quant": spec.type, "repo_id": record.repo_id, "dry_run": False, "repo_exists": record.repo_existed,
+                   "files": [f.model_dump() for f in record.files], "upload_bytes": record.uploaded_bytes,
+                   "record": record_json(record)}
+        results.append(row)
+        if not as_json:
+            _print_push(row)
     if as_json:
         print_json(results)
-    if check:
-        behind = [r["repo_id"] for r in results if any(f["action"] != "unchanged" for f in r["files"])]
-        from moeq.hub.push import hub_card_findings
+    if verdict:
+        for line in verdict.findings:
+            sys.stdout.write(line + "\n")
+        if verdict.behind:
+            raise CheckFailed(f"not what the records say: {', '.join(verdict.behind)}; run moeq push for them")
 
-        for r in results:  # a README that differs: say which lines, as moeq card verify does
-            if r["repo_exists"] and any(f["path"] == "README.md" and f["action"] == "update" for f in r["files"]):
-                for line in hub_card_findings(api, r["repo_id"], pipeline.card.template):
-                    sys.stdout.write(line + "\n")
-        if behind:
-            raise CheckFailed(f"not what the records say: {', '.join(behind)}; run moeq push for them")
+
+def _print_push(row: dict) -> None:
+    changes = [f for f in row["files"] if f["action"] != "unchanged"]
+    title = (f"{row['repo_id']}{'' if row['repo_exists'] else ' (new repo)'}: push plan"
+             f"{' (dry run)' if row['dry_run'] else ''}")
+    table = Table(title=title)
+    for column in ("file", "action", "size"):
+        table.add_column(column, overflow="fold")
+    for f in row["files"]:
+        table.add_row(f["path"], f["action"], binary_size(f["size"]) if f["action"] != "delete" else "")
+    console.print(table)
+    record = row["record"]
+    if row["dry_run"]:
+        console.print(f"{len(changes)} change(s), {binary_size(row['upload_bytes'])} to upload; nothing was sent")
+    elif record["commit"] is None:
+        console.print(f"{row['quant']}: up to date, no commit")
+    else:
+        console.print(f"{row['quant']}: {'opened ' + record['pr_url'] if record['pr_url'] else 'committed ' + record['commit_url']}",
+                      soft_wrap=True)
 
 
 @app.command()
@@ -107,22 +104,17 @@ def fetch(
     The revision is resolved to a commit sha; each file is checked against the Hub's sha256; an
     interrupted download continues where it stopped.
     """
-    from moeq.hub.client import hub_api
-    from moeq.source.fetch import fetch_source
-    from moeq.toolchain import Toolchain
-    from moeq.workspace import Workspace
+    from moeq import steps
 
-    pipeline = pipeline_from(config)
+    ctx = open_context(config)
     quiet_progress_off_terminal()
-    outcome = fetch_source(pipeline, Workspace(pipeline.workspace), hub_api(on_message=say),
-                           Toolchain(pipeline.toolchain.llama_cpp_bin), force=force,
-                           on_message=lambda msg: sys.stderr.write(msg + "\n"))
-    record = outcome.record
+    done = steps.fetch(ctx, force=force)
+    record = done.record
     if as_json:
-        print_json({"skipped": outcome.skipped, "record": record.to_dict()})
+        print_json({"skipped": done.skipped, "record": record_json(record)})
         return
-    state = "up to date" if outcome.skipped else f"fetched in {record.wall_s:.1f} s"
-    console.print(f"source {state}: {record.output.path} ({human_bytes(record.output.size)}), from {record.origin}",
+    state = "up to date" if done.skipped else f"fetched in {done.wall_s:.1f} s"
+    console.print(f"source {state}: {record.output.path} ({binary_size(record.output.size)}), from {record.origin}",
                   soft_wrap=True)
 
 
@@ -135,32 +127,29 @@ def build(
     push: Annotated[bool, typer.Option("--push", help="Push to the Hub (also when hub.push is true).")] = False,
     skip_bench: Annotated[bool, typer.Option("--skip-bench", help="Leave the bench stage out.")] = False,
     force_stage: Annotated[Optional[str], typer.Option(help="Run this stage and every stage after it again: "
-                                                       "fetch, quantize, validate, bench, card or push.")] = None,
+                                                       "fetch, quantize, validate, bench, shards, card or "
+                                                       "push.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Run fetch -> quantize -> validate -> bench -> card -> push for each quant, skipping what is current.
+    """Run fetch -> quantize -> validate -> bench -> shards -> card -> push for each quant, skipping what is current.
 
     Without --push the last stage shows the files the push would send, without asking the Hub.
     Exit 0 when every quant succeeded, else the exit code of the first failed stage.
     """
     from moeq.build import build as run_build
     from moeq.errors import InputError
-    from moeq.hub.client import hub_api
-    from moeq.toolchain import Toolchain
-    from moeq.workspace import Workspace
 
-    pipeline = pipeline_from(config)
+    ctx = open_context(config)
     if bool(quant) == all_quants:
         raise InputError("moeq build needs --quant TYPE (one or more) or --all")
-    quants = selected_quants(pipeline, None if all_quants else quant)
+    quants = selected_quants(ctx.pipeline, None if all_quants else quant)
     quiet_progress_off_terminal()
-    summary = run_build(pipeline, quants, Workspace(pipeline.workspace), Toolchain(pipeline.toolchain.llama_cpp_bin),
-                        push=push or pipeline.hub.push, api=hub_api(on_message=say), skip_bench=skip_bench, force_stage=force_stage,
-                        on_message=lambda msg: sys.stderr.write(msg + "\n"))
+    summary = run_build(ctx, quants, push=push or ctx.pipeline.hub.push, skip_bench=skip_bench,
+                        force_stage=force_stage)
     if as_json:
         print_json(summary.as_dict())
     else:
-        _print_summary(summary, Workspace(pipeline.workspace))
+        _print_summary(summary, ctx.ws)
     failures: dict[tuple[str, str], list[str]] = {}  # one line per failure; the shared fetch names every quant
     for q in summary.quants:
         failed = next((s for s in q.stages if s.status == "failed"), None)
@@ -185,7 +174,7 @@ def _print_summary(summary, ws) -> None:
                                                                 else "") for s in q.stages} for q in summary.quants]
     for stage in STAGES:
         table.add_row(stage, *[c.get(stage, "") for c in cells])
-    table.add_row("size", *[human_bytes(q.artifact_bytes) if q.artifact_bytes else "" for q in summary.quants])
+    table.add_row("size", *[binary_size(q.artifact_bytes) if q.artifact_bytes else "" for q in summary.quants])
     console.print(table)
     for q in summary.quants:
         if q.commit_url or q.pr_url:
@@ -193,7 +182,7 @@ def _print_summary(summary, ws) -> None:
         elif summary.pushed and q.ok:
             console.print(f"{q.quant}: {q.repo_url} (up to date)", soft_wrap=True)
         elif q.push_plan:
-            files = ", ".join(f"{f['path']} ({human_bytes(f['size'])})" for f in q.push_plan)
+            files = ", ".join(f"{f['path']} ({binary_size(f['size'])})" for f in q.push_plan)
             console.print(f"{q.quant}: push plan (dry run, not compared with the Hub) for {q.repo_id}: {files}",
                           soft_wrap=True)
     console.print(f"cards: {ws.repos_dir}/<quant>/README.md; records: {ws.records_dir}", soft_wrap=True)

@@ -10,12 +10,13 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, console, guard,
-                             human_bytes, pipeline_from, print_json, selected_quants, synth_app)
+from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, console, guard, open_context,
+                             pipeline_from, print_json, selected_quants, synth_app)
 from moeq.config import SynthSpec
-from moeq.offload import is_setting
 from moeq.errors import CheckFailed, InputError, ToolError
+from moeq.records import record_json
 from moeq.toolchain import Toolchain
+from moeq.units import binary_size
 
 
 # ---------------------------------------------------------------- doctor
@@ -60,12 +61,12 @@ def doctor(
         if report.disk:
             disk = report.disk
             if disk.needed_bytes is None:
-                console.print(f"Disk: {human_bytes(disk.free_bytes)} free in {disk.workspace}; need unknown "
+                console.print(f"Disk: {binary_size(disk.free_bytes)} free in {disk.workspace}; need unknown "
                               "(set model.parameters in the pipeline file)")
             else:
                 verdict = "[green]OK[/]" if disk.ok else "[red]NOT ENOUGH[/]"
-                console.print(f"Disk: {human_bytes(disk.free_bytes)} free in {disk.workspace}, "
-                              f"pipeline needs {human_bytes(disk.needed_bytes)}: {verdict}")
+                console.print(f"Disk: {binary_size(disk.free_bytes)} free in {disk.workspace}, "
+                              f"pipeline needs {binary_size(disk.needed_bytes)}: {verdict}")
     if not report.ok:
         problems = [c.name for c in report.tools if not c.ok]
         if report.disk and not report.disk.ok:
@@ -102,7 +103,7 @@ def synth_tiny_phimoe(
     if as_json:
         print_json(result)
     else:
-        console.print(f"wrote {path} ({human_bytes(result['bytes'])}, {result['parameters']:,} parameters)")
+        console.print(f"wrote {path} ({binary_size(result['bytes'])}, {result['parameters']:,} parameters)")
 
 
 @synth_app.command("tiny-phimoe-hf")
@@ -157,25 +158,21 @@ def quantize(
     as_json: JsonOption = False,
 ) -> None:
     """Quantize the configured F16 source into each requested quant of the ladder."""
-    from moeq.quantize.stage import quantize as run_quantize
-    from moeq.workspace import Workspace
+    from moeq import steps
+    from moeq.quantize.stage import log_path
 
-    pipeline = pipeline_from(config)
-    quants = selected_quants(pipeline, quant)
-    ws = Workspace(pipeline.workspace)
-    chain = Toolchain(pipeline.toolchain.llama_cpp_bin)
+    ctx = open_context(config)
     results = []
-    for spec in quants:
+    for spec in selected_quants(ctx.pipeline, quant):
         with _quantize_progress(spec.type, plain=as_json or not console.is_terminal) as on_tensor:
-            outcome = run_quantize(pipeline, spec, ws, chain, force=force, threads=threads,
-                                   allow_requantize=allow_requantize, on_tensor=on_tensor,
-                                   on_message=lambda msg: sys.stderr.write(msg + "\n"))
-        record = outcome.record
-        results.append({"skipped": outcome.skipped, "log": str(outcome.log_path), "record": record.to_dict()})
+            done = steps.quantize(ctx, spec, force=force, threads=threads, allow_requantize=allow_requantize,
+                                  on_tensor=on_tensor)
+        record = done.record
+        results.append({"skipped": done.skipped, "log": str(log_path(ctx.ws, spec)), "record": record_json(record)})
         if not as_json:
-            state = "up to date" if outcome.skipped else f"done in {record.wall_s:.1f} s"
+            state = "up to date" if done.skipped else f"done in {done.wall_s:.1f} s"
             console.print(f"{record.quant}: {state}: {record.output.path} "
-                          f"({human_bytes(record.output.size)}, {record.quant_bpw:.2f} BPW)", soft_wrap=True)
+                          f"({binary_size(record.output.size)}, {record.quant_bpw:.2f} BPW)", soft_wrap=True)
     if as_json:
         print_json(results)
 
@@ -231,7 +228,7 @@ def plan(
     as_json: JsonOption = False,
 ) -> None:
     """Where each byte of FILE goes under llama.cpp's placement rules, and what fits which GPU."""
-    from moeq.validate.plan import plan_file
+    from moeq.memory_plan import plan_file
 
     from moeq.config import MAX_CTX
 
@@ -244,19 +241,19 @@ def plan(
     result = plan_file(file, ctx_sizes=ctx or [4096], kv_type=kv_type,
                        compute_allowance=compute_allowance_mib * 2**20)
     if as_json:
-        print_json(result.as_dict())
+        print_json(record_json(result))
         return
     weights = Table(title=f"{file.name}: weights by placement (computed from the file's tensors)")
     for column in ("mode", "GPU", "system RAM"):
         weights.add_column(column)
     for p in result.weights:
-        weights.add_row(p.mode, human_bytes(p.gpu_bytes), human_bytes(p.cpu_bytes))
+        weights.add_row(p.mode, binary_size(p.gpu_bytes), binary_size(p.cpu_bytes))
     console.print(weights)
     fits = Table(title=f"smallest -ncmoe that fits (KV {result.kv_type}, "
                        f"{compute_allowance_mib} MiB compute allowance)")
     fits.add_column("GPU")
     for c in result.kv_bytes:
-        fits.add_column(f"ctx {c} (KV {human_bytes(result.kv_bytes[c])})")
+        fits.add_column(f"ctx {c} (KV {binary_size(result.kv_bytes[c])})")
     for gib in sorted({f.gpu_gib for f in result.fits}):
         fits.add_row(f"{gib} GiB", *[f.advice for f in result.fits if f.gpu_gib == gib])
     console.print(fits)
@@ -289,24 +286,20 @@ def validate(
     as_json: JsonOption = False,
 ) -> None:
     """Check FILE: container, model, tensors, type mix, metadata and numerics against its source."""
-    from dataclasses import asdict
-
     from moeq.validate.checks import validate_file
 
     if numerics not in ("sample", "full", "off"):
         raise InputError(f"--numerics {numerics!r}: use sample, full or off")
     if file is None and quant is not None:  # a quant of the ladder: the pipeline's file and source
-        from moeq.validate.stage import validate_quant
-        from moeq.workspace import Workspace
+        from moeq import steps
 
-        pipeline = pipeline_from(config)
-        outcome = validate_quant(pipeline, pipeline.quant(quant), Workspace(pipeline.workspace), numerics,
-                                 force=force)
-        record = outcome.record
-        if outcome.skipped and not as_json:
+        ctx = open_context(config)
+        done = steps.validate(ctx, ctx.pipeline.quant(quant), numerics, force=force)
+        record = done.record
+        if done.skipped and not as_json:
             console.print(f"{record.quant}: up to date (the record checked this file; --force to check again)",
                           soft_wrap=True)
-        _report_checks(record.file.path, record.checks, record.to_dict() if as_json else None)
+        _report_checks(record.file.path, record.checks, record_json(record) if as_json else None)
         return
     if config is not None:
         raise InputError("--config needs --quant TYPE: which quant of the ladder to validate")
@@ -314,8 +307,7 @@ def validate(
         raise InputError("give a GGUF file, or --quant TYPE for a quant of the pipeline's ladder")
     _require_file(file)
     report = validate_file(file, against, numerics, arch, quant)
-    _report_checks(str(file), [asdict(c) for c in report.checks],
-                   {"ok": report.ok, **asdict(report)} if as_json else None)
+    _report_checks(str(file), report.checks, report.as_dict() if as_json else None)
 
 
 def _report_checks(file: str, checks: list[dict], as_json: dict | None) -> None:
@@ -327,9 +319,9 @@ def _report_checks(file: str, checks: list[dict], as_json: dict | None) -> None:
         for column in ("check", "result", "detail"):
             table.add_column(column, overflow="fold")
         for check in checks:
-            table.add_row(check["name"], "[green]pass[/]" if check["ok"] else "[red]FAIL[/]", check["detail"])
+            table.add_row(check.name, "[green]pass[/]" if check.ok else "[red]FAIL[/]", check.detail)
         console.print(table)
-    failed = [c["name"] for c in checks if not c["ok"]]
+    failed = [c.name for c in checks if not c.ok]
     if failed:
         raise CheckFailed(f"{file}: failed {', '.join(failed)}")
 
@@ -351,58 +343,53 @@ def bench(
     as_json: JsonOption = False,
 ) -> None:
     """Measure speed (llama-bench), buffers per device (llama-completion) and quality against F16 (llama-perplexity)."""
-    from moeq.bench.stage import bench_quant
-    from moeq.workspace import Workspace
+    from moeq import steps
 
-    for mode in modes or []:
-        if not is_setting(mode):
-            raise InputError(f"--modes {mode!r}: use cpu, gpu, cpu-moe, or an integer N for -ncmoe N")
-    pipeline = pipeline_from(config)
-    quants = selected_quants(pipeline, quant)
-    ws = Workspace(pipeline.workspace)
-    chain = Toolchain(pipeline.toolchain.llama_cpp_bin)
+    ctx = open_context(config)
     results, failed, measured = [], [], []
-    for spec in quants:
-        outcome = bench_quant(pipeline, spec, ws, chain, modes=tuple(modes) if modes else None, rpc=rpc, force=force,
-                              on_message=lambda msg: sys.stderr.write(msg + "\n"))
-        record = outcome.record
-        results.append({"skipped": outcome.skipped, "record": record.to_dict()})
-        failed += [f"{spec.type} {e['mode']}" for e in record.errors]
-        measured += [f"{spec.type} {run['mode']}" for run in record.speed] + ([f"{spec.type} quality"]
-                                                                               if record.quality else [])
+    for spec in selected_quants(ctx.pipeline, quant):
+        done = steps.bench(ctx, spec, modes=tuple(modes) if modes else None, rpc=rpc, force=force)
+        record = done.record
+        results.append({"skipped": done.skipped, "record": record_json(record)})
+        failed += [f"{spec.type} {e.mode}" for e in record.errors]
+        measured += [f"{spec.type} {run.mode}" for run in record.speed] + ([f"{spec.type} quality"]
+                                                                           if record.quality else [])
         if not as_json:
-            _print_bench(record, outcome.skipped)
+            _print_bench(record, done.skipped)
     if as_json:
         print_json(results)
     if failed:
         raise ToolError(f"bench recorded errors for {', '.join(failed)}; "
                         + (f"measured: {', '.join(measured)}" if measured else "nothing was measured")
-                        + f" (see {ws.records_dir})")
+                        + f" (see {ctx.ws.records_dir})")
 
 
 def _print_bench(record, skipped: bool) -> None:
-    table = Table(title=f"{record.quant}: {'up to date' if skipped else 'measured'} on {record.machine['cpu']}"
-                        f"{', ' + record.machine['gpus'][0]['name'] if record.machine['gpus'] else ''}")
+    machine = record.machine
+    table = Table(title=f"{record.quant}: {'up to date' if skipped else 'measured'} on {machine.cpu}"
+                        f"{', ' + machine.gpus[0].name if machine.gpus else ''}")
     for column in ("mode", "test", "tokens/s", "device model MiB (plan)", "device KV MiB (plan)"):
         table.add_column(column)
-    memory = {m["mode"]: m for m in record.memory}
+    memory = {m.mode: m for m in record.memory}
     for run in record.speed:
-        mem = memory.get(run["mode"])
-        for test in run["tests"]:
-            table.add_row(run["mode"], test["test"], f"{test['avg_ts']:.1f} ± {test['stddev_ts']:.1f}",
-                          f"{mem['device_mib']['model']} ({mem['planned_mib']['model']})" if mem else "",
-                          f"{mem['device_mib']['KV']} ({mem['planned_mib']['KV']})" if mem else "")
+        mem = memory.get(run.mode)
+        for test in run.tests:
+            table.add_row(run.mode, test.test, f"{test.avg_ts:.1f} ± {test.stddev_ts:.1f}",
+                          f"{mem.device_mib['model']} ({mem.planned_mib['model']})" if mem else "",
+                          f"{mem.device_mib['KV']} ({mem.planned_mib['KV']})" if mem else "")
     console.print(table)
     if record.quality:
-        q = record.quality["quant"]
+        q = record.quality.quant
+
         def fig(key: str, digits: int) -> str:
-            return "unknown" if q.get(key) is None else f"{q[key]:.{digits}f}"
+            value = getattr(q, key)
+            return "unknown" if value is None else f"{value:.{digits}f}"
 
         console.print(f"quality: PPL {fig('ppl_q', 4)} vs F16 {fig('ppl_base', 4)}, mean KLD {fig('kld_mean', 6)}, "
                       f"same top token {fig('same_top_p', 2)} %")
     if record.not_measured:
-        modes = ", ".join(m["mode"] for m in record.not_measured)
-        console.print(f"{record.quant}: not measured: {modes} ({record.not_measured[0]['reason']}); to measure "
+        modes = ", ".join(m.mode for m in record.not_measured)
+        console.print(f"{record.quant}: not measured: {modes} ({record.not_measured[0].reason}); to measure "
                       "them, run on a GPU build of llama.cpp or pass --rpc HOST:PORT (bench.rpc)", soft_wrap=True)
     for error in record.errors:  # the command's one error line (stderr) sums them up
-        console.print(f"{record.quant} mode {error['mode']} failed: {error['error']}", soft_wrap=True)
+        console.print(f"{record.quant} mode {error.mode} failed: {error.error}", soft_wrap=True)

@@ -3,9 +3,9 @@
 The token comes from HF_TOKEN or the huggingface_hub login (`hf auth login`); moeq never prints, logs
 or stores it, and scrubs it from any message that could carry it.
 
-    >>> api = hub_api()
-    >>> with hub_errors("reading", "moeq/phi-3.5-moe-q8-0-cpu-offload-gguf"):
-    ...     api.model_info("moeq/phi-3.5-moe-q8-0-cpu-offload-gguf")
+    api = hub_api()
+    with hub_errors("reading", "moeq/phi-3.5-moe-q8-0-cpu-offload-gguf"):
+        api.model_info("moeq/phi-3.5-moe-q8-0-cpu-offload-gguf")
 """
 
 from __future__ import annotations
@@ -119,3 +119,15 @@ def hub_errors(action: str, repo_id: str) -> Iterator[None]:
         cause = exc.__cause__ or exc
         raise HubError(f"{repo_id}: {_first_line(exc)} while {action} ({_first_line(cause)}); nothing was "
                        "committed, run the command again") from None
+
+
+def remote_text(api: HfApi, repo_id: str, name: str, limit: int = 16 << 20) -> str:
+    """A text file of the repo's main branch (a card, a manifest), read whole only up to `limit` bytes."""
+    import tempfile
+    from pathlib import Path
+
+    from moeq.workspace import read_text_limited
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = api.hf_hub_download(repo_id, name, revision="main", local_dir=tmp)
+        return read_text_limited(Path(path), limit, f"{name} of {repo_id}")

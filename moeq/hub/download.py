@@ -6,8 +6,8 @@ workspace and asks the client's `http_get` to continue it with a Range request. 
 must have the sha256 the Hub reports (LFS files) or its git blob id (small files); a mismatch is
 deleted and reported.
 
-    >>> entry = api.get_paths_info(repo, ["model-F16.gguf"], revision=sha)[0]
-    >>> download_verified(api, repo, sha, entry, Path("work/source/model-F16.gguf"))
+    entry = api.get_paths_info(repo, ["model-F16.gguf"], revision=sha)[0]
+    download_verified(api, repo, sha, entry, Path("work/source/model-F16.gguf"))
 """
 
 from __future__ import annotations

@@ -1,71 +1,106 @@
 """The source stage: the F16 GGUF every quant is made from, and its SourceRecord.
 
-`synth` writes the tiny model into the workspace; `local` uses a GGUF on disk in place.
-The Hub kinds (`hf`, `gguf`) are fetched by the fetch stage (source/fetch.py); later stages find
-the result here.
+`synth` writes the tiny model into the workspace; `local` uses a GGUF on disk in place; the Hub kinds
+(`gguf`, `hf`) are downloaded (and converted) by fetch.py. `source_stage` declares the stage for the
+stage runner: its key is the synth options, the local file's sha256, or the Hub commit.
+
+    result = run_stage(source_stage(pipeline, ws, api, chain), Records(ws))
+    result.record.output.path
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
+import re
 from pathlib import Path
+from typing import Callable
 
 from moeq.config import Pipeline
 from moeq.errors import InputError
+from moeq.hub.client import hub_errors
 from moeq.records import FileRef, SourceRecord
+from moeq.stage_runner import Stage
 from moeq.workspace import Workspace
 
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+HUB_KINDS = ("gguf", "hf")
 
-def source_file(pipeline: Pipeline, ws: Workspace) -> Path:
-    """The F16 source on disk, made first when the pipeline says to synthesize it."""
-    ws.ensure()
+
+def source_stage(pipeline: Pipeline, ws: Workspace, api=None, chain=None,
+                 on_message: Callable[[str], None] = lambda _msg: None) -> Stage[SourceRecord]:
     spec = pipeline.source
+    ws.ensure()
     if spec.kind == "synth":
+        return _synth_stage(pipeline, ws)
+    if spec.kind == "local":
+        return _local_stage(pipeline, ws)
+    target = ws.source_path(pipeline.model.file_stem)
+    resolved: dict[str, str] = {}  # the commit the key found, so run() fetches exactly that one
+
+    def key() -> dict:
+        if SHA_RE.match(spec.revision or ""):
+            commit = spec.revision
+        else:
+            with hub_errors("resolving the revision", spec.repo):
+                commit = api.model_info(spec.repo, revision=spec.revision or "main").sha
+            on_message(f"warning: source.revision {spec.revision or 'main'!r} is not a commit sha; using {commit}, "
+                       f"its commit now. Pin it in {pipeline.path} for a reproducible release")
+        resolved["commit"] = commit
+        return {"kind": spec.kind, "repo": spec.repo, "file": spec.file, "commit": commit}
+
+    def run() -> SourceRecord:
+        from moeq.source.fetch import fetch_hub_source
+
+        return fetch_hub_source(pipeline, ws, api, chain, resolved["commit"], on_message)
+
+    return Stage("source", None, key=key, run=run, intact=lambda r: _intact(r, target, ws))
+
+
+def _synth_stage(pipeline: Pipeline, ws: Workspace) -> Stage[SourceRecord]:
+    spec = pipeline.source
+    target = ws.source_path(pipeline.model.file_stem)
+    options = dataclasses.asdict(spec.synth)
+
+    def run() -> SourceRecord:
         from moeq.synth import write_tiny_phimoe
 
-        target = ws.source_path(pipeline.model.file_stem)
-        with ws.lock("source"):
-            previous = SourceRecord.load(ws.record_path("source"))
-            current = (previous is not None and previous.options == dataclasses.asdict(spec.synth)
-                       and target.is_file() and target.stat().st_size == previous.output.size)
-            if not current:
-                # Recorded at once, so a concurrent moeq sees it is current and leaves it alone.
-                started = time.monotonic()
-                write_tiny_phimoe(target, spec.synth, name=pipeline.model.name)
-                record_source(pipeline, ws, target, ws.hashes.sha256(target),
-                              wall_s=round(time.monotonic() - started, 3))
-        return target
-    if spec.kind == "local":
-        if not Path(spec.path).is_file():
-            raise InputError(f"{spec.path}: source.path does not exist; fix source.path in {pipeline.path}")
-        return Path(spec.path)
+        write_tiny_phimoe(target, spec.synth, name=pipeline.model.name)
+        origin = "synth " + ", ".join(f"{k}={v}" for k, v in options.items())
+        return SourceRecord(kind="synth", origin=origin, options=options,
+                            output=FileRef(path=str(target), size=target.stat().st_size,
+                                           sha256=ws.hashes.sha256(target)))
+
+    return Stage("source", None, key=lambda: {"kind": "synth", "synth": options, "name": pipeline.model.name},
+                 run=run, intact=lambda r: _intact(r, target, ws))
+
+
+def _local_stage(pipeline: Pipeline, ws: Workspace) -> Stage[SourceRecord]:
+    path = Path(pipeline.source.path)
+
+    def key() -> dict:
+        if not path.is_file():
+            raise InputError(f"{path}: source.path does not exist; fix source.path in {pipeline.path}")
+        return {"kind": "local", "path": str(path), "sha256": ws.hashes.sha256(path)}
+
+    def run() -> SourceRecord:
+        return SourceRecord(kind="local", origin=str(path),
+                            output=FileRef(path=str(path), size=path.stat().st_size, sha256=ws.hashes.sha256(path)))
+
+    return Stage("source", None, key=key, run=run)
+
+
+def fetched_source(pipeline: Pipeline, ws: Workspace, record: SourceRecord | None) -> SourceRecord:
+    """The Hub source as moeq fetch left it; the commands after fetch never download."""
     target = ws.source_path(pipeline.model.file_stem)
-    fetched = SourceRecord.load(ws.record_path("source"))
-    if fetched is None or fetched.kind != spec.kind or not target.is_file():
-        raise InputError(f"{target}: the {spec.kind} source has not been fetched; run moeq fetch --config "
-                         f"{pipeline.path}")
-    return target
-
-
-def record_source(pipeline: Pipeline, ws: Workspace, path: Path, sha256: str, wall_s: float = 0.0) -> SourceRecord:
-    """Write (or reuse) the SourceRecord for `path` whose sha256 the caller computed.
-
-    wall_s is the time spent making the file (0 for a local file used in place)."""
-    spec = pipeline.source
-    if spec.kind in ("hf", "gguf"):  # the fetch stage wrote the record; it must still describe the file
-        fetched = SourceRecord.load(ws.record_path("source"))
-        if fetched is None or fetched.output.sha256 != sha256:
-            raise InputError(f"{path}: not the file moeq fetch recorded; run moeq fetch --config {pipeline.path} "
-                             "--force")
-        return fetched
-    options = dataclasses.asdict(spec.synth) if spec.kind == "synth" else {}
-    origin = ("synth " + ", ".join(f"{k}={v}" for k, v in options.items())) if spec.kind == "synth" else str(path)
-    output = FileRef(str(path), path.stat().st_size, sha256)
-    record_path = ws.record_path("source")
-    previous = SourceRecord.load(record_path)
-    if previous and previous.output == output and previous.options == options and previous.kind == spec.kind:
-        return previous
-    record = SourceRecord(kind=spec.kind, origin=origin, output=output, wall_s=wall_s, options=options)
-    record.save(record_path)
+    if record is None or record.kind != pipeline.source.kind or not target.is_file():
+        raise InputError(f"{target}: the {pipeline.source.kind} source has not been fetched; run moeq fetch "
+                         f"--config {pipeline.path}")
+    if not _intact(record, target, ws):
+        raise InputError(f"{target}: not the file moeq fetch recorded; run moeq fetch --config {pipeline.path} "
+                         "--force")
     return record
+
+
+def _intact(record: SourceRecord, target: Path, ws: Workspace) -> bool:
+    return (target.is_file() and target.stat().st_size == record.output.size
+            and ws.hashes.sha256(target) == record.output.sha256)

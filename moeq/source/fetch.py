@@ -1,14 +1,10 @@
-"""The fetch stage: the F16 GGUF from the Hub (or synth/local), with a SourceRecord saying where it came from.
+"""Fetching a Hub source: the F16 GGUF from the Hub, at the commit the source stage's key resolved.
 
 - `gguf`: one file, or all shards of a split model (merged with llama-gguf-split), at a pinned commit.
 - `hf`: a safetensors repo (config, tokenizer, weights), converted with the pinned llama.cpp
   `convert_hf_to_gguf.py --outtype f16` (torch comes from the `convert` extra).
-The revision is resolved to a commit sha first, so every file comes from the same commit; each file
-is checked against the sha256 the Hub reports, and downloads resume after an interruption.
-
-    >>> outcome = fetch_source(pipeline, Workspace(pipeline.workspace), hub_api(), Toolchain())
-    >>> outcome.record.origin
-    'microsoft/Phi-3.5-MoE-instruct@<sha>'
+Every file comes from the same commit; each is checked against the sha256 the Hub reports, and
+downloads resume after an interruption.
 """
 
 from __future__ import annotations
@@ -19,8 +15,6 @@ import os
 import re
 import shutil
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,14 +22,15 @@ from huggingface_hub import HfApi
 from huggingface_hub.hf_api import RepoFile
 
 from moeq.config import Pipeline
-from moeq.errors import HubError, ResourceError, ToolError
+from moeq.errors import HubError, ToolError
+from moeq.gguf_header import read_source_header
 from moeq.hub.client import hub_errors
 from moeq.hub.download import download_verified
 from moeq.records import FileRef, SourceRecord
 from moeq.runner import run_tool
-from moeq.source import record_source, source_file
 from moeq.toolchain import Toolchain, pinned_src_dir
-from moeq.workspace import Workspace, commit_file, free_bytes, partial_path
+from moeq.units import binary_size
+from moeq.workspace import Workspace, commit_file, partial_path, require_free
 
 # README.md is the model card: convert_hf_to_gguf.py takes general.license, name, base model, tags and
 # languages from its frontmatter (gguf-py metadata.py); the license file travels with it.
@@ -43,67 +38,24 @@ HF_PATTERNS = ("config.json", "generation_config.json", "tokenizer.model", "toke
                "special_tokens_map.json", "added_tokens.json", "*.safetensors", "model.safetensors.index.json",
                "README.md", "LICENSE", "LICENSE.*")
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<n>\d{5})-of-(?P<total>\d{5})\.gguf$")
-SHA_RE = re.compile(r"^[0-9a-f]{40}$")
-DISK_MARGIN = 1.05
 
 
-@dataclass
-class FetchOutcome:
-    record: SourceRecord
-    skipped: bool
-
-
-def fetch_source(pipeline: Pipeline, ws: Workspace, api: HfApi | None, chain: Toolchain | None = None, *,
-                 force: bool = False, on_message: Callable[[str], None] = lambda _msg: None) -> FetchOutcome:
+def fetch_hub_source(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolchain | None, commit: str,
+                     on_message: Callable[[str], None] = lambda _msg: None) -> SourceRecord:
+    """Download (and convert) the source at `commit`; the source stage (source/__init__.py) decides when."""
     spec = pipeline.source
-    ws.ensure()
-    if spec.kind in ("synth", "local"):
-        previous = SourceRecord.load(ws.record_path("source"))
-        path = source_file(pipeline, ws)
-        record = record_source(pipeline, ws, path, ws.hashes.sha256(path))
-        return FetchOutcome(record, skipped=previous is not None and previous.to_dict() == record.to_dict())
     target = ws.source_path(pipeline.model.file_stem)
-    with ws.lock("source", on_wait=on_message):
-        previous = SourceRecord.load(ws.record_path("source"))
-        if not force and previous and _pinned_and_current(previous, spec, target, ws):
-            return FetchOutcome(previous, skipped=True)
-        with hub_errors("resolving the revision", spec.repo):
-            commit = api.model_info(spec.repo, revision=spec.revision or "main").sha
-        if not SHA_RE.match(spec.revision or ""):
-            on_message(f"warning: source.revision {spec.revision or 'main'!r} is not a commit sha; using {commit}, "
-                       f"its commit now. Pin it in {pipeline.path} for a reproducible release")
-        if not force and previous and previous.options.get("commit") == commit and _intact(previous, target, ws):
-            return FetchOutcome(previous, skipped=True)
-        started = time.monotonic()
-        if spec.kind == "gguf":
-            files = _fetch_gguf(pipeline, ws, api, chain, commit, target, on_message)
-        else:
-            files = _fetch_hf(pipeline, ws, api, commit, target, on_message)
-        sha = ws.hashes.sha256(target)
-        from moeq.quantize.stage import inspect_source
-
-        inspect_source(target, allow_requantize=False)
-        record = SourceRecord(
-            kind=spec.kind, origin=f"{spec.repo}@{commit}" + (f"/{spec.file}" if spec.file else ""),
-            output=FileRef(str(target), target.stat().st_size, sha), wall_s=round(time.monotonic() - started, 3),
-            options={"repo": spec.repo, "revision": spec.revision, "commit": commit, "file": spec.file,
-                     "files": files},
-        )
-        record.save(ws.record_path("source"))
-    return FetchOutcome(record, skipped=False)
-
-
-def _intact(record: SourceRecord, target: Path, ws: Workspace) -> bool:
-    return target.is_file() and target.stat().st_size == record.output.size and \
-        ws.hashes.sha256(target) == record.output.sha256
-
-
-def _pinned_and_current(record: SourceRecord, spec, target: Path, ws: Workspace) -> bool:
-    """Up to date without asking the Hub: the revision is a commit sha and the record is of it."""
-    options = record.options
-    return (bool(SHA_RE.match(spec.revision or "")) and record.kind == spec.kind and options.get("repo") == spec.repo
-            and options.get("commit") == spec.revision and options.get("file") == spec.file
-            and _intact(record, target, ws))
+    if spec.kind == "gguf":
+        files = _fetch_gguf(pipeline, ws, api, chain, commit, target, on_message)
+    else:
+        files = _fetch_hf(pipeline, ws, api, commit, target, on_message)
+    sha = ws.hashes.sha256(target)
+    read_source_header(target, allow_requantize=False)
+    return SourceRecord(
+        kind=spec.kind, origin=f"{spec.repo}@{commit}" + (f"/{spec.file}" if spec.file else ""),
+        output=FileRef(path=str(target), size=target.stat().st_size, sha256=sha),
+        options={"repo": spec.repo, "revision": spec.revision, "commit": commit, "file": spec.file, "files": files},
+    )
 
 
 def _entries(api: HfApi, repo: str, commit: str, names: list[str]) -> list[RepoFile]:
@@ -115,18 +67,11 @@ def _entries(api: HfApi, repo: str, commit: str, names: list[str]) -> list[RepoF
     return [found[n] for n in names]
 
 
-def _check_disk(ws: Workspace, need: int) -> None:
-    free = free_bytes(ws.source_dir)
-    if free < need * DISK_MARGIN:
-        raise ResourceError(f"{ws.source_dir}: {free / 2**20:.0f} MiB free, the source needs about "
-                            f"{need * DISK_MARGIN / 2**20:.0f} MiB; free some space or move the workspace")
-
-
 def _download_all(api: HfApi, repo: str, commit: str, entries: list[RepoFile], folder: Path,
                   on_message: Callable[[str], None]) -> list[dict]:
     files = []
     for entry in entries:
-        on_message(f"{repo}: {entry.path} ({entry.size / 2**20:.1f} MiB)")
+        on_message(f"{repo}: {entry.path} ({binary_size(entry.size)})")
         sha = download_verified(api, repo, commit, entry, folder / entry.path)
         files.append({"name": entry.path, "size": entry.size, "sha256": sha})
     return files
@@ -143,7 +88,7 @@ def _fetch_gguf(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolchain 
         names = [f"{prefix}{shard['stem']}-{i:05d}-of-{total:05d}.gguf" for i in range(1, total + 1)]
     entries = _entries(api, spec.repo, commit, names)
     size = sum(e.size for e in entries)
-    _check_disk(ws, size * (2 if shard else 1))
+    require_free(ws.source_dir, size * (2 if shard else 1), "the source")
     folder = ws.source_dir / "download"
     files = _download_all(api, spec.repo, commit, entries, folder, on_message)
     if not shard:
@@ -174,7 +119,7 @@ def _fetch_hf(pipeline: Pipeline, ws: Workspace, api: HfApi, commit: str, target
         raise HubError(f"{spec.repo}@{commit[:12]}: no .safetensors weights; source.kind hf needs a safetensors "
                        "repo (use kind gguf for a GGUF repo)")
     size = sum(e.size for e in entries)
-    _check_disk(ws, size * 2)
+    require_free(ws.source_dir, size * 2, "the source")
     folder = ws.source_dir / "hf" / f"{spec.repo.replace('/', '--')}@{commit[:12]}"
     files = _download_all(api, spec.repo, commit, entries, folder, on_message)
     converter = pinned_src_dir() / "convert_hf_to_gguf.py"

@@ -16,6 +16,7 @@ from gguf.quants import dequantize
 
 from moeq.errors import InputError
 from moeq.gguf_header import GGUFHeader, check_extent, read_header
+from moeq.records import CheckResult
 
 HYPERPARAMS = ("block_count", "embedding_length", "feed_forward_length", "expert_count", "expert_used_count",
                "attention.head_count", "attention.head_count_kv", "context_length",
@@ -33,13 +34,6 @@ FULL_CHUNK_ROWS = 512  # rows per read in full mode: keeps peak memory to a few 
 
 
 @dataclass
-class CheckResult:
-    name: str
-    ok: bool
-    detail: str
-
-
-@dataclass
 class ValidateReport:
     file: str
     against: str | None
@@ -49,6 +43,10 @@ class ValidateReport:
     @property
     def ok(self) -> bool:
         return all(c.ok for c in self.checks)
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "file": self.file, "against": self.against,
+                "checks": [c.model_dump() for c in self.checks], "worst_tensors": self.worst_tensors}
 
 
 def check_container(path: Path) -> tuple[CheckResult, GGUFHeader | None]:

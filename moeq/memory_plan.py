@@ -7,19 +7,19 @@ Rules (llama.cpp common/arg.cpp and src/llama-model.cpp, pinned commit):
 - `--n-cpu-moe N` does that only for blocks 0..N-1.
 The KV cache lives with its layer: n_layer x ctx x (K width + V width) x bytes per element.
 
-    >>> plan = plan_memory(read_header(Path("model-Q4_K_M.gguf")), ctx_sizes=[4096])
-    >>> plan.weights[0].gpu_bytes   # all on the GPU
+    plan = plan_memory(read_header(Path("model-Q4_K_M.gguf")), ctx_sizes=[4096])
+    plan.weights[0].gpu_bytes   # all on the GPU
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moeq.errors import InputError
 from moeq.gguf_header import GGUFHeader
 from moeq.offload import OffloadMode
+from moeq.records import Fit, MemoryPlan, Placement
 
 EXPERT_RE = re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch|)exps")
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
@@ -27,40 +27,6 @@ INPUT_LAYER = "token_embd.weight"
 KV_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32}
 GPU_SIZES_GIB = (8, 12, 16, 24, 48, 80)
 DEFAULT_COMPUTE_ALLOWANCE = 1024 * 2**20  # compute buffers, CUDA context and slack; stated, not measured
-
-
-@dataclass
-class Placement:
-    mode: str  # an OffloadMode name: "gpu" (N = 0), "ncmoe N", or "cpu-moe" (N = every layer)
-    n_cpu_moe: int
-    gpu_bytes: int
-    cpu_bytes: int
-
-
-@dataclass
-class Fit:
-    gpu_gib: int
-    ctx: int
-    n_cpu_moe: int | None  # smallest N that fits; None when even --cpu-moe does not fit
-    gpu_bytes: int | None  # weights + KV + allowance at that N
-    advice: str = "does not fit"  # the mode at that N, as a table cell: all on the GPU, -ncmoe N, --cpu-moe
-
-
-@dataclass
-class MemoryPlan:
-    file: str
-    n_layer: int
-    kv_type: str
-    compute_allowance_bytes: int
-    weights: list[Placement] = field(default_factory=list)
-    kv_bytes: dict[int, int] = field(default_factory=dict)
-    fits: list[Fit] = field(default_factory=list)
-
-    def placement(self, n_cpu_moe: int) -> Placement:
-        return self.weights[n_cpu_moe]
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _split(header: GGUFHeader, n_cpu_moe: int) -> tuple[int, int]:
@@ -98,18 +64,21 @@ def plan_memory(header: GGUFHeader, ctx_sizes: list[int] | tuple[int, ...] = (40
     if kv_type not in KV_BYTES_PER_ELEMENT:
         raise InputError(f"kv type {kv_type!r}: use one of {', '.join(KV_BYTES_PER_ELEMENT)}")
     n_layer = _hparam(header, "block_count")
-    plan = MemoryPlan(str(header.path), n_layer, kv_type, compute_allowance)
+    plan = MemoryPlan(file=str(header.path), n_layer=n_layer, kv_type=kv_type, compute_allowance_bytes=compute_allowance)
     for n in range(n_layer + 1):
-        plan.weights.append(Placement(OffloadMode.for_layers(n, n_layer).name, n, *_split(header, n)))
+        gpu, cpu = _split(header, n)
+        plan.weights.append(Placement(mode=OffloadMode.for_layers(n, n_layer).name, n_cpu_moe=n, gpu_bytes=gpu,
+                                      cpu_bytes=cpu))
     for ctx in ctx_sizes:
         plan.kv_bytes[ctx] = kv_bytes(header, ctx, kv_type)
         for gib in gpu_sizes_gib:
             budget = gib * 2**30
-            fit = Fit(gib, ctx, None, None)
+            fit = Fit(gpu_gib=gib, ctx=ctx, n_cpu_moe=None, gpu_bytes=None)
             for n in range(n_layer + 1):
                 need = plan.placement(n).gpu_bytes + plan.kv_bytes[ctx] + compute_allowance
                 if need <= budget:
-                    fit = Fit(gib, ctx, n, need, OffloadMode.for_layers(n, n_layer).advice)
+                    fit = Fit(gpu_gib=gib, ctx=ctx, n_cpu_moe=n, gpu_bytes=need,
+                              advice=OffloadMode.for_layers(n, n_layer).advice)
                     break
             plan.fits.append(fit)
     return plan

@@ -1,29 +1,28 @@
-"""The GGUF files a quant's repo holds: the quant itself, or its shards when it is over hub.max_shard_size.
+"""The shards stage: the GGUF files a quant's repo holds, the quant itself or its shards over hub.max_shard_size.
 
-Shards are made by llama-gguf-split in a folder beside the quants, checked (every shard a whole
-GGUF, split metadata consistent, all the quant's tensors present once), and reused while the quant's
-sha256 and the shard size are unchanged.
+Shards are made by llama-gguf-split in WORKSPACE/shards/<quant>/, checked (every shard a whole GGUF,
+split metadata consistent, all the quant's tensors present once) and recorded in a ShardsRecord that
+the card and push stages read. Its key is the quant's sha256 and the shard size.
 
-    >>> files = repo_gguf_files(pipeline, quantize_record(pipeline, pipeline.quant("Q8_0"), ws), ws, chain)
-    >>> [Path(f.path).name for f in files]   # under hub.max_shard_size: the quant itself
-    ['phi-3.5-moe-Q8_0.gguf']
+    result = run_stage(shards_stage(pipeline, quantized, ws, chain), records)
+    [Path(f.path).name for f in result.record.files]   # under hub.max_shard_size: the quant itself
+    # -> ['phi-3.5-moe-Q8_0.gguf']
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from moeq.config import Pipeline
 from moeq.errors import InputError, ToolError
 from moeq.gguf_header import check_extent, read_header
-from moeq.records import FileRef, QuantizeRecord
+from moeq.records import FileRef, QuantizeRecord, ShardsRecord
 from moeq.runner import run_tool
+from moeq.stage_runner import Stage
 from moeq.toolchain import Toolchain
-from moeq.workspace import Workspace, write_text_atomic
+from moeq.workspace import Workspace
 
-STAMP = "shards.json"
 
 
 def split_size_arg(max_bytes: int) -> str:
@@ -35,24 +34,29 @@ def split_size_arg(max_bytes: int) -> str:
     return f"{max_bytes // 10**6}M"
 
 
-def repo_gguf_files(pipeline: Pipeline, quantized: QuantizeRecord, ws: Workspace,
-                    chain: Toolchain | None = None) -> list[FileRef]:
-    if quantized.output.size <= pipeline.hub.max_shard_size:
-        return [quantized.output]
-    folder = ws.shards_dir(quantized.quant)
-    size_arg = split_size_arg(pipeline.hub.max_shard_size)
-    stamp = {"source_sha256": quantized.output.sha256, "split_max_size": size_arg}
-    try:
-        previous = json.loads((folder / STAMP).read_text())
-    except (OSError, ValueError):
-        previous = None
-    if previous and previous.get("stamp") == stamp and all(Path(f["path"]).is_file() for f in previous["files"]):
-        return [FileRef(**f) for f in previous["files"]]
-    return _split(quantized, folder, size_arg, stamp, ws, chain or Toolchain(pipeline.toolchain.llama_cpp_bin))
+def shards_stage(pipeline: Pipeline, quantized: QuantizeRecord, ws: Workspace,
+                 chain: Toolchain | None = None) -> Stage[ShardsRecord]:
+    max_size = pipeline.hub.max_shard_size
+    split = quantized.output.size > max_size
+
+    def key() -> dict:
+        return {"quant_sha256": quantized.output.sha256,
+                "split_max_size": split_size_arg(max_size) if split else None}
+
+    def intact(record: ShardsRecord) -> bool:
+        return all(Path(f.path).is_file() and Path(f.path).stat().st_size == f.size for f in record.files)
+
+    def run() -> ShardsRecord:
+        files = [quantized.output]
+        if split:
+            files = _split(quantized, ws.shards_dir(quantized.quant), split_size_arg(max_size), ws,
+                           chain or Toolchain(pipeline.toolchain.llama_cpp_bin))
+        return ShardsRecord(quant=quantized.quant, source=quantized.output, max_shard_size=max_size, files=files)
+
+    return Stage("shards", quantized.quant, key=key, run=run, intact=intact)
 
 
-def _split(quantized: QuantizeRecord, folder: Path, size_arg: str, stamp: dict, ws: Workspace,
-           chain: Toolchain) -> list[FileRef]:
+def _split(quantized: QuantizeRecord, folder: Path, size_arg: str, ws: Workspace, chain: Toolchain) -> list[FileRef]:
     source = Path(quantized.output.path)
     building = folder.with_name(folder.name + ".partial")
     shutil.rmtree(building, ignore_errors=True)
@@ -70,10 +74,8 @@ def _split(quantized: QuantizeRecord, folder: Path, size_arg: str, stamp: dict, 
     shutil.rmtree(folder, ignore_errors=True)
     building.rename(folder)
     hashes = ws.hashes
-    files = [FileRef(str(folder / s.name), (folder / s.name).stat().st_size, hashes.sha256(folder / s.name))
-             for s in shards]
-    write_text_atomic(folder / STAMP, json.dumps({"stamp": stamp, "files": [vars(f) for f in files]}, indent=1))
-    return files
+    return [FileRef(path=str(folder / s.name), size=(folder / s.name).stat().st_size,
+                    sha256=hashes.sha256(folder / s.name)) for s in shards]
 
 
 def _check_shards(source: Path, shards: list[Path]) -> None:

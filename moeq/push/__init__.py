@@ -4,18 +4,18 @@ Plan first: each file of the staged folder (the GGUF or its shards, README.md, m
 compared by sha256 with the Hub (`get_paths_info`): add, update or unchanged; GGUFs and the manifest
 on the Hub that the folder no longer holds are deleted. Then one commit (or pull request) carries all
 changes, so a card never goes live without its files; nothing changed means no commit and no upload.
+The stage has no key: the Hub is what it compares with, every time.
 
-    >>> outcome = push_quant(pipeline, pipeline.quant("Q8_0"), ws, hub_api(), dry_run=True)
-    >>> [(f.path, f.action) for f in outcome.plan.files]
+    plan = plan_push(api, card)                                  # a dry run: read requests only
+    result = run_stage(push_stage(pipeline, quant, api, card), records)
+    result.status, result.record.commit_url
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,14 +24,12 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils.sha import git_hash
 
 from moeq import __version__
-from moeq.cards.manifest import MANIFEST_NAME, MAX_CARD_BYTES, MAX_MANIFEST_BYTES, README_NAME, parse_manifest
-from moeq.cards.render import MARKER
-from moeq.cards.verify import card_template, verify_card
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import HubError, InputError
-from moeq.hub.client import hub_errors, max_wait_s, require_token
-from moeq.records import CardRecord, PushRecord
-from moeq.workspace import Workspace, read_text_limited
+from moeq.hub.client import hub_errors, max_wait_s, remote_text, require_token
+from moeq.manifest import MANIFEST_NAME, MARKER, MAX_CARD_BYTES, README_NAME, read_manifest
+from moeq.records import CardRecord, PushedFile, PushRecord
+from moeq.stage_runner import Stage
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 COMMIT_ATTEMPTS = 4
@@ -62,17 +60,10 @@ class PushPlan:
         return sum(f.size for f in self.files if f.action in ("add", "update"))
 
 
-@dataclass
-class PushOutcome:
-    plan: PushPlan
-    record: PushRecord | None  # None for a dry run
-
-
 def _local_files(card: CardRecord) -> dict[str, PlannedFile]:
     """The staged folder as the card stage left it, with sha256 from its records (no re-hashing of GGUFs)."""
     folder = Path(card.folder)
-    manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-    known = {f["name"]: f["sha256"] for f in manifest["files"]}
+    known = {f.name: f.sha256 for f in read_manifest(folder / MANIFEST_NAME).files}
     known[README_NAME] = card.readme.sha256
     known[MANIFEST_NAME] = card.manifest.sha256
     files = {}
@@ -111,74 +102,54 @@ def plan_push(api: HfApi, card: CardRecord) -> PushPlan:
         if path.endswith(".gguf") or path == MANIFEST_NAME:
             plan.files.append(PlannedFile(path, "delete", 0))
     if README_NAME in remote and local[README_NAME].action == "update":
-        plan.foreign_readme = MARKER not in _remote_text(api, card.repo_id, README_NAME)
+        plan.foreign_readme = MARKER not in remote_text(api, card.repo_id, README_NAME, MAX_CARD_BYTES)
     return plan
 
 
-def _remote_text(api: HfApi, repo_id: str, name: str) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = api.hf_hub_download(repo_id, name, revision="main", local_dir=tmp)
-        limit = MAX_MANIFEST_BYTES if name == MANIFEST_NAME else MAX_CARD_BYTES
-        return read_text_limited(Path(path), limit, f"{name} of {repo_id}")
-
-
-def hub_card_findings(api: HfApi, repo_id: str, template: Path | None) -> list[str]:
-    """`moeq card verify` on the repo's README.md, against the records manifest beside it on the Hub."""
-    where = f"{repo_id}/{README_NAME}"
-    with hub_errors("reading the card", repo_id):
-        text = _remote_text(api, repo_id, README_NAME)
-        if MANIFEST_NAME not in api.list_repo_files(repo_id, revision="main"):
-            return [f"{where}: no {MANIFEST_NAME} beside it on the Hub, so its lines cannot be checked"]
-        manifest_text = _remote_text(api, repo_id, MANIFEST_NAME)
-    try:
-        manifest = parse_manifest(manifest_text, f"{repo_id}/{MANIFEST_NAME}")
-        template, _same = card_template(manifest, template, f"{repo_id}/{MANIFEST_NAME}")
-        return [f.format(where) for f in verify_card(text, manifest, template)]
-    except InputError as exc:
-        return [f"{where}: not checked: {exc.message}"]
-
-
 def _commit_message(card: CardRecord) -> tuple[str, str]:
-    manifest = json.loads((Path(card.folder) / MANIFEST_NAME).read_text(encoding="utf-8"))
-    commit = manifest["records"]["quantize"]["tool"]["commit"]
+    commit = read_manifest(Path(card.folder) / MANIFEST_NAME).records.quantize.tool.commit
     return (f"{card.quant} GGUF, card and records (moeq {__version__}, llama.cpp {commit})",
             f"Published by moeq {__version__} from the records in {MANIFEST_NAME}.")
 
 
-def push_quant(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, api: HfApi, *, dry_run: bool = False,
-               create_pr: bool | None = None, force: bool = False,
-               on_message: Callable[[str], None] = lambda _msg: None) -> PushOutcome:
-    card = CardRecord.load(ws.record_path("card", quant.type))
-    if card is None:
-        raise InputError(f"{ws.record_path('card', quant.type)}: no card for {quant.type}; run moeq card "
-                         f"--config {pipeline.path} --quant {quant.type} first")
+def check_staged(pipeline: Pipeline, quant: QuantSpec, card: CardRecord) -> None:
     if card.repo_id != pipeline.repo_id(quant):
         raise InputError(f"{card.folder}: staged for {card.repo_id}, but the pipeline now says "
                          f"{pipeline.repo_id(quant)}; run moeq card again")
-    create_pr = pipeline.hub.create_pr if create_pr is None else create_pr
-    if not dry_run:
-        require_token()
+
+
+def planned(api: HfApi, card: CardRecord, force: bool) -> PushPlan:
+    """The push plan; a README.md on the Hub that moeq did not write is replaced only with `force`."""
     with hub_errors("planning the push", card.repo_id):
         plan = plan_push(api, card)
     if plan.foreign_readme and not force:
         raise HubError(f"{card.repo_id}: README.md on the Hub was not written by moeq; pass --force to replace it")
-    if dry_run:
-        return PushOutcome(plan, None)
-    started = time.monotonic()
-    with ws.lock(f"repo-{quant.type}", on_wait=on_message):
+    return plan
+
+
+def push_stage(pipeline: Pipeline, quant: QuantSpec, api: HfApi, card: CardRecord, *, create_pr: bool | None = None,
+               force: bool = False, on_message: Callable[[str], None] = lambda _msg: None) -> Stage[PushRecord]:
+    """Publish the staged repo `card` describes in one commit (or pull request)."""
+    check_staged(pipeline, quant, card)
+    create_pr = pipeline.hub.create_pr if create_pr is None else create_pr
+    require_token()
+
+    def run() -> PushRecord:
+        plan = planned(api, card, force)
         with hub_errors("creating the repo", card.repo_id):
             if not plan.repo_exists:
                 api.create_repo(card.repo_id, private=pipeline.hub.private, exist_ok=True)
         commit = _commit_with_retries(api, card, plan, create_pr, on_message)
-        record = PushRecord(
-            quant=quant.type, repo_id=card.repo_id, create_pr=create_pr,
+        return PushRecord(
+            quant=quant.type, repo_id=card.repo_id, create_pr=create_pr, repo_existed=plan.repo_exists,
             commit=commit.oid if commit else None, commit_url=commit.commit_url if commit else None,
             pr_url=commit.pr_url if commit else None,
-            files=[asdict(f) | {"local": None} for f in plan.files], uploaded_bytes=plan.upload_bytes if commit else 0,
-            readme_sha256=card.readme.sha256, wall_s=round(time.monotonic() - started, 3),
+            files=[PushedFile(path=f.path, action=f.action, size=f.size, sha256=f.sha256) for f in plan.files],
+            uploaded_bytes=plan.upload_bytes if commit else 0, readme_sha256=card.readme.sha256,
         )
-        record.save(ws.record_path("push", quant.type))
-    return PushOutcome(plan, record)
+
+    return Stage("push", quant.type, key=lambda: None, run=run, lock=f"repo-{quant.type}",
+                 status=lambda r: "up to date" if r.commit is None else "ran")
 
 
 def _commit_with_retries(api: HfApi, card: CardRecord, plan: PushPlan, create_pr: bool,

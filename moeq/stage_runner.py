@@ -1,0 +1,92 @@
+"""The one stage runner: lock, compare the stored key with the new one, run or say "up to date", save.
+
+A stage is a declaration (`Stage`): the record it writes, the lock it takes, the key of everything its
+output depends on (input sha256s, options, tool commit, machine for bench) and a `run()` that returns
+its record. `run_stage` is the only place that decides whether a stage runs, so "up to date" and
+`--force` mean the same for every command and for `moeq build`.
+
+    result = run_stage(stage, records, force=False)
+    result.status, result.record.output.sha256
+    # -> ('up to date', '...')
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Generic, TypeVar
+
+from moeq.records import Model, Records, Saved, SCHEMA_VERSION, record_json, save_record
+
+R = TypeVar("R", bound=Model)
+
+
+@dataclass
+class Stage(Generic[R]):
+    name: str  # the record's stage: source, quantize, validate, bench, shards, card, push
+    quant: str | None
+    key: Callable[[], dict[str, Any] | None]  # the declared inputs; None: the stage always runs (push)
+    run: Callable[[], R]
+    lock: str | None = None  # default: NAME-QUANT
+    intact: Callable[[R], bool] = lambda _record: True  # the outputs the record names are still as it says
+    status: Callable[[R], str] = lambda _record: "ran"  # push: "up to date" when nothing had changed
+
+
+@dataclass
+class StageResult(Generic[R]):
+    name: str
+    record: R
+    status: str  # ran, up to date
+    why: str  # why it ran: forced, no record, which key changed, outputs changed; or why it did not
+    wall_s: float
+    record_path: Path
+
+    @property
+    def skipped(self) -> bool:
+        return self.status == "up to date"
+
+
+def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
+              on_message: Callable[[str], None] = lambda _msg: None) -> StageResult[R]:
+    """Run `stage` unless its saved record has the same key and its outputs are intact."""
+    ws = records.ws
+    path = ws.record_path(stage.name, stage.quant)
+    with ws.lock(stage.lock or (f"{stage.name}-{stage.quant}" if stage.quant else stage.name), on_wait=on_message):
+        key = stage.key()
+        records.forget(stage.name, stage.quant)  # another process may have written it while we waited
+        previous = records.saved(stage.name, stage.quant)
+        why = _why_run(stage, previous, key, force, records.reasons.get((stage.name, stage.quant)))
+        if why is None:
+            return StageResult(stage.name, previous.record, "up to date", "inputs unchanged", previous.wall_s, path)
+        if previous is None and records.reasons.get((stage.name, stage.quant)):
+            on_message(f"{path}: {records.reasons[(stage.name, stage.quant)]}; {stage.name} will run again")
+        started = time.monotonic()
+        record = stage.run()
+        wall = time.monotonic() - started
+        save_record(path, record, key, wall)
+        records.put(stage.name, stage.quant, Saved(schema_version=SCHEMA_VERSION, key=_plain(key), wall_s=round(wall, 3),
+                                                   record=record))
+        return StageResult(stage.name, record, stage.status(record), why, round(wall, 3), path)
+
+
+def _why_run(stage: Stage, previous: Saved | None, key: dict | None, force: bool, unreadable: str | None) -> str | None:
+    if force:
+        return "forced"
+    if previous is None:
+        return unreadable or "no record"
+    if key is None:
+        return "always runs"
+    if previous.key != _plain(key):
+        changed = sorted(k for k in {*key, *(previous.key or {})} if (previous.key or {}).get(k) != _plain(key).get(k))
+        return "changed: " + ", ".join(changed)
+    if not stage.intact(previous.record):
+        return "outputs changed since the record"
+    return None
+
+
+def _plain(key: dict | None) -> dict | None:
+    """The key as JSON would give it back (tuples as lists, int dict keys as strings), so keys compare equal."""
+    import json
+
+    return None if key is None else json.loads(json.dumps(key, default=lambda v: record_json(v)))

@@ -1,0 +1,182 @@
+"""One function per stage, as every command and `moeq build` call it: load the records the stage needs
+once (through the context's Records), declare the stage, and run it through the one stage runner.
+
+This module and build.py are the only ones that know the order of the stages; the stage packages
+never import each other.
+
+    ctx = Context.of(load_pipeline(Path("examples/tiny-phimoe.yaml")))
+    steps.quantize(ctx, ctx.pipeline.quant("Q8_0")).status
+    # -> 'up to date'
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from moeq.config import Pipeline, QuantSpec
+from moeq.records import (BenchRecord, CardRecord, PushRecord, QuantizeRecord, Records, ShardsRecord,
+                          SourceRecord, ValidateRecord)
+from moeq.stage_runner import StageResult, run_stage
+from moeq.toolchain import Toolchain
+from moeq.workspace import Workspace
+
+
+@dataclass
+class Context:
+    """What one command works with, made once: the pipeline, its workspace and records, the tools, the Hub."""
+
+    pipeline: Pipeline
+    ws: Workspace
+    records: Records
+    say: Callable[[str], None] = lambda _msg: None
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, pipeline: Pipeline, say: Callable[[str], None] = lambda _msg: None) -> "Context":
+        ws = Workspace(pipeline.workspace)
+        return cls(pipeline, ws, Records(ws, pipeline.path), say)
+
+    @functools.cached_property
+    def chain(self) -> Toolchain:
+        return Toolchain(self.pipeline.toolchain.llama_cpp_bin)
+
+    @functools.cached_property
+    def api(self):
+        from moeq.hub.client import hub_api
+
+        return hub_api(on_message=self.say)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.say(f"warning: {message}")
+
+
+def fetch(ctx: Context, force: bool = False) -> StageResult[SourceRecord]:
+    """The source stage: download (and convert) a Hub source, make the synth model, or record a local file."""
+    from moeq.source import HUB_KINDS, source_stage
+
+    api = ctx.api if ctx.pipeline.source.kind in HUB_KINDS else None
+    return run_stage(source_stage(ctx.pipeline, ctx.ws, api, ctx.chain, ctx.say), ctx.records, force=force,
+                     on_message=ctx.say)
+
+
+def source(ctx: Context) -> SourceRecord:
+    """The source every quant is made from: made or recorded now (synth, local), or as moeq fetch left it."""
+    from moeq.source import HUB_KINDS, fetched_source
+
+    if ctx.pipeline.source.kind in HUB_KINDS:
+        return fetched_source(ctx.pipeline, ctx.ws, ctx.records.get("source"))
+    return fetch(ctx).record
+
+
+def quantize(ctx: Context, quant: QuantSpec, force: bool = False, threads: int | None = None,
+             allow_requantize: bool = False, on_tensor=None) -> StageResult[QuantizeRecord]:
+    from moeq.quantize.stage import quantize_stage
+
+    stage = quantize_stage(quant, ctx.ws, ctx.chain, source(ctx), threads=threads, allow_requantize=allow_requantize,
+                           on_tensor=on_tensor, on_message=ctx.say)
+    return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
+
+
+def validate(ctx: Context, quant: QuantSpec, numerics: str = "sample", force: bool = False) -> StageResult[ValidateRecord]:
+    from moeq.validate.stage import validate_stage
+
+    stage = validate_stage(ctx.pipeline, quant, ctx.records.require("quantize", quant.type), numerics)
+    return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
+
+
+def bench(ctx: Context, quant: QuantSpec, modes: tuple[str, ...] | None = None, rpc: str | None = None,
+          force: bool = False) -> StageResult[BenchRecord]:
+    from moeq.bench.stage import bench_stage
+
+    stage = bench_stage(ctx.pipeline, quant, ctx.ws, ctx.chain, ctx.records.require("quantize", quant.type),
+                        ctx.records.get("validate", quant.type), modes=modes, rpc=rpc, on_message=ctx.say)
+    return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
+
+
+def shards(ctx: Context, quant: QuantSpec, force: bool = False) -> StageResult[ShardsRecord]:
+    from moeq.shards import shards_stage
+
+    stage = shards_stage(ctx.pipeline, ctx.records.require("quantize", quant.type), ctx.ws, ctx.chain)
+    return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
+
+
+def card(ctx: Context, quant: QuantSpec, force: bool = False) -> StageResult[CardRecord]:
+    """The card, from the current records; the shards stage runs first when its record is not current."""
+    from moeq.cards.manifest import CardInputs
+    from moeq.cards.stage import card_stage
+
+    shards_record = shards(ctx, quant).record
+    inputs = CardInputs.from_records(ctx.records, ctx.pipeline, quant, shards_record, warn=ctx.warn)
+    return run_stage(card_stage(ctx.pipeline, quant, ctx.ws, inputs), ctx.records, force=force, on_message=ctx.say)
+
+
+def push(ctx: Context, quant: QuantSpec, create_pr: bool | None = None, force: bool = False) -> StageResult[PushRecord]:
+    from moeq.push import push_stage
+
+    stage = push_stage(ctx.pipeline, quant, ctx.api, ctx.records.require("card", quant.type), create_pr=create_pr,
+                       force=force, on_message=ctx.say)
+    return run_stage(stage, ctx.records, on_message=ctx.say)
+
+
+def push_plan(ctx: Context, quant: QuantSpec, force: bool = False):
+    """What `push` would send (read requests only)."""
+    from moeq.push import check_staged, planned
+
+    card_record = ctx.records.require("card", quant.type)
+    check_staged(ctx.pipeline, quant, card_record)
+    return planned(ctx.api, card_record, force)
+
+
+@dataclass
+class PushCheck:
+    """`moeq push --check`: each repo's plan, and what differs in each README.md moeq would replace."""
+
+    plans: list = field(default_factory=list)  # PushPlan per quant
+    findings: list[str] = field(default_factory=list)
+
+    @property
+    def behind(self) -> list[str]:
+        """The repos that do not hold exactly their staged files."""
+        return [plan.repo_id for plan in self.plans if plan.changes]
+
+
+def check_pushed(ctx: Context, quants: list[QuantSpec], force: bool = False) -> PushCheck:
+    check = PushCheck()
+    for quant in quants:
+        plan = push_plan(ctx, quant, force=force)
+        check.plans.append(plan)
+        if plan.repo_exists and any(f.path == "README.md" and f.action == "update" for f in plan.files):
+            check.findings += hub_card_findings(ctx, plan.repo_id)  # which lines, as moeq card verify says
+    return check
+
+
+def hub_card_findings(ctx: Context, repo_id: str) -> list[str]:
+    """`moeq card verify` on the repo's README.md, against the records manifest beside it on the Hub."""
+    from moeq.cards.verify import card_template, verify_card
+    from moeq.errors import InputError
+    from moeq.hub.client import hub_errors, remote_text
+    from moeq.manifest import MANIFEST_NAME, MAX_CARD_BYTES, MAX_MANIFEST_BYTES, README_NAME, parse_manifest
+
+    where = f"{repo_id}/{README_NAME}"
+    with hub_errors("reading the card", repo_id):
+        text = remote_text(ctx.api, repo_id, README_NAME, MAX_CARD_BYTES)
+        if MANIFEST_NAME not in ctx.api.list_repo_files(repo_id, revision="main"):
+            return [f"{where}: no {MANIFEST_NAME} beside it on the Hub, so its lines cannot be checked"]
+        manifest_text = remote_text(ctx.api, repo_id, MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    try:
+        manifest = parse_manifest(manifest_text, f"{repo_id}/{MANIFEST_NAME}")
+        template, _same = card_template(manifest, ctx.pipeline.card.template, f"{repo_id}/{MANIFEST_NAME}")
+        return [f.format(where) for f in verify_card(text, manifest, template)]
+    except InputError as exc:
+        return [f"{where}: not checked: {exc.message}"]
+
+
+def staged_files(ctx: Context, quant: QuantSpec) -> list[dict]:
+    """The files the staged repo holds (path, size): what a push would offer, without asking the Hub."""
+    card_record = ctx.records.require("card", quant.type)
+    folder = Path(card_record.folder)
+    return [{"path": name, "action": "add", "size": (folder / name).stat().st_size} for name in card_record.repo_files]

@@ -1,0 +1,60 @@
+"""The JSON Schema of moeq-manifest.json: generated from the record types, shipped with moeq, and valid for
+the manifests a real build publishes.
+
+Regenerate the shipped copy after changing a record type with
+    MOEQ_REGEN_SCHEMA=1 .venv/bin/python -m pytest tests/test_manifest_schema.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jsonschema
+import pytest
+
+from moeq.manifest import manifest_schema, shipped_schema_path
+
+from conftest import REPO, run_moeq
+
+
+def test_shipped_schema_is_generated_from_the_types():
+    generated = json.dumps(manifest_schema(), indent=1) + "\n"
+    if os.environ.get("MOEQ_REGEN_SCHEMA") == "1":
+        shipped_schema_path().write_text(generated)
+    assert shipped_schema_path().read_text() == generated, "see the module docstring to regenerate"
+    jsonschema.Draft202012Validator.check_schema(json.loads(generated))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, toolchain, rpc_device):
+    folder = tmp_path_factory.mktemp("schema")
+    config = folder / "tiny-phimoe.yaml"
+    config.write_text((REPO / "examples" / "tiny-phimoe.yaml").read_text().replace("rpc: local", f"rpc: {rpc_device}"))
+    proc = run_moeq("build", "--config", str(config), "--all")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return folder / "work" / "repos"
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M", "Q2_K"])
+def test_a_real_builds_manifest_is_valid(built, quant):
+    schema = json.loads(shipped_schema_path().read_text())
+    manifest = json.loads((built / quant / "moeq-manifest.json").read_text())
+    assert manifest["records"]["bench"] is not None and manifest["records"]["validate"] is not None
+    jsonschema.Draft202012Validator(schema).validate(manifest)
+
+
+def test_the_schema_refuses_what_a_reader_must_not_trust(built):
+    validator = jsonschema.Draft202012Validator(json.loads(shipped_schema_path().read_text()))
+    manifest = json.loads((built / "Q8_0" / "moeq-manifest.json").read_text())
+    for path, value in [(("records", "quantize", "quant_bpw"), "8.5"), (("records", "bench", "speed", 0, "mode"), 3),
+                        (("files", 0, "sha256"), None), (("manifest_version",), 1)]:
+        bad = json.loads(json.dumps(manifest))
+        target = bad
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        assert list(validator.iter_errors(bad)), path
+    bad = json.loads(json.dumps(manifest))
+    bad["records"]["quantize"]["surprise"] = 1  # an unknown key: not a manifest of this version
+    assert list(validator.iter_errors(bad))

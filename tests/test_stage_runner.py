@@ -1,0 +1,116 @@
+"""The one stage runner's skip rule, stage by stage: change one declared input and exactly that stage and
+the stages whose inputs it changes run again; the rest are up to date. Real tools, one quant, the
+RPC device standing in for a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_moeq
+
+STAGES = ("fetch", "quantize", "validate", "bench", "shards", "card", "push")
+BASE = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
+
+
+def statuses(config: Path, *args: str) -> dict[str, str]:
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--json", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [quant] = json.loads(proc.stdout)["quants"]
+    return {s["stage"]: s["status"] for s in quant["stages"]}
+
+
+def ran(result: dict[str, str]) -> set[str]:
+    return {stage for stage, status in result.items() if status == "ran"}
+
+
+@pytest.fixture
+def built(tmp_path, toolchain, rpc_device):
+    config = tmp_path / "tiny-phimoe.yaml"
+    config.write_text(BASE.replace("rpc: local", f"rpc: {rpc_device}"))
+    assert ran(statuses(config)) == set(STAGES) - {"push"}
+    assert ran(statuses(config)) == set()  # a second build with nothing changed does nothing
+    return config
+
+
+def edit(config: Path, old: str, new: str) -> None:
+    text = config.read_text()
+    assert old in text
+    config.write_text(text.replace(old, new))
+
+
+@pytest.mark.parametrize("change,expected", [
+    # source: the synth options are the source stage's key; a new model changes every file after it
+    (("seed: 0}", "seed: 1}"), {"fetch", "quantize", "validate", "bench", "shards", "card"}),
+    # quantize: an option that changes llama-quantize's output
+    (("  - type: Q8_0\n", "  - type: Q8_0\n    tensor_types: {attn_v: q4_0}\n"),
+     {"quantize", "validate", "bench", "shards", "card"}),
+    # validate (the plan's contexts) and bench (its options) both key on bench.ctx
+    (("  ctx: [512]\n", "  ctx: [256]\n"), {"validate", "bench", "card"}),
+    # bench alone
+    (("  n_gen: 16\n", "  n_gen: 8\n"), {"bench", "card"}),
+    # shards: a shard size under the file's splits it
+    (("  max_shard_size: 50GB\n", "  max_shard_size: 2MB\n"), {"shards", "card"}),
+    # card: what it says, not what is measured
+    (("  extra:\n", "  extra:\n    note: one more line\n"), {"card"}),
+], ids=["source", "quantize", "validate-and-bench", "bench", "shards", "card"])
+def test_a_changed_input_reruns_its_stage_and_what_depends_on_it(built, change, expected):
+    edit(built, *change)
+    assert ran(statuses(built)) == expected
+    assert ran(statuses(built)) == set()
+
+
+@pytest.mark.parametrize("stage,field,value,expected", [
+    # the same bytes again, but a new file: the card stage links the staged repo to it
+    ("quantize", "tool_commit", "another-build", {"quantize", "card"}),
+    # new measurements: the card shows them
+    ("bench", "machine", {"cpu": "another CPU", "cores": 1, "ram_bytes": 1, "gpus": []}, {"bench", "card"}),
+    # the same checks and plan: nothing after it changes
+    ("validate", "numerics", "full", {"validate"}),
+])
+def test_a_changed_key_reruns_that_stage_and_only_what_its_output_changes(built, stage, field, value, expected):
+    """The record's key no longer matches (another llama.cpp build, another machine): the stage runs again; the
+    stages after it run only where its new output changed their inputs."""
+    path = built.parent / "work" / "records" / f"{stage}-Q8_0.json"
+    saved = json.loads(path.read_text())
+    assert field in saved["key"]
+    saved["key"][field] = value
+    path.write_text(json.dumps(saved))
+    result = statuses(built)
+    assert ran(result) == expected, result
+
+
+def test_force_stage_runs_it_and_every_stage_after_it(built):
+    assert ran(statuses(built, "--force-stage", "bench")) == {"bench", "shards", "card"}
+
+
+def test_a_record_of_another_schema_is_absent_and_says_so(built):
+    path = built.parent / "work" / "records" / "quantize-Q8_0.json"
+    saved = json.loads(path.read_text())
+    saved["schema_version"] = 1
+    path.write_text(json.dumps(saved))
+    proc = run_moeq("quantize", "--config", str(built), "--quant", "Q8_0")
+    assert proc.returncode == 0, proc.stderr
+    assert (f"{path}: written by another moeq (record schema 1, this moeq reads 2); quantize will run again"
+            in proc.stderr)
+    assert json.loads(path.read_text())["schema_version"] == 2
+
+
+def test_an_output_changed_behind_the_records_back_is_made_again(built):
+    quant = built.parent / "work" / "quants" / "tiny-phimoe-Q8_0.gguf"
+    data = bytearray(quant.read_bytes())
+    data[-1] ^= 0xFF
+    quant.write_bytes(bytes(data))
+    assert ran(statuses(built)) == {"quantize", "card"}  # the same bytes again: only the staged link is renewed
+
+
+def test_a_record_names_its_key_and_time(built):
+    saved = json.loads((built.parent / "work" / "records" / "quantize-Q8_0.json").read_text())
+    assert set(saved) == {"schema_version", "key", "wall_s", "record"}
+    assert set(saved["key"]) == {"source_sha256", "options", "tool_commit"}
+    assert saved["key"]["source_sha256"] == saved["record"]["source"]["sha256"]
+    assert re.fullmatch(r"[0-9a-f]+", saved["key"]["tool_commit"]) and saved["wall_s"] > 0
