@@ -18,6 +18,7 @@ from huggingface_hub import ModelCard
 
 from moeq.cards.facts import card_facts
 from moeq.cards.lint import lint_card
+from moeq.cards.render import render_card
 from moeq.manifest import MANIFEST_NAME, read_manifest
 from moeq import steps
 from moeq.steps import Context
@@ -362,6 +363,19 @@ def test_card_verify_without_a_manifest_or_with_a_custom_template(ladder, tmp_pa
     assert proc.returncode == 3 and "rendered with the pipeline's own template 'ours.md.j2'" in proc.stderr
     proc = run_moeq("card", "verify", str(card), "--template", str(REPO / "templates" / "model-card.md.j2"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_sharded_card_lints_clean_whatever_the_shard_count(good):
+    """The count of shards is a fact (from the manifest's file list), not a figure a template computes."""
+    _, manifest = good
+    manifest = manifest.model_copy(deep=True)
+    names = [f"tiny-phimoe-Q8_0-{i:05d}-of-00017.gguf" for i in range(1, 18)]
+    manifest.files = [manifest.files[0].model_copy(update={"name": name, "size": 250_000}) for name in names]
+    manifest.repo_files = sorted([*names, "README.md", MANIFEST_NAME])
+    text = render_card(card_facts(manifest))
+    assert "Download the 17 shards (llama.cpp loads them all from the first):" in text
+    assert "--include \"tiny-phimoe-Q8_0-*-of-00017.gguf\"" in text
+    assert lint_card(text, "README.md", manifest) == []
 
 
 def test_unknown_file(good):

@@ -97,6 +97,7 @@ def _quant(manifest: Manifest, quantized: QuantizeRecord) -> dict:
         "files": files,
         "file": files[0]["name"],  # the first shard when split: llama.cpp loads the rest from it
         "sharded": len(files) > 1,
+        "shard_count": len(files),
         "download_pattern": re.sub(r"-\d{5}-of-(\d{5})\.gguf$", r"-*-of-\1.gguf", files[0]["name"]),
         "size": decimal_size(sum(f.size for f in manifest.files)),
         "bpw": f"{quantized.quant_bpw:.2f}",

@@ -35,10 +35,11 @@ def validate_stage(pipeline: Pipeline, quant: QuantSpec, quantized: QuantizeReco
     def run() -> ValidateRecord:
         report = validate_file(Path(quantized.output.path), Path(quantized.source.path), numerics,
                                quant=quant.type, overrides=overrides)
+        plan = plan_file(Path(quantized.output.path), ctx_sizes=ctx)
+        plan.file = Path(plan.file).name  # the record's `file` says where it is, workspace-relative
         return ValidateRecord(
             quant=quant.type, file=quantized.output, source=quantized.source, numerics=numerics, ok=report.ok,
-            checks=report.checks, worst_tensors=[WorstTensor(**w) for w in report.worst_tensors],
-            plan=plan_file(Path(quantized.output.path), ctx_sizes=ctx),
+            checks=report.checks, worst_tensors=[WorstTensor(**w) for w in report.worst_tensors], plan=plan,
         )
 
     return Stage("validate", quant.type, key=key, run=run)
