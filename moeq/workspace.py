@@ -3,7 +3,7 @@
     workspace/
       source/<stem>-F16.gguf         the F16 model every quant is made from
       quants/<file>                  one GGUF per quant, with <file>.log beside it
-      records/<stage>-<quant>.json   what each stage did (records.py)
+      records/<stage>-<quant>.json   what each stage did, with the key it ran with (records.py, stage_runner.py)
       repos/<quant>/                 the staged Hub repo: README.md, the GGUF (hard link), the manifest
       locks/<artifact>.lock          one writer per artifact
       bench/<quant>/, bench/base/    bench logs; the F16 logits for KL divergence
