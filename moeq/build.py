@@ -19,6 +19,7 @@ from typing import Callable
 from moeq import steps
 from moeq.config import QuantSpec
 from moeq.errors import CheckFailed, ConfigError, MoeqError, ToolError, from_os_error
+from moeq.stage_runner import StageResult
 from moeq.steps import Context
 
 STAGES = ("fetch", "quantize", "validate", "bench", "shards", "card", "push")
@@ -84,16 +85,17 @@ class _Runner:
     def __init__(self, result: QuantResult):
         self.result = result
 
-    def run(self, stage: str, fn: Callable[[], str]) -> bool:
+    def run(self, stage: str, fn: Callable[[], StageResult | str]) -> bool:
         started = time.monotonic()
         try:
-            status = fn()
+            done = fn()
         except (MoeqError, OSError) as exc:  # an OSError (a full disk) fails this quant's stage, not moeq
             error = from_os_error(exc) if isinstance(exc, OSError) else exc
             self.result.stages.append(StageOutcome(stage, "failed", round(time.monotonic() - started, 3),
                                                    error.message, error.exit_code))
             return False
-        self.result.stages.append(StageOutcome(stage, status, round(time.monotonic() - started, 3)))
+        status, why = (done, "") if isinstance(done, str) else (done.status, done.why if done.status == "ran" else "")
+        self.result.stages.append(StageOutcome(stage, status, round(time.monotonic() - started, 3), why))
         return True
 
     def skip_rest(self, after: str, why: str) -> None:
@@ -109,7 +111,7 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
     runners = [_Runner(result) for result in results]
     # The source has its own lock: a second build waits for the first's fetch, then finds it current.
     fetched = _Runner(QuantResult("", "", ""))
-    fetched.run("fetch", lambda: steps.fetch(ctx, force="fetch" in force).status)
+    fetched.run("fetch", lambda: steps.fetch(ctx, force="fetch" in force))
     for runner in runners:
         runner.result.stages.append(fetched.result.stages[0])
         if not fetched.result.ok:
@@ -142,36 +144,36 @@ def _endpoint() -> str:
 
 
 def _steps(ctx: Context, quant: QuantSpec, result: QuantResult, *, push: bool, skip_bench: bool,
-           force: set[str]) -> dict[str, Callable[[], str]]:
-    def do_quantize() -> str:
+           force: set[str]) -> dict[str, Callable[[], StageResult | str]]:
+    def do_quantize() -> StageResult:
         done = steps.quantize(ctx, quant, force="quantize" in force)
         result.artifact_bytes = done.record.output.size
-        return done.status
+        return done
 
-    def do_validate() -> str:
+    def do_validate() -> StageResult:
         done = steps.validate(ctx, quant, force="validate" in force)
         if not done.record.ok:
             raise CheckFailed(f"{quant.type}: validation failed ({', '.join(done.record.failed)}); see moeq "
                               f"validate --quant {quant.type} --config {ctx.pipeline.path}")
-        return done.status
+        return done
 
-    def do_bench() -> str:
+    def do_bench() -> StageResult | str:
         if skip_bench:
             return "skipped"
         done = steps.bench(ctx, quant, force="bench" in force)
         if done.record.errors:
             errors = done.record.errors
             raise ToolError(f"{quant.type}: bench failed in {', '.join(e.mode for e in errors)}: {errors[0].error}")
-        return done.status
+        return done
 
-    def do_push() -> str:
+    def do_push() -> StageResult | str:
         if not push:
             result.push_plan = steps.staged_files(ctx, quant)
             return "skipped"
         done = steps.push(ctx, quant)
         result.commit_url, result.pr_url = done.record.commit_url, done.record.pr_url
-        return done.status
+        return done
 
     return {"quantize": do_quantize, "validate": do_validate, "bench": do_bench,
-            "shards": lambda: steps.shards(ctx, quant, force="shards" in force).status,
-            "card": lambda: steps.card(ctx, quant, force="card" in force).status, "push": do_push}
+            "shards": lambda: steps.shards(ctx, quant, force="shards" in force),
+            "card": lambda: steps.card(ctx, quant, force="card" in force), "push": do_push}

@@ -12,6 +12,7 @@ its record. `run_stage` is the only place that decides whether a stage runs, so 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,40 +54,39 @@ def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
     ws = records.ws
     path = ws.record_path(stage.name, stage.quant)
     with ws.lock(stage.lock or (f"{stage.name}-{stage.quant}" if stage.quant else stage.name), on_wait=on_message):
-        key = stage.key()
+        key = _plain(stage.key())
         records.forget(stage.name, stage.quant)  # another process may have written it while we waited
         previous = records.saved(stage.name, stage.quant)
-        why = _why_run(stage, previous, key, force, records.reasons.get((stage.name, stage.quant)))
+        unusable = records.reasons.get((stage.name, stage.quant))  # a record there, of another schema or shape
+        why = _why_run(stage, previous, key, force, unusable)
         if why is None:
             return StageResult(stage.name, previous.record, "up to date", "inputs unchanged", previous.wall_s, path)
-        if previous is None and records.reasons.get((stage.name, stage.quant)):
-            on_message(f"{path}: {records.reasons[(stage.name, stage.quant)]}; {stage.name} will run again")
+        if unusable:
+            on_message(f"{path}: {unusable}; {stage.name} will run again")
         started = time.monotonic()
         record = stage.run()
-        wall = time.monotonic() - started
+        wall = round(time.monotonic() - started, 3)
         save_record(path, record, key, wall)
-        records.put(stage.name, stage.quant, Saved(schema_version=SCHEMA_VERSION, key=_plain(key), wall_s=round(wall, 3),
-                                                   record=record))
-        return StageResult(stage.name, record, stage.status(record), why, round(wall, 3), path)
+        records.put(stage.name, stage.quant, Saved(schema_version=SCHEMA_VERSION, key=key, wall_s=wall, record=record))
+        return StageResult(stage.name, record, stage.status(record), why, wall, path)
 
 
-def _why_run(stage: Stage, previous: Saved | None, key: dict | None, force: bool, unreadable: str | None) -> str | None:
+def _why_run(stage: Stage, previous: Saved | None, key: dict | None, force: bool, unusable: str | None) -> str | None:
+    """Why the stage runs (forced, no record, which key changed, its outputs changed), or None: it is up to date."""
     if force:
         return "forced"
     if previous is None:
-        return unreadable or "no record"
+        return unusable or "no record"
     if key is None:
         return "always runs"
-    if previous.key != _plain(key):
-        changed = sorted(k for k in {*key, *(previous.key or {})} if (previous.key or {}).get(k) != _plain(key).get(k))
-        return "changed: " + ", ".join(changed)
+    if previous.key != key:
+        before = previous.key or {}
+        return "changed: " + ", ".join(sorted(k for k in {*key, *before} if before.get(k) != key.get(k)))
     if not stage.intact(previous.record):
         return "outputs changed since the record"
     return None
 
 
 def _plain(key: dict | None) -> dict | None:
-    """The key as JSON would give it back (tuples as lists, int dict keys as strings), so keys compare equal."""
-    import json
-
-    return None if key is None else json.loads(json.dumps(key, default=lambda v: record_json(v)))
+    """The key as JSON gives it back (tuples as lists, int dict keys as strings), so a saved key compares equal."""
+    return None if key is None else json.loads(json.dumps(key, default=record_json))

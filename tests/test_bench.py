@@ -18,7 +18,6 @@ from moeq import steps
 from moeq.steps import Context
 from moeq.config import load_pipeline
 from moeq.llama_logs import parse_buffer_sizes
-from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace
 
 from conftest import REPO, run_moeq

@@ -24,7 +24,6 @@ from moeq import steps
 from moeq.steps import Context
 from moeq.config import load_pipeline
 from moeq.errors import CheckFailed, InputError
-from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace
 
 from conftest import REPO, run_moeq
@@ -48,7 +47,6 @@ def copy_example(folder: Path, card: str = "") -> Path:
 def build_until_card(config: Path, validate: tuple[str, ...] = LADDER) -> tuple:
     pipeline = load_pipeline(config)
     ws = Workspace(pipeline.workspace)
-    chain = Toolchain()
     for q in LADDER:
         steps.quantize(Context.of(pipeline), pipeline.quant(q))
     for q in validate:
@@ -444,8 +442,6 @@ def test_preview_writes_html_outside_the_staged_repo(ladder):
 
 def test_memory_section_on_the_real_models_layout(good):
     """The fit table and the -ncmoe example, on Phi-3.5-MoE's real tensor layout in Q8_0 (header only)."""
-    import copy
-
     import gguf
 
     from moeq.cards.render import render_card

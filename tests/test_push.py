@@ -13,7 +13,6 @@ import pytest
 from moeq import steps
 from moeq.steps import Context
 from moeq.config import load_pipeline
-from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace
 
 from conftest import HUB_TOKEN, REPO, run_moeq

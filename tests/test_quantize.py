@@ -19,7 +19,7 @@ from moeq.errors import ResourceError
 from moeq import steps
 from moeq.steps import Context
 from moeq.records import QuantizeRecord
-from moeq.toolchain import TOOLS, Toolchain
+from moeq.toolchain import TOOLS
 from moeq.workspace import Workspace
 
 from conftest import REPO, run_moeq

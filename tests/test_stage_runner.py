@@ -17,10 +17,13 @@ STAGES = ("fetch", "quantize", "validate", "bench", "shards", "card", "push")
 BASE = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
 
 
-def statuses(config: Path, *args: str) -> dict[str, str]:
+def statuses(config: Path, *args: str, details: dict | None = None) -> dict[str, str]:
+    """Each stage's status in `moeq build --json`; `details` gets why each stage that ran did."""
     proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--json", *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     [quant] = json.loads(proc.stdout)["quants"]
+    if details is not None:
+        details.update({s["stage"]: s["detail"] for s in quant["stages"] if s["status"] == "ran"})
     return {s["stage"]: s["status"] for s in quant["stages"]}
 
 
@@ -60,7 +63,9 @@ def edit(config: Path, old: str, new: str) -> None:
 ], ids=["source", "quantize", "validate-and-bench", "bench", "shards", "card"])
 def test_a_changed_input_reruns_its_stage_and_what_depends_on_it(built, change, expected):
     edit(built, *change)
-    assert ran(statuses(built)) == expected
+    why: dict[str, str] = {}
+    assert ran(statuses(built, details=why)) == expected
+    assert all(detail.startswith("changed: ") for detail in why.values()), why  # each names the key that changed
     assert ran(statuses(built)) == set()
 
 
@@ -85,7 +90,9 @@ def test_a_changed_key_reruns_that_stage_and_only_what_its_output_changes(built,
 
 
 def test_force_stage_runs_it_and_every_stage_after_it(built):
-    assert ran(statuses(built, "--force-stage", "bench")) == {"bench", "shards", "card"}
+    why: dict[str, str] = {}
+    assert ran(statuses(built, "--force-stage", "bench", details=why)) == {"bench", "shards", "card"}
+    assert set(why.values()) == {"forced"}
 
 
 def test_a_record_of_another_schema_is_absent_and_says_so(built):
@@ -105,7 +112,9 @@ def test_an_output_changed_behind_the_records_back_is_made_again(built):
     data = bytearray(quant.read_bytes())
     data[-1] ^= 0xFF
     quant.write_bytes(bytes(data))
-    assert ran(statuses(built)) == {"quantize", "card"}  # the same bytes again: only the staged link is renewed
+    why: dict[str, str] = {}
+    assert ran(statuses(built, details=why)) == {"quantize", "card"}  # the same bytes: only the staged link is renewed
+    assert why == {"quantize": "outputs changed since the record", "card": "outputs changed since the record"}
 
 
 def test_a_record_names_its_key_and_time(built):
