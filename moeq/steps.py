@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from moeq.config import Pipeline, QuantSpec
@@ -176,7 +175,8 @@ def hub_card_findings(ctx: Context, repo_id: str) -> list[str]:
 
 
 def staged_files(ctx: Context, quant: QuantSpec) -> list[dict]:
-    """The files the staged repo holds (path, size): what a push would offer, without asking the Hub."""
-    card_record = ctx.records.require("card", quant.type)
-    folder = Path(card_record.folder)
-    return [{"path": name, "action": "add", "size": (folder / name).stat().st_size} for name in card_record.repo_files]
+    """The files the staged repo holds (path, action add, size): what a push would offer, without asking the Hub."""
+    from moeq.push import local_files
+
+    return [{"path": f.path, "action": f.action, "size": f.size}
+            for f in local_files(ctx.records.require("card", quant.type)).values()]

@@ -60,7 +60,7 @@ class PushPlan:
         return sum(f.size for f in self.files if f.action in ("add", "update"))
 
 
-def _local_files(card: CardRecord) -> dict[str, PlannedFile]:
+def local_files(card: CardRecord) -> dict[str, PlannedFile]:
     """The staged folder as the card stage left it, with sha256 from its records (no re-hashing of GGUFs)."""
     folder = Path(card.folder)
     known = {f.name: f.sha256 for f in read_manifest(folder / MANIFEST_NAME).files}
@@ -79,7 +79,7 @@ def _local_files(card: CardRecord) -> dict[str, PlannedFile]:
 
 def plan_push(api: HfApi, card: CardRecord) -> PushPlan:
     """Compare the staged folder with the repo's main branch (read requests only)."""
-    local = _local_files(card)
+    local = local_files(card)
     plan = PushPlan(card.repo_id, repo_exists=True)
     try:
         remote_paths = set(api.list_repo_files(card.repo_id, revision="main"))
