@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from moeq.errors import InputError
 from moeq.workspace import write_json_atomic
 
 SCHEMA_VERSION = 2  # 2: every nested value typed, and the stage runner's key stored in the record
@@ -473,8 +474,6 @@ class Records:
         self.reasons.pop((stage, quant), None)
 
     def require(self, stage: str, quant: str | None = None):
-        from moeq.errors import InputError
-
         record = self.get(stage, quant)
         if record is None:
             path = self.ws.record_path(stage, quant)
