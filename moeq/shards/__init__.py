@@ -24,7 +24,6 @@ from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace
 
 
-
 def split_size_arg(max_bytes: int) -> str:
     """llama-gguf-split takes whole decimal megabytes or gigabytes: 50_000_000_000 -> '50G'."""
     if max_bytes % 10**9 == 0:
