@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Iterator
 
 import gguf
 import numpy as np
@@ -112,20 +113,27 @@ def _vocab(size: int) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def _tensor_data(rng: np.random.Generator, name: str, shape: tuple[int, ...],
-                 dtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    numpy_shape = tuple(reversed(shape))
-    if name.endswith("_norm.weight"):
-        data = 1.0 + 0.05 * rng.standard_normal(numpy_shape, dtype=np.float32)
-    elif name.startswith("rope_factors"):
-        data = np.linspace(1.0, 1.5, num=shape[0], dtype=np.float32)
-    elif name.endswith(".bias"):
-        data = 0.01 * rng.standard_normal(numpy_shape, dtype=np.float32)
-    else:
-        data = 0.02 * rng.standard_normal(numpy_shape, dtype=np.float32)
-    if dtype == gguf.GGMLQuantizationType.F16:
-        return data.astype(np.float16)
-    return data.astype(np.float32)
+CHUNK_ELEMENTS = 16 * 2**20  # float32 values made at once: 64 MiB, whatever the tensor's size
+
+
+def _tensor_chunks(rng: np.random.Generator, name: str, shape: tuple[int, ...],
+                   dtype: gguf.GGMLQuantizationType) -> Iterator[np.ndarray]:
+    """The tensor's data in row-major pieces of at most CHUNK_ELEMENTS values, drawn from `rng` in order, so
+    the bytes are the same as drawing the whole tensor at once, in bounded memory."""
+    out_type = np.float16 if dtype == gguf.GGMLQuantizationType.F16 else np.float32
+    if name.startswith("rope_factors"):
+        yield np.linspace(1.0, 1.5, num=shape[0], dtype=np.float32).astype(out_type)
+        return
+    total = math.prod(shape)
+    for start in range(0, total, CHUNK_ELEMENTS):
+        draw = rng.standard_normal(min(CHUNK_ELEMENTS, total - start), dtype=np.float32)
+        if name.endswith("_norm.weight"):
+            data = 1.0 + 0.05 * draw
+        elif name.endswith(".bias"):
+            data = 0.01 * draw
+        else:
+            data = 0.02 * draw
+        yield data.astype(out_type)
 
 
 def write_tiny_phimoe(out: Path, spec: SynthSpec = SynthSpec(), name: str = "tiny-phimoe") -> Path:
@@ -172,12 +180,15 @@ def write_tiny_phimoe(out: Path, spec: SynthSpec = SynthSpec(), name: str = "tin
         writer.add_add_eos_token(False)
         writer.add_chat_template(PHI35_CHAT_TEMPLATE)
 
-        rng = np.random.default_rng(spec.seed)
-        for tensor_name, shape, dtype in tensor_layout(spec):
-            writer.add_tensor(tensor_name, _tensor_data(rng, tensor_name, shape, dtype), raw_dtype=dtype)
+        layout = tensor_layout(spec)
+        for tensor_name, shape, dtype in layout:
+            np_type = np.dtype(np.float16 if dtype == gguf.GGMLQuantizationType.F16 else np.float32)
+            writer.add_tensor_info(tensor_name, tuple(reversed(shape)), np_type, math.prod(shape) * np_type.itemsize,
+                                   raw_dtype=dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        _write_tensors(writer, layout, np.random.default_rng(spec.seed))
         writer.close()
         with open(partial, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -189,6 +200,34 @@ def write_tiny_phimoe(out: Path, spec: SynthSpec = SynthSpec(), name: str = "tin
             exc.filename = exc.filename or str(out)
         raise
     return out
+
+
+def _write_tensors(writer: gguf.GGUFWriter, layout, rng: np.random.Generator) -> None:
+    """Each tensor's data in pieces, padded as GGUFWriter.write_tensor_data pads a whole tensor (gguf-py
+    takes only whole arrays; a real-dimension expert tensor is 840 MB in F16)."""
+    fout = writer.fout[0]
+    for name, shape, dtype in layout:
+        info = writer.tensors[0].pop(name)
+        writer.write_padding(fout, fout.tell())
+        for chunk in _tensor_chunks(rng, name, shape, dtype):
+            chunk.tofile(fout)
+        writer.write_padding(fout, info.nbytes)
+    writer.state = gguf.gguf_writer.WriterState.WEIGHTS
+
+
+# Real models' dimensions; a preset with fewer layers has every tensor at its real size.
+PRESETS = {
+    "phi-3.5-moe": SynthSpec(layers=32, experts=16, experts_used=2, embd=4096, ff=6400, heads=32, kv_heads=8,
+                             vocab=32064),
+}
+
+
+def synth_spec(preset: str | None = None, **options: int | None) -> SynthSpec:
+    """A preset's dimensions (or the tiny defaults), with each option that is not None in place of its own."""
+    if preset is not None and preset not in PRESETS:
+        raise InputError(f"--preset {preset!r}: use one of {', '.join(PRESETS)}")
+    base = PRESETS[preset] if preset else SynthSpec()
+    return replace(base, **{k: v for k, v in options.items() if v is not None})
 
 
 def _check(spec: SynthSpec) -> None:

@@ -81,23 +81,30 @@ def doctor(
 @guard
 def synth_tiny_phimoe(
     out: Annotated[Path, typer.Argument(help="Output GGUF path.")],
-    layers: int = SynthSpec.layers,
-    experts: int = SynthSpec.experts,
-    experts_used: int = SynthSpec.experts_used,
-    embd: Annotated[int, typer.Option(help="Embedding width (multiple of 256).")] = SynthSpec.embd,
-    ff: Annotated[int, typer.Option(help="Expert FFN width (multiple of 256).")] = SynthSpec.ff,
-    heads: int = SynthSpec.heads,
-    kv_heads: int = SynthSpec.kv_heads,
-    vocab: int = SynthSpec.vocab,
-    seed: int = SynthSpec.seed,
+    preset: Annotated[Optional[str], typer.Option(help="Start from a real model's dimensions: phi-3.5-moe (32 "
+                                                  "layers of 16 experts, 84 GB in F16; use --layers to make "
+                                                  "fewer). The other options change it.")] = None,
+    layers: Annotated[Optional[int], typer.Option(help=f"Blocks [default: {SynthSpec.layers}].")] = None,
+    experts: Annotated[Optional[int], typer.Option(help=f"Experts [default: {SynthSpec.experts}].")] = None,
+    experts_used: Annotated[Optional[int], typer.Option(help="Experts per token "
+                                                        f"[default: {SynthSpec.experts_used}].")] = None,
+    embd: Annotated[Optional[int], typer.Option(help="Embedding width, a multiple of 256 "
+                                                f"[default: {SynthSpec.embd}].")] = None,
+    ff: Annotated[Optional[int], typer.Option(help="Expert FFN width, a multiple of 256 "
+                                              f"[default: {SynthSpec.ff}].")] = None,
+    heads: Annotated[Optional[int], typer.Option(help=f"Query heads [default: {SynthSpec.heads}].")] = None,
+    kv_heads: Annotated[Optional[int], typer.Option(help=f"KV heads [default: {SynthSpec.kv_heads}].")] = None,
+    vocab: Annotated[Optional[int], typer.Option(help=f"Vocabulary size [default: {SynthSpec.vocab}].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help=f"Random seed [default: {SynthSpec.seed}].")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Write a deterministic F16 phimoe GGUF with Phi-3.5-MoE's layout, scaled down."""
-    from moeq.synth import parameter_count, write_tiny_phimoe
+    """Write a deterministic F16 phimoe GGUF with Phi-3.5-MoE's layout: scaled down, or at its real
+    dimensions with --preset phi-3.5-moe. Written tensor by tensor, in bounded memory."""
+    from moeq.synth import parameter_count, synth_spec, write_tiny_phimoe
 
-    spec = SynthSpec(layers=layers, experts=experts, experts_used=experts_used, embd=embd, ff=ff,
-                     heads=heads, kv_heads=kv_heads, vocab=vocab, seed=seed)
-    path = write_tiny_phimoe(out, spec)
+    spec = synth_spec(preset, layers=layers, experts=experts, experts_used=experts_used, embd=embd, ff=ff,
+                      heads=heads, kv_heads=kv_heads, vocab=vocab, seed=seed)
+    path = write_tiny_phimoe(out, spec, name=preset or "tiny-phimoe")
     result = {"path": str(path), "bytes": path.stat().st_size, "parameters": parameter_count(spec),
               "options": vars(spec)}
     if as_json:
