@@ -129,6 +129,7 @@ class BenchSpec:
     timeout_s: int = 1800
     perplexity: PerplexitySpec = field(default_factory=PerplexitySpec)
     rpc: str | None = None  # HOST:PORT of a ggml-rpc-server, or "local" to start one on 127.0.0.1
+    quality: bool = True  # llama-perplexity against F16; off for random weights, where it means nothing
 
 
 @dataclass(frozen=True)
@@ -533,7 +534,8 @@ def _card(n: _Node, base: Path) -> CardSpec:
 
 
 def _bench(n: _Node, base: Path) -> BenchSpec:
-    m = n.mapping(("modes", "n_prompt", "n_gen", "repetitions", "threads", "ctx", "timeout_s", "perplexity", "rpc"))
+    m = n.mapping(("modes", "n_prompt", "n_gen", "repetitions", "threads", "ctx", "timeout_s", "perplexity", "rpc",
+                   "quality"))
     defaults = BenchSpec()
     modes = defaults.modes
     if "modes" in m:
@@ -565,6 +567,7 @@ def _bench(n: _Node, base: Path) -> BenchSpec:
         timeout_s=m["timeout_s"].int(minimum=1, maximum=MAX_TIMEOUT_S) if "timeout_s" in m else defaults.timeout_s,
         perplexity=ppl,
         rpc=_rpc(m["rpc"]) if "rpc" in m else None,
+        quality=m["quality"].bool() if "quality" in m else defaults.quality,
     )
 
 

@@ -228,6 +228,7 @@ class BenchOptions(Model):
     timeout_s: float
     rpc: bool
     perplexity: PerplexityOptions
+    quality: bool = True  # False: llama-perplexity not run (bench.quality)
 
 
 class SpeedTest(Model):

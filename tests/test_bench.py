@@ -327,3 +327,14 @@ def test_sigterm_during_bench_records_nothing(tmp_path, toolchain, hang):
     proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0", "--modes", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)[0]["record"]["errors"] == []
+
+
+def test_quality_can_be_left_out(tmp_path, toolchain):
+    """bench.quality: false (random weights, where perplexity means nothing): no llama-perplexity run at all."""
+    config, pipeline, ws = prepared(tmp_path, quants=("Q8_0",), rpc=False)
+    config.write_text(config.read_text().replace("  repetitions: 2\n", "  repetitions: 2\n  quality: false\n"))
+    pipeline = load_pipeline(config)
+    record = steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), modes=("cpu",)).record
+    assert record.quality is None and record.errors == [] and record.options.quality is False
+    assert not (ws.root / "bench" / "Q8_0" / "perplexity.log").exists()
+    assert "quality (bench)" in steps.card(Context.of(pipeline), pipeline.quant("Q8_0")).record.not_measured

@@ -56,7 +56,7 @@ def bench_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
     machine = Machine(**machine_facts())
     options = BenchOptions(
         modes=list(modes or cfg.modes), n_prompt=cfg.n_prompt, n_gen=cfg.n_gen, repetitions=cfg.repetitions,
-        threads=cfg.threads, ctx=list(cfg.ctx), timeout_s=cfg.timeout_s, rpc=bool(rpc),
+        threads=cfg.threads, ctx=list(cfg.ctx), timeout_s=cfg.timeout_s, rpc=bool(rpc), quality=cfg.quality,
         perplexity=PerplexityOptions(text=text.name, text_sha256=ws.hashes.sha256(text), ctx=cfg.perplexity.ctx,
                                      chunks=cfg.perplexity.chunks))
 
@@ -73,7 +73,7 @@ def bench_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
         not_measured: list[NotMeasured] = []
         with rpc_endpoint(rpc, chain) as address:  # "local": a ggml-rpc-server for this run only
             speed, memory = _modes(chain, model, plan, options, address, logs, errors, not_measured, on_message)
-        quality = _quality(chain, quantized, ws, text, options, errors, on_message)
+        quality = _quality(chain, quantized, ws, text, options, errors, on_message) if options.quality else None
         return BenchRecord(quant=quant.type, file=quantized.output, machine=machine,
                            tool=ToolBuildRef(**tool.build.as_dict()), options=options, speed=speed, memory=memory,
                            quality=quality, errors=errors, not_measured=not_measured)
