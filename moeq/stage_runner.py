@@ -32,6 +32,9 @@ class Stage(Generic[R]):
     lock: str | None = None  # default: NAME-QUANT
     intact: Callable[[R], bool] = lambda _record: True  # the outputs the record names are still as it says
     status: Callable[[R], str] = lambda _record: "ran"  # push: "up to date" when nothing had changed
+    # The key may be computed after run() when there is nothing to compare it with (no record, or forced):
+    # quantize's key waits on the source's sha256, which a first run computes beside llama-quantize.
+    lazy_key: bool = False
 
 
 @dataclass
@@ -54,10 +57,11 @@ def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
     ws = records.ws
     path = ws.record_path(stage.name, stage.quant)
     with ws.lock(stage.lock or (f"{stage.name}-{stage.quant}" if stage.quant else stage.name), on_wait=on_message):
-        key = _plain(stage.key())
         records.forget(stage.name, stage.quant)  # another process may have written it while we waited
         previous = records.saved(stage.name, stage.quant)
         unusable = records.reasons.get((stage.name, stage.quant))  # a record there, of another schema or shape
+        later = stage.lazy_key and (force or previous is None)
+        key = None if later else _plain(stage.key())
         why = _why_run(stage, previous, key, force, unusable)
         if why is None:
             return StageResult(stage.name, previous.record, "up to date", "inputs unchanged", previous.wall_s, path)
@@ -65,6 +69,8 @@ def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
             on_message(f"{path}: {unusable}; {stage.name} will run again")
         started = time.monotonic()
         record = stage.run()
+        if later:
+            key = _plain(stage.key())
         wall = round(time.monotonic() - started, 3)
         save_record(path, record, key, wall)
         records.put(stage.name, stage.quant, Saved(schema_version=SCHEMA_VERSION, key=key, wall_s=wall, record=record))

@@ -4,7 +4,7 @@ Its key is the source's sha256 (from the source record), the options that change
 output and the tool's commit; the output's checks are the fast header reader's (every tensor's extent
 and count); gguf-py's full open of the output is validate's.
 
-    result = run_stage(quantize_stage(pipeline, pipeline.quant("Q8_0"), ws, Toolchain(), source), records)
+    result = run_stage(quantize_stage(pipeline.quant("Q8_0"), ws, Toolchain(), path, lambda: source), records)
     result.status, result.record.output.sha256
 """
 
@@ -30,11 +30,12 @@ from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace, commit_file, fsync_file, partial_path, require_free, sha256_file
 
 
-def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source: SourceRecord, *,
-                   threads: int | None = None, allow_requantize: bool = False,
+def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_path: Path,
+                   source: Callable[[], SourceRecord], *, threads: int | None = None, allow_requantize: bool = False,
                    on_tensor: Callable[[TensorLine], None] | None = None,
                    on_message: Callable[[str], None] = lambda _msg: None) -> Stage[QuantizeRecord]:
-    """Quantize `source` (the source stage's record) into `quant`."""
+    """Quantize the F16 at `source_path` into `quant`; `source()` gives the source stage's record of it, which
+    may still be hashing the file (a first run on a local source): llama-quantize does not wait for it."""
     if quant_types.lookup(quant.type) is None:
         raise InputError(f"{quant.type}: unknown quant type; llama-quantize accepts "
                          f"{', '.join(quant_types.QUANT_TYPES)}")
@@ -43,7 +44,7 @@ def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source: So
     options = quant_options(quant, allow_requantize, ws)
 
     def key() -> dict:
-        return {"source_sha256": source.output.sha256, "options": options.model_dump(mode="json"),
+        return {"source_sha256": source().output.sha256, "options": options.model_dump(mode="json"),
                 "tool_commit": tool.build.commit}
 
     def intact(record: QuantizeRecord) -> bool:
@@ -51,9 +52,9 @@ def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source: So
                 and ws.hashes.sha256(final) == record.output.sha256)
 
     def run() -> QuantizeRecord:
-        return _quantize(quant, ws, tool, source, options, threads, on_tensor, on_message)
+        return _quantize(quant, ws, tool, source_path, source, options, threads, on_tensor, on_message)
 
-    return Stage("quantize", quant.type, key=key, run=run, intact=intact, lock=f"quant-{quant.type}")
+    return Stage("quantize", quant.type, key=key, run=run, intact=intact, lock=f"quant-{quant.type}", lazy_key=True)
 
 
 def log_path(ws: Workspace, quant: QuantSpec) -> Path:
@@ -61,12 +62,10 @@ def log_path(ws: Workspace, quant: QuantSpec) -> Path:
     return final.with_name(final.name + ".log")
 
 
-def _quantize(quant: QuantSpec, ws: Workspace, tool, source_record: SourceRecord, options: QuantizeOptions,
-              threads: int | None, on_tensor, on_message) -> QuantizeRecord:
-    source = Path(source_record.output.path)
+def _quantize(quant: QuantSpec, ws: Workspace, tool, source: Path, source_record: Callable[[], SourceRecord],
+              options: QuantizeOptions, threads: int | None, on_tensor, on_message) -> QuantizeRecord:
     final = ws.quant_path(quant.file)
     log = log_path(ws, quant)
-    hashes = ws.hashes
     source_header = read_source_header(source, options.allow_requantize)
     if any(t.type not in UNQUANTIZED for t in source_header.tensors):
         on_message(f"warning: {source} is already quantized; {REQUANTIZE_WARNING}")
@@ -83,9 +82,7 @@ def _quantize(quant: QuantSpec, ws: Workspace, tool, source_record: SourceRecord
             on_tensor(tensor)
 
     stop_hashing = threading.Event()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-        # The source's hash (cached since the source stage) is checked beside llama-quantize's work.
-        source_hash = pool.submit(hashes.sha256, source, stop_hashing)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         try:
             run_tool(command, log, on_line)
             # The output hash and the fsync run side by side with the header checks; every check on the
@@ -100,8 +97,8 @@ def _quantize(quant: QuantSpec, ws: Workspace, tool, source_record: SourceRecord
             file_type = output_header.metadata.get("general.file_type")
             if not isinstance(file_type, int):
                 raise ToolError(f"llama-quantize wrote no general.file_type; see {log}")
-            source_sha = source_hash.result()
-            if hashes.lookup(source) != source_sha or source_sha != source_record.output.sha256:
+            recorded = source_record().output  # a first run's source hash finishes beside llama-quantize
+            if ws.hashes.lookup(source) != recorded.sha256:
                 raise InputError(f"{source}: changed since the source record was made; run again")
             output_digest = output_sha.result()
             synced.result()
@@ -110,11 +107,11 @@ def _quantize(quant: QuantSpec, ws: Workspace, tool, source_record: SourceRecord
             stop_hashing.set()
             partial.unlink(missing_ok=True)
             raise
-    hashes.remember(final, output_digest)
+    ws.hashes.remember(final, output_digest)
     return QuantizeRecord(
         quant=quant.type,
         file_type=file_type,
-        source=source_record.output,
+        source=recorded,
         output=FileRef(path=str(final), size=final.stat().st_size, sha256=output_digest),
         options=options,
         tool=ToolBuildRef(**tool.build.as_dict()),
