@@ -19,6 +19,7 @@ from typing import Callable
 from moeq import steps
 from moeq.config import QuantSpec
 from moeq.errors import CheckFailed, ConfigError, MoeqError, ToolError, from_os_error
+from moeq.hub.client import hub_endpoint
 from moeq.stage_runner import StageResult
 from moeq.steps import Context
 
@@ -107,7 +108,7 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
           force_stage: str | None = None) -> BuildSummary:
     force = forced_stages(force_stage)
     pipeline = ctx.pipeline
-    results = [QuantResult(q.type, pipeline.repo_id(q), f"{_endpoint()}/{pipeline.repo_id(q)}") for q in quants]
+    results = [QuantResult(q.type, pipeline.repo_id(q), f"{hub_endpoint()}/{pipeline.repo_id(q)}") for q in quants]
     runners = [_Runner(result) for result in results]
     # The source has its own lock: a second build waits for the first's fetch, then finds it current.
     fetched = _Runner(QuantResult("", "", ""))
@@ -133,14 +134,6 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
                                                          exit_code=exc.exit_code))
                 runner.skip_rest(phase[0], "another build is running")
     return BuildSummary(results, pushed=push)
-
-
-def _endpoint() -> str:
-    import os
-
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
 
 
 def _steps(ctx: Context, quant: QuantSpec, result: QuantResult, *, push: bool, skip_bench: bool,

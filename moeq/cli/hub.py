@@ -51,7 +51,7 @@ def push(
     for index, spec in enumerate(quants):
         if dry_run or check:
             plan = verdict.plans[index] if verdict else steps.push_plan(ctx, spec, force=force)
-            files = [{"path": f.path, "action": f.action, "size": f.size, "sha256": f.sha256} for f in plan.files]
+            files = [f.model_dump() for f in plan.pushed_files()]
             row = {"quant": spec.type, "repo_id": plan.repo_id, "dry_run": True, "repo_exists": plan.repo_exists,
                    "files": files, "upload_bytes": plan.upload_bytes if plan.changes else 0, "record": None}
         else:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
+from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx2
@@ -23,6 +25,7 @@ from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, Reposito
 from huggingface_hub.utils import get_token
 
 from moeq.errors import HubError
+from moeq.workspace import read_text_limited
 
 
 MAX_WAIT_S = 60  # the longest moeq (and the client under it) waits when the Hub says to retry later
@@ -35,12 +38,17 @@ def max_wait_s() -> int:
 _RATELIMIT_RESET = re.compile(r"(;\s*t=)(\d+)")
 
 
+def hub_endpoint() -> str:
+    """The Hub moeq talks to: HF_ENDPOINT as it is now, else huggingface_hub's default."""
+    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+
+
 def hub_api(on_message: Callable[[str], None] = lambda _msg: None) -> HfApi:
     """An HfApi on HF_ENDPOINT (read when called, so tests and CI can point it elsewhere).
 
     The client sleeps as long as a 429/503 says (Retry-After, RateLimit reset) before it retries; every
     such wait is capped at MAX_WAIT_S here, and `on_message` is told when one was."""
-    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+    endpoint = hub_endpoint()
 
     def capped_client() -> httpx2.Client:
         client = default_client_factory()
@@ -123,11 +131,6 @@ def hub_errors(action: str, repo_id: str) -> Iterator[None]:
 
 def remote_text(api: HfApi, repo_id: str, name: str, limit: int = 16 << 20) -> str:
     """A text file of the repo's main branch (a card, a manifest), read whole only up to `limit` bytes."""
-    import tempfile
-    from pathlib import Path
-
-    from moeq.workspace import read_text_limited
-
     with tempfile.TemporaryDirectory() as tmp:
         path = api.hf_hub_download(repo_id, name, revision="main", local_dir=tmp)
         return read_text_limited(Path(path), limit, f"{name} of {repo_id}")

@@ -59,6 +59,10 @@ class PushPlan:
     def upload_bytes(self) -> int:
         return sum(f.size for f in self.files if f.action in ("add", "update"))
 
+    def pushed_files(self) -> list[PushedFile]:
+        """Each file's path, action, size and sha256, as the push record keeps them (no local paths)."""
+        return [PushedFile(path=f.path, action=f.action, size=f.size, sha256=f.sha256) for f in self.files]
+
 
 def local_files(card: CardRecord) -> dict[str, PlannedFile]:
     """The staged folder as the card stage left it, with sha256 from its records (no re-hashing of GGUFs)."""
@@ -144,7 +148,7 @@ def push_stage(pipeline: Pipeline, quant: QuantSpec, api: HfApi, card: CardRecor
             quant=quant.type, repo_id=card.repo_id, create_pr=create_pr, repo_existed=plan.repo_exists,
             commit=commit.oid if commit else None, commit_url=commit.commit_url if commit else None,
             pr_url=commit.pr_url if commit else None,
-            files=[PushedFile(path=f.path, action=f.action, size=f.size, sha256=f.sha256) for f in plan.files],
+            files=plan.pushed_files(),
             uploaded_bytes=plan.upload_bytes if commit else 0, readme_sha256=card.readme.sha256,
         )
 
