@@ -1,4 +1,5 @@
-"""`moeq build`: fetch -> quantize -> validate -> bench -> shards -> card -> push for each quant, doing only what changed.
+"""`moeq build`: fetch -> imatrix -> quantize -> validate -> bench -> shards -> card -> push for each quant, doing only
+what changed (imatrix only when a quant of the ladder has `imatrix: auto`).
 
 Each stage goes through the one stage runner (stage_runner.py), which decides from its record whether it
 is current; `--force-stage S` runs S and every stage after it again. The first stage that fails stops
@@ -17,13 +18,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from moeq import steps
-from moeq.config import QuantSpec
+from moeq.config import IMATRIX_AUTO, QuantSpec
 from moeq.errors import CheckFailed, ConfigError, MoeqError, ToolError, from_os_error
 from moeq.hub.client import hub_endpoint
 from moeq.stage_runner import StageResult
 from moeq.steps import Context
 
-STAGES = ("fetch", "quantize", "validate", "bench", "shards", "card", "push")
+STAGES = ("fetch", "imatrix", "quantize", "validate", "bench", "shards", "card", "push")
+SHARED_STAGES = ("fetch", "imatrix")  # run once for the ladder
 FILE_STAGES = ("quantize", "validate", "bench")
 PUBLISH_STAGES = ("shards", "card", "push")
 
@@ -111,12 +113,22 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
     results = [QuantResult(q.type, pipeline.repo_id(q), f"{hub_endpoint()}/{pipeline.repo_id(q)}") for q in quants]
     runners = [_Runner(result) for result in results]
     # The source has its own lock: a second build waits for the first's fetch, then finds it current.
-    fetched = _Runner(QuantResult("", "", ""))
-    fetched.run("fetch", lambda: steps.fetch(ctx, force="fetch" in force))
-    for runner in runners:
-        runner.result.stages.append(fetched.result.stages[0])
-        if not fetched.result.ok:
+    shared = _Runner(QuantResult("", "", ""))
+    shared.run("fetch", lambda: steps.fetch(ctx, force="fetch" in force))
+    wants_imatrix = [q.imatrix == IMATRIX_AUTO for q in quants]
+    if shared.result.ok and any(wants_imatrix):
+        shared.run("imatrix", lambda: steps.imatrix(ctx, force="imatrix" in force))
+    for runner, auto, quant in zip(runners, wants_imatrix, quants):
+        runner.result.stages.append(shared.result.stages[0])
+        if shared.result.stages[0].status == "failed":
             runner.skip_rest("fetch", "the source could not be fetched")
+        elif auto:
+            runner.result.stages.append(shared.result.stages[1])
+            if shared.result.stages[1].status == "failed":
+                runner.skip_rest("imatrix", "the importance matrix could not be made")
+        else:
+            runner.result.stages.append(StageOutcome(
+                "imatrix", "skipped", detail=f"uses {quant.imatrix.name}" if quant.imatrix else "imatrix: none"))
     # Every quant's file stages first, then the cards: a card's ladder table reads its siblings' records.
     for phase in (FILE_STAGES, PUBLISH_STAGES):
         for quant, runner in zip(quants, runners):

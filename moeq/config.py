@@ -79,12 +79,16 @@ class SourceSpec:
     file: str | None = None
     path: Path | None = None
     synth: SynthSpec | None = None
+    train: bool = False  # synth: train the checkpoint (synth_train) and convert it, instead of random weights
+
+
+IMATRIX_AUTO = "auto"  # quants[].imatrix: the imatrix stage's output
 
 
 @dataclass(frozen=True)
 class QuantSpec:
     type: str
-    imatrix: Path | None = None
+    imatrix: Path | str | None = None  # IMATRIX_AUTO, a file, or None (none)
     tensor_types: tuple[tuple[str, str], ...] = ()
     output_tensor_type: str | None = None
     token_embedding_type: str | None = None
@@ -133,6 +137,16 @@ class BenchSpec:
 
 
 @dataclass(frozen=True)
+class ImatrixSpec:
+    calibration: Path | None = None  # None: the calibration text shipped with moeq
+    ctx: int = 512
+    chunks: int | None = None  # None: every chunk of the text
+    min_expert_tokens: int = 32
+    require_coverage: bool = False
+    format: str = "gguf"  # or "dat", llama.cpp's legacy format
+
+
+@dataclass(frozen=True)
 class ToolchainSpec:
     llama_cpp_bin: Path | None = None
 
@@ -148,6 +162,7 @@ class Pipeline:
     card: CardSpec
     bench: BenchSpec
     toolchain: ToolchainSpec
+    imatrix: ImatrixSpec = field(default_factory=ImatrixSpec)
 
     def quant(self, name: str) -> QuantSpec:
         for q in self.quants:
@@ -371,13 +386,13 @@ def _synth(n: _Node) -> SynthSpec:
 
 
 def _source(n: _Node, base: Path) -> SourceSpec:
-    m = n.mapping(("kind", "repo", "revision", "file", "path", "synth"), required=("kind",))
+    m = n.mapping(("kind", "repo", "revision", "file", "path", "synth", "train"), required=("kind",))
     kind = m["kind"].str()
     if kind not in SOURCE_KINDS:
         raise m["kind"].fail(f"unknown source kind {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
     needs = {"hf": ("repo", "revision"), "gguf": ("repo", "revision", "file"), "local": ("path",), "synth": ()}
     allowed_extra = {"hf": ("repo", "revision"), "gguf": ("repo", "revision", "file"),
-                     "local": ("path",), "synth": ("synth",)}
+                     "local": ("path",), "synth": ("synth", "train")}
     for key in needs[kind]:
         if key not in m:
             raise n.fail(f"source kind {kind!r} needs {key!r}")
@@ -391,6 +406,7 @@ def _source(n: _Node, base: Path) -> SourceSpec:
         file=m["file"].relative_name() if "file" in m else None,
         path=m["path"].path_value(base) if "path" in m else None,
         synth=_synth(m["synth"]) if "synth" in m else (SynthSpec() if kind == "synth" else None),
+        train=m["train"].bool() if "train" in m else False,
     )
 
 
@@ -437,12 +453,22 @@ def _quant(n: _Node, base: Path, model: ModelSpec) -> QuantSpec:
         file_stem=model.file_stem, quant=quant_type)
     return QuantSpec(
         type=quant_type,
-        imatrix=m["imatrix"].path_value(base, must_exist=True) if "imatrix" in m else None,
+        imatrix=_quant_imatrix(m["imatrix"], base) if "imatrix" in m else None,
         tensor_types=tuple(overrides),
         output_tensor_type=_ggml_type(m["output_tensor_type"]) if "output_tensor_type" in m else None,
         token_embedding_type=_ggml_type(m["token_embedding_type"]) if "token_embedding_type" in m else None,
         file=file,
     )
+
+
+def _quant_imatrix(n: _Node, base: Path) -> Path | str | None:
+    """`auto` (the imatrix stage's output), `none`, or the path of an importance matrix made elsewhere."""
+    value = n.scalar()
+    if value is None or value in ("none", False):
+        return None
+    if value == IMATRIX_AUTO:
+        return IMATRIX_AUTO
+    return n.path_value(base, must_exist=True)
 
 
 def _quant_file(n: _Node) -> str:
@@ -578,6 +604,23 @@ def _rpc(n: _Node) -> str:
     return value
 
 
+def _imatrix(n: _Node, base: Path) -> ImatrixSpec:
+    m = n.mapping(("calibration", "ctx", "chunks", "min_expert_tokens", "require_coverage", "format"))
+    defaults = ImatrixSpec()
+    fmt = m["format"].str() if "format" in m else defaults.format
+    if fmt not in ("gguf", "dat"):
+        raise m["format"].fail(f"unknown format {fmt!r}; use gguf (llama.cpp's default) or dat (the legacy format)")
+    return ImatrixSpec(
+        calibration=m["calibration"].path_value(base, must_exist=True) if "calibration" in m else None,
+        ctx=m["ctx"].int(minimum=16, maximum=MAX_CTX) if "ctx" in m else defaults.ctx,
+        chunks=m["chunks"].int(minimum=1, maximum=1_000_000) if "chunks" in m else None,
+        min_expert_tokens=(m["min_expert_tokens"].int(minimum=0, maximum=2**31 - 1) if "min_expert_tokens" in m
+                           else defaults.min_expert_tokens),
+        require_coverage=m["require_coverage"].bool() if "require_coverage" in m else False,
+        format=fmt,
+    )
+
+
 def _toolchain(n: _Node, base: Path) -> ToolchainSpec:
     m = n.mapping(("llama_cpp_bin",))
     return ToolchainSpec(llama_cpp_bin=m["llama_cpp_bin"].path_value(base) if "llama_cpp_bin" in m else None)
@@ -585,7 +628,7 @@ def _toolchain(n: _Node, base: Path) -> ToolchainSpec:
 
 # ---------------------------------------------------------------- entry point
 
-TOP_LEVEL = ("model", "source", "workspace", "quants", "hub", "card", "bench", "toolchain")
+TOP_LEVEL = ("model", "source", "workspace", "quants", "hub", "card", "bench", "toolchain", "imatrix")
 
 
 def load_pipeline(path: Path) -> Pipeline:
@@ -632,4 +675,5 @@ def load_pipeline(path: Path) -> Pipeline:
         card=_card(top["card"], base) if "card" in top else CardSpec(),
         bench=_bench(top["bench"], base) if "bench" in top else BenchSpec(),
         toolchain=_toolchain(top["toolchain"], base) if "toolchain" in top else ToolchainSpec(),
+        imatrix=_imatrix(top["imatrix"], base) if "imatrix" in top else ImatrixSpec(),
     )

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError
 
 from moeq.errors import InputError
-from moeq.records import BenchRecord, Model, QuantizeRecord, SourceRecord, ValidateRecord
+from moeq.records import BenchRecord, ImatrixRecord, Model, QuantizeRecord, SourceRecord, ValidateRecord
 from moeq.workspace import read_text_limited
 
 MANIFEST_NAME = "moeq-manifest.json"
@@ -76,6 +76,7 @@ class LadderEntry(Model):
 class ManifestRecords(Model):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
     source: SourceRecord | None
+    imatrix: ImatrixRecord | None = None  # the imatrix stage's record, when the quant used its output
     quantize: QuantizeRecord
     validate_: ValidateRecord | None = Field(alias="validate")  # `validate` is a name pydantic's BaseModel uses
     bench: BenchRecord | None
@@ -89,6 +90,7 @@ class Manifest(Model):
     pipeline: ManifestPipeline
     card: TemplateRef
     files: list[RepoFile]  # the GGUF files of the repo: the quant, or its shards
+    imatrix_file: RepoFile | None = None  # the importance matrix the quant was made with, published beside it
     repo_files: list[str]  # every file of the repo
     ladder: list[LadderEntry]
     records: ManifestRecords

@@ -93,6 +93,56 @@ class ImatrixRef(Model):
     sha256: str
 
 
+# ---------------------------------------------------------------- imatrix
+
+
+class CalibrationSource(Model):
+    title: str
+    url: str
+    license: str
+
+
+class CalibrationRef(Model):
+    name: str  # the file's name; moeq's own text when `shipped`
+    size: int
+    sha256: str
+    shipped: bool  # moeq's calibration text (moeq/data/CALIBRATION.md says what it holds)
+    sources: list[CalibrationSource] = []  # what the shipped text is made of; a publisher's own text: none
+
+
+class ExpertTokens(Model):
+    layer: int
+    expert: int
+    tokens: int
+
+
+class ExpertCoverage(Model):
+    """Tokens the router sent to each expert while llama-imatrix ran, from the imatrix GGUF's counts."""
+
+    min_expert_tokens: int  # the bar (imatrix.min_expert_tokens)
+    tokens: dict[int, list[int]]  # layer -> tokens per expert
+    under: list[ExpertTokens]  # experts under the bar, by layer and expert
+    min: int
+    median: float
+    max: int
+    experts: int  # layers x experts
+
+
+class ImatrixRecord(Record):
+    stage: Literal["imatrix"] = "imatrix"
+    source: FileRef
+    calibration: CalibrationRef
+    output: FileRef
+    format: str  # gguf, or dat (llama.cpp's legacy format)
+    ctx: int
+    chunks: int
+    tokens: int  # chunks x ctx: the tokens llama-imatrix evaluated
+    tool: ToolBuildRef
+    command: list[str]
+    coverage: ExpertCoverage
+    warnings: list[str] = []
+
+
 class QuantizeOptions(Model):
     """Everything that changes llama-quantize's output."""
 
@@ -293,6 +343,9 @@ class Quality(Model):
     text: str
     ctx: int
     chunks: int
+    # The same type made without the importance matrix (for this measurement only): what the imatrix bought.
+    without_imatrix: PerplexityFigures | None = None
+    without_imatrix_file: FileRef | None = None
 
 
 class ModeError(Model):
@@ -378,7 +431,7 @@ class Saved(Model):
 
 PATH_KEYS = ("path", "folder")  # the keys of a record that hold a file or folder
 RECORD_TYPES: dict[str, type[Record]] = {cls.model_fields["stage"].default: cls for cls in (
-    SourceRecord, QuantizeRecord, ValidateRecord, BenchRecord, ShardsRecord, CardRecord, PushRecord)}
+    SourceRecord, ImatrixRecord, QuantizeRecord, ValidateRecord, BenchRecord, ShardsRecord, CardRecord, PushRecord)}
 
 
 def record_json(record: Model) -> dict[str, Any]:

@@ -11,14 +11,15 @@ never import each other.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from moeq.config import Pipeline, QuantSpec
-from moeq.records import (BenchRecord, CardRecord, PushRecord, QuantizeRecord, Records, ShardsRecord,
+from moeq.config import IMATRIX_AUTO, Pipeline, QuantSpec
+from moeq.records import (BenchRecord, CardRecord, ImatrixRecord, PushRecord, QuantizeRecord, Records, ShardsRecord,
                           SourceRecord, ValidateRecord)
 from moeq.stage_runner import StageResult, run_stage
 from moeq.toolchain import Toolchain
@@ -73,13 +74,32 @@ def source(ctx: Context) -> SourceRecord:
     return fetch(ctx).record
 
 
+def imatrix(ctx: Context, force: bool = False) -> StageResult[ImatrixRecord]:
+    """The importance matrix of the source with the calibration text (quants[].imatrix: auto uses it)."""
+    from moeq.imatrix import imatrix_stage
+
+    stage = imatrix_stage(ctx.pipeline, ctx.ws, ctx.chain, source(ctx), on_message=ctx.say)
+    return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
+
+
 def quantize(ctx: Context, quant: QuantSpec, force: bool = False, threads: int | None = None,
-             allow_requantize: bool = False, on_tensor=None) -> StageResult[QuantizeRecord]:
+             allow_requantize: bool = False, on_tensor=None, without_imatrix: bool = False) -> StageResult[QuantizeRecord]:
+    """Quantize `quant`; with `imatrix: auto` the imatrix stage runs first (or is found current).
+
+    `without_imatrix`: the same type made without its importance matrix, for the bench to measure what the
+    imatrix bought; it is kept beside the bench's logs, under a record of its own, and never published."""
     from moeq.quantize.stage import quantize_stage
 
+    output, record_as = None, None
+    if without_imatrix:
+        output = ctx.ws.bench_dir(quant.type) / f"without-imatrix-{quant.file}"
+        quant, record_as = dataclasses.replace(quant, imatrix=None), f"{quant.type}-without-imatrix"
+    elif quant.imatrix == IMATRIX_AUTO:
+        quant = dataclasses.replace(quant, imatrix=Path(imatrix(ctx).record.output.path))
     path, source_record = _source_for_quantize(ctx)
     stage = quantize_stage(quant, ctx.ws, ctx.chain, path, source_record, threads=threads,
-                           allow_requantize=allow_requantize, on_tensor=on_tensor, on_message=ctx.say)
+                           allow_requantize=allow_requantize, on_tensor=on_tensor, on_message=ctx.say,
+                           output=output, record_as=record_as)
     return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
 
 
@@ -124,8 +144,12 @@ def bench(ctx: Context, quant: QuantSpec, modes: tuple[str, ...] | None = None, 
           force: bool = False) -> StageResult[BenchRecord]:
     from moeq.bench.stage import bench_stage
 
-    stage = bench_stage(ctx.pipeline, quant, ctx.ws, ctx.chain, ctx.records.require("quantize", quant.type),
-                        ctx.records.get("validate", quant.type), modes=modes, rpc=rpc, on_message=ctx.say)
+    quantized = ctx.records.require("quantize", quant.type)
+    without = None
+    if quantized.options.imatrix is not None and ctx.pipeline.bench.quality:
+        without = quantize(ctx, quant, without_imatrix=True).record
+    stage = bench_stage(ctx.pipeline, quant, ctx.ws, ctx.chain, quantized, ctx.records.get("validate", quant.type),
+                        modes=modes, rpc=rpc, without_imatrix=without, on_message=ctx.say)
     return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
 
 

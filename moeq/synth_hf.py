@@ -25,7 +25,7 @@ WORDS = ("the expert router picks two of sixteen experts for every token while a
          "memory on the graphics card holds the shared layers and system memory holds the experts").split()
 
 
-def _config(spec: SynthSpec) -> dict:
+def hf_config(spec: SynthSpec) -> dict:
     head_dim = spec.embd // spec.heads
     return {
         "architectures": ["PhiMoEForCausalLM"], "model_type": "phimoe", "torch_dtype": "float16",
@@ -72,22 +72,44 @@ def _weights(spec: SynthSpec) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _tokenizer(spec: SynthSpec) -> bytes:
+def train_tokenizer(lines: list[str], vocab: int) -> bytes:
+    """A SentencePiece BPE model (byte fallback, <unk> <s> </s> as ids 0-2) trained on `lines`, as bytes."""
     import sentencepiece as spm
 
-    rng = np.random.default_rng(spec.seed)
-    lines = [" ".join(rng.choice(WORDS, size=12)) for _ in range(2000)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=spec.vocab, model_type="bpe",
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         num_threads=1, minloglevel=2,
     )
     return model.getvalue()
 
 
-def write_tiny_phimoe_hf(folder: Path, spec: SynthSpec = SynthSpec(vocab=320)) -> Path:
-    """Write the checkpoint into `folder`; the same spec always gives the same weights and config."""
+def hf_tensor_names(state: dict[str, np.ndarray], spec: SynthSpec) -> dict[str, np.ndarray]:
+    """transformers' PhimoeForCausalLM state (router, fused gate_up/down experts) under the checkpoint's names."""
+    out = {}
+    for name, value in state.items():
+        prefix, _, leaf = name.rpartition(".mlp.")
+        if not prefix:
+            out[name] = value
+        elif leaf == "router.weight":
+            out[f"{prefix}.block_sparse_moe.gate.weight"] = value
+        elif leaf == "experts.gate_up_proj":  # [experts, 2 * ff, embd]: gate (w1) rows, then up (w3) rows
+            for e in range(spec.experts):
+                out[f"{prefix}.block_sparse_moe.experts.{e}.w1.weight"] = value[e, :spec.ff]
+                out[f"{prefix}.block_sparse_moe.experts.{e}.w3.weight"] = value[e, spec.ff:]
+        elif leaf == "experts.down_proj":
+            for e in range(spec.experts):
+                out[f"{prefix}.block_sparse_moe.experts.{e}.w2.weight"] = value[e]
+        else:
+            raise ValueError(f"{name}: no checkpoint name for this tensor")
+    return {name: np.ascontiguousarray(value) for name, value in out.items()}
+
+
+def write_tiny_phimoe_hf(folder: Path, spec: SynthSpec = SynthSpec(vocab=320), *,
+                         weights: dict[str, np.ndarray] | None = None, tokenizer: bytes | None = None) -> Path:
+    """Write the checkpoint into `folder`: seeded random weights and a tokenizer of generated text unless given
+    (synth_train gives trained ones); the same spec always gives the same files."""
     try:
         from safetensors.numpy import save_file
     except ImportError:
@@ -97,9 +119,13 @@ def write_tiny_phimoe_hf(folder: Path, spec: SynthSpec = SynthSpec(vocab=320)) -
         raise InputError("synth options: vocab must be at least 300 (256 byte tokens, specials and pieces)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(_config(spec), indent=2) + "\n")
-    save_file(_weights(spec), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "tokenizer.model").write_bytes(_tokenizer(spec))
+    (folder / "config.json").write_text(json.dumps(hf_config(spec), indent=2) + "\n")
+    save_file(weights if weights is not None else _weights(spec), str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    if tokenizer is None:
+        rng = np.random.default_rng(spec.seed)
+        tokenizer = train_tokenizer([" ".join(rng.choice(WORDS, size=12)) for _ in range(2000)], spec.vocab)
+    (folder / "tokenizer.model").write_bytes(tokenizer)
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False, "model_max_length": CONTEXT_LENGTH,

@@ -45,8 +45,11 @@ def default_eval_text() -> Path:
 
 def bench_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolchain, quantized: QuantizeRecord,
                 validated: ValidateRecord | None, *, modes: tuple[str, ...] | None = None, rpc: str | None = None,
+                without_imatrix: QuantizeRecord | None = None,
                 on_message: Callable[[str], None] = lambda _msg: None) -> Stage[BenchRecord]:
-    """Measure `quant`; `rpc` (default bench.rpc) is HOST:PORT of a ggml-rpc-server, or "local" to start one."""
+    """Measure `quant`; `rpc` (default bench.rpc) is HOST:PORT of a ggml-rpc-server, or "local" to start one.
+    `without_imatrix`: the same type made without the importance matrix, whose KL divergence the quality
+    figures show beside the quant's."""
     if modes:
         require_settings(modes, "--modes")
     rpc = rpc or pipeline.bench.rpc
@@ -62,6 +65,7 @@ def bench_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
 
     def key() -> dict:
         return {"file_sha256": quantized.output.sha256, "options": options.model_dump(mode="json"),
+                "without_imatrix_sha256": without_imatrix.output.sha256 if without_imatrix else None,
                 "tool_commit": tool.build.commit,
                 "machine": machine.model_dump(mode="json", include={"cpu", "cores", "ram_bytes", "gpus"})}
 
@@ -73,7 +77,8 @@ def bench_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
         not_measured: list[NotMeasured] = []
         with rpc_endpoint(rpc, chain) as address:  # "local": a ggml-rpc-server for this run only
             speed, memory = _modes(chain, model, plan, options, address, logs, errors, not_measured, on_message)
-        quality = _quality(chain, quantized, ws, text, options, errors, on_message) if options.quality else None
+        quality = (_quality(chain, quantized, ws, text, options, errors, on_message, without_imatrix)
+                   if options.quality else None)
         return BenchRecord(quant=quant.type, file=quantized.output, machine=machine,
                            tool=ToolBuildRef(**tool.build.as_dict()), options=options, speed=speed, memory=memory,
                            quality=quality, errors=errors, not_measured=not_measured)
@@ -145,7 +150,8 @@ def _compare(measured: dict, planned_model: int, planned_kv: int | None) -> Memo
 
 
 def _quality(chain: Toolchain, quantized: QuantizeRecord, ws: Workspace, text: Path, options: BenchOptions,
-             errors: list[ModeError], on_message: Callable[[str], None]) -> Quality | None:
+             errors: list[ModeError], on_message: Callable[[str], None],
+             without_imatrix: QuantizeRecord | None) -> Quality | None:
     ppl = options.perplexity
     key = hashlib.sha256(json.dumps([quantized.source.sha256, ppl.model_dump(mode="json"),
                                      quantized.tool.commit]).encode()).hexdigest()[:16]
@@ -167,10 +173,19 @@ def _quality(chain: Toolchain, quantized: QuantizeRecord, ws: Workspace, text: P
                 write_json_atomic(base_json, base, indent=1)
             base = PerplexityFigures(**json.loads(base_json.read_text()))
         on_message(f"{Path(quantized.output.path).name}: llama-perplexity with KL divergence against F16")
-        quant = run_perplexity(tool, Path(quantized.output.path), text, ws.bench_dir(quantized.quant) /
-                               "perplexity.log", ctx=ppl.ctx, chunks=ppl.chunks, kld_base=base_kld,
-                               save_base=False, threads=options.threads, timeout_s=options.timeout_s)
+        logs = ws.bench_dir(quantized.quant)
+        measured = {}
+        for name, record in (("quant", quantized), ("without_imatrix", without_imatrix)):
+            if record is not None:
+                on_message(f"{Path(record.output.path).name}: llama-perplexity with KL divergence against F16")
+                measured[name] = PerplexityFigures(**run_perplexity(
+                    tool, Path(record.output.path), text, logs / ("perplexity.log" if name == "quant" else
+                                                                   "perplexity-without-imatrix.log"),
+                    ctx=ppl.ctx, chunks=ppl.chunks, kld_base=base_kld, save_base=False, threads=options.threads,
+                    timeout_s=options.timeout_s))
     except MoeqError as exc:
         errors.append(ModeError(mode="quality", error=exc.message))
         return None
-    return Quality(base=base, quant=PerplexityFigures(**quant), text=ppl.text, ctx=ppl.ctx, chunks=ppl.chunks)
+    return Quality(base=base, quant=measured["quant"], text=ppl.text, ctx=ppl.ctx, chunks=ppl.chunks,
+                   without_imatrix=measured.get("without_imatrix"),
+                   without_imatrix_file=without_imatrix.output if without_imatrix else None)

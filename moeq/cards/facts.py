@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from pathlib import PurePath
 
 from moeq.manifest import LadderEntry, Manifest, ModelCardSpec
 from moeq.offload import OffloadMode
@@ -62,6 +61,7 @@ def card_facts(manifest: Manifest) -> dict:
         "memory": _memory(records.validate_),
         "validation": _validation(records.validate_),
         "quantization": _quantization(quantized, records.source),
+        "imatrix": _imatrix(manifest),
         **_bench(records.bench, quantized.model.block_count),
         "extra": dict(manifest.pipeline.card_extra),
     }
@@ -181,8 +181,6 @@ def _quantization(quantized: QuantizeRecord, source: SourceRecord | None) -> dic
         "command": " ".join(["llama-quantize", *quantized.command[1:]]),
         "llama_cpp": {"version": tool.version, "commit": tool.commit,
                       "commit_url": f"{LLAMA_CPP_REPO}/commit/{tool.commit}"},
-        "imatrix": ({"file": PurePath(options.imatrix.path).name, "sha256": options.imatrix.sha256}
-                    if options.imatrix else None),
         "overrides": [f"{k}={v}" for k, v in options.tensor_types.items()]
         + ([f"output={options.output_tensor_type}"] if options.output_tensor_type else [])
         + ([f"token_embd={options.token_embedding_type}"] if options.token_embedding_type else []),
@@ -194,6 +192,32 @@ def _quantization(quantized: QuantizeRecord, source: SourceRecord | None) -> dic
                      for t in sorted(mix, key=lambda t: -mix_bytes[t])],
         "tensors": len(quantized.tensors),
     }
+
+
+def _imatrix(manifest: Manifest) -> dict | None:
+    """The importance matrix the file was made with: published beside it; how it was made when moeq made it."""
+    published = manifest.imatrix_file
+    if published is None:
+        return None
+    facts = {"file": published.name, "size": decimal_size(published.size), "sha256": published.sha256,
+             "url": f"{hub_url(manifest.repo_id)}/resolve/main/{published.name}", "made": None}
+    record = manifest.records.imatrix
+    if record is None:
+        return facts
+    coverage = record.coverage
+    under = [f"layer {u.layer} expert {u.expert} ({u.tokens})" for u in coverage.under]
+    facts["made"] = {
+        "format": "GGUF" if record.format == "gguf" else "legacy .dat",
+        "command": " ".join(["llama-imatrix", *record.command[1:]]),
+        "calibration": {"name": record.calibration.name, "size": decimal_size(record.calibration.size),
+                        "sha256": record.calibration.sha256, "shipped": record.calibration.shipped,
+                        "sources": [s.model_dump() for s in record.calibration.sources]},
+        "chunks": record.chunks, "ctx": record.ctx, "tokens": f"{record.tokens:,}",
+        "coverage": {"experts": coverage.experts, "min": f"{coverage.min:,}", "median": f"{coverage.median:,.0f}",
+                     "max": f"{coverage.max:,}", "bar": coverage.min_expert_tokens, "under": len(coverage.under),
+                     "under_listed": ", ".join(under[:12]) + (f" and {len(under) - 12} more" if len(under) > 12 else "")},
+    }
+    return facts
 
 
 # ---------------------------------------------------------------- measured (bench record)
@@ -226,6 +250,15 @@ def _pm(figures: PerplexityFigures, key: str, digits: int) -> str:
     return text + (f" ± {err:.{digits}f}" if err is not None else " (uncertainty not computed by llama.cpp)")
 
 
+def _without_imatrix(figures: PerplexityFigures | None) -> dict | None:
+    """The same figures for the same type made without the importance matrix (measured, never published)."""
+    if figures is None:
+        return None
+    return {"ppl": _pm(figures, "ppl_q", 4), "ppl_ratio": _pm(figures, "ppl_ratio", 4),
+            "kld_mean": _pm(figures, "kld_mean", 6), "kld_p99": _num(figures.kld_p99, 6),
+            "kld_max": _num(figures.kld_max, 6), "same_top_p": _pm(figures, "same_top_p", 2) + " %"}
+
+
 def _bench(bench: BenchRecord | None, n_layer: int) -> dict:
     """speed, measured_memory and quality: None each where the bench record has no such figures."""
     if not bench:
@@ -253,6 +286,7 @@ def _bench(bench: BenchRecord | None, n_layer: int) -> dict:
             "ppl_f16": _pm(base, "ppl", 4), "ppl": _pm(q, "ppl_q", 4), "ppl_ratio": _pm(q, "ppl_ratio", 4),
             "kld_mean": _pm(q, "kld_mean", 6), "kld_p99": _num(q.kld_p99, 6),
             "kld_max": _num(q.kld_max, 6), "same_top_p": _pm(q, "same_top_p", 2) + " %",
+            "without_imatrix": _without_imatrix(bench.quality.without_imatrix),
         }
     errors = [{"mode": e.mode, "error": e.error} for e in bench.errors]
     not_measured = [{**_mode(m.mode, n_layer), "reason": m.reason} for m in bench.not_measured]

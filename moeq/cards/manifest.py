@@ -21,8 +21,8 @@ from moeq.cards.render import DEFAULT_TEMPLATE, templates_sha256
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import InputError
 from moeq.manifest import MANIFEST_NAME, MANIFEST_VERSION, README_NAME, Manifest
-from moeq.records import (BenchRecord, QuantizeRecord, Records, ShardsRecord, SourceRecord, ValidateRecord,
-                          record_json)
+from moeq.records import (BenchRecord, FileRef, ImatrixRecord, QuantizeRecord, Records, ShardsRecord, SourceRecord,
+                          ValidateRecord, record_json)
 from moeq.workspace import Workspace
 
 PATH_KEYS = {"path", "file"}
@@ -38,6 +38,16 @@ class CardInputs:
     bench: BenchRecord | None
     shards: ShardsRecord
     siblings: dict[str, tuple[QuantizeRecord | None, ValidateRecord | None]]  # every quant of the ladder
+    imatrix: ImatrixRecord | None = None  # the imatrix stage's record, when the quant was made with its output
+
+    @property
+    def imatrix_file(self) -> FileRef | None:
+        """The importance matrix the quant was made with: published in its repo."""
+        used = self.quantized.options.imatrix
+        if used is None:
+            return None
+        path = Path(used.path)
+        return FileRef(path=used.path, size=path.stat().st_size if path.is_file() else 0, sha256=used.sha256)
 
     @classmethod
     def from_records(cls, records: Records, pipeline: Pipeline, quant: QuantSpec, shards: ShardsRecord,
@@ -47,9 +57,14 @@ class CardInputs:
         for q in pipeline.quants:
             theirs = records.get("quantize", q.type)
             siblings[q.type] = (theirs, _current(records, "validate", q.type, theirs, lambda _msg: None))
+        imatrix = records.get("imatrix")
+        used = quantized.options.imatrix
+        if imatrix is not None and (used is None or imatrix.output.sha256 != used.sha256):
+            imatrix = None  # another matrix than the one this file was made with
         return cls(source=records.get("source"), quantized=quantized,
                    validated=_current(records, "validate", quant.type, quantized, warn),
-                   bench=_current(records, "bench", quant.type, quantized, warn), shards=shards, siblings=siblings)
+                   bench=_current(records, "bench", quant.type, quantized, warn), shards=shards, siblings=siblings,
+                   imatrix=imatrix)
 
 
 def _current(records: Records, stage: str, quant: str, quantized: QuantizeRecord | None, warn: Callable[[str], None]):
@@ -89,6 +104,16 @@ def build_manifest(pipeline: Pipeline, quant: QuantSpec, inputs: CardInputs, ws:
                          f"({', '.join(validated.failed)}); fix the file before making its card")
     files = inputs.shards.files
     names = [Path(f.path).name for f in files]
+    imatrix_file = inputs.imatrix_file
+    if imatrix_file is not None:
+        name = Path(imatrix_file.path).name
+        if name in (*names, README_NAME, MANIFEST_NAME):
+            raise InputError(f"{imatrix_file.path}: the importance matrix would be published as {name}, a name the "
+                             "repo already uses; rename the imatrix file")
+        if not Path(imatrix_file.path).is_file():
+            raise InputError(f"{imatrix_file.path}: the importance matrix {quant.type} was made with is gone; run moeq "
+                             f"imatrix (or restore the file) and moeq quantize --quant {quant.type} again")
+        names.append(name)
     template = pipeline.card.template or DEFAULT_TEMPLATE
     return Manifest.model_validate({
         "manifest_version": MANIFEST_VERSION,
@@ -102,10 +127,13 @@ def build_manifest(pipeline: Pipeline, quant: QuantSpec, inputs: CardInputs, ws:
         "card": {"template": template.name, "builtin": pipeline.card.template is None,
                  "templates_sha256": templates_sha256(template)},
         "files": [{"name": Path(f.path).name, "size": f.size, "sha256": f.sha256} for f in files],
+        "imatrix_file": ({"name": Path(imatrix_file.path).name, "size": imatrix_file.size,
+                          "sha256": imatrix_file.sha256} if imatrix_file else None),
         "repo_files": sorted([*names, README_NAME, MANIFEST_NAME]),
         "ladder": [_ladder_entry(pipeline, q, *inputs.siblings[q.type]) for q in pipeline.quants],
         "records": {
             "source": _published(inputs.source),
+            "imatrix": _published(inputs.imatrix),
             "quantize": _published(inputs.quantized),
             "validate": _published(validated),
             "bench": _published(inputs.bench),

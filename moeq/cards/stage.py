@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from moeq.cards.facts import card_facts
@@ -43,6 +44,7 @@ def card_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, inputs: Card
     template = pipeline.card.template or DEFAULT_TEMPLATE
     folder = ws.repo_dir(quant.type)
     gguf_files = inputs.shards.files
+    published = [*gguf_files, *([inputs.imatrix_file] if inputs.imatrix_file else [])]
 
     def key() -> dict:
         return {"manifest_sha256": _sha(manifest_body), "templates_sha256": templates_sha256(template)}
@@ -57,8 +59,8 @@ def card_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, inputs: Card
             raise CheckFailed(f"{template}: the card it renders for {quant.type} fails lint, so it was not "
                               f"written: {shown}{more}")
         folder.mkdir(parents=True, exist_ok=True)
-        for ref in gguf_files:
-            _link_artifact(Path(ref.path), folder / Path(ref.path).name, ws)
+        for ref in published:
+            _link_artifact(Path(ref.path), folder / Path(ref.path).name, ws, copy_outside=ref not in gguf_files)
         write_text_atomic(folder / MANIFEST_NAME, manifest_body)
         write_text_atomic(folder / README_NAME, text)
         for stray in folder.iterdir():
@@ -73,31 +75,45 @@ def card_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, inputs: Card
             not_measured=[label for k, label in MEASURED_SECTIONS.items() if facts[k] is None],
         )
 
-    return Stage("card", quant.type, key=key, run=run, intact=lambda r: _staged_intact(r, gguf_files),
+    return Stage("card", quant.type, key=key, run=run, intact=lambda r: _staged_intact(r, published),
                  lock=f"repo-{quant.type}")
 
 
-def _staged_intact(record: CardRecord, gguf_files: list[FileRef]) -> bool:
+def _staged_intact(record: CardRecord, published: list[FileRef]) -> bool:
     folder = Path(record.folder)
     if not folder.is_dir() or sorted(p.name for p in folder.iterdir() if p.is_file()) != record.repo_files:
         return False
-    staged = [(folder / Path(ref.path).name, ref.path) for ref in gguf_files]
     readme = folder / README_NAME
-    return (all(s.exists() and os.path.samefile(s, original) for s, original in staged)
+    return (all(_staged(folder / Path(ref.path).name, ref) for ref in published)
             and _sha(readme.read_text(encoding="utf-8")) == record.readme.sha256)
 
 
-def _link_artifact(artifact: Path, staged: Path, ws: Workspace) -> None:
-    """Hard-link the quant into the staged repo (a symlink across filesystems); never a partial file.
+def _staged(staged: Path, ref: FileRef) -> bool:
+    """The staged file is the artifact (a link), or a copy of it (an importance matrix from outside)."""
+    if not staged.exists():
+        return False
+    if os.path.samefile(staged, ref.path):
+        return True
+    return staged.stat().st_size == ref.size and hashlib.sha256(staged.read_bytes()).hexdigest() == ref.sha256
 
-    Only a file of this workspace is staged: a copied workspace never publishes the original's file."""
-    if not Path(os.path.abspath(artifact)).is_relative_to(os.path.abspath(ws.root)):
+
+def _link_artifact(artifact: Path, staged: Path, ws: Workspace, copy_outside: bool = False) -> None:
+    """Hard-link a file into the staged repo (a symlink across filesystems); never a partial file.
+
+    Only a GGUF file of this workspace is staged: a copied workspace never publishes the original's file.
+    An importance matrix given by path (`copy_outside`) may live anywhere; it is small, and copied."""
+    inside = Path(os.path.abspath(artifact)).is_relative_to(os.path.abspath(ws.root))
+    if not inside and not copy_outside:
         raise InputError(f"{artifact}: not in the workspace {ws.root}, so it is not staged; run moeq quantize "
                          "--force for this quant")
     if staged.exists() and os.path.samefile(staged, artifact):
         return
     partial = partial_path(staged)
     partial.unlink(missing_ok=True)
+    if not inside:
+        shutil.copyfile(artifact, partial)
+        commit_file(partial, staged)
+        return
     try:
         os.link(artifact, partial)
     except OSError:

@@ -23,7 +23,7 @@ from moeq import __version__
 from moeq.errors import ConfigError, Interrupted, MoeqError, from_os_error
 
 # `moeq --help` lists the commands in the order a user meets them, not in the order modules register them.
-COMMAND_ORDER = ("build", "fetch", "quantize", "validate", "bench", "card", "push", "plan", "check-config",
+COMMAND_ORDER = ("build", "fetch", "imatrix", "quantize", "validate", "bench", "card", "push", "plan", "check-config",
                  "doctor", "synth")
 DEFAULT_CONFIG = Path("pipeline.yaml")
 

@@ -121,11 +121,24 @@ def synth_tiny_phimoe_hf(
     experts: int = SynthSpec.experts,
     vocab: Annotated[int, typer.Option(help="SentencePiece vocabulary size (300 or more).")] = 320,
     seed: int = SynthSpec.seed,
+    train: Annotated[bool, typer.Option("--train", help="Train it on moeq's training text (a few minutes on "
+                                        "the CPU; cached, so once per machine) instead of random weights.")] = False,
 ) -> None:
     """Write a tiny PhiMoE checkpoint in Hugging Face's layout (config, safetensors, tokenizer), for `kind: hf`."""
-    from moeq.synth_hf import write_tiny_phimoe_hf
+    import shutil
 
-    folder = write_tiny_phimoe_hf(out, SynthSpec(layers=layers, experts=experts, vocab=vocab, seed=seed))
+    from moeq.synth_hf import write_tiny_phimoe_hf
+    from moeq.synth_train import trained_checkpoint
+
+    spec = SynthSpec(layers=layers, experts=experts, vocab=vocab, seed=seed)
+    if train:
+        if out.exists() and any(out.iterdir()):
+            raise InputError(f"{out}: not empty; give a new folder for the trained checkpoint")
+        shutil.copytree(trained_checkpoint(spec, on_message=lambda m: sys.stderr.write(m + "\n")), out,
+                        dirs_exist_ok=True, ignore=shutil.ignore_patterns(".complete"))
+        folder = out
+    else:
+        folder = write_tiny_phimoe_hf(out, spec)
     console.print(f"wrote {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
 
 
@@ -137,15 +150,16 @@ def synth_tiny_phimoe_hf(
 def check_config(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Validate a pipeline file and show the repos and files it will produce."""
     pipeline = pipeline_from(config)
-    rows = [{"quant": q.type, "file": q.file, "repo": pipeline.repo_id(q)} for q in pipeline.quants]
+    rows = [{"quant": q.type, "file": q.file, "repo": pipeline.repo_id(q),
+             "imatrix": str(q.imatrix) if q.imatrix else "none"} for q in pipeline.quants]
     if as_json:
         print_json({"pipeline": str(pipeline.path), "workspace": str(pipeline.workspace), "quants": rows})
         return
     table = Table(title=f"{pipeline.path}: {pipeline.model.name}")
-    for column in ("quant", "file", "repo"):
+    for column in ("quant", "file", "repo", "imatrix"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(row["quant"], row["file"], row["repo"])
+        table.add_row(row["quant"], row["file"], row["repo"], row["imatrix"])
     console.print(table)
     console.print(f"workspace: {pipeline.workspace}")
 
@@ -175,7 +189,7 @@ def quantize(
             done = steps.quantize(ctx, spec, force=force, threads=threads, allow_requantize=allow_requantize,
                                   on_tensor=on_tensor)
         record = done.record
-        results.append({"skipped": done.skipped, "log": str(log_path(ctx.ws, spec)), "record": record_json(record)})
+        results.append({"skipped": done.skipped, "log": str(log_path(ctx.ws.quant_path(spec.file))), "record": record_json(record)})
         if not as_json:
             state = "up to date" if done.skipped else f"done in {done.wall_s:.1f} s"
             console.print(f"{record.quant}: {state}: {record.output.path} "
@@ -219,6 +233,39 @@ class _quantize_progress:
         if self.progress is not None:
             self.progress.__exit__(*exc)
         return False
+
+
+# ---------------------------------------------------------------- imatrix
+
+
+@app.command()
+@guard
+def imatrix(
+    config: ConfigOption = None,
+    force: Annotated[bool, typer.Option(help="Run even when the record says it is up to date.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Compute the importance matrix of the F16 source with the calibration text, and each expert's coverage.
+
+    Quants with `imatrix: auto` are made with it (moeq build and moeq quantize run this first for them).
+    """
+    from moeq import steps
+
+    ctx = open_context(config)
+    done = steps.imatrix(ctx, force=force)
+    record = done.record
+    if as_json:
+        print_json({"skipped": done.skipped, "record": record_json(record)})
+        return
+    state = "up to date" if done.skipped else f"done in {done.wall_s:.1f} s"
+    coverage = record.coverage
+    console.print(f"imatrix: {state}: {record.output.path} ({record.chunks} chunks of {record.ctx} tokens of "
+                  f"{record.calibration.name})", soft_wrap=True)
+    console.print(f"expert coverage: {coverage.experts} experts, tokens per expert min {coverage.min:,}, median "
+                  f"{coverage.median:,.0f}, max {coverage.max:,}; {len(coverage.under)} under "
+                  f"{coverage.min_expert_tokens}", soft_wrap=True)
+    for warning in record.warnings:
+        console.print(f"[yellow]warning[/]: {warning}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------- plan

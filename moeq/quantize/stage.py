@@ -19,6 +19,7 @@ from typing import Callable
 from moeq import quant_types
 from moeq.config import QuantSpec
 from moeq.errors import InputError, ToolError
+from moeq.imatrix_file import check_fits, read_imatrix
 from moeq.gguf_header import (REQUANTIZE_WARNING, UNQUANTIZED, GGUFHeader, check_extent, read_header,
                               read_source_header)
 from moeq.quantize.progress import QuantizeLogParser, TensorLine
@@ -33,14 +34,16 @@ from moeq.workspace import Workspace, commit_file, fsync_file, partial_path, req
 def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_path: Path,
                    source: Callable[[], SourceRecord], *, threads: int | None = None, allow_requantize: bool = False,
                    on_tensor: Callable[[TensorLine], None] | None = None,
-                   on_message: Callable[[str], None] = lambda _msg: None) -> Stage[QuantizeRecord]:
+                   on_message: Callable[[str], None] = lambda _msg: None, output: Path | None = None,
+                   record_as: str | None = None) -> Stage[QuantizeRecord]:
     """Quantize the F16 at `source_path` into `quant`; `source()` gives the source stage's record of it, which
-    may still be hashing the file (a first run on a local source): llama-quantize does not wait for it."""
+    may still be hashing the file (a first run on a local source): llama-quantize does not wait for it.
+    `output` and `record_as` place a file made only for measurement (the bench's without-imatrix twin)."""
     if quant_types.lookup(quant.type) is None:
         raise InputError(f"{quant.type}: unknown quant type; llama-quantize accepts "
                          f"{', '.join(quant_types.QUANT_TYPES)}")
     tool = chain.tool("llama-quantize")
-    final = ws.quant_path(quant.file)
+    final = output or ws.quant_path(quant.file)
     options = quant_options(quant, allow_requantize, ws)
 
     def key() -> dict:
@@ -52,24 +55,26 @@ def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_pat
                 and ws.hashes.sha256(final) == record.output.sha256)
 
     def run() -> QuantizeRecord:
-        return _quantize(quant, ws, tool, source_path, source, options, threads, on_tensor, on_message)
+        return _quantize(quant, ws, tool, source_path, source, options, threads, on_tensor, on_message, final)
 
-    return Stage("quantize", quant.type, key=key, run=run, intact=intact, lock=f"quant-{quant.type}", lazy_key=True)
+    name = record_as or quant.type
+    return Stage("quantize", name, key=key, run=run, intact=intact, lock=f"quant-{name}", lazy_key=True)
 
 
-def log_path(ws: Workspace, quant: QuantSpec) -> Path:
-    final = ws.quant_path(quant.file)
+def log_path(final: Path) -> Path:
     return final.with_name(final.name + ".log")
 
 
 def _quantize(quant: QuantSpec, ws: Workspace, tool, source: Path, source_record: Callable[[], SourceRecord],
-              options: QuantizeOptions, threads: int | None, on_tensor, on_message) -> QuantizeRecord:
-    final = ws.quant_path(quant.file)
-    log = log_path(ws, quant)
+              options: QuantizeOptions, threads: int | None, on_tensor, on_message, final: Path) -> QuantizeRecord:
+    log = log_path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
     source_header = read_source_header(source, options.allow_requantize)
+    if options.imatrix is not None:  # llama-quantize would take another model's matrix for tensors of the same name
+        check_fits(read_imatrix(Path(options.imatrix.path)), Path(options.imatrix.path), source_header, source)
     if any(t.type not in UNQUANTIZED for t in source_header.tensors):
         on_message(f"warning: {source} is already quantized; {REQUANTIZE_WARNING}")
-    require_free(ws.quants_dir, source.stat().st_size * quant_types.QUANT_TYPES[quant.type].approx_bpw / 16,
+    require_free(final.parent, source.stat().st_size * quant_types.QUANT_TYPES[quant.type].approx_bpw / 16,
                  quant.type)
     partial = partial_path(final)
     partial.unlink(missing_ok=True)

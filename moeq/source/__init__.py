@@ -11,7 +11,9 @@ stage runner: its key is the synth options, the local file's sha256, or the Hub 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +22,8 @@ from moeq.errors import InputError
 from moeq.hub.client import hub_errors
 from moeq.records import FileRef, SourceRecord
 from moeq.stage_runner import Stage
-from moeq.workspace import Workspace
+from moeq.toolchain import PINNED_COMMIT
+from moeq.workspace import Workspace, commit_file, partial_path
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 HUB_KINDS = ("gguf", "hf")
@@ -31,7 +34,7 @@ def source_stage(pipeline: Pipeline, ws: Workspace, api=None, chain=None,
     spec = pipeline.source
     ws.ensure()
     if spec.kind == "synth":
-        return _synth_stage(pipeline, ws)
+        return _synth_stage(pipeline, ws, on_message)
     if spec.kind == "local":
         return _local_stage(pipeline, ws)
     target = ws.source_path(pipeline.model.file_stem)
@@ -56,22 +59,59 @@ def source_stage(pipeline: Pipeline, ws: Workspace, api=None, chain=None,
     return Stage("source", None, key=key, run=run, intact=lambda r: _intact(r, target, ws))
 
 
-def _synth_stage(pipeline: Pipeline, ws: Workspace) -> Stage[SourceRecord]:
+def _synth_stage(pipeline: Pipeline, ws: Workspace, on_message: Callable[[str], None]) -> Stage[SourceRecord]:
     spec = pipeline.source
     target = ws.source_path(pipeline.model.file_stem)
     options = dataclasses.asdict(spec.synth)
 
     def run() -> SourceRecord:
-        from moeq.synth import write_tiny_phimoe
+        described = ", ".join(f"{k}={v}" for k, v in options.items())
+        if spec.train:
+            from moeq.synth_train import trained_checkpoint, training_key
 
-        write_tiny_phimoe(target, spec.synth, name=pipeline.model.name)
-        origin = "synth " + ", ".join(f"{k}={v}" for k, v in options.items())
-        return SourceRecord(kind="synth", origin=origin, options=options,
+            _copy_into(_converted(trained_checkpoint(spec.synth, on_message), pipeline.model.name, on_message), target)
+            origin = (f"synth {described}, trained on moeq's training text (key {training_key(spec.synth)}) and "
+                      "converted with convert_hf_to_gguf.py")
+        else:
+            from moeq.synth import write_tiny_phimoe
+
+            write_tiny_phimoe(target, spec.synth, name=pipeline.model.name)
+            origin = f"synth {described}"
+        return SourceRecord(kind="synth", origin=origin, options={**options, "train": spec.train},
                             output=FileRef(path=str(target), size=target.stat().st_size,
                                            sha256=ws.hashes.sha256(target)))
 
-    return Stage("source", None, key=lambda: {"kind": "synth", "synth": options, "name": pipeline.model.name},
-                 run=run, intact=lambda r: _intact(r, target, ws))
+    def key() -> dict:
+        key = {"kind": "synth", "synth": options, "name": pipeline.model.name}
+        if spec.train:
+            from moeq.synth_train import training_key
+
+            key |= {"train": training_key(spec.synth), "converter": PINNED_COMMIT}
+        return key
+
+    return Stage("source", None, key=key, run=run, intact=lambda r: _intact(r, target, ws))
+
+
+def _converted(checkpoint: Path, name: str, on_message: Callable[[str], None]) -> Path:
+    """The trained checkpoint as F16 GGUF, converted once per model name and converter (cached beside it)."""
+    from moeq.source.fetch import convert_checkpoint
+
+    tag = hashlib.sha256(f"{name}\0{PINNED_COMMIT}".encode()).hexdigest()[:12]
+    converted = checkpoint.parent / f"F16-{tag}.gguf"
+    if not converted.is_file():
+        on_message(f"{checkpoint}: converting to F16 GGUF with convert_hf_to_gguf.py")
+        convert_checkpoint(checkpoint, converted, checkpoint.parent / f"convert-{tag}.log", model_name=name)
+    return converted
+
+
+def _copy_into(cached: Path, target: Path) -> None:
+    partial = partial_path(target)
+    try:
+        shutil.copyfile(cached, partial)
+        commit_file(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _local_stage(pipeline: Pipeline, ws: Workspace) -> Stage[SourceRecord]:

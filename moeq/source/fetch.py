@@ -122,19 +122,26 @@ def _fetch_hf(pipeline: Pipeline, ws: Workspace, api: HfApi, commit: str, target
     require_free(ws.source_dir, size * 2, "the source")
     folder = ws.source_dir / "hf" / f"{spec.repo.replace('/', '--')}@{commit[:12]}"
     files = _download_all(api, spec.repo, commit, entries, folder, on_message)
+    on_message(f"{spec.repo}: converting to F16 GGUF with convert_hf_to_gguf.py")
+    convert_checkpoint(folder, target, ws.source_dir / "convert.log")
+    shutil.rmtree(folder, ignore_errors=True)  # the F16 GGUF holds it all; the commit can be fetched again
+    return files
+
+
+def convert_checkpoint(folder: Path, target: Path, log: Path, model_name: str | None = None) -> None:
+    """A safetensors checkpoint folder -> F16 GGUF at `target`, whole or not at all, with the pinned converter."""
     converter = pinned_src_dir() / "convert_hf_to_gguf.py"
     if not converter.is_file():
         raise ToolError(f"{converter}: the pinned llama.cpp converter is missing; run scripts/build-llama-cpp")
     partial = partial_path(target)
     partial.unlink(missing_ok=True)
-    on_message(f"{spec.repo}: converting to F16 GGUF with {converter.name}")
     env = {**os.environ, "PYTHONPATH": str(pinned_src_dir() / "gguf-py"), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(converter), str(folder), "--outtype", "f16", "--outfile", str(partial)]
+    if model_name:
+        command += ["--model-name", model_name]
     try:
-        run_tool([sys.executable, str(converter), str(folder), "--outtype", "f16", "--outfile", str(partial)],
-                 ws.source_dir / "convert.log", env=env)
+        run_tool(command, log, env=env)
         commit_file(partial, target)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    shutil.rmtree(folder, ignore_errors=True)  # the F16 GGUF holds it all; the commit can be fetched again
-    return files

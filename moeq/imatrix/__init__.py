@@ -1,0 +1,166 @@
+"""The imatrix stage: llama-imatrix on the F16 source with a calibration text, and how well it covered the experts.
+
+An importance matrix tells llama-quantize which weights matter, which is what keeps Q4_K_M and Q2_K
+close to the F16 model. In an MoE model each expert only learns from the tokens routed to it: an expert
+the calibration text never reaches gets no statistics (and a low-bit quant of it is made blind). The
+record therefore keeps, for every layer and expert, the tokens the router sent to it, read from the
+imatrix GGUF's counts, and names every expert under `imatrix.min_expert_tokens`: a warning in the record
+and the card, or an error with `imatrix.require_coverage: true`.
+
+    result = run_stage(imatrix_stage(pipeline, ws, Toolchain(), source_record), records)
+    result.record.coverage.under
+    # -> []
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from moeq.config import Pipeline
+from moeq.errors import InputError, ToolError
+from moeq.imatrix_file import read_imatrix
+from moeq.records import (CalibrationRef, CalibrationSource, ExpertCoverage, ExpertTokens, FileRef, ImatrixRecord, SourceRecord,
+                          ToolBuildRef)
+from moeq.runner import run_tool
+from moeq.stage_runner import Stage
+from moeq.toolchain import Toolchain
+from moeq.workspace import Workspace, commit_file, partial_path
+
+TOO_SHORT = re.compile(r"you need at least (\d+) tokens for a context of (\d+) tokens")
+TOKENIZED = re.compile(r"tokenizes to only (\d+) tokens")
+PROGRESS = re.compile(r"computing over (\d+) chunks|(\d+(?:\.\d+)?) seconds per pass - ETA (.*)")
+MAX_LISTED = 12  # experts named in one message; the record keeps them all
+# What moeq/data/calibration.txt is made of (CALIBRATION.md has the details); the card lists them.
+SHIPPED_SOURCES = (
+    CalibrationSource(title="The Jargon File, version 4.4.7 (English prose, excerpt)", url="http://catb.org/jargon/",
+                      license="public domain"),
+    CalibrationSource(title="Lu Xun, Call to Arms (呐喊, 1923): the preface and the opening of My Old Home (故乡)",
+                      url="https://zh.wikisource.org/wiki/%E5%90%B6%E5%96%8A", license="public domain"),
+    CalibrationSource(title="textwrap.py of the Python 3.11 standard library (code)",
+                      url="https://github.com/python/cpython/blob/3.11/Lib/textwrap.py", license="PSF-2.0"),
+)
+
+
+def default_calibration() -> Path:
+    return Path(str(resources.files("moeq") / "data" / "calibration.txt"))
+
+
+def imatrix_path(ws: Workspace, pipeline: Pipeline) -> Path:
+    suffix = "imatrix" if pipeline.imatrix.format == "gguf" else "imatrix.dat"  # GGUF inside; not a model file
+    return ws.root / "imatrix" / f"{pipeline.model.file_stem}.{suffix}"
+
+
+def imatrix_stage(pipeline: Pipeline, ws: Workspace, chain: Toolchain, source: SourceRecord,
+                  on_message: Callable[[str], None] = lambda _msg: None) -> Stage[ImatrixRecord]:
+    spec = pipeline.imatrix
+    text = spec.calibration or default_calibration()
+    if not text.is_file():
+        raise InputError(f"{text}: calibration text not found; fix imatrix.calibration in {pipeline.path}")
+    tool = chain.tool("llama-imatrix")
+    final = imatrix_path(ws, pipeline)
+
+    def key() -> dict:
+        return {"source_sha256": source.output.sha256, "calibration_sha256": ws.hashes.sha256(text), "ctx": spec.ctx,
+                "chunks": spec.chunks, "format": spec.format, "min_expert_tokens": spec.min_expert_tokens,
+                "require_coverage": spec.require_coverage, "tool_commit": tool.build.commit}
+
+    def intact(record: ImatrixRecord) -> bool:
+        return (final.is_file() and final.stat().st_size == record.output.size
+                and ws.hashes.sha256(final) == record.output.sha256)
+
+    def run() -> ImatrixRecord:
+        shipped = spec.calibration is None
+        calibration = CalibrationRef(name=text.name, size=text.stat().st_size, sha256=ws.hashes.sha256(text),
+                                     shipped=shipped, sources=list(SHIPPED_SOURCES) if shipped else [])
+        return _imatrix(pipeline, ws, tool, source, text, calibration, final, on_message)
+
+    return Stage("imatrix", None, key=key, run=run, intact=intact)
+
+
+def _imatrix(pipeline: Pipeline, ws: Workspace, tool, source: SourceRecord, text: Path,
+             calibration: CalibrationRef, final: Path, on_message: Callable[[str], None]) -> ImatrixRecord:
+    spec = pipeline.imatrix
+    final.parent.mkdir(parents=True, exist_ok=True)
+    computed = final.with_name(final.name + ".partial.gguf")  # llama-imatrix writes GGUF to a .gguf name
+    log = final.with_name(final.name + ".log")
+    command = [str(tool.path), "-m", source.output.path, "-f", str(text), "-o", str(computed), "-c", str(spec.ctx),
+               "--output-frequency", "1000000"]  # one write, at the end
+    if spec.chunks:
+        command += ["--chunks", str(spec.chunks)]
+    outputs = [computed]
+    try:
+        computed.unlink(missing_ok=True)
+        on_message(f"{Path(source.output.path).name}: llama-imatrix on {text.name}, context {spec.ctx}")
+        try:
+            run_tool(command, log, lambda line: _progress(line, on_message))
+        except ToolError as exc:
+            raise _short_text(log, text, spec.ctx) or exc from None
+        facts = read_imatrix(computed)
+        if not facts.expert_tokens:
+            raise ToolError(f"{computed}: llama-imatrix recorded no expert tensors (ffn_*_exps); is "
+                            f"{source.output.path} a Mixture-of-Experts model? See {log}")
+        coverage = expert_coverage(facts.expert_tokens, spec.min_expert_tokens)
+        warnings = coverage_findings(coverage, text)
+        if warnings and spec.require_coverage:
+            raise InputError(f"{text}: {warnings[0]}; use a longer or more varied calibration text "
+                             "(imatrix.calibration), or set imatrix.require_coverage: false to publish with a warning")
+        written = computed
+        if spec.format == "dat":
+            written = partial_path(final)
+            outputs.append(written)
+            run_tool([str(tool.path), "--in-file", str(computed), "-o", str(written), "--output-format", "dat"],
+                     final.with_name(final.name + ".dat.log"))
+        commit_file(written, final)
+    finally:
+        for path in outputs:
+            path.unlink(missing_ok=True)
+    for message in warnings:
+        on_message(f"warning: {message}")
+    chunks = facts.chunks or 0
+    return ImatrixRecord(
+        source=source.output, calibration=calibration,
+        output=FileRef(path=str(final), size=final.stat().st_size, sha256=ws.hashes.sha256(final)),
+        format=spec.format, ctx=facts.chunk_size or spec.ctx, chunks=chunks, tokens=chunks * (facts.chunk_size or spec.ctx),
+        tool=ToolBuildRef(**tool.build.as_dict()), command=command, coverage=coverage, warnings=warnings,
+    )
+
+
+def expert_coverage(tokens: dict[int, list[int]], bar: int) -> ExpertCoverage:
+    flat = [count for counts in tokens.values() for count in counts]
+    under = [ExpertTokens(layer=layer, expert=expert, tokens=count)
+             for layer, counts in tokens.items() for expert, count in enumerate(counts) if count < bar]
+    return ExpertCoverage(min_expert_tokens=bar, tokens=tokens, under=under, min=min(flat),
+                          median=statistics.median(flat), max=max(flat), experts=len(flat))
+
+
+def coverage_findings(coverage: ExpertCoverage, text: Path) -> list[str]:
+    """One line naming the experts under the bar (none when all reached it)."""
+    if not coverage.under:
+        return []
+    listed = ", ".join(f"layer {u.layer} expert {u.expert} ({u.tokens})" for u in coverage.under[:MAX_LISTED])
+    more = f" and {len(coverage.under) - MAX_LISTED} more" if len(coverage.under) > MAX_LISTED else ""
+    return [f"{len(coverage.under)} of {coverage.experts} experts got fewer than {coverage.min_expert_tokens} tokens "
+            f"of {text.name} (imatrix.min_expert_tokens): {listed}{more}"]
+
+
+def _short_text(log: Path, text: Path, ctx: int) -> InputError | None:
+    logged = log.read_text(errors="replace") if log.is_file() else ""
+    need = TOO_SHORT.search(logged)
+    if not need:
+        return None
+    got = TOKENIZED.search(logged)
+    return InputError(f"{text}: tokenizes to {got.group(1) if got else 'too few'} tokens; llama-imatrix needs at "
+                      f"least {need.group(1)} (two chunks of imatrix.ctx {ctx}); use a longer calibration text or a "
+                      "smaller imatrix.ctx")
+
+
+def _progress(line: str, on_message: Callable[[str], None]) -> None:
+    match = PROGRESS.search(line)
+    if match and match.group(1):
+        on_message(f"llama-imatrix: {match.group(1)} chunks")
+    elif match:
+        on_message(f"llama-imatrix: {float(match.group(2)):.1f} s per chunk, ETA {match.group(3).strip()}")
