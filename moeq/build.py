@@ -166,6 +166,10 @@ def _steps(ctx: Context, quant: QuantSpec, result: QuantResult, *, push: bool, s
         if skip_bench:
             return "skipped"
         done = steps.bench(ctx, quant, force="bench" in force)
+        quality = done.record.quality
+        if quality is not None and quality.imatrix_effect() == "raised":
+            ctx.warn(f"{quant.type}: the importance matrix made it worse (mean KLD {quality.quant.kld_mean:.6f} with "
+                     f"it, {quality.without_imatrix.kld_mean:.6f} without); the card says so")
         if done.record.errors:
             errors = done.record.errors
             raise ToolError(f"{quant.type}: bench failed in {', '.join(e.mode for e in errors)}: {errors[0].error}")

@@ -11,6 +11,7 @@ does not match its type, is treated as absent (the stage runs again), never misr
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -346,6 +347,16 @@ class Quality(Model):
     # The same type made without the importance matrix (for this measurement only): what the imatrix bought.
     without_imatrix: PerplexityFigures | None = None
     without_imatrix_file: FileRef | None = None
+
+    def imatrix_effect(self) -> str | None:
+        """What the importance matrix did to the mean KL divergence: lowered, raised, or unclear (the difference
+        is within twice the combined uncertainty); None without both figures."""
+        with_, without = self.quant, self.without_imatrix
+        if without is None or with_.kld_mean is None or without.kld_mean is None:
+            return None
+        spread = 2 * math.hypot(with_.kld_mean_err or 0.0, without.kld_mean_err or 0.0)
+        difference = with_.kld_mean - without.kld_mean
+        return "unclear" if abs(difference) <= spread else ("lowered" if difference < 0 else "raised")
 
 
 class ModeError(Model):

@@ -20,7 +20,7 @@ from conftest import HUB_TOKEN, REPO, run_moeq
 from hub_server import Fault
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
-STAGES = ["fetch", "quantize", "validate", "bench", "shards", "card", "push"]
+STAGES = ["fetch", "imatrix", "quantize", "validate", "bench", "shards", "card", "push"]
 
 
 def repo_id(quant: str) -> str:
@@ -37,7 +37,7 @@ def wrapped_tools(tmp_path: Path, toolchain, fail_quant: str | None = None) -> P
         extra = ""
         if name == "llama-quantize":
             extra = (f'if [ "$1" != --help ] && [ -f {tmp_path}/slow ]; then touch {tmp_path}/quantizing; sleep 60; fi\n'
-                     + (f'if [ "$3" = {fail_quant} ]; then echo "simulated failure for {fail_quant}" >&2; exit 1; fi\n'
+                     + (f'case " $* " in *" {fail_quant} "*) echo "simulated failure for {fail_quant}" >&2; exit 1;; esac\n'
                         if fail_quant else ""))
         (folder / name).write_text(f"#!/bin/sh\necho \"{name} $*\" >> {tmp_path}/starts\n{extra}"
                                    f"exec {toolchain.path(name)} \"$@\"\n")
@@ -69,7 +69,7 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain)
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
     proc, summary = build(test_hub, config, "--all", "--push")
     assert proc.returncode == 0, proc.stderr
-    assert statuses(summary) == {q: ["ran"] * 7 for q in LADDER}
+    assert statuses(summary) == {q: ["ran", "skipped" if q == "Q8_0" else "ran"] + ["ran"] * 6 for q in LADDER}
     for quant in LADDER:
         files = test_hub.state.files(repo_id(quant))
         readme = files["README.md"].decode()
@@ -79,6 +79,17 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain)
             assert f"](https://huggingface.co/{repo_id(other)})" in readme
         assert "### Speed" in readme and "### Quality against F16" in readme
         assert len(test_hub.state.commits_on(repo_id(quant))) == 2
+        # Q4_K_M and Q2_K are made with the imatrix stage's output: it is published beside them, and the bench
+        # measured the same type made without it (never published).
+        made_with = quant != "Q8_0"
+        assert ("tiny-phimoe.imatrix" in files) == made_with
+        assert not any(name.startswith("without-imatrix") for name in files)
+        assert (manifest.records.imatrix is not None) == made_with
+        without = manifest.records.bench.quality.without_imatrix
+        assert (without is not None) == made_with and ("## Importance matrix" in readme) == made_with
+        if made_with:
+            assert files["tiny-phimoe.imatrix"] == (tmp_path / "work" / "imatrix" / "tiny-phimoe.imatrix").read_bytes()
+            assert without.kld_mean > 0 and "without the importance matrix |" in readme
 
     (tmp_path / "starts").unlink()
     start = len(test_hub.requests)
@@ -86,7 +97,8 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain)
     proc, summary = build(test_hub, config, "--all", "--push")
     elapsed = time.monotonic() - began
     assert proc.returncode == 0, proc.stderr
-    assert statuses(summary) == {q: ["up to date"] * 7 for q in LADDER}
+    assert statuses(summary) == {q: ["up to date", "skipped" if q == "Q8_0" else "up to date"] + ["up to date"] * 6
+                                 for q in LADDER}
     assert not (tmp_path / "starts").exists(), (tmp_path / "starts").read_text()  # no llama.cpp tool started
     assert all(len(test_hub.state.commits_on(repo_id(q))) == 2 for q in LADDER)
     assert not [r for r in test_hub.requests[start:] if r.writes]
@@ -103,7 +115,8 @@ def test_template_change_reruns_card_and_push_only(tmp_path, test_hub, toolchain
     (tmp_path / "starts").unlink()
     proc, summary = build(test_hub, config, "--all", "--push")
     assert proc.returncode == 0, proc.stderr
-    assert statuses(summary) == {q: ["up to date"] * 5 + ["ran", "ran"] for q in LADDER}
+    assert statuses(summary) == {q: ["up to date", "skipped" if q == "Q8_0" else "up to date"] + ["up to date"] * 4
+                                 + ["ran", "ran"] for q in LADDER}
     assert not (tmp_path / "starts").exists()
     for quant in LADDER:
         new, old = test_hub.state.commits_on(repo_id(quant))[:2]
@@ -159,7 +172,8 @@ def test_killed_during_push_resumes(tmp_path, test_hub, toolchain):
                for q in LADDER)  # killed before any commit
     rerun, summary = build(test_hub, config, "--all", "--push")
     assert rerun.returncode == 0, rerun.stderr
-    assert statuses(summary)["Q8_0"][:6] == ["up to date"] * 6 and statuses(summary)["Q8_0"][6] == "ran"
+    assert statuses(summary)["Q8_0"][:7] == ["up to date", "skipped"] + ["up to date"] * 5
+    assert statuses(summary)["Q8_0"][7] == "ran"
     assert_released(test_hub, config, tmp_path)
 
 
@@ -167,9 +181,10 @@ def test_one_failing_quant_does_not_stop_the_others(tmp_path, test_hub, toolchai
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain, fail_quant="Q2_K"))
     proc, summary = build(test_hub, config, "--all", "--push")
     assert proc.returncode == 4  # ToolError: the exit code of the first failed stage
-    assert statuses(summary)["Q2_K"] == ["ran", "failed", "skipped", "skipped", "skipped", "skipped", "skipped"]
-    assert statuses(summary)["Q8_0"] == statuses(summary)["Q4_K_M"] == ["ran"] * 7
-    failed = summary["quants"][2]["stages"][1]
+    assert statuses(summary)["Q2_K"] == ["ran", "ran", "failed", "skipped", "skipped", "skipped", "skipped", "skipped"]
+    assert statuses(summary)["Q8_0"] == ["ran", "skipped"] + ["ran"] * 6
+    assert statuses(summary)["Q4_K_M"] == ["ran"] * 8
+    failed = summary["quants"][2]["stages"][2]
     assert "simulated failure for Q2_K" in failed["detail"] and failed["exit_code"] == 4
     assert "error: Q2_K: quantize failed: llama-quantize exited 1: simulated failure for Q2_K" in proc.stderr
     assert summary["ok"] is False and summary["exit_code"] == 4
@@ -185,7 +200,7 @@ def test_offline_main_job_ends_with_a_local_push_plan(tmp_path, toolchain):
 
 @pytest.mark.parametrize("args,code,message", [
     ((), 3, "moeq build needs --quant TYPE (one or more) or --all"),
-    (("--all", "--force-stage", "polish"), 2, "--force-stage 'polish': use one of fetch, quantize"),
+    (("--all", "--force-stage", "polish"), 2, "--force-stage 'polish': use one of fetch, imatrix, quantize"),
 ])
 def test_build_argument_errors(tmp_path, args, code, message):
     config = tmp_path / "p.yaml"
@@ -199,7 +214,7 @@ def test_force_stage_card_reruns_card_and_push_only(tmp_path, toolchain):
     assert run_moeq("build", "--config", str(config), "--quant", "Q4_K_M").returncode == 0
     proc = run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--force-stage", "card", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert statuses(json.loads(proc.stdout))["Q4_K_M"] == ["up to date"] * 5 + ["ran", "skipped"]
+    assert statuses(json.loads(proc.stdout))["Q4_K_M"] == ["up to date"] * 6 + ["ran", "skipped"]
 
 
 def test_summary_reads_whole_in_an_80_column_log(tmp_path, toolchain):
@@ -233,8 +248,8 @@ def test_a_moved_and_a_copied_workspace(tmp_path, toolchain):
     proc = run_moeq("build", "--config", str(moved), "--quant", "Q8_0", "--skip-bench", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert {s["stage"]: s["status"] for s in json.loads(proc.stdout)["quants"][0]["stages"]} == {
-        "fetch": "up to date", "quantize": "up to date", "validate": "up to date", "bench": "skipped",
-        "shards": "up to date", "card": "up to date", "push": "skipped"}
+        "fetch": "up to date", "imatrix": "skipped", "quantize": "up to date", "validate": "up to date",
+        "bench": "skipped", "shards": "up to date", "card": "up to date", "push": "skipped"}
     assert not (tmp_path / "starts").exists()  # no tool ran
     subprocess.run(["cp", "-a", str(tmp_path / "moved"), str(tmp_path / "copy")], check=True)
     copy = config.with_name("copy.yaml")

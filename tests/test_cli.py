@@ -17,12 +17,13 @@ def test_help_lists_commands_in_the_order_a_user_meets_them():
     proc = run_moeq("--help", env={"COLUMNS": "100"})
     assert proc.returncode == 0
     listed = re.findall(r"^│ ([a-z-]+) ", proc.stdout.split("Commands")[1], flags=re.MULTILINE)
-    assert listed == ["build", "fetch", "quantize", "validate", "bench", "card", "push", "plan", "check-config",
+    assert listed == ["build", "fetch", "imatrix", "quantize", "validate", "bench", "card", "push", "plan", "check-config",
                       "doctor", "synth"]
 
 
-@pytest.mark.parametrize("command", [[], ["build"], ["quantize"], ["validate"], ["bench"], ["card"], ["card", "lint"],
-                                     ["push"], ["doctor"], ["synth", "tiny-phimoe"]])
+@pytest.mark.parametrize("command", [[], ["build"], ["imatrix"], ["quantize"], ["validate"], ["bench"], ["card"],
+                                     ["card", "lint"], ["push"], ["doctor"], ["synth", "tiny-phimoe"],
+                                     ["synth", "tiny-phimoe-hf"]])
 def test_flags_do_not_look_like_they_take_a_value(command):
     proc = run_moeq(*command, "--help", env={"COLUMNS": "200"})
     assert proc.returncode == 0 and "--help" in proc.stdout
@@ -53,7 +54,7 @@ def test_config_defaults_to_pipeline_yaml_here(tmp_path):
 
 @pytest.mark.parametrize("command", [["build", "--quant", "Q8_0"], ["quantize"], ["validate", "--quant", "Q8_0"],
                                      ["bench"], ["card"], ["card", "preview", "--quant", "Q8_0"], ["push"], ["fetch"],
-                                     ["check-config"]])
+                                     ["check-config"], ["imatrix"]])
 def test_a_missing_default_pipeline_is_one_line(tmp_path, command):
     proc = run_moeq(*command, cwd=tmp_path)
     assert proc.returncode == 2

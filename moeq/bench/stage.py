@@ -172,7 +172,6 @@ def _quality(chain: Toolchain, quantized: QuantizeRecord, ws: Workspace, text: P
                     partial.unlink(missing_ok=True)
                 write_json_atomic(base_json, base, indent=1)
             base = PerplexityFigures(**json.loads(base_json.read_text()))
-        on_message(f"{Path(quantized.output.path).name}: llama-perplexity with KL divergence against F16")
         logs = ws.bench_dir(quantized.quant)
         measured = {}
         for name, record in (("quant", quantized), ("without_imatrix", without_imatrix)):

@@ -213,7 +213,8 @@ def _imatrix(manifest: Manifest) -> dict | None:
                         "sha256": record.calibration.sha256, "shipped": record.calibration.shipped,
                         "sources": [s.model_dump() for s in record.calibration.sources]},
         "chunks": record.chunks, "ctx": record.ctx, "tokens": f"{record.tokens:,}",
-        "coverage": {"experts": coverage.experts, "min": f"{coverage.min:,}", "median": f"{coverage.median:,.0f}",
+        "coverage": {"experts": coverage.experts, "layers": len(coverage.tokens),
+                     "per_layer": coverage.experts // max(1, len(coverage.tokens)), "min": f"{coverage.min:,}", "median": f"{coverage.median:,.0f}",
                      "max": f"{coverage.max:,}", "bar": coverage.min_expert_tokens, "under": len(coverage.under),
                      "under_listed": ", ".join(under[:12]) + (f" and {len(under) - 12} more" if len(under) > 12 else "")},
     }
@@ -287,6 +288,7 @@ def _bench(bench: BenchRecord | None, n_layer: int) -> dict:
             "kld_mean": _pm(q, "kld_mean", 6), "kld_p99": _num(q.kld_p99, 6),
             "kld_max": _num(q.kld_max, 6), "same_top_p": _pm(q, "same_top_p", 2) + " %",
             "without_imatrix": _without_imatrix(bench.quality.without_imatrix),
+            "imatrix_effect": bench.quality.imatrix_effect(),
         }
     errors = [{"mode": e.mode, "error": e.error} for e in bench.errors]
     not_measured = [{**_mode(m.mode, n_layer), "reason": m.reason} for m in bench.not_measured]

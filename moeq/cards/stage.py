@@ -75,26 +75,31 @@ def card_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, inputs: Card
             not_measured=[label for k, label in MEASURED_SECTIONS.items() if facts[k] is None],
         )
 
-    return Stage("card", quant.type, key=key, run=run, intact=lambda r: _staged_intact(r, published),
+    return Stage("card", quant.type, key=key, run=run, intact=lambda r: _staged_intact(r, published, ws),
                  lock=f"repo-{quant.type}")
 
 
-def _staged_intact(record: CardRecord, published: list[FileRef]) -> bool:
+def _staged_intact(record: CardRecord, published: list[FileRef], ws: Workspace) -> bool:
     folder = Path(record.folder)
     if not folder.is_dir() or sorted(p.name for p in folder.iterdir() if p.is_file()) != record.repo_files:
         return False
     readme = folder / README_NAME
-    return (all(_staged(folder / Path(ref.path).name, ref) for ref in published)
+    return (all(_staged(folder / Path(ref.path).name, ref, ws) for ref in published)
             and _sha(readme.read_text(encoding="utf-8")) == record.readme.sha256)
 
 
-def _staged(staged: Path, ref: FileRef) -> bool:
-    """The staged file is the artifact (a link), or a copy of it (an importance matrix from outside)."""
+def _staged(staged: Path, ref: FileRef, ws: Workspace) -> bool:
+    """The staged file is the artifact itself (a link: a stale link would keep an old file's blocks alive), or,
+    for an importance matrix from outside the workspace, a copy of it."""
     if not staged.exists():
         return False
-    if os.path.samefile(staged, ref.path):
-        return True
+    if _in_workspace(Path(ref.path), ws):
+        return os.path.exists(ref.path) and os.path.samefile(staged, ref.path)
     return staged.stat().st_size == ref.size and hashlib.sha256(staged.read_bytes()).hexdigest() == ref.sha256
+
+
+def _in_workspace(path: Path, ws: Workspace) -> bool:
+    return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(ws.root))
 
 
 def _link_artifact(artifact: Path, staged: Path, ws: Workspace, copy_outside: bool = False) -> None:
@@ -102,7 +107,7 @@ def _link_artifact(artifact: Path, staged: Path, ws: Workspace, copy_outside: bo
 
     Only a GGUF file of this workspace is staged: a copied workspace never publishes the original's file.
     An importance matrix given by path (`copy_outside`) may live anywhere; it is small, and copied."""
-    inside = Path(os.path.abspath(artifact)).is_relative_to(os.path.abspath(ws.root))
+    inside = _in_workspace(artifact, ws)
     if not inside and not copy_outside:
         raise InputError(f"{artifact}: not in the workspace {ws.root}, so it is not staged; run moeq quantize "
                          "--force for this quant")

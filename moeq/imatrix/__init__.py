@@ -36,7 +36,7 @@ PROGRESS = re.compile(r"computing over (\d+) chunks|(\d+(?:\.\d+)?) seconds per 
 MAX_LISTED = 12  # experts named in one message; the record keeps them all
 # What moeq/data/calibration.txt is made of (CALIBRATION.md has the details); the card lists them.
 SHIPPED_SOURCES = (
-    CalibrationSource(title="The Jargon File, version 4.4.7 (English prose, excerpt)", url="http://catb.org/jargon/",
+    CalibrationSource(title="The Jargon File, version 4.4.7 (English prose, excerpt)", url="https://www.catb.org/jargon/",
                       license="public domain"),
     CalibrationSource(title="Lu Xun, Call to Arms (呐喊, 1923): the preface and the opening of My Old Home (故乡)",
                       url="https://zh.wikisource.org/wiki/%E5%90%B6%E5%96%8A", license="public domain"),
@@ -66,7 +66,8 @@ def imatrix_stage(pipeline: Pipeline, ws: Workspace, chain: Toolchain, source: S
     def key() -> dict:
         return {"source_sha256": source.output.sha256, "calibration_sha256": ws.hashes.sha256(text), "ctx": spec.ctx,
                 "chunks": spec.chunks, "format": spec.format, "min_expert_tokens": spec.min_expert_tokens,
-                "require_coverage": spec.require_coverage, "tool_commit": tool.build.commit}
+                "require_coverage": spec.require_coverage, "tool_commit": tool.build.commit,
+                "sources": [source.model_dump() for source in SHIPPED_SOURCES] if spec.calibration is None else []}
 
     def intact(record: ImatrixRecord) -> bool:
         return (final.is_file() and final.stat().st_size == record.output.size
@@ -85,7 +86,7 @@ def _imatrix(pipeline: Pipeline, ws: Workspace, tool, source: SourceRecord, text
              calibration: CalibrationRef, final: Path, on_message: Callable[[str], None]) -> ImatrixRecord:
     spec = pipeline.imatrix
     final.parent.mkdir(parents=True, exist_ok=True)
-    computed = final.with_name(final.name + ".partial.gguf")  # llama-imatrix writes GGUF to a .gguf name
+    computed = partial_path(final)  # GGUF whatever the name (llama-imatrix notes that it is not .gguf)
     log = final.with_name(final.name + ".log")
     command = [str(tool.path), "-m", source.output.path, "-f", str(text), "-o", str(computed), "-c", str(spec.ctx),
                "--output-frequency", "1000000"]  # one write, at the end
@@ -110,7 +111,7 @@ def _imatrix(pipeline: Pipeline, ws: Workspace, tool, source: SourceRecord, text
                              "(imatrix.calibration), or set imatrix.require_coverage: false to publish with a warning")
         written = computed
         if spec.format == "dat":
-            written = partial_path(final)
+            written = final.with_name(final.name + ".dat.partial")
             outputs.append(written)
             run_tool([str(tool.path), "--in-file", str(computed), "-o", str(written), "--output-format", "dat"],
                      final.with_name(final.name + ".dat.log"))

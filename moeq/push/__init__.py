@@ -67,7 +67,8 @@ class PushPlan:
 def local_files(card: CardRecord) -> dict[str, PlannedFile]:
     """The staged folder as the card stage left it, with sha256 from its records (no re-hashing of GGUFs)."""
     folder = Path(card.folder)
-    known = {f.name: f.sha256 for f in read_manifest(folder / MANIFEST_NAME).files}
+    manifest = read_manifest(folder / MANIFEST_NAME)
+    known = {f.name: f.sha256 for f in [*manifest.files, *([manifest.imatrix_file] if manifest.imatrix_file else [])]}
     known[README_NAME] = card.readme.sha256
     known[MANIFEST_NAME] = card.manifest.sha256
     files = {}

@@ -107,7 +107,11 @@ def _converted(checkpoint: Path, name: str, on_message: Callable[[str], None]) -
 def _copy_into(cached: Path, target: Path) -> None:
     partial = partial_path(target)
     try:
-        shutil.copyfile(cached, partial)
+        with open(cached, "rb") as source, open(partial, "wb") as out:
+            try:
+                shutil.copyfileobj(source, out, 1 << 20)
+            except OSError as exc:  # a full disk is the workspace's, whichever file the OS names
+                raise OSError(exc.errno, exc.strerror, str(target)) from None
         commit_file(partial, target)
     except BaseException:
         partial.unlink(missing_ok=True)
