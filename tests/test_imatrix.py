@@ -238,3 +238,55 @@ def test_changing_the_calibration_reruns_imatrix_and_its_quants_only(tmp_path):
     third = run_moeq("build", "--config", str(config), "--all", "--skip-bench", "--json")
     statuses = {s["status"] for q in json.loads(third.stdout)["quants"] for s in q["stages"]}
     assert statuses <= {"up to date", "skipped"}
+
+
+def test_the_legacy_format_when_asked(tmp_path):
+    config = pipeline(tmp_path / "dat", "  ctx: 256\n  format: dat\n")
+    record = imatrix_json(config)["record"]
+    path = Path(record["output"]["path"])
+    assert path.name == "tiny-phimoe.imatrix.dat" and record["format"] == "dat"
+    assert path.read_bytes()[:4] != b"GGUF" and record["coverage"]["experts"] == 8  # counted from the GGUF first
+    quantized = quantize_json(config, "Q2_K")["record"]
+    assert quantized["options"]["imatrix"]["path"] == str(path)
+    assert imatrix_files(config) == ["tiny-phimoe.imatrix.dat"]
+
+
+def test_an_imatrix_made_elsewhere_is_published_as_given(tmp_path, made):
+    _, record = made
+    elsewhere = tmp_path / "from-elsewhere.imatrix"
+    shutil.copyfile(record["output"]["path"], elsewhere)
+    config = pipeline(tmp_path / "path")
+    config.write_text(config.read_text().replace("{type: Q4_K_M, imatrix: auto}",
+                                                 f"{{type: Q4_K_M, imatrix: {elsewhere}}}"))
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--skip-bench", "--json")
+    assert proc.returncode == 0, proc.stderr
+    stages = {s["stage"]: s for s in json.loads(proc.stdout)["quants"][0]["stages"]}
+    assert stages["imatrix"]["status"] == "skipped" and stages["imatrix"]["detail"] == "uses from-elsewhere.imatrix"
+    repo = config.parent / "work" / "repos" / "Q4_K_M"
+    assert (repo / "from-elsewhere.imatrix").read_bytes() == elsewhere.read_bytes()  # a copy: it lives outside
+    card = (repo / "README.md").read_text()
+    assert "The importance matrix was made outside this pipeline; the repo publishes it as it was given." in card
+    assert run_moeq("card", "verify", str(repo / "README.md")).returncode == 0
+    assert not (config.parent / "work" / "imatrix").exists()  # no imatrix stage ran
+
+
+@pytest.mark.parametrize("section,message", [
+    ("  format: binary\n", "imatrix.format: unknown format 'binary'; use gguf (llama.cpp's default) or dat"),
+    ("  calibration: missing.txt\n", "imatrix.calibration: {folder}/missing.txt does not exist; fix the path"),
+    ("  min_expert_tokens: -1\n", "imatrix.min_expert_tokens: must be at least 0, got -1"),
+    ("  chunk: 4\n", "imatrix.chunk: unknown key; allowed here: calibration, ctx, chunks, min_expert_tokens, "
+                     "require_coverage, format"),
+])
+def test_imatrix_settings_are_checked(tmp_path, section, message):
+    config = pipeline(tmp_path, section)
+    proc = run_moeq("check-config", "--config", str(config))
+    assert proc.returncode == 2
+    assert message.format(folder=tmp_path) in error_line(proc)
+
+
+def test_a_quant_imatrix_path_that_does_not_exist_is_a_config_error(tmp_path):
+    config = pipeline(tmp_path)
+    config.write_text(config.read_text().replace("{type: Q2_K, imatrix: auto}", "{type: Q2_K, imatrix: nowhere.imatrix}"))
+    proc = run_moeq("check-config", "--config", str(config))
+    assert proc.returncode == 2
+    assert f"quants[2].imatrix: {tmp_path}/nowhere.imatrix does not exist; fix the path" in error_line(proc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -50,6 +51,7 @@ def installed(tmp_path_factory, toolchain) -> Path:
     wheel = next((tmp / "dist").glob("moeq-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "moeq/templates/model-card.md.j2" in names and "moeq/bench/eval-text.txt" in names
+    assert {"moeq/data/calibration.txt", "moeq/data/training-text.txt", "moeq/data/CALIBRATION.md"} <= set(names)
     venv = tmp / "venv"
     _run([sys.executable, "-m", "venv", str(venv)])
     _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-index", "--find-links", str(wheelhouse),
@@ -65,8 +67,8 @@ def test_wheel_runs_the_main_job_outside_the_repo(installed, tmp_path, toolchain
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "MOEQ_CONFIG")}
     env["MOEQ_LLAMA_CPP_BIN"] = str(toolchain.path("llama-quantize").parent)
     env["PATH"] = f"{installed / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    proc = subprocess.run(["moeq", "build", "--quant", "Q8_0"], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(["moeq", "build", "--quant", "Q8_0", "--quant", "Q4_K_M"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr.splitlines()[0] == "pipeline: pipeline.yaml (default)"
     where = subprocess.run([str(installed / "bin" / "python"), "-c", "import moeq; print(moeq.__file__)"],
@@ -79,3 +81,7 @@ def test_wheel_runs_the_main_job_outside_the_repo(installed, tmp_path, toolchain
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = subprocess.run(["moeq", "card", "verify", str(card)], cwd=work, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Q4_K_M's importance matrix, from the calibration text inside the installed package.
+    imatrix = json.loads((work / "work" / "records" / "imatrix.json").read_text())["record"]
+    assert imatrix["calibration"]["shipped"] and imatrix["coverage"]["experts"] == 8
+    assert (work / "work" / "repos" / "Q4_K_M" / "tiny-phimoe.imatrix").is_file()

@@ -113,8 +113,8 @@ def _imatrix(pipeline: Pipeline, ws: Workspace, tool, source: SourceRecord, text
         if spec.format == "dat":
             written = final.with_name(final.name + ".dat.partial")
             outputs.append(written)
-            run_tool([str(tool.path), "--in-file", str(computed), "-o", str(written), "--output-format", "dat"],
-                     final.with_name(final.name + ".dat.log"))
+            run_tool([str(tool.path), "-m", source.output.path, "--in-file", str(computed), "-o", str(written),
+                      "--output-format", "dat"], final.with_name(final.name + ".convert.log"))
         commit_file(written, final)
     finally:
         for path in outputs:
