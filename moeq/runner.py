@@ -44,8 +44,9 @@ class ToolRun:
 
 
 def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] | None = None,
-             env: dict[str, str] | None = None, timeout_s: float | None = None) -> ToolRun:
-    """Run `command`, writing every output line to `log_path` and handing it to `on_line`."""
+             env: dict[str, str] | None = None, timeout_s: float | None = None, cwd: Path | None = None) -> ToolRun:
+    """Run `command` (in `cwd`, default the current folder), writing every output line to `log_path` and handing
+    it to `on_line`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     name = Path(command[0]).name
     tail: deque[str] = deque(maxlen=40)
@@ -57,7 +58,7 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
             proc = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 text=True, errors="replace", bufsize=1, env={**os.environ, **TOOL_ENV, **(env or {})},
-                start_new_session=True, preexec_fn=die_with_parent,
+                start_new_session=True, preexec_fn=die_with_parent, cwd=cwd,
             )
         except OSError as exc:
             raise ToolError(f"{name}: cannot start {command[0]} ({exc.strerror}); run scripts/setup") from None

@@ -264,7 +264,7 @@ def imatrix(
     console.print(f"expert coverage: {coverage.experts} experts, tokens per expert min {coverage.min:,}, median "
                   f"{coverage.median:,.0f}, max {coverage.max:,}; {len(coverage.under)} under "
                   f"{coverage.min_expert_tokens}", soft_wrap=True)
-    for warning in record.warnings:
+    for warning in record.warnings if done.skipped else []:  # a run said them as it went
         console.print(f"[yellow]warning[/]: {warning}", soft_wrap=True)
 
 

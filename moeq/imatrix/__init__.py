@@ -88,8 +88,9 @@ def _imatrix(pipeline: Pipeline, ws: Workspace, tool, source: SourceRecord, text
     final.parent.mkdir(parents=True, exist_ok=True)
     computed = partial_path(final)  # GGUF whatever the name (llama-imatrix notes that it is not .gguf)
     log = final.with_name(final.name + ".log")
-    command = [str(tool.path), "-m", source.output.path, "-f", str(text), "-o", str(computed), "-c", str(spec.ctx),
-               "--output-frequency", "1000000"]  # one write, at the end
+    # The text by its bare name, from its folder: llama-imatrix writes the name into the file, which is published.
+    command = [str(tool.path), "-m", str(Path(source.output.path).resolve()), "-f", text.name, "-o",
+               str(computed.resolve()), "-c", str(spec.ctx), "--output-frequency", "1000000"]  # one write, at the end
     if spec.chunks:
         command += ["--chunks", str(spec.chunks)]
     outputs = [computed]
@@ -97,7 +98,7 @@ def _imatrix(pipeline: Pipeline, ws: Workspace, tool, source: SourceRecord, text
         computed.unlink(missing_ok=True)
         on_message(f"{Path(source.output.path).name}: llama-imatrix on {text.name}, context {spec.ctx}")
         try:
-            run_tool(command, log, lambda line: _progress(line, on_message))
+            run_tool(command, log, lambda line: _progress(line, on_message), cwd=text.resolve().parent)
         except ToolError as exc:
             raise _short_text(log, text, spec.ctx) or exc from None
         facts = read_imatrix(computed)
@@ -113,8 +114,9 @@ def _imatrix(pipeline: Pipeline, ws: Workspace, tool, source: SourceRecord, text
         if spec.format == "dat":
             written = final.with_name(final.name + ".dat.partial")
             outputs.append(written)
-            run_tool([str(tool.path), "-m", source.output.path, "--in-file", str(computed), "-o", str(written),
-                      "--output-format", "dat"], final.with_name(final.name + ".convert.log"))
+            run_tool([str(tool.path), "-m", str(Path(source.output.path).resolve()), "--in-file", str(computed.resolve()),
+                      "-o", str(written.resolve()), "--output-format", "dat"], final.with_name(final.name + ".convert.log"),
+                     cwd=final.parent)
         commit_file(written, final)
     finally:
         for path in outputs:

@@ -89,7 +89,8 @@ def _quantize(quant: QuantSpec, ws: Workspace, tool, source: Path, source_record
     stop_hashing = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         try:
-            run_tool(command, log, on_line)
+            run_tool(command, log, on_line,
+                     cwd=Path(options.imatrix.path).resolve().parent if options.imatrix else None)
             # The output hash and the fsync run side by side with the header checks; every check on the
             # result happens before the rename, so a failed check leaves no final file.
             output_sha = pool.submit(sha256_file, partial, stop_hashing)
@@ -146,15 +147,15 @@ def build_command(tool: Path, quant: QuantSpec, options: QuantizeOptions, source
     command = [str(tool)]
     if options.allow_requantize:
         command.append("--allow-requantize")
-    if options.imatrix:
-        command += ["--imatrix", options.imatrix.path]
+    if options.imatrix:  # by its bare name, run from its folder: llama-quantize writes it into the file
+        command += ["--imatrix", Path(options.imatrix.path).name]
     for name, ggml_type in quant.tensor_types:
         command += ["--tensor-type", f"{name}={ggml_type}"]
     if quant.output_tensor_type:
         command += ["--output-tensor-type", quant.output_tensor_type]
     if quant.token_embedding_type:
         command += ["--token-embedding-type", quant.token_embedding_type]
-    command += [str(source), str(out), quant.type]
+    command += [str(Path(source).resolve()), str(Path(out).resolve()), quant.type]
     if threads:
         command.append(str(threads))
     return command
