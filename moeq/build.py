@@ -25,7 +25,6 @@ from moeq.stage_runner import StageResult
 from moeq.steps import Context
 
 STAGES = ("fetch", "imatrix", "quantize", "validate", "bench", "shards", "card", "push")
-SHARED_STAGES = ("fetch", "imatrix")  # run once for the ladder
 FILE_STAGES = ("quantize", "validate", "bench")
 PUBLISH_STAGES = ("shards", "card", "push")
 
@@ -112,7 +111,8 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
     pipeline = ctx.pipeline
     results = [QuantResult(q.type, pipeline.repo_id(q), f"{hub_endpoint()}/{pipeline.repo_id(q)}") for q in quants]
     runners = [_Runner(result) for result in results]
-    # The source has its own lock: a second build waits for the first's fetch, then finds it current.
+    # fetch and imatrix run once for the ladder. The source has its own lock: a second build waits for the
+    # first's fetch, then finds it current.
     shared = _Runner(QuantResult("", "", ""))
     shared.run("fetch", lambda: steps.fetch(ctx, force="fetch" in force))
     wants_imatrix = [q.imatrix == IMATRIX_AUTO for q in quants]

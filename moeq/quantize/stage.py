@@ -19,9 +19,9 @@ from typing import Callable
 from moeq import quant_types
 from moeq.config import QuantSpec
 from moeq.errors import InputError, ToolError
-from moeq.imatrix_file import check_fits, read_imatrix
 from moeq.gguf_header import (REQUANTIZE_WARNING, UNQUANTIZED, GGUFHeader, check_extent, read_header,
                               read_source_header)
+from moeq.imatrix_file import check_fits, read_imatrix
 from moeq.quantize.progress import QuantizeLogParser, TensorLine
 from moeq.records import (FileRef, ImatrixRef, ModelFacts, QuantizeOptions, QuantizeRecord, SourceRecord,
                           TensorRow, ToolBuildRef)
