@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,12 @@ from moeq.synth import write_tiny_phimoe
 from moeq.toolchain import Toolchain
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def default_sigint() -> None:
+    """preexec_fn for a moeq process a test interrupts: a shell that starts the tests in the background (`cmd &`)
+    hands every child an ignored SIGINT, and Python keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

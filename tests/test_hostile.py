@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HUB_TOKEN, REPO, run_moeq
+from conftest import HUB_TOKEN, REPO, default_sigint, run_moeq
 
 EXAMPLE = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
 
@@ -215,7 +215,7 @@ def test_ctrl_c_while_starting(tmp_path):
     """SIGINT while the command line's modules are still importing: one line, exit 130, no traceback."""
     (tmp_path / "sitecustomize.py").write_text(SIGINT_DURING_IMPORT)
     proc = subprocess.run([sys.executable, "-m", "moeq", "--help"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=60)
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=60, preexec_fn=default_sigint)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == "error: interrupted by SIGINT while starting; nothing was done\n"
     assert proc.stdout == ""

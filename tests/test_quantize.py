@@ -22,7 +22,7 @@ from moeq.records import QuantizeRecord
 from moeq.toolchain import TOOLS
 from moeq.workspace import Workspace
 
-from conftest import REPO, run_moeq
+from conftest import REPO, default_sigint, run_moeq
 
 Q = gguf.GGMLQuantizationType
 
@@ -165,7 +165,8 @@ def test_interrupt_leaves_nothing_and_next_run_succeeds(tmp_path, toolchain):
     final = tmp_path / "ws" / "quants" / "tiny-phimoe-Q2_K.gguf"
     partial = final.with_name(final.name + ".partial")
     proc = subprocess.Popen([sys.executable, "-m", "moeq", "quantize", "--config", str(cfg), "--quant", "Q2_K",
-                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while not (partial.exists() and partial.stat().st_size > 0) and time.monotonic() < deadline:
         time.sleep(0.05)
