@@ -314,3 +314,18 @@ def test_what_the_imatrix_did_is_read_against_the_uncertainty(with_, without, ef
                       chunks=64, without_imatrix=figures(without))
     assert quality.imatrix_effect() == effect
     assert Quality(base=quality.base, quant=quality.quant, text="t", ctx=1, chunks=1).imatrix_effect() is None
+
+
+def test_a_card_never_publishes_another_matrix_than_the_quant_was_made_with(tmp_path):
+    """The calibration text changed and imatrix ran again, but Q4_K_M was not made again: its card refuses."""
+    config = pipeline(tmp_path / "stale")
+    assert run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--skip-bench").returncode == 0
+    text = tmp_path / "calibration.txt"
+    text.write_text(default_calibration().read_text()[:30000])
+    config.write_text(config.read_text().replace("imatrix:\n  ctx: 256\n", f"imatrix:\n  ctx: 256\n  calibration: {text}\n"))
+    assert run_moeq("imatrix", "--config", str(config)).returncode == 0
+    proc = run_moeq("card", "--config", str(config), "--quant", "Q4_K_M", "--force")
+    assert proc.returncode == 3
+    matrix = config.parent / "work" / "imatrix" / "tiny-phimoe.imatrix"
+    assert error_line(proc) == (f"error: {matrix}: not the importance matrix Q4_K_M was made with (gone or changed "
+                                "since); run moeq quantize --quant Q4_K_M again")

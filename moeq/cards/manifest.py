@@ -110,9 +110,9 @@ def build_manifest(pipeline: Pipeline, quant: QuantSpec, inputs: CardInputs, ws:
         if name in (*names, README_NAME, MANIFEST_NAME):
             raise InputError(f"{imatrix_file.path}: the importance matrix would be published as {name}, a name the "
                              "repo already uses; rename the imatrix file")
-        if not Path(imatrix_file.path).is_file():
-            raise InputError(f"{imatrix_file.path}: the importance matrix {quant.type} was made with is gone; run moeq "
-                             f"imatrix (or restore the file) and moeq quantize --quant {quant.type} again")
+        if not Path(imatrix_file.path).is_file() or ws.hashes.sha256(Path(imatrix_file.path)) != imatrix_file.sha256:
+            raise InputError(f"{imatrix_file.path}: not the importance matrix {quant.type} was made with (gone or "
+                             f"changed since); run moeq quantize --quant {quant.type} again")
         names.append(name)
     template = pipeline.card.template or DEFAULT_TEMPLATE
     return Manifest.model_validate({
