@@ -83,7 +83,8 @@ def imatrix(ctx: Context, force: bool = False) -> StageResult[ImatrixRecord]:
 
 
 def quantize(ctx: Context, quant: QuantSpec, force: bool = False, threads: int | None = None,
-             allow_requantize: bool = False, on_tensor=None, without_imatrix: bool = False) -> StageResult[QuantizeRecord]:
+             allow_requantize: bool = False, on_tensor=None,
+             without_imatrix: bool = False) -> StageResult[QuantizeRecord]:
     """Quantize `quant`; with `imatrix: auto` the imatrix stage runs first (or is found current).
 
     `without_imatrix`: the same type made without its importance matrix, for the bench to measure what the

@@ -213,10 +213,13 @@ def _imatrix(manifest: Manifest) -> dict | None:
                         "sha256": record.calibration.sha256, "shipped": record.calibration.shipped,
                         "sources": [s.model_dump() for s in record.calibration.sources]},
         "chunks": record.chunks, "ctx": record.ctx, "tokens": f"{record.tokens:,}",
-        "coverage": {"experts": coverage.experts, "layers": len(coverage.tokens),
-                     "per_layer": coverage.experts // max(1, len(coverage.tokens)), "min": f"{coverage.min:,}", "median": f"{coverage.median:,.0f}",
-                     "max": f"{coverage.max:,}", "bar": coverage.min_expert_tokens, "under": len(coverage.under),
-                     "under_listed": ", ".join(under[:12]) + (f" and {len(under) - 12} more" if len(under) > 12 else "")},
+        "coverage": {
+            "experts": coverage.experts, "layers": len(coverage.tokens),
+            "per_layer": coverage.experts // max(1, len(coverage.tokens)),
+            "min": f"{coverage.min:,}", "median": f"{coverage.median:,.0f}", "max": f"{coverage.max:,}",
+            "bar": coverage.min_expert_tokens, "under": len(coverage.under),
+            "under_listed": ", ".join(under[:12]) + (f" and {len(under) - 12} more" if len(under) > 12 else ""),
+        },
     }
     return facts
 

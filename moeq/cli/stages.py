@@ -189,7 +189,8 @@ def quantize(
             done = steps.quantize(ctx, spec, force=force, threads=threads, allow_requantize=allow_requantize,
                                   on_tensor=on_tensor)
         record = done.record
-        results.append({"skipped": done.skipped, "log": str(log_path(ctx.ws.quant_path(spec.file))), "record": record_json(record)})
+        results.append({"skipped": done.skipped, "log": str(log_path(ctx.ws.quant_path(spec.file))),
+                        "record": record_json(record)})
         if not as_json:
             state = "up to date" if done.skipped else f"done in {done.wall_s:.1f} s"
             console.print(f"{record.quant}: {state}: {record.output.path} "

@@ -23,8 +23,8 @@ from typing import Callable
 from moeq.config import Pipeline
 from moeq.errors import InputError, ToolError
 from moeq.imatrix_file import read_imatrix
-from moeq.records import (CalibrationRef, CalibrationSource, ExpertCoverage, ExpertTokens, FileRef, ImatrixRecord, SourceRecord,
-                          ToolBuildRef)
+from moeq.records import (CalibrationRef, CalibrationSource, ExpertCoverage, ExpertTokens, FileRef, ImatrixRecord,
+                          SourceRecord, ToolBuildRef)
 from moeq.runner import run_tool
 from moeq.stage_runner import Stage
 from moeq.toolchain import Toolchain
@@ -36,8 +36,8 @@ PROGRESS = re.compile(r"computing over (\d+) chunks|(\d+(?:\.\d+)?) seconds per 
 MAX_LISTED = 12  # experts named in one message; the record keeps them all
 # What moeq/data/calibration.txt is made of (CALIBRATION.md has the details); the card lists them.
 SHIPPED_SOURCES = (
-    CalibrationSource(title="The Jargon File, version 4.4.7 (English prose, excerpt)", url="https://www.catb.org/jargon/",
-                      license="public domain"),
+    CalibrationSource(title="The Jargon File, version 4.4.7 (English prose, excerpt)",
+                      url="https://www.catb.org/jargon/", license="public domain"),
     CalibrationSource(title="Lu Xun, Call to Arms (呐喊, 1923): the preface and the opening of My Old Home (故乡)",
                       url="https://zh.wikisource.org/wiki/%E5%90%B6%E5%96%8A", license="public domain"),
     CalibrationSource(title="textwrap.py of the Python 3.11 standard library (code)",
@@ -67,7 +67,7 @@ def imatrix_stage(pipeline: Pipeline, ws: Workspace, chain: Toolchain, source: S
         return {"source_sha256": source.output.sha256, "calibration_sha256": ws.hashes.sha256(text), "ctx": spec.ctx,
                 "chunks": spec.chunks, "format": spec.format, "min_expert_tokens": spec.min_expert_tokens,
                 "require_coverage": spec.require_coverage, "tool_commit": tool.build.commit,
-                "sources": [source.model_dump() for source in SHIPPED_SOURCES] if spec.calibration is None else []}
+                "sources": [shipped.model_dump() for shipped in SHIPPED_SOURCES] if spec.calibration is None else []}
 
     def intact(record: ImatrixRecord) -> bool:
         return (final.is_file() and final.stat().st_size == record.output.size
@@ -111,11 +111,11 @@ def _imatrix(pipeline: Pipeline, ws: Workspace, tool, source: SourceRecord, text
             raise InputError(f"{text}: {warnings[0]}; use a longer or more varied calibration text "
                              "(imatrix.calibration), or set imatrix.require_coverage: false to publish with a warning")
         written = computed
-        if spec.format == "dat":
-            written = final.with_name(final.name + ".dat.partial")
+        if spec.format == "dat":  # llama-imatrix converts its own GGUF output to the legacy format
+            written = final.with_name(final.name + ".legacy.partial")
             outputs.append(written)
-            run_tool([str(tool.path), "-m", str(Path(source.output.path).resolve()), "--in-file", str(computed.resolve()),
-                      "-o", str(written.resolve()), "--output-format", "dat"], final.with_name(final.name + ".convert.log"),
+            run_tool([str(tool.path), "-m", command[2], "--in-file", str(computed.resolve()), "-o",
+                      str(written.resolve()), "--output-format", "dat"], final.with_name(final.name + ".convert.log"),
                      cwd=final.parent)
         commit_file(written, final)
     finally:
@@ -127,7 +127,8 @@ def _imatrix(pipeline: Pipeline, ws: Workspace, tool, source: SourceRecord, text
     return ImatrixRecord(
         source=source.output, calibration=calibration,
         output=FileRef(path=str(final), size=final.stat().st_size, sha256=ws.hashes.sha256(final)),
-        format=spec.format, ctx=facts.chunk_size or spec.ctx, chunks=chunks, tokens=chunks * (facts.chunk_size or spec.ctx),
+        format=spec.format, ctx=facts.chunk_size or spec.ctx, chunks=chunks,
+        tokens=chunks * (facts.chunk_size or spec.ctx),
         tool=ToolBuildRef(**tool.build.as_dict()), command=command, coverage=coverage, warnings=warnings,
     )
 
