@@ -44,7 +44,8 @@ def card_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, inputs: Card
     template = pipeline.card.template or DEFAULT_TEMPLATE
     folder = ws.repo_dir(quant.type)
     gguf_files = inputs.shards.files
-    published = [*gguf_files, *([inputs.imatrix_file] if inputs.imatrix_file else [])]
+    imatrix_file = inputs.imatrix_file
+    published = [*gguf_files, *([imatrix_file] if imatrix_file else [])]
 
     def key() -> dict:
         return {"manifest_sha256": _sha(manifest_body), "templates_sha256": templates_sha256(template)}
@@ -95,7 +96,7 @@ def _staged(staged: Path, ref: FileRef, ws: Workspace) -> bool:
         return False
     if _in_workspace(Path(ref.path), ws):
         return os.path.exists(ref.path) and os.path.samefile(staged, ref.path)
-    return staged.stat().st_size == ref.size and hashlib.sha256(staged.read_bytes()).hexdigest() == ref.sha256
+    return staged.stat().st_size == ref.size and ws.hashes.sha256(staged) == ref.sha256
 
 
 def _in_workspace(path: Path, ws: Workspace) -> bool:
