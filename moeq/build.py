@@ -58,6 +58,7 @@ class QuantResult:
 class BuildSummary:
     quants: list[QuantResult]
     pushed: bool
+    single_repo: bool = False  # hub.layout single: every quant's card and push are the ladder's one repo's
 
     @property
     def ok(self) -> bool:
@@ -69,7 +70,7 @@ class BuildSummary:
         return next((s.exit_code for q in self.quants for s in q.stages if s.status == "failed"), 0)
 
     def as_dict(self) -> dict:
-        return {"ok": self.ok, "exit_code": self.exit_code, "pushed": self.pushed,
+        return {"ok": self.ok, "exit_code": self.exit_code, "pushed": self.pushed, "single_repo": self.single_repo,
                 "quants": [{**asdict(q), "ok": q.ok} for q in self.quants]}
 
 
@@ -106,7 +107,7 @@ class _Runner:
 
 
 def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool = False,
-          force_stage: str | None = None) -> BuildSummary:
+          force_stage: str | None = None, switch_layout: bool = False) -> BuildSummary:
     force = forced_stages(force_stage)
     pipeline = ctx.pipeline
     results = [QuantResult(q.type, pipeline.repo_id(q), f"{hub_endpoint()}/{pipeline.repo_id(q)}") for q in quants]
@@ -129,14 +130,16 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
         else:
             runner.result.stages.append(StageOutcome(
                 "imatrix", "skipped", detail=f"uses {quant.imatrix.name}" if quant.imatrix else "imatrix: none"))
-    # Every quant's file stages first, then the cards: a card's ladder table reads its siblings' records.
-    for phase in (FILE_STAGES, PUBLISH_STAGES):
+    # Every quant's file stages first, then the cards: a card reads the records of the quants it lists or links.
+    phases = (FILE_STAGES, PUBLISH_STAGES) if not pipeline.single_repo else (FILE_STAGES, ("shards",))
+    for phase in phases:
         for quant, runner in zip(quants, runners):
             if not runner.result.ok or len(runner.result.stages) == len(STAGES):
                 continue
             try:
                 with ctx.ws.lock(f"build-{quant.type}", wait=False):
-                    todo = _steps(ctx, quant, runner.result, push=push, skip_bench=skip_bench, force=force)
+                    todo = _steps(ctx, quant, runner.result, push=push, skip_bench=skip_bench, force=force,
+                                  together=quants, switch_layout=switch_layout)
                     for stage in phase:
                         if not runner.run(stage, todo[stage]):
                             runner.skip_rest(stage, f"{stage} failed")
@@ -145,11 +148,49 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
                 runner.result.stages.append(StageOutcome(phase[0], "failed", detail=exc.message,
                                                          exit_code=exc.exit_code))
                 runner.skip_rest(phase[0], "another build is running")
-    return BuildSummary(results, pushed=push)
+    if pipeline.single_repo:
+        _publish_ladder(ctx, quants, runners, push=push, force=force, switch_layout=switch_layout)
+    return BuildSummary(results, pushed=push, single_repo=pipeline.single_repo)
+
+
+def _publish_ladder(ctx: Context, quants: list[QuantSpec], runners: list[_Runner], *, push: bool,
+                    force: set[str], switch_layout: bool) -> None:
+    """hub.layout single: the card and the push run once for the ladder's repo, when every quant asked for built;
+    each quant's summary shows their outcome."""
+    failed = [r.result.quant for r in runners if not r.result.ok]
+    if failed:
+        for runner in runners:
+            if runner.result.ok:
+                runner.skip_rest("shards", f"the ladder's repo waits for {', '.join(failed)}")
+        return
+    (unit,) = steps.repo_units(ctx, quants)
+    shared = _Runner(QuantResult("", unit.repo_id, ""))
+    if shared.run("card", lambda: steps.card(ctx, unit, force="card" in force)):
+        shared.run("push", lambda: _push(ctx, unit, shared.result, push, switch_layout))
+    else:
+        shared.skip_rest("card", "card failed")
+    for runner in runners:
+        runner.result.stages += shared.result.stages
+        runner.result.commit_url, runner.result.pr_url = shared.result.commit_url, shared.result.pr_url
+        runner.result.push_plan = shared.result.push_plan
+
+
+def _push(ctx: Context, unit: steps.RepoUnit, result: QuantResult, push: bool,
+          switch_layout: bool) -> StageResult | str:
+    if not push:
+        result.push_plan = steps.staged_files(ctx, unit)
+        return "skipped"
+    done = steps.push(ctx, unit, switch_layout=switch_layout)
+    result.commit_url, result.pr_url = done.record.commit_url, done.record.pr_url
+    return done
 
 
 def _steps(ctx: Context, quant: QuantSpec, result: QuantResult, *, push: bool, skip_bench: bool,
-           force: set[str]) -> dict[str, Callable[[], StageResult | str]]:
+           force: set[str], together: list[QuantSpec],
+           switch_layout: bool) -> dict[str, Callable[[], StageResult | str]]:
+    (unit,) = steps.repo_units(ctx, [quant]) if ctx.pipeline.single_repo else [
+        u for u in steps.repo_units(ctx, together) if u.key == quant.type]
+
     def do_quantize() -> StageResult:
         done = steps.quantize(ctx, quant, force="quantize" in force)
         result.artifact_bytes = done.record.output.size
@@ -175,14 +216,7 @@ def _steps(ctx: Context, quant: QuantSpec, result: QuantResult, *, push: bool, s
             raise ToolError(f"{quant.type}: bench failed in {', '.join(e.mode for e in errors)}: {errors[0].error}")
         return done
 
-    def do_push() -> StageResult | str:
-        if not push:
-            result.push_plan = steps.staged_files(ctx, quant)
-            return "skipped"
-        done = steps.push(ctx, quant)
-        result.commit_url, result.pr_url = done.record.commit_url, done.record.pr_url
-        return done
-
     return {"quantize": do_quantize, "validate": do_validate, "bench": do_bench,
             "shards": lambda: steps.shards(ctx, quant, force="shards" in force),
-            "card": lambda: steps.card(ctx, quant, force="card" in force), "push": do_push}
+            "card": lambda: steps.card(ctx, unit, force="card" in force),
+            "push": lambda: _push(ctx, unit, result, push, switch_layout)}

@@ -11,6 +11,7 @@ quant types, bad repo ids and unsafe relative names are all errors, never warnin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import string
@@ -31,6 +32,9 @@ SOURCE_KINDS = ("hf", "gguf", "local", "synth")
 REPO_TEMPLATE_FIELDS = {"namespace", "model", "quant", "quant_slug", "quant_lower", "file_stem"}
 # The Hub's usual name for one quant's repo (GGUF-my-repo's): <Model>-<QUANT>-GGUF, from the pipeline's model.
 DEFAULT_REPO_TEMPLATE = "{namespace}/{model}-{quant}-GGUF"
+# One repo for the whole ladder (bartowski's and mradermacher's layout, what llama.cpp's -hf REPO:QUANT expects).
+DEFAULT_SINGLE_REPO = "{namespace}/{model}-GGUF"
+LAYOUTS = ("single", "per-quant")
 DEFAULT_FILE_TEMPLATE = "{file_stem}-{quant}.gguf"
 PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null")}
 PORTABLE_NAME = re.compile(r"[A-Za-z0-9._+\-/]+")  # '/' only where a relative path may have folders
@@ -102,6 +106,8 @@ class QuantSpec:
 @dataclass(frozen=True)
 class HubSpec:
     namespace: str
+    layout: str = "single"  # one repo for the ladder, or "per-quant": one repo per quant (repo_template)
+    repo: str = ""  # the single repo's id
     repo_template: str = DEFAULT_REPO_TEMPLATE
     private: bool = False
     create_pr: bool = False
@@ -174,8 +180,14 @@ class Pipeline:
     def repo_id(self, quant: QuantSpec) -> str:
         return render_repo_id(self.hub, self.model, quant)
 
+    @property
+    def single_repo(self) -> bool:
+        return self.hub.layout == "single"
+
 
 def render_repo_id(hub: HubSpec, model: ModelSpec, quant: QuantSpec) -> str:
+    if hub.layout == "single":
+        return hub.repo
     return hub.repo_template.format(
         namespace=hub.namespace, model=repo_name(model.name), quant=quant.type, quant_slug=quant.slug,
         quant_lower=quant.type.lower(), file_stem=model.file_stem,
@@ -493,7 +505,7 @@ def parse_size(text: str) -> int | None:
 
 
 def _hub(n: _Node, model: ModelSpec, quants: tuple[QuantSpec, ...]) -> HubSpec:
-    m = n.mapping(("namespace", "repo_template", "private", "create_pr", "max_shard_size", "push"),
+    m = n.mapping(("namespace", "layout", "repo", "repo_template", "private", "create_pr", "max_shard_size", "push"),
                   required=("namespace",))
     namespace = m["namespace"].str()
     try:
@@ -502,7 +514,55 @@ def _hub(n: _Node, model: ModelSpec, quants: tuple[QuantSpec, ...]) -> HubSpec:
         raise m["namespace"].fail(f"{namespace!r} is not a valid Hub user or organization name") from None
     if "/" in namespace:
         raise m["namespace"].fail("a namespace is one name, without '/'")
-    template = m["repo_template"].str() if "repo_template" in m else DEFAULT_REPO_TEMPLATE
+    layout = m["layout"].str() if "layout" in m else "single"
+    if layout not in LAYOUTS:
+        raise m["layout"].fail(f"{layout!r}: use single (one repo for the ladder) or per-quant (a repo per quant)")
+    unused = "repo_template" if layout == "single" else "repo"
+    if unused in m:
+        raise m[unused].fail(f"not used with hub.layout {layout}; "
+                             + ("name the one repo with hub.repo" if layout == "single"
+                                else "name each quant's repo with hub.repo_template"))
+    max_shard = 50_000_000_000
+    if "max_shard_size" in m:
+        raw = m["max_shard_size"].scalar()
+        parsed = raw if isinstance(raw, int) and not isinstance(raw, bool) else parse_size(str(raw))
+        if not parsed or parsed <= 0:
+            raise m["max_shard_size"].fail(f"{raw!r} is not a size; write e.g. 50GB, 45G or 500MB")
+        if parsed < 10**6:
+            raise m["max_shard_size"].fail(f"{raw!r} is under 1MB; llama-gguf-split splits in whole megabytes")
+        max_shard = parsed
+    spec = HubSpec(
+        namespace=namespace, layout=layout,
+        private=m["private"].bool() if "private" in m else False,
+        create_pr=m["create_pr"].bool() if "create_pr" in m else False,
+        max_shard_size=max_shard, push=m["push"].bool() if "push" in m else False,
+    )
+    if layout == "single":
+        for quant in quants:  # llama.cpp's -hf REPO:TYPE and the Hub's quant label read the type from the name
+            if not re.search(re.escape(quant.type) + r"[.-]", quant.file, re.IGNORECASE):
+                raise n.fail(f"quants: {quant.type}'s file {quant.file!r} does not carry its quant type; in one repo "
+                             f"clients pick a quant by name (e.g. {model.file_stem}-{quant.type}.gguf)")
+        return _single_repo(m, spec, model, namespace)
+    return _per_quant_repos(m, n, dataclasses.replace(spec, repo_template=m["repo_template"].str()
+                                                      if "repo_template" in m else DEFAULT_REPO_TEMPLATE),
+                            model, quants, namespace)
+
+
+def _single_repo(m: dict, spec: HubSpec, model: ModelSpec, namespace: str) -> HubSpec:
+    where = m.get("repo")
+    repo = where.str() if where else DEFAULT_SINGLE_REPO.format(namespace=namespace, model=repo_name(model.name))
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        raise (where or m["namespace"]).fail(f"{repo!r} is not a valid repo id ({_first_sentence(exc)})") from None
+    if not repo.startswith(namespace + "/"):
+        raise (where or m["namespace"]).fail(f"{repo!r} is outside the namespace {namespace!r}")
+    return dataclasses.replace(spec, repo=repo)
+
+
+def _per_quant_repos(m: dict, n: _Node, spec: HubSpec, model: ModelSpec, quants: tuple[QuantSpec, ...],
+                     namespace: str) -> HubSpec:
+    template = spec.repo_template
     where = m.get("repo_template", n)
     try:
         names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
@@ -514,21 +574,6 @@ def _hub(n: _Node, model: ModelSpec, quants: tuple[QuantSpec, ...]) -> HubSpec:
                          f"use {', '.join('{' + f + '}' for f in sorted(REPO_TEMPLATE_FIELDS))}")
     if len(quants) > 1 and not names & {"quant", "quant_slug", "quant_lower"}:
         raise where.fail("must contain {quant_slug} (or {quant}) so each quant gets its own repo")
-    max_shard = 50_000_000_000
-    if "max_shard_size" in m:
-        raw = m["max_shard_size"].scalar()
-        parsed = raw if isinstance(raw, int) and not isinstance(raw, bool) else parse_size(str(raw))
-        if not parsed or parsed <= 0:
-            raise m["max_shard_size"].fail(f"{raw!r} is not a size; write e.g. 50GB, 45G or 500MB")
-        if parsed < 10**6:
-            raise m["max_shard_size"].fail(f"{raw!r} is under 1MB; llama-gguf-split splits in whole megabytes")
-        max_shard = parsed
-    spec = HubSpec(
-        namespace=namespace, repo_template=template,
-        private=m["private"].bool() if "private" in m else False,
-        create_pr=m["create_pr"].bool() if "create_pr" in m else False,
-        max_shard_size=max_shard, push=m["push"].bool() if "push" in m else False,
-    )
     seen: dict[str, str] = {}
     for quant in quants:
         repo = render_repo_id(spec, model, quant)

@@ -25,7 +25,7 @@ from moeq.workspace import read_text_limited
 
 MANIFEST_NAME = "moeq-manifest.json"
 README_NAME = "README.md"
-MANIFEST_VERSION = 2  # 2: typed records (record schema 2), without local wall times
+MANIFEST_VERSION = 3  # 3: a repo's quants (one, or the ladder of hub.layout single); 2: typed records
 MAX_CARD_BYTES = 1 << 20  # a card is tens of KB
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest holds a row per tensor: hundreds of KB for the real model
 # The line every card moeq renders carries: a README.md on the Hub without it was not written by moeq.
@@ -63,7 +63,8 @@ class RepoFile(Model):
 
 
 class LadderEntry(Model):
-    """A sibling quant's row of the ladder table, from its own records (None where it has none)."""
+    """Another quant's repo (hub.layout per-quant), linked from the card: it exists on the Hub, or is pushed with
+    this one."""
 
     quant: str
     repo_id: str
@@ -73,27 +74,37 @@ class LadderEntry(Model):
     cpu_moe_gpu_bytes: int | None
 
 
-class ManifestRecords(Model):
+class QuantRecords(Model):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
-    source: SourceRecord | None
     imatrix: ImatrixRecord | None = None  # the imatrix stage's record, when the quant used its output
     quantize: QuantizeRecord
     validate_: ValidateRecord | None = Field(alias="validate")  # `validate` is a name pydantic's BaseModel uses
     bench: BenchRecord | None
 
 
-class Manifest(Model):
-    manifest_version: Literal[2]
-    generator: str
+class QuantEntry(Model):
+    """One quant the repo holds: its files (paths in the repo) and the records they were made from."""
+
     quant: str
+    files: list[RepoFile]  # the GGUF, or its shards
+    imatrix_file: RepoFile | None = None  # the importance matrix it was made with, published beside it
+    records: QuantRecords
+
+
+class Manifest(Model):
+    manifest_version: Literal[3]
+    generator: str
+    layout: Literal["single", "per-quant"]
     repo_id: str
     pipeline: ManifestPipeline
     card: TemplateRef
-    files: list[RepoFile]  # the GGUF files of the repo: the quant, or its shards
-    imatrix_file: RepoFile | None = None  # the importance matrix the quant was made with, published beside it
-    repo_files: list[str]  # every file of the repo
-    ladder: list[LadderEntry]
-    records: ManifestRecords
+    source: SourceRecord | None
+    quants: list[QuantEntry]  # per-quant: the one quant; single: every quant the repo holds, in ladder order
+    siblings: list[LadderEntry]  # per-quant: the other quants' repos the card links
+    repo_files: list[str]  # every file of the repo, with its folder
+
+    def entry(self, quant: str) -> QuantEntry:
+        return next(q for q in self.quants if q.quant == quant)
 
 
 def manifest_schema() -> dict:

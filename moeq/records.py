@@ -396,7 +396,8 @@ class ShardsRecord(Record):
 
 class CardRecord(Record):
     stage: Literal["card"] = "card"
-    quant: str
+    quant: str | None  # None for the one repo of hub.layout single
+    quants: list[str] = []  # the quants the repo holds
     repo_id: str
     folder: str  # the staged repo: exactly the files the Hub repo will hold
     readme: FileRef
@@ -416,7 +417,8 @@ class PushedFile(Model):
 
 class PushRecord(Record):
     stage: Literal["push"] = "push"
-    quant: str
+    quant: str | None  # None for the one repo of hub.layout single
+    quants: list[str] = []  # the quants this push was asked for
     repo_id: str
     create_pr: bool
     repo_existed: bool

@@ -161,38 +161,109 @@ def shards(ctx: Context, quant: QuantSpec, force: bool = False) -> StageResult[S
     return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
 
 
-def card(ctx: Context, quant: QuantSpec, force: bool = False) -> StageResult[CardRecord]:
-    """The card, from the current records; the shards stage runs first when its record is not current."""
-    from moeq.cards.manifest import CardInputs
+@dataclass(frozen=True)
+class RepoUnit:
+    """One Hub repo and the quants a command asks of it: each quant's own repo (hub.layout per-quant, `key` its
+    type), or the ladder's one repo (`key` None), where the card and push stages run once for the ladder."""
+
+    repo_id: str
+    key: str | None
+    quants: tuple[QuantSpec, ...]
+    together: tuple[str, ...] = ()  # per-quant: every quant the command publishes, whose repos a card may link
+
+
+def repo_units(ctx: Context, quants: list[QuantSpec]) -> list[RepoUnit]:
+    pipeline = ctx.pipeline
+    if pipeline.single_repo:
+        return [RepoUnit(pipeline.hub.repo, None, tuple(quants))] if quants else []
+    together = tuple(q.type for q in quants)
+    return [RepoUnit(pipeline.repo_id(q), q.type, (q,), together) for q in quants]
+
+
+def published_quants(ctx: Context, unit_key: str | None, repo_id: str) -> set[str]:
+    """The quants this workspace's last push to `repo_id` left there (its push record)."""
+    record = ctx.records.get("push", unit_key)
+    if record is None or record.repo_id != repo_id or record.create_pr:
+        return set()
+    return set(record.quants) or ({record.quant} if record.quant else set())
+
+
+def card_quants(ctx: Context, unit: RepoUnit) -> list[QuantSpec]:
+    """What the repo's card lists: in one repo, each quant of the ladder with a current file that did not fail
+    validation, when it is asked for now or was in the repo at the last push; a quant never built is not listed."""
+    if unit.key is not None:
+        return list(unit.quants)
+    from moeq.cards.manifest import current_validate
+
+    asked = {q.type for q in unit.quants}
+    pushed = published_quants(ctx, None, unit.repo_id)
+    listed = []
+    for quant in ctx.pipeline.quants:
+        if quant.type in asked:
+            listed.append(quant)
+        elif quant.type in pushed and ctx.records.get("quantize", quant.type) is not None:
+            validated = current_validate(ctx.records, quant.type)
+            if validated is None or validated.ok:
+                listed.append(quant)
+    return listed
+
+
+def _siblings(ctx: Context, unit: RepoUnit) -> list:
+    """Per-quant layout: the other quants' repos the card may link, those that exist on the Hub (pushed from this
+    workspace) or are asked for in the same command (pushed with it)."""
+    from moeq.cards.manifest import current_validate
+
+    if unit.key is None:
+        return []
+    out = []
+    for quant in ctx.pipeline.quants:
+        quantized = ctx.records.get("quantize", quant.type)
+        if quant.type == unit.key or quantized is None:
+            continue
+        repo_id = ctx.pipeline.repo_id(quant)
+        if quant.type in unit.together or quant.type in published_quants(ctx, quant.type, repo_id):
+            out.append((quant, quantized, current_validate(ctx.records, quant.type)))
+    return out
+
+
+def card(ctx: Context, unit: RepoUnit, force: bool = False) -> StageResult[CardRecord]:
+    """The repo's card, from the current records; each listed quant's shards stage runs first when its record is
+    not current."""
+    from moeq.cards.manifest import CardInputs, RepoInputs
     from moeq.cards.stage import card_stage
 
-    shards_record = shards(ctx, quant).record
-    inputs = CardInputs.from_records(ctx.records, ctx.pipeline, quant, shards_record, warn=ctx.warn)
-    return run_stage(card_stage(ctx.pipeline, quant, ctx.ws, inputs), ctx.records, force=force, on_message=ctx.say)
+    quants = [CardInputs.from_records(ctx.records, q, shards(ctx, q).record, warn=ctx.warn)
+              for q in card_quants(ctx, unit)]
+    inputs = RepoInputs(unit.repo_id, ctx.pipeline.hub.layout, ctx.records.get("source"), quants,
+                        siblings=_siblings(ctx, unit))
+    return run_stage(card_stage(ctx.pipeline, unit.key, ctx.ws, inputs), ctx.records, force=force,
+                     on_message=ctx.say)
 
 
-def push(ctx: Context, quant: QuantSpec, create_pr: bool | None = None, force: bool = False) -> StageResult[PushRecord]:
+def push(ctx: Context, unit: RepoUnit, create_pr: bool | None = None, force: bool = False,
+         switch_layout: bool = False) -> StageResult[PushRecord]:
     from moeq.push import push_stage
 
-    stage = push_stage(ctx.pipeline, quant, ctx.api, ctx.records.require("card", quant.type), create_pr=create_pr,
-                       force=force, on_message=ctx.say)
+    stage = push_stage(ctx.pipeline, unit.key, [q.type for q in unit.quants], ctx.api, ctx.records,
+                       create_pr=create_pr, force=force, switch_layout=switch_layout, on_message=ctx.say)
     return run_stage(stage, ctx.records, on_message=ctx.say)
 
 
-def push_plan(ctx: Context, quant: QuantSpec, force: bool = False):
+def push_plan(ctx: Context, unit: RepoUnit, force: bool = False, switch_layout: bool = False):
     """What `push` would send (read requests only)."""
     from moeq.push import check_staged, planned
 
-    card_record = ctx.records.require("card", quant.type)
-    check_staged(ctx.pipeline, quant, card_record)
-    return planned(ctx.api, card_record, force)
+    card_record = ctx.records.require("card", unit.key)
+    check_staged(ctx.pipeline, unit.key, card_record)
+    return planned(ctx.api, ctx.pipeline, [q.type for q in unit.quants], ctx.records, card_record, force,
+                   switch_layout)
 
 
 @dataclass
 class PushCheck:
     """`moeq push --check`: each repo's plan, and what differs in each README.md moeq would replace."""
 
-    plans: list = field(default_factory=list)  # PushPlan per quant
+    plans: list = field(default_factory=list)  # PushPlan per repo
     findings: list[str] = field(default_factory=list)
 
     @property
@@ -201,14 +272,30 @@ class PushCheck:
         return [plan.repo_id for plan in self.plans if plan.changes]
 
 
-def check_pushed(ctx: Context, quants: list[QuantSpec], force: bool = False) -> PushCheck:
+def check_pushed(ctx: Context, units: list[RepoUnit], force: bool = False) -> PushCheck:
     check = PushCheck()
-    for quant in quants:
-        plan = push_plan(ctx, quant, force=force)
+    for unit in units:
+        plan = push_plan(ctx, unit, force=force)
         check.plans.append(plan)
         if plan.repo_exists and any(f.path == "README.md" and f.action == "update" for f in plan.files):
             check.findings += hub_card_findings(ctx, plan.repo_id)  # which lines, as moeq card verify says
+        check.findings += hub_link_findings(ctx, plan.repo_id, ctx.records.require("card", unit.key))
     return check
+
+
+def hub_link_findings(ctx: Context, repo_id: str, card_record: CardRecord) -> list[str]:
+    """Every Hub repo the staged card links (other than the base model) must exist on the Hub."""
+    from moeq.hub.client import hub_errors
+    from moeq.manifest import README_NAME, read_manifest
+
+    manifest = read_manifest(Path(card_record.folder) / "moeq-manifest.json")
+    findings = []
+    for sibling in manifest.siblings:
+        with hub_errors("checking a linked repo", sibling.repo_id):
+            if not ctx.api.repo_exists(sibling.repo_id):
+                findings.append(f"{repo_id}/{README_NAME}: links {sibling.repo_id}, which is not on the Hub; push "
+                                f"{sibling.quant} too")
+    return findings
 
 
 def hub_card_findings(ctx: Context, repo_id: str) -> list[str]:
@@ -232,9 +319,9 @@ def hub_card_findings(ctx: Context, repo_id: str) -> list[str]:
         return [f"{where}: not checked: {exc.message}"]
 
 
-def staged_files(ctx: Context, quant: QuantSpec) -> list[dict]:
+def staged_files(ctx: Context, unit: RepoUnit) -> list[dict]:
     """The files the staged repo holds (path, action add, size): what a push would offer, without asking the Hub."""
     from moeq.push import local_files
 
     return [{"path": f.path, "action": f.action, "size": f.size}
-            for f in local_files(ctx.records.require("card", quant.type)).values()]
+            for f in local_files(ctx.records.require("card", unit.key)).values()]

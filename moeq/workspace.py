@@ -4,7 +4,8 @@
       source/<stem>-F16.gguf         the F16 model every quant is made from
       quants/<file>                  one GGUF per quant, with <file>.log beside it
       records/<stage>-<quant>.json   what each stage did, with the key it ran with (records.py, stage_runner.py)
-      repos/<quant>/                 the staged Hub repo: README.md, the GGUF (hard link), the manifest
+      repos/<quant>/, repos/ladder/  the staged Hub repo (per quant, or the ladder's one): README.md, the GGUFs
+                                     (hard links), the importance matrix, the manifest
       locks/<artifact>.lock          one writer per artifact
       bench/<quant>/, bench/base/    bench logs; the F16 logits for KL divergence
       shards/<quant>/                llama-gguf-split shards of a quant over hub.max_shard_size
@@ -55,8 +56,9 @@ class Workspace:
     def repos_dir(self) -> Path:
         return self.root / "repos"
 
-    def repo_dir(self, quant: str) -> Path:
-        return self.repos_dir / quant
+    def repo_dir(self, quant: str | None) -> Path:
+        """A quant's staged repo (hub.layout per-quant), or the ladder's one repo (quant None)."""
+        return self.repos_dir / (quant or "ladder")
 
     def bench_dir(self, quant: str) -> Path:
         """Each bench run's full log; `base` holds the F16 logits every quant's KL divergence is measured against."""

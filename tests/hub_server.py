@@ -145,6 +145,27 @@ class HubState:
         return None
 
 
+def _tree(commit: Commit, prefix: str, recursive: bool) -> list[dict]:
+    """The Hub's tree listing: the files under `prefix` and their folders (type "directory"), every level deep
+    with recursive=true, else only the first."""
+    entries, folders = [], set()
+    for path, blob in sorted(commit.files.items()):
+        if prefix and not path.startswith(prefix + "/"):
+            continue
+        rest = path[len(prefix) + 1:] if prefix else path
+        parts = rest.split("/")
+        for depth in range(1, len(parts)):
+            folders.add("/".join(([prefix] if prefix else []) + parts[:depth]))
+        if recursive or len(parts) == 1:
+            entries.append(blob.entry(path))
+    depth0 = prefix.count("/") + 1 if prefix else 0
+    for folder in sorted(folders):
+        if recursive or folder.count("/") == depth0:
+            entries.append({"type": "directory", "path": folder, "size": 0,
+                            "oid": hashlib.sha1(folder.encode()).hexdigest()})
+    return entries
+
+
 class HubError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None):
         super().__init__(message)
@@ -285,13 +306,17 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, {"id": repo.repo_id, "modelId": repo.repo_id, "sha": commit.oid,
                                     "private": repo.private,
                                     "siblings": [{"rfilename": p} for p in sorted(commit.files)]})
+        m = re.fullmatch(rf"/api/models/{REPO}/refs", path)
+        if method == "GET" and m:  # llama.cpp's -hf asks for the branches first
+            repo = self._repo(m["repo"])
+            return self._json(200, {"branches": [{"name": ref, "ref": f"refs/heads/{ref}", "targetCommit": oid}
+                                                 for ref, oid in repo.refs.items() if not ref.startswith("refs/")],
+                                    "tags": [], "converts": []})
         m = re.fullmatch(rf"/api/models/{REPO}/tree/{REV}(?:/(?P<sub>.*))?", path)
         if method == "GET" and m:
             commit = self._commit(self._repo(m["repo"]), m["rev"])
             prefix = unquote(m["sub"] or "").strip("/")
-            entries = [b.entry(p) for p, b in sorted(commit.files.items())
-                       if not prefix or p.startswith(prefix + "/")]
-            return self._json(200, entries)
+            return self._json(200, _tree(commit, prefix, query.get("recursive") == ["true"]))
         m = re.fullmatch(rf"/api/models/{REPO}/paths-info/{REV}", path)
         if method == "POST" and m:
             commit = self._commit(self._repo(m["repo"]), m["rev"])
@@ -432,6 +457,7 @@ class Handler(BaseHTTPRequestHandler):
         return self._ranged(method, blob.data, headers, truncate)
 
     def _ranged(self, method: str, data: bytes, headers: dict, truncate: bool) -> None:
+        headers["Accept-Ranges"] = "bytes"
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         if match:
             start = int(match[1])

@@ -26,6 +26,13 @@ LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
 EVAL_TEXT_SHA256 = "f08ec0c98a45566f009f3e07dce1e5a0247a9fb8311a3a8dea6ea86bad0612db"
 
 
+def card_for(pipeline, quant: str):
+    """`moeq card --quant QUANT`: the example's one repo, made for this quant."""
+    ctx = Context.of(pipeline)
+    [unit] = steps.repo_units(ctx, [pipeline.quant(quant)])
+    return steps.card(ctx, unit)
+
+
 def prepared(folder: Path, quants=LADDER, rpc: bool = True):
     config = folder / "tiny-phimoe.yaml"
     text = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
@@ -111,16 +118,24 @@ def test_rerun_reuses_the_record_unless_forced(benched, toolchain, rpc_device):
 def test_card_shows_the_measurements(benched, toolchain, rpc_device):
     _, pipeline, ws, _ = benched
     steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), rpc=rpc_device, force=True)
-    outcome = steps.card(Context.of(pipeline), pipeline.quant("Q4_K_M"))
+    outcome = card_for(pipeline, "Q4_K_M")
     assert outcome.record.not_measured == []
-    text = (ws.repo_dir("Q4_K_M") / "README.md").read_text()
-    assert "### Speed" in text and "### VRAM with and without `--cpu-moe`" in text and "### Quality against F16" in text
-    measured = text.split("## Measured speed, VRAM and quality")[1].split("## Usage")[0]
+    text = (ws.repo_dir(None) / "README.md").read_text()
+    assert "#### Speed" in text and "#### VRAM with and without `--cpu-moe`" in text and "#### Quality against F16" in text
+    measured = text.split("### Measured speed, VRAM and quality")[1].split("### Quantization details")[0]
     assert "offload device: llama.cpp's RPC backend" in measured and "not measured" not in measured
-    manifest = read_manifest(ws.repo_dir("Q4_K_M") / MANIFEST_NAME)
+    manifest = read_manifest(ws.repo_dir(None) / MANIFEST_NAME)
+    # The choice table shows the speed measured in the placement it advises, and the KL divergence.
+    choice = next(line for line in text.splitlines() if line.startswith("| 8 GiB or more | Q4_K_M | "))
+    record = outcome.record
+    tg = next(t for run in read_manifest(ws.repo_dir(None) / MANIFEST_NAME).quants[0].records.bench.speed
+              if run.mode == "gpu" for t in run.tests if t.test.startswith("tg"))
+    assert f"| {tg.avg_ts:.2f} ± {tg.stddev_ts:.2f} | " in choice and record.quants == ["Q4_K_M"]
+    assert choice.split(" | ")[-1].rstrip(" |") == manifest.quants[0].records.bench.quality.quant.kld_mean.__format__(".6f") \
+        + f" ± {manifest.quants[0].records.bench.quality.quant.kld_mean_err:.6f}"
     assert lint_card(text, "README.md", manifest) == []
     # A hand-typed speed is caught by lint against the published records.
-    row = next(line for line in text.splitlines() if "| tg16 |" in line)
+    row = next(line for line in measured.splitlines() if "| tg16 |" in line)
     assert [f.rule for f in lint_card(text.replace(row, row[: row.rindex("|", 0, -1)] + "| 99999.99 |"),
                                       "README.md", manifest)] == ["unrecorded-figure"]
     assert "| everything in system RAM, no GPU | `-ngl 0` | pp64 |" in measured
@@ -143,8 +158,8 @@ def test_without_a_gpu_the_cpu_mode_is_measured_and_offload_modes_are_not(tmp_pa
                                      "them, run on a GPU build of llama.cpp or pass --rpc HOST:PORT") in proc.stdout
     assert record["quality"]["quant"]["kld_mean"] > 0  # measured all the same
     assert "Traceback" not in proc.stderr
-    outcome = steps.card(Context.of(pipeline), pipeline.quant("Q2_K"))
-    text = (ws.repo_dir("Q2_K") / "README.md").read_text()
+    outcome = card_for(pipeline, "Q2_K")
+    text = (ws.repo_dir(None) / "README.md").read_text()
     assert "measured VRAM (bench)" in outcome.record.not_measured
     assert "- all layers on the GPU (`-ngl 99`): no GPU or RPC device\n" in text
     assert "not measured (no GPU or RPC device; the memory section above is computed" in text
@@ -337,4 +352,4 @@ def test_quality_can_be_left_out(tmp_path, toolchain):
     record = steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), modes=("cpu",)).record
     assert record.quality is None and record.errors == [] and record.options.quality is False
     assert not (ws.root / "bench" / "Q8_0" / "perplexity.log").exists()
-    assert "quality (bench)" in steps.card(Context.of(pipeline), pipeline.quant("Q8_0")).record.not_measured
+    assert "quality (bench)" in card_for(pipeline, "Q8_0").record.not_measured

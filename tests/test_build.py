@@ -23,8 +23,12 @@ LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
 STAGES = ["fetch", "imatrix", "quantize", "validate", "bench", "shards", "card", "push"]
 
 
-def repo_id(quant: str) -> str:
-    return f"moeq-test/tiny-phimoe-{quant.lower().replace('_', '-')}-gguf"
+ONE_REPO = "moeq-test/tiny-phimoe-GGUF"  # the example's layout: one repo for the ladder
+PER_QUANT = '  layout: per-quant\n  repo_template: "{namespace}/tiny-phimoe-{quant_slug}-gguf"\n'
+
+
+def repo_id(quant: str, layout: str = "single") -> str:
+    return ONE_REPO if layout == "single" else f"moeq-test/tiny-phimoe-{quant.lower().replace('_', '-')}-gguf"
 
 
 def wrapped_tools(tmp_path: Path, toolchain, fail_quant: str | None = None) -> Path:
@@ -45,9 +49,11 @@ def wrapped_tools(tmp_path: Path, toolchain, fail_quant: str | None = None) -> P
     return folder
 
 
-def write_config(tmp_path: Path, bin_dir: Path, template: Path | None = None) -> Path:
+def write_config(tmp_path: Path, bin_dir: Path, template: Path | None = None, layout: str = "single") -> Path:
     text = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
     text += f"\ntoolchain:\n  llama_cpp_bin: {bin_dir}\n"
+    if layout == "per-quant":
+        text = text.replace("  max_shard_size: 50GB\n", "  max_shard_size: 50GB\n" + PER_QUANT)
     if template:
         text = text.replace("card:\n  extra:\n", f"card:\n  template: {template}\n  extra:\n")
     config = tmp_path / "tiny-phimoe.yaml"
@@ -65,31 +71,44 @@ def statuses(summary: dict) -> dict[str, list[str]]:
     return {q["quant"]: [s["status"] for s in q["stages"]] for q in summary["quants"]}
 
 
-def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain):
-    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
+@pytest.mark.parametrize("layout", ["single", "per-quant"])
+def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain, layout):
+    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain), layout=layout)
     proc, summary = build(test_hub, config, "--all", "--push")
     assert proc.returncode == 0, proc.stderr
     assert statuses(summary) == {q: ["ran", "skipped" if q == "Q8_0" else "ran"] + ["ran"] * 6 for q in LADDER}
-    for quant in LADDER:
-        files = test_hub.state.files(repo_id(quant))
+    repos = sorted({repo_id(q, layout) for q in LADDER})
+    assert sorted(test_hub.state.repos) == repos
+    for repo in repos:
+        files = test_hub.state.files(repo)
         readme = files["README.md"].decode()
         manifest = parse_manifest(files["moeq-manifest.json"].decode(), "moeq-manifest.json")
         assert lint_card(readme, "README.md", manifest) == []
-        for other in LADDER:
-            assert f"](https://huggingface.co/{repo_id(other)})" in readme
-        assert "### Speed" in readme and "### Quality against F16" in readme
-        assert len(test_hub.state.commits_on(repo_id(quant))) == 2
-        # Q4_K_M and Q2_K are made with the imatrix stage's output: it is published beside them, and the bench
-        # measured the same type made without it (never published).
-        made_with = quant != "Q8_0"
-        assert ("tiny-phimoe.imatrix" in files) == made_with
+        assert len(test_hub.state.commits_on(repo)) == 2
+        assert manifest.layout == layout
+        for entry in manifest.quants:
+            quant = entry.quant
+            assert f"tiny-phimoe-{quant}.gguf" in files
+            # Q4_K_M and Q2_K are made with the imatrix stage's output: it is published beside them, and the bench
+            # measured the same type made without it (never published).
+            made_with = quant != "Q8_0"
+            assert (entry.records.imatrix is not None) == made_with
+            without = entry.records.bench.quality.without_imatrix
+            assert (without is not None) == made_with
+            if made_with:
+                assert without.kld_mean > 0 and "without the importance matrix |" in readme
+                assert files["tiny-phimoe.imatrix"] == (tmp_path / "work" / "imatrix" / "tiny-phimoe.imatrix").read_bytes()
+        assert ("tiny-phimoe.imatrix" in files) == any(e.quant != "Q8_0" for e in manifest.quants)
+        assert ("### Importance matrix" in readme) == ("tiny-phimoe.imatrix" in files)
         assert not any(name.startswith("without-imatrix") for name in files)
-        assert (manifest.records.imatrix is not None) == made_with
-        without = manifest.records.bench.quality.without_imatrix
-        assert (without is not None) == made_with and ("## Importance matrix" in readme) == made_with
-        if made_with:
-            assert files["tiny-phimoe.imatrix"] == (tmp_path / "work" / "imatrix" / "tiny-phimoe.imatrix").read_bytes()
-            assert without.kld_mean > 0 and "without the importance matrix |" in readme
+        assert "#### Speed" in readme and "#### Quality against F16" in readme
+        links = {f"https://huggingface.co/{repo_id(q, layout)}" for q in LADDER}
+        assert all(f"]({url})" in readme or f"]({url}/resolve/main/" in readme for url in links)
+    if layout == "single":
+        [manifest_text] = [test_hub.state.files(ONE_REPO)["moeq-manifest.json"].decode()]
+        assert [e.quant for e in parse_manifest(manifest_text, "m").quants] == list(LADDER)
+    check = run_moeq("push", "--config", str(config), "--check", env=test_hub.env)
+    assert check.returncode == 0 and "links" not in check.stdout, check.stdout + check.stderr
 
     (tmp_path / "starts").unlink()
     start = len(test_hub.requests)
@@ -100,7 +119,7 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain)
     assert statuses(summary) == {q: ["up to date", "skipped" if q == "Q8_0" else "up to date"] + ["up to date"] * 6
                                  for q in LADDER}
     assert not (tmp_path / "starts").exists(), (tmp_path / "starts").read_text()  # no llama.cpp tool started
-    assert all(len(test_hub.state.commits_on(repo_id(q))) == 2 for q in LADDER)
+    assert all(len(test_hub.state.commits_on(repo)) == 2 for repo in repos)
     assert not [r for r in test_hub.requests[start:] if r.writes]
     print(f"second build: {elapsed:.2f} s")
 
@@ -118,11 +137,10 @@ def test_template_change_reruns_card_and_push_only(tmp_path, test_hub, toolchain
     assert statuses(summary) == {q: ["up to date", "skipped" if q == "Q8_0" else "up to date"] + ["up to date"] * 4
                                  + ["ran", "ran"] for q in LADDER}
     assert not (tmp_path / "starts").exists()
-    for quant in LADDER:
-        new, old = test_hub.state.commits_on(repo_id(quant))[:2]
-        changed = {p for p in new.files if old.files.get(p) is None or new.files[p].data != old.files[p].data}
-        assert changed == {"README.md", "moeq-manifest.json"}  # the manifest names the templates
-        assert b"Published by the release job." in new.files["README.md"].data
+    new, old = test_hub.state.commits_on(ONE_REPO)[:2]
+    changed = {p for p in new.files if old.files.get(p) is None or new.files[p].data != old.files[p].data}
+    assert changed == {"README.md", "moeq-manifest.json"}  # the manifest names the templates
+    assert b"Published by the release job." in new.files["README.md"].data
 
 
 def start_build(hub, config: Path) -> subprocess.Popen:
@@ -141,8 +159,7 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:
 def assert_released(hub, config: Path, tmp_path: Path) -> None:
     proc = run_moeq("push", "--config", str(config), "--check", env=hub.env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for quant in LADDER:
-        assert len(hub.state.commits_on(repo_id(quant))) == 2  # one moeq commit, never a second
+    assert len(hub.state.commits_on(ONE_REPO)) == 2  # one moeq commit, never a second
     leftovers = [p for p in (tmp_path / "work").rglob("*.partial")]
     assert leftovers == []
 
@@ -168,8 +185,7 @@ def test_killed_during_push_resumes(tmp_path, test_hub, toolchain):
     wait_for(lambda: any(r.path.startswith("/lfs-upload/") for r in test_hub.requests), "the first upload")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    assert all(repo_id(q) not in test_hub.state.repos or len(test_hub.state.commits_on(repo_id(q))) == 1
-               for q in LADDER)  # killed before any commit
+    assert ONE_REPO not in test_hub.state.repos or len(test_hub.state.commits_on(ONE_REPO)) == 1  # before any commit
     rerun, summary = build(test_hub, config, "--all", "--push")
     assert rerun.returncode == 0, rerun.stderr
     assert statuses(summary)["Q8_0"][:7] == ["up to date", "skipped"] + ["up to date"] * 5
@@ -177,13 +193,21 @@ def test_killed_during_push_resumes(tmp_path, test_hub, toolchain):
     assert_released(test_hub, config, tmp_path)
 
 
-def test_one_failing_quant_does_not_stop_the_others(tmp_path, test_hub, toolchain):
-    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain, fail_quant="Q2_K"))
-    proc, summary = build(test_hub, config, "--all", "--push")
+@pytest.mark.parametrize("layout", ["single", "per-quant"])
+def test_one_failing_quant_does_not_stop_the_others(tmp_path, test_hub, toolchain, layout):
+    """Per quant, the others are published; the ladder's one repo waits for every quant asked for."""
+    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain, fail_quant="Q2_K"), layout=layout)
+    proc, summary = build(test_hub, config, "--all", "--push", *(["--skip-bench"] if layout == "single" else []))
     assert proc.returncode == 4  # ToolError: the exit code of the first failed stage
     assert statuses(summary)["Q2_K"] == ["ran", "ran", "failed", "skipped", "skipped", "skipped", "skipped", "skipped"]
-    assert statuses(summary)["Q8_0"] == ["ran", "skipped"] + ["ran"] * 6
-    assert statuses(summary)["Q4_K_M"] == ["ran"] * 8
+    if layout == "per-quant":
+        assert statuses(summary)["Q8_0"] == ["ran", "skipped"] + ["ran"] * 6
+        assert statuses(summary)["Q4_K_M"] == ["ran"] * 8
+        assert sorted(test_hub.state.repos) == [repo_id(q, layout) for q in ("Q4_K_M", "Q8_0")]
+    else:
+        assert statuses(summary)["Q8_0"] == ["ran", "skipped", "ran", "ran", "skipped", "ran", "skipped", "skipped"]
+        waits = summary["quants"][0]["stages"][6]
+        assert waits["detail"] == "the ladder's repo waits for Q2_K" and ONE_REPO not in test_hub.state.repos
     failed = summary["quants"][2]["stages"][2]
     assert "simulated failure for Q2_K" in failed["detail"] and failed["exit_code"] == 4
     assert "error: Q2_K: quantize failed: llama-quantize exited 1: simulated failure for Q2_K" in proc.stderr
@@ -194,8 +218,8 @@ def test_offline_main_job_ends_with_a_local_push_plan(tmp_path, toolchain):
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
     proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
     assert proc.returncode == 0, proc.stderr
-    assert "push plan (dry run, not compared with the Hub) for moeq-test/tiny-phimoe-q8-0-gguf" in proc.stdout
-    assert f"cards: {tmp_path / 'work' / 'repos'}/<quant>/README.md" in proc.stdout.replace("\n", "")
+    assert f"Q8_0: push plan (dry run, not compared with the Hub) for {ONE_REPO}: " in proc.stdout
+    assert f"cards: {tmp_path / 'work' / 'repos'}/ladder/README.md" in proc.stdout.replace("\n", "")
 
 
 @pytest.mark.parametrize("args,code,message", [
@@ -256,8 +280,8 @@ def test_a_moved_and_a_copied_workspace(tmp_path, toolchain):
     copy.write_text(config.read_text().replace("workspace: work\n", "workspace: copy\n"))
     proc = run_moeq("build", "--config", str(copy), "--quant", "Q8_0", "--skip-bench", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    staged = tmp_path / "copy" / "repos" / "Q8_0" / "tiny-phimoe-Q8_0.gguf"
+    staged = tmp_path / "copy" / "repos" / "ladder" / "tiny-phimoe-Q8_0.gguf"
     assert os.path.samefile(staged, tmp_path / "copy" / "quants" / "tiny-phimoe-Q8_0.gguf")
     assert not os.path.samefile(staged, tmp_path / "moved" / "quants" / "tiny-phimoe-Q8_0.gguf")
-    card = json.loads((tmp_path / "copy" / "records" / "card-Q8_0.json").read_text())["record"]
-    assert card["folder"] == "repos/Q8_0" and card["readme"]["path"] == "repos/Q8_0/README.md"
+    card = json.loads((tmp_path / "copy" / "records" / "card.json").read_text())["record"]
+    assert card["folder"] == "repos/ladder" and card["readme"]["path"] == "repos/ladder/README.md"

@@ -24,6 +24,7 @@ from moeq import steps
 from moeq.steps import Context
 from moeq.config import load_pipeline
 from moeq.errors import CheckFailed, InputError
+from moeq.cards.stage import staged_paths
 from moeq.workspace import Workspace
 
 from conftest import REPO, run_moeq
@@ -33,14 +34,20 @@ SEED = REPO / "tests" / "data" / "seed-model-card.md"  # a hand-written card of 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
 
 
-def copy_example(folder: Path, card: str = "") -> Path:
-    """examples/tiny-phimoe.yaml in `folder` (so its workspace is there), optionally with another card: section.
+PER_QUANT = '  layout: per-quant\n  repo_template: "{namespace}/tiny-phimoe-{quant_slug}-gguf"\n'
+
+
+def copy_example(folder: Path, card: str = "", layout: str = "single") -> Path:
+    """examples/tiny-phimoe.yaml in `folder` (so its workspace is there), optionally with another card: section,
+    or with a repo per quant (`layout="per-quant"`).
 
     With random weights (numpy, seeded: the same bytes on every machine), where the trained model's weights
     depend on the CPU torch ran on; cards are about what the records say, not what the model learned."""
     text = re.sub(r"  train: true.*\n", "", (REPO / "examples" / "tiny-phimoe.yaml").read_text())
     if card:
         text = re.sub(r"\ncard:\n(?:  .*\n|\n)*", "\n" + card, text)
+    if layout == "per-quant":
+        text = text.replace("  max_shard_size: 50GB\n", "  max_shard_size: 50GB\n" + PER_QUANT)
     path = folder / "tiny-phimoe.yaml"
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -57,24 +64,38 @@ def build_until_card(config: Path, validate: tuple[str, ...] = LADDER) -> tuple:
     return pipeline, ws
 
 
+def make_cards(pipeline, quants: tuple[str, ...] = LADDER, ctx: Context | None = None) -> dict:
+    """The cards of the repos `quants` go to, as `moeq card --quant ...` makes them: key (quant, or None for the
+    ladder's one repo) -> outcome."""
+    ctx = ctx or Context.of(pipeline)
+    return {u.key: steps.card(ctx, u) for u in steps.repo_units(ctx, [pipeline.quant(q) for q in quants])}
+
+
 @pytest.fixture(scope="module")
 def ladder(tmp_path_factory, toolchain):
-    """The example pipeline quantized, validated and carded in a workspace of its own."""
+    """The example pipeline (one repo for the ladder) quantized, validated and carded in a workspace of its own."""
     config = copy_example(tmp_path_factory.mktemp("cards"))
     pipeline, ws = build_until_card(config)
-    outcomes = {q: steps.card(Context.of(pipeline), pipeline.quant(q)) for q in LADDER}
-    return pipeline, ws, outcomes
+    return pipeline, ws, make_cards(pipeline)
 
 
-def card_text(ws: Workspace, quant: str) -> str:
+@pytest.fixture(scope="module")
+def per_quant(tmp_path_factory, toolchain):
+    """The same with a repo per quant (hub.layout per-quant)."""
+    config = copy_example(tmp_path_factory.mktemp("cards-per-quant"), layout="per-quant")
+    pipeline, ws = build_until_card(config)
+    return pipeline, ws, make_cards(pipeline)
+
+
+def card_text(ws: Workspace, quant: str | None = None) -> str:
     return (ws.repo_dir(quant) / "README.md").read_text()
 
 
-@pytest.mark.parametrize("quant", LADDER)
-def test_golden(ladder, quant):
-    _, ws, _ = ladder
+@pytest.mark.parametrize("layout,quant", [("single", None), *(("per-quant", q) for q in LADDER)])
+def test_golden(ladder, per_quant, layout, quant):
+    _, ws, _ = ladder if layout == "single" else per_quant
     text = card_text(ws, quant)
-    golden = GOLDEN / f"tiny-phimoe-{quant}.md"
+    golden = GOLDEN / f"tiny-phimoe-{quant or 'GGUF'}.md"
     if os.environ.get("MOEQ_REGEN_GOLDEN") == "1":
         GOLDEN.mkdir(exist_ok=True)
         golden.write_text(text)
@@ -88,62 +109,117 @@ def same_but_hashes(text: str, golden: str) -> bool:
     return hashes.sub("<sha256>", text) == hashes.sub("<sha256>", golden)
 
 
-def test_cards_link_each_other_absolutely_and_pass_lint(ladder):
-    pipeline, ws, _ = ladder
-    urls = {q: f"https://huggingface.co/{pipeline.repo_id(pipeline.quant(q))}" for q in LADDER}
+def hub_links(text: str) -> set[str]:
+    return set(re.findall(r"\(https://huggingface\.co/([\w.-]+/[\w.-]+)", text))
+
+
+def test_per_quant_cards_link_the_repos_published_together_and_pass_lint(per_quant):
+    pipeline, ws, _ = per_quant
+    repos = {q: pipeline.repo_id(pipeline.quant(q)) for q in LADDER}
     for quant in LADDER:
         text = card_text(ws, quant)
         manifest = read_manifest(ws.repo_dir(quant) / MANIFEST_NAME)
         assert lint_card(text, "README.md", manifest) == []
-        for other in LADDER:
-            assert f"]({urls[other]})" in text
-        assert "](../" not in text
+        assert hub_links(text) == {*repos.values(), "microsoft/Phi-3.5-MoE-instruct"}
+        assert "](../" not in text and "not built" not in text
 
 
-def test_staged_folder_holds_exactly_the_repo(ladder):
+def test_a_per_quant_card_made_alone_links_no_unpublished_sibling(per_quant, tmp_path):
+    """`moeq card --quant Q8_0` (what `build --quant Q8_0 --push` makes) with no sibling pushed: no sibling links."""
+    pipeline, ws, _ = per_quant
+    outcome = make_cards(pipeline, ("Q8_0",))["Q8_0"]
+    text = card_text(ws, "Q8_0")
+    assert hub_links(text) == {pipeline.repo_id(pipeline.quant("Q8_0")), "microsoft/Phi-3.5-MoE-instruct"}
+    assert "## Other quants of this model" not in text and not outcome.skipped
+    make_cards(pipeline)  # back to the fixture's cards
+
+
+def test_the_one_repos_card_lists_the_ladder_and_links_only_itself(ladder):
     pipeline, ws, outcomes = ladder
+    text = card_text(ws)
+    manifest = read_manifest(ws.repo_dir(None) / MANIFEST_NAME)
+    assert lint_card(text, "README.md", manifest) == []
+    assert hub_links(text) == {"moeq-test/tiny-phimoe-GGUF", "microsoft/Phi-3.5-MoE-instruct"}
+    assert [q.quant for q in manifest.quants] == list(LADDER) and outcomes[None].record.quants == list(LADDER)
+    for quant in LADDER:
+        assert f"\n## {quant}\n" in text
+        assert f"llama-server -hf moeq-test/tiny-phimoe-GGUF:{quant} -ngl 99 --cpu-moe" in text
+        assert f"ollama run hf.co/moeq-test/tiny-phimoe-GGUF:{quant}\n" in text
+        assert f"hf download moeq-test/tiny-phimoe-GGUF tiny-phimoe-{quant}.gguf --local-dir models" in text
+
+
+def test_which_file_should_i_choose(ladder):
+    """Computed from the plans: on the tiny model every quant fits every GPU size, so one row group holds them."""
+    _, ws, _ = ladder
+    text = card_text(ws)
+    table = text.split("## Which file should I choose?")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[1] for r in rows] == list(LADDER)
+    assert rows[0].startswith("| 8 GiB or more | Q8_0 | ") and rows[1].startswith("|  | Q4_K_M | ")
+    assert all("| all on the GPU | 1.00 GiB | " in r and r.endswith("| not measured | not measured |") for r in rows)
+
+
+def test_one_repo_made_for_some_quants_lists_only_those(ladder):
+    """A quant not asked for (and never pushed from here) is not in the one repo's card or its staged folder."""
+    pipeline, ws, _ = ladder
+    outcome = make_cards(pipeline, ("Q4_K_M",))[None]
+    assert outcome.record.quants == ["Q4_K_M"]
+    assert staged_paths(ws.repo_dir(None)) == sorted(["README.md", MANIFEST_NAME, "tiny-phimoe-Q4_K_M.gguf",
+                                                      "tiny-phimoe.imatrix"])
+    assert "tiny-phimoe-Q8_0" not in card_text(ws)
+    make_cards(pipeline)
+
+
+def test_staged_folder_holds_exactly_the_repo(ladder, per_quant):
+    pipeline, ws, _ = per_quant
     for quant in LADDER:
         folder = ws.repo_dir(quant)
         gguf_name = pipeline.quant(quant).file
         imatrix = ["tiny-phimoe.imatrix"] if quant != "Q8_0" else []  # the matrix Q4_K_M and Q2_K were made with
-        assert sorted(p.name for p in folder.iterdir()) == sorted(["README.md", MANIFEST_NAME, gguf_name, *imatrix])
+        assert staged_paths(folder) == sorted(["README.md", MANIFEST_NAME, gguf_name, *imatrix])
         assert os.path.samefile(folder / gguf_name, ws.quant_path(gguf_name))
         if imatrix:
             assert os.path.samefile(folder / imatrix[0], ws.root / "imatrix" / imatrix[0])
         manifest = read_manifest(folder / MANIFEST_NAME)
-        assert manifest.files[0].sha256 == json.loads(
+        assert manifest.quants[0].files[0].sha256 == json.loads(
             ws.record_path("quantize", quant).read_text())["record"]["output"]["sha256"]
-        # A maintainer's folders stay local: no absolute path reaches what is published.
-        for name in ("README.md", MANIFEST_NAME):
-            published = (folder / name).read_text()
-            assert str(ws.root) not in published and str(Path.home()) not in published
+    pipeline, ws, _ = ladder
+    folder = ws.repo_dir(None)
+    names = [pipeline.quant(q).file for q in LADDER]
+    assert staged_paths(folder) == sorted(["README.md", MANIFEST_NAME, "tiny-phimoe.imatrix", *names])
+    for name in names:
+        assert os.path.samefile(folder / name, ws.quant_path(name))
+    for name in ("README.md", MANIFEST_NAME):  # a maintainer's folders stay local: no absolute path is published
+        published = (folder / name).read_text()
+        assert str(ws.root) not in published and str(Path.home()) not in published
 
 
-def test_frontmatter_round_trips_through_huggingface_hub(ladder):
-    _, ws, _ = ladder
-    for quant in LADDER:
-        facts = card_facts(read_manifest(ws.repo_dir(quant) / MANIFEST_NAME))
-        data = ModelCard(card_text(ws, quant)).data.to_dict()
-        assert data == facts["frontmatter"]
-        assert data["base_model_relation"] == "quantized" and quant in data["tags"]
+def test_frontmatter_round_trips_through_huggingface_hub(ladder, per_quant):
+    for (_, ws, _), keys in ((ladder, [None]), (per_quant, LADDER)):
+        for key in keys:
+            facts = card_facts(read_manifest(ws.repo_dir(key) / MANIFEST_NAME))
+            data = ModelCard(card_text(ws, key)).data.to_dict()
+            assert data == facts["frontmatter"]
+            assert data["base_model_relation"] == "quantized"
+            assert all(q in data["tags"] for q in ([key] if key else LADDER))
 
 
 def test_second_card_run_is_up_to_date(ladder):
     pipeline, ws, _ = ladder
-    before = (ws.repo_dir("Q8_0") / "README.md").stat().st_mtime_ns
-    outcome = steps.card(Context.of(pipeline), pipeline.quant("Q8_0"))
-    assert outcome.skipped
-    assert (ws.repo_dir("Q8_0") / "README.md").stat().st_mtime_ns == before
+    before = (ws.repo_dir(None) / "README.md").stat().st_mtime_ns
+    assert make_cards(pipeline)[None].skipped
+    assert (ws.repo_dir(None) / "README.md").stat().st_mtime_ns == before
 
 
 def test_cli_card_and_json(ladder):
     pipeline, _, _ = ladder
-    proc = run_moeq("card", "--config", str(pipeline.path), "--quant", "Q4_K_M", "--json")
+    proc = run_moeq("card", "--config", str(pipeline.path), "--json")
     assert proc.returncode == 0, proc.stderr
     [result] = json.loads(proc.stdout)
     assert result["skipped"] is True
-    assert result["record"]["repo_id"] == pipeline.repo_id(pipeline.quant("Q4_K_M"))
-    assert result["record"]["not_measured"] == ["speed (bench)", "measured VRAM (bench)", "quality (bench)"]
+    assert result["record"]["repo_id"] == "moeq-test/tiny-phimoe-GGUF" and result["record"]["quant"] is None
+    assert result["record"]["not_measured"] == [f"{q}: {what} (bench)" for q in LADDER
+                                                for what in ("speed", "measured VRAM", "quality")]
 
 
 # ---------------------------------------------------------------- missing records and facts
@@ -152,17 +228,20 @@ def test_cli_card_and_json(ladder):
 def test_missing_validate_record_says_not_measured(tmp_path, toolchain):
     config = copy_example(tmp_path)
     pipeline, ws = build_until_card(config, validate=("Q8_0",))
-    outcome = steps.card(Context.of(pipeline), pipeline.quant("Q2_K"))
-    text = card_text(ws, "Q2_K")
-    memory = text.split("## Memory: where the weights go")[1].split("\n## ")[0]
+    outcome = make_cards(pipeline)[None]
+    text = card_text(ws)
+    memory = text.split("\n## Q2_K\n")[1].split("### Memory: where the weights go")[1].split("\n### ")[0]
     assert memory.strip() == ("Not measured: this file has no validation record, so no memory plan was "
                               "computed for it.")
     assert "GiB" not in memory and "KiB" not in memory
-    assert "memory plan (validate)" in outcome.record.not_measured
-    # The ladder row of the unvalidated quant says so; the validated sibling's figure is there.
-    q2_row = next(line for line in text.splitlines() if line.startswith("| **Q2_K**"))
-    assert "not measured" in q2_row
-    assert lint_card(text, "README.md", read_manifest(ws.repo_dir("Q2_K") / MANIFEST_NAME)) == []
+    assert "Q2_K: memory plan (validate)" in outcome.record.not_measured
+    assert "Q8_0: memory plan (validate)" not in outcome.record.not_measured
+    # The choice table's row of the unvalidated quant says so; the validated one's figures are there.
+    table = text.split("## Which file should I choose?")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert "| Q2_K | " in rows[-1] and "| not computed (no validation record) |" in rows[-1]
+    assert "| Q8_0 | " in rows[2] and "| all on the GPU | 1.00 GiB |" in rows[2]
+    assert lint_card(text, "README.md", read_manifest(ws.repo_dir(None) / MANIFEST_NAME)) == []
 
 
 def test_stale_validate_record_is_ignored_with_a_warning(tmp_path, toolchain):
@@ -173,7 +252,7 @@ def test_stale_validate_record_is_ignored_with_a_warning(tmp_path, toolchain):
     data["record"]["file"]["sha256"] = "0" * 64
     record_path.write_text(json.dumps(data))
     ctx = Context.of(pipeline)
-    outcome = steps.card(ctx, pipeline.quant("Q8_0"))
+    outcome = make_cards(pipeline, ("Q8_0",), ctx)[None]
     assert any("describes an older Q8_0 file" in w for w in ctx.warnings)
     assert "memory plan (validate)" in outcome.record.not_measured
 
@@ -193,9 +272,9 @@ def test_template_asking_for_a_missing_fact_names_it(tmp_path, toolchain):
     config = copy_example(tmp_path, card=f"card:\n  template: {template}\n")
     pipeline, ws = build_until_card(config, validate=())
     with pytest.raises(InputError) as err:
-        steps.card(Context.of(pipeline), pipeline.quant("Q8_0"))
+        make_cards(pipeline, ("Q8_0",))
     assert f"{template}:6:" in err.value.message and "weight_in_tons" in err.value.message
-    assert not ws.repo_dir("Q8_0").exists()
+    assert not ws.repo_dir(None).exists()
 
 
 def test_card_that_fails_lint_is_not_written(tmp_path, toolchain):
@@ -205,9 +284,9 @@ def test_card_that_fails_lint_is_not_written(tmp_path, toolchain):
     config = copy_example(tmp_path, card=f"card:\n  template: {bad}\n")
     pipeline, ws = build_until_card(config, validate=())
     with pytest.raises(CheckFailed) as err:
-        steps.card(Context.of(pipeline), pipeline.quant("Q8_0"))
+        make_cards(pipeline, ("Q8_0",))
     assert "relative-link" in err.value.message and "was not" in err.value.message
-    assert not (ws.repo_dir("Q8_0") / "README.md").exists()
+    assert not (ws.repo_dir(None) / "README.md").exists()
     proc = run_moeq("card", "--config", str(config), "--quant", "Q8_0")
     assert proc.returncode == 7 and "relative-link" in proc.stderr
 
@@ -218,8 +297,8 @@ def test_user_template_can_include_builtin_partials(tmp_path, toolchain):
                         "{% include 'partials/cpu-moe.md.j2' %}\n")
     config = copy_example(tmp_path, card=f"card:\n  template: {template}\n")
     pipeline, ws = build_until_card(config, validate=())
-    steps.card(Context.of(pipeline), pipeline.quant("Q8_0"))
-    text = card_text(ws, "Q8_0")
+    make_cards(pipeline, ("Q8_0",))
+    text = card_text(ws)
     assert text.splitlines()[-1].startswith("layers to fit the GPU")
     assert "# tiny-phimoe Q8_0" in text
 
@@ -230,7 +309,7 @@ def test_user_template_can_include_builtin_partials(tmp_path, toolchain):
 @pytest.fixture(scope="module")
 def good(ladder):
     _, ws, _ = ladder
-    return card_text(ws, "Q8_0"), read_manifest(ws.repo_dir("Q8_0") / MANIFEST_NAME)
+    return card_text(ws), read_manifest(ws.repo_dir(None) / MANIFEST_NAME)
 
 
 def rules(text: str, manifest: dict | None) -> list[tuple[int, str]]:
@@ -256,8 +335,8 @@ GOOD_ADDITIONS = [
     ("trailing-whitespace", "A line without trailing spaces"),
     ("relative-link", "Jump to [usage](#usage)."),
     ("insecure-link", "See [the paper](https://arxiv.org/abs/2404.14219)."),
-    ("hub-link", "Smaller: [Q2_K](https://huggingface.co/moeq-test/tiny-phimoe-q2-k-gguf) and the "
-                 "[base model](https://huggingface.co/microsoft/Phi-3.5-MoE-instruct/tree/main)."),
+    ("hub-link", "Smaller: [Q2_K](https://huggingface.co/moeq-test/tiny-phimoe-GGUF/blob/main/tiny-phimoe-Q2_K.gguf) "
+                 "and the [base model](https://huggingface.co/microsoft/Phi-3.5-MoE-instruct/tree/main)."),
 ]
 
 
@@ -296,7 +375,7 @@ def test_frontmatter_rule(good, change, message):
 
 def test_unrecorded_figure(good):
     text, manifest = good
-    row = next(line for line in text.splitlines() if line.startswith("| **Q8_0**"))
+    row = next(line for line in text.splitlines() if line.startswith("| [tiny-phimoe-Q8_0.gguf]"))
     size = re.search(r"\| (\d+\.\d+) MB \|", row).group(1)
     typed = row.replace(f"{size} MB", "4.20 MB")
     line = text.splitlines().index(row) + 1
@@ -310,7 +389,7 @@ def test_unrecorded_figure_outside_tables(good, edit):
     """A hand-typed figure in a list item or a sentence is caught like one in a table."""
     text, manifest = good
     if edit == "bullet":
-        bullet = next(line for line in text.splitlines() if line.startswith("- **File size**: "))
+        bullet = next(line for line in text.splitlines() if line.startswith("- **Source**: "))
         size = re.search(r"(\d+\.\d+) MB", bullet).group(1)
         changed, line = text.replace(bullet, bullet.replace(size, "9.36", 1)), text.splitlines().index(bullet) + 1
     else:
@@ -320,7 +399,7 @@ def test_unrecorded_figure_outside_tables(good, edit):
     assert findings[0].message.startswith("9.36 is in no record" if edit == "bullet" else "123.45 is in no record")
 
 
-def _staged_copy(ws, quant: str, folder: Path, edit=lambda t: t) -> Path:
+def _staged_copy(ws, quant: str | None, folder: Path, edit=lambda t: t) -> Path:
     """The staged README (edited) with its manifest beside it, in `folder`."""
     folder.mkdir()
     shutil.copy(ws.repo_dir(quant) / MANIFEST_NAME, folder / MANIFEST_NAME)
@@ -331,18 +410,19 @@ def _staged_copy(ws, quant: str, folder: Path, edit=lambda t: t) -> Path:
 
 def test_card_verify_finds_every_edited_line(ladder, tmp_path):
     _, ws, _ = ladder
-    proc = run_moeq("card", "verify", str(ws.repo_dir("Q4_K_M") / "README.md"))
+    proc = run_moeq("card", "verify", str(ws.repo_dir(None) / "README.md"))
     assert proc.returncode == 0 and "no findings" in proc.stdout, proc.stdout + proc.stderr
-    text = card_text(ws, "Q4_K_M")
+    text = card_text(ws)
     lines = text.splitlines()
-    bullet = next(line for line in lines if line.startswith("- **File size**: "))
-    this_row = next(line for line in lines if line.startswith("| **Q4_K_M** (this repo)"))
-    q2k_size = re.search(r"\| ([\d.]+ MB) \|", next(line for line in lines if line.startswith("| Q2_K |"))).group(1)
+    bullet = next(line for line in lines if line.startswith("- **Source**: "))
+    this_row = next(line for line in lines if line.startswith("| [tiny-phimoe-Q4_K_M.gguf]"))
+    q2k_row = next(line for line in lines if line.startswith("| [tiny-phimoe-Q2_K.gguf]"))
+    q2k_size = re.search(r"\| ([\d.]+ MB) \|", q2k_row).group(1)
     own_size = re.search(r"\| ([\d.]+ MB) \|", this_row).group(1)
     # Another quant's size in this quant's row: a figure the records hold, so lint passes; verify does not.
     swapped_row = this_row.replace(own_size, q2k_size)
-    edited_bullet = bullet.replace(own_size.split()[0], "9.36", 1)
-    card = _staged_copy(ws, "Q4_K_M", tmp_path / "edited",
+    edited_bullet = bullet.replace(bullet.split()[2], "9.36", 1)
+    card = _staged_copy(ws, None, tmp_path / "edited",
                         lambda t: t.replace(this_row, swapped_row).replace(bullet, edited_bullet))
     assert run_moeq("card", "lint", str(card)).stdout.count("unrecorded-figure") == 1  # only the bullet
     proc = run_moeq("card", "verify", str(card))
@@ -354,7 +434,7 @@ def test_card_verify_finds_every_edited_line(ladder, tmp_path):
     ]
     assert proc.stderr.strip() == f"error: {card}: 2 finding(s)"
     # A removed and an added line are named too.
-    card = _staged_copy(ws, "Q4_K_M", tmp_path / "moved", lambda t: t.replace(bullet + "\n", "") + "Hand-added.\n")
+    card = _staged_copy(ws, None, tmp_path / "moved", lambda t: t.replace(bullet + "\n", "") + "Hand-added.\n")
     proc = run_moeq("card", "verify", str(card), "--json")
     findings = json.loads(proc.stdout)["findings"]
     assert [(f["line"], f["rule"]) for f in findings] == [(lines.index(bullet) + 1, "removed"), (len(lines), "added")]
@@ -363,10 +443,10 @@ def test_card_verify_finds_every_edited_line(ladder, tmp_path):
 def test_card_verify_without_a_manifest_or_with_a_custom_template(ladder, tmp_path):
     _, ws, _ = ladder
     lone = tmp_path / "README.md"
-    lone.write_text(card_text(ws, "Q8_0"))
+    lone.write_text(card_text(ws))
     proc = run_moeq("card", "verify", str(lone))
     assert proc.returncode == 3 and proc.stderr.startswith(f"error: {tmp_path / MANIFEST_NAME}: no records manifest")
-    card = _staged_copy(ws, "Q8_0", tmp_path / "custom")
+    card = _staged_copy(ws, None, tmp_path / "custom")
     manifest = json.loads((card.parent / MANIFEST_NAME).read_text())
     manifest["card"] = {**manifest["card"], "builtin": False, "template": "ours.md.j2"}
     (card.parent / MANIFEST_NAME).write_text(json.dumps(manifest))
@@ -376,16 +456,22 @@ def test_card_verify_without_a_manifest_or_with_a_custom_template(ladder, tmp_pa
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_a_sharded_card_lints_clean_whatever_the_shard_count(good):
-    """The count of shards is a fact (from the manifest's file list), not a figure a template computes."""
+@pytest.mark.parametrize("layout", ["single", "per-quant"])
+def test_a_sharded_card_lints_clean_whatever_the_shard_count(good, layout):
+    """The count of shards is a fact (from the manifest's file list), not a figure a template computes. In the one
+    repo a split quant's shards have a folder of their own."""
     _, manifest = good
-    manifest = manifest.model_copy(deep=True)
-    names = [f"tiny-phimoe-Q8_0-{i:05d}-of-00017.gguf" for i in range(1, 18)]
-    manifest.files = [manifest.files[0].model_copy(update={"name": name, "size": 250_000}) for name in names]
-    manifest.repo_files = sorted([*names, "README.md", MANIFEST_NAME])
+    manifest = manifest.model_copy(deep=True, update={"layout": layout})
+    folder = "tiny-phimoe-Q8_0/" if layout == "single" else ""
+    names = [f"{folder}tiny-phimoe-Q8_0-{i:05d}-of-00017.gguf" for i in range(1, 18)]
+    entry = manifest.quants[0]
+    entry.files = [entry.files[0].model_copy(update={"name": name, "size": 250_000}) for name in names]
+    manifest.repo_files = sorted({*manifest.repo_files, *names} - {"tiny-phimoe-Q8_0.gguf"})
     text = render_card(card_facts(manifest))
-    assert "Download the 17 shards (llama.cpp loads them all from the first):" in text
-    assert "--include \"tiny-phimoe-Q8_0-*-of-00017.gguf\"" in text
+    assert f"`{names[0]}` (the first of 17 shards)" in text
+    pattern = "tiny-phimoe-Q8_0/*" if layout == "single" else "tiny-phimoe-Q8_0-*-of-00017.gguf"
+    assert f'hf download moeq-test/tiny-phimoe-GGUF --include "{pattern}" --local-dir models' in text
+    assert "ollama run hf.co/moeq-test/tiny-phimoe-GGUF:Q8_0" not in text  # Ollama does not load split files
     assert lint_card(text, "README.md", manifest) == []
 
 
@@ -427,30 +513,34 @@ def test_cli_lint_on_the_seed_card(tmp_path):
     assert proc.returncode == 3 and "no records manifest" in proc.stderr
 
 
-def test_cli_lint_clean_card_uses_its_manifest(ladder):
-    _, ws, _ = ladder
-    proc = run_moeq("card", "lint", str(ws.repo_dir("Q2_K") / "README.md"), "--json")
-    assert proc.returncode == 0, proc.stdout
-    assert json.loads(proc.stdout) == {"file": str(ws.repo_dir("Q2_K") / "README.md"), "records": True,
-                                       "findings": []}
+def test_cli_lint_clean_card_uses_its_manifest(ladder, per_quant):
+    for ws, key in ((ladder[1], None), (per_quant[1], "Q2_K")):
+        proc = run_moeq("card", "lint", str(ws.repo_dir(key) / "README.md"), "--json")
+        assert proc.returncode == 0, proc.stdout
+        assert json.loads(proc.stdout) == {"file": str(ws.repo_dir(key) / "README.md"), "records": True,
+                                           "findings": []}
 
 
 # ---------------------------------------------------------------- preview
 
 
-def test_preview_writes_html_outside_the_staged_repo(ladder):
+def test_preview_writes_html_outside_the_staged_repo(ladder, per_quant):
     pipeline, ws, _ = ladder
+    proc = run_moeq("card", "preview", "--config", str(pipeline.path))
+    assert proc.returncode == 0, proc.stderr
+    html = (ws.root / "previews" / "ladder.html").read_text()
+    assert "<table>" in html and "<h1>tiny-phimoe GGUF" in html
+    assert '<a href="https://huggingface.co/moeq-test/tiny-phimoe-GGUF/resolve/main/tiny-phimoe-Q2_K.gguf">' in html
+    assert '<span class="tag">gguf</span>' in html
+    inside = ws.repo_dir(None) / "preview.html"
+    proc = run_moeq("card", "preview", str(ws.repo_dir(None) / "README.md"), "--out", str(inside))
+    assert proc.returncode == 7 and not inside.exists()
+    pipeline, ws, _ = per_quant
     proc = run_moeq("card", "preview", "--config", str(pipeline.path), "--quant", "Q4_K_M")
     assert proc.returncode == 0, proc.stderr
     html = (ws.root / "previews" / "Q4_K_M.html").read_text()
-    assert "<table>" in html and "<h1>tiny-phimoe Q4_K_M GGUF" in html
+    assert "<h1>tiny-phimoe Q4_K_M GGUF" in html
     assert '<a href="https://huggingface.co/moeq-test/tiny-phimoe-q8-0-gguf">' in html
-    assert '<span class="tag">gguf</span>' in html
-    assert sorted(p.name for p in ws.repo_dir("Q4_K_M").iterdir()) == sorted(
-        ["README.md", MANIFEST_NAME, "tiny-phimoe-Q4_K_M.gguf", "tiny-phimoe.imatrix"])
-    inside = ws.repo_dir("Q4_K_M") / "preview.html"
-    proc = run_moeq("card", "preview", str(ws.repo_dir("Q4_K_M") / "README.md"), "--out", str(inside))
-    assert proc.returncode == 7 and not inside.exists()
 
 
 def test_memory_section_on_the_real_models_layout(good):
@@ -472,10 +562,11 @@ def test_memory_section_on_the_real_models_layout(good):
     plan = plan_memory(GGUFHeader(Path("real.gguf"), 3, metadata, tensors), ctx_sizes=[4096, 32768])
     _, manifest = good
     manifest = manifest.model_copy(deep=True)
-    manifest.records.validate_.plan = plan
+    manifest.quants[0].records.validate_.plan = plan
     text = render_card(card_facts(manifest))
     assert lint_card(text, "README.md", manifest) == []
     assert "| 8 GiB | `-ncmoe 28` (" in text
+    assert re.search(r"\n\| 8 GiB \| Q8_0 \| [\d.]+ MB \| `-ncmoe 28` \| 7\.\d\d GiB \| ", text)  # which file
     assert "| all experts in system RAM | `-ngl 99 --cpu-moe` | 1.47 GiB |" in text
     assert "llama-server -m models/tiny-phimoe-Q8_0.gguf -ngl 99 -ncmoe 28\n" in text
     assert "| 32768 | 4.00 GiB |" in text  # 32 layers x 32768 x (K + V) x 1024 wide x 2 bytes

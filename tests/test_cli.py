@@ -64,9 +64,12 @@ def test_a_missing_default_pipeline_is_one_line(tmp_path, command):
 
 def test_check_config_shows_the_default_repo_named_after_the_model(tmp_path):
     folder = _folder_with_pipeline(tmp_path)
-    text = (folder / "pipeline.yaml").read_text()
-    text = re.sub(r"  repo_template: .*\n", "", text).replace("name: tiny-phimoe", "name: Qwen3-30B-A3B")
+    text = (folder / "pipeline.yaml").read_text().replace("name: tiny-phimoe", "name: Qwen3-30B-A3B")
     (folder / "pipeline.yaml").write_text(text)
+    proc = run_moeq("check-config", "--json", cwd=folder)
+    assert [q["repo"] for q in json.loads(proc.stdout)["quants"]] == ["moeq-test/Qwen3-30B-A3B-GGUF"] * 3
+    (folder / "pipeline.yaml").write_text(text.replace("  max_shard_size: 50GB\n",
+                                                       "  max_shard_size: 50GB\n  layout: per-quant\n"))
     proc = run_moeq("check-config", "--json", cwd=folder)
     assert [q["repo"] for q in json.loads(proc.stdout)["quants"]] == [
         "moeq-test/Qwen3-30B-A3B-Q8_0-GGUF", "moeq-test/Qwen3-30B-A3B-Q4_K_M-GGUF", "moeq-test/Qwen3-30B-A3B-Q2_K-GGUF"]
@@ -97,4 +100,4 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_check_config_lists_repos():
     proc = run_moeq("check-config", "--config", "pipeline.yaml", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert '"repo": "moeq/phi-3.5-moe-q2-k-cpu-offload-gguf"' in proc.stdout
+    assert '"repo": "moeq/Phi-3.5-MoE-instruct-GGUF"' in proc.stdout

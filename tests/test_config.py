@@ -44,13 +44,15 @@ def test_shipped_pipelines_load():
     real = load_pipeline(REPO / "pipeline.yaml")
     assert [q.type for q in real.quants] == ["Q8_0", "Q4_K_M", "Q2_K"]
     assert real.model.base_model == "microsoft/Phi-3.5-MoE-instruct"
-    assert real.repo_id(real.quants[0]) == "moeq/phi-3.5-moe-q8-0-cpu-offload-gguf"
+    assert real.hub.layout == "single" and real.repo_id(real.quants[0]) == "moeq/Phi-3.5-MoE-instruct-GGUF"
+    assert "layout: single" in (REPO / "pipeline.yaml").read_text()  # the release's choice is explicit
     assert real.quants[1].file == "phi-3.5-moe-Q4_K_M.gguf"
     assert real.source.kind == "hf"
     tiny = load_pipeline(REPO / "examples" / "tiny-phimoe.yaml")
     assert tiny.source.kind == "synth" and tiny.source.synth.embd == 256
     assert tiny.workspace == (REPO / "examples" / "work")
     assert tiny.bench.modes == ("cpu", "gpu", "cpu-moe", "1")
+    assert tiny.hub.layout == "single" and tiny.hub.repo == "moeq-test/tiny-phimoe-GGUF"  # the default layout
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -59,9 +61,13 @@ def test_shipped_pipelines_load():
                                   "moeq-test/Qwen3-30B-A3B-instruct-Q4_K_M-GGUF"]),
 ])
 def test_default_repo_names_come_from_the_model(tmp_path, name, expected):
-    """Without hub.repo_template each quant's repo is <Model>-<QUANT>-GGUF, named after this pipeline's model."""
-    p = load_pipeline(write(tmp_path, GOOD.replace("name: tiny-phimoe", f"name: {name}")))
+    """hub.layout per-quant without hub.repo_template: each quant's repo is <Model>-<QUANT>-GGUF, after the model;
+    the default layout puts the ladder in one repo, <Model>-GGUF."""
+    text = GOOD.replace("name: tiny-phimoe", f"name: {name}")
+    p = load_pipeline(write(tmp_path, text + "  layout: per-quant\n"))
     assert [p.repo_id(q) for q in p.quants] == expected
+    one = load_pipeline(write(tmp_path, text))
+    assert [one.repo_id(q) for q in one.quants] == [expected[0].replace("-Q8_0-GGUF", "-GGUF")] * 2
 
 
 def test_defaults_and_case_insensitive_types(tmp_path):
@@ -111,10 +117,22 @@ BAD_CASES = [
      "7: source: source kind 'hf' needs 'revision'"),
     ("duplicate key", lambda t: t.replace("  license: mit", "  license: mit\n  license: apache-2.0"),
      "5: model.license: duplicate key (first at line 4)"),
-    ("repo template placeholder", lambda t: t + "  repo_template: '{namespace}/{name}-{quant}'\n",
-     "13: hub.repo_template: unknown placeholder {name}"),
-    ("repo template without quant", lambda t: t + "  repo_template: '{namespace}/one-repo'\n",
-     "13: hub.repo_template: must contain {quant_slug} (or {quant}) so each quant gets its own repo"),
+    ("repo template placeholder", lambda t: t + "  layout: per-quant\n  repo_template: '{namespace}/{name}-{quant}'\n",
+     "14: hub.repo_template: unknown placeholder {name}"),
+    ("repo template without quant", lambda t: t + "  layout: per-quant\n  repo_template: '{namespace}/one-repo'\n",
+     "14: hub.repo_template: must contain {quant_slug} (or {quant}) so each quant gets its own repo"),
+    ("unknown layout", lambda t: t + "  layout: both\n",
+     "13: hub.layout: 'both': use single (one repo for the ladder) or per-quant (a repo per quant)"),
+    ("repo template in one repo", lambda t: t + "  repo_template: '{namespace}/x-{quant}'\n",
+     "13: hub.repo_template: not used with hub.layout single; name the one repo with hub.repo"),
+    ("one repo's name per quant", lambda t: t + "  layout: per-quant\n  repo: moeq-test/x\n",
+     "14: hub.repo: not used with hub.layout per-quant; name each quant's repo with hub.repo_template"),
+    ("one repo outside the namespace", lambda t: t + "  repo: someone/x-GGUF\n",
+     "13: hub.repo: 'someone/x-GGUF' is outside the namespace 'moeq-test'"),
+    ("one repo with a bad name", lambda t: t + "  repo: moeq-test/x--y\n",
+     "13: hub.repo: 'moeq-test/x--y' is not a valid repo id"),
+    ("a file without its quant type in one repo", lambda t: t.replace("  - type: Q8_0", "  - {type: Q8_0, file: a.gguf}"),
+     "12: hub: quants: Q8_0's file 'a.gguf' does not carry its quant type; in one repo clients pick a quant by name"),
     ("quant file named like the card", lambda t: t.replace("  - type: Q8_0", "  - {type: Q8_0, file: README.md}"),
      "9: quants[0].file: 'README.md' is not a GGUF file name; use a plain name ending in .gguf"),
     ("quant file named like the manifest",
@@ -130,8 +148,8 @@ BAD_CASES = [
     ("two quant files differing in case", lambda t: t.replace("  - type: Q8_0", "  - {type: Q8_0, file: a.gguf}")
      .replace("  - type: Q4_K_M", "  - {type: Q4_K_M, file: A.GGUF}"),
      "10: quants[1]: output file 'A.GGUF' collides with Q8_0's 'a.gguf'; give each quant its own file name"),
-    ("two quants in one repo", lambda t: t + "  repo_template: '{namespace}/x-{quant:.1}'\n",
-     "13: hub.repo_template: gives 'moeq-test/x-Q' for both Q8_0 and Q4_K_M; each quant needs its own repo"),
+    ("two quants in one repo", lambda t: t + "  layout: per-quant\n  repo_template: '{namespace}/x-{quant:.1}'\n",
+     "14: hub.repo_template: gives 'moeq-test/x-Q' for both Q8_0 and Q4_K_M; each quant needs its own repo"),
     ("bad shard size", lambda t: t + "  max_shard_size: lots\n",
      "13: hub.max_shard_size: 'lots' is not a size; write e.g. 50GB, 45G or 500MB"),
     ("missing imatrix file", lambda t: t.replace("  - type: Q8_0", "  - {type: Q8_0, imatrix: nope.dat}"),

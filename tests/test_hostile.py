@@ -58,9 +58,11 @@ BAD_PIPELINES = {
                                                         "  - {type: Q4_K_M, file: a.gguf.log}\n"),
                                             "'a.gguf.log' is not a GGUF file name"),
     "quant file '.'": (with_quants("  - {type: Q8_0, file: .}\n"), "'.' is not a GGUF file name"),
-    "two quants in one repo": (EXAMPLE.replace('"{namespace}/tiny-phimoe-{quant_slug}-gguf"',
-                                               '"{namespace}/x-{quant:.1}"'),
+    "two quants in one repo": (EXAMPLE.replace("  max_shard_size: 50GB\n", "  max_shard_size: 50GB\n  layout: per-quant\n"
+                                               '  repo_template: "{namespace}/x-{quant:.1}"\n'),
                                "gives 'moeq-test/x-Q' for both Q8_0 and Q4_K_M"),
+    "a file without its quant type in one repo": (with_quants("  - {type: Q8_0, file: model.gguf}\n"),
+                                                  "Q8_0's file 'model.gguf' does not carry its quant type"),
     "quant type F16": (with_quants("  - F16\n"), "F16 is not a quantization"),
     "quant type BF16": (with_quants("  - BF16\n"), "BF16 is not a quantization"),
     "python tag": (EXAMPLE.replace("name: tiny-phimoe", "name: !!python/name:os.system ''"),
@@ -284,7 +286,7 @@ def test_sigterm_during_an_upload(tmp_path, test_hub, toolchain):
     assert proc.returncode == 143, out + err
     assert err.splitlines()[-1].startswith("error: interrupted by SIGTERM") and "Traceback" not in err
     assert HUB_TOKEN not in out + err
-    assert sorted(test_hub.state.files("moeq-test/tiny-phimoe-q8-0-gguf")) == [".gitattributes"]  # no commit landed
+    assert sorted(test_hub.state.files("moeq-test/tiny-phimoe-GGUF")) == [".gitattributes"]  # no commit landed
 
 
 def test_a_template_that_runs_away(tmp_path, toolchain):

@@ -117,7 +117,7 @@ def test_an_expert_the_calibration_never_reaches_is_named(tmp_path):
     # The warning reaches the card of a quant made with it.
     proc = run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--skip-bench", "--json")
     assert proc.returncode == 0, proc.stderr
-    card = (config.parent / "work" / "repos" / "Q4_K_M" / "README.md").read_text()
+    card = (config.parent / "work" / "repos" / "ladder" / "README.md").read_text()
     assert f"- **Warning**: {len(under)} of 8 experts got fewer than 32 tokens" in card
     assert listed in card
 
@@ -267,7 +267,7 @@ def test_an_imatrix_made_elsewhere_is_published_as_given(tmp_path, made):
     assert proc.returncode == 0, proc.stderr
     stages = {s["stage"]: s for s in json.loads(proc.stdout)["quants"][0]["stages"]}
     assert stages["imatrix"]["status"] == "skipped" and stages["imatrix"]["detail"] == "uses from-elsewhere.imatrix"
-    repo = config.parent / "work" / "repos" / "Q4_K_M"
+    repo = config.parent / "work" / "repos" / "ladder"
     assert (repo / "from-elsewhere.imatrix").read_bytes() == elsewhere.read_bytes()  # a copy: it lives outside
     card = (repo / "README.md").read_text()
     assert "The importance matrix was made outside this pipeline; the repo publishes it as it was given." in card

@@ -36,19 +36,23 @@ def built(tmp_path_factory, toolchain, rpc_device):
     return folder / "work" / "repos"
 
 
-@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M", "Q2_K"])
-def test_a_real_builds_manifest_is_valid(built, quant):
+def test_a_real_builds_manifest_is_valid(built):
+    """The ladder's one repo: a manifest holding every quant's records."""
     schema = json.loads(shipped_schema_path().read_text())
-    manifest = json.loads((built / quant / "moeq-manifest.json").read_text())
-    assert manifest["records"]["bench"] is not None and manifest["records"]["validate"] is not None
+    manifest = json.loads((built / "ladder" / "moeq-manifest.json").read_text())
+    assert [q["quant"] for q in manifest["quants"]] == ["Q8_0", "Q4_K_M", "Q2_K"]
+    for quant in manifest["quants"]:
+        assert quant["records"]["bench"] is not None and quant["records"]["validate"] is not None
     jsonschema.Draft202012Validator(schema).validate(manifest)
 
 
 def test_the_schema_refuses_what_a_reader_must_not_trust(built):
     validator = jsonschema.Draft202012Validator(json.loads(shipped_schema_path().read_text()))
-    manifest = json.loads((built / "Q8_0" / "moeq-manifest.json").read_text())
-    for path, value in [(("records", "quantize", "quant_bpw"), "8.5"), (("records", "bench", "speed", 0, "mode"), 3),
-                        (("files", 0, "sha256"), None), (("manifest_version",), 1)]:
+    manifest = json.loads((built / "ladder" / "moeq-manifest.json").read_text())
+    for path, value in [(("quants", 0, "records", "quantize", "quant_bpw"), "8.5"),
+                        (("quants", 1, "records", "bench", "speed", 0, "mode"), 3),
+                        (("quants", 0, "files", 0, "sha256"), None), (("manifest_version",), 2),
+                        (("layout",), "both")]:
         bad = json.loads(json.dumps(manifest))
         target = bad
         for key in path[:-1]:
@@ -56,5 +60,5 @@ def test_the_schema_refuses_what_a_reader_must_not_trust(built):
         target[path[-1]] = value
         assert list(validator.iter_errors(bad)), path
     bad = json.loads(json.dumps(manifest))
-    bad["records"]["quantize"]["surprise"] = 1  # an unknown key: not a manifest of this version
+    bad["quants"][0]["records"]["quantize"]["surprise"] = 1  # an unknown key: not a manifest of this version
     assert list(validator.iter_errors(bad))

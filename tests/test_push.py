@@ -18,29 +18,38 @@ from moeq.workspace import Workspace
 from conftest import HUB_TOKEN, REPO, run_moeq
 from hub_server import Blob, Fault
 
-REPO_ID = "moeq-test/tiny-phimoe-q8-0-gguf"
+REPO_ID = "moeq-test/tiny-phimoe-GGUF"  # the example's one repo for the ladder
+PER_QUANT = '  layout: per-quant\n  repo_template: "{namespace}/tiny-phimoe-{quant_slug}-gguf"\n'
 
 
 def staged_pipeline(tmp_path: Path, card: str = "", hub_extra: str = "", validate: bool = True):
-    """The example pipeline in tmp_path, its Q8_0 quantized (and validated) and carded."""
+    """The example pipeline in tmp_path, its Q8_0 quantized (and validated) and its repo's card made for it."""
     text = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
     if hub_extra:
         text = text.replace("  max_shard_size: 50GB\n", f"  max_shard_size: 50GB\n{hub_extra}")
     if card:
         text = text.replace("card:\n  extra:\n", f"card:\n{card}  extra:\n")
     config = tmp_path / "tiny-phimoe.yaml"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config.write_text(text)
     pipeline = load_pipeline(config)
     ws = Workspace(pipeline.workspace)
     steps.quantize(Context.of(pipeline), pipeline.quant("Q8_0"))
     if validate:
         steps.validate(Context.of(pipeline), pipeline.quant("Q8_0"))
-    steps.card(Context.of(pipeline), pipeline.quant("Q8_0"))
+    make_card(pipeline, "Q8_0")
     return config, pipeline, ws
 
 
-def push(hub, config: Path, *args: str, env: dict | None = None):
-    proc = run_moeq("push", "--config", str(config), "--quant", "Q8_0", *args, env={**hub.env, **(env or {})})
+def make_card(pipeline, *quants: str):
+    """`moeq card --quant Q ...`: the card of the repo(s) these quants go to."""
+    ctx = Context.of(pipeline)
+    return [steps.card(ctx, unit) for unit in steps.repo_units(ctx, [pipeline.quant(q) for q in quants])]
+
+
+def push(hub, config: Path, *args: str, env: dict | None = None, quants: tuple[str, ...] = ("Q8_0",)):
+    selection = [a for q in quants for a in ("--quant", q)]
+    proc = run_moeq("push", "--config", str(config), *selection, *args, env={**hub.env, **(env or {})})
     for stream in (proc.stdout, proc.stderr):
         assert HUB_TOKEN not in stream
     return proc
@@ -68,14 +77,14 @@ def test_push_is_one_commit_then_nothing(tmp_path, test_hub, toolchain):
     assert proc.returncode == 0, proc.stderr
     assert f"committed {test_hub.url}/{REPO_ID}/commit/" in proc.stdout
     files = test_hub.state.files(REPO_ID)
-    staged = ws.repo_dir("Q8_0")
+    staged = ws.repo_dir(None)
     assert sorted(files) == sorted([".gitattributes", "README.md", "moeq-manifest.json", "tiny-phimoe-Q8_0.gguf"])
     for name in ("README.md", "moeq-manifest.json", "tiny-phimoe-Q8_0.gguf"):
         assert sha256(files[name]) == sha256((staged / name).read_bytes())
     commits = test_hub.state.commits_on(REPO_ID)
     assert len(commits) == 2 and commits[0].message.startswith("Q8_0 GGUF, card and records (moeq ")
     assert "llama.cpp 0c1e570" in commits[0].message
-    record = json.loads(ws.record_path("push", "Q8_0").read_text())["record"]
+    record = json.loads(ws.record_path("push").read_text())["record"]
     assert record["commit"] == commits[0].oid and record["uploaded_bytes"] > 4_000_000
 
     start = mark(test_hub)
@@ -96,7 +105,7 @@ def test_changed_card_commits_only_the_card(tmp_path, test_hub, toolchain):
     config, pipeline, ws = staged_pipeline(tmp_path, card=f"  template: {template}\n")
     assert push(test_hub, config).returncode == 0
     template.write_text(builtin.replace("## Model details", "A line added to the template.\n\n## Model details"))
-    steps.card(Context.of(pipeline), pipeline.quant("Q8_0"))
+    make_card(pipeline, "Q8_0")
     start = mark(test_hub)
     proc = push(test_hub, config, "--json")
     assert proc.returncode == 0, proc.stderr
@@ -145,21 +154,22 @@ def test_split_shards_rejoin_to_the_original(tmp_path, test_hub, toolchain):
     text = config.read_text().replace("max_shard_size: 50GB", "max_shard_size: 1MB")
     config.write_text(text)
     pipeline = load_pipeline(config)
-    steps.card(Context.of(pipeline), pipeline.quant("Q8_0"))
-    readme = (ws.repo_dir("Q8_0") / "README.md").read_text()
+    make_card(pipeline, "Q8_0")
+    readme = (ws.repo_dir(None) / "README.md").read_text()
     assert push(test_hub, config).returncode == 0
     files = test_hub.state.files(REPO_ID)
     shards = sorted(p for p in files if p.endswith(".gguf"))
-    assert len(shards) > 2 and shards[0] == f"tiny-phimoe-Q8_0-00001-of-{len(shards):05d}.gguf"
+    # In the one repo a split quant's shards have a folder of their own, as llama.cpp's -hf and the Hub expect.
+    assert len(shards) > 2 and shards[0] == f"tiny-phimoe-Q8_0/tiny-phimoe-Q8_0-00001-of-{len(shards):05d}.gguf"
     assert all(len(files[s]) <= 1_000_000 for s in shards[1:])
     for shard in shards:
         assert f"| [{shard}](" in readme  # the card's file table lists the shards
     out = tmp_path / "download"
     out.mkdir()
     for shard in shards:
-        (out / shard).write_bytes(files[shard])
+        (out / Path(shard).name).write_bytes(files[shard])
     merged = tmp_path / "merged.gguf"
-    subprocess.run([str(toolchain.path("llama-gguf-split")), "--merge", str(out / shards[0]), str(merged)],
+    subprocess.run([str(toolchain.path("llama-gguf-split")), "--merge", str(out / Path(shards[0]).name), str(merged)],
                    check=True, capture_output=True)
     # Equal to the original but for the split.* keys llama-gguf-split --merge leaves in the header.
     original, rejoined = (gguf.GGUFReader(p) for p in (ws.quant_path("tiny-phimoe-Q8_0.gguf"), merged))
@@ -252,8 +262,8 @@ def test_check_names_the_lines_edited_on_the_hub(tmp_path, test_hub, toolchain):
     assert push(test_hub, config, "--check").returncode == 0
     card = test_hub.state.files(REPO_ID)["README.md"].decode()
     lines = card.split("\n")
-    bullet = next(line for line in lines if line.startswith("- **File size**: "))
-    edited = bullet.replace("4.08 MB", "9.08 MB")
+    bullet = next(line for line in lines if line.startswith("- **Source**: "))
+    edited = bullet.replace("7.64 MB", "9.64 MB")
     assert edited != bullet
     test_hub.state.add_files(REPO_ID, {"README.md": card.replace(bullet, edited).encode()})
     proc = push(test_hub, config, "--check")
@@ -274,3 +284,87 @@ def test_a_huge_retry_after_is_capped_and_said(tmp_path, test_hub, toolchain, pa
     assert ("warning: the Hub answered 429 and asked to wait 100000 s before retrying; moeq waits at most 1 s"
             in proc.stderr)
     assert len(test_hub.state.commits_on(REPO_ID)) == 2
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def test_pushing_one_quant_into_the_one_repo_changes_only_its_files(tmp_path, test_hub, toolchain):
+    """Q8_0 first, then Q4_K_M alone: the second commit adds Q4_K_M and its importance matrix and rewrites README.md
+    and the manifest, which now list both; Q8_0's file is not touched."""
+    config, pipeline, ws = staged_pipeline(tmp_path)
+    assert push(test_hub, config).returncode == 0
+    steps.quantize(Context.of(pipeline), pipeline.quant("Q4_K_M"))
+    [done] = make_card(pipeline, "Q4_K_M")
+    assert done.record.quants == ["Q8_0", "Q4_K_M"]  # Q8_0 is in the repo (the push record says so)
+    assert "| Q2_K |" not in (ws.repo_dir(None) / "README.md").read_text()  # never built: not listed
+    proc = push(test_hub, config, "--json", quants=("Q4_K_M",))
+    assert proc.returncode == 0, proc.stderr
+    new, old = test_hub.state.commits_on(REPO_ID)[:2]
+    changed = {p for p in new.files if new.files[p].data != old.files.get(p, Blob(b"", False)).data}
+    assert changed == {"README.md", "moeq-manifest.json", "tiny-phimoe-Q4_K_M.gguf", "tiny-phimoe.imatrix"}
+    assert new.message.startswith("Q8_0, Q4_K_M GGUF, card and records")
+    assert len(test_hub.state.commits_on(REPO_ID)) == 3
+    assert push(test_hub, config, "--check", quants=()).returncode == 0
+
+
+def test_a_push_for_some_quants_refuses_to_change_the_others(tmp_path, test_hub, toolchain):
+    config, pipeline, ws = staged_pipeline(tmp_path)
+    assert push(test_hub, config).returncode == 0
+    test_hub.state.add_files(REPO_ID, {"tiny-phimoe-Q3_K_M.gguf": b"GGUF from elsewhere"})
+    head = test_hub.state.repos[REPO_ID].refs["main"]
+    steps.quantize(Context.of(pipeline), pipeline.quant("Q4_K_M"))
+    make_card(pipeline, "Q4_K_M")
+    proc = push(test_hub, config, quants=("Q4_K_M",))
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (f"error: {REPO_ID}: holds tiny-phimoe-Q3_K_M.gguf, which the staged card does not "
+                                   "list; push the whole ladder (--all) to delete it, or build its quant and push it")
+    assert test_hub.state.repos[REPO_ID].refs["main"] == head
+    test_hub.state.add_files(REPO_ID, {"tiny-phimoe-Q8_0.gguf": b"changed on the Hub"})
+    test_hub.state.repos[REPO_ID].commits[test_hub.state.repos[REPO_ID].refs["main"]].files.pop(
+        "tiny-phimoe-Q3_K_M.gguf")
+    proc = push(test_hub, config, quants=("Q4_K_M",))
+    assert proc.returncode == 3 and ("tiny-phimoe-Q8_0.gguf of Q8_0 is not on the Hub as staged (update); push Q8_0 "
+                                     "too (--quant Q8_0) or the whole ladder (--all)") in proc.stderr
+    proc = push(test_hub, config, quants=("Q8_0", "Q4_K_M"))
+    assert proc.returncode == 0, proc.stderr
+    assert test_hub.state.files(REPO_ID)["tiny-phimoe-Q8_0.gguf"] == ws.quant_path("tiny-phimoe-Q8_0.gguf").read_bytes()
+
+
+def test_switching_layout_is_refused_unless_asked(tmp_path, test_hub, toolchain):
+    config, pipeline, ws = staged_pipeline(tmp_path, hub_extra=PER_QUANT)
+    assert push(test_hub, config).returncode == 0
+    assert "moeq-test/tiny-phimoe-q8-0-gguf" in test_hub.state.repos
+    config.write_text(config.read_text().replace(PER_QUANT, ""))
+    make_card(load_pipeline(config), "Q8_0")
+    proc = push(test_hub, config)
+    assert proc.returncode == 3
+    assert ("this workspace published moeq-test/tiny-phimoe-q8-0-gguf with hub.layout per-quant, and the pipeline "
+            "now says single; pass --switch-layout") in proc.stderr
+    assert REPO_ID not in test_hub.state.repos
+    assert push(test_hub, config, "--switch-layout").returncode == 0
+    assert "tiny-phimoe-Q8_0.gguf" in test_hub.state.files(REPO_ID)
+    # A fresh workspace knows nothing of the old repos, but the manifest on the Hub says which layout it holds.
+    fresh, _, _ = staged_pipeline(tmp_path / "fresh", hub_extra="  repo: moeq-test/tiny-phimoe-q8-0-gguf\n")
+    proc = push(test_hub, fresh)
+    assert proc.returncode == 5 and ("moeq-test/tiny-phimoe-q8-0-gguf: its manifest on the Hub says hub.layout "
+                                     "per-quant, the pipeline says single; pass --switch-layout") in proc.stderr
+
+
+def test_a_per_quant_card_links_only_repos_on_the_hub(tmp_path, test_hub, toolchain):
+    """Cards made for the whole ladder link every sibling repo; pushing only Q8_0 leaves links to repos that do not
+    exist, which push --check names. A card made for Q8_0 alone links none."""
+    config, pipeline, ws = staged_pipeline(tmp_path, hub_extra=PER_QUANT)
+    steps.quantize(Context.of(pipeline), pipeline.quant("Q2_K"))
+    make_card(pipeline, "Q8_0", "Q2_K")
+    assert "(https://huggingface.co/moeq-test/tiny-phimoe-q2-k-gguf)" in (ws.repo_dir("Q8_0") / "README.md").read_text()
+    assert push(test_hub, config).returncode == 0
+    proc = push(test_hub, config, "--check")
+    assert proc.returncode == 0  # the files are there; the dangling link is a finding
+    assert ("moeq-test/tiny-phimoe-q8-0-gguf/README.md: links moeq-test/tiny-phimoe-q2-k-gguf, which is not on the "
+            "Hub; push Q2_K too") in proc.stdout
+    make_card(pipeline, "Q8_0")
+    assert "tiny-phimoe-q2-k-gguf" not in (ws.repo_dir("Q8_0") / "README.md").read_text()
+    assert push(test_hub, config).returncode == 0 and push(test_hub, config, quants=("Q2_K",)).returncode == 0
+    make_card(pipeline, "Q8_0")  # Q2_K's repo now exists (its push record says so): linked again
+    assert "(https://huggingface.co/moeq-test/tiny-phimoe-q2-k-gguf)" in (ws.repo_dir("Q8_0") / "README.md").read_text()

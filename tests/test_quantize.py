@@ -58,7 +58,7 @@ quants:
   - type: Q8_0
   - {{type: Q4_K_M{extra_quant}}}
   - type: Q2_K
-hub: {{namespace: moeq-test, repo_template: "{{namespace}}/tiny-phimoe-{{quant_slug}}-gguf"}}
+hub: {{namespace: moeq-test}}
 """
     if bin_dir:
         text += f"toolchain: {{llama_cpp_bin: {bin_dir}}}\n"

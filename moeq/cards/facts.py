@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from moeq.manifest import LadderEntry, Manifest, ModelCardSpec
+from moeq.manifest import LadderEntry, Manifest, ModelCardSpec, QuantEntry
 from moeq.offload import OffloadMode
 from moeq.records import (BenchRecord, Fit, ModelFacts, PerplexityFigures, QuantizeRecord, SourceRecord,
                           ValidateRecord, WorstTensor)
@@ -40,10 +40,10 @@ def hub_url(repo_id: str) -> str:
 
 def card_facts(manifest: Manifest) -> dict:
     """Everything a card can say, from the manifest alone."""
-    records = manifest.records
-    quantized = records.quantize
     model_spec = manifest.pipeline.model
-    this = manifest.quant
+    single = manifest.layout == "single"
+    quants = [_quant_facts(manifest, entry) for entry in manifest.quants]
+    first = manifest.quants[0].records.quantize
     return {
         "generator": manifest.generator,
         "frontmatter": {
@@ -53,17 +53,31 @@ def card_facts(manifest: Manifest) -> dict:
             "base_model_relation": "quantized",
             "quantized_by": model_spec.quantized_by,
             "pipeline_tag": "text-generation",
-            "tags": [*TAGS, this],
+            "tags": [*TAGS, *(q["type"] for q in quants)],
         },
-        "model": _model(model_spec, quantized.model),
-        "quant": _quant(manifest, quantized),
-        "ladder": [_ladder_row(row, this) for row in manifest.ladder],
+        "single": single,
+        "repo": {"id": manifest.repo_id, "url": hub_url(manifest.repo_id)},
+        "model": _model(model_spec, first.model),
+        "llama_cpp": {"commit": first.tool.commit, "commit_url": f"{LLAMA_CPP_REPO}/commit/{first.tool.commit}"},
+        "quants": quants,
+        "quant": quants[0],  # the repo's one quant (per-quant layout), or the ladder's first
+        "choose": _choose(manifest.quants),
+        "imatrix_files": list({q["imatrix"]["file"]: q["imatrix"] for q in quants if q["imatrix"]}.values()),
+        "siblings": [_sibling(row) for row in manifest.siblings],
+        "extra": dict(manifest.pipeline.card_extra),
+    }
+
+
+def _quant_facts(manifest: Manifest, entry: QuantEntry) -> dict:
+    records = entry.records
+    quantized = records.quantize
+    return {
+        **_quant(manifest, entry, quantized),
         "memory": _memory(records.validate_),
         "validation": _validation(records.validate_),
-        "quantization": _quantization(quantized, records.source),
-        "imatrix": _imatrix(manifest),
+        "quantization": _quantization(quantized, manifest.source),
+        "imatrix": _imatrix(manifest, entry),
         **_bench(records.bench, quantized.model.block_count),
-        "extra": dict(manifest.pipeline.card_extra),
     }
 
 
@@ -84,29 +98,37 @@ def _model(spec: ModelCardSpec, model: ModelFacts) -> dict:
     }
 
 
-def _quant(manifest: Manifest, quantized: QuantizeRecord) -> dict:
+def _quant(manifest: Manifest, entry: QuantEntry, quantized: QuantizeRecord) -> dict:
     repo_id = manifest.repo_id
+    single = manifest.layout == "single"
     files = [{"name": f.name, "size": decimal_size(f.size), "sha256": f.sha256,
-              "url": f"{hub_url(repo_id)}/resolve/main/{f.name}"} for f in manifest.files]
+              "url": f"{hub_url(repo_id)}/resolve/main/{f.name}"} for f in entry.files]
+    first = files[0]["name"]  # the first shard when split: llama.cpp loads the rest from it
+    sharded = len(files) > 1
+    if sharded and "/" in first:
+        include = first.rsplit("/", 1)[0] + "/*"
+    else:
+        include = re.sub(r"-\d{5}-of-(\d{5})\.gguf$", r"-*-of-\1.gguf", first)
+    tag = f"{repo_id}:{entry.quant}" if single else repo_id
     return {
-        "type": manifest.quant,
-        "advice": QUANT_ADVICE.get(manifest.quant, ""),
+        "type": entry.quant,
+        "advice": QUANT_ADVICE.get(entry.quant, ""),
         "file_type": quantized.file_type,
-        "repo_id": repo_id,
-        "repo_url": hub_url(repo_id),
         "files": files,
-        "file": files[0]["name"],  # the first shard when split: llama.cpp loads the rest from it
-        "sharded": len(files) > 1,
+        "file": first,
+        "local_path": f"models/{first}",
+        "sharded": sharded,
         "shard_count": len(files),
-        "download_pattern": re.sub(r"-\d{5}-of-(\d{5})\.gguf$", r"-*-of-\1.gguf", files[0]["name"]),
-        "size": decimal_size(sum(f.size for f in manifest.files)),
+        "download_pattern": include,
+        "hf_tag": tag,  # llama.cpp's -hf and Ollama's hf.co/ name for this quant
+        "size": decimal_size(sum(f.size for f in entry.files)),
         "bpw": f"{quantized.quant_bpw:.2f}",
         "source_bpw": f"{quantized.model_bpw:.2f}",
         "source_size": decimal_size(quantized.source.size),
     }
 
 
-def _ladder_row(row: LadderEntry, this: str) -> dict:
+def _sibling(row: LadderEntry) -> dict:
     return {
         "quant": row.quant,
         "repo_id": row.repo_id,
@@ -116,8 +138,60 @@ def _ladder_row(row: LadderEntry, this: str) -> dict:
         "bpw": f"{row.bpw:.2f}" if row.bpw is not None else None,
         "cpu_moe_vram": binary_size(row.cpu_moe_gpu_bytes) if row.cpu_moe_gpu_bytes is not None else None,
         "advice": QUANT_ADVICE.get(row.quant, ""),
-        "is_this": row.quant == this,
     }
+
+
+def _choose(entries: list[QuantEntry]) -> dict | None:
+    """"Which file should I choose?": for each GPU size of the plans, each quant's smallest expert offload that fits
+    at the first configured context, with the system RAM its weights then need, and the generation speed and KLD
+    where the bench measured them. GPU sizes where every quant's choice is the same share a row group."""
+    plans = [e.records.validate_.plan for e in entries if e.records.validate_ is not None]
+    if not plans:
+        return None
+    ctx = plans[0].fits[0].ctx
+    sizes = sorted({f.gpu_gib for plan in plans for f in plan.fits})
+    groups: list[tuple[list[int], list[dict]]] = []
+    for gib in sizes:
+        rows = [_choice(entry, gib, ctx) for entry in entries]
+        if groups and [r["key"] for r in groups[-1][1]] == [r["key"] for r in rows]:
+            groups[-1][0].append(gib)
+        else:
+            groups.append(([gib], rows))
+    return {"ctx": ctx, "kv_type": plans[0].kv_type, "allowance": binary_size(plans[0].compute_allowance_bytes),
+            "groups": [{"gpu": _gpu_label(gibs, gibs[-1] == sizes[-1]), "rows": rows} for gibs, rows in groups]}
+
+
+def _gpu_label(gibs: list[int], last: bool) -> str:
+    if len(gibs) == 1:
+        return f"{gibs[0]} GiB"
+    return f"{gibs[0]} GiB or more" if last else f"{gibs[0]} to {gibs[-1]} GiB"
+
+
+def _choice(entry: QuantEntry, gib: int, ctx: int) -> dict:
+    quality = entry.records.bench.quality if entry.records.bench else None
+    kld = _pm(quality.quant, "kld_mean", 6) if quality else "not measured"
+    row = {"quant": entry.quant, "size": decimal_size(sum(f.size for f in entry.files)), "kld": kld}
+    plan = entry.records.validate_.plan if entry.records.validate_ else None
+    if plan is None:
+        return {**row, "key": "no plan", "placement": "not computed (no validation record)", "gpu": "", "ram": "",
+                "speed": ""}
+    fit = next((f for f in plan.fits if f.gpu_gib == gib and f.ctx == ctx), None)
+    if fit is None or fit.n_cpu_moe is None:
+        return {**row, "key": None, "placement": "does not fit", "gpu": "", "ram": "", "speed": ""}
+    mode = OffloadMode.for_layers(fit.n_cpu_moe, plan.n_layer)
+    return {**row, "key": fit.n_cpu_moe, "placement": mode.advice if mode.name == "gpu" else f"`{mode.advice}`",
+            "gpu": binary_size(fit.gpu_bytes), "ram": binary_size(plan.placement(fit.n_cpu_moe).cpu_bytes),
+            "speed": _generation_speed(entry.records.bench, mode.name)}
+
+
+def _generation_speed(bench: BenchRecord | None, mode: str) -> str:
+    """Tokens per second generating (llama-bench's tg test) in `mode`, where the bench measured it."""
+    for run in bench.speed if bench else []:
+        if run.mode == mode:
+            for test in run.tests:
+                if test.test.startswith("tg"):
+                    return f"{test.avg_ts:.2f} ± {test.stddev_ts:.2f}"
+    return "not measured"
 
 
 def _memory(validated: ValidateRecord | None) -> dict | None:
@@ -194,14 +268,14 @@ def _quantization(quantized: QuantizeRecord, source: SourceRecord | None) -> dic
     }
 
 
-def _imatrix(manifest: Manifest) -> dict | None:
+def _imatrix(manifest: Manifest, entry: QuantEntry) -> dict | None:
     """The importance matrix the file was made with: published beside it; how it was made when moeq made it."""
-    published = manifest.imatrix_file
+    published = entry.imatrix_file
     if published is None:
         return None
     facts = {"file": published.name, "size": decimal_size(published.size), "sha256": published.sha256,
              "url": f"{hub_url(manifest.repo_id)}/resolve/main/{published.name}", "made": None}
-    record = manifest.records.imatrix
+    record = entry.records.imatrix
     if record is None:
         return facts
     coverage = record.coverage

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from huggingface_hub import ModelCard
@@ -62,8 +62,8 @@ def lint_card(text: str, path: str = "README.md", manifest: Manifest | None = No
                  for i, line in enumerate(lines, 1) if line != line.rstrip()]
     allowed_repos = None
     if manifest is not None:
-        allowed_repos = ({manifest.pipeline.model.base_model.lower()}
-                         | {row.repo_id.lower() for row in manifest.ladder})
+        allowed_repos = ({manifest.pipeline.model.base_model.lower(), manifest.repo_id.lower()}
+                         | {row.repo_id.lower() for row in manifest.siblings})
     for number, line in _prose_lines(lines, body_start):
         for url in _links(line):
             findings += [Finding(number, rule, msg) for rule, msg in _check_link(url, allowed_repos)]
@@ -148,8 +148,8 @@ def _check_link(url: str, allowed_repos: set[str] | None) -> list[tuple[str, str
         return []
     repo = f"{parts[0]}/{parts[1]}".lower()
     if repo not in allowed_repos:
-        return [("hub-link", f"links {parts[0]}/{parts[1]}, which is neither the base model nor a repo of this "
-                             "ladder")]
+        return [("hub-link", f"links {parts[0]}/{parts[1]}, which is neither the base model, this repo nor a "
+                             "published repo of this ladder")]
     return []
 
 
@@ -193,8 +193,8 @@ def _figure_findings(lines: list[str], start: int, manifest: Manifest, template:
     # Outside tables the templates' own words and the pipeline's card.extra (a citation's year) may add figures;
     # inside tables every figure is a measurement and must come from a record.
     prose_figures = figures | template_figures(template) | _figures(manifest.pipeline.card_extra)
-    repo_files = set(manifest.repo_files)
-    ladder_files = {row.file for row in manifest.ladder}
+    repo_files = set(manifest.repo_files) | {PurePosixPath(name).name for name in manifest.repo_files}
+    ladder_files = {row.file for row in manifest.siblings}
     findings = []
     header: list[str] | None = None
     for number, line in _prose_lines(lines, start):

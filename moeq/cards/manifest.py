@@ -4,8 +4,8 @@ The card is rendered from this manifest and nothing else, so `moeq card verify` 
 facts from the published manifest and check that every figure in the card comes from a record.
 Local paths are reduced to file names: a maintainer's folders are nobody's business.
 
-    manifest = build_manifest(pipeline, quant, CardInputs.from_records(records, pipeline, quant, shards), ws)
-    manifest.records.quantize.quant_bpw
+    manifest = build_manifest(pipeline, RepoInputs(repo_id, "single", source, [CardInputs.from_records(...)]), ws)
+    manifest.quants[0].records.quantize.quant_bpw
     # -> 8.5
 """
 
@@ -30,15 +30,18 @@ PATH_KEYS = {"path", "file"}
 
 @dataclass
 class CardInputs:
-    """The records a card is made from, each the current one for the quant's file (a stale one is None)."""
+    """The records one quant's part of a card is made from, each the current one for the quant's file (a stale
+    one is None)."""
 
-    source: SourceRecord | None
     quantized: QuantizeRecord
     validated: ValidateRecord | None
     bench: BenchRecord | None
     shards: ShardsRecord
-    siblings: dict[str, tuple[QuantizeRecord | None, ValidateRecord | None]]  # every quant of the ladder
     imatrix: ImatrixRecord | None = None  # the imatrix stage's record, when the quant was made with its output
+
+    @property
+    def quant(self) -> str:
+        return self.quantized.quant
 
     @property
     def imatrix_file(self) -> FileRef | None:
@@ -50,21 +53,32 @@ class CardInputs:
         return FileRef(path=used.path, size=path.stat().st_size if path.is_file() else 0, sha256=used.sha256)
 
     @classmethod
-    def from_records(cls, records: Records, pipeline: Pipeline, quant: QuantSpec, shards: ShardsRecord,
+    def from_records(cls, records: Records, quant: QuantSpec, shards: ShardsRecord,
                      warn: Callable[[str], None] = lambda _msg: None) -> "CardInputs":
         quantized = records.require("quantize", quant.type)
-        siblings = {}
-        for q in pipeline.quants:
-            theirs = records.get("quantize", q.type)
-            siblings[q.type] = (theirs, _current(records, "validate", q.type, theirs, lambda _msg: None))
         imatrix = records.get("imatrix")
         used = quantized.options.imatrix
         if imatrix is not None and (used is None or imatrix.output.sha256 != used.sha256):
             imatrix = None  # another matrix than the one this file was made with
-        return cls(source=records.get("source"), quantized=quantized,
-                   validated=_current(records, "validate", quant.type, quantized, warn),
-                   bench=_current(records, "bench", quant.type, quantized, warn), shards=shards, siblings=siblings,
-                   imatrix=imatrix)
+        return cls(quantized=quantized, validated=_current(records, "validate", quant.type, quantized, warn),
+                   bench=_current(records, "bench", quant.type, quantized, warn), shards=shards, imatrix=imatrix)
+
+
+@dataclass
+class RepoInputs:
+    """What one Hub repo's card is made from: the quants it holds, and (per-quant layout) the sibling repos it
+    links, each as (quant, its quantize record, its validate record)."""
+
+    repo_id: str
+    layout: str
+    source: SourceRecord | None
+    quants: list[CardInputs]
+    siblings: list[tuple[QuantSpec, QuantizeRecord, ValidateRecord | None]] = dataclasses.field(default_factory=list)
+
+
+def current_validate(records: Records, quant: str) -> ValidateRecord | None:
+    """A quant's validate record when it describes its current file."""
+    return _current(records, "validate", quant, records.get("quantize", quant), lambda _msg: None)
 
 
 def _current(records: Records, stage: str, quant: str, quantized: QuantizeRecord | None, warn: Callable[[str], None]):
@@ -96,62 +110,77 @@ def _published(record) -> dict | None:
     return _strip_paths(record_json(record)) if record is not None else None
 
 
-def build_manifest(pipeline: Pipeline, quant: QuantSpec, inputs: CardInputs, ws: Workspace) -> Manifest:
-    """This quant's records, its siblings' summaries and the pipeline's card facts, as one Manifest."""
-    validated = inputs.validated
-    if validated is not None and not validated.ok:
-        raise InputError(f"{ws.record_path('validate', quant.type)}: {quant.type} failed validation "
-                         f"({', '.join(validated.failed)}); fix the file before making its card")
-    files = inputs.shards.files
-    names = [Path(f.path).name for f in files]
-    imatrix_file = inputs.imatrix_file
-    if imatrix_file is not None:
-        name = Path(imatrix_file.path).name
-        if name in (*names, README_NAME, MANIFEST_NAME):
-            raise InputError(f"{imatrix_file.path}: the importance matrix would be published as {name}, a name the "
-                             "repo already uses; rename the imatrix file")
-        if not Path(imatrix_file.path).is_file() or ws.hashes.sha256(Path(imatrix_file.path)) != imatrix_file.sha256:
-            raise InputError(f"{imatrix_file.path}: not the importance matrix {quant.type} was made with (gone or "
-                             f"changed since); run moeq quantize --quant {quant.type} again")
-        names.append(name)
+def repo_paths(pipeline: Pipeline, quant: CardInputs) -> list[str]:
+    """Where the quant's GGUF files go in its repo. One repo for the ladder keeps a split quant's shards in a folder
+    of their own (`<stem>-<QUANT>/<stem>-<QUANT>-00001-of-0000N.gguf`), as llama.cpp and the Hub expect."""
+    names = [Path(f.path).name for f in quant.shards.files]
+    if pipeline.single_repo and len(names) > 1:
+        folder = Path(quant.quantized.output.path).name.removesuffix(".gguf")
+        return [f"{folder}/{name}" for name in names]
+    return names
+
+
+def _imatrix_entry(quant: CardInputs, taken: dict[str, str], ws: Workspace) -> dict | None:
+    """The quant's importance matrix as a repo file, checked: it is the one the quant was made with, and its name
+    is free in the repo (`taken`: path -> sha256 of what already uses it)."""
+    ref = quant.imatrix_file
+    if ref is None:
+        return None
+    name = Path(ref.path).name
+    if taken.get(name, ref.sha256) != ref.sha256:
+        raise InputError(f"{ref.path}: the importance matrix would be published as {name}, a name the repo already "
+                         "uses for another file; rename the imatrix file")
+    if not Path(ref.path).is_file() or ws.hashes.sha256(Path(ref.path)) != ref.sha256:
+        raise InputError(f"{ref.path}: not the importance matrix {quant.quant} was made with (gone or changed "
+                         f"since); run moeq quantize --quant {quant.quant} again")
+    taken[name] = ref.sha256
+    return {"name": name, "size": ref.size, "sha256": ref.sha256}
+
+
+def build_manifest(pipeline: Pipeline, inputs: RepoInputs, ws: Workspace) -> Manifest:
+    """The repo's quants with their records, its linked siblings and the pipeline's card facts, as one Manifest."""
+    taken = {README_NAME: "", MANIFEST_NAME: ""}
+    entries = []
+    for quant in inputs.quants:
+        validated = quant.validated
+        if validated is not None and not validated.ok:
+            raise InputError(f"{ws.record_path('validate', quant.quant)}: {quant.quant} failed validation "
+                             f"({', '.join(validated.failed)}); fix the file before making its card")
+        files = [{"name": path, "size": f.size, "sha256": f.sha256}
+                 for path, f in zip(repo_paths(pipeline, quant), quant.shards.files)]
+        for f in files:
+            if f["name"] in taken:
+                raise InputError(f"{quant.quantized.output.path}: would be published as {f['name']}, a name the "
+                                 "repo already uses; give the quant another file name (quants[].file)")
+            taken[f["name"]] = f["sha256"]
+        entries.append({
+            "quant": quant.quant, "files": files, "imatrix_file": _imatrix_entry(quant, taken, ws),
+            "records": {"imatrix": _published(quant.imatrix), "quantize": _published(quant.quantized),
+                        "validate": _published(validated), "bench": _published(quant.bench)},
+        })
     template = pipeline.card.template or DEFAULT_TEMPLATE
     return Manifest.model_validate({
         "manifest_version": MANIFEST_VERSION,
         "generator": f"moeq {__version__}",
-        "quant": quant.type,
-        "repo_id": pipeline.repo_id(quant),
+        "layout": inputs.layout,
+        "repo_id": inputs.repo_id,
         "pipeline": {
             "model": _strip_paths(dataclasses.asdict(pipeline.model)),
             "card_extra": dict(pipeline.card.extra),
         },
         "card": {"template": template.name, "builtin": pipeline.card.template is None,
                  "templates_sha256": templates_sha256(template)},
-        "files": [{"name": Path(f.path).name, "size": f.size, "sha256": f.sha256} for f in files],
-        "imatrix_file": ({"name": Path(imatrix_file.path).name, "size": imatrix_file.size,
-                          "sha256": imatrix_file.sha256} if imatrix_file else None),
-        "repo_files": sorted([*names, README_NAME, MANIFEST_NAME]),
-        "ladder": [_ladder_entry(pipeline, q, *inputs.siblings[q.type]) for q in pipeline.quants],
-        "records": {
-            "source": _published(inputs.source),
-            "imatrix": _published(inputs.imatrix),
-            "quantize": _published(inputs.quantized),
-            "validate": _published(validated),
-            "bench": _published(inputs.bench),
-        },
+        "source": _published(inputs.source),
+        "quants": entries,
+        "siblings": [_sibling(pipeline, *sibling) for sibling in inputs.siblings],
+        "repo_files": sorted(taken),
     })
 
 
-def _ladder_entry(pipeline: Pipeline, quant: QuantSpec, quantized: QuantizeRecord | None,
-                  validated: ValidateRecord | None) -> dict:
-    """A sibling's row of the ladder table, from its own records (None where it has none)."""
+def _sibling(pipeline: Pipeline, quant: QuantSpec, quantized: QuantizeRecord, validated: ValidateRecord | None) -> dict:
+    """A sibling repo's row of the ladder table, from its own records."""
     cpu_moe = None
     if validated is not None:
         cpu_moe = validated.plan.placement(validated.plan.n_layer).gpu_bytes  # N = every layer: --cpu-moe
-    return {
-        "quant": quant.type,
-        "repo_id": pipeline.repo_id(quant),
-        "file": quant.file,
-        "size": quantized.output.size if quantized else None,
-        "bpw": quantized.quant_bpw if quantized else None,
-        "cpu_moe_gpu_bytes": cpu_moe,
-    }
+    return {"quant": quant.type, "repo_id": pipeline.repo_id(quant), "file": quant.file,
+            "size": quantized.output.size, "bpw": quantized.quant_bpw, "cpu_moe_gpu_bytes": cpu_moe}

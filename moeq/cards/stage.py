@@ -1,12 +1,13 @@
 """The card stage: records -> manifest -> facts -> README.md, linted, in a staged repo folder.
 
-The staged folder (WORKSPACE/repos/<quant>/) holds exactly what the Hub repo will hold: the card, the
-GGUF files the shards record names (hard links, so no copy) and the records manifest. A card that fails
-lint is never written. Its key is the manifest's sha256 and the templates' sha256.
+The staged folder (WORKSPACE/repos/<quant>/, or WORKSPACE/repos/ladder/ for the one repo of hub.layout
+single) holds exactly what the Hub repo will hold: the card, the GGUF files the shards records name
+(hard links, so no copy), the importance matrix they were made with and the records manifest. A card
+that fails lint is never written. Its key is the manifest's sha256 and the templates' sha256.
 
-    inputs = CardInputs.from_records(records, pipeline, quant, shards)
-    result = run_stage(card_stage(pipeline, quant, ws, inputs), records)
-    Path(result.record.folder) == ws.repo_dir(quant.type)
+    inputs = RepoInputs(repo_id, "per-quant", source, [CardInputs.from_records(records, quant, shards)])
+    result = run_stage(card_stage(pipeline, "Q8_0", ws, inputs), records)
+    Path(result.record.folder) == ws.repo_dir("Q8_0")
     # -> True
 """
 
@@ -19,9 +20,9 @@ from pathlib import Path
 
 from moeq.cards.facts import card_facts
 from moeq.cards.lint import lint_card
-from moeq.cards.manifest import CardInputs, build_manifest
+from moeq.cards.manifest import RepoInputs, build_manifest, repo_paths
 from moeq.cards.render import DEFAULT_TEMPLATE, render_card, templates_sha256
-from moeq.config import Pipeline, QuantSpec
+from moeq.config import Pipeline
 from moeq.errors import CheckFailed, InputError
 from moeq.manifest import MANIFEST_NAME, README_NAME, manifest_text
 from moeq.records import CardRecord, FileRef
@@ -37,17 +38,19 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def card_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, inputs: CardInputs) -> Stage[CardRecord]:
-    """Render, lint and stage the card of `quant` from `inputs` (the shards record lists the GGUF files)."""
-    manifest = build_manifest(pipeline, quant, inputs, ws)
+def card_stage(pipeline: Pipeline, key: str | None, ws: Workspace, inputs: RepoInputs) -> Stage[CardRecord]:
+    """Render, lint and stage the card of one repo: `key` is its quant (per-quant layout) or None (the one repo)."""
+    manifest = build_manifest(pipeline, inputs, ws)
     manifest_body = manifest_text(manifest)
     template = pipeline.card.template or DEFAULT_TEMPLATE
-    folder = ws.repo_dir(quant.type)
-    gguf_files = inputs.shards.files
-    imatrix_file = inputs.imatrix_file
-    published = [*gguf_files, *([imatrix_file] if imatrix_file else [])]
+    folder = ws.repo_dir(key)
+    gguf_files = [(path, ref) for quant in inputs.quants for path, ref in zip(repo_paths(pipeline, quant),
+                                                                                 quant.shards.files)]
+    imatrices = {Path(q.imatrix_file.path).name: q.imatrix_file for q in inputs.quants if q.imatrix_file}
+    published = [*gguf_files, *imatrices.items()]
+    what = key or "the ladder"
 
-    def key() -> dict:
+    def stage_key() -> dict:
         return {"manifest_sha256": _sha(manifest_body), "templates_sha256": templates_sha256(template)}
 
     def run() -> CardRecord:
@@ -57,35 +60,49 @@ def card_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, inputs: Card
         if findings:
             shown = "; ".join(f.format(README_NAME) for f in findings[:3])
             more = f" (+{len(findings) - 3} more)" if len(findings) > 3 else ""
-            raise CheckFailed(f"{template}: the card it renders for {quant.type} fails lint, so it was not "
+            raise CheckFailed(f"{template}: the card it renders for {what} fails lint, so it was not "
                               f"written: {shown}{more}")
         folder.mkdir(parents=True, exist_ok=True)
-        for ref in published:
-            _link_artifact(Path(ref.path), folder / Path(ref.path).name, ws, copy_outside=ref not in gguf_files)
+        for path, ref in published:
+            _link_artifact(Path(ref.path), folder / path, ws, copy_outside=path in imatrices)
         write_text_atomic(folder / MANIFEST_NAME, manifest_body)
         write_text_atomic(folder / README_NAME, text)
-        for stray in folder.iterdir():
-            if stray.name not in manifest.repo_files:
-                stray.unlink()
+        _remove_strays(folder, set(manifest.repo_files))
         return CardRecord(
-            quant=quant.type, repo_id=manifest.repo_id, folder=str(folder),
+            quant=key, quants=[q.quant for q in manifest.quants], repo_id=manifest.repo_id, folder=str(folder),
             readme=FileRef(path=str(folder / README_NAME), size=len(text.encode()), sha256=_sha(text)),
             manifest=FileRef(path=str(folder / MANIFEST_NAME), size=len(manifest_body.encode()),
                              sha256=_sha(manifest_body)),
-            repo_files=list(manifest.repo_files), template=str(template), templates_sha256=key()["templates_sha256"],
-            not_measured=[label for k, label in MEASURED_SECTIONS.items() if facts[k] is None],
+            repo_files=list(manifest.repo_files), template=str(template),
+            templates_sha256=stage_key()["templates_sha256"],
+            not_measured=[f"{q['type']}: {label}" if len(manifest.quants) > 1 else label
+                          for q in facts["quants"] for k, label in MEASURED_SECTIONS.items() if q[k] is None],
         )
 
-    return Stage("card", quant.type, key=key, run=run, intact=lambda r: _staged_intact(r, published, ws),
-                 lock=f"repo-{quant.type}")
+    return Stage("card", key, key=stage_key, run=run, intact=lambda r: _staged_intact(r, published, ws),
+                 lock=f"repo-{key or 'ladder'}")
 
 
-def _staged_intact(record: CardRecord, published: list[FileRef], ws: Workspace) -> bool:
+def staged_paths(folder: Path) -> list[str]:
+    """Every file under a staged repo folder, as repo paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def _remove_strays(folder: Path, keep: set[str]) -> None:
+    for path in staged_paths(folder):
+        if path not in keep:
+            (folder / path).unlink()
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(sub.iterdir()):
+            sub.rmdir()
+
+
+def _staged_intact(record: CardRecord, published: list[tuple[str, FileRef]], ws: Workspace) -> bool:
     folder = Path(record.folder)
-    if not folder.is_dir() or sorted(p.name for p in folder.iterdir() if p.is_file()) != record.repo_files:
+    if not folder.is_dir() or staged_paths(folder) != sorted(record.repo_files):
         return False
     readme = folder / README_NAME
-    return (all(_staged(folder / Path(ref.path).name, ref, ws) for ref in published)
+    return (all(_staged(folder / path, ref, ws) for path, ref in published)
             and _sha(readme.read_text(encoding="utf-8")) == record.readme.sha256)
 
 
@@ -114,6 +131,7 @@ def _link_artifact(artifact: Path, staged: Path, ws: Workspace, copy_outside: bo
                          "--force for this quant")
     if staged.exists() and os.path.samefile(staged, artifact):
         return
+    staged.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(staged)
     partial.unlink(missing_ok=True)
     if not inside:

@@ -27,10 +27,12 @@ def card(
     force: Annotated[bool, typer.Option(help="Render even when the records and templates are unchanged.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Render README.md for each quant's repo from its records, lint it, and stage the repo folder.
+    """Render README.md for each repo from its records, lint it, and stage the repo folder.
 
-    The staged folder (WORKSPACE/repos/TYPE/) holds exactly what the Hub repo will: README.md, the GGUF
-    and moeq-manifest.json (the records the card was built from).
+    The staged folder (WORKSPACE/repos/ladder/ for the ladder's one repo, WORKSPACE/repos/TYPE/ per quant
+    with hub.layout per-quant) holds exactly what the Hub repo will: README.md, the GGUFs, the importance
+    matrix and moeq-manifest.json (the records the card was built from). In the one repo the card lists the
+    quants asked for and those the last push left there.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -38,14 +40,14 @@ def card(
 
     ctx = open_context(config)
     results = []
-    for spec in selected_quants(ctx.pipeline, quant):
+    for unit in steps.repo_units(ctx, selected_quants(ctx.pipeline, quant)):
         ctx.warnings.clear()
-        done = steps.card(ctx, spec, force=force)
+        done = steps.card(ctx, unit, force=force)
         record = done.record
         results.append({"skipped": done.skipped, "warnings": list(ctx.warnings), "record": record_json(record)})
         if not as_json:
             state = "up to date" if done.skipped else "written"
-            console.print(f"{record.quant}: card {state}: {record.readme.path} (repo {record.repo_id})",
+            console.print(f"{', '.join(record.quants)}: card {state}: {record.readme.path} (repo {record.repo_id})",
                           soft_wrap=True)
             if record.not_measured:
                 console.print(f"  not measured: {', '.join(record.not_measured)}", soft_wrap=True)
@@ -132,24 +134,29 @@ def verify(
 def preview(
     file: Annotated[Optional[Path], typer.Argument(help="A card (README.md); or use --quant (and --config).")] = None,
     config: ConfigOption = None,
-    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Quant of the ladder.")] = None,
+    quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Quant of the ladder (hub.layout "
+                                                 "per-quant; the one repo needs none).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="HTML file to write (default: WORKSPACE/previews/"
-                                                "TYPE.html, or FILE's name with .html in the current "
-                                                "folder).")] = None,
+                                                "ladder.html or TYPE.html, or FILE's name with .html in the "
+                                                "current folder).")] = None,
 ) -> None:
     """Write a card as a standalone HTML page, to see it as readers will before pushing."""
     from moeq.cards.preview import write_preview
 
     if file is None:
-        if quant is None:
-            raise InputError("give a card FILE, or --quant TYPE for a quant of the pipeline's ladder")
         ctx = open_context(config)
-        spec = ctx.pipeline.quant(quant)
-        file = ctx.ws.repo_dir(spec.type) / "README.md"
+        if ctx.pipeline.single_repo:
+            key, title = None, ctx.pipeline.hub.repo
+        elif quant is None:
+            raise InputError("give a card FILE, or --quant TYPE for a quant of the pipeline's ladder")
+        else:
+            spec = ctx.pipeline.quant(quant)
+            key, title = spec.type, ctx.pipeline.repo_id(spec)
+        file = ctx.ws.repo_dir(key) / "README.md"
         if not file.is_file():
-            raise InputError(f"{file}: no card yet; run moeq card --config {ctx.pipeline.path} --quant {spec.type}")
-        out = out or ctx.ws.preview_path(spec.type)
-        title = ctx.pipeline.repo_id(spec)
+            raise InputError(f"{file}: no card yet; run moeq card --config {ctx.pipeline.path} "
+                             f"{'--quant ' + key if key else '--all'}")
+        out = out or ctx.ws.preview_path(key or "ladder")
     else:
         out = out or Path.cwd() / (file.stem + ".html")
         title = str(file)

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, console, guard, open_context, print_json,
-                             selected_quants)
+from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, SwitchLayoutOption, app, console, guard,
+                             open_context, print_json, selected_quants)
 from moeq.errors import CheckFailed
 from moeq.records import record_json
 from moeq.units import binary_size
@@ -35,9 +35,11 @@ def push(
     force: Annotated[bool, typer.Option(help="Replace a README.md on the Hub that moeq did not write.")] = False,
     check: Annotated[bool, typer.Option("--check", help="A dry run that exits 7 unless every repo on the Hub "
                                         "already holds exactly its staged files.")] = False,
+    switch_layout: SwitchLayoutOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Publish each quant's staged repo (moeq card) in one commit: GGUF(s), README.md and the records manifest.
+    """Publish each staged repo (moeq card) in one commit: GGUF(s), importance matrix, README.md and the records
+    manifest. In the ladder's one repo (hub.layout single) only the quants asked for change.
 
     The token comes from HF_TOKEN or `hf auth login`; it is never printed or stored.
     """
@@ -45,18 +47,20 @@ def push(
 
     ctx = open_context(config)
     quiet_progress_off_terminal()
-    quants = selected_quants(ctx.pipeline, quant)
-    verdict = steps.check_pushed(ctx, quants, force=force) if check else None
+    units = steps.repo_units(ctx, selected_quants(ctx.pipeline, quant))
+    verdict = steps.check_pushed(ctx, units, force=force) if check else None
     results = []
-    for index, spec in enumerate(quants):
+    for index, unit in enumerate(units):
+        label = ", ".join(q.type for q in unit.quants)
         if dry_run or check:
-            plan = verdict.plans[index] if verdict else steps.push_plan(ctx, spec, force=force)
+            plan = verdict.plans[index] if verdict else steps.push_plan(ctx, unit, force=force,
+                                                                        switch_layout=switch_layout)
             files = [f.model_dump() for f in plan.pushed_files()]
-            row = {"quant": spec.type, "repo_id": plan.repo_id, "dry_run": True, "repo_exists": plan.repo_exists,
+            row = {"quant": label, "repo_id": plan.repo_id, "dry_run": True, "repo_exists": plan.repo_exists,
                    "files": files, "upload_bytes": plan.upload_bytes if plan.changes else 0, "record": None}
         else:
-            record = steps.push(ctx, spec, create_pr=create_pr, force=force).record
-            row = {"quant": spec.type, "repo_id": record.repo_id, "dry_run": False, "repo_exists": record.repo_existed,
+            record = steps.push(ctx, unit, create_pr=create_pr, force=force, switch_layout=switch_layout).record
+            row = {"quant": label, "repo_id": record.repo_id, "dry_run": False, "repo_exists": record.repo_existed,
                    "files": [f.model_dump() for f in record.files], "upload_bytes": record.uploaded_bytes,
                    "record": record_json(record)}
         results.append(row)
@@ -128,6 +132,7 @@ def build(
     force_stage: Annotated[Optional[str], typer.Option(help="Run this stage and every stage after it again: "
                                                        "fetch, imatrix, quantize, validate, bench, shards, card "
                                                        "or push.")] = None,
+    switch_layout: SwitchLayoutOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Run fetch -> imatrix -> quantize -> validate -> bench -> shards -> card -> push for each quant, skipping what
@@ -145,7 +150,7 @@ def build(
     quants = selected_quants(ctx.pipeline, None if all_quants else quant)
     quiet_progress_off_terminal()
     summary = run_build(ctx, quants, push=push or ctx.pipeline.hub.push, skip_bench=skip_bench,
-                        force_stage=force_stage)
+                        force_stage=force_stage, switch_layout=switch_layout)
     if as_json:
         print_json(summary.as_dict())
     else:
@@ -176,13 +181,18 @@ def _print_summary(summary, ws) -> None:
         table.add_row(stage, *[c.get(stage, "") for c in cells])
     table.add_row("size", *[binary_size(q.artifact_bytes) if q.artifact_bytes else "" for q in summary.quants])
     console.print(table)
+    by_repo: dict[str, list] = {}  # the ladder's one repo: one line for its quants
     for q in summary.quants:
+        by_repo.setdefault(q.repo_id, []).append(q)
+    for repo_id, rows in by_repo.items():
+        q, names = rows[0], ", ".join(r.quant for r in rows)
         if q.commit_url or q.pr_url:
-            console.print(f"{q.quant}: {q.pr_url or q.commit_url}", soft_wrap=True)
-        elif summary.pushed and q.ok:
-            console.print(f"{q.quant}: {q.repo_url} (up to date)", soft_wrap=True)
+            console.print(f"{names}: {q.pr_url or q.commit_url}", soft_wrap=True)
+        elif summary.pushed and all(r.ok for r in rows):
+            console.print(f"{names}: {q.repo_url} (up to date)", soft_wrap=True)
         elif q.push_plan:
             files = ", ".join(f"{f['path']} ({binary_size(f['size'])})" for f in q.push_plan)
-            console.print(f"{q.quant}: push plan (dry run, not compared with the Hub) for {q.repo_id}: {files}",
+            console.print(f"{names}: push plan (dry run, not compared with the Hub) for {repo_id}: {files}",
                           soft_wrap=True)
-    console.print(f"cards: {ws.repos_dir}/<quant>/README.md; records: {ws.records_dir}", soft_wrap=True)
+    cards = "ladder" if summary.single_repo else "<quant>"
+    console.print(f"cards: {ws.repos_dir}/{cards}/README.md; records: {ws.records_dir}", soft_wrap=True)

@@ -1,19 +1,25 @@
-"""The push stage: a quant's staged repo folder -> its Hub repo, in one commit, only what changed.
+"""The push stage: a staged repo folder -> its Hub repo, in one commit, only what changed.
 
-Plan first: each file of the staged folder (the GGUF or its shards, README.md, moeq-manifest.json) is
-compared by sha256 with the Hub (`get_paths_info`): add, update or unchanged; GGUFs and the manifest
-on the Hub that the folder no longer holds are deleted. Then one commit (or pull request) carries all
-changes, so a card never goes live without its files; nothing changed means no commit and no upload.
-The stage has no key: the Hub is what it compares with, every time.
+Plan first: each file of the staged folder (the GGUFs or their shards, the importance matrix, README.md,
+moeq-manifest.json) is compared by sha256 with the Hub (`get_paths_info`): add, update or unchanged;
+GGUFs, importance matrices and the manifest on the Hub that the folder no longer holds are deleted.
+Then one commit (or pull request) carries all changes, so a card never goes live without its files;
+nothing changed means no commit and no upload. The stage has no key: the Hub is what it compares with.
+
+In the ladder's one repo (hub.layout single) a push asked for some quants changes only their files, the
+importance matrix, README.md and the manifest; any other difference is refused, naming the file. A push
+into a repo of the other layout (per the Hub's manifest or this workspace's push records) is refused
+unless `switch_layout` is given.
 
     plan = plan_push(api, card)                                  # a dry run: read requests only
-    result = run_stage(push_stage(pipeline, quant, api, card), records)
+    result = run_stage(push_stage(pipeline, None, ["Q8_0"], api, records), records)
     result.status, result.record.commit_url
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +30,11 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils.sha import git_hash
 
 from moeq import __version__
-from moeq.config import Pipeline, QuantSpec
+from moeq.config import Pipeline
 from moeq.errors import HubError, InputError
 from moeq.hub.client import hub_errors, max_wait_s, remote_text, require_token
-from moeq.manifest import MANIFEST_NAME, MARKER, MAX_CARD_BYTES, README_NAME, read_manifest
-from moeq.records import CardRecord, PushedFile, PushRecord
+from moeq.manifest import MANIFEST_NAME, MARKER, MAX_CARD_BYTES, MAX_MANIFEST_BYTES, README_NAME, read_manifest
+from moeq.records import CardRecord, PushedFile, PushRecord, Records
 from moeq.stage_runner import Stage
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
@@ -50,6 +56,7 @@ class PushPlan:
     repo_exists: bool
     files: list[PlannedFile] = field(default_factory=list)
     foreign_readme: bool = False
+    remote_layout: str | None = None  # as the manifest on the Hub says (a version 2 manifest: per-quant)
 
     @property
     def changes(self) -> list[PlannedFile]:
@@ -68,14 +75,15 @@ def local_files(card: CardRecord) -> dict[str, PlannedFile]:
     """The staged folder as the card stage left it, with sha256 from its records (no re-hashing of GGUFs)."""
     folder = Path(card.folder)
     manifest = read_manifest(folder / MANIFEST_NAME)
-    known = {f.name: f.sha256 for f in [*manifest.files, *([manifest.imatrix_file] if manifest.imatrix_file else [])]}
+    known = {f.name: f.sha256 for q in manifest.quants for f in [*q.files, *([q.imatrix_file] if q.imatrix_file else [])]}
     known[README_NAME] = card.readme.sha256
     known[MANIFEST_NAME] = card.manifest.sha256
     files = {}
     for name in card.repo_files:
         path = folder / name
         if not path.is_file():
-            raise InputError(f"{path}: missing from the staged repo; run moeq card --config CFG --quant {card.quant}")
+            raise InputError(f"{path}: missing from the staged repo; run moeq card --config CFG "
+                             f"{'--quant ' + card.quant if card.quant else '--all'}")
         files[name] = PlannedFile(name, "add", path.stat().st_size, known[name], str(path))
     if hashlib.sha256((folder / README_NAME).read_bytes()).hexdigest() != card.readme.sha256:
         raise InputError(f"{folder / README_NAME}: changed since moeq card wrote it; run moeq card again")
@@ -104,56 +112,113 @@ def plan_push(api: HfApi, card: CardRecord) -> PushPlan:
             planned.action = "unchanged" if same else "update"
         plan.files.append(planned)
     for path in sorted(remote_paths - set(local)):
-        if path.endswith(".gguf") or path == MANIFEST_NAME:
+        if path.endswith((".gguf", ".imatrix")) or path == MANIFEST_NAME:
             plan.files.append(PlannedFile(path, "delete", 0))
     if README_NAME in remote and local[README_NAME].action == "update":
         plan.foreign_readme = MARKER not in remote_text(api, card.repo_id, README_NAME, MAX_CARD_BYTES)
+    if MANIFEST_NAME in remote_paths:
+        plan.remote_layout = _layout_of(remote_text(api, card.repo_id, MANIFEST_NAME, MAX_MANIFEST_BYTES))
     return plan
 
 
+def _layout_of(manifest_text: str) -> str | None:
+    try:
+        data = json.loads(manifest_text)
+    except ValueError:
+        return None
+    return data.get("layout", "per-quant") if isinstance(data, dict) else None
+
+
 def _commit_message(card: CardRecord) -> tuple[str, str]:
-    commit = read_manifest(Path(card.folder) / MANIFEST_NAME).records.quantize.tool.commit
-    return (f"{card.quant} GGUF, card and records (moeq {__version__}, llama.cpp {commit})",
+    manifest = read_manifest(Path(card.folder) / MANIFEST_NAME)
+    commit = manifest.quants[0].records.quantize.tool.commit
+    return (f"{', '.join(card.quants)} GGUF, card and records (moeq {__version__}, llama.cpp {commit})",
             f"Published by moeq {__version__} from the records in {MANIFEST_NAME}.")
 
 
-def check_staged(pipeline: Pipeline, quant: QuantSpec, card: CardRecord) -> None:
-    if card.repo_id != pipeline.repo_id(quant):
-        raise InputError(f"{card.folder}: staged for {card.repo_id}, but the pipeline now says "
-                         f"{pipeline.repo_id(quant)}; run moeq card again")
+def check_staged(pipeline: Pipeline, key: str | None, card: CardRecord) -> None:
+    expected = pipeline.hub.repo if key is None else pipeline.repo_id(pipeline.quant(key))
+    if card.repo_id != expected:
+        raise InputError(f"{card.folder}: staged for {card.repo_id}, but the pipeline now says {expected}; run "
+                         "moeq card again")
 
 
-def planned(api: HfApi, card: CardRecord, force: bool) -> PushPlan:
+def planned(api: HfApi, pipeline: Pipeline, selected: list[str], records: Records, card: CardRecord, force: bool,
+            switch_layout: bool = False) -> PushPlan:
     """The push plan; a README.md on the Hub that moeq did not write is replaced only with `force`."""
+    _check_layout_switch(pipeline, records, switch_layout)
     with hub_errors("planning the push", card.repo_id):
         plan = plan_push(api, card)
     if plan.foreign_readme and not force:
         raise HubError(f"{card.repo_id}: README.md on the Hub was not written by moeq; pass --force to replace it")
+    layout = pipeline.hub.layout
+    if plan.remote_layout not in (None, layout) and not switch_layout:
+        raise HubError(f"{card.repo_id}: its manifest on the Hub says hub.layout {plan.remote_layout}, the pipeline "
+                       f"says {layout}; pass --switch-layout to publish it as {layout}")
+    if card.quant is None:
+        _only_selected(plan, card, selected)
     return plan
 
 
-def push_stage(pipeline: Pipeline, quant: QuantSpec, api: HfApi, card: CardRecord, *, create_pr: bool | None = None,
-               force: bool = False, on_message: Callable[[str], None] = lambda _msg: None) -> Stage[PushRecord]:
-    """Publish the staged repo `card` describes in one commit (or pull request)."""
-    check_staged(pipeline, quant, card)
+def _check_layout_switch(pipeline: Pipeline, records: Records, switch_layout: bool) -> None:
+    """Refuse to publish in one layout what this workspace already published in the other."""
+    if switch_layout:
+        return
+    if pipeline.single_repo:
+        other = sorted({r.repo_id for q in pipeline.quants if (r := records.get("push", q.type)) is not None})
+    else:
+        other = [r.repo_id for r in [records.get("push")] if r is not None]
+    if other:
+        was = "per-quant" if pipeline.single_repo else "single"
+        raise InputError(f"{records.ws.records_dir}: this workspace published {', '.join(other)} with hub.layout {was}, "
+                         f"and the pipeline now says {pipeline.hub.layout}; pass --switch-layout to publish in the new "
+                         "layout (the old repos are left as they are)")
+
+
+def _only_selected(plan: PushPlan, card: CardRecord, selected: list[str]) -> None:
+    """In the ladder's one repo, a push asked for some quants changes only theirs, the importance matrix, README.md
+    and the manifest; the others must already be on the Hub as staged."""
+    if set(card.quants) <= set(selected):
+        return
+    manifest = read_manifest(Path(card.folder) / MANIFEST_NAME)
+    owner = {f.name: q.quant for q in manifest.quants for f in q.files}
+    allowed = {README_NAME, MANIFEST_NAME} | {f.name for q in manifest.quants if q.quant in selected
+                                              for f in [*q.files, *([q.imatrix_file] if q.imatrix_file else [])]}
+    for f in plan.changes:
+        if f.path in allowed:
+            continue
+        if f.path in owner:
+            raise InputError(f"{card.repo_id}: {f.path} of {owner[f.path]} is not on the Hub as staged ({f.action}); "
+                             f"push {owner[f.path]} too (--quant {owner[f.path]}) or the whole ladder (--all)")
+        raise InputError(f"{card.repo_id}: holds {f.path}, which the staged card does not list; push the whole "
+                         "ladder (--all) to delete it, or build its quant and push it")
+
+
+def push_stage(pipeline: Pipeline, key: str | None, selected: list[str], api: HfApi, records: Records, *,
+               create_pr: bool | None = None, force: bool = False, switch_layout: bool = False,
+               on_message: Callable[[str], None] = lambda _msg: None) -> Stage[PushRecord]:
+    """Publish the staged repo of `key` (a quant, or None: the ladder's one repo) in one commit (or pull request);
+    `selected`: the quants asked for."""
+    card = records.require("card", key)
+    check_staged(pipeline, key, card)
     create_pr = pipeline.hub.create_pr if create_pr is None else create_pr
     require_token()
 
     def run() -> PushRecord:
-        plan = planned(api, card, force)
+        plan = planned(api, pipeline, selected, records, card, force, switch_layout)
         with hub_errors("creating the repo", card.repo_id):
             if not plan.repo_exists:
                 api.create_repo(card.repo_id, private=pipeline.hub.private, exist_ok=True)
         commit = _commit_with_retries(api, card, plan, create_pr, on_message)
         return PushRecord(
-            quant=quant.type, repo_id=card.repo_id, create_pr=create_pr, repo_existed=plan.repo_exists,
-            commit=commit.oid if commit else None, commit_url=commit.commit_url if commit else None,
-            pr_url=commit.pr_url if commit else None,
+            quant=key, quants=list(card.quants), repo_id=card.repo_id, create_pr=create_pr,
+            repo_existed=plan.repo_exists, commit=commit.oid if commit else None,
+            commit_url=commit.commit_url if commit else None, pr_url=commit.pr_url if commit else None,
             files=plan.pushed_files(),
             uploaded_bytes=plan.upload_bytes if commit else 0, readme_sha256=card.readme.sha256,
         )
 
-    return Stage("push", quant.type, key=lambda: None, run=run, lock=f"repo-{quant.type}",
+    return Stage("push", key, key=lambda: None, run=run, lock=f"repo-{key or 'ladder'}",
                  status=lambda r: "up to date" if r.commit is None else "ran")
 
 

@@ -1,0 +1,156 @@
+"""What moeq publishes, read by the clients its users run, over a socket from the test Hub server (offline):
+
+- llama.cpp's own Hub download (`llama-completion -hf REPO:QUANT`, pointed at the server with MODEL_ENDPOINT),
+- the Hub's own JavaScript libraries from npm (`@huggingface/tasks` for quant labels, `@huggingface/gguf` for
+  headers over HTTP Range), pinned in tests/js/package-lock.json and installed by scripts/setup.
+
+The repos are the example's ladder, pushed by `moeq build --all --push` with a shard size that splits Q8_0 and
+Q4_K_M, so split files in their folders are read too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from moeq.manifest import parse_manifest
+
+from conftest import HUB_TOKEN, HUB_USER, REPO, run_moeq
+import hub_server
+from hub_server import Fault
+
+JS = REPO / "tests" / "js"
+ONE_REPO = f"{HUB_USER}/tiny-phimoe-GGUF"
+PER_QUANT = '  layout: per-quant\n  repo_template: "{namespace}/tiny-phimoe-{quant_slug}-gguf"\n'
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """One test Hub for the module, holding the ladder published in both layouts."""
+    folder = tmp_path_factory.mktemp("hub-clients")
+    server = hub_server.TestHub({HUB_TOKEN: HUB_USER})
+    server.env = {"HF_ENDPOINT": server.url, "HF_TOKEN": HUB_TOKEN, "HF_HUB_DISABLE_XET": "1",
+                  "HF_HOME": str(folder / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    example = re.sub(r"  train: true.*\n", "", (REPO / "examples" / "tiny-phimoe.yaml").read_text())
+    for layout, extra in (("single", ""), ("per-quant", PER_QUANT)):
+        config = folder / layout / "tiny-phimoe.yaml"
+        config.parent.mkdir()
+        config.write_text(example.replace("  max_shard_size: 50GB\n", "  max_shard_size: 2MB\n" + extra))
+        proc = run_moeq("build", "--config", str(config), "--all", "--skip-bench", "--push", env=server.env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield server
+    server.close()
+
+
+def latest_manifest(hub, repo: str):
+    return parse_manifest(hub.state.files(repo)["moeq-manifest.json"].decode(), f"{repo}/moeq-manifest.json")
+
+
+def llama_hf(hub, tmp_path: Path, toolchain, ref: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MODEL_ENDPOINT": hub.url + "/", "LLAMA_CACHE": str(tmp_path / "llama-cache")}
+    env.pop("HF_TOKEN", None)
+    return subprocess.run([str(toolchain.path("llama-completion")), "-hf", ref, "-p", "The", "-n", "8", "--temp", "0",
+                           "-no-cnv", "--no-warmup", "-t", "2"],
+                          env=env, capture_output=True, text=True, errors="replace", timeout=300)
+
+
+def asked(hub, start: int) -> list[tuple[str, str]]:
+    """(method, path?query) of each request since `start`, storage redirects left out."""
+    out = []
+    for r in hub.requests[start:]:
+        query = "?" + "&".join(f"{k}={v[0]}" for k, v in r.query.items()) if r.query else ""
+        if not r.path.startswith("/lfs-objects/"):
+            out.append((r.method, r.path + query))
+    return out
+
+
+@pytest.mark.parametrize("layout,ref,quant", [
+    ("single", f"{ONE_REPO}:Q4_K_M", "Q4_K_M"),  # split in two shards, in their own folder
+    ("single", f"{ONE_REPO}:Q2_K", "Q2_K"),
+    ("per-quant", f"{HUB_USER}/tiny-phimoe-q2-k-gguf", "Q2_K"),  # no tag: the repo's one GGUF
+])
+def test_llama_cpp_downloads_the_quant_by_name_and_runs_it(hub, tmp_path, toolchain, layout, ref, quant):
+    repo = ref.split(":")[0]
+    entry = latest_manifest(hub, repo).entry(quant)
+    commit = hub.state.repos[repo].refs["main"]
+    start = len(hub.requests)
+    proc = llama_hf(hub, tmp_path, toolchain, ref)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().startswith("The") and len(proc.stdout.strip()) > len("The")  # it generated tokens
+    requests = asked(hub, start)
+    files = sorted(f.name for f in entry.files)
+    assert requests[:2] == [("GET", f"/api/models/{repo}/refs"),
+                            ("GET", f"/api/models/{repo}/tree/{commit}?recursive=true")]
+    resolved = sorted({path.split(f"/resolve/{commit}/", 1)[1] for _m, path in requests[2:]})
+    assert resolved == files  # exactly the quant's file(s): no other quant, not the importance matrix
+    for name in files:
+        for method in ("HEAD", "GET"):
+            assert (method, f"/{repo}/resolve/{commit}/{name}") in requests
+    # The downloaded files are the published ones, byte for byte.
+    snapshot = tmp_path / "llama-cache"
+    for name in files:
+        [got] = [p for p in snapshot.rglob(Path(name).name) if p.is_file()]
+        assert got.read_bytes() == hub.state.files(repo)[name]
+
+
+def test_llama_cpp_resumes_a_cut_download_with_range(hub, tmp_path, toolchain):
+    """The first body is cut in half: llama.cpp asks again for the rest only, with Range, and runs the model."""
+    entry = latest_manifest(hub, ONE_REPO).entry("Q2_K")
+    size = entry.files[0].size
+    hub.state.faults.append(Fault("GET", r"^/lfs-objects/", "truncate"))
+    start = len(hub.requests)
+    proc = llama_hf(hub, tmp_path, toolchain, f"{ONE_REPO}:Q2_K")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranged = [r.range for r in hub.requests[start:] if r.method == "GET" and r.range]
+    assert ranged and re.fullmatch(r"bytes=(\d+)-", ranged[-1]) and 0 < int(ranged[-1][6:-1]) < size
+
+
+def test_llama_cpp_says_when_a_quant_is_not_in_the_repo(hub, tmp_path, toolchain):
+    proc = llama_hf(hub, tmp_path, toolchain, f"{ONE_REPO}:Q6_K")
+    assert proc.returncode != 0
+    assert "tiny-phimoe.imatrix" not in proc.stderr  # the importance matrix is never offered as a model
+
+
+def node_clients(names: list[str], urls: dict[str, str]) -> dict:
+    if shutil.which("node") is None or not (JS / "node_modules" / "@huggingface" / "gguf").is_dir():
+        pytest.fail("node and tests/js/node_modules are missing: run scripts/setup")
+    proc = subprocess.run(["node", str(JS / "read-repo.mjs"), json.dumps({"names": names, "urls": urls})],
+                          cwd=JS, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("layout", ["single", "per-quant"])
+def test_the_hubs_javascript_labels_and_reads_every_published_file(hub, layout):
+    repos = [ONE_REPO] if layout == "single" else [f"{HUB_USER}/tiny-phimoe-{q}-gguf" for q in ("q8-0", "q4-k-m",
+                                                                                                 "q2-k")]
+    for repo in repos:
+        manifest = latest_manifest(hub, repo)
+        names = sorted(hub.state.files(repo))
+        urls = {n: f"{hub.url}/{repo}/resolve/main/{n}" for n in names if n.endswith(".gguf")}
+        found = node_clients(names, urls)
+        for entry in manifest.quants:
+            quantize = entry.records.quantize
+            shards = [f.name for f in entry.files]
+            assert len(shards) == (1 if entry.quant == "Q2_K" else 2 if entry.quant == "Q4_K_M" else 3)
+            for index, name in enumerate(shards):
+                assert found["labels"][name]["label"] == entry.quant, name
+                header = found["headers"][name]
+                assert header["split_count"] == (len(shards) if len(shards) > 1 else None)
+                if index == 0:  # llama-gguf-split keeps the model's metadata in the first shard
+                    assert header["architecture"] == quantize.model.architecture
+                    assert header["file_type"] == quantize.file_type
+            assert sum(found["headers"][name]["tensors"] for name in shards) == len(quantize.tensors)
+            if layout == "single" and len(shards) > 1:
+                assert all(name.startswith(f"tiny-phimoe-{entry.quant}/") for name in shards)
+        # The importance matrix, the card and the manifest are never labelled as a model.
+        others = [n for n in names if not n.endswith(".gguf")]
+        assert all(found["labels"][n]["label"] is None for n in others)
+        if layout == "single":
+            assert "tiny-phimoe.imatrix" in others
