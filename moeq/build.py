@@ -131,6 +131,7 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
             runner.result.stages.append(StageOutcome(
                 "imatrix", "skipped", detail=f"uses {quant.imatrix.name}" if quant.imatrix else "imatrix: none"))
     # Every quant's file stages first, then the cards: a card reads the records of the quants it lists or links.
+    units = {unit.key: unit for unit in steps.repo_units(ctx, quants)}  # per quant, or {None: the ladder's repo}
     phases = (FILE_STAGES, PUBLISH_STAGES) if not pipeline.single_repo else (FILE_STAGES, ("shards",))
     for phase in phases:
         for quant, runner in zip(quants, runners):
@@ -138,8 +139,8 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
                 continue
             try:
                 with ctx.ws.lock(f"build-{quant.type}", wait=False):
-                    todo = _steps(ctx, quant, runner.result, push=push, skip_bench=skip_bench, force=force,
-                                  together=quants, switch_layout=switch_layout)
+                    todo = _steps(ctx, quant, runner.result, units.get(quant.type), push=push, skip_bench=skip_bench,
+                                  force=force, switch_layout=switch_layout)
                     for stage in phase:
                         if not runner.run(stage, todo[stage]):
                             runner.skip_rest(stage, f"{stage} failed")
@@ -149,11 +150,11 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
                                                          exit_code=exc.exit_code))
                 runner.skip_rest(phase[0], "another build is running")
     if pipeline.single_repo:
-        _publish_ladder(ctx, quants, runners, push=push, force=force, switch_layout=switch_layout)
+        _publish_ladder(ctx, units[None], runners, push=push, force=force, switch_layout=switch_layout)
     return BuildSummary(results, pushed=push, single_repo=pipeline.single_repo)
 
 
-def _publish_ladder(ctx: Context, quants: list[QuantSpec], runners: list[_Runner], *, push: bool,
+def _publish_ladder(ctx: Context, unit: steps.RepoUnit, runners: list[_Runner], *, push: bool,
                     force: set[str], switch_layout: bool) -> None:
     """hub.layout single: the card and the push run once for the ladder's repo, when every quant asked for built;
     each quant's summary shows their outcome."""
@@ -163,7 +164,6 @@ def _publish_ladder(ctx: Context, quants: list[QuantSpec], runners: list[_Runner
             if runner.result.ok:
                 runner.skip_rest("shards", f"the ladder's repo waits for {', '.join(failed)}")
         return
-    (unit,) = steps.repo_units(ctx, quants)
     shared = _Runner(QuantResult("", unit.repo_id, ""))
     if shared.run("card", lambda: steps.card(ctx, unit, force="card" in force)):
         shared.run("push", lambda: _push(ctx, unit, shared.result, push, switch_layout))
@@ -185,11 +185,9 @@ def _push(ctx: Context, unit: steps.RepoUnit, result: QuantResult, push: bool,
     return done
 
 
-def _steps(ctx: Context, quant: QuantSpec, result: QuantResult, *, push: bool, skip_bench: bool,
-           force: set[str], together: list[QuantSpec],
-           switch_layout: bool) -> dict[str, Callable[[], StageResult | str]]:
-    (unit,) = steps.repo_units(ctx, [quant]) if ctx.pipeline.single_repo else [
-        u for u in steps.repo_units(ctx, together) if u.key == quant.type]
+def _steps(ctx: Context, quant: QuantSpec, result: QuantResult, unit: steps.RepoUnit | None, *, push: bool,
+           skip_bench: bool, force: set[str], switch_layout: bool) -> dict[str, Callable[[], StageResult | str]]:
+    """The quant's stages; card and push too when it has a repo of its own (`unit`, hub.layout per-quant)."""
 
     def do_quantize() -> StageResult:
         done = steps.quantize(ctx, quant, force="quantize" in force)
@@ -216,7 +214,9 @@ def _steps(ctx: Context, quant: QuantSpec, result: QuantResult, *, push: bool, s
             raise ToolError(f"{quant.type}: bench failed in {', '.join(e.mode for e in errors)}: {errors[0].error}")
         return done
 
-    return {"quantize": do_quantize, "validate": do_validate, "bench": do_bench,
-            "shards": lambda: steps.shards(ctx, quant, force="shards" in force),
-            "card": lambda: steps.card(ctx, unit, force="card" in force),
-            "push": lambda: _push(ctx, unit, result, push, switch_layout)}
+    todo = {"quantize": do_quantize, "validate": do_validate, "bench": do_bench,
+            "shards": lambda: steps.shards(ctx, quant, force="shards" in force)}
+    if unit is not None:
+        todo["card"] = lambda: steps.card(ctx, unit, force="card" in force)
+        todo["push"] = lambda: _push(ctx, unit, result, push, switch_layout)
+    return todo
