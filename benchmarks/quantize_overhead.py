@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from moeq.config import SynthSpec
-from moeq.synth import write_tiny_phimoe
+from moeq.synth import write_synth_model
 from moeq.toolchain import Toolchain
 
 
@@ -51,7 +51,7 @@ def main() -> None:
                      vocab=32064)
     source = root / "big-F16.gguf"
     if not source.exists():
-        write_tiny_phimoe(source, spec, name="bench-phimoe")
+        write_synth_model(source, spec, name="bench-phimoe")
     size_gb = source.stat().st_size / 1e9
     cfg = root / "pipeline.yaml"
     cfg.write_text(f"""\

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from moeq.config import SynthSpec
-from moeq.synth import write_tiny_phimoe
+from moeq.synth import write_synth_model
 from moeq.toolchain import Toolchain
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     f16 = args.dir / "big-F16.gguf"
     q8 = args.dir / "big-Q8_0.gguf"
     if not f16.exists():
-        write_tiny_phimoe(f16, SynthSpec(layers=args.layers, experts=16, experts_used=2, embd=2048, ff=2048,
+        write_synth_model(f16, SynthSpec(layers=args.layers, experts=16, experts_used=2, embd=2048, ff=2048,
                                          heads=16, kv_heads=4, vocab=32064), name="bench-phimoe")
     if not q8.exists():
         subprocess.run([str(Toolchain().path("llama-quantize")), str(f16), str(q8), "Q8_0"], check=True,

@@ -29,6 +29,7 @@ from moeq.offload import MODE_HINT, is_setting
 from moeq.workspace import read_text_limited
 
 SOURCE_KINDS = ("hf", "gguf", "local", "synth")
+SYNTH_ARCHS = ("phimoe", "qwen3moe", "llama-moe", "qwen2moe")  # moeq/synth.py's ARCHS
 REPO_TEMPLATE_FIELDS = {"namespace", "model", "quant", "quant_slug", "quant_lower", "file_stem"}
 # The Hub's usual name for one quant's repo (GGUF-my-repo's): <Model>-<QUANT>-GGUF, from the pipeline's model.
 DEFAULT_REPO_TEMPLATE = "{namespace}/{model}-{quant}-GGUF"
@@ -84,6 +85,7 @@ class SourceSpec:
     path: Path | None = None
     synth: SynthSpec | None = None
     train: bool = False  # synth: train the checkpoint (synth_train) and convert it, instead of random weights
+    arch: str = "phimoe"  # synth: which architecture's tiny model (moeq/synth.py, ARCHS)
 
 
 IMATRIX_AUTO = "auto"  # quants[].imatrix: the imatrix stage's output
@@ -398,13 +400,13 @@ def _synth(n: _Node) -> SynthSpec:
 
 
 def _source(n: _Node, base: Path) -> SourceSpec:
-    m = n.mapping(("kind", "repo", "revision", "file", "path", "synth", "train"), required=("kind",))
+    m = n.mapping(("kind", "repo", "revision", "file", "path", "synth", "train", "arch"), required=("kind",))
     kind = m["kind"].str()
     if kind not in SOURCE_KINDS:
         raise m["kind"].fail(f"unknown source kind {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
     needs = {"hf": ("repo", "revision"), "gguf": ("repo", "revision", "file"), "local": ("path",), "synth": ()}
     allowed_extra = {"hf": ("repo", "revision"), "gguf": ("repo", "revision", "file"),
-                     "local": ("path",), "synth": ("synth", "train")}
+                     "local": ("path",), "synth": ("synth", "train", "arch")}
     for key in needs[kind]:
         if key not in m:
             raise n.fail(f"source kind {kind!r} needs {key!r}")
@@ -419,7 +421,20 @@ def _source(n: _Node, base: Path) -> SourceSpec:
         path=m["path"].path_value(base) if "path" in m else None,
         synth=_synth(m["synth"]) if "synth" in m else (SynthSpec() if kind == "synth" else None),
         train=m["train"].bool() if "train" in m else False,
+        arch=_synth_arch(m),
     )
+
+
+def _synth_arch(m: dict) -> str:
+    if "arch" not in m:
+        return "phimoe"
+    arch = m["arch"].str()
+    if arch not in SYNTH_ARCHS:
+        raise m["arch"].fail(f"unknown synth architecture {arch!r}; use one of {', '.join(SYNTH_ARCHS)}")
+    if arch != "phimoe" and "train" in m and m["train"].bool():
+        raise m["train"].fail(f"only the phimoe model is trained (transformers' PhimoeForCausalLM); {arch} is "
+                              "made with random weights: remove train")
+    return arch
 
 
 def _ggml_type(n: _Node) -> str:

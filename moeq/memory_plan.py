@@ -3,7 +3,8 @@
 Rules (llama.cpp common/arg.cpp and src/llama-model.cpp, pinned commit):
 - the input layer (token_embd) always stays in system RAM;
 - with all layers offloaded every other tensor goes to the GPU, the output layer included;
-- `--cpu-moe` keeps every tensor matching `\\.ffn_(up|down|gate|gate_up)_(ch|)exps` in system RAM;
+- `--cpu-moe` keeps every tensor matching `\\.ffn_(up|down|gate|gate_up)_(ch|)exps` in system RAM (the routed
+  experts of every architecture; shared experts, `ffn_*_shexp`, stay with their layer on the GPU);
 - `--n-cpu-moe N` does that only for blocks 0..N-1.
 The KV cache lives with its layer: n_layer x ctx x (K width + V width) x bytes per element.
 
@@ -16,12 +17,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from moeq.architectures import EXPERT_RE
 from moeq.errors import InputError
 from moeq.gguf_header import GGUFHeader
 from moeq.offload import OffloadMode
 from moeq.records import Fit, MemoryPlan, Placement
 
-EXPERT_RE = re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch|)exps")
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
 INPUT_LAYER = "token_embd.weight"
 KV_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32}
@@ -51,11 +52,17 @@ def _hparam(header: GGUFHeader, key: str) -> int:
 
 
 def kv_bytes(header: GGUFHeader, ctx: int, kv_type: str = "f16") -> int:
+    """K and V of every layer at `ctx`: head_count_kv x the head sizes, which are attention.key_length and
+    value_length where the model sets them (Qwen3-MoE: twice embedding_length / head_count), else
+    embedding_length / head_count, as llama.cpp reads them."""
     n_layer = _hparam(header, "block_count")
     n_embd, n_head = _hparam(header, "embedding_length"), _hparam(header, "attention.head_count")
     n_head_kv = _hparam(header, "attention.head_count_kv")
-    width = n_embd // n_head * n_head_kv
-    return int(n_layer * ctx * 2 * width * KV_BYTES_PER_ELEMENT[kv_type])
+    arch = header.metadata.get("general.architecture")
+    key_length = header.metadata.get(f"{arch}.attention.key_length", n_embd // n_head)
+    value_length = header.metadata.get(f"{arch}.attention.value_length", n_embd // n_head)
+    width = (key_length + value_length) * n_head_kv
+    return int(n_layer * ctx * width * KV_BYTES_PER_ELEMENT[kv_type])
 
 
 def plan_memory(header: GGUFHeader, ctx_sizes: list[int] | tuple[int, ...] = (4096,), kv_type: str = "f16",

@@ -87,6 +87,8 @@ class ModelFacts(Model):
     embedding_length: int | None
     head_count: int | None
     head_count_kv: int | None
+    expert_tensors: list[str] = []  # the routed experts' tensor kinds (ffn_up_exps, ...): what --cpu-moe moves
+    shared_experts: list[str] = []  # the shared experts' (ffn_up_shexp, ...), which stay on the GPU
 
 
 class ImatrixRef(Model):

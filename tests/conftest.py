@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from moeq.config import SynthSpec
-from moeq.synth import write_tiny_phimoe
+from moeq.synth import write_synth_model
 from moeq.toolchain import Toolchain
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ def toolchain() -> Toolchain:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    return write_tiny_phimoe(tmp_path_factory.mktemp("models") / "tiny-phimoe-F16.gguf", SynthSpec())
+    return write_synth_model(tmp_path_factory.mktemp("models") / "tiny-phimoe-F16.gguf", SynthSpec())
 
 
 def run_moeq(*args: str, env: dict | None = None, cwd: Path | None = None,

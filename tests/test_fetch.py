@@ -138,10 +138,10 @@ def test_tampered_download_is_rejected(tmp_path, test_hub, tiny_model):
 
 
 def test_dropped_download_resumes_with_range(tmp_path, test_hub):
-    from moeq.synth import write_tiny_phimoe
+    from moeq.synth import write_synth_model
 
     # Bigger than the client's 10 MB read size, so that a body cut in half has delivered a whole chunk.
-    model = write_tiny_phimoe(tmp_path / "tiny-phimoe-F16.gguf", SynthSpec(layers=4, ff=1024))
+    model = write_synth_model(tmp_path / "tiny-phimoe-F16.gguf", SynthSpec(layers=4, ff=1024))
     data = model.read_bytes()
     assert len(data) > 24 * 2**20
     test_hub.state.add_files(SOURCE_REPO, {"tiny-phimoe-F16.gguf": data})

@@ -190,9 +190,9 @@ def test_auto_passes_the_stage_output_to_llama_quantize(made):
 def other_model_imatrix(tmp_path: Path, toolchain, width: int) -> Path:
     """A real imatrix of another tiny model (random weights, another width), from the real llama-imatrix."""
     from moeq.config import SynthSpec
-    from moeq.synth import write_tiny_phimoe
+    from moeq.synth import write_synth_model
 
-    model = write_tiny_phimoe(tmp_path / f"other-{width}.gguf", SynthSpec(embd=width, vocab=512))
+    model = write_synth_model(tmp_path / f"other-{width}.gguf", SynthSpec(embd=width, vocab=512))
     out = tmp_path / f"other-{width}.imatrix.gguf"
     import subprocess
 

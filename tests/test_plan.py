@@ -9,7 +9,7 @@ import pytest
 
 from moeq.config import SynthSpec
 from moeq.llama_logs import buffer_total, parse_buffer_sizes
-from moeq.synth import write_tiny_phimoe
+from moeq.synth import write_synth_model
 from moeq.memory_plan import plan_file
 
 from conftest import run_moeq
@@ -22,7 +22,7 @@ CTX = 1024
 def model(tmp_path_factory, toolchain):
     """A 3-layer, 8-expert phimoe in Q4_K_M: buffers of several MiB."""
     tmp = tmp_path_factory.mktemp("plan")
-    f16 = write_tiny_phimoe(tmp / "f16.gguf", SynthSpec(layers=3, experts=8))
+    f16 = write_synth_model(tmp / "f16.gguf", SynthSpec(layers=3, experts=8))
     out = tmp / "q4km.gguf"
     subprocess.run([str(toolchain.path("llama-quantize")), str(f16), str(out), "Q4_K_M"],
                    check=True, capture_output=True)

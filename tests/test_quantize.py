@@ -265,16 +265,18 @@ def test_unknown_type_refused_before_anything_runs(tmp_path):
 
 
 def test_llama_quantize_failure_quotes_its_log(tmp_path, toolchain):
+    """A file that looks like a MoE model to moeq (experts, an expert count) but lacks what llama.cpp's loader needs."""
     bad = tmp_path / "alien.gguf"
-    writer = gguf.GGUFWriter(str(bad), "notamodel")
-    writer.add_tensor("blk.0.x.weight", __import__("numpy").zeros((256, 256), dtype="float16"))
+    writer = gguf.GGUFWriter(str(bad), "qwen3moe")
+    writer.add_expert_count(2)
+    writer.add_tensor("blk.0.ffn_up_exps.weight", __import__("numpy").zeros((2, 256, 256), dtype="float16"))
     writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
     proc = run_moeq("quantize", "--config", str(local_source_config(tmp_path, bad)), "--quant", "Q8_0")
     assert proc.returncode == 4, proc.stderr
     log = tmp_path / "ws" / "quants" / "tiny-phimoe-Q8_0.gguf.log"
     assert proc.stderr.splitlines()[-1].startswith("error: llama-quantize exited 1: ")
     assert proc.stderr.rstrip().endswith(f"(full log: {log})")
-    assert "notamodel" in proc.stderr or "architecture" in proc.stderr
+    assert "qwen3moe" in proc.stderr or "key not found" in proc.stderr
     assert not (tmp_path / "ws" / "quants" / "tiny-phimoe-Q8_0.gguf").exists()
     assert not list((tmp_path / "ws" / "quants").glob("*.partial"))
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from moeq import synth
 from moeq.config import SynthSpec
-from moeq.synth import parameter_count, synth_spec, tensor_layout, write_tiny_phimoe
+from moeq.synth import parameter_count, synth_spec, tensor_layout, write_synth_model
 
 from conftest import run_moeq
 
@@ -61,26 +61,27 @@ def test_real_model_dimensions_count_like_phi35_moe():
     real = SynthSpec(layers=32, experts=16, experts_used=2, embd=4096, ff=6400, heads=32, kv_heads=8, vocab=32064)
     assert parameter_count(real) == 41_873_153_472
     assert len(tensor_layout(real)) == 519
-    assert synth_spec("phi-3.5-moe") == real
-    assert synth_spec("phi-3.5-moe", layers=2, seed=3) == replace(real, layers=2, seed=3)
-    assert synth_spec(None, layers=None) == SynthSpec()
+    assert synth_spec("phi-3.5-moe") == ("phimoe", real)
+    assert synth_spec("phi-3.5-moe", layers=2, seed=3) == ("phimoe", replace(real, layers=2, seed=3))
+    assert synth_spec(None, layers=None) == ("phimoe", SynthSpec())
+    assert synth_spec(None, "qwen3moe") == ("qwen3moe", SynthSpec(experts=8))
 
 
 def test_written_in_pieces_gives_the_same_bytes(tmp_path, monkeypatch):
     """Tensors are drawn and written in bounded pieces; the bytes are those of drawing each tensor whole."""
     spec = SynthSpec(layers=1, experts=4, embd=512, ff=512)
-    whole = write_tiny_phimoe(tmp_path / "whole.gguf", spec).read_bytes()
+    whole = write_synth_model(tmp_path / "whole.gguf", spec).read_bytes()
     monkeypatch.setattr(synth, "CHUNK_ELEMENTS", 1000)  # every large tensor in many pieces, one not a multiple
-    assert write_tiny_phimoe(tmp_path / "pieces.gguf", spec).read_bytes() == whole
+    assert write_synth_model(tmp_path / "pieces.gguf", spec).read_bytes() == whole
     reader = gguf.GGUFReader(tmp_path / "pieces.gguf")
     expected = np.random.default_rng(0).standard_normal(512 * 512, dtype=np.float32)  # token_embd comes first
     assert np.array_equal(reader.get_tensor(0).data.ravel(), (0.02 * expected).astype(np.float16))
 
 
 def test_deterministic_and_seeded(tmp_path):
-    a = write_tiny_phimoe(tmp_path / "a.gguf")
-    b = write_tiny_phimoe(tmp_path / "b.gguf")
-    c = write_tiny_phimoe(tmp_path / "c.gguf", SynthSpec(seed=1))
+    a = write_synth_model(tmp_path / "a.gguf")
+    b = write_synth_model(tmp_path / "b.gguf")
+    c = write_synth_model(tmp_path / "c.gguf", SynthSpec(seed=1))
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()
     assert not list(tmp_path.glob("*.partial"))
@@ -103,7 +104,7 @@ def test_cli_synth_bad_options(tmp_path):
     assert proc.stderr == "error: synth options: embd and ff must be multiples of 256 so K-quants apply\n"
     assert not out.exists()
     proc = run_moeq("synth", "tiny-phimoe", str(out), "--preset", "phi-4")
-    assert proc.returncode == 3 and proc.stderr == "error: --preset 'phi-4': use one of phi-3.5-moe\n"
+    assert proc.returncode == 3 and proc.stderr == "error: --preset 'phi-4': use one of phi-3.5-moe, qwen3-30b-a3b, mixtral-8x7b\n"
 
 
 def test_generates_in_llama_completion(tiny_model, toolchain):

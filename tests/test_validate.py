@@ -10,7 +10,7 @@ import pytest
 
 from moeq.config import SynthSpec
 from moeq.gguf_header import read_header
-from moeq.synth import write_tiny_phimoe
+from moeq.synth import write_synth_model
 
 from conftest import run_moeq
 
@@ -82,7 +82,7 @@ def test_wrong_architecture(quants, tmp_path):
 
 
 def test_changed_shape_against_source(quants, tmp_path):
-    other = write_tiny_phimoe(tmp_path / "other.gguf", SynthSpec(vocab=600))
+    other = write_synth_model(tmp_path / "other.gguf", SynthSpec(vocab=600))
     proc, report = validate(quants["Q8_0"], "--against", str(other))
     assert proc.returncode == 7
     assert check_of(report, "tensors")["detail"] == ("shape output.bias [512] != [600], output.weight [256, 512] "
@@ -148,7 +148,7 @@ def test_metadata_of_the_source_is_carried_over(quants, tiny_model, tmp_path):
 
 
 def test_missing_tensor_and_offset_past_end(quants, tmp_path, tiny_model):
-    more = write_tiny_phimoe(tmp_path / "3-layers.gguf", SynthSpec(layers=3))
+    more = write_synth_model(tmp_path / "3-layers.gguf", SynthSpec(layers=3))
     proc, report = validate(quants["Q8_0"], "--against", str(more))
     assert proc.returncode == 7
     assert "block_count: 2 != source 3" in check_of(report, "model")["detail"]

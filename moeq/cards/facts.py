@@ -95,6 +95,8 @@ def _model(spec: ModelCardSpec, model: ModelFacts) -> dict:
         "experts": model.expert_count,
         "experts_used": model.expert_used_count,
         "context_length": model.context_length,
+        "expert_tensors": model.expert_tensors,
+        "shared_experts": model.shared_experts,
     }
 
 

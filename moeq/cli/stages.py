@@ -77,15 +77,19 @@ def doctor(
 # ---------------------------------------------------------------- synth
 
 
-@synth_app.command("tiny-phimoe")
+@synth_app.command("tiny-moe")
 @guard
-def synth_tiny_phimoe(
+def synth_tiny_moe(
     out: Annotated[Path, typer.Argument(help="Output GGUF path.")],
+    arch: Annotated[str, typer.Option(help="Architecture: phimoe, qwen3moe, llama-moe (Mixtral's) or qwen2moe "
+                                      "(shared experts).")] = "phimoe",
     preset: Annotated[Optional[str], typer.Option(help="Start from a real model's dimensions: phi-3.5-moe (32 "
-                                                  "layers of 16 experts, 84 GB in F16; use --layers to make "
-                                                  "fewer). The other options change it.")] = None,
+                                                  "layers of 16 experts, 84 GB in F16), qwen3-30b-a3b or "
+                                                  "mixtral-8x7b (they set --arch); use --layers to make fewer. "
+                                                  "The other options change it.")] = None,
     layers: Annotated[Optional[int], typer.Option(help=f"Blocks [default: {SynthSpec.layers}].")] = None,
-    experts: Annotated[Optional[int], typer.Option(help=f"Experts [default: {SynthSpec.experts}].")] = None,
+    experts: Annotated[Optional[int], typer.Option(help="Experts [default: 4; 8 for qwen3moe and "
+                                                   "llama-moe].")] = None,
     experts_used: Annotated[Optional[int], typer.Option(help="Experts per token "
                                                         f"[default: {SynthSpec.experts_used}].")] = None,
     embd: Annotated[Optional[int], typer.Option(help="Embedding width, a multiple of 256 "
@@ -98,19 +102,25 @@ def synth_tiny_phimoe(
     seed: Annotated[Optional[int], typer.Option(help=f"Random seed [default: {SynthSpec.seed}].")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Write a deterministic F16 phimoe GGUF with Phi-3.5-MoE's layout: scaled down, or at its real
-    dimensions with --preset phi-3.5-moe. Written tensor by tensor, in bounded memory."""
-    from moeq.synth import parameter_count, synth_spec, write_tiny_phimoe
+    """Write a deterministic F16 GGUF of a llama.cpp MoE architecture, with the tensor names, shapes and keys its
+    converter writes for the real model: scaled down, or at a real model's dimensions with --preset. Written
+    tensor by tensor, in bounded memory. `tiny-phimoe` is the same command with --arch phimoe."""
+    from moeq.synth import parameter_count, synth_spec, write_synth_model
 
-    spec = synth_spec(preset, layers=layers, experts=experts, experts_used=experts_used, embd=embd, ff=ff,
-                      heads=heads, kv_heads=kv_heads, vocab=vocab, seed=seed)
-    path = write_tiny_phimoe(out, spec, name=preset or "tiny-phimoe")
-    result = {"path": str(path), "bytes": path.stat().st_size, "parameters": parameter_count(spec),
-              "options": vars(spec)}
+    arch, spec = synth_spec(preset, arch, layers=layers, experts=experts, experts_used=experts_used, embd=embd,
+                            ff=ff, heads=heads, kv_heads=kv_heads, vocab=vocab, seed=seed)
+    path = write_synth_model(out, spec, arch, name=preset or f"tiny-{arch}")
+    result = {"path": str(path), "bytes": path.stat().st_size, "parameters": parameter_count(spec, arch),
+              "arch": arch, "options": vars(spec)}
     if as_json:
         print_json(result)
     else:
-        console.print(f"wrote {path} ({binary_size(result['bytes'])}, {result['parameters']:,} parameters)")
+        console.print(f"wrote {path} ({binary_size(result['bytes'])}, {result['parameters']:,} parameters, {arch})")
+
+
+synth_app.command("tiny-phimoe", help="The tiny-moe command for phimoe: a deterministic F16 phimoe GGUF with "
+                  "Phi-3.5-MoE's layout, scaled down or at its real dimensions (--preset phi-3.5-moe).")(
+    guard(synth_tiny_moe))
 
 
 @synth_app.command("tiny-phimoe-hf")
@@ -333,8 +343,8 @@ def validate(
                                                    "--config, $MOEQ_CONFIG, else ./pipeline.yaml).")] = None,
     against: Annotated[Optional[Path], typer.Option(help="The F16 source it was made from.")] = None,
     numerics: Annotated[str, typer.Option(help="sample, full or off.")] = "sample",
-    arch: Annotated[Optional[str], typer.Option(help="Expected architecture (default: the source's, "
-                                                "else phimoe).")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Expected architecture (default: the source's; without "
+                                                "one, any mixture of experts llama.cpp runs).")] = None,
     quant: Annotated[Optional[str], typer.Option(help="Quant type FILE should be (checks the type mix).")] = None,
     force: Annotated[bool, typer.Option("--force", help="With the pipeline: check again even when the record "
                                         "is current.")] = False,

@@ -19,6 +19,7 @@ from typing import Callable
 from moeq import quant_types
 from moeq.config import QuantSpec
 from moeq.errors import InputError, ToolError
+from moeq.architectures import EXPERT_RE, SHARED_EXPERT_RE, require_moe
 from moeq.gguf_header import (REQUANTIZE_WARNING, UNQUANTIZED, GGUFHeader, check_extent, read_header,
                               read_source_header)
 from moeq.imatrix_file import check_fits, read_imatrix
@@ -70,6 +71,7 @@ def _quantize(quant: QuantSpec, ws: Workspace, tool, source: Path, source_record
     log = log_path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     source_header = read_source_header(source, options.allow_requantize)
+    require_moe(source_header, source)
     if options.imatrix is not None:  # llama-quantize would take another model's matrix for tensors of the same name
         check_fits(read_imatrix(Path(options.imatrix.path)), Path(options.imatrix.path), source_header, source)
     if any(t.type not in UNQUANTIZED for t in source_header.tensors):
@@ -186,4 +188,6 @@ def model_facts(header: GGUFHeader) -> ModelFacts:
     for key in MODEL_KEYS:
         value = header.metadata.get(f"{arch}.{key}")
         facts[key.replace("attention.", "")] = value if isinstance(value, int) else None
-    return ModelFacts(**facts)
+    kinds = {pattern: sorted({m.group(0).strip(".") for t in header.tensors if (m := pattern.search(t.name))})
+             for pattern in (EXPERT_RE, SHARED_EXPERT_RE)}
+    return ModelFacts(**facts, expert_tensors=kinds[EXPERT_RE], shared_experts=kinds[SHARED_EXPERT_RE])

@@ -73,16 +73,16 @@ def _synth_stage(pipeline: Pipeline, ws: Workspace, on_message: Callable[[str], 
             origin = (f"synth {described}, trained on moeq's training text (key {training_key(spec.synth)}) and "
                       "converted with convert_hf_to_gguf.py")
         else:
-            from moeq.synth import write_tiny_phimoe
+            from moeq.synth import write_synth_model
 
-            write_tiny_phimoe(target, spec.synth, name=pipeline.model.name)
-            origin = f"synth {described}"
-        return SourceRecord(kind="synth", origin=origin, options={**options, "train": spec.train},
+            write_synth_model(target, spec.synth, spec.arch, name=pipeline.model.name)
+            origin = f"synth {spec.arch} {described}"
+        return SourceRecord(kind="synth", origin=origin, options={**options, "train": spec.train, "arch": spec.arch},
                             output=FileRef(path=str(target), size=target.stat().st_size,
                                            sha256=ws.hashes.sha256(target)))
 
     def key() -> dict:
-        key = {"kind": "synth", "synth": options, "name": pipeline.model.name}
+        key = {"kind": "synth", "synth": options, "name": pipeline.model.name, "arch": spec.arch}
         if spec.train:
             from moeq.synth_train import training_key
 

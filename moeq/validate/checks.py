@@ -15,14 +15,11 @@ import gguf
 import numpy as np
 from gguf.quants import dequantize
 
+from moeq.architectures import require_moe
 from moeq.errors import InputError
 from moeq.gguf_header import GGUFHeader, check_extent, read_header
 from moeq.records import CheckResult
 
-HYPERPARAMS = ("block_count", "embedding_length", "feed_forward_length", "expert_count", "expert_used_count",
-               "attention.head_count", "attention.head_count_kv", "context_length",
-               "rope.dimension_count", "rope.freq_base", "rope.scaling.original_context_length",
-               "rope.scaling.attn_factor")
 # The keys llama-quantize sets (src/llama-quant.cpp): every other key of the source is copied unchanged,
 # except a split source's split.* keys, which it drops. A key the source lacks is not required.
 QUANTIZATION_KEYS = ("general.file_type", "general.quantization_version")
@@ -62,17 +59,24 @@ def check_container(path: Path) -> tuple[CheckResult, GGUFHeader | None]:
                                           f"alignment {header.alignment}, ends where the last tensor ends"), header
 
 
-def check_model(header: GGUFHeader, source: GGUFHeader | None, expected_arch: str) -> CheckResult:
+def check_model(header: GGUFHeader, source: GGUFHeader | None, expected_arch: str | None) -> CheckResult:
+    """The architecture (the source's, or `expected_arch`), a mixture of experts llama.cpp runs, and every
+    hyperparameter of it (each `<arch>.*` key of the source) equal to the source's."""
     arch = header.metadata.get("general.architecture")
-    if arch != expected_arch:
+    if expected_arch is not None and arch != expected_arch:
         return CheckResult("model", False, f"architecture is {arch!r}, expected {expected_arch!r}")
+    try:
+        require_moe(header, "the file")
+    except InputError as exc:
+        return CheckResult("model", False, exc.message.removeprefix("the file: "))
     if source is None:
         return CheckResult("model", True, f"architecture {arch}; no source to compare hyperparameters with")
-    differ = [f"{k}: {header.metadata.get(f'{arch}.{k}')!r} != source {source.metadata.get(f'{arch}.{k}')!r}"
-              for k in HYPERPARAMS if header.metadata.get(f"{arch}.{k}") != source.metadata.get(f"{arch}.{k}")]
+    keys = sorted({k for k in [*header.metadata, *source.metadata] if k.startswith(f"{arch}.")})
+    differ = [f"{k}: {header.metadata.get(k)!r} != source {source.metadata.get(k)!r}"
+              for k in keys if header.metadata.get(k) != source.metadata.get(k)]
     if differ:
         return CheckResult("model", False, "; ".join(differ))
-    return CheckResult("model", True, f"architecture {arch}; {len(HYPERPARAMS)} hyperparameters equal the source's")
+    return CheckResult("model", True, f"architecture {arch}; its {len(keys)} hyperparameters equal the source's")
 
 
 def check_tensors(header: GGUFHeader, source: GGUFHeader) -> CheckResult:
@@ -228,8 +232,8 @@ def validate_file(path: Path, against: Path | None = None, numerics: str = "samp
             raise InputError(f"{against}: the source to compare with is not a sound GGUF ({source_check.detail})")
     if header is None:
         return report
-    if expected_arch is None:  # the source's architecture, or this pipeline's model family
-        expected_arch = str(source_header.metadata.get("general.architecture")) if source_header else "phimoe"
+    if expected_arch is None and source_header is not None:  # the source's architecture
+        expected_arch = source_header.metadata.get("general.architecture")
     report.checks.append(check_model(header, source_header, expected_arch))
     if source_header is not None:
         report.checks.append(check_tensors(header, source_header))

@@ -1,9 +1,12 @@
-"""Which tensor types llama.cpp's quantization recipe can give each phimoe tensor.
+"""Which tensor types llama.cpp's quantization recipe can give each tensor of a MoE model, of any architecture.
 
-Read from src/llama-quant.cpp of the pinned build (llama_tensor_get_type_impl and
-tensor_type_fallback) for the ladder's types; per name category, the set covers every layer
-position (use_more_bits), the n_gqa and 8-expert bumps, and the fallback for rows not divisible
-by the block size. Other quant types are checked on general.file_type alone.
+Read from src/llama-quant.cpp of the pinned build (tensor_get_category, llama_tensor_get_type_impl and
+tensor_type_fallback) for the ladder's types. Tensors fall into llama.cpp's categories by name, as it
+matches them (a shared expert's ffn_down_shexp is ffn_down, like ffn_down_exps). Per category, the set
+covers every layer position (use_more_bits), the n_gqa bump, llama.cpp's bumps for models of exactly 8
+experts (Mixtral's, and any other: attn_v and attn_k to Q8_0, attn_output to Q5_K) and the fallback for
+rows not divisible by the block size. The recipe reads the architecture itself only for Falcon, which has
+no experts. Other quant types are checked on general.file_type alone.
 """
 
 from __future__ import annotations
@@ -20,16 +23,24 @@ FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6
 # quant -> category -> allowed types; "*" is every other 2-D+ weight.
 RECIPES: dict[str, dict[str, set]] = {
     "Q8_0": {"*": {Q.Q8_0}},
-    "Q4_K_M": {"output": {Q.Q6_K}, "attn_v": {Q.Q4_K, Q.Q6_K}, "ffn_down_exps": {Q.Q4_K, Q.Q6_K},
-               "*": {Q.Q4_K}},
-    "Q2_K": {"output": {Q.Q6_K}, "attn_v": {Q.Q3_K, Q.Q4_K}, "ffn_down_exps": {Q.Q3_K},
-             "attn_output": {Q.Q3_K}, "*": {Q.Q2_K}},
+    "Q4_K_M": {"output": {Q.Q6_K}, "attn_v": {Q.Q4_K, Q.Q6_K}, "ffn_down": {Q.Q4_K, Q.Q6_K}, "*": {Q.Q4_K}},
+    "Q2_K": {"output": {Q.Q6_K}, "attn_v": {Q.Q3_K, Q.Q4_K}, "ffn_down": {Q.Q3_K}, "attn_output": {Q.Q3_K},
+             "*": {Q.Q2_K}},
 }
+EIGHT_EXPERTS = {"attn_v": {Q.Q8_0}, "attn_k": {Q.Q8_0}, "attn_output": {Q.Q5_K}}  # for Q4_K_M and Q2_K
+# llama.cpp's categories in the order it tries them: (category, exact name or substring).
+CATEGORIES = (("output", "output.weight", True), ("token_embd", "token_embd.weight", True),
+              ("attn_qkv", "attn_qkv.weight", False), ("attn_kv_b", "attn_kv_b.weight", False),
+              ("attn_v", "attn_v.weight", False), ("attn_k", "attn_k.weight", False),
+              ("attn_q", "attn_q.weight", False), ("attn_output", "attn_output.weight", False),
+              ("ffn_up", "ffn_up", False), ("ffn_gate", "ffn_gate", False), ("ffn_down", "ffn_down", False))
 
 
 def category(name: str) -> str:
-    match = re.match(r"^(?:blk\.\d+\.)?(.+)\.weight$", name)
-    return match.group(1) if match else name
+    for cat, pattern, exact in CATEGORIES:
+        if name == pattern if exact else pattern in name:
+            return cat
+    return "other"
 
 
 def keeps_source_type(t: TensorInfo) -> bool:
@@ -45,8 +56,8 @@ def allowed_types(quant: str, t: TensorInfo, header: GGUFHeader, overrides: dict
     cat = category(t.name)
     allowed = set(recipe.get(cat, recipe["*"]))
     arch = header.metadata.get("general.architecture")
-    if quant != "Q8_0" and cat in ("attn_v", "attn_k") and header.metadata.get(f"{arch}.expert_count") == 8:
-        allowed.add(Q.Q8_0)  # llama.cpp bumps these for 8-expert models
+    if quant != "Q8_0" and cat in EIGHT_EXPERTS and header.metadata.get(f"{arch}.expert_count") == 8:
+        allowed = set(EIGHT_EXPERTS[cat])
     for pattern, ggml_type in overrides.items():
         if re.search(pattern, t.name):
             allowed = {Q[ggml_type.upper()]}
