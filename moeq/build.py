@@ -165,7 +165,7 @@ def _publish_ladder(ctx: Context, unit: steps.RepoUnit, runners: list[_Runner], 
                 runner.skip_rest("shards", f"the ladder's repo waits for {', '.join(failed)}")
         return
     shared = _Runner(QuantResult("", unit.repo_id, ""))
-    if shared.run("card", lambda: steps.card(ctx, unit, force="card" in force)):
+    if shared.run("card", lambda: _card(ctx, unit, force)):
         shared.run("push", lambda: _push(ctx, unit, shared.result, push, switch_layout))
     else:
         shared.skip_rest("card", "card failed")
@@ -173,6 +173,13 @@ def _publish_ladder(ctx: Context, unit: steps.RepoUnit, runners: list[_Runner], 
         runner.result.stages += shared.result.stages
         runner.result.commit_url, runner.result.pr_url = shared.result.commit_url, shared.result.pr_url
         runner.result.push_plan = shared.result.push_plan
+
+
+def _card(ctx: Context, unit: steps.RepoUnit, force: set[str]) -> StageResult:
+    """The card, and its preview page beside the other previews (the build summary says where)."""
+    done = steps.card(ctx, unit, force="card" in force)
+    steps.preview(ctx, unit)
+    return done
 
 
 def _push(ctx: Context, unit: steps.RepoUnit, result: QuantResult, push: bool,
@@ -217,6 +224,6 @@ def _steps(ctx: Context, quant: QuantSpec, result: QuantResult, unit: steps.Repo
     todo = {"quantize": do_quantize, "validate": do_validate, "bench": do_bench,
             "shards": lambda: steps.shards(ctx, quant, force="shards" in force)}
     if unit is not None:
-        todo["card"] = lambda: steps.card(ctx, unit, force="card" in force)
+        todo["card"] = lambda: _card(ctx, unit, force)
         todo["push"] = lambda: _push(ctx, unit, result, push, switch_layout)
     return todo

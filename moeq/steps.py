@@ -240,6 +240,21 @@ def card(ctx: Context, unit: RepoUnit, force: bool = False) -> StageResult[CardR
                      on_message=ctx.say)
 
 
+def preview(ctx: Context, unit: RepoUnit, out: Path | None = None) -> Path:
+    """The staged card as a standalone HTML page (WORKSPACE/previews/ladder.html or TYPE.html), its charts shown
+    from the staged folder."""
+    from moeq.cards.preview import write_preview
+    from moeq.errors import InputError
+
+    card = ctx.ws.repo_dir(unit.key) / "README.md"
+    if not card.is_file():
+        raise InputError(f"{card}: no card yet; run moeq card --config {ctx.pipeline.path} "
+                         f"{'--quant ' + unit.key if unit.key else '--all'}")
+    out = out or ctx.ws.preview_path(unit.key or "ladder")
+    write_preview(card, out, title=unit.repo_id)
+    return out
+
+
 def push(ctx: Context, unit: RepoUnit, create_pr: bool | None = None, force: bool = False,
          switch_layout: bool = False) -> StageResult[PushRecord]:
     from moeq.push import push_stage

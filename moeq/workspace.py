@@ -146,10 +146,15 @@ def commit_file(partial: Path, final: Path, synced: bool = False) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """The one writer of text artifacts: whole under the final name, or nothing (no partial left behind)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """The same for bytes (a chart's PNG)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(path)
     try:
-        partial.write_text(text, encoding="utf-8")
+        partial.write_bytes(data)
         commit_file(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from conftest import REPO, run_moeq
 GOLDEN = REPO / "tests" / "golden"
 SEED = REPO / "tests" / "data" / "seed-model-card.md"  # a hand-written card of this kind, as published
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
+CHARTS = ("images/gpu-memory.png", "images/quality-size.png")
 
 
 PER_QUANT = '  layout: per-quant\n  repo_template: "{namespace}/tiny-phimoe-{quant_slug}-gguf"\n'
@@ -165,7 +166,7 @@ def test_one_repo_made_for_some_quants_lists_only_those(ladder):
     outcome = make_cards(pipeline, ("Q4_K_M",))[None]
     assert outcome.record.quants == ["Q4_K_M"]
     assert staged_paths(ws.repo_dir(None)) == sorted(["README.md", MANIFEST_NAME, "tiny-phimoe-Q4_K_M.gguf",
-                                                      "tiny-phimoe.imatrix"])
+                                                      "tiny-phimoe.imatrix", *CHARTS])
     assert "tiny-phimoe-Q8_0" not in card_text(ws)
     make_cards(pipeline)
 
@@ -176,7 +177,7 @@ def test_staged_folder_holds_exactly_the_repo(ladder, per_quant):
         folder = ws.repo_dir(quant)
         gguf_name = pipeline.quant(quant).file
         imatrix = ["tiny-phimoe.imatrix"] if quant != "Q8_0" else []  # the matrix Q4_K_M and Q2_K were made with
-        assert staged_paths(folder) == sorted(["README.md", MANIFEST_NAME, gguf_name, *imatrix])
+        assert staged_paths(folder) == sorted(["README.md", MANIFEST_NAME, gguf_name, *imatrix, *CHARTS])
         assert os.path.samefile(folder / gguf_name, ws.quant_path(gguf_name))
         if imatrix:
             assert os.path.samefile(folder / imatrix[0], ws.root / "imatrix" / imatrix[0])
@@ -186,7 +187,7 @@ def test_staged_folder_holds_exactly_the_repo(ladder, per_quant):
     pipeline, ws, _ = ladder
     folder = ws.repo_dir(None)
     names = [pipeline.quant(q).file for q in LADDER]
-    assert staged_paths(folder) == sorted(["README.md", MANIFEST_NAME, "tiny-phimoe.imatrix", *names])
+    assert staged_paths(folder) == sorted(["README.md", MANIFEST_NAME, "tiny-phimoe.imatrix", *names, *CHARTS])
     for name in names:
         assert os.path.samefile(folder / name, ws.quant_path(name))
     for name in ("README.md", MANIFEST_NAME):  # a maintainer's folders stay local: no absolute path is published
@@ -481,8 +482,11 @@ def test_unknown_file(good):
     line = text.splitlines().index(row) + 1
     extra = row.replace("tiny-phimoe-Q8_0.gguf", "tiny-phimoe-Q8_0-00002-of-00002.gguf")
     findings = lint_card(text.replace(row, row + "\n" + extra), "README.md", manifest)
-    assert [(f.line, f.rule) for f in findings] == [(line + 1, "unknown-file")]
-    assert "this repo will not contain" in findings[0].message
+    # Twice: the file table names it, and its resolve/main link points at a file the repo will not hold.
+    assert [(f.line, f.rule) for f in findings] == [(line + 1, "unknown-file")] * 2
+    assert sorted(f.message for f in findings) == [
+        "links tiny-phimoe-Q8_0-00002-of-00002.gguf (an image or file) in this repo, which it will not hold",
+        "the file table names tiny-phimoe-Q8_0-00002-of-00002.gguf, which this repo will not contain"]
 
 
 def test_seed_card_fails_with_its_known_defects():

@@ -78,8 +78,10 @@ def test_push_is_one_commit_then_nothing(tmp_path, test_hub, toolchain):
     assert f"committed {test_hub.url}/{REPO_ID}/commit/" in proc.stdout
     files = test_hub.state.files(REPO_ID)
     staged = ws.repo_dir(None)
-    assert sorted(files) == sorted([".gitattributes", "README.md", "moeq-manifest.json", "tiny-phimoe-Q8_0.gguf"])
-    for name in ("README.md", "moeq-manifest.json", "tiny-phimoe-Q8_0.gguf"):
+    charts = ["images/gpu-memory.png", "images/quality-size.png"]
+    assert sorted(files) == sorted([".gitattributes", "README.md", "moeq-manifest.json", "tiny-phimoe-Q8_0.gguf",
+                                    *charts])
+    for name in ("README.md", "moeq-manifest.json", "tiny-phimoe-Q8_0.gguf", *charts):
         assert sha256(files[name]) == sha256((staged / name).read_bytes())
     commits = test_hub.state.commits_on(REPO_ID)
     assert len(commits) == 2 and commits[0].message.startswith("Q8_0 GGUF, card and records (moeq ")
@@ -91,7 +93,7 @@ def test_push_is_one_commit_then_nothing(tmp_path, test_hub, toolchain):
     proc = push(test_hub, config, "--json")
     assert proc.returncode == 0, proc.stderr
     [result] = json.loads(proc.stdout)
-    assert [f["action"] for f in result["files"]] == ["unchanged"] * 3
+    assert [f["action"] for f in result["files"]] == ["unchanged"] * 5
     assert result["record"]["commit"] is None and result["upload_bytes"] == 0
     assert len(test_hub.state.commits_on(REPO_ID)) == 2
     assert uploaded_bytes(since(test_hub, start)) == 0
@@ -112,7 +114,8 @@ def test_changed_card_commits_only_the_card(tmp_path, test_hub, toolchain):
     [result] = json.loads(proc.stdout)
     # The manifest names the templates the card was rendered with (what moeq card verify renders it with again).
     assert {f["path"]: f["action"] for f in result["files"]} == {
-        "README.md": "update", "moeq-manifest.json": "update", "tiny-phimoe-Q8_0.gguf": "unchanged"}
+        "README.md": "update", "moeq-manifest.json": "update", "tiny-phimoe-Q8_0.gguf": "unchanged",
+        "images/gpu-memory.png": "unchanged", "images/quality-size.png": "unchanged"}
     new, old = test_hub.state.commits_on(REPO_ID)[:2]
     changed = {p for p in new.files if new.files[p].data != old.files.get(p, Blob(b"", False)).data}
     assert changed == {"README.md", "moeq-manifest.json"}
@@ -295,6 +298,7 @@ def test_pushing_one_quant_into_the_one_repo_changes_only_its_files(tmp_path, te
     config, pipeline, ws = staged_pipeline(tmp_path)
     assert push(test_hub, config).returncode == 0
     steps.quantize(Context.of(pipeline), pipeline.quant("Q4_K_M"))
+    steps.validate(Context.of(pipeline), pipeline.quant("Q4_K_M"))
     [done] = make_card(pipeline, "Q4_K_M")
     assert done.record.quants == ["Q8_0", "Q4_K_M"]  # Q8_0 is in the repo (the push record says so)
     assert "| Q2_K |" not in (ws.repo_dir(None) / "README.md").read_text()  # never built: not listed
@@ -302,7 +306,8 @@ def test_pushing_one_quant_into_the_one_repo_changes_only_its_files(tmp_path, te
     assert proc.returncode == 0, proc.stderr
     new, old = test_hub.state.commits_on(REPO_ID)[:2]
     changed = {p for p in new.files if new.files[p].data != old.files.get(p, Blob(b"", False)).data}
-    assert changed == {"README.md", "moeq-manifest.json", "tiny-phimoe-Q4_K_M.gguf", "tiny-phimoe.imatrix"}
+    assert changed == {"README.md", "moeq-manifest.json", "tiny-phimoe-Q4_K_M.gguf", "tiny-phimoe.imatrix",
+                       "images/gpu-memory.png"}  # the memory chart gains Q4_K_M's line
     assert new.message.startswith("Q8_0, Q4_K_M GGUF, card and records")
     assert len(test_hub.state.commits_on(REPO_ID)) == 3
     assert push(test_hub, config, "--check", quants=()).returncode == 0

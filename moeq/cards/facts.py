@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from moeq.cards.charts import charts
 from moeq.manifest import LadderEntry, Manifest, ModelCardSpec, QuantEntry
 from moeq.offload import OffloadMode
 from moeq.records import (BenchRecord, Fit, ModelFacts, PerplexityFigures, QuantizeRecord, SourceRecord,
@@ -62,6 +63,8 @@ def card_facts(manifest: Manifest) -> dict:
         "quants": quants,
         "quant": quants[0],  # the repo's one quant (per-quant layout), or the ladder's first
         "choose": _choose(manifest.quants),
+        "charts": [{"path": c.path, "alt": c.alt, "url": f"{hub_url(manifest.repo_id)}/resolve/main/{c.path}"}
+                   for c in charts(manifest)],
         "imatrix_files": list({q["imatrix"]["file"]: q["imatrix"] for q in quants if q["imatrix"]}.values()),
         "siblings": [_sibling(row) for row in manifest.siblings],
         "extra": dict(manifest.pipeline.card_extra),

@@ -60,13 +60,14 @@ def lint_card(text: str, path: str = "README.md", manifest: Manifest | None = No
     findings += _conflict_markers(lines)
     findings += [Finding(i, "trailing-whitespace", "line ends in spaces or tabs")
                  for i, line in enumerate(lines, 1) if line != line.rstrip()]
-    allowed_repos = None
+    allowed_repos = repo = None
     if manifest is not None:
+        repo = (manifest.repo_id.lower(), set(manifest.repo_files))
         allowed_repos = ({manifest.pipeline.model.base_model.lower(), manifest.repo_id.lower()}
                          | {row.repo_id.lower() for row in manifest.siblings})
     for number, line in _prose_lines(lines, body_start):
         for url in _links(line):
-            findings += [Finding(number, rule, msg) for rule, msg in _check_link(url, allowed_repos)]
+            findings += [Finding(number, rule, msg) for rule, msg in _check_link(url, allowed_repos, repo)]
     if manifest is not None:
         findings += _figure_findings(lines, body_start, manifest, template)
     return sorted(findings, key=lambda f: (f.line, f.rule))
@@ -133,7 +134,8 @@ def _links(line: str) -> list[str]:
     return urls + BARE_URL.findall(rest)
 
 
-def _check_link(url: str, allowed_repos: set[str] | None) -> list[tuple[str, str]]:
+def _check_link(url: str, allowed_repos: set[str] | None,
+                repo: tuple[str, set[str]] | None = None) -> list[tuple[str, str]]:
     if not url or url.startswith("#"):
         return []
     parsed = urlparse(url)
@@ -146,10 +148,14 @@ def _check_link(url: str, allowed_repos: set[str] | None) -> list[tuple[str, str
     parts = [p for p in parsed.path.split("/") if p]
     if len(parts) < 2 or parts[0].lower() in HUB_PAGES:
         return []
-    repo = f"{parts[0]}/{parts[1]}".lower()
-    if repo not in allowed_repos:
+    repo_id = f"{parts[0]}/{parts[1]}".lower()
+    if repo_id not in allowed_repos:
         return [("hub-link", f"links {parts[0]}/{parts[1]}, which is neither the base model, this repo nor a "
                              "published repo of this ladder")]
+    if repo and repo_id == repo[0] and len(parts) > 4 and parts[2] in ("resolve", "blob"):
+        path = "/".join(parts[4:])
+        if path not in repo[1]:
+            return [("unknown-file", f"links {path} (an image or file) in this repo, which it will not hold")]
     return []
 
 

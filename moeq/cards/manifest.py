@@ -17,6 +17,7 @@ from pathlib import Path, PurePath
 from typing import Any, Callable
 
 from moeq import __version__
+from moeq.cards.charts import charts
 from moeq.cards.render import DEFAULT_TEMPLATE, templates_sha256
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import InputError
@@ -159,7 +160,7 @@ def build_manifest(pipeline: Pipeline, inputs: RepoInputs, ws: Workspace) -> Man
                         "validate": _published(validated), "bench": _published(quant.bench)},
         })
     template = pipeline.card.template or DEFAULT_TEMPLATE
-    return Manifest.model_validate({
+    manifest = Manifest.model_validate({
         "manifest_version": MANIFEST_VERSION,
         "generator": f"moeq {__version__}",
         "layout": inputs.layout,
@@ -175,6 +176,8 @@ def build_manifest(pipeline: Pipeline, inputs: RepoInputs, ws: Workspace) -> Man
         "siblings": [_sibling(pipeline, *sibling) for sibling in inputs.siblings],
         "repo_files": sorted(taken),
     })
+    images = [chart.path for chart in charts(manifest)]  # drawn from this manifest by the card stage
+    return manifest.model_copy(update={"repo_files": sorted([*manifest.repo_files, *images])})
 
 
 def _sibling(pipeline: Pipeline, quant: QuantSpec, quantized: QuantizeRecord, validated: ValidateRecord | None) -> dict:

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import html
+import os
+import re
 from pathlib import Path
 
 import yaml
@@ -19,6 +21,17 @@ th { background: #f6f8fa; } code { background: #f6f8fa; padding: .1rem .3rem; bo
 pre { background: #f6f8fa; padding: 1rem; overflow-x: auto; } pre code { padding: 0; }
 .frontmatter { border: 1px solid #d0d7de; border-radius: 6px; padding: .5rem 1rem; font-size: .9rem; }
 .tag { display: inline-block; background: #eef2ff; border-radius: 4px; padding: 0 .4rem; margin: .1rem; }
+"""
+
+
+# An image that did not load is a console error: what a browser test (and a reader's devtools) sees.
+CHECK_IMAGES = """<script>
+window.addEventListener("load", () => {
+  for (const img of document.images) {
+    if (!img.complete || img.naturalWidth === 0) console.error("image did not load: " + img.getAttribute("src"));
+  }
+});
+</script>
 """
 
 
@@ -49,12 +62,16 @@ def _frontmatter_html(data: dict) -> str:
     return '<div class="frontmatter">' + "\n".join(rows) + "</div>\n"
 
 
-def card_html(text: str, title: str) -> str:
+def card_html(text: str, title: str, local: tuple[str, str] | None = None) -> str:
+    """The card as a page; `local` = (the repo's resolve/main URL, a path to the staged folder): the images the
+    repo will hold are shown from the staged folder, not from the Hub."""
     data, body = split_frontmatter(text)
+    if local is not None:
+        body = re.sub(r"!\[([^\]]*)\]\(" + re.escape(local[0]) + r"/", lambda m: f"![{m.group(1)}]({local[1]}/", body)
     renderer = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
     return (f"<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
-            f"{_frontmatter_html(data)}{renderer.render(body)}</body>\n</html>\n")
+            f"{_frontmatter_html(data)}{renderer.render(body)}{CHECK_IMAGES}</body>\n</html>\n")
 
 
 def write_preview(card: Path, out: Path, title: str) -> None:
@@ -66,4 +83,11 @@ def write_preview(card: Path, out: Path, title: str) -> None:
     if out.resolve().parent == card.resolve().parent and (card.parent / MANIFEST_NAME).is_file():
         raise CheckFailed(f"{out}: is inside the staged repo folder, which must hold only what is pushed; "
                           "choose another --out")
-    write_text_atomic(out, card_html(read_card(card), title=title))
+    local = None
+    if (card.parent / MANIFEST_NAME).is_file():  # a staged repo: its images from the folder beside the card
+        from moeq.manifest import read_manifest
+
+        repo = read_manifest(card.parent / MANIFEST_NAME).repo_id
+        local = (f"https://huggingface.co/{repo}/resolve/main",
+                 os.path.relpath(card.resolve().parent, out.resolve().parent))
+    write_text_atomic(out, card_html(read_card(card), title=title, local=local))

@@ -2,8 +2,8 @@
 
 The staged folder (WORKSPACE/repos/<quant>/, or WORKSPACE/repos/ladder/ for the one repo of hub.layout
 single) holds exactly what the Hub repo will hold: the card, the GGUF files the shards records name
-(hard links, so no copy), the importance matrix they were made with and the records manifest. A card
-that fails lint is never written. Its key is the manifest's sha256 and the templates' sha256.
+(hard links, so no copy), the importance matrix they were made with, the charts (images/, drawn from the
+manifest) and the records manifest. A card that fails lint is never written. Its key is the manifest's sha256 and the templates' sha256.
 
     inputs = RepoInputs(repo_id, "per-quant", source, [CardInputs.from_records(records, quant, shards)])
     result = run_stage(card_stage(pipeline, "Q8_0", ws, inputs), records)
@@ -18,6 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
+from moeq.cards.charts import charts, draw
 from moeq.cards.facts import card_facts
 from moeq.cards.lint import lint_card
 from moeq.cards.manifest import RepoInputs, build_manifest, repo_paths
@@ -27,7 +28,7 @@ from moeq.errors import CheckFailed, InputError
 from moeq.manifest import MANIFEST_NAME, README_NAME, manifest_text
 from moeq.records import CardRecord, FileRef
 from moeq.stage_runner import Stage
-from moeq.workspace import Workspace, commit_file, partial_path, write_text_atomic
+from moeq.workspace import Workspace, commit_file, partial_path, write_bytes_atomic, write_text_atomic
 
 MEASURED_SECTIONS = {"memory": "memory plan (validate)", "validation": "checks (validate)",
                      "speed": "speed (bench)", "measured_memory": "measured VRAM (bench)",
@@ -65,6 +66,8 @@ def card_stage(pipeline: Pipeline, key: str | None, ws: Workspace, inputs: RepoI
         folder.mkdir(parents=True, exist_ok=True)
         for path, ref in published:
             _link_artifact(Path(ref.path), folder / path, ws, copy_outside=path in imatrices)
+        for chart in charts(manifest):
+            write_bytes_atomic(folder / chart.path, draw(manifest, chart))
         write_text_atomic(folder / MANIFEST_NAME, manifest_body)
         write_text_atomic(folder / README_NAME, text)
         _remove_strays(folder, set(manifest.repo_files))

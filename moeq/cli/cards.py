@@ -144,21 +144,18 @@ def preview(
     from moeq.cards.preview import write_preview
 
     if file is None:
+        from moeq import steps
+
         ctx = open_context(config)
         if ctx.pipeline.single_repo:
-            key, title = None, ctx.pipeline.hub.repo
+            units = steps.repo_units(ctx, list(ctx.pipeline.quants))
         elif quant is None:
             raise InputError("give a card FILE, or --quant TYPE for a quant of the pipeline's ladder")
         else:
-            spec = ctx.pipeline.quant(quant)
-            key, title = spec.type, ctx.pipeline.repo_id(spec)
-        file = ctx.ws.repo_dir(key) / "README.md"
-        if not file.is_file():
-            raise InputError(f"{file}: no card yet; run moeq card --config {ctx.pipeline.path} "
-                             f"{'--quant ' + key if key else '--all'}")
-        out = out or ctx.ws.preview_path(key or "ladder")
-    else:
-        out = out or Path.cwd() / (file.stem + ".html")
-        title = str(file)
+            units = steps.repo_units(ctx, [ctx.pipeline.quant(quant)])
+        console.print(f"wrote {steps.preview(ctx, units[0], out)}", soft_wrap=True)
+        return
+    out = out or Path.cwd() / (file.stem + ".html")
+    title = str(file)
     write_preview(file, out, title)
     console.print(f"wrote {out}", soft_wrap=True)

@@ -195,4 +195,5 @@ def _print_summary(summary, ws) -> None:
             console.print(f"{names}: push plan (dry run, not compared with the Hub) for {repo_id}: {files}",
                           soft_wrap=True)
     cards = "ladder" if summary.single_repo else "<quant>"
-    console.print(f"cards: {ws.repos_dir}/{cards}/README.md; records: {ws.records_dir}", soft_wrap=True)
+    console.print(f"cards: {ws.repos_dir}/{cards}/README.md, charts in {ws.repos_dir}/{cards}/images/; previews: "
+                  f"{ws.root / 'previews'}/{cards}.html; records: {ws.records_dir}", soft_wrap=True)

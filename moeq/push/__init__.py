@@ -2,12 +2,14 @@
 
 Plan first: each file of the staged folder (the GGUFs or their shards, the importance matrix, README.md,
 moeq-manifest.json) is compared by sha256 with the Hub (`get_paths_info`): add, update or unchanged;
-GGUFs, importance matrices and the manifest on the Hub that the folder no longer holds are deleted.
+GGUFs, importance matrices, charts (images/) and the manifest on the Hub that the folder no longer holds are
+deleted.
 Then one commit (or pull request) carries all changes, so a card never goes live without its files;
 nothing changed means no commit and no upload. The stage has no key: the Hub is what it compares with.
 
-In the ladder's one repo (hub.layout single) a push asked for some quants changes only their files, the
-importance matrix, README.md and the manifest; any other difference is refused, naming the file. A push
+In the ladder's one repo (hub.layout single) a push asked for some quants changes only their files and the
+repo's own (README.md, the manifest, the charts, the importance matrix); any other difference is refused,
+naming the file. A push
 into a repo of the other layout (per the Hub's manifest or this workspace's push records) is refused
 unless `switch_layout` is given.
 
@@ -84,7 +86,8 @@ def local_files(card: CardRecord) -> dict[str, PlannedFile]:
         if not path.is_file():
             raise InputError(f"{path}: missing from the staged repo; run moeq card --config CFG "
                              f"{'--quant ' + card.quant if card.quant else '--all'}")
-        files[name] = PlannedFile(name, "add", path.stat().st_size, known[name], str(path))
+        sha = known.get(name) or hashlib.sha256(path.read_bytes()).hexdigest()  # a chart: small, drawn by moeq card
+        files[name] = PlannedFile(name, "add", path.stat().st_size, sha, str(path))
     if hashlib.sha256((folder / README_NAME).read_bytes()).hexdigest() != card.readme.sha256:
         raise InputError(f"{folder / README_NAME}: changed since moeq card wrote it; run moeq card again")
     return files
@@ -112,7 +115,7 @@ def plan_push(api: HfApi, card: CardRecord) -> PushPlan:
             planned.action = "unchanged" if same else "update"
         plan.files.append(planned)
     for path in sorted(remote_paths - set(local)):
-        if path.endswith((".gguf", ".imatrix", ".imatrix.dat")) or path == MANIFEST_NAME:
+        if path.endswith((".gguf", ".imatrix", ".imatrix.dat")) or path == MANIFEST_NAME or path.startswith("images/"):
             plan.files.append(PlannedFile(path, "delete", 0))
     if README_NAME in remote and local[README_NAME].action == "update":
         plan.foreign_readme = MARKER not in remote_text(api, card.repo_id, README_NAME, MAX_CARD_BYTES)
@@ -176,22 +179,20 @@ def _check_layout_switch(pipeline: Pipeline, records: Records, switch_layout: bo
 
 
 def _only_selected(plan: PushPlan, card: CardRecord, selected: list[str]) -> None:
-    """In the ladder's one repo, a push asked for some quants changes only theirs, the importance matrix, README.md
-    and the manifest; the others must already be on the Hub as staged."""
+    """In the ladder's one repo, a push asked for some quants changes only their files and the repo's own (README.md,
+    the manifest, the charts, the importance matrix); the other quants' files must already be on the Hub as staged."""
     if set(card.quants) <= set(selected):
         return
     manifest = read_manifest(Path(card.folder) / MANIFEST_NAME)
-    owner = {f.name: q.quant for q in manifest.quants for f in q.files}
-    allowed = {README_NAME, MANIFEST_NAME} | {f.name for q in manifest.quants if q.quant in selected
-                                              for f in [*q.files, *([q.imatrix_file] if q.imatrix_file else [])]}
+    others = {f.name: q.quant for q in manifest.quants if q.quant not in selected for f in q.files}
     for f in plan.changes:
-        if f.path in allowed:
-            continue
-        if f.path in owner:
-            raise InputError(f"{card.repo_id}: {f.path} of {owner[f.path]} is not on the Hub as staged ({f.action}); "
-                             f"push {owner[f.path]} too (--quant {owner[f.path]}) or the whole ladder (--all)")
-        raise InputError(f"{card.repo_id}: holds {f.path}, which the staged card does not list; push the whole "
-                         "ladder (--all) to delete it, or build its quant and push it")
+        if f.path in others:
+            quant = others[f.path]
+            raise InputError(f"{card.repo_id}: {f.path} of {quant} is not on the Hub as staged ({f.action}); "
+                             f"push {quant} too (--quant {quant}) or the whole ladder (--all)")
+        if f.path not in card.repo_files:
+            raise InputError(f"{card.repo_id}: holds {f.path}, which the staged card does not list; push the whole "
+                             "ladder (--all) to delete it, or build its quant and push it")
 
 
 def push_stage(pipeline: Pipeline, key: str | None, selected: list[str], api: HfApi, records: Records, *,

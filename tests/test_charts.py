@@ -1,0 +1,164 @@
+"""The cards' charts (matplotlib, from the records manifest) and the card preview opened in headless Chromium.
+
+The example ladder is built with its bench (through the RPC device) and the trained tiny model, so both
+charts have measured figures: buffers on the offload device, and KL divergence with and without the
+importance matrix. The Chromium screenshot is kept under pytest's temporary folder; the test prints its path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moeq.manifest import read_manifest
+from moeq.units import binary_size, decimal_size
+
+from conftest import REPO, run_moeq
+
+LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
+PER_QUANT = '  layout: per-quant\n  repo_template: "{namespace}/tiny-phimoe-{quant_slug}-gguf"\n'
+
+
+def example(folder: Path, rpc_device: str, layout: str = "single") -> Path:
+    text = (REPO / "examples" / "tiny-phimoe.yaml").read_text().replace("rpc: local", f"rpc: {rpc_device}")
+    if layout == "per-quant":
+        text = text.replace("  max_shard_size: 50GB\n", "  max_shard_size: 50GB\n" + PER_QUANT)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tiny-phimoe.yaml").write_text(text)
+    return folder / "tiny-phimoe.yaml"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, toolchain, rpc_device):
+    config = example(tmp_path_factory.mktemp("charts"), rpc_device)
+    proc = run_moeq("build", "--config", str(config), "--all")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return config, config.parent / "work", proc.stdout
+
+
+def pixels(path: Path) -> np.ndarray:
+    import matplotlib.image
+
+    return matplotlib.image.imread(path)
+
+
+def test_both_charts_are_drawn_published_and_listed(built):
+    _, ws, stdout = built
+    folder = ws / "repos" / "ladder"
+    manifest = read_manifest(folder / "moeq-manifest.json")
+    assert {"images/gpu-memory.png", "images/quality-size.png"} <= set(manifest.repo_files)
+    text = (folder / "README.md").read_text()
+    for name in ("gpu-memory", "quality-size"):
+        image = pixels(folder / "images" / f"{name}.png")
+        assert image.shape[:2] == (450, 800)  # 800 x 450 px
+        assert float(image[..., :3].var()) > 0.005  # not blank
+        assert f"](https://huggingface.co/moeq-test/tiny-phimoe-GGUF/resolve/main/images/{name}.png)" in text
+    # The build summary says where the charts and the preview are.
+    flat = stdout.replace("\n", "")
+    assert f"charts in {ws / 'repos'}/ladder/images/" in flat and f"previews: {ws / 'previews'}/ladder.html" in flat
+    assert (ws / "previews" / "ladder.html").is_file()
+
+
+def test_the_alt_texts_state_the_records_figures(built):
+    _, ws, _ = built
+    folder = ws / "repos" / "ladder"
+    manifest = read_manifest(folder / "moeq-manifest.json")
+    text = (folder / "README.md").read_text()
+    memory_alt = re.search(r"!\[(GPU memory against -ncmoe N\.[^\]]*)\]", text).group(1)
+    quality_alt = re.search(r"!\[(Mean KL divergence against F16 by file size\.[^\]]*)\]", text).group(1)
+    for entry in manifest.quants:
+        plan = entry.records.validate_.plan
+        assert (f"{entry.quant}: {binary_size(plan.placement(0).gpu_bytes)} of weights on the GPU with every layer "
+                f"there, {binary_size(plan.placement(plan.n_layer).gpu_bytes)} with --cpu-moe, plus "
+                f"{binary_size(plan.kv_bytes[512])} of KV cache at context 512, measured on the offload device "
+                "too") in memory_alt
+        quality = entry.records.bench.quality
+        size = decimal_size(sum(f.size for f in entry.files))
+        assert f"{entry.quant} ({size}) {quality.quant.kld_mean:.6f}" in quality_alt
+        if entry.quant != "Q8_0":  # made with the importance matrix: the without figure too
+            assert f"{quality.without_imatrix.kld_mean:.6f} without the importance matrix" in quality_alt
+
+
+def test_a_rebuild_draws_the_same_bytes_and_pushes_nothing(built, tmp_path):
+    config, ws, _ = built
+    folder = ws / "repos" / "ladder" / "images"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    proc = run_moeq("card", "--config", str(config), "--force", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    # Drawn again from the published manifest alone, in another process: the same bytes.
+    from moeq.cards.charts import charts, draw
+
+    manifest = read_manifest(ws / "repos" / "ladder" / "moeq-manifest.json")
+    assert {Path(c.path).name: draw(manifest, c) for c in charts(manifest)} == before
+
+
+def test_an_image_the_repo_will_not_hold_is_a_finding(built, tmp_path):
+    _, ws, _ = built
+    folder = ws / "repos" / "ladder"
+    copy = tmp_path / "card"
+    copy.mkdir()
+    shutil.copy(folder / "moeq-manifest.json", copy / "moeq-manifest.json")
+    text = (folder / "README.md").read_text().replace("images/quality-size.png", "images/quality.png")
+    (copy / "README.md").write_text(text)
+    proc = run_moeq("card", "lint", str(copy / "README.md"))
+    assert proc.returncode == 7
+    assert "unknown-file: links images/quality.png (an image or file) in this repo, which it will not hold" in proc.stdout
+    assert run_moeq("card", "verify", str(copy / "README.md")).returncode == 7
+
+
+def test_per_quant_cards_get_the_charts_too(tmp_path, toolchain, rpc_device):
+    config = example(tmp_path, rpc_device, layout="per-quant")
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q2_K", "--skip-bench")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    folder = tmp_path / "work" / "repos" / "Q2_K"
+    text = (folder / "README.md").read_text()
+    for name in ("gpu-memory", "quality-size"):
+        assert (folder / "images" / f"{name}.png").is_file()
+        assert f"](https://huggingface.co/moeq-test/tiny-phimoe-q2-k-gguf/resolve/main/images/{name}.png)" in text
+    assert "Q2_K (1.48 MB) not measured" in text  # no bench: the quality chart says so
+    assert run_moeq("card", "lint", str(folder / "README.md")).returncode == 0
+
+
+# ---------------------------------------------------------------- the preview in a real browser
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess:
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.fail("chromium is missing: run scripts/setup")
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+                           "--virtual-time-budget=5000", *args], capture_output=True, text=True, timeout=120)
+
+
+def console_messages(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line]
+
+
+def test_the_preview_opens_in_chromium_with_its_tables_and_images(built, tmp_path):
+    _, ws, _ = built
+    page = ws / "previews" / "ladder.html"
+    shot = tmp_path / "preview.png"
+    proc = chromium("--window-size=1200,3200", f"--screenshot={shot}", page.as_uri())
+    assert shot.is_file(), proc.stderr[-2000:]
+    assert console_messages(proc.stderr) == []  # no script error, and every image loaded
+    image = pixels(shot)
+    assert image.shape[:2] == (3200, 1200) and float(image[..., :3].var()) > 0.01
+    print(f"\nscreenshot of the example card: {shot}")
+    dom = chromium("--dump-dom", page.as_uri()).stdout
+    assert dom.count("<table>") >= 5 and "<td>Q4_K_M</td>" in dom
+    assert dom.count('src="../repos/ladder/images/') == 2  # from the staged folder, not the Hub
+    # A missing image is what the browser reports.
+    (ws / "repos" / "ladder" / "images" / "quality-size.png").rename(tmp_path / "aside.png")
+    try:
+        proc = chromium("--window-size=1200,800", f"--screenshot={tmp_path / 'broken.png'}", page.as_uri())
+        assert [m.split('"')[1] for m in console_messages(proc.stderr)] == [
+            "image did not load: ../repos/ladder/images/quality-size.png"]
+    finally:
+        (tmp_path / "aside.png").rename(ws / "repos" / "ladder" / "images" / "quality-size.png")
