@@ -117,7 +117,8 @@ def _shape(tensor: T, spec: SynthSpec, shape: ArchShape) -> tuple[int, ...]:
     }[tensor]
 
 
-def tensor_layout(spec: SynthSpec, arch: str = "phimoe") -> list[tuple[str, tuple[int, ...], gguf.GGMLQuantizationType]]:
+def tensor_layout(spec: SynthSpec,
+                  arch: str = "phimoe") -> list[tuple[str, tuple[int, ...], gguf.GGMLQuantizationType]]:
     """(name, ggml shape, dtype) of every tensor, in the converter's order."""
     F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
     shape = arch_shape(arch)
@@ -192,7 +193,8 @@ def _tensor_chunks(rng: np.random.Generator, name: str, shape: tuple[int, ...],
         yield data.astype(out_type)
 
 
-def write_synth_model(out: Path, spec: SynthSpec = SynthSpec(), arch: str = "phimoe", name: str = "tiny-phimoe") -> Path:
+def write_synth_model(out: Path, spec: SynthSpec = SynthSpec(), arch: str = "phimoe",
+                      name: str = "tiny-phimoe") -> Path:
     """Write the synthetic model of `arch` (a key of ARCHS) to `out` whole or not at all; return the path."""
     out = Path(out)
     shape = arch_shape(arch)

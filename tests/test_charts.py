@@ -7,7 +7,6 @@ importance matrix. The Chromium screenshot is kept under pytest's temporary fold
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess

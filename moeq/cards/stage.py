@@ -3,7 +3,8 @@
 The staged folder (WORKSPACE/repos/<quant>/, or WORKSPACE/repos/ladder/ for the one repo of hub.layout
 single) holds exactly what the Hub repo will hold: the card, the GGUF files the shards records name
 (hard links, so no copy), the importance matrix they were made with, the charts (images/, drawn from the
-manifest) and the records manifest. A card that fails lint is never written. Its key is the manifest's sha256 and the templates' sha256.
+manifest) and the records manifest. A card that fails lint is never written. Its key is the manifest's
+sha256 and the templates' sha256.
 
     inputs = RepoInputs(repo_id, "per-quant", source, [CardInputs.from_records(records, quant, shards)])
     result = run_stage(card_stage(pipeline, "Q8_0", ws, inputs), records)

@@ -115,7 +115,8 @@ def plan_push(api: HfApi, card: CardRecord) -> PushPlan:
             planned.action = "unchanged" if same else "update"
         plan.files.append(planned)
     for path in sorted(remote_paths - set(local)):
-        if path.endswith((".gguf", ".imatrix", ".imatrix.dat")) or path == MANIFEST_NAME or path.startswith("images/"):
+        stale = path.endswith((".gguf", ".imatrix", ".imatrix.dat")) or path.startswith("images/")
+        if stale or path == MANIFEST_NAME:
             plan.files.append(PlannedFile(path, "delete", 0))
     if README_NAME in remote and local[README_NAME].action == "update":
         plan.foreign_readme = MARKER not in remote_text(api, card.repo_id, README_NAME, MAX_CARD_BYTES)
