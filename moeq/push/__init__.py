@@ -77,7 +77,8 @@ def local_files(card: CardRecord) -> dict[str, PlannedFile]:
     """The staged folder as the card stage left it, with sha256 from its records (no re-hashing of GGUFs)."""
     folder = Path(card.folder)
     manifest = read_manifest(folder / MANIFEST_NAME)
-    known = {f.name: f.sha256 for q in manifest.quants for f in [*q.files, *([q.imatrix_file] if q.imatrix_file else [])]}
+    known = {f.name: f.sha256 for q in manifest.quants
+             for f in [*q.files, *([q.imatrix_file] if q.imatrix_file else [])]}
     known[README_NAME] = card.readme.sha256
     known[MANIFEST_NAME] = card.manifest.sha256
     files = {}
@@ -174,9 +175,9 @@ def _check_layout_switch(pipeline: Pipeline, records: Records, switch_layout: bo
         other = [r.repo_id for r in [records.get("push")] if r is not None]
     if other:
         was = "per-quant" if pipeline.single_repo else "single"
-        raise InputError(f"{records.ws.records_dir}: this workspace published {', '.join(other)} with hub.layout {was}, "
-                         f"and the pipeline now says {pipeline.hub.layout}; pass --switch-layout to publish in the new "
-                         "layout (the old repos are left as they are)")
+        raise InputError(f"{records.ws.records_dir}: this workspace published {', '.join(other)} with hub.layout "
+                         f"{was}, and the pipeline now says {pipeline.hub.layout}; pass --switch-layout to publish in "
+                         "the new layout (the old repos are left as they are)")
 
 
 def _only_selected(plan: PushPlan, card: CardRecord, selected: list[str]) -> None:
