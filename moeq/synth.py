@@ -64,6 +64,9 @@ class ArchShape:
     rope_freq_base: float = 1_000_000.0
     head_dim_factor: int = 1  # head size = factor x embd / heads (Qwen3-30B-A3B: 128 = 2 x 2048 / 32)
     shared_ff_factor: int = 0  # a shared expert this many times the expert width (0: none)
+    longrope: bool = False  # Phi-3.5's: rope scaling keys and the Phi-3.5 chat template
+    expert_ff_key: bool = False  # writes <arch>.expert_feed_forward_length (Qwen's converters do)
+    vocab_size_key: bool = False  # writes <arch>.vocab_size (llama's converter does)
 
 
 _EXPERTS = (T.FFN_GATE_INP, T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_DOWN_EXP)
@@ -72,13 +75,13 @@ ARCHS = {
     "phimoe": ArchShape("phimoe", (*_ATTN, T.FFN_NORM, *_EXPERTS),
                         (T.OUTPUT_NORM, T.OUTPUT, T.ROPE_FACTORS_LONG, T.ROPE_FACTORS_SHORT),
                         biases=frozenset({*_ATTN, T.FFN_NORM, T.OUTPUT_NORM, T.OUTPUT}),
-                        context_length=CONTEXT_LENGTH, rope_freq_base=ROPE_FREQ_BASE),
+                        context_length=CONTEXT_LENGTH, rope_freq_base=ROPE_FREQ_BASE, longrope=True),
     "qwen3moe": ArchShape("qwen3moe", (*_ATTN, T.ATTN_Q_NORM, T.ATTN_K_NORM, T.FFN_NORM, *_EXPERTS),
-                          (T.OUTPUT_NORM, T.OUTPUT), context_length=40960, head_dim_factor=2),
-    "llama-moe": ArchShape("llama", (*_ATTN, T.FFN_NORM, *_EXPERTS), (T.OUTPUT_NORM, T.OUTPUT)),
+                          (T.OUTPUT_NORM, T.OUTPUT), context_length=40960, head_dim_factor=2, expert_ff_key=True),
+    "llama-moe": ArchShape("llama", (*_ATTN, T.FFN_NORM, *_EXPERTS), (T.OUTPUT_NORM, T.OUTPUT), vocab_size_key=True),
     "qwen2moe": ArchShape("qwen2moe", (*_ATTN, T.FFN_NORM, *_EXPERTS, T.FFN_GATE_INP_SHEXP, T.FFN_GATE_SHEXP,
                                        T.FFN_UP_SHEXP, T.FFN_DOWN_SHEXP), (T.OUTPUT_NORM, T.OUTPUT),
-                          biases=frozenset({T.ATTN_Q, T.ATTN_K, T.ATTN_V}), shared_ff_factor=4),
+                          biases=frozenset({T.ATTN_Q, T.ATTN_K, T.ATTN_V}), shared_ff_factor=4, expert_ff_key=True),
 }
 # The tiny model of each (SynthSpec defaults where not given): Mixtral's and Qwen3's 8 experts bring in
 # llama.cpp's 8-expert quantization recipe.
@@ -212,7 +215,7 @@ def write_synth_model(out: Path, spec: SynthSpec = SynthSpec(), arch: str = "phi
         writer.add_description(f"synthetic {shape.arch} model made by moeq synth; random weights, " +
                                ", ".join(f"{k}={v}" for k, v in asdict(spec).items()))
         writer.add_context_length(shape.context_length)
-        if arch == "phimoe":
+        if shape.longrope:
             writer.add_rope_scaling_orig_ctx_len(ORIGINAL_CONTEXT_LENGTH)
         writer.add_embedding_length(spec.embd)
         writer.add_feed_forward_length(spec.ff)
@@ -223,19 +226,19 @@ def write_synth_model(out: Path, spec: SynthSpec = SynthSpec(), arch: str = "phi
         writer.add_rope_dimension_count(hd)
         writer.add_rope_freq_base(shape.rope_freq_base)
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-        if arch == "phimoe":
+        if shape.longrope:
             scale = CONTEXT_LENGTH / ORIGINAL_CONTEXT_LENGTH
             writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(ORIGINAL_CONTEXT_LENGTH)))
         writer.add_expert_used_count(spec.experts_used)
         writer.add_expert_count(spec.experts)
-        if arch != "phimoe" and arch != "llama-moe":
+        if shape.expert_ff_key:
             writer.add_expert_feed_forward_length(spec.ff)
         if shape.head_dim_factor != 1:
             writer.add_key_length(hd)
             writer.add_value_length(hd)
         if shape.shared_ff_factor:
             writer.add_expert_shared_feed_forward_length(shape.shared_ff_factor * spec.ff)
-        if arch == "llama-moe":
+        if shape.vocab_size_key:
             writer.add_vocab_size(spec.vocab)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
@@ -248,7 +251,7 @@ def write_synth_model(out: Path, spec: SynthSpec = SynthSpec(), arch: str = "phi
         writer.add_pad_token_id(tokens.index("<|endoftext|>"))
         writer.add_add_bos_token(True)
         writer.add_add_eos_token(False)
-        if arch == "phimoe":
+        if shape.longrope:
             writer.add_chat_template(PHI35_CHAT_TEMPLATE)
 
         for tensor_name, dims, dtype in layout:
