@@ -26,6 +26,7 @@ from huggingface_hub.utils import validate_repo_id
 from moeq import quant_types
 from moeq.errors import ConfigError
 from moeq.offload import MODE_HINT, is_setting
+from moeq.toolchain import BACKENDS, Toolchain
 from moeq.workspace import read_text_limited
 
 SOURCE_KINDS = ("hf", "gguf", "local", "synth")
@@ -157,6 +158,11 @@ class ImatrixSpec:
 @dataclass(frozen=True)
 class ToolchainSpec:
     llama_cpp_bin: Path | None = None
+    backend: str | None = None  # cpu, cuda, ...: every tool must be of that build (None: any)
+
+    def chain(self, fresh: bool = False) -> Toolchain:
+        """The llama.cpp tools this pipeline runs."""
+        return Toolchain(self.llama_cpp_bin, fresh=fresh, backend=self.backend)
 
 
 @dataclass(frozen=True)
@@ -682,8 +688,12 @@ def _imatrix(n: _Node, base: Path) -> ImatrixSpec:
 
 
 def _toolchain(n: _Node, base: Path) -> ToolchainSpec:
-    m = n.mapping(("llama_cpp_bin",))
-    return ToolchainSpec(llama_cpp_bin=m["llama_cpp_bin"].path_value(base) if "llama_cpp_bin" in m else None)
+    m = n.mapping(("llama_cpp_bin", "backend"))
+    backend = m["backend"].str() if "backend" in m else None
+    if backend is not None and backend not in BACKENDS:
+        raise m["backend"].fail(f"{backend!r}: use one of {', '.join(BACKENDS)} (the llama.cpp build the tools must be)")
+    return ToolchainSpec(llama_cpp_bin=m["llama_cpp_bin"].path_value(base) if "llama_cpp_bin" in m else None,
+                         backend=backend)
 
 
 # ---------------------------------------------------------------- entry point

@@ -1,7 +1,8 @@
 """`moeq doctor`: is this machine ready to run the pipeline?
 
-Checks the llama.cpp tools, the Python packages, the Hub login (present or not, never its
-value) and, given a pipeline, the free disk against what the pipeline will write.
+Checks the llama.cpp tools and the backend they were built with against the GPUs present, the
+Python packages, the Hub login (present or not, never its value) and, given a pipeline, the free
+disk against what the pipeline will write.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from importlib import metadata
 from moeq import quant_types
 from moeq.config import Pipeline
 from moeq.errors import ToolError
+from moeq.gpus import nvidia_gpus
 from moeq.synth import parameter_count
 from moeq.toolchain import PINNED_COMMIT, TOOLS, Toolchain
 from moeq.workspace import disk_needed, free_bytes
@@ -27,6 +29,7 @@ class Check:
     detail: str
     path: str = ""
     commit: str = ""
+    backend: str = ""
 
 
 @dataclass
@@ -47,6 +50,8 @@ class DoctorReport:
     packages: dict[str, str]
     hub_token_present: bool
     hub_endpoint: str
+    gpus: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     pipeline: str | None = None
     disk: DiskPlan | None = None
 
@@ -60,6 +65,8 @@ class DoctorReport:
             "tools": [vars(c) for c in self.tools],
             "packages": self.packages,
             "hub": {"token_present": self.hub_token_present, "endpoint": self.hub_endpoint},
+            "gpus": self.gpus,
+            "warnings": self.warnings,
             "pipeline": self.pipeline,
         }
         if self.disk is not None:
@@ -79,8 +86,22 @@ def check_tools(chain: Toolchain) -> list[Check]:
         detail = f"OK ({tool.build.version}, via {tool.found_via})"
         if not tool.build.pinned:
             detail += f"; note: not the pinned commit {PINNED_COMMIT}"
-        checks.append(Check(name, True, detail, str(tool.path), tool.build.commit))
+        checks.append(Check(name, True, detail, str(tool.path), tool.build.commit, tool.build.backend))
     return checks
+
+
+def backend_warnings(tools: list[Check], gpus: list[dict]) -> list[str]:
+    """A GPU the tools cannot use, or GPU tools without a GPU: the bench's offload modes would not measure it."""
+    backends = {c.backend for c in tools if c.ok and c.name != "ggml-rpc-server"}
+    if gpus and backends == {"cpu"}:
+        names = ", ".join(sorted({g["name"] for g in gpus}))
+        return [f"this machine has an NVIDIA GPU ({names}) but the llama.cpp tools are a CPU build, so the "
+                "bench cannot measure GPU offload: build the CUDA tools with scripts/setup --backend cuda "
+                "(and set toolchain.backend: cuda in the pipeline)"]
+    if not gpus and "cuda" in backends:
+        return ["the llama.cpp tools are a CUDA build but nvidia-smi lists no NVIDIA GPU: the bench's offload "
+                "modes will find no device; check the driver (nvidia-smi)"]
+    return []
 
 
 def package_versions() -> dict[str, str]:
@@ -120,11 +141,14 @@ def plan_disk(pipeline: Pipeline) -> DiskPlan:
 
 def run_doctor(chain: Toolchain, pipeline: Pipeline | None = None) -> DoctorReport:
     token_present, endpoint = hub_status()
+    tools, gpus = check_tools(chain), nvidia_gpus()
     return DoctorReport(
-        tools=check_tools(chain),
+        tools=tools,
         packages=package_versions(),
         hub_token_present=token_present,
         hub_endpoint=endpoint,
+        gpus=gpus,
+        warnings=backend_warnings(tools, gpus),
         pipeline=str(pipeline.path) if pipeline else None,
         disk=plan_disk(pipeline) if pipeline else None,
     )

@@ -52,6 +52,7 @@ class ToolBuildRef(Model):
     commit: str
     compiler: str
     target: str
+    backend: str = "cpu"  # the ggml offload backend it was built with (cpu, cuda, ...)
 
 
 # ---------------------------------------------------------------- source, quantize
@@ -308,6 +309,14 @@ class SpeedRun(Model):
     tests: list[SpeedTest]
 
 
+class DeviceMemory(Model):
+    """One device's line of llama.cpp's memory breakdown at exit, in whole MiB."""
+
+    device: str  # CUDA0, RPC0, ...
+    description: str  # the GPU as llama.cpp names it (H200), or the RPC server's address
+    mib: dict[str, int]  # total, free, self, model, context, compute, unaccounted
+
+
 class MemoryRun(Model):
     mode: str
     ctx: int
@@ -316,6 +325,7 @@ class MemoryRun(Model):
     device_mib: dict[str, float]  # model, KV, compute on the offload devices
     planned_mib: dict[str, float | None]  # model, KV
     difference_mib: dict[str, float]
+    breakdown: list[DeviceMemory] = []  # the offload devices' lines of the breakdown table (a second source)
 
 
 class PerplexityFigures(Model):

@@ -43,7 +43,7 @@ class Context:
 
     @functools.cached_property
     def chain(self) -> Toolchain:
-        return Toolchain(self.pipeline.toolchain.llama_cpp_bin)
+        return self.pipeline.toolchain.chain()
 
     @functools.cached_property
     def api(self):

@@ -1,12 +1,16 @@
 """Find the llama.cpp tools moeq shells out to, and report which build they are.
 
 Each tool is looked up in this order: `toolchain.llama_cpp_bin` from pipeline.yaml, the
-MOEQ_LLAMA_CPP_BIN environment variable, the pinned build in the cache
-(`$MOEQ_CACHE_DIR/llama.cpp/<commit>/bin`, default `~/.cache/moeq`), then PATH.
+MOEQ_LLAMA_CPP_BIN environment variable, the pinned builds in the cache (`$MOEQ_CACHE_DIR/llama.cpp/
+<commit>-cuda/bin`, then the CPU build `<commit>/bin`; default cache `~/.cache/moeq`), then PATH.
+The backend a tool was built with (cpu, cuda, ...) is read from the ggml libraries beside it;
+`Toolchain(backend="cuda")` (toolchain.backend in pipeline.yaml) refuses tools of any other.
 
     chain = Toolchain()
     chain.tool("llama-quantize").build.commit
     # -> '0c1e570'
+    chain.tool("llama-bench").build.backend
+    # -> 'cpu'
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from moeq.errors import ToolError
@@ -36,6 +40,9 @@ NO_VERSION_FLAG = {
 }
 VERSION_SIBLINGS = ("llama-gguf-split", "llama-completion", "llama-bench")
 FIX_HINT = "run scripts/setup, or set MOEQ_LLAMA_CPP_BIN to a folder holding the llama.cpp binaries"
+# ggml's offload backends, each built as libggml-<name>.so beside the tools (or linked into them).
+GPU_BACKENDS = ("cuda", "hip", "musa", "vulkan", "sycl", "metal", "opencl", "cann")
+BACKENDS = ("cpu", *GPU_BACKENDS)
 
 _VERSION_RE = re.compile(r"version:\s*(?P<version>\S+)\s*\(build\s*(?P<build>[^,]+),\s*commit\s*(?P<commit>\w+)\)")
 _BUILT_WITH_RE = re.compile(r"built with\s+(?P<compiler>.+?)\s+for\s+(?P<target>\S+)")
@@ -45,17 +52,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MOEQ_CACHE_DIR") or Path.home() / ".cache" / "moeq")
 
 
-def pinned_dir() -> Path:
-    return cache_dir() / "llama.cpp" / PINNED_COMMIT
+def pinned_dir(backend: str = "cpu") -> Path:
+    """The pinned build of one backend: `<commit>` for the CPU, `<commit>-<backend>` for the others."""
+    return cache_dir() / "llama.cpp" / (PINNED_COMMIT if backend == "cpu" else f"{PINNED_COMMIT}-{backend}")
 
 
-def pinned_bin_dir() -> Path:
-    return pinned_dir() / "bin"
+def pinned_bin_dir(backend: str = "cpu") -> Path:
+    return pinned_dir(backend) / "bin"
 
 
 def pinned_src_dir() -> Path:
-    """The llama.cpp source tree of the pinned build (convert_hf_to_gguf.py, gguf-py)."""
-    return pinned_dir() / "src"
+    """The llama.cpp source tree of the pinned build (convert_hf_to_gguf.py, gguf-py); every build has one."""
+    return next((pinned_dir(b) / "src" for b in ("cpu", "cuda") if (pinned_dir(b) / "src").is_dir()),
+                pinned_dir() / "src")
+
+
+def detect_backend(tool: Path) -> str:
+    """The offload backend `tool` was built with: from the libggml-<backend>.so files beside it (or in
+    ../lib), else from the backend's registration symbol in a statically linked binary; "cpu" if none."""
+    real = tool.resolve()
+    for folder in (real.parent, real.parent.parent / "lib"):
+        for backend in GPU_BACKENDS:
+            if any(folder.glob(f"libggml-{backend}.so*")) or (folder / f"libggml-{backend}.dylib").exists():
+                return backend
+    try:
+        data = real.read_bytes()
+    except OSError:
+        return "cpu"
+    return next((b for b in GPU_BACKENDS if f"ggml_backend_{b}_reg".encode() in data), "cpu")
 
 
 @dataclass(frozen=True)
@@ -65,6 +89,7 @@ class ToolBuild:
     commit: str
     compiler: str
     target: str
+    backend: str = "cpu"
 
     @property
     def pinned(self) -> bool:
@@ -114,7 +139,9 @@ class ProbeCache:
 
     def get(self, tool: Path) -> ToolBuild | None:
         entry = self._entries.get(self._key(tool))
-        return ToolBuild(**entry) if entry else None
+        if not entry or set(entry) != {f.name for f in fields(ToolBuild)}:  # none, or from an older moeq
+            return None
+        return ToolBuild(**entry)
 
     def put(self, tool: Path, build: ToolBuild) -> None:
         self._entries[self._key(tool)] = build.as_dict()
@@ -127,10 +154,12 @@ class ProbeCache:
 class Toolchain:
     """Resolves and probes llama.cpp tools once per process, and remembers probes across runs.
 
-    `fresh=True` (moeq doctor) probes every tool again instead of trusting the remembered builds."""
+    `fresh=True` (moeq doctor) probes every tool again instead of trusting the remembered builds;
+    `backend` (toolchain.backend) makes a tool of another backend an error."""
 
-    def __init__(self, configured_bin: Path | None = None, fresh: bool = False):
+    def __init__(self, configured_bin: Path | None = None, fresh: bool = False, backend: str | None = None):
         self.configured_bin = Path(configured_bin) if configured_bin else None
+        self.backend = backend
         self._tools: dict[str, Tool] = {}
         self._probes = None if fresh else ProbeCache(cache_dir() / "tool-probes.json")
 
@@ -142,7 +171,9 @@ class Toolchain:
         env_bin = os.environ.get("MOEQ_LLAMA_CPP_BIN")
         if env_bin:
             places.append(("env", Path(env_bin) / name))
-        places.append(("cache", pinned_bin_dir() / name))
+        cached = [self.backend] if self.backend else ["cuda", "cpu"]
+        places += [("cache", pinned_bin_dir(backend) / name) for backend in cached
+                   if backend == cached[-1] or pinned_bin_dir(backend).is_dir()]
         on_path = shutil.which(name)
         places.append(("PATH", Path(on_path) if on_path else Path(f"$PATH/{name}")))
         return places
@@ -155,24 +186,31 @@ class Toolchain:
             if path.is_file() and os.access(path, os.X_OK):
                 return found_via, path
         looked = ", ".join(str(p) if via != "PATH" else "PATH" for via, p in places)
-        raise ToolError(f"{name}: not found (looked in {looked}); {FIX_HINT}")
+        hint = FIX_HINT if not self.backend else (
+            f"toolchain.backend is {self.backend}: run scripts/setup --backend {self.backend}, or point "
+            f"toolchain.llama_cpp_bin at a folder holding a {self.backend.upper()} build")
+        raise ToolError(f"{name}: not found (looked in {looked}); {hint}")
 
     def tool(self, name: str) -> Tool:
         if name not in self._tools:
             found_via, path = self.locate(name)
-            remembered = self._probes.get(path) if self._probes else None
-            if remembered is not None:
-                self._tools[name] = Tool(name, path, found_via, remembered)
-                return self._tools[name]
-            if name in NO_VERSION_FLAG:
-                args, marker = NO_VERSION_FLAG[name]
-                check_runs(name, path, args, marker)
-                build = self._sibling_build(path.parent)
-            else:
-                build = probe_build(name, path)
+            build = self._probes.get(path) if self._probes else None
+            if build is None:
+                if name in NO_VERSION_FLAG:
+                    args, marker = NO_VERSION_FLAG[name]
+                    check_runs(name, path, args, marker)
+                    build = self._sibling_build(path.parent)
+                else:
+                    build = probe_build(name, path)
+                build = replace(build, backend=detect_backend(path))
+                if self._probes and build.commit != "unknown":
+                    self._probes.put(path, build)
+            if self.backend and build.backend != self.backend:
+                raise ToolError(f"{name}: {path} is a {build.backend.upper()} build of llama.cpp, and "
+                                f"toolchain.backend asks for {self.backend.upper()}; build it with "
+                                f"scripts/setup --backend {self.backend} (or point toolchain.llama_cpp_bin at "
+                                f"a {self.backend.upper()} build)")
             self._tools[name] = Tool(name, path, found_via, build)
-            if self._probes and build.commit != "unknown":
-                self._probes.put(path, build)
         return self._tools[name]
 
     def _sibling_build(self, folder: Path) -> ToolBuild:

@@ -4,6 +4,7 @@ with llama.cpp's RPC backend standing in for a GPU."""
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import json
 from pathlib import Path
@@ -80,6 +81,10 @@ def test_offload_moves_the_planned_bytes(benched, quant):
         assert abs(m.difference_mib["model"]) <= 0.1, m
         assert abs(m.difference_mib["KV"]) <= 0.1, m
         assert m.device_mib["compute"] > 0
+        # llama.cpp's memory breakdown at exit (whole MiB) agrees, and names the device.
+        [line] = m.breakdown
+        assert line.device == "RPC0" and line.description.startswith("127.0.0.1:")
+        assert abs(line.mib["model"] - m.device_mib["model"]) < 1 and line.mib["total"] > 0
     by_mode = {m.mode: m.device_mib["model"] for m in record.memory}
     assert by_mode["gpu"] > by_mode["ncmoe 1"] > by_mode["cpu-moe"] > 0
     # The parser on the tool's own output, as this run captured it.
@@ -124,6 +129,8 @@ def test_card_shows_the_measurements(benched, toolchain, rpc_device):
     assert "#### Speed" in text and "#### VRAM with and without `--cpu-moe`" in text and "#### Quality against F16" in text
     measured = text.split("### Measured speed, VRAM and quality")[1].split("### Quantization details")[0]
     assert "offload device: llama.cpp's RPC backend" in measured and "not measured" not in measured
+    assert re.search(r"buffer sizes on RPC0 \(127\.0\.0\.1:\d+, llama\.cpp's RPC backend standing in for a GPU\)",
+                     measured) and "; llama.cpp 0c1e570 (CPU-only build); " in measured
     manifest = read_manifest(ws.repo_dir(None) / MANIFEST_NAME)
     # The choice table shows the speed measured in the placement it advises, and the KL divergence.
     choice = next(line for line in text.splitlines() if line.startswith("| 8 GiB or more | Q4_K_M | "))
@@ -155,7 +162,8 @@ def test_without_a_gpu_the_cpu_mode_is_measured_and_offload_modes_are_not(tmp_pa
     assert all(m["reason"] == "no GPU or RPC device" for m in record["not_measured"])
     proc = run_moeq("bench", "--config", str(config), "--quant", "Q2_K")
     assert proc.returncode == 0 and ("Q2_K: not measured: gpu, cpu-moe, ncmoe 1 (no GPU or RPC device); to measure "
-                                     "them, run on a GPU build of llama.cpp or pass --rpc HOST:PORT") in proc.stdout
+                                     "them, run on a machine with an NVIDIA GPU and the CUDA build (scripts/setup --backend cuda) or "
+                                     "pass --rpc HOST:PORT") in proc.stdout
     assert record["quality"]["quant"]["kld_mean"] > 0  # measured all the same
     assert "Traceback" not in proc.stderr
     outcome = card_for(pipeline, "Q2_K")

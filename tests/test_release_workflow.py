@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from moeq.config import load_pipeline
+
 from conftest import REPO
 
 WORKFLOW = REPO / ".github" / "workflows" / "release.yml"
@@ -49,6 +51,19 @@ def test_triggers_matrix_and_jobs():
     assert "work/records/" in upload["with"]["path"] and upload["if"] == "always()"
     check_runs = [s.get("run", "") for s in jobs["check"]["steps"]]
     assert ".venv/bin/moeq push --config pipeline.yaml --check" in check_runs
+
+
+def test_the_release_measures_with_the_cuda_build():
+    """Every job sets up the CUDA tools; the build job's doctor (which pipeline.yaml's toolchain.backend makes
+    insist on them) runs before anything is built."""
+    jobs = workflow()["jobs"]
+    for name, job in jobs.items():
+        runs = [s.get("run", "") for s in job["steps"]]
+        assert "scripts/setup --backend cuda" in runs and "scripts/setup" not in runs, name
+    runs = [s.get("run", "") for s in jobs["build"]["steps"]]
+    doctor = runs.index(".venv/bin/moeq doctor --config pipeline.yaml")
+    assert runs.index("scripts/setup --backend cuda") < doctor < next(i for i, r in enumerate(runs) if "moeq build" in r)
+    assert load_pipeline(REPO / "pipeline.yaml").toolchain.backend == "cuda"
 
 
 def test_every_action_is_pinned_to_a_commit():

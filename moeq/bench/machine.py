@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import subprocess
 from datetime import datetime, timezone
+
+from moeq.gpus import nvidia_gpus
 
 
 def _cpu_model() -> str:
@@ -33,29 +33,12 @@ def _ram_bytes() -> int | None:
     return None
 
 
-def _gpus() -> list[dict]:
-    """Name and memory of each NVIDIA GPU, from nvidia-smi when it is there."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        out = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    gpus = []
-    for line in out.strip().splitlines():
-        name, _, mib = line.rpartition(",")
-        gpus.append({"name": name.strip(), "memory_bytes": int(float(mib)) * 2**20 if mib.strip() else None})
-    return gpus
-
-
 def machine_facts() -> dict:
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "ram_bytes": _ram_bytes(),
-        "gpus": _gpus(),
+        "gpus": nvidia_gpus(),
         "os": f"{platform.system()} {platform.release()}",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from moeq.errors import InputError, ToolError
-from moeq.llama_logs import parse_buffer_sizes
+from moeq.llama_logs import parse_buffer_sizes, parse_memory_breakdown
 from moeq.offload import OffloadMode
 from moeq.runner import run_tool
 
@@ -80,7 +80,8 @@ def run_memory(tool: Path, model: Path, mode: OffloadMode, ctx: int, log: Path, 
     for b in buffers:
         kinds = devices.setdefault(b.device, {})
         kinds[b.kind] = round(kinds.get(b.kind, 0.0) + b.mib, 2)
-    return {"mode": mode.name, "ctx": ctx, "command": command, "devices": devices}
+    breakdown = [vars(d) for d in parse_memory_breakdown("\n".join(lines))]
+    return {"mode": mode.name, "ctx": ctx, "command": command, "devices": devices, "breakdown": breakdown}
 
 
 # llama-perplexity prints nan (or -nan) where an uncertainty cannot be computed, e.g. for a quant whose

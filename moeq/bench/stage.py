@@ -31,7 +31,7 @@ from moeq.records import (BenchOptions, BenchRecord, Machine, MemoryPlan, Memory
                           PerplexityFigures, PerplexityOptions, Quality, QuantizeRecord, SpeedRun, ToolBuildRef,
                           ValidateRecord)
 from moeq.stage_runner import Stage
-from moeq.toolchain import Toolchain
+from moeq.toolchain import GPU_BACKENDS, Tool, Toolchain
 from moeq.units import MIB
 from moeq.workspace import Workspace, commit_file, partial_path, write_json_atomic
 
@@ -66,7 +66,7 @@ def bench_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
     def key() -> dict:
         return {"file_sha256": quantized.output.sha256, "options": options.model_dump(mode="json"),
                 "without_imatrix_sha256": without_imatrix.output.sha256 if without_imatrix else None,
-                "tool_commit": tool.build.commit,
+                "tool_commit": tool.build.commit, "tool_backend": tool.build.backend,
                 "machine": machine.model_dump(mode="json", include={"cpu", "cores", "ram_bytes", "gpus"})}
 
     def run() -> BenchRecord:
@@ -75,6 +75,8 @@ def bench_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
         plan = memory_plan(quantized, validated, options.ctx)
         errors: list[ModeError] = []
         not_measured: list[NotMeasured] = []
+        if not rpc:
+            require_gpu_build(tool, [g.name for g in machine.gpus], options.modes)
         with rpc_endpoint(rpc, chain) as address:  # "local": a ggml-rpc-server for this run only
             speed, memory = _modes(chain, model, plan, options, address, logs, errors, not_measured, on_message)
         quality = (_quality(chain, quantized, ws, text, options, errors, on_message, without_imatrix)
@@ -84,6 +86,17 @@ def bench_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
                            quality=quality, errors=errors, not_measured=not_measured)
 
     return Stage("bench", quant.type, key=key, run=run)
+
+
+def require_gpu_build(tool: Tool, gpus: list[str], modes: list[str]) -> None:
+    """Offload modes from a CPU-only build on a machine with an NVIDIA GPU would measure the CPU and call
+    it GPU offload: refuse them, saying how to get the CUDA tools."""
+    offload = [f"ncmoe {m}" if str(m).isdigit() else str(m) for m in modes if m != "cpu"]
+    if offload and gpus and tool.build.backend not in GPU_BACKENDS:
+        raise ToolError(
+            f"{tool.name} ({tool.path}) is a CPU-only llama.cpp build, but this machine has an NVIDIA GPU "
+            f"({', '.join(sorted(set(gpus)))}): modes {', '.join(offload)} would run on the CPU; build the CUDA "
+            "tools (scripts/setup --backend cuda) and set toolchain.backend: cuda, or bench --modes cpu")
 
 
 def memory_plan(quantized: QuantizeRecord, validated: ValidateRecord | None, ctx: list[int]) -> MemoryPlan:
@@ -106,6 +119,9 @@ def _modes(chain: Toolchain, model: Path, plan: MemoryPlan, options: BenchOption
     no_device = None
     if rpc is None and any(m.offload for m in modes):
         if not offload_devices(chain.path("llama-bench"), logs / "devices.log", options.timeout_s):
+            if chain.backend in GPU_BACKENDS:  # the pipeline insists on measuring on that GPU
+                raise ToolError(f"llama-bench --list-devices finds no device, and toolchain.backend is "
+                                f"{chain.backend}: check the GPU and its driver (nvidia-smi); see {logs / 'devices.log'}")
             no_device = NO_DEVICE
     for mode in modes:
         if mode.offload and no_device:

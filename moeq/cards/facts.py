@@ -317,7 +317,26 @@ def _machine(bench: BenchRecord, offload: bool = True) -> str:
     devices = {run.backends: run.gpu_info for run in bench.speed} if offload else {}
     if "RPC" in devices:
         parts.append(f"offload device: llama.cpp's RPC backend ({devices['RPC']}), standing in for a GPU")
-    return "; ".join(parts) + f"; llama.cpp {bench.tool.commit}; {m.date[:10]}"
+    build = f"{bench.tool.backend.upper()} build" if bench.tool.backend != "cpu" else "CPU-only build"
+    return "; ".join(parts) + f"; llama.cpp {bench.tool.commit} ({build}); {m.date[:10]}"
+
+
+RPC_STAND_IN = "llama.cpp's RPC backend standing in for a GPU"
+
+
+def _offload_device(bench: BenchRecord) -> str:
+    """The device the offload buffers were measured on: llama.cpp's name for it and the GPU it is."""
+    gpus = [g.name for g in bench.machine.gpus]
+    for run in bench.memory:
+        for line in run.breakdown:  # "CUDA0 (H200)": llama.cpp drops the vendor from the name
+            if line.device.startswith("RPC"):
+                return f"{line.device} ({line.description}, {RPC_STAND_IN})"
+            gpu = next((g for g in gpus if g.endswith(line.description)), line.description)
+            return f"{line.device} ({gpu}, {line.mib['total']:,} MiB)"
+        names = [name for name in run.devices if not name.startswith("CPU")]
+        if names:
+            return ", ".join(names) + (f" ({RPC_STAND_IN})" if names[0].startswith("RPC") else "")
+    return "the offload device"
 
 
 def _num(value: float | None, digits: int) -> str:
@@ -355,7 +374,7 @@ def _bench(bench: BenchRecord | None, n_layer: int) -> dict:
             "repetitions": bench.options.repetitions, "backends": sorted({r.backends for r in bench.speed})}
     memory = None
     if bench.memory:
-        memory = {"machine": machine, "rows": [
+        memory = {"machine": machine, "device": _offload_device(bench), "rows": [
             {**_mode(m.mode, n_layer), "ctx": m.ctx, "model": f"{m.device_mib['model']:.2f} MiB",
              "kv": f"{m.device_mib['KV']:.2f} MiB", "compute": f"{m.device_mib['compute']:.2f} MiB",
              "planned_model": f"{m.planned_mib['model']:.2f} MiB",

@@ -35,21 +35,26 @@ def doctor(
 
     # Not ./pipeline.yaml by default: in a checkout that is the full release, and doctor checks the machine.
     pipeline = pipeline_from(config) if config is not None or os.environ.get("MOEQ_CONFIG") else None
-    chain = Toolchain(pipeline.toolchain.llama_cpp_bin if pipeline else None, fresh=True)
+    chain = pipeline.toolchain.chain(fresh=True) if pipeline else Toolchain(fresh=True)
     report = run_doctor(chain, pipeline)
     if as_json:
         print_json(report.as_dict())
     else:
         table = Table(title="llama.cpp tools")
-        for column in ("tool", "status", "commit", "path"):
+        for column in ("tool", "status", "commit", "backend", "path"):
             table.add_column(column, overflow="fold")
         for check in report.tools:
             status = f"[green]{check.detail}[/]" if check.ok else "[red]problem (below)[/]"
-            table.add_row(check.name, status, check.commit, check.path)
+            table.add_row(check.name, status, check.commit, check.backend, check.path)
         console.print(table)
         for check in report.tools:
             if not check.ok:
                 sys.stdout.write(f"problem: {check.detail}\n")
+        gpus = ", ".join(f"{g['name']}" + (f" ({binary_size(g['memory_bytes'])})" if g["memory_bytes"] else "")
+                         for g in report.gpus)
+        console.print(f"NVIDIA GPUs: {gpus or 'none (nvidia-smi lists none)'}")
+        for warning in report.warnings:
+            sys.stdout.write(f"warning: {warning}\n")
         packages = Table(title="Python packages")
         packages.add_column("package")
         packages.add_column("version")
@@ -455,6 +460,7 @@ def _print_bench(record, skipped: bool) -> None:
     if record.not_measured:
         modes = ", ".join(m.mode for m in record.not_measured)
         console.print(f"{record.quant}: not measured: {modes} ({record.not_measured[0].reason}); to measure "
-                      "them, run on a GPU build of llama.cpp or pass --rpc HOST:PORT (bench.rpc)", soft_wrap=True)
+                      "them, run on a machine with an NVIDIA GPU and the CUDA build (scripts/setup --backend cuda) "
+                      "or pass --rpc HOST:PORT (bench.rpc)", soft_wrap=True)
     for error in record.errors:  # the command's one error line (stderr) sums them up
         console.print(f"{record.quant} mode {error.mode} failed: {error.error}", soft_wrap=True)

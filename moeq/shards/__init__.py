@@ -49,7 +49,7 @@ def shards_stage(pipeline: Pipeline, quantized: QuantizeRecord, ws: Workspace,
         files = [quantized.output]
         if split:
             files = _split(quantized, ws.shards_dir(quantized.quant), split_size_arg(max_size), ws,
-                           chain or Toolchain(pipeline.toolchain.llama_cpp_bin))
+                           chain or pipeline.toolchain.chain())
         return ShardsRecord(quant=quantized.quant, source=quantized.output, max_shard_size=max_size, files=files)
 
     return Stage("shards", quantized.quant, key=key, run=run, intact=intact)

@@ -97,7 +97,7 @@ def _fetch_gguf(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolchain 
         return files
     merging = partial_path(target)
     merging.unlink(missing_ok=True)
-    chain = chain or Toolchain(pipeline.toolchain.llama_cpp_bin)
+    chain = chain or pipeline.toolchain.chain()
     run_tool([str(chain.tool("llama-gguf-split").path), "--merge", str(folder / names[0]), str(merging)],
              ws.source_dir / "llama-gguf-split.log")
     commit_file(merging, target)
