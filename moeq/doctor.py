@@ -92,7 +92,7 @@ def check_tools(chain: Toolchain) -> list[Check]:
 
 def backend_warnings(tools: list[Check], gpus: list[dict]) -> list[str]:
     """A GPU the tools cannot use, or GPU tools without a GPU: the bench's offload modes would not measure it."""
-    backends = {c.backend for c in tools if c.ok and c.name != "ggml-rpc-server"}
+    backends = {c.backend for c in tools if c.ok}
     if gpus and backends == {"cpu"}:
         names = ", ".join(sorted({g["name"] for g in gpus}))
         return [f"this machine has an NVIDIA GPU ({names}) but the llama.cpp tools are a CPU build, so the "

@@ -68,20 +68,23 @@ def run_memory(tool: Path, model: Path, mode: OffloadMode, ctx: int, log: Path, 
     """Load the model once in `mode` and read llama.cpp's buffer sizes, per device, in MiB."""
     command = [str(tool), "-m", str(model), *mode.completion_flags, "-c", str(ctx), "-n", "1", "-p", "hi",
                "-no-cnv", "-v", *(["-t", str(threads)] if threads else []), *_rpc(rpc, "--rpc")]
-    for _ in range(TRIES):
+    buffers, breakdown = [], []
+    for _ in range(TRIES):  # again when the log ends early: without the buffers, or without the breakdown at exit
         lines: list[str] = []
         run_tool(command, log, on_line=lines.append, timeout_s=timeout_s)
-        buffers = parse_buffer_sizes("\n".join(lines))
-        if any(b.kind == "model" for b in buffers):
-            break
-    else:
+        text = "\n".join(lines)
+        if any(b.kind == "model" for b in parse_buffer_sizes(text)):
+            buffers, breakdown = parse_buffer_sizes(text), parse_memory_breakdown(text)
+            if breakdown:
+                break
+    if not buffers:
         raise ToolError(f"llama-completion loaded nothing in mode {mode.name} ({TRIES} tries); see {log}")
     devices: dict[str, dict[str, float]] = {}
     for b in buffers:
         kinds = devices.setdefault(b.device, {})
         kinds[b.kind] = round(kinds.get(b.kind, 0.0) + b.mib, 2)
-    breakdown = [vars(d) for d in parse_memory_breakdown("\n".join(lines))]
-    return {"mode": mode.name, "ctx": ctx, "command": command, "devices": devices, "breakdown": breakdown}
+    return {"mode": mode.name, "ctx": ctx, "command": command, "devices": devices,
+            "breakdown": [vars(d) for d in breakdown]}
 
 
 # llama-perplexity prints nan (or -nan) where an uncertainty cannot be computed, e.g. for a quant whose
