@@ -691,7 +691,8 @@ def _toolchain(n: _Node, base: Path) -> ToolchainSpec:
     m = n.mapping(("llama_cpp_bin", "backend"))
     backend = m["backend"].str() if "backend" in m else None
     if backend is not None and backend not in BACKENDS:
-        raise m["backend"].fail(f"{backend!r}: use one of {', '.join(BACKENDS)} (the llama.cpp build the tools must be)")
+        raise m["backend"].fail(f"{backend!r}: use one of {', '.join(BACKENDS)} "
+                                "(the llama.cpp build the tools must be)")
     return ToolchainSpec(llama_cpp_bin=m["llama_cpp_bin"].path_value(base) if "llama_cpp_bin" in m else None,
                          backend=backend)
 

@@ -211,8 +211,8 @@ def test_bench_refuses_offload_modes_from_a_cpu_build_where_a_gpu_is_present(tmp
     tool = toolchain.path("llama-bench")
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: llama-bench ({tool}) is a CPU-only llama.cpp build, but this machine has an "
-        "NVIDIA GPU (NVIDIA H200): modes gpu, cpu-moe, ncmoe 1 would run on the CPU; build the CUDA tools (scripts/setup "
-        "--backend cuda) and set toolchain.backend: cuda, or bench --modes cpu")
+        "NVIDIA GPU (NVIDIA H200): modes gpu, cpu-moe, ncmoe 1 would run on the CPU; build the CUDA tools "
+        "(scripts/setup --backend cuda) and set toolchain.backend: cuda, or bench --modes cpu")
     ws = load_pipeline(config).workspace
     assert not (ws / "records" / "bench-Q2_K.json").exists()
     # The cpu mode alone is honest on any build; so is an RPC device given on purpose.
@@ -281,7 +281,8 @@ def test_the_card_names_the_gpu_it_was_measured_on(benched_record):
     # The same record as a CUDA run reports it: the GPU as nvidia-smi names it, and its memory.
     [memory] = benched_record.memory
     cuda_run = memory.model_copy(update={
-        "devices": {"CUDA0": {"model": 0.69}}, "breakdown": [DeviceMemory(**vars(parse_memory_breakdown(CUDA_LOG)[0]))]})
+        "devices": {"CUDA0": {"model": 0.69}},
+        "breakdown": [DeviceMemory(**vars(parse_memory_breakdown(CUDA_LOG)[0]))]})
     machine = benched_record.machine.model_copy(update={"gpus": [Gpu(name="NVIDIA H200", memory_bytes=150754820096)]})
     cuda = benched_record.model_copy(update={"memory": [cuda_run], "machine": machine})
     assert _offload_device(cuda) == "CUDA0 (NVIDIA H200, 143,166 MiB)"

@@ -93,10 +93,11 @@ def require_gpu_build(tool: Tool, gpus: list[str], modes: list[str]) -> None:
     it GPU offload: refuse them, saying how to get the CUDA tools."""
     offload = [f"ncmoe {m}" if str(m).isdigit() else str(m) for m in modes if m != "cpu"]
     if offload and gpus and tool.build.backend not in GPU_BACKENDS:
+        modes_text = ("modes " if len(offload) > 1 else "mode ") + ", ".join(offload)
         raise ToolError(
             f"{tool.name} ({tool.path}) is a CPU-only llama.cpp build, but this machine has an NVIDIA GPU "
-            f"({', '.join(sorted(set(gpus)))}): modes {', '.join(offload)} would run on the CPU; build the CUDA "
-            "tools (scripts/setup --backend cuda) and set toolchain.backend: cuda, or bench --modes cpu")
+            f"({', '.join(sorted(set(gpus)))}): {modes_text} would run on the CPU; build the CUDA tools "
+            "(scripts/setup --backend cuda) and set toolchain.backend: cuda, or bench --modes cpu")
 
 
 def memory_plan(quantized: QuantizeRecord, validated: ValidateRecord | None, ctx: list[int]) -> MemoryPlan:
@@ -121,7 +122,8 @@ def _modes(chain: Toolchain, model: Path, plan: MemoryPlan, options: BenchOption
         if not offload_devices(chain.path("llama-bench"), logs / "devices.log", options.timeout_s):
             if chain.backend in GPU_BACKENDS:  # the pipeline insists on measuring on that GPU
                 raise ToolError(f"llama-bench --list-devices finds no device, and toolchain.backend is "
-                                f"{chain.backend}: check the GPU and its driver (nvidia-smi); see {logs / 'devices.log'}")
+                                f"{chain.backend}: check the GPU and its driver (nvidia-smi); "
+                                f"see {logs / 'devices.log'}")
             no_device = NO_DEVICE
     for mode in modes:
         if mode.offload and no_device:
