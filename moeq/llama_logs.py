@@ -19,9 +19,10 @@ def parse_buffer_sizes(text: str) -> list[BufferLine]:
     return [BufferLine(m["kind"], m["device"], float(m["mib"])) for m in _BUFFER_RE.finditer(text)]
 
 
-# At exit: `..._memory_breakdown_print: |   - CUDA0 (NVIDIA H200) | total = free + (self = model + context +
+# At exit: `..._memory_breakdown_print: |   - CUDA0 (H200) | total = free + (self = model + context +
 # compute) + unaccounted |`, in whole MiB (llama_memory_breakdown_print upstream, common_... in the pinned build).
-# The host line has no total and free, and is not matched.
+# llama.cpp drops the vendor from the GPU's name (NVIDIA, GeForce, ...). The host line has no total and free,
+# and is not matched.
 _BREAKDOWN_RE = re.compile(
     r"memory_breakdown_print:\s*\|\s*-\s*(?P<device>[^\s(|]+)\s*(?:\((?P<description>[^|]*)\))?\s*\|"
     r"\s*(?P<total>\d+)\s*=\s*(?P<free>\d+)\s*\+\s*\(\s*(?P<self>\d+)\s*=\s*(?P<model>\d+)\s*\+"
@@ -31,7 +32,7 @@ _BREAKDOWN_RE = re.compile(
 @dataclass
 class DeviceBreakdown:
     device: str  # CUDA0, RPC0, ...
-    description: str  # the GPU's name (NVIDIA H200), or the RPC server's address
+    description: str  # the GPU's name less its vendor (H200), or the RPC server's address
     mib: dict[str, int]  # total, free, self, model, context, compute, unaccounted
 
 

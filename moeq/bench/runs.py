@@ -73,8 +73,9 @@ def run_memory(tool: Path, model: Path, mode: OffloadMode, ctx: int, log: Path, 
         lines: list[str] = []
         run_tool(command, log, on_line=lines.append, timeout_s=timeout_s)
         text = "\n".join(lines)
-        if any(b.kind == "model" for b in parse_buffer_sizes(text)):
-            buffers, breakdown = parse_buffer_sizes(text), parse_memory_breakdown(text)
+        loaded = parse_buffer_sizes(text)
+        if any(b.kind == "model" for b in loaded):
+            buffers, breakdown = loaded, parse_memory_breakdown(text)
             if breakdown:
                 break
     if not buffers:
