@@ -1,21 +1,49 @@
 """`moeq` on the command line (and `python -m moeq`).
 
-The command line's modules are imported here, inside a guard: a Ctrl-C while they load ends with the
-same one-line message and exit code as one during a command, not with a traceback.
+The one entry point: until a command's body starts, SIGINT and SIGTERM end moeq with one line ("while
+starting; nothing was done") and 130 or 143, whatever moment they arrive at (importing, building the
+command, parsing); a command then runs under `guard` (cli/common.py), and a usage error is one `error:`
+line with exit 2.
 """
 
+import signal
 import sys
+
+SIGNAL_EXITS = {signal.SIGINT: ("SIGINT", 130), signal.SIGTERM: ("SIGTERM", 143)}
+
+
+def _while_starting(signum, frame) -> None:
+    name, code = SIGNAL_EXITS[signum]
+    sys.stderr.write(f"error: interrupted by {name} while starting; nothing was done\n")
+    raise SystemExit(code)
+
+
+_while_starting.moeq_starting = True  # guard swaps it for the command's own handlers (cli/common.py)
 
 
 def main() -> None:
+    for signum in SIGNAL_EXITS:
+        signal.signal(signum, _while_starting)
+    import typer
+    import typer.main
+    from typer._click import exceptions as parsing  # typer's own copy of click: what its parser raises
+
+    from moeq.cli import app
+
+    command = typer.main.get_command(app)
     try:
-        from moeq.cli import app
-        from moeq.cli.common import stop_on_sigterm
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted by SIGINT while starting; nothing was done\n")
-        sys.exit(130)
-    stop_on_sigterm()
-    app(prog_name="moeq")
+        code = command.main(prog_name="moeq", standalone_mode=False)
+    except parsing.NoArgsIsHelpError as exc:
+        exc.show()
+        code = exc.exit_code
+    except parsing.ClickException as exc:
+        where = exc.ctx.command_path if getattr(exc, "ctx", None) else "moeq"
+        sys.stderr.write(f"error: {exc.format_message()}; see {where} --help\n")
+        code = exc.exit_code
+    except typer.Abort:
+        sys.stderr.write("error: aborted; nothing was done\n")
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -451,6 +451,25 @@ def _ggml_type(n: _Node) -> str:
     return found.name.lower()
 
 
+MAX_PATTERN = 256  # a tensor name is tens of characters; llama-quantize gets every pattern on its command line
+QUANTIFIED_GROUP = re.compile(r"\)[*+?]")
+
+
+def _check_pattern(pattern: str, where: _Node) -> None:
+    """A tensor_types pattern llama.cpp's std::regex runs in bounded time: short, and no quantified group (the
+    nested repetition, such as '(.*)*x', that backtracks exponentially)."""
+    if len(pattern) > MAX_PATTERN:
+        raise where.fail(f"a pattern of {len(pattern)} characters; keep it to {MAX_PATTERN}")
+    if QUANTIFIED_GROUP.search(pattern):
+        raise where.fail(f"{pattern[:80]!r} repeats a group ('(...)*', '(...)+' or '(...)?'), which llama.cpp's "
+                         "regex engine can take minutes over; write the alternatives without a quantifier, e.g. "
+                         "'ffn_(up|gate)_exps'")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise where.fail(f"{pattern[:80]!r} is not a valid pattern ({exc.msg})") from None
+
+
 def _quant(n: _Node, base: Path, model: ModelSpec) -> QuantSpec:
     if isinstance(n.node, yaml.ScalarNode):  # "- Q8_0" shorthand
         m = {"type": n}
@@ -476,7 +495,8 @@ def _quant(n: _Node, base: Path, model: ModelSpec) -> QuantSpec:
             key = _Node(n.file, key_node, tt.path).str()
             entry = _Node(n.file, value_node, tt.child_path(key))
             if not re.fullmatch(r"[A-Za-z0-9_.*\\\[\]()|+?^$-]+", key):
-                raise entry.fail(f"{key!r} is not a tensor name or pattern")
+                raise entry.fail(f"{key[:80]!r} is not a tensor name or pattern")
+            _check_pattern(key, entry)
             if key.lower() in seen:
                 raise entry.fail("duplicate tensor override")
             seen.add(key.lower())
@@ -563,6 +583,13 @@ def _hub(n: _Node, model: ModelSpec, quants: tuple[QuantSpec, ...]) -> HubSpec:
             if not re.search(re.escape(quant.type) + r"[.-]", quant.file, re.IGNORECASE):
                 raise n.fail(f"quants: {quant.type}'s file {quant.file!r} does not carry its quant type; in one repo "
                              f"clients pick a quant by name (e.g. {model.file_stem}-{quant.type}.gguf)")
+            rest = re.sub(re.escape(quant.type) + r"(?=[.-])", "", quant.file, flags=re.IGNORECASE)
+            other = next((t for t in quant_types.QUANT_TYPES if t != quant.type
+                          and re.search(re.escape(t) + r"[.-]", rest, re.IGNORECASE)), None)
+            if other:
+                raise n.fail(f"quants: {quant.type}'s file {quant.file!r} also carries the quant type {other}, so "
+                             f"llama.cpp's -hf REPO:{other} could pick it; name it e.g. "
+                             f"{model.file_stem}-{quant.type}.gguf")
         return _single_repo(m, spec, model, namespace)
     return _per_quant_repos(m, n, dataclasses.replace(spec, repo_template=m["repo_template"].str()
                                                       if "repo_template" in m else DEFAULT_REPO_TEMPLATE),
@@ -702,6 +729,29 @@ def _toolchain(n: _Node, base: Path) -> ToolchainSpec:
 TOP_LEVEL = ("model", "source", "workspace", "quants", "hub", "card", "bench", "toolchain", "imatrix")
 
 
+COLLECTION_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
+
+
+def _plain_tags_only(root: _Node) -> None:
+    """Refuse any YAML tag on a list or mapping (`!!python/tuple`, `!!set`, `!!omap`), wherever it stands; scalars
+    are checked where they are read. Each node is visited once, however many aliases name it."""
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        n = todo.pop()
+        if id(n.node) in seen or isinstance(n.node, yaml.ScalarNode):
+            continue
+        seen.add(id(n.node))
+        if n.node.tag != COLLECTION_TAGS[type(n.node)]:
+            raise n.fail(f"the YAML tag {n.node.tag!r} is not allowed; write a plain "
+                         f"{'mapping' if isinstance(n.node, yaml.MappingNode) else 'list'}")
+        if isinstance(n.node, yaml.SequenceNode):
+            todo += [_Node(n.file, item, n.child_path(i)) for i, item in enumerate(n.node.value)]
+        else:
+            todo += [_Node(n.file, value, n.child_path(str(getattr(key, "value", "?"))))
+                     for key, value in n.node.value]
+
+
 def load_pipeline(path: Path) -> Pipeline:
     """Read and validate a pipeline file; raise ConfigError naming file, line and key."""
     path = Path(path)
@@ -720,6 +770,7 @@ def load_pipeline(path: Path) -> Pipeline:
         raise ConfigError(f"{path}:1: the pipeline file is empty; start from examples/tiny-phimoe.yaml")
     base = path.resolve().parent
     root = _Node(path, root_node, "")
+    _plain_tags_only(root)
     top = root.mapping(TOP_LEVEL, required=("model", "source", "quants", "hub"))
     model = _model(top["model"])
     source = _source(top["source"], base)

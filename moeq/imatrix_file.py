@@ -12,6 +12,8 @@ call count per tensor, so it has no per-expert counts.
 
 from __future__ import annotations
 
+import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -84,8 +86,20 @@ def _read_gguf(path: Path) -> ImatrixFacts:
 
 
 def _read_dat(path: Path) -> ImatrixFacts:
-    """llama.cpp's legacy format: int32 count, then per entry: name length, name, call count, value count, floats."""
-    data = path.read_bytes()
+    """llama.cpp's legacy format: int32 count, then per entry: name length, name, call count, value count, floats.
+
+    Mapped, not read: a large file that is no imatrix is refused after its first bytes."""
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size < 4:
+            raise ValueError("truncated")
+        data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return _parse_dat(path, data)
+    finally:
+        data.close()
+
+
+def _parse_dat(path: Path, data: mmap.mmap) -> ImatrixFacts:
     pos = 0
 
     def take(fmt: str):

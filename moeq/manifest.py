@@ -119,7 +119,11 @@ def shipped_schema_path() -> Path:
 
 
 def manifest_text(manifest: Manifest) -> str:
-    return json.dumps(manifest.model_dump(mode="json"), indent=1) + "\n"
+    return json.dumps(manifest.model_dump(mode="json"), indent=1, allow_nan=False) + "\n"
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -137,7 +141,9 @@ def read_card(path: Path) -> str:
 def parse_manifest(text: str, where: str) -> Manifest:
     """A records manifest's JSON text (`where` names it in errors)."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise InputError(f"{where}: nested deeper than a records manifest is; make the card again with this moeq") from None
     except ValueError as exc:
         raise InputError(f"{where}: not a readable records manifest ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(data, dict) or data.get("manifest_version") != MANIFEST_VERSION:

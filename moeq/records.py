@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from moeq.errors import InputError
-from moeq.workspace import write_json_atomic
+from moeq.workspace import inside, write_json_atomic
 
 SCHEMA_VERSION = 2  # 2: every nested value typed, and the stage runner's key stored in the record
 
@@ -29,7 +29,7 @@ R = TypeVar("R", bound="Model")
 class Model(BaseModel):
     """A value of a record: unknown keys are refused, so a record of another shape is not half-read."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON has no NaN: a figure is finite or absent
 
 
 class Record(Model):
@@ -480,7 +480,7 @@ def load_saved(path: Path, cls: type[R]) -> tuple[Saved | None, str | None]:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None, None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         return None, f"unreadable ({exc.__class__.__name__})"
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
         version = data.get("schema_version") if isinstance(data, dict) else None
@@ -488,6 +488,8 @@ def load_saved(path: Path, cls: type[R]) -> tuple[Saved | None, str | None]:
     try:
         saved = Saved.model_validate(data)
         saved.record = cls.model_validate(_paths(data["record"], _workspace_of(path), relative=False))
+    except _PathOutside as exc:
+        return None, f"names the path {str(exc)[:200]!r}, which leaves the workspace"
     except ValidationError as exc:
         where = ".".join(str(p) for p in exc.errors()[0]["loc"])
         return None, f"not a {cls.model_fields['stage'].default} record ({where}: {exc.errors()[0]['msg']})"
@@ -504,6 +506,10 @@ def _workspace_of(record_path: Path) -> Path:
     return Path(os.path.abspath(record_path)).parent.parent
 
 
+class _PathOutside(ValueError):
+    """A record's workspace-relative path that climbs out of the workspace."""
+
+
 def _paths(value: Any, root: Path, relative: bool, key: str = "") -> Any:
     """Paths under `root` made relative to it (relative=True), or relative paths made absolute under it."""
     if isinstance(value, dict):
@@ -514,7 +520,12 @@ def _paths(value: Any, root: Path, relative: bool, key: str = "") -> Any:
         return value
     path = Path(value)
     if not relative:
-        return value if path.is_absolute() else str(root / path)
+        if path.is_absolute():
+            return value
+        within = inside(root, value)
+        if within is None:
+            raise _PathOutside(value)
+        return str(within)
     try:
         return path.relative_to(root).as_posix() if path.is_absolute() else value
     except ValueError:  # outside the workspace (a local source, an imatrix, a template): kept as it is

@@ -30,8 +30,9 @@ from typing import Iterator
 import gguf
 import numpy as np
 
-from moeq.config import SynthSpec
+from moeq.config import SYNTH_MAX, SynthSpec
 from moeq.errors import InputError
+from moeq.workspace import require_free
 
 CONTEXT_LENGTH = 131072
 ORIGINAL_CONTEXT_LENGTH = 4096
@@ -201,12 +202,13 @@ def write_synth_model(out: Path, spec: SynthSpec = SynthSpec(), arch: str = "phi
     """Write the synthetic model of `arch` (a key of ARCHS) to `out` whole or not at all; return the path."""
     out = Path(out)
     shape = arch_shape(arch)
-    _check(spec)
+    check_spec(spec)
     tokens, scores, types = _vocab(spec.vocab)
     hd = head_dim(spec, arch)
     layout = tensor_layout(spec, arch)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    require_free(out.parent, 2 * parameter_count(spec, arch) + 64 * spec.vocab, f"the synthetic model {out.name}")
     partial = out.with_name(out.name + ".partial")
     writer = gguf.GGUFWriter(str(partial), shape.arch)
     try:
@@ -312,7 +314,12 @@ def synth_spec(preset: str | None = None, arch: str = "phimoe", **options: int |
     return arch, replace(base, **{k: v for k, v in options.items() if v is not None})
 
 
-def _check(spec: SynthSpec) -> None:
+def check_spec(spec: SynthSpec) -> None:
+    """Refuse dimensions out of range (SYNTH_MAX) or that llama.cpp cannot run."""
+    for key, value in asdict(spec).items():
+        low, high = (0, 2**32 - 1) if key == "seed" else (1, SYNTH_MAX[key])
+        if not low <= value <= high:
+            raise InputError(f"synth option {key} = {value}: use {low} to {high:,}")
     problems = []
     if spec.embd % 256 or spec.ff % 256:
         problems.append("embd and ff must be multiples of 256 so K-quants apply")

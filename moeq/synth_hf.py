@@ -18,7 +18,10 @@ import numpy as np
 
 from moeq.config import SynthSpec
 from moeq.errors import InputError
-from moeq.synth import CONTEXT_LENGTH, ORIGINAL_CONTEXT_LENGTH, RMS_EPS, ROPE_FREQ_BASE
+from moeq.synth import CONTEXT_LENGTH, ORIGINAL_CONTEXT_LENGTH, RMS_EPS, ROPE_FREQ_BASE, check_spec, parameter_count
+
+MAX_HF_VOCAB = 32_000
+MAX_HF_BYTES = 1 << 30
 
 WORDS = ("the expert router picks two of sixteen experts for every token while attention stays dense "
          "quantization keeps the weights small and the card says what was measured on which machine "
@@ -115,8 +118,14 @@ def write_tiny_phimoe_hf(folder: Path, spec: SynthSpec = SynthSpec(vocab=320), *
     except ImportError:
         raise InputError("a Hugging Face checkpoint needs safetensors and sentencepiece: "
                          ".venv/bin/pip install -e '.[convert]'") from None
-    if spec.vocab < 300:
-        raise InputError("synth options: vocab must be at least 300 (256 byte tokens, specials and pieces)")
+    if not 300 <= spec.vocab <= MAX_HF_VOCAB:
+        raise InputError(f"synth option vocab = {spec.vocab}: use 300 (256 byte tokens, specials and pieces) to "
+                         f"{MAX_HF_VOCAB:,} (a tokenizer trained on generated text)")
+    if weights is None:
+        check_spec(spec)
+        if 4 * parameter_count(spec) > MAX_HF_BYTES:  # the weights are made in memory, then written
+            raise InputError(f"synth options: {parameter_count(spec):,} parameters, more than a checkpoint made in "
+                             f"memory holds ({MAX_HF_BYTES >> 20} MiB); use fewer layers or experts")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf_config(spec), indent=2) + "\n")

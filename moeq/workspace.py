@@ -26,7 +26,7 @@ import shutil
 import sqlite3
 import stat
 import threading
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 from moeq.errors import InputError, MoeqError, ResourceError
@@ -156,6 +156,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     try:
         partial.write_bytes(data)
         commit_file(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        if exc.filename is None:  # a write that failed (a full disk) names no file: name the one being written
+            exc.filename = str(path)
+        raise
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -189,6 +194,20 @@ def read_text_limited(path: Path, limit: int, what: str, error: type[MoeqError] 
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise error(f"{path}: not UTF-8 text; pass the path of a {what}") from None
+
+
+def inside(folder: Path, relative: str) -> Path | None:
+    """`folder / relative` when that path names something inside `folder`, else None.
+
+    Refused: an empty or absolute path, a `..` part, a backslash or NUL. Every path that comes from outside
+    (a Hub listing, a record) goes through here before moeq writes or reads there. The check is of the
+    text: links the user made inside the folder (a workspace's quants/ on another disk) are theirs."""
+    if not isinstance(relative, str) or not relative or "\\" in relative or "\0" in relative:
+        return None
+    rel = PurePosixPath(relative)
+    if rel.is_absolute() or ".." in rel.parts:
+        return None
+    return Path(folder) / rel
 
 
 def disk_needed(estimate: int | float) -> int:

@@ -416,7 +416,13 @@ class Handler(BaseHTTPRequestHandler):
         lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
         header = next(line["value"] for line in lines if line["key"] == "header")
         create_pr = query.get("create_pr") == ["1"]
-        base = self._commit(repo, "main" if create_pr else rev)
+        parent = header.get("parentCommit")
+        if parent and create_pr:
+            base = self._commit(repo, parent)
+        else:
+            base = self._commit(repo, "main" if create_pr else rev)
+            if parent and parent != base.oid:  # the Hub's optimistic concurrency
+                raise HubError(412, "A commit has happened since. Please refresh and try again.")
         files = dict(base.files)
         for line in lines:
             key, value = line["key"], line["value"]

@@ -7,6 +7,7 @@ importance matrix. The Chromium screenshot is kept under pytest's temporary fold
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -161,3 +162,46 @@ def test_the_preview_opens_in_chromium_with_its_tables_and_images(built, tmp_pat
             "image did not load: ../repos/ladder/images/quality-size.png"]
     finally:
         (tmp_path / "aside.png").rename(ws / "repos" / "ladder" / "images" / "quality-size.png")
+
+
+INJECTED = {
+    "name": "<script>console.error('injected name')</script>tiny",
+    "quantized_by": "<img src=x onerror=\"console.error('injected img')\">",
+    "license": "mit <b onmouseover=alert(1)>x</b>",
+}
+
+
+def test_script_in_the_pipeline_stays_text_in_the_card_and_the_preview(tmp_path, toolchain, rpc_device):
+    """Values from the pipeline are text: escaped in README.md, shown as text in the preview, never run; a citation
+    with backticks cannot close its code fence."""
+    config = example(tmp_path, rpc_device)
+    text = config.read_text().replace("  name: tiny-phimoe\n", f"  name: {json.dumps(INJECTED['name'])}\n")
+    text = text.replace("quantized_by: moeq", f"quantized_by: {json.dumps(INJECTED['quantized_by'])}")
+    text = text.replace("license: mit", f"license: {json.dumps(INJECTED['license'])}")
+    text = text.replace("        primaryClass={cs.CL}\n", "        primaryClass={cs.CL}\n      ```\n      <script>"
+                        "console.error('injected citation')</script>\n      " + "`" * 30_000 + "\n")
+    config.write_text(text.replace("  namespace: moeq-test", "  repo: moeq-test/tiny-phimoe-GGUF\n  namespace: moeq-test"))
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    card = tmp_path / "work" / "repos" / "ladder" / "README.md"
+    body = card.read_text().split("\n---\n", 1)[1]
+    assert "<script" not in body and "<img" not in body and "<b " not in body
+    assert "&lt;script&gt;console.error('injected name')&lt;/script&gt;tiny GGUF" in body
+    assert "`" * 30_001 + "bibtex\n" in body  # the fence is longer than any run of backticks in the citation
+    assert run_moeq("card", "lint", str(card)).returncode == 0
+    assert run_moeq("card", "verify", str(card)).returncode == 0
+    page = tmp_path / "work" / "previews" / "ladder.html"
+    proc = chromium("--dump-dom", page.as_uri())
+    assert not [m for m in console_messages(proc.stderr) if "injected" in m], proc.stderr[-2000:]
+    assert "&lt;script&gt;console.error('injected name')&lt;/script&gt;tiny GGUF" in proc.stdout
+    # A hand-written card with raw HTML: lint names it, and the preview does not run it.
+    hostile = tmp_path / "hostile" / "README.md"
+    hostile.parent.mkdir()
+    hostile.write_text(card.read_text().replace("tiny GGUF", "tiny GGUF <script>console.error('injected raw')</script>"
+                                                "<img src=x onerror=\"console.error('injected raw img')\">", 1))
+    proc = run_moeq("card", "lint", str(hostile))
+    assert proc.returncode == 7 and "raw-html: HTML <script> that the template does not write" in proc.stdout
+    assert "raw-html: HTML <img> that the template does not write" in proc.stdout
+    assert run_moeq("card", "preview", str(hostile), "--out", str(tmp_path / "hostile.html")).returncode == 0
+    proc = chromium("--dump-dom", (tmp_path / "hostile.html").as_uri())
+    assert not [m for m in console_messages(proc.stderr) if "injected" in m], proc.stderr[-2000:]

@@ -8,6 +8,7 @@ template's budget) are in test_bench.py, test_push.py and test_cards.py beside t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -96,6 +97,22 @@ BAD_PIPELINES = {
     "n_prompt and n_gen both 0": (EXAMPLE.replace("  n_prompt: 64\n  n_gen: 16\n", "  n_prompt: 0\n  n_gen: 0\n"),
                                   "bench.n_gen: n_prompt and n_gen are both 0"),
     "huge synth": (EXAMPLE.replace("layers: 2,", "layers: 100000,"), "source.synth.layers: must be at most 256"),
+    "a tensor_types pattern that backtracks": (
+        with_quants("  - {type: Q8_0, tensor_types: {'(.*)*x': q8_0}}\n"),
+        "'(.*)*x' repeats a group ('(...)*', '(...)+' or '(...)?'), which llama.cpp's regex engine can take minutes"),
+    "a 200,000-character tensor_types pattern": (  # an explicit key: YAML's plain keys stop at 1024 characters
+        with_quants("  - type: Q8_0\n    tensor_types:\n      ? %s\n      : q8_0\n" % ("a" * 200_000)),
+        "a pattern of 200000 characters; keep it to 256"),
+    "a tensor_types pattern that does not compile": (with_quants("  - {type: Q8_0, tensor_types: {'attn_(v': q8_0}}\n"),
+                                                     "'attn_(v' is not a valid pattern"),
+    "a file name with two quant labels": (with_quants("  - {type: Q8_0, file: probe-Q4_K_M-Q8_0.gguf}\n"),
+                                          "Q8_0's file 'probe-Q4_K_M-Q8_0.gguf' also carries the quant type Q4_K_M"),
+    "a python tag on a list": (EXAMPLE.replace("quants:\n", "quants: !!python/tuple\n"),
+                               "quants: the YAML tag 'tag:yaml.org,2002:python/tuple' is not allowed; write a plain list"),
+    "a set tag on a mapping": (EXAMPLE.replace("hub:\n", "hub: !!set\n"),
+                               "hub: the YAML tag 'tag:yaml.org,2002:set' is not allowed; write a plain mapping"),
+    "an omap tag deep in card.extra": (EXAMPLE.replace("card:\n  extra:\n", "card:\n  extra:\n    o: !!omap [a: 1]\n"),
+                                       "card.extra.o: the YAML tag 'tag:yaml.org,2002:omap' is not allowed"),
 }
 
 
@@ -142,7 +159,7 @@ def test_oversized_pipeline_and_card(tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("unit", ["[", "![", "[a](", "<a:", "a.", "1."])
+@pytest.mark.parametrize("unit", ["[", "![", "[a](", "<a:", "a.", "1.", "`", "a `", "``a`"])
 def test_lint_reads_a_pathological_line_in_linear_time(tmp_path, unit):
     """200,000 repetitions: quadratic patterns took minutes to hours (the test's own time limit is the bound)."""
     card = tmp_path / "README.md"
@@ -213,13 +230,18 @@ sys.meta_path.insert(0, SigintOnImport())
 """
 
 
-def test_ctrl_c_while_starting(tmp_path):
-    """SIGINT while the command line's modules are still importing: one line, exit 130, no traceback."""
-    (tmp_path / "sitecustomize.py").write_text(SIGINT_DURING_IMPORT)
-    proc = subprocess.run([sys.executable, "-m", "moeq", "--help"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=60, preexec_fn=default_sigint)
-    assert proc.returncode == 130, proc.stderr
-    assert proc.stderr == "error: interrupted by SIGINT while starting; nothing was done\n"
+@pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+@pytest.mark.parametrize("module", ["rich", "markdown_it"])
+def test_a_signal_while_starting(tmp_path, name, code, module):
+    """SIGINT or SIGTERM while the command line's modules import, or while the command is built: one line, the
+    signal's exit code, no traceback."""
+    hook = SIGINT_DURING_IMPORT.replace('name == "rich"', f"name == {module!r}").replace("signal.SIGINT", f"signal.{name}")
+    (tmp_path / "sitecustomize.py").write_text(hook)
+    proc = subprocess.run([sys.executable, "-m", "moeq", "check-config", "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=60,
+                          preexec_fn=default_sigint)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr == f"error: interrupted by {name} while starting; nothing was done\n"
     assert proc.stdout == ""
 
 
@@ -295,3 +317,130 @@ def test_a_template_that_runs_away(tmp_path, toolchain):
     config = pipeline(tmp_path, EXAMPLE.replace("card:\n  extra:\n", f"card:\n  template: {template}\n  extra:\n"))
     proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench")
     assert_clean_failure(proc, 3, tmp_path, f"Q8_0: card failed: {template}:2: the template ran past its budget")
+
+
+# ---------------------------------------------------------------- round 2: synth, calibration, imatrix, records
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--vocab", "99999999999"], 3, "synth option vocab = 99999999999: use 1 to 1,048,576"),
+    (["--layers", "100000"], 3, "synth option layers = 100000: use 1 to 256"),
+    (["--layers", "0"], 3, "synth option layers = 0: use 1 to 256"),
+    (["--layers", "256", "--experts", "512", "--embd", "65536", "--ff", "262144"], 6, "free some space"),
+])
+def test_synth_is_bounded_before_it_writes(tmp_path, args, code, message):
+    out = tmp_path / "x.gguf"
+    proc = run_moeq("synth", "tiny-moe", str(out), *args)
+    assert_clean_failure(proc, code, tmp_path, message)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_synth_hf_is_bounded(tmp_path):
+    proc = run_moeq("synth", "tiny-phimoe-hf", str(tmp_path / "hf"), "--vocab", "99999999999")
+    assert_clean_failure(proc, 3, tmp_path, "synth option vocab = 99999999999: use 300")
+    proc = run_moeq("synth", "tiny-phimoe-hf", str(tmp_path / "hf2"), "--layers", "256", "--experts", "512")
+    assert_clean_failure(proc, 3, tmp_path, "more than a checkpoint made in memory holds")
+
+
+def _calibration(tmp_path: Path, kind: str, tiny_model: Path) -> Path:
+    path = tmp_path / f"calibration-{kind}"
+    if kind == "empty":
+        path.write_text("")
+    elif kind == "binary":
+        path.write_bytes(bytes(range(256)) * 64)
+    elif kind == "gguf":
+        path.write_bytes(tiny_model.read_bytes())
+    elif kind == "huge":
+        with open(path, "wb") as fh:  # sparse: no disk is used
+            fh.truncate((32 << 20) + 1)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("empty", "the calibration text is empty"), ("binary", "not UTF-8 text"),
+    ("gguf", "a GGUF file, not a calibration text"), ("huge", "33,554,433 bytes, more than 32 MiB"),
+    ("fifo", "not a regular file (a folder, device or FIFO)"), ("folder", "not a regular file (a folder, device or FIFO)"),
+])
+def test_a_calibration_text_that_is_not_one(tmp_path, toolchain, tiny_model, kind, message):
+    text = _calibration(tmp_path, kind, tiny_model)
+    config = pipeline(tmp_path, EXAMPLE.replace("imatrix:                         #",
+                                                f"imatrix:\n  calibration: {text}\n  #"))
+    assert run_moeq("fetch", "--config", str(config)).returncode == 0
+    proc = run_moeq("imatrix", "--config", str(config))
+    assert_clean_failure(proc, 3, tmp_path, f"{text}: {message}", f"fix imatrix.calibration in {config}")
+    assert not (tmp_path / "work" / "imatrix").exists() or not list((tmp_path / "work" / "imatrix").iterdir())
+    # The build says it in one error line, and names no card or preview it never wrote.
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--skip-bench")
+    assert_clean_failure(proc, 3, tmp_path, "imatrix failed", message)
+    assert "cards:" not in proc.stdout and "previews" not in proc.stdout
+
+
+def test_a_huge_file_given_as_an_importance_matrix_is_not_read_whole(tmp_path, toolchain):
+    big = tmp_path / "big.imatrix"
+    with open(big, "wb") as fh:
+        fh.write((7).to_bytes(4, "little"))  # looks like a legacy matrix of 7 entries; the rest is zeros
+        fh.truncate(1 << 30)
+    config = pipeline(tmp_path, with_quants(f"  - {{type: Q4_K_M, imatrix: {big}}}\n"))
+    assert run_moeq("fetch", "--config", str(config)).returncode == 0
+    child = subprocess.Popen([sys.executable, "-m", "moeq", "quantize", "--config", str(config)], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = child.stdout.read(), child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    proc = subprocess.CompletedProcess(child.args, os.waitstatus_to_exitcode(status), out, err)
+    assert_clean_failure(proc, 3, tmp_path, f"{big}: not a readable importance matrix")
+    assert usage.ru_maxrss < 700 * 1024, usage.ru_maxrss  # KiB: far from the 1 GiB file
+
+
+def test_a_record_or_manifest_with_nan_is_refused(tmp_path, toolchain):
+    config = pipeline(tmp_path)
+    assert run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench").returncode == 0
+    folder = tmp_path / "work" / "repos" / "ladder"
+    manifest = folder / "moeq-manifest.json"
+    manifest.write_text(manifest.read_text().replace('"quant_bpw": 8.5', '"quant_bpw": NaN', 1))
+    for command in (["card", "verify"], ["card", "lint", "--records", str(folder)]):
+        proc = run_moeq(*command, str(folder / "README.md"))
+        assert_clean_failure(proc, 3, tmp_path, f"{manifest}: not a readable records manifest", "NaN is not JSON")
+    record = tmp_path / "work" / "records" / "quantize-Q8_0.json"
+    record.write_text(record.read_text().replace('"quant_bpw": 8.5', '"quant_bpw": NaN', 1))
+    proc = run_moeq("card", "--config", str(config), "--force")
+    assert_clean_failure(proc, 3, tmp_path, f"{record}: not a quantize record", "finite number")
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "moeq-manifest.json").write_text("[" * 200_000 + "]" * 200_000)
+    (deep / "README.md").write_text((folder / "README.md").read_text())
+    for command in (["card", "verify"], ["card", "lint", "--records", str(deep)]):
+        proc = run_moeq(*command, str(deep / "README.md"))
+        assert_clean_failure(proc, 3, tmp_path, "nested deeper than a records manifest is")
+
+
+def test_a_template_with_a_huge_range(tmp_path, toolchain):
+    template = tmp_path / "card.md.j2"
+    template.write_text("{{ frontmatter | card_yaml }}\n{% for i in range(10**9) %}x{% endfor %}\n")
+    config = pipeline(tmp_path, EXAMPLE.replace("card:\n  extra:\n", f"card:\n  template: {template}\n  extra:\n"))
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench")
+    assert_clean_failure(proc, 3, tmp_path, f"{template}:2: the template ran past its budget (a range or number "
+                                            "too large")
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "-5", "nan", "99999"])
+def test_a_bad_max_wait_is_refused(tmp_path, value):
+    hub_source = re.sub(r"source:\n(?:  .*\n)+", "source:\n  kind: gguf\n  repo: someone/x\n  revision: main\n"
+                        "  file: x-F16.gguf\n", EXAMPLE)
+    proc = run_moeq("fetch", "--config", str(pipeline(tmp_path, hub_source)),
+                    env={"MOEQ_HUB_MAX_WAIT_S": value, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_x"})
+    assert_clean_failure(proc, 2, tmp_path, f"MOEQ_HUB_MAX_WAIT_S={value!r}: use a whole number of seconds from 0 "
+                                            "to 3600")
+
+
+def test_usage_errors_and_early_errors_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "moeq", "build", "--bogus"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert_clean_failure(proc, 2, tmp_path, "No such option: --bogus", "see moeq build --help")
+    assert "╭" not in proc.stderr
+    proc = run_moeq("check-config", "--config", str(tmp_path / "missing.yaml"), "--json")
+    assert proc.returncode == 2 and json.loads(proc.stdout) == {
+        "error": f"{tmp_path / 'missing.yaml'}: pipeline file not found; pass --config with the path to your "
+                 "pipeline.yaml", "exit_code": 2}

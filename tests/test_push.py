@@ -317,23 +317,21 @@ def test_a_push_for_some_quants_refuses_to_change_the_others(tmp_path, test_hub,
     config, pipeline, ws = staged_pipeline(tmp_path)
     assert push(test_hub, config).returncode == 0
     test_hub.state.add_files(REPO_ID, {"tiny-phimoe-Q3_K_M.gguf": b"GGUF from elsewhere"})
-    head = test_hub.state.repos[REPO_ID].refs["main"]
     steps.quantize(Context.of(pipeline), pipeline.quant("Q4_K_M"))
     make_card(pipeline, "Q4_K_M")
-    proc = push(test_hub, config, quants=("Q4_K_M",))
-    assert proc.returncode == 3, proc.stderr
-    assert proc.stderr.splitlines()[-1] == (f"error: {REPO_ID}: holds tiny-phimoe-Q3_K_M.gguf, which the staged card does not "
-                                   "list; push the whole ladder (--all) to delete it, or build its quant and push it")
-    assert test_hub.state.repos[REPO_ID].refs["main"] == head
     test_hub.state.add_files(REPO_ID, {"tiny-phimoe-Q8_0.gguf": b"changed on the Hub"})
-    test_hub.state.repos[REPO_ID].commits[test_hub.state.repos[REPO_ID].refs["main"]].files.pop(
-        "tiny-phimoe-Q3_K_M.gguf")
+    head = test_hub.state.repos[REPO_ID].refs["main"]
     proc = push(test_hub, config, quants=("Q4_K_M",))
-    assert proc.returncode == 3 and ("tiny-phimoe-Q8_0.gguf of Q8_0 is not on the Hub as staged (update); push Q8_0 "
-                                     "too (--quant Q8_0) or the whole ladder (--all)") in proc.stderr
+    assert proc.returncode == 3 and proc.stderr.splitlines()[-1] == (
+        f"error: {REPO_ID}: tiny-phimoe-Q8_0.gguf of Q8_0 is not on the Hub as staged (update); push Q8_0 too "
+        "(--quant Q8_0) or the whole ladder (moeq push without --quant)")
+    assert test_hub.state.repos[REPO_ID].refs["main"] == head
     proc = push(test_hub, config, quants=("Q8_0", "Q4_K_M"))
     assert proc.returncode == 0, proc.stderr
     assert test_hub.state.files(REPO_ID)["tiny-phimoe-Q8_0.gguf"] == ws.quant_path("tiny-phimoe-Q8_0.gguf").read_bytes()
+    # A GGUF someone else uploaded is not moeq's to delete: kept, and said.
+    assert test_hub.state.files(REPO_ID)["tiny-phimoe-Q3_K_M.gguf"] == b"GGUF from elsewhere"
+    assert f"{REPO_ID}: kept tiny-phimoe-Q3_K_M.gguf, which moeq did not publish" in proc.stderr
 
 
 def test_switching_layout_is_refused_unless_asked(tmp_path, test_hub, toolchain):

@@ -15,6 +15,7 @@ records (so an unchanged card pushes nothing):
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 from moeq.manifest import Manifest
@@ -44,8 +45,11 @@ def charts(manifest: Manifest) -> list[Chart]:
 
 
 def draw(manifest: Manifest, chart: Chart) -> bytes:
-    """The chart as PNG bytes."""
-    return _memory_png(manifest) if chart.path.endswith("gpu-memory.png") else _quality_png(manifest)
+    """The chart as PNG bytes. matplotlib's warnings (a glyph its font lacks, in a name from the pipeline) are
+    not moeq's to print."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _memory_png(manifest) if chart.path.endswith("gpu-memory.png") else _quality_png(manifest)
 
 
 def _planned(manifest: Manifest) -> list:

@@ -14,6 +14,7 @@ import re
 from collections import Counter
 
 from moeq.cards.charts import charts
+from moeq.cards.render import code
 from moeq.manifest import LadderEntry, Manifest, ModelCardSpec, QuantEntry
 from moeq.offload import OffloadMode
 from moeq.records import (BenchRecord, Fit, ModelFacts, PerplexityFigures, QuantizeRecord, SourceRecord,
@@ -184,7 +185,7 @@ def _choice(entry: QuantEntry, gib: int, ctx: int) -> dict:
     if fit is None or fit.n_cpu_moe is None:
         return {**row, "key": None, "placement": "does not fit", "gpu": "", "ram": "", "speed": ""}
     mode = OffloadMode.for_layers(fit.n_cpu_moe, plan.n_layer)
-    return {**row, "key": fit.n_cpu_moe, "placement": mode.advice if mode.name == "gpu" else f"`{mode.advice}`",
+    return {**row, "key": fit.n_cpu_moe, "placement": mode.advice if mode.name == "gpu" else code(mode.advice),
             "gpu": binary_size(fit.gpu_bytes), "ram": binary_size(plan.placement(fit.n_cpu_moe).cpu_bytes),
             "speed": _generation_speed(entry.records.bench, mode.name)}
 
@@ -229,7 +230,7 @@ def _fit_cell(fit: Fit, n_layer: int) -> str:
     if fit.n_cpu_moe is None:
         return "does not fit"
     mode = OffloadMode.for_layers(fit.n_cpu_moe, n_layer)
-    return mode.advice if mode.name == "gpu" else f"`{mode.advice}` ({binary_size(fit.gpu_bytes)})"
+    return mode.advice if mode.name == "gpu" else code(mode.advice) + f" ({binary_size(fit.gpu_bytes)})"
 
 
 def _validation(validated: ValidateRecord | None) -> dict | None:

@@ -11,6 +11,7 @@ given.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -36,7 +37,8 @@ INLINE_LINK = re.compile(r"!?\[(?:[^\[\]\\]|\\.)*\]\(\s*<?([^()\s<>]*)>?(?:\s+\"
 REFERENCE_DEF = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)")
 AUTOLINK = re.compile(r"<([a-zA-Z][a-zA-Z0-9+.-]*:[^\s<>]+)>")
 BARE_URL = re.compile(r"(?<![(<\w])(?:https?|ftp)://[^\s)>\]]+")
-CODE_SPAN = re.compile(r"(`+)(.+?)\1")
+BACKTICK_RUN = re.compile(r"`+")
+HTML_TAG = re.compile(r"<(!--|/?[A-Za-z][A-Za-z0-9-]*)")
 # A figure: a number standing alone (not part of a name such as Q8_0, phi-3.5 or a sha256).
 FIGURE = re.compile(r"(?<![\w.\-])-?\d+(?:[.,]\d+)*(?![\w])")
 FILE_NAME = re.compile(r"(?<![\w.\-])[\w.\-]+\.gguf\b")  # starts only where a name can start: linear
@@ -65,9 +67,14 @@ def lint_card(text: str, path: str = "README.md", manifest: Manifest | None = No
         repo = (manifest.repo_id.lower(), set(manifest.repo_files))
         allowed_repos = ({manifest.pipeline.model.base_model.lower(), manifest.repo_id.lower()}
                          | {row.repo_id.lower() for row in manifest.siblings})
+    written = _template_tags(template)
     for number, line in _prose_lines(lines, body_start):
+        line = without_code_spans(line)
         for url in _links(line):
             findings += [Finding(number, rule, msg) for rule, msg in _check_link(url, allowed_repos, repo)]
+        findings += [Finding(number, "raw-html", f"HTML <{tag}> that the template does not write; a value from the "
+                                                 "pipeline or the records is text, escape it")
+                     for tag in dict.fromkeys(t.lower() for t in HTML_TAG.findall(line)) if tag not in written]
     if manifest is not None:
         findings += _figure_findings(lines, body_start, manifest, template)
     return sorted(findings, key=lambda f: (f.line, f.rule))
@@ -124,8 +131,36 @@ def _prose_lines(lines: list[str], start: int):
             yield i + 1, line
 
 
+def _template_tags(template: Path | None) -> set[str]:
+    """The HTML tags (and comments) the card's templates write themselves."""
+    return {t.lower() for p in template_files(template) for t in HTML_TAG.findall(p.read_text(encoding="utf-8"))}
+
+
+def without_code_spans(line: str) -> str:
+    """The line less its code spans (a URL or tag in code is an example, not a link or markup), in O(n log n).
+
+    A span opens at a run of backticks and closes at the next run of the same length (CommonMark); a run
+    that no later run matches is literal text."""
+    runs = [(m.start(), m.end()) for m in BACKTICK_RUN.finditer(line)]
+    by_length: dict[int, list[int]] = {}
+    for index, (start, end) in enumerate(runs):
+        by_length.setdefault(end - start, []).append(index)
+    kept, position, i = [], 0, 0
+    while i < len(runs):
+        start, end = runs[i]
+        same = by_length[end - start]
+        j = bisect.bisect_right(same, i)
+        if j == len(same):
+            i += 1
+            continue
+        close = runs[same[j]]
+        kept.append(line[position:start])
+        position, i = close[1], same[j] + 1
+    kept.append(line[position:])
+    return "".join(kept)
+
+
 def _links(line: str) -> list[str]:
-    line = CODE_SPAN.sub("", line)  # a URL in code is an example, not a link
     urls = INLINE_LINK.findall(line) + AUTOLINK.findall(line)
     ref = REFERENCE_DEF.match(line)
     if ref:

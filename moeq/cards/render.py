@@ -20,6 +20,7 @@ from typing import Iterator
 import jinja2
 import jinja2.sandbox
 from huggingface_hub import ModelCardData
+from markupsafe import Markup
 
 from moeq.errors import InputError
 from moeq.manifest import MARKER
@@ -33,9 +34,43 @@ MAX_MEMORY = 1 << 30
 MAX_OUTPUT = 4 << 20
 
 
-def card_yaml(frontmatter: dict) -> str:
-    """The frontmatter as huggingface_hub writes it, so the Hub reads back the same values."""
-    return ModelCardData(**frontmatter).to_yaml()
+def card_yaml(frontmatter: dict) -> Markup:
+    """The frontmatter as huggingface_hub writes it, so the Hub reads back the same values (YAML quotes them)."""
+    return Markup(ModelCardData(**frontmatter).to_yaml())
+
+
+# Every value a template prints is text from the pipeline or the records: in Markdown prose and table cells it
+# can open no tag, link, code span or cell, and ends no line. Code spans and fenced blocks take the filters below.
+_PROSE = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "\\": "\\\\", "`": "\\`", "[": "\\[",
+                        "]": "\\]", "|": "\\|", "\n": " ", "\r": " "})
+_BACKTICKS = re.compile(r"`+")
+
+
+def markdown_text(value: object) -> object:
+    """Jinja's finalize: a printed value as Markdown text (Markup, from a filter below, is printed as it is)."""
+    if isinstance(value, (Markup, jinja2.Undefined)) or value is None:
+        return value
+    return str(value).translate(_PROSE)
+
+
+def code(value: object) -> Markup:
+    """A value as one inline code span, fenced with more backticks than it holds (`a``b` cannot close it)."""
+    text = " ".join(str(value).splitlines())
+    fence = "`" * (1 + max((len(run) for run in _BACKTICKS.findall(text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return Markup(f"{fence}{pad}{text}{pad}{fence}")
+
+
+def verbatim(value: object) -> Markup:
+    """A value inside a fenced block the template opened: on one line, so it can never start the closing fence."""
+    return Markup(" ".join(str(value).splitlines()))
+
+
+def fenced(value: object, info: str = "") -> Markup:
+    """A multi-line value as a whole fenced block, its fence longer than any run of backticks in it."""
+    text = str(value).strip("\n")
+    fence = "`" * max(3, 1 + max((len(run) for run in _BACKTICKS.findall(text)), default=0))
+    return Markup(f"{fence}{info}\n{text}\n{fence}")
 
 
 def template_files(template: Path | None) -> list[Path]:
@@ -77,9 +112,9 @@ def _environment(template: Path) -> jinja2.Environment:
     env = _Sandbox(
         loader=jinja2.FileSystemLoader([str(template.parent), str(BUILTIN_TEMPLATES)]),
         undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
-        trim_blocks=True, lstrip_blocks=True,
+        trim_blocks=True, lstrip_blocks=True, finalize=markdown_text,
     )
-    env.filters["card_yaml"] = card_yaml
+    env.filters.update(card_yaml=card_yaml, code=code, verbatim=verbatim, fenced=fenced)
     return env
 
 
@@ -146,10 +181,10 @@ def render_card(facts: dict, template: Path | None = None) -> str:
         where = _template_line(exc) or str(template)
         raise InputError(f"{where}: the template uses a fact that does not exist ({exc.message}); "
                          f"the facts are listed in README.md, 'Card facts'") from None
-    except (_BudgetSpent, MemoryError, RecursionError) as exc:
+    except (_BudgetSpent, MemoryError, RecursionError, OverflowError) as exc:
         where = _template_line(exc) or str(template)
-        what = {MemoryError: f"more than {MAX_MEMORY >> 20} MiB of memory",
-                RecursionError: "recursion too deep"}.get(type(exc), str(exc))
+        what = {MemoryError: f"more than {MAX_MEMORY >> 20} MiB of memory", RecursionError: "recursion too deep",
+                OverflowError: f"a range or number too large: {exc}"}.get(type(exc), str(exc))
         raise InputError(f"{where}: the template ran past its budget ({what}); a card template only formats "
                          "facts, see README.md, 'Limits'") from None
     except jinja2.exceptions.SecurityError as exc:

@@ -71,12 +71,15 @@ def guard(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _command_signals()
             return fn(*args, **kwargs)
         except (MoeqError, OSError) as exc:  # an OSError is what the machine refused: a full disk, a read-only folder
             if _state["debug"]:
                 traceback.print_exc()
             error = from_os_error(exc) if isinstance(exc, OSError) else exc
             sys.stderr.write(f"error: {error.message}\n")
+            if kwargs.get("as_json"):  # --json: stdout says it too, as the stages' failures do
+                print_json({"error": error.message, "exit_code": error.exit_code})
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM as Interrupted
             message = exc.message if isinstance(exc, Interrupted) else INTERRUPTED.format(signal="SIGINT")
@@ -102,10 +105,13 @@ def _sigterm_to_exception(signum, frame) -> None:
     raise Interrupted(INTERRUPTED.format(signal="SIGTERM"), exit_code=143)
 
 
-def stop_on_sigterm() -> None:
-    """A SIGTERM (a CI job cancelled) ends a command as Ctrl-C does: tools stopped, partial files removed.
-    Installed by the `moeq` process itself (__main__), not by importing the CLI into another program."""
-    signal.signal(signal.SIGTERM, _sigterm_to_exception)
+def _command_signals() -> None:
+    """Once a command starts, SIGINT and SIGTERM stop its tools and remove partial files (an Interrupted): in the
+    `moeq` process only, whose entry point (__main__) set its start-up handlers; a program that calls the CLI
+    keeps its own."""
+    if getattr(signal.getsignal(signal.SIGTERM), "moeq_starting", False):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _sigterm_to_exception)
 
 
 def _version_callback(value: bool) -> None:

@@ -33,6 +33,8 @@ def push(
     create_pr: Annotated[Optional[bool], typer.Option("--create-pr/--no-create-pr", help="Open a pull request "
                                                       "instead of committing to main (default: hub.create_pr).")] = None,
     force: Annotated[bool, typer.Option(help="Replace a README.md on the Hub that moeq did not write.")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="Also delete files on the Hub that moeq did not publish "
+                                        "(its manifest there does not list them); without it they are kept.")] = False,
     check: Annotated[bool, typer.Option("--check", help="A dry run that exits 7 unless every repo on the Hub "
                                         "already holds exactly its staged files.")] = False,
     switch_layout: SwitchLayoutOption = False,
@@ -48,18 +50,19 @@ def push(
     ctx = open_context(config)
     quiet_progress_off_terminal()
     units = steps.repo_units(ctx, selected_quants(ctx.pipeline, quant))
-    verdict = steps.check_pushed(ctx, units, force=force) if check else None
+    verdict = steps.check_pushed(ctx, units, force=force, prune=prune) if check else None
     results = []
     for index, unit in enumerate(units):
         label = ", ".join(q.type for q in unit.quants)
         if dry_run or check:
             plan = verdict.plans[index] if verdict else steps.push_plan(ctx, unit, force=force,
-                                                                        switch_layout=switch_layout)
+                                                                        switch_layout=switch_layout, prune=prune)
             files = [f.model_dump() for f in plan.pushed_files()]
             row = {"quant": label, "repo_id": plan.repo_id, "dry_run": True, "repo_exists": plan.repo_exists,
                    "files": files, "upload_bytes": plan.upload_bytes if plan.changes else 0, "record": None}
         else:
-            record = steps.push(ctx, unit, create_pr=create_pr, force=force, switch_layout=switch_layout).record
+            record = steps.push(ctx, unit, create_pr=create_pr, force=force, switch_layout=switch_layout,
+                                prune=prune).record
             row = {"quant": label, "repo_id": record.repo_id, "dry_run": False, "repo_exists": record.repo_existed,
                    "files": [f.model_dump() for f in record.files], "upload_bytes": record.uploaded_bytes,
                    "record": record_json(record)}
@@ -83,7 +86,7 @@ def _print_push(row: dict) -> None:
     for column in ("file", "action", "size"):
         table.add_column(column, overflow="fold")
     for f in row["files"]:
-        table.add_row(f["path"], f["action"], binary_size(f["size"]) if f["action"] != "delete" else "")
+        table.add_row(f["path"], f["action"], binary_size(f["size"]) if f["action"] not in ("delete", "kept") else "")
     console.print(table)
     record = row["record"]
     if row["dry_run"]:
@@ -155,13 +158,14 @@ def build(
         print_json(summary.as_dict())
     else:
         _print_summary(summary, ctx.ws)
-    failures: dict[tuple[str, str], list[str]] = {}  # one line per failure; the shared fetch names every quant
+    failures: dict[tuple[str, str], list[str]] = {}  # the shared fetch's failure names every quant once
     for q in summary.quants:
         failed = next((s for s in q.stages if s.status == "failed"), None)
         if failed:
             failures.setdefault((failed.stage, failed.detail), []).append(q.quant)
-    for (stage, detail), names in failures.items():
-        sys.stderr.write(f"error: {', '.join(names)}: {stage} failed: {detail}\n")
+    if failures:  # one error line, whatever failed
+        sys.stderr.write("error: " + "; ".join(f"{', '.join(names)}: {stage} failed: {detail}"
+                                              for (stage, detail), names in failures.items()) + "\n")
     if not summary.ok:
         raise typer.Exit(summary.exit_code)
 
@@ -195,5 +199,7 @@ def _print_summary(summary, ws) -> None:
             console.print(f"{names}: push plan (dry run, not compared with the Hub) for {repo_id}: {files}",
                           soft_wrap=True)
     cards = "ladder" if summary.single_repo else "<quant>"
-    console.print(f"cards: {ws.repos_dir}/{cards}/README.md, charts in {ws.repos_dir}/{cards}/images/; previews: "
-                  f"{ws.root / 'previews'}/{cards}.html; records: {ws.records_dir}", soft_wrap=True)
+    if any(s.stage == "card" and s.status in ("ran", "up to date") for q in summary.quants for s in q.stages):
+        console.print(f"cards: {ws.repos_dir}/{cards}/README.md, charts in {ws.repos_dir}/{cards}/images/; "
+                      f"previews: {ws.root / 'previews'}/{cards}.html", soft_wrap=True)
+    console.print(f"records: {ws.records_dir}", soft_wrap=True)

@@ -13,6 +13,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
+import sys
+import threading
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,9 +25,10 @@ from huggingface_hub import HfApi, constants, set_client_factory
 from huggingface_hub.utils._http import default_client_factory  # the client's own factory (pinned <3), extended below
 from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError,
                                     RevisionNotFoundError)
+from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import get_token
 
-from moeq.errors import HubError
+from moeq.errors import ConfigError, HubError, MoeqError
 from moeq.workspace import read_text_limited
 
 
@@ -32,9 +36,14 @@ MAX_WAIT_S = 60  # the longest moeq (and the client under it) waits when the Hub
 
 
 def max_wait_s() -> int:
-    """MAX_WAIT_S, or MOEQ_HUB_MAX_WAIT_S when set (README.md, "Limits")."""
-    value = os.environ.get("MOEQ_HUB_MAX_WAIT_S", "")
-    return int(value) if value.isdigit() else MAX_WAIT_S
+    """MAX_WAIT_S, or MOEQ_HUB_MAX_WAIT_S when set (README.md, "Limits"): whole seconds, 0 to 3600."""
+    value = os.environ.get("MOEQ_HUB_MAX_WAIT_S", "").strip()
+    if not value:
+        return MAX_WAIT_S
+    if not (value.isascii() and value.isdigit() and int(value) <= 3600):
+        raise ConfigError(f"MOEQ_HUB_MAX_WAIT_S={value[:20]!r}: use a whole number of seconds from 0 to 3600, or "
+                          "unset it (the default is 60)")
+    return int(value)
 _RATELIMIT_RESET = re.compile(r"(;\s*t=)(\d+)")
 
 
@@ -49,6 +58,7 @@ def hub_api(on_message: Callable[[str], None] = lambda _msg: None) -> HfApi:
     The client sleeps as long as a 429/503 says (Retry-After, RateLimit reset) before it retries; every
     such wait is capped at MAX_WAIT_S here, and `on_message` is told when one was."""
     endpoint = hub_endpoint()
+    max_wait_s()  # a bad MOEQ_HUB_MAX_WAIT_S is refused here, before any request
 
     def capped_client() -> httpx2.Client:
         client = default_client_factory()
@@ -129,8 +139,47 @@ def hub_errors(action: str, repo_id: str) -> Iterator[None]:
                        "committed, run the command again") from None
 
 
-def remote_text(api: HfApi, repo_id: str, name: str, limit: int = 16 << 20) -> str:
-    """A text file of the repo's main branch (a card, a manifest), read whole only up to `limit` bytes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = api.hf_hub_download(repo_id, name, revision="main", local_dir=tmp)
-        return read_text_limited(Path(path), limit, f"{name} of {repo_id}")
+def remote_text(api: HfApi, repo_id: str, name: str, limit: int = 16 << 20, revision: str = "main",
+                size: int | None = None) -> str:
+    """A text file of the repo (a card, a manifest), read only when the Hub lists it at most `limit` bytes long.
+
+    `size`: what the Hub already said of the file (its paths-info), else it is asked first."""
+    where = f"{repo_id}/{name}"
+    if size is None:
+        with hub_errors(f"reading {name}", repo_id):
+            listed = api.get_paths_info(repo_id, [name], revision=revision)
+        size = next((e.size for e in listed if isinstance(e, RepoFile)), None)
+    if isinstance(size, int) and size > limit:
+        raise HubError(f"{where}: {size:,} bytes on the Hub, more than the {limit // 1024} KiB moeq reads for it; "
+                       "nothing was downloaded. Replace the file on the Hub")
+    with tempfile.TemporaryDirectory() as tmp, hub_errors(f"reading {name}", repo_id):
+        path = Path(api.hf_hub_download(repo_id, name, revision=revision, local_dir=tmp))
+        try:
+            return read_text_limited(path, limit, f"{name} of {repo_id}")
+        except MoeqError as exc:  # named as the Hub names it, not by the temporary folder that is gone
+            raise type(exc)(exc.message.replace(str(path), where)) from None
+
+
+@contextlib.contextmanager
+def interrupt_ends_upload(repo_id: str) -> Iterator[None]:
+    """While the client uploads (from worker threads it would wait for, tens of seconds for a GGUF) and commits,
+    SIGINT or SIGTERM end the process at once: nothing is committed before the uploads end, so nothing is lost
+    and the Hub is unchanged. In the main thread only; the handlers before are restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    codes = {signal.SIGINT: ("SIGINT", 130), signal.SIGTERM: ("SIGTERM", 143)}
+
+    def end_now(signum, frame) -> None:
+        name, code = codes[signum]
+        sys.stderr.write(f"error: interrupted by {name} while uploading to {repo_id}; nothing was committed, the "
+                         "repo on the Hub is unchanged; run the push again\n")
+        sys.stderr.flush()
+        os._exit(code)
+
+    before = {signum: signal.signal(signum, end_now) for signum in codes}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

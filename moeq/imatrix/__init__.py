@@ -14,7 +14,10 @@ and the card, or an error with `imatrix.require_coverage: true`.
 
 from __future__ import annotations
 
+import codecs
+import os
 import re
+import stat
 import statistics
 from importlib import resources
 from pathlib import Path
@@ -34,6 +37,7 @@ TOO_SHORT = re.compile(r"you need at least (\d+) tokens for a context of (\d+) t
 TOKENIZED = re.compile(r"tokenizes to only (\d+) tokens")
 PROGRESS = re.compile(r"computing over (\d+) chunks|(\d+(?:\.\d+)?) seconds per pass - ETA (.*)")
 MAX_LISTED = 12  # experts named in one message; the record keeps them all
+MAX_CALIBRATION_BYTES = 32 << 20  # llama-imatrix tokenizes the whole text in memory (1 GB of text took 16 GB)
 # What moeq/data/calibration.txt is made of (CALIBRATION.md has the details); the card lists them.
 SHIPPED_SOURCES = (
     CalibrationSource(title="The Jargon File, version 4.4.7 (English prose, excerpt)",
@@ -54,12 +58,40 @@ def imatrix_path(ws: Workspace, pipeline: Pipeline) -> Path:
     return ws.root / "imatrix" / f"{pipeline.model.file_stem}.{suffix}"
 
 
+def check_calibration(text: Path, config: Path) -> None:
+    """A calibration text is a regular, non-empty UTF-8 file of at most MAX_CALIBRATION_BYTES, and not a GGUF."""
+    fix = f"fix imatrix.calibration in {config}"
+    try:
+        st = os.stat(text)
+    except FileNotFoundError:
+        raise InputError(f"{text}: calibration text not found; {fix}") from None
+    except OSError as exc:
+        raise InputError(f"{text}: cannot read the calibration text ({exc.strerror}); {fix}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{text}: not a regular file (a folder, device or FIFO); {fix}")
+    if st.st_size == 0 or st.st_size > MAX_CALIBRATION_BYTES:
+        size = "empty" if st.st_size == 0 else f"{st.st_size:,} bytes, more than {MAX_CALIBRATION_BYTES >> 20} MiB"
+        raise InputError(f"{text}: the calibration text is {size}; a few hundred KB to a few MB of text is what "
+                         f"llama-imatrix needs; {fix}")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(text, "rb") as fh:
+        head = fh.read(4)
+        if head == b"GGUF":
+            raise InputError(f"{text}: a GGUF file, not a calibration text; {fix}")
+        try:
+            decoder.decode(head)
+            while chunk := fh.read(1 << 20):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise InputError(f"{text}: not UTF-8 text; a calibration text is plain text; {fix}") from None
+
+
 def imatrix_stage(pipeline: Pipeline, ws: Workspace, chain: Toolchain, source: SourceRecord,
                   on_message: Callable[[str], None] = lambda _msg: None) -> Stage[ImatrixRecord]:
     spec = pipeline.imatrix
     text = spec.calibration or default_calibration()
-    if not text.is_file():
-        raise InputError(f"{text}: calibration text not found; fix imatrix.calibration in {pipeline.path}")
+    check_calibration(text, pipeline.path)
     tool = chain.tool("llama-imatrix")
     final = imatrix_path(ws, pipeline)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from moeq.config import Pipeline
-from moeq.errors import InputError
+from moeq.errors import HubError, InputError
 from moeq.hub.client import hub_errors
 from moeq.records import FileRef, SourceRecord
 from moeq.stage_runner import Stage
@@ -46,6 +46,9 @@ def source_stage(pipeline: Pipeline, ws: Workspace, api=None, chain=None,
         else:
             with hub_errors("resolving the revision", spec.repo):
                 commit = api.model_info(spec.repo, revision=spec.revision or "main").sha
+            if not SHA_RE.match(str(commit)):  # it names the download folder: only a sha is accepted
+                raise HubError(f"{spec.repo}: the Hub gave {str(commit)[:80]!r} as the commit of "
+                               f"{spec.revision or 'main'!r}, which is not a commit sha; check HF_ENDPOINT")
             on_message(f"warning: source.revision {spec.revision or 'main'!r} is not a commit sha; using {commit}, "
                        f"its commit now. Pin it in {pipeline.path} for a reproducible release")
         resolved["commit"] = commit

@@ -30,7 +30,7 @@ from moeq.records import FileRef, SourceRecord
 from moeq.runner import run_tool
 from moeq.toolchain import Toolchain, pinned_src_dir
 from moeq.units import binary_size
-from moeq.workspace import Workspace, commit_file, partial_path, require_free
+from moeq.workspace import Workspace, commit_file, inside, partial_path, require_free
 
 # README.md is the model card: convert_hf_to_gguf.py takes general.license, name, base model, tags and
 # languages from its frontmatter (gguf-py metadata.py); the license file travels with it.
@@ -69,12 +69,22 @@ def _entries(api: HfApi, repo: str, commit: str, names: list[str]) -> list[RepoF
 
 def _download_all(api: HfApi, repo: str, commit: str, entries: list[RepoFile], folder: Path,
                   on_message: Callable[[str], None]) -> list[dict]:
+    targets = [_download_target(repo, commit, entry, folder) for entry in entries]  # all checked before any byte
     files = []
-    for entry in entries:
+    for entry, target in zip(entries, targets):
         on_message(f"{repo}: {entry.path} ({binary_size(entry.size)})")
-        sha = download_verified(api, repo, commit, entry, folder / entry.path)
+        sha = download_verified(api, repo, commit, entry, target)
         files.append({"name": entry.path, "size": entry.size, "sha256": sha})
     return files
+
+
+def _download_target(repo: str, commit: str, entry: RepoFile, folder: Path) -> Path:
+    """Where a listed file is downloaded to: inside `folder`, or the listing is refused (a hostile Hub or mirror)."""
+    target = inside(folder, entry.path)
+    if target is None or not isinstance(entry.size, int) or entry.size < 0:
+        raise HubError(f"{repo}@{commit[:12]}: the Hub lists {entry.path[:200]!r}, which is not a file inside the "
+                       f"download folder {folder}; nothing was downloaded. Check source.repo and HF_ENDPOINT")
+    return target
 
 
 def _fetch_gguf(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolchain | None, commit: str,
