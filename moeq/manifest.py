@@ -143,7 +143,8 @@ def parse_manifest(text: str, where: str) -> Manifest:
     try:
         data = json.loads(text, parse_constant=_no_constant)
     except RecursionError:
-        raise InputError(f"{where}: nested deeper than a records manifest is; make the card again with this moeq") from None
+        raise InputError(f"{where}: nested deeper than a records manifest is; make the card again with this "
+                         "moeq") from None
     except ValueError as exc:
         raise InputError(f"{where}: not a readable records manifest ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(data, dict) or data.get("manifest_version") != MANIFEST_VERSION:

@@ -44,9 +44,10 @@ class ToolRun:
 
 
 def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] | None = None,
-             env: dict[str, str] | None = None, timeout_s: float | None = None, cwd: Path | None = None) -> ToolRun:
+             env: dict[str, str] | None = None, timeout_s: float | None = None, cwd: Path | None = None,
+             idle_s: float | None = None) -> ToolRun:
     """Run `command` (in `cwd`, default the current folder), writing every output line to `log_path` and handing
-    it to `on_line`."""
+    it to `on_line`. `timeout_s` bounds the whole run, `idle_s` the time between two lines of output."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     name = Path(command[0]).name
     tail: deque[str] = deque(maxlen=40)
@@ -69,9 +70,14 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
             watchdog = threading.Timer(timeout_s, lambda: (timed_out.set(), stop_process(proc, group=True)))
             watchdog.daemon = True
             watchdog.start()
+        last_line = [time.monotonic()]
+        idle = threading.Event()
+        if idle_s is not None:
+            threading.Thread(target=_idle_watch, args=(proc, last_line, idle_s, idle), daemon=True).start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
+                last_line[0] = time.monotonic()
                 log.write(line)
                 stripped = line.rstrip("\n")
                 if stripped.strip():
@@ -87,12 +93,23 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
                 watchdog.cancel()
         if timed_out.is_set():
             raise ToolError(f"{name}: still running after {timeout_s:.0f} s, stopped; log: {log_path}")
+        if idle.is_set():
+            raise ToolError(f"{name}: printed nothing for {idle_s:.0f} s, stopped; log: {log_path}")
     wall = time.monotonic() - started
     if returncode != 0:
         quoted = " | ".join(list(tail)[-TAIL_LINES:]) or "no output"
         how = f"killed by signal {-returncode}" if returncode < 0 else f"exited {returncode}"
         raise ToolError(f"{name} {how}: {quoted} (full log: {log_path})")
     return ToolRun(command=command, returncode=returncode, wall_s=wall, log_path=log_path)
+
+
+def _idle_watch(proc: subprocess.Popen, last_line: list[float], idle_s: float, idle: threading.Event) -> None:
+    while proc.poll() is None:
+        if time.monotonic() - last_line[0] > idle_s:
+            idle.set()
+            stop_process(proc, group=True)
+            return
+        time.sleep(min(1.0, idle_s / 4))
 
 
 def stop_process(proc: subprocess.Popen, group: bool = False) -> None:

@@ -248,8 +248,8 @@ def preview(ctx: Context, unit: RepoUnit, out: Path | None = None) -> Path:
 
     card = ctx.ws.repo_dir(unit.key) / "README.md"
     if not card.is_file():
-        raise InputError(f"{card}: no card yet; run moeq card --config {ctx.pipeline.path} "
-                         f"{'--quant ' + unit.key if unit.key else '--all'}")
+        raise InputError(f"{card}: no card yet; run moeq card --config {ctx.pipeline.path}"
+                         f"{' --quant ' + unit.key if unit.key else ''}")
     out = out or ctx.ws.preview_path(unit.key or "ladder")
     write_preview(card, out, title=unit.repo_id)
     return out

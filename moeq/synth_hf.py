@@ -18,7 +18,8 @@ import numpy as np
 
 from moeq.config import SynthSpec
 from moeq.errors import InputError
-from moeq.synth import CONTEXT_LENGTH, ORIGINAL_CONTEXT_LENGTH, RMS_EPS, ROPE_FREQ_BASE, check_spec, parameter_count
+from moeq.synth import (CONTEXT_LENGTH, ORIGINAL_CONTEXT_LENGTH, RMS_EPS, ROPE_FREQ_BASE, check_spec,
+                        parameter_count)
 
 MAX_HF_VOCAB = 32_000
 MAX_HF_BYTES = 1 << 30

@@ -180,14 +180,19 @@ def test_script_in_the_pipeline_stays_text_in_the_card_and_the_preview(tmp_path,
     text = text.replace("license: mit", f"license: {json.dumps(INJECTED['license'])}")
     text = text.replace("        primaryClass={cs.CL}\n", "        primaryClass={cs.CL}\n      ```\n      <script>"
                         "console.error('injected citation')</script>\n      " + "`" * 30_000 + "\n")
-    config.write_text(text.replace("  namespace: moeq-test", "  repo: moeq-test/tiny-phimoe-GGUF\n  namespace: moeq-test"))
+    config.write_text(text.replace("  namespace: moeq-test",
+                                   "  repo: moeq-test/tiny-phimoe-GGUF\n  namespace: moeq-test"))
     proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     card = tmp_path / "work" / "repos" / "ladder" / "README.md"
     body = card.read_text().split("\n---\n", 1)[1]
-    assert "<script" not in body and "<img" not in body and "<b " not in body
-    assert "&lt;script&gt;console.error('injected name')&lt;/script&gt;tiny GGUF" in body
-    assert "`" * 30_001 + "bibtex\n" in body  # the fence is longer than any run of backticks in the citation
+    fence = "`" * 30_001  # longer than any run of backticks in the citation
+    before, citation, after = body.partition(fence + "bibtex\n")[0], *body.partition(fence + "bibtex\n")[2].split(
+        "\n" + fence + "\n", 1)
+    assert "<script>console.error('injected citation')</script>" in citation  # code: shown as it is
+    for outside in (before, after):
+        assert "<script" not in outside and "<img" not in outside and "<b " not in outside
+    assert "&lt;script&gt;console.error('injected name')&lt;/script&gt;tiny GGUF" in before
     assert run_moeq("card", "lint", str(card)).returncode == 0
     assert run_moeq("card", "verify", str(card)).returncode == 0
     page = tmp_path / "work" / "previews" / "ladder.html"

@@ -148,13 +148,14 @@ def test_a_push_planned_before_another_landed_fails_and_can_be_planned_again(tmp
     two = workspace(tmp_path / "two", EXAMPLE.replace("quantized_by: moeq", "quantized_by: the second runner"))
     assert moeq(test_hub, "build", "--config", str(two), "--quant", "Q8_0", "--skip-bench").returncode == 0
     one.write_text(one.read_text().replace("quantized_by: moeq", "quantized_by: the first runner"))
-    assert moeq(test_hub, "card", "--config", str(one)).returncode == 0
+    assert moeq(test_hub, "card", "--config", str(one), "--quant", "Q8_0").returncode == 0
     test_hub.state.faults.append(Fault("POST", rf"^/api/models/{REPO_ID}/commit/", "sleep", seconds=4))
+    commits = sum("/commit/" in r.path for r in test_hub.requests)
     slow = subprocess.Popen([sys.executable, "-m", "moeq", "push", "--config", str(one)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **test_hub.env})
     deadline = time.monotonic() + 60
-    while not any("/commit/" in r.path for r in test_hub.requests) and time.monotonic() < deadline:
+    while sum("/commit/" in r.path for r in test_hub.requests) == commits and time.monotonic() < deadline:
         time.sleep(0.05)
     proc = moeq(test_hub, "push", "--config", str(two))  # lands while the first one's commit waits
     assert proc.returncode == 0, proc.stderr

@@ -283,6 +283,7 @@ def test_llama_quantize_failure_quotes_its_log(tmp_path, toolchain):
 
 def test_disk_space_refusal(tmp_path, toolchain, monkeypatch):
     pipeline = load_pipeline(write_config(tmp_path))
+    steps.fetch(Context.of(pipeline))  # the source first: making it checks the disk too
     real_usage = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage",
                         lambda p: real_usage(p)._replace(free=3 * 2**20))  # a nearly full disk

@@ -31,7 +31,7 @@ HUB_PAGES = {"docs", "blog", "papers", "spaces", "datasets", "models", "settings
              "learn", "collections", "organizations", "tasks", "chat", "api", "posts", "enterprise"}
 
 CONFLICT_OPEN, CONFLICT_BASE, CONFLICT_MID, CONFLICT_CLOSE = "<" * 7, "|" * 7, "=" * 7, ">" * 7
-FENCE = re.compile(r"^\s{0,3}(```|~~~)")
+FENCE = re.compile(r"^\s{0,3}(`{3,}|~{3,})(.*)$")
 # Each repeated part stops where another link could start ('[', '(', '<'), so no line takes quadratic time.
 INLINE_LINK = re.compile(r"!?\[(?:[^\[\]\\]|\\.)*\]\(\s*<?([^()\s<>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
 REFERENCE_DEF = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)")
@@ -118,17 +118,22 @@ def _conflict_markers(lines: list[str]) -> list[Finding]:
 
 
 def _prose_lines(lines: list[str], start: int):
-    """(line number, text) of the lines outside fenced code blocks."""
-    in_fence = None
+    """(line number, text) of the lines outside fenced code blocks.
+
+    As CommonMark closes them: only a fence of the same character, at least as long as the one that opened
+    the block, with nothing after it (a citation's own ``` inside a ```` block is code)."""
+    opened = None
     for i in range(start, len(lines)):
         line = lines[i]
         fence = FENCE.match(line)
-        if fence:
-            marker = fence.group(1)
-            in_fence = None if in_fence == marker else (in_fence or marker)
-            continue
-        if in_fence is None:
+        if opened is None:
+            if fence:
+                opened = fence.group(1)
+                continue
             yield i + 1, line
+        elif fence and fence.group(1)[0] == opened[0] and len(fence.group(1)) >= len(opened) \
+                and not fence.group(2).strip():
+            opened = None
 
 
 def _template_tags(template: Path | None) -> set[str]:

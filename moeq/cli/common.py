@@ -70,6 +70,7 @@ def guard(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _state["printed_json"] = False
         try:
             _command_signals()
             return fn(*args, **kwargs)
@@ -78,7 +79,7 @@ def guard(fn: Callable) -> Callable:
                 traceback.print_exc()
             error = from_os_error(exc) if isinstance(exc, OSError) else exc
             sys.stderr.write(f"error: {error.message}\n")
-            if kwargs.get("as_json"):  # --json: stdout says it too, as the stages' failures do
+            if kwargs.get("as_json") and not _state.get("printed_json"):  # --json: stdout says it too, once
                 print_json({"error": error.message, "exit_code": error.exit_code})
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM as Interrupted
@@ -165,6 +166,8 @@ def open_context(config: Path | None):
 
 
 def print_json(data: object) -> None:
+    """The command's result on stdout (a command that printed it, then failed, prints no second document)."""
+    _state["printed_json"] = True
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 

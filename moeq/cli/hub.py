@@ -86,7 +86,8 @@ def _print_push(row: dict) -> None:
     for column in ("file", "action", "size"):
         table.add_column(column, overflow="fold")
     for f in row["files"]:
-        table.add_row(f["path"], f["action"], binary_size(f["size"]) if f["action"] not in ("delete", "kept") else "")
+        shown = binary_size(f["size"]) if f["action"] not in ("delete", "kept") else ""
+        table.add_row(f["path"], f["action"], shown)
     console.print(table)
     record = row["record"]
     if row["dry_run"]:

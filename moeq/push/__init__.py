@@ -93,8 +93,8 @@ def local_files(card: CardRecord) -> dict[str, PlannedFile]:
     for name in card.repo_files:
         path = folder / name
         if not path.is_file():
-            raise InputError(f"{path}: missing from the staged repo; run moeq card --config CFG "
-                             f"{'--quant ' + card.quant if card.quant else '--all'}")
+            raise InputError(f"{path}: missing from the staged repo; run moeq card --config CFG"
+                             f"{' --quant ' + card.quant if card.quant else ''}")
         sha = known.get(name) or hashlib.sha256(path.read_bytes()).hexdigest()  # a chart: small, drawn by moeq card
         files[name] = PlannedFile(name, "add", path.stat().st_size, sha, str(path))
     if hashlib.sha256((folder / README_NAME).read_bytes()).hexdigest() != card.readme.sha256:

@@ -31,6 +31,10 @@ from moeq.stage_runner import Stage
 from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace, commit_file, fsync_file, partial_path, require_free, sha256_file
 
+# llama-quantize prints a line per tensor; one of Phi-3.5-MoE's expert tensors (840 MB in F16) takes a minute or two on
+# two cores. Ten minutes of silence is a tool that spins (a pattern std::regex backtracks on, a stuck disk): stopped.
+QUANTIZE_IDLE_S = 600
+
 
 def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_path: Path,
                    source: Callable[[], SourceRecord], *, threads: int | None = None, allow_requantize: bool = False,
@@ -91,7 +95,7 @@ def _quantize(quant: QuantSpec, ws: Workspace, tool, source: Path, source_record
     stop_hashing = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         try:
-            run_tool(command, log, on_line,
+            run_tool(command, log, on_line, idle_s=QUANTIZE_IDLE_S,
                      cwd=Path(options.imatrix.path).resolve().parent if options.imatrix else None)
             # The output hash and the fsync run side by side with the header checks; every check on the
             # result happens before the rename, so a failed check leaves no final file.
