@@ -9,7 +9,7 @@ line with exit 2.
 import signal
 import sys
 
-SIGNAL_EXITS = {signal.SIGINT: ("SIGINT", 130), signal.SIGTERM: ("SIGTERM", 143)}
+from moeq.errors import SIGNAL_EXITS
 
 
 def _while_starting(signum, frame) -> None:

@@ -7,6 +7,11 @@ with the class's exit code; tracebacks are shown only with --debug.
 
 from __future__ import annotations
 
+import signal
+
+# The signals that end moeq as an interruption: their names and exit codes (README, "Exit codes").
+SIGNAL_EXITS = {signal.SIGINT: ("SIGINT", 130), signal.SIGTERM: ("SIGTERM", 143)}
+
 
 class MoeqError(Exception):
     """Base class: a one-line, actionable message and an exit code."""

@@ -15,8 +15,8 @@ import os
 import re
 import signal
 import sys
-import threading
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,7 +28,7 @@ from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, Reposito
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import get_token
 
-from moeq.errors import ConfigError, HubError, MoeqError
+from moeq.errors import SIGNAL_EXITS, ConfigError, HubError, MoeqError
 from moeq.workspace import read_text_limited
 
 
@@ -168,16 +168,14 @@ def interrupt_ends_upload(repo_id: str) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    codes = {signal.SIGINT: ("SIGINT", 130), signal.SIGTERM: ("SIGTERM", 143)}
-
     def end_now(signum, frame) -> None:
-        name, code = codes[signum]
+        name, code = SIGNAL_EXITS[signum]
         sys.stderr.write(f"error: interrupted by {name} while uploading to {repo_id}; nothing was committed, the "
                          "repo on the Hub is unchanged; run the push again\n")
         sys.stderr.flush()
         os._exit(code)
 
-    before = {signum: signal.signal(signum, end_now) for signum in codes}
+    before = {signum: signal.signal(signum, end_now) for signum in SIGNAL_EXITS}
     try:
         yield
     finally:

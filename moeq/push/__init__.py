@@ -128,7 +128,7 @@ def plan_push(api: HfApi, card: CardRecord, ladder: list[str] | None = None, pru
                 same = there.blob_id == git_hash(Path(planned.local).read_bytes())
             planned.action = "unchanged" if same else "update"
         plan.files.append(planned)
-    published = _published(api, card.repo_id, plan.head, remote.get(MANIFEST_NAME), plan)
+    published, plan.remote_layout = _published(api, card.repo_id, plan.head, remote.get(MANIFEST_NAME))
     for path in sorted(remote_paths - set(local) - set(HUB_OWN)):
         if path not in published:
             plan.files.append(PlannedFile(path, "delete" if prune else "kept", 0))
@@ -144,22 +144,21 @@ def plan_push(api: HfApi, card: CardRecord, ladder: list[str] | None = None, pru
     return plan
 
 
-def _published(api: HfApi, repo_id: str, head: str, manifest: RepoFile | None, plan: PushPlan) -> dict[str, str | None]:
-    """What the manifest on the Hub says moeq published: each file with its quant (None: the repo's own file).
-
-    No manifest, or one this moeq cannot read, means nothing on the Hub is known to be moeq's."""
+def _published(api: HfApi, repo_id: str, head: str,
+               manifest: RepoFile | None) -> tuple[dict[str, str | None], str | None]:
+    """What the manifest on the Hub says moeq published (each file with its quant; None: the repo's own file), and
+    the layout it names. No manifest, or one this moeq cannot read, means nothing on the Hub is known to be moeq's."""
     if manifest is None:
-        return {}
+        return {}, None
     text = remote_text(api, repo_id, MANIFEST_NAME, MAX_MANIFEST_BYTES, head, size=manifest.size)
-    plan.remote_layout = _layout_of(text)
     try:
         theirs = parse_manifest(text, f"{repo_id}/{MANIFEST_NAME}")
     except MoeqError:
-        return {}
+        return {}, _layout_of(text)
     owners: dict[str, str | None] = dict.fromkeys(theirs.repo_files)
     owners.update({f.name: q.quant for q in theirs.quants for f in q.files})
     owners[MANIFEST_NAME] = None
-    return owners
+    return owners, theirs.layout
 
 
 def _layout_of(manifest_text: str) -> str | None:
