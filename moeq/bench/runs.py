@@ -139,6 +139,7 @@ def run_perplexity(tool: Path, model: Path, text: Path, log: Path, *, ctx: int, 
                          f"chunk of {ctx}; use a longer text (bench.perplexity.text) or a smaller bench.perplexity.ctx")
     wanted = ("ppl",) if save_base else ("kld_mean", "same_top_p", "ppl_ratio")
     too_short = False
+    never = set(wanted)  # what no try printed: a run cut short (the flake retried here) lacks more, by chance
     for _ in range(TRIES):
         lines: list[str] = []
         run_tool(command, log, on_line=lines.append, timeout_s=timeout_s)
@@ -146,8 +147,9 @@ def run_perplexity(tool: Path, model: Path, text: Path, log: Path, *, ctx: int, 
         figures = parse_perplexity(output)
         if all(key in figures for key in wanted):
             return {"command": command, **figures}
+        never &= {key for key in wanted if key not in figures}
         too_short = too_short or "you need at least" in output  # a retried run may stop before saying so
-    absent = next(key for key in wanted if key not in figures)
+    absent = next((key for key in wanted if key in never), None) or next(k for k in wanted if k not in figures)
     hint = f"; the text is too short for {chunks} chunks of {ctx} tokens (bench.perplexity)" if too_short else ""
     raise ToolError(f"llama-perplexity printed no '{_LINES[absent]}' line for {model.name} ({TRIES} tries){hint}; "
                     f"see {log}")
