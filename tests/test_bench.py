@@ -248,7 +248,7 @@ def test_a_missing_figure_names_the_line(tmp_path, toolchain, tiny_model):
         run_perplexity(tool, tiny_model, text, tmp_path / "p.log", kld_base=tmp_path / "b.kld", save_base=False,
                        **kwargs)
     assert info.value.message == (f"llama-perplexity printed no 'Same top p: ...' line for {tiny_model.name} "
-                                  f"(3 tries); see {tmp_path / 'p.log'}")
+                                  f"(6 tries); see {tmp_path / 'p.log'}")
 
 
 def test_a_text_too_short_for_one_chunk_is_refused_before_running(tmp_path, toolchain, tiny_model):

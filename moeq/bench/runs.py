@@ -20,8 +20,10 @@ from moeq.offload import OffloadMode
 from moeq.runner import run_tool
 
 # The pinned tools now and then exit 0 with the end of their log missing (llama-completion before
-# loading anything, llama-perplexity before its final figures): such a run is made again.
+# loading anything, llama-perplexity before its final figures): such a run is made again. On a busy
+# 2-core machine llama-perplexity's last lines went missing three times in a row, so it gets more tries.
 TRIES = 3
+PERPLEXITY_TRIES = 6
 
 
 def offload_devices(tool: Path, log: Path, timeout_s: float) -> list[str]:
@@ -140,7 +142,7 @@ def run_perplexity(tool: Path, model: Path, text: Path, log: Path, *, ctx: int, 
     wanted = ("ppl",) if save_base else ("kld_mean", "same_top_p", "ppl_ratio")
     too_short = False
     never = set(wanted)  # what no try printed: a run cut short (the flake retried here) lacks more, by chance
-    for _ in range(TRIES):
+    for _ in range(PERPLEXITY_TRIES):
         lines: list[str] = []
         run_tool(command, log, on_line=lines.append, timeout_s=timeout_s)
         output = "\n".join(lines)
@@ -151,5 +153,5 @@ def run_perplexity(tool: Path, model: Path, text: Path, log: Path, *, ctx: int, 
         too_short = too_short or "you need at least" in output  # a retried run may stop before saying so
     absent = next((key for key in wanted if key in never), None) or next(k for k in wanted if k not in figures)
     hint = f"; the text is too short for {chunks} chunks of {ctx} tokens (bench.perplexity)" if too_short else ""
-    raise ToolError(f"llama-perplexity printed no '{_LINES[absent]}' line for {model.name} ({TRIES} tries){hint}; "
-                    f"see {log}")
+    raise ToolError(f"llama-perplexity printed no '{_LINES[absent]}' line for {model.name} ({PERPLEXITY_TRIES} "
+                    f"tries){hint}; see {log}")
