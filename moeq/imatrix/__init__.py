@@ -125,6 +125,11 @@ def _imatrix(pipeline: Pipeline, ws: Workspace, tool, source: SourceRecord, text
                str(computed.resolve()), "-c", str(spec.ctx), "--output-frequency", "1000000"]  # one write, at the end
     if spec.chunks:
         command += ["--chunks", str(spec.chunks)]
+    size = text.stat().st_size
+    if size + 1 < 2 * spec.ctx:  # a token covers at least one byte (plus BOS): too short, before any tool runs
+        raise InputError(f"{text}: tokenizes to at most {size + 1} tokens; llama-imatrix needs at least "
+                         f"{2 * spec.ctx} (two chunks of imatrix.ctx {spec.ctx}); use a longer calibration text or a "
+                         "smaller imatrix.ctx")
     outputs = [computed]
     try:
         computed.unlink(missing_ok=True)
