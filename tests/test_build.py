@@ -256,32 +256,33 @@ def test_summary_reads_whole_in_an_80_column_log(tmp_path, toolchain):
 
 
 def test_a_moved_and_a_copied_workspace(tmp_path, toolchain):
-    """Records hold workspace-relative paths: a moved workspace is current; a copy is independent of the original."""
+    """Records hold workspace-relative paths: a moved workspace is current, an imatrix quant included (its key holds
+    the matrix's name and sha256, not its path); a copy is independent of the original."""
     bin_dir = wrapped_tools(tmp_path, toolchain)
     config = write_config(tmp_path, bin_dir)
-    proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench", "--json")
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q2_K", "--skip-bench", "--json")
     assert proc.returncode == 0, proc.stderr
     original = tmp_path / "work"
-    saved = json.loads((original / "records" / "quantize-Q8_0.json").read_text())["record"]
-    assert saved["output"]["path"] == "quants/tiny-phimoe-Q8_0.gguf"  # relative to the workspace
+    saved = json.loads((original / "records" / "quantize-Q2_K.json").read_text())["record"]
+    assert saved["output"]["path"] == "quants/tiny-phimoe-Q2_K.gguf"  # relative to the workspace
     assert saved["source"]["path"] == "source/tiny-phimoe-F16.gguf"
     (tmp_path / "work").rename(tmp_path / "moved")
     moved = config.with_name("moved.yaml")
     moved.write_text(config.read_text().replace("workspace: work\n", "workspace: moved\n"))
     (tmp_path / "starts").unlink()
-    proc = run_moeq("build", "--config", str(moved), "--quant", "Q8_0", "--skip-bench", "--json")
+    proc = run_moeq("build", "--config", str(moved), "--quant", "Q2_K", "--skip-bench", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert {s["stage"]: s["status"] for s in json.loads(proc.stdout)["quants"][0]["stages"]} == {
-        "fetch": "up to date", "imatrix": "skipped", "quantize": "up to date", "validate": "up to date",
+        "fetch": "up to date", "imatrix": "up to date", "quantize": "up to date", "validate": "up to date",
         "bench": "skipped", "shards": "up to date", "card": "up to date", "push": "skipped"}
     assert not (tmp_path / "starts").exists()  # no tool ran
     subprocess.run(["cp", "-a", str(tmp_path / "moved"), str(tmp_path / "copy")], check=True)
     copy = config.with_name("copy.yaml")
     copy.write_text(config.read_text().replace("workspace: work\n", "workspace: copy\n"))
-    proc = run_moeq("build", "--config", str(copy), "--quant", "Q8_0", "--skip-bench", "--json")
+    proc = run_moeq("build", "--config", str(copy), "--quant", "Q2_K", "--skip-bench", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    staged = tmp_path / "copy" / "repos" / "ladder" / "tiny-phimoe-Q8_0.gguf"
-    assert os.path.samefile(staged, tmp_path / "copy" / "quants" / "tiny-phimoe-Q8_0.gguf")
-    assert not os.path.samefile(staged, tmp_path / "moved" / "quants" / "tiny-phimoe-Q8_0.gguf")
+    staged = tmp_path / "copy" / "repos" / "ladder" / "tiny-phimoe-Q2_K.gguf"
+    assert os.path.samefile(staged, tmp_path / "copy" / "quants" / "tiny-phimoe-Q2_K.gguf")
+    assert not os.path.samefile(staged, tmp_path / "moved" / "quants" / "tiny-phimoe-Q2_K.gguf")
     card = json.loads((tmp_path / "copy" / "records" / "card.json").read_text())["record"]
     assert card["folder"] == "repos/ladder" and card["readme"]["path"] == "repos/ladder/README.md"

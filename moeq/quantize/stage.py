@@ -52,7 +52,7 @@ def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_pat
     options = quant_options(quant, allow_requantize, ws)
 
     def key() -> dict:
-        return {"source_sha256": source().output.sha256, "options": options.model_dump(mode="json"),
+        return {"source_sha256": source().output.sha256, "options": option_key(options),
                 "tool_commit": tool.build.commit}
 
     def intact(record: QuantizeRecord) -> bool:
@@ -146,6 +146,15 @@ def quant_options(quant: QuantSpec, allow_requantize: bool, ws: Workspace) -> Qu
     return QuantizeOptions(type=quant.type, imatrix=imatrix, tensor_types=dict(quant.tensor_types),
                            output_tensor_type=quant.output_tensor_type,
                            token_embedding_type=quant.token_embedding_type, allow_requantize=allow_requantize)
+
+
+def option_key(options: QuantizeOptions) -> dict:
+    """The options as the key holds them: the importance matrix by its bare name (llama-quantize writes that into
+    the file) and its sha256, not its path, so a moved or copied workspace stays current."""
+    key = options.model_dump(mode="json")
+    if options.imatrix is not None:
+        key["imatrix"] = {"name": Path(options.imatrix.path).name, "sha256": options.imatrix.sha256}
+    return key
 
 
 def build_command(tool: Path, quant: QuantSpec, options: QuantizeOptions, source: Path, out: Path,
