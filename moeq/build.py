@@ -114,16 +114,27 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
     runners = [_Runner(result) for result in results]
     # fetch and imatrix run once for the ladder. The source has its own lock: a second build waits for the
     # first's fetch, then finds it current.
+    steps.require_tools(ctx, quants, skip_bench=skip_bench)
     shared = _Runner(QuantResult("", "", ""))
-    shared.run("fetch", lambda: steps.fetch(ctx, force="fetch" in force))
     wants_imatrix = [q.imatrix == IMATRIX_AUTO for q in quants]
+    # A local source is hashed beside the first llama-quantize (as `moeq quantize` does); its outcome is known
+    # once the file stages have run. Every other source (and the imatrix) needs the record first.
+    pending = (steps.fetch_beside(ctx, force="fetch" in force)
+               if pipeline.source.kind == "local" and not any(wants_imatrix) else None)
+    if pending is None:
+        shared.run("fetch", lambda: steps.fetch(ctx, force="fetch" in force))
     if shared.result.ok and any(wants_imatrix):
         shared.run("imatrix", lambda: steps.imatrix(ctx, force="imatrix" in force))
     for runner, auto, quant in zip(runners, wants_imatrix, quants):
-        runner.result.stages.append(shared.result.stages[0])
-        if shared.result.stages[0].status == "failed":
+        if pending is not None:
+            pass  # its outcome goes first once known
+        elif shared.result.stages[0].status == "failed":
+            runner.result.stages.append(shared.result.stages[0])
             runner.skip_rest("fetch", "the source could not be fetched")
-        elif auto:
+            continue
+        else:
+            runner.result.stages.append(shared.result.stages[0])
+        if auto:
             runner.result.stages.append(shared.result.stages[1])
             if shared.result.stages[1].status == "failed":
                 runner.skip_rest("imatrix", "the importance matrix could not be made")
@@ -134,6 +145,9 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
     units = {unit.key: unit for unit in steps.repo_units(ctx, quants)}  # per quant, or {None: the ladder's repo}
     phases = (FILE_STAGES, PUBLISH_STAGES) if not pipeline.single_repo else (FILE_STAGES, ("shards",))
     for phase in phases:
+        if phase is not FILE_STAGES and pending is not None:
+            _fetched_beside(shared, runners, pending)
+            pending = None
         for quant, runner in zip(quants, runners):
             if not runner.result.ok or len(runner.result.stages) == len(STAGES):
                 continue
@@ -152,6 +166,16 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
     if pipeline.single_repo:
         _publish_ladder(ctx, units[None], runners, push=push, force=force, switch_layout=switch_layout)
     return BuildSummary(results, pushed=push, single_repo=pipeline.single_repo)
+
+
+def _fetched_beside(shared: _Runner, runners: list[_Runner], pending: Callable[[], StageResult]) -> None:
+    """The outcome of a source stage that ran beside the quantize stages, first in each quant's row."""
+    shared.run("fetch", pending)
+    outcome = shared.result.stages[-1]
+    if outcome.status == "ran":  # it ran before this call waited for it
+        outcome.seconds = pending().wall_s
+    for runner in runners:
+        runner.result.stages.insert(0, outcome)
 
 
 def _publish_ladder(ctx: Context, unit: steps.RepoUnit, runners: list[_Runner], *, push: bool,

@@ -35,6 +35,8 @@ class Context:
     records: Records
     say: Callable[[str], None] = lambda _msg: None
     warnings: list[str] = field(default_factory=list)
+    # A local source's stage running in a thread of its own (fetch_beside): quantize takes its record from it.
+    source_pending: Callable[[], StageResult[SourceRecord]] | None = None
 
     @classmethod
     def of(cls, pipeline: Pipeline, say: Callable[[str], None] = lambda _msg: None) -> "Context":
@@ -63,6 +65,56 @@ def fetch(ctx: Context, force: bool = False) -> StageResult[SourceRecord]:
     api = ctx.api if ctx.pipeline.source.kind in HUB_KINDS else None
     return run_stage(source_stage(ctx.pipeline, ctx.ws, api, ctx.chain, ctx.say), ctx.records, force=force,
                      on_message=ctx.say)
+
+
+def fetch_beside(ctx: Context, force: bool = False) -> Callable[[], StageResult[SourceRecord]]:
+    """Run the source stage in a thread of its own; the function returned waits for its result (or raises its
+    error). A local source's first hash (an 84 GB read for Phi-3.5-MoE) then runs beside llama-quantize, which
+    needs only the path; the quantize stage waits for it only where its key is compared or its record written."""
+    done: dict[str, StageResult[SourceRecord] | BaseException] = {}
+
+    def work() -> None:
+        try:
+            done["result"] = fetch(ctx, force=force)
+        except BaseException as exc:  # handed to whoever waits for the result
+            done["error"] = exc
+
+    worker = threading.Thread(target=work, name="source-hash", daemon=True)  # Ctrl-C does not wait for it
+    worker.start()
+
+    def result() -> StageResult[SourceRecord]:
+        worker.join()
+        if "error" in done:
+            raise done["error"]
+        return done["result"]
+
+    ctx.source_pending = result
+    return result
+
+
+def tools_needed(pipeline: Pipeline, quants: list[QuantSpec], *, skip_bench: bool = False) -> list[str]:
+    """The llama.cpp tools the stages `moeq build` will run for `quants` call, in the order they run."""
+    needed = []
+    if pipeline.source.kind == "gguf":
+        needed.append("llama-gguf-split")  # a split source is merged
+    if any(q.imatrix == IMATRIX_AUTO for q in quants):
+        needed.append("llama-imatrix")
+    needed.append("llama-quantize")
+    if not skip_bench:
+        needed += ["llama-bench", "llama-completion"]
+        if pipeline.bench.quality:
+            needed.append("llama-perplexity")
+        if pipeline.bench.rpc == "local":
+            needed.append("ggml-rpc-server")
+    needed.append("llama-gguf-split")  # shards
+    return list(dict.fromkeys(needed))
+
+
+def require_tools(ctx: Context, quants: list[QuantSpec], *, skip_bench: bool = False) -> None:
+    """Find every tool the build will need before any stage runs (a ToolError names the first one missing or of
+    the wrong backend): a CUDA pipeline without CUDA tools stops before downloading 84 GB, not at the imatrix."""
+    for name in tools_needed(ctx.pipeline, quants, skip_bench=skip_bench):
+        ctx.chain.tool(name)
 
 
 def source(ctx: Context) -> SourceRecord:
@@ -105,33 +157,14 @@ def quantize(ctx: Context, quant: QuantSpec, force: bool = False, threads: int |
 
 
 def _source_for_quantize(ctx: Context) -> tuple[Path, Callable[[], SourceRecord]]:
-    """The source's path now, and its record when it is ready.
-
-    A `local` source's first hash (an 84 GB read for Phi-3.5-MoE) runs in a thread of its own, beside
-    llama-quantize, which needs only the path; the quantize stage waits for it only where its key is
-    compared, or when it writes its record. Other sources are recorded already (fetch, synth)."""
+    """The source's path now, and its record when it is ready: a `local` source is hashed beside
+    llama-quantize (fetch_beside); other sources are recorded already (fetch, synth)."""
     spec = ctx.pipeline.source
     if spec.kind != "local" or not Path(spec.path).is_file():  # a missing file: the source stage says so
         record = source(ctx)
         return Path(record.output.path), lambda: record
-    done: dict[str, SourceRecord | BaseException] = {}
-
-    def hash_source() -> None:
-        try:
-            done["record"] = fetch(ctx).record
-        except BaseException as exc:  # handed to whoever waits for the record
-            done["error"] = exc
-
-    worker = threading.Thread(target=hash_source, name="source-hash", daemon=True)  # Ctrl-C does not wait for it
-    worker.start()
-
-    def record() -> SourceRecord:
-        worker.join()
-        if "error" in done:
-            raise done["error"]
-        return done["record"]
-
-    return Path(spec.path), record
+    pending = ctx.source_pending or fetch_beside(ctx)
+    return Path(spec.path), lambda: pending().record
 
 
 def validate(ctx: Context, quant: QuantSpec, numerics: str = "sample", force: bool = False) -> StageResult[ValidateRecord]:

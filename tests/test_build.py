@@ -286,3 +286,32 @@ def test_a_moved_and_a_copied_workspace(tmp_path, toolchain):
     assert not os.path.samefile(staged, tmp_path / "moved" / "quants" / "tiny-phimoe-Q2_K.gguf")
     card = json.loads((tmp_path / "copy" / "records" / "card.json").read_text())["record"]
     assert card["folder"] == "repos/ladder" and card["readme"]["path"] == "repos/ladder/README.md"
+
+
+def test_build_hashes_a_local_source_beside_llama_quantize(tmp_path, toolchain):
+    """A local source's first hash runs beside llama-quantize, as `moeq quantize` does: the quantize has started
+    before the source record exists, and the summary still shows the source stage first."""
+    model = tmp_path / "big-F16.gguf"
+    made = run_moeq("synth", "tiny-phimoe", str(model), "--layers", "4", "--experts", "8", "--embd", "1024",
+                    "--ff", "2048")
+    assert made.returncode == 0, made.stderr
+    assert model.stat().st_size > 300e6  # a hash of a second or so
+    bin_dir = wrapped_tools(tmp_path, toolchain)
+    quantize = bin_dir / "llama-quantize"
+    records = tmp_path / "work" / "records"
+    quantize.write_text(quantize.read_text().replace(
+        "exec ", f'[ "$1" = --help ] || {{ [ -e {records}/source.json ] && echo after || echo before; }} >> {tmp_path}/order\n'
+                 "exec ", 1))
+    config = write_config(tmp_path, bin_dir)
+    config.write_text(config.read_text().replace(
+        "  kind: synth\n  train: true", f"  kind: local\n  path: {model}\n  #").replace(
+        "  synth: {layers: 2, experts: 4, experts_used: 2, embd: 256, ff: 512, vocab: 512, seed: 0}\n", ""))
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stages = json.loads(proc.stdout)["quants"][0]["stages"]
+    assert [(s["stage"], s["status"]) for s in stages][:3] == [("fetch", "ran"), ("imatrix", "skipped"),
+                                                               ("quantize", "ran")]
+    assert (tmp_path / "order").read_text().split() == ["before"]
+    again = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench", "--json")
+    assert [s["status"] for s in json.loads(again.stdout)["quants"][0]["stages"]][:3] == [
+        "up to date", "skipped", "up to date"]

@@ -286,3 +286,17 @@ def test_the_card_names_the_gpu_it_was_measured_on(benched_record):
     machine = benched_record.machine.model_copy(update={"gpus": [Gpu(name="NVIDIA H200", memory_bytes=150754820096)]})
     cuda = benched_record.model_copy(update={"memory": [cuda_run], "machine": machine})
     assert _offload_device(cuda) == "CUDA0 (NVIDIA H200, 143,166 MiB)"
+
+
+def test_a_cuda_build_without_cuda_tools_stops_before_any_stage(tmp_path, toolchain):
+    """Every tool the planned stages call is found before the first stage: nothing is fetched or made."""
+    cpu_bin = toolchain.path("llama-quantize").parent
+    config = _example(tmp_path, f"toolchain:\n  backend: cuda\n  llama_cpp_bin: {cpu_bin}\n")
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q2_K")
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1:] == [
+        f"error: llama-imatrix: {cpu_bin / 'llama-imatrix'} is a CPU build of llama.cpp, and toolchain.backend asks "
+        "for CUDA; build it with scripts/setup --backend cuda (or point toolchain.llama_cpp_bin at a CUDA build)"]
+    ws = load_pipeline(config).workspace
+    assert not (ws / "source").exists() or not any((ws / "source").iterdir())
+    assert not (ws / "records").exists() or not any((ws / "records").iterdir())
