@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import gguf
@@ -169,6 +173,34 @@ def test_killed_download_resumes_in_the_next_run(tmp_path, test_hub, tiny_model)
     assert proc.returncode == 0, proc.stderr
     gets = [r for r in test_hub.requests if r.method == "GET" and r.path.startswith("/lfs-objects/")]
     assert [r.range for r in gets] == ["bytes=3000000-"]
+    assert (tmp_path / "work" / "source" / "tiny-phimoe-F16.gguf").read_bytes() == data
+
+
+def test_sigterm_keeps_the_download_and_says_so(tmp_path, test_hub, tiny_model):
+    """SIGTERM in the middle of a download: exit 143, the message says the .partial is kept, and it is (resumed)."""
+    data = tiny_model.read_bytes()
+    test_hub.state.add_files(SOURCE_REPO, {"tiny-phimoe-F16.gguf": data})
+    config = write_config(tmp_path, f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: main\n"
+                                    "  file: tiny-phimoe-F16.gguf\n")
+    partial = tmp_path / "work" / "source" / "download" / "tiny-phimoe-F16.gguf.partial"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data[:3_000_000])
+    test_hub.state.faults.append(Fault("GET", r"^/lfs-objects/", "sleep", seconds=30))
+    proc = subprocess.Popen([sys.executable, "-m", "moeq", "fetch", "--config", str(config)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **test_hub.env})
+    deadline = time.monotonic() + 60
+    while not any(r.path.startswith("/lfs-objects/") for r in test_hub.requests) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out + err
+    assert err.splitlines()[-1] == (
+        "error: interrupted by SIGTERM; stopped the running tool and removed its partial output (a download keeps "
+        "its .partial file); run the command again: a download resumes, any other step starts over")
+    assert partial.read_bytes() == data[:3_000_000]
+    assert fetch(test_hub, config).returncode == 0
+    assert [r.range for r in test_hub.requests if r.path.startswith("/lfs-objects/")][-1] == "bytes=3000000-"
     assert (tmp_path / "work" / "source" / "tiny-phimoe-F16.gguf").read_bytes() == data
 
 

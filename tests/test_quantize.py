@@ -206,8 +206,9 @@ def test_sigterm_stops_cleanly(tmp_path, toolchain):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    assert err.rstrip().endswith("interrupted by SIGTERM; stopped the running tool and removed partial files, "
-                                 "run the command again to start that step over")
+    assert err.rstrip().endswith("interrupted by SIGTERM; stopped the running tool and removed its partial output "
+                                 "(a download keeps its .partial file); run the command again: a download resumes, "
+                                 "any other step starts over")
     assert not final.exists() and not final.with_name(final.name + ".partial").exists()
 
 

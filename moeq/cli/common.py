@@ -98,8 +98,8 @@ def guard(fn: Callable) -> Callable:
     return wrapper
 
 
-INTERRUPTED = ("interrupted by {signal}; stopped the running tool and removed partial files, run the command "
-               "again to start that step over")
+INTERRUPTED = ("interrupted by {signal}; stopped the running tool and removed its partial output (a download keeps "
+               "its .partial file); run the command again: a download resumes, any other step starts over")
 
 
 def _sigterm_to_exception(signum, frame) -> None:
