@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -329,3 +330,16 @@ def test_a_card_never_publishes_another_matrix_than_the_quant_was_made_with(tmp_
     matrix = config.parent / "work" / "imatrix" / "tiny-phimoe.imatrix"
     assert error_line(proc) == (f"error: {matrix}: not the importance matrix Q4_K_M was made with (gone or changed "
                                 "since); run moeq quantize --quant Q4_K_M again")
+
+
+def test_progress_reports_the_time_of_a_pass_of_several_chunks(made):
+    """llama-imatrix times its first pass, which holds batch / ctx chunks (8 at ctx 256), not one chunk."""
+    config, _record = made
+    proc = run_moeq("imatrix", "--config", str(config), "--force")
+    assert proc.returncode == 0, proc.stderr
+    log = (config.parent / "work" / "imatrix").glob("*.log")
+    logged = "".join(path.read_text() for path in log)
+    total = int(re.search(r"computing over (\d+) chunks, n_ctx=256, batch_size=2048, n_seq=8", logged).group(1))
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("llama-imatrix: ")]
+    assert lines[0] == f"llama-imatrix: {total} chunks, {min(8, total)} per pass"
+    assert re.fullmatch(rf"llama-imatrix: \d+\.\d s per pass of {min(8, total)} chunks, ETA .+", lines[1]), lines

@@ -35,7 +35,8 @@ from moeq.workspace import Workspace, commit_file, partial_path
 
 TOO_SHORT = re.compile(r"you need at least (\d+) tokens for a context of (\d+) tokens")
 TOKENIZED = re.compile(r"tokenizes to only (\d+) tokens")
-PROGRESS = re.compile(r"computing over (\d+) chunks|(\d+(?:\.\d+)?) seconds per pass - ETA (.*)")
+# llama-imatrix evaluates n_seq = batch / ctx chunks at once, and times each such pass
+PROGRESS = re.compile(r"computing over (\d+) chunks(?:.*n_seq=(\d+))?|(\d+(?:\.\d+)?) seconds per pass - ETA (.*)")
 MAX_LISTED = 12  # experts named in one message; the record keeps them all
 MAX_CALIBRATION_BYTES = 32 << 20  # llama-imatrix tokenizes the whole text in memory (1 GB of text took 16 GB)
 # What moeq/data/calibration.txt is made of (CALIBRATION.md has the details); the card lists them.
@@ -135,7 +136,7 @@ def _imatrix(pipeline: Pipeline, ws: Workspace, tool, source: SourceRecord, text
         computed.unlink(missing_ok=True)
         on_message(f"{Path(source.output.path).name}: llama-imatrix on {text.name}, context {spec.ctx}")
         try:
-            run_tool(command, log, lambda line: _progress(line, on_message), cwd=text.resolve().parent)
+            run_tool(command, log, _progress(on_message), cwd=text.resolve().parent)
         except ToolError as exc:
             raise _short_text(log, text, spec.ctx) or exc from None
         facts = read_imatrix(computed)
@@ -199,9 +200,18 @@ def _short_text(log: Path, text: Path, ctx: int) -> InputError | None:
                       "smaller imatrix.ctx")
 
 
-def _progress(line: str, on_message: Callable[[str], None]) -> None:
-    match = PROGRESS.search(line)
-    if match and match.group(1):
-        on_message(f"llama-imatrix: {match.group(1)} chunks")
-    elif match:
-        on_message(f"llama-imatrix: {float(match.group(2)):.1f} s per chunk, ETA {match.group(3).strip()}")
+def _progress(on_message: Callable[[str], None]) -> Callable[[str], None]:
+    """A line handler for llama-imatrix's log that reports its chunk count and each pass's time."""
+    per_pass = {"chunks": 1}
+
+    def on_line(line: str) -> None:
+        match = PROGRESS.search(line)
+        if match and match.group(1):  # the first pass (the only one timed) holds n_seq chunks, or all there are
+            per_pass["chunks"] = min(int(match.group(1)), int(match.group(2) or 1))
+            on_message(f"llama-imatrix: {match.group(1)} chunks, {per_pass['chunks']} per pass")
+        elif match:
+            seconds, chunks = float(match.group(3)), per_pass["chunks"]
+            each = f"{seconds:.1f} s per pass of {chunks} chunks" if chunks > 1 else f"{seconds:.1f} s per chunk"
+            on_message(f"llama-imatrix: {each}, ETA {match.group(4).strip()}")
+
+    return on_line
