@@ -140,7 +140,8 @@ def quantize(ctx: Context, quant: QuantSpec, force: bool = False, threads: int |
     """Quantize `quant`; with `imatrix: auto` the imatrix stage runs first (or is found current).
 
     `without_imatrix`: the same type made without its importance matrix, for the bench to measure what the
-    imatrix bought; it is kept beside the bench's logs, under a record of its own, and never published."""
+    imatrix bought; it is made beside the bench's logs, under a record of its own, never published, and deleted
+    once measured (its record stays current without it)."""
     from moeq.quantize.stage import quantize_stage
 
     output, record_as = None, None
@@ -179,12 +180,23 @@ def bench(ctx: Context, quant: QuantSpec, modes: tuple[str, ...] | None = None, 
     from moeq.bench.stage import bench_stage
 
     quantized = ctx.records.require("quantize", quant.type)
-    without = None
+    twin = None
     if quantized.options.imatrix is not None and ctx.pipeline.bench.quality:
-        without = quantize(ctx, quant, without_imatrix=True).record
+        twin = quantize(ctx, quant, without_imatrix=True).record  # current; its file may be measured and gone
+
+    def twin_file() -> QuantizeRecord:
+        """The twin with its file, made again when the bench must measure it after it was deleted."""
+        if Path(twin.output.path).is_file():
+            return twin
+        return quantize(ctx, quant, force=True, without_imatrix=True).record
+
     stage = bench_stage(ctx.pipeline, quant, ctx.ws, ctx.chain, quantized, ctx.records.get("validate", quant.type),
-                        modes=modes, rpc=rpc, without_imatrix=without, on_message=ctx.say)
-    return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
+                        modes=modes, rpc=rpc, without_imatrix=twin, twin_file=twin_file if twin else None,
+                        on_message=ctx.say)
+    done = run_stage(stage, ctx.records, force=force, on_message=ctx.say)
+    if twin is not None and done.status == "ran":  # measured: a Q4_K_M twin of Phi-3.5-MoE is 25 GB
+        Path(twin.output.path).unlink(missing_ok=True)
+    return done
 
 
 def shards(ctx: Context, quant: QuantSpec, force: bool = False) -> StageResult[ShardsRecord]:

@@ -120,6 +120,24 @@ def test_rerun_reuses_the_record_unless_forced(benched, toolchain, rpc_device):
     assert not forced.skipped and [r.mode for r in forced.record.speed] == ["cpu-moe"]
 
 
+def test_the_without_imatrix_twin_is_deleted_once_measured(benched, toolchain, rpc_device):
+    """The twin's file goes once measured; its record (sha256) keeps the bench current, and a forced bench makes it
+    again for the measurement and deletes it again."""
+    _, pipeline, ws, outcomes = benched
+    twin_path = ws.root / "bench" / "Q2_K" / "without-imatrix-tiny-phimoe-Q2_K.gguf"
+    twin_record = ws.root / "records" / "quantize-Q2_K-without-imatrix.json"
+    sha = json.loads(twin_record.read_text())["record"]["output"]["sha256"]
+    assert outcomes["Q2_K"].record.quality.without_imatrix_file.sha256 == sha
+    assert not twin_path.exists()
+    made = twin_record.stat().st_mtime_ns
+    again = steps.bench(Context.of(pipeline), pipeline.quant("Q2_K"), rpc=rpc_device)
+    assert again.skipped and twin_record.stat().st_mtime_ns == made  # not quantized again
+    forced = steps.bench(Context.of(pipeline), pipeline.quant("Q2_K"), rpc=rpc_device, force=True, modes=("cpu",))
+    assert not forced.skipped and forced.record.quality.without_imatrix is not None
+    assert twin_record.stat().st_mtime_ns != made and not twin_path.exists()
+    assert json.loads(twin_record.read_text())["record"]["output"]["sha256"] == sha  # llama-quantize is deterministic
+
+
 def test_card_shows_the_measurements(benched, toolchain, rpc_device):
     _, pipeline, ws, _ = benched
     steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), rpc=rpc_device, force=True)

@@ -46,10 +46,12 @@ def default_eval_text() -> Path:
 def bench_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolchain, quantized: QuantizeRecord,
                 validated: ValidateRecord | None, *, modes: tuple[str, ...] | None = None, rpc: str | None = None,
                 without_imatrix: QuantizeRecord | None = None,
+                twin_file: Callable[[], QuantizeRecord] | None = None,
                 on_message: Callable[[str], None] = lambda _msg: None) -> Stage[BenchRecord]:
     """Measure `quant`; `rpc` (default bench.rpc) is HOST:PORT of a ggml-rpc-server, or "local" to start one.
     `without_imatrix`: the same type made without the importance matrix, whose KL divergence the quality
-    figures show beside the quant's."""
+    figures show beside the quant's; `twin_file()` gives it with its file when the bench runs (it is deleted once
+    measured, and the key holds its sha256)."""
     if modes:
         require_settings(modes, "--modes")
     rpc = rpc or pipeline.bench.rpc
@@ -79,8 +81,8 @@ def bench_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
             require_gpu_build(tool, [g.name for g in machine.gpus], options.modes)
         with rpc_endpoint(rpc, chain) as address:  # "local": a ggml-rpc-server for this run only
             speed, memory = _modes(chain, model, plan, options, address, logs, errors, not_measured, on_message)
-        quality = (_quality(chain, quantized, ws, text, options, errors, on_message, without_imatrix)
-                   if options.quality else None)
+        twin = twin_file() if twin_file and options.quality else without_imatrix
+        quality = _quality(chain, quantized, ws, text, options, errors, on_message, twin) if options.quality else None
         return BenchRecord(quant=quant.type, file=quantized.output, machine=machine,
                            tool=ToolBuildRef(**tool.build.as_dict()), options=options, speed=speed, memory=memory,
                            quality=quality, errors=errors, not_measured=not_measured)

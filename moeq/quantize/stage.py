@@ -43,7 +43,8 @@ def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_pat
                    record_as: str | None = None) -> Stage[QuantizeRecord]:
     """Quantize the F16 at `source_path` into `quant`; `source()` gives the source stage's record of it, which
     may still be hashing the file (a first run on a local source): llama-quantize does not wait for it.
-    `output` and `record_as` place a file made only for measurement (the bench's without-imatrix twin)."""
+    `output` and `record_as` place a file made only for measurement (the bench's without-imatrix twin), which
+    is deleted once measured: its record (and sha256) stays current without it."""
     if quant_types.lookup(quant.type) is None:
         raise InputError(f"{quant.type}: unknown quant type; llama-quantize accepts "
                          f"{', '.join(quant_types.QUANT_TYPES)}")
@@ -56,6 +57,8 @@ def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_pat
                 "tool_commit": tool.build.commit}
 
     def intact(record: QuantizeRecord) -> bool:
+        if record_as is not None and not final.exists():
+            return True  # measured and deleted
         return (final.is_file() and os.stat(final).st_size == record.output.size
                 and ws.hashes.sha256(final) == record.output.sha256)
 
