@@ -5,7 +5,8 @@ This trains the tiny checkpoint (synth_hf's layout) with transformers' PhimoeFor
 on the Devil's Dictionary (moeq/data/training-text.txt, public domain, disjoint from the evaluation
 text), for a fixed number of seeded steps: a few minutes on 2 cores. The tokenizer is trained on the
 same text. Trained checkpoints are cached under the moeq cache, keyed by the spec, the training
-settings, this code and the text, so a machine trains each one once.
+settings, the text and the code that decides the weights (its syntax, without docstrings, comments, error
+and progress messages), so a machine trains each one once and an edited message retrains nothing.
 
     trained_checkpoint(SynthSpec(vocab=512), on_message=print)
     # -> ~/.cache/moeq/trained/<key>/hf  (config.json, model.safetensors, tokenizer.model, ...)
@@ -13,6 +14,7 @@ settings, this code and the text, so a machine trains each one once.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
@@ -44,11 +46,30 @@ def training_text() -> Path:
 
 def training_key(spec: SynthSpec) -> str:
     """What the trained weights depend on: the spec, the settings, the code that trains and writes them, the text."""
-    code = b"".join(Path(module).read_bytes() for module in (__file__, resources.files("moeq") / "synth_hf.py"))
+    code = [Path(module).read_text() for module in (__file__, resources.files("moeq") / "synth_hf.py")]
     settings = {"spec": asdict(spec), "steps": STEPS, "sequence": SEQUENCE, "batch": BATCH, "lr": LEARNING_RATE,
-                "warmup": WARMUP, "code": hashlib.sha256(code).hexdigest(),
+                "warmup": WARMUP, "code": weights_code_sha256(code),
                 "text": hashlib.sha256(training_text().read_bytes()).hexdigest()}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_code_sha256(sources: list[str]) -> str:
+    """sha256 of the modules' syntax trees without what cannot change a weight: docstrings, comments, the
+    messages of raised errors and of on_message(...) calls."""
+    trees = []
+    for source in sources:
+        tree = ast.parse(source)
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+            if isinstance(node, ast.Raise):
+                node.exc, node.cause = None, None
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "on_message":
+                node.args, node.keywords = [], []
+        trees.append(ast.dump(tree, annotate_fields=False))
+    return hashlib.sha256("\n".join(trees).encode()).hexdigest()
 
 
 def trained_checkpoint(spec: SynthSpec, on_message: Callable[[str], None] = lambda _msg: None) -> Path:

@@ -110,6 +110,10 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain,
     check = run_moeq("push", "--config", str(config), "--check", env=test_hub.env)
     assert check.returncode == 0 and "links" not in check.stdout, check.stdout + check.stderr
 
+    assert not list((tmp_path / "work" / "bench").glob("*/without-imatrix-*.gguf"))  # measured, then deleted
+    previews = {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "previews").glob("*.html")}
+    assert len(previews) == len(repos)
+
     (tmp_path / "starts").unlink()
     start = len(test_hub.requests)
     began = time.monotonic()
@@ -121,6 +125,7 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain,
     assert not (tmp_path / "starts").exists(), (tmp_path / "starts").read_text()  # no llama.cpp tool started
     assert all(len(test_hub.state.commits_on(repo)) == 2 for repo in repos)
     assert not [r for r in test_hub.requests[start:] if r.writes]
+    assert {p: p.stat().st_mtime_ns for p in previews} == previews  # a build with nothing to do writes nothing
     print(f"second build: {elapsed:.2f} s")
 
 

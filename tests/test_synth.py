@@ -14,7 +14,7 @@ from moeq import synth
 from moeq.config import SynthSpec
 from moeq.synth import parameter_count, synth_spec, tensor_layout, write_synth_model
 
-from conftest import run_moeq
+from conftest import REPO, run_moeq
 
 PER_BLOCK = ["attn_norm.weight", "attn_norm.bias", "attn_q.weight", "attn_q.bias", "attn_k.weight",
              "attn_k.bias", "attn_v.weight", "attn_v.bias", "attn_output.weight", "attn_output.bias",
@@ -135,3 +135,23 @@ def test_runs_in_llama_bench(tiny_model, toolchain):
     assert {(r["n_prompt"], r["n_gen"]) for r in results} == {(32, 0), (0, 8)}
     assert all(r["avg_ts"] > 0 for r in results)
     assert results[0]["model_n_params"] == parameter_count(SynthSpec())
+
+
+def test_the_training_key_follows_the_weights_not_the_messages():
+    """An edited error or progress message, docstring or comment keeps the cached trained model; a change to
+    what is computed trains it again."""
+    from moeq.synth_train import weights_code_sha256
+
+    train, hf = ((REPO / "moeq" / name).read_text() for name in ("synth_train.py", "synth_hf.py"))
+    key = weights_code_sha256([train, hf])
+    message = '"training the tiny model needs torch, transformers and sentencepiece: install moeq\'s '
+    progress = 'on_message(f"training: step {step + 1}/{STEPS}, loss {loss.item():.3f}, '
+    for edited in (train.replace(message, message.replace("needs", "requires")),
+                   train.replace(progress, progress.replace("training: step", "step")),
+                   train.replace('"""A tiny PhiMoE', '"""A small PhiMoE').replace("\nSTEPS = 1200", "\n# steps\nSTEPS = 1200")):
+        assert edited != train
+        assert weights_code_sha256([edited, hf]) == key
+    for edited in (train.replace("\nSTEPS = 1200", "\nSTEPS = 1201"), train.replace("WARMUP = 50", "WARMUP = 51")):
+        assert edited != train
+        assert weights_code_sha256([edited, hf]) != key
+    assert weights_code_sha256([train, hf.replace('"lm_head_bias": True', '"lm_head_bias": False')]) != key

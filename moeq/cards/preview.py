@@ -81,7 +81,8 @@ def card_html(text: str, title: str, local: tuple[str, str] | None = None) -> st
 
 
 def write_preview(card: Path, out: Path, title: str) -> None:
-    """Write `card` as HTML to `out`; never into a staged repo folder, which holds only what is pushed."""
+    """Write `card` as HTML to `out` unless it holds that page already; never into a staged repo folder, which
+    holds only what is pushed."""
     from moeq.errors import CheckFailed
     from moeq.manifest import MANIFEST_NAME, read_card
     from moeq.workspace import write_text_atomic
@@ -96,4 +97,10 @@ def write_preview(card: Path, out: Path, title: str) -> None:
         repo = read_manifest(card.parent / MANIFEST_NAME).repo_id
         local = (f"https://huggingface.co/{repo}/resolve/main",
                  os.path.relpath(card.resolve().parent, out.resolve().parent))
-    write_text_atomic(out, card_html(read_card(card), title=title, local=local))
+    html = card_html(read_card(card), title=title, local=local)
+    try:
+        if out.read_text(encoding="utf-8") == html:
+            return  # unchanged: a build with nothing to do writes nothing
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_text_atomic(out, html)
