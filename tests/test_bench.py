@@ -164,6 +164,16 @@ def test_card_shows_the_measurements(benched, toolchain, rpc_device):
     assert [f.rule for f in lint_card(text.replace(row, row[: row.rindex("|", 0, -1)] + "| 99999.99 |"),
                                       "README.md", manifest)] == ["unrecorded-figure"]
     assert "| everything in system RAM, no GPU | `-ngl 0` | pp64 |" in measured
+    # The PPL ratio is of the two perplexities beside it; one that disagrees (llama-perplexity's own, whose base
+    # is recomputed from the saved logits) is refused.
+    quality = manifest.quants[0].records.bench.quality
+    rows = {line.split(" | ")[0]: line for line in measured.splitlines() if line.startswith("| P")}
+    ratio = quality.quant.ppl_q / quality.base.ppl
+    assert rows["| PPL ratio, this file / F16"].split(" | ")[1] == f"{ratio:.4f}"
+    tool_ratio = rows["| PPL ratio, this file / F16"].replace(f"| {ratio:.4f} |", f"| {ratio + 0.05:.4f} |", 1)
+    findings = lint_card(text.replace(rows["| PPL ratio, this file / F16"], tool_ratio), "README.md")
+    assert [(f.rule, f.message.split(" (")[0]) for f in findings] == [
+        ("derived-figure", f"PPL ratio {ratio + 0.05:.4f}")]
 
 
 def test_without_a_gpu_the_cpu_mode_is_measured_and_offload_modes_are_not(tmp_path, toolchain):

@@ -596,3 +596,26 @@ def test_a_runaway_template_is_stopped_with_its_line(tmp_path, monkeypatch, body
     assert info.value.message.startswith(f"{template}:3: the template ran past its budget ({what}")
     model = {"architecture": "phimoe", "expert_tensors": ["ffn_up_exps"], "shared_experts": []}
     assert render.render_card({"model": model}, REPO / "templates" / "partials" / "cpu-moe.md.j2")  # budget restored
+
+
+@pytest.mark.parametrize("before,after,message", [
+    ("Tensor types in the file (39 tensors):", "Tensor types in the file (40 tensors):",
+     "40 tensors, but the table's rows add up to 39"),
+    ("- **Parameters**: 3.8M (3,807,808)", "- **Parameters**: 3.9M (3,807,808)", "3.9M parameters is not 3,807,808"),
+])
+def test_a_derived_figure_that_its_parts_do_not_give_is_found(before, after, message):
+    text = (Path(__file__).parent / "golden" / "tiny-phimoe-Q8_0.md").read_text()
+    assert before in text and lint_card(text, "README.md") == []
+    [finding] = lint_card(text.replace(before, after), "README.md")
+    assert finding.rule == "derived-figure" and finding.message.startswith(message)
+
+
+def test_derived_products_are_checked():
+    from moeq.cards.derived import derived_findings
+
+    good = ["- **Evaluated**: 12 chunks of 256 tokens (3,072 tokens)",
+            "- **Expert coverage**: while it ran, the router sent each of the 8 experts (4 in each of 2 layers) between"]
+    assert derived_findings(good) == []
+    bad = [good[0].replace("3,072", "3,000"), good[1].replace("(4 in each", "(3 in each")]
+    assert [f.message for f in derived_findings(bad)] == ["3,000 tokens evaluated is not 12 x 256 = 3,072",
+                                                           "8 experts is not 3 x 2 = 6"]

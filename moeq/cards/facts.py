@@ -353,11 +353,19 @@ def _pm(figures: PerplexityFigures, key: str, digits: int) -> str:
     return text + (f" ± {err:.{digits}f}" if err is not None else " (uncertainty not computed by llama.cpp)")
 
 
-def _without_imatrix(figures: PerplexityFigures | None) -> dict | None:
+def _ratio(figures: PerplexityFigures, base: PerplexityFigures) -> str:
+    """The file's perplexity over F16's, both as the card shows them (llama-perplexity's own PPL(Q)/PPL(base)
+    divides by a PPL(base) recomputed from the saved logits, clamped, which is not the F16 figure shown)."""
+    if figures.ppl_q is None or not base.ppl:
+        return "unknown"
+    return f"{figures.ppl_q / base.ppl:.4f}"
+
+
+def _without_imatrix(figures: PerplexityFigures | None, base: PerplexityFigures) -> dict | None:
     """The same figures for the same type made without the importance matrix (measured, never published)."""
     if figures is None:
         return None
-    return {"ppl": _pm(figures, "ppl_q", 4), "ppl_ratio": _pm(figures, "ppl_ratio", 4),
+    return {"ppl": _pm(figures, "ppl_q", 4), "ppl_ratio": _ratio(figures, base),
             "kld_mean": _pm(figures, "kld_mean", 6), "kld_p99": _num(figures.kld_p99, 6),
             "kld_max": _num(figures.kld_max, 6), "same_top_p": _pm(figures, "same_top_p", 2) + " %"}
 
@@ -386,10 +394,10 @@ def _bench(bench: BenchRecord | None, n_layer: int) -> dict:
         quality = {
             "machine": _machine(bench, offload=False), "text": bench.quality.text, "ctx": bench.quality.ctx,
             "chunks": bench.quality.chunks,
-            "ppl_f16": _pm(base, "ppl", 4), "ppl": _pm(q, "ppl_q", 4), "ppl_ratio": _pm(q, "ppl_ratio", 4),
+            "ppl_f16": _pm(base, "ppl", 4), "ppl": _pm(q, "ppl_q", 4), "ppl_ratio": _ratio(q, base),
             "kld_mean": _pm(q, "kld_mean", 6), "kld_p99": _num(q.kld_p99, 6),
             "kld_max": _num(q.kld_max, 6), "same_top_p": _pm(q, "same_top_p", 2) + " %",
-            "without_imatrix": _without_imatrix(bench.quality.without_imatrix),
+            "without_imatrix": _without_imatrix(bench.quality.without_imatrix, base),
             "imatrix_effect": bench.quality.imatrix_effect(),
         }
     errors = [{"mode": e.mode, "error": e.error} for e in bench.errors]

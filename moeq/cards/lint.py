@@ -77,6 +77,9 @@ def lint_card(text: str, path: str = "README.md", manifest: Manifest | None = No
                      for tag in dict.fromkeys(t.lower() for t in HTML_TAG.findall(line)) if tag not in written]
     if manifest is not None:
         findings += _figure_findings(lines, body_start, manifest, template)
+    from moeq.cards.derived import derived_findings  # it builds on this module's Finding
+
+    findings += derived_findings(lines)
     return sorted(findings, key=lambda f: (f.line, f.rule))
 
 
@@ -221,7 +224,7 @@ def known_figures(manifest: Manifest) -> set[str]:
     return _figures(facts)
 
 
-def _cells(line: str) -> list[str]:
+def table_cells(line: str) -> list[str]:
     row = line.strip()
     row = row[1:] if row.startswith("|") else row
     row = row[:-1] if row.endswith("|") and not row.endswith("\\|") else row
@@ -248,7 +251,7 @@ def _figure_findings(lines: list[str], start: int, manifest: Manifest, template:
             header = None
             findings += _unrecorded(number, BARE_URL.sub("", _link_texts(line)), prose_figures)
             continue
-        cells = _cells(line)
+        cells = table_cells(line)
         if all(re.fullmatch(r":?-{3,}:?", c) for c in cells if c):
             continue
         if header is None:
