@@ -102,6 +102,7 @@ class Manifest(Model):
     quants: list[QuantEntry]  # per-quant: the one quant; single: every quant the repo holds, in ladder order
     siblings: list[LadderEntry]  # per-quant: the other quants' repos the card links
     repo_files: list[str]  # every file of the repo, with its folder
+    license_file: RepoFile | None = None  # the base model's license text, published as it came with the source
 
     def entry(self, quant: str) -> QuantEntry:
         return next(q for q in self.quants if q.quant == quant)

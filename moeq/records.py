@@ -64,6 +64,7 @@ class SourceRecord(Record):
     origin: str  # repo@revision/file, a local path, or the synth options
     output: FileRef
     options: dict[str, Any] = {}  # synth options; or repo, revision, commit, file and files fetched
+    license: FileRef | None = None  # the license file downloaded with a Hub checkpoint, kept to be published
 
 
 class TensorRow(Model):

@@ -1,4 +1,5 @@
-"""The one way moeq writes a byte count for people: binary units as llama.cpp prints them, decimal as the Hub does.
+"""The one way moeq writes a byte count for people, in the CLI and on the card alike: memory (RAM, VRAM, KV cache,
+buffers) in binary units as llama.cpp prints them; files and disk in decimal units as the Hub shows them.
 
     >>> binary_size(1_578_000_000)
     '1.47 GiB'

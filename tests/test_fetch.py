@@ -125,6 +125,20 @@ def test_hf_source_is_downloaded_converted_quantized_and_validated(tmp_path, tes
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metadata = next(c for c in json.loads(proc.stdout)["checks"] if c["name"] == "metadata")
     assert metadata["ok"] and "carried over unchanged" in metadata["detail"]
+    # The license text that came with the checkpoint is kept after conversion, published and linked.
+    proc = run_moeq("card", "--config", str(config), "--quant", "Q4_K_M", env=test_hub.env)
+    assert proc.returncode == 0, proc.stderr
+    staged = tmp_path / "work" / "repos" / "ladder"
+    readme = (staged / "README.md").read_text()
+    if with_card:
+        assert record["license"]["sha256"] == sha256(files["LICENSE"])
+        assert (staged / "LICENSE").read_bytes() == files["LICENSE"]
+        link = "[LICENSE](https://huggingface.co/moeq-test/tiny-phimoe-GGUF/blob/main/LICENSE)"
+        assert f"- **License**: mit, as the base model ({link} in this repo)" in readme
+        assert f"published in this repo as {link}." in readme
+        assert "LICENSE" in json.loads((staged / "moeq-manifest.json").read_text())["repo_files"]
+    else:
+        assert record["license"] is None and not (staged / "LICENSE").exists() and "LICENSE" not in readme
 
 
 def test_tampered_download_is_rejected(tmp_path, test_hub, tiny_model):

@@ -36,12 +36,19 @@ class Chart:
 
 
 def charts(manifest: Manifest) -> list[Chart]:
-    """The repo's charts with their alt text (no drawing): the memory chart when some quant has a memory plan."""
+    """The repo's charts with their alt text (no drawing), each only when it shows something: the memory chart
+    when some quant has a memory plan, the quality chart when some quant's KL divergence was measured."""
     out = []
     if _planned(manifest):
         out.append(Chart(f"{IMAGES}/gpu-memory.png", _memory_alt(manifest)))
-    out.append(Chart(f"{IMAGES}/quality-size.png", _quality_alt(manifest)))
+    if _quality_measured(manifest):
+        out.append(Chart(f"{IMAGES}/quality-size.png", _quality_alt(manifest)))
     return out
+
+
+def _quality_measured(manifest: Manifest) -> list:
+    return [q for q in manifest.quants
+            if q.records.bench and q.records.bench.quality and q.records.bench.quality.quant.kld_mean is not None]
 
 
 def draw(manifest: Manifest, chart: Chart) -> bytes:
@@ -154,13 +161,11 @@ def _memory_png(manifest: Manifest) -> bytes:
 
 def _quality_png(manifest: Manifest) -> bytes:
     plt, fig, ax = _figure()
-    measured = 0
     for color, entry in zip(COLORS, manifest.quants):
         size = sum(f.size for f in entry.files) / 1e6
         quality = entry.records.bench.quality if entry.records.bench else None
         if quality is None or quality.quant.kld_mean is None:
             continue
-        measured += 1
         ax.scatter([size], [quality.quant.kld_mean], color=color, s=60, zorder=3, label=entry.quant)
         ax.annotate(entry.quant, (size, quality.quant.kld_mean), textcoords="offset points", xytext=(6, 4),
                     fontsize=9)
@@ -168,12 +173,8 @@ def _quality_png(manifest: Manifest) -> bytes:
         if without is not None and without.kld_mean is not None:
             ax.scatter([size], [without.kld_mean], s=60, facecolors="none", edgecolors=color, zorder=3,
                        label=f"{entry.quant} without the importance matrix")
-    if measured:
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", fontsize=16,
-                color="#888888")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
     ax.set_xlabel("file size, MB")
     ax.set_ylabel("mean KL divergence against F16")
     ax.set_title("Quality lost against size")

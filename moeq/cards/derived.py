@@ -22,7 +22,7 @@ PPL_ROWS = {"Perplexity, F16": "f16", "Perplexity, this file": "quant", "Perplex
             "PPL ratio, this file / F16": "ratio"}
 TYPE_TOTAL = re.compile(r"^Tensor types in the file \((\d[\d,]*) tensors\):$")
 EVALUATED = re.compile(r"\*\*Evaluated\*\*: (\d[\d,]*) chunks of (\d[\d,]*) tokens \((\d[\d,]*) tokens\)")
-COVERAGE = re.compile(r"each of the (\d[\d,]*) experts \((\d[\d,]*) in each of (\d[\d,]*) layers\)")
+COVERAGE = re.compile(r"each of the (\d[\d,]*) experts \((\d[\d,]*) in each of (\d[\d,]*) layers?\)")
 PARAMETERS = re.compile(r"\*\*Parameters\*\*: (\S+) \((\d[\d,]*)\)")
 
 

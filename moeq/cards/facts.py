@@ -64,10 +64,14 @@ def card_facts(manifest: Manifest) -> dict:
         "quants": quants,
         "quant": quants[0],  # the repo's one quant (per-quant layout), or the ladder's first
         "choose": _choose(manifest.quants),
+        "context": _context(manifest.quants, first.model.context_length),
         "charts": [{"path": c.path, "alt": c.alt, "url": f"{hub_url(manifest.repo_id)}/resolve/main/{c.path}"}
                    for c in charts(manifest)],
         "imatrix_files": list({q["imatrix"]["file"]: q["imatrix"] for q in quants if q["imatrix"]}.values()),
         "siblings": [_sibling(row) for row in manifest.siblings],
+        "license_file": {"name": manifest.license_file.name,
+                         "url": f"{hub_url(manifest.repo_id)}/blob/main/{manifest.license_file.name}"}
+        if manifest.license_file else None,
         "extra": dict(manifest.pipeline.card_extra),
     }
 
@@ -167,6 +171,19 @@ def _choose(entries: list[QuantEntry]) -> dict | None:
             "groups": [{"gpu": _gpu_label(gibs, gibs[-1] == sizes[-1]), "rows": rows} for gibs, rows in groups]}
 
 
+def _context(entries: list[QuantEntry], trained: int | None) -> dict | None:
+    """The context every usage snippet passes (-c), the one the memory figures assume, and how the KV cache
+    grows with it (linearly: the same bytes per token at every context)."""
+    plans = [e.records.validate_.plan for e in entries if e.records.validate_ is not None]
+    if not plans:
+        return None
+    ctx = plans[0].fits[0].ctx
+    per_token = plans[0].kv_bytes[ctx] / ctx
+    return {"ctx": ctx, "kv": binary_size(plans[0].kv_bytes[ctx]), "kv_type": plans[0].kv_type,
+            "per_1024": binary_size(per_token * 1024),
+            "trained": trained, "kv_trained": binary_size(per_token * trained) if trained else None}
+
+
 def _gpu_label(gibs: list[int], last: bool) -> str:
     if len(gibs) == 1:
         return f"{gibs[0]} GiB"
@@ -230,7 +247,7 @@ def _fit_cell(fit: Fit, n_layer: int) -> str:
     if fit.n_cpu_moe is None:
         return "does not fit"
     mode = OffloadMode.for_layers(fit.n_cpu_moe, n_layer)
-    return mode.advice if mode.name == "gpu" else code(mode.advice) + f" ({binary_size(fit.gpu_bytes)})"
+    return (mode.advice if mode.name == "gpu" else code(mode.advice)) + f" ({binary_size(fit.gpu_bytes)})"
 
 
 def _validation(validated: ValidateRecord | None) -> dict | None:
@@ -315,14 +332,14 @@ def _machine(bench: BenchRecord, offload: bool = True) -> str:
     m = bench.machine
     parts = [f"{m.cpu} ({m.cores} cores" + (f", {binary_size(m.ram_bytes)} RAM)" if m.ram_bytes else ")")]
     parts += [g.name + (f" ({binary_size(g.memory_bytes)})" if g.memory_bytes else "") for g in m.gpus]
-    devices = {run.backends: run.gpu_info for run in bench.speed} if offload else {}
-    if "RPC" in devices:
-        parts.append(f"offload device: llama.cpp's RPC backend ({devices['RPC']}), standing in for a GPU")
+    devices = {run.backends for run in bench.speed} if offload else set()
+    if "RPC" in devices:  # its address (an ephemeral port) is the machine's business, not the card's
+        parts.append(f"offload device: {RPC_STAND_IN}")
     build = f"{bench.tool.backend.upper()} build" if bench.tool.backend != "cpu" else "CPU-only build"
     return "; ".join(parts) + f"; llama.cpp {bench.tool.commit} ({build}); {m.date[:10]}"
 
 
-RPC_STAND_IN = "llama.cpp's RPC backend standing in for a GPU"
+RPC_STAND_IN = "a ggml-rpc-server on the same machine, llama.cpp's RPC backend standing in for a GPU"
 
 
 def _offload_device(bench: BenchRecord) -> str:
@@ -331,10 +348,10 @@ def _offload_device(bench: BenchRecord) -> str:
     for run in bench.memory:
         for line in run.breakdown:  # "CUDA0 (H200)": llama.cpp drops the vendor from the name
             if line.device.startswith("RPC"):
-                return f"{line.device} ({line.description}, {RPC_STAND_IN})"
+                return f"{line.device} ({RPC_STAND_IN})"
             gpu = next((g for g in gpus if g.endswith(line.description)), line.description)
             return f"{line.device} ({gpu}, {line.mib['total']:,} MiB)"
-        names = [name for name in run.devices if not name.startswith("CPU")]
+        names = [re.sub(r"\[.*\]$", "", name) for name in run.devices if not name.startswith("CPU")]
         if names:
             return ", ".join(names) + (f" ({RPC_STAND_IN})" if names[0].startswith("RPC") else "")
     return "the offload device"
@@ -383,7 +400,7 @@ def _bench(bench: BenchRecord | None, n_layer: int) -> dict:
             "repetitions": bench.options.repetitions, "backends": sorted({r.backends for r in bench.speed})}
     memory = None
     if bench.memory:
-        memory = {"machine": machine, "device": _offload_device(bench), "rows": [
+        memory = {"machine": _machine(bench, offload=False), "device": _offload_device(bench), "rows": [
             {**_mode(m.mode, n_layer), "ctx": m.ctx, "model": f"{m.device_mib['model']:.2f} MiB",
              "kv": f"{m.device_mib['KV']:.2f} MiB", "compute": f"{m.device_mib['compute']:.2f} MiB",
              "planned_model": f"{m.planned_mib['model']:.2f} MiB",

@@ -138,6 +138,24 @@ def _imatrix_entry(quant: CardInputs, taken: dict[str, str], ws: Workspace) -> d
     return {"name": name, "size": ref.size, "sha256": ref.sha256}
 
 
+def published_license(source: SourceRecord | None) -> FileRef | None:
+    """The license file that came with the source, published in every repo of the ladder when it is still there."""
+    if source is None or source.license is None or not Path(source.license.path).is_file():
+        return None
+    return source.license
+
+
+def _license_entry(source: SourceRecord | None, taken: dict[str, str]) -> dict | None:
+    ref = published_license(source)
+    if ref is None:
+        return None
+    name = Path(ref.path).name
+    if name in taken:
+        raise InputError(f"{ref.path}: the license would be published as {name}, a name the repo already uses")
+    taken[name] = ref.sha256
+    return {"name": name, "size": ref.size, "sha256": ref.sha256}
+
+
 def build_manifest(pipeline: Pipeline, inputs: RepoInputs, ws: Workspace) -> Manifest:
     """The repo's quants with their records, its linked siblings and the pipeline's card facts, as one Manifest."""
     taken = {README_NAME: "", MANIFEST_NAME: ""}
@@ -159,6 +177,7 @@ def build_manifest(pipeline: Pipeline, inputs: RepoInputs, ws: Workspace) -> Man
             "records": {"imatrix": _published(quant.imatrix), "quantize": _published(quant.quantized),
                         "validate": _published(validated), "bench": _published(quant.bench)},
         })
+    license_file = _license_entry(inputs.source, taken)
     template = pipeline.card.template or DEFAULT_TEMPLATE
     manifest = Manifest.model_validate({
         "manifest_version": MANIFEST_VERSION,
@@ -175,6 +194,7 @@ def build_manifest(pipeline: Pipeline, inputs: RepoInputs, ws: Workspace) -> Man
         "quants": entries,
         "siblings": [_sibling(pipeline, *sibling) for sibling in inputs.siblings],
         "repo_files": sorted(taken),
+        "license_file": license_file,
     })
     images = [chart.path for chart in charts(manifest)]  # drawn from this manifest by the card stage
     return manifest.model_copy(update={"repo_files": sorted([*manifest.repo_files, *images])})

@@ -12,7 +12,7 @@ from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, SwitchLayou
                              open_context, print_json, selected_quants)
 from moeq.errors import CheckFailed
 from moeq.records import record_json
-from moeq.units import binary_size
+from moeq.units import decimal_size
 
 
 def quiet_progress_off_terminal() -> None:
@@ -86,12 +86,12 @@ def _print_push(row: dict) -> None:
     for column in ("file", "action", "size"):
         table.add_column(column, overflow="fold")
     for f in row["files"]:
-        shown = binary_size(f["size"]) if f["action"] not in ("delete", "kept") else ""
+        shown = decimal_size(f["size"]) if f["action"] not in ("delete", "kept") else ""
         table.add_row(f["path"], f["action"], shown)
     console.print(table)
     record = row["record"]
     if row["dry_run"]:
-        console.print(f"{len(changes)} change(s), {binary_size(row['upload_bytes'])} to upload; nothing was sent")
+        console.print(f"{len(changes)} change(s), {decimal_size(row['upload_bytes'])} to upload; nothing was sent")
     elif record["commit"] is None:
         console.print(f"{row['quant']}: up to date, no commit")
     else:
@@ -121,7 +121,7 @@ def fetch(
         print_json({"skipped": done.skipped, "record": record_json(record)})
         return
     state = "up to date" if done.skipped else f"fetched in {done.wall_s:.1f} s"
-    console.print(f"source {state}: {record.output.path} ({binary_size(record.output.size)}), from {record.origin}",
+    console.print(f"source {state}: {record.output.path} ({decimal_size(record.output.size)}), from {record.origin}",
                   soft_wrap=True)
 
 
@@ -184,7 +184,7 @@ def _print_summary(summary, ws) -> None:
                                                                 else "") for s in q.stages} for q in summary.quants]
     for stage in STAGES:
         table.add_row(stage, *[c.get(stage, "") for c in cells])
-    table.add_row("size", *[binary_size(q.artifact_bytes) if q.artifact_bytes else "" for q in summary.quants])
+    table.add_row("size", *[decimal_size(q.artifact_bytes) if q.artifact_bytes else "" for q in summary.quants])
     console.print(table)
     by_repo: dict[str, list] = {}  # the ladder's one repo: one line for its quants
     for q in summary.quants:
@@ -196,7 +196,7 @@ def _print_summary(summary, ws) -> None:
         elif summary.pushed and all(r.ok for r in rows):
             console.print(f"{names}: {q.repo_url} (up to date)", soft_wrap=True)
         elif q.push_plan:
-            files = ", ".join(f"{f['path']} ({binary_size(f['size'])})" for f in q.push_plan)
+            files = ", ".join(f"{f['path']} ({decimal_size(f['size'])})" for f in q.push_plan)
             console.print(f"{names}: push plan (dry run, not compared with the Hub) for {repo_id}: {files}",
                           soft_wrap=True)
     cards = "ladder" if summary.single_repo else "<quant>"

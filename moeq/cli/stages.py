@@ -16,7 +16,7 @@ from moeq.config import SynthSpec
 from moeq.errors import CheckFailed, InputError, ToolError
 from moeq.records import record_json
 from moeq.toolchain import Toolchain
-from moeq.units import binary_size
+from moeq.units import binary_size, decimal_size
 
 
 # ---------------------------------------------------------------- doctor
@@ -66,12 +66,12 @@ def doctor(
         if report.disk:
             disk = report.disk
             if disk.needed_bytes is None:
-                console.print(f"Disk: {binary_size(disk.free_bytes)} free in {disk.workspace}; need unknown "
+                console.print(f"Disk: {decimal_size(disk.free_bytes)} free in {disk.workspace}; need unknown "
                               "(set model.parameters in the pipeline file)")
             else:
                 verdict = "[green]OK[/]" if disk.ok else "[red]NOT ENOUGH[/]"
-                console.print(f"Disk: {binary_size(disk.free_bytes)} free in {disk.workspace}, "
-                              f"pipeline needs {binary_size(disk.needed_bytes)}: {verdict}")
+                console.print(f"Disk: {decimal_size(disk.free_bytes)} free in {disk.workspace}, "
+                              f"pipeline needs {decimal_size(disk.needed_bytes)}: {verdict}")
     if not report.ok:
         problems = [c.name for c in report.tools if not c.ok]
         if report.disk and not report.disk.ok:
@@ -120,7 +120,7 @@ def synth_tiny_moe(
     if as_json:
         print_json(result)
     else:
-        console.print(f"wrote {path} ({binary_size(result['bytes'])}, {result['parameters']:,} parameters, {arch})")
+        console.print(f"wrote {path} ({decimal_size(result['bytes'])}, {result['parameters']:,} parameters, {arch})")
 
 
 synth_app.command("tiny-phimoe", help="The tiny-moe command for phimoe: a deterministic F16 phimoe GGUF with "
@@ -209,7 +209,7 @@ def quantize(
         if not as_json:
             state = "up to date" if done.skipped else f"done in {done.wall_s:.1f} s"
             console.print(f"{record.quant}: {state}: {record.output.path} "
-                          f"({binary_size(record.output.size)}, {record.quant_bpw:.2f} BPW)", soft_wrap=True)
+                          f"({decimal_size(record.output.size)}, {record.quant_bpw:.2f} BPW)", soft_wrap=True)
     if as_json:
         print_json(results)
 

@@ -45,16 +45,18 @@ def fetch_hub_source(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolc
     """Download (and convert) the source at `commit`; the source stage (source/__init__.py) decides when."""
     spec = pipeline.source
     target = ws.source_path(pipeline.model.file_stem)
+    license_file = None
     if spec.kind == "gguf":
         files = _fetch_gguf(pipeline, ws, api, chain, commit, target, on_message)
     else:
-        files = _fetch_hf(pipeline, ws, api, commit, target, on_message)
+        files, license_file = _fetch_hf(pipeline, ws, api, commit, target, on_message)
     sha = ws.hashes.sha256(target)
     read_source_header(target, allow_requantize=False)
     return SourceRecord(
         kind=spec.kind, origin=f"{spec.repo}@{commit}" + (f"/{spec.file}" if spec.file else ""),
         output=FileRef(path=str(target), size=target.stat().st_size, sha256=sha),
         options={"repo": spec.repo, "revision": spec.revision, "commit": commit, "file": spec.file, "files": files},
+        license=license_file,
     )
 
 
@@ -117,7 +119,7 @@ def _fetch_gguf(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolchain 
 
 
 def _fetch_hf(pipeline: Pipeline, ws: Workspace, api: HfApi, commit: str, target: Path,
-              on_message: Callable[[str], None]) -> list[dict]:
+              on_message: Callable[[str], None]) -> tuple[list[dict], FileRef | None]:
     spec = pipeline.source
     if importlib.util.find_spec("torch") is None:
         raise ToolError("converting a safetensors model needs torch, transformers and sentencepiece: "
@@ -134,8 +136,25 @@ def _fetch_hf(pipeline: Pipeline, ws: Workspace, api: HfApi, commit: str, target
     files = _download_all(api, spec.repo, commit, entries, folder, on_message)
     on_message(f"{spec.repo}: converting to F16 GGUF with convert_hf_to_gguf.py")
     convert_checkpoint(folder, target, ws.source_dir / "convert.log")
+    license_file = _keep_license(folder, files, ws.source_dir / "license")
     shutil.rmtree(folder, ignore_errors=True)  # the F16 GGUF holds it all; the commit can be fetched again
-    return files
+    return files, license_file
+
+
+def _keep_license(folder: Path, files: list[dict], keep: Path) -> FileRef | None:
+    """The checkpoint's own license text (LICENSE, else LICENSE.md, LICENSE.txt, ...), moved out of the download
+    folder to be published beside the quants; None when it has none."""
+    names = sorted((f["name"] for f in files if fnmatch.fnmatch(f["name"], "LICENSE*") and "/" not in f["name"]),
+                   key=lambda name: (name != "LICENSE", name))
+    if not names:
+        return None
+    name = names[0]
+    entry = next(f for f in files if f["name"] == name)
+    keep.mkdir(parents=True, exist_ok=True)
+    for old in keep.iterdir():  # another commit's
+        old.unlink()
+    os.replace(folder / name, keep / name)
+    return FileRef(path=str(keep / name), size=entry["size"], sha256=entry["sha256"])
 
 
 def convert_checkpoint(folder: Path, target: Path, log: Path, model_name: str | None = None) -> None:
