@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 
 from moeq import quant_types
 from moeq.config import Pipeline
-from moeq.errors import ToolError
+from moeq.errors import MoeqError, ToolError
+from moeq.gguf_header import read_header
 from moeq.gpus import nvidia_gpus
 from moeq.synth import parameter_count
 from moeq.toolchain import PINNED_COMMIT, TOOLS, Toolchain
-from moeq.workspace import disk_needed, free_bytes
+from moeq.workspace import Workspace, disk_needed, free_bytes
 
 PACKAGES = ("moeq", "gguf", "huggingface_hub", "typer", "rich", "jinja2", "pyyaml", "numpy", "markdown-it-py", "pydantic",
             "torch", "transformers", "sentencepiece", "safetensors")  # the last four: the convert extra
@@ -36,8 +38,10 @@ class Check:
 class DiskPlan:
     workspace: str
     free_bytes: int
-    needed_bytes: int | None
+    needed_bytes: int | None  # the peak with the workspace's margin (disk_needed)
     items: list[tuple[str, int]] = field(default_factory=list)
+    peak_bytes: int | None = None  # the most the workspace holds at once, by the estimate
+    refetch_bytes: int | None = None  # the peak of a later `moeq fetch --force`, beside everything made
 
     @property
     def ok(self) -> bool:
@@ -121,22 +125,62 @@ def hub_status() -> tuple[bool, str]:
 
 
 def plan_disk(pipeline: Pipeline) -> DiskPlan:
-    """Bytes the pipeline will write: the F16 source (and its download) plus every quant."""
+    """The most the workspace holds at once: the fetch (a download beside the F16 it converts to, deleted after),
+    or the F16 with every quant, its shards when split, and the largest without-imatrix twin (one at a time,
+    deleted once measured). A later `fetch --force` downloads beside everything: reported, not required."""
     free = free_bytes(pipeline.workspace)
-    if pipeline.source.kind == "synth":
-        params: int | None = parameter_count(pipeline.source.synth)
-    else:
-        params = pipeline.model.parameters
+    params, n_layer, vocab = _source_shape(pipeline)
     if params is None:
         return DiskPlan(str(pipeline.workspace), free, None)
-    items = [("F16 source (GGUF)", params * 2)]
-    if pipeline.source.kind == "hf":
-        items.append(("safetensors download", params * 2))
-    for quant in pipeline.quants:
-        bpw = quant_types.QUANT_TYPES[quant.type].approx_bpw
-        items.append((quant.file, int(params * bpw / 8)))
-    needed = disk_needed(sum(b for _, b in items))
-    return DiskPlan(str(pipeline.workspace), free, needed, items)
+    f16 = params * 2
+    kind = pipeline.source.kind
+    download = f16 if kind in ("hf", "gguf") else 0  # safetensors, or the GGUF (shards, merged beside)
+    items = [("F16 source (GGUF)", f16)]
+    if kind == "hf":
+        items.append(("safetensors download (deleted once converted)", download))
+    quants = {q.type: quant_types.estimated_bytes(q.type, params, n_layer) for q in pipeline.quants}
+    items += [(q.file, quants[q.type]) for q in pipeline.quants]
+    split = sum(size for size in quants.values() if size > pipeline.hub.max_shard_size)
+    if split:
+        items.append(("shards of the quants over hub.max_shard_size", split))
+    twin = max((quants[q.type] for q in pipeline.quants if q.imatrix is not None), default=0) \
+        if pipeline.bench.quality else 0
+    if twin:
+        items.append(("the largest without-imatrix twin (while its bench runs)", twin))
+    logits = 0
+    if pipeline.bench.quality and vocab:  # llama-perplexity keeps the 2nd half of each chunk, uint16 per vocab entry
+        ppl = pipeline.bench.perplexity
+        logits = ppl.chunks * (ppl.ctx // 2) * (vocab + 4) * 2
+        items.append(("F16 logits saved for the KL divergence", logits))
+    made = f16 + sum(quants.values()) + split + logits
+    fetch_peak = f16 + download if kind == "hf" or _split_gguf(pipeline) else f16
+    peak = max(fetch_peak, made + twin)
+    return DiskPlan(str(pipeline.workspace), free, disk_needed(peak), items, peak_bytes=peak,
+                    refetch_bytes=made + f16 + download if download else None)
+
+
+def _split_gguf(pipeline: Pipeline) -> bool:
+    from moeq.source.fetch import SHARD_RE
+
+    return pipeline.source.kind == "gguf" and bool(SHARD_RE.match(Path(pipeline.source.file or "").name))
+
+
+def _source_shape(pipeline: Pipeline) -> tuple[int | None, int | None, int | None]:
+    """(parameters, layers, vocabulary): the synth spec's, else the F16 source's header once fetched, else
+    model.parameters alone (the quants' sizes are then those of a many-layer model)."""
+    spec = pipeline.source
+    if spec.kind == "synth":
+        return parameter_count(spec.synth), spec.synth.layers, spec.synth.vocab
+    path = Path(spec.path) if spec.kind == "local" else Workspace(pipeline.workspace).source_path(
+        pipeline.model.file_stem)
+    try:
+        header = read_header(path)
+    except (OSError, MoeqError):
+        return pipeline.model.parameters, None, None
+    layers = header.metadata.get(f"{header.metadata.get('general.architecture')}.block_count")
+    vocab = next((t.shape[1] for t in header.tensors if t.name == "token_embd.weight" and len(t.shape) == 2), None)
+    return (sum(t.n_elements for t in header.tensors), layers if isinstance(layers, int) else None,
+            vocab if isinstance(vocab, int) else None)
 
 
 def run_doctor(chain: Toolchain, pipeline: Pipeline | None = None) -> DoctorReport:

@@ -15,7 +15,7 @@ import gguf
 class QuantType:
     name: str
     file_type: int  # general.file_type (llama_ftype)
-    approx_bpw: float  # whole-model bits per weight, used only for disk-space estimates
+    approx_bpw: float  # whole-model bits per weight of a many-layer MoE, used only for disk-space estimates
 
 
 # name -> (llama_ftype, approximate bits per weight for a large model)
@@ -59,3 +59,24 @@ def lookup_ggml_type(name: str) -> gguf.GGMLQuantizationType | None:
         if t.name.lower() == name.lower():
             return t
     return None
+
+
+# The _M K-quants give ffn_down (a third of an MoE's weights) Q6_K in "more bits" layers: the first and last
+# eighth and every third one between (llama-quant.cpp's use_more_bits, in integer arithmetic): half the layers of
+# 32, every layer of 1. approx_bpw is at that half; fewer layers raise the share, and the size.
+MORE_BITS = {"Q4_K_M": 6.5625 - 4.5, "Q5_K_M": 6.5625 - 5.5}
+
+
+def more_bits_share(n_layer: int) -> float:
+    eighth = n_layer // 8
+    chosen = [i for i in range(n_layer) if i < eighth or i >= 7 * n_layer // 8 or (i - eighth) % 3 == 2]
+    return len(chosen) / n_layer
+
+
+def estimated_bytes(name: str, parameters: int, n_layer: int | None = None) -> int:
+    """About how many bytes `parameters` weights take in quant type `name`, for disk estimates."""
+    quant = QUANT_TYPES[name]
+    bpw = quant.approx_bpw
+    if n_layer and name in MORE_BITS:
+        bpw += (more_bits_share(n_layer) - 0.5) * MORE_BITS[name] / 3
+    return int(parameters * bpw / 8)

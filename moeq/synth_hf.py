@@ -45,35 +45,34 @@ def hf_config(spec: SynthSpec) -> dict:
     }
 
 
-def _weights(spec: SynthSpec) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(spec.seed)
+def checkpoint_layout(spec: SynthSpec) -> list[tuple[str, tuple[int, ...], str]]:
+    """Each tensor of the checkpoint in file order: (name as microsoft/Phi-3.5-MoE-instruct names it, shape, how
+    it is filled: "normal" or "ones")."""
     gqa = spec.embd // spec.heads * spec.kv_heads
-
-    def w(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.02).astype(np.float16)
-
-    def ones(n: int) -> np.ndarray:
-        return np.ones(n, dtype=np.float16)
-
-    tensors = {"model.embed_tokens.weight": w(spec.vocab, spec.embd)}
+    layout = [("model.embed_tokens.weight", (spec.vocab, spec.embd), "normal")]
     for i in range(spec.layers):
         p = f"model.layers.{i}."
         for name, rows in (("q", spec.embd), ("k", gqa), ("v", gqa), ("o", spec.embd)):
-            tensors[f"{p}self_attn.{name}_proj.weight"] = w(rows, spec.embd)
-            tensors[f"{p}self_attn.{name}_proj.bias"] = w(rows)
-        tensors[f"{p}block_sparse_moe.gate.weight"] = w(spec.experts, spec.embd)
+            layout.append((f"{p}self_attn.{name}_proj.weight", (rows, spec.embd), "normal"))
+            layout.append((f"{p}self_attn.{name}_proj.bias", (rows,), "normal"))
+        layout.append((f"{p}block_sparse_moe.gate.weight", (spec.experts, spec.embd), "normal"))
         for e in range(spec.experts):
-            tensors[f"{p}block_sparse_moe.experts.{e}.w1.weight"] = w(spec.ff, spec.embd)
-            tensors[f"{p}block_sparse_moe.experts.{e}.w2.weight"] = w(spec.embd, spec.ff)
-            tensors[f"{p}block_sparse_moe.experts.{e}.w3.weight"] = w(spec.ff, spec.embd)
+            layout.append((f"{p}block_sparse_moe.experts.{e}.w1.weight", (spec.ff, spec.embd), "normal"))
+            layout.append((f"{p}block_sparse_moe.experts.{e}.w2.weight", (spec.embd, spec.ff), "normal"))
+            layout.append((f"{p}block_sparse_moe.experts.{e}.w3.weight", (spec.ff, spec.embd), "normal"))
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"{p}{norm}.weight"] = ones(spec.embd)
-            tensors[f"{p}{norm}.bias"] = w(spec.embd)
-    tensors["model.norm.weight"] = ones(spec.embd)
-    tensors["model.norm.bias"] = w(spec.embd)
-    tensors["lm_head.weight"] = w(spec.vocab, spec.embd)
-    tensors["lm_head.bias"] = w(spec.vocab)
-    return tensors
+            layout.append((f"{p}{norm}.weight", (spec.embd,), "ones"))
+            layout.append((f"{p}{norm}.bias", (spec.embd,), "normal"))
+    layout += [("model.norm.weight", (spec.embd,), "ones"), ("model.norm.bias", (spec.embd,), "normal"),
+               ("lm_head.weight", (spec.vocab, spec.embd), "normal"), ("lm_head.bias", (spec.vocab,), "normal")]
+    return layout
+
+
+def _weights(spec: SynthSpec) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(spec.seed)
+    return {name: np.ones(shape, dtype=np.float16) if fill == "ones"
+            else (rng.standard_normal(shape) * 0.02).astype(np.float16)
+            for name, shape, fill in checkpoint_layout(spec)}
 
 
 def train_tokenizer(lines: list[str], vocab: int) -> bytes:

@@ -48,17 +48,25 @@ def training_key(spec: SynthSpec) -> str:
     """What the trained weights depend on: the spec, the settings, the code that trains and writes them, the text."""
     code = [Path(module).read_text() for module in (__file__, resources.files("moeq") / "synth_hf.py")]
     settings = {"spec": asdict(spec), "steps": STEPS, "sequence": SEQUENCE, "batch": BATCH, "lr": LEARNING_RATE,
-                "warmup": WARMUP, "code": weights_code_sha256(code),
+                "warmup": WARMUP, "code": weights_code_sha256(code, USED_FROM_SYNTH_HF),
                 "text": hashlib.sha256(training_text().read_bytes()).hexdigest()}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def weights_code_sha256(sources: list[str]) -> str:
+# What training takes from synth_hf (the random weights it writes for tests are not among them).
+USED_FROM_SYNTH_HF = frozenset({"hf_config", "hf_tensor_names", "train_tokenizer", "write_tiny_phimoe_hf"})
+
+
+def weights_code_sha256(sources: list[str], used: frozenset[str] = USED_FROM_SYNTH_HF) -> str:
     """sha256 of the modules' syntax trees without what cannot change a weight: docstrings, comments, the
-    messages of raised errors and of on_message(...) calls."""
+    messages of raised errors and of on_message(...) calls, and (in every module after the first) the functions
+    that are not `used`."""
     trees = []
-    for source in sources:
+    for index, source in enumerate(sources):
         tree = ast.parse(source)
+        if index:
+            tree.body = [node for node in tree.body
+                         if not isinstance(node, ast.FunctionDef) or node.name in used]
         for node in ast.walk(tree):
             body = getattr(node, "body", None)
             if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -154,3 +155,37 @@ def test_the_hubs_javascript_labels_and_reads_every_published_file(hub, layout):
         assert all(found["labels"][n]["label"] is None for n in others)
         if layout == "single":
             assert "tiny-phimoe.imatrix" in others
+
+
+def card_commands(readme: str, start: str) -> list[list[str]]:
+    """The card's shell lines that start with `start`, split as a shell would."""
+    blocks = re.findall(r"```sh\n(.*?)```", readme, re.S)
+    return [shlex.split(line) for block in blocks for line in block.splitlines() if line.startswith(start)]
+
+
+def test_the_cards_llama_cpp_snippets_run(hub, tmp_path, toolchain):
+    """What the card tells a reader to type: `hf download` of a file, then llama.cpp with each of the card's
+    `-hf` and `-m` flag sets (llama-completion takes the same flags as llama-server) and the context it names."""
+    readme = hub.state.files(ONE_REPO)["README.md"].decode()
+    commands = card_commands(readme, "llama-server ")
+    assert commands and all(c[-2] == "-c" and c[-1] == "512" for c in commands)  # the context the card assumes
+    downloads = card_commands(readme, "hf download ")
+    assert len(downloads) == 3 and any("--include" in d for d in downloads)
+    env = {**os.environ, **hub.env}
+    for download in downloads:
+        proc = subprocess.run([str(REPO / ".venv" / "bin" / "hf"), *download[1:]], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    ran = 0
+    for command in commands:
+        if "-ncmoe" in command and command[command.index("-ncmoe") + 1] == "N":
+            command[command.index("-ncmoe") + 1] = "1"
+        run_env = {**env, "MODEL_ENDPOINT": hub.url + "/", "LLAMA_CACHE": str(tmp_path / "llama-cache")}
+        proc = subprocess.run([str(toolchain.path("llama-completion")), *command[1:], "-p", "The", "-n", "4",
+                               "--temp", "0", "-no-cnv", "--no-warmup", "-t", "2"], cwd=tmp_path, env=run_env,
+                              capture_output=True, text=True, errors="replace", timeout=300)
+        assert proc.returncode == 0, " ".join(command) + "\n" + proc.stderr[-2000:]
+        assert "n_ctx         = 512" in proc.stderr or "n_ctx = 512" in proc.stderr or "n_ctx=512" in proc.stderr
+        ran += 1
+    assert ran == len(commands) == 5  # three quants by name, the first quant's file twice
+    assert "not run by moeq's tests" in readme.split("### Rust")[1].split("\n")[0]

@@ -155,3 +155,5 @@ def test_the_training_key_follows_the_weights_not_the_messages():
         assert edited != train
         assert weights_code_sha256([edited, hf]) != key
     assert weights_code_sha256([train, hf.replace('"lm_head_bias": True', '"lm_head_bias": False')]) != key
+    # The random weights synth_hf writes for tests are not what training uses.
+    assert weights_code_sha256([train, hf.replace("* 0.02).astype(np.float16)", "* 0.03).astype(np.float16)")]) == key

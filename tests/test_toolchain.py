@@ -139,6 +139,34 @@ def test_doctor_disk_refusal_is_reported(tmp_path, toolchain):
     assert proc.stderr.splitlines() == [f"pipeline: {cfg} (--config)", "error: doctor found problems with: disk space"]
 
 
+def test_doctor_disk_plan_is_the_peak_not_the_sum(tmp_path, toolchain):
+    """The release pipeline: the safetensors download is deleted once converted, so the peak is the F16 with every
+    quant, the F16 logits (none known before the fetch) and the largest twin (Q4_K_M's), not all of it together;
+    a later fetch --force is reported beside it."""
+    text = (Path(__file__).parent.parent / "pipeline.yaml").read_text().split("\ntoolchain:")[0]
+    cfg = tmp_path / "release.yaml"
+    cfg.write_text(text.replace("workspace: work", f"workspace: {tmp_path / 'ws'}"))
+    proc = run_moeq("doctor", "--json", "--config", str(cfg))
+    disk = json.loads(proc.stdout)["disk"]
+    params = 41873153472
+    f16 = 2 * params
+    quants = {q: int(params * quant_types.QUANT_TYPES[q].approx_bpw / 8) for q in ("Q8_0", "Q4_K_M", "Q2_K")}
+    items = {i["what"]: i["bytes"] for i in disk["items"]}
+    assert items["safetensors download (deleted once converted)"] == f16
+    assert items["the largest without-imatrix twin (while its bench runs)"] == quants["Q4_K_M"]
+    assert disk["peak_bytes"] == f16 + sum(quants.values()) + quants["Q4_K_M"]
+    assert disk["refetch_bytes"] == f16 + sum(quants.values()) + 2 * f16
+    assert "a later moeq fetch --force downloads beside it all" in run_moeq("doctor", "--config", str(cfg)).stdout
+
+
+def test_quant_sizes_follow_the_per_layer_recipe():
+    """Q4_K_M gives ffn_down Q6_K in llama.cpp's "more bits" layers: every layer of 1, half of 2 and of 32."""
+    assert [quant_types.more_bits_share(n) for n in (1, 2, 8, 32)] == [1.0, 0.5, 0.5, 0.5]
+    one, many = (quant_types.estimated_bytes("Q4_K_M", 10**9, n) for n in (1, 32))
+    assert one / many == pytest.approx(1.07, abs=0.005)  # what a one-layer rehearsal measured beside the flat rule
+    assert quant_types.estimated_bytes("Q8_0", 10**9, 1) == quant_types.estimated_bytes("Q8_0", 10**9, 32)
+
+
 def test_doctor_with_bad_config_names_file_and_line(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("model: {}\n")

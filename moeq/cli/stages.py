@@ -71,7 +71,11 @@ def doctor(
             else:
                 verdict = "[green]OK[/]" if disk.ok else "[red]NOT ENOUGH[/]"
                 console.print(f"Disk: {decimal_size(disk.free_bytes)} free in {disk.workspace}, "
-                              f"pipeline needs {decimal_size(disk.needed_bytes)}: {verdict}")
+                              f"pipeline needs {decimal_size(disk.needed_bytes)} (its peak, about "
+                              f"{decimal_size(disk.peak_bytes)}, and 10% over): {verdict}")
+                if disk.refetch_bytes:
+                    console.print(f"  a later moeq fetch --force downloads beside it all: about "
+                                  f"{decimal_size(disk.refetch_bytes)}")
     if not report.ok:
         problems = [c.name for c in report.tools if not c.ok]
         if report.disk and not report.disk.ok:
