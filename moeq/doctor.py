@@ -14,7 +14,7 @@ from pathlib import Path
 from moeq import quant_types
 from moeq.config import Pipeline
 from moeq.errors import MoeqError, ToolError
-from moeq.gguf_header import read_header
+from moeq.gguf_header import SPLIT_NAME_RE, read_header
 from moeq.gpus import nvidia_gpus
 from moeq.synth import parameter_count
 from moeq.toolchain import PINNED_COMMIT, TOOLS, Toolchain
@@ -160,9 +160,7 @@ def plan_disk(pipeline: Pipeline) -> DiskPlan:
 
 
 def _split_gguf(pipeline: Pipeline) -> bool:
-    from moeq.source.fetch import SHARD_RE
-
-    return pipeline.source.kind == "gguf" and bool(SHARD_RE.match(Path(pipeline.source.file or "").name))
+    return pipeline.source.kind == "gguf" and bool(SPLIT_NAME_RE.match(Path(pipeline.source.file or "").name))
 
 
 def _source_shape(pipeline: Pipeline) -> tuple[int | None, int | None, int | None]:

@@ -9,6 +9,7 @@ own constants; the full GGUFReader is still used where values are compared.
 from __future__ import annotations
 
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ _SCALAR = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UI
            VT.INT32: "<i", VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q",
            VT.FLOAT64: "<d"}
 MAX_COUNT = 1 << 40
+
+# llama-gguf-split's file names: STEM-00001-of-00003.gguf
+SPLIT_NAME_RE = re.compile(r"^(?P<stem>.+)-(?P<n>\d{5})-of-(?P<total>\d{5})\.gguf$")
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from huggingface_hub.hf_api import RepoFile
 
 from moeq.config import Pipeline
 from moeq.errors import HubError, ToolError
-from moeq.gguf_header import read_source_header
+from moeq.gguf_header import SPLIT_NAME_RE, read_source_header
 from moeq.hub.client import hub_errors
 from moeq.hub.download import download_verified
 from moeq.records import FileRef, SourceRecord
@@ -37,7 +36,6 @@ from moeq.workspace import Workspace, commit_file, inside, partial_path, require
 HF_PATTERNS = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "added_tokens.json", "*.safetensors", "model.safetensors.index.json",
                "README.md", "LICENSE", "LICENSE.*")
-SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<n>\d{5})-of-(?P<total>\d{5})\.gguf$")
 
 
 def fetch_hub_source(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolchain | None, commit: str,
@@ -92,7 +90,7 @@ def _download_target(repo: str, commit: str, entry: RepoFile, folder: Path) -> P
 def _fetch_gguf(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolchain | None, commit: str,
                 target: Path, on_message: Callable[[str], None]) -> list[dict]:
     spec = pipeline.source
-    shard = SHARD_RE.match(Path(spec.file).name)
+    shard = SPLIT_NAME_RE.match(Path(spec.file).name)
     names = [spec.file]
     if shard:
         prefix = spec.file[: -len(Path(spec.file).name)]
