@@ -217,11 +217,11 @@ def disk_needed(estimate: int | float) -> int:
 
 def require_free(folder: Path, estimate: int | float, what: str) -> None:
     """Refuse to start writing `what` (about `estimate` bytes) into `folder` when the disk cannot hold it."""
-    from moeq.units import binary_size
+    from moeq.units import decimal_size
 
     need, free = disk_needed(estimate), free_bytes(folder)
     if free < need:
-        raise ResourceError(f"{folder}: {binary_size(free)} free, {what} needs about {binary_size(need)}; "
+        raise ResourceError(f"{folder}: {decimal_size(free)} free, {what} needs about {decimal_size(need)}; "
                             "free some space or move the workspace")
 
 

@@ -113,16 +113,18 @@ def test_an_image_the_repo_will_not_hold_is_a_finding(built, tmp_path):
     assert run_moeq("card", "verify", str(copy / "README.md")).returncode == 7
 
 
-def test_per_quant_cards_get_the_charts_too(tmp_path, toolchain, rpc_device):
+def test_per_quant_cards_get_the_charts_that_show_something(tmp_path, toolchain, rpc_device):
     config = example(tmp_path, rpc_device, layout="per-quant")
     proc = run_moeq("build", "--config", str(config), "--quant", "Q2_K", "--skip-bench")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     folder = tmp_path / "work" / "repos" / "Q2_K"
     text = (folder / "README.md").read_text()
-    for name in ("gpu-memory", "quality-size"):
-        assert (folder / "images" / f"{name}.png").is_file()
-        assert f"](https://huggingface.co/moeq-test/tiny-phimoe-q2-k-gguf/resolve/main/images/{name}.png)" in text
-    assert "Q2_K (1.48 MB) not measured" in text  # no bench: the quality chart says so
+    assert (folder / "images" / "gpu-memory.png").is_file()
+    assert "](https://huggingface.co/moeq-test/tiny-phimoe-q2-k-gguf/resolve/main/images/gpu-memory.png)" in text
+    # No bench, so no KL divergence: no quality chart (empty axes are not published), staged or linked.
+    assert not (folder / "images" / "quality-size.png").exists() and "quality-size" not in text
+    manifest = read_manifest(folder / "moeq-manifest.json")
+    assert "images/quality-size.png" not in manifest.repo_files
     assert run_moeq("card", "lint", str(folder / "README.md")).returncode == 0
 
 

@@ -255,10 +255,10 @@ def test_disk_space_is_checked_before_downloading(tmp_path, test_hub, tiny_model
         ctx = Context.of(pipeline)
         ctx.api = HfApi(endpoint=test_hub.url, token=HUB_TOKEN)
         steps.fetch(ctx)
-    from moeq.units import binary_size
+    from moeq.units import decimal_size
     from moeq.workspace import disk_needed
 
-    need = binary_size(disk_needed(tiny_model.stat().st_size))  # the one rule: +10 % and 64 MiB of slack
-    assert info.value.message.startswith(f"{pipeline.workspace / 'source'}: 2.00 MiB free, the source needs about "
+    need = decimal_size(disk_needed(tiny_model.stat().st_size))  # the one rule: +10 % and 64 MiB of slack
+    assert info.value.message.startswith(f"{pipeline.workspace / 'source'}: 2.10 MB free, the source needs about "
                                          f"{need};")
     assert not [r for r in test_hub.requests if "/lfs-objects/" in r.path or "/resolve/" in r.path]

@@ -290,7 +290,7 @@ def test_disk_space_refusal(tmp_path, toolchain, monkeypatch):
                         lambda p: real_usage(p)._replace(free=3 * 2**20))  # a nearly full disk
     with pytest.raises(ResourceError) as info:
         steps.quantize(Context.of(pipeline), pipeline.quant("Q8_0"))
-    assert str(info.value).startswith(f"{pipeline.workspace / 'quants'}: 3.00 MiB free, Q8_0 needs about ")
+    assert str(info.value).startswith(f"{pipeline.workspace / 'quants'}: 3.15 MB free, Q8_0 needs about ")
     assert str(info.value).endswith("free some space or move the workspace")
     assert not list((pipeline.workspace / "quants").iterdir())
 

@@ -28,7 +28,7 @@ from moeq.hub.download import download_verified
 from moeq.records import FileRef, SourceRecord
 from moeq.runner import run_tool
 from moeq.toolchain import Toolchain, pinned_src_dir
-from moeq.units import binary_size
+from moeq.units import decimal_size
 from moeq.workspace import Workspace, commit_file, inside, partial_path, require_free
 
 # README.md is the model card: convert_hf_to_gguf.py takes general.license, name, base model, tags and
@@ -72,7 +72,7 @@ def _download_all(api: HfApi, repo: str, commit: str, entries: list[RepoFile], f
     targets = [_download_target(repo, commit, entry, folder) for entry in entries]  # all checked before any byte
     files = []
     for entry, target in zip(entries, targets):
-        on_message(f"{repo}: {entry.path} ({binary_size(entry.size)})")
+        on_message(f"{repo}: {entry.path} ({decimal_size(entry.size)})")
         sha = download_verified(api, repo, commit, entry, target)
         files.append({"name": entry.path, "size": entry.size, "sha256": sha})
     return files
