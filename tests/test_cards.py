@@ -32,7 +32,7 @@ from conftest import REPO, run_moeq
 GOLDEN = REPO / "tests" / "golden"
 SEED = REPO / "tests" / "data" / "seed-model-card.md"  # a hand-written card of this kind, as published
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
-CHARTS = ("images/gpu-memory.png", "images/quality-size.png")
+CHARTS = ("images/gpu-memory.png",)  # no bench here, so no quality chart: empty axes are not published
 
 
 PER_QUANT = '  layout: per-quant\n  repo_template: "{namespace}/tiny-phimoe-{quant_slug}-gguf"\n'
@@ -572,7 +572,9 @@ def test_memory_section_on_the_real_models_layout(good):
     assert "| 8 GiB | `-ncmoe 28` (" in text
     assert re.search(r"\n\| 8 GiB \| Q8_0 \| [\d.]+ MB \| `-ncmoe 28` \| 7\.\d\d GiB \| ", text)  # which file
     assert "| all experts in system RAM | `-ngl 99 --cpu-moe` | 1.47 GiB |" in text
-    assert "llama-server -m models/tiny-phimoe-Q8_0.gguf -ngl 99 -ncmoe 28\n" in text
+    assert "llama-server -m models/tiny-phimoe-Q8_0.gguf -ngl 99 -ncmoe 28 -c 4096\n" in text
+    assert ("Without\n`-c`, llama.cpp takes the model's trained context (131072 tokens), whose f16 KV cache alone\n"
+            "takes 16.00 GiB: the KV cache grows by 128.00 MiB per 1,024 tokens") in text
     assert "| 32768 | 4.00 GiB |" in text  # 32 layers x 32768 x (K + V) x 1024 wide x 2 bytes
 
 
