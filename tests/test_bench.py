@@ -146,9 +146,12 @@ def test_card_shows_the_measurements(benched, toolchain, rpc_device):
     text = (ws.repo_dir(None) / "README.md").read_text()
     assert "#### Speed" in text and "#### VRAM with and without `--cpu-moe`" in text and "#### Quality against F16" in text
     measured = text.split("### Measured speed, VRAM and quality")[1].split("### Quantization details")[0]
-    assert "offload device: llama.cpp's RPC backend" in measured and "not measured" not in measured
-    assert re.search(r"buffer sizes on RPC0 \(127\.0\.0\.1:\d+, llama\.cpp's RPC backend standing in for a GPU\)",
-                     measured) and "; llama.cpp 0c1e570 (CPU-only build); " in measured
+    rpc = "a ggml-rpc-server on the same machine, llama.cpp's RPC backend standing in for a GPU"
+    assert f"offload device: {rpc}" in measured and "not measured" not in measured
+    assert "127.0.0.1" not in text and not re.search(r":\d{4,5}\b", measured)  # no ephemeral port is published
+    memory = measured.split("#### VRAM with and without `--cpu-moe`")[1].split("|")[0]
+    assert f"buffer sizes on RPC0 ({rpc})" in memory and memory.count("RPC") == 2  # the device named once
+    assert "; llama.cpp 0c1e570 (CPU-only build); " in measured
     manifest = read_manifest(ws.repo_dir(None) / MANIFEST_NAME)
     # The choice table shows the speed measured in the placement it advises, and the KL divergence.
     choice = next(line for line in text.splitlines() if line.startswith("| 8 GiB or more | Q4_K_M | "))

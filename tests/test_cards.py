@@ -576,6 +576,11 @@ def test_memory_section_on_the_real_models_layout(good):
     assert ("Without\n`-c`, llama.cpp takes the model's trained context (131072 tokens), whose f16 KV cache alone\n"
             "takes 16.00 GiB: the KV cache grows by 128.00 MiB per 1,024 tokens") in text
     assert "| 32768 | 4.00 GiB |" in text  # 32 layers x 32768 x (K + V) x 1024 wide x 2 bytes
+    assert "is the plan's pick for Q8_0 with 8 GiB of GPU memory at context 4096" in text  # not "a 8 GiB GPU"
+    one_layer = manifest.model_copy(deep=True)
+    one_layer.quants[0].records.quantize.model.block_count = 1
+    text = render_card(card_facts(one_layer))
+    assert "2 active per token, 1 layer\n" in text and "1 layers" not in text
 
 
 @pytest.mark.parametrize("body,what", [

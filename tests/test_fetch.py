@@ -175,14 +175,21 @@ def test_dropped_download_resumes_with_range(tmp_path, test_hub):
     assert (tmp_path / "work" / "source" / "tiny-phimoe-F16.gguf").read_bytes() == data
 
 
-def test_killed_download_resumes_in_the_next_run(tmp_path, test_hub, tiny_model):
+def half_downloaded(tmp_path: Path, test_hub, tiny_model) -> tuple[bytes, Path, Path]:
+    """The tiny model on the test Hub as a gguf source, and the first 3 MB of it left by a killed run:
+    (its bytes, the pipeline file, the .partial)."""
     data = tiny_model.read_bytes()
     test_hub.state.add_files(SOURCE_REPO, {"tiny-phimoe-F16.gguf": data})
     config = write_config(tmp_path, f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: main\n"
                                     "  file: tiny-phimoe-F16.gguf\n")
     partial = tmp_path / "work" / "source" / "download" / "tiny-phimoe-F16.gguf.partial"
     partial.parent.mkdir(parents=True)
-    partial.write_bytes(data[:3_000_000])  # what a killed run left behind
+    partial.write_bytes(data[:3_000_000])
+    return data, config, partial
+
+
+def test_killed_download_resumes_in_the_next_run(tmp_path, test_hub, tiny_model):
+    data, config, partial = half_downloaded(tmp_path, test_hub, tiny_model)
     proc = fetch(test_hub, config)
     assert proc.returncode == 0, proc.stderr
     gets = [r for r in test_hub.requests if r.method == "GET" and r.path.startswith("/lfs-objects/")]
@@ -192,13 +199,7 @@ def test_killed_download_resumes_in_the_next_run(tmp_path, test_hub, tiny_model)
 
 def test_sigterm_keeps_the_download_and_says_so(tmp_path, test_hub, tiny_model):
     """SIGTERM in the middle of a download: exit 143, the message says the .partial is kept, and it is (resumed)."""
-    data = tiny_model.read_bytes()
-    test_hub.state.add_files(SOURCE_REPO, {"tiny-phimoe-F16.gguf": data})
-    config = write_config(tmp_path, f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: main\n"
-                                    "  file: tiny-phimoe-F16.gguf\n")
-    partial = tmp_path / "work" / "source" / "download" / "tiny-phimoe-F16.gguf.partial"
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes(data[:3_000_000])
+    data, config, partial = half_downloaded(tmp_path, test_hub, tiny_model)
     test_hub.state.faults.append(Fault("GET", r"^/lfs-objects/", "sleep", seconds=30))
     proc = subprocess.Popen([sys.executable, "-m", "moeq", "fetch", "--config", str(config)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
