@@ -126,14 +126,11 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
     if shared.result.ok and any(wants_imatrix):
         shared.run("imatrix", lambda: steps.imatrix(ctx, force="imatrix" in force))
     for runner, auto, quant in zip(runners, wants_imatrix, quants):
-        if pending is not None:
-            pass  # its outcome goes first once known
-        elif shared.result.stages[0].status == "failed":
+        if pending is None:  # else its outcome goes first once known (_fetched_beside)
             runner.result.stages.append(shared.result.stages[0])
-            runner.skip_rest("fetch", "the source could not be fetched")
-            continue
-        else:
-            runner.result.stages.append(shared.result.stages[0])
+            if shared.result.stages[0].status == "failed":
+                runner.skip_rest("fetch", "the source could not be fetched")
+                continue
         if auto:
             runner.result.stages.append(shared.result.stages[1])
             if shared.result.stages[1].status == "failed":
