@@ -72,7 +72,7 @@ def doctor(
                 verdict = "[green]OK[/]" if disk.ok else "[red]NOT ENOUGH[/]"
                 console.print(f"Disk: {decimal_size(disk.free_bytes)} free in {disk.workspace}, "
                               f"pipeline needs {decimal_size(disk.needed_bytes)} (its peak, about "
-                              f"{decimal_size(disk.peak_bytes)}, and 10% over): {verdict}")
+                              f"{decimal_size(disk.peak_bytes)}, with 10% and 64 MiB of room): {verdict}")
                 if disk.refetch_bytes:
                     console.print(f"  a later moeq fetch --force downloads beside it all: about "
                                   f"{decimal_size(disk.refetch_bytes)}")
