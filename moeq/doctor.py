@@ -126,8 +126,9 @@ def hub_status() -> tuple[bool, str]:
 
 def plan_disk(pipeline: Pipeline) -> DiskPlan:
     """The most the workspace holds at once: the fetch (a download beside the F16 it converts to, deleted after),
-    or the F16 with every quant, its shards when split, and the largest without-imatrix twin (one at a time,
-    deleted once measured). A later `fetch --force` downloads beside everything: reported, not required."""
+    or the F16 (unless a local file, used in place) with every quant, its shards when split, the F16 logits for
+    KL divergence and the largest without-imatrix twin (one at a time, deleted once measured). A later
+    `fetch --force` downloads beside everything: reported, not required."""
     free = free_bytes(pipeline.workspace)
     params, n_layer, vocab = _source_shape(pipeline)
     if params is None:
@@ -135,7 +136,9 @@ def plan_disk(pipeline: Pipeline) -> DiskPlan:
     f16 = params * 2
     kind = pipeline.source.kind
     download = f16 if kind in ("hf", "gguf") else 0  # safetensors, or the GGUF (shards, merged beside)
-    items = [("F16 source (GGUF)", f16)]
+    if kind == "local":  # used in place: it takes no more room
+        f16 = 0
+    items = [("F16 source (GGUF)", f16)] if f16 else []
     if kind == "hf":
         items.append(("safetensors download (deleted once converted)", download))
     quants = {q.type: quant_types.estimated_bytes(q.type, params, n_layer) for q in pipeline.quants}
