@@ -155,7 +155,7 @@ def _choose(entries: list[QuantEntry]) -> dict | None:
     """"Which file should I choose?": for each GPU size of the plans, each quant's smallest expert offload that fits
     at the first configured context, with the system RAM its weights then need, and the generation speed and KLD
     where the bench measured them. GPU sizes where every quant's choice is the same share a row group."""
-    plans = [e.records.validate_.plan for e in entries if e.records.validate_ is not None]
+    plans = _plans(entries)
     if not plans:
         return None
     ctx = plans[0].fits[0].ctx
@@ -171,10 +171,16 @@ def _choose(entries: list[QuantEntry]) -> dict | None:
             "groups": [{"gpu": _gpu_label(gibs, gibs[-1] == sizes[-1]), "rows": rows} for gibs, rows in groups]}
 
 
+def _plans(entries: list[QuantEntry]) -> list:
+    """The memory plans of the quants that have one (a validation record), in ladder order; the first plan's first
+    context is the one the card's figures and snippets assume."""
+    return [e.records.validate_.plan for e in entries if e.records.validate_ is not None]
+
+
 def _context(entries: list[QuantEntry], trained: int | None) -> dict | None:
     """The context every usage snippet passes (-c), the one the memory figures assume, and how the KV cache
     grows with it (linearly: the same bytes per token at every context)."""
-    plans = [e.records.validate_.plan for e in entries if e.records.validate_ is not None]
+    plans = _plans(entries)
     if not plans:
         return None
     ctx = plans[0].fits[0].ctx
