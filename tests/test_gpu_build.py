@@ -277,7 +277,7 @@ def benched_record(tmp_path_factory, toolchain, rpc_device) -> BenchRecord:
 
 def test_the_card_names_the_gpu_it_was_measured_on(benched_record):
     rpc = _offload_device(benched_record)
-    assert rpc.startswith("RPC0 (127.0.0.1:") and rpc.endswith(", llama.cpp's RPC backend standing in for a GPU)")
+    assert rpc == "RPC0 (a ggml-rpc-server on the same machine, llama.cpp's RPC backend standing in for a GPU)"
     # The same record as a CUDA run reports it: the GPU as nvidia-smi names it, and its memory.
     [memory] = benched_record.memory
     cuda_run = memory.model_copy(update={

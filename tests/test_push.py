@@ -78,7 +78,7 @@ def test_push_is_one_commit_then_nothing(tmp_path, test_hub, toolchain):
     assert f"committed {test_hub.url}/{REPO_ID}/commit/" in proc.stdout
     files = test_hub.state.files(REPO_ID)
     staged = ws.repo_dir(None)
-    charts = ["images/gpu-memory.png", "images/quality-size.png"]
+    charts = ["images/gpu-memory.png"]  # no bench: no quality chart
     assert sorted(files) == sorted([".gitattributes", "README.md", "moeq-manifest.json", "tiny-phimoe-Q8_0.gguf",
                                     *charts])
     for name in ("README.md", "moeq-manifest.json", "tiny-phimoe-Q8_0.gguf", *charts):
@@ -93,7 +93,7 @@ def test_push_is_one_commit_then_nothing(tmp_path, test_hub, toolchain):
     proc = push(test_hub, config, "--json")
     assert proc.returncode == 0, proc.stderr
     [result] = json.loads(proc.stdout)
-    assert [f["action"] for f in result["files"]] == ["unchanged"] * 5
+    assert [f["action"] for f in result["files"]] == ["unchanged"] * 4
     assert result["record"]["commit"] is None and result["upload_bytes"] == 0
     assert len(test_hub.state.commits_on(REPO_ID)) == 2
     assert uploaded_bytes(since(test_hub, start)) == 0
@@ -115,7 +115,7 @@ def test_changed_card_commits_only_the_card(tmp_path, test_hub, toolchain):
     # The manifest names the templates the card was rendered with (what moeq card verify renders it with again).
     assert {f["path"]: f["action"] for f in result["files"]} == {
         "README.md": "update", "moeq-manifest.json": "update", "tiny-phimoe-Q8_0.gguf": "unchanged",
-        "images/gpu-memory.png": "unchanged", "images/quality-size.png": "unchanged"}
+        "images/gpu-memory.png": "unchanged"}
     new, old = test_hub.state.commits_on(REPO_ID)[:2]
     changed = {p for p in new.files if new.files[p].data != old.files.get(p, Blob(b"", False)).data}
     assert changed == {"README.md", "moeq-manifest.json"}
