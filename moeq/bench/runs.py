@@ -20,10 +20,11 @@ from moeq.offload import OffloadMode
 from moeq.runner import run_tool
 
 # The pinned tools now and then exit 0 with the end of their log missing (llama-completion before
-# loading anything, llama-perplexity before its final figures): such a run is made again. On a busy
-# 2-core machine llama-perplexity's last lines went missing three times in a row, so it gets more tries.
-TRIES = 3
+# loading anything, llama-perplexity before its final figures): such a run is made again. On a 2-core
+# machine llama-perplexity's last lines, and llama-completion's memory breakdown at exit, each went missing
+# three times in a row.
 PERPLEXITY_TRIES = 6
+MEMORY_TRIES = 6
 
 
 def offload_devices(tool: Path, log: Path, timeout_s: float) -> list[str]:
@@ -74,7 +75,7 @@ def run_memory(tool: Path, model: Path, mode: OffloadMode, ctx: int, log: Path, 
     command = [str(tool), "-m", str(model), *mode.completion_flags, "-c", str(ctx), "-n", "1", "-p", "hi",
                "-no-cnv", "-v", *(["-t", str(threads)] if threads else []), *_rpc(rpc, "--rpc")]
     buffers, breakdown = [], []
-    for _ in range(TRIES):  # again when the log ends early: without the buffers, or without the breakdown at exit
+    for _ in range(MEMORY_TRIES):  # again when the log ends early: without the buffers, or the breakdown at exit
         lines: list[str] = []
         run_tool(command, log, on_line=lines.append, timeout_s=timeout_s)
         text = "\n".join(lines)
@@ -84,7 +85,7 @@ def run_memory(tool: Path, model: Path, mode: OffloadMode, ctx: int, log: Path, 
             if breakdown:
                 break
     if not buffers:
-        raise ToolError(f"llama-completion loaded nothing in mode {mode.name} ({TRIES} tries); see {log}")
+        raise ToolError(f"llama-completion loaded nothing in mode {mode.name} ({MEMORY_TRIES} tries); see {log}")
     devices: dict[str, dict[str, float]] = {}
     for b in buffers:
         kinds = devices.setdefault(b.device, {})
