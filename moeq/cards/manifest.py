@@ -138,7 +138,7 @@ def _imatrix_entry(quant: CardInputs, taken: dict[str, str], ws: Workspace) -> d
     return {"name": name, "size": ref.size, "sha256": ref.sha256}
 
 
-def published_license(source: SourceRecord | None) -> FileRef | None:
+def _published_license(source: SourceRecord | None) -> FileRef | None:
     """The license file that came with the source, published in every repo of the ladder when it is still there."""
     if source is None or source.license is None or not Path(source.license.path).is_file():
         return None
@@ -146,7 +146,7 @@ def published_license(source: SourceRecord | None) -> FileRef | None:
 
 
 def _license_entry(source: SourceRecord | None, taken: dict[str, str]) -> dict | None:
-    ref = published_license(source)
+    ref = _published_license(source)
     if ref is None:
         return None
     name = Path(ref.path).name

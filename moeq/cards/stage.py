@@ -22,7 +22,7 @@ from pathlib import Path
 from moeq.cards.charts import charts, draw
 from moeq.cards.facts import card_facts
 from moeq.cards.lint import lint_card
-from moeq.cards.manifest import RepoInputs, build_manifest, published_license, repo_paths
+from moeq.cards.manifest import RepoInputs, build_manifest, repo_paths
 from moeq.cards.render import DEFAULT_TEMPLATE, render_card, templates_sha256
 from moeq.config import Pipeline
 from moeq.errors import CheckFailed, InputError
@@ -49,8 +49,8 @@ def card_stage(pipeline: Pipeline, key: str | None, ws: Workspace, inputs: RepoI
     gguf_files = [(path, ref) for quant in inputs.quants for path, ref in zip(repo_paths(pipeline, quant),
                                                                                  quant.shards.files)]
     imatrices = {Path(q.imatrix_file.path).name: q.imatrix_file for q in inputs.quants if q.imatrix_file}
-    license_file = published_license(inputs.source)
-    published = [*gguf_files, *imatrices.items(), *([(manifest.license_file.name, license_file)] if license_file else [])]
+    licenses = [(manifest.license_file.name, inputs.source.license)] if manifest.license_file else []
+    published = [*gguf_files, *imatrices.items(), *licenses]
     what = key or "the ladder"
 
     def stage_key() -> dict:
