@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError
 
 from moeq.errors import InputError
-from moeq.records import BenchRecord, ImatrixRecord, Model, QuantizeRecord, SourceRecord, ValidateRecord
+from moeq.records import BenchRecord, ImatrixRecord, Model, QuantizeRecord, FetchRecord, ValidateRecord
 from moeq.workspace import read_text_limited
 
 MANIFEST_NAME = "moeq-manifest.json"
@@ -37,29 +37,46 @@ class ModelCardSpec(Model):
     """pipeline.yaml's `model` section, as the card states it."""
 
     name: str
+    """The model's name, as the card's title gives it."""
     base_model: str
+    """The Hub repo of the model quantized."""
     license: str
+    """Its license (a Hub license id)."""
     languages: list[str]
+    """The languages the card lists."""
     quantized_by: str
+    """Who published the quants."""
     file_stem: str
+    """The start of every GGUF's name (STEM-Q8_0.gguf)."""
     parameters: int | None = None
+    """The parameter count the card states, when the pipeline gives one."""
 
 
 class ManifestPipeline(Model):
+    """What of pipeline.yaml the card was rendered from."""
+
     model: ModelCardSpec
+    """The `model` section."""
     card_extra: dict[str, Any]
+    """card.extra: the publisher's own values for a template."""
 
 
 class TemplateRef(Model):
-    template: str  # the template's file name
-    builtin: bool  # moeq's own template, or the pipeline's card.template
-    templates_sha256: str  # of every file in the template's folder
+    template: str
+    """The template's file name."""
+    builtin: bool
+    """moeq's own template, or the pipeline's card.template."""
+    templates_sha256: str
+    """The sha256 of every file in the template's folder."""
 
 
 class RepoFile(Model):
     name: str
+    """Its path in the repo."""
     size: int
+    """Its size in bytes."""
     sha256: str
+    """The sha256 of its bytes."""
 
 
 class LadderEntry(Model):
@@ -67,42 +84,69 @@ class LadderEntry(Model):
     this one."""
 
     quant: str
+    """The quant type."""
     repo_id: str
+    """Its Hub repo."""
     file: str
+    """Its GGUF's name."""
     size: int | None
+    """The GGUF's size in bytes."""
     bpw: float | None
+    """Its bits per weight."""
     cpu_moe_gpu_bytes: int | None
+    """The weights left on the GPU with --cpu-moe."""
 
 
 class QuantRecords(Model):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
-    imatrix: ImatrixRecord | None = None  # the imatrix stage's record, when the quant used its output
+    imatrix: ImatrixRecord | None = None
+    """The imatrix stage's record, when the quant was made with its output."""
     quantize: QuantizeRecord
+    """The quantize stage's record."""
     validate_: ValidateRecord | None = Field(alias="validate")  # `validate` is a name pydantic's BaseModel uses
+    """The validate stage's record (None: not validated)."""
     bench: BenchRecord | None
+    """The bench stage's record (None: not measured)."""
 
 
 class QuantEntry(Model):
     """One quant the repo holds: its files (paths in the repo) and the records they were made from."""
 
     quant: str
-    files: list[RepoFile]  # the GGUF, or its shards
-    imatrix_file: RepoFile | None = None  # the importance matrix it was made with, published beside it
+    """The quant type."""
+    files: list[RepoFile]
+    """The GGUF, or its shards."""
+    imatrix_file: RepoFile | None = None
+    """The importance matrix it was made with, published beside it."""
     records: QuantRecords
+    """The records the card's figures for it come from."""
 
 
 class Manifest(Model):
+    """moeq-manifest.json: every record a Hub repo's card was rendered from."""
+
     manifest_version: Literal[3]
+    """The manifest's format version."""
     generator: str
+    """The moeq that wrote it (moeq VERSION)."""
     layout: Literal["single", "per-quant"]
+    """hub.layout: the ladder in one repo, or a repo per quant."""
     repo_id: str
+    """The Hub repo it describes."""
     pipeline: ManifestPipeline
+    """What of pipeline.yaml the card used."""
     card: TemplateRef
-    source: SourceRecord | None
-    quants: list[QuantEntry]  # per-quant: the one quant; single: every quant the repo holds, in ladder order
-    siblings: list[LadderEntry]  # per-quant: the other quants' repos the card links
-    repo_files: list[str]  # every file of the repo, with its folder
-    license_file: RepoFile | None = None  # the base model's license text, published as it came with the source
+    """The template the card was rendered with."""
+    source: FetchRecord | None
+    """The fetch stage's record: the F16 source every quant was made from."""
+    quants: list[QuantEntry]
+    """per-quant: the one quant; single: every quant the repo holds, in ladder order."""
+    siblings: list[LadderEntry]
+    """per-quant: the other quants' repos the card links."""
+    repo_files: list[str]
+    """Every file of the repo, with its folder."""
+    license_file: RepoFile | None = None
+    """The base model's license text, published as it came with the source."""
 
     def entry(self, quant: str) -> QuantEntry:
         return next(q for q in self.quants if q.quant == quant)

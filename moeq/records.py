@@ -1,101 +1,138 @@
 """The records stages write and read: the only hand-off between stages.
 
-Every record and every value nested in one is a pydantic model, saved as JSON with a schema version
-and the key its stage was run with (stage_runner.py). A record of another schema version, or one that
-does not match its type, is treated as absent (the stage runs again), never misread.
+Every record and every value nested in one is a pydantic model. Each field's docstring is its
+description in the JSON Schema published beside every card (moeq-manifest.schema.json). Saving,
+loading and caching them is record_store.py's job.
 
-    record = QuantizeRecord.load(ws.record_path("quantize", "Q8_0"))
-    record.output.sha256, record.model.expert_count
+    records.get(QuantizeRecord, "Q8_0").output.sha256
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
-from moeq.errors import InputError
-from moeq.workspace import inside, write_json_atomic
+from pydantic import BaseModel, ConfigDict, field_validator
 
 SCHEMA_VERSION = 2  # 2: every nested value typed, and the stage runner's key stored in the record
-
-R = TypeVar("R", bound="Model")
 
 
 class Model(BaseModel):
     """A value of a record: unknown keys are refused, so a record of another shape is not half-read."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON has no NaN: a figure is finite or absent
+    # JSON has no NaN: a figure is finite or absent. A field's docstring is its description in the JSON Schema.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 class Record(Model):
-    """A stage's result; `load` reads one saved by the stage runner (None when absent or not current)."""
+    """A stage's result, saved as WORKSPACE/records/STAGE[-QUANT].json by the stage runner."""
 
     @classmethod
-    def load(cls: type[R], path: Path) -> R | None:
-        return load_record(path, cls)
+    def stage_name(cls) -> str:
+        """The stage that writes it, which names its file: source, imatrix, quantize, ..."""
+        return cls.model_fields["stage"].default
 
 
 class FileRef(Model):
     path: str
+    """Where the file is: relative to the workspace when inside it, else as the pipeline names it."""
     size: int
+    """Its size in bytes."""
     sha256: str
+    """The sha256 of its bytes, in hex."""
 
 
 class ToolBuildRef(Model):
+    """The llama.cpp build that ran a stage, as its `--version` printed it."""
+
     version: str
+    """The version the tool printed."""
     build: str
+    """llama.cpp's build number."""
     commit: str
+    """The llama.cpp commit the tool was built from."""
     compiler: str
+    """The compiler that built it."""
     target: str
-    backend: str = "cpu"  # the ggml offload backend it was built with (cpu, cuda, ...)
+    """The target it was built for (e.g. x86_64-linux-gnu)."""
+    backend: str = "cpu"
+    """The ggml offload backend it was built with (cpu, cuda, ...)."""
 
 
 # ---------------------------------------------------------------- source, quantize
 
 
-class SourceRecord(Record):
-    stage: Literal["source"] = "source"
-    kind: str  # synth, local, gguf, hf
-    origin: str  # repo@revision/file, a local path, or the synth options
+class FetchRecord(Record):
+    """The source every quant is made from, as the fetch stage made or found it."""
+
+    stage: Literal["fetch"] = "fetch"
+    """The stage that wrote it (manifests of moeq 0.x before the rename say "source")."""
+    kind: str
+    """Where the source came from: synth, local, gguf (a GGUF on the Hub) or hf (a checkpoint converted)."""
+    origin: str
+    """repo@revision/file, a local path, or the synth options."""
     output: FileRef
-    options: dict[str, Any] = {}  # synth options; or repo, revision, commit, file and files fetched
-    license: FileRef | None = None  # the license file downloaded with a Hub checkpoint, kept to be published
+    """The F16 GGUF every quant is made from."""
+    options: dict[str, Any] = {}
+    """The synth options; or the repo, revision, commit, file and the files fetched."""
+    license: FileRef | None = None
+    """The license file downloaded with a Hub checkpoint, kept to be published."""
+
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _earlier_name(cls, value: Any) -> Any:
+        return "fetch" if value == "source" else value  # records and manifests written before the stage was renamed
 
 
 class TensorRow(Model):
     name: str
+    """The tensor's GGUF name (blk.0.ffn_up_exps.weight)."""
     shape: list[int]
+    """Its dimensions, as GGUF lists them."""
     type_before: str
+    """Its type in the source."""
     type_after: str
+    """Its type in the quant."""
     bytes_before: int
+    """Its bytes in the source."""
     bytes_after: int
+    """Its bytes in the quant."""
 
 
 class ModelFacts(Model):
     """What later stages (cards) need to know of the model, read once from the source header."""
 
     architecture: str | None
+    """general.architecture (phimoe, qwen3moe, ...)."""
     parameters: int
+    """Parameters, counted from the tensors' shapes."""
     tensors: int
+    """Tensors in the file."""
     block_count: int | None
+    """Transformer layers."""
     expert_count: int | None
+    """Routed experts per layer."""
     expert_used_count: int | None
+    """Experts the router picks per token."""
     context_length: int | None
+    """The context the model was trained for."""
     embedding_length: int | None
+    """The hidden size."""
     head_count: int | None
+    """Attention heads."""
     head_count_kv: int | None
-    expert_tensors: list[str] = []  # the routed experts' tensor kinds (ffn_up_exps, ...): what --cpu-moe moves
-    shared_experts: list[str] = []  # the shared experts' (ffn_up_shexp, ...), which stay on the GPU
+    """Key/value heads (grouped-query attention)."""
+    expert_tensors: list[str] = []
+    """The routed experts' tensor kinds (ffn_up_exps, ...): what --cpu-moe moves to system RAM."""
+    shared_experts: list[str] = []
+    """The shared experts' tensor kinds (ffn_up_shexp, ...), which stay on the GPU."""
 
 
 class ImatrixRef(Model):
     path: str
+    """The importance matrix file llama-quantize read."""
     sha256: str
+    """Its sha256."""
 
 
 # ---------------------------------------------------------------- imatrix
@@ -103,79 +140,131 @@ class ImatrixRef(Model):
 
 class CalibrationSource(Model):
     title: str
+    """The work a part of the calibration text comes from."""
     url: str
+    """Where it is published."""
     license: str
+    """Its license."""
 
 
 class CalibrationRef(Model):
-    name: str  # the file's name; moeq's own text when `shipped`
+    name: str
+    """The calibration file's name; moeq's own text when `shipped`."""
     size: int
+    """Its size in bytes."""
     sha256: str
-    shipped: bool  # moeq's calibration text (moeq/data/CALIBRATION.md says what it holds)
-    sources: list[CalibrationSource] = []  # what the shipped text is made of; a publisher's own text: none
+    """Its sha256."""
+    shipped: bool
+    """moeq's calibration text (moeq/data/CALIBRATION.md says what it holds), or the publisher's own."""
+    sources: list[CalibrationSource] = []
+    """What the shipped text is made of; a publisher's own text: none."""
 
 
 class ExpertTokens(Model):
     layer: int
+    """The layer."""
     expert: int
+    """The expert within it."""
     tokens: int
+    """Tokens the router sent to it."""
 
 
 class ExpertCoverage(Model):
     """Tokens the router sent to each expert while llama-imatrix ran, from the imatrix GGUF's counts."""
 
-    min_expert_tokens: int  # the bar (imatrix.min_expert_tokens)
-    tokens: dict[int, list[int]]  # layer -> tokens per expert
-    under: list[ExpertTokens]  # experts under the bar, by layer and expert
+    min_expert_tokens: int
+    """The bar (imatrix.min_expert_tokens)."""
+    tokens: dict[int, list[int]]
+    """Layer -> tokens per expert."""
+    under: list[ExpertTokens]
+    """The experts under the bar, by layer and expert."""
     min: int
+    """The fewest tokens any expert saw."""
     median: float
+    """The median over every expert."""
     max: int
-    experts: int  # layers x experts
+    """The most tokens any expert saw."""
+    experts: int
+    """Experts counted: layers x experts."""
 
 
 class ImatrixRecord(Record):
     stage: Literal["imatrix"] = "imatrix"
+    """The stage that wrote it."""
     source: FileRef
+    """The F16 GGUF it was computed on."""
     calibration: CalibrationRef
+    """The calibration text."""
     output: FileRef
-    format: str  # gguf, or dat (llama.cpp's legacy format)
+    """The importance matrix file."""
+    format: str
+    """gguf, or dat (llama.cpp's legacy format)."""
     ctx: int
+    """The context of each chunk, in tokens."""
     chunks: int
-    tokens: int  # chunks x ctx: the tokens llama-imatrix evaluated
+    """Chunks of the calibration text evaluated."""
+    tokens: int
+    """chunks x ctx: the tokens llama-imatrix evaluated."""
     tool: ToolBuildRef
+    """The llama-imatrix that made it."""
     command: list[str]
+    """The command line, as run."""
     coverage: ExpertCoverage
+    """How many tokens each expert saw."""
     warnings: list[str] = []
+    """What the card warns of (experts under the bar)."""
 
 
 class QuantizeOptions(Model):
     """Everything that changes llama-quantize's output."""
 
     type: str
+    """The quant type (Q8_0, Q4_K_M, ...)."""
     imatrix: ImatrixRef | None = None
+    """The importance matrix it was made with, if any."""
     tensor_types: dict[str, str] = {}
+    """--tensor-type overrides: pattern -> type."""
     output_tensor_type: str | None = None
+    """--output-tensor-type, if given."""
     token_embedding_type: str | None = None
+    """--token-embedding-type, if given."""
     allow_requantize: bool = False
+    """--allow-requantize: the source was already quantized."""
 
 
 class QuantizeRecord(Record):
     stage: Literal["quantize"] = "quantize"
+    """The stage that wrote it."""
     quant: str
+    """The quant type of the ladder."""
     file_type: int
+    """general.file_type of the output (llama.cpp's LLAMA_FTYPE)."""
     source: FileRef
+    """The F16 GGUF it was made from."""
     output: FileRef
+    """The quantized GGUF."""
     options: QuantizeOptions
+    """What llama-quantize was asked for."""
     tool: ToolBuildRef
+    """The llama-quantize that made it."""
     command: list[str]
+    """The command line, as run."""
     tensors: list[TensorRow]
+    """Each tensor's type and bytes before and after."""
     model_size_mib: float
+    """The source's tensor data, as llama-quantize reported it (MiB)."""
     model_bpw: float
+    """The source's bits per weight."""
     quant_size_mib: float
+    """The quant's tensor data, as llama-quantize reported it (MiB)."""
     quant_bpw: float
+    """The quant's bits per weight."""
     fallback_tensors: int = 0
+    """Tensors llama-quantize typed otherwise than asked (their rows are not divisible by the block size)."""
     threads: int | None = None
+    """Threads llama-quantize used (None: its default)."""
     model: ModelFacts
+    """The model, as its header describes it."""
 
 
 # ---------------------------------------------------------------- validate
@@ -183,8 +272,11 @@ class QuantizeRecord(Record):
 
 class CheckResult(Model):
     name: str
+    """The check (container, model, tensors, type mix, metadata, numerics)."""
     ok: bool
+    """Whether it passed."""
     detail: str
+    """What it found."""
 
     def __init__(self, name: str, ok: bool, detail: str):
         super().__init__(name=name, ok=ok, detail=detail)
@@ -192,34 +284,54 @@ class CheckResult(Model):
 
 class WorstTensor(Model):
     name: str
+    """The tensor."""
     type: str
+    """Its type in the quant."""
     rel_rmse: float
+    """Its relative RMS error against the source, on the sampled rows."""
     bound: float | None
+    """The error its type is allowed (None: not checked)."""
 
 
 class Placement(Model):
-    mode: str  # an OffloadMode name: "gpu" (N = 0), "ncmoe N", or "cpu-moe" (N = every layer)
+    mode: str
+    """An offload mode: "gpu" (N = 0), "ncmoe N", or "cpu-moe" (N = every layer)."""
     n_cpu_moe: int
+    """N: the layers whose experts stay in system RAM."""
     gpu_bytes: int
+    """The weights on the GPU."""
     cpu_bytes: int
+    """The weights in system RAM."""
 
 
 class Fit(Model):
     gpu_gib: int
+    """The GPU's memory (GiB)."""
     ctx: int
-    n_cpu_moe: int | None  # smallest N that fits; None when even --cpu-moe does not fit
-    gpu_bytes: int | None  # weights + KV + allowance at that N
-    advice: str = "does not fit"  # the mode at that N, as a table cell: all on the GPU, -ncmoe N, --cpu-moe
+    """The context, in tokens."""
+    n_cpu_moe: int | None
+    """The smallest N that fits; None when even --cpu-moe does not fit."""
+    gpu_bytes: int | None
+    """Weights + KV cache + compute allowance on the GPU at that N."""
+    advice: str = "does not fit"
+    """The mode at that N, as a table cell: all on the GPU, -ncmoe N, --cpu-moe."""
 
 
 class MemoryPlan(Model):
     file: str
+    """The GGUF planned."""
     n_layer: int
+    """Its layers."""
     kv_type: str
+    """The KV cache's type (f16)."""
     compute_allowance_bytes: int
-    weights: list[Placement] = []  # one per N = 0 .. n_layer
-    kv_bytes: dict[int, int] = {}  # per context size
+    """What the plan allows for llama.cpp's compute buffers."""
+    weights: list[Placement] = []
+    """Where the weights go, one per N = 0 .. n_layer."""
+    kv_bytes: dict[int, int] = {}
+    """The KV cache's bytes per context size."""
     fits: list[Fit] = []
+    """What fits each GPU size at each context."""
 
     def placement(self, n_cpu_moe: int) -> Placement:
         return self.weights[n_cpu_moe]
@@ -230,14 +342,23 @@ class MemoryPlan(Model):
 
 class ValidateRecord(Record):
     stage: Literal["validate"] = "validate"
+    """The stage that wrote it."""
     quant: str
+    """The quant type."""
     file: FileRef
+    """The file checked."""
     source: FileRef
+    """The F16 GGUF it was checked against."""
     numerics: str
+    """How many rows the numerics check read: sample or full."""
     ok: bool
+    """Whether every check passed."""
     checks: list[CheckResult]
+    """Each check and what it found."""
     worst_tensors: list[WorstTensor]
+    """The tensors with the largest error for their type."""
     plan: MemoryPlan
+    """Where its bytes go under llama.cpp's placement rules."""
 
     @property
     def failed(self) -> list[str]:
@@ -249,16 +370,24 @@ class ValidateRecord(Record):
 
 class Gpu(Model):
     name: str
+    """The GPU's name."""
     memory_bytes: int | None = None
+    """Its memory."""
 
 
 class Machine(Model):
     cpu: str
+    """The CPU's model name."""
     cores: int | None
+    """CPU cores."""
     ram_bytes: int | None
+    """System RAM."""
     gpus: list[Gpu] = []
+    """The GPUs."""
     os: str
+    """The operating system and its release."""
     date: str
+    """When the figures were measured (UTC, ISO 8601)."""
 
     def same_as(self, other: "Machine") -> bool:
         """Figures measured on one are figures of the other: the date and OS release may differ."""
@@ -268,65 +397,108 @@ class Machine(Model):
 
 class PerplexityOptions(Model):
     text: str
+    """The evaluation text's name."""
     text_sha256: str
+    """Its sha256."""
     ctx: int
+    """The context of each chunk, in tokens."""
     chunks: int
+    """Chunks evaluated."""
 
 
 class BenchOptions(Model):
     modes: list[str | int]
+    """The offload modes measured: gpu, cpu-moe, or N for -ncmoe N."""
     n_prompt: int
+    """Prompt tokens per speed test."""
     n_gen: int
+    """Generated tokens per speed test."""
     repetitions: int
+    """Repetitions of each speed test."""
     threads: int | None
+    """CPU threads (None: llama.cpp's default)."""
     ctx: list[int]
+    """The contexts the memory runs used."""
     timeout_s: float
+    """The time each tool was allowed."""
     rpc: bool
+    """Whether a ggml-rpc-server stood in for a GPU."""
     perplexity: PerplexityOptions
-    quality: bool = True  # False: llama-perplexity not run (bench.quality)
+    """How quality was measured."""
+    quality: bool = True
+    """False: llama-perplexity not run (bench.quality)."""
 
 
 class SpeedTest(Model):
-    test: str  # pp64, tg16
+    test: str
+    """llama-bench's test name (pp64, tg16)."""
     n_prompt: int
+    """Prompt tokens."""
     n_gen: int
+    """Generated tokens."""
     avg_ts: float
+    """Mean tokens per second."""
     stddev_ts: float
+    """Its standard deviation."""
     samples_ts: list[float]
+    """Tokens per second of each repetition."""
     n_threads: int
+    """CPU threads."""
     n_cpu_moe: int
+    """Layers whose experts stayed in system RAM."""
     n_gpu_layers: int
+    """Layers offloaded."""
 
 
 class SpeedRun(Model):
     mode: str
+    """The offload mode."""
     command: list[str]
+    """The llama-bench command line, as run."""
     backends: str | None
+    """The backends llama-bench reported."""
     gpu_info: str | None
+    """The GPU llama-bench reported."""
     cpu_info: str | None
+    """The CPU llama-bench reported."""
     model_size: int | None
+    """The model's bytes, as llama-bench reported them."""
     model_n_params: int | None
+    """Its parameters, as llama-bench reported them."""
     build_commit: str | None
+    """The llama.cpp commit llama-bench reported."""
     tests: list[SpeedTest]
+    """Each test's figures."""
 
 
 class DeviceMemory(Model):
     """One device's line of llama.cpp's memory breakdown at exit, in whole MiB."""
 
-    device: str  # CUDA0, RPC0, ...
-    description: str  # the GPU as llama.cpp names it (H200), or the RPC server's address
-    mib: dict[str, int]  # total, free, self, model, context, compute, unaccounted
+    device: str
+    """The device (CUDA0, RPC0, ...)."""
+    description: str
+    """The GPU as llama.cpp names it (H200), or the RPC server's address."""
+    mib: dict[str, int]
+    """total, free, self, model, context, compute, unaccounted."""
 
 
 class MemoryRun(Model):
     mode: str
+    """The offload mode."""
     ctx: int
+    """The context, in tokens."""
     command: list[str]
-    devices: dict[str, dict[str, float]]  # device -> buffer kind (model, KV, compute) -> MiB
-    device_mib: dict[str, float]  # model, KV, compute on the offload devices
-    planned_mib: dict[str, float | None]  # model, KV
+    """The llama-completion command line, as run."""
+    devices: dict[str, dict[str, float]]
+    """Device -> buffer kind (model, KV, compute) -> MiB, as llama.cpp allocated them."""
+    device_mib: dict[str, float]
+    """model, KV and compute MiB on the offload devices."""
+    planned_mib: dict[str, float | None]
+    """model and KV MiB as moeq's memory plan predicted them."""
     difference_mib: dict[str, float]
-    breakdown: list[DeviceMemory] = []  # the offload devices' lines of the breakdown table (a second source)
+    """Measured minus planned MiB."""
+    breakdown: list[DeviceMemory] = []
+    """The offload devices' lines of the breakdown table (a second source)."""
 
 
 class PerplexityFigures(Model):
@@ -334,32 +506,54 @@ class PerplexityFigures(Model):
 
     model_config = ConfigDict(extra="forbid")
     command: list[str]
+    """The llama-perplexity command line, as run."""
     ppl: float | None = None
+    """Perplexity on the evaluation text."""
     ppl_err: float | None = None
+    """± of ppl."""
     ppl_q: float | None = None
+    """With --kl-divergence: the quant's perplexity."""
     ppl_q_err: float | None = None
+    """± of ppl_q."""
     ppl_base: float | None = None
+    """With --kl-divergence: the base's perplexity, from its saved logits."""
     ppl_base_err: float | None = None
+    """± of ppl_base."""
     ppl_ratio: float | None = None
+    """Mean PPL(Q)/PPL(base) as llama-perplexity printed it."""
     ppl_ratio_err: float | None = None
+    """± of ppl_ratio."""
     kld_mean: float | None = None
+    """Mean KL divergence of the quant's token distribution from the base's."""
     kld_mean_err: float | None = None
+    """± of kld_mean."""
     kld_max: float | None = None
+    """The largest KL divergence of any token."""
     kld_p99: float | None = None
+    """Its 99th percentile."""
     kld_median: float | None = None
+    """Its median."""
     same_top_p: float | None = None
+    """The share of tokens (%) where the quant's most likely token is the base's."""
     same_top_p_err: float | None = None
+    """± of same_top_p."""
 
 
 class Quality(Model):
     base: PerplexityFigures
+    """The F16 source's run, which saved the logits."""
     quant: PerplexityFigures
+    """The quant's run against those logits."""
     text: str
+    """The evaluation text's name."""
     ctx: int
+    """The context of each chunk, in tokens."""
     chunks: int
-    # The same type made without the importance matrix (for this measurement only): what the imatrix bought.
+    """Chunks evaluated."""
     without_imatrix: PerplexityFigures | None = None
+    """The same type made without the importance matrix (for this measurement only): what the imatrix bought."""
     without_imatrix_file: FileRef | None = None
+    """That file, deleted once measured."""
 
     def imatrix_effect(self) -> str | None:
         """What the importance matrix did to the mean KL divergence: lowered, raised, or unclear (the difference
@@ -374,26 +568,41 @@ class Quality(Model):
 
 class ModeError(Model):
     mode: str
+    """The offload mode or measurement that failed."""
     error: str
+    """Why."""
 
 
 class NotMeasured(Model):
     mode: str
+    """The offload mode not measured."""
     reason: str
+    """Why (no device for it)."""
 
 
 class BenchRecord(Record):
     stage: Literal["bench"] = "bench"
+    """The stage that wrote it."""
     quant: str
+    """The quant type."""
     file: FileRef
+    """The file measured."""
     machine: Machine
+    """The machine it was measured on."""
     tool: ToolBuildRef
+    """The llama.cpp build that measured it."""
     options: BenchOptions
+    """How it was measured."""
     speed: list[SpeedRun]
+    """llama-bench's figures per offload mode."""
     memory: list[MemoryRun]
+    """llama-completion's buffers per offload mode and context."""
     quality: Quality | None
+    """llama-perplexity's figures against the F16 source (None: not measured)."""
     errors: list[ModeError]
-    not_measured: list[NotMeasured] = []  # per offload mode without a device
+    """The measurements that failed."""
+    not_measured: list[NotMeasured] = []
+    """The offload modes without a device to measure them on."""
 
 
 # ---------------------------------------------------------------- shards, card, push
@@ -401,175 +610,84 @@ class BenchRecord(Record):
 
 class ShardsRecord(Record):
     stage: Literal["shards"] = "shards"
+    """The stage that wrote it."""
     quant: str
-    source: FileRef  # the quant
+    """The quant type."""
+    source: FileRef
+    """The quant's file."""
     max_shard_size: int
-    files: list[FileRef]  # what the repo holds of the model: the quant itself, or its shards
+    """The largest shard allowed (hub.max_shard_size), in bytes."""
+    files: list[FileRef]
+    """What the repo holds of the model: the quant itself, or its shards."""
 
 
 class CardRecord(Record):
     stage: Literal["card"] = "card"
-    quant: str | None  # None for the one repo of hub.layout single
-    quants: list[str] = []  # the quants the repo holds
+    """The stage that wrote it."""
+    quant: str | None
+    """The quant of a per-quant repo; None for the ladder's one repo (hub.layout single)."""
+    quants: list[str] = []
+    """The quants the repo holds."""
     repo_id: str
-    folder: str  # the staged repo: exactly the files the Hub repo will hold
+    """The Hub repo."""
+    folder: str
+    """The staged repo: exactly the files the Hub repo will hold."""
     readme: FileRef
+    """The card."""
     manifest: FileRef
+    """The records manifest beside it."""
     repo_files: list[str]
+    """Every file of the staged repo."""
     template: str
+    """The template it was rendered with."""
     templates_sha256: str
-    not_measured: list[str]  # sections the card says "not measured" for, for want of a record
+    """The sha256 of every file in the template's folder."""
+    not_measured: list[str]
+    """The sections the card says "not measured" for, for want of a record."""
 
 
 class PushedFile(Model):
     path: str
-    action: str  # add, update, unchanged, delete
+    """The file's path in the repo."""
+    action: str
+    """add, update, unchanged, delete or kept."""
     size: int
+    """Its size in bytes."""
     sha256: str | None = None
+    """Its sha256 (None for a deletion)."""
 
 
 class PushRecord(Record):
     stage: Literal["push"] = "push"
-    quant: str | None  # None for the one repo of hub.layout single
-    quants: list[str] = []  # the quants this push was asked for
+    """The stage that wrote it."""
+    quant: str | None
+    """The quant of a per-quant repo; None for the ladder's one repo (hub.layout single)."""
+    quants: list[str] = []
+    """The quants this push was asked for."""
     repo_id: str
+    """The Hub repo."""
     create_pr: bool
+    """Whether it opened a pull request instead of committing to main."""
     repo_existed: bool
-    commit: str | None  # None when nothing had changed
+    """Whether the repo was on the Hub before."""
+    commit: str | None
+    """The commit made; None when nothing had changed."""
     commit_url: str | None
+    """Its address."""
     pr_url: str | None
+    """The pull request's address."""
     files: list[PushedFile]
+    """Each file and what the push did with it."""
     uploaded_bytes: int
+    """The bytes sent."""
     readme_sha256: str
+    """The sha256 of the README.md pushed."""
 
 
-# ---------------------------------------------------------------- saved records
-
-
-class Saved(Model):
-    """A record as it lies in WORKSPACE/records/: what the stage made, with how and when it was made."""
-
-    schema_version: int
-    key: dict[str, Any] | None  # the stage's declared inputs when it ran (None: always runs)
-    wall_s: float
-    record: Any
-
-
-PATH_KEYS = ("path", "folder")  # the keys of a record that hold a file or folder
-RECORD_TYPES: dict[str, type[Record]] = {cls.model_fields["stage"].default: cls for cls in (
-    SourceRecord, ImatrixRecord, QuantizeRecord, ValidateRecord, BenchRecord, ShardsRecord, CardRecord, PushRecord)}
+RECORD_TYPES: dict[str, type[Record]] = {cls.stage_name(): cls for cls in (
+    FetchRecord, ImatrixRecord, QuantizeRecord, ValidateRecord, BenchRecord, ShardsRecord, CardRecord, PushRecord)}
 
 
 def record_json(record: Model) -> dict[str, Any]:
     """A record as plain JSON values (str keys, lists, numbers)."""
     return record.model_dump(mode="json")
-
-
-def save_record(path: Path, record: Model, key: dict[str, Any] | None, wall_s: float) -> None:
-    """Save under WORKSPACE/records/; paths inside the workspace are kept relative to it."""
-    data = {"schema_version": SCHEMA_VERSION, "key": key, "wall_s": round(wall_s, 3),
-            "record": _paths(record_json(record), _workspace_of(path), relative=True)}
-    write_json_atomic(path, data)
-
-
-def load_saved(path: Path, cls: type[R]) -> tuple[Saved | None, str | None]:
-    """The saved record at `path` (its `record` of type `cls`), or None and why it cannot be used.
-
-    Workspace-relative paths come back under the workspace the record is in now, so a moved
-    workspace keeps working and a copied one refers to its own files."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return None, None
-    except (OSError, ValueError, RecursionError) as exc:
-        return None, f"unreadable ({exc.__class__.__name__})"
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        version = data.get("schema_version") if isinstance(data, dict) else None
-        return None, f"written by another moeq (record schema {version}, this moeq reads {SCHEMA_VERSION})"
-    try:
-        saved = Saved.model_validate(data)
-        saved.record = cls.model_validate(_paths(data["record"], _workspace_of(path), relative=False))
-    except _PathOutside as exc:
-        return None, f"names the path {str(exc)[:200]!r}, which leaves the workspace"
-    except ValidationError as exc:
-        where = ".".join(str(p) for p in exc.errors()[0]["loc"])
-        return None, f"not a {cls.model_fields['stage'].default} record ({where}: {exc.errors()[0]['msg']})"
-    return saved, None
-
-
-def load_record(path: Path, cls: type[R]) -> R | None:
-    saved, _why = load_saved(path, cls)
-    return saved.record if saved else None
-
-
-def _workspace_of(record_path: Path) -> Path:
-    # WORKSPACE/records/NAME.json; abspath, not resolve: paths stay spelled as the workspace spells them
-    return Path(os.path.abspath(record_path)).parent.parent
-
-
-class _PathOutside(ValueError):
-    """A record's workspace-relative path that climbs out of the workspace."""
-
-
-def _paths(value: Any, root: Path, relative: bool, key: str = "") -> Any:
-    """Paths under `root` made relative to it (relative=True), or relative paths made absolute under it."""
-    if isinstance(value, dict):
-        return {k: _paths(v, root, relative, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_paths(v, root, relative, key) for v in value]
-    if key not in PATH_KEYS or not isinstance(value, str) or not value:
-        return value
-    path = Path(value)
-    if not relative:
-        if path.is_absolute():
-            return value
-        within = inside(root, value)
-        if within is None:
-            raise _PathOutside(value)
-        return str(within)
-    try:
-        return path.relative_to(root).as_posix() if path.is_absolute() else value
-    except ValueError:  # outside the workspace (a local source, an imatrix, a template): kept as it is
-        return value
-
-
-class Records:
-    """The workspace's records, each loaded once: what the stage functions receive as arguments.
-
-    `require` turns an absent record into one error that says which command makes it."""
-
-    def __init__(self, ws, config_path: Path | str = "pipeline.yaml"):
-        self.ws = ws
-        self.config_path = config_path
-        self._cache: dict[tuple[str, str | None], Saved | None] = {}
-        self.reasons: dict[tuple[str, str | None], str] = {}
-
-    def saved(self, stage: str, quant: str | None = None) -> Saved | None:
-        if (stage, quant) not in self._cache:
-            saved, why = load_saved(self.ws.record_path(stage, quant), RECORD_TYPES[stage])
-            self._cache[(stage, quant)] = saved
-            if why:
-                self.reasons[(stage, quant)] = why
-        return self._cache[(stage, quant)]
-
-    def get(self, stage: str, quant: str | None = None):
-        saved = self.saved(stage, quant)
-        return saved.record if saved else None
-
-    def forget(self, stage: str, quant: str | None = None) -> None:
-        self._cache.pop((stage, quant), None)
-        self.reasons.pop((stage, quant), None)
-
-    def put(self, stage: str, quant: str | None, saved: Saved) -> None:
-        self._cache[(stage, quant)] = saved
-        self.reasons.pop((stage, quant), None)
-
-    def require(self, stage: str, quant: str | None = None):
-        record = self.get(stage, quant)
-        if record is None:
-            path = self.ws.record_path(stage, quant)
-            command = {"source": "fetch"}.get(stage, stage)
-            option = f" --quant {quant}" if quant else ""
-            why = self.reasons.get((stage, quant), f"no {stage} record" + (f" for {quant}" if quant else ""))
-            raise InputError(f"{path}: {why}; run moeq {command} --config {self.config_path}{option} first")
-        return record

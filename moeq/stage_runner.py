@@ -1,8 +1,9 @@
 """The one stage runner: lock, compare the stored key with the new one, run or say "up to date", save.
 
-A stage is a declaration (`Stage`): the record it writes, the lock it takes, the key of everything its
-output depends on (input sha256s, options, tool commit, machine for bench) and a `run()` that returns
-its record. `run_stage` is the only place that decides whether a stage runs, so "up to date" and
+A stage is a declaration (`Stage`): the record it writes, the lock it takes, what its output depends on
+(`key`: input sha256s and options, and the machine for bench; `tool`: the llama.cpp tool that makes it,
+whose commit the runner adds to the key, so no stage can leave it out) and a `run()` that returns its
+record. `run_stage` is the only place that decides whether a stage runs, so "up to date" and
 `--force` mean the same for every command and for `moeq build`.
 
     result = run_stage(stage, records, force=False)
@@ -18,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
-from moeq.records import Model, Records, Saved, SCHEMA_VERSION, record_json, save_record
+from moeq.record_store import Records, Saved, save_record
+from moeq.records import SCHEMA_VERSION, Model, record_json
+from moeq.toolchain import Tool
 
 R = TypeVar("R", bound=Model)
 
@@ -29,6 +32,7 @@ class Stage(Generic[R]):
     quant: str | None
     key: Callable[[], dict[str, Any] | None]  # the declared inputs; None: the stage always runs (push)
     run: Callable[[], R]
+    tool: Callable[[], Tool] | None = None  # the llama.cpp tool whose output the record describes
     lock: str | None = None  # default: NAME-QUANT
     intact: Callable[[R], bool] = lambda _record: True  # the outputs the record names are still as it says
     status: Callable[[R], str] = lambda _record: "ran"  # push: "up to date" when nothing had changed
@@ -61,7 +65,7 @@ def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
         previous = records.saved(stage.name, stage.quant)
         unusable = records.reasons.get((stage.name, stage.quant))  # a record there, of another schema or shape
         later = stage.lazy_key and (force or previous is None)
-        key = None if later else _plain(stage.key())
+        key = None if later else _declared_key(stage)
         why = _why_run(stage, previous, key, force, unusable)
         if why is None:
             return StageResult(stage.name, previous.record, "up to date", "inputs unchanged", previous.wall_s, path)
@@ -70,7 +74,7 @@ def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
         started = time.monotonic()
         record = stage.run()
         if later:
-            key = _plain(stage.key())
+            key = _declared_key(stage)
         wall = round(time.monotonic() - started, 3)
         save_record(path, record, key, wall)
         records.put(stage.name, stage.quant, Saved(schema_version=SCHEMA_VERSION, key=key, wall_s=wall, record=record))
@@ -91,6 +95,14 @@ def _why_run(stage: Stage, previous: Saved | None, key: dict | None, force: bool
     if not stage.intact(previous.record):
         return "outputs changed since the record"
     return None
+
+
+def _declared_key(stage: Stage) -> dict | None:
+    """What the stage declared its output depends on: its inputs, and the commit of the tool that makes it."""
+    key = stage.key()
+    if key is not None and stage.tool is not None:
+        key = {**key, "tool_commit": stage.tool().build.commit}
+    return _plain(key)
 
 
 def _plain(key: dict | None) -> dict | None:

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 from moeq.config import IMATRIX_AUTO, Pipeline, QuantSpec
-from moeq.records import (BenchRecord, CardRecord, ImatrixRecord, PushRecord, QuantizeRecord, Records, ShardsRecord,
-                          SourceRecord, ValidateRecord)
+from moeq.record_store import Records
+from moeq.records import (BenchRecord, CardRecord, FetchRecord, ImatrixRecord, PushRecord, QuantizeRecord,
+                          ShardsRecord, ValidateRecord)
 from moeq.stage_runner import StageResult, run_stage
 from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace
@@ -36,7 +37,7 @@ class Context:
     say: Callable[[str], None] = lambda _msg: None
     warnings: list[str] = field(default_factory=list)
     # A local source's stage running in a thread of its own (fetch_beside): quantize takes its record from it.
-    source_pending: Callable[[], StageResult[SourceRecord]] | None = None
+    source_pending: Callable[[], StageResult[FetchRecord]] | None = None
 
     @classmethod
     def of(cls, pipeline: Pipeline, say: Callable[[str], None] = lambda _msg: None) -> "Context":
@@ -58,20 +59,20 @@ class Context:
         self.say(f"warning: {message}")
 
 
-def fetch(ctx: Context, force: bool = False) -> StageResult[SourceRecord]:
+def fetch(ctx: Context, force: bool = False) -> StageResult[FetchRecord]:
     """The source stage: download (and convert) a Hub source, make the synth model, or record a local file."""
-    from moeq.source import HUB_KINDS, source_stage
+    from moeq.fetch.stage import HUB_KINDS, fetch_stage
 
     api = ctx.api if ctx.pipeline.source.kind in HUB_KINDS else None
-    return run_stage(source_stage(ctx.pipeline, ctx.ws, api, ctx.chain, ctx.say), ctx.records, force=force,
+    return run_stage(fetch_stage(ctx.pipeline, ctx.ws, api, ctx.chain, ctx.say), ctx.records, force=force,
                      on_message=ctx.say)
 
 
-def fetch_beside(ctx: Context, force: bool = False) -> Callable[[], StageResult[SourceRecord]]:
+def fetch_beside(ctx: Context, force: bool = False) -> Callable[[], StageResult[FetchRecord]]:
     """Run the source stage in a thread of its own; the function returned waits for its result (or raises its
     error). A local source's first hash (an 84 GB read for Phi-3.5-MoE) then runs beside llama-quantize, which
     needs only the path; the quantize stage waits for it only where its key is compared or its record written."""
-    done: dict[str, StageResult[SourceRecord] | BaseException] = {}
+    done: dict[str, StageResult[FetchRecord] | BaseException] = {}
 
     def work() -> None:
         try:
@@ -82,7 +83,7 @@ def fetch_beside(ctx: Context, force: bool = False) -> Callable[[], StageResult[
     worker = threading.Thread(target=work, name="source-hash", daemon=True)  # Ctrl-C does not wait for it
     worker.start()
 
-    def result() -> StageResult[SourceRecord]:
+    def result() -> StageResult[FetchRecord]:
         worker.join()
         if "error" in done:
             raise done["error"]
@@ -117,18 +118,18 @@ def require_tools(ctx: Context, quants: list[QuantSpec], *, skip_bench: bool = F
         ctx.chain.tool(name)
 
 
-def source(ctx: Context) -> SourceRecord:
+def source(ctx: Context) -> FetchRecord:
     """The source every quant is made from: made or recorded now (synth, local), or as moeq fetch left it."""
-    from moeq.source import HUB_KINDS, fetched_source
+    from moeq.fetch.stage import HUB_KINDS, fetched_source
 
     if ctx.pipeline.source.kind in HUB_KINDS:
-        return fetched_source(ctx.pipeline, ctx.ws, ctx.records.get("source"))
+        return fetched_source(ctx.pipeline, ctx.ws, ctx.records.get(FetchRecord))
     return fetch(ctx).record
 
 
 def imatrix(ctx: Context, force: bool = False) -> StageResult[ImatrixRecord]:
     """The importance matrix of the source with the calibration text (quants[].imatrix: auto uses it)."""
-    from moeq.imatrix import imatrix_stage
+    from moeq.imatrix.stage import imatrix_stage
 
     stage = imatrix_stage(ctx.pipeline, ctx.ws, ctx.chain, source(ctx), on_message=ctx.say)
     return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
@@ -157,7 +158,7 @@ def quantize(ctx: Context, quant: QuantSpec, force: bool = False, threads: int |
     return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
 
 
-def _source_for_quantize(ctx: Context) -> tuple[Path, Callable[[], SourceRecord]]:
+def _source_for_quantize(ctx: Context) -> tuple[Path, Callable[[], FetchRecord]]:
     """The source's path now, and its record when it is ready: a `local` source is hashed beside
     llama-quantize (fetch_beside); other sources are recorded already (fetch, synth)."""
     spec = ctx.pipeline.source
@@ -171,7 +172,7 @@ def _source_for_quantize(ctx: Context) -> tuple[Path, Callable[[], SourceRecord]
 def validate(ctx: Context, quant: QuantSpec, numerics: str = "sample", force: bool = False) -> StageResult[ValidateRecord]:
     from moeq.validate.stage import validate_stage
 
-    stage = validate_stage(ctx.pipeline, quant, ctx.records.require("quantize", quant.type), numerics)
+    stage = validate_stage(ctx.pipeline, quant, ctx.records.require(QuantizeRecord, quant.type), numerics)
     return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
 
 
@@ -179,7 +180,7 @@ def bench(ctx: Context, quant: QuantSpec, modes: tuple[str, ...] | None = None, 
           force: bool = False) -> StageResult[BenchRecord]:
     from moeq.bench.stage import bench_stage
 
-    quantized = ctx.records.require("quantize", quant.type)
+    quantized = ctx.records.require(QuantizeRecord, quant.type)
     twin = None
     if quantized.options.imatrix is not None and ctx.pipeline.bench.quality:
         twin = quantize(ctx, quant, without_imatrix=True).record  # current; its file may be measured and gone
@@ -190,7 +191,7 @@ def bench(ctx: Context, quant: QuantSpec, modes: tuple[str, ...] | None = None, 
             return twin
         return quantize(ctx, quant, force=True, without_imatrix=True).record
 
-    stage = bench_stage(ctx.pipeline, quant, ctx.ws, ctx.chain, quantized, ctx.records.get("validate", quant.type),
+    stage = bench_stage(ctx.pipeline, quant, ctx.ws, ctx.chain, quantized, ctx.records.get(ValidateRecord, quant.type),
                         modes=modes, rpc=rpc, without_imatrix=twin, twin_file=twin_file if twin else None,
                         on_message=ctx.say)
     done = run_stage(stage, ctx.records, force=force, on_message=ctx.say)
@@ -200,9 +201,9 @@ def bench(ctx: Context, quant: QuantSpec, modes: tuple[str, ...] | None = None, 
 
 
 def shards(ctx: Context, quant: QuantSpec, force: bool = False) -> StageResult[ShardsRecord]:
-    from moeq.shards import shards_stage
+    from moeq.shards.stage import shards_stage
 
-    stage = shards_stage(ctx.pipeline, ctx.records.require("quantize", quant.type), ctx.ws, ctx.chain)
+    stage = shards_stage(ctx.pipeline, ctx.records.require(QuantizeRecord, quant.type), ctx.ws, ctx.chain)
     return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
 
 
@@ -227,7 +228,7 @@ def repo_units(ctx: Context, quants: list[QuantSpec]) -> list[RepoUnit]:
 
 def published_quants(ctx: Context, unit_key: str | None, repo_id: str) -> set[str]:
     """The quants this workspace's last push to `repo_id` left there (its push record)."""
-    record = ctx.records.get("push", unit_key)
+    record = ctx.records.get(PushRecord, unit_key)
     if record is None or record.repo_id != repo_id or record.create_pr:
         return set()
     return set(record.quants) or ({record.quant} if record.quant else set())
@@ -246,7 +247,7 @@ def card_quants(ctx: Context, unit: RepoUnit) -> list[QuantSpec]:
     for quant in ctx.pipeline.quants:
         if quant.type in asked:
             listed.append(quant)
-        elif quant.type in pushed and ctx.records.get("quantize", quant.type) is not None:
+        elif quant.type in pushed and ctx.records.get(QuantizeRecord, quant.type) is not None:
             validated = current_validate(ctx.records, quant.type)
             if validated is None or validated.ok:
                 listed.append(quant)
@@ -262,7 +263,7 @@ def _siblings(ctx: Context, unit: RepoUnit) -> list:
         return []
     out = []
     for quant in ctx.pipeline.quants:
-        quantized = ctx.records.get("quantize", quant.type)
+        quantized = ctx.records.get(QuantizeRecord, quant.type)
         if quant.type == unit.key or quantized is None:
             continue
         repo_id = ctx.pipeline.repo_id(quant)
@@ -279,7 +280,7 @@ def card(ctx: Context, unit: RepoUnit, force: bool = False) -> StageResult[CardR
 
     quants = [CardInputs.from_records(ctx.records, q, shards(ctx, q).record, warn=ctx.warn)
               for q in card_quants(ctx, unit)]
-    inputs = RepoInputs(unit.repo_id, ctx.pipeline.hub.layout, ctx.records.get("source"), quants,
+    inputs = RepoInputs(unit.repo_id, ctx.pipeline.hub.layout, ctx.records.get(FetchRecord), quants,
                         siblings=_siblings(ctx, unit))
     return run_stage(card_stage(ctx.pipeline, unit.key, ctx.ws, inputs), ctx.records, force=force,
                      on_message=ctx.say)
@@ -302,7 +303,7 @@ def preview(ctx: Context, unit: RepoUnit, out: Path | None = None) -> Path:
 
 def push(ctx: Context, unit: RepoUnit, create_pr: bool | None = None, force: bool = False,
          switch_layout: bool = False, prune: bool = False) -> StageResult[PushRecord]:
-    from moeq.push import push_stage
+    from moeq.push.stage import push_stage
 
     stage = push_stage(ctx.pipeline, unit.key, [q.type for q in unit.quants], ctx.api, ctx.records,
                        create_pr=create_pr, force=force, switch_layout=switch_layout, prune=prune,
@@ -312,9 +313,9 @@ def push(ctx: Context, unit: RepoUnit, create_pr: bool | None = None, force: boo
 
 def push_plan(ctx: Context, unit: RepoUnit, force: bool = False, switch_layout: bool = False, prune: bool = False):
     """What `push` would send (read requests only)."""
-    from moeq.push import check_staged, planned
+    from moeq.push.stage import check_staged, planned
 
-    card_record = ctx.records.require("card", unit.key)
+    card_record = ctx.records.require(CardRecord, unit.key)
     check_staged(ctx.pipeline, unit.key, card_record)
     return planned(ctx.api, ctx.pipeline, [q.type for q in unit.quants], ctx.records, card_record, force,
                    switch_layout, prune)
@@ -340,7 +341,7 @@ def check_pushed(ctx: Context, units: list[RepoUnit], force: bool = False, prune
         check.plans.append(plan)
         if plan.repo_exists and any(f.path == "README.md" and f.action == "update" for f in plan.files):
             check.findings += hub_card_findings(ctx, plan.repo_id)  # which lines, as moeq card verify says
-        check.findings += hub_link_findings(ctx, plan.repo_id, ctx.records.require("card", unit.key))
+        check.findings += hub_link_findings(ctx, plan.repo_id, ctx.records.require(CardRecord, unit.key))
     return check
 
 
@@ -382,7 +383,7 @@ def hub_card_findings(ctx: Context, repo_id: str) -> list[str]:
 
 def staged_files(ctx: Context, unit: RepoUnit) -> list[dict]:
     """The files the staged repo holds (path, action add, size): what a push would offer, without asking the Hub."""
-    from moeq.push import local_files
+    from moeq.push.stage import local_files
 
     return [{"path": f.path, "action": f.action, "size": f.size}
-            for f in local_files(ctx.records.require("card", unit.key)).values()]
+            for f in local_files(ctx.records.require(CardRecord, unit.key)).values()]

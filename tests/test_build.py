@@ -295,7 +295,7 @@ def test_a_moved_and_a_copied_workspace(tmp_path, toolchain):
 
 def test_build_hashes_a_local_source_beside_llama_quantize(tmp_path, toolchain):
     """A local source's first hash runs beside llama-quantize, as `moeq quantize` does: the quantize has started
-    before the source record exists, and the summary still shows the source stage first."""
+    before the fetch record exists, and the summary still shows the source stage first."""
     model = tmp_path / "big-F16.gguf"
     made = run_moeq("synth", "tiny-phimoe", str(model), "--layers", "4", "--experts", "8", "--embd", "1024",
                     "--ff", "2048")
@@ -305,7 +305,7 @@ def test_build_hashes_a_local_source_beside_llama_quantize(tmp_path, toolchain):
     quantize = bin_dir / "llama-quantize"
     records = tmp_path / "work" / "records"
     quantize.write_text(quantize.read_text().replace(
-        "exec ", f'[ "$1" = --help ] || {{ [ -e {records}/source.json ] && echo after || echo before; }} >> {tmp_path}/order\n'
+        "exec ", f'[ "$1" = --help ] || {{ [ -e {records}/fetch.json ] && echo after || echo before; }} >> {tmp_path}/order\n'
                  "exec ", 1))
     config = write_config(tmp_path, bin_dir)
     config.write_text(config.read_text().replace(

@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import pytest
 
-from moeq.imatrix import default_calibration
+from moeq.imatrix.stage import default_calibration
 
 from conftest import REPO, run_moeq
 

@@ -26,6 +26,16 @@ def test_shipped_schema_is_generated_from_the_types():
     jsonschema.Draft202012Validator.check_schema(json.loads(generated))
 
 
+def test_every_field_of_the_schema_says_what_it_holds():
+    """A reader of a Hub repo's manifest finds each field described in the schema (from the fields' docstrings)."""
+    schema = json.loads(shipped_schema_path().read_text())
+    fields = [(name, field, spec) for name, definition in [("Manifest", schema), *schema["$defs"].items()]
+              for field, spec in definition.get("properties", {}).items()]
+    assert len(fields) > 200
+    undescribed = [f"{name}.{field}" for name, field, spec in fields if not spec.get("description", "").strip()]
+    assert undescribed == []
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, toolchain, rpc_device):
     folder = tmp_path_factory.mktemp("schema")

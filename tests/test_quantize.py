@@ -18,6 +18,7 @@ from moeq.config import load_pipeline
 from moeq.errors import ResourceError
 from moeq import steps
 from moeq.steps import Context
+from moeq.record_store import load_record
 from moeq.records import QuantizeRecord
 from moeq.toolchain import TOOLS
 from moeq.workspace import Workspace
@@ -111,7 +112,7 @@ def test_file_types_and_tensor_mix(ladder):
 
 def test_record_rows_match_the_file(ladder):
     for result in ladder.results.values():
-        record = QuantizeRecord.load(Path(ladder.tmp / "ws" / "records" / f"quantize-{result['record']['quant']}.json"))
+        record = load_record(Path(ladder.tmp / "ws" / "records" / f"quantize-{result['record']['quant']}.json"), QuantizeRecord)
         assert record is not None
         reader = gguf.GGUFReader(record.output.path)
         assert [(r.name, r.type_after, r.bytes_after, r.shape) for r in record.tensors] == \

@@ -124,3 +124,29 @@ def test_a_record_names_its_key_and_time(built):
     assert set(saved["key"]) == {"source_sha256", "options", "tool_commit"}
     assert saved["key"]["source_sha256"] == saved["record"]["source"]["sha256"]
     assert re.fullmatch(r"[0-9a-f]+", saved["key"]["tool_commit"]) and saved["wall_s"] > 0
+
+
+def test_the_runner_keys_every_tool_made_output_on_the_tools_commit(built):
+    """The tool commit comes from the stage's declaration (Stage.tool), not from a key written by hand: the
+    shards stage, which once left it out, reruns when another llama-gguf-split would split the file."""
+    edit(built, "  max_shard_size: 50GB\n", "  max_shard_size: 2MB\n")
+    assert "shards" in ran(statuses(built))
+    records = built.parent / "work" / "records"
+    for name in ("quantize-Q8_0", "bench-Q8_0", "shards-Q8_0"):
+        assert re.fullmatch(r"[0-9a-f]+", json.loads((records / f"{name}.json").read_text())["key"]["tool_commit"])
+    saved = json.loads((records / "shards-Q8_0.json").read_text())
+    saved["key"]["tool_commit"] = "another-build"
+    (records / "shards-Q8_0.json").write_text(json.dumps(saved))
+    why: dict[str, str] = {}
+    assert ran(statuses(built, details=why)) == {"shards"}
+    assert why == {"shards": "changed: tool_commit"}
+
+
+def test_a_workspace_from_before_the_fetch_stage_was_named_keeps_its_source(built):
+    """records/source.json, as moeq wrote the fetch stage's record before: still current, nothing fetched again."""
+    records = built.parent / "work" / "records"
+    saved = json.loads((records / "fetch.json").read_text())
+    saved["record"]["stage"] = "source"
+    (records / "source.json").write_text(json.dumps(saved))
+    (records / "fetch.json").unlink()
+    assert ran(statuses(built)) == set()

@@ -205,13 +205,14 @@ def test_ladder_mode_writes_a_validate_record(tmp_path, toolchain):
     assert run_moeq("quantize", "--config", str(cfg), "--quant", "Q4_K_M").returncode == 0
     proc = run_moeq("validate", "--config", str(cfg), "--quant", "Q4_K_M", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    from moeq.record_store import load_record
     from moeq.records import ValidateRecord, record_json
 
     path = tmp_path / "ws" / "records" / "validate-Q4_K_M.json"
     saved = json.loads(path.read_text())
     assert saved["schema_version"] == 2 and saved["key"]["numerics"] == "sample"
     saved = saved["record"]
-    assert record_json(ValidateRecord.load(path)) == json.loads(proc.stdout)  # paths in the file: workspace-relative
+    assert record_json(load_record(path, ValidateRecord)) == json.loads(proc.stdout)  # paths in the file: workspace-relative
     assert saved["file"]["path"] == "quants/tiny-phimoe-Q4_K_M.gguf"
     assert saved["ok"] is True and saved["stage"] == "validate"
     assert [c["name"] for c in saved["checks"]] == ["container", "model", "tensors", "type mix", "metadata", "numerics"]

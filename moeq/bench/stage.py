@@ -68,7 +68,7 @@ def bench_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
     def key() -> dict:
         return {"file_sha256": quantized.output.sha256, "options": options.model_dump(mode="json"),
                 "without_imatrix_sha256": without_imatrix.output.sha256 if without_imatrix else None,
-                "tool_commit": tool.build.commit, "tool_backend": tool.build.backend,
+                "tool_backend": tool.build.backend,
                 "machine": machine.model_dump(mode="json", include={"cpu", "cores", "ram_bytes", "gpus"})}
 
     def run() -> BenchRecord:
@@ -87,7 +87,7 @@ def bench_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
                            tool=ToolBuildRef(**tool.build.as_dict()), options=options, speed=speed, memory=memory,
                            quality=quality, errors=errors, not_measured=not_measured)
 
-    return Stage("bench", quant.type, key=key, run=run)
+    return Stage("bench", quant.type, key=key, run=run, tool=lambda: tool)
 
 
 def require_gpu_build(tool: Tool, gpus: list[str], modes: list[str]) -> None:

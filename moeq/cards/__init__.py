@@ -1,1 +1,1 @@
-"""Model cards: facts from records -> Jinja -> README.md with frontmatter; card lint (issue 5)."""
+"""Model cards: the card stage (stage.py), and render, lint, verify and preview of a card."""

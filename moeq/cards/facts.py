@@ -17,7 +17,7 @@ from moeq.cards.charts import charts
 from moeq.cards.render import code
 from moeq.manifest import LadderEntry, Manifest, ModelCardSpec, QuantEntry
 from moeq.offload import OffloadMode
-from moeq.records import (BenchRecord, Fit, ModelFacts, PerplexityFigures, QuantizeRecord, SourceRecord,
+from moeq.records import (BenchRecord, Fit, ModelFacts, PerplexityFigures, QuantizeRecord, FetchRecord,
                           ValidateRecord, WorstTensor)
 from moeq.units import binary_size, decimal_size, short_count
 
@@ -272,7 +272,7 @@ def _validation(validated: ValidateRecord | None) -> dict | None:
     }
 
 
-def _quantization(quantized: QuantizeRecord, source: SourceRecord | None) -> dict:
+def _quantization(quantized: QuantizeRecord, source: FetchRecord | None) -> dict:
     tool = quantized.tool
     mix: Counter = Counter()
     mix_bytes: Counter = Counter()

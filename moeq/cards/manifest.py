@@ -22,7 +22,8 @@ from moeq.cards.render import DEFAULT_TEMPLATE, templates_sha256
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import InputError
 from moeq.manifest import MANIFEST_NAME, MANIFEST_VERSION, README_NAME, Manifest
-from moeq.records import (BenchRecord, FileRef, ImatrixRecord, QuantizeRecord, Records, ShardsRecord, SourceRecord,
+from moeq.record_store import R, Records
+from moeq.records import (BenchRecord, FetchRecord, FileRef, ImatrixRecord, QuantizeRecord, ShardsRecord,
                           ValidateRecord, record_json)
 from moeq.workspace import Workspace
 
@@ -56,13 +57,13 @@ class CardInputs:
     @classmethod
     def from_records(cls, records: Records, quant: QuantSpec, shards: ShardsRecord,
                      warn: Callable[[str], None] = lambda _msg: None) -> "CardInputs":
-        quantized = records.require("quantize", quant.type)
-        imatrix = records.get("imatrix")
+        quantized = records.require(QuantizeRecord, quant.type)
+        imatrix = records.get(ImatrixRecord)
         used = quantized.options.imatrix
         if imatrix is not None and (used is None or imatrix.output.sha256 != used.sha256):
             imatrix = None  # another matrix than the one this file was made with
-        return cls(quantized=quantized, validated=_current(records, "validate", quant.type, quantized, warn),
-                   bench=_current(records, "bench", quant.type, quantized, warn), shards=shards, imatrix=imatrix)
+        return cls(quantized=quantized, validated=_current(records, ValidateRecord, quant.type, quantized, warn),
+                   bench=_current(records, BenchRecord, quant.type, quantized, warn), shards=shards, imatrix=imatrix)
 
 
 @dataclass
@@ -72,19 +73,21 @@ class RepoInputs:
 
     repo_id: str
     layout: str
-    source: SourceRecord | None
+    source: FetchRecord | None
     quants: list[CardInputs]
     siblings: list[tuple[QuantSpec, QuantizeRecord, ValidateRecord | None]] = dataclasses.field(default_factory=list)
 
 
 def current_validate(records: Records, quant: str) -> ValidateRecord | None:
     """A quant's validate record when it describes its current file."""
-    return _current(records, "validate", quant, records.get("quantize", quant), lambda _msg: None)
+    return _current(records, ValidateRecord, quant, records.get(QuantizeRecord, quant), lambda _msg: None)
 
 
-def _current(records: Records, stage: str, quant: str, quantized: QuantizeRecord | None, warn: Callable[[str], None]):
+def _current(records: Records, cls: type[R], quant: str, quantized: QuantizeRecord | None,
+             warn: Callable[[str], None]) -> R | None:
     """The validate or bench record of `quant` when it describes the current file; a stale one is ignored."""
-    record = records.get(stage, quant)
+    record = records.get(cls, quant)
+    stage = cls.stage_name()
     if record is not None and quantized is not None and record.file.sha256 != quantized.output.sha256:
         warn(f"{records.ws.record_path(stage, quant)}: describes an older {quant} file; ignored (run moeq {stage} "
              "again)")
@@ -138,14 +141,14 @@ def _imatrix_entry(quant: CardInputs, taken: dict[str, str], ws: Workspace) -> d
     return {"name": name, "size": ref.size, "sha256": ref.sha256}
 
 
-def _published_license(source: SourceRecord | None) -> FileRef | None:
+def _published_license(source: FetchRecord | None) -> FileRef | None:
     """The license file that came with the source, published in every repo of the ladder when it is still there."""
     if source is None or source.license is None or not Path(source.license.path).is_file():
         return None
     return source.license
 
 
-def _license_entry(source: SourceRecord | None, taken: dict[str, str]) -> dict | None:
+def _license_entry(source: FetchRecord | None, taken: dict[str, str]) -> dict | None:
     ref = _published_license(source)
     if ref is None:
         return None

@@ -1,6 +1,6 @@
 """The quantize stage: F16 source -> one quant of the ladder, whole or not at all.
 
-Its key is the source's sha256 (from the source record), the options that change llama-quantize's
+Its key is the source's sha256 (from the fetch record), the options that change llama-quantize's
 output and the tool's commit; the output's checks are the fast header reader's (every tensor's extent
 and count); gguf-py's full open of the output is validate's.
 
@@ -24,7 +24,7 @@ from moeq.gguf_header import (REQUANTIZE_WARNING, UNQUANTIZED, GGUFHeader, check
                               read_source_header)
 from moeq.imatrix_file import check_fits, read_imatrix
 from moeq.quantize.progress import QuantizeLogParser, TensorLine
-from moeq.records import (FileRef, ImatrixRef, ModelFacts, QuantizeOptions, QuantizeRecord, SourceRecord,
+from moeq.records import (FileRef, ImatrixRef, ModelFacts, QuantizeOptions, QuantizeRecord, FetchRecord,
                           TensorRow, ToolBuildRef)
 from moeq.runner import run_tool
 from moeq.stage_runner import Stage
@@ -37,7 +37,7 @@ QUANTIZE_IDLE_S = 600
 
 
 def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_path: Path,
-                   source: Callable[[], SourceRecord], *, threads: int | None = None, allow_requantize: bool = False,
+                   source: Callable[[], FetchRecord], *, threads: int | None = None, allow_requantize: bool = False,
                    on_tensor: Callable[[TensorLine], None] | None = None,
                    on_message: Callable[[str], None] = lambda _msg: None, output: Path | None = None,
                    record_as: str | None = None) -> Stage[QuantizeRecord]:
@@ -53,8 +53,7 @@ def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_pat
     options = quant_options(quant, allow_requantize, ws)
 
     def key() -> dict:
-        return {"source_sha256": source().output.sha256, "options": option_key(options),
-                "tool_commit": tool.build.commit}
+        return {"source_sha256": source().output.sha256, "options": option_key(options)}
 
     def intact(record: QuantizeRecord) -> bool:
         if record_as is not None and not final.exists():
@@ -66,14 +65,15 @@ def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_pat
         return _quantize(quant, ws, tool, source_path, source, options, threads, on_tensor, on_message, final)
 
     name = record_as or quant.type
-    return Stage("quantize", name, key=key, run=run, intact=intact, lock=f"quant-{name}", lazy_key=True)
+    return Stage("quantize", name, key=key, run=run, tool=lambda: tool, intact=intact, lock=f"quant-{name}",
+                 lazy_key=True)
 
 
 def log_path(final: Path) -> Path:
     return final.with_name(final.name + ".log")
 
 
-def _quantize(quant: QuantSpec, ws: Workspace, tool, source: Path, source_record: Callable[[], SourceRecord],
+def _quantize(quant: QuantSpec, ws: Workspace, tool, source: Path, source_record: Callable[[], FetchRecord],
               options: QuantizeOptions, threads: int | None, on_tensor, on_message, final: Path) -> QuantizeRecord:
     log = log_path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def _quantize(quant: QuantSpec, ws: Workspace, tool, source: Path, source_record
                 raise ToolError(f"llama-quantize wrote no general.file_type; see {log}")
             recorded = source_record().output  # a first run's source hash finishes beside llama-quantize
             if ws.hashes.lookup(source) != recorded.sha256:
-                raise InputError(f"{source}: changed since the source record was made; run again")
+                raise InputError(f"{source}: changed since the fetch record was made; run again")
             output_digest = output_sha.result()
             synced.result()
             commit_file(partial, final, synced=True)

@@ -1,1 +1,1 @@
-"""Validate stage: GGUF checks (structure, types, numerics) and the memory plan (issue 4)."""
+"""The validate stage: GGUF checks (structure, types, numerics) and the memory plan (stage.py)."""

@@ -1,10 +1,10 @@
-"""The source stage: the F16 GGUF every quant is made from, and its SourceRecord.
+"""The fetch stage: the F16 GGUF every quant is made from (the source), and its FetchRecord.
 
 `synth` writes the tiny model into the workspace; `local` uses a GGUF on disk in place; the Hub kinds
-(`gguf`, `hf`) are downloaded (and converted) by fetch.py. `source_stage` declares the stage for the
+(`gguf`, `hf`) are downloaded (and converted) by hub_source.py. `fetch_stage` declares the stage for the
 stage runner: its key is the synth options, the local file's sha256, or the Hub commit.
 
-    result = run_stage(source_stage(pipeline, ws, api, chain), Records(ws))
+    result = run_stage(fetch_stage(pipeline, ws, api, chain), Records(ws))
     result.record.output.path
 """
 
@@ -20,7 +20,7 @@ from typing import Callable
 from moeq.config import Pipeline
 from moeq.errors import HubError, InputError
 from moeq.hub.client import hub_errors
-from moeq.records import FileRef, SourceRecord
+from moeq.records import FileRef, FetchRecord
 from moeq.stage_runner import Stage
 from moeq.toolchain import PINNED_COMMIT
 from moeq.workspace import Workspace, commit_file, partial_path
@@ -29,8 +29,8 @@ SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 HUB_KINDS = ("gguf", "hf")
 
 
-def source_stage(pipeline: Pipeline, ws: Workspace, api=None, chain=None,
-                 on_message: Callable[[str], None] = lambda _msg: None) -> Stage[SourceRecord]:
+def fetch_stage(pipeline: Pipeline, ws: Workspace, api=None, chain=None,
+                 on_message: Callable[[str], None] = lambda _msg: None) -> Stage[FetchRecord]:
     spec = pipeline.source
     ws.ensure()
     if spec.kind == "synth":
@@ -54,20 +54,20 @@ def source_stage(pipeline: Pipeline, ws: Workspace, api=None, chain=None,
         resolved["commit"] = commit
         return {"kind": spec.kind, "repo": spec.repo, "file": spec.file, "commit": commit}
 
-    def run() -> SourceRecord:
-        from moeq.source.fetch import fetch_hub_source
+    def run() -> FetchRecord:
+        from moeq.fetch.hub_source import fetch_hub_source
 
         return fetch_hub_source(pipeline, ws, api, chain, resolved["commit"], on_message)
 
-    return Stage("source", None, key=key, run=run, intact=lambda r: _intact(r, target, ws))
+    return Stage("fetch", None, key=key, run=run, intact=lambda r: _intact(r, target, ws))
 
 
-def _synth_stage(pipeline: Pipeline, ws: Workspace, on_message: Callable[[str], None]) -> Stage[SourceRecord]:
+def _synth_stage(pipeline: Pipeline, ws: Workspace, on_message: Callable[[str], None]) -> Stage[FetchRecord]:
     spec = pipeline.source
     target = ws.source_path(pipeline.model.file_stem)
     options = dataclasses.asdict(spec.synth)
 
-    def run() -> SourceRecord:
+    def run() -> FetchRecord:
         described = ", ".join(f"{k}={v}" for k, v in options.items())
         if spec.train:
             from moeq.synth_train import trained_checkpoint, training_key
@@ -80,7 +80,7 @@ def _synth_stage(pipeline: Pipeline, ws: Workspace, on_message: Callable[[str], 
 
             write_synth_model(target, spec.synth, spec.arch, name=pipeline.model.name)
             origin = f"synth {spec.arch} {described}"
-        return SourceRecord(kind="synth", origin=origin, options={**options, "train": spec.train, "arch": spec.arch},
+        return FetchRecord(kind="synth", origin=origin, options={**options, "train": spec.train, "arch": spec.arch},
                             output=FileRef(path=str(target), size=target.stat().st_size,
                                            sha256=ws.hashes.sha256(target)))
 
@@ -92,12 +92,12 @@ def _synth_stage(pipeline: Pipeline, ws: Workspace, on_message: Callable[[str], 
             key |= {"train": training_key(spec.synth), "converter": PINNED_COMMIT}
         return key
 
-    return Stage("source", None, key=key, run=run, intact=lambda r: _intact(r, target, ws))
+    return Stage("fetch", None, key=key, run=run, intact=lambda r: _intact(r, target, ws))
 
 
 def _converted(checkpoint: Path, name: str, on_message: Callable[[str], None]) -> Path:
     """The trained checkpoint as F16 GGUF, converted once per model name and converter (cached beside it)."""
-    from moeq.source.fetch import convert_checkpoint
+    from moeq.fetch.hub_source import convert_checkpoint
 
     tag = hashlib.sha256(f"{name}\0{PINNED_COMMIT}".encode()).hexdigest()[:12]
     converted = checkpoint.parent / f"F16-{tag}.gguf"
@@ -121,7 +121,7 @@ def _copy_into(cached: Path, target: Path) -> None:
         raise
 
 
-def _local_stage(pipeline: Pipeline, ws: Workspace) -> Stage[SourceRecord]:
+def _local_stage(pipeline: Pipeline, ws: Workspace) -> Stage[FetchRecord]:
     path = Path(pipeline.source.path)
 
     def key() -> dict:
@@ -129,14 +129,14 @@ def _local_stage(pipeline: Pipeline, ws: Workspace) -> Stage[SourceRecord]:
             raise InputError(f"{path}: source.path does not exist; fix source.path in {pipeline.path}")
         return {"kind": "local", "path": str(path), "sha256": ws.hashes.sha256(path)}
 
-    def run() -> SourceRecord:
-        return SourceRecord(kind="local", origin=str(path),
+    def run() -> FetchRecord:
+        return FetchRecord(kind="local", origin=str(path),
                             output=FileRef(path=str(path), size=path.stat().st_size, sha256=ws.hashes.sha256(path)))
 
-    return Stage("source", None, key=key, run=run)
+    return Stage("fetch", None, key=key, run=run)
 
 
-def fetched_source(pipeline: Pipeline, ws: Workspace, record: SourceRecord | None) -> SourceRecord:
+def fetched_source(pipeline: Pipeline, ws: Workspace, record: FetchRecord | None) -> FetchRecord:
     """The Hub source as moeq fetch left it; the commands after fetch never download."""
     target = ws.source_path(pipeline.model.file_stem)
     if record is None or record.kind != pipeline.source.kind or not target.is_file():
@@ -148,6 +148,6 @@ def fetched_source(pipeline: Pipeline, ws: Workspace, record: SourceRecord | Non
     return record
 
 
-def _intact(record: SourceRecord, target: Path, ws: Workspace) -> bool:
+def _intact(record: FetchRecord, target: Path, ws: Workspace) -> bool:
     return (target.is_file() and target.stat().st_size == record.output.size
             and ws.hashes.sha256(target) == record.output.sha256)

@@ -25,7 +25,7 @@ from moeq.errors import HubError, ToolError
 from moeq.gguf_header import SPLIT_NAME_RE, read_source_header
 from moeq.hub.client import hub_errors
 from moeq.hub.download import download_verified
-from moeq.records import FileRef, SourceRecord
+from moeq.records import FileRef, FetchRecord
 from moeq.runner import run_tool
 from moeq.toolchain import Toolchain, pinned_src_dir
 from moeq.units import decimal_size
@@ -39,7 +39,7 @@ HF_PATTERNS = ("config.json", "generation_config.json", "tokenizer.model", "toke
 
 
 def fetch_hub_source(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolchain | None, commit: str,
-                     on_message: Callable[[str], None] = lambda _msg: None) -> SourceRecord:
+                     on_message: Callable[[str], None] = lambda _msg: None) -> FetchRecord:
     """Download (and convert) the source at `commit`; the source stage (source/__init__.py) decides when."""
     spec = pipeline.source
     target = ws.source_path(pipeline.model.file_stem)
@@ -50,7 +50,7 @@ def fetch_hub_source(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolc
         files, license_file = _fetch_hf(pipeline, ws, api, commit, target, on_message)
     sha = ws.hashes.sha256(target)
     read_source_header(target, allow_requantize=False)
-    return SourceRecord(
+    return FetchRecord(
         kind=spec.kind, origin=f"{spec.repo}@{commit}" + (f"/{spec.file}" if spec.file else ""),
         output=FileRef(path=str(target), size=target.stat().st_size, sha256=sha),
         options={"repo": spec.repo, "revision": spec.revision, "commit": commit, "file": spec.file, "files": files},

@@ -1,0 +1,313 @@
+"""The push stage: a staged repo folder -> its Hub repo, in one commit, only what changed.
+
+Plan first, against the head commit of main: each file of the staged folder (the GGUFs or their shards, the
+importance matrix, README.md, moeq-manifest.json, the charts) is compared by sha256 with the Hub: add, update
+or unchanged. A file on the Hub the folder no longer holds is deleted only when moeq published it (the manifest
+on the Hub lists it); any other file is kept, unless `prune` says to delete it too. A file moeq published for a
+quant of the ladder that this workspace's card leaves out (a fresh workspace that built one quant) is refused:
+its card would drop that quant. The commit names the head it was planned against (`parent_commit`), so a push
+planned before another landed fails instead of overwriting it.
+One commit (or pull request) carries all changes, so a card never goes live without its files;
+nothing changed means no commit and no upload. The stage has no key: the Hub is what it compares with.
+
+In the ladder's one repo (hub.layout single) a push asked for some quants changes only their files and the
+repo's own (README.md, the manifest, the charts, the importance matrix); any other difference is refused,
+naming the file. A push
+into a repo of the other layout (per the Hub's manifest or this workspace's push records) is refused
+unless `switch_layout` is given.
+
+    plan = plan_push(api, card, ladder=["Q8_0", "Q4_K_M"])       # a dry run: read requests only
+    result = run_stage(push_stage(pipeline, None, ["Q8_0"], api, records), records)
+    result.status, result.record.commit_url
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils.sha import git_hash
+
+from moeq import __version__
+from moeq.config import Pipeline
+from moeq.errors import HubError, InputError, MoeqError
+from moeq.hub.client import hub_errors, interrupt_ends_upload, max_wait_s, remote_text, require_token
+from moeq.manifest import (MANIFEST_NAME, MARKER, MAX_CARD_BYTES, MAX_MANIFEST_BYTES, README_NAME, parse_manifest,
+                           read_manifest)
+from moeq.record_store import Records
+from moeq.records import CardRecord, PushedFile, PushRecord
+from moeq.stage_runner import Stage
+
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+MOVED_ON = 412  # the Hub's answer to a commit whose parent_commit is no longer the branch's head
+HUB_OWN = (".gitattributes", README_NAME)  # the Hub's and the card's: replaced, never deleted
+COMMIT_ATTEMPTS = 4
+
+
+@dataclass
+class PlannedFile:
+    path: str
+    action: str  # add, update, unchanged, delete; kept: on the Hub, not moeq's, left as it is
+    size: int
+    sha256: str | None = None
+    local: str | None = None
+
+
+@dataclass
+class PushPlan:
+    repo_id: str
+    repo_exists: bool
+    files: list[PlannedFile] = field(default_factory=list)
+    foreign_readme: bool = False
+    remote_layout: str | None = None  # as the manifest on the Hub says (a version 2 manifest: per-quant)
+    head: str | None = None  # the commit of main the plan was made against: the commit's parent
+
+    @property
+    def changes(self) -> list[PlannedFile]:
+        return [f for f in self.files if f.action not in ("unchanged", "kept")]
+
+    @property
+    def upload_bytes(self) -> int:
+        return sum(f.size for f in self.files if f.action in ("add", "update"))
+
+    def pushed_files(self) -> list[PushedFile]:
+        """Each file's path, action, size and sha256, as the push record keeps them (no local paths)."""
+        return [PushedFile(path=f.path, action=f.action, size=f.size, sha256=f.sha256) for f in self.files]
+
+
+def local_files(card: CardRecord) -> dict[str, PlannedFile]:
+    """The staged folder as the card stage left it, with sha256 from its records (no re-hashing of GGUFs)."""
+    folder = Path(card.folder)
+    manifest = read_manifest(folder / MANIFEST_NAME)
+    known = {f.name: f.sha256 for q in manifest.quants
+             for f in [*q.files, *([q.imatrix_file] if q.imatrix_file else [])]}
+    known[README_NAME] = card.readme.sha256
+    known[MANIFEST_NAME] = card.manifest.sha256
+    files = {}
+    for name in card.repo_files:
+        path = folder / name
+        if not path.is_file():
+            raise InputError(f"{path}: missing from the staged repo; run moeq card --config CFG"
+                             f"{' --quant ' + card.quant if card.quant else ''}")
+        sha = known.get(name) or hashlib.sha256(path.read_bytes()).hexdigest()  # a chart: small, drawn by moeq card
+        files[name] = PlannedFile(name, "add", path.stat().st_size, sha, str(path))
+    if hashlib.sha256((folder / README_NAME).read_bytes()).hexdigest() != card.readme.sha256:
+        raise InputError(f"{folder / README_NAME}: changed since moeq card wrote it; run moeq card again")
+    return files
+
+
+def plan_push(api: HfApi, card: CardRecord, ladder: list[str] | None = None, prune: bool = False) -> PushPlan:
+    """Compare the staged folder with the head of the repo's main branch (read requests only).
+
+    `ladder`: the pipeline's quants (a published file of one the card leaves out is refused, not deleted);
+    `prune`: delete files on the Hub that moeq did not publish, too."""
+    local = local_files(card)
+    plan = PushPlan(card.repo_id, repo_exists=True)
+    try:
+        info = api.model_info(card.repo_id, revision="main", files_metadata=False)
+    except RepositoryNotFoundError:
+        plan.repo_exists = False
+        plan.files = list(local.values())
+        return plan
+    plan.head = info.sha
+    remote_paths = {s.rfilename for s in info.siblings or []}
+    remote = {f.path: f for f in api.get_paths_info(card.repo_id, sorted(local), revision=plan.head)
+              if isinstance(f, RepoFile)}
+    for name, planned in local.items():
+        there = remote.get(name)
+        if there is not None:
+            if there.lfs is not None:
+                same = there.lfs.sha256 == planned.sha256
+            else:
+                same = there.blob_id == git_hash(Path(planned.local).read_bytes())
+            planned.action = "unchanged" if same else "update"
+        plan.files.append(planned)
+    published, plan.remote_layout = _published(api, card.repo_id, plan.head, remote.get(MANIFEST_NAME))
+    for path in sorted(remote_paths - set(local) - set(HUB_OWN)):
+        if path not in published:
+            plan.files.append(PlannedFile(path, "delete" if prune else "kept", 0))
+            continue
+        quant = published[path]
+        if quant is not None and quant not in card.quants and quant in (ladder or []):
+            raise InputError(f"{card.repo_id}: holds {path}, the {quant} that moeq published, but the card staged "
+                             f"in {card.folder} leaves {quant} out, so pushing it would drop {quant} from the "
+                             f"repo; build {quant} in this workspace too (moeq build --quant {quant} ...)")
+        plan.files.append(PlannedFile(path, "delete", 0))
+    if README_NAME in remote and local[README_NAME].action == "update":
+        plan.foreign_readme = MARKER not in remote_text(api, card.repo_id, README_NAME, MAX_CARD_BYTES, plan.head)
+    return plan
+
+
+def _published(api: HfApi, repo_id: str, head: str,
+               manifest: RepoFile | None) -> tuple[dict[str, str | None], str | None]:
+    """What the manifest on the Hub says moeq published (each file with its quant; None: the repo's own file), and
+    the layout it names. No manifest, or one this moeq cannot read, means nothing on the Hub is known to be moeq's."""
+    if manifest is None:
+        return {}, None
+    text = remote_text(api, repo_id, MANIFEST_NAME, MAX_MANIFEST_BYTES, head, size=manifest.size)
+    try:
+        theirs = parse_manifest(text, f"{repo_id}/{MANIFEST_NAME}")
+    except MoeqError:
+        return {}, _layout_of(text)
+    owners: dict[str, str | None] = dict.fromkeys(theirs.repo_files)
+    owners.update({f.name: q.quant for q in theirs.quants for f in q.files})
+    owners[MANIFEST_NAME] = None
+    return owners, theirs.layout
+
+
+def _layout_of(manifest_text: str) -> str | None:
+    try:
+        data = json.loads(manifest_text)
+    except (ValueError, RecursionError):
+        return None
+    return data.get("layout", "per-quant") if isinstance(data, dict) else None
+
+
+def _commit_message(card: CardRecord) -> tuple[str, str]:
+    manifest = read_manifest(Path(card.folder) / MANIFEST_NAME)
+    commit = manifest.quants[0].records.quantize.tool.commit
+    return (f"{', '.join(card.quants)} GGUF, card and records (moeq {__version__}, llama.cpp {commit})",
+            f"Published by moeq {__version__} from the records in {MANIFEST_NAME}.")
+
+
+def check_staged(pipeline: Pipeline, key: str | None, card: CardRecord) -> None:
+    expected = pipeline.hub.repo if key is None else pipeline.repo_id(pipeline.quant(key))
+    if card.repo_id != expected:
+        raise InputError(f"{card.folder}: staged for {card.repo_id}, but the pipeline now says {expected}; run "
+                         "moeq card again")
+
+
+def planned(api: HfApi, pipeline: Pipeline, selected: list[str], records: Records, card: CardRecord, force: bool,
+            switch_layout: bool = False, prune: bool = False) -> PushPlan:
+    """The push plan; a README.md on the Hub that moeq did not write is replaced only with `force`, a file moeq
+    did not publish is deleted only with `prune`."""
+    _check_layout_switch(pipeline, records, switch_layout)
+    with hub_errors("planning the push", card.repo_id):
+        plan = plan_push(api, card, [q.type for q in pipeline.quants], prune)
+    if plan.foreign_readme and not force:
+        raise HubError(f"{card.repo_id}: README.md on the Hub was not written by moeq; pass --force to replace it")
+    layout = pipeline.hub.layout
+    if plan.remote_layout not in (None, layout) and not switch_layout:
+        raise HubError(f"{card.repo_id}: its manifest on the Hub says hub.layout {plan.remote_layout}, the pipeline "
+                       f"says {layout}; pass --switch-layout to publish it as {layout}")
+    if card.quant is None:
+        _only_selected(plan, card, selected)
+    return plan
+
+
+def _check_layout_switch(pipeline: Pipeline, records: Records, switch_layout: bool) -> None:
+    """Refuse to publish in one layout what this workspace already published in the other."""
+    if switch_layout:
+        return
+    if pipeline.single_repo:
+        other = sorted({r.repo_id for q in pipeline.quants if (r := records.get(PushRecord, q.type)) is not None})
+    else:
+        other = [r.repo_id for r in [records.get(PushRecord)] if r is not None]
+    if other:
+        was = "per-quant" if pipeline.single_repo else "single"
+        raise InputError(f"{records.ws.records_dir}: this workspace published {', '.join(other)} with hub.layout "
+                         f"{was}, and the pipeline now says {pipeline.hub.layout}; pass --switch-layout to publish in "
+                         "the new layout (the old repos are left as they are)")
+
+
+def _only_selected(plan: PushPlan, card: CardRecord, selected: list[str]) -> None:
+    """In the ladder's one repo, a push asked for some quants changes only their files and the repo's own (README.md,
+    the manifest, the charts, the importance matrix); the other quants' files must already be on the Hub as staged."""
+    if set(card.quants) <= set(selected):
+        return
+    manifest = read_manifest(Path(card.folder) / MANIFEST_NAME)
+    others = {f.name: q.quant for q in manifest.quants if q.quant not in selected for f in q.files}
+    for f in plan.changes:
+        if f.path in others:
+            quant = others[f.path]
+            raise InputError(f"{card.repo_id}: {f.path} of {quant} is not on the Hub as staged ({f.action}); "
+                             f"push {quant} too (--quant {quant}) or the whole ladder (moeq push without --quant)")
+        if f.path not in card.repo_files:
+            raise InputError(f"{card.repo_id}: holds {f.path}, which the staged card does not list; push the whole "
+                             "ladder (moeq push without --quant) to delete it, or build its quant and push it")
+
+
+def push_stage(pipeline: Pipeline, key: str | None, selected: list[str], api: HfApi, records: Records, *,
+               create_pr: bool | None = None, force: bool = False, switch_layout: bool = False, prune: bool = False,
+               on_message: Callable[[str], None] = lambda _msg: None) -> Stage[PushRecord]:
+    """Publish the staged repo of `key` (a quant, or None: the ladder's one repo) in one commit (or pull request);
+    `selected`: the quants asked for."""
+    card = records.require(CardRecord, key)
+    check_staged(pipeline, key, card)
+    create_pr = pipeline.hub.create_pr if create_pr is None else create_pr
+    require_token()
+
+    def run() -> PushRecord:
+        plan = planned(api, pipeline, selected, records, card, force, switch_layout, prune)
+        for f in plan.files:
+            if f.action == "kept":
+                on_message(f"{card.repo_id}: kept {f.path}, which moeq did not publish (push --prune deletes it)")
+        with hub_errors("creating the repo", card.repo_id):
+            if not plan.repo_exists:
+                api.create_repo(card.repo_id, private=pipeline.hub.private, exist_ok=True)
+        commit = _commit_with_retries(api, card, plan, create_pr, on_message,
+                                      lambda: plan_push(api, card, [q.type for q in pipeline.quants], prune))
+        return PushRecord(
+            quant=key, quants=list(card.quants), repo_id=card.repo_id, create_pr=create_pr,
+            repo_existed=plan.repo_exists, commit=commit.oid if commit else None,
+            commit_url=commit.commit_url if commit else None, pr_url=commit.pr_url if commit else None,
+            files=plan.pushed_files(),
+            uploaded_bytes=plan.upload_bytes if commit else 0, readme_sha256=card.readme.sha256,
+        )
+
+    return Stage("push", key, key=lambda: None, run=run, lock=f"repo-{key or 'ladder'}",
+                 status=lambda r: "up to date" if r.commit is None else "ran")
+
+
+def _commit_with_retries(api: HfApi, card: CardRecord, plan: PushPlan, create_pr: bool,
+                         on_message: Callable[[str], None], replan: Callable[[], PushPlan]):
+    """One commit of the plan's changes. The client retries uploads itself but not the commit call: a 429/5xx
+    there is retried here after planning again, so a commit that did land is never made twice."""
+    summary, description = _commit_message(card)
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        if not plan.changes:
+            on_message(f"{card.repo_id}: up to date, nothing to commit")
+            return None
+        operations = []
+        for f in plan.changes:
+            if f.action == "delete":
+                operations.append(CommitOperationDelete(path_in_repo=f.path))
+                continue
+            op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.local)
+            op.upload_info.sha256 = bytes.fromhex(f.sha256)  # known from the records: no second read of the GGUF
+            operations.append(op)
+        additions = [op for op in operations if isinstance(op, CommitOperationAdd)]
+        with hub_errors("uploading", card.repo_id), interrupt_ends_upload(card.repo_id):
+            api.preupload_lfs_files(card.repo_id, additions, revision="main", create_pr=create_pr)
+        with hub_errors("committing", card.repo_id):
+            try:
+                return api.create_commit(card.repo_id, operations, commit_message=summary,
+                                         commit_description=description, revision="main", create_pr=create_pr,
+                                         parent_commit=plan.head)
+            except HfHubHTTPError as exc:
+                status = exc.response.status_code if exc.response is not None else None
+                if status == MOVED_ON:
+                    raise HubError(f"{card.repo_id}: main moved on since this push was planned against "
+                                   f"{(plan.head or '')[:12]} (another push landed); nothing was committed, run the "
+                                   "push again to plan it against the new head") from None
+                if status not in RETRY_STATUSES or attempt == COMMIT_ATTEMPTS:
+                    raise
+                wait = min(_retry_after(exc) or 2 ** (attempt - 1), max_wait_s())
+                on_message(f"{card.repo_id}: the Hub answered {status} to the commit; planning again in {wait} s")
+        time.sleep(wait)
+        with hub_errors("planning the push again", card.repo_id):
+            fresh = replan()
+        plan.files, plan.head = fresh.files, fresh.head
+    return None
+
+
+def _retry_after(exc: HfHubHTTPError) -> int | None:
+    value = exc.response.headers.get("Retry-After") if exc.response is not None else None
+    return int(value) if value and value.isascii() and value.isdigit() else None
