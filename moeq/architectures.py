@@ -16,6 +16,7 @@ import functools
 import re
 
 import gguf
+from gguf import Keys
 
 from moeq.errors import InputError
 from moeq.gguf_header import GGUFHeader
@@ -40,7 +41,7 @@ def has_shared_experts(header: GGUFHeader) -> bool:
 def require_moe(header: GGUFHeader, where: object) -> str:
     """The file's architecture, when it is a mixture of experts llama.cpp runs; else a one-line InputError saying
     what was found and what is supported."""
-    arch = header.metadata.get("general.architecture")
+    arch = header.architecture
     supported = moe_architectures()
     if not isinstance(arch, str) or not arch:
         raise InputError(f"{where}: no general.architecture key; not a model llama.cpp can load")
@@ -50,7 +51,7 @@ def require_moe(header: GGUFHeader, where: object) -> str:
                          "(gguf-py's table of its tensors holds no ffn_*_exps)" if known else "is not one gguf-py "
                          "knows") + f"; moeq quantizes MoE models for --cpu-moe: {', '.join(supported)}")
     experts = [t.name for t in header.tensors if EXPERT_RE.search(t.name)]
-    count = header.metadata.get(f"{arch}.expert_count")
+    count = header.arch_value(Keys.LLM.EXPERT_COUNT)
     if not experts or not isinstance(count, int) or count < 2:
         raise InputError(f"{where}: a dense {arch} model ({len(experts)} ffn_*_exps tensors, {arch}.expert_count "
                          f"{count!r}): --cpu-moe has no experts to move; moeq quantizes mixture-of-experts models")

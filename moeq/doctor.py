@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from gguf import Keys
+
 from moeq import quant_types
 from moeq.config import Pipeline
 from moeq.errors import MoeqError, ToolError
@@ -178,7 +180,7 @@ def _source_shape(pipeline: Pipeline) -> tuple[int | None, int | None, int | Non
         header = read_header(path)
     except (OSError, MoeqError):
         return pipeline.model.parameters, None, None
-    layers = header.metadata.get(f"{header.metadata.get('general.architecture')}.block_count")
+    layers = header.arch_value(Keys.LLM.BLOCK_COUNT)
     vocab = next((t.shape[1] for t in header.tensors if t.name == "token_embd.weight" and len(t.shape) == 2), None)
     return (sum(t.n_elements for t in header.tensors), layers if isinstance(layers, int) else None,
             vocab if isinstance(vocab, int) else None)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
+from gguf import Keys
 
 from moeq.errors import InputError
 
@@ -54,6 +55,14 @@ class GGUFHeader:
     alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT
     data_offset: int = 0
     file_size: int = 0
+
+    @property
+    def architecture(self) -> object:
+        return self.metadata.get(Keys.General.ARCHITECTURE)
+
+    def arch_value(self, key: str, default: object = None) -> object:
+        """A value of the model's architecture: `key` is a gguf.Keys template ("{arch}.expert_count")."""
+        return self.metadata.get(key.format(arch=self.architecture), default)
 
 
 class _NeedMore(Exception):
@@ -167,7 +176,7 @@ def _parse(path: Path, data: bytes, size: int, whole_file: bool) -> GGUFHeader:
         except ValueError:
             raise InputError(f"{path}: tensor {name!r} has unknown type {raw_type}") from None
         header.tensors.append(TensorInfo(name, shape, ttype, cur.read("<Q")))
-    alignment = header.metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    alignment = header.metadata.get(Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise InputError(f"{path}: general.alignment {alignment!r} is not a power of two")
     header.alignment = alignment

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gguf import Keys
+
 from moeq.errors import InputError
 from moeq.gguf_header import GGUFHeader
 
@@ -59,7 +61,7 @@ def _read_gguf(path: Path) -> ImatrixFacts:
     import gguf
 
     reader = gguf.GGUFReader(path)
-    general_type = reader.get_field("general.type")
+    general_type = reader.get_field(Keys.General.TYPE)
     if general_type is None or general_type.contents() != "imatrix":
         raise InputError(f"{path}: a GGUF file but not an importance matrix (general.type is not 'imatrix'); "
                          "pass the imatrix file, not a model")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from gguf import Keys
+
 from moeq.architectures import EXPERT_RE
 from moeq.errors import InputError
 from moeq.gguf_header import GGUFHeader
@@ -44,10 +46,10 @@ def _split(header: GGUFHeader, n_cpu_moe: int) -> tuple[int, int]:
 
 
 def _hparam(header: GGUFHeader, key: str) -> int:
-    arch = header.metadata.get("general.architecture")
-    value = header.metadata.get(f"{arch}.{key}")
+    value = header.arch_value(key)
     if not isinstance(value, int):
-        raise InputError(f"{header.path}: metadata key {arch}.{key} is missing; the memory plan needs it")
+        raise InputError(f"{header.path}: metadata key {key.format(arch=header.architecture)} is missing; the "
+                         "memory plan needs it")
     return value
 
 
@@ -55,12 +57,11 @@ def kv_bytes(header: GGUFHeader, ctx: int, kv_type: str = "f16") -> int:
     """K and V of every layer at `ctx`: head_count_kv x the head sizes, which are attention.key_length and
     value_length where the model sets them (Qwen3-MoE: twice embedding_length / head_count), else
     embedding_length / head_count, as llama.cpp reads them."""
-    n_layer = _hparam(header, "block_count")
-    n_embd, n_head = _hparam(header, "embedding_length"), _hparam(header, "attention.head_count")
-    n_head_kv = _hparam(header, "attention.head_count_kv")
-    arch = header.metadata.get("general.architecture")
-    key_length = header.metadata.get(f"{arch}.attention.key_length", n_embd // n_head)
-    value_length = header.metadata.get(f"{arch}.attention.value_length", n_embd // n_head)
+    n_layer = _hparam(header, Keys.LLM.BLOCK_COUNT)
+    n_embd, n_head = _hparam(header, Keys.LLM.EMBEDDING_LENGTH), _hparam(header, Keys.Attention.HEAD_COUNT)
+    n_head_kv = _hparam(header, Keys.Attention.HEAD_COUNT_KV)
+    key_length = header.arch_value(Keys.Attention.KEY_LENGTH, n_embd // n_head)
+    value_length = header.arch_value(Keys.Attention.VALUE_LENGTH, n_embd // n_head)
     width = (key_length + value_length) * n_head_kv
     return int(n_layer * ctx * width * KV_BYTES_PER_ELEMENT[kv_type])
 
@@ -70,7 +71,7 @@ def plan_memory(header: GGUFHeader, ctx_sizes: list[int] | tuple[int, ...] = (40
                 compute_allowance: int = DEFAULT_COMPUTE_ALLOWANCE) -> MemoryPlan:
     if kv_type not in KV_BYTES_PER_ELEMENT:
         raise InputError(f"kv type {kv_type!r}: use one of {', '.join(KV_BYTES_PER_ELEMENT)}")
-    n_layer = _hparam(header, "block_count")
+    n_layer = _hparam(header, Keys.LLM.BLOCK_COUNT)
     plan = MemoryPlan(file=str(header.path), n_layer=n_layer, kv_type=kv_type, compute_allowance_bytes=compute_allowance)
     for n in range(n_layer + 1):
         gpu, cpu = _split(header, n)

@@ -301,23 +301,24 @@ def preview(ctx: Context, unit: RepoUnit, out: Path | None = None) -> Path:
     return out
 
 
-def push(ctx: Context, unit: RepoUnit, create_pr: bool | None = None, force: bool = False,
+def push(ctx: Context, unit: RepoUnit, create_pr: bool | None = None, replace_card: bool = False,
          switch_layout: bool = False, prune: bool = False) -> StageResult[PushRecord]:
     from moeq.push.stage import push_stage
 
     stage = push_stage(ctx.pipeline, unit.key, [q.type for q in unit.quants], ctx.api, ctx.records,
-                       create_pr=create_pr, force=force, switch_layout=switch_layout, prune=prune,
+                       create_pr=create_pr, replace_card=replace_card, switch_layout=switch_layout, prune=prune,
                        on_message=ctx.say)
     return run_stage(stage, ctx.records, on_message=ctx.say)
 
 
-def push_plan(ctx: Context, unit: RepoUnit, force: bool = False, switch_layout: bool = False, prune: bool = False):
+def push_plan(ctx: Context, unit: RepoUnit, replace_card: bool = False, switch_layout: bool = False,
+              prune: bool = False):
     """What `push` would send (read requests only)."""
     from moeq.push.stage import check_staged, planned
 
     card_record = ctx.records.require(CardRecord, unit.key)
     check_staged(ctx.pipeline, unit.key, card_record)
-    return planned(ctx.api, ctx.pipeline, [q.type for q in unit.quants], ctx.records, card_record, force,
+    return planned(ctx.api, ctx.pipeline, [q.type for q in unit.quants], ctx.records, card_record, replace_card,
                    switch_layout, prune)
 
 
@@ -334,10 +335,10 @@ class PushCheck:
         return [plan.repo_id for plan in self.plans if plan.changes]
 
 
-def check_pushed(ctx: Context, units: list[RepoUnit], force: bool = False, prune: bool = False) -> PushCheck:
+def check_pushed(ctx: Context, units: list[RepoUnit], replace_card: bool = False, prune: bool = False) -> PushCheck:
     check = PushCheck()
     for unit in units:
-        plan = push_plan(ctx, unit, force=force, prune=prune)
+        plan = push_plan(ctx, unit, replace_card=replace_card, prune=prune)
         check.plans.append(plan)
         if plan.repo_exists and any(f.path == "README.md" and f.action == "update" for f in plan.files):
             check.findings += hub_card_findings(ctx, plan.repo_id)  # which lines, as moeq card verify says

@@ -1,10 +1,20 @@
-"""The `moeq` command line: parse, call one library function, render the result.
+"""The `moeq` command line: each command parses its options, makes one library call and renders the result.
 
-Errors are MoeqError subclasses; every command runs under `guard`, which prints the
-one-line message, exits with the error's code, and shows a traceback only with --debug.
+One module per command (card and synth are families with subcommands), registered below in the order a
+user meets them, which is the order `moeq --help` lists them in. Errors are MoeqError subclasses, said
+once by the error boundary in app.py.
 """
 
-from moeq.cli import cards, hub, stages  # noqa: F401  (registers the commands)
-from moeq.cli.common import app
+from moeq.cli import bench, build, card, check_config, doctor, fetch, imatrix, plan, push, quantize, synth, validate
+from moeq.cli.app import app, register
 
-__all__ = ["app"]
+COMMANDS = (
+    ("build", build.build), ("fetch", fetch.fetch), ("imatrix", imatrix.imatrix), ("quantize", quantize.quantize),
+    ("validate", validate.validate), ("bench", bench.bench), ("card", card.card_app), ("push", push.push),
+    ("plan", plan.plan), ("check-config", check_config.check_config), ("doctor", doctor.doctor),
+    ("synth", synth.synth_app),
+)
+for _name, _command in COMMANDS:
+    register(_name, _command)
+
+__all__ = ["app", "COMMANDS"]

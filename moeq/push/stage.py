@@ -184,15 +184,15 @@ def check_staged(pipeline: Pipeline, key: str | None, card: CardRecord) -> None:
                          "moeq card again")
 
 
-def planned(api: HfApi, pipeline: Pipeline, selected: list[str], records: Records, card: CardRecord, force: bool,
+def planned(api: HfApi, pipeline: Pipeline, selected: list[str], records: Records, card: CardRecord, replace_card: bool,
             switch_layout: bool = False, prune: bool = False) -> PushPlan:
-    """The push plan; a README.md on the Hub that moeq did not write is replaced only with `force`, a file moeq
+    """The push plan; a README.md on the Hub that moeq did not write is replaced only with `replace_card`, a file moeq
     did not publish is deleted only with `prune`."""
     _check_layout_switch(pipeline, records, switch_layout)
     with hub_errors("planning the push", card.repo_id):
         plan = plan_push(api, card, [q.type for q in pipeline.quants], prune)
-    if plan.foreign_readme and not force:
-        raise HubError(f"{card.repo_id}: README.md on the Hub was not written by moeq; pass --force to replace it")
+    if plan.foreign_readme and not replace_card:
+        raise HubError(f"{card.repo_id}: README.md on the Hub was not written by moeq; pass --replace-card to replace it")
     layout = pipeline.hub.layout
     if plan.remote_layout not in (None, layout) and not switch_layout:
         raise HubError(f"{card.repo_id}: its manifest on the Hub says hub.layout {plan.remote_layout}, the pipeline "
@@ -235,7 +235,7 @@ def _only_selected(plan: PushPlan, card: CardRecord, selected: list[str]) -> Non
 
 
 def push_stage(pipeline: Pipeline, key: str | None, selected: list[str], api: HfApi, records: Records, *,
-               create_pr: bool | None = None, force: bool = False, switch_layout: bool = False, prune: bool = False,
+               create_pr: bool | None = None, replace_card: bool = False, switch_layout: bool = False, prune: bool = False,
                on_message: Callable[[str], None] = lambda _msg: None) -> Stage[PushRecord]:
     """Publish the staged repo of `key` (a quant, or None: the ladder's one repo) in one commit (or pull request);
     `selected`: the quants asked for."""
@@ -245,7 +245,7 @@ def push_stage(pipeline: Pipeline, key: str | None, selected: list[str], api: Hf
     require_token()
 
     def run() -> PushRecord:
-        plan = planned(api, pipeline, selected, records, card, force, switch_layout, prune)
+        plan = planned(api, pipeline, selected, records, card, replace_card, switch_layout, prune)
         for f in plan.files:
             if f.action == "kept":
                 on_message(f"{card.repo_id}: kept {f.path}, which moeq did not publish (push --prune deletes it)")

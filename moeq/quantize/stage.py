@@ -4,7 +4,7 @@ Its key is the source's sha256 (from the fetch record), the options that change 
 output and the tool's commit; the output's checks are the fast header reader's (every tensor's extent
 and count); gguf-py's full open of the output is validate's.
 
-    result = run_stage(quantize_stage(pipeline.quant("Q8_0"), ws, Toolchain(), path, lambda: source), records)
+    result = run_stage(quantize_stage(pipeline.quant("Q8_0"), ws, Toolchain(), path, lambda: fetched), records)
     result.status, result.record.output.sha256
 """
 
@@ -15,6 +15,8 @@ import os
 import threading
 from pathlib import Path
 from typing import Callable
+
+from gguf import Keys
 
 from moeq import quant_types
 from moeq.config import QuantSpec
@@ -37,11 +39,11 @@ QUANTIZE_IDLE_S = 600
 
 
 def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_path: Path,
-                   source: Callable[[], FetchRecord], *, threads: int | None = None, allow_requantize: bool = False,
+                   source_record: Callable[[], FetchRecord], *, threads: int | None = None, allow_requantize: bool = False,
                    on_tensor: Callable[[TensorLine], None] | None = None,
                    on_message: Callable[[str], None] = lambda _msg: None, output: Path | None = None,
                    record_as: str | None = None) -> Stage[QuantizeRecord]:
-    """Quantize the F16 at `source_path` into `quant`; `source()` gives the source stage's record of it, which
+    """Quantize the F16 at `source_path` into `quant`; `source_record()` gives the fetch stage's record of it, which
     may still be hashing the file (a first run on a local source): llama-quantize does not wait for it.
     `output` and `record_as` place a file made only for measurement (the bench's without-imatrix twin), which
     is deleted once measured: its record (and sha256) stays current without it."""
@@ -53,7 +55,7 @@ def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_pat
     options = quant_options(quant, allow_requantize, ws)
 
     def key() -> dict:
-        return {"source_sha256": source().output.sha256, "options": option_key(options)}
+        return {"source_sha256": source_record().output.sha256, "options": option_key(options)}
 
     def intact(record: QuantizeRecord) -> bool:
         if record_as is not None and not final.exists():
@@ -62,7 +64,8 @@ def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_pat
                 and ws.hashes.sha256(final) == record.output.sha256)
 
     def run() -> QuantizeRecord:
-        return _quantize(quant, ws, tool, source_path, source, options, threads, on_tensor, on_message, final)
+        return _quantize(quant, ws, tool, source_path, source_record, options, threads, on_tensor, on_message,
+                         final)
 
     name = record_as or quant.type
     return Stage("quantize", name, key=key, run=run, tool=lambda: tool, intact=intact, lock=f"quant-{name}",
@@ -73,21 +76,21 @@ def log_path(final: Path) -> Path:
     return final.with_name(final.name + ".log")
 
 
-def _quantize(quant: QuantSpec, ws: Workspace, tool, source: Path, source_record: Callable[[], FetchRecord],
+def _quantize(quant: QuantSpec, ws: Workspace, tool, source_path: Path, source_record: Callable[[], FetchRecord],
               options: QuantizeOptions, threads: int | None, on_tensor, on_message, final: Path) -> QuantizeRecord:
     log = log_path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    source_header = read_source_header(source, options.allow_requantize)
-    require_moe(source_header, source)
+    source_header = read_source_header(source_path, options.allow_requantize)
+    require_moe(source_header, source_path)
     if options.imatrix is not None:  # llama-quantize would take another model's matrix for tensors of the same name
-        check_fits(read_imatrix(Path(options.imatrix.path)), Path(options.imatrix.path), source_header, source)
+        check_fits(read_imatrix(Path(options.imatrix.path)), Path(options.imatrix.path), source_header, source_path)
     if any(t.type not in UNQUANTIZED for t in source_header.tensors):
-        on_message(f"warning: {source} is already quantized; {REQUANTIZE_WARNING}")
-    require_free(final.parent, source.stat().st_size * quant_types.QUANT_TYPES[quant.type].approx_bpw / 16,
+        on_message(f"warning: {source_path} is already quantized; {REQUANTIZE_WARNING}")
+    require_free(final.parent, source_path.stat().st_size * quant_types.QUANT_TYPES[quant.type].approx_bpw / 16,
                  quant.type)
     partial = partial_path(final)
     partial.unlink(missing_ok=True)
-    command = build_command(tool.path, quant, options, source, partial, threads)
+    command = build_command(tool.path, quant, options, source_path, partial, threads)
     parser = QuantizeLogParser()
 
     def on_line(line: str) -> None:
@@ -109,12 +112,12 @@ def _quantize(quant: QuantSpec, ws: Workspace, tool, source: Path, source_record
             if len(parser.summary.tensors) != len(output_header.tensors):
                 raise ToolError(f"llama-quantize reported {len(parser.summary.tensors)} tensors but wrote "
                                 f"{len(output_header.tensors)}; see {log}")
-            file_type = output_header.metadata.get("general.file_type")
+            file_type = output_header.metadata.get(Keys.General.FILE_TYPE)
             if not isinstance(file_type, int):
                 raise ToolError(f"llama-quantize wrote no general.file_type; see {log}")
             recorded = source_record().output  # a first run's source hash finishes beside llama-quantize
-            if ws.hashes.lookup(source) != recorded.sha256:
-                raise InputError(f"{source}: changed since the fetch record was made; run again")
+            if ws.hashes.lookup(source_path) != recorded.sha256:
+                raise InputError(f"{source_path}: changed since the fetch record was made; run again")
             output_digest = output_sha.result()
             synced.result()
             commit_file(partial, final, synced=True)
@@ -192,18 +195,20 @@ def tensor_rows(source: GGUFHeader, output: GGUFHeader) -> list[TensorRow]:
     return rows
 
 
-MODEL_KEYS = ("block_count", "expert_count", "expert_used_count", "context_length", "embedding_length",
-              "attention.head_count", "attention.head_count_kv")
+MODEL_KEYS = {"block_count": Keys.LLM.BLOCK_COUNT, "expert_count": Keys.LLM.EXPERT_COUNT,
+              "expert_used_count": Keys.LLM.EXPERT_USED_COUNT, "context_length": Keys.LLM.CONTEXT_LENGTH,
+              "embedding_length": Keys.LLM.EMBEDDING_LENGTH, "head_count": Keys.Attention.HEAD_COUNT,
+              "head_count_kv": Keys.Attention.HEAD_COUNT_KV}  # ModelFacts field -> GGUF key
 
 
 def model_facts(header: GGUFHeader) -> ModelFacts:
     """What later stages (cards) need to know of the model, read once here from the source header."""
-    arch = header.metadata.get("general.architecture")
+    arch = header.architecture
     facts = {"architecture": arch if isinstance(arch, str) else None,
              "parameters": sum(t.n_elements for t in header.tensors), "tensors": len(header.tensors)}
-    for key in MODEL_KEYS:
-        value = header.metadata.get(f"{arch}.{key}")
-        facts[key.replace("attention.", "")] = value if isinstance(value, int) else None
+    for field, key in MODEL_KEYS.items():
+        value = header.arch_value(key)
+        facts[field] = value if isinstance(value, int) else None
     kinds = {pattern: sorted({m.group(0).strip(".") for t in header.tensors if (m := pattern.search(t.name))})
              for pattern in (EXPERT_RE, SHARED_EXPERT_RE)}
     return ModelFacts(**facts, expert_tensors=kinds[EXPERT_RE], shared_experts=kinds[SHARED_EXPERT_RE])

@@ -15,6 +15,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from gguf import Keys
+
 from moeq.config import Pipeline
 from moeq.errors import InputError, ToolError
 from moeq.gguf_header import check_extent, read_header
@@ -87,7 +89,7 @@ def _check_shards(source: Path, shards: list[Path]) -> None:
     for index, shard in enumerate(shards):
         header = read_header(shard)
         check_extent(header)
-        count, number = header.metadata.get("split.count"), header.metadata.get("split.no")
+        count, number = header.metadata.get(Keys.Split.LLM_KV_SPLIT_COUNT), header.metadata.get(Keys.Split.LLM_KV_SPLIT_NO)
         if count != len(shards) or number != index:
             raise ToolError(f"{shard}: split.no {number} of split.count {count}, expected {index} of {len(shards)}")
         seen += [t.name for t in header.tensors]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
+from gguf import Keys
 import numpy as np
 from gguf.quants import dequantize
 
@@ -22,7 +23,7 @@ from moeq.records import CheckResult
 
 # The keys llama-quantize sets (src/llama-quant.cpp): every other key of the source is copied unchanged,
 # except a split source's split.* keys, which it drops. A key the source lacks is not required.
-QUANTIZATION_KEYS = ("general.file_type", "general.quantization_version")
+QUANTIZATION_KEYS = (Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION)
 DROPPED_PREFIXES = ("split.", "GGUF.")  # GGUF.* are gguf-py's names for the header's own fields
 # Relative RMSE bounds per tensor type: about twice the worst seen on the tiny model's gaussian
 # weights with the pinned llama-quantize (Q8_0 0.0054, Q6_K 0.018, Q4_K 0.072, Q3_K 0.15, Q2_K 0.30).
@@ -62,7 +63,7 @@ def check_container(path: Path) -> tuple[CheckResult, GGUFHeader | None]:
 def check_model(header: GGUFHeader, source: GGUFHeader | None, expected_arch: str | None) -> CheckResult:
     """The architecture (the source's, or `expected_arch`), a mixture of experts llama.cpp runs, and every
     hyperparameter of it (each `<arch>.*` key of the source) equal to the source's."""
-    arch = header.metadata.get("general.architecture")
+    arch = header.architecture
     if expected_arch is not None and arch != expected_arch:
         return CheckResult("model", False, f"architecture is {arch!r}, expected {expected_arch!r}")
     try:
@@ -103,7 +104,7 @@ def check_type_mix(header: GGUFHeader, quant: str, overrides: dict[str, str] | N
     known = quant_types.lookup(quant)
     if known is None:
         return CheckResult("type mix", False, f"unknown quant type {quant!r}")
-    file_type = header.metadata.get("general.file_type")
+    file_type = header.metadata.get(Keys.General.FILE_TYPE)
     by_bytes: dict[str, int] = {}
     for t in header.tensors:
         by_bytes[t.type.name] = by_bytes.get(t.type.name, 0) + t.n_bytes
@@ -233,7 +234,7 @@ def validate_file(path: Path, against: Path | None = None, numerics: str = "samp
     if header is None:
         return report
     if expected_arch is None and source_header is not None:  # the source's architecture
-        expected_arch = source_header.metadata.get("general.architecture")
+        expected_arch = source_header.architecture
     report.checks.append(check_model(header, source_header, expected_arch))
     if source_header is not None:
         report.checks.append(check_tensors(header, source_header))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 import gguf
+from gguf import Keys
 
 from moeq.gguf_header import GGUFHeader, TensorInfo
 
@@ -55,8 +56,7 @@ def allowed_types(quant: str, t: TensorInfo, header: GGUFHeader, overrides: dict
         return None
     cat = category(t.name)
     allowed = set(recipe.get(cat, recipe["*"]))
-    arch = header.metadata.get("general.architecture")
-    if quant != "Q8_0" and cat in EIGHT_EXPERTS and header.metadata.get(f"{arch}.expert_count") == 8:
+    if quant != "Q8_0" and cat in EIGHT_EXPERTS and header.arch_value(Keys.LLM.EXPERT_COUNT) == 8:
         allowed = set(EIGHT_EXPERTS[cat])
     for pattern, ggml_type in overrides.items():
         if re.search(pattern, t.name):

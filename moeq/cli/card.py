@@ -1,4 +1,4 @@
-"""`moeq card`: render, lint and preview model cards."""
+"""`moeq card`: render (the card stage), lint, verify and preview model cards."""
 
 from __future__ import annotations
 
@@ -8,20 +8,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from moeq.cli.common import (ConfigOption, JsonOption, QuantsOption, app, console, guard, open_context, print_json,
-                             selected_quants)
+from moeq.cli.options import ConfigOption, JsonOption, QuantsOption
+from moeq.cli.output import console, open_context, print_json, selected_quants
 from moeq.errors import CheckFailed, InputError
 from moeq.records import record_json
 
 card_app = typer.Typer(help="Model cards: render (with --config/--quant), lint, verify, preview.",
                        invoke_without_command=True)
-app.add_typer(card_app, name="card")
 
 
 @card_app.callback()
-@guard
 def card(
-    ctx: typer.Context,
+    invocation: typer.Context,
     config: ConfigOption = None,
     quant: QuantsOption = None,
     force: Annotated[bool, typer.Option(help="Render even when the records and templates are unchanged.")] = False,
@@ -34,7 +32,7 @@ def card(
     matrix and moeq-manifest.json (the records the card was built from). In the one repo the card lists the
     quants asked for and those the last push left there.
     """
-    if ctx.invoked_subcommand is not None:
+    if invocation.invoked_subcommand is not None:
         return
     from moeq import steps
 
@@ -77,7 +75,6 @@ TemplateOption = Annotated[Optional[Path], typer.Option(help="The card's templat
 
 
 @card_app.command("lint")
-@guard
 def lint(
     file: CardArgument,
     records: RecordsOption = None,
@@ -105,7 +102,6 @@ def lint(
 
 
 @card_app.command("verify")
-@guard
 def verify(
     file: CardArgument,
     records: RecordsOption = None,
@@ -116,8 +112,8 @@ def verify(
 
     Finds what lint cannot: a hand-edited figure anywhere, or another quant's figure in this quant's row.
     """
-    from moeq.manifest import MANIFEST_NAME, read_card, read_manifest
     from moeq.cards.verify import card_template, verify_card
+    from moeq.manifest import MANIFEST_NAME, read_card, read_manifest
 
     text = read_card(file)
     manifest_path = (records or file.parent) / MANIFEST_NAME
@@ -130,7 +126,6 @@ def verify(
 
 
 @card_app.command("preview")
-@guard
 def preview(
     file: Annotated[Optional[Path], typer.Argument(help="A card (README.md); or use --quant (and --config).")] = None,
     config: ConfigOption = None,

@@ -1,0 +1,92 @@
+"""`moeq build`: every stage for the quants asked for, and the summary table."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from moeq.cli.options import ConfigOption, JsonOption, SwitchLayoutOption
+from moeq.cli.output import console, open_context, print_json, quiet_progress_off_terminal, selected_quants
+from moeq.units import decimal_size
+
+
+def build(
+    config: ConfigOption = None,
+    quant: Annotated[Optional[list[str]], typer.Option("--quant", "-q", help="Quant type(s) of the ladder.")] = None,
+    all_quants: Annotated[bool, typer.Option("--all", help="Every quant of the ladder.")] = False,
+    push: Annotated[bool, typer.Option("--push", help="Push to the Hub (also when hub.push is true).")] = False,
+    skip_bench: Annotated[bool, typer.Option("--skip-bench", help="Leave the bench stage out.")] = False,
+    force_stage: Annotated[Optional[str], typer.Option(help="Run this stage and every stage after it again: "
+                                                       "fetch, imatrix, quantize, validate, bench, shards, card "
+                                                       "or push.")] = None,
+    switch_layout: SwitchLayoutOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Run fetch -> imatrix -> quantize -> validate -> bench -> shards -> card -> push for each quant, skipping what
+    is current (imatrix only for quants with `imatrix: auto`).
+
+    Without --push the last stage shows the files the push would send, without asking the Hub.
+    Exit 0 when every quant succeeded, else the exit code of the first failed stage.
+    """
+    from moeq.build import build as run_build
+    from moeq.errors import InputError
+
+    ctx = open_context(config)
+    if bool(quant) == all_quants:
+        raise InputError("moeq build needs --quant TYPE (one or more) or --all")
+    quants = selected_quants(ctx.pipeline, None if all_quants else quant)
+    quiet_progress_off_terminal()
+    summary = run_build(ctx, quants, push=push or ctx.pipeline.hub.push, skip_bench=skip_bench,
+                        force_stage=force_stage, switch_layout=switch_layout)
+    if as_json:
+        print_json(summary.as_dict())
+    else:
+        _print_summary(summary, ctx.ws)
+    failures: dict[tuple[str, str], list[str]] = {}  # the shared fetch's failure names every quant once
+    for q in summary.quants:
+        failed = next((s for s in q.stages if s.status == "failed"), None)
+        if failed:
+            failures.setdefault((failed.stage, failed.detail), []).append(q.quant)
+    if failures:  # one error line, whatever failed
+        sys.stderr.write("error: " + "; ".join(f"{', '.join(names)}: {stage} failed: {detail}"
+                                              for (stage, detail), names in failures.items()) + "\n")
+    if not summary.ok:
+        raise typer.Exit(summary.exit_code)
+
+
+def _print_summary(summary, ws) -> None:
+    from moeq.build import STAGES
+
+    colors = {"ran": "green", "up to date": "cyan", "failed": "red", "skipped": "yellow"}
+    # One row per stage and a column per quant: stage names never wrap in an 80-column terminal or CI log.
+    table = Table(title="moeq build")
+    table.add_column("stage", no_wrap=True)
+    for q in summary.quants:
+        table.add_column(q.quant, no_wrap=True)
+    cells = [{s.stage: f"[{colors[s.status]}]{s.status}[/]" + (f" {s.seconds:.1f}s" if s.status in ("ran", "failed")
+                                                                else "") for s in q.stages} for q in summary.quants]
+    for stage in STAGES:
+        table.add_row(stage, *[c.get(stage, "") for c in cells])
+    table.add_row("size", *[decimal_size(q.artifact_bytes) if q.artifact_bytes else "" for q in summary.quants])
+    console.print(table)
+    by_repo: dict[str, list] = {}  # the ladder's one repo: one line for its quants
+    for q in summary.quants:
+        by_repo.setdefault(q.repo_id, []).append(q)
+    for repo_id, rows in by_repo.items():
+        q, names = rows[0], ", ".join(r.quant for r in rows)
+        if q.commit_url or q.pr_url:
+            console.print(f"{names}: {q.pr_url or q.commit_url}", soft_wrap=True)
+        elif summary.pushed and all(r.ok for r in rows):
+            console.print(f"{names}: {q.repo_url} (up to date)", soft_wrap=True)
+        elif q.push_plan:
+            files = ", ".join(f"{f['path']} ({decimal_size(f['size'])})" for f in q.push_plan)
+            console.print(f"{names}: push plan (dry run, not compared with the Hub) for {repo_id}: {files}",
+                          soft_wrap=True)
+    cards = "ladder" if summary.single_repo else "<quant>"
+    if any(s.stage == "card" and s.status in ("ran", "up to date") for q in summary.quants for s in q.stages):
+        console.print(f"cards: {ws.repos_dir}/{cards}/README.md, charts in {ws.repos_dir}/{cards}/images/; "
+                      f"previews: {ws.root / 'previews'}/{cards}.html", soft_wrap=True)
+    console.print(f"records: {ws.records_dir}", soft_wrap=True)

@@ -1,0 +1,25 @@
+"""`moeq check-config`: a pipeline file, and the repos and files it will produce."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from moeq.cli.options import ConfigOption, JsonOption
+from moeq.cli.output import console, pipeline_from, print_json
+
+
+def check_config(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Validate a pipeline file and show the repos and files it will produce."""
+    pipeline = pipeline_from(config)
+    rows = [{"quant": q.type, "file": q.file, "repo": pipeline.repo_id(q),
+             "imatrix": str(q.imatrix) if q.imatrix else "none"} for q in pipeline.quants]
+    if as_json:
+        print_json({"pipeline": str(pipeline.path), "workspace": str(pipeline.workspace), "quants": rows})
+        return
+    table = Table(title=f"{pipeline.path}: {pipeline.model.name}")
+    for column in ("quant", "file", "repo", "imatrix"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["quant"], row["file"], row["repo"], row["imatrix"])
+    console.print(table)
+    console.print(f"workspace: {pipeline.workspace}")

@@ -1,0 +1,76 @@
+"""`moeq doctor`: the llama.cpp tools, Python packages, Hub login and disk space."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from moeq.cli.options import JsonOption
+from moeq.cli.output import console, pipeline_from, print_json
+from moeq.errors import CheckFailed
+from moeq.toolchain import Toolchain
+from moeq.units import binary_size, decimal_size
+
+
+def doctor(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Also validate this pipeline file "
+                                                   "and check disk space for it (default: $MOEQ_CONFIG; without "
+                                                   "either, only the machine is checked).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check the llama.cpp tools, Python packages, Hub login and (with --config) disk space."""
+    from moeq.doctor import run_doctor
+
+    # Not ./pipeline.yaml by default: in a checkout that is the full release, and doctor checks the machine.
+    pipeline = pipeline_from(config) if config is not None or os.environ.get("MOEQ_CONFIG") else None
+    chain = pipeline.toolchain.chain(fresh=True) if pipeline else Toolchain(fresh=True)
+    report = run_doctor(chain, pipeline)
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        table = Table(title="llama.cpp tools")
+        for column in ("tool", "status", "commit", "backend", "path"):
+            table.add_column(column, overflow="fold")
+        for check in report.tools:
+            status = f"[green]{check.detail}[/]" if check.ok else "[red]problem (below)[/]"
+            table.add_row(check.name, status, check.commit, check.backend, check.path)
+        console.print(table)
+        for check in report.tools:
+            if not check.ok:
+                sys.stdout.write(f"problem: {check.detail}\n")
+        gpus = ", ".join(f"{g['name']}" + (f" ({binary_size(g['memory_bytes'])})" if g["memory_bytes"] else "")
+                         for g in report.gpus)
+        console.print(f"NVIDIA GPUs: {gpus or 'none (nvidia-smi lists none)'}")
+        for warning in report.warnings:
+            sys.stdout.write(f"warning: {warning}\n")
+        packages = Table(title="Python packages")
+        packages.add_column("package")
+        packages.add_column("version")
+        for name, version in report.packages.items():
+            packages.add_row(name, version)
+        console.print(packages)
+        console.print(f"Hub endpoint: {report.hub_endpoint}")
+        console.print(f"Hub token present: {'yes' if report.hub_token_present else 'no'}")
+        if report.disk:
+            disk = report.disk
+            if disk.needed_bytes is None:
+                console.print(f"Disk: {decimal_size(disk.free_bytes)} free in {disk.workspace}; need unknown "
+                              "(set model.parameters in the pipeline file)")
+            else:
+                verdict = "[green]OK[/]" if disk.ok else "[red]NOT ENOUGH[/]"
+                console.print(f"Disk: {decimal_size(disk.free_bytes)} free in {disk.workspace}, "
+                              f"pipeline needs {decimal_size(disk.needed_bytes)} (its peak, about "
+                              f"{decimal_size(disk.peak_bytes)}, with 10% and 64 MiB of room): {verdict}")
+                if disk.refetch_bytes:
+                    console.print(f"  a later moeq fetch --force downloads beside it all: about "
+                                  f"{decimal_size(disk.refetch_bytes)}")
+    if not report.ok:
+        problems = [c.name for c in report.tools if not c.ok]
+        if report.disk and not report.disk.ok:
+            problems.append("disk space")
+        raise CheckFailed(f"doctor found problems with: {', '.join(problems)}")

@@ -1,0 +1,36 @@
+"""`moeq fetch`: the fetch stage: the F16 source, downloaded and converted, made, or found."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from moeq.cli.options import ConfigOption, JsonOption
+from moeq.cli.output import console, open_context, print_json, quiet_progress_off_terminal
+from moeq.records import record_json
+from moeq.units import decimal_size
+
+
+def fetch(
+    config: ConfigOption = None,
+    force: Annotated[bool, typer.Option(help="Fetch again even when the record says the source is current.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Produce the F16 GGUF source: download (and for safetensors, convert) it, or make the synth model.
+
+    The revision is resolved to a commit sha; each file is checked against the Hub's sha256; an
+    interrupted download continues where it stopped.
+    """
+    from moeq import steps
+
+    ctx = open_context(config)
+    quiet_progress_off_terminal()
+    done = steps.fetch(ctx, force=force)
+    record = done.record
+    if as_json:
+        print_json({"skipped": done.skipped, "record": record_json(record)})
+        return
+    state = "up to date" if done.skipped else f"fetched in {done.wall_s:.1f} s"
+    console.print(f"source {state}: {record.output.path} ({decimal_size(record.output.size)}), from {record.origin}",
+                  soft_wrap=True)

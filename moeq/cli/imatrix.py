@@ -1,0 +1,39 @@
+"""`moeq imatrix`: the imatrix stage, and each expert's coverage."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from moeq.cli.options import ConfigOption, JsonOption
+from moeq.cli.output import console, open_context, print_json
+from moeq.records import record_json
+
+
+def imatrix(
+    config: ConfigOption = None,
+    force: Annotated[bool, typer.Option(help="Run even when the record says it is up to date.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Compute the importance matrix of the F16 source with the calibration text, and each expert's coverage.
+
+    Quants with `imatrix: auto` are made with it (moeq build and moeq quantize run this first for them).
+    """
+    from moeq import steps
+
+    ctx = open_context(config)
+    done = steps.imatrix(ctx, force=force)
+    record = done.record
+    if as_json:
+        print_json({"skipped": done.skipped, "record": record_json(record)})
+        return
+    state = "up to date" if done.skipped else f"done in {done.wall_s:.1f} s"
+    coverage = record.coverage
+    console.print(f"imatrix: {state}: {record.output.path} ({record.chunks} chunks of {record.ctx} tokens of "
+                  f"{record.calibration.name})", soft_wrap=True)
+    console.print(f"expert coverage: {coverage.experts} experts, tokens per expert min {coverage.min:,}, median "
+                  f"{coverage.median:,.0f}, max {coverage.max:,}; {len(coverage.under)} under "
+                  f"{coverage.min_expert_tokens}", soft_wrap=True)
+    for warning in record.warnings if done.skipped else []:  # a run said them as it went
+        console.print(f"[yellow]warning[/]: {warning}", soft_wrap=True)
