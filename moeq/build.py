@@ -1,10 +1,12 @@
-"""`moeq build`: fetch -> imatrix -> quantize -> validate -> bench -> shards -> card -> push for each quant, doing only
-what changed (imatrix only when a quant of the ladder has `imatrix: auto`).
+"""`moeq build`: a plan, and one loop that runs it.
 
-Each stage goes through the one stage runner (stage_runner.py), which decides from its record whether it
-is current; `--force-stage S` runs S and every stage after it again. The first stage that fails stops
-that quant and the others go on. One build lock per quant: two builds never write the same artifacts;
-a build killed at any point leaves only whole files and records, and the next one resumes.
+The plan is a list of steps, in the order they run: which stage, for which subject (a quant, or the ladder
+for fetch, imatrix, and the card and push of hub.layout single), after which other steps. Every quant's
+file stages come before any card, since a card reads the records of the quants it lists or links. The loop
+runs each step through the one stage runner (stage_runner.py), which decides from its record whether it
+is current; a step that fails skips every step that needs it, and the other quants go on. One build lock
+per quant: two builds never write the same artifacts; a build killed at any point leaves only whole files
+and records, and the next one resumes.
 
     summary = build(Context.of(pipeline), list(pipeline.quants), push=False)
     summary.ok
@@ -13,50 +15,83 @@ a build killed at any point leaves only whole files and records, and the next on
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 from moeq import steps
 from moeq.config import IMATRIX_AUTO, QuantSpec
-from moeq.errors import CheckFailed, ConfigError, MoeqError, ToolError, from_os_error
+from moeq.errors import ConfigError, MoeqError, from_os_error
 from moeq.hub.client import hub_endpoint
 from moeq.stage_runner import StageResult
-from moeq.steps import Context
+from moeq.steps import Context, RepoUnit
 
 STAGES = ("fetch", "imatrix", "quantize", "validate", "bench", "shards", "card", "push")
-FILE_STAGES = ("quantize", "validate", "bench")
-PUBLISH_STAGES = ("shards", "card", "push")
+LADDER = None  # the subject of a step run once for the whole ladder
 
 
-@dataclass
-class StageOutcome:
+@dataclass(frozen=True)
+class Step:
     stage: str
-    status: str  # ran, up to date, failed, skipped
-    seconds: float = 0.0
-    detail: str = ""
-    exit_code: int = 0
+    subject: str | None  # the quant it is for, or LADDER
+    run: Callable[[], StageResult]
+    rows: tuple[str, ...]  # the quants whose summary rows show its result
+    needs: tuple[tuple[str, str | None], ...] = ()  # the steps it runs after: when one fails, it is skipped
+    lock: str | None = None  # the build lock it runs under (consecutive steps with the same one share it)
+    on_failure: str = ""  # what the steps that need it say when it fails (default: "STAGE failed")
+    waits_for: Callable[[list[str]], str] | None = None  # what it says when the steps it needs fail, by subject
+
+    @property
+    def id(self) -> tuple[str, str | None]:
+        return (self.stage, self.subject)
 
 
 @dataclass
-class QuantResult:
+class QuantRow:
+    """One quant's line of the summary: each stage's result, and what the build made of it."""
+
     quant: str
     repo_id: str
     repo_url: str
-    stages: list[StageOutcome] = field(default_factory=list)
-    artifact_bytes: int | None = None
-    commit_url: str | None = None
-    pr_url: str | None = None
+    stages: list[StageResult] = field(default_factory=list)
     push_plan: list[dict] = field(default_factory=list)  # path, action, size (a local plan without --push)
 
     @property
     def ok(self) -> bool:
         return all(s.status != "failed" for s in self.stages)
 
+    def record(self, stage: str):
+        return next((s.record for s in self.stages if s.stage == stage and s.record is not None), None)
+
+    @property
+    def artifact_bytes(self) -> int | None:
+        quantized = self.record("quantize")
+        return quantized.output.size if quantized else None
+
+    @property
+    def commit_url(self) -> str | None:
+        pushed = self.record("push")
+        return pushed.commit_url if pushed else None
+
+    @property
+    def pr_url(self) -> str | None:
+        pushed = self.record("push")
+        return pushed.pr_url if pushed else None
+
+    def as_dict(self) -> dict:
+        return {"quant": self.quant, "repo_id": self.repo_id, "repo_url": self.repo_url,
+                "stages": [{"stage": s.stage, "status": s.status, "seconds": s.seconds,
+                            "detail": "" if s.status == "up to date" else s.why, "exit_code": s.exit_code}
+                           for s in self.stages],
+                "artifact_bytes": self.artifact_bytes, "commit_url": self.commit_url, "pr_url": self.pr_url,
+                "push_plan": self.push_plan, "ok": self.ok}
+
 
 @dataclass
 class BuildSummary:
-    quants: list[QuantResult]
+    quants: list[QuantRow]
     pushed: bool
     single_repo: bool = False  # hub.layout single: every quant's card and push are the ladder's one repo's
 
@@ -71,7 +106,7 @@ class BuildSummary:
 
     def as_dict(self) -> dict:
         return {"ok": self.ok, "exit_code": self.exit_code, "pushed": self.pushed, "single_repo": self.single_repo,
-                "quants": [{**asdict(q), "ok": q.ok} for q in self.quants]}
+                "quants": [q.as_dict() for q in self.quants]}
 
 
 def forced_stages(force_stage: str | None) -> set[str]:
@@ -82,169 +117,163 @@ def forced_stages(force_stage: str | None) -> set[str]:
     return set(STAGES[STAGES.index(force_stage):])
 
 
-class _Runner:
-    """Times a stage, records its outcome, and turns a MoeqError into a failed stage."""
-
-    def __init__(self, result: QuantResult):
-        self.result = result
-
-    def run(self, stage: str, fn: Callable[[], StageResult | str]) -> bool:
-        started = time.monotonic()
-        try:
-            done = fn()
-        except (MoeqError, OSError) as exc:  # an OSError (a full disk) fails this quant's stage, not moeq
-            error = from_os_error(exc) if isinstance(exc, OSError) else exc
-            self.result.stages.append(StageOutcome(stage, "failed", round(time.monotonic() - started, 3),
-                                                   error.message, error.exit_code))
-            return False
-        status, why = (done, "") if isinstance(done, str) else (done.status, done.why if done.status == "ran" else "")
-        self.result.stages.append(StageOutcome(stage, status, round(time.monotonic() - started, 3), why))
-        return True
-
-    def skip_rest(self, after: str, why: str) -> None:
-        for stage in STAGES[STAGES.index(after) + 1:]:
-            self.result.stages.append(StageOutcome(stage, "skipped", detail=why))
-
-
 def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool = False,
           force_stage: str | None = None, switch_layout: bool = False) -> BuildSummary:
     force = forced_stages(force_stage)
-    pipeline = ctx.pipeline
-    results = [QuantResult(q.type, pipeline.repo_id(q), f"{hub_endpoint()}/{pipeline.repo_id(q)}") for q in quants]
-    runners = [_Runner(result) for result in results]
-    # fetch and imatrix run once for the ladder. The source has its own lock: a second build waits for the
-    # first's fetch, then finds it current.
     steps.require_tools(ctx, quants, skip_bench=skip_bench)
-    shared = _Runner(QuantResult("", "", ""))
-    wants_imatrix = [q.imatrix == IMATRIX_AUTO for q in quants]
-    # A local source is hashed beside the first llama-quantize (as `moeq quantize` does); its outcome is known
-    # once the file stages have run. Every other source (and the imatrix) needs the record first.
-    pending = (steps.fetch_beside(ctx, force="fetch" in force)
-               if pipeline.source.kind == "local" and not any(wants_imatrix) else None)
-    if pending is None:
-        shared.run("fetch", lambda: steps.fetch(ctx, force="fetch" in force))
-    if shared.result.ok and any(wants_imatrix):
-        shared.run("imatrix", lambda: steps.imatrix(ctx, force="imatrix" in force))
-    for runner, auto, quant in zip(runners, wants_imatrix, quants):
-        if pending is None:  # else its outcome goes first once known (_fetched_beside)
-            runner.result.stages.append(shared.result.stages[0])
-            if shared.result.stages[0].status == "failed":
-                runner.skip_rest("fetch", "the source could not be fetched")
-                continue
-        if auto:
-            runner.result.stages.append(shared.result.stages[1])
-            if shared.result.stages[1].status == "failed":
-                runner.skip_rest("imatrix", "the importance matrix could not be made")
-        else:
-            runner.result.stages.append(StageOutcome(
-                "imatrix", "skipped", detail=f"uses {quant.imatrix.name}" if quant.imatrix else "imatrix: none"))
-    # Every quant's file stages first, then the cards: a card reads the records of the quants it lists or links.
-    units = {unit.key: unit for unit in steps.repo_units(ctx, quants)}  # per quant, or {None: the ladder's repo}
-    phases = (FILE_STAGES, PUBLISH_STAGES) if not pipeline.single_repo else (FILE_STAGES, ("shards",))
-    for phase in phases:
-        if phase is not FILE_STAGES and pending is not None:
-            _fetched_beside(shared, runners, pending)
-            pending = None
-        for quant, runner in zip(quants, runners):
-            if not runner.result.ok or len(runner.result.stages) == len(STAGES):
-                continue
-            try:
-                with ctx.ws.lock(f"build-{quant.type}", wait=False):
-                    todo = _steps(ctx, quant, runner.result, units.get(quant.type), push=push, skip_bench=skip_bench,
-                                  force=force, switch_layout=switch_layout)
-                    for stage in phase:
-                        if not runner.run(stage, todo[stage]):
-                            runner.skip_rest(stage, f"{stage} failed")
-                            break
-            except MoeqError as exc:  # another build holds this quant
-                runner.result.stages.append(StageOutcome(phase[0], "failed", detail=exc.message,
-                                                         exit_code=exc.exit_code))
-                runner.skip_rest(phase[0], "another build is running")
+    pipeline = ctx.pipeline
+    # A local source is hashed beside the first llama-quantize (as `moeq quantize` does): started now, waited for
+    # once the file stages have run. Every other source (and the imatrix) is needed first.
+    hashing = (steps.fetch_beside(ctx, force="fetch" in force)
+               if pipeline.source.kind == "local" and not any(q.imatrix == IMATRIX_AUTO for q in quants) else None)
+    push_plans: dict[str, list[dict]] = {}
+    todo = plan(ctx, quants, hashing, push=push, skip_bench=skip_bench, force=force, switch_layout=switch_layout,
+                push_plans=push_plans)
+    results, blocked = run_plan(ctx, todo)
+    rows = [QuantRow(q.type, pipeline.repo_id(q), f"{hub_endpoint()}/{pipeline.repo_id(q)}",
+                     _row(q.type, todo, results, blocked), push_plans.get(pipeline.repo_id(q), [])) for q in quants]
+    return BuildSummary(rows, pushed=push, single_repo=pipeline.single_repo)
+
+
+def plan(ctx: Context, quants: list[QuantSpec], hashing: Callable[[], StageResult] | None, *, push: bool,
+         skip_bench: bool, force: set[str], switch_layout: bool, push_plans: dict[str, list[dict]]) -> list[Step]:
+    """Every step `moeq build` takes for `quants`, in order; `hashing`: a local source's fetch running beside
+    the file stages, whose step comes after them."""
+    pipeline = ctx.pipeline
+    every = tuple(q.type for q in quants)
+    auto = tuple(q.type for q in quants if q.imatrix == IMATRIX_AUTO)
+    fetch = ("fetch", LADDER)
+    todo: list[Step] = []
+    beside = hashing is not None
+    if not beside:
+        todo.append(Step("fetch", LADDER, lambda: steps.fetch(ctx, force="fetch" in force), every,
+                         on_failure="the source could not be fetched"))
+    if auto:
+        todo.append(Step("imatrix", LADDER, lambda: steps.imatrix(ctx, force="imatrix" in force), auto,
+                         needs=(fetch,), on_failure="the importance matrix could not be made"))
+    for q in quants:
+        if q.type not in auto:
+            why = f"uses {q.imatrix.name}" if q.imatrix else "imatrix: none"
+            todo.append(Step("imatrix", q.type, lambda why=why: StageResult("imatrix", "skipped", why), (q.type,)))
+    for q in quants:
+        lock = f"build-{q.type}"
+        made = () if beside else (fetch,) + ((("imatrix", LADDER),) if q.type in auto else ())
+        todo += [
+            Step("quantize", q.type, lambda q=q: steps.quantize(ctx, q, force="quantize" in force), (q.type,),
+                 needs=made, lock=lock),
+            Step("validate", q.type, lambda q=q: _validate(ctx, q, force), (q.type,), needs=(("quantize", q.type),),
+                 lock=lock),
+            Step("bench", q.type, lambda q=q: _bench(ctx, q, force, skip_bench), (q.type,),
+                 needs=(("validate", q.type),), lock=lock),
+        ]
+    if beside:
+        todo.append(Step("fetch", LADDER, hashing, every))
+    for unit in steps.repo_units(ctx, quants) if not pipeline.single_repo else []:
+        [q] = unit.quants
+        lock = f"build-{q.type}"
+        todo += [
+            Step("shards", q.type, lambda q=q: steps.shards(ctx, q, force="shards" in force), (q.type,),
+                 needs=(("bench", q.type), fetch), lock=lock),
+            *_publish(ctx, unit, (q.type,), (("shards", q.type),), lock, push=push, force=force,
+                      switch_layout=switch_layout, push_plans=push_plans),
+        ]
     if pipeline.single_repo:
-        _publish_ladder(ctx, units[None], runners, push=push, force=force, switch_layout=switch_layout)
-    return BuildSummary(results, pushed=push, single_repo=pipeline.single_repo)
+        todo += [Step("shards", q.type, lambda q=q: steps.shards(ctx, q, force="shards" in force), (q.type,),
+                      needs=(("bench", q.type), fetch), lock=f"build-{q.type}") for q in quants]
+        for unit in steps.repo_units(ctx, quants):
+            todo += _publish(ctx, unit, every, tuple(("shards", q) for q in every), None, push=push, force=force,
+                             switch_layout=switch_layout, push_plans=push_plans)
+    return todo
 
 
-def _fetched_beside(shared: _Runner, runners: list[_Runner], pending: Callable[[], StageResult]) -> None:
-    """The outcome of a source stage that ran beside the quantize stages, first in each quant's row."""
-    shared.run("fetch", pending)
-    outcome = shared.result.stages[-1]
-    if outcome.status == "ran":  # it ran before this call waited for it
-        outcome.seconds = pending().wall_s
-    for runner in runners:
-        runner.result.stages.insert(0, outcome)
+def _publish(ctx: Context, unit: RepoUnit, rows: tuple[str, ...], needs: tuple, lock: str | None, *, push: bool,
+             force: set[str], switch_layout: bool, push_plans: dict[str, list[dict]]) -> list[Step]:
+    """The card and push steps of one repo (per quant, or the ladder's one repo, which waits for every quant)."""
+    subject = unit.quant
+    waits = None if subject else (lambda failed: f"the ladder's repo waits for {', '.join(failed)}")
+    return [Step("card", subject, lambda: _card(ctx, unit, force), rows, needs=needs, lock=lock, waits_for=waits),
+            Step("push", subject, lambda: _push(ctx, unit, push, switch_layout, push_plans), rows,
+                 needs=(("card", subject),), lock=lock)]
 
 
-def _publish_ladder(ctx: Context, unit: steps.RepoUnit, runners: list[_Runner], *, push: bool,
-                    force: set[str], switch_layout: bool) -> None:
-    """hub.layout single: the card and the push run once for the ladder's repo, when every quant asked for built;
-    each quant's summary shows their outcome."""
-    failed = [r.result.quant for r in runners if not r.result.ok]
-    if failed:
-        for runner in runners:
-            if runner.result.ok:
-                runner.skip_rest("shards", f"the ladder's repo waits for {', '.join(failed)}")
-        return
-    shared = _Runner(QuantResult("", unit.repo_id, ""))
-    if shared.run("card", lambda: _card(ctx, unit, force)):
-        shared.run("push", lambda: _push(ctx, unit, shared.result, push, switch_layout))
-    else:
-        shared.skip_rest("card", "card failed")
-    for runner in runners:
-        runner.result.stages += shared.result.stages
-        runner.result.commit_url, runner.result.pr_url = shared.result.commit_url, shared.result.pr_url
-        runner.result.push_plan = shared.result.push_plan
+def run_plan(ctx: Context, todo: list[Step]) -> tuple[dict, dict]:
+    """Run each step in order; a step whose needs failed (or were skipped for a failure) is skipped, saying why.
+    Returns each step's result, and what the steps needing a failed or skipped one say, by step id."""
+    results: dict[tuple[str, str | None], StageResult] = {}
+    blocked: dict[tuple[str, str | None], str] = {}
+    with contextlib.ExitStack() as held:
+        holding = None
+        for step in todo:
+            failed = [need for need in step.needs if need in blocked]
+            if failed:
+                why = step.waits_for([s for _, s in failed]) if step.waits_for else blocked[failed[0]]
+                results[step.id] = StageResult(step.stage, "skipped", why)
+                blocked[step.id] = why
+                continue
+            if step.lock != holding:
+                held.close()
+                holding = None
+            started = time.monotonic()
+            try:
+                if step.lock and holding is None:
+                    held.enter_context(ctx.ws.lock(step.lock, wait=False))
+                    holding = step.lock
+                result = step.run()
+                # a stage that ran beside others (a local source's hash) took longer than the wait for it
+                results[step.id] = dataclasses.replace(result, seconds=max(result.seconds, _since(started)))
+            except (MoeqError, OSError) as exc:  # an OSError (a full disk) fails this quant's stage, not moeq
+                error = from_os_error(exc) if isinstance(exc, OSError) else exc
+                results[step.id] = StageResult(step.stage, "failed", error.message, _since(started),
+                                               exit_code=error.exit_code)
+                locked_out = step.lock is not None and holding is None  # another build holds this quant
+                blocked[step.id] = ("another build is running" if locked_out
+                                    else step.on_failure or f"{step.stage} failed")
+    return results, blocked
 
 
-def _card(ctx: Context, unit: steps.RepoUnit, force: set[str]) -> StageResult:
+def _row(quant: str, todo: list[Step], results: dict, blocked: dict) -> list[StageResult]:
+    """A quant's results in stage order; after its first failure every later stage says that failure's why."""
+    shown = sorted((s for s in todo if quant in s.rows), key=lambda s: STAGES.index(s.stage))
+    row, cause = [], None
+    for step in shown:
+        result = results[step.id]
+        if cause is not None and result.status == "skipped":
+            result = dataclasses.replace(result, why=cause)
+        elif cause is None and result.status == "failed":
+            cause = blocked[step.id]
+        row.append(result)
+    return row
+
+
+def _since(started: float) -> float:
+    return round(time.monotonic() - started, 3)
+
+
+def _validate(ctx: Context, quant: QuantSpec, force: set[str]) -> StageResult:
+    done = steps.validate(ctx, quant, force="validate" in force)
+    steps.require_passed(quant.type, done.record.checks,
+                         see=f"moeq validate --quant {quant.type} --config {ctx.pipeline.path}")
+    return done
+
+
+def _bench(ctx: Context, quant: QuantSpec, force: set[str], skip_bench: bool) -> StageResult:
+    if skip_bench:
+        return StageResult("bench", "skipped")
+    done = steps.bench(ctx, quant, force="bench" in force)
+    steps.require_measured([done.record], ctx.ws.records_dir)
+    return done
+
+
+def _card(ctx: Context, unit: RepoUnit, force: set[str]) -> StageResult:
     """The card, and its preview page beside the other previews (the build summary says where)."""
     done = steps.card(ctx, unit, force="card" in force)
     steps.preview(ctx, unit)
     return done
 
 
-def _push(ctx: Context, unit: steps.RepoUnit, result: QuantResult, push: bool,
-          switch_layout: bool) -> StageResult | str:
+def _push(ctx: Context, unit: RepoUnit, push: bool, switch_layout: bool,
+          push_plans: dict[str, list[dict]]) -> StageResult:
     if not push:
-        result.push_plan = steps.staged_files(ctx, unit)
-        return "skipped"
-    done = steps.push(ctx, unit, switch_layout=switch_layout)
-    result.commit_url, result.pr_url = done.record.commit_url, done.record.pr_url
-    return done
-
-
-def _steps(ctx: Context, quant: QuantSpec, result: QuantResult, unit: steps.RepoUnit | None, *, push: bool,
-           skip_bench: bool, force: set[str], switch_layout: bool) -> dict[str, Callable[[], StageResult | str]]:
-    """The quant's stages; card and push too when it has a repo of its own (`unit`, hub.layout per-quant)."""
-
-    def do_quantize() -> StageResult:
-        done = steps.quantize(ctx, quant, force="quantize" in force)
-        result.artifact_bytes = done.record.output.size
-        return done
-
-    def do_validate() -> StageResult:
-        done = steps.validate(ctx, quant, force="validate" in force)
-        if not done.record.ok:
-            raise CheckFailed(f"{quant.type}: validation failed ({', '.join(done.record.failed)}); see moeq "
-                              f"validate --quant {quant.type} --config {ctx.pipeline.path}")
-        return done
-
-    def do_bench() -> StageResult | str:
-        if skip_bench:
-            return "skipped"
-        done = steps.bench(ctx, quant, force="bench" in force)
-        quality = done.record.quality
-        if quality is not None and quality.imatrix_effect() == "raised":
-            ctx.warn(f"{quant.type}: the importance matrix made it worse (mean KLD {quality.quant.kld_mean:.6f} with "
-                     f"it, {quality.without_imatrix.kld_mean:.6f} without); the card says so")
-        if done.record.errors:
-            errors = done.record.errors
-            raise ToolError(f"{quant.type}: bench failed in {', '.join(e.mode for e in errors)}: {errors[0].error}")
-        return done
-
-    todo = {"quantize": do_quantize, "validate": do_validate, "bench": do_bench,
-            "shards": lambda: steps.shards(ctx, quant, force="shards" in force)}
-    if unit is not None:
-        todo["card"] = lambda: _card(ctx, unit, force)
-        todo["push"] = lambda: _push(ctx, unit, result, push, switch_layout)
-    return todo
+        push_plans[unit.repo_id] = steps.staged_files(ctx, unit)
+        return StageResult("push", "skipped")
+    return steps.push(ctx, unit, switch_layout=switch_layout)

@@ -7,8 +7,8 @@ record. `run_stage` is the only place that decides whether a stage runs, so "up 
 `--force` mean the same for every command and for `moeq build`.
 
     result = run_stage(stage, records, force=False)
-    result.status, result.record.output.sha256
-    # -> ('up to date', '...')
+    result.status, result.why, result.record.output.sha256
+    # -> ('up to date', 'inputs unchanged', '...')
 """
 
 from __future__ import annotations
@@ -43,21 +43,26 @@ class Stage(Generic[R]):
 
 @dataclass
 class StageResult(Generic[R]):
-    name: str
-    record: R
-    status: str  # ran, up to date
-    why: str  # why it ran: forced, no record, which key changed, outputs changed; or why it did not
-    wall_s: float
-    record_path: Path
+    """What became of one stage: from the runner, `ran` or `up to date` with its record; in `moeq build` also
+    `failed` (why: the error) or `skipped` (why: what it waited for, or why it was not asked for)."""
+
+    stage: str
+    status: str  # ran, up to date, failed, skipped
+    why: str = ""  # ran: forced, no record, which key changed, outputs changed; up to date: inputs unchanged
+    seconds: float = 0.0  # how long this call took
+    record: R | None = None
+    record_path: Path | None = None
+    exit_code: int = 0  # failed: the error's exit code (errors.py)
 
     @property
-    def skipped(self) -> bool:
+    def up_to_date(self) -> bool:
         return self.status == "up to date"
 
 
 def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
               on_message: Callable[[str], None] = lambda _msg: None) -> StageResult[R]:
     """Run `stage` unless its saved record has the same key and its outputs are intact."""
+    started = time.monotonic()
     ws = records.ws
     path = ws.record_path(stage.name, stage.quant)
     with ws.lock(stage.lock or (f"{stage.name}-{stage.quant}" if stage.quant else stage.name), on_wait=on_message):
@@ -68,17 +73,21 @@ def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
         key = None if later else _declared_key(stage)
         why = _why_run(stage, previous, key, force, unusable)
         if why is None:
-            return StageResult(stage.name, previous.record, "up to date", "inputs unchanged", previous.wall_s, path)
+            return StageResult(stage.name, "up to date", "inputs unchanged", _since(started), previous.record, path)
         if unusable:
             on_message(f"{path}: {unusable}; {stage.name} will run again")
-        started = time.monotonic()
+        running = time.monotonic()
         record = stage.run()
         if later:
             key = _declared_key(stage)
-        wall = round(time.monotonic() - started, 3)
+        wall = _since(running)
         save_record(path, record, key, wall)
         records.put(stage.name, stage.quant, Saved(schema_version=SCHEMA_VERSION, key=key, wall_s=wall, record=record))
-        return StageResult(stage.name, record, stage.status(record), why, wall, path)
+        return StageResult(stage.name, stage.status(record), why, _since(started), record, path)
+
+
+def _since(started: float) -> float:
+    return round(time.monotonic() - started, 3)
 
 
 def _why_run(stage: Stage, previous: Saved | None, key: dict | None, force: bool, unusable: str | None) -> str | None:

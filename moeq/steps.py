@@ -20,8 +20,9 @@ from typing import Callable
 
 from moeq.config import IMATRIX_AUTO, Pipeline, QuantSpec
 from moeq.record_store import Records
-from moeq.records import (BenchRecord, CardRecord, FetchRecord, ImatrixRecord, PushRecord, QuantizeRecord,
-                          ShardsRecord, ValidateRecord)
+from moeq.errors import CheckFailed, ToolError
+from moeq.records import (BenchRecord, CardRecord, CheckResult, FetchRecord, ImatrixRecord, PushRecord,
+                          QuantizeRecord, ShardsRecord, ValidateRecord)
 from moeq.stage_runner import StageResult, run_stage
 from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace
@@ -197,7 +198,30 @@ def bench(ctx: Context, quant: QuantSpec, modes: tuple[str, ...] | None = None, 
     done = run_stage(stage, ctx.records, force=force, on_message=ctx.say)
     if twin is not None and done.status == "ran":  # measured: a Q4_K_M twin of Phi-3.5-MoE is 25 GB
         Path(twin.output.path).unlink(missing_ok=True)
+    quality = done.record.quality
+    if quality is not None and quality.imatrix_effect() == "raised":
+        ctx.warn(f"{quant.type}: the importance matrix made it worse (mean KLD {quality.quant.kld_mean:.6f} with "
+                 f"it, {quality.without_imatrix.kld_mean:.6f} without); the card says so")
     return done
+
+
+def require_passed(what: str, checks: list[CheckResult], see: str = "") -> None:
+    """A validation with a failed check fails (exit 7), in `moeq validate` and in `moeq build` alike."""
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        raise CheckFailed(f"{what}: failed {', '.join(failed)}" + (f"; see {see}" if see else ""))
+
+
+def require_measured(benched: list[BenchRecord], records_dir: Path) -> None:
+    """A bench with an error in any mode fails (exit 4), in `moeq bench` and in `moeq build` alike; the message
+    says what was measured all the same."""
+    failed = [f"{record.quant} {error.mode}" for record in benched for error in record.errors]
+    if failed:
+        measured = [f"{r.quant} {run.mode}" for r in benched for run in r.speed] + [f"{r.quant} quality"
+                                                                                    for r in benched if r.quality]
+        raise ToolError(f"bench recorded errors for {', '.join(failed)}; "
+                        + (f"measured: {', '.join(measured)}" if measured else "nothing was measured")
+                        + f" (see {records_dir})")
 
 
 def shards(ctx: Context, quant: QuantSpec, force: bool = False) -> StageResult[ShardsRecord]:
@@ -209,11 +233,11 @@ def shards(ctx: Context, quant: QuantSpec, force: bool = False) -> StageResult[S
 
 @dataclass(frozen=True)
 class RepoUnit:
-    """One Hub repo and the quants a command asks of it: each quant's own repo (hub.layout per-quant, `key` its
-    type), or the ladder's one repo (`key` None), where the card and push stages run once for the ladder."""
+    """One Hub repo and the quants a command asks of it: each quant's own repo (hub.layout per-quant, `quant` its
+    type), or the ladder's one repo (`quant` None), where the card and push stages run once for the ladder."""
 
     repo_id: str
-    key: str | None
+    quant: str | None
     quants: tuple[QuantSpec, ...]
     together: tuple[str, ...] = ()  # per-quant: every quant the command publishes, whose repos a card may link
 
@@ -226,9 +250,9 @@ def repo_units(ctx: Context, quants: list[QuantSpec]) -> list[RepoUnit]:
     return [RepoUnit(pipeline.repo_id(q), q.type, (q,), together) for q in quants]
 
 
-def published_quants(ctx: Context, unit_key: str | None, repo_id: str) -> set[str]:
+def published_quants(ctx: Context, quant: str | None, repo_id: str) -> set[str]:
     """The quants this workspace's last push to `repo_id` left there (its push record)."""
-    record = ctx.records.get(PushRecord, unit_key)
+    record = ctx.records.get(PushRecord, quant)
     if record is None or record.repo_id != repo_id or record.create_pr:
         return set()
     return set(record.quants) or ({record.quant} if record.quant else set())
@@ -237,7 +261,7 @@ def published_quants(ctx: Context, unit_key: str | None, repo_id: str) -> set[st
 def card_quants(ctx: Context, unit: RepoUnit) -> list[QuantSpec]:
     """What the repo's card lists: in one repo, each quant of the ladder with a current file that did not fail
     validation, when it is asked for now or was in the repo at the last push; a quant never built is not listed."""
-    if unit.key is not None:
+    if unit.quant is not None:
         return list(unit.quants)
     from moeq.cards.manifest import current_validate
 
@@ -259,12 +283,12 @@ def _siblings(ctx: Context, unit: RepoUnit) -> list:
     workspace) or are asked for in the same command (pushed with it)."""
     from moeq.cards.manifest import current_validate
 
-    if unit.key is None:
+    if unit.quant is None:
         return []
     out = []
     for quant in ctx.pipeline.quants:
         quantized = ctx.records.get(QuantizeRecord, quant.type)
-        if quant.type == unit.key or quantized is None:
+        if quant.type == unit.quant or quantized is None:
             continue
         repo_id = ctx.pipeline.repo_id(quant)
         if quant.type in unit.together or quant.type in published_quants(ctx, quant.type, repo_id):
@@ -282,7 +306,7 @@ def card(ctx: Context, unit: RepoUnit, force: bool = False) -> StageResult[CardR
               for q in card_quants(ctx, unit)]
     inputs = RepoInputs(unit.repo_id, ctx.pipeline.hub.layout, ctx.records.get(FetchRecord), quants,
                         siblings=_siblings(ctx, unit))
-    return run_stage(card_stage(ctx.pipeline, unit.key, ctx.ws, inputs), ctx.records, force=force,
+    return run_stage(card_stage(ctx.pipeline, unit.quant, ctx.ws, inputs), ctx.records, force=force,
                      on_message=ctx.say)
 
 
@@ -292,11 +316,11 @@ def preview(ctx: Context, unit: RepoUnit, out: Path | None = None) -> Path:
     from moeq.cards.preview import write_preview
     from moeq.errors import InputError
 
-    card = ctx.ws.repo_dir(unit.key) / "README.md"
+    card = ctx.ws.repo_dir(unit.quant) / "README.md"
     if not card.is_file():
         raise InputError(f"{card}: no card yet; run moeq card --config {ctx.pipeline.path}"
-                         f"{' --quant ' + unit.key if unit.key else ''}")
-    out = out or ctx.ws.preview_path(unit.key or "ladder")
+                         f"{' --quant ' + unit.quant if unit.quant else ''}")
+    out = out or ctx.ws.preview_path(unit.quant or "ladder")
     write_preview(card, out, title=unit.repo_id)
     return out
 
@@ -305,7 +329,7 @@ def push(ctx: Context, unit: RepoUnit, create_pr: bool | None = None, replace_ca
          switch_layout: bool = False, prune: bool = False) -> StageResult[PushRecord]:
     from moeq.push.stage import push_stage
 
-    stage = push_stage(ctx.pipeline, unit.key, [q.type for q in unit.quants], ctx.api, ctx.records,
+    stage = push_stage(ctx.pipeline, unit.quant, [q.type for q in unit.quants], ctx.api, ctx.records,
                        create_pr=create_pr, replace_card=replace_card, switch_layout=switch_layout, prune=prune,
                        on_message=ctx.say)
     return run_stage(stage, ctx.records, on_message=ctx.say)
@@ -316,8 +340,8 @@ def push_plan(ctx: Context, unit: RepoUnit, replace_card: bool = False, switch_l
     """What `push` would send (read requests only)."""
     from moeq.push.stage import check_staged, planned
 
-    card_record = ctx.records.require(CardRecord, unit.key)
-    check_staged(ctx.pipeline, unit.key, card_record)
+    card_record = ctx.records.require(CardRecord, unit.quant)
+    check_staged(ctx.pipeline, unit.quant, card_record)
     return planned(ctx.api, ctx.pipeline, [q.type for q in unit.quants], ctx.records, card_record, replace_card,
                    switch_layout, prune)
 
@@ -342,7 +366,7 @@ def check_pushed(ctx: Context, units: list[RepoUnit], replace_card: bool = False
         check.plans.append(plan)
         if plan.repo_exists and any(f.path == "README.md" and f.action == "update" for f in plan.files):
             check.findings += hub_card_findings(ctx, plan.repo_id)  # which lines, as moeq card verify says
-        check.findings += hub_link_findings(ctx, plan.repo_id, ctx.records.require(CardRecord, unit.key))
+        check.findings += hub_link_findings(ctx, plan.repo_id, ctx.records.require(CardRecord, unit.quant))
     return check
 
 
@@ -387,4 +411,4 @@ def staged_files(ctx: Context, unit: RepoUnit) -> list[dict]:
     from moeq.push.stage import local_files
 
     return [{"path": f.path, "action": f.action, "size": f.size}
-            for f in local_files(ctx.records.require(CardRecord, unit.key)).values()]
+            for f in local_files(ctx.records.require(CardRecord, unit.quant)).values()]

@@ -113,11 +113,11 @@ def test_rerun_reuses_the_record_unless_forced(benched, toolchain, rpc_device):
     log = ws.root / "bench" / "Q8_0" / "speed-gpu.log"
     before = log.stat().st_mtime_ns
     again = steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), rpc=rpc_device)
-    assert again.skipped and again.record == outcomes["Q8_0"].record
+    assert again.up_to_date and again.record == outcomes["Q8_0"].record
     assert log.stat().st_mtime_ns == before  # no tool ran
     forced = steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), rpc=rpc_device, force=True,
                          modes=("cpu-moe",))
-    assert not forced.skipped and [r.mode for r in forced.record.speed] == ["cpu-moe"]
+    assert not forced.up_to_date and [r.mode for r in forced.record.speed] == ["cpu-moe"]
 
 
 def test_the_without_imatrix_twin_is_deleted_once_measured(benched, toolchain, rpc_device):
@@ -131,9 +131,9 @@ def test_the_without_imatrix_twin_is_deleted_once_measured(benched, toolchain, r
     assert not twin_path.exists()
     made = twin_record.stat().st_mtime_ns
     again = steps.bench(Context.of(pipeline), pipeline.quant("Q2_K"), rpc=rpc_device)
-    assert again.skipped and twin_record.stat().st_mtime_ns == made  # not quantized again
+    assert again.up_to_date and twin_record.stat().st_mtime_ns == made  # not quantized again
     forced = steps.bench(Context.of(pipeline), pipeline.quant("Q2_K"), rpc=rpc_device, force=True, modes=("cpu",))
-    assert not forced.skipped and forced.record.quality.without_imatrix is not None
+    assert not forced.up_to_date and forced.record.quality.without_imatrix is not None
     assert twin_record.stat().st_mtime_ns != made and not twin_path.exists()
     assert json.loads(twin_record.read_text())["record"]["output"]["sha256"] == sha  # llama-quantize is deterministic
 

@@ -69,7 +69,7 @@ def make_cards(pipeline, quants: tuple[str, ...] = LADDER, ctx: Context | None =
     """The cards of the repos `quants` go to, as `moeq card --quant ...` makes them: key (quant, or None for the
     ladder's one repo) -> outcome."""
     ctx = ctx or Context.of(pipeline)
-    return {u.key: steps.card(ctx, u) for u in steps.repo_units(ctx, [pipeline.quant(q) for q in quants])}
+    return {u.quant: steps.card(ctx, u) for u in steps.repo_units(ctx, [pipeline.quant(q) for q in quants])}
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_a_per_quant_card_made_alone_links_no_unpublished_sibling(per_quant, tmp
     outcome = make_cards(pipeline, ("Q8_0",))["Q8_0"]
     text = card_text(ws, "Q8_0")
     assert hub_links(text) == {pipeline.repo_id(pipeline.quant("Q8_0")), "microsoft/Phi-3.5-MoE-instruct"}
-    assert "## Other quants of this model" not in text and not outcome.skipped
+    assert "## Other quants of this model" not in text and not outcome.up_to_date
     make_cards(pipeline)  # back to the fixture's cards
 
 
@@ -208,7 +208,7 @@ def test_frontmatter_round_trips_through_huggingface_hub(ladder, per_quant):
 def test_second_card_run_is_up_to_date(ladder):
     pipeline, ws, _ = ladder
     before = (ws.repo_dir(None) / "README.md").stat().st_mtime_ns
-    assert make_cards(pipeline)[None].skipped
+    assert make_cards(pipeline)[None].up_to_date
     assert (ws.repo_dir(None) / "README.md").stat().st_mtime_ns == before
 
 

@@ -40,18 +40,18 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def card_stage(pipeline: Pipeline, key: str | None, ws: Workspace, inputs: RepoInputs) -> Stage[CardRecord]:
-    """Render, lint and stage the card of one repo: `key` is its quant (per-quant layout) or None (the one repo)."""
+def card_stage(pipeline: Pipeline, quant: str | None, ws: Workspace, inputs: RepoInputs) -> Stage[CardRecord]:
+    """Render, lint and stage the card of one repo: `quant` is its quant (per-quant layout) or None (the one repo)."""
     manifest = build_manifest(pipeline, inputs, ws)
     manifest_body = manifest_text(manifest)
     template = pipeline.card.template or DEFAULT_TEMPLATE
-    folder = ws.repo_dir(key)
+    folder = ws.repo_dir(quant)
     gguf_files = [(path, ref) for quant in inputs.quants for path, ref in zip(repo_paths(pipeline, quant),
                                                                                  quant.shards.files)]
     imatrices = {Path(q.imatrix_file.path).name: q.imatrix_file for q in inputs.quants if q.imatrix_file}
     licenses = [(manifest.license_file.name, inputs.source.license)] if manifest.license_file else []
     published = [*gguf_files, *imatrices.items(), *licenses]
-    what = key or "the ladder"
+    what = quant or "the ladder"
 
     def stage_key() -> dict:
         return {"manifest_sha256": _sha(manifest_body), "templates_sha256": templates_sha256(template)}
@@ -74,7 +74,7 @@ def card_stage(pipeline: Pipeline, key: str | None, ws: Workspace, inputs: RepoI
         write_text_atomic(folder / README_NAME, text)
         _remove_strays(folder, set(manifest.repo_files))
         return CardRecord(
-            quant=key, quants=[q.quant for q in manifest.quants], repo_id=manifest.repo_id, folder=str(folder),
+            quant=quant, quants=[q.quant for q in manifest.quants], repo_id=manifest.repo_id, folder=str(folder),
             readme=FileRef(path=str(folder / README_NAME), size=len(text.encode()), sha256=_sha(text)),
             manifest=FileRef(path=str(folder / MANIFEST_NAME), size=len(manifest_body.encode()),
                              sha256=_sha(manifest_body)),
@@ -84,8 +84,8 @@ def card_stage(pipeline: Pipeline, key: str | None, ws: Workspace, inputs: RepoI
                           for q in facts["quants"] for k, label in MEASURED_SECTIONS.items() if q[k] is None],
         )
 
-    return Stage("card", key, key=stage_key, run=run, intact=lambda r: _staged_intact(r, published, ws),
-                 lock=f"repo-{key or 'ladder'}")
+    return Stage("card", quant, key=stage_key, run=run, intact=lambda r: _staged_intact(r, published, ws),
+                 lock=f"repo-{quant or 'ladder'}")
 
 
 def staged_paths(folder: Path) -> list[str]:

@@ -9,7 +9,6 @@ from rich.table import Table
 
 from moeq.cli.options import ConfigOption, JsonOption, QuantsOption
 from moeq.cli.output import console, open_context, print_json, selected_quants
-from moeq.errors import ToolError
 from moeq.records import record_json
 
 
@@ -28,22 +27,16 @@ def bench(
     from moeq import steps
 
     ctx = open_context(config)
-    results, failed, measured = [], [], []
+    results, benched = [], []
     for spec in selected_quants(ctx.pipeline, quant):
         done = steps.bench(ctx, spec, modes=tuple(modes) if modes else None, rpc=rpc, force=force)
-        record = done.record
-        results.append({"skipped": done.skipped, "record": record_json(record)})
-        failed += [f"{spec.type} {e.mode}" for e in record.errors]
-        measured += [f"{spec.type} {run.mode}" for run in record.speed] + ([f"{spec.type} quality"]
-                                                                           if record.quality else [])
+        benched.append(done.record)
+        results.append({"skipped": done.up_to_date, "record": record_json(done.record)})
         if not as_json:
-            _print_bench(record, done.skipped)
+            _print_bench(done.record, done.up_to_date)
     if as_json:
         print_json(results)
-    if failed:
-        raise ToolError(f"bench recorded errors for {', '.join(failed)}; "
-                        + (f"measured: {', '.join(measured)}" if measured else "nothing was measured")
-                        + f" (see {ctx.ws.records_dir})")
+    steps.require_measured(benched, ctx.ws.records_dir)
 
 
 def _print_bench(record, skipped: bool) -> None:

@@ -49,7 +49,7 @@ def build(
     for q in summary.quants:
         failed = next((s for s in q.stages if s.status == "failed"), None)
         if failed:
-            failures.setdefault((failed.stage, failed.detail), []).append(q.quant)
+            failures.setdefault((failed.stage, failed.why), []).append(q.quant)
     if failures:  # one error line, whatever failed
         sys.stderr.write("error: " + "; ".join(f"{', '.join(names)}: {stage} failed: {detail}"
                                               for (stage, detail), names in failures.items()) + "\n")

@@ -42,9 +42,9 @@ def card(
         ctx.warnings.clear()
         done = steps.card(ctx, unit, force=force)
         record = done.record
-        results.append({"skipped": done.skipped, "warnings": list(ctx.warnings), "record": record_json(record)})
+        results.append({"skipped": done.up_to_date, "warnings": list(ctx.warnings), "record": record_json(record)})
         if not as_json:
-            state = "up to date" if done.skipped else "written"
+            state = "up to date" if done.up_to_date else "written"
             console.print(f"{', '.join(record.quants)}: card {state}: {record.readme.path} (repo {record.repo_id})",
                           soft_wrap=True)
             if record.not_measured:

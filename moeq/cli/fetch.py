@@ -29,8 +29,8 @@ def fetch(
     done = steps.fetch(ctx, force=force)
     record = done.record
     if as_json:
-        print_json({"skipped": done.skipped, "record": record_json(record)})
+        print_json({"skipped": done.up_to_date, "record": record_json(record)})
         return
-    state = "up to date" if done.skipped else f"fetched in {done.wall_s:.1f} s"
+    state = "up to date" if done.up_to_date else f"fetched in {done.seconds:.1f} s"
     console.print(f"source {state}: {record.output.path} ({decimal_size(record.output.size)}), from {record.origin}",
                   soft_wrap=True)

@@ -26,14 +26,14 @@ def imatrix(
     done = steps.imatrix(ctx, force=force)
     record = done.record
     if as_json:
-        print_json({"skipped": done.skipped, "record": record_json(record)})
+        print_json({"skipped": done.up_to_date, "record": record_json(record)})
         return
-    state = "up to date" if done.skipped else f"done in {done.wall_s:.1f} s"
+    state = "up to date" if done.up_to_date else f"done in {done.seconds:.1f} s"
     coverage = record.coverage
     console.print(f"imatrix: {state}: {record.output.path} ({record.chunks} chunks of {record.ctx} tokens of "
                   f"{record.calibration.name})", soft_wrap=True)
     console.print(f"expert coverage: {coverage.experts} experts, tokens per expert min {coverage.min:,}, median "
                   f"{coverage.median:,.0f}, max {coverage.max:,}; {len(coverage.under)} under "
                   f"{coverage.min_expert_tokens}", soft_wrap=True)
-    for warning in record.warnings if done.skipped else []:  # a run said them as it went
+    for warning in record.warnings if done.up_to_date else []:  # a run said them as it went
         console.print(f"[yellow]warning[/]: {warning}", soft_wrap=True)

@@ -33,10 +33,10 @@ def quantize(
             done = steps.quantize(ctx, spec, force=force, threads=threads, allow_requantize=allow_requantize,
                                   on_tensor=on_tensor)
         record = done.record
-        results.append({"skipped": done.skipped, "log": str(log_path(ctx.ws.quant_path(spec.file))),
+        results.append({"skipped": done.up_to_date, "log": str(log_path(ctx.ws.quant_path(spec.file))),
                         "record": record_json(record)})
         if not as_json:
-            state = "up to date" if done.skipped else f"done in {done.wall_s:.1f} s"
+            state = "up to date" if done.up_to_date else f"done in {done.seconds:.1f} s"
             console.print(f"{record.quant}: {state}: {record.output.path} "
                           f"({decimal_size(record.output.size)}, {record.quant_bpw:.2f} BPW)", soft_wrap=True)
     if as_json:

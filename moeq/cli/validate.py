@@ -10,7 +10,7 @@ from rich.table import Table
 
 from moeq.cli.options import JsonOption
 from moeq.cli.output import console, open_context, print_json, require_gguf_file
-from moeq.errors import CheckFailed, InputError
+from moeq.errors import InputError
 from moeq.records import record_json
 
 
@@ -39,7 +39,7 @@ def validate(
         ctx = open_context(config)
         done = steps.validate(ctx, ctx.pipeline.quant(quant), numerics, force=force)
         record = done.record
-        if done.skipped and not as_json:
+        if done.up_to_date and not as_json:
             console.print(f"{record.quant}: up to date (the record checked this file; --force to check again)",
                           soft_wrap=True)
         _report_checks(record.file.path, record.checks, record_json(record) if as_json else None)
@@ -64,6 +64,6 @@ def _report_checks(file: str, checks: list[dict], as_json: dict | None) -> None:
         for check in checks:
             table.add_row(check.name, "[green]pass[/]" if check.ok else "[red]FAIL[/]", check.detail)
         console.print(table)
-    failed = [c.name for c in checks if not c.ok]
-    if failed:
-        raise CheckFailed(f"{file}: failed {', '.join(failed)}")
+    from moeq.steps import require_passed
+
+    require_passed(file, checks)

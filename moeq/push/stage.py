@@ -177,8 +177,8 @@ def _commit_message(card: CardRecord) -> tuple[str, str]:
             f"Published by moeq {__version__} from the records in {MANIFEST_NAME}.")
 
 
-def check_staged(pipeline: Pipeline, key: str | None, card: CardRecord) -> None:
-    expected = pipeline.hub.repo if key is None else pipeline.repo_id(pipeline.quant(key))
+def check_staged(pipeline: Pipeline, quant: str | None, card: CardRecord) -> None:
+    expected = pipeline.hub.repo if quant is None else pipeline.repo_id(pipeline.quant(quant))
     if card.repo_id != expected:
         raise InputError(f"{card.folder}: staged for {card.repo_id}, but the pipeline now says {expected}; run "
                          "moeq card again")
@@ -234,13 +234,13 @@ def _only_selected(plan: PushPlan, card: CardRecord, selected: list[str]) -> Non
                              "ladder (moeq push without --quant) to delete it, or build its quant and push it")
 
 
-def push_stage(pipeline: Pipeline, key: str | None, selected: list[str], api: HfApi, records: Records, *,
+def push_stage(pipeline: Pipeline, quant: str | None, selected: list[str], api: HfApi, records: Records, *,
                create_pr: bool | None = None, replace_card: bool = False, switch_layout: bool = False, prune: bool = False,
                on_message: Callable[[str], None] = lambda _msg: None) -> Stage[PushRecord]:
-    """Publish the staged repo of `key` (a quant, or None: the ladder's one repo) in one commit (or pull request);
+    """Publish the staged repo of `quant` (a quant, or None: the ladder's one repo) in one commit (or pull request);
     `selected`: the quants asked for."""
-    card = records.require(CardRecord, key)
-    check_staged(pipeline, key, card)
+    card = records.require(CardRecord, quant)
+    check_staged(pipeline, quant, card)
     create_pr = pipeline.hub.create_pr if create_pr is None else create_pr
     require_token()
 
@@ -255,14 +255,14 @@ def push_stage(pipeline: Pipeline, key: str | None, selected: list[str], api: Hf
         commit = _commit_with_retries(api, card, plan, create_pr, on_message,
                                       lambda: plan_push(api, card, [q.type for q in pipeline.quants], prune))
         return PushRecord(
-            quant=key, quants=list(card.quants), repo_id=card.repo_id, create_pr=create_pr,
+            quant=quant, quants=list(card.quants), repo_id=card.repo_id, create_pr=create_pr,
             repo_existed=plan.repo_exists, commit=commit.oid if commit else None,
             commit_url=commit.commit_url if commit else None, pr_url=commit.pr_url if commit else None,
             files=plan.pushed_files(),
             uploaded_bytes=plan.upload_bytes if commit else 0, readme_sha256=card.readme.sha256,
         )
 
-    return Stage("push", key, key=lambda: None, run=run, lock=f"repo-{key or 'ladder'}",
+    return Stage("push", quant, key=lambda: None, run=run, lock=f"repo-{quant or 'ladder'}",
                  status=lambda r: "up to date" if r.commit is None else "ran")
 
 
