@@ -10,12 +10,44 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from moeq.config import SynthSpec
 from moeq.synth import write_synth_model
 from moeq.toolchain import Toolchain
 
 REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "tiny-phimoe.yaml"
+
+
+def example_section(name: str) -> dict:
+    """A section of examples/tiny-phimoe.yaml, to change in a copy: {**example_section("hub"), "private": True}."""
+    return yaml.safe_load(EXAMPLE.read_text())[name]
+
+
+PER_QUANT = {**example_section("hub"), "layout": "per-quant",  # hub: a repo per quant
+             "repo_template": "{namespace}/tiny-phimoe-{quant_slug}-gguf"}
+
+
+def pipeline_file(folder: Path, *, trained: bool = True, rpc: str | None = None, **sections) -> Path:
+    """examples/tiny-phimoe.yaml as FOLDER/tiny-phimoe.yaml (its workspace FOLDER/work), changed by value, not by
+    editing its text: each section given replaces the example's (`hub=PER_QUANT`, `card={"template": T}`), or is
+    removed when given as None. `trained=False`: random weights (seeded numpy, the same bytes on every
+    machine; the trained model's depend on the CPU torch ran on). `rpc`: bench.rpc (the `rpc_device` fixture)."""
+    data = yaml.safe_load(EXAMPLE.read_text())
+    if not trained:
+        del data["source"]["train"]
+    if rpc:
+        data["bench"]["rpc"] = rpc
+    for name, value in sections.items():
+        if value is None:
+            data.pop(name, None)
+        else:
+            data[name] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny-phimoe.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
 
 
 def default_sigint() -> None:
@@ -81,3 +113,34 @@ def rpc_device(toolchain):
 
     with rpc_endpoint("local", toolchain) as address:
         yield address
+
+
+@pytest.fixture(scope="session")
+def carded_ladder(tmp_path_factory, toolchain):
+    """The example pipeline (one repo for the ladder, random weights) quantized, validated and carded in a workspace
+    of its own: (pipeline, workspace, card outcome by repo). Tests that change it put it back."""
+    from cards_support import build_until_card, copy_example, make_cards
+
+    config = copy_example(tmp_path_factory.mktemp("cards"))
+    pipeline, ws = build_until_card(config)
+    return pipeline, ws, make_cards(pipeline)
+
+
+@pytest.fixture(scope="session")
+def carded_per_quant(tmp_path_factory, toolchain):
+    """The same with a repo per quant (hub.layout per-quant)."""
+    from cards_support import build_until_card, copy_example, make_cards
+
+    config = copy_example(tmp_path_factory.mktemp("cards-per-quant"), hub=PER_QUANT)
+    pipeline, ws = build_until_card(config)
+    return pipeline, ws, make_cards(pipeline)
+
+
+@pytest.fixture(scope="session")
+def good_card(carded_ladder):
+    """The ladder's card and its records manifest, as staged."""
+    from cards_support import card_text
+    from moeq.manifest import MANIFEST_NAME, read_manifest
+
+    _, ws, _ = carded_ladder
+    return card_text(ws), read_manifest(ws.repo_dir(None) / MANIFEST_NAME)

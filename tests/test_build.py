@@ -16,7 +16,7 @@ from moeq.cards.lint import lint_card
 from moeq.manifest import parse_manifest
 from moeq.toolchain import TOOLS
 
-from conftest import HUB_TOKEN, REPO, run_moeq
+from conftest import HUB_TOKEN, PER_QUANT, REPO, example_section, pipeline_file, run_moeq
 from hub_server import Fault
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
@@ -24,7 +24,6 @@ STAGES = ["fetch", "imatrix", "quantize", "validate", "bench", "shards", "card",
 
 
 ONE_REPO = "moeq-test/tiny-phimoe-GGUF"  # the example's layout: one repo for the ladder
-PER_QUANT = '  layout: per-quant\n  repo_template: "{namespace}/tiny-phimoe-{quant_slug}-gguf"\n'
 
 
 def repo_id(quant: str, layout: str = "single") -> str:
@@ -50,15 +49,9 @@ def wrapped_tools(tmp_path: Path, toolchain, fail_quant: str | None = None) -> P
 
 
 def write_config(tmp_path: Path, bin_dir: Path, template: Path | None = None, layout: str = "single") -> Path:
-    text = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
-    text += f"\ntoolchain:\n  llama_cpp_bin: {bin_dir}\n"
-    if layout == "per-quant":
-        text = text.replace("  max_shard_size: 50GB\n", "  max_shard_size: 50GB\n" + PER_QUANT)
-    if template:
-        text = text.replace("card:\n  extra:\n", f"card:\n  template: {template}\n  extra:\n")
-    config = tmp_path / "tiny-phimoe.yaml"
-    config.write_text(text)
-    return config
+    return pipeline_file(tmp_path, toolchain={"llama_cpp_bin": str(bin_dir)},
+                         hub=PER_QUANT if layout == "per-quant" else example_section("hub"),
+                         card={**example_section("card"), **({"template": str(template)} if template else {})})
 
 
 def build(hub, config: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:

@@ -19,19 +19,13 @@ import pytest
 from moeq.manifest import read_manifest
 from moeq.units import binary_size, decimal_size
 
-from conftest import REPO, run_moeq
+from conftest import PER_QUANT, pipeline_file, run_moeq
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
-PER_QUANT = '  layout: per-quant\n  repo_template: "{namespace}/tiny-phimoe-{quant_slug}-gguf"\n'
 
 
 def example(folder: Path, rpc_device: str, layout: str = "single") -> Path:
-    text = (REPO / "examples" / "tiny-phimoe.yaml").read_text().replace("rpc: local", f"rpc: {rpc_device}")
-    if layout == "per-quant":
-        text = text.replace("  max_shard_size: 50GB\n", "  max_shard_size: 50GB\n" + PER_QUANT)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tiny-phimoe.yaml").write_text(text)
-    return folder / "tiny-phimoe.yaml"
+    return pipeline_file(folder, rpc=rpc_device, **({"hub": PER_QUANT} if layout == "per-quant" else {}))
 
 
 @pytest.fixture(scope="module")

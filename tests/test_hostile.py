@@ -3,7 +3,7 @@ message, no traceback, nothing half-written, and (for the Hub) nothing changed o
 
 Bounds are tested with small limits (a resource limit on file size, a capped wait), never by exhausting
 the machine. Faults that need a running tool (SIGTERM during bench, a huge Retry-After, a runaway
-template's budget) are in test_bench.py, test_push.py and test_cards.py beside their stages.
+template's budget) are in test_bench.py, test_push.py and the test_card_*.py files beside their stages.
 """
 
 from __future__ import annotations

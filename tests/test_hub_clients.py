@@ -22,13 +22,12 @@ import pytest
 
 from moeq.manifest import parse_manifest
 
-from conftest import HUB_TOKEN, HUB_USER, REPO, run_moeq
+from conftest import HUB_TOKEN, HUB_USER, PER_QUANT, REPO, example_section, pipeline_file, run_moeq
 import hub_server
 from hub_server import Fault
 
 JS = REPO / "tests" / "js"
 ONE_REPO = f"{HUB_USER}/tiny-phimoe-GGUF"
-PER_QUANT = '  layout: per-quant\n  repo_template: "{namespace}/tiny-phimoe-{quant_slug}-gguf"\n'
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +37,8 @@ def hub(tmp_path_factory):
     server = hub_server.TestHub({HUB_TOKEN: HUB_USER})
     server.env = {"HF_ENDPOINT": server.url, "HF_TOKEN": HUB_TOKEN, "HF_HUB_DISABLE_XET": "1",
                   "HF_HOME": str(folder / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
-    example = re.sub(r"  train: true.*\n", "", (REPO / "examples" / "tiny-phimoe.yaml").read_text())
-    for layout, extra in (("single", ""), ("per-quant", PER_QUANT)):
-        config = folder / layout / "tiny-phimoe.yaml"
-        config.parent.mkdir()
-        config.write_text(example.replace("  max_shard_size: 50GB\n", "  max_shard_size: 2MB\n" + extra))
+    for layout, hub in (("single", example_section("hub")), ("per-quant", PER_QUANT)):
+        config = pipeline_file(folder / layout, trained=False, hub={**hub, "max_shard_size": "2MB"})
         proc = run_moeq("build", "--config", str(config), "--all", "--skip-bench", "--push", env=server.env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     yield server

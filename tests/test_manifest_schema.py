@@ -15,7 +15,7 @@ import pytest
 
 from moeq.manifest import manifest_schema, shipped_schema_path
 
-from conftest import REPO, run_moeq
+from conftest import pipeline_file, run_moeq
 
 
 def test_shipped_schema_is_generated_from_the_types():
@@ -39,8 +39,7 @@ def test_every_field_of_the_schema_says_what_it_holds():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, toolchain, rpc_device):
     folder = tmp_path_factory.mktemp("schema")
-    config = folder / "tiny-phimoe.yaml"
-    config.write_text((REPO / "examples" / "tiny-phimoe.yaml").read_text().replace("rpc: local", f"rpc: {rpc_device}"))
+    config = pipeline_file(folder, rpc=rpc_device)
     proc = run_moeq("build", "--config", str(config), "--all")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return folder / "work" / "repos"

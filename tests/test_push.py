@@ -15,23 +15,15 @@ from moeq.steps import Context
 from moeq.config import load_pipeline
 from moeq.workspace import Workspace
 
-from conftest import HUB_TOKEN, REPO, run_moeq
+from conftest import HUB_TOKEN, PER_QUANT, REPO, example_section, pipeline_file, run_moeq
 from hub_server import Blob, Fault
 
 REPO_ID = "moeq-test/tiny-phimoe-GGUF"  # the example's one repo for the ladder
-PER_QUANT = '  layout: per-quant\n  repo_template: "{namespace}/tiny-phimoe-{quant_slug}-gguf"\n'
 
 
-def staged_pipeline(tmp_path: Path, card: str = "", hub_extra: str = "", validate: bool = True):
+def staged_pipeline(tmp_path: Path, card: dict | None = None, hub: dict | None = None, validate: bool = True):
     """The example pipeline in tmp_path, its Q8_0 quantized (and validated) and its repo's card made for it."""
-    text = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
-    if hub_extra:
-        text = text.replace("  max_shard_size: 50GB\n", f"  max_shard_size: 50GB\n{hub_extra}")
-    if card:
-        text = text.replace("card:\n  extra:\n", f"card:\n{card}  extra:\n")
-    config = tmp_path / "tiny-phimoe.yaml"
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    config.write_text(text)
+    config = pipeline_file(tmp_path, **({"card": card} if card else {}), **({"hub": hub} if hub else {}))
     pipeline = load_pipeline(config)
     ws = Workspace(pipeline.workspace)
     steps.quantize(Context.of(pipeline), pipeline.quant("Q8_0"))
@@ -104,7 +96,7 @@ def test_changed_card_commits_only_the_card(tmp_path, test_hub, toolchain):
     template = tmp_path / "card.md.j2"
     builtin = (REPO / "templates" / "model-card.md.j2").read_text()
     template.write_text(builtin)
-    config, pipeline, ws = staged_pipeline(tmp_path, card=f"  template: {template}\n")
+    config, pipeline, ws = staged_pipeline(tmp_path, card={**example_section("card"), "template": str(template)})
     assert push(test_hub, config).returncode == 0
     template.write_text(builtin.replace("## Model details", "A line added to the template.\n\n## Model details"))
     make_card(pipeline, "Q8_0")
@@ -153,7 +145,7 @@ def test_dry_run_sends_no_write(tmp_path, test_hub, toolchain):
 
 
 def test_split_shards_rejoin_to_the_original(tmp_path, test_hub, toolchain):
-    config, pipeline, ws = staged_pipeline(tmp_path, hub_extra="", validate=False)
+    config, pipeline, ws = staged_pipeline(tmp_path, validate=False)
     text = config.read_text().replace("max_shard_size: 50GB", "max_shard_size: 1MB")
     config.write_text(text)
     pipeline = load_pipeline(config)
@@ -243,7 +235,7 @@ def test_token_never_written_anywhere(tmp_path, test_hub, toolchain):
 
 
 def test_multipart_upload_into_a_private_repo(tmp_path, test_hub, toolchain):
-    config, _, ws = staged_pipeline(tmp_path, hub_extra="  private: true\n", validate=False)
+    config, _, ws = staged_pipeline(tmp_path, hub={**example_section("hub"), "private": True}, validate=False)
     test_hub.state.multipart_threshold = test_hub.state.chunk_size = 1_000_000
     proc = push(test_hub, config)
     assert proc.returncode == 0, proc.stderr
@@ -335,7 +327,7 @@ def test_a_push_for_some_quants_refuses_to_change_the_others(tmp_path, test_hub,
 
 
 def test_switching_layout_is_refused_unless_asked(tmp_path, test_hub, toolchain):
-    config, pipeline, ws = staged_pipeline(tmp_path, hub_extra=PER_QUANT)
+    config, pipeline, ws = staged_pipeline(tmp_path, hub=PER_QUANT)
     assert push(test_hub, config).returncode == 0
     assert "moeq-test/tiny-phimoe-q8-0-gguf" in test_hub.state.repos
     config.write_text(config.read_text().replace(PER_QUANT, ""))
@@ -348,7 +340,7 @@ def test_switching_layout_is_refused_unless_asked(tmp_path, test_hub, toolchain)
     assert push(test_hub, config, "--switch-layout").returncode == 0
     assert "tiny-phimoe-Q8_0.gguf" in test_hub.state.files(REPO_ID)
     # A fresh workspace knows nothing of the old repos, but the manifest on the Hub says which layout it holds.
-    fresh, _, _ = staged_pipeline(tmp_path / "fresh", hub_extra="  repo: moeq-test/tiny-phimoe-q8-0-gguf\n")
+    fresh, _, _ = staged_pipeline(tmp_path / "fresh", hub={**example_section("hub"), "repo": "moeq-test/tiny-phimoe-q8-0-gguf"})
     proc = push(test_hub, fresh)
     assert proc.returncode == 5 and ("moeq-test/tiny-phimoe-q8-0-gguf: its manifest on the Hub says hub.layout "
                                      "per-quant, the pipeline says single; pass --switch-layout") in proc.stderr
@@ -357,7 +349,7 @@ def test_switching_layout_is_refused_unless_asked(tmp_path, test_hub, toolchain)
 def test_a_per_quant_card_links_only_repos_on_the_hub(tmp_path, test_hub, toolchain):
     """Cards made for the whole ladder link every sibling repo; pushing only Q8_0 leaves links to repos that do not
     exist, which push --check names. A card made for Q8_0 alone links none."""
-    config, pipeline, ws = staged_pipeline(tmp_path, hub_extra=PER_QUANT)
+    config, pipeline, ws = staged_pipeline(tmp_path, hub=PER_QUANT)
     steps.quantize(Context.of(pipeline), pipeline.quant("Q2_K"))
     make_card(pipeline, "Q8_0", "Q2_K")
     assert "(https://huggingface.co/moeq-test/tiny-phimoe-q2-k-gguf)" in (ws.repo_dir("Q8_0") / "README.md").read_text()

@@ -1,0 +1,197 @@
+"""The pipeline's parts as typed values: what pipeline.yaml holds once load.py has read and checked it.
+
+Each section of pipeline.yaml is one frozen dataclass below; its fields are the section's keys (`keys_of`)
+and their defaults are the section's defaults, written once here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moeq.errors import ConfigError
+from moeq.toolchain import Toolchain
+
+SOURCE_KINDS = ("hf", "gguf", "local", "synth")
+SYNTH_ARCHS = ("phimoe", "qwen3moe", "llama-moe", "qwen2moe")  # moeq/synth.py's ARCHS
+REPO_TEMPLATE_FIELDS = {"namespace", "model", "quant", "quant_slug", "quant_lower", "file_stem"}
+# The Hub's usual name for one quant's repo (GGUF-my-repo's): <Model>-<QUANT>-GGUF, from the pipeline's model.
+DEFAULT_REPO_TEMPLATE = "{namespace}/{model}-{quant}-GGUF"
+# One repo for the whole ladder (bartowski's and mradermacher's layout, what llama.cpp's -hf REPO:QUANT expects).
+DEFAULT_SINGLE_REPO = "{namespace}/{model}-GGUF"
+LAYOUTS = ("single", "per-quant")
+DEFAULT_FILE_TEMPLATE = "{file_stem}-{quant}.gguf"
+MAX_PIPELINE_BYTES = 1 << 20  # a pipeline file is a few KB; this bounds what is read
+MAX_EXTRA_VALUES = 10_000  # card.extra, after YAML aliases are expanded
+UNQUANTIZED = ("F16", "BF16", "F32", "COPY")
+MAX_CTX = 1 << 24  # tokens: far above any model's context
+MAX_TIMEOUT_S = 7 * 24 * 3600  # one tool run may take a week at most
+SYNTH_MAX = {"layers": 256, "experts": 512, "experts_used": 512, "embd": 65_536, "ff": 262_144, "heads": 1024,
+             "kv_heads": 1024, "vocab": 1 << 20}
+
+
+# ---------------------------------------------------------------- typed pipeline
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    base_model: str
+    license: str
+    languages: tuple[str, ...]
+    quantized_by: str
+    file_stem: str
+    parameters: int | None = None  # total parameter count, for disk-space estimates
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    layers: int = 2
+    experts: int = 4
+    experts_used: int = 2
+    embd: int = 256
+    ff: int = 512
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    kind: str
+    repo: str | None = None
+    revision: str | None = None
+    file: str | None = None
+    path: Path | None = None
+    synth: SynthSpec | None = None
+    train: bool = False  # synth: train the checkpoint (synth_train) and convert it, instead of random weights
+    arch: str = "phimoe"  # synth: which architecture's tiny model (moeq/synth.py, ARCHS)
+
+
+IMATRIX_AUTO = "auto"  # quants[].imatrix: the imatrix stage's output
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    type: str
+    imatrix: Path | str | None = None  # IMATRIX_AUTO, a file, or None (none)
+    tensor_types: tuple[tuple[str, str], ...] = ()
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    file: str = ""  # output file name inside the workspace
+
+    @property
+    def slug(self) -> str:
+        return self.type.lower().replace("_", "-")
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    namespace: str
+    layout: str = "single"  # one repo for the ladder, or "per-quant": one repo per quant (repo_template)
+    repo: str = ""  # the single repo's id
+    repo_template: str = DEFAULT_REPO_TEMPLATE
+    private: bool = False
+    create_pr: bool = False
+    max_shard_size: int = 50_000_000_000
+    push: bool = False
+
+
+@dataclass(frozen=True)
+class CardSpec:
+    template: Path | None = None  # None: moeq's own templates/model-card.md.j2
+    extra: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class PerplexitySpec:
+    text: Path | None = None  # None: the evaluation text shipped with moeq
+    ctx: int = 512
+    chunks: int = 8
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    modes: tuple[str, ...] = ("cpu", "gpu", "cpu-moe")  # plus integers N for -ncmoe N, as strings
+    n_prompt: int = 512
+    n_gen: int = 128
+    repetitions: int = 3
+    threads: int | None = None
+    ctx: tuple[int, ...] = (4096,)
+    timeout_s: int = 1800
+    perplexity: PerplexitySpec = field(default_factory=PerplexitySpec)
+    rpc: str | None = None  # HOST:PORT of a ggml-rpc-server, or "local" to start one on 127.0.0.1
+    quality: bool = True  # llama-perplexity against F16; off for random weights, where it means nothing
+
+
+@dataclass(frozen=True)
+class ImatrixSpec:
+    calibration: Path | None = None  # None: the calibration text shipped with moeq
+    ctx: int = 512
+    chunks: int | None = None  # None: every chunk of the text
+    min_expert_tokens: int = 32
+    require_coverage: bool = False
+    format: str = "gguf"  # or "dat", llama.cpp's legacy format
+
+
+@dataclass(frozen=True)
+class ToolchainSpec:
+    llama_cpp_bin: Path | None = None
+    backend: str | None = None  # cpu, cuda, ...: every tool must be of that build (None: any)
+
+    def chain(self, fresh: bool = False) -> Toolchain:
+        """The llama.cpp tools this pipeline runs."""
+        return Toolchain(self.llama_cpp_bin, fresh=fresh, backend=self.backend)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    path: Path
+    model: ModelSpec
+    source: SourceSpec
+    workspace: Path
+    quants: tuple[QuantSpec, ...]
+    hub: HubSpec
+    card: CardSpec
+    bench: BenchSpec
+    toolchain: ToolchainSpec
+    imatrix: ImatrixSpec = field(default_factory=ImatrixSpec)
+
+    def quant(self, name: str) -> QuantSpec:
+        for q in self.quants:
+            if q.type.lower() == name.lower():
+                return q
+        known = ", ".join(q.type for q in self.quants)
+        raise ConfigError(f"{self.path}: quants: no quant {name!r} in the ladder (configured: {known})")
+
+    def repo_id(self, quant: QuantSpec) -> str:
+        return render_repo_id(self.hub, self.model, quant)
+
+    @property
+    def single_repo(self) -> bool:
+        return self.hub.layout == "single"
+
+
+def render_repo_id(hub: HubSpec, model: ModelSpec, quant: QuantSpec) -> str:
+    if hub.layout == "single":
+        return hub.repo
+    return hub.repo_template.format(
+        namespace=hub.namespace, model=repo_name(model.name), quant=quant.type, quant_slug=quant.slug,
+        quant_lower=quant.type.lower(), file_stem=model.file_stem,
+    )
+
+
+def repo_name(text: str) -> str:
+    """A model name as a Hub repo name: 'Phi 3.5 MoE (instruct)' -> 'Phi-3.5-MoE-instruct'."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+    name = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", name))
+    return name.strip("-.") or "model"
+
+
+def keys_of(spec: type, *, leave_out: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The keys a section of pipeline.yaml allows: its dataclass's fields."""
+    return tuple(f.name for f in dataclasses.fields(spec) if f.name not in leave_out)
