@@ -2,10 +2,10 @@
 
 Interleaved runs, ratio of medians:
   first run, cold: `moeq quantize --force` with the sha256 cache emptied (source and output
-             hashed in the run; the source stage hashes a `local` source before llama-quantize
+             hashed in the run; the fetch stage hashes a `local` source before llama-quantize
              starts, as the quantize stage's key is the source's sha256) vs `llama-quantize SRC OUT TYPE`;
   first run, warm source: the same with the source's sha256 already cached (as after the
-             source stage, which hashes what it fetches); the output is still hashed;
+             fetch stage, which hashes what it fetches); the output is still hashed;
   skip path: a second `moeq quantize` with nothing changed (wall time of the whole command).
 
     .venv/bin/python benchmarks/quantize_overhead.py [--runs 3] [--type Q8_0] [--layers 5]

@@ -2,7 +2,7 @@
 
 The one entry point: until a command's body starts, SIGINT and SIGTERM end moeq with one line ("while
 starting; nothing was done") and 130 or 143, whatever moment they arrive at (importing, building the
-command, parsing); a command then runs under `guard` (cli/common.py), and a usage error is one `error:`
+command, parsing); a command then runs under the error boundary (cli/app.py), and a usage error is one `error:`
 line with exit 2.
 """
 
@@ -18,7 +18,7 @@ def _while_starting(signum, frame) -> None:
     raise SystemExit(code)
 
 
-_while_starting.moeq_starting = True  # guard swaps it for the command's own handlers (cli/common.py)
+_while_starting.moeq_starting = True  # the error boundary swaps it for the command's own handlers (cli/app.py)
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ class Context:
 
 
 def fetch(ctx: Context, force: bool = False) -> StageResult[FetchRecord]:
-    """The source stage: download (and convert) a Hub source, make the synth model, or record a local file."""
+    """The fetch stage: download (and convert) a Hub source, make the synth model, or record a local file."""
     from moeq.fetch.stage import HUB_KINDS, fetch_stage
 
     api = ctx.api if ctx.pipeline.source.kind in HUB_KINDS else None
@@ -70,7 +70,7 @@ def fetch(ctx: Context, force: bool = False) -> StageResult[FetchRecord]:
 
 
 def fetch_beside(ctx: Context, force: bool = False) -> Callable[[], StageResult[FetchRecord]]:
-    """Run the source stage in a thread of its own; the function returned waits for its result (or raises its
+    """Run the fetch stage in a thread of its own; the function returned waits for its result (or raises its
     error). A local source's first hash (an 84 GB read for Phi-3.5-MoE) then runs beside llama-quantize, which
     needs only the path; the quantize stage waits for it only where its key is compared or its record written."""
     done: dict[str, StageResult[FetchRecord] | BaseException] = {}
@@ -163,7 +163,7 @@ def _source_for_quantize(ctx: Context) -> tuple[Path, Callable[[], FetchRecord]]
     """The source's path now, and its record when it is ready: a `local` source is hashed beside
     llama-quantize (fetch_beside); other sources are recorded already (fetch, synth)."""
     spec = ctx.pipeline.source
-    if spec.kind != "local" or not Path(spec.path).is_file():  # a missing file: the source stage says so
+    if spec.kind != "local" or not Path(spec.path).is_file():  # a missing file: the fetch stage says so
         record = source(ctx)
         return Path(record.output.path), lambda: record
     pending = ctx.source_pending or fetch_beside(ctx)

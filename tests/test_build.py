@@ -288,7 +288,7 @@ def test_a_moved_and_a_copied_workspace(tmp_path, toolchain):
 
 def test_build_hashes_a_local_source_beside_llama_quantize(tmp_path, toolchain):
     """A local source's first hash runs beside llama-quantize, as `moeq quantize` does: the quantize has started
-    before the fetch record exists, and the summary still shows the source stage first."""
+    before the fetch record exists, and the summary still shows the fetch stage first."""
     model = tmp_path / "big-F16.gguf"
     made = run_moeq("synth", "tiny-phimoe", str(model), "--layers", "4", "--experts", "8", "--embd", "1024",
                     "--ff", "2048")

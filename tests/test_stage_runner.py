@@ -48,7 +48,7 @@ def edit(config: Path, old: str, new: str) -> None:
 
 
 @pytest.mark.parametrize("change,expected", [
-    # source: the synth options are the source stage's key; a new model changes every file after it
+    # fetch: the synth options are the fetch stage's key; a new model changes every file after it
     (("seed: 0}", "seed: 1}"), {"fetch", "quantize", "validate", "bench", "shards", "card"}),
     # quantize: an option that changes llama-quantize's output
     (("  - type: Q8_0   ", "  - type: Q8_0\n    tensor_types: {attn_v: q4_0}\n   "),

@@ -1,4 +1,4 @@
-"""Fetching a Hub source: the F16 GGUF from the Hub, at the commit the source stage's key resolved.
+"""Fetching a Hub source: the F16 GGUF from the Hub, at the commit the fetch stage's key resolved.
 
 - `gguf`: one file, or all shards of a split model (merged with llama-gguf-split), at a pinned commit.
 - `hf`: a safetensors repo (config, tokenizer, weights), converted with the pinned llama.cpp
@@ -40,7 +40,7 @@ HF_PATTERNS = ("config.json", "generation_config.json", "tokenizer.model", "toke
 
 def fetch_hub_source(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolchain | None, commit: str,
                      on_message: Callable[[str], None] = lambda _msg: None) -> FetchRecord:
-    """Download (and convert) the source at `commit`; the source stage (source/__init__.py) decides when."""
+    """Download (and convert) the source at `commit`; the fetch stage (stage.py) decides when."""
     spec = pipeline.source
     target = ws.source_path(pipeline.model.file_stem)
     license_file = None
