@@ -21,7 +21,7 @@ from moeq.config import load_pipeline
 from moeq.llama_logs import parse_buffer_sizes
 from moeq.workspace import Workspace
 
-from conftest import REPO, run_moeq
+from conftest import REPO, example_section, pipeline_file, run_moeq
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
 EVAL_TEXT_SHA256 = "f08ec0c98a45566f009f3e07dce1e5a0247a9fb8311a3a8dea6ea86bad0612db"
@@ -35,9 +35,8 @@ def card_for(pipeline, quant: str):
 
 
 def prepared(folder: Path, quants=LADDER, rpc: bool = True):
-    config = folder / "tiny-phimoe.yaml"
-    text = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
-    config.write_text(text if rpc else "\n".join(line for line in text.splitlines() if "rpc: local" not in line))
+    bench = {key: value for key, value in example_section("bench").items() if rpc or key != "rpc"}
+    config = pipeline_file(folder, bench=bench)
     pipeline = load_pipeline(config)
     ws = Workspace(pipeline.workspace)
     for q in quants:
@@ -233,8 +232,7 @@ def test_model_that_fails_to_load_is_reported_per_mode(tmp_path, toolchain, rpc_
 
 def test_bench_right_after_quantize_computes_the_plan(tmp_path, toolchain, rpc_device):
     """No validate record yet: the plan comes from the file's header, and the bench runs."""
-    config = tmp_path / "tiny-phimoe.yaml"
-    config.write_text((REPO / "examples" / "tiny-phimoe.yaml").read_text())
+    config = pipeline_file(tmp_path)
     assert run_moeq("quantize", "--config", str(config), "--quant", "Q8_0").returncode == 0
     proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0", "--modes", "cpu-moe", "--rpc", rpc_device,
                     "--json")

@@ -14,20 +14,19 @@ import pytest
 
 from moeq.imatrix.stage import default_calibration
 
-from conftest import REPO, run_moeq
-
-EXAMPLE = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
+from conftest import example_section, pipeline_file, run_moeq
 
 
-def pipeline(folder: Path, imatrix: str = "  ctx: 256\n", extra: str = "") -> Path:
+
+def pipeline(folder: Path, imatrix: dict | None = None, **sections) -> Path:
     """The example pipeline in `folder` (its workspace there), with another imatrix: section."""
-    text = EXAMPLE.replace("imatrix:                         # calibration: moeq's own text (moeq/data/CALIBRATION.md)\n"
-                           "  ctx: 256\n", "imatrix:\n" + imatrix)
-    assert text != EXAMPLE or imatrix == "  ctx: 256\n"
-    folder.mkdir(parents=True, exist_ok=True)
-    config = folder / "pipeline.yaml"
-    config.write_text(text + extra)
-    return config
+    return pipeline_file(folder, imatrix={"ctx": 256, **(imatrix or {})}, **sections)
+
+
+def quants(q4_k_m_imatrix: str) -> list:
+    """The example's ladder, its Q4_K_M made with another importance matrix."""
+    return [q if not isinstance(q, dict) or q["type"] != "Q4_K_M" else {**q, "imatrix": q4_k_m_imatrix}
+            for q in example_section("quants")]
 
 
 def imatrix_json(config: Path, *args: str) -> dict:
@@ -104,7 +103,7 @@ def imatrix_files(config: Path) -> list[str]:
 
 def test_an_expert_the_calibration_never_reaches_is_named(tmp_path):
     text = starving_text(tmp_path)
-    config = pipeline(tmp_path / "warn", f"  ctx: 256\n  calibration: {text}\n")
+    config = pipeline(tmp_path / "warn", {"calibration": str(text)})
     record = imatrix_json(config)["record"]
     under = record["coverage"]["under"]
     assert any(u["tokens"] == 0 for u in under), record["coverage"]["tokens"]  # an expert it never reached
@@ -125,7 +124,7 @@ def test_an_expert_the_calibration_never_reaches_is_named(tmp_path):
 
 def test_require_coverage_refuses_and_leaves_no_imatrix(tmp_path):
     text = starving_text(tmp_path)
-    config = pipeline(tmp_path / "refuse", f"  ctx: 256\n  calibration: {text}\n  require_coverage: true\n")
+    config = pipeline(tmp_path / "refuse", {"calibration": str(text), "require_coverage": True})
     proc = run_moeq("imatrix", "--config", str(config))
     assert proc.returncode == 3
     line = error_line(proc)
@@ -138,7 +137,7 @@ def test_require_coverage_refuses_and_leaves_no_imatrix(tmp_path):
 def test_a_calibration_text_shorter_than_two_chunks_is_refused(tmp_path):
     text = tmp_path / "short.txt"
     text.write_text("A few words are not enough to calibrate anything.\n")
-    config = pipeline(tmp_path / "short", f"  ctx: 256\n  calibration: {text}\n")
+    config = pipeline(tmp_path / "short", {"calibration": str(text)})
     proc = run_moeq("imatrix", "--config", str(config))
     assert proc.returncode == 3
     assert error_line(proc).startswith(f"error: {text}: tokenizes to ")
@@ -158,7 +157,7 @@ def test_llama_imatrix_failing_is_one_line_and_leaves_nothing(tmp_path, toolchai
         f'#!/bin/sh\n[ "$1" = --help ] && exec {toolchain.path("llama-imatrix")} --help\n'
         'for a; do case "$prev" in -o) : > "$a";; esac; prev="$a"; done\necho "simulated crash" >&2\nexit 134\n')
     (tools / "llama-imatrix").chmod(0o755)
-    config = pipeline(tmp_path / "crash", extra=f"\ntoolchain:\n  llama_cpp_bin: {tools}\n")
+    config = pipeline(tmp_path / "crash", toolchain={"llama_cpp_bin": str(tools)})
     proc = run_moeq("imatrix", "--config", str(config))
     assert proc.returncode == 4, proc.stderr
     assert "llama-imatrix" in error_line(proc) and "simulated crash" in proc.stderr
@@ -215,9 +214,7 @@ def test_an_imatrix_path_that_does_not_fit_is_refused_before_llama_quantize(tmp_
         data = Path(record["output"]["path"]).read_bytes()
         path.write_bytes(data[: len(data) // 2])
         expected = f"error: {path}: not a readable importance matrix ("
-    text = EXAMPLE.replace("  - {type: Q4_K_M, imatrix: auto}", f"  - {{type: Q4_K_M, imatrix: {path}}}")
-    own = tmp_path / "pipeline.yaml"
-    own.write_text(text.replace("workspace: work", f"workspace: {config.parent / 'work'}"))
+    own = pipeline_file(tmp_path, quants=quants(str(path)), workspace=str(config.parent / "work"))
     before = Path(config.parent / "work" / "quants" / "tiny-phimoe-Q4_K_M.gguf")
     mtime = before.stat().st_mtime_ns if before.exists() else None
     proc = run_moeq("quantize", "--config", str(own), "--quant", "Q4_K_M")
@@ -233,7 +230,7 @@ def test_changing_the_calibration_reruns_imatrix_and_its_quants_only(tmp_path):
     assert first.returncode == 0, first.stderr
     text = tmp_path / "calibration.txt"
     text.write_text(default_calibration().read_text()[:40000])
-    config.write_text(config.read_text().replace("imatrix:\n  ctx: 256\n", f"imatrix:\n  ctx: 256\n  calibration: {text}\n"))
+    config = pipeline(tmp_path / "change", {"calibration": str(text)})
     second = run_moeq("build", "--config", str(config), "--all", "--skip-bench", "--json")
     assert second.returncode == 0, second.stderr
     got = {q["quant"]: {s["stage"]: s["status"] for s in q["stages"]} for q in json.loads(second.stdout)["quants"]}
@@ -247,7 +244,7 @@ def test_changing_the_calibration_reruns_imatrix_and_its_quants_only(tmp_path):
 
 
 def test_the_legacy_format_when_asked(tmp_path):
-    config = pipeline(tmp_path / "dat", "  ctx: 256\n  format: dat\n")
+    config = pipeline(tmp_path / "dat", {"format": "dat"})
     record = imatrix_json(config)["record"]
     path = Path(record["output"]["path"])
     assert path.name == "tiny-phimoe.imatrix.dat" and record["format"] == "dat"
@@ -261,9 +258,7 @@ def test_an_imatrix_made_elsewhere_is_published_as_given(tmp_path, made):
     _, record = made
     elsewhere = tmp_path / "from-elsewhere.imatrix"
     shutil.copyfile(record["output"]["path"], elsewhere)
-    config = pipeline(tmp_path / "path")
-    config.write_text(config.read_text().replace("{type: Q4_K_M, imatrix: auto}",
-                                                 f"{{type: Q4_K_M, imatrix: {elsewhere}}}"))
+    config = pipeline(tmp_path / "path", quants=quants(str(elsewhere)))
     proc = run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--skip-bench", "--json")
     assert proc.returncode == 0, proc.stderr
     stages = {s["stage"]: s for s in json.loads(proc.stdout)["quants"][0]["stages"]}
@@ -277,10 +272,10 @@ def test_an_imatrix_made_elsewhere_is_published_as_given(tmp_path, made):
 
 
 @pytest.mark.parametrize("section,message", [
-    ("  format: binary\n", "imatrix.format: unknown format 'binary'; use gguf (llama.cpp's default) or dat"),
-    ("  calibration: missing.txt\n", "imatrix.calibration: {folder}/missing.txt does not exist; fix the path"),
-    ("  min_expert_tokens: -1\n", "imatrix.min_expert_tokens: must be at least 0, got -1"),
-    ("  chunk: 4\n", "imatrix.chunk: unknown key; allowed here: calibration, ctx, chunks, min_expert_tokens, "
+    ({"format": "binary"}, "imatrix.format: unknown format 'binary'; use gguf (llama.cpp's default) or dat"),
+    ({"calibration": "missing.txt"}, "imatrix.calibration: {folder}/missing.txt does not exist; fix the path"),
+    ({"min_expert_tokens": -1}, "imatrix.min_expert_tokens: must be at least 0, got -1"),
+    ({"chunk": 4}, "imatrix.chunk: unknown key; allowed here: calibration, ctx, chunks, min_expert_tokens, "
                      "require_coverage, format"),
 ])
 def test_imatrix_settings_are_checked(tmp_path, section, message):
@@ -323,7 +318,7 @@ def test_a_card_never_publishes_another_matrix_than_the_quant_was_made_with(tmp_
     assert run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--skip-bench").returncode == 0
     text = tmp_path / "calibration.txt"
     text.write_text(default_calibration().read_text()[:30000])
-    config.write_text(config.read_text().replace("imatrix:\n  ctx: 256\n", f"imatrix:\n  ctx: 256\n  calibration: {text}\n"))
+    config = pipeline(tmp_path / "stale", {"calibration": str(text)})
     assert run_moeq("imatrix", "--config", str(config)).returncode == 0
     proc = run_moeq("card", "--config", str(config), "--quant", "Q4_K_M", "--force")
     assert proc.returncode == 3

@@ -10,12 +10,11 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import REPO, run_moeq
+from conftest import pipeline_file, run_moeq
 
 STAGES = ("fetch", "quantize", "validate", "bench", "shards", "card", "push")  # Q8_0's: it has no imatrix
-# Random weights: the skip rule does not depend on them, and a new seed of the trained model would train again.
-BASE = re.sub(r"  train: true.*\n", "", (REPO / "examples" / "tiny-phimoe.yaml").read_text())
 
 
 def statuses(config: Path, *args: str, details: dict | None = None) -> dict[str, str]:
@@ -34,34 +33,38 @@ def ran(result: dict[str, str]) -> set[str]:
 
 @pytest.fixture
 def built(tmp_path, toolchain, rpc_device):
-    config = tmp_path / "tiny-phimoe.yaml"
-    config.write_text(BASE.replace("rpc: local", f"rpc: {rpc_device}"))
+    # Random weights: the skip rule does not depend on them, and a new seed of the trained model would train again.
+    config = pipeline_file(tmp_path, trained=False, rpc=rpc_device)
     assert ran(statuses(config)) == set(STAGES) - {"push"}
     assert ran(statuses(config)) == set()  # a second build with nothing changed does nothing
     return config
 
 
-def edit(config: Path, old: str, new: str) -> None:
-    text = config.read_text()
-    assert old in text
-    config.write_text(text.replace(old, new))
+def edit(config: Path, where: str, value) -> None:
+    """Set one value of the pipeline file, named by its path (`bench.ctx`, `quants.0.tensor_types`)."""
+    data = yaml.safe_load(config.read_text())
+    *parents, last = [int(key) if key.isdigit() else key for key in where.split(".")]
+    target = data
+    for key in parents:
+        target = target[key]
+    target[last] = value
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 @pytest.mark.parametrize("change,expected", [
     # fetch: the synth options are the fetch stage's key; a new model changes every file after it
-    (("seed: 0}", "seed: 1}"), {"fetch", "quantize", "validate", "bench", "shards", "card"}),
+    (("source.synth.seed", 1), {"fetch", "quantize", "validate", "bench", "shards", "card"}),
     # quantize: an option that changes llama-quantize's output
-    (("  - type: Q8_0   ", "  - type: Q8_0\n    tensor_types: {attn_v: q4_0}\n   "),
-     {"quantize", "validate", "bench", "shards", "card"}),
+    (("quants.0.tensor_types", {"attn_v": "q4_0"}), {"quantize", "validate", "bench", "shards", "card"}),
     # validate (the plan's contexts) and bench (its options) both key on bench.ctx
-    (("  ctx: [512]\n", "  ctx: [256]\n"), {"validate", "bench", "card"}),
+    (("bench.ctx", [256]), {"validate", "bench", "card"}),
     # bench alone
-    (("  n_gen: 16\n", "  n_gen: 8\n"), {"bench", "card"}),
+    (("bench.n_gen", 8), {"bench", "card"}),
     # shards: a shard size under the file's splits it
-    (("  max_shard_size: 50GB\n", "  max_shard_size: 2MB\n"), {"shards", "card"}),
+    (("hub.max_shard_size", "2MB"), {"shards", "card"}),
     # card: what it says, not what is measured
-    (("  extra:\n", "  extra:\n    note: one more line\n"), {"card"}),
-], ids=["source", "quantize", "validate-and-bench", "bench", "shards", "card"])
+    (("card.extra.note", "one more line"), {"card"}),
+], ids=["fetch", "quantize", "validate-and-bench", "bench", "shards", "card"])
 def test_a_changed_input_reruns_its_stage_and_what_depends_on_it(built, change, expected):
     edit(built, *change)
     why: dict[str, str] = {}
@@ -129,7 +132,7 @@ def test_a_record_names_its_key_and_time(built):
 def test_the_runner_keys_every_tool_made_output_on_the_tools_commit(built):
     """The tool commit comes from the stage's declaration (Stage.tool), not from a key written by hand: the
     shards stage, which once left it out, reruns when another llama-gguf-split would split the file."""
-    edit(built, "  max_shard_size: 50GB\n", "  max_shard_size: 2MB\n")
+    edit(built, "hub.max_shard_size", "2MB")
     assert "shards" in ran(statuses(built))
     records = built.parent / "work" / "records"
     for name in ("quantize-Q8_0", "bench-Q8_0", "shards-Q8_0"):
@@ -138,8 +141,8 @@ def test_the_runner_keys_every_tool_made_output_on_the_tools_commit(built):
     saved["key"]["tool_commit"] = "another-build"
     (records / "shards-Q8_0.json").write_text(json.dumps(saved))
     why: dict[str, str] = {}
-    assert ran(statuses(built, details=why)) == {"shards"}
-    assert why == {"shards": "changed: tool_commit"}
+    assert ran(statuses(built, details=why)) == {"shards", "card"}  # new shard files: the staged repo links them
+    assert why == {"shards": "changed: tool_commit", "card": "outputs changed since the record"}
 
 
 def test_a_workspace_from_before_the_fetch_stage_was_named_keeps_its_source(built):

@@ -7,7 +7,7 @@ import sys
 
 from moeq.workspace import HashCache, sha256_file
 
-from conftest import REPO
+from conftest import REPO, pipeline_file
 
 WORKER = """
 import sys
@@ -63,8 +63,7 @@ def test_two_quantize_processes_at_once_keep_both_hashes(tmp_path, toolchain):
     """Two `moeq quantize` on different quants of one workspace, at the same time (locks are per quant)."""
     from moeq.workspace import Workspace
 
-    config = tmp_path / "pipeline.yaml"
-    config.write_text((REPO / "examples" / "tiny-phimoe.yaml").read_text())
+    config = pipeline_file(tmp_path)
     assert subprocess.run([sys.executable, "-m", "moeq", "fetch", "--config", str(config)], cwd=REPO,
                           capture_output=True).returncode == 0
     procs = [subprocess.Popen([sys.executable, "-m", "moeq", "quantize", "--config", str(config), "--quant", q],

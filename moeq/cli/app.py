@@ -8,6 +8,7 @@ a bug in moeq: one line that says so, exit 70. Tracebacks only with --debug or M
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -69,9 +70,25 @@ def register(name: str, command) -> None:
     """Add a command (a function) or a family of them (a Typer app) to `moeq`."""
     REGISTERED.append(name)
     if isinstance(command, typer.Typer):
+        for info in command.registered_commands:
+            info.callback = _body(info.callback)
+        if command.registered_callback is not None:
+            command.registered_callback.callback = _body(command.registered_callback.callback)
         app.add_typer(command, name=name)
     else:
-        app.command(name)(command)
+        app.command(name)(_body(command))
+
+
+def _body(fn):
+    """A command's function, which takes over SIGINT and SIGTERM as it starts: until then (importing, building
+    the command, parsing, --help) they end moeq "while starting" (__main__)."""
+
+    @functools.wraps(fn)
+    def body(*args, **kwargs):
+        _command_signals()
+        return fn(*args, **kwargs)
+
+    return body
 
 
 def note_json(value: bool) -> bool:
@@ -84,7 +101,6 @@ def note_json(value: bool) -> bool:
 def error_boundary():
     """Turn what a command raises into one `error:` line and its exit code."""
     state.update(json=False, printed_json=False)
-    _command_signals()
     try:
         yield
     except (click_exceptions.ClickException, typer.Exit, typer.Abort):
