@@ -29,7 +29,7 @@ class Record(Model):
 
     @classmethod
     def stage_name(cls) -> str:
-        """The stage that writes it, which names its file: source, imatrix, quantize, ..."""
+        """The stage that writes it, which names its file: fetch, imatrix, quantize, ..."""
         return cls.model_fields["stage"].default
 
 
@@ -66,7 +66,7 @@ class FetchRecord(Record):
     """The source every quant is made from, as the fetch stage made or found it."""
 
     stage: Literal["fetch"] = "fetch"
-    """The stage that wrote it (manifests of moeq 0.x before the rename say "source")."""
+    """The stage that wrote it (a record or manifest written before the stage had this name says "source")."""
     kind: str
     """Where the source came from: synth, local, gguf (a GGUF on the Hub) or hf (a checkpoint converted)."""
     origin: str
@@ -81,7 +81,7 @@ class FetchRecord(Record):
     @field_validator("stage", mode="before")
     @classmethod
     def _earlier_name(cls, value: Any) -> Any:
-        return "fetch" if value == "source" else value  # records and manifests written before the stage was renamed
+        return "fetch" if value == "source" else value  # written before the stage was renamed
 
 
 class TensorRow(Model):
