@@ -48,8 +48,9 @@ def wrapped_tools(tmp_path: Path, toolchain, fail_quant: str | None = None) -> P
     return folder
 
 
-def write_config(tmp_path: Path, bin_dir: Path, template: Path | None = None, layout: str = "single") -> Path:
-    return pipeline_file(tmp_path, toolchain={"llama_cpp_bin": str(bin_dir)},
+def write_config(tmp_path: Path, bin_dir: Path, template: Path | None = None, layout: str = "single",
+                 source: dict | None = None) -> Path:
+    return pipeline_file(tmp_path, toolchain={"llama_cpp_bin": str(bin_dir)}, source=source or example_section("source"),
                          hub=PER_QUANT if layout == "per-quant" else example_section("hub"),
                          card={**example_section("card"), **({"template": str(template)} if template else {})})
 
@@ -300,10 +301,7 @@ def test_build_hashes_a_local_source_beside_llama_quantize(tmp_path, toolchain):
     quantize.write_text(quantize.read_text().replace(
         "exec ", f'[ "$1" = --help ] || {{ [ -e {records}/fetch.json ] && echo after || echo before; }} >> {tmp_path}/order\n'
                  "exec ", 1))
-    config = write_config(tmp_path, bin_dir)
-    config.write_text(config.read_text().replace(
-        "  kind: synth\n  train: true", f"  kind: local\n  path: {model}\n  #").replace(
-        "  synth: {layers: 2, experts: 4, experts_used: 2, embd: 256, ff: 512, vocab: 512, seed: 0}\n", ""))
+    config = write_config(tmp_path, bin_dir, source={"kind": "local", "path": str(model)})
     proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stages = json.loads(proc.stdout)["quants"][0]["stages"]

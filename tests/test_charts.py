@@ -7,7 +7,6 @@ importance matrix. The Chromium screenshot is kept under pytest's temporary fold
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 from moeq.manifest import read_manifest
 from moeq.units import binary_size, decimal_size
 
-from conftest import PER_QUANT, pipeline_file, run_moeq
+from conftest import PER_QUANT, example_section, pipeline_file, run_moeq
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
 
@@ -170,14 +169,15 @@ INJECTED = {
 def test_script_in_the_pipeline_stays_text_in_the_card_and_the_preview(tmp_path, toolchain, rpc_device):
     """Values from the pipeline are text: escaped in README.md, shown as text in the preview, never run; a citation
     with backticks cannot close its code fence."""
-    config = example(tmp_path, rpc_device)
-    text = config.read_text().replace("  name: tiny-phimoe\n", f"  name: {json.dumps(INJECTED['name'])}\n")
-    text = text.replace("quantized_by: moeq", f"quantized_by: {json.dumps(INJECTED['quantized_by'])}")
-    text = text.replace("license: mit", f"license: {json.dumps(INJECTED['license'])}")
-    text = text.replace("        primaryClass={cs.CL}\n", "        primaryClass={cs.CL}\n      ```\n      <script>"
-                        "console.error('injected citation')</script>\n      " + "`" * 30_000 + "\n")
-    config.write_text(text.replace("  namespace: moeq-test",
-                                   "  repo: moeq-test/tiny-phimoe-GGUF\n  namespace: moeq-test"))
+    card = example_section("card")
+    citation = card["extra"]["citation"]
+    assert "  primaryClass={cs.CL}\n" in citation
+    card["extra"]["citation"] = citation.replace("  primaryClass={cs.CL}\n", "  primaryClass={cs.CL}\n```\n<script>"
+                                                 "console.error('injected citation')</script>\n" + "`" * 30_000 + "\n")
+    config = pipeline_file(tmp_path, rpc=rpc_device, card=card,
+                           model={**example_section("model"), **{key: INJECTED[key]
+                                                                 for key in ("name", "quantized_by", "license")}},
+                           hub={**example_section("hub"), "repo": "moeq-test/tiny-phimoe-GGUF"})
     proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     card = tmp_path / "work" / "repos" / "ladder" / "README.md"

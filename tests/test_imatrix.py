@@ -286,8 +286,7 @@ def test_imatrix_settings_are_checked(tmp_path, section, message):
 
 
 def test_a_quant_imatrix_path_that_does_not_exist_is_a_config_error(tmp_path):
-    config = pipeline(tmp_path)
-    config.write_text(config.read_text().replace("{type: Q2_K, imatrix: auto}", "{type: Q2_K, imatrix: nowhere.imatrix}"))
+    config = pipeline(tmp_path, quants=[*example_section("quants")[:2], {"type": "Q2_K", "imatrix": "nowhere.imatrix"}])
     proc = run_moeq("check-config", "--config", str(config))
     assert proc.returncode == 2
     assert f"quants[2].imatrix: {tmp_path}/nowhere.imatrix does not exist; fix the path" in error_line(proc)

@@ -146,8 +146,7 @@ def test_dry_run_sends_no_write(tmp_path, test_hub, toolchain):
 
 def test_split_shards_rejoin_to_the_original(tmp_path, test_hub, toolchain):
     config, pipeline, ws = staged_pipeline(tmp_path, validate=False)
-    text = config.read_text().replace("max_shard_size: 50GB", "max_shard_size: 1MB")
-    config.write_text(text)
+    config = pipeline_file(tmp_path, hub={**example_section("hub"), "max_shard_size": "1MB"})
     pipeline = load_pipeline(config)
     make_card(pipeline, "Q8_0")
     readme = (ws.repo_dir(None) / "README.md").read_text()
@@ -330,7 +329,7 @@ def test_switching_layout_is_refused_unless_asked(tmp_path, test_hub, toolchain)
     config, pipeline, ws = staged_pipeline(tmp_path, hub=PER_QUANT)
     assert push(test_hub, config).returncode == 0
     assert "moeq-test/tiny-phimoe-q8-0-gguf" in test_hub.state.repos
-    config.write_text(config.read_text().replace(PER_QUANT, ""))
+    config = pipeline_file(tmp_path, hub=example_section("hub"))
     make_card(load_pipeline(config), "Q8_0")
     proc = push(test_hub, config)
     assert proc.returncode == 3
