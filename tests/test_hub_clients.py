@@ -177,10 +177,13 @@ def test_the_cards_llama_cpp_snippets_run(hub, tmp_path, toolchain):
         if "-ncmoe" in command and command[command.index("-ncmoe") + 1] == "N":
             command[command.index("-ncmoe") + 1] = "1"
         run_env = {**env, "MODEL_ENDPOINT": hub.url + "/", "LLAMA_CACHE": str(tmp_path / "llama-cache")}
-        proc = subprocess.run([str(toolchain.path("llama-completion")), *command[1:], "-p", "The", "-n", "4",
-                               "--temp", "0", "-no-cnv", "--no-warmup", "-t", "2"], cwd=tmp_path, env=run_env,
-                              capture_output=True, text=True, errors="replace", timeout=300)
-        assert proc.returncode == 0, " ".join(command) + "\n" + proc.stderr[-2000:]
+        for _try in range(3):  # llama.cpp's log thread can lose the end of its output at exit (bench retries too)
+            proc = subprocess.run([str(toolchain.path("llama-completion")), *command[1:], "-p", "The", "-n", "4",
+                                   "--temp", "0", "-no-cnv", "--no-warmup", "-t", "2"], cwd=tmp_path, env=run_env,
+                                  capture_output=True, text=True, errors="replace", timeout=300)
+            assert proc.returncode == 0, " ".join(command) + "\n" + proc.stderr[-2000:]
+            if "llama_context" in proc.stderr:
+                break
         assert "n_ctx         = 512" in proc.stderr or "n_ctx = 512" in proc.stderr or "n_ctx=512" in proc.stderr
         ran += 1
     assert ran == len(commands) == 5  # three quants by name, the first quant's file twice
