@@ -53,6 +53,7 @@ class GGUFHeader:
     metadata: dict[str, object] = field(default_factory=dict)  # scalars; arrays as ("array", type, count)
     tensors: list[TensorInfo] = field(default_factory=list)
     alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT
+    infos_offset: int = 0  # where the tensor infos start, after the metadata
     data_offset: int = 0
     file_size: int = 0
 
@@ -164,6 +165,7 @@ def _parse(path: Path, data: bytes, size: int, whole_file: bool) -> GGUFHeader:
             header.metadata[key] = cur.string()
         else:
             header.metadata[key] = cur.read(_SCALAR[vtype])
+    header.infos_offset = cur.pos
     for _ in range(n_tensors):
         name = cur.string()
         n_dims = cur.read("<I")
