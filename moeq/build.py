@@ -139,7 +139,6 @@ def plan(ctx: Context, quants: list[QuantSpec], hashing: Callable[[], StageResul
          skip_bench: bool, force: set[str], switch_layout: bool, push_plans: dict[str, list[dict]]) -> list[Step]:
     """Every step `moeq build` takes for `quants`, in order; `hashing`: a local source's fetch running beside
     the file stages, whose step comes after them."""
-    pipeline = ctx.pipeline
     every = tuple(q.type for q in quants)
     auto = tuple(q.type for q in quants if q.imatrix == IMATRIX_AUTO)
     fetch = ("fetch", LADDER)
@@ -168,21 +167,13 @@ def plan(ctx: Context, quants: list[QuantSpec], hashing: Callable[[], StageResul
         ]
     if beside:
         todo.append(Step("fetch", LADDER, hashing, every))
-    for unit in steps.repo_units(ctx, quants) if not pipeline.single_repo else []:
-        [q] = unit.quants
-        lock = f"build-{q.type}"
-        todo += [
-            Step("shards", q.type, lambda q=q: steps.shards(ctx, q, force="shards" in force), (q.type,),
-                 needs=(("bench", q.type), fetch), lock=lock),
-            *_publish(ctx, unit, (q.type,), (("shards", q.type),), lock, push=push, force=force,
-                      switch_layout=switch_layout, push_plans=push_plans),
-        ]
-    if pipeline.single_repo:
+    for unit in steps.repo_units(ctx, quants):  # per quant, or the ladder's one repo after every quant's shards
+        held = tuple(q.type for q in unit.quants)
         todo += [Step("shards", q.type, lambda q=q: steps.shards(ctx, q, force="shards" in force), (q.type,),
-                      needs=(("bench", q.type), fetch), lock=f"build-{q.type}") for q in quants]
-        for unit in steps.repo_units(ctx, quants):
-            todo += _publish(ctx, unit, every, tuple(("shards", q) for q in every), None, push=push, force=force,
-                             switch_layout=switch_layout, push_plans=push_plans)
+                      needs=(("bench", q.type), fetch), lock=f"build-{q.type}") for q in unit.quants]
+        lock = f"build-{unit.quant}" if unit.quant else None  # the ladder's repo is no one quant's
+        todo += _publish(ctx, unit, held, tuple(("shards", q) for q in held), lock, push=push, force=force,
+                         switch_layout=switch_layout, push_plans=push_plans)
     return todo
 
 

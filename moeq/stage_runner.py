@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
 from moeq.record_store import Records, Saved, save_record
@@ -51,7 +50,6 @@ class StageResult(Generic[R]):
     why: str = ""  # ran: forced, no record, which key changed, outputs changed; up to date: inputs unchanged
     seconds: float = 0.0  # how long this call took
     record: R | None = None
-    record_path: Path | None = None
     exit_code: int = 0  # failed: the error's exit code (errors.py)
 
     @property
@@ -73,7 +71,7 @@ def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
         key = None if later else _declared_key(stage)
         why = _why_run(stage, previous, key, force, unusable)
         if why is None:
-            return StageResult(stage.name, "up to date", "inputs unchanged", _since(started), previous.record, path)
+            return StageResult(stage.name, "up to date", "inputs unchanged", _since(started), previous.record)
         if unusable:
             on_message(f"{path}: {unusable}; {stage.name} will run again")
         running = time.monotonic()
@@ -83,7 +81,7 @@ def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
         wall = _since(running)
         save_record(path, record, key, wall)
         records.put(stage.name, stage.quant, Saved(schema_version=SCHEMA_VERSION, key=key, wall_s=wall, record=record))
-        return StageResult(stage.name, stage.status(record), why, _since(started), record, path)
+        return StageResult(stage.name, stage.status(record), why, _since(started), record)
 
 
 def _since(started: float) -> float:

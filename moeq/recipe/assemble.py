@@ -50,10 +50,11 @@ def assemble(base: Path, per_type: dict[str, Path], types: dict[str, str], out: 
         raise InputError(f"no pure quantization for type {missing[0]} (the recipe uses it); make one with "
                          "llama-quantize --pure")
     sources = {ggml_type: read_header(path) for ggml_type, path in per_type.items()}
+    tensors = {ggml_type: {t.name: t for t in source.tensors} for ggml_type, source in sources.items()}
     chosen: list[tuple[GGUFHeader, TensorInfo]] = []
     for tensor in header.tensors:
-        source = sources[types[tensor.name]] if tensor.name in types else header
-        picked = next((t for t in source.tensors if t.name == tensor.name), None)
+        ggml_type = types.get(tensor.name)
+        source, picked = (sources[ggml_type], tensors[ggml_type].get(tensor.name)) if ggml_type else (header, tensor)
         if picked is None or picked.shape != tensor.shape:
             raise InputError(f"{source.path}: tensor {tensor.name!r} is missing or of another shape than in "
                              f"{base}; quantize every type from the same source")
