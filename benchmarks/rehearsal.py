@@ -5,7 +5,7 @@
 For each layer count N: a Phi-3.5-MoE-shaped checkpoint (every tensor at its real size: hidden 4096, 16 experts
 of width 6400, 32/8 heads, a 32064-token vocabulary; bf16 safetensors in shards with an index, README
 frontmatter and LICENSE) is served by tests/hub_server.py and taken through `moeq build --all --push`
-(source kind hf: download, convert, imatrix, Q8_0/Q4_K_M/Q2_K, validate, bench with the without-imatrix twins,
+(source kind hf: download, convert, imatrix, the choice with and without it, Q8_0/Q4_K_M/Q2_K, validate, bench,
 card, push), then read back with `llama-completion -hf REPO:Q4_K_M` through llama.cpp's own Hub download.
 
 Printed per N: each stage's wall time (from the build's own summary), the build's peak RSS (moeq's own and the

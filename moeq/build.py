@@ -28,7 +28,7 @@ from moeq.hub.client import hub_endpoint
 from moeq.stage_runner import StageResult
 from moeq.steps import Context, RepoUnit
 
-STAGES = ("fetch", "imatrix", "quantize", "validate", "bench", "shards", "card", "push")
+STAGES = ("fetch", "imatrix", "choice", "quantize", "validate", "bench", "shards", "card", "push")
 LADDER = None  # the subject of a step run once for the whole ladder
 
 
@@ -157,8 +157,16 @@ def plan(ctx: Context, quants: list[QuantSpec], hashing: Callable[[], StageResul
     for q in quants:
         lock = f"build-{q.type}"
         made = () if beside else (fetch,) + ((("imatrix", LADDER),) if q.type in auto else ())
+        unchosen = _unchosen(ctx, q, skip_bench)
+        if unchosen:
+            todo.append(Step("choice", q.type, lambda why=unchosen: StageResult("choice", "skipped", why), (q.type,)))
+        else:
+            todo.append(Step("choice", q.type, lambda q=q: steps.choice(ctx, q, force="choice" in force), (q.type,),
+                             needs=made, lock=lock, on_failure="the candidates could not be measured"))
+            made = (("choice", q.type),)
         todo += [
-            Step("quantize", q.type, lambda q=q: steps.quantize(ctx, q, force="quantize" in force), (q.type,),
+            Step("quantize", q.type, lambda q=q: steps.quantize(ctx, q, force="quantize" in force,
+                                                                 choose=not skip_bench), (q.type,),
                  needs=made, lock=lock),
             Step("validate", q.type, lambda q=q: _validate(ctx, q, force), (q.type,), needs=(("quantize", q.type),),
                  lock=lock),
@@ -175,6 +183,17 @@ def plan(ctx: Context, quants: list[QuantSpec], hashing: Callable[[], StageResul
         todo += _publish(ctx, unit, held, tuple(("shards", q) for q in held), lock, push=push, force=force,
                          switch_layout=switch_layout, push_plans=push_plans)
     return todo
+
+
+def _unchosen(ctx: Context, quant: QuantSpec, skip_bench: bool) -> str:
+    """Why `quant` has no choice to make ("" when it has): only a quant with an importance matrix has two candidates."""
+    if quant.imatrix is None:
+        return "imatrix: none"
+    if not ctx.pipeline.bench.quality:
+        return "bench.quality: false; the file is made with the importance matrix"
+    if skip_bench:
+        return "--skip-bench; the file is made with the importance matrix"
+    return ""
 
 
 def _publish(ctx: Context, unit: RepoUnit, rows: tuple[str, ...], needs: tuple, lock: str | None, *, push: bool,

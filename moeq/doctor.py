@@ -129,8 +129,9 @@ def hub_status() -> tuple[bool, str]:
 def plan_disk(pipeline: Pipeline) -> DiskPlan:
     """The most the workspace holds at once: the fetch (a download beside the F16 it converts to, deleted after),
     or the F16 (unless a local file, used in place) with every quant, its shards when split, the F16 logits for
-    KL divergence and the largest without-imatrix twin (one at a time, deleted once measured). A later
-    `fetch --force` downloads beside everything: reported, not required."""
+    KL divergence and the choice's second candidate of the largest quant with an importance matrix (the chosen one
+    becomes the quant; the other is deleted once measured). A later `fetch --force` downloads beside everything:
+    reported, not required."""
     free = free_bytes(pipeline.workspace)
     params, n_layer, vocab = _source_shape(pipeline)
     if params is None:
@@ -148,10 +149,11 @@ def plan_disk(pipeline: Pipeline) -> DiskPlan:
     split = sum(size for size in quants.values() if size > pipeline.hub.max_shard_size)
     if split:
         items.append(("shards of the quants over hub.max_shard_size", split))
-    twin = max((quants[q.type] for q in pipeline.quants if q.imatrix is not None), default=0) \
+    candidate = max((quants[q.type] for q in pipeline.quants if q.imatrix is not None), default=0) \
         if pipeline.bench.quality else 0
-    if twin:
-        items.append(("the largest without-imatrix twin (while its bench runs)", twin))
+    if candidate:
+        items.append(("the choice's candidate not published, of the largest quant with an importance matrix "
+                      "(while it is measured)", candidate))
     logits = 0
     if pipeline.bench.quality and vocab:  # llama-perplexity keeps the 2nd half of each chunk, uint16 per vocab entry
         ppl = pipeline.bench.perplexity
@@ -159,7 +161,7 @@ def plan_disk(pipeline: Pipeline) -> DiskPlan:
         items.append(("F16 logits saved for the KL divergence", logits))
     made = f16 + sum(quants.values()) + split + logits
     fetch_peak = f16 + download if kind == "hf" or _split_gguf(pipeline) else f16
-    peak = max(fetch_peak, made + twin)
+    peak = max(fetch_peak, made + candidate)
     return DiskPlan(str(pipeline.workspace), free, disk_needed(peak), items, peak_bytes=peak,
                     refetch_bytes=made + f16 + download if download else None)
 

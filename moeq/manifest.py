@@ -20,12 +20,12 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError
 
 from moeq.errors import InputError
-from moeq.records import BenchRecord, ImatrixRecord, Model, QuantizeRecord, FetchRecord, ValidateRecord
+from moeq.records import BenchRecord, ChoiceRecord, ImatrixRecord, Model, QuantizeRecord, FetchRecord, ValidateRecord
 from moeq.workspace import read_text_limited
 
 MANIFEST_NAME = "moeq-manifest.json"
 README_NAME = "README.md"
-MANIFEST_VERSION = 3  # 3: a repo's quants (one, or the ladder of hub.layout single); 2: typed records
+MANIFEST_VERSION = 4  # 4: the choice record; 3: a repo's quants (one, or the ladder's); 2: typed records
 MAX_CARD_BYTES = 1 << 20  # a card is tens of KB
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest holds a row per tensor: hundreds of KB for the real model
 # The line every card moeq renders carries: a README.md on the Hub without it was not written by moeq.
@@ -101,6 +101,9 @@ class QuantRecords(Model):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
     imatrix: ImatrixRecord | None = None
     """The imatrix stage's record, when the quant was made with its output."""
+    choice: ChoiceRecord | None = None
+    """The choice stage's record: the candidates measured (with and without the importance matrix) and which one
+    this file is."""
     quantize: QuantizeRecord
     """The quantize stage's record."""
     validate_: ValidateRecord | None = Field(alias="validate")  # `validate` is a name pydantic's BaseModel uses
@@ -125,7 +128,7 @@ class QuantEntry(Model):
 class Manifest(Model):
     """moeq-manifest.json: every record a Hub repo's card was rendered from."""
 
-    manifest_version: Literal[3]
+    manifest_version: Literal[4]
     """The manifest's format version."""
     generator: str
     """The moeq that wrote it (moeq VERSION)."""

@@ -110,7 +110,7 @@ class Records:
 
     `get(Type, quant)` gives the record or None; `require` turns an absent one into one error that says which
     command makes it. The stage runner alone uses the by-name methods (saved, forget, put): a stage's record may
-    be kept under a name of its own (the without-imatrix twin's "Q4_K_M-without-imatrix")."""
+    be kept under a name of its own (a candidate of the choice stage, "Q4_K_M-without-imatrix")."""
 
     def __init__(self, ws, config_path: Path | str = "pipeline.yaml"):
         self.ws = ws

@@ -9,7 +9,6 @@ loading and caching them is record_store.py's job.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -550,20 +549,49 @@ class Quality(Model):
     """The context of each chunk, in tokens."""
     chunks: int
     """Chunks evaluated."""
-    without_imatrix: PerplexityFigures | None = None
-    """The same type made without the importance matrix (for this measurement only): what the imatrix bought."""
-    without_imatrix_file: FileRef | None = None
-    """That file, deleted once measured."""
 
-    def imatrix_effect(self) -> str | None:
-        """What the importance matrix did to the mean KL divergence: lowered, raised, or unclear (the difference
-        is within twice the combined uncertainty); None without both figures."""
-        with_, without = self.quant, self.without_imatrix
-        if without is None or with_.kld_mean is None or without.kld_mean is None:
-            return None
-        spread = 2 * math.hypot(with_.kld_mean_err or 0.0, without.kld_mean_err or 0.0)
-        difference = with_.kld_mean - without.kld_mean
-        return "unclear" if abs(difference) <= spread else ("lowered" if difference < 0 else "raised")
+
+class Candidate(Model):
+    """One file the choice stage measured before choosing the one to publish."""
+
+    name: str
+    """What it is: "with the importance matrix" or "without the importance matrix"."""
+    imatrix: ImatrixRef | None
+    """The importance matrix it was made with (None: without one)."""
+    file: FileRef
+    """The file measured (the one chosen becomes the published file; the others are deleted once measured)."""
+    quality: PerplexityFigures
+    """Its figures against the F16 logits on the evaluation text."""
+
+
+class ChoiceRecord(Record):
+    """Which of the measured candidates of a quant is published, and why."""
+
+    stage: Literal["choice"] = "choice"
+    """The stage that wrote it."""
+    quant: str
+    """The quant type."""
+    options: PerplexityOptions
+    """The evaluation text and how it was measured (the bench's quality options)."""
+    tool: ToolBuildRef
+    """The llama-perplexity that measured the candidates."""
+    base: PerplexityFigures
+    """The F16 source's run, which saved the logits."""
+    candidates: list[Candidate]
+    """Every candidate measured; the first is the stock choice, published unless another is better."""
+    chosen: int
+    """The index of the candidate published."""
+    may_choose: bool
+    """False where the pipeline fixed the choice (quants[].imatrix names a file): the first is published."""
+    why: str
+    """Why it was chosen, in words (the card says it)."""
+
+    @property
+    def published(self) -> Candidate:
+        return self.candidates[self.chosen]
+
+    def others(self) -> list[Candidate]:
+        return [c for i, c in enumerate(self.candidates) if i != self.chosen]
 
 
 class ModeError(Model):
@@ -685,7 +713,7 @@ class PushRecord(Record):
 
 
 RECORD_TYPES: dict[str, type[Record]] = {cls.stage_name(): cls for cls in (
-    FetchRecord, ImatrixRecord, QuantizeRecord, ValidateRecord, BenchRecord, ShardsRecord, CardRecord, PushRecord)}
+    FetchRecord, ImatrixRecord, ChoiceRecord, QuantizeRecord, ValidateRecord, BenchRecord, ShardsRecord, CardRecord, PushRecord)}
 
 
 def record_json(record: Model) -> dict[str, Any]:

@@ -21,8 +21,9 @@ from typing import Callable
 from moeq.config import IMATRIX_AUTO, Pipeline, QuantSpec
 from moeq.record_store import Records
 from moeq.errors import CheckFailed, ToolError
-from moeq.records import (BenchRecord, CardRecord, CheckResult, FetchRecord, ImatrixRecord, PushRecord,
-                          QuantizeRecord, ShardsRecord, ValidateRecord)
+from moeq.kld import compare
+from moeq.records import (BenchRecord, CardRecord, CheckResult, ChoiceRecord, FetchRecord, ImatrixRecord,
+                          PushRecord, QuantizeRecord, ShardsRecord, ValidateRecord)
 from moeq.stage_runner import StageResult, run_stage
 from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace
@@ -136,27 +137,77 @@ def imatrix(ctx: Context, force: bool = False) -> StageResult[ImatrixRecord]:
     return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
 
 
-def quantize(ctx: Context, quant: QuantSpec, force: bool = False, threads: int | None = None,
-             allow_requantize: bool = False, on_tensor=None,
-             without_imatrix: bool = False) -> StageResult[QuantizeRecord]:
-    """Quantize `quant`; with `imatrix: auto` the imatrix stage runs first (or is found current).
+def choice(ctx: Context, quant: QuantSpec, force: bool = False, threads: int | None = None,
+           on_tensor=None) -> StageResult[ChoiceRecord] | None:
+    """Which file of `quant` is published: made with and without its importance matrix, both measured against F16
+    on the evaluation text. None where there is nothing to choose (no importance matrix, or bench.quality off)."""
+    if quant.imatrix is None or not ctx.pipeline.bench.quality:
+        return None
+    from moeq.recipe.choice import choice_stage
 
-    `without_imatrix`: the same type made without its importance matrix, for the bench to measure what the
-    imatrix bought; it is made beside the bench's logs, under a record of its own, never published, and deleted
-    once measured (its record stays current without it)."""
+    made = _candidates(ctx, quant, threads=threads, on_tensor=on_tensor)
+
+    def files(i: int) -> QuantizeRecord:
+        """Candidate i with its file, made again when the choice must measure it after it was deleted."""
+        if Path(made[i].output.path).is_file():
+            return made[i]
+        return _candidates(ctx, quant, only=i, force=True, threads=threads, on_tensor=on_tensor)[0]
+
+    _path, source_record = _source_for_quantize(ctx)  # a local source's hash is done: the candidates waited for it
+    stage = choice_stage(ctx.pipeline, quant, ctx.ws, ctx.chain, source_record(), made, files,
+                         may_choose=quant.imatrix == IMATRIX_AUTO, on_message=ctx.say)
+    done = run_stage(stage, ctx.records, force=force, on_message=ctx.say)
+    chosen = done.record
+    if not chosen.may_choose and any(compare(c.quality, chosen.published.quality) == "lower" for c in chosen.others()):
+        ctx.warn(f"{quant.type}: the importance matrix made it worse ({chosen.why})")
+    return done
+
+
+def _candidates(ctx: Context, quant: QuantSpec, *, only: int | None = None, force: bool = False,
+                threads: int | None = None, on_tensor=None) -> list[QuantizeRecord]:
+    """The choice's candidates of `quant` (each current; its file may be measured and deleted), each under
+    WORKSPACE/choice/TYPE/FOLDER/ with its own record."""
     from moeq.quantize.stage import quantize_stage
+    from moeq.recipe.choice import CANDIDATES
 
-    output, record_as = None, None
-    if without_imatrix:
-        output = ctx.ws.bench_dir(quant.type) / f"without-imatrix-{quant.file}"
-        quant, record_as = dataclasses.replace(quant, imatrix=None), f"{quant.type}-without-imatrix"
+    matrix = Path(imatrix(ctx).record.output.path) if quant.imatrix == IMATRIX_AUTO else quant.imatrix
+    path, source_record = _source_for_quantize(ctx)
+    made = []
+    for i, (_name, folder) in enumerate(CANDIDATES):
+        if only is not None and i != only:
+            continue
+        spec = dataclasses.replace(quant, imatrix=matrix if i == 0 else None)
+        stage = quantize_stage(spec, ctx.ws, ctx.chain, path, source_record, threads=threads, on_tensor=on_tensor,
+                               on_message=ctx.say, output=ctx.ws.choice_dir(quant.type) / folder / quant.file,
+                               record_as=f"{quant.type}-{folder}")
+        made.append(run_stage(stage, ctx.records, force=force, on_message=ctx.say).record)
+    return made
+
+
+def quantize(ctx: Context, quant: QuantSpec, force: bool = False, threads: int | None = None,
+             allow_requantize: bool = False, on_tensor=None, choose: bool = True) -> StageResult[QuantizeRecord]:
+    """Quantize `quant`. With an importance matrix (and bench.quality) the choice stage runs first and the file it
+    chose is the one made (moved into place from its candidate); `choose` False (build --skip-bench), with
+    --allow-requantize (the source is no F16 to measure against), or without the choice: with `imatrix: auto` the imatrix stage runs first (or is found current) and the stock file is made."""
+    from moeq.quantize.stage import quantize_stage
+    from moeq.recipe.choice import CANDIDATES
+
+    chosen = choice(ctx, quant, threads=threads, on_tensor=on_tensor) if choose and not allow_requantize else None
+    adopt = None
+    if chosen is not None:
+        published = chosen.record.published
+        quant = dataclasses.replace(quant, imatrix=Path(published.imatrix.path) if published.imatrix else None)
+        adopt = ctx.records.get(QuantizeRecord, f"{quant.type}-{CANDIDATES[chosen.record.chosen][1]}")
     elif quant.imatrix == IMATRIX_AUTO:
         quant = dataclasses.replace(quant, imatrix=Path(imatrix(ctx).record.output.path))
     path, source_record = _source_for_quantize(ctx)
     stage = quantize_stage(quant, ctx.ws, ctx.chain, path, source_record, threads=threads,
-                           allow_requantize=allow_requantize, on_tensor=on_tensor, on_message=ctx.say,
-                           output=output, record_as=record_as)
-    return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
+                           allow_requantize=allow_requantize, on_tensor=on_tensor, on_message=ctx.say, adopt=adopt)
+    done = run_stage(stage, ctx.records, force=force, on_message=ctx.say)
+    if chosen is not None:  # measured and chosen: a Q4_K_M candidate of Phi-3.5-MoE is 25 GB
+        for _name, folder in CANDIDATES:
+            (ctx.ws.choice_dir(quant.type) / folder / quant.file).unlink(missing_ok=True)
+    return done
 
 
 def _source_for_quantize(ctx: Context) -> tuple[Path, Callable[[], FetchRecord]]:
@@ -181,28 +232,10 @@ def bench(ctx: Context, quant: QuantSpec, modes: tuple[str, ...] | None = None, 
           force: bool = False) -> StageResult[BenchRecord]:
     from moeq.bench.stage import bench_stage
 
-    quantized = ctx.records.require(QuantizeRecord, quant.type)
-    twin = None
-    if quantized.options.imatrix is not None and ctx.pipeline.bench.quality:
-        twin = quantize(ctx, quant, without_imatrix=True).record  # current; its file may be measured and gone
-
-    def twin_file() -> QuantizeRecord:
-        """The twin with its file, made again when the bench must measure it after it was deleted."""
-        if Path(twin.output.path).is_file():
-            return twin
-        return quantize(ctx, quant, force=True, without_imatrix=True).record
-
-    stage = bench_stage(ctx.pipeline, quant, ctx.ws, ctx.chain, quantized, ctx.records.get(ValidateRecord, quant.type),
-                        modes=modes, rpc=rpc, without_imatrix=twin, twin_file=twin_file if twin else None,
-                        on_message=ctx.say)
-    done = run_stage(stage, ctx.records, force=force, on_message=ctx.say)
-    if twin is not None and done.status == "ran":  # measured: a Q4_K_M twin of Phi-3.5-MoE is 25 GB
-        Path(twin.output.path).unlink(missing_ok=True)
-    quality = done.record.quality
-    if quality is not None and quality.imatrix_effect() == "raised":
-        ctx.warn(f"{quant.type}: the importance matrix made it worse (mean KLD {quality.quant.kld_mean:.6f} with "
-                 f"it, {quality.without_imatrix.kld_mean:.6f} without); the card says so")
-    return done
+    stage = bench_stage(ctx.pipeline, quant, ctx.ws, ctx.chain, ctx.records.require(QuantizeRecord, quant.type),
+                        ctx.records.get(ValidateRecord, quant.type), modes=modes, rpc=rpc,
+                        choice=ctx.records.get(ChoiceRecord, quant.type), on_message=ctx.say)
+    return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
 
 
 def require_passed(what: str, checks: list[CheckResult], see: str = "") -> None:

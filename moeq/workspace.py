@@ -64,6 +64,10 @@ class Workspace:
         """Each bench run's full log; `base` holds the F16 logits every quant's KL divergence is measured against."""
         return self.root / "bench" / quant
 
+    def choice_dir(self, quant: str) -> Path:
+        """The choice stage's candidates of a quant (one folder each, deleted once chosen) and their logs."""
+        return self.root / "choice" / quant
+
     def shards_dir(self, quant: str) -> Path:
         return self.root / "shards" / quant
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from moeq.bench.runs import parse_perplexity
-from moeq.bench.stage import default_eval_text
+from moeq.kld import default_eval_text, parse_perplexity
+from moeq.recipe.choice import CANDIDATES
+from moeq.record_store import Records
+from moeq.records import ChoiceRecord
 from moeq.cards.lint import lint_card
 from moeq.manifest import MANIFEST_NAME, read_manifest
 from moeq import steps
@@ -103,8 +105,11 @@ def test_quality_against_f16(benched):
     assert top[0] > top[2]
     for q in LADDER:
         assert quality[q].quant.ppl_ratio > 0
-        log = (ws.root / "bench" / q / "perplexity.log").read_text()
-        assert parse_perplexity(log)["kld_mean"] == quality[q].quant.kld_mean
+        choice = Records(ws).get(ChoiceRecord, q)  # Q4_K_M and Q2_K: measured once, by the choice stage
+        folder = CANDIDATES[choice.chosen][1] if choice else None
+        log = ws.root / "choice" / q / f"perplexity-{folder}.log" if choice else ws.root / "bench" / q / "perplexity.log"
+        assert parse_perplexity(log.read_text())["kld_mean"] == quality[q].quant.kld_mean
+    assert [q for q in LADDER if Records(ws).get(ChoiceRecord, q)] == ["Q4_K_M", "Q2_K"]
 
 
 def test_rerun_reuses_the_record_unless_forced(benched, toolchain, rpc_device):
@@ -117,24 +122,6 @@ def test_rerun_reuses_the_record_unless_forced(benched, toolchain, rpc_device):
     forced = steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), rpc=rpc_device, force=True,
                          modes=("cpu-moe",))
     assert not forced.up_to_date and [r.mode for r in forced.record.speed] == ["cpu-moe"]
-
-
-def test_the_without_imatrix_twin_is_deleted_once_measured(benched, toolchain, rpc_device):
-    """The twin's file goes once measured; its record (sha256) keeps the bench current, and a forced bench makes it
-    again for the measurement and deletes it again."""
-    _, pipeline, ws, outcomes = benched
-    twin_path = ws.root / "bench" / "Q2_K" / "without-imatrix-tiny-phimoe-Q2_K.gguf"
-    twin_record = ws.root / "records" / "quantize-Q2_K-without-imatrix.json"
-    sha = json.loads(twin_record.read_text())["record"]["output"]["sha256"]
-    assert outcomes["Q2_K"].record.quality.without_imatrix_file.sha256 == sha
-    assert not twin_path.exists()
-    made = twin_record.stat().st_mtime_ns
-    again = steps.bench(Context.of(pipeline), pipeline.quant("Q2_K"), rpc=rpc_device)
-    assert again.up_to_date and twin_record.stat().st_mtime_ns == made  # not quantized again
-    forced = steps.bench(Context.of(pipeline), pipeline.quant("Q2_K"), rpc=rpc_device, force=True, modes=("cpu",))
-    assert not forced.up_to_date and forced.record.quality.without_imatrix is not None
-    assert twin_record.stat().st_mtime_ns != made and not twin_path.exists()
-    assert json.loads(twin_record.read_text())["record"]["output"]["sha256"] == sha  # llama-quantize is deterministic
 
 
 def test_card_shows_the_measurements(benched, toolchain, rpc_device):
@@ -246,7 +233,7 @@ def test_bench_right_after_quantize_computes_the_plan(tmp_path, toolchain, rpc_d
 
 def test_perplexity_uncertainty_printed_as_nan_is_parsed(tmp_path, toolchain, tiny_model):
     """The F16 against its own logits: llama-perplexity prints `± nan` (or -nan) for the ratio; that is no failure."""
-    from moeq.bench.runs import run_perplexity
+    from moeq.kld import run_perplexity
 
     text = default_eval_text()
     kwargs = dict(ctx=128, chunks=4, threads=None, timeout_s=300)
@@ -263,7 +250,7 @@ def test_perplexity_uncertainty_printed_as_nan_is_parsed(tmp_path, toolchain, ti
 
 def test_a_missing_figure_names_the_line(tmp_path, toolchain, tiny_model):
     """llama-perplexity whose output lacks one expected line (as when it exits before its log is flushed)."""
-    from moeq.bench.runs import run_perplexity
+    from moeq.kld import run_perplexity
     from moeq.errors import ToolError
 
     real = toolchain.path("llama-perplexity")
@@ -281,7 +268,7 @@ def test_a_missing_figure_names_the_line(tmp_path, toolchain, tiny_model):
 
 
 def test_a_text_too_short_for_one_chunk_is_refused_before_running(tmp_path, toolchain, tiny_model):
-    from moeq.bench.runs import run_perplexity
+    from moeq.kld import run_perplexity
     from moeq.errors import InputError
 
     short = tmp_path / "short.txt"

@@ -20,7 +20,7 @@ from conftest import HUB_TOKEN, PER_QUANT, REPO, example_section, pipeline_file,
 from hub_server import Fault
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
-STAGES = ["fetch", "imatrix", "quantize", "validate", "bench", "shards", "card", "push"]
+STAGES = ["fetch", "imatrix", "choice", "quantize", "validate", "bench", "shards", "card", "push"]
 
 
 ONE_REPO = "moeq-test/tiny-phimoe-GGUF"  # the example's layout: one repo for the ladder
@@ -70,7 +70,8 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain,
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain), layout=layout)
     proc, summary = build(test_hub, config, "--all", "--push")
     assert proc.returncode == 0, proc.stderr
-    assert statuses(summary) == {q: ["ran", "skipped" if q == "Q8_0" else "ran"] + ["ran"] * 6 for q in LADDER}
+    assert statuses(summary) == {q: ["ran"] + (["skipped"] * 2 if q == "Q8_0" else ["ran"] * 2) + ["ran"] * 6
+                                 for q in LADDER}
     repos = sorted({repo_id(q, layout) for q in LADDER})
     assert sorted(test_hub.state.repos) == repos
     for repo in repos:
@@ -83,16 +84,19 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain,
         for entry in manifest.quants:
             quant = entry.quant
             assert f"tiny-phimoe-{quant}.gguf" in files
-            # Q4_K_M and Q2_K are made with the imatrix stage's output: it is published beside them, and the bench
-            # measured the same type made without it (never published).
-            made_with = quant != "Q8_0"
+            # Q4_K_M and Q2_K were made with and without the imatrix stage's output and the better published (the
+            # other never is); the matrix is published beside a file made with it.
+            choice = entry.records.choice
+            assert (choice is not None) == (quant != "Q8_0")
+            made_with = entry.records.quantize.options.imatrix is not None
             assert (entry.records.imatrix is not None) == made_with
-            without = entry.records.bench.quality.without_imatrix
-            assert (without is not None) == made_with
+            if choice is not None:
+                assert choice.published.file.sha256 == entry.records.quantize.output.sha256
+                assert all(other.quality.kld_mean > 0 for other in choice.others())
+                assert f"| Figure | This file ({choice.published.name}) | {quant} {choice.others()[0].name} |" in readme
             if made_with:
-                assert without.kld_mean > 0 and "without the importance matrix |" in readme
                 assert files["tiny-phimoe.imatrix"] == (tmp_path / "work" / "imatrix" / "tiny-phimoe.imatrix").read_bytes()
-        assert ("tiny-phimoe.imatrix" in files) == any(e.quant != "Q8_0" for e in manifest.quants)
+        assert ("tiny-phimoe.imatrix" in files) == any(e.records.quantize.options.imatrix for e in manifest.quants)
         assert ("### Importance matrix" in readme) == ("tiny-phimoe.imatrix" in files)
         assert not any(name.startswith("without-imatrix") for name in files)
         assert "#### Speed" in readme and "#### Quality against F16" in readme
@@ -104,7 +108,7 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain,
     check = run_moeq("push", "--config", str(config), "--check", env=test_hub.env)
     assert check.returncode == 0 and "links" not in check.stdout, check.stdout + check.stderr
 
-    assert not list((tmp_path / "work" / "bench").glob("*/without-imatrix-*.gguf"))  # measured, then deleted
+    assert not list((tmp_path / "work" / "choice").rglob("*.gguf"))  # measured, then moved into place or deleted
     previews = {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "previews").glob("*.html")}
     assert len(previews) == len(repos)
 
@@ -114,8 +118,8 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain,
     proc, summary = build(test_hub, config, "--all", "--push")
     elapsed = time.monotonic() - began
     assert proc.returncode == 0, proc.stderr
-    assert statuses(summary) == {q: ["up to date", "skipped" if q == "Q8_0" else "up to date"] + ["up to date"] * 6
-                                 for q in LADDER}
+    assert statuses(summary) == {q: ["up to date"] + (["skipped"] * 2 if q == "Q8_0" else ["up to date"] * 2)
+                                 + ["up to date"] * 6 for q in LADDER}
     assert not (tmp_path / "starts").exists(), (tmp_path / "starts").read_text()  # no llama.cpp tool started
     assert all(len(test_hub.state.commits_on(repo)) == 2 for repo in repos)
     assert not [r for r in test_hub.requests[start:] if r.writes]
@@ -133,8 +137,8 @@ def test_template_change_reruns_card_and_push_only(tmp_path, test_hub, toolchain
     (tmp_path / "starts").unlink()
     proc, summary = build(test_hub, config, "--all", "--push")
     assert proc.returncode == 0, proc.stderr
-    assert statuses(summary) == {q: ["up to date", "skipped" if q == "Q8_0" else "up to date"] + ["up to date"] * 4
-                                 + ["ran", "ran"] for q in LADDER}
+    assert statuses(summary) == {q: ["up to date"] + (["skipped"] * 2 if q == "Q8_0" else ["up to date"] * 2)
+                                 + ["up to date"] * 4 + ["ran", "ran"] for q in LADDER}
     assert not (tmp_path / "starts").exists()
     new, old = test_hub.state.commits_on(ONE_REPO)[:2]
     changed = {p for p in new.files if old.files.get(p) is None or new.files[p].data != old.files[p].data}
@@ -187,8 +191,8 @@ def test_killed_during_push_resumes(tmp_path, test_hub, toolchain):
     assert ONE_REPO not in test_hub.state.repos or len(test_hub.state.commits_on(ONE_REPO)) == 1  # before any commit
     rerun, summary = build(test_hub, config, "--all", "--push")
     assert rerun.returncode == 0, rerun.stderr
-    assert statuses(summary)["Q8_0"][:7] == ["up to date", "skipped"] + ["up to date"] * 5
-    assert statuses(summary)["Q8_0"][7] == "ran"
+    assert statuses(summary)["Q8_0"][:8] == ["up to date", "skipped", "skipped"] + ["up to date"] * 5
+    assert statuses(summary)["Q8_0"][8] == "ran"
     assert_released(test_hub, config, tmp_path)
 
 
@@ -198,18 +202,22 @@ def test_one_failing_quant_does_not_stop_the_others(tmp_path, test_hub, toolchai
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain, fail_quant="Q2_K"), layout=layout)
     proc, summary = build(test_hub, config, "--all", "--push", *(["--skip-bench"] if layout == "single" else []))
     assert proc.returncode == 4  # ToolError: the exit code of the first failed stage
-    assert statuses(summary)["Q2_K"] == ["ran", "ran", "failed", "skipped", "skipped", "skipped", "skipped", "skipped"]
+    # Measured (per-quant), Q2_K's first llama-quantize is the choice's; with --skip-bench (single) the quantize's.
+    first = "choice" if layout == "per-quant" else "quantize"
+    before = ["ran", "ran"] + (["skipped"] if first == "quantize" else [])
+    assert statuses(summary)["Q2_K"] == before + ["failed"] + ["skipped"] * (8 - len(before))
     if layout == "per-quant":
-        assert statuses(summary)["Q8_0"] == ["ran", "skipped"] + ["ran"] * 6
-        assert statuses(summary)["Q4_K_M"] == ["ran"] * 8
+        assert statuses(summary)["Q8_0"] == ["ran", "skipped", "skipped"] + ["ran"] * 6
+        assert statuses(summary)["Q4_K_M"] == ["ran"] * 9
         assert sorted(test_hub.state.repos) == [repo_id(q, layout) for q in ("Q4_K_M", "Q8_0")]
     else:
-        assert statuses(summary)["Q8_0"] == ["ran", "skipped", "ran", "ran", "skipped", "ran", "skipped", "skipped"]
-        waits = summary["quants"][0]["stages"][6]
+        assert statuses(summary)["Q8_0"] == ["ran", "skipped", "skipped", "ran", "ran", "skipped", "ran", "skipped",
+                                             "skipped"]
+        waits = summary["quants"][0]["stages"][7]
         assert waits["detail"] == "the ladder's repo waits for Q2_K" and ONE_REPO not in test_hub.state.repos
-    failed = summary["quants"][2]["stages"][2]
+    failed = summary["quants"][2]["stages"][len(before)]
     assert "simulated failure for Q2_K" in failed["detail"] and failed["exit_code"] == 4
-    assert "error: Q2_K: quantize failed: llama-quantize exited 1: simulated failure for Q2_K" in proc.stderr
+    assert f"error: Q2_K: {first} failed: llama-quantize exited 1: simulated failure for Q2_K" in proc.stderr
     assert summary["ok"] is False and summary["exit_code"] == 4
 
 
@@ -223,7 +231,7 @@ def test_offline_main_job_ends_with_a_local_push_plan(tmp_path, toolchain):
 
 @pytest.mark.parametrize("args,code,message", [
     ((), 3, "moeq build needs --quant TYPE (one or more) or --all"),
-    (("--all", "--force-stage", "polish"), 2, "--force-stage 'polish': use one of fetch, imatrix, quantize"),
+    (("--all", "--force-stage", "polish"), 2, "--force-stage 'polish': use one of fetch, imatrix, choice, quantize"),
 ])
 def test_build_argument_errors(tmp_path, args, code, message):
     config = tmp_path / "p.yaml"
@@ -237,7 +245,7 @@ def test_force_stage_card_reruns_card_and_push_only(tmp_path, toolchain):
     assert run_moeq("build", "--config", str(config), "--quant", "Q4_K_M").returncode == 0
     proc = run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--force-stage", "card", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert statuses(json.loads(proc.stdout))["Q4_K_M"] == ["up to date"] * 6 + ["ran", "skipped"]
+    assert statuses(json.loads(proc.stdout))["Q4_K_M"] == ["up to date"] * 7 + ["ran", "skipped"]
 
 
 def test_summary_reads_whole_in_an_80_column_log(tmp_path, toolchain):
@@ -272,7 +280,8 @@ def test_a_moved_and_a_copied_workspace(tmp_path, toolchain):
     proc = run_moeq("build", "--config", str(moved), "--quant", "Q2_K", "--skip-bench", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert {s["stage"]: s["status"] for s in json.loads(proc.stdout)["quants"][0]["stages"]} == {
-        "fetch": "up to date", "imatrix": "up to date", "quantize": "up to date", "validate": "up to date",
+        "fetch": "up to date", "imatrix": "up to date", "choice": "skipped", "quantize": "up to date",
+        "validate": "up to date",
         "bench": "skipped", "shards": "up to date", "card": "up to date", "push": "skipped"}
     assert not (tmp_path / "starts").exists()  # no tool ran
     subprocess.run(["cp", "-a", str(tmp_path / "moved"), str(tmp_path / "copy")], check=True)
@@ -305,9 +314,9 @@ def test_build_hashes_a_local_source_beside_llama_quantize(tmp_path, toolchain):
     proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stages = json.loads(proc.stdout)["quants"][0]["stages"]
-    assert [(s["stage"], s["status"]) for s in stages][:3] == [("fetch", "ran"), ("imatrix", "skipped"),
-                                                               ("quantize", "ran")]
+    assert [(s["stage"], s["status"]) for s in stages][:4] == [("fetch", "ran"), ("imatrix", "skipped"),
+                                                               ("choice", "skipped"), ("quantize", "ran")]
     assert (tmp_path / "order").read_text().split() == ["before"]
     again = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench", "--json")
-    assert [s["status"] for s in json.loads(again.stdout)["quants"][0]["stages"]][:3] == [
-        "up to date", "skipped", "up to date"]
+    assert [s["status"] for s in json.loads(again.stdout)["quants"][0]["stages"]][:4] == [
+        "up to date", "skipped", "skipped", "up to date"]

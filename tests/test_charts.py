@@ -74,8 +74,9 @@ def test_the_alt_texts_state_the_records_figures(built):
         quality = entry.records.bench.quality
         size = decimal_size(sum(f.size for f in entry.files))
         assert f"{entry.quant} ({size}) {quality.quant.kld_mean:.6f}" in quality_alt
-        if entry.quant != "Q8_0":  # made with the importance matrix: the without figure too
-            assert f"{quality.without_imatrix.kld_mean:.6f} without the importance matrix" in quality_alt
+        if entry.quant != "Q8_0":  # the choice's other candidate too (with or without the importance matrix)
+            [other] = entry.records.choice.others()
+            assert f"{other.quality.kld_mean:.6f} {other.name} (not published)" in quality_alt
 
 
 def test_a_rebuild_draws_the_same_bytes_and_pushes_nothing(built, tmp_path):

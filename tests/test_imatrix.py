@@ -19,7 +19,10 @@ from conftest import example_section, pipeline_file, run_moeq
 
 
 def pipeline(folder: Path, imatrix: dict | None = None, **sections) -> Path:
-    """The example pipeline in `folder` (its workspace there), with another imatrix: section."""
+    """The example pipeline in `folder` (its workspace there), with another imatrix: section. Without quality
+    figures, so a quant with an importance matrix is made with it (the choice between with and without it is
+    test_choice.py's)."""
+    sections.setdefault("bench", {**example_section("bench"), "quality": False})
     return pipeline_file(folder, imatrix={"ctx": 256, **(imatrix or {})}, **sections)
 
 
@@ -290,25 +293,6 @@ def test_a_quant_imatrix_path_that_does_not_exist_is_a_config_error(tmp_path):
     proc = run_moeq("check-config", "--config", str(config))
     assert proc.returncode == 2
     assert f"quants[2].imatrix: {tmp_path}/nowhere.imatrix does not exist; fix the path" in error_line(proc)
-
-
-@pytest.mark.parametrize("with_,without,effect", [
-    ((0.060273, 0.001633), (0.051820, 0.001150), "raised"),  # Q2_K of the trained example
-    ((0.004173, 0.000191), (0.004570, 0.000272), "unclear"),  # its Q4_K_M: lower, but within 2 sigma
-    ((0.004173, 0.000050), (0.004570, 0.000050), "lowered"),
-    ((0.004173, None), (0.004570, None), "lowered"),  # no uncertainty printed: the figures as they are
-    ((None, None), (0.004570, 0.0001), None),
-])
-def test_what_the_imatrix_did_is_read_against_the_uncertainty(with_, without, effect):
-    from moeq.records import PerplexityFigures, Quality
-
-    def figures(pair):
-        return PerplexityFigures(command=["llama-perplexity"], kld_mean=pair[0], kld_mean_err=pair[1])
-
-    quality = Quality(base=PerplexityFigures(command=[]), quant=figures(with_), text="eval-text.txt", ctx=256,
-                      chunks=64, without_imatrix=figures(without))
-    assert quality.imatrix_effect() == effect
-    assert Quality(base=quality.base, quant=quality.quant, text="t", ctx=1, chunks=1).imatrix_effect() is None
 
 
 def test_a_card_never_publishes_another_matrix_than_the_quant_was_made_with(tmp_path):

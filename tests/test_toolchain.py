@@ -141,7 +141,8 @@ def test_doctor_disk_refusal_is_reported(tmp_path, toolchain):
 
 def test_doctor_disk_plan_is_the_peak_not_the_sum(tmp_path, toolchain):
     """The release pipeline: the safetensors download is deleted once converted, so the peak is the F16 with every
-    quant, the F16 logits (none known before the fetch) and the largest twin (Q4_K_M's), not all of it together;
+    quant, the F16 logits (none known before the fetch) and the choice's other candidate of the largest quant with an
+    importance matrix (Q4_K_M's), not all of it together;
     a later fetch --force is reported beside it."""
     text = (Path(__file__).parent.parent / "pipeline.yaml").read_text().split("\ntoolchain:")[0]
     cfg = tmp_path / "release.yaml"
@@ -153,7 +154,8 @@ def test_doctor_disk_plan_is_the_peak_not_the_sum(tmp_path, toolchain):
     quants = {q: int(params * quant_types.QUANT_TYPES[q].approx_bpw / 8) for q in ("Q8_0", "Q4_K_M", "Q2_K")}
     items = {i["what"]: i["bytes"] for i in disk["items"]}
     assert items["safetensors download (deleted once converted)"] == f16
-    assert items["the largest without-imatrix twin (while its bench runs)"] == quants["Q4_K_M"]
+    assert items["the choice's candidate not published, of the largest quant with an importance matrix (while it is "
+                 "measured)"] == quants["Q4_K_M"]
     assert disk["peak_bytes"] == f16 + sum(quants.values()) + quants["Q4_K_M"]
     assert disk["refetch_bytes"] == f16 + sum(quants.values()) + 2 * f16
     assert "a later moeq fetch --force downloads beside it all" in run_moeq("doctor", "--config", str(cfg)).stdout

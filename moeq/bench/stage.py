@@ -6,7 +6,8 @@ and writes a BenchRecord that holds every figure with the machine, tool build an
 from. Its key is the file's sha256, the options, the tool's commit and the machine. The `cpu` mode
 (everything in system RAM) runs everywhere; without a GPU or RPC device the offload modes are recorded
 as not measured. A mode that fails (out of memory, over its time limit) is recorded as an error naming
-the mode; the other modes still run.
+the mode; the other modes still run. Quality is llama-perplexity's KL divergence against the F16 logits
+(moeq/kld.py); for a file the choice stage chose, its figures are the choice's, measured once.
 
     result = run_stage(bench_stage(pipeline, quant, ws, Toolchain(), quantized, validated), records)
     result.record.speed[0].tests[0].avg_ts
@@ -14,60 +15,51 @@ the mode; the other modes still run.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 from moeq.bench.machine import machine_facts
 from moeq.bench.rpc import rpc_endpoint
-from moeq.bench.runs import offload_devices, run_memory, run_perplexity, run_speed
+from moeq.bench.runs import offload_devices, run_memory, run_speed
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import MoeqError, ToolError
+from moeq.kld import base_logits, eval_options, eval_text, measure
 from moeq.memory_plan import plan_file
 from moeq.offload import OffloadMode, require_settings
-from moeq.records import (BenchOptions, BenchRecord, Machine, MemoryPlan, MemoryRun, ModeError, NotMeasured,
-                          PerplexityFigures, PerplexityOptions, Quality, QuantizeRecord, SpeedRun, ToolBuildRef,
-                          ValidateRecord)
+from moeq.records import (BenchOptions, BenchRecord, ChoiceRecord, Machine, MemoryPlan, MemoryRun, ModeError,
+                          NotMeasured, Quality, QuantizeRecord, SpeedRun, ToolBuildRef, ValidateRecord)
 from moeq.stage_runner import Stage
 from moeq.toolchain import GPU_BACKENDS, Tool, Toolchain
 from moeq.units import MIB
-from moeq.workspace import Workspace, commit_file, partial_path, write_json_atomic
+from moeq.workspace import Workspace
 
 OFFLOAD_BACKENDS_ABSENT = {None, "", "CPU", "BLAS", "CPU,BLAS"}
 NO_DEVICE = "no GPU or RPC device"  # the card says it as it is; the CLI adds what to do about it
 
 
-def default_eval_text() -> Path:
-    return Path(str(resources.files("moeq.bench") / "eval-text.txt"))
-
-
 def bench_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolchain, quantized: QuantizeRecord,
                 validated: ValidateRecord | None, *, modes: tuple[str, ...] | None = None, rpc: str | None = None,
-                without_imatrix: QuantizeRecord | None = None,
-                twin_file: Callable[[], QuantizeRecord] | None = None,
+                choice: ChoiceRecord | None = None,
                 on_message: Callable[[str], None] = lambda _msg: None) -> Stage[BenchRecord]:
     """Measure `quant`; `rpc` (default bench.rpc) is HOST:PORT of a ggml-rpc-server, or "local" to start one.
-    `without_imatrix`: the same type made without the importance matrix, whose KL divergence the quality
-    figures show beside the quant's; `twin_file()` gives it with its file when the bench runs (it is deleted once
-    measured, and the key holds its sha256)."""
+    `choice`: the choice stage's record, whose figures of this very file (same text, options and tool) are the
+    quality figures, measured once."""
     if modes:
         require_settings(modes, "--modes")
     rpc = rpc or pipeline.bench.rpc
     cfg = pipeline.bench
-    text = cfg.perplexity.text or default_eval_text()
+    text = eval_text(pipeline)
     tool = chain.tool("llama-bench")
     machine = Machine(**machine_facts())
     options = BenchOptions(
         modes=list(modes or cfg.modes), n_prompt=cfg.n_prompt, n_gen=cfg.n_gen, repetitions=cfg.repetitions,
         threads=cfg.threads, ctx=list(cfg.ctx), timeout_s=cfg.timeout_s, rpc=bool(rpc), quality=cfg.quality,
-        perplexity=PerplexityOptions(text=text.name, text_sha256=ws.hashes.sha256(text), ctx=cfg.perplexity.ctx,
-                                     chunks=cfg.perplexity.chunks))
+        perplexity=eval_options(pipeline, ws))
+    measured = _measured_by(choice, quantized, options, tool, ws) if options.quality else None
 
     def key() -> dict:
         return {"file_sha256": quantized.output.sha256, "options": options.model_dump(mode="json"),
-                "without_imatrix_sha256": without_imatrix.output.sha256 if without_imatrix else None,
+                "quality_from_choice": measured.published.quality.model_dump(mode="json") if measured else None,
                 "tool_backend": tool.build.backend,
                 "machine": machine.model_dump(mode="json", include={"cpu", "cores", "ram_bytes", "gpus"})}
 
@@ -81,13 +73,30 @@ def bench_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
             require_gpu_build(tool, [g.name for g in machine.gpus], options.modes)
         with rpc_endpoint(rpc, chain) as address:  # "local": a ggml-rpc-server for this run only
             speed, memory = _modes(chain, model, plan, options, address, logs, errors, not_measured, on_message)
-        twin = twin_file() if twin_file and options.quality else without_imatrix
-        quality = _quality(chain, quantized, ws, text, options, errors, on_message, twin) if options.quality else None
+        quality = None
+        if measured is not None:
+            quality = Quality(base=measured.base, quant=measured.published.quality, text=measured.options.text,
+                              ctx=measured.options.ctx, chunks=measured.options.chunks)
+        elif options.quality:
+            quality = _quality(chain, quantized, ws, text, options, errors, on_message)
         return BenchRecord(quant=quant.type, file=quantized.output, machine=machine,
                            tool=ToolBuildRef(**tool.build.as_dict()), options=options, speed=speed, memory=memory,
                            quality=quality, errors=errors, not_measured=not_measured)
 
     return Stage("bench", quant.type, key=key, run=run, tool=lambda: tool)
+
+
+def _measured_by(choice: ChoiceRecord | None, quantized: QuantizeRecord, options: BenchOptions, tool: Tool,
+                 ws: Workspace) -> ChoiceRecord | None:
+    """The choice record when it measured this very file as the bench would (text, options, llama.cpp build), and
+    the file is still those bytes (the hash cache knows them unless it changed)."""
+    if (choice is None or choice.published.file.sha256 != quantized.output.sha256
+            or choice.options != options.perplexity or choice.tool.commit != tool.build.commit):
+        return None
+    path = Path(quantized.output.path)
+    if not path.is_file() or ws.hashes.sha256(path) != quantized.output.sha256:
+        return None
+    return choice
 
 
 def require_gpu_build(tool: Tool, gpus: list[str], modes: list[str]) -> None:
@@ -170,41 +179,17 @@ def _compare(measured: dict, planned_model: int, planned_kv: int | None) -> Memo
 
 
 def _quality(chain: Toolchain, quantized: QuantizeRecord, ws: Workspace, text: Path, options: BenchOptions,
-             errors: list[ModeError], on_message: Callable[[str], None],
-             without_imatrix: QuantizeRecord | None) -> Quality | None:
+             errors: list[ModeError], on_message: Callable[[str], None]) -> Quality | None:
     ppl = options.perplexity
-    key = hashlib.sha256(json.dumps([quantized.source.sha256, ppl.model_dump(mode="json"),
-                                     quantized.tool.commit]).encode()).hexdigest()[:16]
-    folder = ws.bench_dir("base")
-    base_kld, base_json = folder / f"{key}.kld", folder / f"{key}.json"
-    tool = chain.path("llama-perplexity")
     try:
-        with ws.lock(f"kld-base-{key}", on_wait=on_message):
-            if not (base_kld.is_file() and base_json.is_file()):
-                on_message(f"{Path(quantized.source.path).name}: llama-perplexity on the F16 source (saved for KLD)")
-                partial = partial_path(base_kld)  # one left by a killed run is started over (we hold the lock)
-                try:
-                    base = run_perplexity(tool, Path(quantized.source.path), text, folder / f"{key}.log",
-                                          ctx=ppl.ctx, chunks=ppl.chunks, kld_base=partial, save_base=True,
-                                          threads=options.threads, timeout_s=options.timeout_s)
-                    commit_file(partial, base_kld)
-                finally:
-                    partial.unlink(missing_ok=True)
-                write_json_atomic(base_json, base, indent=1)
-            base = PerplexityFigures(**json.loads(base_json.read_text()))
-        logs = ws.bench_dir(quantized.quant)
-        measured = {}
-        for name, record in (("quant", quantized), ("without_imatrix", without_imatrix)):
-            if record is not None:
-                on_message(f"{Path(record.output.path).name}: llama-perplexity with KL divergence against F16")
-                measured[name] = PerplexityFigures(**run_perplexity(
-                    tool, Path(record.output.path), text, logs / ("perplexity.log" if name == "quant" else
-                                                                   "perplexity-without-imatrix.log"),
-                    ctx=ppl.ctx, chunks=ppl.chunks, kld_base=base_kld, save_base=False, threads=options.threads,
-                    timeout_s=options.timeout_s))
+        commit = chain.tool("llama-perplexity").build.commit
+        base_kld, base = base_logits(ws, chain, quantized.source, ppl, text, commit,
+                                     threads=options.threads, timeout_s=options.timeout_s, on_message=on_message)
+        on_message(f"{Path(quantized.output.path).name}: llama-perplexity with KL divergence against F16")
+        figures = measure(chain, Path(quantized.output.path), text, base_kld, ppl,
+                          ws.bench_dir(quantized.quant) / "perplexity.log", threads=options.threads,
+                          timeout_s=options.timeout_s)
     except MoeqError as exc:
         errors.append(ModeError(mode="quality", error=exc.message))
         return None
-    return Quality(base=base, quant=measured["quant"], text=ppl.text, ctx=ppl.ctx, chunks=ppl.chunks,
-                   without_imatrix=measured.get("without_imatrix"),
-                   without_imatrix_file=without_imatrix.output if without_imatrix else None)
+    return Quality(base=base, quant=figures, text=ppl.text, ctx=ppl.ctx, chunks=ppl.chunks)

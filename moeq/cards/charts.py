@@ -18,7 +18,8 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from moeq.manifest import Manifest
+from moeq.manifest import Manifest, QuantEntry
+from moeq.records import Candidate
 from moeq.offload import OffloadMode
 from moeq.units import binary_size, decimal_size
 
@@ -99,11 +100,16 @@ def _quality_alt(manifest: Manifest) -> str:
             words.append(f"{entry.quant} ({size}) not measured")
             continue
         text = f"{entry.quant} ({size}) {quality.quant.kld_mean:.6f}"
-        without = quality.without_imatrix
-        if without is not None and without.kld_mean is not None:
-            text += f", {without.kld_mean:.6f} without the importance matrix"
+        for other in _not_published(entry):
+            text += f", {other.quality.kld_mean:.6f} {other.name} (not published)"
         words.append(text)
     return "Mean KL divergence against F16 by file size. " + "; ".join(words)
+
+
+def _not_published(entry: QuantEntry) -> list[Candidate]:
+    """The choice's candidates measured beside the published file, each with a mean KL divergence."""
+    choice = entry.records.choice
+    return [c for c in choice.others() if c.quality.kld_mean is not None] if choice else []
 
 
 def _figure():
@@ -169,10 +175,9 @@ def _quality_png(manifest: Manifest) -> bytes:
         ax.scatter([size], [quality.quant.kld_mean], color=color, s=60, zorder=3, label=entry.quant)
         ax.annotate(entry.quant, (size, quality.quant.kld_mean), textcoords="offset points", xytext=(6, 4),
                     fontsize=9)
-        without = quality.without_imatrix
-        if without is not None and without.kld_mean is not None:
-            ax.scatter([size], [without.kld_mean], s=60, facecolors="none", edgecolors=color, zorder=3,
-                       label=f"{entry.quant} without the importance matrix")
+        for other in _not_published(entry):
+            ax.scatter([size], [other.quality.kld_mean], s=60, facecolors="none", edgecolors=color, zorder=3,
+                       label=f"{entry.quant} {other.name} (not published)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_xlabel("file size, MB")

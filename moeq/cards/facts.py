@@ -15,9 +15,10 @@ from collections import Counter
 
 from moeq.cards.charts import charts
 from moeq.cards.render import code
+from moeq.kld import compare
 from moeq.manifest import LadderEntry, Manifest, ModelCardSpec, QuantEntry
 from moeq.offload import OffloadMode
-from moeq.records import (BenchRecord, Fit, ModelFacts, PerplexityFigures, QuantizeRecord, FetchRecord,
+from moeq.records import (BenchRecord, ChoiceRecord, Fit, ModelFacts, PerplexityFigures, QuantizeRecord, FetchRecord,
                           ValidateRecord, WorstTensor)
 from moeq.units import binary_size, decimal_size, short_count
 
@@ -85,7 +86,7 @@ def _quant_facts(manifest: Manifest, entry: QuantEntry) -> dict:
         "validation": _validation(records.validate_),
         "quantization": _quantization(quantized, manifest.source),
         "imatrix": _imatrix(manifest, entry),
-        **_bench(records.bench, quantized.model.block_count),
+        **_bench(records.bench, quantized.model.block_count, records.choice),
     }
 
 
@@ -384,16 +385,25 @@ def _ratio(figures: PerplexityFigures, base: PerplexityFigures) -> str:
     return f"{figures.ppl_q / base.ppl:.4f}"
 
 
-def _without_imatrix(figures: PerplexityFigures | None, base: PerplexityFigures) -> dict | None:
-    """The same figures for the same type made without the importance matrix (measured, never published)."""
-    if figures is None:
-        return None
+def _figures(figures: PerplexityFigures, base: PerplexityFigures) -> dict:
     return {"ppl": _pm(figures, "ppl_q", 4), "ppl_ratio": _ratio(figures, base),
             "kld_mean": _pm(figures, "kld_mean", 6), "kld_p99": _num(figures.kld_p99, 6),
             "kld_max": _num(figures.kld_max, 6), "same_top_p": _pm(figures, "same_top_p", 2) + " %"}
 
 
-def _bench(bench: BenchRecord | None, n_layer: int) -> dict:
+def _imatrix_choice(choice: ChoiceRecord | None) -> dict | None:
+    """The candidates the choice stage measured besides the published file (made, measured, never published), and
+    how the published one compares with them."""
+    if choice is None:
+        return None
+    published = choice.published
+    others = [{"name": c.name, **_figures(c.quality, choice.base)} for c in choice.others()]
+    verdicts = {compare(published.quality, c.quality) for c in choice.others()}
+    return {"published": published.name, "stock": choice.chosen == 0, "may_choose": choice.may_choose,
+            "others": others, "verdict": verdicts.pop() if len(verdicts) == 1 else None}
+
+
+def _bench(bench: BenchRecord | None, n_layer: int, choice: ChoiceRecord | None) -> dict:
     """speed, measured_memory and quality: None each where the bench record has no such figures."""
     if not bench:
         return {"speed": None, "measured_memory": None, "quality": None, "bench_errors": [], "bench_not_measured": []}
@@ -416,12 +426,8 @@ def _bench(bench: BenchRecord | None, n_layer: int) -> dict:
         q, base = bench.quality.quant, bench.quality.base
         quality = {
             "machine": _machine(bench, offload=False), "text": bench.quality.text, "ctx": bench.quality.ctx,
-            "chunks": bench.quality.chunks,
-            "ppl_f16": _pm(base, "ppl", 4), "ppl": _pm(q, "ppl_q", 4), "ppl_ratio": _ratio(q, base),
-            "kld_mean": _pm(q, "kld_mean", 6), "kld_p99": _num(q.kld_p99, 6),
-            "kld_max": _num(q.kld_max, 6), "same_top_p": _pm(q, "same_top_p", 2) + " %",
-            "without_imatrix": _without_imatrix(bench.quality.without_imatrix, base),
-            "imatrix_effect": bench.quality.imatrix_effect(),
+            "chunks": bench.quality.chunks, "ppl_f16": _pm(base, "ppl", 4), **_figures(q, base),
+            "choice": _imatrix_choice(choice),
         }
     errors = [{"mode": e.mode, "error": e.error} for e in bench.errors]
     not_measured = [{**_mode(m.mode, n_layer), "reason": m.reason} for m in bench.not_measured]

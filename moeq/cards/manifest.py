@@ -23,7 +23,7 @@ from moeq.config import Pipeline, QuantSpec
 from moeq.errors import InputError
 from moeq.manifest import MANIFEST_NAME, MANIFEST_VERSION, README_NAME, Manifest
 from moeq.record_store import R, Records
-from moeq.records import (BenchRecord, FetchRecord, FileRef, ImatrixRecord, QuantizeRecord, ShardsRecord,
+from moeq.records import (BenchRecord, ChoiceRecord, FetchRecord, FileRef, ImatrixRecord, QuantizeRecord, ShardsRecord,
                           ValidateRecord, record_json)
 from moeq.workspace import Workspace
 
@@ -40,6 +40,7 @@ class CardInputs:
     bench: BenchRecord | None
     shards: ShardsRecord
     imatrix: ImatrixRecord | None = None  # the imatrix stage's record, when the quant was made with its output
+    choice: ChoiceRecord | None = None  # how the file was chosen, when its quality figures are the choice's
 
     @property
     def quant(self) -> str:
@@ -62,8 +63,10 @@ class CardInputs:
         used = quantized.options.imatrix
         if imatrix is not None and (used is None or imatrix.output.sha256 != used.sha256):
             imatrix = None  # another matrix than the one this file was made with
+        bench = _current(records, BenchRecord, quant.type, quantized, warn)
         return cls(quantized=quantized, validated=_current(records, ValidateRecord, quant.type, quantized, warn),
-                   bench=_current(records, BenchRecord, quant.type, quantized, warn), shards=shards, imatrix=imatrix)
+                   bench=bench, shards=shards, imatrix=imatrix, choice=_choice_of(records.get(ChoiceRecord, quant.type),
+                                                                                   quantized, bench))
 
 
 @dataclass
@@ -76,6 +79,15 @@ class RepoInputs:
     source: FetchRecord | None
     quants: list[CardInputs]
     siblings: list[tuple[QuantSpec, QuantizeRecord, ValidateRecord | None]] = dataclasses.field(default_factory=list)
+
+
+def _choice_of(choice: ChoiceRecord | None, quantized: QuantizeRecord, bench: BenchRecord | None) -> ChoiceRecord | None:
+    """The choice record, when it chose this very file and the bench's quality figures are its own (the card shows
+    them side by side with the candidates not published)."""
+    if (choice is None or choice.published.file.sha256 != quantized.output.sha256 or bench is None
+            or bench.quality is None or bench.quality.quant != choice.published.quality):
+        return None
+    return choice
 
 
 def current_validate(records: Records, quant: str) -> ValidateRecord | None:
@@ -177,7 +189,8 @@ def build_manifest(pipeline: Pipeline, inputs: RepoInputs, ws: Workspace) -> Man
             taken[f["name"]] = f["sha256"]
         entries.append({
             "quant": quant.quant, "files": files, "imatrix_file": _imatrix_entry(quant, taken, ws),
-            "records": {"imatrix": _published(quant.imatrix), "quantize": _published(quant.quantized),
+            "records": {"imatrix": _published(quant.imatrix), "choice": _published(quant.choice),
+                        "quantize": _published(quant.quantized),
                         "validate": _published(validated), "bench": _published(quant.bench)},
         })
     license_file = _license_entry(inputs.source, taken)

@@ -20,13 +20,14 @@ def build(
     push: Annotated[bool, typer.Option("--push", help="Push to the Hub (also when hub.push is true).")] = False,
     skip_bench: Annotated[bool, typer.Option("--skip-bench", help="Leave the bench stage out.")] = False,
     force_stage: Annotated[Optional[str], typer.Option(help="Run this stage and every stage after it again: "
-                                                       "fetch, imatrix, quantize, validate, bench, shards, card "
-                                                       "or push.")] = None,
+                                                       "fetch, imatrix, choice, quantize, validate, bench, "
+                                                       "shards, card or push.")] = None,
     switch_layout: SwitchLayoutOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Run fetch -> imatrix -> quantize -> validate -> bench -> shards -> card -> push for each quant, skipping what
-    is current (imatrix only for quants with `imatrix: auto`).
+    """Run fetch -> imatrix -> choice -> quantize -> validate -> bench -> shards -> card -> push for each quant,
+    skipping what is current (imatrix only for quants with `imatrix: auto`; choice only for quants with an
+    importance matrix: made with and without it, measured, and the better published).
 
     Without --push the last stage shows the files the push would send, without asking the Hub.
     Exit 0 when every quant succeeded, else the exit code of the first failed stage.

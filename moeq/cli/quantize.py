@@ -9,7 +9,7 @@ import typer
 
 from moeq.cli.options import ConfigOption, JsonOption, QuantsOption
 from moeq.cli.output import console, open_context, print_json, selected_quants
-from moeq.records import record_json
+from moeq.records import ChoiceRecord, record_json
 from moeq.units import decimal_size
 
 
@@ -22,7 +22,12 @@ def quantize(
                                                    "(loses quality).")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Quantize the configured F16 source into each requested quant of the ladder."""
+    """Quantize the configured F16 source into each requested quant of the ladder.
+
+    A quant with an importance matrix is first made with and without it, both measured against F16 on the
+    evaluation text (the choice stage); the file made is the one published: with `imatrix: auto`, the one with the
+    lower mean KL divergence beyond twice the combined uncertainty, else the stock choice (with it).
+    """
     from moeq import steps
     from moeq.quantize.stage import log_path
 
@@ -33,12 +38,17 @@ def quantize(
             done = steps.quantize(ctx, spec, force=force, threads=threads, allow_requantize=allow_requantize,
                                   on_tensor=on_tensor)
         record = done.record
+        chosen = ctx.records.get(ChoiceRecord, spec.type) if spec.imatrix is not None else None
+        if chosen is not None and chosen.published.file.sha256 != record.output.sha256:
+            chosen = None  # another file than the one made now (--allow-requantize)
         results.append({"skipped": done.up_to_date, "log": str(log_path(ctx.ws.quant_path(spec.file))),
-                        "record": record_json(record)})
+                        "record": record_json(record), "choice": record_json(chosen) if chosen else None})
         if not as_json:
             state = "up to date" if done.up_to_date else f"done in {done.seconds:.1f} s"
             console.print(f"{record.quant}: {state}: {record.output.path} "
                           f"({decimal_size(record.output.size)}, {record.quant_bpw:.2f} BPW)", soft_wrap=True)
+            if chosen is not None:
+                console.print(f"{record.quant}: made {chosen.published.name}: {chosen.why}", soft_wrap=True)
     if as_json:
         print_json(results)
 

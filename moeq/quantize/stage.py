@@ -42,11 +42,12 @@ def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_pat
                    source_record: Callable[[], FetchRecord], *, threads: int | None = None, allow_requantize: bool = False,
                    on_tensor: Callable[[TensorLine], None] | None = None,
                    on_message: Callable[[str], None] = lambda _msg: None, output: Path | None = None,
-                   record_as: str | None = None) -> Stage[QuantizeRecord]:
+                   record_as: str | None = None, adopt: QuantizeRecord | None = None) -> Stage[QuantizeRecord]:
     """Quantize the F16 at `source_path` into `quant`; `source_record()` gives the fetch stage's record of it, which
     may still be hashing the file (a first run on a local source): llama-quantize does not wait for it.
-    `output` and `record_as` place a file made only for measurement (the bench's without-imatrix twin), which
-    is deleted once measured: its record (and sha256) stays current without it."""
+    `output` and `record_as` place a candidate of the choice stage, which is deleted once chosen or not: its
+    record (and sha256) stays current without it. `adopt`: the chosen candidate, made with these very options
+    from this source, moved into place instead of quantizing again when its file is still whole."""
     if quant_types.lookup(quant.type) is None:
         raise InputError(f"{quant.type}: unknown quant type; llama-quantize accepts "
                          f"{', '.join(quant_types.QUANT_TYPES)}")
@@ -64,12 +65,32 @@ def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_pat
                 and ws.hashes.sha256(final) == record.output.sha256)
 
     def run() -> QuantizeRecord:
+        adopted = _adopt(adopt, options, source_record, ws, final, tool) if adopt is not None else None
+        if adopted is not None:
+            return adopted
         return _quantize(quant, ws, tool, source_path, source_record, options, threads, on_tensor, on_message,
                          final)
 
     name = record_as or quant.type
     return Stage("quantize", name, key=key, run=run, tool=lambda: tool, intact=intact, lock=f"quant-{name}",
                  lazy_key=True)
+
+
+def _adopt(candidate: QuantizeRecord, options: QuantizeOptions, source_record: Callable[[], FetchRecord],
+           ws: Workspace, final: Path, tool) -> QuantizeRecord | None:
+    """The candidate's file renamed to `final` with its record, when it was made exactly as asked now and is whole;
+    else None (llama-quantize runs)."""
+    made = Path(candidate.output.path)
+    if (option_key(candidate.options) != option_key(options) or candidate.tool.commit != tool.build.commit
+            or candidate.source.sha256 != source_record().output.sha256 or not made.is_file()
+            or made.stat().st_size != candidate.output.size or ws.hashes.sha256(made) != candidate.output.sha256):
+        return None
+    final.parent.mkdir(parents=True, exist_ok=True)
+    commit_file(made, final)  # the candidate is that file: a rename, on the workspace's one filesystem
+    if log_path(made).is_file():
+        log_path(made).replace(log_path(final))
+    ws.hashes.remember(final, candidate.output.sha256)
+    return candidate.model_copy(update={"output": candidate.output.model_copy(update={"path": str(final)})})
 
 
 def log_path(final: Path) -> Path:

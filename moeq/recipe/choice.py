@@ -1,0 +1,97 @@
+"""The choice stage: which of a quant's candidate files is published, chosen on measured KL divergence.
+
+A quant made with an importance matrix is made twice, with it and without it (by the quantize stage,
+under WORKSPACE/choice/TYPE/), and both are measured against the F16 logits on the evaluation text
+(moeq/kld.py, the bench's own measurement). The stock choice, with the matrix, is published unless the
+other measured a lower mean KL divergence by more than twice the combined uncertainty: no file measured
+worse than the other is published. Where the pipeline names the matrix (quants[].imatrix: PATH) the choice
+is the pipeline's; the record still holds both figures, and the card shows them.
+
+Its key is the candidates' sha256s, the evaluation options, the source and the tool's commit. The
+quantize stage then moves the chosen candidate into place (it is that file, byte for byte) and the
+others are deleted: their records stay current without them.
+
+    result = run_stage(choice_stage(pipeline, quant, ws, chain, fetched, made, files, may_choose=True), records)
+    result.record.published.name
+    # -> 'without the importance matrix'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from moeq.config import Pipeline, QuantSpec
+from moeq.kld import base_logits, compare, eval_options, eval_text, measure
+from moeq.records import Candidate, ChoiceRecord, FetchRecord, QuantizeRecord, ToolBuildRef
+from moeq.stage_runner import Stage
+from moeq.toolchain import Toolchain
+from moeq.workspace import Workspace
+
+WITH, WITHOUT = "with the importance matrix", "without the importance matrix"
+CANDIDATES = ((WITH, "with-imatrix"), (WITHOUT, "without-imatrix"))  # name, folder (and record suffix)
+
+
+def choice_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolchain, source: FetchRecord,
+                 made: list[QuantizeRecord], files: Callable[[int], QuantizeRecord], *, may_choose: bool,
+                 on_message: Callable[[str], None] = lambda _msg: None) -> Stage[ChoiceRecord]:
+    """Measure `made` (the candidates, in CANDIDATES' order, each current; `files(i)` gives candidate i with its
+    file, made again when it was measured and deleted) and choose; `may_choose` False: the first is published."""
+    options = eval_options(pipeline, ws)
+    text = eval_text(pipeline)
+    cfg = pipeline.bench
+    tool = chain.tool("llama-perplexity")
+
+    def key() -> dict:
+        return {"candidates": [record.output.sha256 for record in made], "source_sha256": source.output.sha256,
+                "options": options.model_dump(mode="json"), "may_choose": may_choose}
+
+    def run() -> ChoiceRecord:
+        base_kld, base = base_logits(ws, chain, source.output, options, text, tool.build.commit, threads=cfg.threads,
+                                     timeout_s=cfg.timeout_s, on_message=on_message)
+        measured = []
+        for i, (name, folder) in enumerate(CANDIDATES):
+            record = files(i)
+            on_message(f"{quant.type} {name}: llama-perplexity with KL divergence against F16")
+            figures = measure(chain, Path(record.output.path), text, base_kld, options,
+                              ws.choice_dir(quant.type) / f"perplexity-{folder}.log", threads=cfg.threads,
+                              timeout_s=cfg.timeout_s)
+            measured.append(Candidate(name=name, imatrix=record.options.imatrix, file=record.output,
+                                      quality=figures))
+        chosen, why = choose(measured, may_choose)
+        return ChoiceRecord(quant=quant.type, options=options, tool=ToolBuildRef(**tool.build.as_dict()), base=base,
+                            candidates=measured, chosen=chosen, may_choose=may_choose, why=why)
+
+    return Stage("choice", quant.type, key=key, run=run, tool=lambda: tool)
+
+
+def _kld(candidate: Candidate) -> str:
+    figures = candidate.quality
+    err = f" ± {figures.kld_mean_err:.6f}" if figures.kld_mean_err is not None else ""
+    return f"{figures.kld_mean:.6f}{err}" if figures.kld_mean is not None else "not measured"
+
+
+def choose(candidates: list[Candidate], may_choose: bool) -> tuple[int, str]:
+    """The candidate to publish and why: the first (the stock choice) unless `may_choose` and another has a lower
+    mean KL divergence by more than twice the combined uncertainty (of those, the lowest)."""
+    stock = candidates[0]
+    better = [i for i, c in enumerate(candidates) if i and compare(c.quality, stock.quality) == "lower"]
+    figures = "; ".join(f"{_kld(c)} {c.name}" for c in candidates)
+    if not may_choose:
+        why = f"quants[].imatrix names the importance matrix, so the file made {stock.name} is published"
+        if better:
+            return 0, (why + f", though its mean KL divergence against F16 is higher by more than twice the combined "
+                       f"uncertainty ({figures}); imatrix: auto would publish the other")
+        return 0, why + f" (mean KL divergence against F16: {figures})"
+    if better:
+        best = min(better, key=lambda i: candidates[i].quality.kld_mean)
+        return best, (f"the file made {candidates[best].name} has the lower mean KL divergence against F16 by more "
+                      f"than twice the combined uncertainty ({figures})")
+    verdicts = {compare(c.quality, stock.quality) for c in candidates[1:]}
+    if verdicts == {"higher"}:
+        return 0, (f"the file made {stock.name} has the lower mean KL divergence against F16 by more than twice "
+                   f"the combined uncertainty ({figures})")
+    if None in verdicts:
+        return 0, f"a mean KL divergence is missing ({figures}), so the stock choice, {stock.name}, stays"
+    return 0, (f"the mean KL divergence against F16 differs by no more than twice the combined uncertainty "
+               f"({figures}), so the stock choice, {stock.name}, stays")
