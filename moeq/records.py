@@ -594,6 +594,80 @@ class ChoiceRecord(Record):
         return [c for i, c in enumerate(self.candidates) if i != self.chosen]
 
 
+class RecipeEval(Model):
+    """One recipe the search measured on the selection text."""
+
+    label: str
+    """What it is: stock, GROUP up or GROUP down (the stock recipe with one group a type higher or lower), or
+    solution (the recipe chosen under the budget from those figures)."""
+    changes: dict[str, str]
+    """Each tensor whose type differs from the stock file's, and its type."""
+    tensor_bytes: int
+    """The bytes of its tensors."""
+    quality: PerplexityFigures
+    """Its figures against the F16 logits on the selection text."""
+
+
+class RecipeGroup(Model):
+    name: str
+    """The group: a layer (or band of layers) and a tensor category, token_embd or output."""
+    tensors: list[str]
+    """The tensors it types together."""
+
+
+class RecipeRecord(Record):
+    """A rung's recipe searched on measured KL divergence under a budget, and every measurement it rests on."""
+
+    stage: Literal["recipe"] = "recipe"
+    """The stage that wrote it."""
+    quant: str
+    """The quant type of the rung (its general.file_type; the `--pure` base type of the rebuild)."""
+    base_type: str
+    """The tensor type `--pure` gives every tensor the recipe file does not name."""
+    budget: str
+    """The budget, as the pipeline gives it."""
+    budget_bytes: int
+    """The most the recipe's tensors may weigh."""
+    source: FileRef
+    """The F16 source."""
+    imatrix: ImatrixRef | None
+    """The importance matrix every type was quantized with (None: without one)."""
+    selection: PerplexityOptions
+    """The selection text (the search's objective; neither the calibration nor the evaluation text) and how it
+    was measured."""
+    tool: ToolBuildRef
+    """The llama.cpp build that quantized and measured."""
+    types: list[str]
+    """The type ladder a tensor may move on."""
+    groups: list[RecipeGroup]
+    """What the recipe types together."""
+    stock_types: dict[str, str]
+    """Each quantized tensor's type in the stock file of this rung."""
+    evals: list[RecipeEval]
+    """Every recipe measured, the stock first."""
+    chosen: int
+    """The index in evals of the recipe chosen: the lowest measured mean KL divergence within the budget."""
+    predicted_kld: float | None
+    """The solution's mean KL divergence as the single-group figures predicted it (they are assumed to add)."""
+    tensor_types: dict[str, str]
+    """The chosen recipe: every quantized tensor's type."""
+    token_embedding_type: str
+    """token_embd's type (llama-quantize --token-embedding-type)."""
+    output_tensor_type: str
+    """output's type (llama-quantize --output-tensor-type)."""
+    recipe_file: FileRef
+    """The recipe in llama-quantize's --tensor-type-file syntax (one ^NAME$=type line per tensor not of the base
+    type)."""
+    command: list[str]
+    """The one llama-quantize command that rebuilds the file from the F16, the importance matrix and the recipe
+    file."""
+    seconds: float
+    """The search's wall time (measurements made before an interruption count where they ran)."""
+    runs: int
+    """llama-perplexity runs made in this search (measurements found from an earlier, interrupted one are not
+    counted)."""
+
+
 class ModeError(Model):
     mode: str
     """The offload mode or measurement that failed."""
@@ -713,7 +787,7 @@ class PushRecord(Record):
 
 
 RECORD_TYPES: dict[str, type[Record]] = {cls.stage_name(): cls for cls in (
-    FetchRecord, ImatrixRecord, ChoiceRecord, QuantizeRecord, ValidateRecord, BenchRecord, ShardsRecord, CardRecord, PushRecord)}
+    FetchRecord, ImatrixRecord, RecipeRecord, ChoiceRecord, QuantizeRecord, ValidateRecord, BenchRecord, ShardsRecord, CardRecord, PushRecord)}
 
 
 def record_json(record: Model) -> dict[str, Any]:

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from moeq.config import IMATRIX_AUTO, Pipeline, QuantSpec
+from moeq.config import IMATRIX_AUTO, RECIPE_SEARCH, Pipeline, QuantSpec
 from moeq.record_store import Records
 from moeq.errors import CheckFailed, ToolError
 from moeq.kld import compare
 from moeq.records import (BenchRecord, CardRecord, CheckResult, ChoiceRecord, FetchRecord, ImatrixRecord,
-                          PushRecord, QuantizeRecord, ShardsRecord, ValidateRecord)
+                          PushRecord, QuantizeRecord, RecipeRecord, ShardsRecord, ValidateRecord)
 from moeq.stage_runner import StageResult, run_stage
 from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace
@@ -181,6 +181,43 @@ def _candidates(ctx: Context, quant: QuantSpec, *, only: int | None = None, forc
                                on_message=ctx.say, output=ctx.ws.choice_dir(quant.type) / folder / quant.file,
                                record_as=f"{quant.type}-{folder}")
         made.append(run_stage(stage, ctx.records, force=force, on_message=ctx.say).record)
+    return made
+
+
+def recipe(ctx: Context, quant: QuantSpec, force: bool = False) -> StageResult[RecipeRecord]:
+    """The rung's recipe searched under its budget (quants[].recipe: search), from the record of its stock file
+    (made with the importance matrix where the rung has one)."""
+    from moeq.errors import ConfigError
+    from moeq.recipe.stage import recipe_stage
+
+    if quant.recipe != RECIPE_SEARCH:
+        raise ConfigError(f"{ctx.pipeline.path}: quants: {quant.type} has no recipe: search; add it to search one")
+    stock = _stock(ctx, quant)
+    _path, source_record = _source_for_quantize(ctx)
+    stage = recipe_stage(ctx.pipeline, quant, ctx.ws, ctx.chain, source_record(), stock, on_message=ctx.say)
+    return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
+
+
+def recipe_plan(ctx: Context, quant: QuantSpec):
+    """What the search of `quant` would cost, from the source's header (nothing is run)."""
+    from moeq.recipe.stage import plan_search
+
+    return plan_search(ctx.pipeline, quant, Path(source(ctx).output.path))
+
+
+def _stock(ctx: Context, quant: QuantSpec) -> QuantizeRecord:
+    """The record of the rung's stock file: the choice's candidate with the importance matrix, or (a rung without
+    one) the stock file made for the search alone. Only its tensor rows are read; its file may be gone."""
+    from moeq.quantize.stage import quantize_stage
+
+    if quant.imatrix is not None:
+        return _candidates(ctx, quant, only=0)[0]
+    path, source_record = _source_for_quantize(ctx)
+    stage = quantize_stage(quant, ctx.ws, ctx.chain, path, source_record, on_message=ctx.say,
+                           output=ctx.ws.root / "recipe" / quant.type / "stock" / quant.file,
+                           record_as=f"{quant.type}-stock")
+    made = run_stage(stage, ctx.records, on_message=ctx.say).record
+    Path(made.output.path).unlink(missing_ok=True)
     return made
 
 

@@ -23,10 +23,10 @@ from huggingface_hub.utils import validate_repo_id
 
 from moeq import quant_types
 from moeq.config.spec import (DEFAULT_FILE_TEMPLATE, DEFAULT_REPO_TEMPLATE, DEFAULT_SINGLE_REPO, IMATRIX_AUTO, LAYOUTS,
-                              MAX_CTX, MAX_EXTRA_VALUES, MAX_PIPELINE_BYTES, MAX_TIMEOUT_S, REPO_TEMPLATE_FIELDS,
-                              SOURCE_KINDS, SYNTH_ARCHS, SYNTH_MAX, UNQUANTIZED, BenchSpec, CardSpec, HubSpec,
-                              ImatrixSpec, ModelSpec, PerplexitySpec, Pipeline, QuantSpec, SourceSpec, SynthSpec,
-                              ToolchainSpec, keys_of, render_repo_id, repo_name)
+                              MAX_CTX, MAX_EXTRA_VALUES, MAX_PIPELINE_BYTES, MAX_TIMEOUT_S, RECIPE_SEARCH,
+                              REPO_TEMPLATE_FIELDS, SOURCE_KINDS, SYNTH_ARCHS, SYNTH_MAX, UNQUANTIZED, BenchSpec,
+                              Budget, CardSpec, HubSpec, ImatrixSpec, ModelSpec, PerplexitySpec, Pipeline, QuantSpec,
+                              RecipeSpec, SourceSpec, SynthSpec, ToolchainSpec, keys_of, render_repo_id, repo_name)
 from moeq.config.yaml_nodes import MAX_NAME, Node, first_sentence, require_plain_tags
 from moeq.errors import ConfigError
 from moeq.offload import MODE_HINT, is_setting
@@ -218,7 +218,52 @@ def _quant(n: Node, base: Path, model: ModelSpec) -> QuantSpec:
         output_tensor_type=_ggml_type(m["output_tensor_type"]) if "output_tensor_type" in m else None,
         token_embedding_type=_ggml_type(m["token_embedding_type"]) if "token_embedding_type" in m else None,
         file=file,
+        **_recipe_of(m, quant_type),
     )
+
+
+def _recipe_of(m: dict[str, Node], quant_type: str) -> dict:
+    """quants[].recipe (search) and its budget: stock, {bpw: B} or {bytes: SIZE}."""
+    if "recipe" not in m:
+        if "budget" in m:
+            raise m["budget"].fail("a budget is for a searched recipe; add recipe: search")
+        return {}
+    if m["recipe"].str() != RECIPE_SEARCH:
+        raise m["recipe"].fail(f"unknown recipe {m['recipe'].str()[:80]!r}; use recipe: {RECIPE_SEARCH}")
+    overrides = [key for key in ("tensor_types", "output_tensor_type", "token_embedding_type") if key in m]
+    if overrides:
+        raise m[overrides[0]].fail(f"a searched recipe types every tensor itself; remove {overrides[0]} from "
+                                   f"{quant_type}, or the recipe")
+    return {"recipe": RECIPE_SEARCH, "budget": _budget(m["budget"]) if "budget" in m else Budget()}
+
+
+def _budget(n: Node) -> Budget:
+    if isinstance(n.node, yaml.ScalarNode):
+        if n.scalar() != "stock":
+            raise n.fail(f"unknown budget {n.scalar()!r}; use stock, {{bpw: 3.2}} or {{bytes: 24GB}}")
+        return Budget()
+    m = n.mapping(("bpw", "bytes"))
+    if len(m) != 1:
+        raise n.fail("give one of bpw or bytes, e.g. {bpw: 3.2}")
+    if "bpw" in m:
+        value = m["bpw"].scalar()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 16:
+            raise m["bpw"].fail(f"bits per weight from 1 to 16, got {value!r}")
+        return Budget("bpw", float(value))
+    size = parse_size(str(m["bytes"].scalar()))
+    if not size:
+        raise m["bytes"].fail(f"{m['bytes'].scalar()!r} is not a size; write it like 24GB or 1.5GiB")
+    return Budget("bytes", float(size))
+
+
+def _recipe(n: Node, base: Path) -> RecipeSpec:
+    m = n.mapping(keys_of(RecipeSpec))
+    return RecipeSpec(**_given(m, {
+        "selection": lambda node: node.path_value(base, must_exist=True),
+        "ctx": lambda node: node.int(minimum=16, maximum=MAX_CTX),
+        "chunks": lambda node: node.int(minimum=2, maximum=100_000),
+        "layers_per_group": lambda node: node.int(minimum=1, maximum=10_000),
+        "max_evals": lambda node: node.int(minimum=1, maximum=100_000)}))
 
 
 def _quant_imatrix(n: Node, base: Path) -> Path | str | None:
@@ -469,4 +514,5 @@ def load_pipeline(path: Path) -> Pipeline:
         bench=_bench(top["bench"], base) if "bench" in top else BenchSpec(),
         toolchain=_toolchain(top["toolchain"], base) if "toolchain" in top else ToolchainSpec(),
         imatrix=_imatrix(top["imatrix"], base) if "imatrix" in top else ImatrixSpec(),
+        recipe=_recipe(top["recipe"], base) if "recipe" in top else RecipeSpec(),
     )

@@ -83,10 +83,38 @@ class QuantSpec:
     output_tensor_type: str | None = None
     token_embedding_type: str | None = None
     file: str = ""  # output file name inside the workspace
+    recipe: str | None = None  # RECIPE_SEARCH: per-tensor types searched on measured KL divergence
+    budget: "Budget | None" = None  # what a searched recipe may weigh (None with recipe: search: the stock file)
 
     @property
     def slug(self) -> str:
         return self.type.lower().replace("_", "-")
+
+
+RECIPE_SEARCH = "search"
+BUDGET_KINDS = ("stock", "bpw", "bytes")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The most a searched recipe's tensors may weigh: the stock file's (stock), bits per weight over every
+    tensor (bpw), or bytes."""
+
+    kind: str = "stock"
+    value: float = 0.0
+
+    def describe(self) -> str:
+        return {"stock": "no larger than the stock file", "bpw": f"{self.value:g} bits per weight",
+                "bytes": f"{int(self.value):,} bytes"}[self.kind]
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    selection: Path | None = None  # None: the selection text shipped with moeq (moeq/data/SELECTION-TEXT.md)
+    ctx: int = 512
+    chunks: int = 16
+    layers_per_group: int | None = None  # None: a band of layers per eighth of the model (one layer when small)
+    max_evals: int = 100  # llama-perplexity runs a search may make
 
 
 @dataclass(frozen=True)
@@ -160,6 +188,7 @@ class Pipeline:
     bench: BenchSpec
     toolchain: ToolchainSpec
     imatrix: ImatrixSpec = field(default_factory=ImatrixSpec)
+    recipe: RecipeSpec = field(default_factory=RecipeSpec)
 
     def quant(self, name: str) -> QuantSpec:
         for q in self.quants:

@@ -1,0 +1,56 @@
+"""`moeq recipe`: the recipe search alone, or its plan."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from moeq.cli.options import ConfigOption, JsonOption, QuantsOption
+from moeq.cli.output import console, open_context, print_json, selected_quants
+from moeq.records import record_json
+
+
+def recipe(
+    config: ConfigOption = None,
+    quant: QuantsOption = None,
+    plan: Annotated[bool, typer.Option("--plan", help="Say what the search would cost, and run nothing.")] = False,
+    force: Annotated[bool, typer.Option(help="Run even when the record says it is up to date.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Search the per-tensor types of each rung with `recipe: search`, on measured KL divergence under its budget.
+
+    Every recipe measured is kept in records/recipe-TYPE.json; the chosen one is written as a llama-quantize
+    --tensor-type-file beside the file it makes. Without --quant, every rung that asks for a search.
+    """
+    from moeq import steps
+    from moeq.config import RECIPE_SEARCH
+
+    ctx = open_context(config)
+    quants = selected_quants(ctx.pipeline, quant) if quant else [q for q in ctx.pipeline.quants
+                                                                  if q.recipe == RECIPE_SEARCH]
+    if not quants:
+        from moeq.errors import ConfigError
+
+        raise ConfigError(f"{ctx.pipeline.path}: quants: no rung has recipe: search; add it to one, e.g. "
+                          "- {type: Q2_K, imatrix: auto, recipe: search, budget: stock}")
+    results = []
+    for spec in quants:
+        if plan:
+            planned = steps.recipe_plan(ctx, spec)
+            results.append({"quant": spec.type, "plan": planned.as_dict()})
+            if not as_json:
+                console.print(f"{spec.type}: {planned.describe()}", soft_wrap=True)
+            continue
+        done = steps.recipe(ctx, spec, force=force)
+        record = done.record
+        results.append({"skipped": done.up_to_date, "record": record_json(record)})
+        if not as_json:
+            chosen, stock = record.evals[record.chosen], record.evals[0]
+            state = "up to date" if done.up_to_date else f"done in {done.seconds:.1f} s"
+            console.print(f"{spec.type}: {state}: {len(record.evals)} recipes measured on {record.selection.text}; "
+                          f"chosen: {chosen.label}, mean KLD {chosen.quality.kld_mean:.6f} against the stock "
+                          f"{stock.quality.kld_mean:.6f}, {chosen.tensor_bytes:,} bytes of {record.budget_bytes:,}; "
+                          f"recipe {record.recipe_file.path}", soft_wrap=True)
+    if as_json:
+        print_json(results)

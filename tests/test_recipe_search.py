@@ -1,0 +1,195 @@
+"""The recipe search: groups, options and the choice under a budget (pure arithmetic), and `moeq recipe` on the
+trained example with the real llama-quantize and llama-perplexity, in a small space."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from moeq.imatrix.stage import default_calibration
+from moeq.kld import default_eval_text
+from moeq.recipe.assemble import recipe_types
+from moeq.recipe.search import Group, Option, groups_of, predicted, recipe_lines, solve, stepped
+from moeq.recipe.stage import default_selection_text
+
+from conftest import REPO, example_section, pipeline_file, run_moeq
+
+SMALL = {"ctx": 128, "chunks": 4, "max_evals": 12}
+
+
+def error_line(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and lines
+    return lines[-1]
+
+
+def lines_of(path: Path) -> set[str]:
+    """Its lines of text (40 characters or more, 20 of them letters or digits: not a table's border)."""
+    return {line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+            if len(line.strip()) >= 40 and sum(c.isalnum() for c in line) >= 20}
+
+
+def test_the_selection_text_shares_no_line_with_the_other_texts():
+    """Calibration (the imatrix), selection (the search) and evaluation (the published figures) are disjoint, and
+    none is the tiny model's training text."""
+    texts = {"calibration": default_calibration(), "selection": default_selection_text(),
+             "evaluation": default_eval_text(), "training": REPO / "moeq" / "data" / "training-text.txt"}
+    lines = {name: lines_of(path) for name, path in texts.items()}
+    assert len(lines["selection"]) > 300
+    for name in ("calibration", "evaluation", "training"):
+        assert lines["selection"] & lines[name] == set(), name
+    assert lines["calibration"] & lines["evaluation"] == set()
+
+
+def test_groups_are_per_layer_band_and_category():
+    stock = {f"blk.{i}.{c}.weight": "Q2_K" for i in range(5) for c in ("attn_q", "ffn_down_exps")}
+    stock |= {"token_embd.weight": "Q2_K", "output.weight": "Q6_K"}
+    groups = {g.name: g.tensors for g in groups_of(stock, n_layer=5, layers_per_group=2)}
+    assert groups["blk.0-1.attn_q"] == ("blk.0.attn_q.weight", "blk.1.attn_q.weight")
+    assert groups["blk.4.ffn_down_exps"] == ("blk.4.ffn_down_exps.weight",)  # the last band holds what is left
+    assert groups["token_embd"] == ("token_embd.weight",) and len(groups) == 8
+    assert stepped(stock, Group("output", ("output.weight",)), 1) == {"output.weight": "Q8_0"}
+    assert stepped(stock, Group("output", ("output.weight",)), 2) is None  # off the ladder
+
+
+def test_the_choice_under_a_budget_takes_the_best_measured_trade():
+    stock = 0.070
+    options = {
+        "token_embd": [Option("token_embd", 0, (), 0, stock), Option("token_embd", 1, (), 100, 0.050)],
+        "output": [Option("output", 0, (), 0, stock), Option("output", -1, (), -80, 0.071)],
+        "ffn": [Option("ffn", 0, (), 0, stock), Option("ffn", -1, (), -200, 0.090)],
+    }
+    chosen = solve(options, spare_bytes=20, stock_kld=stock)  # embd up (+100) pays for itself with output down (-80)
+    assert {g: o.step for g, o in chosen.items()} == {"token_embd": 1, "output": -1, "ffn": 0}
+    assert predicted(chosen, stock) == pytest.approx(0.051)
+    assert {o.step for o in solve(options, spare_bytes=1000, stock_kld=stock).values()} == {0, 1}  # room: no loss
+    assert {g: o.step for g, o in solve(options, -250, stock).items()} == {"token_embd": 0, "output": -1, "ffn": -1}
+    assert solve(options, spare_bytes=-10_000, stock_kld=stock) == {}
+
+
+def test_recipe_lines_name_each_tensor_anchored_as_llama_quantize_reads_them():
+    types = {"blk.1.attn_output.weight": "Q3_K", "blk.1.attn_q.weight": "Q2_K", "output.weight": "Q5_K",
+             "token_embd.weight": "Q3_K"}
+    lines = recipe_lines(types, "Q2_K")
+    assert lines == [("^blk\\.1\\.attn_output\\.weight$", "q3_k")]  # token_embd and output have their own flags
+    names = [*types, "blk.11.attn_output.weight"]
+    assert recipe_types(lines, names) == {"blk.1.attn_output.weight": "Q3_K"}  # not blk.11, not output
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, toolchain):
+    folder = tmp_path_factory.mktemp("search")
+    quants = [q if not isinstance(q, dict) or q["type"] != "Q2_K" else {**q, "recipe": "search", "budget": "stock"}
+              for q in example_section("quants")]
+    config = pipeline_file(folder, quants=quants, recipe=SMALL)
+    proc = run_moeq("recipe", "--config", str(config), "--quant", "Q2_K", "--json")
+    assert proc.returncode == 0, proc.stderr
+    [result] = json.loads(proc.stdout)
+    return config, result["record"]
+
+
+def test_a_search_measures_within_its_bounds_and_keeps_every_figure(searched):
+    config, record = searched
+    evals = record["evals"]
+    assert evals[0]["label"] == "stock" and evals[0]["changes"] == {}
+    assert 3 <= len(evals) <= SMALL["max_evals"] and record["runs"] == len(evals)
+    chosen = evals[record["chosen"]]
+    assert chosen["tensor_bytes"] <= record["budget_bytes"] == sum(
+        json.loads((config.parent / "work" / "records" / "quantize-Q2_K-with-imatrix.json").read_text())
+        ["record"]["tensors"][i]["bytes_after"] for i in range(39))
+    fits = [e["quality"]["kld_mean"] for e in evals if e["tensor_bytes"] <= record["budget_bytes"]]
+    assert chosen["quality"]["kld_mean"] == min(fits)
+    assert record["selection"]["text"] == "selection.txt" and record["selection"]["ctx"] == SMALL["ctx"]
+    types = record["tensor_types"]
+    assert types == {**record["stock_types"], **chosen["changes"]}
+
+
+def test_the_published_command_rebuilds_the_searched_file_byte_for_byte(searched, toolchain, tmp_path):
+    config, record = searched
+    work = config.parent / "work"
+    recipe = Path(record["recipe_file"]["path"])
+    recipe = recipe if recipe.is_absolute() else work / recipe
+    searched_file = recipe.with_name("tiny-phimoe-Q2_K.gguf")
+    command = [str(toolchain.path("llama-quantize")), *record["command"][1:]]
+    assert command[1:4] == ["--pure", "--imatrix", "tiny-phimoe.imatrix"]
+    command[command.index(recipe.name)] = str(recipe)
+    command[-3:] = [str(work / "source" / "tiny-phimoe-F16.gguf"), str(tmp_path / "rebuilt.gguf"), "Q2_K"]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=work / "imatrix", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    digest = hashlib.sha256((tmp_path / "rebuilt.gguf").read_bytes()).hexdigest()
+    assert digest == hashlib.sha256(searched_file.read_bytes()).hexdigest()
+    for pattern, ggml_type in (line.split("=") for line in recipe.read_text().splitlines()):
+        name = re.fullmatch(r"\^(.+)\$", pattern).group(1).replace("\\", "")
+        assert record["tensor_types"][name] == ggml_type.upper()
+
+
+def test_a_search_runs_once_and_an_interrupted_one_continues(searched):
+    config, record = searched
+    again = run_moeq("recipe", "--config", str(config), "--quant", "Q2_K", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)[0]["skipped"] is True
+    saved = config.parent / "work" / "records" / "recipe-Q2_K.json"
+    saved.unlink()  # as after a kill: every measurement made so far is on disk, the record is not
+    resumed = run_moeq("recipe", "--config", str(config), "--quant", "Q2_K", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    remade = json.loads(resumed.stdout)[0]["record"]
+    assert remade["runs"] == 0 and remade["evals"] == record["evals"] and remade["chosen"] == record["chosen"]
+
+
+def test_a_plan_runs_nothing(tmp_path, toolchain):
+    quants = [{"type": "Q2_K", "imatrix": "auto", "recipe": "search"}]
+    config = pipeline_file(tmp_path, quants=quants, recipe=SMALL)
+    proc = run_moeq("recipe", "--config", str(config), "--plan", "--json")
+    assert proc.returncode == 0, proc.stderr
+    [planned] = json.loads(proc.stdout)
+    assert planned["plan"]["groups"] == 16 and planned["plan"]["runs"] == SMALL["max_evals"]
+    assert planned["plan"]["tokens_per_run"] == SMALL["ctx"] * SMALL["chunks"]
+    assert not (tmp_path / "work" / "recipe").exists() and not list((tmp_path / "work" / "quants").iterdir())
+
+
+def test_a_budget_no_recipe_can_meet_is_refused_before_measuring(tmp_path, toolchain):
+    quants = [{"type": "Q2_K", "imatrix": "auto", "recipe": "search", "budget": {"bytes": "100KB"}}]
+    config = pipeline_file(tmp_path, quants=quants, recipe=SMALL)
+    proc = run_moeq("recipe", "--config", str(config))
+    assert proc.returncode == 3
+    line = error_line(proc)
+    assert line.startswith("error: quants[Q2_K].budget: 100,000 bytes, less than any recipe can weigh (every tensor "
+                           "Q2_K: ") and line.endswith("bytes); raise the budget")
+    assert not list((tmp_path / "work" / "recipe" / "Q2_K" / "evals").glob("*.json"))
+
+
+@pytest.mark.parametrize("quant,recipe,message", [
+    ({"type": "Q2_K", "recipe": "best"}, None, "quants[0].recipe: unknown recipe 'best'; use recipe: search"),
+    ({"type": "Q2_K", "budget": "stock"}, None, "quants[0].budget: a budget is for a searched recipe; add recipe: "
+                                                "search"),
+    ({"type": "Q2_K", "recipe": "search", "budget": {"bpw": 0.5}}, None,
+     "quants[0].budget.bpw: bits per weight from 1 to 16, got 0.5"),
+    ({"type": "Q2_K", "recipe": "search", "budget": {"bytes": "lots"}}, None,
+     "quants[0].budget.bytes: 'lots' is not a size; write it like 24GB or 1.5GiB"),
+    ({"type": "Q2_K", "recipe": "search", "tensor_types": {"attn_v": "q8_0"}}, None,
+     "quants[0].tensor_types: a searched recipe types every tensor itself; remove tensor_types from Q2_K, or the "
+     "recipe"),
+    ({"type": "Q2_K", "recipe": "search"}, {"chunks": 1}, "recipe.chunks: must be at least 2, got 1"),
+    ({"type": "Q2_K", "recipe": "search"}, {"selection": "nowhere.txt"}, "recipe.selection: {folder}/nowhere.txt "
+                                                                          "does not exist; fix the path"),
+])
+def test_recipe_settings_are_checked(tmp_path, quant, recipe, message):
+    config = pipeline_file(tmp_path, quants=[quant], **({"recipe": recipe} if recipe else {}))
+    proc = run_moeq("check-config", "--config", str(config))
+    assert proc.returncode == 2, proc.stdout
+    assert message.format(folder=tmp_path) in error_line(proc)
+
+
+def test_a_selection_text_too_short_for_two_chunks_is_refused(tmp_path, toolchain):
+    short = tmp_path / "short.txt"
+    short.write_text("A few words of selection text.\n" * 10)
+    quants = [{"type": "Q2_K", "recipe": "search"}]
+    config = pipeline_file(tmp_path, quants=quants, recipe={**SMALL, "selection": str(short)})
+    proc = run_moeq("recipe", "--config", str(config))
+    assert proc.returncode == 3
+    assert error_line(proc) == (f"error: {short}: too short for two chunks of 128 tokens (recipe.selection); use a "
+                                "longer text or a smaller recipe.ctx")
