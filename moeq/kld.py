@@ -1,7 +1,7 @@
 """Quality lost against F16, as llama-perplexity measures it: the F16 source's logits saved once per
 evaluation text, then each file's KL divergence, PPL ratio and top-token agreement against them.
 
-The bench stage measures the published file with it, and the choice stage (moeq/recipe/choice.py) the
+The bench stage measures the published file with it, and the choice stage (moeq/choice/stage.py) the
 candidates it chooses the published file from; both on the same evaluation text, with the same saved logits.
 
     options = eval_options(pipeline, ws)

@@ -655,6 +655,8 @@ class RecipeRecord(Record):
     """token_embd's type (llama-quantize --token-embedding-type)."""
     output_tensor_type: str
     """output's type (llama-quantize --output-tensor-type)."""
+    output: FileRef
+    """The file the recipe makes, assembled from the per-type files."""
     recipe_file: FileRef
     """The recipe in llama-quantize's --tensor-type-file syntax (one ^NAME$=type line per tensor not of the base
     type)."""

@@ -28,7 +28,11 @@ _PR_SET_PDEATHSIG = 1
 TOOL_ENV = {"GGML_NO_BACKTRACE": "1"}
 
 
+STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
 def die_with_parent() -> None:  # runs in the child before exec: a killed moeq takes its tools with it
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # blocked in moeq around the fork (run_tool), not in the tool
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
@@ -55,14 +59,20 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
+        # SIGINT and SIGTERM wait until the tool is started: Python drops a KeyboardInterrupt raised while its fork
+        # handlers run ("Exception ignored in _releaseLock"), and a Ctrl-C in that instant would be lost.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
         try:
             proc = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 text=True, errors="replace", bufsize=1, env={**os.environ, **TOOL_ENV, **(env or {})},
                 start_new_session=True, preexec_fn=die_with_parent, cwd=cwd,
             )
-        except OSError as exc:
-            raise ToolError(f"{name}: cannot start {command[0]} ({exc.strerror}); run scripts/setup") from None
+        except BaseException as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            if isinstance(exc, OSError):
+                raise ToolError(f"{name}: cannot start {command[0]} ({exc.strerror}); run scripts/setup") from None
+            raise
         # A watchdog, so that a tool that hangs without printing is stopped too.
         timed_out = threading.Event()
         watchdog = None
@@ -75,6 +85,7 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
         if idle_s is not None:
             threading.Thread(target=_idle_watch, args=(proc, last_line, idle_s, idle), daemon=True).start()
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile is raised here
             assert proc.stdout is not None
             for line in proc.stdout:
                 last_line[0] = time.monotonic()

@@ -27,7 +27,7 @@ R = TypeVar("R", bound=Model)
 
 @dataclass
 class Stage(Generic[R]):
-    name: str  # the stage, as build.STAGES names it: fetch, imatrix, quantize, validate, bench, shards, card, push
+    name: str  # the stage, as build.STAGES names it: fetch, imatrix, choice, quantize, ... push; recipe (moeq recipe)
     quant: str | None
     key: Callable[[], dict[str, Any] | None]  # the declared inputs; None: the stage always runs (push)
     run: Callable[[], R]

@@ -143,7 +143,7 @@ def choice(ctx: Context, quant: QuantSpec, force: bool = False, threads: int | N
     on the evaluation text. None where there is nothing to choose (no importance matrix, or bench.quality off)."""
     if quant.imatrix is None or not ctx.pipeline.bench.quality:
         return None
-    from moeq.recipe.choice import choice_stage
+    from moeq.choice.stage import choice_stage
 
     made = _candidates(ctx, quant, threads=threads, on_tensor=on_tensor)
 
@@ -168,7 +168,7 @@ def _candidates(ctx: Context, quant: QuantSpec, *, only: int | None = None, forc
     """The choice's candidates of `quant` (each current; its file may be measured and deleted), each under
     WORKSPACE/choice/TYPE/FOLDER/ with its own record."""
     from moeq.quantize.stage import quantize_stage
-    from moeq.recipe.choice import CANDIDATES
+    from moeq.choice.stage import CANDIDATES
 
     matrix = Path(imatrix(ctx).record.output.path) if quant.imatrix == IMATRIX_AUTO else quant.imatrix
     path, source_record = _source_for_quantize(ctx)
@@ -227,7 +227,7 @@ def quantize(ctx: Context, quant: QuantSpec, force: bool = False, threads: int |
     chose is the one made (moved into place from its candidate); `choose` False (build --skip-bench), with
     --allow-requantize (the source is no F16 to measure against), or without the choice: with `imatrix: auto` the imatrix stage runs first (or is found current) and the stock file is made."""
     from moeq.quantize.stage import quantize_stage
-    from moeq.recipe.choice import CANDIDATES
+    from moeq.choice.stage import CANDIDATES
 
     chosen = choice(ctx, quant, threads=threads, on_tensor=on_tensor) if choose and not allow_requantize else None
     adopt = None

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from moeq.kld import default_eval_text, parse_perplexity
-from moeq.recipe.choice import CANDIDATES
+from moeq.choice.stage import CANDIDATES
 from moeq.record_store import Records
 from moeq.records import ChoiceRecord
 from moeq.cards.lint import lint_card

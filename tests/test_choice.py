@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from moeq.kld import compare
-from moeq.recipe.choice import WITH, WITHOUT, choose
+from moeq.choice.stage import WITH, WITHOUT, choose
 from moeq.records import Candidate, FileRef, PerplexityFigures
 
 from conftest import example_section, pipeline_file, run_moeq

@@ -6,7 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from moeq.recipe.assemble import recipe_types
 from moeq.recipe.search import Group, Option, groups_of, predicted, recipe_lines, solve, stepped
 from moeq.recipe.stage import default_selection_text
 
-from conftest import REPO, example_section, pipeline_file, run_moeq
+from conftest import REPO, default_sigint, example_section, pipeline_file, run_moeq
 
 SMALL = {"ctx": 128, "chunks": 4, "max_evals": 12}
 
@@ -114,7 +117,8 @@ def test_the_published_command_rebuilds_the_searched_file_byte_for_byte(searched
     work = config.parent / "work"
     recipe = Path(record["recipe_file"]["path"])
     recipe = recipe if recipe.is_absolute() else work / recipe
-    searched_file = recipe.with_name("tiny-phimoe-Q2_K.gguf")
+    searched_file = Path(record["output"]["path"])
+    searched_file = searched_file if searched_file.is_absolute() else work / searched_file
     command = [str(toolchain.path("llama-quantize")), *record["command"][1:]]
     assert command[1:4] == ["--pure", "--imatrix", "tiny-phimoe.imatrix"]
     command[command.index(recipe.name)] = str(recipe)
@@ -138,6 +142,33 @@ def test_a_search_runs_once_and_an_interrupted_one_continues(searched):
     assert resumed.returncode == 0, resumed.stderr
     remade = json.loads(resumed.stdout)[0]["record"]
     assert remade["runs"] == 0 and remade["evals"] == record["evals"] and remade["chosen"] == record["chosen"]
+
+
+def test_sigint_mid_search_leaves_whole_files_and_the_next_run_continues(tmp_path, toolchain):
+    quants = [{"type": "Q2_K", "imatrix": "auto", "recipe": "search", "budget": "stock"}]
+    # Every group measured, on more tokens: a search of 30 seconds or so, long enough to be interrupted in.
+    config = pipeline_file(tmp_path, quants=quants, recipe={**SMALL, "chunks": 16, "max_evals": 40})
+    evals = tmp_path / "work" / "recipe" / "Q2_K" / "evals"
+    proc = subprocess.Popen([sys.executable, "-m", "moeq", "recipe", "--config", str(config)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    deadline = time.monotonic() + 300
+    while len(list(evals.glob("*.json"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert len(list(evals.glob("*.json"))) >= 3, "the search never measured three recipes"
+    assert proc.poll() is None, "the search ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted by SIGINT" in err and "Traceback" not in err, err
+    work = tmp_path / "work"
+    assert not list(work.rglob("*.partial")) and not (work / "recipe" / "Q2_K" / "candidate.gguf").exists()
+    assert not (work / "records" / "recipe-Q2_K.json").exists()
+    measured = len(list(evals.glob("*.json")))
+    for saved in evals.glob("*.json"):
+        json.loads(saved.read_text())  # each whole
+    again = run_moeq("recipe", "--config", str(config), "--json")
+    assert again.returncode == 0, again.stderr
+    record = json.loads(again.stdout)[0]["record"]
+    assert record["runs"] == len(record["evals"]) - measured  # what was measured before is not measured again
 
 
 def test_a_plan_runs_nothing(tmp_path, toolchain):

@@ -92,9 +92,8 @@ def plan_search(pipeline: Pipeline, quant: QuantSpec, source: Path) -> Plan:
     """The most a search of `quant` costs, from the source's header alone: its groups, llama-perplexity runs
     (recipe.max_evals bounds them), tokens per run, and the per-type files (every type of the ladder at most)."""
     base_type(quant.type)
-    weights = {t.name: t.n_elements for t in read_header(source).tensors
-               if len(t.shape) >= 2 and "ffn_gate_inp" not in t.name}
     header = read_header(source)
+    weights = {t.name: t.n_elements for t in header.tensors if len(t.shape) >= 2 and "ffn_gate_inp" not in t.name}
     n_layer = header.arch_value(Keys.LLM.BLOCK_COUNT) or 1
     per_group = pipeline.recipe.layers_per_group or max(1, math.ceil(n_layer / 8))
     groups = groups_of({name: TYPE_LADDER[0] for name in weights}, n_layer, per_group)
@@ -155,10 +154,10 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
         base_kld, _base = base_logits(ws, chain, source.output, options, text, tool.build.commit,
                                       threads=pipeline.bench.threads, timeout_s=pipeline.bench.timeout_s,
                                       on_message=on_message)
-        search = _Search(ws, chain, folder, pure, base, options, text, base_kld, sizes, fixed, stock_types,
-                         pipeline, on_message)
         plan = Plan(len(groups), min(settings.max_evals, 2 + 2 * len(groups)), options.ctx * options.chunks,
                     tuple(needed), sum(p.stat().st_size for p in pure.values()), limit)
+        search = _Search(ws, chain, folder, pure, base, options, text, base_kld, sizes, fixed, stock_types,
+                         pipeline, plan.runs, on_message)
         on_message(f"{quant.type}: recipe search, {plan.describe()}; budget {limit:,} bytes")
         stock_eval = search.evaluate("stock", {})
         options_by_group: dict[str, list[Option]] = {}
@@ -183,7 +182,8 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
         if not fits:
             raise InputError(f"quants[{quant.type}].budget: {limit:,} bytes, and no measured recipe fits it (the "
                              f"search moves each group one type from the stock file); raise the budget")
-        best = min(fits, key=lambda i: search.evals[i].quality.kld_mean)
+        # the solution wins a tie: it is the same recipe as a single-group one when only that group changed
+        best = min(fits, key=lambda i: (search.evals[i].quality.kld_mean, search.evals[i].label != "solution"))
         tensor_types = {**stock_types, **search.evals[best].changes}
         return _record(quant, base, limit, source, stock, options, tool, groups, stock_types, search, best,
                        predicted_kld if search.evals[best].label == "solution" else None, tensor_types, pure, folder,
@@ -219,8 +219,9 @@ def _require_text(text: Path, options: PerplexityOptions) -> None:
 
 
 def _intact(ws: Workspace, record: RecipeRecord) -> bool:
-    path = Path(record.recipe_file.path)
-    return path.is_file() and ws.hashes.sha256(path) == record.recipe_file.sha256
+    """The recipe file and the file it makes are as the record says."""
+    return all(Path(ref.path).is_file() and ws.hashes.sha256(Path(ref.path)) == ref.sha256
+               for ref in (record.recipe_file, record.output))
 
 
 def _pure_files(ws: Workspace, chain: Toolchain, tool, source: FetchRecord, imatrix: ImatrixRef | None,
@@ -263,11 +264,12 @@ class _Search:
     moment it is made, and found again by an interrupted search that runs again."""
 
     def __init__(self, ws, chain, folder, pure, base, options, text, base_kld, sizes, fixed, stock_types, pipeline,
-                 on_message):
+                 planned_runs, on_message):
         self.ws, self.chain, self.folder, self.pure, self.base = ws, chain, folder, pure, base
         self.options, self.text, self.base_kld, self.sizes, self.fixed = options, text, base_kld, sizes, fixed
         self.stock_types, self.pipeline, self.on_message = stock_types, pipeline, on_message
         self.evals: list[RecipeEval] = []
+        self.planned_runs = planned_runs
         self.runs = 0
         self.settings = pipeline.recipe
         (folder / "evals").mkdir(parents=True, exist_ok=True)
@@ -285,7 +287,7 @@ class _Search:
         if saved.is_file():
             figures = PerplexityFigures(**json.loads(saved.read_text()))
         else:
-            self.on_message(f"recipe {len(self.evals) + 1}/{self.settings.max_evals}: {label}")
+            self.on_message(f"recipe {len(self.evals) + 1} of at most {self.planned_runs}: {label}")
             candidate = self.folder / "candidate.gguf"
             assemble(self.pure[self.base], self.pure, {n: t for n, t in types.items() if t != self.base}, candidate)
             try:
@@ -328,5 +330,6 @@ def _record(quant, base, limit, source, stock, options, tool, groups: list[Group
         token_embedding_type=embd, output_tensor_type=output,
         recipe_file=FileRef(path=str(recipe_path), size=recipe_path.stat().st_size,
                             sha256=search.ws.hashes.sha256(recipe_path)),
+        output=FileRef(path=str(out), size=out.stat().st_size, sha256=search.ws.hashes.sha256(out)),
         command=command, seconds=round(time.monotonic() - started, 1), runs=search.runs)
 

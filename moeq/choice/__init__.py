@@ -1,0 +1,1 @@
+"""The choice stage: which of a quant's candidate files is published, on measured KL divergence."""
