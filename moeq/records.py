@@ -789,7 +789,8 @@ class PushRecord(Record):
 
 
 RECORD_TYPES: dict[str, type[Record]] = {cls.stage_name(): cls for cls in (
-    FetchRecord, ImatrixRecord, RecipeRecord, ChoiceRecord, QuantizeRecord, ValidateRecord, BenchRecord, ShardsRecord, CardRecord, PushRecord)}
+    FetchRecord, ImatrixRecord, RecipeRecord, ChoiceRecord, QuantizeRecord, ValidateRecord, BenchRecord, ShardsRecord,
+    CardRecord, PushRecord)}
 
 
 def record_json(record: Model) -> dict[str, Any]:

@@ -224,8 +224,9 @@ def _stock(ctx: Context, quant: QuantSpec) -> QuantizeRecord:
 def quantize(ctx: Context, quant: QuantSpec, force: bool = False, threads: int | None = None,
              allow_requantize: bool = False, on_tensor=None, choose: bool = True) -> StageResult[QuantizeRecord]:
     """Quantize `quant`. With an importance matrix (and bench.quality) the choice stage runs first and the file it
-    chose is the one made (moved into place from its candidate); `choose` False (build --skip-bench), with
-    --allow-requantize (the source is no F16 to measure against), or without the choice: with `imatrix: auto` the imatrix stage runs first (or is found current) and the stock file is made."""
+    chose is the one made (moved into place from its candidate). Without the choice (`choose` False for build
+    --skip-bench; --allow-requantize, whose source is no F16 to measure against) the stock file is made, after the
+    imatrix stage for `imatrix: auto`."""
     from moeq.quantize.stage import quantize_stage
     from moeq.choice.stage import CANDIDATES
 

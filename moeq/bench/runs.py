@@ -2,7 +2,8 @@
 
 - llama-bench -o json: tokens/s per test (prompt processing, generation) with the backend it ran on;
 - llama-completion -v (one token): model, KV and compute buffer sizes per device.
-(llama-perplexity's KL divergence is moeq/kld.py's, shared with the choice stage.) Every command is logged beside the bench record; a failure is a ToolError quoting the tool.
+(llama-perplexity's KL divergence is moeq/kld.py's, shared with the choice stage.) Every command is logged
+beside the bench record; a failure is a ToolError quoting the tool.
 """
 
 from __future__ import annotations

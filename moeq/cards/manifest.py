@@ -81,7 +81,8 @@ class RepoInputs:
     siblings: list[tuple[QuantSpec, QuantizeRecord, ValidateRecord | None]] = dataclasses.field(default_factory=list)
 
 
-def _choice_of(choice: ChoiceRecord | None, quantized: QuantizeRecord, bench: BenchRecord | None) -> ChoiceRecord | None:
+def _choice_of(choice: ChoiceRecord | None, quantized: QuantizeRecord,
+               bench: BenchRecord | None) -> ChoiceRecord | None:
     """The choice record, when it chose this very file and the bench's quality figures are its own (the card shows
     them side by side with the candidates not published)."""
     if (choice is None or choice.published.file.sha256 != quantized.output.sha256 or bench is None

@@ -46,6 +46,7 @@ from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace, commit_file, partial_path, write_json_atomic, write_text_atomic
 
 UNQUANTIZED = {"F32", "F16", "BF16"}
+_RUNGS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")  # the rungs whose --pure base type is on the ladder
 
 
 def default_selection_text() -> Path:
@@ -60,8 +61,6 @@ def base_type(quant: str) -> str:
         raise InputError(f"quants[{quant}].recipe: a searched recipe is for {', '.join(_RUNGS)}; {quant} is not one")
     return name
 
-
-_RUNGS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 
 
 @dataclass(frozen=True)
