@@ -94,11 +94,20 @@ def plan_search(pipeline: Pipeline, quant: QuantSpec, source: Path) -> Plan:
     header = read_header(source)
     weights = {t.name: t.n_elements for t in header.tensors if len(t.shape) >= 2 and "ffn_gate_inp" not in t.name}
     n_layer = header.arch_value(Keys.LLM.BLOCK_COUNT) or 1
-    per_group = pipeline.recipe.layers_per_group or max(1, math.ceil(n_layer / 8))
-    groups = groups_of({name: TYPE_LADDER[0] for name in weights}, n_layer, per_group)
+    groups = groups_of({name: TYPE_LADDER[0] for name in weights}, n_layer, layers_per_group(pipeline, n_layer))
     cfg = pipeline.recipe
-    return Plan(len(groups), min(cfg.max_evals, 2 + 2 * len(groups)), cfg.ctx * cfg.chunks, TYPE_LADDER,
+    return Plan(len(groups), planned_runs(pipeline, groups), cfg.ctx * cfg.chunks, TYPE_LADDER,
                 int(sum(weights.values()) * sum(BITS.values()) / 8), 0)
+
+
+def layers_per_group(pipeline: Pipeline, n_layer: int) -> int:
+    """recipe.layers_per_group, or a band per eighth of the model (one layer for a model of up to 8)."""
+    return pipeline.recipe.layers_per_group or max(1, math.ceil(n_layer / 8))
+
+
+def planned_runs(pipeline: Pipeline, groups: list[Group]) -> int:
+    """The stock recipe, each group up and down, and the solution: recipe.max_evals at most."""
+    return min(pipeline.recipe.max_evals, 2 + 2 * len(groups))
 
 
 def selection_options(pipeline: Pipeline, ws: Workspace) -> tuple[Path, PerplexityOptions]:
@@ -132,7 +141,7 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
         raise InputError(f"{stock.output.path}: the stock {quant.type} has tensors of type {', '.join(off_ladder)}, "
                          f"which a searched recipe does not use ({', '.join(TYPE_LADDER)})")
     n_layer = stock.model.block_count or 1
-    per_group = settings.layers_per_group or max(1, math.ceil(n_layer / 8))
+    per_group = layers_per_group(pipeline, n_layer)
     groups = groups_of(stock_types, n_layer, per_group)
     folder = ws.root / "recipe" / quant.type
 
@@ -153,7 +162,7 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
         base_kld, _base = base_logits(ws, chain, source.output, options, text, tool.build.commit,
                                       threads=pipeline.bench.threads, timeout_s=pipeline.bench.timeout_s,
                                       on_message=on_message)
-        plan = Plan(len(groups), min(settings.max_evals, 2 + 2 * len(groups)), options.ctx * options.chunks,
+        plan = Plan(len(groups), planned_runs(pipeline, groups), options.ctx * options.chunks,
                     tuple(needed), sum(p.stat().st_size for p in pure.values()), limit)
         search = _Search(ws, chain, folder, pure, base, options, text, base_kld, sizes, fixed, stock_types,
                          pipeline, plan.runs, on_message)
