@@ -185,7 +185,9 @@ def test_killed_during_push_resumes(tmp_path, test_hub, toolchain):
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
     test_hub.state.faults.append(Fault("PUT", r"^/lfs-upload/", "sleep", seconds=5))
     proc = start_build(test_hub, config)
-    wait_for(lambda: any(r.path.startswith("/lfs-upload/") for r in test_hub.requests), "the first upload")
+    # every stage of three quants runs first (the choice's two candidates of two of them included): minutes when busy
+    wait_for(lambda: any(r.path.startswith("/lfs-upload/") for r in test_hub.requests), "the first upload",
+             timeout=600)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert ONE_REPO not in test_hub.state.repos or len(test_hub.state.commits_on(ONE_REPO)) == 1  # before any commit

@@ -177,7 +177,7 @@ def test_the_cards_llama_cpp_snippets_run(hub, tmp_path, toolchain):
         if "-ncmoe" in command and command[command.index("-ncmoe") + 1] == "N":
             command[command.index("-ncmoe") + 1] = "1"
         run_env = {**env, "MODEL_ENDPOINT": hub.url + "/", "LLAMA_CACHE": str(tmp_path / "llama-cache")}
-        for _try in range(3):  # llama.cpp's log thread can lose the end of its output at exit (bench retries too)
+        for _try in range(6):  # llama.cpp's log thread can lose the end of its output at exit (bench retries 6 times)
             proc = subprocess.run([str(toolchain.path("llama-completion")), *command[1:], "-p", "The", "-n", "4",
                                    "--temp", "0", "-no-cnv", "--no-warmup", "-t", "2"], cwd=tmp_path, env=run_env,
                                   capture_output=True, text=True, errors="replace", timeout=300)
