@@ -6,8 +6,9 @@ those files tensor by tensor (recipe/assemble.py, byte for byte what llama-quant
 the F16 logits on the selection text: the stock recipe (the rung's own llama.cpp mixture), the stock
 recipe with each group one type higher and one lower, and the recipe those figures predict is best
 under the budget (recipe/search.py). Of every recipe measured that fits the budget, the lowest mean KL
-divergence is chosen. Each measurement is saved as it is made (WORKSPACE/recipe/TYPE/evals/), so an
-interrupted search continues where it stopped and a finished one costs nothing.
+divergence is chosen. Each measurement is saved as it is made (WORKSPACE/recipe/TYPE/evals/, by the recipe,
+the options and the per-type files' sha256), so an interrupted search continues where it stopped and a
+finished one costs nothing.
 
 It writes the chosen recipe as a `--tensor-type-file` (WORKSPACE/recipe/TYPE/<file>.recipe), the
 assembled file beside it, and a RecipeRecord with every measurement and the one llama-quantize command
@@ -289,7 +290,7 @@ class _Search:
         types = {**self.stock_types, **changes}
         tensor_bytes = self.fixed + sum(self.sizes[t][name] for name, t in types.items())
         digest = hashlib.sha256(json.dumps([sorted(types.items()), self.options.model_dump(mode="json"),
-                                            {t: str(p.stat().st_mtime_ns) for t, p in self.pure.items()}]
+                                            {t: self.ws.hashes.sha256(p) for t, p in self.pure.items()}]
                                            ).encode()).hexdigest()[:20]
         saved = self.folder / "evals" / f"{digest}.json"
         if saved.is_file():
