@@ -182,9 +182,9 @@ def test_the_cards_llama_cpp_snippets_run(hub, tmp_path, toolchain):
                                    "--temp", "0", "-no-cnv", "--no-warmup", "-t", "2"], cwd=tmp_path, env=run_env,
                                   capture_output=True, text=True, errors="replace", timeout=300)
             assert proc.returncode == 0, " ".join(command) + "\n" + proc.stderr[-2000:]
-            if "llama_context" in proc.stderr:
+            if "n_ctx = 512" in proc.stderr:  # the `generate:` line, logged just before generation starts
                 break
-        assert "n_ctx         = 512" in proc.stderr or "n_ctx = 512" in proc.stderr or "n_ctx=512" in proc.stderr
+        assert "n_ctx = 512" in proc.stderr, " ".join(command) + "\n" + proc.stderr[-2000:]
         ran += 1
     assert ran == len(commands) == 5  # three quants by name, the first quant's file twice
     assert "not run by moeq's tests" in readme.split("### Rust")[1].split("\n")[0]
