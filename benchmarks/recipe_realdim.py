@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO))
 
 from moeq.config import RecipeSpec  # noqa: E402
 from moeq.gguf_header import read_header  # noqa: E402
-from moeq.recipe.assemble import assemble, recipe_types  # noqa: E402
+from moeq.recipe.assemble import assemble  # noqa: E402
+from moeq.recipe_file import recipe_types  # noqa: E402
 from moeq.recipe.search import groups_of  # noqa: E402
 from moeq.toolchain import Toolchain  # noqa: E402
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from moeq import steps
-from moeq.config import IMATRIX_AUTO, QuantSpec
+from moeq.config import IMATRIX_AUTO, RECIPE_SEARCH, QuantSpec
 from moeq.errors import ConfigError, MoeqError, from_os_error
 from moeq.hub.client import hub_endpoint
 from moeq.stage_runner import StageResult
 from moeq.steps import Context, RepoUnit
 
-STAGES = ("fetch", "imatrix", "choice", "quantize", "validate", "bench", "shards", "card", "push")
+STAGES = ("fetch", "imatrix", "recipe", "choice", "quantize", "validate", "bench", "shards", "card", "push")
 LADDER = None  # the subject of a step run once for the whole ladder
 
 
@@ -158,6 +158,13 @@ def plan(ctx: Context, quants: list[QuantSpec], hashing: Callable[[], StageResul
         lock = f"build-{q.type}"
         made = () if beside else (fetch,) + ((("imatrix", LADDER),) if q.type in auto else ())
         unchosen = _unchosen(ctx, q, skip_bench)
+        if q.recipe != RECIPE_SEARCH or unchosen:
+            why = unchosen if q.recipe == RECIPE_SEARCH else "no recipe: search; llama.cpp's mixture for the type"
+            todo.append(Step("recipe", q.type, lambda why=why: StageResult("recipe", "skipped", why), (q.type,)))
+        else:
+            todo.append(Step("recipe", q.type, lambda q=q: steps.recipe(ctx, q, force="recipe" in force), (q.type,),
+                             needs=made, lock=lock, on_failure="the recipe search failed"))
+            made = (("recipe", q.type),)
         if unchosen:
             todo.append(Step("choice", q.type, lambda why=unchosen: StageResult("choice", "skipped", why), (q.type,)))
         else:
@@ -186,13 +193,16 @@ def plan(ctx: Context, quants: list[QuantSpec], hashing: Callable[[], StageResul
 
 
 def _unchosen(ctx: Context, quant: QuantSpec, skip_bench: bool) -> str:
-    """Why `quant` has no choice to make ("" when it has): only a quant with an importance matrix has two candidates."""
-    if quant.imatrix is None:
+    """Why `quant` has no choice to make ("" when it has): a quant with an importance matrix or a searched recipe
+    has two candidates or more."""
+    if quant.imatrix is None and quant.recipe != RECIPE_SEARCH:
         return "imatrix: none"
+    stock = (f"the {'stock ' if quant.recipe == RECIPE_SEARCH else ''}file is made"
+             + (" with the importance matrix" if quant.imatrix is not None else ""))
     if not ctx.pipeline.bench.quality:
-        return "bench.quality: false; the file is made with the importance matrix"
+        return f"bench.quality: false; {stock}"
     if skip_bench:
-        return "--skip-bench; the file is made with the importance matrix"
+        return f"--skip-bench; {stock}"
     return ""
 
 

@@ -20,7 +20,8 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError
 
 from moeq.errors import InputError
-from moeq.records import BenchRecord, ChoiceRecord, ImatrixRecord, Model, QuantizeRecord, FetchRecord, ValidateRecord
+from moeq.records import (BenchRecord, ChoiceRecord, ImatrixRecord, Model, QuantizeRecord, FetchRecord, RecipeRecord,
+                          ValidateRecord)
 from moeq.workspace import read_text_limited
 
 MANIFEST_NAME = "moeq-manifest.json"
@@ -102,8 +103,10 @@ class QuantRecords(Model):
     imatrix: ImatrixRecord | None = None
     """The imatrix stage's record, when the quant was made with its output."""
     choice: ChoiceRecord | None = None
-    """The choice stage's record: the candidates measured (with and without the importance matrix) and which one
-    this file is."""
+    """The choice stage's record: the candidates measured (with and without the importance matrix, with a searched
+    recipe) and which one this file is."""
+    recipe: RecipeRecord | None = None
+    """The recipe stage's record, when a searched recipe was a candidate: every recipe the search measured."""
     quantize: QuantizeRecord
     """The quantize stage's record."""
     validate_: ValidateRecord | None = Field(alias="validate")  # `validate` is a name pydantic's BaseModel uses
@@ -121,6 +124,8 @@ class QuantEntry(Model):
     """The GGUF, or its shards."""
     imatrix_file: RepoFile | None = None
     """The importance matrix it was made with, published beside it."""
+    recipe_file: RepoFile | None = None
+    """The recipe file (llama-quantize's --tensor-type-file) it was made with, published beside it."""
     records: QuantRecords
     """The records the card's figures for it come from."""
 

@@ -229,6 +229,10 @@ class QuantizeOptions(Model):
     """--token-embedding-type, if given."""
     allow_requantize: bool = False
     """--allow-requantize: the source was already quantized."""
+    pure: bool = False
+    """--pure: every tensor the type's base type, but for those tensor_type_file and the two end flags name."""
+    tensor_type_file: FileRef | None = None
+    """--tensor-type-file: REGEX=TYPE lines (a recipe), the first that matches a tensor's name wins."""
 
 
 class QuantizeRecord(Record):
@@ -551,11 +555,15 @@ class Quality(Model):
     """Chunks evaluated."""
 
 
+WITH, WITHOUT = "with the importance matrix", "without the importance matrix"  # the choice's candidates, by name
+SEARCHED = "with the searched recipe"
+
+
 class Candidate(Model):
     """One file the choice stage measured before choosing the one to publish."""
 
     name: str
-    """What it is: "with the importance matrix" or "without the importance matrix"."""
+    """What it is: "with the importance matrix", "without the importance matrix" or "with the searched recipe"."""
     imatrix: ImatrixRef | None
     """The importance matrix it was made with (None: without one)."""
     file: FileRef
@@ -582,7 +590,8 @@ class ChoiceRecord(Record):
     chosen: int
     """The index of the candidate published."""
     may_choose: bool
-    """False where the pipeline fixed the choice (quants[].imatrix names a file): the first is published."""
+    """False where the pipeline named the importance matrix (quants[].imatrix: PATH): the file made without it is
+    not published."""
     why: str
     """Why it was chosen, in words (the card says it)."""
 

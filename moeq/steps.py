@@ -139,9 +139,10 @@ def imatrix(ctx: Context, force: bool = False) -> StageResult[ImatrixRecord]:
 
 def choice(ctx: Context, quant: QuantSpec, force: bool = False, threads: int | None = None,
            on_tensor=None) -> StageResult[ChoiceRecord] | None:
-    """Which file of `quant` is published: made with and without its importance matrix, both measured against F16
-    on the evaluation text. None where there is nothing to choose (no importance matrix, or bench.quality off)."""
-    if quant.imatrix is None or not ctx.pipeline.bench.quality:
+    """Which file of `quant` is published: made with and without its importance matrix, and with its searched
+    recipe (quants[].recipe: search), each measured against F16 on the evaluation text. None where there is nothing
+    to choose (one candidate, or bench.quality off)."""
+    if not ctx.pipeline.bench.quality or len(_candidate_names(quant)) < 2:
         return None
     from moeq.choice.stage import choice_stage
 
@@ -149,9 +150,9 @@ def choice(ctx: Context, quant: QuantSpec, force: bool = False, threads: int | N
 
     def files(i: int) -> QuantizeRecord:
         """Candidate i with its file, made again when the choice must measure it after it was deleted."""
-        if Path(made[i].output.path).is_file():
-            return made[i]
-        return _candidates(ctx, quant, only=i, force=True, threads=threads, on_tensor=on_tensor)[0]
+        if Path(made[i][1].output.path).is_file():
+            return made[i][1]
+        return _candidates(ctx, quant, only=i, force=True, threads=threads, on_tensor=on_tensor)[0][1]
 
     _path, source_record = _source_for_quantize(ctx)  # a local source's hash is done: the candidates waited for it
     stage = choice_stage(ctx.pipeline, quant, ctx.ws, ctx.chain, source_record(), made, files,
@@ -163,25 +164,65 @@ def choice(ctx: Context, quant: QuantSpec, force: bool = False, threads: int | N
     return done
 
 
-def _candidates(ctx: Context, quant: QuantSpec, *, only: int | None = None, force: bool = False,
-                threads: int | None = None, on_tensor=None) -> list[QuantizeRecord]:
-    """The choice's candidates of `quant` (each current; its file may be measured and deleted), each under
-    WORKSPACE/choice/TYPE/FOLDER/ with its own record."""
-    from moeq.quantize.stage import quantize_stage
-    from moeq.choice.stage import CANDIDATES
+def _candidate_names(quant: QuantSpec) -> list[str]:
+    """The choice's candidates of `quant`, the stock choice first."""
+    from moeq.choice.stage import SEARCHED, WITH, WITHOUT
 
-    matrix = Path(imatrix(ctx).record.output.path) if quant.imatrix == IMATRIX_AUTO else quant.imatrix
+    return ([WITH, WITHOUT] if quant.imatrix is not None else [WITHOUT]) + \
+        ([SEARCHED] if quant.recipe == RECIPE_SEARCH else [])
+
+
+def _candidate_spec(ctx: Context, quant: QuantSpec, name: str) -> tuple[QuantSpec, str]:
+    """How candidate `name` of `quant` is made, and its file's name: the searched one from the recipe stage's
+    record (--pure, the recipe file and the two end types), labelled TYPE_MOEQ."""
+    from moeq.choice.stage import SEARCHED, WITH
+
+    if name == SEARCHED:
+        found = recipe(ctx, quant).record
+        spec = dataclasses.replace(quant, imatrix=Path(found.imatrix.path) if found.imatrix else None, pure=True,
+                                   tensor_type_file=Path(found.recipe_file.path), tensor_types=(),
+                                   token_embedding_type=found.token_embedding_type.lower(),
+                                   output_tensor_type=found.output_tensor_type.lower(), recipe=None, budget=None)
+        return spec, quant.searched_file
+    matrix = None
+    if name == WITH:
+        matrix = Path(imatrix(ctx).record.output.path) if quant.imatrix == IMATRIX_AUTO else quant.imatrix
+    return dataclasses.replace(quant, imatrix=matrix), quant.file
+
+
+def _candidates(ctx: Context, quant: QuantSpec, *, only: int | None = None, force: bool = False,
+                threads: int | None = None, on_tensor=None) -> list[tuple[str, QuantizeRecord]]:
+    """The choice's candidates of `quant`, each named and current (its file may be measured and deleted), each under
+    WORKSPACE/choice/TYPE/FOLDER/ with its own record. The searched one is quantized by llama-quantize from the
+    recipe file, and must be the recipe stage's assembled file byte for byte."""
+    from moeq.quantize.stage import quantize_stage
+    from moeq.choice.stage import FOLDERS, SEARCHED
+
     path, source_record = _source_for_quantize(ctx)
     made = []
-    for i, (_name, folder) in enumerate(CANDIDATES):
+    for i, name in enumerate(_candidate_names(quant)):
         if only is not None and i != only:
             continue
-        spec = dataclasses.replace(quant, imatrix=matrix if i == 0 else None)
+        spec, file = _candidate_spec(ctx, quant, name)
         stage = quantize_stage(spec, ctx.ws, ctx.chain, path, source_record, threads=threads, on_tensor=on_tensor,
-                               on_message=ctx.say, output=ctx.ws.choice_dir(quant.type) / folder / quant.file,
-                               record_as=f"{quant.type}-{folder}")
-        made.append(run_stage(stage, ctx.records, force=force, on_message=ctx.say).record)
+                               on_message=ctx.say, output=ctx.ws.choice_dir(quant.type) / FOLDERS[name] / file,
+                               record_as=f"{quant.type}-{FOLDERS[name]}")
+        record = run_stage(stage, ctx.records, force=force, on_message=ctx.say).record
+        if name == SEARCHED:
+            _require_rebuilt(ctx, quant, record)
+        made.append((name, record))
     return made
+
+
+def _require_rebuilt(ctx: Context, quant: QuantSpec, record: QuantizeRecord) -> None:
+    """The searched file llama-quantize made from the recipe file is the one the search assembled and measured;
+    the assembled copy is then deleted (the record keeps its sha256)."""
+    found = ctx.records.require(RecipeRecord, quant.type)
+    if record.output.sha256 != found.output.sha256:
+        raise ToolError(f"{record.output.path}: llama-quantize made the searched recipe as sha256 "
+                        f"{record.output.sha256[:12]}, but the search assembled and measured "
+                        f"{found.output.sha256[:12]}; run moeq recipe --force --quant {quant.type}")
+    Path(found.output.path).unlink(missing_ok=True)
 
 
 def recipe(ctx: Context, quant: QuantSpec, force: bool = False) -> StageResult[RecipeRecord]:
@@ -192,7 +233,7 @@ def recipe(ctx: Context, quant: QuantSpec, force: bool = False) -> StageResult[R
 
     if quant.recipe != RECIPE_SEARCH:
         raise ConfigError(f"{ctx.pipeline.path}: quants: {quant.type} has no recipe: search; add it to search one")
-    stock = _stock(ctx, quant)
+    stock = _candidates(ctx, quant, only=0)[0][1]  # only its tensor rows are read; its file may be gone
     _path, source_record = _source_for_quantize(ctx)
     stage = recipe_stage(ctx.pipeline, quant, ctx.ws, ctx.chain, source_record(), stock, on_message=ctx.say)
     return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
@@ -205,46 +246,35 @@ def recipe_plan(ctx: Context, quant: QuantSpec):
     return plan_search(ctx.pipeline, quant, Path(source(ctx).output.path))
 
 
-def _stock(ctx: Context, quant: QuantSpec) -> QuantizeRecord:
-    """The record of the rung's stock file: the choice's candidate with the importance matrix, or (a rung without
-    one) the stock file made for the search alone. Only its tensor rows are read; its file may be gone."""
-    from moeq.quantize.stage import quantize_stage
-
-    if quant.imatrix is not None:
-        return _candidates(ctx, quant, only=0)[0]
-    path, source_record = _source_for_quantize(ctx)
-    stage = quantize_stage(quant, ctx.ws, ctx.chain, path, source_record, on_message=ctx.say,
-                           output=ctx.ws.root / "recipe" / quant.type / "stock" / quant.file,
-                           record_as=f"{quant.type}-stock")
-    made = run_stage(stage, ctx.records, on_message=ctx.say).record
-    Path(made.output.path).unlink(missing_ok=True)
-    return made
-
-
 def quantize(ctx: Context, quant: QuantSpec, force: bool = False, threads: int | None = None,
              allow_requantize: bool = False, on_tensor=None, choose: bool = True) -> StageResult[QuantizeRecord]:
-    """Quantize `quant`. With an importance matrix (and bench.quality) the choice stage runs first and the file it
-    chose is the one made (moved into place from its candidate). Without the choice (`choose` False for build
-    --skip-bench; --allow-requantize, whose source is no F16 to measure against) the stock file is made, after the
-    imatrix stage for `imatrix: auto`."""
+    """Quantize `quant`. With a choice to make (and bench.quality) the choice stage runs first and the file it chose
+    is the one made (moved into place from its candidate; a searched one named TYPE_MOEQ). Without the choice
+    (`choose` False for build --skip-bench; --allow-requantize, whose source is no F16 to measure against) the
+    stock file is made, after the imatrix stage for `imatrix: auto`."""
     from moeq.quantize.stage import quantize_stage
-    from moeq.choice.stage import CANDIDATES
+    from moeq.choice.stage import FOLDERS
 
     chosen = choice(ctx, quant, threads=threads, on_tensor=on_tensor) if choose and not allow_requantize else None
-    adopt = None
+    adopt, spec, file = None, quant, quant.file
     if chosen is not None:
-        published = chosen.record.published
-        quant = dataclasses.replace(quant, imatrix=Path(published.imatrix.path) if published.imatrix else None)
-        adopt = ctx.records.get(QuantizeRecord, f"{quant.type}-{CANDIDATES[chosen.record.chosen][1]}")
+        name = chosen.record.published.name
+        spec, file = _candidate_spec(ctx, quant, name)
+        adopt = ctx.records.get(QuantizeRecord, f"{quant.type}-{FOLDERS[name]}")
     elif quant.imatrix == IMATRIX_AUTO:
-        quant = dataclasses.replace(quant, imatrix=Path(imatrix(ctx).record.output.path))
+        spec = dataclasses.replace(quant, imatrix=Path(imatrix(ctx).record.output.path))
     path, source_record = _source_for_quantize(ctx)
-    stage = quantize_stage(quant, ctx.ws, ctx.chain, path, source_record, threads=threads,
-                           allow_requantize=allow_requantize, on_tensor=on_tensor, on_message=ctx.say, adopt=adopt)
+    stage = quantize_stage(spec, ctx.ws, ctx.chain, path, source_record, threads=threads,
+                           allow_requantize=allow_requantize, on_tensor=on_tensor, on_message=ctx.say, adopt=adopt,
+                           output=ctx.ws.quant_path(file))
     done = run_stage(stage, ctx.records, force=force, on_message=ctx.say)
     if chosen is not None:  # measured and chosen: a Q4_K_M candidate of Phi-3.5-MoE is 25 GB
-        for _name, folder in CANDIDATES:
-            (ctx.ws.choice_dir(quant.type) / folder / quant.file).unlink(missing_ok=True)
+        for candidate in chosen.record.candidates:
+            ctx.ws.choice_dir(quant.type).joinpath(FOLDERS[candidate.name], Path(candidate.file.path).name).unlink(
+                missing_ok=True)
+    for other in {quant.file, quant.searched_file} - {file}:  # the rung's file under its other name, from before
+        for stale in (ctx.ws.quant_path(other), ctx.ws.quant_path(other + ".log")):
+            stale.unlink(missing_ok=True)
     return done
 
 

@@ -14,7 +14,8 @@ import pytest
 from moeq.errors import InputError
 from moeq.gguf_header import read_header
 from moeq.imatrix.stage import default_calibration
-from moeq.recipe.assemble import assemble, recipe_types
+from moeq.recipe.assemble import assemble
+from moeq.recipe_file import recipe_types
 
 RECIPE = [("attn", "q8_0"), ("ffn_down_exps", "q4_k"), ("blk\\.0\\.ffn_(gate|up)_exps", "q4_k"),
           ("ffn_(gate|up)_exps", "q2_k")]

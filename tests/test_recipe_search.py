@@ -16,7 +16,7 @@ import pytest
 
 from moeq.imatrix.stage import default_calibration
 from moeq.kld import default_eval_text
-from moeq.recipe.assemble import recipe_types
+from moeq.recipe_file import recipe_types
 from moeq.recipe.search import Group, Option, groups_of, predicted, recipe_lines, solve, stepped
 from moeq.recipe.stage import default_selection_text
 

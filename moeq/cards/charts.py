@@ -18,6 +18,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+from moeq.config import SEARCHED_SUFFIX
 from moeq.manifest import Manifest, QuantEntry
 from moeq.records import Candidate
 from moeq.offload import OffloadMode
@@ -101,7 +102,7 @@ def _quality_alt(manifest: Manifest) -> str:
             continue
         text = f"{entry.quant} ({size}) {quality.quant.kld_mean:.6f}"
         for other in _not_published(entry):
-            text += f", {other.quality.kld_mean:.6f} {other.name} (not published)"
+            text += f", {other.quality.kld_mean:.6f} {other.name} ({decimal_size(other.file.size)}, not published)"
         words.append(text)
     return "Mean KL divergence against F16 by file size. " + "; ".join(words)
 
@@ -172,16 +173,18 @@ def _quality_png(manifest: Manifest) -> bytes:
         quality = entry.records.bench.quality if entry.records.bench else None
         if quality is None or quality.quant.kld_mean is None:
             continue
-        ax.scatter([size], [quality.quant.kld_mean], color=color, s=60, zorder=3, label=entry.quant)
-        ax.annotate(entry.quant, (size, quality.quant.kld_mean), textcoords="offset points", xytext=(6, 4),
-                    fontsize=9)
-        for other in _not_published(entry):
-            ax.scatter([size], [other.quality.kld_mean], s=60, facecolors="none", edgecolors=color, zorder=3,
-                       label=f"{entry.quant} {other.name} (not published)")
+        label = entry.quant + (SEARCHED_SUFFIX if entry.recipe_file is not None else "")
+        ax.errorbar([size], [quality.quant.kld_mean], yerr=[quality.quant.kld_mean_err or 0], fmt="o", color=color,
+                    markersize=7, capsize=3, zorder=3, label=label)
+        ax.annotate(label, (size, quality.quant.kld_mean), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        for other in _not_published(entry):  # each at its own file's size, hollow
+            ax.errorbar([other.file.size / 1e6], [other.quality.kld_mean], yerr=[other.quality.kld_mean_err or 0],
+                        fmt="o", markersize=7, mfc="none", color=color, capsize=3, zorder=3,
+                        label=f"{entry.quant} {other.name} (not published)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_xlabel("file size, MB")
     ax.set_ylabel("mean KL divergence against F16")
-    ax.set_title("Quality lost against size")
+    ax.set_title("Quality lost against size (± llama-perplexity's uncertainty)")
     ax.grid(True, alpha=0.3, which="both")
     return _png(plt, fig)

@@ -15,11 +15,12 @@ from collections import Counter
 
 from moeq.cards.charts import charts
 from moeq.cards.render import code
+from moeq.config import SEARCHED_SUFFIX
 from moeq.kld import compare
 from moeq.manifest import LadderEntry, Manifest, ModelCardSpec, QuantEntry
 from moeq.offload import OffloadMode
-from moeq.records import (BenchRecord, ChoiceRecord, Fit, ModelFacts, PerplexityFigures, QuantizeRecord, FetchRecord,
-                          ValidateRecord, WorstTensor)
+from moeq.records import (SEARCHED, WITH, WITHOUT, BenchRecord, ChoiceRecord, Fit, ModelFacts, PerplexityFigures,
+                          QuantizeRecord, FetchRecord, ValidateRecord, WorstTensor)
 from moeq.units import binary_size, decimal_size, short_count
 
 HUB = "https://huggingface.co"
@@ -87,6 +88,7 @@ def _quant_facts(manifest: Manifest, entry: QuantEntry) -> dict:
         "quantization": _quantization(quantized, manifest.source),
         "imatrix": _imatrix(manifest, entry),
         **_bench(records.bench, quantized.model.block_count, records.choice),
+        "recipe": _recipe(manifest, entry),
     }
 
 
@@ -120,9 +122,11 @@ def _quant(manifest: Manifest, entry: QuantEntry, quantized: QuantizeRecord) -> 
         include = first.rsplit("/", 1)[0] + "/*"
     else:
         include = re.sub(r"-\d{5}-of-(\d{5})\.gguf$", r"-*-of-\1.gguf", first)
-    tag = f"{repo_id}:{entry.quant}" if single else repo_id
+    label = entry.quant + SEARCHED_SUFFIX if entry.recipe_file is not None else entry.quant
+    tag = f"{repo_id}:{label}" if single else repo_id
     return {
         "type": entry.quant,
+        "label": label,  # the file's quant label: TYPE_MOEQ for a searched recipe
         "advice": QUANT_ADVICE.get(entry.quant, ""),
         "file_type": quantized.file_type,
         "files": files,
@@ -396,11 +400,55 @@ def _imatrix_choice(choice: ChoiceRecord | None) -> dict | None:
     how the published one compares with them."""
     if choice is None:
         return None
-    published = choice.published
-    others = [{"name": c.name, **_figures(c.quality, choice.base)} for c in choice.others()]
-    verdicts = {compare(published.quality, c.quality) for c in choice.others()}
-    return {"published": published.name, "stock": choice.chosen == 0, "may_choose": choice.may_choose,
-            "others": others, "verdict": verdicts.pop() if len(verdicts) == 1 else None}
+    published, stock = choice.published, choice.candidates[0]
+    others = [{"name": c.name, "size": decimal_size(c.file.size), **_figures(c.quality, choice.base)}
+              for c in choice.others()]
+    verdicts = {compare(published.quality, c.quality) for c in choice.others() if c.name != SEARCHED}
+    searched = next((c for c in choice.candidates if c.name == SEARCHED), None)
+    return {"published": published.name, "size": decimal_size(published.file.size), "stock": choice.chosen == 0,
+            "stock_name": stock.name, "stock_size": decimal_size(stock.file.size), "may_choose": choice.may_choose,
+            "others": others, "verdict": verdicts.pop() if len(verdicts) == 1 else None,
+            "imatrix_worse": published.name == WITHOUT and choice.chosen != 0,
+            "imatrix_compared": {WITH, WITHOUT} <= {c.name for c in choice.candidates},
+            "candidates": ", ".join(c.name for c in choice.candidates[:-1]) + " and " + choice.candidates[-1].name,
+            "searched": None if searched is None else {
+                "published": searched is published, "larger": searched.file.size > stock.file.size,
+                "verdict": compare(searched.quality, stock.quality)}}
+
+
+def _recipe(manifest: Manifest, entry: QuantEntry) -> dict | None:
+    """The searched recipe: what it changed from the stock file (each group's type, bytes and measured effect on the
+    selection text), its file and rebuild command, predicted against measured, and what the search cost."""
+    record = entry.records.recipe
+    if record is None:
+        return None
+    stock_eval, chosen = record.evals[0], record.evals[record.chosen]
+    by_group = {tensor: g.name for g in record.groups for tensor in g.tensors}
+    single = {e.label: e for e in record.evals}
+    rows = {}
+    for tensor, ggml_type in chosen.changes.items():
+        group = by_group.get(tensor, tensor)
+        row = rows.setdefault(group, {"group": group, "from": record.stock_types[tensor], "to": ggml_type})
+        word = "up" if record.types.index(ggml_type) > record.types.index(record.stock_types[tensor]) else "down"
+        alone = single.get(f"{group} {word}")
+        row["bytes"] = f"{(alone.tensor_bytes - stock_eval.tensor_bytes) if alone else 0:+,}"
+        measured = alone and alone.quality.kld_mean is not None and stock_eval.quality.kld_mean is not None
+        row["kld"] = (f"{alone.quality.kld_mean - stock_eval.quality.kld_mean:+.6f}" if measured
+                      else "not measured alone")
+    published = entry.recipe_file
+    return {
+        "file": published.name if published else None,
+        "url": f"{hub_url(manifest.repo_id)}/resolve/main/{published.name}" if published else None,
+        "sha256": published.sha256 if published else None,
+        "command": " ".join(record.command), "budget": record.budget, "budget_bytes": f"{record.budget_bytes:,}",
+        "rows": sorted(rows.values(), key=lambda r: r["group"]),
+        "selection": {"text": record.selection.text, "ctx": record.selection.ctx, "chunks": record.selection.chunks},
+        "stock_kld": _pm(stock_eval.quality, "kld_mean", 6), "measured_kld": _pm(chosen.quality, "kld_mean", 6),
+        "predicted_kld": _num(record.predicted_kld, 6) if record.predicted_kld is not None else None,
+        "stock_bytes": f"{stock_eval.tensor_bytes:,}", "bytes": f"{chosen.tensor_bytes:,}",
+        "evals": len(record.evals), "runs": record.runs, "seconds": f"{record.seconds:,.0f}",
+        "types": ", ".join(record.types),
+    }
 
 
 def _bench(bench: BenchRecord | None, n_layer: int, choice: ChoiceRecord | None) -> dict:

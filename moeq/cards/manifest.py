@@ -23,8 +23,8 @@ from moeq.config import Pipeline, QuantSpec
 from moeq.errors import InputError
 from moeq.manifest import MANIFEST_NAME, MANIFEST_VERSION, README_NAME, Manifest
 from moeq.record_store import R, Records
-from moeq.records import (BenchRecord, ChoiceRecord, FetchRecord, FileRef, ImatrixRecord, QuantizeRecord, ShardsRecord,
-                          ValidateRecord, record_json)
+from moeq.records import (BenchRecord, ChoiceRecord, FetchRecord, FileRef, ImatrixRecord, QuantizeRecord, RecipeRecord,
+                          ShardsRecord, ValidateRecord, record_json)
 from moeq.workspace import Workspace
 
 PATH_KEYS = {"path", "file"}
@@ -41,6 +41,7 @@ class CardInputs:
     shards: ShardsRecord
     imatrix: ImatrixRecord | None = None  # the imatrix stage's record, when the quant was made with its output
     choice: ChoiceRecord | None = None  # how the file was chosen, when its quality figures are the choice's
+    recipe: RecipeRecord | None = None  # the search, when its recipe was one of the choice's candidates
 
     @property
     def quant(self) -> str:
@@ -55,6 +56,11 @@ class CardInputs:
         path = Path(used.path)
         return FileRef(path=used.path, size=path.stat().st_size if path.is_file() else 0, sha256=used.sha256)
 
+    @property
+    def recipe_file(self) -> FileRef | None:
+        """The recipe file the quant was made with (--tensor-type-file): published in its repo."""
+        return self.quantized.options.tensor_type_file
+
     @classmethod
     def from_records(cls, records: Records, quant: QuantSpec, shards: ShardsRecord,
                      warn: Callable[[str], None] = lambda _msg: None) -> "CardInputs":
@@ -64,9 +70,10 @@ class CardInputs:
         if imatrix is not None and (used is None or imatrix.output.sha256 != used.sha256):
             imatrix = None  # another matrix than the one this file was made with
         bench = _current(records, BenchRecord, quant.type, quantized, warn)
+        choice = _choice_of(records.get(ChoiceRecord, quant.type), quantized, bench)
         return cls(quantized=quantized, validated=_current(records, ValidateRecord, quant.type, quantized, warn),
-                   bench=bench, shards=shards, imatrix=imatrix, choice=_choice_of(records.get(ChoiceRecord, quant.type),
-                                                                                   quantized, bench))
+                   bench=bench, shards=shards, imatrix=imatrix, choice=choice,
+                   recipe=_recipe_of(records.get(RecipeRecord, quant.type), choice))
 
 
 @dataclass
@@ -89,6 +96,13 @@ def _choice_of(choice: ChoiceRecord | None, quantized: QuantizeRecord,
             or bench.quality is None or bench.quality.quant != choice.published.quality):
         return None
     return choice
+
+
+def _recipe_of(recipe: RecipeRecord | None, choice: ChoiceRecord | None) -> RecipeRecord | None:
+    """The recipe record, when the choice measured the file it describes."""
+    if recipe is None or choice is None or all(c.file.sha256 != recipe.output.sha256 for c in choice.candidates):
+        return None
+    return recipe
 
 
 def current_validate(records: Records, quant: str) -> ValidateRecord | None:
@@ -154,6 +168,22 @@ def _imatrix_entry(quant: CardInputs, taken: dict[str, str], ws: Workspace) -> d
     return {"name": name, "size": ref.size, "sha256": ref.sha256}
 
 
+def _recipe_entry(quant: CardInputs, taken: dict[str, str], ws: Workspace) -> dict | None:
+    """The quant's recipe file as a repo file, checked: the one the quant was made with, under a free name."""
+    ref = quant.recipe_file
+    if ref is None:
+        return None
+    name = Path(ref.path).name
+    if taken.get(name, ref.sha256) != ref.sha256:
+        raise InputError(f"{ref.path}: the recipe would be published as {name}, a name the repo already uses for "
+                         "another file; give the quant another file name (quants[].file)")
+    if not Path(ref.path).is_file() or ws.hashes.sha256(Path(ref.path)) != ref.sha256:
+        raise InputError(f"{ref.path}: not the recipe {quant.quant} was made with (gone or changed since); run moeq "
+                         f"quantize --quant {quant.quant} again")
+    taken[name] = ref.sha256
+    return {"name": name, "size": ref.size, "sha256": ref.sha256}
+
+
 def _published_license(source: FetchRecord | None) -> FileRef | None:
     """The license file that came with the source, published in every repo of the ladder when it is still there."""
     if source is None or source.license is None or not Path(source.license.path).is_file():
@@ -190,7 +220,9 @@ def build_manifest(pipeline: Pipeline, inputs: RepoInputs, ws: Workspace) -> Man
             taken[f["name"]] = f["sha256"]
         entries.append({
             "quant": quant.quant, "files": files, "imatrix_file": _imatrix_entry(quant, taken, ws),
+            "recipe_file": _recipe_entry(quant, taken, ws),
             "records": {"imatrix": _published(quant.imatrix), "choice": _published(quant.choice),
+                        "recipe": _published(quant.recipe),
                         "quantize": _published(quant.quantized),
                         "validate": _published(validated), "bench": _published(quant.bench)},
         })

@@ -49,8 +49,9 @@ def card_stage(pipeline: Pipeline, quant: str | None, ws: Workspace, inputs: Rep
     gguf_files = [(path, ref) for quant in inputs.quants for path, ref in zip(repo_paths(pipeline, quant),
                                                                                  quant.shards.files)]
     imatrices = {Path(q.imatrix_file.path).name: q.imatrix_file for q in inputs.quants if q.imatrix_file}
+    recipes = [(Path(q.recipe_file.path).name, q.recipe_file) for q in inputs.quants if q.recipe_file]
     licenses = [(manifest.license_file.name, inputs.source.license)] if manifest.license_file else []
-    published = [*gguf_files, *imatrices.items(), *licenses]
+    published = [*gguf_files, *imatrices.items(), *recipes, *licenses]
     what = quant or "the ladder"
 
     def stage_key() -> dict:

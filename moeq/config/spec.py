@@ -85,10 +85,32 @@ class QuantSpec:
     file: str = ""  # output file name inside the workspace
     recipe: str | None = None  # RECIPE_SEARCH: per-tensor types searched on measured KL divergence
     budget: "Budget | None" = None  # what a searched recipe may weigh (None with recipe: search: the stock file)
+    pure: bool = False  # --pure: every tensor the base type, but for tensor_type_file's and the two end flags
+    tensor_type_file: Path | None = None  # --tensor-type-file: REGEX=TYPE lines, the first that matches wins
 
     @property
     def slug(self) -> str:
         return self.type.lower().replace("_", "-")
+
+    @property
+    def label(self) -> str:
+        """The searched file's quant label: TYPE_MOEQ (Q2_K_MOEQ). llama.cpp's `-hf REPO:LABEL` takes the first file
+        whose name holds LABEL then `.` or `-`, so Q2_K does not pick it, and the Hub reads the label whole."""
+        return self.type + SEARCHED_SUFFIX
+
+    @property
+    def searched_file(self) -> str:
+        """The searched file's name: the stock file's, its quant type labelled (tiny-phimoe-Q2_K_MOEQ.gguf)."""
+        stem = self.file.removesuffix(".gguf")
+        at = stem.upper().rfind(self.type.upper())
+        if at >= 0 and stem[at + len(self.type):at + len(self.type) + 1] in ("", ".", "-"):
+            stem = stem[:at + len(self.type)] + SEARCHED_SUFFIX + stem[at + len(self.type):]
+        else:
+            stem = f"{stem}-{self.label}"
+        return stem + ".gguf"
+
+
+SEARCHED_SUFFIX = "_MOEQ"
 
 
 RECIPE_SEARCH = "search"

@@ -87,7 +87,7 @@ def local_files(card: CardRecord) -> dict[str, PlannedFile]:
     folder = Path(card.folder)
     manifest = read_manifest(folder / MANIFEST_NAME)
     known = {f.name: f.sha256 for q in manifest.quants
-             for f in [*q.files, *([q.imatrix_file] if q.imatrix_file else [])]}
+             for f in [*q.files, *(extra for extra in (q.imatrix_file, q.recipe_file) if extra)]}
     known[README_NAME] = card.readme.sha256
     known[MANIFEST_NAME] = card.manifest.sha256
     files = {}

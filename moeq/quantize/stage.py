@@ -111,7 +111,7 @@ def _quantize(quant: QuantSpec, ws: Workspace, tool, source_path: Path, source_r
                  quant.type)
     partial = partial_path(final)
     partial.unlink(missing_ok=True)
-    command = build_command(tool.path, quant, options, source_path, partial, threads)
+    command = build_command(tool.path, options, source_path, partial, threads)
     parser = QuantizeLogParser()
 
     def on_line(line: str) -> None:
@@ -170,34 +170,48 @@ def quant_options(quant: QuantSpec, allow_requantize: bool, ws: Workspace) -> Qu
         if not quant.imatrix.is_file():
             raise InputError(f"{quant.imatrix}: imatrix file not found; fix quants[].imatrix")
         imatrix = ImatrixRef(path=str(quant.imatrix), sha256=ws.hashes.sha256(quant.imatrix))
+    recipe = None
+    if quant.tensor_type_file is not None:
+        if not quant.tensor_type_file.is_file():
+            raise InputError(f"{quant.tensor_type_file}: recipe file not found; fix quants[{quant.type}].recipe")
+        recipe = FileRef(path=str(quant.tensor_type_file), size=quant.tensor_type_file.stat().st_size,
+                         sha256=ws.hashes.sha256(quant.tensor_type_file))
     return QuantizeOptions(type=quant.type, imatrix=imatrix, tensor_types=dict(quant.tensor_types),
                            output_tensor_type=quant.output_tensor_type,
-                           token_embedding_type=quant.token_embedding_type, allow_requantize=allow_requantize)
+                           token_embedding_type=quant.token_embedding_type, allow_requantize=allow_requantize,
+                           pure=quant.pure, tensor_type_file=recipe)
 
 
 def option_key(options: QuantizeOptions) -> dict:
     """The options as the key holds them: the importance matrix by its bare name (llama-quantize writes that into
-    the file) and its sha256, not its path, so a moved or copied workspace stays current."""
+    the file) and its sha256, and the recipe file by its sha256, not their paths, so a moved or copied workspace
+    stays current."""
     key = options.model_dump(mode="json")
     if options.imatrix is not None:
         key["imatrix"] = {"name": Path(options.imatrix.path).name, "sha256": options.imatrix.sha256}
+    if options.tensor_type_file is not None:
+        key["tensor_type_file"] = options.tensor_type_file.sha256
     return key
 
 
-def build_command(tool: Path, quant: QuantSpec, options: QuantizeOptions, source: Path, out: Path,
-                  threads: int | None) -> list[str]:
+def build_command(tool: Path, options: QuantizeOptions, source: Path, out: Path, threads: int | None) -> list[str]:
+    """The llama-quantize command for `options`: what the record keeps, and what rebuilds the file."""
     command = [str(tool)]
     if options.allow_requantize:
         command.append("--allow-requantize")
+    if options.pure:
+        command.append("--pure")
     if options.imatrix:  # by its bare name, run from its folder: llama-quantize writes it into the file
         command += ["--imatrix", Path(options.imatrix.path).name]
-    for name, ggml_type in quant.tensor_types:
+    for name, ggml_type in options.tensor_types.items():
         command += ["--tensor-type", f"{name}={ggml_type}"]
-    if quant.output_tensor_type:
-        command += ["--output-tensor-type", quant.output_tensor_type]
-    if quant.token_embedding_type:
-        command += ["--token-embedding-type", quant.token_embedding_type]
-    command += [str(Path(source).resolve()), str(Path(out).resolve()), quant.type]
+    if options.tensor_type_file:
+        command += ["--tensor-type-file", str(Path(options.tensor_type_file.path).resolve())]
+    if options.output_tensor_type:
+        command += ["--output-tensor-type", options.output_tensor_type]
+    if options.token_embedding_type:
+        command += ["--token-embedding-type", options.token_embedding_type]
+    command += [str(Path(source).resolve()), str(Path(out).resolve()), options.type]
     if threads:
         command.append(str(threads))
     return command

@@ -13,7 +13,6 @@ data from the file of each tensor's type; the result equals llama-quantize's own
 
 from __future__ import annotations
 
-import re
 import struct
 from pathlib import Path
 
@@ -22,19 +21,6 @@ from moeq.gguf_header import GGUFHeader, TensorInfo, read_header
 from moeq.workspace import commit_file, partial_path
 
 CHUNK = 64 << 20  # bytes copied at a time: a tensor of a real model is gigabytes
-
-
-def recipe_types(recipe: list[tuple[str, str]], names: list[str]) -> dict[str, str]:
-    """Each tensor's type under `recipe` (REGEX=TYPE lines in order), as llama-quantize applies
-    --tensor-type: the pattern lowercased and searched (not anchored) in the tensor's name, the first
-    pattern that matches wins; a tensor no pattern matches is left out (it keeps the base type)."""
-    compiled = [(re.compile(pattern.lower()), ggml_type.upper()) for pattern, ggml_type in recipe]
-    types = {}
-    for name in names:
-        match = next((ggml_type for pattern, ggml_type in compiled if pattern.search(name)), None)
-        if match is not None:
-            types[name] = match
-    return types
 
 
 def assemble(base: Path, per_type: dict[str, Path], types: dict[str, str], out: Path) -> None:

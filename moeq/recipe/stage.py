@@ -10,10 +10,11 @@ divergence is chosen. Each measurement is saved as it is made (WORKSPACE/recipe/
 the options and the per-type files' sha256), so an interrupted search continues where it stopped and a
 finished one costs nothing.
 
-It writes the chosen recipe as a `--tensor-type-file` (WORKSPACE/recipe/TYPE/<file>.recipe), the
-assembled file beside it, and a RecipeRecord with every measurement and the one llama-quantize command
-that rebuilds the file. Its key is the source, the importance matrix, the stock file, the selection
-options, the budget and the search settings.
+It writes the chosen recipe as a `--tensor-type-file` (WORKSPACE/recipe/TYPE/<stem>-TYPE_MOEQ.recipe), the
+assembled file beside it (the choice stage has llama-quantize make it again from the recipe file, checks that
+the two are the same bytes, and deletes this one), and a RecipeRecord with every measurement and the one
+llama-quantize command that rebuilds the file. Its key is the source, the importance matrix, the stock file,
+the selection options, the budget and the search settings.
 
     result = run_stage(recipe_stage(pipeline, quant, ws, chain, fetched, stock, on_message=print), records)
     result.record.evals[result.record.chosen].quality.kld_mean
@@ -228,9 +229,9 @@ def _require_text(text: Path, options: PerplexityOptions) -> None:
 
 
 def _intact(ws: Workspace, record: RecipeRecord) -> bool:
-    """The recipe file and the file it makes are as the record says."""
-    return all(Path(ref.path).is_file() and ws.hashes.sha256(Path(ref.path)) == ref.sha256
-               for ref in (record.recipe_file, record.output))
+    """The recipe file is as the record says (the assembled file is deleted once llama-quantize made it again)."""
+    ref = record.recipe_file
+    return Path(ref.path).is_file() and ws.hashes.sha256(Path(ref.path)) == ref.sha256
 
 
 def _pure_files(ws: Workspace, chain: Toolchain, tool, source: FetchRecord, imatrix: ImatrixRef | None,
@@ -320,16 +321,16 @@ def _record(quant, base, limit, source, stock, options, tool, groups: list[Group
             best: int, predicted_kld, tensor_types, pure, folder: Path, started: float) -> RecipeRecord:
     embd = tensor_types.get("token_embd.weight", base)
     output = tensor_types.get("output.weight", embd)
-    stem = Path(quant.file).stem
+    stem = Path(quant.searched_file).stem
     recipe_path = folder / f"{stem}.recipe"
     lines = recipe_lines(tensor_types, base)
     write_text_atomic(recipe_path, "".join(f"{pattern}={ggml_type}\n" for pattern, ggml_type in lines))
-    out = folder / quant.file
+    out = folder / quant.searched_file
     assemble(pure[base], pure, {n: t for n, t in tensor_types.items() if t != base}, out)
     imatrix = stock.options.imatrix
     command = ["llama-quantize", "--pure", *(["--imatrix", Path(imatrix.path).name] if imatrix else []),
                "--tensor-type-file", recipe_path.name, "--token-embedding-type", embd.lower(),
-               "--output-tensor-type", output.lower(), Path(source.output.path).name, quant.file, quant.type]
+               "--output-tensor-type", output.lower(), Path(source.output.path).name, quant.searched_file, quant.type]
     return RecipeRecord(
         quant=quant.type, base_type=base, budget=quant.budget.describe() if quant.budget else "stock",
         budget_bytes=limit, source=source.output, imatrix=imatrix, selection=options,

@@ -97,7 +97,8 @@ def _first_three(problems: list[str]) -> str:
     return "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
 
 
-def check_type_mix(header: GGUFHeader, quant: str, overrides: dict[str, str] | None = None) -> CheckResult:
+def check_type_mix(header: GGUFHeader, quant: str, overrides: dict[str, str] | None = None,
+                   ends: dict[str, str] | None = None, pure: bool = False) -> CheckResult:
     from moeq import quant_types
     from moeq.validate.typemix import allowed_types, keeps_source_type
 
@@ -118,9 +119,9 @@ def check_type_mix(header: GGUFHeader, quant: str, overrides: dict[str, str] | N
             if t.type != gguf.GGMLQuantizationType.F32:
                 wrong.append(f"{t.name} is {t.type.name}, expected F32")
             continue
-        allowed = allowed_types(known.name, t, header, overrides or {})
+        allowed = allowed_types(known.name, t, header, overrides or {}, ends, pure)
         if allowed is not None and t.type not in allowed:
-            wrong.append(f"{t.name} is {t.type.name}, the {known.name} recipe gives "
+            wrong.append(f"{t.name} is {t.type.name}, the {known.name} {'recipe file' if pure else 'recipe'} gives "
                          f"{'/'.join(sorted(a.name for a in allowed))}")
     if wrong:
         return CheckResult("type mix", False, _first_three(wrong))
@@ -221,7 +222,8 @@ def check_numerics(header: GGUFHeader, source: GGUFHeader, mode: str) -> tuple[C
 
 def validate_file(path: Path, against: Path | None = None, numerics: str = "sample",
                   expected_arch: str | None = None, quant: str | None = None,
-                  overrides: dict[str, str] | None = None) -> ValidateReport:
+                  overrides: dict[str, str] | None = None, ends: dict[str, str] | None = None,
+                  pure: bool = False) -> ValidateReport:
     """Run every check on `path` (and against `against`, the F16 source, when given)."""
     report = ValidateReport(str(path), str(against) if against else None)
     container, header = check_container(path)
@@ -239,7 +241,7 @@ def validate_file(path: Path, against: Path | None = None, numerics: str = "samp
     if source_header is not None:
         report.checks.append(check_tensors(header, source_header))
     if quant is not None:
-        report.checks.append(check_type_mix(header, quant, overrides))
+        report.checks.append(check_type_mix(header, quant, overrides, ends, pure))
     reader = source_reader = None
     if against is not None:  # the tokenizer and template are compared value by value with gguf-py
         try:

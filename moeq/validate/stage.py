@@ -1,8 +1,9 @@
 """The validate stage: check a quant of the ladder against its source and plan its memory.
 
 It receives the QuantizeRecord (the hand-off from quantize) and writes a ValidateRecord. Its key is
-the file's and the source's sha256, the numerics mode, the context sizes of the plan and the type
-overrides the type-mix check expects.
+the file's and the source's sha256, the numerics mode, the context sizes of the plan and the types the
+type-mix check expects: llama.cpp's mixture for the type, but for the tensors the quantize record's options
+name (--tensor-type, the end flags, a recipe file), and the base type everywhere else for a --pure file.
 
     result = run_stage(validate_stage(pipeline, pipeline.quant("Q8_0"), quantized), records)
     result.record.ok, result.record.plan.n_layer
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from moeq.config import Pipeline, QuantSpec
 from moeq.memory_plan import plan_file
+from moeq.recipe_file import read_recipe
 from moeq.records import QuantizeRecord, ValidateRecord, WorstTensor
 from moeq.stage_runner import Stage
 from moeq.validate.checks import validate_file
@@ -21,20 +23,23 @@ from moeq.validate.checks import validate_file
 
 def validate_stage(pipeline: Pipeline, quant: QuantSpec, quantized: QuantizeRecord,
                    numerics: str = "sample") -> Stage[ValidateRecord]:
-    overrides = dict(quant.tensor_types)
-    if quant.output_tensor_type:
-        overrides[r"^output\.weight$"] = quant.output_tensor_type
-    if quant.token_embedding_type:
-        overrides[r"^token_embd\.weight$"] = quant.token_embedding_type
+    options = quantized.options  # what llama-quantize was asked for: the type mix expected of each tensor
+    overrides = dict(options.tensor_types)
+    if options.tensor_type_file is not None:
+        recipe = Path(options.tensor_type_file.path)
+        overrides.update((p, t) for p, t in read_recipe(recipe) if p not in overrides)
+    ends = {name: ggml_type for name, ggml_type in (("output.weight", options.output_tensor_type),
+                                                    ("token_embd.weight", options.token_embedding_type)) if ggml_type}
     ctx = list(pipeline.bench.ctx)
 
     def key() -> dict:
         return {"file_sha256": quantized.output.sha256, "source_sha256": quantized.source.sha256,
-                "numerics": numerics, "ctx": sorted(ctx), "overrides": overrides}
+                "numerics": numerics, "ctx": sorted(ctx), "overrides": overrides, "ends": ends,
+                "pure": options.pure}
 
     def run() -> ValidateRecord:
         report = validate_file(Path(quantized.output.path), Path(quantized.source.path), numerics,
-                               quant=quant.type, overrides=overrides)
+                               quant=quant.type, overrides=overrides, ends=ends, pure=options.pure)
         plan = plan_file(Path(quantized.output.path), ctx_sizes=ctx)
         plan.file = Path(plan.file).name  # the record's `file` says where it is, workspace-relative
         return ValidateRecord(

@@ -17,6 +17,7 @@ import gguf
 from gguf import Keys
 
 from moeq.gguf_header import GGUFHeader, TensorInfo
+from moeq.recipe_file import pure_type
 
 Q = gguf.GGMLQuantizationType
 FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
@@ -49,18 +50,28 @@ def keeps_source_type(t: TensorInfo) -> bool:
     return len([d for d in t.shape if d > 1]) <= 1 or t.name.endswith("ffn_gate_inp.weight") or ".bias" in t.name
 
 
-def allowed_types(quant: str, t: TensorInfo, header: GGUFHeader, overrides: dict[str, str]) -> set | None:
-    """Types the recipe can give `t`; `overrides` maps name patterns to the types the pipeline asked for."""
-    recipe = RECIPES.get(quant)
-    if recipe is None:
-        return None
-    cat = category(t.name)
-    allowed = set(recipe.get(cat, recipe["*"]))
-    if quant != "Q8_0" and cat in EIGHT_EXPERTS and header.arch_value(Keys.LLM.EXPERT_COUNT) == 8:
-        allowed = set(EIGHT_EXPERTS[cat])
-    for pattern, ggml_type in overrides.items():
-        if re.search(pattern, t.name):
-            allowed = {Q[ggml_type.upper()]}
+def allowed_types(quant: str, t: TensorInfo, header: GGUFHeader, overrides: dict[str, str],
+                  ends: dict[str, str] | None = None, pure: bool = False) -> set | None:
+    """Types llama-quantize can give `t`: `ends` (token_embd.weight, output.weight: the two end flags) first, then
+    the first of `overrides` (pattern -> type, in order: --tensor-type and the recipe file) whose pattern is
+    found in its name, then with `pure` the type's base type, else the type's mixture."""
+    named = (ends or {}).get(t.name) or next((ggml_type for pattern, ggml_type in overrides.items()
+                                               if re.search(pattern.lower(), t.name)), None)
+    if named is not None:
+        allowed = {Q[named.upper()]}
+    elif pure:
+        base = pure_type(quant)
+        if base is None:
+            return None
+        allowed = {Q[base]}
+    else:
+        recipe = RECIPES.get(quant)
+        if recipe is None:
+            return None
+        cat = category(t.name)
+        allowed = set(recipe.get(cat, recipe["*"]))
+        if quant != "Q8_0" and cat in EIGHT_EXPERTS and header.arch_value(Keys.LLM.EXPERT_COUNT) == 8:
+            allowed = set(EIGHT_EXPERTS[cat])
     ncols = t.shape[0]
     out = set()
     for wanted in allowed:
