@@ -2,12 +2,11 @@
 
     .venv/bin/python benchmarks/recipe_search.py [--quants Q2_K Q4_K_M] [--dir DIR]
 
-For each rung: `moeq build` (the stock file, chosen with or without the importance matrix and measured on
-the evaluation text), then `moeq recipe` with `budget: stock` (searched on the selection text), then the
-searched file measured on the evaluation text the same way, and `llama-bench` (cpu) on the published stock
-file and the searched one. Printed: the Pareto table (size, mean KLD ± uncertainty, same top token,
-tokens/s) of the stock file with and without the importance matrix and the searched one, whether the
-searched file wins by more than twice the combined uncertainty, the recipe found (what it changed), its
+For each rung, `moeq build` with `recipe: search` and `budget: stock`: the search on the selection text, then
+the choice between the stock file with and without the importance matrix and the searched file, all three
+measured on the evaluation text. Printed: the Pareto table (size, mean KLD ± uncertainty, same top token,
+tokens/s from `llama-bench` on the CPU for the stock file with the importance matrix and the searched one, made
+again from their records' commands), which file was published and why, the recipe found (what it changed), its
 predicted against measured KLD on the selection text, the search's cost (runs, wall time), and that the
 published rebuild command makes the searched file byte for byte.
 """
@@ -28,9 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from moeq.config import load_pipeline  # noqa: E402
-from moeq.kld import base_logits, compare, eval_options, eval_text, measure  # noqa: E402
 from moeq.record_store import Records  # noqa: E402
-from moeq.records import ChoiceRecord, FetchRecord, PerplexityFigures, RecipeRecord  # noqa: E402
+from moeq.records import SEARCHED, WITH, ChoiceRecord, PerplexityFigures, QuantizeRecord, RecipeRecord  # noqa: E402
 from moeq.toolchain import Toolchain  # noqa: E402
 from moeq.workspace import Workspace  # noqa: E402
 
@@ -62,7 +60,7 @@ def main() -> None:
     data["bench"].pop("rpc", None)
     data["quants"] = [{**q, "recipe": "search", "budget": "stock"} if isinstance(q, dict) and q["type"] in args.quants
                       else q for q in data["quants"]]
-    data["recipe"] = {"ctx": 256, "chunks": 32}
+    data["recipe"] = {"ctx": 256, "chunks": 32}  # the selection: 32 chunks of 256 tokens
     config = folder / "tiny-phimoe.yaml"
     folder.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -71,43 +69,37 @@ def main() -> None:
     records = Records(ws, config)
     for quant in args.quants:
         moeq("build", "--config", str(config), "--quant", quant)
-        moeq("recipe", "--config", str(config), "--quant", quant)
         choice, recipe = records.require(ChoiceRecord, quant), records.require(RecipeRecord, quant)
-        options = eval_options(pipeline, ws)
-        source = records.require(FetchRecord)
-        base_kld, _ = base_logits(ws, chain, source.output, options, eval_text(pipeline),
-                                  chain.tool("llama-perplexity").build.commit, threads=None, timeout_s=600)
-        searched_file = ws.root / "recipe" / quant / Path(pipeline.quant(quant).file).name
-        searched = measure(chain, searched_file, eval_text(pipeline), base_kld, options,
-                           ws.root / "recipe" / quant / "evaluation.log", threads=None, timeout_s=600)
-        published = ws.quant_path(pipeline.quant(quant).file)
+        stock = remake(chain, records.require(QuantizeRecord, f"{quant}-with-imatrix"), folder / f"stock-{quant}.gguf")
+        searched = remake(chain, records.require(QuantizeRecord, f"{quant}-searched"), folder / f"searched-{quant}.gguf")
+        tokens = {WITH: speed(chain, stock), SEARCHED: speed(chain, searched)}
+        options = choice.options
         print(f"\n## {quant}: evaluation text {options.text}, {options.chunks} chunks of {options.ctx}\n")
         print("| file | bytes | mean KLD | same top token | tokens/s (cpu) |\n| --- | --- | --- | --- | --- |")
         for i, candidate in enumerate(choice.candidates):
             mark = " (published)" if i == choice.chosen else ""
-            tokens = speed(chain, published) if i == choice.chosen else "-"
-            print(row(f"stock {candidate.name}{mark}", candidate.file.size, candidate.quality, tokens))
-        print(row("searched (budget: stock, with the importance matrix)", searched_file.stat().st_size, searched,
-                  speed(chain, searched_file)))
-        verdict = compare(searched, choice.published.quality)
-        print(f"\nsearched against the published stock file: {verdict} (twice the combined uncertainty); size "
-              f"{searched_file.stat().st_size / choice.published.file.size:.3f} of it")
+            print(row(f"{quant} {candidate.name}{mark}", candidate.file.size, candidate.quality,
+                      tokens.get(candidate.name, "-")))
+        print(f"\npublished: {choice.published.name}: {choice.why}")
         chosen = recipe.evals[recipe.chosen]
         print(f"selection text: stock {recipe.evals[0].quality.kld_mean:.6f}, chosen ({chosen.label}) "
               f"{chosen.quality.kld_mean:.6f}, predicted {recipe.predicted_kld}; {len(recipe.evals)} recipes, "
               f"{recipe.runs} llama-perplexity runs, {recipe.seconds:.0f} s")
         print("changed from stock: " + ", ".join(f"{n} {recipe.stock_types[n]}->{t}"
                                                  for n, t in sorted(chosen.changes.items())))
-        rebuilt = folder / f"rebuilt-{quant}.gguf"
-        imatrix = Path(recipe.imatrix.path) if recipe.imatrix else None
-        command = [str(chain.path("llama-quantize")), *recipe.command[1:]]
-        command[command.index(recipe.recipe_file.path.split("/")[-1])] = str(Path(recipe.recipe_file.path).resolve())
-        command[-3] = str(Path(recipe.source.path if recipe.source.path.startswith("/") else ws.root /
-                               recipe.source.path).resolve())
-        command[-2] = str(rebuilt)
-        subprocess.run(command, check=True, capture_output=True, cwd=imatrix.resolve().parent if imatrix else None)
-        same = hashlib.sha256(rebuilt.read_bytes()).digest() == hashlib.sha256(searched_file.read_bytes()).digest()
-        print(f"rebuilt with the published command: {'the same sha256' if same else 'DIFFERENT'}")
+        same = hashlib.sha256(searched.read_bytes()).hexdigest() == recipe.output.sha256
+        print(f"made again with the searched candidate's command: {'the same sha256' if same else 'DIFFERENT'}")
+
+
+def remake(chain: Toolchain, record: QuantizeRecord, out: Path) -> Path:
+    """The file `record` describes, made again with its own command (the choice deleted the candidate)."""
+    command = [str(chain.path("llama-quantize")), *record.command[1:]]
+    command[next(i for i, arg in enumerate(command) if arg.endswith(".partial"))] = str(out)
+    imatrix = record.options.imatrix
+    subprocess.run(command, check=True, capture_output=True, cwd=Path(imatrix.path).parent if imatrix else None)
+    if hashlib.sha256(out.read_bytes()).hexdigest() != record.output.sha256:
+        raise SystemExit(f"{out}: not the file {record.quant} recorded")
+    return out
 
 
 if __name__ == "__main__":

@@ -77,3 +77,26 @@ def pure_type(quant: str) -> str | None:
         if name in _TYPES:
             return name
     return None
+
+
+def check_recipe(recipe: list[tuple[str, str]], header, recipe_path: Path, model_path: Path) -> None:
+    """Refuse a recipe that does not fit the model in `header`: a pattern that matches none of its weight tensors
+    (a recipe for another model, or a typo), or a type a tensor's rows cannot hold (llama-quantize would quietly
+    type it otherwise)."""
+    weights = [t for t in header.tensors if len([d for d in t.shape if d > 1]) >= 2
+               and not t.name.endswith("ffn_gate_inp.weight")]  # the router: llama-quantize leaves it as it is
+    names = [t.name for t in weights]
+    for pattern, _type in recipe:
+        if not any(re.search(pattern.lower(), name) for name in names):
+            raise InputError(f"{recipe_path}: {pattern[:80]!r} matches no weight tensor of {model_path.name}; fix "
+                             "the pattern (llama-quantize searches it in names such as "
+                             f"{names[len(names) // 2] if names else 'blk.0.attn_q.weight'})")
+    typed = recipe_types(recipe, names)
+    for t in weights:
+        ggml_type = typed.get(t.name)
+        if ggml_type is None:
+            continue
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]][0]
+        if t.shape[0] % block:
+            raise InputError(f"{recipe_path}: {t.name} cannot be {ggml_type}: its rows of {t.shape[0]} values are "
+                             f"not a multiple of {ggml_type}'s block of {block}; give it another type")

@@ -76,7 +76,8 @@ def test_the_alt_texts_state_the_records_figures(built):
         assert f"{entry.quant} ({size}) {quality.quant.kld_mean:.6f}" in quality_alt
         if entry.quant != "Q8_0":  # the choice's other candidate too (with or without the importance matrix)
             [other] = entry.records.choice.others()
-            assert f"{other.quality.kld_mean:.6f} {other.name} (not published)" in quality_alt
+            assert (f"{other.quality.kld_mean:.6f} {other.name} ({decimal_size(other.file.size)}, not published)"
+                    in quality_alt)
 
 
 def test_a_rebuild_draws_the_same_bytes_and_pushes_nothing(built, tmp_path):

@@ -194,7 +194,8 @@ def test_a_budget_no_recipe_can_meet_is_refused_before_measuring(tmp_path, toolc
 
 
 @pytest.mark.parametrize("quant,recipe,message", [
-    ({"type": "Q2_K", "recipe": "best"}, None, "quants[0].recipe: unknown recipe 'best'; use recipe: search"),
+    ({"type": "Q2_K", "recipe": "best"}, None, "quants[0].recipe: {folder}/best: no such recipe file; give recipe: "
+                                               "search, or the path of a --tensor-type-file"),
     ({"type": "Q2_K", "budget": "stock"}, None, "quants[0].budget: a budget is for a searched recipe; add recipe: "
                                                 "search"),
     ({"type": "Q2_K", "recipe": "search", "budget": {"bpw": 0.5}}, None,
@@ -213,6 +214,19 @@ def test_recipe_settings_are_checked(tmp_path, quant, recipe, message):
     proc = run_moeq("check-config", "--config", str(config))
     assert proc.returncode == 2, proc.stdout
     assert message.format(folder=tmp_path) in error_line(proc)
+
+
+def test_a_selection_text_that_shares_lines_with_the_evaluation_text_is_refused(tmp_path, toolchain):
+    borrowed = tmp_path / "borrowed.txt"
+    borrowed.write_text(default_selection_text().read_text() + default_eval_text().read_text()[:4000])
+    quants = [{"type": "Q2_K", "recipe": "search"}]
+    config = pipeline_file(tmp_path, trained=False, quants=quants, recipe={**SMALL, "selection": str(borrowed)})
+    proc = run_moeq("recipe", "--config", str(config))
+    assert proc.returncode == 3
+    line = error_line(proc)
+    assert line.startswith(f"error: {borrowed}: shares ") and f"with {default_eval_text()} (bench.perplexity.text)" in line
+    assert line.endswith("(recipe.selection)")
+    assert not (tmp_path / "work" / "recipe" / "pure").exists()  # refused before any per-type file is made
 
 
 def test_a_selection_text_too_short_for_two_chunks_is_refused(tmp_path, toolchain):

@@ -122,11 +122,14 @@ def _quant(manifest: Manifest, entry: QuantEntry, quantized: QuantizeRecord) -> 
         include = first.rsplit("/", 1)[0] + "/*"
     else:
         include = re.sub(r"-\d{5}-of-(\d{5})\.gguf$", r"-*-of-\1.gguf", first)
-    label = entry.quant + SEARCHED_SUFFIX if entry.recipe_file is not None else entry.quant
+    label = quant_label(entry)
     tag = f"{repo_id}:{label}" if single else repo_id
     return {
         "type": entry.quant,
         "label": label,  # the file's quant label: TYPE_MOEQ for a searched recipe
+        "recipe_file": None if entry.recipe_file is None else {
+            "name": entry.recipe_file.name, "sha256": entry.recipe_file.sha256,
+            "url": f"{hub_url(repo_id)}/resolve/main/{entry.recipe_file.name}"},
         "advice": QUANT_ADVICE.get(entry.quant, ""),
         "file_type": quantized.file_type,
         "files": files,
@@ -141,6 +144,12 @@ def _quant(manifest: Manifest, entry: QuantEntry, quantized: QuantizeRecord) -> 
         "source_bpw": f"{quantized.model_bpw:.2f}",
         "source_size": decimal_size(quantized.source.size),
     }
+
+
+def quant_label(entry: QuantEntry) -> str:
+    """The quant label its file carries: TYPE_MOEQ where the choice published moeq's searched recipe."""
+    choice = entry.records.choice
+    return entry.quant + (SEARCHED_SUFFIX if choice is not None and choice.published.name == SEARCHED else "")
 
 
 def _sibling(row: LadderEntry) -> dict:
@@ -435,11 +444,8 @@ def _recipe(manifest: Manifest, entry: QuantEntry) -> dict | None:
         measured = alone and alone.quality.kld_mean is not None and stock_eval.quality.kld_mean is not None
         row["kld"] = (f"{alone.quality.kld_mean - stock_eval.quality.kld_mean:+.6f}" if measured
                       else "not measured alone")
-    published = entry.recipe_file
     return {
-        "file": published.name if published else None,
-        "url": f"{hub_url(manifest.repo_id)}/resolve/main/{published.name}" if published else None,
-        "sha256": published.sha256 if published else None,
+        "published": quant_label(entry) != entry.quant,
         "command": " ".join(record.command), "budget": record.budget, "budget_bytes": f"{record.budget_bytes:,}",
         "rows": sorted(rows.values(), key=lambda r: r["group"]),
         "selection": {"text": record.selection.text, "ctx": record.selection.ctx, "chunks": record.selection.chunks},

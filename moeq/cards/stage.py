@@ -68,7 +68,7 @@ def card_stage(pipeline: Pipeline, quant: str | None, ws: Workspace, inputs: Rep
                               f"written: {shown}{more}")
         folder.mkdir(parents=True, exist_ok=True)
         for path, ref in published:
-            _link_artifact(Path(ref.path), folder / path, ws, copy_outside=path in imatrices)
+            _link_artifact(Path(ref.path), folder / path, ws, copy_outside=path in imatrices or path in dict(recipes))
         for chart in charts(manifest):
             write_bytes_atomic(folder / chart.path, draw(manifest, chart))
         write_text_atomic(folder / MANIFEST_NAME, manifest_body)
@@ -130,7 +130,7 @@ def _link_artifact(artifact: Path, staged: Path, ws: Workspace, copy_outside: bo
     """Hard-link a file into the staged repo (a symlink across filesystems); never a partial file.
 
     Only a GGUF file of this workspace is staged: a copied workspace never publishes the original's file.
-    An importance matrix given by path (`copy_outside`) may live anywhere; it is small, and copied."""
+    An importance matrix or a recipe file given by path (`copy_outside`) may live anywhere; it is small, and copied."""
     inside = _in_workspace(artifact, ws)
     if not inside and not copy_outside:
         raise InputError(f"{artifact}: not in the workspace {ws.root}, so it is not staged; run moeq quantize "

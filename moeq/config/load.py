@@ -28,7 +28,8 @@ from moeq.config.spec import (DEFAULT_FILE_TEMPLATE, DEFAULT_REPO_TEMPLATE, DEFA
                               Budget, CardSpec, HubSpec, ImatrixSpec, ModelSpec, PerplexitySpec, Pipeline, QuantSpec,
                               RecipeSpec, SourceSpec, SynthSpec, ToolchainSpec, keys_of, render_repo_id, repo_name)
 from moeq.config.yaml_nodes import MAX_NAME, Node, first_sentence, require_plain_tags
-from moeq.errors import ConfigError
+from moeq.errors import ConfigError, InputError
+from moeq.recipe_file import read_recipe
 from moeq.offload import MODE_HINT, is_setting
 from moeq.toolchain import BACKENDS
 from moeq.workspace import read_text_limited
@@ -218,18 +219,29 @@ def _quant(n: Node, base: Path, model: ModelSpec) -> QuantSpec:
         output_tensor_type=_ggml_type(m["output_tensor_type"]) if "output_tensor_type" in m else None,
         token_embedding_type=_ggml_type(m["token_embedding_type"]) if "token_embedding_type" in m else None,
         file=file,
-        **_recipe_of(m, quant_type),
+        **_recipe_of(m, quant_type, base),
     )
 
 
-def _recipe_of(m: dict[str, Node], quant_type: str) -> dict:
-    """quants[].recipe (search) and its budget: stock, {bpw: B} or {bytes: SIZE}."""
+def _recipe_of(m: dict[str, Node], quant_type: str, base: Path) -> dict:
+    """quants[].recipe: search (and its budget: stock, {bpw: B} or {bytes: SIZE}), or the path of a recipe file
+    (llama-quantize's --tensor-type-file, applied over the type's mixture)."""
     if "recipe" not in m:
         if "budget" in m:
             raise m["budget"].fail("a budget is for a searched recipe; add recipe: search")
         return {}
     if m["recipe"].str() != RECIPE_SEARCH:
-        raise m["recipe"].fail(f"unknown recipe {m['recipe'].str()[:80]!r}; use recipe: {RECIPE_SEARCH}")
+        if "budget" in m:
+            raise m["budget"].fail("a budget is for a searched recipe (recipe: search), not a recipe file")
+        path = m["recipe"].path_value(base)
+        if not path.is_file():
+            raise m["recipe"].fail(f"{path}: no such recipe file; give recipe: search, or the path of a "
+                                   f"--tensor-type-file (relative paths start at {base})")
+        try:
+            read_recipe(path, where=m["recipe"].path)
+        except InputError as exc:
+            raise m["recipe"].fail(exc.message) from None
+        return {"tensor_type_file": path}
     overrides = [key for key in ("tensor_types", "output_tensor_type", "token_embedding_type") if key in m]
     if overrides:
         raise m[overrides[0]].fail(f"a searched recipe types every tensor itself; remove {overrides[0]} from "

@@ -85,8 +85,10 @@ class QuantSpec:
     file: str = ""  # output file name inside the workspace
     recipe: str | None = None  # RECIPE_SEARCH: per-tensor types searched on measured KL divergence
     budget: "Budget | None" = None  # what a searched recipe may weigh (None with recipe: search: the stock file)
-    pure: bool = False  # --pure: every tensor the base type, but for tensor_type_file's and the two end flags
-    tensor_type_file: Path | None = None  # --tensor-type-file: REGEX=TYPE lines, the first that matches wins
+    # --pure: every tensor the base type, but for tensor_type_file's and the two end flags (moeq's searched recipe)
+    pure: bool = dataclasses.field(default=False, metadata={"internal": True})
+    # --tensor-type-file: REGEX=TYPE items, the first that matches wins (quants[].recipe: PATH, or the search's)
+    tensor_type_file: Path | None = dataclasses.field(default=None, metadata={"internal": True})
 
     @property
     def slug(self) -> str:
@@ -244,5 +246,5 @@ def repo_name(text: str) -> str:
 
 
 def keys_of(spec: type, *, leave_out: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The keys a section of pipeline.yaml allows: its dataclass's fields."""
-    return tuple(f.name for f in dataclasses.fields(spec) if f.name not in leave_out)
+    """The keys a section of pipeline.yaml allows: its dataclass's fields, but those moeq sets itself (internal)."""
+    return tuple(f.name for f in dataclasses.fields(spec) if f.name not in leave_out and not f.metadata.get("internal"))

@@ -26,6 +26,7 @@ from moeq.gguf_header import (REQUANTIZE_WARNING, UNQUANTIZED, GGUFHeader, check
                               read_source_header)
 from moeq.imatrix_file import check_fits, read_imatrix
 from moeq.quantize.progress import QuantizeLogParser, TensorLine
+from moeq.recipe_file import check_recipe, read_recipe
 from moeq.records import (FileRef, ImatrixRef, ModelFacts, QuantizeOptions, QuantizeRecord, FetchRecord,
                           TensorRow, ToolBuildRef)
 from moeq.runner import run_tool
@@ -103,6 +104,9 @@ def _quantize(quant: QuantSpec, ws: Workspace, tool, source_path: Path, source_r
     final.parent.mkdir(parents=True, exist_ok=True)
     source_header = read_source_header(source_path, options.allow_requantize)
     require_moe(source_header, source_path)
+    if options.tensor_type_file is not None:
+        recipe = Path(options.tensor_type_file.path)
+        check_recipe(read_recipe(recipe), source_header, recipe, source_path)
     if options.imatrix is not None:  # llama-quantize would take another model's matrix for tensors of the same name
         check_fits(read_imatrix(Path(options.imatrix.path)), Path(options.imatrix.path), source_header, source_path)
     if any(t.type not in UNQUANTIZED for t in source_header.tensors):

@@ -36,7 +36,7 @@ from gguf import Keys
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import InputError, ToolError
 from moeq.gguf_header import read_header
-from moeq.kld import base_logits, measure
+from moeq.kld import base_logits, eval_text, measure
 from moeq.quant_types import lookup
 from moeq.records import (FileRef, ImatrixRef, PerplexityFigures, PerplexityOptions, QuantizeRecord, FetchRecord,
                           RecipeEval, RecipeGroup, RecipeRecord, ToolBuildRef)
@@ -45,9 +45,11 @@ from moeq.recipe.search import TYPE_LADDER, Group, Option, groups_of, predicted,
 from moeq.runner import run_tool
 from moeq.stage_runner import Stage
 from moeq.toolchain import Toolchain
-from moeq.workspace import Workspace, commit_file, partial_path, write_json_atomic, write_text_atomic
+from moeq.workspace import (Workspace, commit_file, partial_path, read_text_limited, write_json_atomic,
+                            write_text_atomic)
 
 UNQUANTIZED = {"F32", "F16", "BF16"}
+MAX_TEXT_BYTES = 256 << 20  # a selection, evaluation or calibration text compared line by line
 _RUNGS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")  # the rungs whose --pure base type is on the ladder
 
 
@@ -155,7 +157,7 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
 
     def run() -> RecipeRecord:
         started = time.monotonic()
-        _require_text(text, options)
+        _require_text(text, options, pipeline)
         needed = sorted({n for t in [*stock_types.values(), base] for n in _neighbours(t)}, key=TYPE_LADDER.index)
         pure = _pure_files(ws, chain, tool, source, stock.options.imatrix, needed, on_message)
         sizes = {t: {info.name: info.n_bytes for info in read_header(path).tensors} for t, path in pure.items()}
@@ -222,10 +224,27 @@ def _require_reachable(quant: QuantSpec, limit: int, fixed: int, sizes: dict, st
                          "lower rung")
 
 
-def _require_text(text: Path, options: PerplexityOptions) -> None:
+def _require_text(text: Path, options: PerplexityOptions, pipeline: Pipeline) -> None:
+    """The selection text: long enough for two chunks, and sharing no line with the evaluation text (whose figures
+    the search must not have seen) or the calibration text."""
     if text.stat().st_size + 1 < 2 * 2 * options.ctx:
         raise InputError(f"{text}: too short for two chunks of {options.ctx} tokens (recipe.selection); use a longer "
                          "text or a smaller recipe.ctx")
+    calibration = pipeline.imatrix.calibration or Path(str(resources.files("moeq.data") / "calibration.txt"))
+    lines = _lines(text)
+    for other, key in ((eval_text(pipeline), "bench.perplexity.text"), (calibration, "imatrix.calibration")):
+        shared = sorted(lines & _lines(other))
+        if shared:
+            raise InputError(f"{text}: shares {len(shared)} line{'s' if len(shared) > 1 else ''} with {other} ({key}), "
+                             f"e.g. {shared[0][:60]!r}; the selection text must be one the published figures and the "
+                             "importance matrix were not made from (recipe.selection)")
+
+
+def _lines(path: Path) -> set[str]:
+    """Its lines of text: 40 characters or more, 20 of them letters or digits (not a table's border)."""
+    text = read_text_limited(path, MAX_TEXT_BYTES, "text file of at most 256 MB")
+    return {line.strip() for line in text.splitlines()
+            if len(line.strip()) >= 40 and sum(c.isalnum() for c in line) >= 20}
 
 
 def _intact(ws: Workspace, record: RecipeRecord) -> bool:
