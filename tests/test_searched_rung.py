@@ -23,7 +23,7 @@ from moeq.records import SEARCHED, WITH, WITHOUT, Candidate, FileRef, Perplexity
 from moeq.choice.stage import choose
 from moeq.validate.checks import check_type_mix
 
-from conftest import HUB_TOKEN, HUB_USER, REPO, example_section, pipeline_file, run_moeq
+from conftest import HUB_TOKEN, HUB_USER, example_section, pipeline_file, run_moeq
 import hub_server
 
 CPU_ONLY = {**{k: v for k, v in example_section("bench").items() if k != "rpc"}, "modes": ["cpu"], "repetitions": 1}
@@ -100,7 +100,7 @@ def test_the_card_shows_the_recipe_and_every_candidate(published):
     recipe = records(config, "recipe-Q2_K")
     recipe_sha = hashlib.sha256(files["tiny-phimoe-Q2_K_MOEQ.recipe"]).hexdigest()
     assert recipe_sha == recipe["recipe_file"]["sha256"]
-    assert f"| [tiny-phimoe-Q2_K_MOEQ.recipe](" in card and f"`{recipe_sha}`" in card
+    assert "| [tiny-phimoe-Q2_K_MOEQ.recipe](" in card and f"`{recipe_sha}`" in card
     assert f"llama-server -hf {REPO_ID}:{LABEL} " in card
     assert "**moeq's searched recipe beat the stock Q2_K on this model**" in card
     assert "| Figure | This file (with the searched recipe) | Q2_K with the importance matrix | Q2_K without" in card
