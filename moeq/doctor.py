@@ -14,9 +14,10 @@ from pathlib import Path
 from gguf import Keys
 
 from moeq import quant_types
-from moeq.config import Pipeline
+from moeq.config import RECIPE_SEARCH, Pipeline
 from moeq.errors import MoeqError, ToolError
 from moeq.gguf_header import SPLIT_NAME_RE, read_header
+from moeq.recipe_file import SEARCH_TYPES
 from moeq.gpus import nvidia_gpus
 from moeq.synth import parameter_count
 from moeq.toolchain import PINNED_COMMIT, TOOLS, Toolchain
@@ -130,7 +131,8 @@ def plan_disk(pipeline: Pipeline) -> DiskPlan:
     """The most the workspace holds at once: the fetch (a download beside the F16 it converts to, deleted after),
     or the F16 (unless a local file, used in place) with every quant, its shards when split, the F16 logits for
     KL divergence and the choice's second candidate of the largest quant with an importance matrix (the chosen one
-    becomes the quant; the other is deleted once measured). A later `fetch --force` downloads beside everything:
+    becomes the quant; the other is deleted once measured), and a recipe search's per-type files and candidates.
+    A later `fetch --force` downloads beside everything:
     reported, not required."""
     free = free_bytes(pipeline.workspace)
     params, n_layer, vocab = _source_shape(pipeline)
@@ -154,6 +156,13 @@ def plan_disk(pipeline: Pipeline) -> DiskPlan:
     if candidate:
         items.append(("the choice's candidate not published, of the largest quant with an importance matrix "
                       "(while it is measured)", candidate))
+    searched = [quants[q.type] for q in pipeline.quants if q.recipe == RECIPE_SEARCH] if pipeline.bench.quality else []
+    search = 0
+    if searched:
+        pure = sum(quant_types.estimated_bytes(t, params) for t in SEARCH_TYPES)
+        items += [("the recipe search's --pure file per type (kept for the next search)", pure),
+                  ("the recipe search's assembled candidate and searched file (while it runs)", 2 * max(searched))]
+        search = pure + 2 * max(searched)
     logits = 0
     if pipeline.bench.quality and vocab:  # llama-perplexity keeps the 2nd half of each chunk, uint16 per vocab entry
         ppl = pipeline.bench.perplexity
@@ -161,7 +170,7 @@ def plan_disk(pipeline: Pipeline) -> DiskPlan:
         items.append(("F16 logits saved for the KL divergence", logits))
     made = f16 + sum(quants.values()) + split + logits
     fetch_peak = f16 + download if kind == "hf" or _split_gguf(pipeline) else f16
-    peak = max(fetch_peak, made + candidate)
+    peak = max(fetch_peak, made + candidate + search)
     return DiskPlan(str(pipeline.workspace), free, disk_needed(peak), items, peak_bytes=peak,
                     refetch_bytes=made + f16 + download if download else None)
 

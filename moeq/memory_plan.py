@@ -32,16 +32,21 @@ GPU_SIZES_GIB = (8, 12, 16, 24, 48, 80)
 DEFAULT_COMPUTE_ALLOWANCE = 1024 * 2**20  # compute buffers, CUDA context and slack; stated, not measured
 
 
+def on_gpu(name: str, n_cpu_moe: int) -> bool:
+    """Whether tensor `name` sits on the GPU with every layer offloaded and the experts of blocks 0..n_cpu_moe-1 in
+    system RAM."""
+    block = BLOCK_RE.match(name)
+    return not (name == INPUT_LAYER or (
+        EXPERT_RE.search(name) is not None and block is not None and int(block.group(1)) < n_cpu_moe))
+
+
 def _split(header: GGUFHeader, n_cpu_moe: int) -> tuple[int, int]:
     gpu = cpu = 0
     for t in header.tensors:
-        block = BLOCK_RE.match(t.name)
-        on_cpu = t.name == INPUT_LAYER or (
-            EXPERT_RE.search(t.name) is not None and block is not None and int(block.group(1)) < n_cpu_moe)
-        if on_cpu:
-            cpu += t.n_bytes
-        else:
+        if on_gpu(t.name, n_cpu_moe):
             gpu += t.n_bytes
+        else:
+            cpu += t.n_bytes
     return gpu, cpu
 
 

@@ -18,6 +18,9 @@ import gguf
 
 from moeq.errors import InputError
 
+# The types a searched recipe may give a tensor, lowest to highest: the k-quants llama.cpp's own mixes use, and
+# Q8_0. (IQ types need an importance matrix entry for every tensor; they are left out.)
+SEARCH_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 MAX_RECIPE_BYTES = 1 << 20  # a line per tensor of a 1,000-layer model is under a megabyte
 MAX_PATTERN = 300  # what llama.cpp's std::regex runs in bounded time (config's tensor_types rule)
 _TYPES = {t.name for t in gguf.GGMLQuantizationType}

@@ -613,6 +613,8 @@ class RecipeEval(Model):
     """Each tensor whose type differs from the stock file's, and its type."""
     tensor_bytes: int
     """The bytes of its tensors."""
+    gpu_bytes: int | None = None
+    """The bytes of its tensors on the GPU under a GPU budget's placement (None: no GPU budget)."""
     quality: PerplexityFigures
     """Its figures against the F16 logits on the selection text."""
 
@@ -637,6 +639,9 @@ class RecipeRecord(Record):
     """The budget, as the pipeline gives it."""
     budget_bytes: int
     """The most the recipe's tensors may weigh."""
+    gpu_budget_bytes: int | None = None
+    """A GPU budget's room for the tensors on the GPU (the budget less the KV cache and the compute allowance);
+    None without one."""
     source: FileRef
     """The F16 source."""
     imatrix: ImatrixRef | None

@@ -48,8 +48,8 @@ def test_every_stage_runs_and_the_card_lints_and_verifies(built):
     assert summary["ok"] and summary["single_repo"]
     for quant in summary["quants"]:
         assert {s["stage"]: s["status"] for s in quant["stages"]} == {
-            "fetch": "ran", "imatrix": "skipped", "choice": "skipped", "quantize": "ran", "validate": "ran",
-            "bench": "ran", "shards": "ran", "card": "ran", "push": "skipped"}
+            "fetch": "ran", "imatrix": "skipped", "recipe": "skipped", "choice": "skipped", "quantize": "ran",
+            "validate": "ran", "bench": "ran", "shards": "ran", "card": "ran", "push": "skipped"}
     card = ws / "repos" / "ladder" / "README.md"
     text = card.read_text()
     manifest = read_manifest(card.parent / "moeq-manifest.json")

@@ -20,7 +20,7 @@ from conftest import HUB_TOKEN, PER_QUANT, REPO, example_section, pipeline_file,
 from hub_server import Fault
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
-STAGES = ["fetch", "imatrix", "choice", "quantize", "validate", "bench", "shards", "card", "push"]
+STAGES = ["fetch", "imatrix", "recipe", "choice", "quantize", "validate", "bench", "shards", "card", "push"]
 
 
 ONE_REPO = "moeq-test/tiny-phimoe-GGUF"  # the example's layout: one repo for the ladder
@@ -233,7 +233,7 @@ def test_offline_main_job_ends_with_a_local_push_plan(tmp_path, toolchain):
 
 @pytest.mark.parametrize("args,code,message", [
     ((), 3, "moeq build needs --quant TYPE (one or more) or --all"),
-    (("--all", "--force-stage", "polish"), 2, "--force-stage 'polish': use one of fetch, imatrix, choice, quantize"),
+    (("--all", "--force-stage", "polish"), 2, "--force-stage 'polish': use one of fetch, imatrix, recipe, choice, quantize"),
 ])
 def test_build_argument_errors(tmp_path, args, code, message):
     config = tmp_path / "p.yaml"
@@ -282,9 +282,8 @@ def test_a_moved_and_a_copied_workspace(tmp_path, toolchain):
     proc = run_moeq("build", "--config", str(moved), "--quant", "Q2_K", "--skip-bench", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert {s["stage"]: s["status"] for s in json.loads(proc.stdout)["quants"][0]["stages"]} == {
-        "fetch": "up to date", "imatrix": "up to date", "choice": "skipped", "quantize": "up to date",
-        "validate": "up to date",
-        "bench": "skipped", "shards": "up to date", "card": "up to date", "push": "skipped"}
+        "fetch": "up to date", "imatrix": "up to date", "recipe": "skipped", "choice": "skipped",
+        "quantize": "up to date", "validate": "up to date", "bench": "skipped", "shards": "up to date", "card": "up to date", "push": "skipped"}
     assert not (tmp_path / "starts").exists()  # no tool ran
     subprocess.run(["cp", "-a", str(tmp_path / "moved"), str(tmp_path / "copy")], check=True)
     copy = config.with_name("copy.yaml")
@@ -316,9 +315,10 @@ def test_build_hashes_a_local_source_beside_llama_quantize(tmp_path, toolchain):
     proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stages = json.loads(proc.stdout)["quants"][0]["stages"]
-    assert [(s["stage"], s["status"]) for s in stages][:4] == [("fetch", "ran"), ("imatrix", "skipped"),
-                                                               ("choice", "skipped"), ("quantize", "ran")]
+    assert [(s["stage"], s["status"]) for s in stages][:5] == [("fetch", "ran"), ("imatrix", "skipped"),
+                                                               ("recipe", "skipped"), ("choice", "skipped"),
+                                                               ("quantize", "ran")]
     assert (tmp_path / "order").read_text().split() == ["before"]
     again = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench", "--json")
-    assert [s["status"] for s in json.loads(again.stdout)["quants"][0]["stages"]][:4] == [
-        "up to date", "skipped", "skipped", "up to date"]
+    assert [s["status"] for s in json.loads(again.stdout)["quants"][0]["stages"]][:5] == [
+        "up to date", "skipped", "skipped", "skipped", "up to date"]

@@ -75,6 +75,54 @@ def test_the_choice_under_a_budget_takes_the_best_measured_trade():
     assert solve(options, spare_bytes=-10_000, stock_kld=stock) == {}
 
 
+def test_a_gpu_budget_limits_the_bytes_on_the_gpu_as_well():
+    """Attention (on the GPU with --cpu-moe) one type up is the better trade per byte, but it adds GPU bytes; the
+    experts' one (system RAM) adds none."""
+    options = {
+        "blk.0.attn_q": [Option("blk.0.attn_q", 0, (), 0, 0.1), Option("blk.0.attn_q", 1, (), 50, 0.07, None, 50),
+                         Option("blk.0.attn_q", -1, (), -50, 0.105, None, -50)],
+        "blk.0.ffn_up_exps": [Option("blk.0.ffn_up_exps", 0, (), 0, 0.1), Option("blk.0.ffn_up_exps", 1, (), 100, 0.08),
+                              Option("blk.0.ffn_up_exps", -1, (), -100, 0.104)],
+    }
+    steps = lambda chosen: {g: o.step for g, o in chosen.items()}  # noqa: E731
+    assert steps(solve(options, 0, 0.1)) == {"blk.0.attn_q": 1, "blk.0.ffn_up_exps": -1}
+    assert steps(solve(options, 0, 0.1, spare_gpu=50)) == {"blk.0.attn_q": 1, "blk.0.ffn_up_exps": -1}
+    assert steps(solve(options, 0, 0.1, spare_gpu=0)) == {"blk.0.attn_q": 0, "blk.0.ffn_up_exps": 0}
+    assert steps(solve(options, 60, 0.1, spare_gpu=-50)) == {"blk.0.attn_q": -1, "blk.0.ffn_up_exps": 1}
+    assert solve(options, -200, 0.1, spare_gpu=0) == {}  # nothing gives up 200 bytes
+
+
+def test_a_search_under_a_gpu_budget_keeps_the_gpu_bytes_within_it(tmp_path, toolchain):
+    from moeq.gguf_header import read_header
+    from moeq.memory_plan import DEFAULT_COMPUTE_ALLOWANCE, kv_bytes, on_gpu
+
+    stock = pipeline_file(tmp_path / "stock", trained=False, quants=[{"type": "Q2_K"}])
+    assert run_moeq("quantize", "--config", str(stock), "--quant", "Q2_K").returncode == 0
+    rows = json.loads((tmp_path / "stock" / "work" / "records" / "quantize-Q2_K.json").read_text())["record"]["tensors"]
+    stock_gpu = sum(row["bytes_after"] for row in rows if on_gpu(row["name"], 2))
+    kv = kv_bytes(read_header(tmp_path / "stock" / "work" / "source" / "tiny-phimoe-F16.gguf"), 512)
+    room = stock_gpu - 20_000  # the stock file's GPU tensors do not fit: some must go down
+    budget = {"gpu": f"{DEFAULT_COMPUTE_ALLOWANCE + kv + room}B", "placement": "cpu-moe", "ctx": 512}
+    quants = [{"type": "Q2_K", "recipe": "search", "budget": budget}]
+    config = pipeline_file(tmp_path / "gpu", trained=False, quants=quants, recipe={**SMALL, "max_evals": 40})
+    proc = run_moeq("recipe", "--config", str(config), "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)[0]["record"]
+    assert record["gpu_budget_bytes"] == room
+    evals = record["evals"]
+    assert evals[0]["gpu_bytes"] == stock_gpu > room  # the stock recipe does not fit
+    chosen = evals[record["chosen"]]
+    assert chosen["gpu_bytes"] <= room and chosen["tensor_bytes"] <= record["budget_bytes"]
+    fits = [e["quality"]["kld_mean"] for e in evals if e["gpu_bytes"] <= room and e["tensor_bytes"] <= record[
+        "budget_bytes"]]
+    assert chosen["quality"]["kld_mean"] == min(fits)
+    tight = pipeline_file(tmp_path / "tight", trained=False, quants=[
+        {"type": "Q2_K", "recipe": "search", "budget": {**budget, "gpu": f"{DEFAULT_COMPUTE_ALLOWANCE + kv}B"}}])
+    proc = run_moeq("recipe", "--config", str(tight))
+    assert proc.returncode == 3
+    assert "quants[Q2_K].budget.gpu: " in error_line(proc) and "take it all; raise gpu or lower ctx" in error_line(proc)
+
+
 def test_recipe_lines_name_each_tensor_anchored_as_llama_quantize_reads_them():
     types = {"blk.1.attn_output.weight": "Q3_K", "blk.1.attn_q.weight": "Q2_K", "output.weight": "Q5_K",
              "token_embd.weight": "Q3_K"}
@@ -206,6 +254,16 @@ def test_a_budget_no_recipe_can_meet_is_refused_before_measuring(tmp_path, toolc
      "quants[0].tensor_types: a searched recipe types every tensor itself; remove tensor_types from Q2_K, or the "
      "recipe"),
     ({"type": "Q2_K", "recipe": "search"}, {"chunks": 1}, "recipe.chunks: must be at least 2, got 1"),
+    ({"type": "Q2_K", "recipe": "search", "budget": {"gpu": "12GiB"}}, None,
+     "quants[0].budget: a GPU budget needs placement: cpu-moe or gpu"),
+    ({"type": "Q2_K", "recipe": "search", "budget": {"gpu": "12GiB", "placement": "somewhere"}}, None,
+     "quants[0].budget.placement: a GPU budget needs placement: cpu-moe or gpu (got 'somewhere'; "),
+    ({"type": "Q2_K", "recipe": "search", "budget": {"bpw": 3, "ctx": 4096}}, None,
+     "quants[0].budget.ctx: placement and ctx are for a GPU budget (gpu: SIZE)"),
+    ({"type": "Q2_K", "recipe": "search", "budget": {"gpu": "12GiB", "bytes": "1GB"}}, None,
+     "quants[0].budget: give one of bpw, bytes or gpu"),
+    ({"type": "Q2_K", "recipe": "search", "budget": {"gpu": "12GiB", "placement": "cpu-moe", "ctx": 0}}, None,
+     "quants[0].budget.ctx: "),
     ({"type": "Q2_K", "recipe": "search"}, {"selection": "nowhere.txt"}, "recipe.selection: {folder}/nowhere.txt "
                                                                           "does not exist; fix the path"),
 ])

@@ -161,6 +161,28 @@ def test_doctor_disk_plan_is_the_peak_not_the_sum(tmp_path, toolchain):
     assert "a later moeq fetch --force downloads beside it all" in run_moeq("doctor", "--config", str(cfg)).stdout
 
 
+def test_doctor_counts_a_recipe_search(tmp_path, toolchain):
+    """A searched Q2_K rung of the release pipeline: the per-type --pure files (kept) and two candidates while the
+    search runs come on top of the peak."""
+    text = (Path(__file__).parent.parent / "pipeline.yaml").read_text().split("\ntoolchain:")[0]
+    assert "  - {type: Q2_K, imatrix: auto}\n" in text
+    cfg = tmp_path / "release.yaml"
+    cfg.write_text(text.replace("workspace: work", f"workspace: {tmp_path / 'ws'}").replace(
+        "  - {type: Q2_K, imatrix: auto}\n", "  - {type: Q2_K, imatrix: auto, recipe: search}\n"))
+    before = tmp_path / "before.yaml"
+    before.write_text(text.replace("workspace: work", f"workspace: {tmp_path / 'ws'}"))
+    disk = json.loads(run_moeq("doctor", "--json", "--config", str(cfg)).stdout)["disk"]
+    stock = json.loads(run_moeq("doctor", "--json", "--config", str(before)).stdout)["disk"]
+    params = 41873153472
+    items = {i["what"]: i["bytes"] for i in disk["items"]}
+    pure = sum(int(params * quant_types.QUANT_TYPES[t].approx_bpw / 8)
+               for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"))
+    assert items["the recipe search's --pure file per type (kept for the next search)"] == pure
+    q2_k = int(params * quant_types.QUANT_TYPES["Q2_K"].approx_bpw / 8)
+    assert items["the recipe search's assembled candidate and searched file (while it runs)"] == 2 * q2_k
+    assert disk["peak_bytes"] == stock["peak_bytes"] + pure + 2 * q2_k
+
+
 def test_quant_sizes_follow_the_per_layer_recipe():
     """Q4_K_M gives ffn_down Q6_K in llama.cpp's "more bits" layers: every layer of 1, half of 2 and of 32."""
     assert [quant_types.more_bits_share(n) for n in (1, 2, 8, 32)] == [1.0, 0.5, 0.5, 0.5]

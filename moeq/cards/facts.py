@@ -452,6 +452,9 @@ def _recipe(manifest: Manifest, entry: QuantEntry) -> dict | None:
         "stock_kld": _pm(stock_eval.quality, "kld_mean", 6), "measured_kld": _pm(chosen.quality, "kld_mean", 6),
         "predicted_kld": _num(record.predicted_kld, 6) if record.predicted_kld is not None else None,
         "stock_bytes": f"{stock_eval.tensor_bytes:,}", "bytes": f"{chosen.tensor_bytes:,}",
+        "gpu": None if record.gpu_budget_bytes is None else {
+            "room": f"{record.gpu_budget_bytes:,}", "stock": f"{stock_eval.gpu_bytes:,}",
+            "recipe": f"{chosen.gpu_bytes:,}"},
         "evals": len(record.evals), "runs": record.runs, "seconds": f"{record.seconds:,.0f}",
         "types": ", ".join(record.types),
     }

@@ -23,10 +23,11 @@ from huggingface_hub.utils import validate_repo_id
 
 from moeq import quant_types
 from moeq.config.spec import (DEFAULT_FILE_TEMPLATE, DEFAULT_REPO_TEMPLATE, DEFAULT_SINGLE_REPO, IMATRIX_AUTO, LAYOUTS,
-                              MAX_CTX, MAX_EXTRA_VALUES, MAX_PIPELINE_BYTES, MAX_TIMEOUT_S, RECIPE_SEARCH,
-                              REPO_TEMPLATE_FIELDS, SOURCE_KINDS, SYNTH_ARCHS, SYNTH_MAX, UNQUANTIZED, BenchSpec,
-                              Budget, CardSpec, HubSpec, ImatrixSpec, ModelSpec, PerplexitySpec, Pipeline, QuantSpec,
-                              RecipeSpec, SourceSpec, SynthSpec, ToolchainSpec, keys_of, render_repo_id, repo_name)
+                              BUDGET_PLACEMENTS, MAX_CTX, MAX_EXTRA_VALUES, MAX_PIPELINE_BYTES, MAX_TIMEOUT_S,
+                              RECIPE_SEARCH, REPO_TEMPLATE_FIELDS, SOURCE_KINDS, SYNTH_ARCHS, SYNTH_MAX, UNQUANTIZED,
+                              BenchSpec, Budget, CardSpec, HubSpec, ImatrixSpec, ModelSpec, PerplexitySpec, Pipeline,
+                              QuantSpec, RecipeSpec, SourceSpec, SynthSpec, ToolchainSpec, keys_of, render_repo_id,
+                              repo_name)
 from moeq.config.yaml_nodes import MAX_NAME, Node, first_sentence, require_plain_tags
 from moeq.errors import ConfigError, InputError
 from moeq.recipe_file import read_recipe
@@ -252,20 +253,33 @@ def _recipe_of(m: dict[str, Node], quant_type: str, base: Path) -> dict:
 def _budget(n: Node) -> Budget:
     if isinstance(n.node, yaml.ScalarNode):
         if n.scalar() != "stock":
-            raise n.fail(f"unknown budget {n.scalar()!r}; use stock, {{bpw: 3.2}} or {{bytes: 24GB}}")
+            raise n.fail(f"unknown budget {n.scalar()!r}; use stock, {{bpw: 3.2}}, {{bytes: 24GB}} or "
+                         "{gpu: 12GiB, placement: cpu-moe, ctx: 32768}")
         return Budget()
-    m = n.mapping(("bpw", "bytes"))
-    if len(m) != 1:
-        raise n.fail("give one of bpw or bytes, e.g. {bpw: 3.2}")
+    m = n.mapping(("bpw", "bytes", "gpu", "placement", "ctx"))
+    kinds = [k for k in ("bpw", "bytes", "gpu") if k in m]
+    if len(kinds) != 1:
+        raise n.fail("give one of bpw, bytes or gpu, e.g. {bpw: 3.2} or {gpu: 12GiB, placement: cpu-moe, ctx: 32768}")
+    if kinds != ["gpu"] and ("placement" in m or "ctx" in m):
+        raise m["placement" if "placement" in m else "ctx"].fail("placement and ctx are for a GPU budget (gpu: SIZE)")
     if "bpw" in m:
         value = m["bpw"].scalar()
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 16:
             raise m["bpw"].fail(f"bits per weight from 1 to 16, got {value!r}")
         return Budget("bpw", float(value))
-    size = parse_size(str(m["bytes"].scalar()))
+    kind = kinds[0]
+    size = parse_size(str(m[kind].scalar()))
     if not size:
-        raise m["bytes"].fail(f"{m['bytes'].scalar()!r} is not a size; write it like 24GB or 1.5GiB")
-    return Budget("bytes", float(size))
+        raise m[kind].fail(f"{m[kind].scalar()!r} is not a size; write it like 24GB or 1.5GiB")
+    if kind == "bytes":
+        return Budget("bytes", float(size))
+    if "placement" not in m or m["placement"].str() not in BUDGET_PLACEMENTS:
+        given = f"got {m['placement'].str()[:40]!r}; " if "placement" in m else ""
+        raise (m["placement"] if "placement" in m else n).fail(
+            f"a GPU budget needs placement: {' or '.join(BUDGET_PLACEMENTS)} ({given}cpu-moe: the experts in system "
+            "RAM)")
+    ctx = m["ctx"].int(1, MAX_CTX) if "ctx" in m else 4096
+    return Budget("gpu", float(size), m["placement"].str(), ctx)
 
 
 def _recipe(n: Node, base: Path) -> RecipeSpec:

@@ -116,18 +116,26 @@ SEARCHED_SUFFIX = "_MOEQ"
 
 
 RECIPE_SEARCH = "search"
-BUDGET_KINDS = ("stock", "bpw", "bytes")
+BUDGET_KINDS = ("stock", "bpw", "bytes", "gpu")
+BUDGET_PLACEMENTS = {"cpu-moe": "every expert in system RAM", "gpu": "every layer on the GPU"}
 
 
 @dataclass(frozen=True)
 class Budget:
-    """The most a searched recipe's tensors may weigh: the stock file's (stock), bits per weight over every
-    tensor (bpw), or bytes."""
+    """The most a searched recipe may weigh: its tensors no more than the stock file's (stock), bits per weight over
+    every tensor (bpw), or bytes; or (gpu) what sits on the GPU under `placement` (the weights there, the KV
+    cache at `ctx` and the compute allowance, as moeq's memory plan counts them) no more than `value` bytes, the
+    tensors no more than the stock file's."""
 
     kind: str = "stock"
     value: float = 0.0
+    placement: str = ""  # gpu: a key of BUDGET_PLACEMENTS
+    ctx: int = 0  # gpu: the context the KV cache is counted at
 
     def describe(self) -> str:
+        if self.kind == "gpu":
+            return (f"{self.value / 2**30:g} GiB of GPU memory with {self.placement} at context {self.ctx:,}, "
+                    "no larger than the stock file")
         return {"stock": "no larger than the stock file", "bpw": f"{self.value:g} bits per weight",
                 "bytes": f"{int(self.value):,} bytes"}[self.kind]
 

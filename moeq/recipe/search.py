@@ -18,9 +18,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# The types a searched recipe may give a tensor, lowest to highest: the k-quants llama.cpp's own mixes use, and
-# Q8_0. (IQ types need an importance matrix entry for every tensor; they are left out.)
-TYPE_LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+from moeq.recipe_file import SEARCH_TYPES
+
+TYPE_LADDER = SEARCH_TYPES
 LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)\.weight$")
 
 
@@ -41,6 +41,7 @@ class Option:
     delta_bytes: int
     kld: float
     kld_err: float | None = None
+    delta_gpu: int = 0  # the bytes it adds on the GPU (a GPU budget's placement)
 
 
 def groups_of(stock: dict[str, str], n_layer: int, layers_per_group: int) -> list[Group]:
@@ -71,34 +72,66 @@ def stepped(types: dict[str, str], group: Group, step: int) -> dict[str, str] | 
     return out
 
 
-def solve(options: dict[str, list[Option]], spare_bytes: int, stock_kld: float) -> dict[str, Option]:
+def solve(options: dict[str, list[Option]], spare_bytes: int, stock_kld: float,
+          spare_gpu: int | None = None) -> dict[str, Option]:
     """One option per group minimizing the predicted KL divergence (the stock figure plus each chosen option's
-    change) with the bytes added no more than `spare_bytes` (negative: bytes to give up). Lagrangian relaxation:
-    for a price per byte, each group takes its cheapest option; the price is bisected until the recipe fits. The
-    stock option (step 0, nothing added) is always among a group's options. Returns {} when no price fits."""
+    change) with the bytes added no more than `spare_bytes` (negative: bytes to give up), and the GPU bytes added no
+    more than `spare_gpu` where a GPU budget gives one. Lagrangian relaxation: for a price per byte (and per GPU
+    byte), each group takes its cheapest option; each price is bisected until the recipe fits. Of every fitting
+    recipe the prices gave (and the stock one, when it fits), the lowest predicted is returned: with whole options
+    the relaxation can overshoot. The stock option (step 0, nothing added) is always among a group's options.
+    Returns {} when nothing fits."""
+    best: list[dict[str, Option]] = []
 
-    def pick(price: float) -> dict[str, Option]:
-        return {group: min(opts, key=lambda o: (o.kld - stock_kld) + price * o.delta_bytes)
-                for group, opts in options.items()}
+    def fits(chosen: dict[str, Option]) -> bool:
+        return (sum(o.delta_bytes for o in chosen.values()) <= spare_bytes
+                and (spare_gpu is None or sum(o.delta_gpu for o in chosen.values()) <= spare_gpu))
 
-    def added(chosen: dict[str, Option]) -> int:
-        return sum(o.delta_bytes for o in chosen.values())
+    def consider(chosen: dict[str, Option]) -> dict[str, Option]:
+        if fits(chosen) and (not best or predicted(chosen, stock_kld) < predicted(best[0], stock_kld)):
+            best[:] = [chosen]
+        return chosen
 
-    free = pick(0.0)
-    if added(free) <= spare_bytes:
-        return free
+    def pick(price: float, gpu_price: float) -> dict[str, Option]:
+        return consider({group: min(opts, key=lambda o: (o.kld - stock_kld) + price * o.delta_bytes
+                                    + gpu_price * o.delta_gpu) for group, opts in options.items()})
+
+    def bytes_fit(chosen: dict[str, Option]) -> bool:
+        return sum(o.delta_bytes for o in chosen.values()) <= spare_bytes
+
+    def cheapest(gpu_price: float) -> tuple[float, dict[str, Option]] | None:
+        """The lowest price per byte that fits the bytes, at this price per GPU byte."""
+        return _bisect(lambda price: pick(price, gpu_price), bytes_fit)
+
+    def gpu_fit(found: tuple[float, dict[str, Option]] | None) -> bool:
+        return found is not None and fits(found[1])
+
+    consider({group: next(o for o in opts if o.step == 0) for group, opts in options.items()})
+    if spare_gpu is None:
+        cheapest(0.0)
+    else:
+        _bisect(cheapest, gpu_fit)
+    return best[0] if best else {}
+
+
+def _bisect(make, ok):
+    """The lowest price >= 0 whose make(price) is ok (prices bisected; ok is assumed to hold from some price on), as
+    (price, made); None when no price up to 1e30 makes an ok one."""
+    made = make(0.0)
+    if ok(made):
+        return 0.0, made
     low, high = 0.0, 1.0
-    while added(pick(high)) > spare_bytes:
+    while not ok(make(high)):
         high *= 4
         if high > 1e30:
-            return {}
-    for _ in range(200):
+            return None
+    for _ in range(100):
         middle = (low + high) / 2
-        if added(pick(middle)) > spare_bytes:
-            low = middle
-        else:
+        if ok(make(middle)):
             high = middle
-    return pick(high)
+        else:
+            low = middle
+    return high, make(high)
 
 
 def predicted(chosen: dict[str, Option], stock_kld: float) -> float:

@@ -36,6 +36,7 @@ from gguf import Keys
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import InputError, ToolError
 from moeq.gguf_header import read_header
+from moeq.memory_plan import DEFAULT_COMPUTE_ALLOWANCE, kv_bytes, on_gpu
 from moeq.kld import base_logits, eval_text, measure
 from moeq.quant_types import lookup
 from moeq.records import (FileRef, ImatrixRef, PerplexityFigures, PerplexityOptions, QuantizeRecord, FetchRecord,
@@ -43,6 +44,7 @@ from moeq.records import (FileRef, ImatrixRef, PerplexityFigures, PerplexityOpti
 from moeq.recipe.assemble import assemble
 from moeq.recipe.search import TYPE_LADDER, Group, Option, groups_of, predicted, recipe_lines, solve, stepped
 from moeq.runner import run_tool
+from moeq.units import binary_size
 from moeq.stage_runner import Stage
 from moeq.toolchain import Toolchain
 from moeq.workspace import (Workspace, commit_file, partial_path, read_text_limited, write_json_atomic,
@@ -122,12 +124,30 @@ def selection_options(pipeline: Pipeline, ws: Workspace) -> tuple[Path, Perplexi
 
 def budget_bytes(quant: QuantSpec, stock: QuantizeRecord) -> int:
     budget = quant.budget
-    if budget is None or budget.kind == "stock":
+    if budget is None or budget.kind in ("stock", "gpu"):
         return sum(row.bytes_after for row in stock.tensors)
     if budget.kind == "bpw":
         elements = sum(math.prod(row.shape) for row in stock.tensors)
         return int(budget.value * elements / 8)
     return int(budget.value)
+
+
+def gpu_room(quant: QuantSpec, source: Path) -> tuple[int | None, int]:
+    """A GPU budget's room for the tensors on the GPU (the budget less the KV cache at its context and the memory
+    plan's compute allowance), and the layers whose experts its placement keeps in system RAM; (None, 0) without
+    one."""
+    budget = quant.budget
+    if budget is None or budget.kind != "gpu":
+        return None, 0
+    header = read_header(source)
+    n_layer = header.arch_value(Keys.LLM.BLOCK_COUNT) or 0
+    kv = kv_bytes(header, budget.ctx)
+    room = int(budget.value) - kv - DEFAULT_COMPUTE_ALLOWANCE
+    if room <= 0:
+        raise InputError(f"quants[{quant.type}].budget.gpu: {budget.value / 2**30:g} GiB holds no weights: the KV "
+                         f"cache at context {budget.ctx:,} ({binary_size(kv)}) and the compute allowance "
+                         f"({binary_size(DEFAULT_COMPUTE_ALLOWANCE)}) take it all; raise gpu or lower ctx")
+    return room, n_layer if budget.placement == "cpu-moe" else 0
 
 
 def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolchain, source: FetchRecord,
@@ -139,6 +159,7 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
     text, options = selection_options(pipeline, ws)
     settings = pipeline.recipe
     limit = budget_bytes(quant, stock)
+    room, n_cpu_moe = gpu_room(quant, Path(source.output.path))
     stock_types = {row.name: row.type_after for row in stock.tensors if row.type_after not in UNQUANTIZED}
     off_ladder = sorted({t for t in stock_types.values() if t not in TYPE_LADDER})
     if off_ladder:
@@ -152,7 +173,8 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
     def key() -> dict:
         return {"source_sha256": source.output.sha256, "stock_sha256": stock.output.sha256,
                 "imatrix": stock.options.imatrix.sha256 if stock.options.imatrix else None,
-                "selection": options.model_dump(mode="json"), "budget_bytes": limit,
+                "selection": options.model_dump(mode="json"), "budget_bytes": limit, "gpu_room": room,
+                "n_cpu_moe": n_cpu_moe,
                 "layers_per_group": per_group, "max_evals": settings.max_evals, "types": list(TYPE_LADDER)}
 
     def run() -> RecipeRecord:
@@ -163,14 +185,18 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
         sizes = {t: {info.name: info.n_bytes for info in read_header(path).tensors} for t, path in pure.items()}
         fixed = sum(row.bytes_after for row in stock.tensors if row.name not in stock_types)
         _require_reachable(quant, limit, fixed, sizes, stock_types, needed[0])
+        gpu = _GpuCount(stock, stock_types, sizes, n_cpu_moe) if room is not None else None
+        if gpu is not None:
+            _require_gpu_reachable(quant, room, gpu)
         base_kld, _base = base_logits(ws, chain, source.output, options, text, tool.build.commit,
                                       threads=pipeline.bench.threads, timeout_s=pipeline.bench.timeout_s,
                                       on_message=on_message)
         plan = Plan(len(groups), planned_runs(pipeline, groups), options.ctx * options.chunks,
                     tuple(needed), sum(p.stat().st_size for p in pure.values()), limit)
         search = _Search(ws, chain, folder, pure, base, options, text, base_kld, sizes, fixed, stock_types,
-                         pipeline, plan.runs, on_message)
-        on_message(f"{quant.type}: recipe search, {plan.describe()}; budget {limit:,} bytes")
+                         pipeline, plan.runs, on_message, gpu)
+        on_message(f"{quant.type}: recipe search, {plan.describe()}; budget {limit:,} bytes"
+                   + (f", {room:,} bytes of weights on the GPU" if room is not None else ""))
         stock_eval = search.evaluate("stock", {})
         options_by_group: dict[str, list[Option]] = {}
         for group in sorted(groups, key=lambda g: -sum(sizes[base].get(n, 0) for n in g.tensors)):
@@ -182,22 +208,27 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
                 measured = search.evaluate(f"{group.name} {word}", types)
                 opts.append(Option(group.name, step, tuple(sorted(types.items())),
                                    measured.tensor_bytes - stock_eval.tensor_bytes, measured.quality.kld_mean,
-                                   measured.quality.kld_mean_err))
+                                   measured.quality.kld_mean_err,
+                                   (measured.gpu_bytes or 0) - (stock_eval.gpu_bytes or 0)))
             options_by_group[group.name] = opts
-        chosen = solve(options_by_group, limit - stock_eval.tensor_bytes, stock_eval.quality.kld_mean)
+        chosen = solve(options_by_group, limit - stock_eval.tensor_bytes, stock_eval.quality.kld_mean,
+                       None if room is None else room - stock_eval.gpu_bytes)
         predicted_kld = None
         if chosen and any(o.step for o in chosen.values()) and search.runs_left() > 0:
             predicted_kld = predicted(chosen, stock_eval.quality.kld_mean)
             changes = {name: t for o in chosen.values() for name, t in o.types}
             search.evaluate("solution", changes)
-        fits = [i for i, e in enumerate(search.evals) if e.tensor_bytes <= limit]
+        fits = [i for i, e in enumerate(search.evals)
+                if e.tensor_bytes <= limit and (room is None or e.gpu_bytes <= room)]
         if not fits:
-            raise InputError(f"quants[{quant.type}].budget: {limit:,} bytes, and no measured recipe fits it (the "
-                             f"search moves each group one type from the stock file); raise the budget")
+            raise InputError(f"quants[{quant.type}].budget: {limit:,} bytes"
+                             + (f" ({room:,} on the GPU)" if room is not None else "")
+                             + ", and no measured recipe fits it (the search moves each group one type from the "
+                               "stock file); raise the budget")
         # the solution wins a tie: it is the same recipe as a single-group one when only that group changed
         best = min(fits, key=lambda i: (search.evals[i].quality.kld_mean, search.evals[i].label != "solution"))
         tensor_types = {**stock_types, **search.evals[best].changes}
-        return _record(quant, base, limit, source, stock, options, tool, groups, stock_types, search, best,
+        return _record(quant, base, limit, room, source, stock, options, tool, groups, stock_types, search, best,
                        predicted_kld if search.evals[best].label == "solution" else None, tensor_types, pure, folder,
                        started)
 
@@ -222,6 +253,27 @@ def _require_reachable(quant: QuantSpec, limit: int, fixed: int, sizes: dict, st
         raise InputError(f"quants[{quant.type}].budget: {limit:,} bytes, less than the search reaches (every tensor "
                          f"one type below the stock {quant.type}: {reach:,} bytes); raise the budget or search a "
                          "lower rung")
+
+
+class _GpuCount:
+    """The bytes a recipe puts on the GPU under a GPU budget's placement: the unquantized tensors there, and each
+    quantized one there at its type."""
+
+    def __init__(self, stock: QuantizeRecord, stock_types: dict[str, str], sizes: dict, n_cpu_moe: int):
+        self.names = [name for name in stock_types if on_gpu(name, n_cpu_moe)]
+        self.fixed = sum(row.bytes_after for row in stock.tensors
+                         if row.name not in stock_types and on_gpu(row.name, n_cpu_moe))
+        self.sizes = sizes
+
+    def bytes(self, types: dict[str, str]) -> int:
+        return self.fixed + sum(self.sizes[types[name]][name] for name in self.names)
+
+
+def _require_gpu_reachable(quant: QuantSpec, room: int, gpu: _GpuCount) -> None:
+    lowest = gpu.bytes({name: TYPE_LADDER[0] for name in gpu.names})
+    if lowest > room:
+        raise InputError(f"quants[{quant.type}].budget: {room:,} bytes for the weights on the GPU, less than they "
+                         f"weigh at the lowest type ({lowest:,}); raise gpu, lower ctx, or use placement: cpu-moe")
 
 
 def _require_text(text: Path, options: PerplexityOptions, pipeline: Pipeline) -> None:
@@ -293,7 +345,7 @@ class _Search:
     moment it is made, and found again by an interrupted search that runs again."""
 
     def __init__(self, ws, chain, folder, pure, base, options, text, base_kld, sizes, fixed, stock_types, pipeline,
-                 planned_runs, on_message):
+                 planned_runs, on_message, gpu: _GpuCount | None = None):
         self.ws, self.chain, self.folder, self.pure, self.base = ws, chain, folder, pure, base
         self.options, self.text, self.base_kld, self.sizes, self.fixed = options, text, base_kld, sizes, fixed
         self.stock_types, self.pipeline, self.on_message = stock_types, pipeline, on_message
@@ -301,6 +353,7 @@ class _Search:
         self.planned_runs = planned_runs
         self.runs = 0
         self.settings = pipeline.recipe
+        self.gpu = gpu
         (folder / "evals").mkdir(parents=True, exist_ok=True)
 
     def runs_left(self) -> int:
@@ -331,12 +384,13 @@ class _Search:
             write_json_atomic(saved, figures.model_dump(mode="json"))
             self.runs += 1
         measured = RecipeEval(label=label, changes={n: t for n, t in changes.items() if t != self.stock_types[n]},
-                              tensor_bytes=tensor_bytes, quality=figures)
+                              tensor_bytes=tensor_bytes, quality=figures,
+                              gpu_bytes=self.gpu.bytes(types) if self.gpu is not None else None)
         self.evals.append(measured)
         return measured
 
 
-def _record(quant, base, limit, source, stock, options, tool, groups: list[Group], stock_types, search: _Search,
+def _record(quant, base, limit, room, source, stock, options, tool, groups: list[Group], stock_types, search: _Search,
             best: int, predicted_kld, tensor_types, pure, folder: Path, started: float) -> RecipeRecord:
     embd = tensor_types.get("token_embd.weight", base)
     output = tensor_types.get("output.weight", embd)
@@ -352,7 +406,7 @@ def _record(quant, base, limit, source, stock, options, tool, groups: list[Group
                "--output-tensor-type", output.lower(), Path(source.output.path).name, quant.searched_file, quant.type]
     return RecipeRecord(
         quant=quant.type, base_type=base, budget=quant.budget.describe() if quant.budget else "stock",
-        budget_bytes=limit, source=source.output, imatrix=imatrix, selection=options,
+        budget_bytes=limit, gpu_budget_bytes=room, source=source.output, imatrix=imatrix, selection=options,
         tool=ToolBuildRef(**tool.build.as_dict()), types=list(TYPE_LADDER),
         groups=[RecipeGroup(name=g.name, tensors=list(g.tensors)) for g in groups], stock_types=stock_types,
         evals=search.evals, chosen=best, predicted_kld=predicted_kld, tensor_types=tensor_types,
