@@ -70,8 +70,9 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain,
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain), layout=layout)
     proc, summary = build(test_hub, config, "--all", "--push")
     assert proc.returncode == 0, proc.stderr
-    assert statuses(summary) == {q: ["ran"] + (["skipped"] * 2 if q == "Q8_0" else ["ran"] * 2) + ["ran"] * 6
-                                 for q in LADDER}
+    # fetch, imatrix, recipe (no rung searches one), choice (Q8_0 has none), then the rest
+    assert statuses(summary) == {q: ["ran", "skipped" if q == "Q8_0" else "ran", "skipped"]
+                                 + ["skipped" if q == "Q8_0" else "ran"] + ["ran"] * 6 for q in LADDER}
     repos = sorted({repo_id(q, layout) for q in LADDER})
     assert sorted(test_hub.state.repos) == repos
     for repo in repos:
@@ -118,8 +119,8 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain,
     proc, summary = build(test_hub, config, "--all", "--push")
     elapsed = time.monotonic() - began
     assert proc.returncode == 0, proc.stderr
-    assert statuses(summary) == {q: ["up to date"] + (["skipped"] * 2 if q == "Q8_0" else ["up to date"] * 2)
-                                 + ["up to date"] * 6 for q in LADDER}
+    assert statuses(summary) == {q: ["up to date", "skipped" if q == "Q8_0" else "up to date", "skipped"]
+                                 + ["skipped" if q == "Q8_0" else "up to date"] + ["up to date"] * 6 for q in LADDER}
     assert not (tmp_path / "starts").exists(), (tmp_path / "starts").read_text()  # no llama.cpp tool started
     assert all(len(test_hub.state.commits_on(repo)) == 2 for repo in repos)
     assert not [r for r in test_hub.requests[start:] if r.writes]
@@ -137,8 +138,9 @@ def test_template_change_reruns_card_and_push_only(tmp_path, test_hub, toolchain
     (tmp_path / "starts").unlink()
     proc, summary = build(test_hub, config, "--all", "--push")
     assert proc.returncode == 0, proc.stderr
-    assert statuses(summary) == {q: ["up to date"] + (["skipped"] * 2 if q == "Q8_0" else ["up to date"] * 2)
-                                 + ["up to date"] * 4 + ["ran", "ran"] for q in LADDER}
+    assert statuses(summary) == {q: ["up to date", "skipped" if q == "Q8_0" else "up to date", "skipped"]
+                                 + ["skipped" if q == "Q8_0" else "up to date"] + ["up to date"] * 4 + ["ran", "ran"]
+                                 for q in LADDER}
     assert not (tmp_path / "starts").exists()
     new, old = test_hub.state.commits_on(ONE_REPO)[:2]
     changed = {p for p in new.files if old.files.get(p) is None or new.files[p].data != old.files[p].data}
@@ -193,8 +195,8 @@ def test_killed_during_push_resumes(tmp_path, test_hub, toolchain):
     assert ONE_REPO not in test_hub.state.repos or len(test_hub.state.commits_on(ONE_REPO)) == 1  # before any commit
     rerun, summary = build(test_hub, config, "--all", "--push")
     assert rerun.returncode == 0, rerun.stderr
-    assert statuses(summary)["Q8_0"][:8] == ["up to date", "skipped", "skipped"] + ["up to date"] * 5
-    assert statuses(summary)["Q8_0"][8] == "ran"
+    assert statuses(summary)["Q8_0"][:9] == ["up to date", "skipped", "skipped", "skipped"] + ["up to date"] * 5
+    assert statuses(summary)["Q8_0"][9] == "ran"
     assert_released(test_hub, config, tmp_path)
 
 
@@ -206,16 +208,16 @@ def test_one_failing_quant_does_not_stop_the_others(tmp_path, test_hub, toolchai
     assert proc.returncode == 4  # ToolError: the exit code of the first failed stage
     # Measured (per-quant), Q2_K's first llama-quantize is the choice's; with --skip-bench (single) the quantize's.
     first = "choice" if layout == "per-quant" else "quantize"
-    before = ["ran", "ran"] + (["skipped"] if first == "quantize" else [])
-    assert statuses(summary)["Q2_K"] == before + ["failed"] + ["skipped"] * (8 - len(before))
+    before = ["ran", "ran", "skipped"] + (["skipped"] if first == "quantize" else [])
+    assert statuses(summary)["Q2_K"] == before + ["failed"] + ["skipped"] * (9 - len(before))
     if layout == "per-quant":
-        assert statuses(summary)["Q8_0"] == ["ran", "skipped", "skipped"] + ["ran"] * 6
-        assert statuses(summary)["Q4_K_M"] == ["ran"] * 9
+        assert statuses(summary)["Q8_0"] == ["ran", "skipped", "skipped", "skipped"] + ["ran"] * 6
+        assert statuses(summary)["Q4_K_M"] == ["ran", "ran", "skipped"] + ["ran"] * 7
         assert sorted(test_hub.state.repos) == [repo_id(q, layout) for q in ("Q4_K_M", "Q8_0")]
     else:
-        assert statuses(summary)["Q8_0"] == ["ran", "skipped", "skipped", "ran", "ran", "skipped", "ran", "skipped",
-                                             "skipped"]
-        waits = summary["quants"][0]["stages"][7]
+        assert statuses(summary)["Q8_0"] == ["ran", "skipped", "skipped", "skipped", "ran", "ran", "skipped", "ran",
+                                             "skipped", "skipped"]
+        waits = summary["quants"][0]["stages"][8]
         assert waits["detail"] == "the ladder's repo waits for Q2_K" and ONE_REPO not in test_hub.state.repos
     failed = summary["quants"][2]["stages"][len(before)]
     assert "simulated failure for Q2_K" in failed["detail"] and failed["exit_code"] == 4
@@ -247,7 +249,8 @@ def test_force_stage_card_reruns_card_and_push_only(tmp_path, toolchain):
     assert run_moeq("build", "--config", str(config), "--quant", "Q4_K_M").returncode == 0
     proc = run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--force-stage", "card", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert statuses(json.loads(proc.stdout))["Q4_K_M"] == ["up to date"] * 7 + ["ran", "skipped"]
+    assert statuses(json.loads(proc.stdout))["Q4_K_M"] == ["up to date"] * 2 + ["skipped"] + ["up to date"] * 5 + [
+        "ran", "skipped"]
 
 
 def test_summary_reads_whole_in_an_80_column_log(tmp_path, toolchain):

@@ -450,7 +450,9 @@ def _recipe(manifest: Manifest, entry: QuantEntry) -> dict | None:
         "rows": sorted(rows.values(), key=lambda r: r["group"]),
         "selection": {"text": record.selection.text, "ctx": record.selection.ctx, "chunks": record.selection.chunks},
         "stock_kld": _pm(stock_eval.quality, "kld_mean", 6), "measured_kld": _pm(chosen.quality, "kld_mean", 6),
-        "predicted_kld": _num(record.predicted_kld, 6) if record.predicted_kld is not None else None,
+        "predicted_kld": (_num(record.predicted_kld, 6) if record.predicted_kld is not None
+                          else "none: nothing changed" if chosen.label == "stock"
+                          else f"none: measured as a single-group change ({chosen.label})"),
         "stock_bytes": f"{stock_eval.tensor_bytes:,}", "bytes": f"{chosen.tensor_bytes:,}",
         "gpu": None if record.gpu_budget_bytes is None else {
             "room": f"{record.gpu_budget_bytes:,}", "stock": f"{stock_eval.gpu_bytes:,}",
