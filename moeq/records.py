@@ -570,6 +570,9 @@ class Candidate(Model):
     """The file measured (the one chosen becomes the published file; the others are deleted once measured)."""
     quality: PerplexityFigures
     """Its figures against the F16 logits on the evaluation text."""
+    speed: SpeedRun | None = None
+    """Its tokens/s on the CPU (llama-bench, the bench's prompt and generation lengths), where a searched recipe
+    is compared with the stock file (None: not measured)."""
 
 
 class ChoiceRecord(Record):

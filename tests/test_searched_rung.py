@@ -19,7 +19,8 @@ from moeq.gguf_header import read_header
 from moeq.kld import compare
 from moeq.manifest import parse_manifest
 from moeq.recipe_file import read_recipe
-from moeq.records import SEARCHED, WITH, WITHOUT, Candidate, FileRef, PerplexityFigures
+from moeq.cards.facts import _slower
+from moeq.records import SEARCHED, WITH, WITHOUT, Candidate, FileRef, PerplexityFigures, SpeedRun
 from moeq.choice.stage import choose
 from moeq.validate.checks import check_type_mix
 
@@ -48,6 +49,21 @@ def test_a_searched_file_is_published_only_when_better_beyond_the_uncertainty_at
     without = candidate(WITHOUT, 0.060000, 0.001600, 1_480_000)
     index, reason = choose([stock, without, candidate(SEARCHED, *searched)], may_choose=True)
     assert index == chosen and why in reason
+
+
+def speed(pp: tuple[float, float], tg: tuple[float, float]) -> SpeedRun:
+    tests = [{"test": test, "n_prompt": 64 if test == "pp64" else 0, "n_gen": 16 if test == "tg16" else 0,
+              "avg_ts": avg, "stddev_ts": std, "samples_ts": [avg] * 3, "n_threads": 2, "n_cpu_moe": 0,
+              "n_gpu_layers": 0} for test, (avg, std) in (("pp64", pp), ("tg16", tg))]
+    return SpeedRun(mode="cpu", command=["llama-bench"], backends="CPU", gpu_info=None, cpu_info=None, model_size=None,
+                    model_n_params=None, build_commit=None, tests=tests)
+
+
+def test_the_card_says_a_recipe_is_slower_only_beyond_the_spread():
+    stock = speed((1000, 20), (300, 5))
+    assert _slower(speed((990, 20), (280, 5)), stock) == ["tg16"]  # 20 apart, against 2 x 7.1
+    assert _slower(speed((900, 30), (295, 5)), stock) == ["pp64"]
+    assert _slower(speed((1100, 30), (310, 5)), stock) == []  # faster is not slower
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +126,14 @@ def test_the_card_shows_the_recipe_and_every_candidate(published):
     for tensor, ggml_type in chosen["changes"].items():
         group = next(g["name"] for g in recipe["groups"] if tensor in g["tensors"])
         assert f"| `{group}` | {recipe['stock_types'][tensor]} | {ggml_type} |" in card
+    # The searched file's speed beside the stock file's, from the choice's llama-bench runs (three repetitions).
+    choice = records(config, "choice-Q2_K")
+    timed = [c for c in choice["candidates"] if c["speed"]]
+    assert [c["name"] for c in timed] == [WITH, SEARCHED]
+    assert all(t["n_gen"] or t["n_prompt"] for c in timed for t in c["speed"]["tests"])
+    assert all(len(t["samples_ts"]) == 3 for c in timed for t in c["speed"]["tests"])
+    assert "| Tokens/s on the CPU (llama-bench) | pp64 " in card
+    assert "Speed on the CPU (llama-bench, tokens/s): the recipe pp64 " in card
     manifest = parse_manifest(files["moeq-manifest.json"].decode(), "moeq-manifest.json")
     [entry] = manifest.quants
     assert entry.recipe_file.name == "tiny-phimoe-Q2_K_MOEQ.recipe" and entry.records.recipe is not None

@@ -10,6 +10,7 @@ A section whose record is absent is None, and the template says "not measured".
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 
@@ -20,7 +21,7 @@ from moeq.kld import compare
 from moeq.manifest import LadderEntry, Manifest, ModelCardSpec, QuantEntry
 from moeq.offload import OffloadMode
 from moeq.records import (SEARCHED, WITH, WITHOUT, BenchRecord, ChoiceRecord, Fit, ModelFacts, PerplexityFigures,
-                          QuantizeRecord, FetchRecord, ValidateRecord, WorstTensor)
+                          QuantizeRecord, FetchRecord, SpeedRun, ValidateRecord, WorstTensor)
 from moeq.units import binary_size, decimal_size, short_count
 
 HUB = "https://huggingface.co"
@@ -410,11 +411,12 @@ def _imatrix_choice(choice: ChoiceRecord | None) -> dict | None:
     if choice is None:
         return None
     published, stock = choice.published, choice.candidates[0]
-    others = [{"name": c.name, "size": decimal_size(c.file.size), **_figures(c.quality, choice.base)}
-              for c in choice.others()]
+    others = [{"name": c.name, "size": decimal_size(c.file.size), "speed": _speed(c.speed),
+               **_figures(c.quality, choice.base)} for c in choice.others()]
     verdicts = {compare(published.quality, c.quality) for c in choice.others() if c.name != SEARCHED}
     searched = next((c for c in choice.candidates if c.name == SEARCHED), None)
-    return {"published": published.name, "size": decimal_size(published.file.size), "stock": choice.chosen == 0,
+    return {"published": published.name, "size": decimal_size(published.file.size), "speed": _speed(published.speed),
+            "timed": any(c.speed for c in choice.candidates), "stock": choice.chosen == 0,
             "stock_name": stock.name, "stock_size": decimal_size(stock.file.size), "may_choose": choice.may_choose,
             "others": others, "verdict": verdicts.pop() if len(verdicts) == 1 else None,
             "imatrix_worse": published.name == WITHOUT and choice.chosen != 0,
@@ -423,6 +425,19 @@ def _imatrix_choice(choice: ChoiceRecord | None) -> dict | None:
             "searched": None if searched is None else {
                 "published": searched is published, "larger": searched.file.size > stock.file.size,
                 "verdict": compare(searched.quality, stock.quality)}}
+
+
+def _speed(run: SpeedRun | None) -> str:
+    if run is None:
+        return "not measured"
+    return "; ".join(f"{t.test} {t.avg_ts:,.0f} ± {t.stddev_ts:,.0f}" for t in run.tests)
+
+
+def _slower(run: SpeedRun, than: SpeedRun) -> list[str]:
+    """The tests `run` is slower in than `than` by more than twice their combined standard deviation."""
+    base = {t.test: t for t in than.tests}
+    return [t.test for t in run.tests if t.test in base and base[t.test].avg_ts - t.avg_ts
+            > 2 * math.hypot(t.stddev_ts, base[t.test].stddev_ts)]
 
 
 def _recipe(manifest: Manifest, entry: QuantEntry) -> dict | None:
@@ -444,8 +459,15 @@ def _recipe(manifest: Manifest, entry: QuantEntry) -> dict | None:
         measured = alone and alone.quality.kld_mean is not None and stock_eval.quality.kld_mean is not None
         row["kld"] = (f"{alone.quality.kld_mean - stock_eval.quality.kld_mean:+.6f}" if measured
                       else "not measured alone")
+    choice = entry.records.choice
+    stock, searched = choice.candidates[0], next(c for c in choice.candidates if c.name == SEARCHED)
+    speed = None
+    if stock.speed is not None and searched.speed is not None:
+        speed = {"stock": _speed(stock.speed), "recipe": _speed(searched.speed),
+                 "slower": ", ".join(_slower(searched.speed, stock.speed)), "stock_name": stock.name}
     return {
         "published": quant_label(entry) != entry.quant,
+        "speed": speed,
         "command": " ".join(record.command), "budget": record.budget, "budget_bytes": f"{record.budget_bytes:,}",
         "rows": sorted(rows.values(), key=lambda r: r["group"]),
         "selection": {"text": record.selection.text, "ctx": record.selection.ctx, "chunks": record.selection.chunks},

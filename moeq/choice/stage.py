@@ -25,7 +25,10 @@ from typing import Callable
 
 from moeq.config import Pipeline, QuantSpec
 from moeq.kld import base_logits, compare, eval_options, eval_text, measure
-from moeq.records import SEARCHED, WITH, WITHOUT, Candidate, ChoiceRecord, FetchRecord, QuantizeRecord, ToolBuildRef
+from moeq.offload import OffloadMode
+from moeq.records import (SEARCHED, WITH, WITHOUT, Candidate, ChoiceRecord, FetchRecord, QuantizeRecord, SpeedRun,
+                          ToolBuildRef)
+from moeq.speed import run_speed
 from moeq.stage_runner import Stage
 from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace
@@ -44,10 +47,15 @@ def choice_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
     cfg = pipeline.bench
     tool = chain.tool("llama-perplexity")
 
+    timed = {0, *(i for i, (name, _record) in enumerate(made) if name == SEARCHED)} if any(
+        name == SEARCHED for name, _record in made) else set()  # a searched recipe's speed against the stock file's
+    speed_options = {"n_prompt": cfg.n_prompt, "n_gen": cfg.n_gen, "repetitions": max(3, cfg.repetitions),
+                     "threads": cfg.threads}  # three at least: the card compares the two files within their spread
+
     def key() -> dict:
         return {"candidates": [[name, record.output.sha256] for name, record in made],
                 "source_sha256": source.output.sha256, "options": options.model_dump(mode="json"),
-                "may_choose": may_choose}
+                "may_choose": may_choose, "speed": speed_options if timed else None}
 
     def run() -> ChoiceRecord:
         base_kld, base = base_logits(ws, chain, source.output, options, text, tool.build.commit, threads=cfg.threads,
@@ -59,8 +67,15 @@ def choice_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
             figures = measure(chain, Path(record.output.path), text, base_kld, options,
                               ws.choice_dir(quant.type) / f"perplexity-{FOLDERS[name]}.log", threads=cfg.threads,
                               timeout_s=cfg.timeout_s)
+            speed = None
+            if i in timed:
+                on_message(f"{quant.type} {name}: llama-bench on the CPU")
+                speed = SpeedRun(**run_speed(chain.path("llama-bench"), Path(record.output.path),
+                                             OffloadMode.from_name("cpu", record.model.block_count or 1),
+                                             ws.choice_dir(quant.type) / f"speed-{FOLDERS[name]}.log",
+                                             rpc=None, timeout_s=cfg.timeout_s, **speed_options))
             measured.append(Candidate(name=name, imatrix=record.options.imatrix, file=record.output,
-                                      quality=figures))
+                                      quality=figures, speed=speed))
         chosen, why = choose(measured, may_choose)
         return ChoiceRecord(quant=quant.type, options=options, tool=ToolBuildRef(**tool.build.as_dict()), base=base,
                             candidates=measured, chosen=chosen, may_choose=may_choose, why=why)
