@@ -199,7 +199,10 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
                    + (f", {room:,} bytes of weights on the GPU" if room is not None else ""))
         stock_eval = search.evaluate("stock", {})
         options_by_group: dict[str, list[Option]] = {}
-        for group in sorted(groups, key=lambda g: -sum(sizes[base].get(n, 0) for n in g.tensors)):
+        # the largest groups first; under a GPU budget the groups on the GPU before them: they must fit it
+        order = sorted(groups, key=lambda g: (gpu is not None and not set(g.tensors) & set(gpu.names),
+                                              -sum(sizes[base].get(n, 0) for n in g.tensors)))
+        for group in order:
             opts = [Option(group.name, 0, (), 0, stock_eval.quality.kld_mean, stock_eval.quality.kld_mean_err)]
             for step, word in ((1, "up"), (-1, "down")):
                 types = stepped(stock_types, group, step)
@@ -224,7 +227,9 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
             raise InputError(f"quants[{quant.type}].budget: {limit:,} bytes"
                              + (f" ({room:,} on the GPU)" if room is not None else "")
                              + ", and no measured recipe fits it (the search moves each group one type from the "
-                               "stock file); raise the budget")
+                               "stock file); raise the budget"
+                             + (f", or recipe.max_evals ({settings.max_evals} runs did not measure every group)"
+                                if any(len(o) == 1 for o in options_by_group.values()) else ""))
         # the solution wins a tie: it is the same recipe as a single-group one when only that group changed
         best = min(fits, key=lambda i: (search.evals[i].quality.kld_mean, search.evals[i].label != "solution"))
         tensor_types = {**stock_types, **search.evals[best].changes}
@@ -352,6 +357,7 @@ class _Search:
         self.evals: list[RecipeEval] = []
         self.planned_runs = planned_runs
         self.runs = 0
+        self.seconds: list[float] = []  # each llama-perplexity run's wall time in this search
         self.settings = pipeline.recipe
         self.gpu = gpu
         (folder / "evals").mkdir(parents=True, exist_ok=True)
@@ -369,7 +375,13 @@ class _Search:
         if saved.is_file():
             figures = PerplexityFigures(**json.loads(saved.read_text()))
         else:
-            self.on_message(f"recipe {len(self.evals) + 1} of at most {self.planned_runs}: {label}")
+            left = ""
+            if self.seconds:  # the time a run takes on this machine, measured, not assumed
+                per_run = sum(self.seconds) / len(self.seconds)
+                left = (f" (about {(self.planned_runs - len(self.evals)) * per_run / 60:.1f} min left at "
+                        f"{per_run:.1f} s a run here)")
+            self.on_message(f"recipe {len(self.evals) + 1} of at most {self.planned_runs}: {label}{left}")
+            started = time.monotonic()
             candidate = self.folder / "candidate.gguf"
             assemble(self.pure[self.base], self.pure, {n: t for n, t in types.items() if t != self.base}, candidate)
             try:
@@ -383,6 +395,7 @@ class _Search:
                                 f"{self.folder / 'perplexity.log'}")
             write_json_atomic(saved, figures.model_dump(mode="json"))
             self.runs += 1
+            self.seconds.append(time.monotonic() - started)
         measured = RecipeEval(label=label, changes={n: t for n, t in changes.items() if t != self.stock_types[n]},
                               tensor_bytes=tensor_bytes, quality=figures,
                               gpu_bytes=self.gpu.bytes(types) if self.gpu is not None else None)
