@@ -187,7 +187,7 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
         _require_reachable(quant, limit, fixed, sizes, stock_types, needed[0])
         gpu = _GpuCount(stock, stock_types, sizes, n_cpu_moe) if room is not None else None
         if gpu is not None:
-            _require_gpu_reachable(quant, room, gpu)
+            _require_gpu_reachable(quant, room, gpu, stock_types)
         base_kld, _base = base_logits(ws, chain, source.output, options, text, tool.build.commit,
                                       threads=pipeline.bench.threads, timeout_s=pipeline.bench.timeout_s,
                                       on_message=on_message)
@@ -274,11 +274,15 @@ class _GpuCount:
         return self.fixed + sum(self.sizes[types[name]][name] for name in self.names)
 
 
-def _require_gpu_reachable(quant: QuantSpec, room: int, gpu: _GpuCount) -> None:
-    lowest = gpu.bytes({name: TYPE_LADDER[0] for name in gpu.names})
-    if lowest > room:
-        raise InputError(f"quants[{quant.type}].budget: {room:,} bytes for the weights on the GPU, less than they "
-                         f"weigh at the lowest type ({lowest:,}); raise gpu, lower ctx, or use placement: cpu-moe")
+def _require_gpu_reachable(quant: QuantSpec, room: int, gpu: _GpuCount, stock_types: dict[str, str]) -> None:
+    """Refuse, before measuring, a GPU room the search cannot reach: it moves each tensor one type from the stock
+    file's, so the weights on the GPU weigh at least what they do one type below it."""
+    reach = gpu.bytes({name: _neighbours(t)[0] for name, t in stock_types.items()})
+    if reach > room:
+        raise InputError(f"quants[{quant.type}].budget: {room:,} bytes for the weights on the GPU (after the KV cache "
+                         f"and the compute allowance), less than the search reaches (every tensor there one type "
+                         f"below the stock {quant.type}: {reach:,} bytes); raise gpu, lower ctx, use placement: "
+                         "cpu-moe, or search a lower rung")
 
 
 def _require_text(text: Path, options: PerplexityOptions, pipeline: Pipeline) -> None:
