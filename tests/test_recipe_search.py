@@ -121,6 +121,13 @@ def test_a_search_under_a_gpu_budget_keeps_the_gpu_bytes_within_it(tmp_path, too
     proc = run_moeq("recipe", "--config", str(tight))
     assert proc.returncode == 3
     assert "quants[Q2_K].budget.gpu: " in error_line(proc) and "take it all; raise gpu or lower ctx" in error_line(proc)
+    unreachable = pipeline_file(tmp_path / "unreachable", trained=False, quants=[
+        {"type": "Q2_K", "recipe": "search", "budget": {**budget, "gpu": f"{DEFAULT_COMPUTE_ALLOWANCE + kv + 1000}B"}}])
+    proc = run_moeq("recipe", "--config", str(unreachable))
+    assert proc.returncode == 3
+    assert error_line(proc).startswith("error: quants[Q2_K].budget: 1,000 bytes for the weights on the GPU (after the KV "
+                                       "cache and the compute allowance), less than the search reaches")
+    assert not list((tmp_path / "unreachable" / "work" / "recipe" / "Q2_K" / "evals").glob("*.json"))
 
 
 def test_recipe_lines_name_each_tensor_anchored_as_llama_quantize_reads_them():

@@ -151,34 +151,18 @@ def repo_paths(pipeline: Pipeline, quant: CardInputs) -> list[str]:
     return names
 
 
-def _imatrix_entry(quant: CardInputs, taken: dict[str, str], ws: Workspace) -> dict | None:
-    """The quant's importance matrix as a repo file, checked: it is the one the quant was made with, and its name
-    is free in the repo (`taken`: path -> sha256 of what already uses it)."""
-    ref = quant.imatrix_file
+def _beside_entry(quant: CardInputs, ref: FileRef | None, what: str, rename: str, taken: dict[str, str],
+                  ws: Workspace) -> dict | None:
+    """A file the quant was made with (its importance matrix, its recipe file) as a repo file, checked: the one the
+    quant was made with, and its name free in the repo (`taken`: path -> sha256 of what already uses it)."""
     if ref is None:
         return None
     name = Path(ref.path).name
     if taken.get(name, ref.sha256) != ref.sha256:
-        raise InputError(f"{ref.path}: the importance matrix would be published as {name}, a name the repo already "
-                         "uses for another file; rename the imatrix file")
+        raise InputError(f"{ref.path}: the {what} would be published as {name}, a name the repo already uses for "
+                         f"another file; {rename}")
     if not Path(ref.path).is_file() or ws.hashes.sha256(Path(ref.path)) != ref.sha256:
-        raise InputError(f"{ref.path}: not the importance matrix {quant.quant} was made with (gone or changed "
-                         f"since); run moeq quantize --quant {quant.quant} again")
-    taken[name] = ref.sha256
-    return {"name": name, "size": ref.size, "sha256": ref.sha256}
-
-
-def _recipe_entry(quant: CardInputs, taken: dict[str, str], ws: Workspace) -> dict | None:
-    """The quant's recipe file as a repo file, checked: the one the quant was made with, under a free name."""
-    ref = quant.recipe_file
-    if ref is None:
-        return None
-    name = Path(ref.path).name
-    if taken.get(name, ref.sha256) != ref.sha256:
-        raise InputError(f"{ref.path}: the recipe would be published as {name}, a name the repo already uses for "
-                         "another file; give the quant another file name (quants[].file)")
-    if not Path(ref.path).is_file() or ws.hashes.sha256(Path(ref.path)) != ref.sha256:
-        raise InputError(f"{ref.path}: not the recipe {quant.quant} was made with (gone or changed since); run moeq "
+        raise InputError(f"{ref.path}: not the {what} {quant.quant} was made with (gone or changed since); run moeq "
                          f"quantize --quant {quant.quant} again")
     taken[name] = ref.sha256
     return {"name": name, "size": ref.size, "sha256": ref.sha256}
@@ -219,8 +203,11 @@ def build_manifest(pipeline: Pipeline, inputs: RepoInputs, ws: Workspace) -> Man
                                  "repo already uses; give the quant another file name (quants[].file)")
             taken[f["name"]] = f["sha256"]
         entries.append({
-            "quant": quant.quant, "files": files, "imatrix_file": _imatrix_entry(quant, taken, ws),
-            "recipe_file": _recipe_entry(quant, taken, ws),
+            "quant": quant.quant, "files": files,
+            "imatrix_file": _beside_entry(quant, quant.imatrix_file, "importance matrix", "rename the imatrix file",
+                                          taken, ws),
+            "recipe_file": _beside_entry(quant, quant.recipe_file, "recipe", "give the quant another file name "
+                                         "(quants[].file)", taken, ws),
             "records": {"imatrix": _published(quant.imatrix), "choice": _published(quant.choice),
                         "recipe": _published(quant.recipe),
                         "quantize": _published(quant.quantized),
@@ -254,5 +241,5 @@ def _sibling(pipeline: Pipeline, quant: QuantSpec, quantized: QuantizeRecord, va
     cpu_moe = None
     if validated is not None:
         cpu_moe = validated.plan.placement(validated.plan.n_layer).gpu_bytes  # N = every layer: --cpu-moe
-    return {"quant": quant.type, "repo_id": pipeline.repo_id(quant), "file": quant.file,
+    return {"quant": quant.type, "repo_id": pipeline.repo_id(quant), "file": Path(quantized.output.path).name,
             "size": quantized.output.size, "bpw": quantized.quant_bpw, "cpu_moe_gpu_bytes": cpu_moe}
