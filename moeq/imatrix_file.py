@@ -1,4 +1,5 @@
-"""Reading an importance matrix: llama-imatrix's GGUF format (and the legacy .dat), and checking it fits a model.
+"""Reading an importance matrix: llama-imatrix's GGUF format (and the legacy .dat), and checking it fits a model;
+and the calibration text moeq ships to make one (moeq/data/CALIBRATION.md).
 
 The GGUF format holds, for every weight the model multiplies with, `<tensor>.in_sum2` (the summed squared
 activations, one row per expert for the 3-D expert tensors) and `<tensor>.counts` (how many tokens each
@@ -17,6 +18,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,11 @@ from moeq.gguf_header import GGUFHeader
 
 GGUF_MAGIC = b"GGUF"
 EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(?:up|gate|down)_exps\.weight")
+
+
+def default_calibration() -> Path:
+    """The calibration text shipped with moeq: imatrix.calibration when the pipeline names none."""
+    return Path(str(resources.files("moeq") / "data" / "calibration.txt"))
 
 
 @dataclass

@@ -19,9 +19,10 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError
 
+from moeq.config import SEARCHED_SUFFIX
 from moeq.errors import InputError
-from moeq.records import (BenchRecord, ChoiceRecord, ImatrixRecord, Model, QuantizeRecord, FetchRecord, RecipeRecord,
-                          ValidateRecord)
+from moeq.records import (SEARCHED, BenchRecord, ChoiceRecord, ImatrixRecord, Model, QuantizeRecord, FetchRecord,
+                          RecipeRecord, ValidateRecord)
 from moeq.workspace import read_text_limited
 
 MANIFEST_NAME = "moeq-manifest.json"
@@ -128,6 +129,12 @@ class QuantEntry(Model):
     """The recipe file (llama-quantize's --tensor-type-file) it was made with, published beside it."""
     records: QuantRecords
     """The records the card's figures for it come from."""
+
+    @property
+    def label(self) -> str:
+        """The quant label its file carries: TYPE_MOEQ where the choice published moeq's searched recipe."""
+        choice = self.records.choice
+        return self.quant + (SEARCHED_SUFFIX if choice is not None and choice.published.name == SEARCHED else "")
 
 
 class Manifest(Model):

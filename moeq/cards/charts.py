@@ -18,9 +18,8 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from moeq.config import SEARCHED_SUFFIX
 from moeq.manifest import Manifest, QuantEntry
-from moeq.records import SEARCHED, Candidate
+from moeq.records import Candidate
 from moeq.offload import OffloadMode
 from moeq.units import binary_size, decimal_size
 
@@ -107,10 +106,6 @@ def _quality_alt(manifest: Manifest) -> str:
     return "Mean KL divergence against F16 by file size. " + "; ".join(words)
 
 
-def _searched(entry: QuantEntry) -> bool:
-    return entry.records.choice is not None and entry.records.choice.published.name == SEARCHED
-
-
 def _not_published(entry: QuantEntry) -> list[Candidate]:
     """The choice's candidates measured beside the published file, each with a mean KL divergence."""
     choice = entry.records.choice
@@ -177,7 +172,7 @@ def _quality_png(manifest: Manifest) -> bytes:
         quality = entry.records.bench.quality if entry.records.bench else None
         if quality is None or quality.quant.kld_mean is None:
             continue
-        label = entry.quant + (SEARCHED_SUFFIX if _searched(entry) else "")
+        label = entry.label
         ax.errorbar([size], [quality.quant.kld_mean], yerr=[quality.quant.kld_mean_err or 0], fmt="o", color=color,
                     markersize=7, capsize=3, zorder=3, label=label)
         ax.annotate(label, (size, quality.quant.kld_mean), textcoords="offset points", xytext=(6, 4), fontsize=9)

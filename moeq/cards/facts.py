@@ -16,7 +16,6 @@ from collections import Counter
 
 from moeq.cards.charts import charts
 from moeq.cards.render import code
-from moeq.config import SEARCHED_SUFFIX
 from moeq.kld import compare
 from moeq.manifest import LadderEntry, Manifest, ModelCardSpec, QuantEntry
 from moeq.offload import OffloadMode
@@ -123,7 +122,7 @@ def _quant(manifest: Manifest, entry: QuantEntry, quantized: QuantizeRecord) -> 
         include = first.rsplit("/", 1)[0] + "/*"
     else:
         include = re.sub(r"-\d{5}-of-(\d{5})\.gguf$", r"-*-of-\1.gguf", first)
-    label = quant_label(entry)
+    label = entry.label
     tag = f"{repo_id}:{label}" if single else repo_id
     return {
         "type": entry.quant,
@@ -145,12 +144,6 @@ def _quant(manifest: Manifest, entry: QuantEntry, quantized: QuantizeRecord) -> 
         "source_bpw": f"{quantized.model_bpw:.2f}",
         "source_size": decimal_size(quantized.source.size),
     }
-
-
-def quant_label(entry: QuantEntry) -> str:
-    """The quant label its file carries: TYPE_MOEQ where the choice published moeq's searched recipe."""
-    choice = entry.records.choice
-    return entry.quant + (SEARCHED_SUFFIX if choice is not None and choice.published.name == SEARCHED else "")
 
 
 def _sibling(row: LadderEntry) -> dict:
@@ -466,7 +459,7 @@ def _recipe(manifest: Manifest, entry: QuantEntry) -> dict | None:
         speed = {"stock": _speed(stock.speed), "recipe": _speed(searched.speed),
                  "slower": ", ".join(_slower(searched.speed, stock.speed)), "stock_name": stock.name}
     return {
-        "published": quant_label(entry) != entry.quant,
+        "published": entry.label != entry.quant,
         "speed": speed,
         "command": " ".join(record.command), "budget": record.budget, "budget_bytes": f"{record.budget_bytes:,}",
         "rows": sorted(rows.values(), key=lambda r: r["group"]),

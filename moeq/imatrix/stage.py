@@ -19,13 +19,12 @@ import os
 import re
 import stat
 import statistics
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 from moeq.config import Pipeline
 from moeq.errors import InputError, ToolError
-from moeq.imatrix_file import read_imatrix
+from moeq.imatrix_file import default_calibration, read_imatrix
 from moeq.records import (CalibrationRef, CalibrationSource, ExpertCoverage, ExpertTokens, FileRef, ImatrixRecord,
                           FetchRecord, ToolBuildRef)
 from moeq.runner import run_tool
@@ -48,10 +47,6 @@ SHIPPED_SOURCES = (
     CalibrationSource(title="textwrap.py of the Python 3.11 standard library (code)",
                       url="https://github.com/python/cpython/blob/3.11/Lib/textwrap.py", license="PSF-2.0"),
 )
-
-
-def default_calibration() -> Path:
-    return Path(str(resources.files("moeq") / "data" / "calibration.txt"))
 
 
 def imatrix_path(ws: Workspace, pipeline: Pipeline) -> Path:

@@ -36,6 +36,7 @@ from gguf import Keys
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import InputError, ToolError
 from moeq.gguf_header import read_header
+from moeq.imatrix_file import default_calibration
 from moeq.memory_plan import DEFAULT_COMPUTE_ALLOWANCE, kv_bytes, on_gpu
 from moeq.kld import base_logits, eval_text, measure
 from moeq.quant_types import lookup
@@ -291,7 +292,7 @@ def _require_text(text: Path, options: PerplexityOptions, pipeline: Pipeline) ->
     if text.stat().st_size + 1 < 2 * 2 * options.ctx:
         raise InputError(f"{text}: too short for two chunks of {options.ctx} tokens (recipe.selection); use a longer "
                          "text or a smaller recipe.ctx")
-    calibration = pipeline.imatrix.calibration or Path(str(resources.files("moeq.data") / "calibration.txt"))
+    calibration = pipeline.imatrix.calibration or default_calibration()
     lines = _lines(text)
     for other, key in ((eval_text(pipeline), "bench.perplexity.text"), (calibration, "imatrix.calibration")):
         shared = sorted(lines & _lines(other))
