@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from moeq import steps
@@ -117,26 +118,58 @@ def forced_stages(force_stage: str | None) -> set[str]:
     return set(STAGES[STAGES.index(force_stage):])
 
 
+@dataclass(frozen=True)
+class Release:
+    """A build that is one job of a release across machines: its quants staged on a branch of the ladder's repo
+    instead of pushed (`stage_to`), made with the importance matrix another workspace made (`imatrix_from`)."""
+
+    stage_to: str | None = None
+    imatrix_from: Path | None = None
+
+
 def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool = False,
-          force_stage: str | None = None, switch_layout: bool = False) -> BuildSummary:
+          force_stage: str | None = None, switch_layout: bool = False, release: Release = Release()) -> BuildSummary:
     force = forced_stages(force_stage)
     steps.require_tools(ctx, quants, skip_bench=skip_bench)
     pipeline = ctx.pipeline
+    staged = _staged_already(ctx, quants, release, force)
+    if staged:
+        ctx.say(f"{', '.join(staged)}: {next(iter(staged.values()))}; nothing to build")
+    rows_of_staged = [QuantRow(q.type, pipeline.repo_id(q), f"{hub_endpoint()}/{pipeline.repo_id(q)}",
+                               [StageResult("push", "up to date", staged[q.type])]) for q in quants if q.type in staged]
+    quants = [q for q in quants if q.type not in staged]
+    if not quants:
+        return BuildSummary(rows_of_staged, pushed=True, single_repo=pipeline.single_repo)
     # A local source is hashed beside the first llama-quantize (as `moeq quantize` does): started now, waited for
     # once the file stages have run. Every other source (and the imatrix) is needed first.
     hashing = (steps.fetch_beside(ctx, force="fetch" in force)
                if pipeline.source.kind == "local" and not any(q.imatrix == IMATRIX_AUTO for q in quants) else None)
     push_plans: dict[str, list[dict]] = {}
     todo = plan(ctx, quants, hashing, push=push, skip_bench=skip_bench, force=force, switch_layout=switch_layout,
-                push_plans=push_plans)
+                push_plans=push_plans, release=release)
     results, blocked = run_plan(ctx, todo)
     rows = [QuantRow(q.type, pipeline.repo_id(q), f"{hub_endpoint()}/{pipeline.repo_id(q)}",
                      _row(q.type, todo, results, blocked), push_plans.get(pipeline.repo_id(q), [])) for q in quants]
-    return BuildSummary(rows, pushed=push, single_repo=pipeline.single_repo)
+    return BuildSummary(rows_of_staged + rows, pushed=push or release.stage_to is not None,
+                        single_repo=pipeline.single_repo)
+
+
+def _staged_already(ctx: Context, quants: list[QuantSpec], release: Release, force: set[str]) -> dict[str, str]:
+    """The quants a job staging on a branch need not build: staged there from the same inputs (not with --force-stage)."""
+    if release.stage_to is None:
+        return {}
+    if not ctx.pipeline.single_repo:
+        raise ConfigError(f"{ctx.pipeline.path}: --stage-to stages quants for the ladder's one repo (hub.layout "
+                          "single); with hub.layout per-quant each quant's build pushes its own repo")
+    if force:
+        return {}
+    found = {q.type: steps.staged_already(ctx, q, release.stage_to, release.imatrix_from) for q in quants}
+    return {quant: why for quant, why in found.items() if why}
 
 
 def plan(ctx: Context, quants: list[QuantSpec], hashing: Callable[[], StageResult] | None, *, push: bool,
-         skip_bench: bool, force: set[str], switch_layout: bool, push_plans: dict[str, list[dict]]) -> list[Step]:
+         skip_bench: bool, force: set[str], switch_layout: bool, push_plans: dict[str, list[dict]],
+         release: Release = Release()) -> list[Step]:
     """Every step `moeq build` takes for `quants`, in order; `hashing`: a local source's fetch running beside
     the file stages, whose step comes after them."""
     every = tuple(q.type for q in quants)
@@ -147,7 +180,10 @@ def plan(ctx: Context, quants: list[QuantSpec], hashing: Callable[[], StageResul
     if not beside:
         todo.append(Step("fetch", LADDER, lambda: steps.fetch(ctx, force="fetch" in force), every,
                          on_failure="the source could not be fetched"))
-    if auto:
+    if auto and release.imatrix_from is not None:
+        todo.append(Step("imatrix", LADDER, lambda: steps.imatrix_from(ctx, release.imatrix_from), auto,
+                         needs=(fetch,), on_failure="the importance matrix given could not be used"))
+    elif auto:
         todo.append(Step("imatrix", LADDER, lambda: steps.imatrix(ctx, force="imatrix" in force), auto,
                          needs=(fetch,), on_failure="the importance matrix could not be made"))
     for q in quants:
@@ -188,7 +224,7 @@ def plan(ctx: Context, quants: list[QuantSpec], hashing: Callable[[], StageResul
                       needs=(("bench", q.type), fetch), lock=f"build-{q.type}") for q in unit.quants]
         lock = f"build-{unit.quant}" if unit.quant else None  # the ladder's repo is no one quant's
         todo += _publish(ctx, unit, held, tuple(("shards", q) for q in held), lock, push=push, force=force,
-                         switch_layout=switch_layout, push_plans=push_plans)
+                         switch_layout=switch_layout, push_plans=push_plans, stage_to=release.stage_to)
     return todo
 
 
@@ -207,13 +243,16 @@ def _unchosen(ctx: Context, quant: QuantSpec, skip_bench: bool) -> str:
 
 
 def _publish(ctx: Context, unit: RepoUnit, rows: tuple[str, ...], needs: tuple, lock: str | None, *, push: bool,
-             force: set[str], switch_layout: bool, push_plans: dict[str, list[dict]]) -> list[Step]:
-    """The card and push steps of one repo (per quant, or the ladder's one repo, which waits for every quant)."""
+             force: set[str], switch_layout: bool, push_plans: dict[str, list[dict]],
+             stage_to: str | None = None) -> list[Step]:
+    """The card and push steps of one repo (per quant, or the ladder's one repo, which waits for every quant); the
+    push stages the quants on a branch instead with `stage_to`."""
     subject = unit.quant
     waits = None if subject else (lambda failed: f"the ladder's repo waits for {', '.join(failed)}")
+    pushed = ((lambda: steps.stage_to_branch(ctx, unit, stage_to)) if stage_to
+              else (lambda: _push(ctx, unit, push, switch_layout, push_plans)))
     return [Step("card", subject, lambda: _card(ctx, unit, force), rows, needs=needs, lock=lock, waits_for=waits),
-            Step("push", subject, lambda: _push(ctx, unit, push, switch_layout, push_plans), rows,
-                 needs=(("card", subject),), lock=lock)]
+            Step("push", subject, pushed, rows, needs=(("card", subject),), lock=lock)]
 
 
 def run_plan(ctx: Context, todo: list[Step]) -> tuple[dict, dict]:

@@ -765,6 +765,10 @@ class CardRecord(Record):
     """The sha256 of every file in the template's folder."""
     not_measured: list[str]
     """The sections the card says "not measured" for, for want of a record."""
+    from_branch: str | None = None
+    """moeq publish: the staging branch the repo's LFS files are on (copied from there, not staged here)."""
+    from_commit: str | None = None
+    """The branch's commit they were checked at, which the publish copies them from."""
 
 
 class PushedFile(Model):
@@ -803,6 +807,8 @@ class PushRecord(Record):
     """The bytes sent."""
     readme_sha256: str
     """The sha256 of the README.md pushed."""
+    branch: str | None = None
+    """The staging branch committed to (moeq build --stage-to), or None: main, or a pull request."""
 
 
 RECORD_TYPES: dict[str, type[Record]] = {cls.stage_name(): cls for cls in (

@@ -68,7 +68,7 @@ def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
         previous = records.saved(stage.name, stage.quant)
         unusable = records.reasons.get((stage.name, stage.quant))  # a record there, of another schema or shape
         later = stage.lazy_key and (force or previous is None)
-        key = None if later else _declared_key(stage)
+        key = None if later else declared_key(stage)
         why = _why_run(stage, previous, key, force, unusable)
         if why is None:
             return StageResult(stage.name, "up to date", "inputs unchanged", _since(started), previous.record)
@@ -77,7 +77,7 @@ def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
         running = time.monotonic()
         record = stage.run()
         if later:
-            key = _declared_key(stage)
+            key = declared_key(stage)
         wall = _since(running)
         save_record(path, record, key, wall)
         records.put(stage.name, stage.quant, Saved(schema_version=SCHEMA_VERSION, key=key, wall_s=wall, record=record))
@@ -104,7 +104,7 @@ def _why_run(stage: Stage, previous: Saved | None, key: dict | None, force: bool
     return None
 
 
-def _declared_key(stage: Stage) -> dict | None:
+def declared_key(stage: Stage) -> dict | None:
     """What the stage declared its output depends on: its inputs, and the commit of the tool that makes it."""
     key = stage.key()
     if key is not None and stage.tool is not None:

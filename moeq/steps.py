@@ -513,3 +513,172 @@ def staged_files(ctx: Context, unit: RepoUnit) -> list[dict]:
 
     return [{"path": f.path, "action": f.action, "size": f.size}
             for f in local_files(ctx.records.require(CardRecord, unit.quant)).values()]
+
+
+# ------------------------------------------------------------ a release across machines (staging branch, publish)
+
+def stage_inputs(ctx: Context, quant: QuantSpec, imatrix_sha256: str | None) -> dict:
+    """What a quant staged on a branch was built from: moeq, the llama.cpp build, the source (a Hub source at its
+    commit), the quant's entry and every pipeline section its records depend on (a file by its sha256), and the
+    importance matrix. Two builds with the same inputs stage the same quant, so a rerun need not build again."""
+    import hashlib
+    import json
+
+    from moeq import __version__
+    from moeq.hub.client import hub_errors
+
+    def plain(value):
+        if isinstance(value, Path):
+            path = value if value.is_absolute() else ctx.pipeline.path.parent / value
+            if path.is_file() and path.stat().st_size <= 256 << 20:
+                return hashlib.sha256(path.read_bytes()).hexdigest()
+            return f"{path.name}:{path.stat().st_size if path.exists() else 'absent'}"
+        raise TypeError(type(value).__name__)
+
+    pipeline = ctx.pipeline
+    source = dataclasses.asdict(pipeline.source)
+    if pipeline.source.kind == "hub":
+        with hub_errors("resolving the source's revision", pipeline.source.repo):
+            source["commit"] = ctx.api.model_info(pipeline.source.repo, revision=pipeline.source.revision).sha
+    tool = ctx.chain.tool("llama-quantize").build
+    sections = {name: dataclasses.asdict(getattr(pipeline, name)) for name in ("model", "bench", "imatrix", "recipe")}
+    inputs = {"moeq": __version__, "llama_cpp": {"commit": tool.commit, "backend": tool.backend}, "source": source,
+              "quant": dataclasses.asdict(quant), **sections, "imatrix_sha256": imatrix_sha256}
+    return json.loads(json.dumps(inputs, default=plain))
+
+
+def imatrix_sha256(ctx: Context, quant: QuantSpec, imatrix_from: Path | None = None) -> str | None:
+    """The importance matrix `quant` is made with, by sha256 (its record's), as far as it is known before the build:
+    None without one; "auto" when this workspace has not made it yet."""
+    if quant.imatrix is None:
+        return None
+    if quant.imatrix != IMATRIX_AUTO:
+        return ctx.ws.hashes.sha256(Path(quant.imatrix))
+    if imatrix_from is not None:
+        return _imported_imatrix(imatrix_from)[0].record.output.sha256
+    made = ctx.records.get(ImatrixRecord)
+    return made.output.sha256 if made else IMATRIX_AUTO
+
+
+def staged_already(ctx: Context, quant: QuantSpec, branch: str, imatrix_from: Path | None) -> str | None:
+    """Why `quant` need not be built for `branch`: staged there from the same inputs, its files as its records say."""
+    from moeq.push.staging import current_on_branch
+
+    inputs = stage_inputs(ctx, quant, imatrix_sha256(ctx, quant, imatrix_from))
+    return current_on_branch(ctx.api, ctx.pipeline.hub.repo, branch, quant.type, inputs)
+
+
+def stage_to_branch(ctx: Context, unit: RepoUnit, branch: str) -> StageResult[PushRecord]:
+    """Each quant of the ladder's repo this build made, staged on `branch` (moeq build --stage-to); main untouched."""
+    import time
+
+    from moeq.hub.client import require_token
+    from moeq.push.staging import stage_quant
+
+    started = time.monotonic()
+    require_token()
+    card_record = ctx.records.require(CardRecord, None)
+    records = []
+    for quant in unit.quants:
+        inputs = stage_inputs(ctx, quant, imatrix_sha256(ctx, quant))
+        records.append(stage_quant(ctx.api, card_record, quant.type, branch, inputs, ctx.pipeline.hub.private,
+                                   on_message=ctx.say))
+    last = next((r for r in reversed(records) if r.commit), records[-1])
+    merged = last.model_copy(update={"quants": [q.type for q in unit.quants],
+                                     "files": [f for r in records for f in r.files],
+                                     "uploaded_bytes": sum(r.uploaded_bytes for r in records)})
+    status = "ran" if any(r.commit for r in records) else "up to date"
+    return StageResult("push", status, f"staged on {branch}", round(time.monotonic() - started, 3), merged)
+
+
+def _imported_imatrix(folder: Path):
+    """The imatrix record of another workspace (FOLDER/records/imatrix.json), read bounded, its paths kept inside
+    FOLDER, and the matrix file it names checked against its size and sha256: (saved record, the file)."""
+    from moeq.errors import InputError
+    from moeq.record_store import load_saved
+    from moeq.workspace import sha256_file
+
+    path = Path(folder) / "records" / "imatrix.json"
+    if not path.is_file() or path.stat().st_size > 1 << 20:
+        raise InputError(f"{path}: no imatrix record of at most 1 MB there; pass the folder the imatrix job made "
+                         "(its records/imatrix.json and imatrix/)")
+    saved, why = load_saved(path, ImatrixRecord)
+    if saved is None:
+        raise InputError(f"{path}: {why}; make the importance matrix again with this moeq (moeq imatrix)")
+    made = Path(saved.record.output.path)
+    if not made.is_file() or made.stat().st_size != saved.record.output.size or \
+            sha256_file(made) != saved.record.output.sha256:
+        raise InputError(f"{made}: not the importance matrix its record {path} describes (size or sha256 differ); "
+                         "download the imatrix job's files again")
+    return saved, made
+
+
+def imatrix_from(ctx: Context, folder: Path) -> StageResult[ImatrixRecord]:
+    """The importance matrix another workspace made (moeq build --imatrix-from), checked by sha256 against its
+    record and by its record's key against the inputs this workspace's imatrix stage declares (the same source,
+    calibration text, options and llama-imatrix), then put in place, so the imatrix stage here is up to date."""
+    import shutil
+
+    from moeq.errors import InputError
+    from moeq.imatrix.stage import imatrix_stage
+    from moeq.stage_runner import declared_key
+    from moeq.workspace import commit_file, inside, partial_path, write_json_atomic
+
+    saved, made = _imported_imatrix(folder)
+    stage = imatrix_stage(ctx.pipeline, ctx.ws, ctx.chain, source(ctx), on_message=ctx.say)
+    key = declared_key(stage)
+    if saved.key != key:
+        changed = sorted(k for k in {*key, *(saved.key or {})} if (saved.key or {}).get(k) != key.get(k))
+        raise InputError(f"{made}: made from other inputs than this workspace's ({', '.join(changed)} differ); use "
+                         "the importance matrix made for this source and pipeline, or make it here (moeq imatrix)")
+    record_path = Path(folder) / "records" / "imatrix.json"
+    relative = made.resolve().relative_to(Path(folder).resolve()).as_posix()
+    here = inside(ctx.ws.root, relative)
+    if here is None:
+        raise InputError(f"{record_path}: names {relative}, outside a workspace")
+    if not (here.is_file() and ctx.ws.hashes.sha256(here) == saved.record.output.sha256):
+        here.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(made, partial_path(here))
+        commit_file(partial_path(here), here)
+    import json
+
+    ctx.records.ws.records_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(ctx.ws.record_path("imatrix"), json.loads(record_path.read_text()))
+    done = run_stage(stage, ctx.records, on_message=ctx.say)
+    if not done.up_to_date:  # cannot happen with an equal key and an intact file; never a second matrix silently
+        raise InputError(f"{made}: the imatrix stage ran again here ({done.why}); the quants would differ")
+    ctx.say(f"imatrix: {made} (sha256 {saved.record.output.sha256[:12]}) checked against its record and used")
+    return dataclasses.replace(done, why=f"from {folder}")
+
+
+def publish(ctx: Context, branch: str, keep_branch: bool = False) -> StageResult[PushRecord]:
+    """moeq publish: every quant of the ladder as its build staged it on `branch`, in one commit on main with the
+    one card for the ladder, the manifest and the charts; the GGUFs are copied on the Hub, not uploaded. Refused,
+    main unchanged, when a quant of the ladder is not staged. Then the branch is deleted."""
+    from moeq.cards.manifest import merge_staged
+    from moeq.cards.stage import branch_card_stage
+    from moeq.errors import InputError
+    from moeq.hub.client import require_token
+    from moeq.push.staging import delete_branch, read_staged, take_from_branch
+
+    require_token()
+    pipeline = ctx.pipeline
+    repo_id = pipeline.hub.repo
+    ladder = [q.type for q in pipeline.quants]
+    staged = read_staged(ctx.api, repo_id, branch, ladder)
+    if staged.missing:
+        raise InputError(f"{repo_id}@{branch}: {', '.join(staged.missing)} not staged (its build did not finish); "
+                         f"main is unchanged. Run it (moeq build --quant {staged.missing[0]} --stage-to {branch}), "
+                         "then publish again")
+    manifest = merge_staged(pipeline, [(f"{repo_id}@{branch}/.moeq-stage/{q}.json", staged.found[q].manifest)
+                                       for q in ladder])
+    run_stage(branch_card_stage(pipeline, ctx.ws, manifest, branch, staged.commit), ctx.records, on_message=ctx.say)
+    preview(ctx, RepoUnit(repo_id, None, tuple(pipeline.quants)))
+    taken = take_from_branch(ctx.api, ctx.records.require(CardRecord, None))
+    for name in taken:
+        ctx.say(f"{repo_id}@{branch}: {name} read from the branch and checked")
+    done = push(ctx, RepoUnit(repo_id, None, tuple(pipeline.quants)))
+    if not keep_branch:
+        delete_branch(ctx.api, repo_id, branch)
+        ctx.say(f"{repo_id}: deleted the staging branch {branch}")
+    return done

@@ -1,12 +1,17 @@
 """A Hub-protocol server for tests: the real huggingface_hub client talks to it over a socket.
 
 It speaks what the client sends (huggingface_hub 2.x: hf_api.py, _commit_api.py, lfs.py,
-file_download.py): repo create and info, tree and paths-info, preupload, validate-yaml, the LFS batch
-API with basic and multipart uploads and verify, the NDJSON commit (with pull requests on
-refs/pr/N), and resolve for downloads (ETag, X-Repo-Commit, X-Linked-Size, a redirect to a second
+file_download.py): repo create and info, branch create and delete, tree and paths-info, preupload,
+validate-yaml, the LFS batch API with basic and multipart uploads and verify, the NDJSON commit (to a
+branch, or a pull request on refs/pr/N; an LFS file may be one the repo already stores, as a copy from
+another branch commits it), and resolve for downloads (ETag, X-Repo-Commit, X-Linked-Size, a redirect to a second
 "storage" origin, Range). Tokens are checked (401 without one, 403 on another namespace), errors carry
 X-Error-Code, and faults can be injected: a status (429 with Retry-After, 500, ...), a dropped
 connection, or a body cut short. Every request is recorded for the tests to assert on.
+
+As on the Hub, LFS objects are stored per repo, by sha256: the batch answer for an object the repo already
+holds (on any branch) has no upload action, so the client sends nothing. `received` counts the bytes each
+object's uploads carried, so a test can assert that a file's bytes reached the Hub once.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class Repo:
     private: bool
     commits: dict[str, Commit] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)  # "main", "refs/pr/1" -> commit oid
+    lfs_oids: set[str] = field(default_factory=set)  # the LFS objects the repo stores (uploaded to any branch)
 
 
 @dataclass
@@ -87,7 +93,8 @@ class HubState:
     def __init__(self, tokens: dict[str, str]):
         self.tokens = tokens  # token -> user name
         self.repos: dict[str, Repo] = {}
-        self.lfs: dict[str, bytes] = {}
+        self.lfs: dict[str, bytes] = {}  # the storage behind every repo, by sha256
+        self.received: dict[str, int] = {}  # sha256 -> bytes its uploads (whole or in parts) carried
         self.parts: dict[str, dict[int, bytes]] = {}
         self.faults: list[Fault] = []
         self.requests: list[Request] = []
@@ -120,6 +127,7 @@ class HubState:
             tree[path] = Blob(data, lfs)
             if lfs:
                 self.lfs[hashlib.sha256(data).hexdigest()] = data
+                repo.lfs_oids.add(hashlib.sha256(data).hexdigest())
         commit = self.new_commit(repo, message, tree, head.oid)
         repo.refs["main"] = commit.oid
         return commit.oid
@@ -135,6 +143,10 @@ class HubState:
             out.append(repo.commits[oid])
             oid = repo.commits[oid].parent
         return out
+
+    @property
+    def lfs_bytes_received(self) -> int:
+        return sum(self.received.values())
 
     def take_fault(self, method: str, path: str) -> Fault | None:
         with self.lock:
@@ -290,6 +302,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_PUT(self):
         self._dispatch("PUT")
 
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
     # ------------------------------------------------------------ routes
 
     def _route(self, method: str, raw_path: str, path: str, query: dict, body: bytes, truncate: bool) -> None:
@@ -312,6 +327,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, {"branches": [{"name": ref, "ref": f"refs/heads/{ref}", "targetCommit": oid}
                                                  for ref, oid in repo.refs.items() if not ref.startswith("refs/")],
                                     "tags": [], "converts": []})
+        m = re.fullmatch(rf"/api/models/{REPO}/branch/{REV}", path)
+        if method in ("POST", "DELETE") and m:
+            return self._branch(method, m["repo"], unquote(m["rev"]), json.loads(body or b"{}"))
         m = re.fullmatch(rf"/api/models/{REPO}/tree/{REV}(?:/(?P<sub>.*))?", path)
         if method == "GET" and m:
             commit = self._commit(self._repo(m["repo"]), m["rev"])
@@ -340,24 +358,29 @@ class Handler(BaseHTTPRequestHandler):
         m = re.fullmatch(rf"/{REPO}\.git/info/lfs/objects/batch", path)
         if method == "POST" and m:
             self._writer(m["repo"])
-            self._repo(m["repo"])
+            repo = self._repo(m["repo"])
+            payload = json.loads(body)
+            if payload.get("ref"):
+                self._commit(repo, payload["ref"]["name"])  # the branch uploaded to must exist
             return self._json(200, {"transfer": "basic",
-                                    "objects": [self._batch_object(o) for o in json.loads(body)["objects"]]})
-        m = re.fullmatch(r"/lfs-upload/(?P<oid>[0-9a-f]{64})", path)
+                                    "objects": [self._batch_object(repo, o) for o in payload["objects"]]})
+        m = re.fullmatch(r"/lfs-upload/(?P<repo>[\w.\-]+/[\w.\-]+)/(?P<oid>[0-9a-f]{64})", path)
         if method == "PUT" and m:
-            return self._store(m["oid"], body)
+            s.received[m["oid"]] = s.received.get(m["oid"], 0) + len(body)
+            return self._store(m["repo"], m["oid"], body)
         m = re.fullmatch(r"/lfs-part/(?P<oid>[0-9a-f]{64})/(?P<n>\d+)", path)
         if method == "PUT" and m:
+            s.received[m["oid"]] = s.received.get(m["oid"], 0) + len(body)
             s.parts.setdefault(m["oid"], {})[int(m["n"])] = body
             return self._send(200, b"", {"ETag": f'"{hashlib.md5(body).hexdigest()}"'})
-        m = re.fullmatch(r"/lfs-complete/(?P<oid>[0-9a-f]{64})", path)
+        m = re.fullmatch(r"/lfs-complete/(?P<repo>[\w.\-]+/[\w.\-]+)/(?P<oid>[0-9a-f]{64})", path)
         if method == "POST" and m:
             parts = s.parts.pop(m["oid"], {})
             order = [p["partNumber"] for p in json.loads(body)["parts"]]
-            return self._store(m["oid"], b"".join(parts[n] for n in order))
-        m = re.fullmatch(r"/lfs-verify/(?P<oid>[0-9a-f]{64})", path)
+            return self._store(m["repo"], m["oid"], b"".join(parts[n] for n in order))
+        m = re.fullmatch(r"/lfs-verify/(?P<repo>[\w.\-]+/[\w.\-]+)/(?P<oid>[0-9a-f]{64})", path)
         if method == "POST" and m:
-            if m["oid"] not in s.lfs:
+            if m["oid"] not in s.repos[m["repo"]].lfs_oids:
                 raise HubError(404, "object not found")
             return self._json(200, {})
         m = re.fullmatch(rf"/api/models/{REPO}/commit/{REV}", path)
@@ -389,25 +412,41 @@ class Handler(BaseHTTPRequestHandler):
         self.state.create_repo(repo_id, private)
         return self._json(200, {"url": url, "name": repo_id, "id": repo_id})
 
-    def _batch_object(self, obj: dict) -> dict:
+    def _branch(self, method: str, repo_id: str, branch: str, payload: dict) -> None:
+        self._writer(repo_id)
+        repo = self._repo(repo_id)
+        if method == "DELETE":
+            if branch == "main":
+                raise HubError(403, "Cannot delete the default branch")
+            if branch not in repo.refs:
+                raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+            del repo.refs[branch]
+            return self._json(200, {})
+        if branch in repo.refs:
+            raise HubError(409, "Reference already exists")
+        repo.refs[branch] = self._commit(repo, payload.get("startingPoint") or "main").oid
+        return self._json(200, {})
+
+    def _batch_object(self, repo: Repo, obj: dict) -> dict:
         oid, size = obj["oid"], obj["size"]
-        if oid in self.state.lfs:
+        if oid in repo.lfs_oids:  # stored in this repo already: nothing to upload
             return {"oid": oid, "size": size}
         base = self.state.storage_url
-        verify = {"href": f"{self.state.hub_url}/lfs-verify/{oid}"}
+        verify = {"href": f"{self.state.hub_url}/lfs-verify/{repo.repo_id}/{oid}"}
         if size > self.state.multipart_threshold:
             chunk = self.state.chunk_size
             n_parts = -(-size // chunk)
             header = {"chunk_size": str(chunk), **{str(i): f"{base}/lfs-part/{oid}/{i}" for i in range(1, n_parts + 1)}}
-            upload = {"href": f"{self.state.hub_url}/lfs-complete/{oid}", "header": header}
+            upload = {"href": f"{self.state.hub_url}/lfs-complete/{repo.repo_id}/{oid}", "header": header}
         else:
-            upload = {"href": f"{base}/lfs-upload/{oid}"}
+            upload = {"href": f"{base}/lfs-upload/{repo.repo_id}/{oid}"}
         return {"oid": oid, "size": size, "authenticated": True, "actions": {"upload": upload, "verify": verify}}
 
-    def _store(self, oid: str, data: bytes) -> None:
+    def _store(self, repo_id: str, oid: str, data: bytes) -> None:
         if hashlib.sha256(data).hexdigest() != oid:
             raise HubError(400, f"sha256 of the uploaded content is not {oid}")
         self.state.lfs[oid] = data
+        self.state.repos[repo_id].lfs_oids.add(oid)
         return self._send(200, b"", {"ETag": f'"{oid}"'})
 
     def _commit_request(self, repo_id: str, rev: str, query: dict, body: bytes) -> None:
@@ -429,7 +468,7 @@ class Handler(BaseHTTPRequestHandler):
             if key == "file":
                 files[value["path"]] = Blob(base64.b64decode(value["content"]), False)
             elif key == "lfsFile":
-                data = self.state.lfs.get(value["oid"])
+                data = self.state.lfs.get(value["oid"]) if value["oid"] in repo.lfs_oids else None
                 if data is None:
                     raise HubError(422, f"LFS object {value['oid']} for {value['path']} was never uploaded")
                 files[value["path"]] = Blob(data, True)

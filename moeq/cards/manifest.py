@@ -214,26 +214,63 @@ def build_manifest(pipeline: Pipeline, inputs: RepoInputs, ws: Workspace) -> Man
                         "validate": _published(validated), "bench": _published(quant.bench)},
         })
     license_file = _license_entry(inputs.source, taken)
+    return _assembled(pipeline, inputs.layout, inputs.repo_id, _published(inputs.source), entries,
+                      [_sibling(pipeline, *sibling) for sibling in inputs.siblings], taken, license_file)
+
+
+def _assembled(pipeline: Pipeline, layout: str, repo_id: str, source: dict | None, entries: list[dict],
+               siblings: list[dict], taken: dict[str, str], license_file: dict | None) -> Manifest:
     template = pipeline.card.template or DEFAULT_TEMPLATE
     manifest = Manifest.model_validate({
         "manifest_version": MANIFEST_VERSION,
         "generator": f"moeq {__version__}",
-        "layout": inputs.layout,
-        "repo_id": inputs.repo_id,
+        "layout": layout,
+        "repo_id": repo_id,
         "pipeline": {
             "model": _strip_paths(dataclasses.asdict(pipeline.model)),
             "card_extra": dict(pipeline.card.extra),
         },
         "card": {"template": template.name, "builtin": pipeline.card.template is None,
                  "templates_sha256": templates_sha256(template)},
-        "source": _published(inputs.source),
+        "source": source,
         "quants": entries,
-        "siblings": [_sibling(pipeline, *sibling) for sibling in inputs.siblings],
+        "siblings": siblings,
         "repo_files": sorted(taken),
         "license_file": license_file,
     })
     images = [chart.path for chart in charts(manifest)]  # drawn from this manifest by the card stage
     return manifest.model_copy(update={"repo_files": sorted([*manifest.repo_files, *images])})
+
+
+def merge_staged(pipeline: Pipeline, staged: list[tuple[str, Manifest]]) -> Manifest:
+    """The ladder's one manifest from the manifests each quant's own build staged (moeq publish): their entries in
+    the order given, made by this moeq from one source, under this pipeline's model facts and template.
+    `staged`: (where the manifest was read, the manifest) per quant."""
+    first_where, first = staged[0]
+    taken = {README_NAME: "", MANIFEST_NAME: ""}
+    entries = []
+    for where, manifest in staged:
+        redo = f"stage {manifest.quants[0].quant} again with this moeq and pipeline"
+        if manifest.generator != f"moeq {__version__}":
+            raise InputError(f"{where}: staged by {manifest.generator}, this is moeq {__version__}; {redo}")
+        if manifest.repo_id != pipeline.hub.repo or manifest.layout != "single":
+            raise InputError(f"{where}: staged for {manifest.repo_id} ({manifest.layout}), the pipeline publishes "
+                             f"{pipeline.hub.repo} (single); {redo}")
+        if manifest.source != first.source or manifest.license_file != first.license_file:
+            raise InputError(f"{where}: made from another source than {first_where} (its fetch record or license "
+                             f"differs); {redo}")
+        entry = manifest.quants[0]
+        for f in [*entry.files, *(extra for extra in (entry.imatrix_file, entry.recipe_file) if extra)]:
+            if taken.get(f.name, f.sha256) != f.sha256:
+                raise InputError(f"{where}: publishes {f.name}, which another staged quant publishes with other "
+                                 f"bytes; {redo}")
+            taken[f.name] = f.sha256
+        entries.append(entry.model_dump(mode="json", by_alias=True))
+    license_file = first.license_file.model_dump(mode="json") if first.license_file else None
+    if license_file:
+        taken[license_file["name"]] = license_file["sha256"]
+    source = first.source.model_dump(mode="json") if first.source else None
+    return _assembled(pipeline, "single", pipeline.hub.repo, source, entries, [], taken, license_file)
 
 
 def _sibling(pipeline: Pipeline, quant: QuantSpec, quantized: QuantizeRecord, validated: ValidateRecord | None) -> dict:

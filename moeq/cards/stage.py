@@ -26,7 +26,7 @@ from moeq.cards.manifest import RepoInputs, build_manifest, repo_paths
 from moeq.cards.render import DEFAULT_TEMPLATE, render_card, templates_sha256
 from moeq.config import Pipeline
 from moeq.errors import CheckFailed, InputError
-from moeq.manifest import MANIFEST_NAME, README_NAME, manifest_text
+from moeq.manifest import MANIFEST_NAME, README_NAME, Manifest, manifest_text
 from moeq.records import CardRecord, FileRef
 from moeq.stage_runner import Stage
 from moeq.workspace import Workspace, commit_file, partial_path, write_bytes_atomic, write_text_atomic
@@ -43,19 +43,34 @@ def _sha(text: str) -> str:
 def card_stage(pipeline: Pipeline, quant: str | None, ws: Workspace, inputs: RepoInputs) -> Stage[CardRecord]:
     """Render, lint and stage the card of one repo: `quant` is its quant (per-quant layout) or None (the one repo)."""
     manifest = build_manifest(pipeline, inputs, ws)
-    manifest_body = manifest_text(manifest)
-    template = pipeline.card.template or DEFAULT_TEMPLATE
-    folder = ws.repo_dir(quant)
     gguf_files = [(path, ref) for quant in inputs.quants for path, ref in zip(repo_paths(pipeline, quant),
                                                                                  quant.shards.files)]
     imatrices = {Path(q.imatrix_file.path).name: q.imatrix_file for q in inputs.quants if q.imatrix_file}
     recipes = [(Path(q.recipe_file.path).name, q.recipe_file) for q in inputs.quants if q.recipe_file]
     licenses = [(manifest.license_file.name, inputs.source.license)] if manifest.license_file else []
     published = [*gguf_files, *imatrices.items(), *recipes, *licenses]
+    return _staged_card(pipeline, quant, ws, manifest, published, copied={*imatrices, *dict(recipes)})
+
+
+def branch_card_stage(pipeline: Pipeline, ws: Workspace, manifest: Manifest, branch: str,
+                      commit: str) -> Stage[CardRecord]:
+    """The ladder's card from the manifest moeq publish merged from a staging branch: the card, the manifest and
+    the charts are staged here; every other file of the repo stays on the branch (at `commit`), where the push
+    copies it from."""
+    return _staged_card(pipeline, None, ws, manifest, [], from_branch=(branch, commit))
+
+
+def _staged_card(pipeline: Pipeline, quant: str | None, ws: Workspace, manifest: Manifest,
+                 published: list[tuple[str, FileRef]], copied: set[str] = frozenset(),
+                 from_branch: tuple[str, str] | None = None) -> Stage[CardRecord]:
+    manifest_body = manifest_text(manifest)
+    template = pipeline.card.template or DEFAULT_TEMPLATE
+    folder = ws.repo_dir(quant)
     what = quant or "the ladder"
 
     def stage_key() -> dict:
-        return {"manifest_sha256": _sha(manifest_body), "templates_sha256": templates_sha256(template)}
+        key = {"manifest_sha256": _sha(manifest_body), "templates_sha256": templates_sha256(template)}
+        return {**key, "from_branch": list(from_branch)} if from_branch else key
 
     def run() -> CardRecord:
         facts = card_facts(manifest)
@@ -68,12 +83,13 @@ def card_stage(pipeline: Pipeline, quant: str | None, ws: Workspace, inputs: Rep
                               f"written: {shown}{more}")
         folder.mkdir(parents=True, exist_ok=True)
         for path, ref in published:
-            _link_artifact(Path(ref.path), folder / path, ws, copy_outside=path in imatrices or path in dict(recipes))
+            _link_artifact(Path(ref.path), folder / path, ws, copy_outside=path in copied)
         for chart in charts(manifest):
             write_bytes_atomic(folder / chart.path, draw(manifest, chart))
         write_text_atomic(folder / MANIFEST_NAME, manifest_body)
         write_text_atomic(folder / README_NAME, text)
         _remove_strays(folder, set(manifest.repo_files))
+        branch, commit = from_branch or (None, None)
         return CardRecord(
             quant=quant, quants=[q.quant for q in manifest.quants], repo_id=manifest.repo_id, folder=str(folder),
             readme=FileRef(path=str(folder / README_NAME), size=len(text.encode()), sha256=_sha(text)),
@@ -83,6 +99,7 @@ def card_stage(pipeline: Pipeline, quant: str | None, ws: Workspace, inputs: Rep
             templates_sha256=stage_key()["templates_sha256"],
             not_measured=[f"{q['type']}: {label}" if len(manifest.quants) > 1 else label
                           for q in facts["quants"] for k, label in MEASURED_SECTIONS.items() if q[k] is None],
+            from_branch=branch, from_commit=commit,
         )
 
     return Stage("card", quant, key=stage_key, run=run, intact=lambda r: _staged_intact(r, published, ws),
@@ -105,7 +122,10 @@ def _remove_strays(folder: Path, keep: set[str]) -> None:
 
 def _staged_intact(record: CardRecord, published: list[tuple[str, FileRef]], ws: Workspace) -> bool:
     folder = Path(record.folder)
-    if not folder.is_dir() or staged_paths(folder) != sorted(record.repo_files):
+    if not folder.is_dir():
+        return False
+    here = staged_paths(folder)
+    if record.from_branch is None and here != sorted(record.repo_files) or not set(here) <= set(record.repo_files):
         return False
     readme = folder / README_NAME
     return (all(_staged(folder / path, ref, ws) for path, ref in published)

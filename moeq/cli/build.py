@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -23,6 +24,13 @@ def build(
                                                        "fetch, imatrix, choice, quantize, validate, bench, "
                                                        "shards, card or push.")] = None,
     switch_layout: SwitchLayoutOption = False,
+    stage_to: Annotated[Optional[str], typer.Option("--stage-to", metavar="BRANCH", help="One job of a release across "
+                                                    "machines: stage the quants on this branch of the ladder's repo "
+                                                    "(main untouched) instead of pushing; moeq publish --from-branch "
+                                                    "BRANCH publishes them all in one commit.")] = None,
+    imatrix_from: Annotated[Optional[Path], typer.Option("--imatrix-from", metavar="FOLDER", help="Use the importance "
+                                                         "matrix another workspace made (FOLDER/records/imatrix.json "
+                                                         "and the file it names), checked by sha256.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run fetch -> imatrix -> choice -> quantize -> validate -> bench -> shards -> card -> push for each quant,
@@ -32,16 +40,20 @@ def build(
     Without --push the last stage shows the files the push would send, without asking the Hub.
     Exit 0 when every quant succeeded, else the exit code of the first failed stage.
     """
-    from moeq.build import build as run_build
+    from moeq.build import Release, build as run_build
     from moeq.errors import InputError
+    from moeq.push.staging import check_branch
 
     ctx = open_context(config)
     if bool(quant) == all_quants:
         raise InputError("moeq build needs --quant TYPE (one or more) or --all")
     quants = selected_quants(ctx.pipeline, None if all_quants else quant)
+    if stage_to is not None and push:
+        raise InputError("--stage-to and --push: a job staged on a branch is published by moeq publish; pass one")
+    release = Release(check_branch(stage_to) if stage_to is not None else None, imatrix_from)
     quiet_progress_off_terminal()
-    summary = run_build(ctx, quants, push=push or ctx.pipeline.hub.push, skip_bench=skip_bench,
-                        force_stage=force_stage, switch_layout=switch_layout)
+    summary = run_build(ctx, quants, push=(push or ctx.pipeline.hub.push) and stage_to is None, skip_bench=skip_bench,
+                        force_stage=force_stage, switch_layout=switch_layout, release=release)
     if as_json:
         print_json(summary.as_dict())
     else:

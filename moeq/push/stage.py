@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub import CommitOperationAdd, CommitOperationCopy, CommitOperationDelete, HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash
@@ -75,7 +75,8 @@ class PushPlan:
 
     @property
     def upload_bytes(self) -> int:
-        return sum(f.size for f in self.files if f.action in ("add", "update"))
+        """The bytes the push uploads: a file copied from a staging branch is on the Hub already."""
+        return sum(f.size for f in self.files if f.action in ("add", "update") and f.local is not None)
 
     def pushed_files(self) -> list[PushedFile]:
         """Each file's path, action, size and sha256, as the push record keeps them (no local paths)."""
@@ -83,20 +84,27 @@ class PushPlan:
 
 
 def local_files(card: CardRecord) -> dict[str, PlannedFile]:
-    """The staged folder as the card stage left it, with sha256 from its records (no re-hashing of GGUFs)."""
+    """The staged folder as the card stage left it, with sha256 from its records (no re-hashing of GGUFs). A card
+    moeq publish made from a staging branch has its LFS files there, not here (`local` None)."""
     folder = Path(card.folder)
     manifest = read_manifest(folder / MANIFEST_NAME)
-    known = {f.name: f.sha256 for q in manifest.quants
+    known = {f.name: f for q in manifest.quants
              for f in [*q.files, *(extra for extra in (q.imatrix_file, q.recipe_file) if extra)]}
-    known[README_NAME] = card.readme.sha256
-    known[MANIFEST_NAME] = card.manifest.sha256
+    if manifest.license_file:
+        known[manifest.license_file.name] = manifest.license_file
+    known[README_NAME] = card.readme
+    known[MANIFEST_NAME] = card.manifest
     files = {}
     for name in card.repo_files:
         path = folder / name
         if not path.is_file():
+            if card.from_branch and name in known:
+                files[name] = PlannedFile(name, "add", known[name].size, known[name].sha256)
+                continue
             raise InputError(f"{path}: missing from the staged repo; run moeq card --config CFG"
                              f"{' --quant ' + card.quant if card.quant else ''}")
-        sha = known.get(name) or hashlib.sha256(path.read_bytes()).hexdigest()  # a chart: small, drawn by moeq card
+        # a chart: small, drawn by moeq card, hashed here
+        sha = known[name].sha256 if name in known else hashlib.sha256(path.read_bytes()).hexdigest()
         files[name] = PlannedFile(name, "add", path.stat().st_size, sha, str(path))
     if hashlib.sha256((folder / README_NAME).read_bytes()).hexdigest() != card.readme.sha256:
         raise InputError(f"{folder / README_NAME}: changed since moeq card wrote it; run moeq card again")
@@ -125,6 +133,8 @@ def plan_push(api: HfApi, card: CardRecord, ladder: list[str] | None = None, pru
         if there is not None:
             if there.lfs is not None:
                 same = there.lfs.sha256 == planned.sha256
+            elif planned.local is None:  # on the staging branch as an LFS file, in git here
+                same = False
             else:
                 same = there.blob_id == git_hash(Path(planned.local).read_bytes())
             planned.action = "unchanged" if same else "update"
@@ -279,6 +289,10 @@ def _commit_with_retries(api: HfApi, card: CardRecord, plan: PushPlan, create_pr
         for f in plan.changes:
             if f.action == "delete":
                 operations.append(CommitOperationDelete(path_in_repo=f.path))
+                continue
+            if f.local is None:  # stored on the Hub already: main's commit takes it from the staging branch
+                operations.append(CommitOperationCopy(src_path_in_repo=f.path, path_in_repo=f.path,
+                                                      src_revision=card.from_commit))
                 continue
             op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.local)
             op.upload_info.sha256 = bytes.fromhex(f.sha256)  # known from the records: no second read of the GGUF
