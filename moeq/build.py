@@ -77,6 +77,12 @@ class QuantRow:
         return pushed.commit_url if pushed else None
 
     @property
+    def branch(self) -> str | None:
+        """The staging branch its push committed to (--stage-to), or None."""
+        pushed = self.record("push")
+        return pushed.branch if pushed else None
+
+    @property
     def pr_url(self) -> str | None:
         pushed = self.record("push")
         return pushed.pr_url if pushed else None
@@ -84,7 +90,7 @@ class QuantRow:
     def as_dict(self) -> dict:
         return {"quant": self.quant, "repo_id": self.repo_id, "repo_url": self.repo_url,
                 "stages": [{"stage": s.stage, "status": s.status, "seconds": s.seconds,
-                            "detail": "" if s.status == "up to date" else s.why, "exit_code": s.exit_code}
+                            "detail": "" if s.why == "inputs unchanged" else s.why, "exit_code": s.exit_code}
                            for s in self.stages],
                 "artifact_bytes": self.artifact_bytes, "commit_url": self.commit_url, "pr_url": self.pr_url,
                 "push_plan": self.push_plan, "ok": self.ok}
@@ -155,7 +161,7 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
 
 
 def _staged_already(ctx: Context, quants: list[QuantSpec], release: Release, force: set[str]) -> dict[str, str]:
-    """The quants a job staging on a branch need not build: staged there from the same inputs (not with --force-stage)."""
+    """The quants a job staging on a branch need not build: staged there from the same inputs (unless forced)."""
     if release.stage_to is None:
         return {}
     if not ctx.pipeline.single_repo:

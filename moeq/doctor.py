@@ -127,14 +127,19 @@ def hub_status() -> tuple[bool, str]:
     return get_token() is not None, constants.ENDPOINT
 
 
-def plan_disk(pipeline: Pipeline) -> DiskPlan:
+IMATRIX_JOB = "imatrix"  # `doctor --job imatrix`: the release's imatrix job, which builds no quant
+
+
+def plan_disk(pipeline: Pipeline, jobs: list[str] | None = None) -> DiskPlan:
     """The most the workspace holds at once: the fetch (a download beside the F16 it converts to, deleted after),
     or the F16 (unless a local file, used in place) with every quant, its shards when split, the F16 logits for
     KL divergence and the choice's second candidate of the largest quant with an importance matrix (the chosen one
     becomes the quant; the other is deleted once measured), and a recipe search's per-type files and candidates.
     A later `fetch --force` downloads beside everything:
-    reported, not required."""
+    reported, not required. `jobs`: one job of a release across machines (its quants, or IMATRIX_JOB: the F16
+    and the importance matrix alone); None: the whole ladder on this machine."""
     free = free_bytes(pipeline.workspace)
+    selected = pipeline.quants if jobs is None else tuple(pipeline.quant(j) for j in jobs if j != IMATRIX_JOB)
     params, n_layer, vocab = _source_shape(pipeline)
     if params is None:
         return DiskPlan(str(pipeline.workspace), free, None)
@@ -146,17 +151,17 @@ def plan_disk(pipeline: Pipeline) -> DiskPlan:
     items = [("F16 source (GGUF)", f16)] if f16 else []
     if kind == "hf":
         items.append(("safetensors download (deleted once converted)", download))
-    quants = {q.type: quant_types.estimated_bytes(q.type, params, n_layer) for q in pipeline.quants}
-    items += [(q.file, quants[q.type]) for q in pipeline.quants]
+    quants = {q.type: quant_types.estimated_bytes(q.type, params, n_layer) for q in selected}
+    items += [(q.file, quants[q.type]) for q in selected]
     split = sum(size for size in quants.values() if size > pipeline.hub.max_shard_size)
     if split:
         items.append(("shards of the quants over hub.max_shard_size", split))
-    candidate = max((quants[q.type] for q in pipeline.quants if q.imatrix is not None), default=0) \
+    candidate = max((quants[q.type] for q in selected if q.imatrix is not None), default=0) \
         if pipeline.bench.quality else 0
     if candidate:
         items.append(("the choice's candidate not published, of the largest quant with an importance matrix "
                       "(while it is measured)", candidate))
-    searched = [quants[q.type] for q in pipeline.quants if q.recipe == RECIPE_SEARCH] if pipeline.bench.quality else []
+    searched = [quants[q.type] for q in selected if q.recipe == RECIPE_SEARCH] if pipeline.bench.quality else []
     search = 0
     if searched:
         pure = sum(quant_types.estimated_bytes(t, params) for t in SEARCH_TYPES)
@@ -164,7 +169,7 @@ def plan_disk(pipeline: Pipeline) -> DiskPlan:
                   ("the recipe search's assembled candidate and searched file (while it runs)", 2 * max(searched))]
         search = pure + 2 * max(searched)
     logits = 0
-    if pipeline.bench.quality and vocab:  # llama-perplexity keeps the 2nd half of each chunk, uint16 per vocab entry
+    if pipeline.bench.quality and vocab and selected:  # llama-perplexity keeps each chunk's 2nd half, uint16 a token
         ppl = pipeline.bench.perplexity
         logits = ppl.chunks * (ppl.ctx // 2) * (vocab + 4) * 2
         items.append(("F16 logits saved for the KL divergence", logits))
@@ -197,7 +202,7 @@ def _source_shape(pipeline: Pipeline) -> tuple[int | None, int | None, int | Non
             vocab if isinstance(vocab, int) else None)
 
 
-def run_doctor(chain: Toolchain, pipeline: Pipeline | None = None) -> DoctorReport:
+def run_doctor(chain: Toolchain, pipeline: Pipeline | None = None, jobs: list[str] | None = None) -> DoctorReport:
     token_present, endpoint = hub_status()
     tools, gpus = check_tools(chain), nvidia_gpus()
     return DoctorReport(
@@ -208,5 +213,5 @@ def run_doctor(chain: Toolchain, pipeline: Pipeline | None = None) -> DoctorRepo
         gpus=gpus,
         warnings=backend_warnings(tools, gpus),
         pipeline=str(pipeline.path) if pipeline else None,
-        disk=plan_disk(pipeline) if pipeline else None,
+        disk=plan_disk(pipeline, jobs) if pipeline else None,
     )

@@ -117,10 +117,10 @@ class HubState:
         self.repos[repo_id] = repo
         return repo
 
-    def add_files(self, repo_id: str, files: dict[str, bytes], message: str = "upload") -> str:
-        """Seed a repo directly (for fetch tests); returns the new commit oid."""
+    def add_files(self, repo_id: str, files: dict[str, bytes], message: str = "upload", ref: str = "main") -> str:
+        """Seed a repo's branch directly (for fetch tests, or a hostile staging branch); returns the new commit oid."""
         repo = self.repos.get(repo_id) or self.create_repo(repo_id)
-        head = repo.commits[repo.refs["main"]]
+        head = repo.commits[repo.refs.get(ref) or repo.refs["main"]]
         tree = dict(head.files)
         for path, data in files.items():
             lfs = path.endswith(LFS_SUFFIXES) or len(data) > REGULAR_MAX
@@ -129,7 +129,7 @@ class HubState:
                 self.lfs[hashlib.sha256(data).hexdigest()] = data
                 repo.lfs_oids.add(hashlib.sha256(data).hexdigest())
         commit = self.new_commit(repo, message, tree, head.oid)
-        repo.refs["main"] = commit.oid
+        repo.refs[ref] = commit.oid
         return commit.oid
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:

@@ -17,13 +17,13 @@ def test_help_lists_commands_in_the_order_a_user_meets_them():
     proc = run_moeq("--help", env={"COLUMNS": "100"})
     assert proc.returncode == 0
     listed = re.findall(r"^│ ([a-z-]+) ", proc.stdout.split("Commands")[1], flags=re.MULTILINE)
-    assert listed == ["build", "fetch", "imatrix", "recipe", "quantize", "validate", "bench", "card", "push", "plan",
-                      "check-config", "doctor", "synth"]
+    assert listed == ["build", "fetch", "imatrix", "recipe", "quantize", "validate", "bench", "card", "push", "publish",
+                      "plan", "check-config", "doctor", "synth"]
 
 
 @pytest.mark.parametrize("command", [[], ["build"], ["imatrix"], ["recipe"], ["quantize"], ["validate"], ["bench"],
                                      ["card"],
-                                     ["card", "lint"], ["push"], ["doctor"], ["synth", "tiny-phimoe"],
+                                     ["card", "lint"], ["push"], ["publish"], ["doctor"], ["synth", "tiny-phimoe"],
                                      ["synth", "tiny-phimoe-hf"]])
 def test_flags_do_not_look_like_they_take_a_value(command):
     proc = run_moeq(*command, "--help", env={"COLUMNS": "200"})

@@ -25,7 +25,7 @@ from moeq.manifest import MANIFEST_NAME, MANIFEST_VERSION, README_NAME, Manifest
 from moeq.record_store import R, Records
 from moeq.records import (BenchRecord, ChoiceRecord, FetchRecord, FileRef, ImatrixRecord, QuantizeRecord, RecipeRecord,
                           ShardsRecord, ValidateRecord, record_json)
-from moeq.workspace import Workspace
+from moeq.workspace import Workspace, inside
 
 PATH_KEYS = {"path", "file"}
 
@@ -260,7 +260,13 @@ def merge_staged(pipeline: Pipeline, staged: list[tuple[str, Manifest]]) -> Mani
             raise InputError(f"{where}: made from another source than {first_where} (its fetch record or license "
                              f"differs); {redo}")
         entry = manifest.quants[0]
-        for f in [*entry.files, *(extra for extra in (entry.imatrix_file, entry.recipe_file) if extra)]:
+        license_file = [manifest.license_file] if manifest.license_file else []
+        for f in [*entry.files, *(extra for extra in (entry.imatrix_file, entry.recipe_file) if extra), *license_file]:
+            if inside(Path("repo"), f.name) is None or f.name.startswith(".") or len(f.name) > 250:
+                raise InputError(f"{where}: names the repo file {f.name[:80]!r}, not a path inside the repo moeq "
+                                 f"publishes; {redo}")
+            if f in license_file:
+                continue
             if taken.get(f.name, f.sha256) != f.sha256:
                 raise InputError(f"{where}: publishes {f.name}, which another staged quant publishes with other "
                                  f"bytes; {redo}")

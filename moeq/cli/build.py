@@ -90,7 +90,10 @@ def _print_summary(summary, ws) -> None:
         by_repo.setdefault(q.repo_id, []).append(q)
     for repo_id, rows in by_repo.items():
         q, names = rows[0], ", ".join(r.quant for r in rows)
-        if q.commit_url or q.pr_url:
+        if q.commit_url and q.branch:
+            console.print(f"{names}: staged on {q.branch} (main untouched; moeq publish --from-branch {q.branch} "
+                          f"publishes the ladder): {q.commit_url}", soft_wrap=True)
+        elif q.commit_url or q.pr_url:
             console.print(f"{names}: {q.pr_url or q.commit_url}", soft_wrap=True)
         elif summary.pushed and all(r.ok for r in rows):
             console.print(f"{names}: {q.repo_url} (up to date)", soft_wrap=True)

@@ -21,15 +21,22 @@ def doctor(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Also validate this pipeline file "
                                                    "and check disk space for it (default: $MOEQ_CONFIG; without "
                                                    "either, only the machine is checked).")] = None,
+    job: Annotated[Optional[list[str]], typer.Option("--job", help="Check the disk for one job of a release across "
+                                                     "machines: a quant type (repeatable), or 'imatrix' (the F16 and "
+                                                     "the importance matrix). Default: the whole ladder here.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Check the llama.cpp tools, Python packages, Hub login and (with --config) disk space."""
-    from moeq.doctor import run_doctor
+    from moeq.doctor import IMATRIX_JOB, run_doctor
+    from moeq.errors import InputError
 
     # Not ./pipeline.yaml by default: in a checkout that is the full release, and doctor checks the machine.
     pipeline = pipeline_from(config) if config is not None or os.environ.get("MOEQ_CONFIG") else None
+    if job and pipeline is None:
+        raise InputError("--job needs --config (the pipeline whose job it is)")
+    jobs = [j if j == IMATRIX_JOB else pipeline.quant(j).type for j in job] if job else None
     chain = pipeline.toolchain.chain(fresh=True) if pipeline else Toolchain(fresh=True)
-    report = run_doctor(chain, pipeline)
+    report = run_doctor(chain, pipeline, jobs)
     if as_json:
         print_json(report.as_dict())
     else:

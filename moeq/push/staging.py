@@ -195,15 +195,16 @@ def stage_quant(api: HfApi, card: CardRecord, quant: str, branch: str, inputs: d
         api.create_branch(card.repo_id, branch=branch, exist_ok=True)
     files = [(path, size, sha) for path, size, sha in staged.repo_files()]
     with hub_errors(f"comparing with the branch {branch}", card.repo_id):
-        there = {f.path: f for f in api.get_paths_info(card.repo_id, [p for p, _, _ in files] + [staged_doc_path(quant)],
-                                                       revision=branch) if isinstance(f, RepoFile)}
+        paths = [p for p, _, _ in files] + [staged_doc_path(quant)]
+        there = {f.path: f for f in api.get_paths_info(card.repo_id, paths, revision=branch) if isinstance(f, RepoFile)}
     pushed, operations = [], []
     for path, size, sha in files:
         local = folder / path
         if not local.is_file():
             raise InputError(f"{local}: missing from the staged repo; run moeq card --config CFG")
         entry = there.get(path)
-        same = entry is not None and (entry.lfs.sha256 == sha if entry.lfs else entry.blob_id == git_hash(local.read_bytes()))
+        same = entry is not None and (entry.lfs.sha256 == sha if entry.lfs
+                                      else entry.blob_id == git_hash(local.read_bytes()))
         pushed.append(PushedFile(path=path, action="unchanged" if same else ("update" if entry else "add"), size=size,
                                  sha256=sha))
         if not same:
