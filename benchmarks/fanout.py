@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/fanout.py --measure 1     # also run the jobs at Phi-3.5-MoE's real dimensions, 1 layer
 
 --measure N takes a Phi-3.5-MoE-shaped bf16 checkpoint of N layers (benchmarks/rehearsal.py's) on the test Hub through
-the release's jobs, each a process with a workspace of its own, one after another: the imatrix job (`moeq imatrix`),
+the release's jobs, each a process with a workspace of its own, one after another: the imatrix job (`moeq fetch`,
+`moeq imatrix`),
 three quant jobs (`moeq build --quant Q --imatrix-from ARTIFACT --stage-to BRANCH`) and the publish job (`moeq
 publish`, then `moeq push --check`). Printed per job: wall time, peak RSS (moeq's, the largest tool's), peak disk
 beside `moeq doctor --job`'s peak, and what it sent to the test Hub (requests, bytes, LFS bytes received).
@@ -145,6 +146,7 @@ def measured(layers: int, root: Path) -> list[dict]:
             return path
 
         cfg = config("imatrix")
+        jobs.append(run_job("imatrix: fetch", MOEQ + ["fetch", "--config", str(cfg), "--json"], cfg.parent, hub))
         jobs.append(run_job("imatrix", MOEQ + ["imatrix", "--config", str(cfg), "--json"], cfg.parent, hub))
         jobs[-1]["doctor_gb"] = doctor_peak(cfg, IMATRIX_JOB)
         artifact = root / "artifact"

@@ -67,7 +67,9 @@ def test_no_job_shares_a_workspace_with_another():
 
 def test_the_importance_matrix_is_made_once_and_handed_over_as_an_artifact():
     jobs = workflow()["jobs"]
-    assert ".venv/bin/moeq imatrix --config pipeline.yaml --json > imatrix.json" in runs(jobs["imatrix"])
+    made = runs(jobs["imatrix"])
+    fetch = made.index(".venv/bin/moeq fetch --config pipeline.yaml")
+    assert made[fetch + 1] == ".venv/bin/moeq imatrix --config pipeline.yaml --json > imatrix.json"
     upload = next(s for s in jobs["imatrix"]["steps"] if s.get("uses", "").startswith("actions/upload-artifact@"))
     assert upload["with"]["name"] == "imatrix"
     assert upload["with"]["path"].split() == ["work/records/imatrix.json", "work/imatrix/*.imatrix"]
@@ -107,9 +109,9 @@ def test_the_release_measures_with_the_cuda_build():
     jobs = workflow()["jobs"]
     for name, job in jobs.items():
         assert "scripts/setup --backend cuda" in runs(job) and "scripts/setup" not in runs(job), name
-    for name, tool in (("imatrix", "moeq imatrix"), ("quant", "moeq build")):
+    for name, tool, job in (("imatrix", "moeq fetch", "imatrix"), ("quant", "moeq build", '"$QUANT"')):
         steps = runs(jobs[name])
-        doctor = steps.index(".venv/bin/moeq doctor --config pipeline.yaml")
+        doctor = steps.index(f".venv/bin/moeq doctor --config pipeline.yaml --job {job}")  # this job's disk alone
         assert steps.index("scripts/setup --backend cuda") < doctor < next(i for i, r in enumerate(steps) if tool in r)
     assert load_pipeline(REPO / "pipeline.yaml").toolchain.backend == "cuda"
 

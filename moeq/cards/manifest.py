@@ -259,6 +259,10 @@ def merge_staged(pipeline: Pipeline, staged: list[tuple[str, Manifest]]) -> Mani
         if manifest.source != first.source or manifest.license_file != first.license_file:
             raise InputError(f"{where}: made from another source than {first_where} (its fetch record or license "
                              f"differs); {redo}")
+        tool, first_tool = manifest.quants[0].records.quantize.tool, first.quants[0].records.quantize.tool
+        if tool.commit != first_tool.commit:
+            raise InputError(f"{where}: made with llama.cpp {tool.commit}, {first_where} with {first_tool.commit}; "
+                             f"{redo} and llama.cpp build")
         entry = manifest.quants[0]
         license_file = [manifest.license_file] if manifest.license_file else []
         for f in [*entry.files, *(extra for extra in (entry.imatrix_file, entry.recipe_file) if extra), *license_file]:

@@ -106,7 +106,8 @@ def read_staged(api: HfApi, repo_id: str, branch: str, quants: list[str], commit
     head = commit or branch_head(api, repo_id, branch)
     if head is None:
         raise InputError(f"{repo_id}: no branch {branch!r} on the Hub; stage the quants on it first "
-                         f"(moeq build --quant TYPE --stage-to {branch}, one run per quant)")
+                         f"(moeq build --quant TYPE --stage-to {branch}, one run per quant). A publish deletes it once "
+                         "main holds the ladder: moeq push --check says whether it does")
     staged = Staged(repo_id, branch, head)
     with hub_errors(f"reading {STAGE_DIR}/ on {branch}", repo_id):
         listed = {f.path: f for f in api.get_paths_info(repo_id, [staged_doc_path(q) for q in quants], revision=head)
