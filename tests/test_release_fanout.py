@@ -283,3 +283,23 @@ def test_the_test_hub_answers_the_lfs_batch_per_repo_and_keeps_branches_as_the_h
     assert gone.value.response.status_code == 404
     with pytest.raises(HfHubHTTPError):
         api.delete_branch(f"{HUB_USER}/a", branch="main")
+
+
+def test_one_job_may_stage_several_quants_each_on_its_own(tmp_path, test_hub):
+    """A machine that builds Q8_0 and Q4_K_M stages each with a manifest of its own quant; the publish still waits
+    for Q2_K, naming it."""
+    config = pipeline_file(tmp_path / "job", trained=False, bench={**BENCH, "quality": False})
+    proc = run_moeq("build", "--quant", "Q8_0", "--quant", "Q4_K_M", "--stage-to", BRANCH, "--config", str(config),
+                    env=test_hub.env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"staged on {BRANCH} (main untouched" in proc.stdout
+    staged = test_hub.state.files(REPO_ID, BRANCH)
+    docs = {path: json.loads(staged[path]) for path in staged if path.startswith(".moeq-stage/")}
+    assert {path: [q["quant"] for q in doc["manifest"]["quants"]] for path, doc in docs.items()} == {
+        ".moeq-stage/Q8_0.json": ["Q8_0"], ".moeq-stage/Q4_K_M.json": ["Q4_K_M"]}
+    assert {FILES["Q8_0"], FILES["Q4_K_M"]} <= set(staged) and "README.md" not in staged
+    assert test_hub.state.files(REPO_ID) == {".gitattributes": test_hub.state.files(REPO_ID)[".gitattributes"]}
+    publish = run_moeq("publish", "--from-branch", BRANCH, "--config", str(pipeline_file(tmp_path / "pub",
+                                                                                      trained=False)),
+                       env=test_hub.env)
+    assert publish.returncode == 3 and f"{REPO_ID}@{BRANCH}: Q2_K not staged" in publish.stderr

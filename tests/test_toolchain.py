@@ -197,3 +197,30 @@ def test_doctor_with_bad_config_names_file_and_line(tmp_path):
     proc = run_moeq("doctor", "--config", str(cfg))
     assert proc.returncode == 2
     assert proc.stderr == f"error: {cfg}:1: (top level): missing required key 'source'\n"
+
+
+def test_doctor_checks_one_job_of_a_release_across_machines(tmp_path, toolchain):
+    """--job Q4_K_M: the F16 (and its download) with Q4_K_M's file and its choice candidate alone; --job imatrix: the
+    F16 and its download alone. Each is the peak of that job's runner, at most the whole ladder's."""
+    text = (Path(__file__).parent.parent / "pipeline.yaml").read_text().split("\ntoolchain:")[0]
+    cfg = tmp_path / "release.yaml"
+    cfg.write_text(text.replace("workspace: work", f"workspace: {tmp_path / 'ws'}"))
+
+    def disk(*jobs: str) -> dict:
+        proc = run_moeq("doctor", "--json", "--config", str(cfg), *[a for j in jobs for a in ("--job", j)])
+        return json.loads(proc.stdout)["disk"]
+
+    params = 41873153472
+    f16 = 2 * params
+    q4 = int(params * quant_types.QUANT_TYPES["Q4_K_M"].approx_bpw / 8)
+    one = {i["what"]: i["bytes"] for i in disk("Q4_K_M")["items"]}
+    assert one == {"F16 source (GGUF)": f16, "safetensors download (deleted once converted)": f16,
+                   "phi-3.5-moe-Q4_K_M.gguf": q4,
+                   "the choice's candidate not published, of the largest quant with an importance matrix (while it is "
+                   "measured)": q4}
+    assert disk("Q4_K_M")["peak_bytes"] == max(2 * f16, f16 + 2 * q4)
+    assert [i["what"] for i in disk("imatrix")["items"]] == ["F16 source (GGUF)",
+                                                             "safetensors download (deleted once converted)"]
+    assert disk("imatrix")["peak_bytes"] == 2 * f16 <= disk()["peak_bytes"]
+    proc = run_moeq("doctor", "--config", str(cfg), "--job", "Q5_K_M")
+    assert proc.returncode != 0 and "no quant 'Q5_K_M' in the ladder" in proc.stderr and "Traceback" not in proc.stderr

@@ -30,7 +30,7 @@ from huggingface_hub.utils.sha import git_hash
 from moeq import __version__
 from moeq.errors import HubError, InputError
 from moeq.hub.client import hub_errors, interrupt_ends_upload, remote_text
-from moeq.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, parse_manifest, read_manifest
+from moeq.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_text, parse_manifest, read_manifest
 from moeq.records import CardRecord, PushedFile, PushRecord
 from moeq.workspace import write_bytes_atomic
 
@@ -140,10 +140,10 @@ def parse_staged(text: str, quant: str, where: str) -> StagedQuant:
     return StagedQuant(quant, digest, parsed)
 
 
-def staged_doc(quant: str, inputs: dict, manifest_text: str) -> bytes:
+def staged_doc(quant: str, inputs: dict, manifest_json: str) -> bytes:
     return (json.dumps({"stage_version": STAGE_VERSION, "quant": quant, "generator": f"moeq {__version__}",
                         "inputs_sha256": inputs_sha256(inputs), "inputs": inputs,
-                        "manifest": json.loads(manifest_text)}, indent=1) + "\n").encode()
+                        "manifest": json.loads(manifest_json)}, indent=1) + "\n").encode()
 
 
 def current_on_branch(api: HfApi, repo_id: str, branch: str, quant: str, inputs: dict) -> str | None:
@@ -161,10 +161,9 @@ def current_on_branch(api: HfApi, repo_id: str, branch: str, quant: str, inputs:
     return f"staged on {branch} from the same inputs (inputs sha256 {found.inputs_sha256[:12]})"
 
 
-def branch_mismatches(api: HfApi, repo_id: str, revision: str, files: list[tuple[str, int, str]],
-                      lfs_only: bool = False) -> list[str]:
-    """The files that are not on the branch as (path, size, sha256) says; `lfs_only`: a file stored in git (not
-    LFS) cannot be checked by sha256 without reading it, so the caller reads it."""
+def branch_mismatches(api: HfApi, repo_id: str, revision: str, files: list[tuple[str, int, str]]) -> list[str]:
+    """The files that are not on the branch as (path, size, sha256) says: missing, or an LFS file of another size or
+    sha256 (a file kept in git is checked by reading it: take_from_branch)."""
     with hub_errors("reading the staged files", repo_id):
         there = {f.path: f for f in api.get_paths_info(repo_id, [p for p, _, _ in files], revision=revision)
                  if isinstance(f, RepoFile)}
@@ -175,8 +174,6 @@ def branch_mismatches(api: HfApi, repo_id: str, revision: str, files: list[tuple
             wrong.append(f"{path} (missing)")
         elif entry.lfs is not None and (entry.lfs.sha256 != sha256 or entry.size != size):
             wrong.append(f"{path} (sha256 {entry.lfs.sha256[:12]}, the records say {sha256[:12]})")
-        elif entry.lfs is None and lfs_only:
-            wrong.append(f"{path} (not an LFS file)")
     return wrong
 
 
@@ -185,16 +182,16 @@ def stage_quant(api: HfApi, card: CardRecord, quant: str, branch: str, inputs: d
     """Commit `quant`'s files and its staged document to `branch` (made from main when absent); main is untouched.
     Files the branch already holds as they are here are not sent again; nothing changed means no commit."""
     folder = Path(card.folder)
-    manifest_text = (folder / MANIFEST_NAME).read_text(encoding="utf-8")
-    staged = StagedQuant(quant, inputs_sha256(inputs), read_manifest(folder / MANIFEST_NAME))
-    doc = staged_doc(quant, inputs, manifest_text)
+    ladder = read_manifest(folder / MANIFEST_NAME)
+    staged = StagedQuant(quant, inputs_sha256(inputs), ladder.model_copy(update={"quants": [ladder.entry(quant)]}))
+    doc = staged_doc(quant, inputs, manifest_text(staged.manifest))
     with hub_errors("creating the repo", card.repo_id):
         existed = _repo_exists(api, card.repo_id)
         if not existed:
             api.create_repo(card.repo_id, private=private, exist_ok=True)
     with hub_errors(f"creating the branch {branch}", card.repo_id):
         api.create_branch(card.repo_id, branch=branch, exist_ok=True)
-    files = [(path, size, sha) for path, size, sha in staged.repo_files()]
+    files = staged.repo_files()
     with hub_errors(f"comparing with the branch {branch}", card.repo_id):
         paths = [p for p, _, _ in files] + [staged_doc_path(quant)]
         there = {f.path: f for f in api.get_paths_info(card.repo_id, paths, revision=branch) if isinstance(f, RepoFile)}
