@@ -6,8 +6,9 @@
 --measure N takes a Phi-3.5-MoE-shaped bf16 checkpoint of N layers (benchmarks/rehearsal.py's) on the test Hub through
 the release's jobs, each a process with a workspace of its own, one after another: the imatrix job (`moeq fetch`,
 `moeq imatrix`), three quant jobs (`moeq build --quant Q --imatrix-from ARTIFACT --stage-to BRANCH`) and the
-publish job (`moeq publish`, then `moeq push --check`). Printed per job: wall time, peak RSS (moeq's, the largest tool's), peak disk
-beside `moeq doctor --job`'s peak, and what it sent to the test Hub (requests, bytes, LFS bytes received).
+publish job (`moeq publish`, then `moeq push --check`). Printed per job: wall time, peak RSS (moeq's, the largest
+tool's), peak disk beside `moeq doctor --job`'s peak, and what it sent to the test Hub (requests, bytes, LFS bytes
+received).
 
 The computed table is each job's disk by `moeq doctor`'s rule (plan_disk with --job) and its time and memory from
 the per-layer costs measured on this machine (2 cores, 24 GiB; README "Performance": realdim.py and rehearsal.py),
@@ -102,7 +103,8 @@ def run_job(name: str, command: list[str], folder: Path, hub: TestHub) -> dict:
     run = measure(command, disk=folder, cwd=folder)
     sent = hub.requests[start:]
     summary = _last_json(run.out) if " build " in f" {' '.join(command)} " else None
-    return {"job": name, "stages": {s["stage"]: s["seconds"] for s in summary["quants"][0]["stages"]} if summary else {}, "wall_s": round(run.wall_s, 1), "moeq_rss_mb": round(run.moeq_rss_mb),
+    stages = {s["stage"]: s["seconds"] for s in summary["quants"][0]["stages"]} if summary else {}
+    return {"job": name, "stages": stages, "wall_s": round(run.wall_s, 1), "moeq_rss_mb": round(run.moeq_rss_mb),
             "tools_rss_mb": round(run.tools_rss_mb), "peak_disk_gb": round(run.disk_used_gb, 2),
             "requests": len(sent), "writes": sum(1 for r in sent if r.writes),
             "sent_bytes": sum(r.body_bytes for r in sent), "lfs_bytes": hub.state.lfs_bytes_received - lfs,
