@@ -166,6 +166,15 @@ class Manifest(Model):
     def entry(self, quant: str) -> QuantEntry:
         return next(q for q in self.quants if q.quant == quant)
 
+    def published_files(self) -> dict[str, RepoFile]:
+        """The files the repo holds beside the card, the manifest and the charts, by repo path: each quant's GGUF
+        files, the importance matrix and recipe file it was made with, and the license."""
+        files = {f.name: f for q in self.quants
+                 for f in [*q.files, *(extra for extra in (q.imatrix_file, q.recipe_file) if extra)]}
+        if self.license_file:
+            files[self.license_file.name] = self.license_file
+        return files
+
 
 def manifest_schema() -> dict:
     """The JSON Schema of moeq-manifest.json, generated from the types above."""

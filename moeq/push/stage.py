@@ -87,13 +87,8 @@ def local_files(card: CardRecord) -> dict[str, PlannedFile]:
     """The staged folder as the card stage left it, with sha256 from its records (no re-hashing of GGUFs). A card
     moeq publish made from a staging branch has its LFS files there, not here (`local` None)."""
     folder = Path(card.folder)
-    manifest = read_manifest(folder / MANIFEST_NAME)
-    known = {f.name: f for q in manifest.quants
-             for f in [*q.files, *(extra for extra in (q.imatrix_file, q.recipe_file) if extra)]}
-    if manifest.license_file:
-        known[manifest.license_file.name] = manifest.license_file
-    known[README_NAME] = card.readme
-    known[MANIFEST_NAME] = card.manifest
+    known = {**read_manifest(folder / MANIFEST_NAME).published_files(), README_NAME: card.readme,
+             MANIFEST_NAME: card.manifest}
     files = {}
     for name in card.repo_files:
         path = folder / name

@@ -66,9 +66,7 @@ class StagedQuant:
 
     def repo_files(self) -> list[tuple[str, int, str]]:
         """(path, size, sha256) of each file the quant published: GGUF(s), importance matrix, recipe, license."""
-        entry = self.manifest.quants[0]
-        extra = [f for f in (entry.imatrix_file, entry.recipe_file, self.manifest.license_file) if f]
-        return [(f.name, f.size, f.sha256) for f in [*entry.files, *extra]]
+        return [(f.name, f.size, f.sha256) for f in self.manifest.published_files().values()]
 
 
 @dataclass
@@ -234,11 +232,7 @@ def take_from_branch(api: HfApi, card: CardRecord, limit: int = REGULAR_MAX) -> 
     (a license, a recipe text) is downloaded into the staged folder, at most `limit` bytes, and checked by sha256.
     Returns the files downloaded."""
     folder = Path(card.folder)
-    manifest = read_manifest(folder / MANIFEST_NAME)
-    known = {f.name: f for q in manifest.quants
-             for f in [*q.files, *(extra for extra in (q.imatrix_file, q.recipe_file) if extra)]}
-    if manifest.license_file:
-        known[manifest.license_file.name] = manifest.license_file
+    known = read_manifest(folder / MANIFEST_NAME).published_files()
     away = [known[name] for name in card.repo_files if not (folder / name).is_file() and name in known]
     where = f"{card.repo_id}@{card.from_branch}"
     with hub_errors(f"reading the staged files on {card.from_branch}", card.repo_id):
