@@ -17,6 +17,7 @@ object's uploads carried, so a test can assert that a file's bytes reached the H
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -39,10 +40,18 @@ class Blob:
     data: bytes
     lfs: bool
 
+    @functools.cached_property
+    def sha1(self) -> str:  # a blob's bytes never change: hashed once, not on every listing
+        return git_blob_sha1(self.data)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
     def entry(self, path: str) -> dict:
-        out = {"type": "file", "path": path, "size": len(self.data), "oid": git_blob_sha1(self.data)}
+        out = {"type": "file", "path": path, "size": len(self.data), "oid": self.sha1}
         if self.lfs:
-            out["lfs"] = {"oid": hashlib.sha256(self.data).hexdigest(), "size": len(self.data), "pointerSize": 134}
+            out["lfs"] = {"oid": self.sha256, "size": len(self.data), "pointerSize": 134}
         return out
 
 
@@ -351,7 +360,7 @@ class Handler(BaseHTTPRequestHandler):
                 existing = commit.files.get(f["path"])
                 oid = None
                 if existing is not None:
-                    oid = hashlib.sha256(existing.data).hexdigest() if existing.lfs else git_blob_sha1(existing.data)
+                    oid = existing.sha256 if existing.lfs else existing.sha1
                 out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
                             "oid": oid})
             return self._json(200, {"files": out})
@@ -494,11 +503,11 @@ class Handler(BaseHTTPRequestHandler):
             raise HubError(404, f"Entry not found: {file}", "EntryNotFound")
         headers = {"X-Repo-Commit": commit.oid}
         if blob.lfs:
-            sha = hashlib.sha256(blob.data).hexdigest()
+            sha = blob.sha256
             headers.update({"X-Linked-Etag": f'"{sha}"', "X-Linked-Size": len(blob.data), "ETag": f'"{sha}"',
                             "Location": f"{self.state.storage_url}/lfs-objects/{sha}"})
             return self._send(302, b"", headers, head=True)
-        headers["ETag"] = f'"{git_blob_sha1(blob.data)}"'
+        headers["ETag"] = f'"{blob.sha1}"'
         return self._ranged(method, blob.data, headers, truncate)
 
     def _ranged(self, method: str, data: bytes, headers: dict, truncate: bool) -> None:
