@@ -523,6 +523,7 @@ def stage_inputs(ctx: Context, quant: QuantSpec, imatrix_sha256: str | None) -> 
     importance matrix. Two builds with the same inputs stage the same quant, so a rerun need not build again."""
     import hashlib
     import json
+    import re
 
     from moeq import __version__
     from moeq.hub.client import hub_errors
@@ -535,11 +536,14 @@ def stage_inputs(ctx: Context, quant: QuantSpec, imatrix_sha256: str | None) -> 
             return f"{path.name}:{path.stat().st_size if path.exists() else 'absent'}"
         raise TypeError(type(value).__name__)
 
+    from moeq.fetch.stage import HUB_KINDS
+
     pipeline = ctx.pipeline
     source = dataclasses.asdict(pipeline.source)
-    if pipeline.source.kind == "hub":
+    revision = pipeline.source.revision or "main"
+    if pipeline.source.kind in HUB_KINDS and not re.fullmatch(r"[0-9a-f]{40}", revision):
         with hub_errors("resolving the source's revision", pipeline.source.repo):
-            source["commit"] = ctx.api.model_info(pipeline.source.repo, revision=pipeline.source.revision).sha
+            source["commit"] = ctx.api.model_info(pipeline.source.repo, revision=revision).sha
     tool = ctx.chain.tool("llama-quantize").build
     sections = {name: dataclasses.asdict(getattr(pipeline, name)) for name in ("model", "bench", "imatrix", "recipe")}
     inputs = {"moeq": __version__, "llama_cpp": {"commit": tool.commit, "backend": tool.backend}, "source": source,
