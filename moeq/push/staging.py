@@ -154,17 +154,21 @@ def current_on_branch(api: HfApi, repo_id: str, branch: str, quant: str, inputs:
     found = staged.found.get(quant)
     if found is None or found.inputs_sha256 != inputs_sha256(inputs):
         return None
-    if branch_mismatches(api, repo_id, head, found.repo_files()):
+    files = found.repo_files()
+    if mismatches(branch_files(api, repo_id, head, [p for p, _, _ in files]), files):
         return None
     return f"staged on {branch} from the same inputs (inputs sha256 {found.inputs_sha256[:12]})"
 
 
-def branch_mismatches(api: HfApi, repo_id: str, revision: str, files: list[tuple[str, int, str]]) -> list[str]:
+def branch_files(api: HfApi, repo_id: str, revision: str, paths: list[str]) -> dict[str, RepoFile]:
+    """What the branch holds at `revision` of `paths`, by path (one paths-info request)."""
+    with hub_errors("reading the staged files", repo_id):
+        return {f.path: f for f in api.get_paths_info(repo_id, paths, revision=revision) if isinstance(f, RepoFile)}
+
+
+def mismatches(there: dict[str, RepoFile], files: list[tuple[str, int, str]]) -> list[str]:
     """The files that are not on the branch as (path, size, sha256) says: missing, or an LFS file of another size or
     sha256 (a file kept in git is checked by reading it: take_from_branch)."""
-    with hub_errors("reading the staged files", repo_id):
-        there = {f.path: f for f in api.get_paths_info(repo_id, [p for p, _, _ in files], revision=revision)
-                 if isinstance(f, RepoFile)}
     wrong = []
     for path, size, sha256 in files:
         entry = there.get(path)
@@ -235,11 +239,8 @@ def take_from_branch(api: HfApi, card: CardRecord, limit: int = REGULAR_MAX) -> 
     known = read_manifest(folder / MANIFEST_NAME).published_files()
     away = [known[name] for name in card.repo_files if not (folder / name).is_file() and name in known]
     where = f"{card.repo_id}@{card.from_branch}"
-    with hub_errors(f"reading the staged files on {card.from_branch}", card.repo_id):
-        there = {f.path: f for f in api.get_paths_info(card.repo_id, [f.name for f in away], revision=card.from_commit)
-                 if isinstance(f, RepoFile)}
-    wrong = branch_mismatches(api, card.repo_id, card.from_commit, [(f.name, f.size, f.sha256) for f in away
-                                                                    if f.name not in there or there[f.name].lfs])
+    there = branch_files(api, card.repo_id, card.from_commit, [f.name for f in away])
+    wrong = mismatches(there, [(f.name, f.size, f.sha256) for f in away])
     if wrong:
         raise HubError(f"{where}: {'; '.join(wrong[:3])} not as the staged records say; stage the quant again")
     taken = []
