@@ -521,7 +521,6 @@ def stage_inputs(ctx: Context, quant: QuantSpec, imatrix_sha256: str | None) -> 
     """What a quant staged on a branch was built from: moeq, the llama.cpp build, the source (a Hub source at its
     commit), the quant's entry and every pipeline section its records depend on (a file by its sha256), and the
     importance matrix. Two builds with the same inputs stage the same quant, so a rerun need not build again."""
-    import hashlib
     import json
     import re
 
@@ -532,7 +531,7 @@ def stage_inputs(ctx: Context, quant: QuantSpec, imatrix_sha256: str | None) -> 
         if isinstance(value, Path):
             path = value if value.is_absolute() else ctx.pipeline.path.parent / value
             if path.is_file() and path.stat().st_size <= 256 << 20:
-                return hashlib.sha256(path.read_bytes()).hexdigest()
+                return ctx.ws.hashes.sha256(path)  # the workspace's sha256 cache, not a second read
             return f"{path.name}:{path.stat().st_size if path.exists() else 'absent'}"
         raise TypeError(type(value).__name__)
 
@@ -621,6 +620,7 @@ def imatrix_from(ctx: Context, folder: Path) -> StageResult[ImatrixRecord]:
     """The importance matrix another workspace made (moeq build --imatrix-from), checked by sha256 against its
     record and by its record's key against the inputs this workspace's imatrix stage declares (the same source,
     calibration text, options and llama-imatrix), then put in place, so the imatrix stage here is up to date."""
+    import json
     import shutil
 
     from moeq.errors import InputError
@@ -644,8 +644,6 @@ def imatrix_from(ctx: Context, folder: Path) -> StageResult[ImatrixRecord]:
         here.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(made, partial_path(here))
         commit_file(partial_path(here), here)
-    import json
-
     ctx.records.ws.records_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(ctx.ws.record_path("imatrix"), json.loads(record_path.read_text()))
     done = run_stage(stage, ctx.records, on_message=ctx.say)
