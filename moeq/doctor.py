@@ -18,6 +18,7 @@ from moeq.config import RECIPE_SEARCH, Pipeline
 from moeq.errors import MoeqError, ToolError
 from moeq.gguf_header import SPLIT_NAME_RE, read_header
 from moeq.recipe_file import SEARCH_TYPES
+from moeq.runner import LOG_FLUSH_LIBRARY
 from moeq.gpus import nvidia_gpus
 from moeq.synth import parameter_count
 from moeq.toolchain import PINNED_COMMIT, TOOLS, Toolchain
@@ -35,6 +36,7 @@ class Check:
     path: str = ""
     commit: str = ""
     backend: str = ""
+    log_flush: str | None = None  # sha256 of moeq's log flush at exit preloaded into it
 
 
 @dataclass
@@ -90,10 +92,16 @@ def check_tools(chain: Toolchain) -> list[Check]:
         except ToolError as exc:
             checks.append(Check(name, False, str(exc)))
             continue
-        detail = f"OK ({tool.build.version}, via {tool.found_via})"
+        flush = ", with moeq's log flush at exit" if tool.build.log_flush else ""
+        detail = f"OK ({tool.build.version}, via {tool.found_via}{flush})"
         if not tool.build.pinned:
             detail += f"; note: not the pinned commit {PINNED_COMMIT}"
-        checks.append(Check(name, True, detail, str(tool.path), tool.build.commit, tool.build.backend))
+        if name.startswith("llama-") and not tool.build.log_flush:
+            detail += (f"; note: without moeq's log flush at exit ({LOG_FLUSH_LIBRARY} beside it, which "
+                       "scripts/build-llama-cpp builds), it can exit before its last lines are written, and moeq "
+                       "then stops with an error")
+        checks.append(Check(name, True, detail, str(tool.path), tool.build.commit, tool.build.backend,
+                            tool.build.log_flush))
     return checks
 
 

@@ -26,11 +26,6 @@ from moeq.runner import run_tool
 from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace, commit_file, partial_path, write_json_atomic
 
-# The pinned llama-perplexity now and then exits 0 before printing its final figures (its log thread loses the
-# end at exit): such a run is made again. On a 2-core machine its last lines went missing three times in a row.
-PERPLEXITY_TRIES = 6
-
-
 def default_eval_text() -> Path:
     return Path(str(resources.files("moeq.bench") / "eval-text.txt"))
 
@@ -125,6 +120,12 @@ def parse_perplexity(text: str) -> dict:
     return out
 
 
+def figure_lines(text: str) -> list[str]:
+    """The lines of llama-perplexity's output that its figures are parsed from."""
+    return [line for line in text.splitlines()
+            if any(re.search(pattern, line, flags=re.IGNORECASE) for pattern in _PATTERNS.values())]
+
+
 def run_perplexity(tool: Path, model: Path, text: Path, log: Path, *, ctx: int, chunks: int, kld_base: Path,
                    save_base: bool, threads: int | None, timeout_s: float) -> dict:
     command = [str(tool), "-m", str(model), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks),
@@ -136,18 +137,14 @@ def run_perplexity(tool: Path, model: Path, text: Path, log: Path, *, ctx: int, 
         raise InputError(f"{text}: {size} bytes, fewer than the {2 * ctx} tokens llama-perplexity needs for one "
                          f"chunk of {ctx}; use a longer text (bench.perplexity.text) or a smaller bench.perplexity.ctx")
     wanted = ("ppl",) if save_base else ("kld_mean", "same_top_p", "ppl_ratio")
-    too_short = False
-    never = set(wanted)  # what no try printed: a run cut short (the flake retried here) lacks more, by chance
-    for _ in range(PERPLEXITY_TRIES):
-        lines: list[str] = []
-        run_tool(command, log, on_line=lines.append, timeout_s=timeout_s)
-        output = "\n".join(lines)
-        figures = parse_perplexity(output)
-        if all(key in figures for key in wanted):
-            return {"command": command, **figures}
-        never &= {key for key in wanted if key not in figures}
-        too_short = too_short or "you need at least" in output  # a retried run may stop before saying so
-    absent = next((key for key in wanted if key in never), None) or next(k for k in wanted if k not in figures)
-    hint = f"; the text is too short for {chunks} chunks of {ctx} tokens (bench.perplexity)" if too_short else ""
-    raise ToolError(f"llama-perplexity printed no '{_LINES[absent]}' line for {model.name} ({PERPLEXITY_TRIES} "
-                    f"tries){hint}; see {log}")
+    lines: list[str] = []
+    run_tool(command, log, on_line=lines.append, timeout_s=timeout_s)
+    output = "\n".join(lines)
+    figures = parse_perplexity(output)
+    absent = next((key for key in wanted if key not in figures), None)
+    if absent is not None:
+        hint = (f"; the text is too short for {chunks} chunks of {ctx} tokens (bench.perplexity)"
+                if "you need at least" in output else "")
+        raise ToolError(f"llama-perplexity exited 0 without its '{_LINES[absent]}' line for {model.name}{hint}; "
+                        f"see {log}")
+    return {"command": command, **figures}

@@ -43,6 +43,11 @@ def parse_memory_breakdown(text: str) -> list[DeviceBreakdown]:
             for m in _BREAKDOWN_RE.finditer(text)]
 
 
+def breakdown_printed(text: str) -> bool:
+    """Whether llama.cpp printed its memory breakdown at exit: its host line, which every run has."""
+    return re.search(r"memory_breakdown_print:\s*\|\s*-\s*Host\s*\|", text) is not None
+
+
 def buffer_total(lines: list[BufferLine], kind: str, device_prefix: str) -> float:
     """Sum of one kind of buffer over the devices whose name starts with `device_prefix`."""
     return sum(line.mib for line in lines if line.kind == kind and line.device.startswith(device_prefix))

@@ -22,39 +22,113 @@ from moeq.errors import InputError
 # Q8_0. (IQ types need an importance matrix entry for every tensor; they are left out.)
 SEARCH_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 MAX_RECIPE_BYTES = 1 << 20  # a line per tensor of a 1,000-layer model is under a megabyte
-MAX_PATTERN = 300  # what llama.cpp's std::regex runs in bounded time (config's tensor_types rule)
+MAX_RECIPE_ITEMS = 8192
 _TYPES = {t.name for t in gguf.GGMLQuantizationType}
+# ggml types no tensor of a model file is quantized to (integer types, F64, the dot-product helpers Q8_1 and Q8_K):
+# llama-quantize takes their names and then aborts on an assertion.
+NOT_TENSOR_TYPES = {"I8", "I16", "I32", "I64", "F64", "Q8_1", "Q8_K"}
+TENSOR_TYPES = sorted(_TYPES - NOT_TENSOR_TYPES)
+
+# Tensor patterns (quants[].tensor_types, recipe files) are searched by moeq's `re` and by llama-quantize's
+# std::regex, both backtracking engines, in every tensor name (at most 64 bytes in GGUF). They are bounded by
+# construction: a short pattern of name characters, escapes of punctuation only (no back-references), at most
+# two repetitions (`*`, `+`, `?`; no `{m,n}`), no repeated or nested group and at most four groups, so the work
+# per name is polynomial of low degree whatever the pattern.
+MAX_PATTERN = 256
+MAX_REPEATS = 2
+MAX_GROUPS = 4
+_PATTERN_CHARS = re.compile(r"[A-Za-z0-9_.*\\\[\]()|+?^$-]+")
+# llama-quantize reads a recipe file with `file >> item`: items end at C whitespace, and nothing else.
+_C_SPACE = re.compile(r"[ \t\n\v\f\r]+")
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why `pattern` is not a tensor pattern moeq and llama-quantize match in bounded time; None when it is."""
+    if len(pattern) > MAX_PATTERN:
+        return f"a pattern of {len(pattern)} characters; keep it to {MAX_PATTERN}"
+    shown = repr(pattern[:80])
+    if not _PATTERN_CHARS.fullmatch(pattern):
+        bad = next(c for c in pattern if not _PATTERN_CHARS.fullmatch(c))
+        return (f"{shown} has the character {bad!r}; a tensor pattern uses letters, digits, '_', '-' and the "
+                "regex signs . * + ? | ^ $ ( ) [ ] \\")
+    outside, depth, groups, in_class, escaped = [], 0, 0, False, False
+    for c in pattern:
+        if escaped:
+            if c.isalnum():
+                return f"{shown} has '\\{c}'; escape only punctuation, such as '\\.'"
+            escaped = False
+            outside.append("x")
+        elif c == "\\":
+            escaped = True
+        elif in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            outside.append("x")
+        elif c == "(":
+            depth, groups = depth + 1, groups + 1
+            if depth > 1:
+                return f"{shown} nests a group in a group; write the alternatives of one group, e.g. 'ffn_(up|gate)_exps'"
+            outside.append(c)
+        elif c == ")":
+            depth = max(0, depth - 1)
+            outside.append(c)
+        else:
+            outside.append(c)
+    plain = "".join(outside)
+    if QUANTIFIED_GROUP.search(plain):
+        return (f"{shown} repeats a group ('(...)*', '(...)+' or '(...)?'), which llama.cpp's regex engine can take "
+                "minutes over; write the alternatives without a quantifier, e.g. 'ffn_(up|gate)_exps'")
+    repeats = sum(plain.count(c) for c in "*+?")
+    if repeats > MAX_REPEATS:
+        return (f"{shown} repeats {repeats} times ('*', '+', '?'); a tensor pattern may repeat at most {MAX_REPEATS} "
+                "times, so that matching it stays bounded: name the tensors more plainly, or give several items")
+    if groups > MAX_GROUPS:
+        return f"{shown} has {groups} groups; use at most {MAX_GROUPS}"
+    try:
+        re.compile(pattern.lower())
+    except re.error as exc:
+        return f"{shown} is not a valid pattern ({exc.msg})"
+    return None
+
+
+QUANTIFIED_GROUP = re.compile(r"\)[*+?]")
 
 
 def read_recipe(path: Path, where: str = "") -> list[tuple[str, str]]:
-    """The (pattern, TYPE) items of the recipe file at `path`, in order; `where` names the key that gave it. A file
-    that llama-quantize would refuse or run unboundedly is an InputError naming the item."""
+    """The (pattern, TYPE) items of the recipe file at `path`, in order, split as llama-quantize splits them;
+    `where` names the key that gave it. A file that llama-quantize would refuse, misread or run unboundedly is an
+    InputError naming the item."""
     where = where or str(path)
     if not path.is_file():
         raise InputError(f"{path}: recipe file not found; fix {where}")
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise InputError(f"{path}: {path.stat().st_size:,} bytes, more than a recipe file holds "
                          f"({MAX_RECIPE_BYTES:,}); fix {where}")
+    data = path.read_bytes()[:MAX_RECIPE_BYTES + 1]
+    if b"\0" in data:
+        raise InputError(f"{path}: holds a NUL byte, where llama-quantize would cut an item short; a recipe file is "
+                         "REGEX=TYPE text")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(f"{path}: not UTF-8 text; a recipe file is REGEX=TYPE lines") from None
     items = []
-    for item in text.split():
+    for item in _C_SPACE.split(text):
+        if not item:
+            continue
+        if len(items) == MAX_RECIPE_ITEMS:
+            raise InputError(f"{path}: more than {MAX_RECIPE_ITEMS:,} items; a recipe names each tensor at most once")
         pattern, sep, ggml_type = item.partition("=")
-        shown = item[:80]
+        shown = repr(item[:80])
         if not sep or not pattern:
-            raise InputError(f"{path}: {shown!r} is not REGEX=TYPE; fix the item or {where}")
-        if ggml_type.upper() not in _TYPES:
-            raise InputError(f"{path}: {shown!r}: unknown tensor type {ggml_type[:20]!r}; use one of "
-                             "Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, F16, ...")
-        if len(pattern) > MAX_PATTERN or re.search(r"\)[*+?{]", pattern):
-            raise InputError(f"{path}: {shown!r}: a pattern of at most {MAX_PATTERN} characters with no quantified "
-                             "group (llama-quantize's std::regex backtracks on those); simplify it")
-        try:
-            re.compile(pattern.lower())
-        except re.error as exc:
-            raise InputError(f"{path}: {shown!r}: not a regular expression ({exc}); fix the item") from None
+            raise InputError(f"{path}: {shown} is not REGEX=TYPE; fix the item or {where}")
+        if ggml_type.upper() not in TENSOR_TYPES:
+            raise InputError(f"{path}: {shown}: {ggml_type[:20]!r} is not a type a tensor can be quantized to; use "
+                             "one of Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, F16, ...")
+        problem = pattern_problem(pattern)
+        if problem is not None:
+            raise InputError(f"{path}: {shown}: {problem}")
         items.append((pattern, ggml_type.upper()))
     if not items:
         raise InputError(f"{path}: no REGEX=TYPE item; a recipe file names the tensors it types")

@@ -1,6 +1,8 @@
 """Run one llama.cpp tool: stream its lines to a parser and a log file, fail with its own words.
 
-A non-zero exit becomes a ToolError quoting the tail of the log and naming it. If moeq is
+A non-zero exit becomes a ToolError quoting the tail of the log and naming it. Every llama-* tool runs with
+moeq's log flush at exit preloaded where its build has it (`log_flush_library`): the pinned llama.cpp leaks
+its logger, and without the flush a tool can exit 0 with the last lines of its log unwritten. If moeq is
 interrupted (SIGINT, or SIGTERM turned into an exception by the CLI) the tool is stopped
 before the exception travels on, so no tool outlives the command that started it.
 """
@@ -26,6 +28,26 @@ _PR_SET_PDEATHSIG = 1
 
 # ggml attaches gdb to print a backtrace when a tool aborts: noise in a log that moeq quotes to people.
 TOOL_ENV = {"GGML_NO_BACKTRACE": "1"}
+# Built by scripts/build-llama-cpp beside the tools, from scripts/llama-cpp/moeq-log-flush.cpp.
+LOG_FLUSH_LIBRARY = "libmoeq-log-flush.so"
+
+
+def log_flush_library(tool: Path) -> Path | None:
+    """moeq's log flush at exit for `tool`: the library in the tool's own folder (as named, links not followed,
+    so a folder of links to the same binaries runs them unchanged), for the llama-* tools, which log through
+    libllama-common; None where there is none."""
+    tool = Path(tool)
+    library = tool.parent / LOG_FLUSH_LIBRARY
+    return library if tool.name.startswith("llama-") and library.is_file() else None
+
+
+def tool_env(tool: Path | str) -> dict[str, str]:
+    """The environment moeq adds for running `tool`: no gdb backtraces, and the log flush preloaded."""
+    env = dict(TOOL_ENV)
+    library = log_flush_library(Path(tool))
+    if library is not None:
+        env["LD_PRELOAD"] = " ".join(filter(None, [str(library.resolve()), os.environ.get("LD_PRELOAD", "")]))
+    return env
 
 
 STOPS = {signal.SIGINT, signal.SIGTERM}
@@ -37,6 +59,24 @@ def die_with_parent() -> None:  # runs in the child before exec: a killed moeq t
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+
+
+def start_tool(command: list[str], *, env: dict[str, str] | None = None, unblock: bool = True,
+               **popen) -> subprocess.Popen:
+    """Start a llama.cpp tool that dies with moeq, with `tool_env` and `env` added to moeq's environment. SIGINT
+    and SIGTERM wait until it is started: Python drops a KeyboardInterrupt raised while its fork handlers run
+    ("Exception ignored in _releaseLock"), and a Ctrl-C in that instant would be lost. With `unblock=False` the
+    caller unblocks them, once it is ready to stop the tool (run_tool, after its watchdogs are set)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    try:
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                                env={**os.environ, **tool_env(command[0]), **(env or {})}, **popen)
+    except OSError as exc:
+        raise ToolError(f"{Path(command[0]).name}: cannot start {command[0]} ({exc.strerror}); run scripts/setup"
+                        ) from None
+    finally:
+        if unblock:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 @dataclass
@@ -59,19 +99,12 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
-        # SIGINT and SIGTERM wait until the tool is started: Python drops a KeyboardInterrupt raised while its fork
-        # handlers run ("Exception ignored in _releaseLock"), and a Ctrl-C in that instant would be lost.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
         try:
-            proc = subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                text=True, errors="replace", bufsize=1, env={**os.environ, **TOOL_ENV, **(env or {})},
-                start_new_session=True, preexec_fn=die_with_parent, cwd=cwd,
-            )
-        except BaseException as exc:
+            proc = start_tool(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                              bufsize=1, env=env, start_new_session=True, cwd=cwd, unblock=False)
+        except BaseException:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            if isinstance(exc, OSError):
-                raise ToolError(f"{name}: cannot start {command[0]} ({exc.strerror}); run scripts/setup") from None
             raise
         # A watchdog, so that a tool that hangs without printing is stopped too.
         timed_out = threading.Event()

@@ -609,6 +609,9 @@ def _imported_imatrix(folder: Path):
     if saved is None:
         raise InputError(f"{path}: {why}; make the importance matrix again with this moeq (moeq imatrix)")
     made = Path(saved.record.output.path)
+    if not made.resolve().is_relative_to(Path(folder).resolve()):  # a link out of FOLDER is followed, then refused
+        raise InputError(f"{path}: its importance matrix {made} lies outside {folder} (a link leaving it?); pass the "
+                         "folder the imatrix job made, with its files in it")
     if not made.is_file() or made.stat().st_size != saved.record.output.size or \
             sha256_file(made) != saved.record.output.sha256:
         raise InputError(f"{made}: not the importance matrix its record {path} describes (size or sha256 differ); "

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from moeq.errors import ToolError
-from moeq.workspace import write_json_atomic
+from moeq.runner import log_flush_library
+from moeq.workspace import sha256_file, write_json_atomic
 
 PINNED_COMMIT = "0c1e570"
 PINNED_SDIST = "llama-cpp-python==0.3.36"
@@ -90,10 +91,15 @@ class ToolBuild:
     compiler: str
     target: str
     backend: str = "cpu"
+    log_flush: str | None = None  # sha256 of moeq's log flush library preloaded into the tool; None: none
 
     @property
     def pinned(self) -> bool:
         return self.commit.startswith(PINNED_COMMIT) or PINNED_COMMIT.startswith(self.commit)
+
+    def describe(self) -> str:
+        """'llama.cpp 0c1e570 with moeq's log flush at exit', as the card and doctor say it."""
+        return describe_build(self.commit, self.log_flush)
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -108,6 +114,16 @@ class Tool:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "path": str(self.path), "found_via": self.found_via, **self.build.as_dict()}
+
+
+def describe_build(commit: str, log_flush: str | None) -> str:
+    return f"llama.cpp {commit}" + (" with moeq's log flush at exit" if log_flush else "")
+
+
+def log_flush_id(tool: Path) -> str | None:
+    """The sha256 of the log flush library moeq preloads into `tool` (moeq.runner), None where it has none."""
+    library = log_flush_library(tool)
+    return sha256_file(library) if library is not None else None
 
 
 def parse_version(text: str) -> ToolBuild | None:
@@ -205,6 +221,7 @@ class Toolchain:
                 build = replace(build, backend=detect_backend(path))
                 if self._probes and build.commit != "unknown":
                     self._probes.put(path, build)
+            build = replace(build, log_flush=log_flush_id(path))  # not remembered: the library can come later
             if self.backend and build.backend != self.backend:
                 raise ToolError(f"{name}: {path} is a {build.backend.upper()} build of llama.cpp, and "
                                 f"toolchain.backend asks for {self.backend.upper()}; build it with "

@@ -14,6 +14,7 @@ import yaml
 
 from moeq.config import SynthSpec
 from moeq.synth import write_synth_model
+from moeq.runner import LOG_FLUSH_LIBRARY, log_flush_library
 from moeq.toolchain import Toolchain
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +63,13 @@ def toolchain() -> Toolchain:
     chain = Toolchain()
     chain.tool("llama-quantize")
     return chain
+
+
+def link_log_flush(folder: Path, toolchain: Toolchain) -> None:
+    """A test's own tool folder gets moeq's log flush beside its tools, as the pinned build has it."""
+    library = log_flush_library(toolchain.path("llama-completion"))
+    assert library is not None, "scripts/setup builds the log flush library"
+    (folder / LOG_FLUSH_LIBRARY).symlink_to(library)
 
 
 @pytest.fixture(scope="session")

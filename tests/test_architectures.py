@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import gguf
@@ -19,6 +21,7 @@ from moeq.cards.lint import lint_card
 from moeq.manifest import read_manifest
 from moeq.synth import tensor_layout, write_synth_model
 from moeq.config import SynthSpec
+from moeq.runner import tool_env
 
 from conftest import REPO, run_moeq
 
@@ -160,8 +163,6 @@ def test_a_dense_model_or_an_architecture_without_experts_is_refused(tmp_path, a
 
 def test_synth_writes_each_architecture_llama_cpp_loads(tmp_path, toolchain):
     """`moeq synth tiny-moe --arch A`: a file llama.cpp loads and runs, with the tensors gguf-py lists for A."""
-    import subprocess
-
     for arch in ("qwen3moe", "llama-moe", "qwen2moe"):
         out = tmp_path / f"{arch}.gguf"
         proc = run_moeq("synth", "tiny-moe", str(out), "--arch", arch, "--json")
@@ -172,8 +173,10 @@ def test_synth_writes_each_architecture_llama_cpp_loads(tmp_path, toolchain):
         assert ("blk.0.attn_q_norm.weight" in names) == (arch == "qwen3moe")
         assert ("blk.1.ffn_up_shexp.weight" in names) == (arch == "qwen2moe")
         assert ("blk.0.attn_q.bias" in names) == (arch == "qwen2moe")
-        run = subprocess.run([str(toolchain.path("llama-completion")), "-m", str(out), "-p", "The", "-n", "4",
-                              "-no-cnv", "--no-warmup"], capture_output=True, text=True, errors="replace", timeout=120)
+        tool = toolchain.path("llama-completion")
+        run = subprocess.run([str(tool), "-m", str(out), "-p", "The", "-n", "4", "-no-cnv", "--no-warmup"],
+                             capture_output=True, text=True, errors="replace", timeout=120,
+                             env={**os.environ, **tool_env(tool)})
         assert run.returncode == 0, run.stderr[-2000:]
     assert write_synth_model(tmp_path / "again.gguf", SynthSpec(experts=8), "qwen3moe", name="tiny-qwen3moe") \
         .read_bytes() == (tmp_path / "qwen3moe.gguf").read_bytes()

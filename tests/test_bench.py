@@ -23,7 +23,7 @@ from moeq.config import load_pipeline
 from moeq.llama_logs import parse_buffer_sizes
 from moeq.workspace import Workspace
 
-from conftest import REPO, example_section, pipeline_file, run_moeq
+from conftest import REPO, example_section, link_log_flush, pipeline_file, run_moeq
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
 EVAL_TEXT_SHA256 = "f08ec0c98a45566f009f3e07dce1e5a0247a9fb8311a3a8dea6ea86bad0612db"
@@ -263,8 +263,9 @@ def test_a_missing_figure_names_the_line(tmp_path, toolchain, tiny_model):
     with pytest.raises(ToolError) as info:
         run_perplexity(tool, tiny_model, text, tmp_path / "p.log", kld_base=tmp_path / "b.kld", save_base=False,
                        **kwargs)
-    assert info.value.message == (f"llama-perplexity printed no 'Same top p: ...' line for {tiny_model.name} "
-                                  f"(6 tries); see {tmp_path / 'p.log'}")
+    assert info.value.message == (f"llama-perplexity exited 0 without its 'Same top p: ...' line for "
+                                  f"{tiny_model.name}; see {tmp_path / 'p.log'}")
+    assert (tmp_path / "p.log").read_text().count("$ ") == 1  # one run, one log: never run again
 
 
 def test_a_text_too_short_for_one_chunk_is_refused_before_running(tmp_path, toolchain, tiny_model):
@@ -294,6 +295,7 @@ def test_a_mode_over_its_time_limit_is_stopped_and_reported(tmp_path, toolchain,
             (folder / name).chmod(0o755)
         else:
             (folder / name).symlink_to(toolchain.path(name))
+    link_log_flush(folder, toolchain)
     config, pipeline, ws = prepared(tmp_path, quants=("Q8_0",))
     # The limit applies to every tool: 5 s and 4 chunks leave llama-perplexity time enough on a busy machine.
     config.write_text(config.read_text().replace("  repetitions: 2\n", "  repetitions: 2\n  timeout_s: 5\n")
@@ -334,6 +336,7 @@ def _hanging_tools(tmp_path: Path, toolchain, hang: str, script: str) -> Path:
             (folder / name).chmod(0o755)
         else:
             (folder / name).symlink_to(toolchain.path(name))
+    link_log_flush(folder, toolchain)
     return folder
 
 

@@ -16,7 +16,7 @@ from moeq.cards.lint import lint_card
 from moeq.manifest import parse_manifest
 from moeq.toolchain import TOOLS
 
-from conftest import HUB_TOKEN, PER_QUANT, REPO, example_section, pipeline_file, run_moeq
+from conftest import HUB_TOKEN, PER_QUANT, REPO, example_section, link_log_flush, pipeline_file, run_moeq
 from hub_server import Fault
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
@@ -45,6 +45,7 @@ def wrapped_tools(tmp_path: Path, toolchain, fail_quant: str | None = None) -> P
         (folder / name).write_text(f"#!/bin/sh\necho \"{name} $*\" >> {tmp_path}/starts\n{extra}"
                                    f"exec {toolchain.path(name)} \"$@\"\n")
         (folder / name).chmod(0o755)
+    link_log_flush(folder, toolchain)
     return folder
 
 

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import HUB_TOKEN, REPO, default_sigint, run_moeq
+from conftest import HUB_TOKEN, REPO, default_sigint, pipeline_file, run_moeq
 
 EXAMPLE = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
 
@@ -114,6 +115,13 @@ BAD_PIPELINES = {
                                "hub: the YAML tag 'tag:yaml.org,2002:set' is not allowed; write a plain mapping"),
     "an omap tag deep in card.extra": (EXAMPLE.replace("card:\n  extra:\n", "card:\n  extra:\n    o: !!omap [a: 1]\n"),
                                        "card.extra.o: the YAML tag 'tag:yaml.org,2002:omap' is not allowed"),
+    # Hostile round 3: sizes of 400 digits were an internal error (OverflowError)
+    "a 400-digit budget.bytes": (with_quants("  - {type: Q2_K, recipe: search, budget: {bytes: %s}}\n" % ("9" * 400)),
+                                 "quants[0].budget.bytes: '999999999999"),
+    "a 400-digit budget.gpu": (with_quants("  - {type: Q2_K, recipe: search, budget: {gpu: %sGB, placement: cpu-moe}}\n"
+                                           % ("9" * 400)), "quants[0].budget.gpu: '999999999999"),
+    "a 400-digit max_shard_size": (EXAMPLE.replace("  max_shard_size: 50GB\n", "  max_shard_size: %sGB\n" % ("9" * 400)),
+                                   "hub.max_shard_size: '999999999999"),
 }
 
 
@@ -365,9 +373,7 @@ def _calibration(tmp_path: Path, kind: str, tiny_model: Path) -> Path:
 @pytest.mark.parametrize("kind, message", [
     ("empty", "the calibration text is empty"), ("binary", "not UTF-8 text"),
     ("gguf", "a GGUF file, not a calibration text"), ("huge", "the calibration text is 33,554,433 bytes, more than 32 MiB"),
-    ("fifo", "not a regular file (a folder, device or FIFO)"),
-    ("folder", "not a regular file (a folder, device or FIFO)"),
-])
+])  # a FIFO, a device or a folder: refused as the pipeline loads (test_a_text_that_is_no_regular_file_...)
 def test_a_calibration_text_that_is_not_one(tmp_path, toolchain, tiny_model, kind, message):
     text = _calibration(tmp_path, kind, tiny_model)
     config = pipeline(tmp_path, EXAMPLE.replace("imatrix:                         #",
@@ -463,3 +469,31 @@ def test_a_tool_that_goes_silent_is_stopped(tmp_path):
         run_tool(["sh", "-c", "echo start; sleep 60"], tmp_path / "silent.log", idle_s=1)
     assert time.monotonic() - started < 20
     assert (tmp_path / "silent.log").read_text().splitlines()[-1] == "start"
+
+
+@pytest.mark.parametrize("key", ["imatrix.calibration", "recipe.selection", "bench.perplexity.text"])
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_a_text_that_is_no_regular_file_is_refused_before_it_is_read(tmp_path, key, kind):
+    """Hostile round 3: recipe.selection on /dev/zero or a FIFO hung `moeq recipe` (it was hashed before it was
+    checked), and a folder exited 6 with "free some space". Every text is checked first, the same way."""
+    text = {"fifo": tmp_path / "text.fifo", "device": Path("/dev/zero"), "folder": tmp_path / "texts"}[kind]
+    if kind == "fifo":
+        os.mkfifo(text)
+    elif kind == "folder":
+        text.mkdir()
+    example = yaml.safe_load(EXAMPLE)
+    section, *path = key.split(".")
+    value = example.get(section) or {}
+    inner = value
+    for part in path[:-1]:
+        inner = inner.setdefault(part, {})
+    inner[path[-1]] = str(text)
+    if section == "recipe":
+        example["quants"] = [{"type": "Q2_K", "recipe": "search", "budget": "stock"}]
+    config = pipeline_file(tmp_path, trained=False, **{section: value, "quants": example["quants"]})
+    started = time.monotonic()
+    proc = run_moeq("recipe" if section == "recipe" else "check-config", "--config", str(config), process=True)
+    assert time.monotonic() - started < 60
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    expected = "is a folder; give a text file" if kind == "folder" else "is not a regular file (a pipe or a device)"
+    assert f"{key}: {text} {expected}" in proc.stderr.strip().splitlines()[-1], proc.stderr

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from moeq.manifest import parse_manifest
+from moeq.runner import tool_env
 
 from conftest import HUB_TOKEN, HUB_USER, PER_QUANT, REPO, example_section, pipeline_file, run_moeq
 import hub_server
@@ -50,9 +51,10 @@ def latest_manifest(hub, repo: str):
 
 
 def llama_hf(hub, tmp_path: Path, toolchain, ref: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MODEL_ENDPOINT": hub.url + "/", "LLAMA_CACHE": str(tmp_path / "llama-cache")}
+    tool = toolchain.path("llama-completion")
+    env = {**os.environ, **tool_env(tool), "MODEL_ENDPOINT": hub.url + "/", "LLAMA_CACHE": str(tmp_path / "llama-cache")}
     env.pop("HF_TOKEN", None)
-    return subprocess.run([str(toolchain.path("llama-completion")), "-hf", ref, "-p", "The", "-n", "8", "--temp", "0",
+    return subprocess.run([str(tool), "-hf", ref, "-p", "The", "-n", "8", "--temp", "0",
                            "-no-cnv", "--no-warmup", "-t", "2"],
                           env=env, capture_output=True, text=True, errors="replace", timeout=300)
 
@@ -176,15 +178,15 @@ def test_the_cards_llama_cpp_snippets_run(hub, tmp_path, toolchain):
     for command in commands:
         if "-ncmoe" in command and command[command.index("-ncmoe") + 1] == "N":
             command[command.index("-ncmoe") + 1] = "1"
-        run_env = {**env, "MODEL_ENDPOINT": hub.url + "/", "LLAMA_CACHE": str(tmp_path / "llama-cache")}
-        for _try in range(6):  # llama.cpp's log thread can lose the end of its output at exit (bench retries 6 times)
-            proc = subprocess.run([str(toolchain.path("llama-completion")), *command[1:], "-p", "The", "-n", "4",
-                                   "--temp", "0", "-no-cnv", "--no-warmup", "-t", "2"], cwd=tmp_path, env=run_env,
-                                  capture_output=True, text=True, errors="replace", timeout=300)
-            assert proc.returncode == 0, " ".join(command) + "\n" + proc.stderr[-2000:]
-            if "n_ctx = 512" in proc.stderr:  # the `generate:` line, logged just before generation starts
-                break
-        assert "n_ctx = 512" in proc.stderr, " ".join(command) + "\n" + proc.stderr[-2000:]
+        tool = toolchain.path("llama-completion")
+        run_env = {**env, **tool_env(tool), "MODEL_ENDPOINT": hub.url + "/",
+                   "LLAMA_CACHE": str(tmp_path / "llama-cache")}
+        proc = subprocess.run([str(tool), *command[1:], "-p", "The", "-n", "4", "--temp", "0", "-no-cnv",
+                               "--no-warmup", "-t", "2"], cwd=tmp_path, env=run_env, capture_output=True, text=True,
+                              errors="replace", timeout=300)
+        assert proc.returncode == 0, " ".join(command) + "\n" + proc.stderr[-2000:]
+        # the `generate:` line, logged just before generation starts, and the perf tail logged at exit
+        assert "n_ctx = 512" in proc.stderr and "total time" in proc.stderr, " ".join(command) + "\n" + proc.stderr[-2000:]
         ran += 1
     assert ran == len(commands) == 5  # three quants by name, the first quant's file twice
     assert "not run by moeq's tests" in readme.split("### Rust")[1].split("\n")[0]

@@ -14,7 +14,7 @@ import pytest
 
 from moeq.imatrix.stage import default_calibration
 
-from conftest import example_section, pipeline_file, run_moeq
+from conftest import example_section, link_log_flush, pipeline_file, run_moeq
 
 
 
@@ -155,6 +155,7 @@ def test_llama_imatrix_failing_is_one_line_and_leaves_nothing(tmp_path, toolchai
     tools.mkdir()
     for name in TOOLS:
         (tools / name).symlink_to(toolchain.path(name))
+    link_log_flush(tools, toolchain)
     (tools / "llama-imatrix").unlink()
     (tools / "llama-imatrix").write_text(
         f'#!/bin/sh\n[ "$1" = --help ] && exec {toolchain.path("llama-imatrix")} --help\n'

@@ -362,3 +362,17 @@ def test_a_per_quant_card_links_only_repos_on_the_hub(tmp_path, test_hub, toolch
     assert push(test_hub, config).returncode == 0 and push(test_hub, config, quants=("Q2_K",)).returncode == 0
     make_card(pipeline, "Q8_0")  # Q2_K's repo now exists (its push record says so): linked again
     assert "(https://huggingface.co/moeq-test/tiny-phimoe-q2-k-gguf)" in (ws.repo_dir("Q8_0") / "README.md").read_text()
+
+
+def test_a_staged_file_of_another_size_is_named_by_its_size():
+    """Hostile round 3: a wrong size was reported as a sha256 mismatch, with two equal hashes."""
+    from huggingface_hub.hf_api import RepoFile
+
+    from moeq.push.staging import mismatches
+
+    sha = "ab" * 32
+    there = {"a.gguf": RepoFile(path="a.gguf", size=10, oid="x", lfs={"size": 10, "oid": sha, "pointerSize": 130}),
+             "b.gguf": RepoFile(path="b.gguf", size=10, oid="y", lfs={"size": 10, "oid": "cd" * 32, "pointerSize": 130})}
+    assert mismatches(there, [("a.gguf", 11, sha), ("b.gguf", 10, sha), ("c.gguf", 1, sha)]) == [
+        "a.gguf (10 bytes, the records say 11)", f"b.gguf (sha256 {'cd' * 6}, the records say {'ab' * 6})",
+        "c.gguf (missing)"]

@@ -23,7 +23,7 @@ from moeq.records import QuantizeRecord
 from moeq.toolchain import TOOLS
 from moeq.workspace import Workspace
 
-from conftest import REPO, default_sigint, run_moeq
+from conftest import REPO, default_sigint, link_log_flush, run_moeq
 
 Q = gguf.GGMLQuantizationType
 
@@ -38,6 +38,7 @@ def make_counting_bin(tmp_path: Path, toolchain) -> Path:
     wrapper = folder / "llama-quantize"
     wrapper.write_text(f"#!/bin/sh\n[ \"$1\" = --help ] || echo start >> {tmp_path / 'starts'}\nexec {toolchain.path('llama-quantize')} \"$@\"\n")
     wrapper.chmod(0o755)
+    link_log_flush(folder, toolchain)
     return folder
 
 

@@ -23,9 +23,21 @@ def error_line(proc) -> str:
 
 @pytest.mark.parametrize("text,message", [
     ("attn_v\n", "'attn_v' is not REGEX=TYPE; fix the item or quants[0].recipe"),
-    ("attn_v=q9_k\n", "'attn_v=q9_k': unknown tensor type 'q9_k'"),
-    ("(attn_.)+=q8_0\n", "'(attn_.)+=q8_0': a pattern of at most 300 characters with no quantified group"),
-    ("attn_[v=q8_0\n", "'attn_[v=q8_0': not a regular expression"),
+    ("attn_v=q9_k\n", "'attn_v=q9_k': 'q9_k' is not a type a tensor can be quantized to"),
+    ("(attn_.)+=q8_0\n", "'(attn_.)+=q8_0': '(attn_.)+' repeats a group"),
+    # hostile round 3: patterns that spun moeq's own regex for over a minute before llama-quantize started
+    ("^token_embd\\.weight$|" + ".*" * 40 + "=q8_0\n", "repeats 40 times ('*', '+', '?'); a tensor pattern may repeat "
+     "at most 2 times"),
+    ("[a-z._0-9]*" * 14 + "=q8_0\n", "repeats 14 times"),
+    ("blk\\.(0|(1))\\.attn_v=q8_0\n", "nests a group in a group"),
+    ("attn_v\\1=q8_0\n", "has '\\1'; escape only punctuation"),
+    # read as llama-quantize reads it: items end at C whitespace only, and a NUL would cut one short
+    ("attn_v=q8_0\u00a0attn_k=q8_0\n", "'q8_0\\xa0attn_k=q8_0' is not a type a tensor can be quantized to"),
+    ("attn_v=q8_0\x1cattn_k=q8_0\n", "'q8_0\\x1cattn_k=q8_0' is not a type a tensor can be quantized to"),
+    ("attn_v=q8_0\x00\n", "holds a NUL byte, where llama-quantize would cut an item short"),
+    ("attn_v=i32\n", "'attn_v=i32': 'i32' is not a type a tensor can be quantized to"),
+    ("attn_v=q8_k\n", "'q8_k' is not a type a tensor can be quantized to"),
+    ("attn_[v=q8_0\n", "'attn_[v=q8_0': 'attn_[v' is not a valid pattern"),
     ("\n\n", "no REGEX=TYPE item; a recipe file names the tensors it types"),
 ])
 def test_a_recipe_file_llama_quantize_would_refuse_is_a_config_error(tmp_path, text, message):
@@ -114,3 +126,14 @@ def test_validate_fails_a_file_whose_types_are_not_the_recipes(tmp_path, toolcha
     assert check_type_mix(header, "Q4_K_M", {r"^blk\.1\.attn_v\.weight$": "Q8_0"}).ok
     wrong = check_type_mix(header, "Q4_K_M", {r"^blk\.1\.attn_v\.weight$": "Q5_K"})
     assert not wrong.ok and "blk.1.attn_v.weight is Q8_0, the Q4_K_M recipe gives Q5_K" in wrong.detail
+
+
+@pytest.mark.parametrize("name", ["mine|`id`.recipe", "my recipe.recipe", "r\u00e9cipe.recipe"])
+def test_a_recipe_file_name_the_hub_would_misread_is_refused(tmp_path, name):
+    """Hostile round 3: a recipe file's name was published as given (a `|` broke its link on the card)."""
+    (tmp_path / name).write_text("attn_v=q8_0\n")
+    config = pipeline_file(tmp_path, trained=False, quants=[{"type": "Q4_K_M", "recipe": name}])
+    proc = run_moeq("check-config", "--config", str(config))
+    assert proc.returncode == 2, proc.stdout
+    line = error_line(proc)
+    assert "quants[0].recipe: " in line and "a recipe file is published under its name" in line, line

@@ -199,6 +199,34 @@ def test_a_search_runs_once_and_an_interrupted_one_continues(searched):
     assert remade["runs"] == 0 and remade["evals"] == record["evals"] and remade["chosen"] == record["chosen"]
 
 
+@pytest.mark.parametrize("tamper", ["forged", "cut short", "nan", "another recipe's"])
+def test_a_saved_measurement_moeq_did_not_make_is_measured_again(searched, tamper):
+    """Hostile round 3: a saved result edited to a better figure was trusted and chosen. A saved result is sealed
+    by this machine's moeq and re-parsed from the tool's own lines; anything else is measured again."""
+    config, record = searched
+    evals = sorted((config.parent / "work" / "recipe" / "Q2_K" / "evals").glob("*.json"))
+    worst = max(range(len(record["evals"])), key=lambda i: record["evals"][i]["quality"]["kld_mean"])
+    victim = evals[0]
+    text = victim.read_text()
+    if tamper == "forged":  # the figure a worse recipe would need to be chosen, written into its saved lines
+        outer = json.loads(text)
+        outer["payload"] = re.sub(r"Mean\s+KLD:\s*[\d.e-]+", "Mean    KLD:   0.000000001", outer["payload"])
+        victim.write_text(json.dumps(outer))
+    elif tamper == "cut short":
+        victim.write_text(text[: len(text) // 2])
+    elif tamper == "nan":
+        victim.write_text('{"kld_mean": NaN, "command": []}')
+    else:
+        victim.write_text(evals[1].read_text())
+    (config.parent / "work" / "records" / "recipe-Q2_K.json").unlink()
+    again = run_moeq("recipe", "--config", str(config), "--quant", "Q2_K", "--json")
+    assert again.returncode == 0, again.stderr
+    remade = json.loads(again.stdout)[0]["record"]
+    assert remade["runs"] == 1  # that one measurement, made again; every other one sealed and kept
+    assert [e["quality"]["kld_mean"] for e in remade["evals"]] == [e["quality"]["kld_mean"] for e in record["evals"]]
+    assert remade["chosen"] == record["chosen"] != worst
+
+
 def test_sigint_mid_search_leaves_whole_files_and_the_next_run_continues(tmp_path, toolchain):
     quants = [{"type": "Q2_K", "imatrix": "auto", "recipe": "search", "budget": "stock"}]
     # Every group measured, on more tokens: a search of 30 seconds or so, long enough to be interrupted in.

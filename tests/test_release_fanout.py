@@ -20,6 +20,8 @@ import yaml
 
 import hub_server
 from conftest import HUB_TOKEN, HUB_USER, PER_QUANT, pipeline_file, run_moeq
+from moeq.push.stage import COMMIT_ATTEMPTS
+from moeq.runner import tool_env
 
 REPO_ID = f"{HUB_USER}/tiny-phimoe-GGUF"
 BRANCH = "release-v1"
@@ -64,12 +66,15 @@ def release(tmp_path_factory, toolchain):
     shutil.copy(root / "imatrix-job" / "work" / "records" / "imatrix.json", artifact / "records")
     shutil.copytree(root / "imatrix-job" / "work" / "imatrix", artifact / "imatrix")
     seen["artifact"] = artifact
-    # Two quant jobs at once, each on its own runner.
+    # Two quant jobs at once, each on its own runner; the Hub answers the first commit on the branch with a 429.
+    hub.state.faults.append(hub_server.Fault("POST", rf"/api/models/{REPO_ID}/commit/{BRANCH}$", 429, times=1,
+                                             headers={"Retry-After": "1"}))
     both = [quant_job(root / f"job-{q}", q, artifact, env) for q in ("Q8_0", "Q4_K_M")]
     seen["jobs"] = {q: finished(p) for q, p in zip(("Q8_0", "Q4_K_M"), both)}
     main_before = hub.state.repos[REPO_ID].refs["main"]
-    # The Q2_K job fails: its GGUF was uploaded, but the Hub answered 500 to the commit on the branch.
-    hub.state.faults.append(hub_server.Fault("POST", rf"/api/models/{REPO_ID}/commit/{BRANCH}$", 500, times=1))
+    # The Q2_K job fails: its GGUF was uploaded, but the Hub answered 500 to every try of the commit on the branch.
+    hub.state.faults.append(hub_server.Fault("POST", rf"/api/models/{REPO_ID}/commit/{BRANCH}$", 500,
+                                             times=COMMIT_ATTEMPTS))
     seen["failed"] = finished(quant_job(root / "job-Q2_K", "Q2_K", artifact, env))
     seen["publish_refused"] = finished(moeq_process(job(root / "publish-job"), "publish", "--from-branch", BRANCH,
                                                     env=env))
@@ -105,6 +110,10 @@ def test_every_job_ran_on_its_own_and_staged_its_quant(release):
     for quant in LADDER:
         workspace = seen["root"] / f"job-{quant}" / "work"
         assert sorted(p.name for p in (workspace / "quants").glob("*.gguf")) == [FILES[quant]]  # no other quant there
+    # Hostile round 3: one 429 on a staging commit failed the job; it is retried after comparing again, as a push is
+    retried = [q for q, proc in seen["jobs"].items()
+               if "the Hub answered 429 to the commit; comparing with the branch again in 1 s" in proc.stderr]
+    assert len(retried) == 1, [proc.stderr[-2000:] for proc in seen["jobs"].values()]
     docs = {path: json.loads(data) for path, data in seen["staged_docs"].items()}
     assert sorted(docs) == [f".moeq-stage/{q}.json" for q in sorted(LADDER)]
     assert all(doc["manifest"]["quants"][0]["quant"] == doc["quant"] for doc in docs.values())
@@ -115,6 +124,7 @@ def test_a_failed_job_leaves_main_as_it_was_and_publish_names_the_missing_quant(
     failed = seen["failed"]
     assert failed.returncode != 0
     assert "Q2_K: push failed" in failed.stderr and "500" in failed.stderr and "Traceback" not in failed.stderr
+    assert failed.stderr.count("the Hub answered 500 to the commit; comparing with the branch again") == COMMIT_ATTEMPTS - 1
     refused = seen["publish_refused"]
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     [line] = [x for x in refused.stderr.splitlines() if x.startswith("error:")]
@@ -169,7 +179,8 @@ def test_every_gguf_reached_the_hub_once(release):
 
 def test_llama_cpp_runs_a_quant_from_main(release, tmp_path, toolchain):
     hub, _seen = release
-    env = {**os.environ, "MODEL_ENDPOINT": hub.url + "/", "LLAMA_CACHE": str(tmp_path / "llama-cache")}
+    env = {**os.environ, **tool_env(toolchain.path("llama-completion")), "MODEL_ENDPOINT": hub.url + "/",
+           "LLAMA_CACHE": str(tmp_path / "llama-cache")}
     env.pop("HF_TOKEN", None)
     start = len(hub.requests)
     proc = subprocess.run([str(toolchain.path("llama-completion")), "-hf", f"{REPO_ID}:Q4_K_M", "-p", "The", "-n",
@@ -225,6 +236,15 @@ def test_an_importance_matrix_not_as_its_record_says_is_refused(release, tmp_pat
                     env=seen["env"])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"{matrix}: not the importance matrix its record" in proc.stderr
+    # Hostile round 3: the matrix a link leaving the folder (to the very bytes its record names) was an internal error.
+    outside = tmp_path / "outside.imatrix"
+    shutil.copyfile(seen["artifact"] / "imatrix" / "tiny-phimoe.imatrix", outside)
+    matrix.unlink()
+    matrix.symlink_to(outside)
+    proc = run_moeq("build", "--quant", "Q4_K_M", "--imatrix-from", str(artifact), "--config", str(config),
+                    env=seen["env"])
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"its importance matrix {matrix} lies outside {artifact}" in proc.stderr.strip().splitlines()[-1]
     # Made with another calibration text than this pipeline's: its record's key says so.
     data = yaml.safe_load(config.read_text())
     (tmp_path / "other.txt").write_text("Another calibration text, with words enough to fill a chunk. " * 400)

@@ -23,6 +23,7 @@ from moeq.cards.facts import _slower
 from moeq.records import SEARCHED, WITH, WITHOUT, Candidate, FileRef, PerplexityFigures, SpeedRun
 from moeq.choice.stage import choose
 from moeq.validate.checks import check_type_mix
+from moeq.runner import tool_env
 
 from conftest import HUB_TOKEN, HUB_USER, example_section, pipeline_file, run_moeq
 import hub_server
@@ -142,7 +143,8 @@ def test_the_card_shows_the_recipe_and_every_candidate(published):
 
 def test_llama_cpp_downloads_the_searched_file_by_its_label(published, tmp_path, toolchain):
     _config, server, _summary = published
-    env = {**os.environ, "MODEL_ENDPOINT": server.url + "/", "LLAMA_CACHE": str(tmp_path / "llama-cache")}
+    env = {**os.environ, **tool_env(toolchain.path("llama-completion")), "MODEL_ENDPOINT": server.url + "/",
+           "LLAMA_CACHE": str(tmp_path / "llama-cache")}
     env.pop("HF_TOKEN", None)
 
     def run(ref: str) -> subprocess.CompletedProcess:

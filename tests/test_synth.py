@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from dataclasses import replace
@@ -13,6 +14,7 @@ import numpy as np
 from moeq import synth
 from moeq.config import SynthSpec
 from moeq.synth import parameter_count, synth_spec, tensor_layout, write_synth_model
+from moeq.runner import tool_env
 
 from conftest import REPO, run_moeq
 
@@ -108,16 +110,12 @@ def test_cli_synth_bad_options(tmp_path):
 
 
 def test_generates_in_llama_completion(tiny_model, toolchain):
-    command = [str(toolchain.path("llama-completion")), "-m", str(tiny_model), "-p", "the cat", "-n", "12",
-               "-c", "256", "-no-cnv", "--temp", "0", "-t", "2", "--seed", "1"]
-    # The pinned llama-completion sometimes (about 1 run in 40, seen here) exits 0 right after
-    # printing its sampler settings, without evaluating anything; such a run is retried.
-    for _attempt in range(3):
-        proc = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=120,
-                              stdin=subprocess.DEVNULL)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        if "eval time" in proc.stderr:
-            break
+    tool = toolchain.path("llama-completion")
+    command = [str(tool), "-m", str(tiny_model), "-p", "the cat", "-n", "12", "-c", "256", "-no-cnv", "--temp", "0",
+               "-t", "2", "--seed", "1"]
+    proc = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=120,
+                          stdin=subprocess.DEVNULL, env={**os.environ, **tool_env(tool)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
     # llama.cpp's own timing summary counts the generated tokens.
     evals = [int(n) for n in re.findall(r"eval time =.*?/\s+(\d+) runs", proc.stderr)]
     assert evals and evals[-1] >= 11, proc.stderr[-1500:]
@@ -129,7 +127,8 @@ def test_runs_in_llama_bench(tiny_model, toolchain):
     proc = subprocess.run(
         [str(toolchain.path("llama-bench")), "-m", str(tiny_model), "-p", "32", "-n", "8", "-r", "1",
          "-t", "2", "-o", "json"],
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        env={**os.environ, **tool_env(toolchain.path("llama-bench"))})
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(proc.stdout)
     assert {(r["n_prompt"], r["n_gen"]) for r in results} == {(32, 0), (0, 8)}

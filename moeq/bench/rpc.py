@@ -7,14 +7,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import time
 from typing import Iterator
 
 from moeq.errors import ToolError
-from moeq.runner import TOOL_ENV, die_with_parent, stop_process
+from moeq.runner import start_tool, stop_process
 from moeq.toolchain import Toolchain
 
 START_TIMEOUT_S = 30
@@ -29,9 +28,8 @@ def rpc_endpoint(setting: str | None, chain: Toolchain) -> Iterator[str | None]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([str(chain.path("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                              env={**os.environ, **TOOL_ENV}, preexec_fn=die_with_parent)  # dies with moeq, SIGKILL too
+    server = start_tool([str(chain.path("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # dies with moeq, SIGKILL too
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:

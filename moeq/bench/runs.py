@@ -11,15 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from moeq.errors import ToolError
-from moeq.llama_logs import parse_buffer_sizes, parse_memory_breakdown
+from moeq.llama_logs import breakdown_printed, parse_buffer_sizes, parse_memory_breakdown
 from moeq.offload import OffloadMode
 from moeq.runner import run_tool
-
-# The pinned llama-completion now and then exits 0 with the end of its log missing (before loading anything,
-# or its memory breakdown at exit): such a run is made again. On a 2-core machine it went missing three times
-# in a row.
-MEMORY_TRIES = 6
-
 
 def offload_devices(tool: Path, log: Path, timeout_s: float) -> list[str]:
     """The GPUs llama.cpp finds (`--list-devices`), without loading a model; RPC devices are not listed."""
@@ -38,18 +32,15 @@ def run_memory(tool: Path, model: Path, mode: OffloadMode, ctx: int, log: Path, 
     """Load the model once in `mode` and read llama.cpp's buffer sizes, per device, in MiB."""
     command = [str(tool), "-m", str(model), *mode.completion_flags, "-c", str(ctx), "-n", "1", "-p", "hi",
                "-no-cnv", "-v", *(["-t", str(threads)] if threads else []), *_rpc(rpc, "--rpc")]
-    buffers, breakdown = [], []
-    for _ in range(MEMORY_TRIES):  # again when the log ends early: without the buffers, or the breakdown at exit
-        lines: list[str] = []
-        run_tool(command, log, on_line=lines.append, timeout_s=timeout_s)
-        text = "\n".join(lines)
-        loaded = parse_buffer_sizes(text)
-        if any(b.kind == "model" for b in loaded):
-            buffers, breakdown = loaded, parse_memory_breakdown(text)
-            if breakdown:
-                break
-    if not buffers:
-        raise ToolError(f"llama-completion loaded nothing in mode {mode.name} ({MEMORY_TRIES} tries); see {log}")
+    lines: list[str] = []
+    run_tool(command, log, on_line=lines.append, timeout_s=timeout_s)
+    text = "\n".join(lines)
+    buffers, breakdown = parse_buffer_sizes(text), parse_memory_breakdown(text)
+    if not any(b.kind == "model" for b in buffers):
+        raise ToolError(f"llama-completion exited 0 without a model buffer line in mode {mode.name}; see {log}")
+    if not breakdown_printed(text):
+        raise ToolError(f"llama-completion exited 0 without its memory breakdown at exit in mode {mode.name}; "
+                        f"see {log}")
     devices: dict[str, dict[str, float]] = {}
     for b in buffers:
         kinds = devices.setdefault(b.device, {})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from collections import Counter
 
 from moeq.cards.charts import charts
@@ -62,7 +63,8 @@ def card_facts(manifest: Manifest) -> dict:
         "single": single,
         "repo": {"id": manifest.repo_id, "url": hub_url(manifest.repo_id)},
         "model": _model(model_spec, first.model),
-        "llama_cpp": {"commit": first.tool.commit, "commit_url": f"{LLAMA_CPP_REPO}/commit/{first.tool.commit}"},
+        "llama_cpp": {"commit": first.tool.commit, "commit_url": f"{LLAMA_CPP_REPO}/commit/{first.tool.commit}",
+                      "log_flush": _log_flush(manifest)},
         "quants": quants,
         "quant": quants[0],  # the repo's one quant (per-quant layout), or the ladder's first
         "choose": _choose(manifest.quants),
@@ -280,6 +282,15 @@ def _validation(validated: ValidateRecord | None) -> dict | None:
     }
 
 
+def _log_flush(manifest: Manifest) -> str | None:
+    """How many of the llama.cpp runs behind the records had moeq's log flush at exit: "all", "some" or None."""
+    tools = [record.tool for entry in manifest.quants
+             for record in (entry.records.imatrix, entry.records.choice, entry.records.recipe, entry.records.quantize,
+                            entry.records.bench) if record is not None]
+    flushed = sum(tool.log_flush is not None for tool in tools)
+    return "all" if flushed == len(tools) else ("some" if flushed else None)
+
+
 def _quantization(quantized: QuantizeRecord, source: FetchRecord | None) -> dict:
     tool = quantized.tool
     mix: Counter = Counter()
@@ -289,8 +300,8 @@ def _quantization(quantized: QuantizeRecord, source: FetchRecord | None) -> dict
         mix_bytes[row.type_after] += row.bytes_after
     options = quantized.options
     return {
-        "command": " ".join(["llama-quantize", *quantized.command[1:]]),
-        "llama_cpp": {"version": tool.version, "commit": tool.commit,
+        "command": shlex.join(["llama-quantize", *quantized.command[1:]]),
+        "llama_cpp": {"version": tool.version, "commit": tool.commit, "log_flush": tool.log_flush,
                       "commit_url": f"{LLAMA_CPP_REPO}/commit/{tool.commit}"},
         "overrides": [f"{k}={v}" for k, v in options.tensor_types.items()]
         + ([f"output={options.output_tensor_type}"] if options.output_tensor_type else [])
@@ -319,7 +330,7 @@ def _imatrix(manifest: Manifest, entry: QuantEntry) -> dict | None:
     under = [f"layer {u.layer} expert {u.expert} ({u.tokens})" for u in coverage.under]
     facts["made"] = {
         "format": "GGUF" if record.format == "gguf" else "legacy .dat",
-        "command": " ".join(["llama-imatrix", *record.command[1:]]),
+        "command": shlex.join(["llama-imatrix", *record.command[1:]]),
         "calibration": {"name": record.calibration.name, "size": decimal_size(record.calibration.size),
                         "sha256": record.calibration.sha256, "shipped": record.calibration.shipped,
                         "sources": [s.model_dump() for s in record.calibration.sources]},
@@ -461,7 +472,7 @@ def _recipe(manifest: Manifest, entry: QuantEntry) -> dict | None:
     return {
         "published": entry.label != entry.quant,
         "speed": speed,
-        "command": " ".join(record.command), "budget": record.budget, "budget_bytes": f"{record.budget_bytes:,}",
+        "command": shlex.join(record.command), "budget": record.budget, "budget_bytes": f"{record.budget_bytes:,}",
         "rows": sorted(rows.values(), key=lambda r: r["group"]),
         "selection": {"text": record.selection.text, "ctx": record.selection.ctx, "chunks": record.selection.chunks},
         "stock_kld": _pm(stock_eval.quality, "kld_mean", 6), "measured_kld": _pm(chosen.quality, "kld_mean", 6),

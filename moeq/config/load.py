@@ -28,9 +28,9 @@ from moeq.config.spec import (DEFAULT_FILE_TEMPLATE, DEFAULT_REPO_TEMPLATE, DEFA
                               BenchSpec, Budget, CardSpec, HubSpec, ImatrixSpec, ModelSpec, PerplexitySpec, Pipeline,
                               QuantSpec, RecipeSpec, SourceSpec, SynthSpec, ToolchainSpec, keys_of, render_repo_id,
                               repo_name)
-from moeq.config.yaml_nodes import MAX_NAME, Node, first_sentence, require_plain_tags
+from moeq.config.yaml_nodes import MAX_NAME, PORTABLE_NAME, Node, first_sentence, require_plain_tags
 from moeq.errors import ConfigError, InputError
-from moeq.recipe_file import read_recipe
+from moeq.recipe_file import pattern_problem, read_recipe
 from moeq.offload import MODE_HINT, is_setting
 from moeq.toolchain import BACKENDS
 from moeq.workspace import read_text_limited
@@ -161,23 +161,11 @@ def _ggml_type(n: Node) -> str:
     return found.name.lower()
 
 
-MAX_PATTERN = 256  # a tensor name is tens of characters; llama-quantize gets every pattern on its command line
-QUANTIFIED_GROUP = re.compile(r"\)[*+?]")
-
-
 def _check_pattern(pattern: str, where: Node) -> None:
-    """A tensor_types pattern llama.cpp's std::regex runs in bounded time: short, and no quantified group (the
-    nested repetition, such as '(.*)*x', that backtracks exponentially)."""
-    if len(pattern) > MAX_PATTERN:
-        raise where.fail(f"a pattern of {len(pattern)} characters; keep it to {MAX_PATTERN}")
-    if QUANTIFIED_GROUP.search(pattern):
-        raise where.fail(f"{pattern[:80]!r} repeats a group ('(...)*', '(...)+' or '(...)?'), which llama.cpp's "
-                         "regex engine can take minutes over; write the alternatives without a quantifier, e.g. "
-                         "'ffn_(up|gate)_exps'")
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise where.fail(f"{pattern[:80]!r} is not a valid pattern ({exc.msg})") from None
+    """A tensor_types pattern moeq and llama-quantize match in bounded time (moeq.recipe_file.pattern_problem)."""
+    problem = pattern_problem(pattern)
+    if problem is not None:
+        raise where.fail(problem)
 
 
 def _quant(n: Node, base: Path, model: ModelSpec) -> QuantSpec:
@@ -203,8 +191,6 @@ def _quant(n: Node, base: Path, model: ModelSpec) -> QuantSpec:
         for key_node, value_node in tt.node.value:
             key = Node(n.file, key_node, tt.path).str()
             entry = Node(n.file, value_node, tt.child_path(key))
-            if not re.fullmatch(r"[A-Za-z0-9_.*\\\[\]()|+?^$-]+", key):
-                raise entry.fail(f"{key[:80]!r} is not a tensor name or pattern")
             _check_pattern(key, entry)
             if key.lower() in seen:
                 raise entry.fail("duplicate tensor override")
@@ -235,6 +221,10 @@ def _recipe_of(m: dict[str, Node], quant_type: str, base: Path) -> dict:
         if "budget" in m:
             raise m["budget"].fail("a budget is for a searched recipe (recipe: search), not a recipe file")
         path = m["recipe"].path_value(base)
+        if not PORTABLE_NAME.fullmatch(path.name) or "/" in path.name or len(path.name) > MAX_NAME:
+            raise m["recipe"].fail(f"{path.name[:80]!r}: a recipe file is published under its name, which has "
+                                   "characters a file name on the Hub should not; rename it with letters, digits "
+                                   "and . _ - +")
         if not path.is_file():
             raise m["recipe"].fail(f"{path}: no such recipe file; give recipe: search, or the path of a "
                                    f"--tensor-type-file (relative paths start at {base})")
@@ -270,7 +260,7 @@ def _budget(n: Node) -> Budget:
     kind = kinds[0]
     size = parse_size(str(m[kind].scalar()))
     if not size:
-        raise m[kind].fail(f"{m[kind].scalar()!r} is not a size; write it like 24GB or 1.5GiB")
+        raise m[kind].fail(f"{str(m[kind].scalar())[:40]!r} is not a size; write it like 24GB or 1.5GiB")
     if kind == "bytes":
         return Budget("bytes", float(size))
     if "placement" not in m or m["placement"].str() not in BUDGET_PLACEMENTS:
@@ -285,7 +275,7 @@ def _budget(n: Node) -> Budget:
 def _recipe(n: Node, base: Path) -> RecipeSpec:
     m = n.mapping(keys_of(RecipeSpec))
     return RecipeSpec(**_given(m, {
-        "selection": lambda node: node.path_value(base, must_exist=True),
+        "selection": lambda node: node.text_value(base),
         "ctx": lambda node: node.int(minimum=16, maximum=MAX_CTX),
         "chunks": lambda node: node.int(minimum=2, maximum=100_000),
         "layers_per_group": lambda node: node.int(minimum=1, maximum=10_000),
@@ -317,7 +307,7 @@ _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, 
 
 def parse_size(text: str) -> int | None:
     """'50GB' -> 50_000_000_000 (decimal, as llama-gguf-split counts); None when unparseable."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    match = re.fullmatch(r"\s*(\d{1,18}(?:\.\d{1,18})?)\s*([A-Za-z]*)\s*", text)  # digits bounded: no float overflow
     if not match or match.group(2).upper() not in _SIZE_UNITS:
         return None
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
@@ -345,7 +335,7 @@ def _hub(n: Node, model: ModelSpec, quants: tuple[QuantSpec, ...]) -> HubSpec:
         raw = m["max_shard_size"].scalar()
         parsed = raw if isinstance(raw, int) and not isinstance(raw, bool) else parse_size(str(raw))
         if not parsed or parsed <= 0:
-            raise m["max_shard_size"].fail(f"{raw!r} is not a size; write e.g. 50GB, 45G or 500MB")
+            raise m["max_shard_size"].fail(f"{str(raw)[:40]!r} is not a size; write e.g. 50GB, 45G or 500MB")
         if parsed < 10**6:
             raise m["max_shard_size"].fail(f"{raw!r} is under 1MB; llama-gguf-split splits in whole megabytes")
         max_shard = parsed
@@ -446,7 +436,7 @@ def _bench(n: Node, base: Path) -> BenchSpec:
     if "perplexity" in m:
         p = m["perplexity"].mapping(keys_of(PerplexitySpec))
         ppl = PerplexitySpec(
-            text=p["text"].path_value(base, must_exist=True) if "text" in p else None,
+            text=p["text"].text_value(base) if "text" in p else None,
             ctx=p["ctx"].int(minimum=16, maximum=MAX_CTX) if "ctx" in p else defaults.perplexity.ctx,
             chunks=p["chunks"].int(minimum=1, maximum=100_000) if "chunks" in p else defaults.perplexity.chunks,
         )
@@ -479,7 +469,7 @@ def _imatrix(n: Node, base: Path) -> ImatrixSpec:
         raise m["format"].fail(f"unknown format {m['format'].str()!r}; use gguf (llama.cpp's default) or dat (the "
                                "legacy format)")
     return ImatrixSpec(**_given(m, {
-        "calibration": lambda node: node.path_value(base, must_exist=True),
+        "calibration": lambda node: node.text_value(base),
         "ctx": lambda node: node.int(minimum=16, maximum=MAX_CTX),
         "chunks": lambda node: node.int(minimum=1, maximum=1_000_000),
         "min_expert_tokens": lambda node: node.int(minimum=0, maximum=2**31 - 1),

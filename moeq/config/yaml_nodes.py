@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -17,6 +18,7 @@ from moeq.errors import ConfigError
 
 PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null")}
 PORTABLE_NAME = re.compile(r"[A-Za-z0-9._+\-/]+")  # '/' only where a relative path may have folders
+MAX_TEXT_BYTES = 256 << 20  # a calibration, selection or evaluation text (moeq compares them line by line)
 MAX_NAME = 200  # characters in one file name: the filesystem's limit is 255 bytes, with room for suffixes
 COLLECTION_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
 
@@ -118,6 +120,23 @@ class Node:
         if must_exist and not resolved.exists():
             raise self.fail(f"{resolved} does not exist; fix the path (relative paths start at {base})")
         return resolved
+
+
+    def text_value(self, base: Path) -> Path:
+        """A text file (calibration, selection, evaluation): a regular file of at most MAX_TEXT_BYTES, checked before
+        anything reads it (a FIFO or a device would be read forever, a folder is no text)."""
+        path = self.path_value(base, must_exist=True)
+        try:
+            info = path.stat()
+        except OSError as exc:
+            raise self.fail(f"{path}: cannot be read ({exc.strerror}); fix the path") from None
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe or a device)"
+            raise self.fail(f"{path} is {kind}; give a text file")
+        if info.st_size > MAX_TEXT_BYTES:
+            raise self.fail(f"{path}: {info.st_size:,} bytes, more than a text moeq reads ({MAX_TEXT_BYTES:,}); give a "
+                            "shorter text")
+        return path
 
 
 def kind_of(node: yaml.Node) -> str:

@@ -306,15 +306,24 @@ def _commit_with_retries(api: HfApi, card: CardRecord, plan: PushPlan, create_pr
                     raise HubError(f"{card.repo_id}: main moved on since this push was planned against "
                                    f"{(plan.head or '')[:12]} (another push landed); nothing was committed, run the "
                                    "push again to plan it against the new head") from None
-                if status not in RETRY_STATUSES or attempt == COMMIT_ATTEMPTS:
+                wait = commit_retry_wait(exc, attempt)
+                if wait is None:
                     raise
-                wait = min(_retry_after(exc) or 2 ** (attempt - 1), max_wait_s())
                 on_message(f"{card.repo_id}: the Hub answered {status} to the commit; planning again in {wait} s")
         time.sleep(wait)
         with hub_errors("planning the push again", card.repo_id):
             fresh = replan()
         plan.files, plan.head = fresh.files, fresh.head
     return None
+
+
+def commit_retry_wait(exc: HfHubHTTPError, attempt: int) -> int | None:
+    """The seconds to wait before planning commit attempt `attempt` + 1 after the Hub answered `exc` (a 429 or 5xx,
+    attempts left); None: not retried."""
+    status = exc.response.status_code if exc.response is not None else None
+    if status not in RETRY_STATUSES or attempt == COMMIT_ATTEMPTS:
+        return None
+    return min(_retry_after(exc) or 2 ** (attempt - 1), max_wait_s())
 
 
 def _retry_after(exc: HfHubHTTPError) -> int | None:

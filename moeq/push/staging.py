@@ -18,12 +18,13 @@ import hashlib
 import json
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from huggingface_hub import CommitOperationAdd, HfApi
-from huggingface_hub.errors import RepositoryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash
 
@@ -31,6 +32,7 @@ from moeq import __version__
 from moeq.errors import HubError, InputError
 from moeq.hub.client import hub_errors, interrupt_ends_upload, remote_text
 from moeq.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_text, parse_manifest, read_manifest
+from moeq.push.stage import COMMIT_ATTEMPTS, commit_retry_wait
 from moeq.records import CardRecord, PushedFile, PushRecord
 from moeq.workspace import write_bytes_atomic
 
@@ -174,7 +176,9 @@ def mismatches(there: dict[str, RepoFile], files: list[tuple[str, int, str]]) ->
         entry = there.get(path)
         if entry is None:
             wrong.append(f"{path} (missing)")
-        elif entry.lfs is not None and (entry.lfs.sha256 != sha256 or entry.size != size):
+        elif entry.lfs is not None and entry.size != size:
+            wrong.append(f"{path} ({entry.size:,} bytes, the records say {size:,})")
+        elif entry.lfs is not None and entry.lfs.sha256 != sha256:
             wrong.append(f"{path} (sha256 {entry.lfs.sha256[:12]}, the records say {sha256[:12]})")
     return wrong
 
@@ -182,7 +186,9 @@ def mismatches(there: dict[str, RepoFile], files: list[tuple[str, int, str]]) ->
 def stage_quant(api: HfApi, card: CardRecord, quant: str, branch: str, inputs: dict, private: bool,
                 on_message: Callable[[str], None] = lambda _msg: None) -> PushRecord:
     """Commit `quant`'s files and its staged document to `branch` (made from main when absent); main is untouched.
-    Files the branch already holds as they are here are not sent again; nothing changed means no commit."""
+    Files the branch already holds as they are here are not sent again; nothing changed means no commit. A 429 or
+    5xx on the commit is retried after comparing with the branch again, as `moeq push` does, so a commit that did
+    land is never made twice."""
     folder = Path(card.folder)
     ladder = read_manifest(folder / MANIFEST_NAME)
     staged = StagedQuant(quant, inputs_sha256(inputs), ladder.model_copy(update={"quants": [ladder.entry(quant)]}))
@@ -193,9 +199,40 @@ def stage_quant(api: HfApi, card: CardRecord, quant: str, branch: str, inputs: d
             api.create_repo(card.repo_id, private=private, exist_ok=True)
     with hub_errors(f"creating the branch {branch}", card.repo_id):
         api.create_branch(card.repo_id, branch=branch, exist_ok=True)
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        pushed, operations = _staging_plan(api, card, staged, doc, branch)
+        if not operations:
+            on_message(f"{card.repo_id}@{branch}: {quant} already staged as built here, nothing to commit")
+            commit = None
+            break
+        with hub_errors(f"uploading to the branch {branch}", card.repo_id), interrupt_ends_upload(card.repo_id):
+            api.preupload_lfs_files(card.repo_id, operations, revision=branch)
+        with hub_errors(f"committing to the branch {branch}", card.repo_id):
+            try:
+                commit = api.create_commit(card.repo_id, operations, revision=branch,
+                                           commit_message=f"Stage {quant} for the release (moeq {__version__})")
+                break
+            except HfHubHTTPError as exc:
+                wait = commit_retry_wait(exc, attempt)
+                if wait is None:
+                    raise
+                on_message(f"{card.repo_id}@{branch}: the Hub answered {exc.response.status_code} to the commit; "
+                           f"comparing with the branch again in {wait} s")
+        time.sleep(wait)
+    return PushRecord(quant=None, quants=[quant], repo_id=card.repo_id, create_pr=False, repo_existed=existed,
+                      commit=commit.oid if commit else None, commit_url=commit.commit_url if commit else None,
+                      pr_url=None, files=pushed, branch=branch,
+                      uploaded_bytes=sum(f.size for f in pushed if f.action != "unchanged"),
+                      readme_sha256=card.readme.sha256)
+
+
+def _staging_plan(api: HfApi, card: CardRecord, staged: StagedQuant, doc: bytes, branch: str
+                  ) -> tuple[list[PushedFile], list[CommitOperationAdd]]:
+    """What the branch lacks of the quant's files and staged document, compared with it now."""
+    folder = Path(card.folder)
     files = staged.repo_files()
     with hub_errors(f"comparing with the branch {branch}", card.repo_id):
-        paths = [p for p, _, _ in files] + [staged_doc_path(quant)]
+        paths = [p for p, _, _ in files] + [staged_doc_path(staged.quant)]
         there = {f.path: f for f in api.get_paths_info(card.repo_id, paths, revision=branch) if isinstance(f, RepoFile)}
     pushed, operations = [], []
     for path, size, sha in files:
@@ -211,23 +248,10 @@ def stage_quant(api: HfApi, card: CardRecord, quant: str, branch: str, inputs: d
             op = CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local))
             op.upload_info.sha256 = bytes.fromhex(sha)  # from the records: no second read of the GGUF
             operations.append(op)
-    doc_entry = there.get(staged_doc_path(quant))
+    doc_entry = there.get(staged_doc_path(staged.quant))
     if operations or doc_entry is None or doc_entry.blob_id != git_hash(doc):
-        operations.append(CommitOperationAdd(path_in_repo=staged_doc_path(quant), path_or_fileobj=doc))
-    commit = None
-    if operations:
-        with hub_errors(f"uploading to the branch {branch}", card.repo_id), interrupt_ends_upload(card.repo_id):
-            api.preupload_lfs_files(card.repo_id, operations, revision=branch)
-        with hub_errors(f"committing to the branch {branch}", card.repo_id):
-            commit = api.create_commit(card.repo_id, operations, revision=branch,
-                                       commit_message=f"Stage {quant} for the release (moeq {__version__})")
-    else:
-        on_message(f"{card.repo_id}@{branch}: {quant} already staged as built here, nothing to commit")
-    return PushRecord(quant=None, quants=[quant], repo_id=card.repo_id, create_pr=False, repo_existed=existed,
-                      commit=commit.oid if commit else None, commit_url=commit.commit_url if commit else None,
-                      pr_url=None, files=pushed, branch=branch,
-                      uploaded_bytes=sum(f.size for f in pushed if f.action != "unchanged"),
-                      readme_sha256=card.readme.sha256)
+        operations.append(CommitOperationAdd(path_in_repo=staged_doc_path(staged.quant), path_or_fileobj=doc))
+    return pushed, operations
 
 
 def take_from_branch(api: HfApi, card: CardRecord, limit: int = REGULAR_MAX) -> list[str]:

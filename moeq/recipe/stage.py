@@ -34,17 +34,19 @@ from typing import Callable
 from gguf import Keys
 
 from moeq.config import Pipeline, QuantSpec
+from moeq.config.yaml_nodes import MAX_TEXT_BYTES
 from moeq.errors import InputError, ToolError
 from moeq.gguf_header import read_header
 from moeq.imatrix_file import default_calibration
 from moeq.memory_plan import DEFAULT_COMPUTE_ALLOWANCE, kv_bytes, on_gpu
-from moeq.kld import base_logits, eval_text, measure
+from moeq.kld import base_logits, eval_text, figure_lines, measure, parse_perplexity
 from moeq.quant_types import lookup
 from moeq.records import (FileRef, ImatrixRef, PerplexityFigures, PerplexityOptions, QuantizeRecord, FetchRecord,
                           RecipeEval, RecipeGroup, RecipeRecord, ToolBuildRef)
 from moeq.recipe.assemble import assemble
 from moeq.recipe.search import TYPE_LADDER, Group, Option, groups_of, predicted, recipe_lines, solve, stepped
 from moeq.runner import run_tool
+from moeq.seal import seal_json, unseal_json
 from moeq.units import binary_size
 from moeq.stage_runner import Stage
 from moeq.toolchain import Toolchain
@@ -52,7 +54,6 @@ from moeq.workspace import (Workspace, commit_file, partial_path, read_text_limi
                             write_text_atomic)
 
 UNQUANTIZED = {"F32", "F16", "BF16"}
-MAX_TEXT_BYTES = 256 << 20  # a selection, evaluation or calibration text compared line by line
 _RUNGS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")  # the rungs whose --pure base type is on the ladder
 
 
@@ -370,6 +371,22 @@ class _Search:
     def runs_left(self) -> int:
         return self.settings.max_evals - len(self.evals)
 
+    def _saved(self, saved: Path, digest: str) -> PerplexityFigures | None:
+        """A measurement this machine's moeq saved for `digest`: sealed by it, for this recipe, and re-parsed from the
+        tool's own output lines. Anything else (edited, cut short, another recipe's) is None: measured again."""
+        payload = unseal_json(saved)
+        if not isinstance(payload, dict) or payload.get("digest") != digest:
+            return None
+        output, command = payload.get("output"), payload.get("command")
+        if not (isinstance(output, list) and all(isinstance(line, str) for line in output)
+                and isinstance(command, list) and all(isinstance(arg, str) for arg in command)):
+            return None
+        try:
+            figures = PerplexityFigures(command=command, **parse_perplexity("\n".join(output)))
+        except ValueError:
+            return None
+        return figures if figures.kld_mean is not None else None
+
     def evaluate(self, label: str, changes: dict[str, str]) -> RecipeEval:
         types = {**self.stock_types, **changes}
         tensor_bytes = self.fixed + sum(self.sizes[t][name] for name, t in types.items())
@@ -377,9 +394,8 @@ class _Search:
                                             {t: self.ws.hashes.sha256(p) for t, p in self.pure.items()}]
                                            ).encode()).hexdigest()[:20]
         saved = self.folder / "evals" / f"{digest}.json"
-        if saved.is_file():
-            figures = PerplexityFigures(**json.loads(saved.read_text()))
-        else:
+        figures = self._saved(saved, digest)
+        if figures is None:
             left = ""
             if self.seconds:  # the time a run takes on this machine, measured, not assumed
                 per_run = sum(self.seconds) / len(self.seconds)
@@ -398,7 +414,9 @@ class _Search:
             if figures.kld_mean is None:
                 raise ToolError(f"llama-perplexity gave no mean KL divergence for recipe {label}; see "
                                 f"{self.folder / 'perplexity.log'}")
-            write_json_atomic(saved, figures.model_dump(mode="json"))
+            log = (self.folder / "perplexity.log").read_text(encoding="utf-8", errors="replace")
+            write_text_atomic(saved, seal_json({"digest": digest, "command": figures.command,
+                                                "output": figure_lines(log)}))
             self.runs += 1
             self.seconds.append(time.monotonic() - started)
         measured = RecipeEval(label=label, changes={n: t for n, t in changes.items() if t != self.stock_types[n]},
