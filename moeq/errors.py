@@ -32,6 +32,12 @@ class ConfigError(MoeqError):
     exit_code = 2
 
 
+class UsageError(MoeqError):
+    """A command line moeq cannot run: an option's value it refuses (`--stage-to` naming no branch it can use)."""
+
+    exit_code = 2
+
+
 class InputError(MoeqError):
     """A file given to moeq (model, record, card) is missing or not what it should be."""
 

@@ -52,21 +52,25 @@ def compare(a: PerplexityFigures, b: PerplexityFigures) -> str | None:
 
 
 def base_logits(ws: Workspace, chain: Toolchain, source: FileRef, options: PerplexityOptions, text: Path,
-                tool_commit: str, *, threads: int | None, timeout_s: float,
+                tool_commit: str, *, threads: int | None, timeout_s: float, purpose: str = "evaluation",
                 on_message: Callable[[str], None] = lambda _msg: None) -> tuple[Path, PerplexityFigures]:
     """The F16 source's logits on the text (saved once per source, text, options and tool build, under
-    WORKSPACE/bench/base), and its own figures."""
+    WORKSPACE/bench/base), and its own figures. One set is kept per `purpose` ("evaluation": the bench's and the
+    choice's text, "selection": the recipe search's): making a new one deletes the one of older settings, about
+    1 GB at the release's."""
     key = hashlib.sha256(json.dumps([source.sha256, options.model_dump(mode="json"),
                                      tool_commit]).encode()).hexdigest()[:16]
     folder = ws.bench_dir("base")
-    base_kld, base_json = folder / f"{key}.kld", folder / f"{key}.json"
+    stem = f"{purpose}-{key}"
+    base_kld, base_json = folder / f"{stem}.kld", folder / f"{stem}.json"
     with ws.lock(f"kld-base-{key}", on_wait=on_message):
         if not (base_kld.is_file() and base_json.is_file()):
+            _forget_older_bases(ws, folder, purpose, key, on_message)
             on_message(f"{Path(source.path).name}: llama-perplexity on the F16 source (saved for KLD)")
             folder.mkdir(parents=True, exist_ok=True)
             partial = partial_path(base_kld)  # one left by a killed run is started over (we hold the lock)
             try:
-                base = run_perplexity(chain.path("llama-perplexity"), Path(source.path), text, folder / f"{key}.log",
+                base = run_perplexity(chain.path("llama-perplexity"), Path(source.path), text, folder / f"{stem}.log",
                                       ctx=options.ctx, chunks=options.chunks, kld_base=partial, save_base=True,
                                       threads=threads, timeout_s=timeout_s)
                 commit_file(partial, base_kld)
@@ -74,6 +78,20 @@ def base_logits(ws: Workspace, chain: Toolchain, source: FileRef, options: Perpl
                 partial.unlink(missing_ok=True)
             write_json_atomic(base_json, base, indent=1)
         return base_kld, PerplexityFigures(**json.loads(base_json.read_text()))
+
+
+def _forget_older_bases(ws: Workspace, folder: Path, purpose: str, key: str,
+                        on_message: Callable[[str], None]) -> None:
+    """Delete the saved F16 logits of `purpose` made with other settings (and those of a moeq that named them by key
+    alone), each under its own lock, so none is deleted while it is being made."""
+    for old in sorted(folder.glob("*.kld")):
+        other = old.stem.removeprefix(f"{purpose}-")
+        legacy = re.fullmatch(r"[0-9a-f]{16}", old.stem) is not None
+        if other == key or not (legacy or (old.stem.startswith(f"{purpose}-") and re.fullmatch(r"[0-9a-f]{16}", other))):
+            continue
+        with ws.lock(f"kld-base-{other}", on_wait=on_message):
+            for path in (old, old.with_suffix(".json"), old.with_suffix(".log")):
+                path.unlink(missing_ok=True)
 
 
 def measure(chain: Toolchain, model: Path, text: Path, base_kld: Path, options: PerplexityOptions, log: Path, *,

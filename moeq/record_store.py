@@ -119,7 +119,14 @@ class Records:
         self.reasons: dict[tuple[str, str | None], str] = {}
 
     def get(self, cls: type[R], quant: str | None = None) -> R | None:
+        """The record, or None when there is none; a record that is there but cannot be read (a NaN, a field of
+        another shape, another moeq's) is an InputError that says which command makes it again."""
         saved = self.saved(cls.stage_name(), quant)
+        if saved is None and (cls.stage_name(), quant) in self.reasons:
+            stage = cls.stage_name()
+            option = f" --quant {quant}" if quant else ""
+            raise InputError(f"{self.ws.record_path(stage, quant)}: {self.reasons[(stage, quant)]}; run moeq {stage} "
+                             f"--config {self.config_path}{option} --force")
         return saved.record if saved else None
 
     def require(self, cls: type[R], quant: str | None = None) -> R:

@@ -206,7 +206,8 @@ def _candidates(ctx: Context, quant: QuantSpec, *, only: int | None = None, forc
         spec, file = _candidate_spec(ctx, quant, name)
         stage = quantize_stage(spec, ctx.ws, ctx.chain, path, source_record, threads=threads, on_tensor=on_tensor,
                                on_message=ctx.say, output=ctx.ws.choice_dir(quant.type) / FOLDERS[name] / file,
-                               record_as=f"{quant.type}-{FOLDERS[name]}")
+                               record_as=f"{quant.type}-{FOLDERS[name]}",
+                               silence_s=ctx.pipeline.toolchain.quantize_silence_s)
         record = run_stage(stage, ctx.records, force=force, on_message=ctx.say).record
         if name == SEARCHED:
             _require_rebuilt(ctx, quant, record)
@@ -266,7 +267,7 @@ def quantize(ctx: Context, quant: QuantSpec, force: bool = False, threads: int |
     path, source_record = _source_for_quantize(ctx)
     stage = quantize_stage(spec, ctx.ws, ctx.chain, path, source_record, threads=threads,
                            allow_requantize=allow_requantize, on_tensor=on_tensor, on_message=ctx.say, adopt=adopt,
-                           output=ctx.ws.quant_path(file))
+                           output=ctx.ws.quant_path(file), silence_s=ctx.pipeline.toolchain.quantize_silence_s)
     done = run_stage(stage, ctx.records, force=force, on_message=ctx.say)
     if chosen is not None:  # measured and chosen: a Q4_K_M candidate of Phi-3.5-MoE is 25 GB
         for candidate in chosen.record.candidates:

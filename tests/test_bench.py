@@ -382,3 +382,29 @@ def test_quality_can_be_left_out(tmp_path, toolchain):
     assert record.quality is None and record.errors == [] and record.options.quality is False
     assert not (ws.root / "bench" / "Q8_0" / "perplexity.log").exists()
     assert "quality (bench)" in card_for(pipeline, "Q8_0").record.not_measured
+
+
+def test_the_f16_logits_of_older_settings_are_deleted(tmp_path, toolchain, tiny_model):
+    """Only one set of saved F16 logits per purpose: a change of the perplexity settings replaces it, and the
+    selection text's logits (a recipe search's) are left alone."""
+    from moeq.kld import base_logits
+    from moeq.records import FileRef, PerplexityOptions
+    from moeq.workspace import Workspace
+
+    ws = Workspace(tmp_path / "work")
+    text = default_eval_text()
+    source = FileRef(path=str(tiny_model), size=tiny_model.stat().st_size, sha256="0" * 64)
+
+    def made(ctx: int, purpose: str) -> Path:
+        options = PerplexityOptions(text=text.name, text_sha256="1" * 64, ctx=ctx, chunks=2)
+        kld, _figures = base_logits(ws, toolchain, source, options, text, "0c1e570", threads=None, timeout_s=300,
+                                    purpose=purpose)
+        return kld
+
+    first, selection = made(128, "evaluation"), made(128, "selection")
+    legacy = first.with_name("0123456789abcdef.kld")  # named by an older moeq
+    legacy.write_bytes(b"old")
+    second = made(256, "evaluation")
+    assert second != first and second.is_file() and selection.is_file()
+    assert not first.exists() and not first.with_suffix(".json").exists() and not legacy.exists()
+    assert sorted(p.name for p in first.parent.glob("*.kld")) == sorted([second.name, selection.name])

@@ -298,3 +298,17 @@ def test_a_runaway_template_is_stopped_with_its_line(tmp_path, monkeypatch, body
     assert info.value.message.startswith(f"{template}:3: the template ran past its budget ({what}")
     model = {"architecture": "phimoe", "expert_tensors": ["ffn_up_exps"], "shared_experts": []}
     assert render.render_card({"model": model}, REPO / "templates" / "partials" / "cpu-moe.md.j2")  # budget restored
+
+
+@pytest.mark.parametrize("name", ["blk.0.evil|name.weight", "a`|`b", "x<script>alert(1)</script>|y", "`|||`"])
+def test_a_hostile_tensor_name_stays_in_its_table_cell(name):
+    """A tensor name from a source GGUF reaches the card's recipe and validation tables: it stays one cell, as text."""
+    from markdown_it import MarkdownIt
+    from moeq.cards.render import cell_code
+
+    table = f"| Tensor | Type |\n| --- | --- |\n| {cell_code(name)} | Q4_K |\n"
+    html = MarkdownIt("commonmark").enable("table").render(table)
+    body = html.split("<tbody>")[1]
+    assert body.count("<td>") == 2 and "<script>" not in html, html
+    assert "<td><code>" + name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;") \
+        + "</code></td>" in body.replace("<code> ", "<code>").replace(" </code>", "</code>"), html

@@ -10,6 +10,8 @@ import pytest
 from moeq.config import load_pipeline, parse_size
 from moeq.errors import ConfigError
 
+from conftest import pipeline_file, run_moeq
+
 REPO = Path(__file__).resolve().parent.parent
 
 GOOD = """\
@@ -184,3 +186,12 @@ def test_missing_and_empty_files(tmp_path):
 ])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
+
+
+def test_the_quantize_silence_limit_is_a_setting_with_a_range(tmp_path):
+    config = pipeline_file(tmp_path, trained=False, toolchain={"quantize_silence_s": 3600})
+    assert load_pipeline(config).toolchain.quantize_silence_s == 3600
+    for bad in (5, 10**6, "soon"):
+        config = pipeline_file(tmp_path, trained=False, toolchain={"quantize_silence_s": bad})
+        proc = run_moeq("check-config", "--config", str(config))
+        assert proc.returncode == 2 and "toolchain.quantize_silence_s" in proc.stderr, proc.stderr

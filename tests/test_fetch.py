@@ -212,7 +212,8 @@ def test_sigterm_keeps_the_download_and_says_so(tmp_path, test_hub, tiny_model):
     assert proc.returncode == 143, out + err
     assert err.splitlines()[-1] == (
         "error: interrupted by SIGTERM; stopped the running tool and removed its partial output (a download keeps "
-        "its .partial file); run the command again: a download resumes, any other step starts over")
+        "its .partial file); run the command again: a download resumes, a recipe search keeps every measurement it "
+        "made, any other step starts over")
     assert partial.read_bytes() == data[:3_000_000]
     assert fetch(test_hub, config).returncode == 0
     assert [r.range for r in test_hub.requests if r.path.startswith("/lfs-objects/")][-1] == "bytes=3000000-"

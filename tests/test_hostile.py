@@ -420,6 +420,15 @@ def test_a_record_or_manifest_with_nan_is_refused(tmp_path, toolchain):
     record.write_text(re.sub(r'"quant_bpw": [0-9.]+', '"quant_bpw": NaN', record.read_text(), count=1))
     proc = run_moeq("card", "--config", str(config), "--force")
     assert_clean_failure(proc, 3, tmp_path, f"{record}: not a quantize record", "finite number")
+    # Hostile round 3: a record the card reads if it is there (validate, bench) with a NaN was dropped as "not
+    # measured", exit 0: it is an error that says which command makes it again.
+    (tmp_path / "work" / "records" / "quantize-Q8_0.json").write_text(
+        re.sub(r'"quant_bpw": NaN', '"quant_bpw": 8.5', record.read_text(), count=1))
+    validated = tmp_path / "work" / "records" / "validate-Q8_0.json"
+    validated.write_text(re.sub(r'"rel_rmse": [0-9.e-]+', '"rel_rmse": Infinity', validated.read_text(), count=1))
+    proc = run_moeq("card", "--config", str(config), "--force")
+    line = assert_clean_failure(proc, 3, tmp_path, f"{validated}: not a validate record", "finite number")
+    assert line.endswith(f"run moeq validate --config {config} --quant Q8_0 --force"), line
     deep = tmp_path / "deep"
     deep.mkdir()
     (deep / "moeq-manifest.json").write_text("[" * 200_000 + "]" * 200_000)
@@ -460,7 +469,7 @@ def test_usage_errors_and_early_errors_are_one_line(tmp_path):
 
 
 def test_a_tool_that_goes_silent_is_stopped(tmp_path):
-    """What bounds llama-quantize (quantize/stage.py, QUANTIZE_IDLE_S): a tool that prints nothing for idle_s."""
+    """What bounds llama-quantize (toolchain.quantize_silence_s): a tool that prints nothing for idle_s."""
     from moeq.errors import ToolError
     from moeq.runner import run_tool
 

@@ -376,3 +376,21 @@ def test_a_staged_file_of_another_size_is_named_by_its_size():
     assert mismatches(there, [("a.gguf", 11, sha), ("b.gguf", 10, sha), ("c.gguf", 1, sha)]) == [
         "a.gguf (10 bytes, the records say 11)", f"b.gguf (sha256 {'cd' * 6}, the records say {'ab' * 6})",
         "c.gguf (missing)"]
+
+
+def test_a_repo_an_older_moeq_published_keeps_its_files_and_says_so(tmp_path, test_hub, toolchain):
+    """A repo whose manifest is of an older version (2): the files it names are not known to be moeq's, so they are
+    kept, and the plan and the push say why and what deletes them."""
+    config, _pipeline, _ws = staged_pipeline(tmp_path)
+    old = {"manifest_version": 2, "layout": "single",
+           "quants": [{"quant": "Q2_K", "files": [{"name": "tiny-phimoe-Q2_K.gguf"}]}]}
+    test_hub.state.add_files(REPO_ID, {"moeq-manifest.json": json.dumps(old).encode(),
+                                       "tiny-phimoe-Q2_K.gguf": b"GGUF an older moeq published"})
+    note = (f"{REPO_ID}: its moeq-manifest.json on the Hub is of manifest version 2, an older moeq's (this one reads "
+            "4), so this moeq cannot tell which files it published: 1 file the new card does not list is kept "
+            "(tiny-phimoe-Q2_K.gguf); push --prune deletes them")
+    proc = push(test_hub, config, "--dry-run")
+    assert proc.returncode == 0 and f"note: {note}" in " ".join(proc.stdout.split()), proc.stdout
+    proc = push(test_hub, config)
+    assert proc.returncode == 0 and note in proc.stderr, proc.stderr
+    assert test_hub.state.files(REPO_ID)["tiny-phimoe-Q2_K.gguf"] == b"GGUF an older moeq published"

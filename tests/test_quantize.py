@@ -210,7 +210,7 @@ def test_sigterm_stops_cleanly(tmp_path, toolchain):
     assert proc.returncode == 143, err
     assert err.rstrip().endswith("interrupted by SIGTERM; stopped the running tool and removed its partial output "
                                  "(a download keeps its .partial file); run the command again: a download resumes, "
-                                 "any other step starts over")
+                                 "a recipe search keeps every measurement it made, any other step starts over")
     assert not final.exists() and not final.with_name(final.name + ".partial").exists()
 
 

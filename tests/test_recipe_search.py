@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -331,3 +332,31 @@ def test_a_selection_text_too_short_for_two_chunks_is_refused(tmp_path, toolchai
     assert proc.returncode == 3
     assert error_line(proc) == (f"error: {short}: too short for two chunks of 128 tokens (recipe.selection); use a "
                                 "longer text or a smaller recipe.ctx")
+
+
+def test_a_full_disk_while_the_per_type_files_are_written_leaves_whole_files_and_the_search_goes_on(tmp_path,
+                                                                                                    toolchain):
+    """Writes past a size limit fail while the --pure files are made: one error line, no partial file, no file
+    under a final name that is not whole; the next run keeps the files made and makes the rest."""
+    quants = [{"type": "Q2_K", "imatrix": "auto", "recipe": "search", "budget": "stock"}]
+    config = pipeline_file(tmp_path, trained=False, quants=quants, recipe=SMALL)
+    assert run_moeq("fetch", "--config", str(config)).returncode == 0
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))  # the Q6_K and Q8_0 --pure files are larger
+
+    proc = subprocess.run([sys.executable, "-m", "moeq", "recipe", "--config", str(config)], cwd=tmp_path,
+                          capture_output=True, text=True, preexec_fn=limited, timeout=600)
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: llama-quantize killed by signal") and "Q6_K.log" in line, line
+    pure = next((tmp_path / "work" / "recipe" / "pure").iterdir())
+    assert not list((tmp_path / "work").rglob("*.partial"))
+    made = json.loads((pure / "made.json").read_text())
+    assert sorted(made) == sorted(p.stem for p in pure.glob("*.gguf")) == ["Q2_K", "Q3_K", "Q4_K", "Q5_K"]
+    kept = {p.name: p.stat().st_mtime_ns for p in pure.glob("*.gguf")}
+    again = run_moeq("recipe", "--config", str(config), "--json")
+    assert again.returncode == 0, again.stderr
+    assert all(pure.joinpath(name).stat().st_mtime_ns == when for name, when in kept.items())  # not made again
+    assert {"Q6_K.gguf", "Q8_0.gguf"} <= {p.name for p in pure.glob("*.gguf")}

@@ -61,6 +61,12 @@ def code(value: object) -> Markup:
     return Markup(f"{fence}{pad}{text}{pad}{fence}")
 
 
+def cell_code(value: object) -> Markup:
+    """A value as an inline code span in a table cell: GFM ends a cell at any unescaped `|`, code spans included
+    (a tensor named `a|b` would add a column), so each is escaped there."""
+    return Markup(str(code(value)).replace("|", "\\|"))
+
+
 def verbatim(value: object) -> Markup:
     """A value inside a fenced block the template opened: on one line, so it can never start the closing fence."""
     return Markup(" ".join(str(value).splitlines()))
@@ -114,7 +120,7 @@ def _environment(template: Path) -> jinja2.Environment:
         undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
         trim_blocks=True, lstrip_blocks=True, finalize=markdown_text,
     )
-    env.filters.update(card_yaml=card_yaml, code=code, verbatim=verbatim, fenced=fenced)
+    env.filters.update(card_yaml=card_yaml, code=code, cell_code=cell_code, verbatim=verbatim, fenced=fenced)
     return env
 
 

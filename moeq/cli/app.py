@@ -29,7 +29,8 @@ from moeq.errors import Interrupted, MoeqError, from_os_error
 state = {"debug": os.environ.get("MOEQ_DEBUG") == "1", "json": False, "printed_json": False}
 
 INTERRUPTED = ("interrupted by {signal}; stopped the running tool and removed its partial output (a download keeps "
-               "its .partial file); run the command again: a download resumes, any other step starts over")
+               "its .partial file); run the command again: a download resumes, a recipe search keeps every measurement it "
+               "made, any other step starts over")
 
 
 class MoeqGroup(TyperGroup):

@@ -37,6 +37,7 @@ def push(
     The token comes from HF_TOKEN or `hf auth login`; it is never printed or stored.
     """
     from moeq import steps
+    from moeq.push.stage import plan_notes
 
     ctx = open_context(config)
     quiet_progress_off_terminal()
@@ -50,7 +51,8 @@ def push(
                                                                         switch_layout=switch_layout, prune=prune)
             files = [f.model_dump() for f in plan.pushed_files()]
             row = {"quant": label, "repo_id": plan.repo_id, "dry_run": True, "repo_exists": plan.repo_exists,
-                   "files": files, "upload_bytes": plan.upload_bytes if plan.changes else 0, "record": None}
+                   "files": files, "upload_bytes": plan.upload_bytes if plan.changes else 0, "record": None,
+                   "notes": plan_notes(plan)}
         else:
             record = steps.push(ctx, unit, create_pr=create_pr, replace_card=replace_card, switch_layout=switch_layout,
                                 prune=prune).record
@@ -80,6 +82,8 @@ def _print_push(row: dict) -> None:
         shown = decimal_size(f["size"]) if f["action"] not in ("delete", "kept") else ""
         table.add_row(f["path"], f["action"], shown)
     console.print(table)
+    for note in row.get("notes", []):
+        console.print(f"note: {note}", soft_wrap=True)
     record = row["record"]
     if row["dry_run"]:
         console.print(f"{len(changes)} change(s), {decimal_size(row['upload_bytes'])} to upload; nothing was sent")

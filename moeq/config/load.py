@@ -481,7 +481,8 @@ def _toolchain(n: Node, base: Path) -> ToolchainSpec:
     if "backend" in m and m["backend"].str() not in BACKENDS:
         raise m["backend"].fail(f"{m['backend'].str()!r}: use one of {', '.join(BACKENDS)} "
                                 "(the llama.cpp build the tools must be)")
-    return ToolchainSpec(**_given(m, {"llama_cpp_bin": lambda node: node.path_value(base), "backend": Node.str}))
+    return ToolchainSpec(**_given(m, {"llama_cpp_bin": lambda node: node.path_value(base), "backend": Node.str,
+                                      "quantize_silence_s": lambda node: node.int(minimum=60, maximum=86_400)}))
 
 
 def load_pipeline(path: Path) -> Pipeline:

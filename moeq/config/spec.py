@@ -202,6 +202,9 @@ class ImatrixSpec:
 class ToolchainSpec:
     llama_cpp_bin: Path | None = None
     backend: str | None = None  # cpu, cuda, ...: every tool must be of that build (None: any)
+    # llama-quantize prints a line per tensor; one of Phi-3.5-MoE's expert tensors (840 MB in F16) takes a minute or two
+    # on two cores. This long a silence is a tool that spins (a stuck disk): it is stopped.
+    quantize_silence_s: int = 600
 
     def chain(self, fresh: bool = False) -> Toolchain:
         """The llama.cpp tools this pipeline runs."""

@@ -39,6 +39,8 @@ class Node:
     def child_path(self, key: str | int) -> str:
         if isinstance(key, int):
             return f"{self.path}[{key}]"
+        if len(key) > 80:  # a key is echoed in every error under it: a long one is named by its start and length
+            key = f"{key[:40]}...({len(key):,} characters)"
         return f"{self.path}.{key}" if self.path else key
 
     def mapping(self, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict[str, Node]:

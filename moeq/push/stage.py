@@ -39,8 +39,8 @@ from moeq import __version__
 from moeq.config import Pipeline
 from moeq.errors import HubError, InputError, MoeqError
 from moeq.hub.client import hub_errors, interrupt_ends_upload, max_wait_s, remote_text, require_token
-from moeq.manifest import (MANIFEST_NAME, MARKER, MAX_CARD_BYTES, MAX_MANIFEST_BYTES, README_NAME, parse_manifest,
-                           read_manifest)
+from moeq.manifest import (MANIFEST_NAME, MANIFEST_VERSION, MARKER, MAX_CARD_BYTES, MAX_MANIFEST_BYTES, README_NAME,
+                           parse_manifest, read_manifest)
 from moeq.record_store import Records
 from moeq.records import CardRecord, PushedFile, PushRecord
 from moeq.stage_runner import Stage
@@ -67,6 +67,7 @@ class PushPlan:
     files: list[PlannedFile] = field(default_factory=list)
     foreign_readme: bool = False
     remote_layout: str | None = None  # as the manifest on the Hub says (a version 2 manifest: per-quant)
+    older_manifest: str | None = None  # why the manifest on the Hub cannot be read (an older moeq's): its files are kept
     head: str | None = None  # the commit of main the plan was made against: the commit's parent
 
     @property
@@ -134,7 +135,8 @@ def plan_push(api: HfApi, card: CardRecord, ladder: list[str] | None = None, pru
                 same = there.blob_id == git_hash(Path(planned.local).read_bytes())
             planned.action = "unchanged" if same else "update"
         plan.files.append(planned)
-    published, plan.remote_layout = _published(api, card.repo_id, plan.head, remote.get(MANIFEST_NAME))
+    published, plan.remote_layout, plan.older_manifest = _published(api, card.repo_id, plan.head,
+                                                                      remote.get(MANIFEST_NAME))
     for path in sorted(remote_paths - set(local) - set(HUB_OWN)):
         if path not in published:
             plan.files.append(PlannedFile(path, "delete" if prune else "kept", 0))
@@ -151,20 +153,32 @@ def plan_push(api: HfApi, card: CardRecord, ladder: list[str] | None = None, pru
 
 
 def _published(api: HfApi, repo_id: str, head: str,
-               manifest: RepoFile | None) -> tuple[dict[str, str | None], str | None]:
-    """What the manifest on the Hub says moeq published (each file with its quant; None: the repo's own file), and
-    the layout it names. No manifest, or one this moeq cannot read, means nothing on the Hub is known to be moeq's."""
+               manifest: RepoFile | None) -> tuple[dict[str, str | None], str | None, str | None]:
+    """What the manifest on the Hub says moeq published (each file with its quant; None: the repo's own file), the
+    layout it names, and why it cannot be read. No manifest, or one this moeq cannot read (an older moeq's), means
+    nothing on the Hub is known to be moeq's: the push keeps those files, and says why."""
     if manifest is None:
-        return {}, None
+        return {}, None, None
     text = remote_text(api, repo_id, MANIFEST_NAME, MAX_MANIFEST_BYTES, head, size=manifest.size)
     try:
         theirs = parse_manifest(text, f"{repo_id}/{MANIFEST_NAME}")
     except MoeqError:
-        return {}, _layout_of(text)
+        return {}, _layout_of(text), _manifest_version(text)
     owners: dict[str, str | None] = dict.fromkeys(theirs.repo_files)
     owners.update({f.name: q.quant for q in theirs.quants for f in q.files})
     owners[MANIFEST_NAME] = None
-    return owners, theirs.layout
+    return owners, theirs.layout, None
+
+
+def _manifest_version(manifest_text: str) -> str:
+    try:
+        data = json.loads(manifest_text)
+    except (ValueError, RecursionError):
+        data = None
+    version = data.get("manifest_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool):
+        return f"of manifest version {version}, an older moeq's (this one reads {MANIFEST_VERSION})"
+    return "not a records manifest this moeq can read"
 
 
 def _layout_of(manifest_text: str) -> str | None:
@@ -205,6 +219,17 @@ def planned(api: HfApi, pipeline: Pipeline, selected: list[str], records: Record
     if card.quant is None:
         _only_selected(plan, card, selected)
     return plan
+
+
+def plan_notes(plan: PushPlan) -> list[str]:
+    """What a push plan keeps that the user should know of."""
+    kept = [f.path for f in plan.files if f.action == "kept"]
+    if plan.older_manifest is None or not kept:
+        return []
+    return [f"{plan.repo_id}: its {MANIFEST_NAME} on the Hub is {plan.older_manifest}, so this moeq cannot tell which "
+            f"files it published: {len(kept)} file{'s' if len(kept) != 1 else ''} the new card does not list "
+            f"{'are' if len(kept) != 1 else 'is'} kept ({', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}); "
+            "push --prune deletes them"]
 
 
 def _check_layout_switch(pipeline: Pipeline, records: Records, switch_layout: bool) -> None:
@@ -251,6 +276,8 @@ def push_stage(pipeline: Pipeline, quant: str | None, selected: list[str], api: 
 
     def run() -> PushRecord:
         plan = planned(api, pipeline, selected, records, card, replace_card, switch_layout, prune)
+        for note in plan_notes(plan):
+            on_message(note)
         for f in plan.files:
             if f.action == "kept":
                 on_message(f"{card.repo_id}: kept {f.path}, which moeq did not publish (push --prune deletes it)")

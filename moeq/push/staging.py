@@ -29,7 +29,7 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash
 
 from moeq import __version__
-from moeq.errors import HubError, InputError
+from moeq.errors import HubError, InputError, UsageError
 from moeq.hub.client import hub_errors, interrupt_ends_upload, remote_text
 from moeq.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_text, parse_manifest, read_manifest
 from moeq.push.stage import COMMIT_ATTEMPTS, commit_retry_wait
@@ -45,7 +45,7 @@ BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 def check_branch(name: str) -> str:
     """A staging branch's name: letters, digits, `.`, `_` and `-`, at most 100, not main and not a git oddity."""
     if not BRANCH_NAME.fullmatch(name) or ".." in name or name.endswith((".lock", ".")) or name == "main":
-        raise InputError(f"staging branch {name[:120]!r}: use 1 to 100 letters, digits, '.', '_' or '-', starting "
+        raise UsageError(f"staging branch {name[:120]!r}: use 1 to 100 letters, digits, '.', '_' or '-', starting "
                          "with a letter or digit, not 'main' (e.g. release-v1.2.0)")
     return name
 

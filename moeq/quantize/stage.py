@@ -19,7 +19,7 @@ from typing import Callable
 from gguf import Keys
 
 from moeq import quant_types
-from moeq.config import QuantSpec
+from moeq.config import QuantSpec, ToolchainSpec
 from moeq.errors import InputError, ToolError
 from moeq.architectures import EXPERT_RE, SHARED_EXPERT_RE, require_moe
 from moeq.gguf_header import (REQUANTIZE_WARNING, UNQUANTIZED, GGUFHeader, check_extent, read_header,
@@ -34,21 +34,20 @@ from moeq.stage_runner import Stage
 from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace, commit_file, fsync_file, partial_path, require_free, sha256_file
 
-# llama-quantize prints a line per tensor; one of Phi-3.5-MoE's expert tensors (840 MB in F16) takes a minute or two on
-# two cores. Ten minutes of silence is a tool that spins (a pattern std::regex backtracks on, a stuck disk): stopped.
-QUANTIZE_IDLE_S = 600
 
 
 def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_path: Path,
                    source_record: Callable[[], FetchRecord], *, threads: int | None = None, allow_requantize: bool = False,
                    on_tensor: Callable[[TensorLine], None] | None = None,
                    on_message: Callable[[str], None] = lambda _msg: None, output: Path | None = None,
-                   record_as: str | None = None, adopt: QuantizeRecord | None = None) -> Stage[QuantizeRecord]:
+                   record_as: str | None = None, adopt: QuantizeRecord | None = None,
+                   silence_s: int = ToolchainSpec.quantize_silence_s) -> Stage[QuantizeRecord]:
     """Quantize the F16 at `source_path` into `quant`; `source_record()` gives the fetch stage's record of it, which
     may still be hashing the file (a first run on a local source): llama-quantize does not wait for it.
     `output` and `record_as` place a candidate of the choice stage, which is deleted once chosen or not: its
     record (and sha256) stays current without it. `adopt`: the chosen candidate, made with these very options
-    from this source, moved into place instead of quantizing again when its file is still whole."""
+    from this source, moved into place instead of quantizing again when its file is still whole. `silence_s`: how
+    long llama-quantize may print nothing before it is stopped (toolchain.quantize_silence_s)."""
     if quant_types.lookup(quant.type) is None:
         raise InputError(f"{quant.type}: unknown quant type; llama-quantize accepts "
                          f"{', '.join(quant_types.QUANT_TYPES)}")
@@ -70,7 +69,7 @@ def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_pat
         if adopted is not None:
             return adopted
         return _quantize(quant, ws, tool, source_path, source_record, options, threads, on_tensor, on_message,
-                         final)
+                         final, silence_s)
 
     name = record_as or quant.type
     return Stage("quantize", name, key=key, run=run, tool=lambda: tool, intact=intact, lock=f"quant-{name}",
@@ -99,7 +98,8 @@ def log_path(final: Path) -> Path:
 
 
 def _quantize(quant: QuantSpec, ws: Workspace, tool, source_path: Path, source_record: Callable[[], FetchRecord],
-              options: QuantizeOptions, threads: int | None, on_tensor, on_message, final: Path) -> QuantizeRecord:
+              options: QuantizeOptions, threads: int | None, on_tensor, on_message, final: Path,
+              silence_s: int) -> QuantizeRecord:
     log = log_path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     source_header = read_source_header(source_path, options.allow_requantize)
@@ -111,8 +111,11 @@ def _quantize(quant: QuantSpec, ws: Workspace, tool, source_path: Path, source_r
         check_fits(read_imatrix(Path(options.imatrix.path)), Path(options.imatrix.path), source_header, source_path)
     if any(t.type not in UNQUANTIZED for t in source_header.tensors):
         on_message(f"warning: {source_path} is already quantized; {REQUANTIZE_WARNING}")
-    require_free(final.parent, source_path.stat().st_size * quant_types.QUANT_TYPES[quant.type].approx_bpw / 16,
-                 quant.type)
+    parameters = sum(t.n_elements for t in source_header.tensors)
+    n_layer = source_header.arch_value(Keys.LLM.BLOCK_COUNT)
+    n_layer = n_layer if isinstance(n_layer, int) and 0 < n_layer <= 65536 else None
+    require_free(final.parent, quant_types.estimated_bytes(quant.type, parameters, n_layer),
+                 quant.type)  # doctor's estimate, from the source's own header
     partial = partial_path(final)
     partial.unlink(missing_ok=True)
     command = build_command(tool.path, options, source_path, partial, threads)
@@ -126,7 +129,7 @@ def _quantize(quant: QuantSpec, ws: Workspace, tool, source_path: Path, source_r
     stop_hashing = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         try:
-            run_tool(command, log, on_line, idle_s=QUANTIZE_IDLE_S,
+            run_tool(command, log, on_line, idle_s=silence_s,
                      cwd=Path(options.imatrix.path).resolve().parent if options.imatrix else None)
             # The output hash and the fsync run side by side with the header checks; every check on the
             # result happens before the rename, so a failed check leaves no final file.

@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
+import gguf
 from gguf import Keys
 
 from moeq.config import Pipeline, QuantSpec
@@ -50,8 +51,8 @@ from moeq.seal import seal_json, unseal_json
 from moeq.units import binary_size
 from moeq.stage_runner import Stage
 from moeq.toolchain import Toolchain
-from moeq.workspace import (Workspace, commit_file, partial_path, read_text_limited, write_json_atomic,
-                            write_text_atomic)
+from moeq.workspace import (Workspace, commit_file, partial_path, read_text_limited, require_free,
+                            write_json_atomic, write_text_atomic)
 
 UNQUANTIZED = {"F32", "F16", "BF16"}
 _RUNGS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")  # the rungs whose --pure base type is on the ladder
@@ -190,7 +191,7 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
         gpu = _GpuCount(stock, stock_types, sizes, n_cpu_moe) if room is not None else None
         if gpu is not None:
             _require_gpu_reachable(quant, room, gpu, stock_types)
-        base_kld, _base = base_logits(ws, chain, source.output, options, text, tool.build.commit,
+        base_kld, _base = base_logits(ws, chain, source.output, options, text, tool.build.commit, purpose="selection",
                                       threads=pipeline.bench.threads, timeout_s=pipeline.bench.timeout_s,
                                       on_message=on_message)
         plan = Plan(len(groups), planned_runs(pipeline, groups), options.ctx * options.chunks,
@@ -334,6 +335,8 @@ def _pure_files(ws: Workspace, chain: Toolchain, tool, source: FetchRecord, imat
                 on_message(f"llama-quantize --pure {ggml_type}")
                 partial = partial_path(path)
                 partial.unlink(missing_ok=True)
+                block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
+                require_free(folder, source.output.size / 2 * size / block, f"the --pure {ggml_type} file")
                 command = [str(tool.path), "--pure", "--token-embedding-type", ggml_type.lower(),
                            "--output-tensor-type", ggml_type.lower()]
                 if imatrix is not None:
