@@ -92,8 +92,7 @@ def check_tools(chain: Toolchain) -> list[Check]:
         except ToolError as exc:
             checks.append(Check(name, False, str(exc)))
             continue
-        flush = ", with moeq's log flush at exit" if tool.build.log_flush else ""
-        detail = f"OK ({tool.build.version}, via {tool.found_via}{flush})"
+        detail = f"OK ({tool.build.version}, via {tool.found_via}: {tool.build.describe()})"
         if not tool.build.pinned:
             detail += f"; note: not the pinned commit {PINNED_COMMIT}"
         if name.startswith("llama-") and not tool.build.log_flush:

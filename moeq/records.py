@@ -13,8 +13,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from moeq.toolchain import describe_build
-
 SCHEMA_VERSION = 2  # 2: every nested value typed, and the stage runner's key stored in the record
 
 
@@ -62,11 +60,6 @@ class ToolBuildRef(Model):
     """The sha256 of moeq's log flush at exit (scripts/llama-cpp/moeq-log-flush.cpp), preloaded into the tool so
     that it writes its whole log before it exits; it changes nothing the tool writes to its output files. None:
     the tool ran without it."""
-
-    def describe(self) -> str:
-        """'llama.cpp 0c1e570 with moeq's log flush at exit'."""
-        return describe_build(self.commit, self.log_flush)
-
 
 # ---------------------------------------------------------------- source, quantize
 

@@ -99,7 +99,7 @@ class ToolBuild:
 
     def describe(self) -> str:
         """'llama.cpp 0c1e570 with moeq's log flush at exit', as the card and doctor say it."""
-        return describe_build(self.commit, self.log_flush)
+        return f"llama.cpp {self.commit}" + (" with moeq's log flush at exit" if self.log_flush else "")
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -114,10 +114,6 @@ class Tool:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "path": str(self.path), "found_via": self.found_via, **self.build.as_dict()}
-
-
-def describe_build(commit: str, log_flush: str | None) -> str:
-    return f"llama.cpp {commit}" + (" with moeq's log flush at exit" if log_flush else "")
 
 
 def log_flush_id(tool: Path) -> str | None:

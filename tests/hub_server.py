@@ -521,13 +521,29 @@ class Handler(BaseHTTPRequestHandler):
         return self._send(200, data, headers, head=method == "HEAD", truncate=truncate)
 
 
+class QuietServer(ThreadingHTTPServer):
+    """A handler's exception (a client that hung up mid-answer: a killed moeq, a dropped connection) is kept in
+    `errors`, not printed: socketserver prints it to sys.stderr, which may be the capture of a command another test
+    runs in this process at that moment."""
+
+    errors: list[str]
+
+    def handle_error(self, request, client_address) -> None:
+        import traceback
+
+        self.errors.append(traceback.format_exc())
+
+
 class TestHub:
     """A running test Hub: `url` for HF_ENDPOINT, `state` to seed, inspect and inject faults."""
 
     def __init__(self, tokens: dict[str, str]):
         self.state = HubState(tokens)
         handler = type("BoundHandler", (Handler,), {"state": self.state})
-        self.servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for _ in range(2)]
+        self.servers = [QuietServer(("127.0.0.1", 0), handler) for _ in range(2)]
+        self.errors: list[str] = []
+        for server in self.servers:
+            server.errors = self.errors
         self.url, self.state.storage_url = (f"http://127.0.0.1:{s.server_address[1]}" for s in self.servers)
         self.state.hub_url = self.url
         self.threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in self.servers]

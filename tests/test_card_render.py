@@ -312,3 +312,21 @@ def test_a_hostile_tensor_name_stays_in_its_table_cell(name):
     assert body.count("<td>") == 2 and "<script>" not in html, html
     assert "<td><code>" + name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;") \
         + "</code></td>" in body.replace("<code> ", "<code>").replace(" </code>", "</code>"), html
+
+
+def test_every_command_the_card_prints_is_shell_quoted(carded_ladder):
+    """Hostile round 3: the card's commands were joined with spaces, so a pattern or a name with shell characters,
+    pasted into a shell, piped and ran a substitution. Each is quoted: a shell splits it back into the very command."""
+    import shlex
+
+    _pipeline, ws, _ = carded_ladder
+    manifest = read_manifest(ws.repo_dir(None) / MANIFEST_NAME)
+    entry = manifest.quants[0]
+    hostile = ["llama-quantize", "--tensor-type", "^blk\\.0\\.attn_v\\.weight$|x=q8_0", "--imatrix", "a b`id`.imatrix",
+               "in.gguf", "out $(touch pwned).gguf", "Q8_0"]
+    quantize = entry.records.quantize.model_copy(update={"command": hostile})
+    records = entry.records.model_copy(update={"quantize": quantize})
+    manifest = manifest.model_copy(update={"quants": [entry.model_copy(update={"records": records}),
+                                                      *manifest.quants[1:]]})
+    command = card_facts(manifest)["quants"][0]["quantization"]["command"]
+    assert shlex.split(command) == hostile and "'out $(touch pwned).gguf'" in command

@@ -115,6 +115,13 @@ BAD_PIPELINES = {
                                "hub: the YAML tag 'tag:yaml.org,2002:set' is not allowed; write a plain mapping"),
     "an omap tag deep in card.extra": (EXAMPLE.replace("card:\n  extra:\n", "card:\n  extra:\n    o: !!omap [a: 1]\n"),
                                        "card.extra.o: the YAML tag 'tag:yaml.org,2002:omap' is not allowed"),
+    # Hostile round 3: patterns that spun moeq's own regex (and would have spun llama-quantize's) for minutes
+    "a tensor_types pattern of forty repetitions": (
+        with_quants("  - {type: Q8_0, tensor_types: {'^token_embd\\.weight$|%s': q8_0}}\n" % (".*" * 40)),
+        "repeats 40 times ('*', '+', '?'); a tensor pattern may repeat at most 2 times"),
+    "a tensor_types pattern of fourteen classes repeated": (
+        with_quants("  - {type: Q8_0, tensor_types: {'%s': q8_0}}\n" % ("[a-z._0-9]*" * 14)),
+        "repeats 14 times"),
     # Hostile round 3: sizes of 400 digits were an internal error (OverflowError)
     "a 400-digit budget.bytes": (with_quants("  - {type: Q2_K, recipe: search, budget: {bytes: %s}}\n" % ("9" * 400)),
                                  "quants[0].budget.bytes: '999999999999"),
@@ -133,6 +140,7 @@ def test_bad_pipeline_is_refused_before_anything_is_written(tmp_path, case):
         proc = run_moeq(*command, "--config", str(config))
         line = assert_clean_failure(proc, 2, tmp_path, message)
         assert line.startswith(f"error: {config}:"), line  # FILE:LINE
+        assert len(line) < len(str(config)) + 700, line[:300]  # a 200,000-character key is not echoed whole
     assert not (tmp_path / "work").exists()
 
 

@@ -91,7 +91,23 @@ def test_doctor_passes_after_setup(toolchain):
     assert report["ok"] is True
     assert [t["name"] for t in report["tools"]] == list(TOOLS)
     assert all(t["commit"] == PINNED_COMMIT for t in report["tools"])
+    # moeq's log flush at exit, in every llama-* tool (ggml-rpc-server logs without libllama-common's thread)
+    flushed = {t["name"] for t in report["tools"] if t["log_flush"]}
+    assert flushed == {name for name in TOOLS if name.startswith("llama-")}
+    assert all("llama.cpp 0c1e570 with moeq's log flush at exit" in t["detail"] for t in report["tools"]
+               if t["name"] in flushed)
     assert report["packages"]["gguf"].startswith("0.19")
+
+
+def test_doctor_notes_a_llama_tool_without_the_log_flush(tmp_path, toolchain):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for name in TOOLS:
+        (folder / name).symlink_to(toolchain.path(name))
+    proc = run_moeq("doctor", "--json", env=_isolated_env(tmp_path, folder))
+    report = json.loads(proc.stdout)
+    [perplexity] = [t for t in report["tools"] if t["name"] == "llama-perplexity"]
+    assert perplexity["log_flush"] is None and "without moeq's log flush at exit" in perplexity["detail"]
 
 
 def test_doctor_fails_when_a_tool_is_missing(tmp_path, toolchain):
