@@ -6,6 +6,7 @@ pinned tools copied into a folder that also holds a `libggml-cuda.so`, as a CUDA
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -88,6 +89,10 @@ def test_cuda_configure_arguments_come_from_the_gpu_found(tmp_path):
     assert cuda["backend"] == ["cuda"] and cuda["nvcc"] == [str(fake_nvcc)]
     assert cuda["dest"][0].endswith(f"/llama.cpp/{PINNED_COMMIT}-cuda")
     assert cuda["cuda_architectures"] == ["89-real;90-real"]  # each GPU's own, once
+    # moeq's log flush at exit is built for the CUDA tools as for the CPU ones, named by its source's sha256
+    source = hashlib.sha256((BUILD.parent / "llama-cpp" / "moeq-log-flush.cpp").read_bytes()).hexdigest()
+    assert cuda["log_flush"] == [f"libmoeq-log-flush.so sha256:{source} (preloaded into the llama-* tools: moeq's log "
+                                 f"flush at exit, {BUILD.parent / 'llama-cpp' / 'moeq-log-flush.cpp'})"]
     args = cuda["cmake_arg"]
     assert {"-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=89-real;90-real",
             f"-DCMAKE_CUDA_COMPILER={fake_nvcc}", "-DGGML_RPC=ON", "-DGGML_NATIVE=OFF",
