@@ -128,7 +128,7 @@ def read_recipe(path: Path, where: str = "") -> list[tuple[str, str]]:
                              "one of Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, F16, ...")
         problem = pattern_problem(pattern)
         if problem is not None:
-            raise InputError(f"{path}: {shown}: {problem}")
+            raise InputError(f"{path}: {problem}")  # the problem names the pattern
         items.append((pattern, ggml_type.upper()))
     if not items:
         raise InputError(f"{path}: no REGEX=TYPE item; a recipe file names the tensors it types")

@@ -24,7 +24,7 @@ def error_line(proc) -> str:
 @pytest.mark.parametrize("text,message", [
     ("attn_v\n", "'attn_v' is not REGEX=TYPE; fix the item or quants[0].recipe"),
     ("attn_v=q9_k\n", "'attn_v=q9_k': 'q9_k' is not a type a tensor can be quantized to"),
-    ("(attn_.)+=q8_0\n", "'(attn_.)+=q8_0': '(attn_.)+' repeats a group"),
+    ("(attn_.)+=q8_0\n", "mine.recipe: '(attn_.)+' repeats a group"),
     # hostile round 3: patterns that spun moeq's own regex for over a minute before llama-quantize started
     ("^token_embd\\.weight$|" + ".*" * 40 + "=q8_0\n", "repeats 40 times ('*', '+', '?'); a tensor pattern may repeat "
      "at most 2 times"),
@@ -37,7 +37,7 @@ def error_line(proc) -> str:
     ("attn_v=q8_0\x00\n", "holds a NUL byte, where llama-quantize would cut an item short"),
     ("attn_v=i32\n", "'attn_v=i32': 'i32' is not a type a tensor can be quantized to"),
     ("attn_v=q8_k\n", "'q8_k' is not a type a tensor can be quantized to"),
-    ("attn_[v=q8_0\n", "'attn_[v=q8_0': 'attn_[v' is not a valid pattern"),
+    ("attn_[v=q8_0\n", "mine.recipe: 'attn_[v' is not a valid pattern"),
     ("\n\n", "no REGEX=TYPE item; a recipe file names the tensors it types"),
 ])
 def test_a_recipe_file_llama_quantize_would_refuse_is_a_config_error(tmp_path, text, message):
