@@ -84,12 +84,12 @@ def _forget_older_bases(ws: Workspace, folder: Path, purpose: str, key: str,
                         on_message: Callable[[str], None]) -> None:
     """Delete the saved F16 logits of `purpose` made with other settings (and those of a moeq that named them by key
     alone), each under its own lock, so none is deleted while it is being made."""
+    ours = re.compile(rf"(?:{re.escape(purpose)}-)?([0-9a-f]{{16}})")  # this purpose's, or an older moeq's
     for old in sorted(folder.glob("*.kld")):
-        other = old.stem.removeprefix(f"{purpose}-")
-        legacy = re.fullmatch(r"[0-9a-f]{16}", old.stem) is not None
-        if other == key or not (legacy or (old.stem.startswith(f"{purpose}-") and re.fullmatch(r"[0-9a-f]{16}", other))):
+        match = ours.fullmatch(old.stem)
+        if match is None or match[1] == key:
             continue
-        with ws.lock(f"kld-base-{other}", on_wait=on_message):
+        with ws.lock(f"kld-base-{match[1]}", on_wait=on_message):
             for path in (old, old.with_suffix(".json"), old.with_suffix(".log")):
                 path.unlink(missing_ok=True)
 

@@ -38,6 +38,7 @@ MAX_PATTERN = 256
 MAX_REPEATS = 2
 MAX_GROUPS = 4
 _PATTERN_CHARS = re.compile(r"[A-Za-z0-9_.*\\\[\]()|+?^$-]+")
+QUANTIFIED_GROUP = re.compile(r"\)[*+?]")
 # llama-quantize reads a recipe file with `file >> item`: items end at C whitespace, and nothing else.
 _C_SPACE = re.compile(r"[ \t\n\v\f\r]+")
 
@@ -51,6 +52,7 @@ def pattern_problem(pattern: str) -> str | None:
         bad = next(c for c in pattern if not _PATTERN_CHARS.fullmatch(c))
         return (f"{shown} has the character {bad!r}; a tensor pattern uses letters, digits, '_', '-' and the "
                 "regex signs . * + ? | ^ $ ( ) [ ] \\")
+    # `outside`: the pattern with each escape and each character class as one "x", so only operators are counted
     outside, depth, groups, in_class, escaped = [], 0, 0, False, False
     for c in pattern:
         if escaped:
@@ -90,9 +92,6 @@ def pattern_problem(pattern: str) -> str | None:
     except re.error as exc:
         return f"{shown} is not a valid pattern ({exc.msg})"
     return None
-
-
-QUANTIFIED_GROUP = re.compile(r"\)[*+?]")
 
 
 def read_recipe(path: Path, where: str = "") -> list[tuple[str, str]]:

@@ -336,7 +336,8 @@ def _pure_files(ws: Workspace, chain: Toolchain, tool, source: FetchRecord, imat
                 partial = partial_path(path)
                 partial.unlink(missing_ok=True)
                 block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
-                require_free(folder, source.output.size / 2 * size / block, f"the --pure {ggml_type} file")
+                weights = source.output.size / 2  # the F16 holds 2 bytes a weight
+                require_free(folder, weights * size / block, f"the --pure {ggml_type} file")
                 command = [str(tool.path), "--pure", "--token-embedding-type", ggml_type.lower(),
                            "--output-tensor-type", ggml_type.lower()]
                 if imatrix is not None:
