@@ -65,6 +65,23 @@ def toolchain() -> Toolchain:
     return chain
 
 
+# The fixtures that build a workspace, a ladder, a release or an installed wheel (seconds to tens of seconds, once per
+# module or session): every test that uses one is slow. Tests slow on their own carry @pytest.mark.slow.
+SLOW_FIXTURES = {"built", "benched", "benched_record", "carded_ladder", "carded_per_quant", "chosen", "cuda_tools",
+                 "hub", "installed", "made", "published", "release", "searched"}
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: runs pipelines or builds a workspace, seconds a test; "
+                                       "`pytest -m 'not slow'` is the edit loop")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def link_log_flush(folder: Path, toolchain: Toolchain) -> None:
     """A test's own tool folder gets moeq's log flush beside its tools, as the pinned build has it."""
     library = log_flush_library(toolchain.path("llama-completion"))

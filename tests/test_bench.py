@@ -165,6 +165,7 @@ def test_card_shows_the_measurements(benched, toolchain, rpc_device):
         ("derived-figure", f"PPL ratio {ratio + 0.05:.4f}")]
 
 
+@pytest.mark.slow
 def test_without_a_gpu_the_cpu_mode_is_measured_and_offload_modes_are_not(tmp_path, toolchain):
     """No GPU and no RPC device: not a failure. The cpu mode runs, the offload modes say why they were not measured."""
     config, pipeline, ws = prepared(tmp_path, quants=("Q2_K",), rpc=False)
@@ -194,6 +195,7 @@ def test_without_a_gpu_the_cpu_mode_is_measured_and_offload_modes_are_not(tmp_pa
     assert {s["stage"]: s["status"] for s in json.loads(proc.stdout)["quants"][0]["stages"]}["bench"] == "up to date"
 
 
+@pytest.mark.slow
 def test_an_offload_mode_that_was_tried_and_failed_is_an_error(tmp_path, toolchain):
     """An RPC device given but unreachable: the offload modes were tried, so they are errors (exit 4)."""
     config, _, _ = prepared(tmp_path, quants=("Q8_0",), rpc=False)
@@ -205,6 +207,7 @@ def test_an_offload_mode_that_was_tried_and_failed_is_an_error(tmp_path, toolcha
     assert [e["mode"] for e in result["record"]["errors"]] == ["gpu"] and result["record"]["not_measured"] == []
 
 
+@pytest.mark.slow
 def test_model_that_fails_to_load_is_reported_per_mode(tmp_path, toolchain, rpc_device):
     config, pipeline, ws = prepared(tmp_path, quants=("Q2_K",))
     model = ws.quant_path("tiny-phimoe-Q2_K.gguf")
@@ -217,6 +220,7 @@ def test_model_that_fails_to_load_is_reported_per_mode(tmp_path, toolchain, rpc_
     assert outcome.record.speed == [] and outcome.record.quality is None
 
 
+@pytest.mark.slow
 def test_bench_right_after_quantize_computes_the_plan(tmp_path, toolchain, rpc_device):
     """No validate record yet: the plan comes from the file's header, and the bench runs."""
     config = pipeline_file(tmp_path)
@@ -283,6 +287,7 @@ def test_a_text_too_short_for_one_chunk_is_refused_before_running(tmp_path, tool
     assert not (tmp_path / "p.log").exists()
 
 
+@pytest.mark.slow
 def test_a_mode_over_its_time_limit_is_stopped_and_reported(tmp_path, toolchain, rpc_device):
     from moeq.toolchain import TOOLS
 
@@ -310,6 +315,7 @@ def test_a_mode_over_its_time_limit_is_stopped_and_reported(tmp_path, toolchain,
     assert outcome.record.quality is not None  # the other measurements still ran
 
 
+@pytest.mark.slow
 def test_cli_with_an_rpc_device(tmp_path, toolchain, rpc_device):
     config, _, _ = prepared(tmp_path, quants=("Q8_0",), rpc=False)
     proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0", "--modes", "cpu-moe", "--rpc", rpc_device)
@@ -340,6 +346,7 @@ def _hanging_tools(tmp_path: Path, toolchain, hang: str, script: str) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hang", ["llama-bench", "llama-perplexity"])
 def test_sigterm_during_bench_records_nothing(tmp_path, toolchain, hang):
     """An interrupted bench is not a measurement failure: exit 143, no record, no partial file; the next run measures."""

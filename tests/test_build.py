@@ -66,6 +66,7 @@ def statuses(summary: dict) -> dict[str, list[str]]:
     return {q["quant"]: [s["status"] for s in q["stages"]] for q in summary["quants"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["single", "per-quant"])
 def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain, layout):
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain), layout=layout)
@@ -129,6 +130,7 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain,
     print(f"second build: {elapsed:.2f} s")
 
 
+@pytest.mark.slow
 def test_template_change_reruns_card_and_push_only(tmp_path, test_hub, toolchain):
     template = tmp_path / "card.md.j2"
     builtin = (REPO / "templates" / "model-card.md.j2").read_text()
@@ -170,6 +172,7 @@ def assert_released(hub, config: Path, tmp_path: Path) -> None:
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_killed_during_quantize_resumes(tmp_path, test_hub, toolchain):
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
     (tmp_path / "slow").touch()
@@ -184,6 +187,7 @@ def test_killed_during_quantize_resumes(tmp_path, test_hub, toolchain):
     assert_released(test_hub, config, tmp_path)
 
 
+@pytest.mark.slow
 def test_killed_during_push_resumes(tmp_path, test_hub, toolchain):
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
     test_hub.state.faults.append(Fault("PUT", r"^/lfs-upload/", "sleep", seconds=5))
@@ -201,6 +205,7 @@ def test_killed_during_push_resumes(tmp_path, test_hub, toolchain):
     assert_released(test_hub, config, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["single", "per-quant"])
 def test_one_failing_quant_does_not_stop_the_others(tmp_path, test_hub, toolchain, layout):
     """Per quant, the others are published; the ladder's one repo waits for every quant asked for."""
@@ -226,6 +231,7 @@ def test_one_failing_quant_does_not_stop_the_others(tmp_path, test_hub, toolchai
     assert summary["ok"] is False and summary["exit_code"] == 4
 
 
+@pytest.mark.slow
 def test_offline_main_job_ends_with_a_local_push_plan(tmp_path, toolchain):
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
     proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
@@ -245,6 +251,7 @@ def test_build_argument_errors(tmp_path, args, code, message):
     assert proc.returncode == code and message in proc.stderr
 
 
+@pytest.mark.slow
 def test_force_stage_card_reruns_card_and_push_only(tmp_path, toolchain):
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
     assert run_moeq("build", "--config", str(config), "--quant", "Q4_K_M").returncode == 0
@@ -254,6 +261,7 @@ def test_force_stage_card_reruns_card_and_push_only(tmp_path, toolchain):
         "ran", "skipped"]
 
 
+@pytest.mark.slow
 def test_summary_reads_whole_in_an_80_column_log(tmp_path, toolchain):
     """CI logs and standard terminals are 80 columns: no stage name or status is cut or wrapped."""
     config = write_config(tmp_path, toolchain.path("llama-quantize").parent)
@@ -268,6 +276,7 @@ def test_summary_reads_whole_in_an_80_column_log(tmp_path, toolchain):
     assert rows["quantize"].count("ran") == 3 and rows["bench"].count("skipped") == 3
 
 
+@pytest.mark.slow
 def test_a_moved_and_a_copied_workspace(tmp_path, toolchain):
     """Records hold workspace-relative paths: a moved workspace is current, an imatrix quant included (its key holds
     the matrix's name and sha256, not its path); a copy is independent of the original."""
@@ -301,6 +310,7 @@ def test_a_moved_and_a_copied_workspace(tmp_path, toolchain):
     assert card["folder"] == "repos/ladder" and card["readme"]["path"] == "repos/ladder/README.md"
 
 
+@pytest.mark.slow
 def test_build_hashes_a_local_source_beside_llama_quantize(tmp_path, toolchain):
     """A local source's first hash runs beside llama-quantize, as `moeq quantize` does: the quantize has started
     before the fetch record exists, and the summary still shows the fetch stage first."""

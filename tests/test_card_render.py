@@ -163,6 +163,7 @@ def test_cli_card_and_json(carded_ladder):
 # ---------------------------------------------------------------- missing records and facts
 
 
+@pytest.mark.slow
 def test_missing_validate_record_says_not_measured(tmp_path, toolchain):
     config = copy_example(tmp_path)
     pipeline, ws = build_until_card(config, validate=("Q8_0",))
@@ -182,6 +183,7 @@ def test_missing_validate_record_says_not_measured(tmp_path, toolchain):
     assert lint_card(text, "README.md", read_manifest(ws.repo_dir(None) / MANIFEST_NAME)) == []
 
 
+@pytest.mark.slow
 def test_stale_validate_record_is_ignored_with_a_warning(tmp_path, toolchain):
     config = copy_example(tmp_path)
     pipeline, ws = build_until_card(config, validate=("Q8_0",))
@@ -204,6 +206,7 @@ def test_missing_quantize_record_is_a_clear_error(tmp_path):
     assert not (tmp_path / "work" / "repos").exists()
 
 
+@pytest.mark.slow
 def test_template_asking_for_a_missing_fact_names_it(tmp_path, toolchain):
     template = tmp_path / "card.md.j2"
     template.write_text("---\nlicense: mit\n---\n# {{ model.name }}\n\nSize: {{ quant.weight_in_tons }}\n")
@@ -215,6 +218,7 @@ def test_template_asking_for_a_missing_fact_names_it(tmp_path, toolchain):
     assert not ws.repo_dir(None).exists()
 
 
+@pytest.mark.slow
 def test_card_that_fails_lint_is_not_written(tmp_path, toolchain):
     bad = tmp_path / "bad.md.j2"
     good = (REPO / "templates" / "model-card.md.j2").read_text()
@@ -229,6 +233,7 @@ def test_card_that_fails_lint_is_not_written(tmp_path, toolchain):
     assert proc.returncode == 7 and "relative-link" in proc.stderr
 
 
+@pytest.mark.slow
 def test_user_template_can_include_builtin_partials(tmp_path, toolchain):
     template = tmp_path / "mine.md.j2"
     template.write_text("---\n{{ frontmatter | card_yaml }}\n---\n\n# {{ model.name }} {{ quant.type }}\n\n"

@@ -108,6 +108,7 @@ def test_an_image_the_repo_will_not_hold_is_a_finding(built, tmp_path):
     assert run_moeq("card", "verify", str(copy / "README.md")).returncode == 7
 
 
+@pytest.mark.slow
 def test_per_quant_cards_get_the_charts_that_show_something(tmp_path, toolchain, rpc_device):
     config = example(tmp_path, rpc_device, layout="per-quant")
     proc = run_moeq("build", "--config", str(config), "--quant", "Q2_K", "--skip-bench")
@@ -168,6 +169,7 @@ INJECTED = {
 }
 
 
+@pytest.mark.slow
 def test_script_in_the_pipeline_stays_text_in_the_card_and_the_preview(tmp_path, toolchain, rpc_device):
     """Values from the pipeline are text: escaped in README.md, shown as text in the preview, never run; a citation
     with backticks cannot close its code fence."""

@@ -162,6 +162,7 @@ def test_a_named_importance_matrix_is_the_pipelines_choice(chosen, tmp_path):
         assert "The pipeline names the importance matrix file, so this\nfile is made with it all the same." in card
 
 
+@pytest.mark.slow
 def test_skip_bench_makes_the_stock_file_without_measuring(tmp_path, toolchain):
     config = pipeline_file(tmp_path, bench=CPU_ONLY)
     proc = run_moeq("build", "--config", str(config), "--quant", "Q2_K", "--skip-bench", "--json")

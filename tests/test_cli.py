@@ -25,6 +25,7 @@ def test_help_lists_commands_in_the_order_a_user_meets_them():
                                      ["card"],
                                      ["card", "lint"], ["push"], ["publish"], ["doctor"], ["synth", "tiny-phimoe"],
                                      ["synth", "tiny-phimoe-hf"]])
+@pytest.mark.slow
 def test_flags_do_not_look_like_they_take_a_value(command):
     proc = run_moeq(*command, "--help", env={"COLUMNS": "200"})
     assert proc.returncode == 0 and "--help" in proc.stdout

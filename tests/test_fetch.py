@@ -40,6 +40,7 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.slow
 def test_gguf_source_fetched_checked_and_quantized(tmp_path, test_hub, tiny_model, toolchain):
     data = tiny_model.read_bytes()
     commit = test_hub.state.add_files(SOURCE_REPO, {"tiny-phimoe-F16.gguf": data})
@@ -94,6 +95,7 @@ A checkpoint for moeq's tests.
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_card", [True, False], ids=["with-card", "without-card"])
 def test_hf_source_is_downloaded_converted_quantized_and_validated(tmp_path, test_hub, toolchain, with_card):
     from moeq.synth_hf import write_tiny_phimoe_hf
@@ -155,6 +157,7 @@ def test_tampered_download_is_rejected(tmp_path, test_hub, tiny_model):
     assert not list(source.rglob("*.partial"))
 
 
+@pytest.mark.slow
 def test_dropped_download_resumes_with_range(tmp_path, test_hub):
     from moeq.synth import write_synth_model
 
@@ -197,6 +200,7 @@ def test_killed_download_resumes_in_the_next_run(tmp_path, test_hub, tiny_model)
     assert (tmp_path / "work" / "source" / "tiny-phimoe-F16.gguf").read_bytes() == data
 
 
+@pytest.mark.slow
 def test_sigterm_keeps_the_download_and_says_so(tmp_path, test_hub, tiny_model):
     """SIGTERM in the middle of a download: exit 143, the message says the .partial is kept, and it is (resumed)."""
     data, config, partial = half_downloaded(tmp_path, test_hub, tiny_model)
@@ -226,6 +230,7 @@ def test_sigterm_keeps_the_download_and_says_so(tmp_path, test_hub, tiny_model):
     (f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: main\n  file: nope.gguf\n", "no file nope.gguf"),
     (f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: v9\n  file: x.gguf\n", "revision not found"),
 ])
+@pytest.mark.slow
 def test_fetch_errors(tmp_path, test_hub, tiny_model, source, message):
     test_hub.state.add_files(SOURCE_REPO, {"tiny-phimoe-F16.gguf": tiny_model.read_bytes()})
     proc = fetch(test_hub, write_config(tmp_path, source))

@@ -207,6 +207,7 @@ def _example(folder: Path, extra: str = "") -> Path:
     return config
 
 
+@pytest.mark.slow
 def test_bench_refuses_offload_modes_from_a_cpu_build_where_a_gpu_is_present(tmp_path, toolchain):
     config = _example(tmp_path)
     env = {"PATH": path_with(fake_nvidia_smi(tmp_path / "smi", [H200]))}

@@ -300,6 +300,7 @@ def test_sigkill_of_a_build_takes_its_rpc_server_with_it(tmp_path, toolchain):
     assert "ggml-rpc-server" not in _cmdline(server), "ggml-rpc-server outlived the build"
 
 
+@pytest.mark.slow
 def test_an_rpc_device_that_does_not_answer(tmp_path, toolchain):
     config = pipeline(tmp_path)
     assert run_moeq("quantize", "--config", str(config), "--quant", "Q8_0").returncode == 0
@@ -309,6 +310,7 @@ def test_an_rpc_device_that_does_not_answer(tmp_path, toolchain):
     assert "gdb" not in proc.stdout + proc.stderr and "backtrace" not in proc.stdout + proc.stderr.lower()
 
 
+@pytest.mark.slow
 def test_sigterm_during_an_upload(tmp_path, test_hub, toolchain):
     """SIGTERM while the GGUF is uploading: exit 143 (not a Hub error), and the Hub holds nothing new."""
     from hub_server import Fault
@@ -396,6 +398,7 @@ def test_a_calibration_text_that_is_not_one(tmp_path, toolchain, tiny_model, kin
     assert "cards:" not in proc.stdout and "previews" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_huge_file_given_as_an_importance_matrix_is_not_read_whole(tmp_path, toolchain):
     """1 GiB that looks like a legacy matrix at first: refused from its first entry, under a 512 MiB data limit
     that reading it whole would break (a MemoryError, not this message)."""
@@ -455,6 +458,7 @@ def test_a_template_with_a_huge_range(tmp_path, toolchain):
                                             "too large")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["\u00b2", "-5", "nan", "99999"])
 def test_a_bad_max_wait_is_refused(tmp_path, value):
     hub_source = re.sub(r"source:\n(?:  .*\n)+", "source:\n  kind: gguf\n  repo: someone/x\n  revision: main\n"

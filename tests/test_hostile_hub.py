@@ -45,6 +45,7 @@ def head(hub) -> str:
 
 # ---------------------------------------------------------------- 1: a tree listing that leaves the download folder
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hostile", ["absolute", "climbing"])
 def test_a_hostile_tree_listing_writes_nothing_outside_the_workspace(tmp_path, test_hub, toolchain, hostile):
     from moeq.synth_hf import write_tiny_phimoe_hf
@@ -80,6 +81,7 @@ def test_a_record_whose_path_climbs_out_of_the_workspace_is_not_used(tmp_path, t
 
 # ---------------------------------------------------------------- 2, 3: what a push may delete
 
+@pytest.mark.slow
 def test_a_fresh_workspace_pushing_one_quant_deletes_no_other(tmp_path, test_hub, toolchain):
     first = workspace(tmp_path / "first")
     proc = moeq(test_hub, "build", "--config", str(first), "--quant", "Q8_0", "--quant", "Q4_K_M", "--skip-bench",
@@ -100,6 +102,7 @@ def test_a_fresh_workspace_pushing_one_quant_deletes_no_other(tmp_path, test_hub
     assert set(test_hub.state.files(REPO_ID)) == set(published)
 
 
+@pytest.mark.slow
 def test_a_gguf_moeq_did_not_publish_is_kept_unless_pruned(tmp_path, test_hub, toolchain):
     config = workspace(tmp_path)
     proc = moeq(test_hub, "build", "--config", str(config), "--quant", "Q8_0", "--skip-bench", "--push")
@@ -120,6 +123,7 @@ def test_a_gguf_moeq_did_not_publish_is_kept_unless_pruned(tmp_path, test_hub, t
     assert "tiny-phimoe-Q8_0.gguf" in test_hub.state.files(REPO_ID)
 
 
+@pytest.mark.slow
 def test_a_manifest_on_the_hub_that_is_too_big_or_too_deep(tmp_path, test_hub, toolchain):
     config = workspace(tmp_path)
     assert moeq(test_hub, "build", "--config", str(config), "--quant", "Q8_0", "--skip-bench",
@@ -142,6 +146,7 @@ def test_a_manifest_on_the_hub_that_is_too_big_or_too_deep(tmp_path, test_hub, t
 
 # ---------------------------------------------------------------- 5: two pushes at once
 
+@pytest.mark.slow
 def test_a_push_planned_before_another_landed_fails_and_can_be_planned_again(tmp_path, test_hub, toolchain):
     one = workspace(tmp_path / "one")
     assert moeq(test_hub, "build", "--config", str(one), "--quant", "Q8_0", "--skip-bench", "--push").returncode == 0
@@ -171,6 +176,7 @@ def test_a_push_planned_before_another_landed_fails_and_can_be_planned_again(tmp
 
 # ---------------------------------------------------------------- 11: interrupted while uploading
 
+@pytest.mark.slow
 def test_sigterm_while_uploading_ends_at_once(tmp_path, test_hub, toolchain):
     config = workspace(tmp_path)
     assert run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--skip-bench").returncode == 0

@@ -104,6 +104,7 @@ def imatrix_files(config: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".log")) if folder.is_dir() else []
 
 
+@pytest.mark.slow
 def test_an_expert_the_calibration_never_reaches_is_named(tmp_path):
     text = starving_text(tmp_path)
     config = pipeline(tmp_path / "warn", {"calibration": str(text)})
@@ -228,6 +229,7 @@ def test_an_imatrix_path_that_does_not_fit_is_refused_before_llama_quantize(tmp_
     assert (before.stat().st_mtime_ns if before.exists() else None) == mtime  # the file there was left alone
 
 
+@pytest.mark.slow
 def test_changing_the_calibration_reruns_imatrix_and_its_quants_only(tmp_path):
     config = pipeline(tmp_path / "change")
     first = run_moeq("build", "--config", str(config), "--all", "--skip-bench", "--json")
@@ -247,6 +249,7 @@ def test_changing_the_calibration_reruns_imatrix_and_its_quants_only(tmp_path):
     assert statuses <= {"up to date", "skipped"}
 
 
+@pytest.mark.slow
 def test_the_legacy_format_when_asked(tmp_path):
     config = pipeline(tmp_path / "dat", {"format": "dat"})
     record = imatrix_json(config)["record"]
@@ -296,6 +299,7 @@ def test_a_quant_imatrix_path_that_does_not_exist_is_a_config_error(tmp_path):
     assert f"quants[2].imatrix: {tmp_path}/nowhere.imatrix does not exist; fix the path" in error_line(proc)
 
 
+@pytest.mark.slow
 def test_a_card_never_publishes_another_matrix_than_the_quant_was_made_with(tmp_path):
     """The calibration text changed and imatrix ran again, but Q4_K_M was not made again: its card refuses."""
     config = pipeline(tmp_path / "stale")

@@ -162,6 +162,7 @@ def test_changed_output_is_redone(ladder):
     assert json.loads(proc.stdout)[0]["skipped"] is False
 
 
+@pytest.mark.slow
 def test_interrupt_leaves_nothing_and_next_run_succeeds(tmp_path, toolchain):
     cfg = write_config(tmp_path, synth="{layers: 4, experts: 16, experts_used: 2, embd: 1024, ff: 1024, vocab: 512}")
     final = tmp_path / "ws" / "quants" / "tiny-phimoe-Q2_K.gguf"
@@ -200,6 +201,7 @@ def wait_for(path: Path, timeout: float = 120) -> None:
     assert path.exists(), f"{path} never appeared"
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly(tmp_path, toolchain):
     cfg = write_config(tmp_path, synth=BIGGER)
     final = tmp_path / "ws" / "quants" / "tiny-phimoe-Q2_K.gguf"
@@ -214,6 +216,7 @@ def test_sigterm_stops_cleanly(tmp_path, toolchain):
     assert not final.exists() and not final.with_name(final.name + ".partial").exists()
 
 
+@pytest.mark.slow
 def test_second_writer_waits_for_the_first(tmp_path, toolchain):
     cfg = write_config(tmp_path, synth=BIGGER)
     final = tmp_path / "ws" / "quants" / "tiny-phimoe-Q2_K.gguf"

@@ -93,6 +93,7 @@ def test_a_gpu_budget_limits_the_bytes_on_the_gpu_as_well():
     assert solve(options, -200, 0.1, spare_gpu=0) == {}  # nothing gives up 200 bytes
 
 
+@pytest.mark.slow
 def test_a_search_under_a_gpu_budget_keeps_the_gpu_bytes_within_it(tmp_path, toolchain):
     from moeq.gguf_header import read_header
     from moeq.memory_plan import DEFAULT_COMPUTE_ALLOWANCE, kv_bytes, on_gpu
@@ -228,6 +229,7 @@ def test_a_saved_measurement_moeq_did_not_make_is_measured_again(searched, tampe
     assert remade["chosen"] == record["chosen"] != worst
 
 
+@pytest.mark.slow
 def test_sigint_mid_search_leaves_whole_files_and_the_next_run_continues(tmp_path, toolchain):
     quants = [{"type": "Q2_K", "imatrix": "auto", "recipe": "search", "budget": "stock"}]
     # Every group measured, on more tokens: a search of 30 seconds or so, long enough to be interrupted in.
@@ -266,6 +268,7 @@ def test_a_plan_runs_nothing(tmp_path, toolchain):
     assert not (tmp_path / "work" / "recipe").exists() and not list((tmp_path / "work" / "quants").iterdir())
 
 
+@pytest.mark.slow
 def test_a_budget_no_recipe_can_meet_is_refused_before_measuring(tmp_path, toolchain):
     quants = [{"type": "Q2_K", "imatrix": "auto", "recipe": "search", "budget": {"bytes": "100KB"}}]
     config = pipeline_file(tmp_path, quants=quants, recipe=SMALL)
@@ -334,6 +337,7 @@ def test_a_selection_text_too_short_for_two_chunks_is_refused(tmp_path, toolchai
                                 "longer text or a smaller recipe.ctx")
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_the_per_type_files_are_written_leaves_whole_files_and_the_search_goes_on(tmp_path,
                                                                                                     toolchain):
     """Writes past a size limit fail while the --pure files are made: one error line, no partial file, no file

@@ -263,6 +263,7 @@ def test_a_staging_branch_name_git_or_the_hub_would_misread_is_refused(tmp_path,
         assert proc.returncode == 2 and "staging branch" in proc.stderr and "Traceback" not in proc.stderr  # usage
 
 
+@pytest.mark.slow
 def test_staging_is_for_the_ladders_one_repo(tmp_path, test_hub):
     config = pipeline_file(tmp_path, trained=False, hub=PER_QUANT)
     proc = run_moeq("build", "--quant", "Q8_0", "--stage-to", BRANCH, "--config", str(config), env=test_hub.env)
@@ -305,6 +306,7 @@ def test_the_test_hub_answers_the_lfs_batch_per_repo_and_keeps_branches_as_the_h
         api.delete_branch(f"{HUB_USER}/a", branch="main")
 
 
+@pytest.mark.slow
 def test_one_job_may_stage_several_quants_each_on_its_own(tmp_path, test_hub):
     """A machine that builds Q8_0 and Q4_K_M stages each with a manifest of its own quant; the publish still waits
     for Q2_K, naming it."""
@@ -325,6 +327,7 @@ def test_one_job_may_stage_several_quants_each_on_its_own(tmp_path, test_hub):
     assert publish.returncode == 3 and f"{REPO_ID}@{BRANCH}: Q2_K not staged" in publish.stderr
 
 
+@pytest.mark.slow
 def test_a_quants_inputs_name_the_commit_a_hub_sources_revision_resolves_to(tmp_path, test_hub, monkeypatch):
     """A rerun is "current" only for the same source: a Hub source named by a branch is resolved to its commit, so a
     source repo that moved on makes the quant's inputs differ (and the job builds again)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from moeq.workspace import HashCache, sha256_file
 
 from conftest import REPO, pipeline_file
@@ -59,6 +61,7 @@ def test_a_changed_file_is_hashed_again(tmp_path):
     assert cache.sha256(path) == sha256_file(path) != old
 
 
+@pytest.mark.slow
 def test_two_quantize_processes_at_once_keep_both_hashes(tmp_path, toolchain):
     """Two `moeq quantize` on different quants of one workspace, at the same time (locks are per quant)."""
     from moeq.workspace import Workspace
