@@ -24,7 +24,7 @@ from moeq.errors import InputError, ToolError
 from moeq.records import FileRef, PerplexityFigures, PerplexityOptions
 from moeq.runner import run_tool
 from moeq.toolchain import Toolchain
-from moeq.workspace import Workspace, commit_file, partial_path, write_json_atomic
+from moeq.workspace import Workspace, partial_file, write_json_atomic
 
 def default_eval_text() -> Path:
     return Path(str(resources.files("moeq.bench") / "eval-text.txt"))
@@ -68,14 +68,10 @@ def base_logits(ws: Workspace, chain: Toolchain, source: FileRef, options: Perpl
             _forget_older_bases(ws, folder, purpose, key, on_message)
             on_message(f"{Path(source.path).name}: llama-perplexity on the F16 source (saved for KLD)")
             folder.mkdir(parents=True, exist_ok=True)
-            partial = partial_path(base_kld)  # one left by a killed run is started over (we hold the lock)
-            try:
+            with partial_file(base_kld) as partial:  # one left by a killed run is started over (we hold the lock)
                 base = run_perplexity(chain.path("llama-perplexity"), Path(source.path), text, folder / f"{stem}.log",
                                       ctx=options.ctx, chunks=options.chunks, kld_base=partial, save_base=True,
                                       threads=threads, timeout_s=timeout_s)
-                commit_file(partial, base_kld)
-            finally:
-                partial.unlink(missing_ok=True)
             write_json_atomic(base_json, base, indent=1)
         return base_kld, PerplexityFigures(**json.loads(base_json.read_text()))
 

@@ -630,7 +630,7 @@ def imatrix_from(ctx: Context, folder: Path) -> StageResult[ImatrixRecord]:
     from moeq.errors import InputError
     from moeq.imatrix.stage import imatrix_stage
     from moeq.stage_runner import declared_key
-    from moeq.workspace import commit_file, inside, partial_path, write_json_atomic
+    from moeq.workspace import inside, partial_file, write_json_atomic
 
     saved, made = _imported_imatrix(folder)
     stage = imatrix_stage(ctx.pipeline, ctx.ws, ctx.chain, source(ctx), on_message=ctx.say)
@@ -646,8 +646,8 @@ def imatrix_from(ctx: Context, folder: Path) -> StageResult[ImatrixRecord]:
         raise InputError(f"{record_path}: names {relative}, outside a workspace")
     if not (here.is_file() and ctx.ws.hashes.sha256(here) == saved.record.output.sha256):
         here.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(made, partial_path(here))
-        commit_file(partial_path(here), here)
+        with partial_file(here) as partial:
+            shutil.copyfile(made, partial)
     ctx.records.ws.records_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(ctx.ws.record_path("imatrix"), json.loads(record_path.read_text()))
     done = run_stage(stage, ctx.records, on_message=ctx.say)

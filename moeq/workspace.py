@@ -148,6 +148,24 @@ def commit_file(partial: Path, final: Path, synced: bool = False) -> None:
             os.close(dir_fd)
 
 
+@contextlib.contextmanager
+def partial_file(final: Path, synced: bool = False) -> Iterator[Path]:
+    """The partial-file protocol, written once: the block writes `FINAL.partial` (one left by a killed run is
+    removed first); when the block ends it is fsynced (unless `synced`: the block did) and renamed to `final`; on any
+    exception it is removed, and `final` is as it was.
+
+        with partial_file(out) as partial:
+            partial.write_bytes(data)
+    """
+    partial = partial_path(final)
+    partial.unlink(missing_ok=True)
+    try:
+        yield partial
+        commit_file(partial, final, synced=synced)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """The one writer of text artifacts: whole under the final name, or nothing (no partial left behind)."""
     write_bytes_atomic(path, text.encode("utf-8"))
@@ -156,17 +174,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """The same for bytes (a chart's PNG)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(path)
     try:
-        partial.write_bytes(data)
-        commit_file(partial, path)
+        with partial_file(path) as partial:
+            partial.write_bytes(data)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         if exc.filename is None:  # a write that failed (a full disk) names no file: name the one being written
             exc.filename = str(path)
-        raise
-    except BaseException:
-        partial.unlink(missing_ok=True)
         raise
 
 

@@ -76,3 +76,20 @@ def test_two_quantize_processes_at_once_keep_both_hashes(tmp_path, toolchain):
     for name in ("tiny-phimoe-Q8_0.gguf", "tiny-phimoe-Q4_K_M.gguf"):
         path = ws.quant_path(name)
         assert ws.hashes.lookup(path) == sha256_file(path)
+
+
+def test_the_partial_file_protocol_leaves_the_final_whole_or_as_it_was(tmp_path):
+    from moeq.workspace import partial_file
+
+    final = tmp_path / "out.bin"
+    final.write_bytes(b"old")
+    (tmp_path / "out.bin.partial").write_bytes(b"left by a killed run")
+    with pytest.raises(RuntimeError):
+        with partial_file(final) as partial:
+            assert not partial.exists()  # what a killed run left is removed first
+            partial.write_bytes(b"half")
+            raise RuntimeError("stopped")
+    assert final.read_bytes() == b"old" and not (tmp_path / "out.bin.partial").exists()
+    with partial_file(final) as partial:
+        partial.write_bytes(b"new")
+    assert final.read_bytes() == b"new" and not partial.exists()

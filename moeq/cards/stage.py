@@ -29,7 +29,7 @@ from moeq.errors import CheckFailed, InputError
 from moeq.manifest import MANIFEST_NAME, README_NAME, Manifest, manifest_text
 from moeq.records import CardRecord, FileRef
 from moeq.stage_runner import Stage
-from moeq.workspace import Workspace, commit_file, partial_path, write_bytes_atomic, write_text_atomic
+from moeq.workspace import Workspace, partial_file, write_bytes_atomic, write_text_atomic
 
 MEASURED_SECTIONS = {"memory": "memory plan (validate)", "validation": "checks (validate)",
                      "speed": "speed (bench)", "measured_memory": "measured VRAM (bench)",
@@ -158,14 +158,12 @@ def _link_artifact(artifact: Path, staged: Path, ws: Workspace, copy_outside: bo
     if staged.exists() and os.path.samefile(staged, artifact):
         return
     staged.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(staged)
-    partial.unlink(missing_ok=True)
     if not inside:
-        shutil.copyfile(artifact, partial)
-        commit_file(partial, staged)
+        with partial_file(staged) as partial:
+            shutil.copyfile(artifact, partial)
         return
-    try:
-        os.link(artifact, partial)
-    except OSError:
-        os.symlink(artifact.resolve(), partial)
-    commit_file(partial, staged, synced=True)
+    with partial_file(staged, synced=True) as partial:  # a link to a file already whole on disk
+        try:
+            os.link(artifact, partial)
+        except OSError:
+            os.symlink(artifact.resolve(), partial)

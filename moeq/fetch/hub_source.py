@@ -29,7 +29,7 @@ from moeq.records import FileRef, FetchRecord
 from moeq.runner import run_tool
 from moeq.toolchain import Toolchain, pinned_src_dir
 from moeq.units import decimal_size
-from moeq.workspace import Workspace, commit_file, inside, partial_path, require_free
+from moeq.workspace import Workspace, commit_file, inside, partial_file, require_free
 
 # README.md is the model card: convert_hf_to_gguf.py takes general.license, name, base model, tags and
 # languages from its frontmatter (gguf-py metadata.py); the license file travels with it.
@@ -105,12 +105,10 @@ def _fetch_gguf(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolchain 
         commit_file(folder / spec.file, target, synced=True)
         ws.hashes.remember(target, files[0]["sha256"])  # verified while downloading: no second read
         return files
-    merging = partial_path(target)
-    merging.unlink(missing_ok=True)
     chain = chain or pipeline.toolchain.chain()
-    run_tool([str(chain.tool("llama-gguf-split").path), "--merge", str(folder / names[0]), str(merging)],
-             ws.source_dir / "llama-gguf-split.log")
-    commit_file(merging, target)
+    with partial_file(target) as merging:
+        run_tool([str(chain.tool("llama-gguf-split").path), "--merge", str(folder / names[0]), str(merging)],
+                 ws.source_dir / "llama-gguf-split.log")
     for name in names:
         (folder / name).unlink()
     return files
@@ -160,15 +158,9 @@ def convert_checkpoint(folder: Path, target: Path, log: Path, model_name: str | 
     converter = pinned_src_dir() / "convert_hf_to_gguf.py"
     if not converter.is_file():
         raise ToolError(f"{converter}: the pinned llama.cpp converter is missing; run scripts/build-llama-cpp")
-    partial = partial_path(target)
-    partial.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": str(pinned_src_dir() / "gguf-py"), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(converter), str(folder), "--outtype", "f16", "--outfile", str(partial)]
-    if model_name:
-        command += ["--model-name", model_name]
-    try:
+    with partial_file(target) as partial:
+        command = [sys.executable, str(converter), str(folder), "--outtype", "f16", "--outfile", str(partial)]
+        if model_name:
+            command += ["--model-name", model_name]
         run_tool(command, log, env=env)
-        commit_file(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise

@@ -23,7 +23,7 @@ from moeq.hub.client import hub_errors
 from moeq.records import FileRef, FetchRecord
 from moeq.stage_runner import Stage
 from moeq.toolchain import PINNED_COMMIT
-from moeq.workspace import Workspace, commit_file, partial_path
+from moeq.workspace import Workspace, partial_file
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 HUB_KINDS = ("gguf", "hf")
@@ -108,17 +108,11 @@ def _converted(checkpoint: Path, name: str, on_message: Callable[[str], None]) -
 
 
 def _copy_into(cached: Path, target: Path) -> None:
-    partial = partial_path(target)
-    try:
-        with open(cached, "rb") as source, open(partial, "wb") as out:
-            try:
-                shutil.copyfileobj(source, out, 1 << 20)
-            except OSError as exc:  # a full disk is the workspace's, whichever file the OS names
-                raise OSError(exc.errno, exc.strerror, str(target)) from None
-        commit_file(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with partial_file(target) as partial, open(cached, "rb") as source, open(partial, "wb") as out:
+        try:
+            shutil.copyfileobj(source, out, 1 << 20)
+        except OSError as exc:  # a full disk is the workspace's, whichever file the OS names
+            raise OSError(exc.errno, exc.strerror, str(target)) from None
 
 
 def _local_stage(pipeline: Pipeline, ws: Workspace) -> Stage[FetchRecord]:

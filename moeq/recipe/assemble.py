@@ -18,7 +18,7 @@ from pathlib import Path
 
 from moeq.errors import InputError
 from moeq.gguf_header import GGUFHeader, TensorInfo, read_header
-from moeq.workspace import commit_file, partial_path
+from moeq.workspace import partial_file
 
 CHUNK = 64 << 20  # bytes copied at a time: a tensor of a real model is gigabytes
 
@@ -45,13 +45,8 @@ def assemble(base: Path, per_type: dict[str, Path], types: dict[str, str], out: 
             raise InputError(f"{source.path}: tensor {tensor.name!r} is missing or of another shape than in "
                              f"{base}; quantize every type from the same source")
         chosen.append((source, picked))
-    partial = partial_path(out)
-    try:
+    with partial_file(out) as partial:
         _write(header, chosen, partial)
-        commit_file(partial, out)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def _write(header: GGUFHeader, chosen: list[tuple[GGUFHeader, TensorInfo]], partial: Path) -> None:

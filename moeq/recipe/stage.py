@@ -51,8 +51,8 @@ from moeq.seal import seal_json, unseal_json
 from moeq.units import binary_size
 from moeq.stage_runner import Stage
 from moeq.toolchain import Toolchain
-from moeq.workspace import (Workspace, commit_file, partial_path, read_text_limited, require_free,
-                            write_json_atomic, write_text_atomic)
+from moeq.workspace import (Workspace, partial_file, read_text_limited, require_free, write_json_atomic,
+                            write_text_atomic)
 
 UNQUANTIZED = {"F32", "F16", "BF16"}
 _RUNGS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")  # the rungs whose --pure base type is on the ladder
@@ -333,8 +333,6 @@ def _pure_files(ws: Workspace, chain: Toolchain, tool, source: FetchRecord, imat
         with ws.lock(f"pure-{key}-{ggml_type}", on_wait=on_message):
             if not (path.is_file() and made.get(ggml_type) == ws.hashes.sha256(path)):
                 on_message(f"llama-quantize --pure {ggml_type}")
-                partial = partial_path(path)
-                partial.unlink(missing_ok=True)
                 block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
                 weights = source.output.size / 2  # the F16 holds 2 bytes a weight
                 require_free(folder, weights * size / block, f"the --pure {ggml_type} file")
@@ -342,13 +340,9 @@ def _pure_files(ws: Workspace, chain: Toolchain, tool, source: FetchRecord, imat
                            "--output-tensor-type", ggml_type.lower()]
                 if imatrix is not None:
                     command += ["--imatrix", Path(imatrix.path).name]
-                command += [str(Path(source.output.path).resolve()), str(partial.resolve()), ggml_type]
-                try:
-                    run_tool(command, folder / f"{ggml_type}.log",
-                             cwd=Path(imatrix.path).resolve().parent if imatrix else None)
-                    commit_file(partial, path)
-                finally:
-                    partial.unlink(missing_ok=True)
+                with partial_file(path) as partial:
+                    run_tool([*command, str(Path(source.output.path).resolve()), str(partial.resolve()), ggml_type],
+                             folder / f"{ggml_type}.log", cwd=Path(imatrix.path).resolve().parent if imatrix else None)
                 made[ggml_type] = ws.hashes.sha256(path)
                 write_json_atomic(made_path, made)
         out[ggml_type] = path
