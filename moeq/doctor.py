@@ -18,7 +18,7 @@ from moeq.config import RECIPE_SEARCH, Pipeline
 from moeq.errors import MoeqError, ToolError
 from moeq.gguf_header import SPLIT_NAME_RE, read_header
 from moeq.recipe_file import SEARCH_TYPES
-from moeq.runner import LOG_FLUSH_LIBRARY
+from moeq.runner import LOG_FLUSH_LIBRARY, logs_through_common
 from moeq.gpus import nvidia_gpus
 from moeq.synth import parameter_count
 from moeq.toolchain import PINNED_COMMIT, TOOLS, Toolchain
@@ -95,7 +95,7 @@ def check_tools(chain: Toolchain) -> list[Check]:
         detail = f"OK ({tool.build.version}, via {tool.found_via}: {tool.build.describe()})"
         if not tool.build.pinned:
             detail += f"; note: not the pinned commit {PINNED_COMMIT}"
-        if name.startswith("llama-") and not tool.build.log_flush:
+        if logs_through_common(name) and not tool.build.log_flush:
             detail += (f"; note: without moeq's log flush at exit ({LOG_FLUSH_LIBRARY} beside it, which "
                        "scripts/build-llama-cpp builds), it can exit before its last lines are written, and moeq "
                        "then stops with an error")

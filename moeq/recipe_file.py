@@ -104,7 +104,7 @@ def read_recipe(path: Path, where: str = "") -> list[tuple[str, str]]:
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise InputError(f"{path}: {path.stat().st_size:,} bytes, more than a recipe file holds "
                          f"({MAX_RECIPE_BYTES:,}); fix {where}")
-    data = path.read_bytes()[:MAX_RECIPE_BYTES + 1]
+    data = path.read_bytes()
     if b"\0" in data:
         raise InputError(f"{path}: holds a NUL byte, where llama-quantize would cut an item short; a recipe file is "
                          "REGEX=TYPE text")

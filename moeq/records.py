@@ -61,6 +61,7 @@ class ToolBuildRef(Model):
     that it writes its whole log before it exits; it changes nothing the tool writes to its output files. None:
     the tool ran without it."""
 
+
 # ---------------------------------------------------------------- source, quantize
 
 

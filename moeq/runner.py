@@ -32,13 +32,18 @@ TOOL_ENV = {"GGML_NO_BACKTRACE": "1"}
 LOG_FLUSH_LIBRARY = "libmoeq-log-flush.so"
 
 
+def logs_through_common(name: str) -> bool:
+    """The llama-* tools log through libllama-common's logger thread, which the log flush pauses at exit."""
+    return name.startswith("llama-")
+
+
 def log_flush_library(tool: Path) -> Path | None:
     """moeq's log flush at exit for `tool`: the library in the tool's own folder (as named, links not followed,
-    so a folder of links to the same binaries runs them unchanged), for the llama-* tools, which log through
-    libllama-common; None where there is none."""
+    so a folder of links to the same binaries runs them unchanged), for a tool that logs through libllama-common;
+    None where there is none."""
     tool = Path(tool)
     library = tool.parent / LOG_FLUSH_LIBRARY
-    return library if tool.name.startswith("llama-") and library.is_file() else None
+    return library if logs_through_common(tool.name) and library.is_file() else None
 
 
 def tool_env(tool: Path | str) -> dict[str, str]:

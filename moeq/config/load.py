@@ -221,7 +221,7 @@ def _recipe_of(m: dict[str, Node], quant_type: str, base: Path) -> dict:
         if "budget" in m:
             raise m["budget"].fail("a budget is for a searched recipe (recipe: search), not a recipe file")
         path = m["recipe"].path_value(base)
-        if not PORTABLE_NAME.fullmatch(path.name) or "/" in path.name or len(path.name) > MAX_NAME:
+        if not PORTABLE_NAME.fullmatch(path.name) or len(path.name) > MAX_NAME:
             raise m["recipe"].fail(f"{path.name[:80]!r}: a recipe file is published under its name, which has "
                                    "characters a file name on the Hub should not; rename it with letters, digits "
                                    "and . _ - +")

@@ -163,30 +163,25 @@ def _published(api: HfApi, repo_id: str, head: str,
     try:
         theirs = parse_manifest(text, f"{repo_id}/{MANIFEST_NAME}")
     except MoeqError:
-        return {}, _layout_of(text), _manifest_version(text)
+        return {}, *_unreadable(text)
     owners: dict[str, str | None] = dict.fromkeys(theirs.repo_files)
     owners.update({f.name: q.quant for q in theirs.quants for f in q.files})
     owners[MANIFEST_NAME] = None
     return owners, theirs.layout, None
 
 
-def _manifest_version(manifest_text: str) -> str:
+def _unreadable(manifest_text: str) -> tuple[str | None, str]:
+    """A manifest this moeq cannot read: the layout it names (an older one without it: per-quant), and why."""
     try:
         data = json.loads(manifest_text)
     except (ValueError, RecursionError):
         data = None
-    version = data.get("manifest_version") if isinstance(data, dict) else None
-    if isinstance(version, int) and not isinstance(version, bool):
-        return f"of manifest version {version}, an older moeq's (this one reads {MANIFEST_VERSION})"
-    return "not a records manifest this moeq can read"
-
-
-def _layout_of(manifest_text: str) -> str | None:
-    try:
-        data = json.loads(manifest_text)
-    except (ValueError, RecursionError):
-        return None
-    return data.get("layout", "per-quant") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None, "not a records manifest this moeq can read"
+    version = data.get("manifest_version")
+    why = (f"of manifest version {version}, an older moeq's (this one reads {MANIFEST_VERSION})"
+           if isinstance(version, int) and not isinstance(version, bool) else "not a records manifest this moeq can read")
+    return data.get("layout", "per-quant"), why
 
 
 def _commit_message(card: CardRecord) -> tuple[str, str]:
