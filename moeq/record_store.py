@@ -1,5 +1,5 @@
 """Where records lie: WORKSPACE/records/STAGE[-QUANT].json, saved with a schema version and the key their
-stage ran with (stage_runner.py), and loaded once per command.
+stage ran with (stage_runner.py), and loaded once per command (read again only when the file changed).
 
 A record of another schema version, or one that does not match its type, is treated as absent (the stage
 runs again), never misread. Paths inside the workspace are stored relative to it, so a moved workspace
@@ -109,13 +109,13 @@ class Records:
     """The workspace's records, each loaded once: what the stage functions receive as arguments.
 
     `get(Type, quant)` gives the record or None; `require` turns an absent one into one error that says which
-    command makes it. The stage runner alone uses the by-name methods (saved, forget, put): a stage's record may
-    be kept under a name of its own (a candidate of the choice stage, "Q4_K_M-without-imatrix")."""
+    command makes it. The stage runner alone uses the by-subject methods (saved, put): a stage's record may
+    be kept under a subject of its own (a candidate of the choice stage, "Q4_K_M-without-imatrix")."""
 
     def __init__(self, ws, config_path: Path | str = "pipeline.yaml"):
         self.ws = ws
         self.config_path = config_path
-        self._cache: dict[tuple[str, str | None], Saved | None] = {}
+        self._cache: dict[tuple[str, str | None], tuple[tuple | None, Saved | None]] = {}
         self.reasons: dict[tuple[str, str | None], str] = {}
 
     def get(self, cls: type[R], quant: str | None = None) -> R | None:
@@ -139,21 +139,32 @@ class Records:
             raise InputError(f"{path}: {why}; run moeq {stage} --config {self.config_path}{option} first")
         return record
 
-    def saved(self, stage: str, quant: str | None = None) -> Saved | None:
-        if (stage, quant) not in self._cache:
-            path = self.ws.record_path(stage, quant)
-            if stage in EARLIER_NAMES and not path.exists():
-                path = self.ws.record_path(EARLIER_NAMES[stage], quant)
-            saved, why = load_saved(path, RECORD_TYPES[stage])
-            self._cache[(stage, quant)] = saved
-            if why:
-                self.reasons[(stage, quant)] = why
-        return self._cache[(stage, quant)]
+    def saved(self, stage: str, subject: str | None = None, *, fresh: bool = False) -> Saved | None:
+        """The saved record of `stage` for `subject`, loaded once; `fresh`: read again if the file changed since
+        (the stage runner asks under the stage's lock, where another process may have written it)."""
+        path = self.ws.record_path(stage, subject)
+        if stage in EARLIER_NAMES and not path.exists():
+            path = self.ws.record_path(EARLIER_NAMES[stage], subject)
+        cached = self._cache.get((stage, subject))
+        if cached is not None and not (fresh and cached[0] != _signature(path)):
+            return cached[1]
+        signature = _signature(path)
+        saved, why = load_saved(path, RECORD_TYPES[stage])
+        self._cache[(stage, subject)] = (signature, saved)
+        self.reasons.pop((stage, subject), None)
+        if why:
+            self.reasons[(stage, subject)] = why
+        return saved
 
-    def forget(self, stage: str, quant: str | None = None) -> None:
-        self._cache.pop((stage, quant), None)
-        self.reasons.pop((stage, quant), None)
+    def put(self, stage: str, subject: str | None, saved: Saved) -> None:
+        self._cache[(stage, subject)] = (_signature(self.ws.record_path(stage, subject)), saved)
+        self.reasons.pop((stage, subject), None)
 
-    def put(self, stage: str, quant: str | None, saved: Saved) -> None:
-        self._cache[(stage, quant)] = saved
-        self.reasons.pop((stage, quant), None)
+
+def _signature(path: Path) -> tuple | None:
+    """What tells a record file changed without reading it (an atomic write is a new inode)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)

@@ -27,8 +27,8 @@ R = TypeVar("R", bound=Model)
 
 @dataclass
 class Stage(Generic[R]):
-    name: str  # the stage, as build.STAGES names it: fetch, imatrix, choice, quantize, ... push; recipe (moeq recipe)
-    quant: str | None
+    name: str  # the stage, as plan.STAGES names it: fetch, imatrix, recipe, choice, quantize, ... push
+    subject: str | None  # whose record it is: a quant type, a candidate's record name (Q4_K_M-with-imatrix), or None
     key: Callable[[], dict[str, Any] | None]  # the declared inputs; None: the stage always runs (push)
     run: Callable[[], R]
     tool: Callable[[], Tool] | None = None  # the llama.cpp tool whose output the record describes
@@ -51,6 +51,7 @@ class StageResult(Generic[R]):
     seconds: float = 0.0  # how long this call took
     record: R | None = None
     exit_code: int = 0  # failed: the error's exit code (errors.py)
+    warnings: tuple[str, ...] = ()  # what the step warned of as it went (also said through the context)
 
     @property
     def up_to_date(self) -> bool:
@@ -62,11 +63,10 @@ def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
     """Run `stage` unless its saved record has the same key and its outputs are intact."""
     started = time.monotonic()
     ws = records.ws
-    path = ws.record_path(stage.name, stage.quant)
-    with ws.lock(stage.lock or (f"{stage.name}-{stage.quant}" if stage.quant else stage.name), on_wait=on_message):
-        records.forget(stage.name, stage.quant)  # another process may have written it while we waited
-        previous = records.saved(stage.name, stage.quant)
-        unusable = records.reasons.get((stage.name, stage.quant))  # a record there, of another schema or shape
+    path = ws.record_path(stage.name, stage.subject)
+    with ws.lock(stage.lock or (f"{stage.name}-{stage.subject}" if stage.subject else stage.name), on_wait=on_message):
+        previous = records.saved(stage.name, stage.subject, fresh=True)  # another process may have written it
+        unusable = records.reasons.get((stage.name, stage.subject))  # a record there, of another schema or shape
         later = stage.lazy_key and (force or previous is None)
         key = None if later else declared_key(stage)
         why = _why_run(stage, previous, key, force, unusable)
@@ -80,7 +80,7 @@ def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
             key = declared_key(stage)
         wall = _since(running)
         save_record(path, record, key, wall)
-        records.put(stage.name, stage.quant, Saved(schema_version=SCHEMA_VERSION, key=key, wall_s=wall, record=record))
+        records.put(stage.name, stage.subject, Saved(schema_version=SCHEMA_VERSION, key=key, wall_s=wall, record=record))
         return StageResult(stage.name, stage.status(record), why, _since(started), record)
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moeq import steps
 from moeq.config import load_pipeline
-from moeq.steps import Context
+from moeq.plan import Options, run_to
+from moeq.steps.context import Context
+from moeq.steps.repos import repo_units
 from moeq.workspace import Workspace
 
-from conftest import pipeline_file
+from conftest import pipeline_file, run_target
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
 CHARTS = ("images/gpu-memory.png",)  # no bench here, so no quality chart: empty axes are not published
@@ -26,9 +27,9 @@ def build_until_card(config: Path, validate: tuple[str, ...] = LADDER) -> tuple:
     pipeline = load_pipeline(config)
     ws = Workspace(pipeline.workspace)
     for q in LADDER:
-        steps.quantize(Context.of(pipeline), pipeline.quant(q))
+        run_target(pipeline, "quantize", q)
     for q in validate:
-        steps.validate(Context.of(pipeline), pipeline.quant(q), numerics="sample")
+        run_target(pipeline, "validate", q, numerics="sample")
     return pipeline, ws
 
 
@@ -36,7 +37,9 @@ def make_cards(pipeline, quants: tuple[str, ...] = LADDER, ctx: Context | None =
     """The cards of the repos `quants` go to, as `moeq card --quant ...` makes them: key (quant, or None for the
     ladder's one repo) -> outcome."""
     ctx = ctx or Context.of(pipeline)
-    return {u.quant: steps.card(ctx, u) for u in steps.repo_units(ctx, [pipeline.quant(q) for q in quants])}
+    asked = [pipeline.quant(q) for q in quants]
+    made = run_to(ctx, "card", asked, Options(download=False))
+    return {u.quant: made[("card", u.quant)] for u in repo_units(ctx, asked)}
 
 
 def card_text(ws: Workspace, quant: str | None = None) -> str:

@@ -82,6 +82,18 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+def run_target(pipeline, target: str, quant: str | None = None, ctx=None, **options):
+    """`target`'s result for `quant` (else the whole ladder) from the plan cut at it, as the commands run it."""
+    from moeq.plan import Options, run_to
+    from moeq.steps.context import Context
+
+    ctx = ctx or Context.of(pipeline)
+    force = frozenset({target} if options.pop("force", False) else ())
+    quants = [pipeline.quant(quant)] if quant else list(pipeline.quants)
+    ladder = target in ("fetch", "imatrix") or (target in ("card", "push") and pipeline.single_repo)
+    return run_to(ctx, target, quants, Options(force=force, **options))[(target, None if ladder else quant)]
+
+
 def link_log_flush(folder: Path, toolchain: Toolchain) -> None:
     """A test's own tool folder gets moeq's log flush beside its tools, as the pinned build has it."""
     library = log_flush_library(toolchain.path("llama-completion"))

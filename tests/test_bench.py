@@ -14,16 +14,16 @@ import pytest
 from moeq.kld import default_eval_text, parse_perplexity
 from moeq.choice.stage import FOLDERS
 from moeq.record_store import Records
-from moeq.records import ChoiceRecord
+from moeq.records import ChoiceRecord, QuantizeRecord, ValidateRecord
 from moeq.cards.lint import lint_card
+from moeq.steps import wiring
+from moeq.steps.context import Context
 from moeq.manifest import MANIFEST_NAME, read_manifest
-from moeq import steps
-from moeq.steps import Context
 from moeq.config import load_pipeline
 from moeq.llama_logs import parse_buffer_sizes
 from moeq.workspace import Workspace
 
-from conftest import REPO, example_section, link_log_flush, pipeline_file, run_moeq
+from conftest import REPO, example_section, link_log_flush, pipeline_file, run_moeq, run_target
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
 EVAL_TEXT_SHA256 = "f08ec0c98a45566f009f3e07dce1e5a0247a9fb8311a3a8dea6ea86bad0612db"
@@ -31,9 +31,7 @@ EVAL_TEXT_SHA256 = "f08ec0c98a45566f009f3e07dce1e5a0247a9fb8311a3a8dea6ea86bad06
 
 def card_for(pipeline, quant: str):
     """`moeq card --quant QUANT`: the example's one repo, made for this quant."""
-    ctx = Context.of(pipeline)
-    [unit] = steps.repo_units(ctx, [pipeline.quant(quant)])
-    return steps.card(ctx, unit)
+    return run_target(pipeline, "card", quant)
 
 
 def prepared(folder: Path, quants=LADDER, rpc: bool = True):
@@ -42,15 +40,15 @@ def prepared(folder: Path, quants=LADDER, rpc: bool = True):
     pipeline = load_pipeline(config)
     ws = Workspace(pipeline.workspace)
     for q in quants:
-        steps.quantize(Context.of(pipeline), pipeline.quant(q))
-        steps.validate(Context.of(pipeline), pipeline.quant(q))
+        run_target(pipeline, "quantize", q)
+        run_target(pipeline, "validate", q)
     return config, pipeline, ws
 
 
 @pytest.fixture(scope="module")
 def benched(tmp_path_factory, toolchain, rpc_device):
     config, pipeline, ws = prepared(tmp_path_factory.mktemp("bench"))
-    outcomes = {q: steps.bench(Context.of(pipeline), pipeline.quant(q), rpc=rpc_device) for q in LADDER}
+    outcomes = {q: run_target(pipeline, "bench", q, rpc=rpc_device) for q in LADDER}
     return config, pipeline, ws, outcomes
 
 
@@ -116,17 +114,17 @@ def test_rerun_reuses_the_record_unless_forced(benched, toolchain, rpc_device):
     _, pipeline, ws, outcomes = benched
     log = ws.root / "bench" / "Q8_0" / "speed-gpu.log"
     before = log.stat().st_mtime_ns
-    again = steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), rpc=rpc_device)
+    again = run_target(pipeline, "bench", "Q8_0", rpc=rpc_device)
     assert again.up_to_date and again.record == outcomes["Q8_0"].record
     assert log.stat().st_mtime_ns == before  # no tool ran
-    forced = steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), rpc=rpc_device, force=True,
+    forced = run_target(pipeline, "bench", "Q8_0", rpc=rpc_device, force=True,
                          modes=("cpu-moe",))
     assert not forced.up_to_date and [r.mode for r in forced.record.speed] == ["cpu-moe"]
 
 
 def test_card_shows_the_measurements(benched, toolchain, rpc_device):
     _, pipeline, ws, _ = benched
-    steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), rpc=rpc_device, force=True)
+    run_target(pipeline, "bench", "Q8_0", rpc=rpc_device, force=True)
     outcome = card_for(pipeline, "Q4_K_M")
     assert outcome.record.not_measured == []
     text = (ws.repo_dir(None) / "README.md").read_text()
@@ -213,7 +211,10 @@ def test_model_that_fails_to_load_is_reported_per_mode(tmp_path, toolchain, rpc_
     model = ws.quant_path("tiny-phimoe-Q2_K.gguf")
     data = model.read_bytes()
     model.write_bytes(data[: len(data) // 2])  # damaged after validation
-    outcome = steps.bench(Context.of(pipeline), pipeline.quant("Q2_K"), rpc=rpc_device, modes=("cpu-moe",))
+    # The bench stage itself, handed the records (a command's plan would see the damage and quantize again)
+    ctx = Context.of(pipeline)
+    quantized, validated = ctx.records.require(QuantizeRecord, "Q2_K"), ctx.records.require(ValidateRecord, "Q2_K")
+    outcome = wiring.bench(ctx, pipeline.quant("Q2_K"), quantized, validated, None, rpc=rpc_device, modes=("cpu-moe",))
     modes = [e.mode for e in outcome.record.errors]
     assert modes == ["cpu-moe", "quality"]
     assert all("exited" in e.error and "full log:" in e.error for e in outcome.record.errors)
@@ -221,8 +222,9 @@ def test_model_that_fails_to_load_is_reported_per_mode(tmp_path, toolchain, rpc_
 
 
 @pytest.mark.slow
-def test_bench_right_after_quantize_computes_the_plan(tmp_path, toolchain, rpc_device):
-    """No validate record yet: the plan comes from the file's header, and the bench runs."""
+def test_bench_right_after_quantize_validates_first(tmp_path, toolchain, rpc_device):
+    """No validate record yet: `moeq bench` runs the plan cut at the bench, so the file is validated first and the
+    memory plan is the validation's."""
     config = pipeline_file(tmp_path)
     assert run_moeq("quantize", "--config", str(config), "--quant", "Q8_0").returncode == 0
     proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0", "--modes", "cpu-moe", "--rpc", rpc_device,
@@ -230,9 +232,7 @@ def test_bench_right_after_quantize_computes_the_plan(tmp_path, toolchain, rpc_d
     assert proc.returncode == 0, proc.stderr
     [memory] = json.loads(proc.stdout)[0]["record"]["memory"]
     assert memory["mode"] == "cpu-moe" and abs(memory["difference_mib"]["model"]) <= 0.1
-    assert not (tmp_path / "work" / "records" / "validate-Q8_0.json").exists()
-    proc = run_moeq("bench", "--config", str(config), "--quant", "Q4_K_M")
-    assert proc.returncode == 3 and "no quantize record for Q4_K_M; run moeq quantize" in proc.stderr
+    assert (tmp_path / "work" / "records" / "validate-Q8_0.json").is_file()
 
 
 def test_perplexity_uncertainty_printed_as_nan_is_parsed(tmp_path, toolchain, tiny_model):
@@ -308,7 +308,7 @@ def test_a_mode_over_its_time_limit_is_stopped_and_reported(tmp_path, toolchain,
                       + f"\ntoolchain:\n  llama_cpp_bin: {folder}\n")
     pipeline = load_pipeline(config)
     started = time.monotonic()
-    outcome = steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), rpc=rpc_device, modes=("gpu",))
+    outcome = run_target(pipeline, "bench", "Q8_0", rpc=rpc_device, modes=("gpu",))
     assert time.monotonic() - started < 30
     assert outcome.record.errors[0].mode == "gpu"
     assert outcome.record.errors[0].error.startswith("llama-bench: still running after 5 s, stopped; log: ")
@@ -385,7 +385,7 @@ def test_quality_can_be_left_out(tmp_path, toolchain):
     config, pipeline, ws = prepared(tmp_path, quants=("Q8_0",), rpc=False)
     config.write_text(config.read_text().replace("  repetitions: 2\n", "  repetitions: 2\n  quality: false\n"))
     pipeline = load_pipeline(config)
-    record = steps.bench(Context.of(pipeline), pipeline.quant("Q8_0"), modes=("cpu",)).record
+    record = run_target(pipeline, "bench", "Q8_0", modes=("cpu",)).record
     assert record.quality is None and record.errors == [] and record.options.quality is False
     assert not (ws.root / "bench" / "Q8_0" / "perplexity.log").exists()
     assert "quality (bench)" in card_for(pipeline, "Q8_0").record.not_measured

@@ -20,7 +20,7 @@ from moeq.cards.facts import card_facts
 from moeq.cards.lint import lint_card
 from moeq.cards.render import render_card
 from moeq.manifest import MANIFEST_NAME, read_manifest
-from moeq.steps import Context
+from moeq.steps.context import Context
 from moeq.errors import CheckFailed, InputError
 from moeq.cards.stage import staged_paths
 
@@ -197,13 +197,19 @@ def test_stale_validate_record_is_ignored_with_a_warning(tmp_path, toolchain):
     assert "memory plan (validate)" in outcome.record.not_measured
 
 
-def test_missing_quantize_record_is_a_clear_error(tmp_path):
+def test_card_in_a_fresh_workspace_runs_the_steps_it_needs_first(tmp_path):
+    """`moeq card` runs the plan cut at the card: the source, the file and its shards are made first; what the card
+    does not need (validate, bench) is not run, and the card says so."""
     config = copy_example(tmp_path)
-    proc = run_moeq("card", "--config", str(config), "--quant", "Q8_0")
-    assert proc.returncode == 3
-    assert proc.stderr.splitlines()[-1].startswith("error: ") and "no quantize record for Q8_0; run moeq quantize" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "work" / "repos").exists()
+    proc = run_moeq("card", "--config", str(config), "--quant", "Q8_0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    records = tmp_path / "work" / "records"
+    assert {p.name for p in records.iterdir()} == {"fetch.json", "quantize-Q8_0.json", "shards-Q8_0.json",
+                                                   "card.json"}
+    [card] = json.loads(proc.stdout)
+    assert card["record"]["quants"] == ["Q8_0"]
+    assert "memory plan (validate)" in card["record"]["not_measured"]
+    assert (tmp_path / "work" / "repos" / "ladder" / "README.md").is_file()
 
 
 @pytest.mark.slow

@@ -250,8 +250,8 @@ def test_disk_space_is_checked_before_downloading(tmp_path, test_hub, tiny_model
 
     from moeq.config import load_pipeline
     from moeq.errors import ResourceError
-    from moeq import steps
-    from moeq.steps import Context
+    from moeq.steps import wiring
+    from moeq.steps.context import Context
 
     test_hub.state.add_files(SOURCE_REPO, {"tiny-phimoe-F16.gguf": tiny_model.read_bytes()})
     pipeline = load_pipeline(write_config(tmp_path, f"  kind: gguf\n  repo: {SOURCE_REPO}\n  revision: main\n"
@@ -261,7 +261,7 @@ def test_disk_space_is_checked_before_downloading(tmp_path, test_hub, tiny_model
     with pytest.raises(ResourceError) as info:
         ctx = Context.of(pipeline)
         ctx.api = HfApi(endpoint=test_hub.url, token=HUB_TOKEN)
-        steps.fetch(ctx)
+        wiring.fetch(ctx)
     from moeq.units import decimal_size
     from moeq.workspace import disk_needed
 

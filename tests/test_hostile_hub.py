@@ -74,9 +74,13 @@ def test_a_record_whose_path_climbs_out_of_the_workspace_is_not_used(tmp_path, t
     data = json.loads(record.read_text())
     data["record"]["output"]["path"] = "../../../etc/passwd"
     record.write_text(json.dumps(data))
-    proc = run_moeq("validate", "--config", str(config), "--quant", "Q8_0")
-    assert_clean_failure(proc, 3, tmp_path, f"{record}: names the path '../../../etc/passwd', which leaves the "
-                                            "workspace; run moeq quantize")
+    passwd = Path("/etc/passwd").read_bytes()
+    proc = run_moeq("validate", "--config", str(config), "--quant", "Q8_0")  # its plan makes the file again
+    assert proc.returncode == 0, proc.stderr
+    assert f"{record}: names the path '../../../etc/passwd', which leaves the workspace; quantize will run " \
+        "again" in proc.stderr
+    assert json.loads(record.read_text())["record"]["output"]["path"] == "quants/tiny-phimoe-Q8_0.gguf"
+    assert Path("/etc/passwd").read_bytes() == passwd
 
 
 # ---------------------------------------------------------------- 2, 3: what a push may delete
@@ -109,7 +113,7 @@ def test_a_gguf_moeq_did_not_publish_is_kept_unless_pruned(tmp_path, test_hub, t
     assert proc.returncode == 0, proc.stdout + proc.stderr
     test_hub.state.add_files(REPO_ID, {"tiny-phimoe-Q5_K_M.gguf": b"GGUF uploaded by someone else"})
     ours = head(test_hub)
-    proc = moeq(test_hub, "push", "--config", str(config))
+    proc = moeq(test_hub, "push", "--config", str(config), "--quant", "Q8_0")
     assert proc.returncode == 0, proc.stderr
     assert (f"{REPO_ID}: kept tiny-phimoe-Q5_K_M.gguf, which moeq did not publish (push --prune deletes it)"
             in proc.stderr)
@@ -117,7 +121,7 @@ def test_a_gguf_moeq_did_not_publish_is_kept_unless_pruned(tmp_path, test_hub, t
     proc = moeq(test_hub, "push", "--config", str(config), "--dry-run", "--json")
     [row] = json.loads(proc.stdout)
     assert {"path": "tiny-phimoe-Q5_K_M.gguf", "action": "kept", "size": 0, "sha256": None} in row["files"]
-    proc = moeq(test_hub, "push", "--config", str(config), "--prune")
+    proc = moeq(test_hub, "push", "--config", str(config), "--quant", "Q8_0", "--prune")
     assert proc.returncode == 0, proc.stderr
     assert "tiny-phimoe-Q5_K_M.gguf" not in test_hub.state.files(REPO_ID)
     assert "tiny-phimoe-Q8_0.gguf" in test_hub.state.files(REPO_ID)
@@ -156,20 +160,20 @@ def test_a_push_planned_before_another_landed_fails_and_can_be_planned_again(tmp
     assert moeq(test_hub, "card", "--config", str(one), "--quant", "Q8_0").returncode == 0
     test_hub.state.faults.append(Fault("POST", rf"^/api/models/{REPO_ID}/commit/", "sleep", seconds=4))
     commits = sum("/commit/" in r.path for r in test_hub.requests)
-    slow = subprocess.Popen([sys.executable, "-m", "moeq", "push", "--config", str(one)], cwd=tmp_path,
+    slow = subprocess.Popen([sys.executable, "-m", "moeq", "push", "--config", str(one), "--quant", "Q8_0"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **test_hub.env})
     deadline = time.monotonic() + 60
     while sum("/commit/" in r.path for r in test_hub.requests) == commits and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc = moeq(test_hub, "push", "--config", str(two))  # lands while the first one's commit waits
+    proc = moeq(test_hub, "push", "--config", str(two), "--quant", "Q8_0")  # lands while the first one's commit waits
     assert proc.returncode == 0, proc.stderr
     out, err = slow.communicate(timeout=120)
     late = subprocess.CompletedProcess(slow.args, slow.returncode, out, err)
     assert_clean_failure(late, 5, tmp_path, f"{REPO_ID}: main moved on since this push was planned against",
                          "nothing was committed, run the push again")
     assert "the second runner" in test_hub.state.files(REPO_ID)["README.md"].decode()
-    proc = moeq(test_hub, "push", "--config", str(one))  # planned again: it lands
+    proc = moeq(test_hub, "push", "--config", str(one), "--quant", "Q8_0")  # planned again: it lands
     assert proc.returncode == 0, proc.stderr
     assert "the first runner" in test_hub.state.files(REPO_ID)["README.md"].decode()
 
@@ -181,7 +185,7 @@ def test_sigterm_while_uploading_ends_at_once(tmp_path, test_hub, toolchain):
     config = workspace(tmp_path)
     assert run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--skip-bench").returncode == 0
     test_hub.state.faults.append(Fault("PUT", r"^/lfs-upload/", "sleep", seconds=30))
-    proc = subprocess.Popen([sys.executable, "-m", "moeq", "push", "--config", str(config)], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "moeq", "push", "--config", str(config), "--quant", "Q4_K_M"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
                             env={**os.environ, **test_hub.env})
     deadline = time.monotonic() + 60

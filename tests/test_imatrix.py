@@ -12,7 +12,13 @@ import gguf
 import numpy as np
 import pytest
 
+from moeq.config import load_pipeline
+from moeq.errors import InputError
 from moeq.imatrix.stage import default_calibration
+from moeq.records import QuantizeRecord
+from moeq.steps import wiring
+from moeq.steps.context import Context
+from moeq.steps.repos import repo_units
 
 from conftest import example_section, link_log_flush, pipeline_file, run_moeq
 
@@ -308,10 +314,15 @@ def test_a_card_never_publishes_another_matrix_than_the_quant_was_made_with(tmp_
     text.write_text(default_calibration().read_text()[:30000])
     config = pipeline(tmp_path / "stale", {"calibration": str(text)})
     assert run_moeq("imatrix", "--config", str(config)).returncode == 0
-    proc = run_moeq("card", "--config", str(config), "--quant", "Q4_K_M", "--force")
-    assert proc.returncode == 3
+    # The card stage handed these records refuses (moeq card's plan would make Q4_K_M again with the new matrix first)
+    loaded = load_pipeline(config)
+    ctx = Context.of(loaded)
+    quantized = ctx.records.require(QuantizeRecord, "Q4_K_M")
+    [unit] = repo_units(ctx, [loaded.quant("Q4_K_M")])
+    with pytest.raises(InputError) as error:
+        wiring.card(ctx, unit, [(loaded.quant("Q4_K_M"), wiring.shards(ctx, quantized).record)], force=True)
     matrix = config.parent / "work" / "imatrix" / "tiny-phimoe.imatrix"
-    assert error_line(proc) == (f"error: {matrix}: not the importance matrix Q4_K_M was made with (gone or changed "
+    assert str(error.value) == (f"{matrix}: not the importance matrix Q4_K_M was made with (gone or changed "
                                 "since); run moeq quantize --quant Q4_K_M again")
 
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import gguf
 import pytest
 
-from moeq import steps
-from moeq.steps import Context
+from moeq.plan import Options, run_to
+from moeq.steps.context import Context
+from moeq.steps.repos import repo_units
 from moeq.config import load_pipeline
 from moeq.workspace import Workspace
 
-from conftest import HUB_TOKEN, PER_QUANT, REPO, example_section, pipeline_file, run_moeq
+from conftest import HUB_TOKEN, PER_QUANT, REPO, example_section, pipeline_file, run_moeq, run_target
 from hub_server import Blob, Fault
 
 REPO_ID = "moeq-test/tiny-phimoe-GGUF"  # the example's one repo for the ladder
@@ -26,9 +27,9 @@ def staged_pipeline(tmp_path: Path, card: dict | None = None, hub: dict | None =
     config = pipeline_file(tmp_path, **({"card": card} if card else {}), **({"hub": hub} if hub else {}))
     pipeline = load_pipeline(config)
     ws = Workspace(pipeline.workspace)
-    steps.quantize(Context.of(pipeline), pipeline.quant("Q8_0"))
+    run_target(pipeline, "quantize", "Q8_0")
     if validate:
-        steps.validate(Context.of(pipeline), pipeline.quant("Q8_0"))
+        run_target(pipeline, "validate", "Q8_0")
     make_card(pipeline, "Q8_0")
     return config, pipeline, ws
 
@@ -36,7 +37,9 @@ def staged_pipeline(tmp_path: Path, card: dict | None = None, hub: dict | None =
 def make_card(pipeline, *quants: str):
     """`moeq card --quant Q ...`: the card of the repo(s) these quants go to."""
     ctx = Context.of(pipeline)
-    return [steps.card(ctx, unit) for unit in steps.repo_units(ctx, [pipeline.quant(q) for q in quants])]
+    asked = [pipeline.quant(q) for q in quants]
+    made = run_to(ctx, "card", asked, Options(download=False))
+    return [made[("card", unit.quant)] for unit in repo_units(ctx, asked)]
 
 
 def push(hub, config: Path, *args: str, env: dict | None = None, quants: tuple[str, ...] = ("Q8_0",)):
@@ -302,8 +305,8 @@ def test_pushing_one_quant_into_the_one_repo_changes_only_its_files(tmp_path, te
     and the manifest, which now list both; Q8_0's file is not touched."""
     config, pipeline, ws = staged_pipeline(tmp_path)
     assert push(test_hub, config).returncode == 0
-    steps.quantize(Context.of(pipeline), pipeline.quant("Q4_K_M"))
-    steps.validate(Context.of(pipeline), pipeline.quant("Q4_K_M"))
+    run_target(pipeline, "quantize", "Q4_K_M")
+    run_target(pipeline, "validate", "Q4_K_M")
     [done] = make_card(pipeline, "Q4_K_M")
     assert done.record.quants == ["Q8_0", "Q4_K_M"]  # Q8_0 is in the repo (the push record says so)
     assert "| Q2_K |" not in (ws.repo_dir(None) / "README.md").read_text()  # never built: not listed
@@ -323,7 +326,7 @@ def test_a_push_for_some_quants_refuses_to_change_the_others(tmp_path, test_hub,
     config, pipeline, ws = staged_pipeline(tmp_path)
     assert push(test_hub, config).returncode == 0
     test_hub.state.add_files(REPO_ID, {"tiny-phimoe-Q3_K_M.gguf": b"GGUF from elsewhere"})
-    steps.quantize(Context.of(pipeline), pipeline.quant("Q4_K_M"))
+    run_target(pipeline, "quantize", "Q4_K_M")
     make_card(pipeline, "Q4_K_M")
     test_hub.state.add_files(REPO_ID, {"tiny-phimoe-Q8_0.gguf": b"changed on the Hub"})
     head = test_hub.state.repos[REPO_ID].refs["main"]
@@ -363,20 +366,22 @@ def test_switching_layout_is_refused_unless_asked(tmp_path, test_hub, toolchain)
 
 @pytest.mark.slow
 def test_a_per_quant_card_links_only_repos_on_the_hub(tmp_path, test_hub, toolchain):
-    """Cards made for the whole ladder link every sibling repo; pushing only Q8_0 leaves links to repos that do not
-    exist, which push --check names. A card made for Q8_0 alone links none."""
+    """Cards made for the whole ladder link every sibling repo; push --check names a link to a repo that is not on
+    the Hub. A push of Q8_0 alone makes its card for Q8_0 alone, which links none."""
     config, pipeline, ws = staged_pipeline(tmp_path, hub=PER_QUANT)
-    steps.quantize(Context.of(pipeline), pipeline.quant("Q2_K"))
+    run_target(pipeline, "quantize", "Q2_K")
     make_card(pipeline, "Q8_0", "Q2_K")
     assert "(https://huggingface.co/moeq-test/tiny-phimoe-q2-k-gguf)" in (ws.repo_dir("Q8_0") / "README.md").read_text()
-    assert push(test_hub, config).returncode == 0
-    proc = push(test_hub, config, "--check")
-    assert proc.returncode == 0  # the files are there; the dangling link is a finding
+    proc = push(test_hub, config, "--check")  # a staged card: --check reads it as it is
+    assert proc.returncode == 7
     assert ("moeq-test/tiny-phimoe-q8-0-gguf/README.md: links moeq-test/tiny-phimoe-q2-k-gguf, which is not on the "
             "Hub; push Q2_K too") in proc.stdout
-    make_card(pipeline, "Q8_0")
+    # Pushing Q8_0 alone makes its card for what it pushes first: no link to a repo that is not on the Hub.
+    assert push(test_hub, config).returncode == 0
     assert "tiny-phimoe-q2-k-gguf" not in (ws.repo_dir("Q8_0") / "README.md").read_text()
-    assert push(test_hub, config).returncode == 0 and push(test_hub, config, quants=("Q2_K",)).returncode == 0
+    proc = push(test_hub, config, "--check")
+    assert proc.returncode == 0 and "links" not in proc.stdout, proc.stdout
+    assert push(test_hub, config, quants=("Q2_K",)).returncode == 0
     make_card(pipeline, "Q8_0")  # Q2_K's repo now exists (its push record says so): linked again
     assert "(https://huggingface.co/moeq-test/tiny-phimoe-q2-k-gguf)" in (ws.repo_dir("Q8_0") / "README.md").read_text()
 

@@ -16,14 +16,12 @@ import pytest
 
 from moeq.config import load_pipeline
 from moeq.errors import ResourceError
-from moeq import steps
-from moeq.steps import Context
 from moeq.record_store import load_record
 from moeq.records import QuantizeRecord
 from moeq.toolchain import TOOLS
 from moeq.workspace import Workspace
 
-from conftest import REPO, default_sigint, link_log_flush, run_moeq
+from conftest import REPO, default_sigint, link_log_flush, run_moeq, run_target
 
 Q = gguf.GGMLQuantizationType
 
@@ -289,12 +287,12 @@ def test_llama_quantize_failure_quotes_its_log(tmp_path, toolchain):
 
 def test_disk_space_refusal(tmp_path, toolchain, monkeypatch):
     pipeline = load_pipeline(write_config(tmp_path))
-    steps.fetch(Context.of(pipeline))  # the source first: making it checks the disk too
+    run_target(pipeline, "fetch")  # the source first: making it checks the disk too
     real_usage = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage",
                         lambda p: real_usage(p)._replace(free=3 * 2**20))  # a nearly full disk
     with pytest.raises(ResourceError) as info:
-        steps.quantize(Context.of(pipeline), pipeline.quant("Q8_0"))
+        run_target(pipeline, "quantize", "Q8_0")
     assert str(info.value).startswith(f"{pipeline.workspace / 'quants'}: 3.15 MB free, Q8_0 needs about ")
     assert str(info.value).endswith("free some space or move the workspace")
     assert not list((pipeline.workspace / "quants").iterdir())

@@ -331,7 +331,8 @@ def test_one_job_may_stage_several_quants_each_on_its_own(tmp_path, test_hub):
 def test_a_quants_inputs_name_the_commit_a_hub_sources_revision_resolves_to(tmp_path, test_hub, monkeypatch):
     """A rerun is "current" only for the same source: a Hub source named by a branch is resolved to its commit, so a
     source repo that moved on makes the quant's inputs differ (and the job builds again)."""
-    from moeq import steps
+    from moeq.steps.context import Context
+    from moeq.steps.release import stage_inputs
     from moeq.config import load_pipeline
 
     test_hub.state.add_files("someone/src", {"config.json": b"{}"})
@@ -343,10 +344,10 @@ def test_a_quants_inputs_name_the_commit_a_hub_sources_revision_resolves_to(tmp_
         monkeypatch.setenv(key, value)
     pipeline = load_pipeline(config)
     quant = pipeline.quant("Q8_0")
-    before = steps.stage_inputs(steps.Context.of(pipeline), quant, None)
+    before = stage_inputs(Context.of(pipeline), quant, None)
     assert before["source"]["commit"] == test_hub.state.repos["someone/src"].refs["main"]
-    assert steps.stage_inputs(steps.Context.of(pipeline), quant, None) == before
+    assert stage_inputs(Context.of(pipeline), quant, None) == before
     test_hub.state.add_files("someone/src", {"config.json": b'{"moved": true}'})
-    after = steps.stage_inputs(steps.Context.of(pipeline), quant, None)
+    after = stage_inputs(Context.of(pipeline), quant, None)
     assert after["source"]["commit"] != before["source"]["commit"]
     assert after["quant"] == before["quant"] == {**after["quant"], "type": "Q8_0"}

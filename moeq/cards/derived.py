@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from moeq.cards.lint import Finding, table_cells
+from moeq.cards.findings import Finding, table_cells
 from moeq.units import short_count
 
 RULE = "derived-figure"

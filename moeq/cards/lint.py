@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import bisect
 import re
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from huggingface_hub import ModelCard
 
+from moeq.cards.derived import derived_findings
 from moeq.cards.facts import card_facts
+from moeq.cards.findings import Finding, table_cells
 from moeq.cards.render import template_files
 from moeq.manifest import Manifest
 
@@ -42,16 +43,6 @@ HTML_TAG = re.compile(r"<(!--|/?[A-Za-z][A-Za-z0-9-]*)")
 # A figure: a number standing alone (not part of a name such as Q8_0, phi-3.5 or a sha256).
 FIGURE = re.compile(r"(?<![\w.\-])-?\d+(?:[.,]\d+)*(?![\w])")
 FILE_NAME = re.compile(r"(?<![\w.\-])[\w.\-]+\.gguf\b")  # starts only where a name can start: linear
-
-
-@dataclass(frozen=True)
-class Finding:
-    line: int
-    rule: str
-    message: str
-
-    def format(self, path: str) -> str:
-        return f"{path}:{self.line}: {self.rule}: {self.message}"
 
 
 def lint_card(text: str, path: str = "README.md", manifest: Manifest | None = None,
@@ -77,7 +68,6 @@ def lint_card(text: str, path: str = "README.md", manifest: Manifest | None = No
                      for tag in dict.fromkeys(t.lower() for t in HTML_TAG.findall(line)) if tag not in written]
     if manifest is not None:
         findings += _figure_findings(lines, body_start, manifest, template)
-    from moeq.cards.derived import derived_findings  # it builds on this module's Finding
 
     findings += derived_findings(lines)
     return sorted(findings, key=lambda f: (f.line, f.rule))
@@ -222,13 +212,6 @@ def known_figures(manifest: Manifest) -> set[str]:
     facts = card_facts(manifest)
     facts.pop("extra", None)
     return _figures(facts)
-
-
-def table_cells(line: str) -> list[str]:
-    row = line.strip()
-    row = row[1:] if row.startswith("|") else row
-    row = row[:-1] if row.endswith("|") and not row.endswith("\\|") else row
-    return [c.strip() for c in re.split(r"(?<!\\)\|", row)]
 
 
 def template_figures(template: Path | None) -> set[str]:

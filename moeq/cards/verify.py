@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from moeq.cards.facts import card_facts
-from moeq.cards.lint import Finding
+from moeq.cards.findings import Finding
 from moeq.cards.render import DEFAULT_TEMPLATE, render_card, templates_sha256
 from moeq.errors import InputError
 from moeq.manifest import Manifest

@@ -24,19 +24,22 @@ def bench(
     as_json: JsonOption = False,
 ) -> None:
     """Measure speed (llama-bench), buffers per device (llama-completion) and quality against F16 (llama-perplexity)."""
-    from moeq import steps
+    from moeq.plan import Options, run_to
+    from moeq.steps.policy import require_measured
 
     ctx = open_context(config)
     results, benched = [], []
+    options = Options(force=frozenset({"bench"} if force else ()), download=False,
+                      modes=tuple(modes) if modes else None, rpc=rpc)
     for spec in selected_quants(ctx.pipeline, quant):
-        done = steps.bench(ctx, spec, modes=tuple(modes) if modes else None, rpc=rpc, force=force)
+        done = run_to(ctx, "bench", [spec], options)[("bench", spec.type)]
         benched.append(done.record)
         results.append({"skipped": done.up_to_date, "record": record_json(done.record)})
         if not as_json:
             _print_bench(done.record, done.up_to_date)
     if as_json:
         print_json(results)
-    steps.require_measured(benched, ctx.ws.records_dir)
+    require_measured(benched, ctx.ws.records_dir)
 
 
 def _print_bench(record, skipped: bool) -> None:

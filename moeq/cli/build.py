@@ -40,7 +40,8 @@ def build(
     Without --push the last stage shows the files the push would send, without asking the Hub.
     Exit 0 when every quant succeeded, else the exit code of the first failed stage.
     """
-    from moeq.build import Release, build as run_build
+    from moeq.build import build as run_build
+    from moeq.plan import Release
     from moeq.errors import InputError
     from moeq.push.staging import check_branch
 
@@ -71,7 +72,7 @@ def build(
 
 
 def _print_summary(summary, ws) -> None:
-    from moeq.build import STAGES
+    from moeq.plan import STAGES
 
     colors = {"ran": "green", "up to date": "cyan", "failed": "red", "skipped": "yellow"}
     # One row per stage and a column per quant: stage names never wrap in an 80-column terminal or CI log.

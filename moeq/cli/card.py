@@ -34,15 +34,17 @@ def card(
     """
     if invocation.invoked_subcommand is not None:
         return
-    from moeq import steps
+    from moeq.plan import Options, run_to
+    from moeq.steps.repos import repo_units
 
     ctx = open_context(config)
+    quants = selected_quants(ctx.pipeline, quant)
+    made = run_to(ctx, "card", quants, Options(force=frozenset({"card"} if force else ()), download=False))
     results = []
-    for unit in steps.repo_units(ctx, selected_quants(ctx.pipeline, quant)):
-        ctx.warnings.clear()
-        done = steps.card(ctx, unit, force=force)
+    for unit in repo_units(ctx, quants):
+        done = made[("card", unit.quant)]
         record = done.record
-        results.append({"skipped": done.up_to_date, "warnings": list(ctx.warnings), "record": record_json(record)})
+        results.append({"skipped": done.up_to_date, "warnings": list(done.warnings), "record": record_json(record)})
         if not as_json:
             state = "up to date" if done.up_to_date else "written"
             console.print(f"{', '.join(record.quants)}: card {state}: {record.readme.path} (repo {record.repo_id})",
@@ -139,16 +141,16 @@ def preview(
     from moeq.cards.preview import write_preview
 
     if file is None:
-        from moeq import steps
+        from moeq.steps.repos import preview, repo_units
 
         ctx = open_context(config)
         if ctx.pipeline.single_repo:
-            units = steps.repo_units(ctx, list(ctx.pipeline.quants))
+            units = repo_units(ctx, list(ctx.pipeline.quants))
         elif quant is None:
             raise InputError("give a card FILE, or --quant TYPE for a quant of the pipeline's ladder")
         else:
-            units = steps.repo_units(ctx, [ctx.pipeline.quant(quant)])
-        console.print(f"wrote {steps.preview(ctx, units[0], out)}", soft_wrap=True)
+            units = repo_units(ctx, [ctx.pipeline.quant(quant)])
+        console.print(f"wrote {preview(ctx, units[0], out)}", soft_wrap=True)
         return
     out = out or Path.cwd() / (file.stem + ".html")
     title = str(file)

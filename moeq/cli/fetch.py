@@ -22,11 +22,11 @@ def fetch(
     The revision is resolved to a commit sha; each file is checked against the Hub's sha256; an
     interrupted download continues where it stopped.
     """
-    from moeq import steps
+    from moeq.plan import FETCH, Options, run_to
 
     ctx = open_context(config)
     quiet_progress_off_terminal()
-    done = steps.fetch(ctx, force=force)
+    done = run_to(ctx, "fetch", list(ctx.pipeline.quants), Options(force=frozenset({"fetch"} if force else ())))[FETCH]
     record = done.record
     if as_json:
         print_json({"skipped": done.up_to_date, "record": record_json(record)})

@@ -20,10 +20,11 @@ def imatrix(
 
     Quants with `imatrix: auto` are made with it (moeq build and moeq quantize run this first for them).
     """
-    from moeq import steps
+    from moeq.plan import IMATRIX, Options, run_to
 
     ctx = open_context(config)
-    done = steps.imatrix(ctx, force=force)
+    done = run_to(ctx, "imatrix", list(ctx.pipeline.quants),
+                  Options(force=frozenset({"imatrix"} if force else ()), download=False))[IMATRIX]
     record = done.record
     if as_json:
         print_json({"skipped": done.up_to_date, "record": record_json(record)})

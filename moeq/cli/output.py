@@ -52,7 +52,7 @@ def pipeline_from(config: Path | None):
 def open_context(config: Path | None):
     """The one context of a command: the pipeline (--config, $MOEQ_CONFIG, ./pipeline.yaml), its workspace,
     records, tools and Hub client, with progress going to stderr."""
-    from moeq.steps import Context
+    from moeq.steps.context import Context
 
     return Context.of(pipeline_from(config), say=say)
 

@@ -25,12 +25,12 @@ def publish(
     the Hub, not uploaded again); then delete the branch. A quant of the ladder not staged is refused, naming it,
     and main is left as it was. Works in a fresh workspace: no GGUF is downloaded.
     """
-    from moeq import steps
+    from moeq.plan import publish as publish_ladder
     from moeq.push.staging import check_branch
 
     ctx = open_context(config)
     quiet_progress_off_terminal()
-    done = steps.publish(ctx, check_branch(from_branch), keep_branch=keep_branch)
+    done = publish_ladder(ctx, check_branch(from_branch), keep_branch=keep_branch)
     record = done.record
     if as_json:
         print_json({"branch": from_branch, "record": record_json(record)})

@@ -36,26 +36,30 @@ def push(
 
     The token comes from HF_TOKEN or `hf auth login`; it is never printed or stored.
     """
-    from moeq import steps
+    from moeq.plan import Options, run_to
     from moeq.push.stage import plan_notes
+    from moeq.steps.repos import check_pushed, push_plan, repo_units
 
     ctx = open_context(config)
     quiet_progress_off_terminal()
-    units = steps.repo_units(ctx, selected_quants(ctx.pipeline, quant))
-    verdict = steps.check_pushed(ctx, units, replace_card=replace_card, prune=prune) if check else None
+    quants = selected_quants(ctx.pipeline, quant)
+    units = repo_units(ctx, quants)
+    verdict = check_pushed(ctx, units, replace_card=replace_card, prune=prune) if check else None
+    pushed = {} if dry_run or check else run_to(ctx, "push", quants, Options(
+        download=False, push=True, create_pr=create_pr, replace_card=replace_card, switch_layout=switch_layout,
+        prune=prune))
     results = []
     for index, unit in enumerate(units):
         label = ", ".join(q.type for q in unit.quants)
         if dry_run or check:
-            plan = verdict.plans[index] if verdict else steps.push_plan(ctx, unit, replace_card=replace_card,
-                                                                        switch_layout=switch_layout, prune=prune)
+            plan = verdict.plans[index] if verdict else push_plan(ctx, unit, replace_card=replace_card,
+                                                                  switch_layout=switch_layout, prune=prune)
             files = [f.model_dump() for f in plan.pushed_files()]
             row = {"quant": label, "repo_id": plan.repo_id, "dry_run": True, "repo_exists": plan.repo_exists,
                    "files": files, "upload_bytes": plan.upload_bytes if plan.changes else 0, "record": None,
                    "notes": plan_notes(plan)}
         else:
-            record = steps.push(ctx, unit, create_pr=create_pr, replace_card=replace_card, switch_layout=switch_layout,
-                                prune=prune).record
+            record = pushed[("push", unit.quant)].record
             row = {"quant": label, "repo_id": record.repo_id, "dry_run": False, "repo_exists": record.repo_existed,
                    "files": [f.model_dump() for f in record.files], "upload_bytes": record.uploaded_bytes,
                    "record": record_json(record)}

@@ -28,15 +28,16 @@ def quantize(
     evaluation text (the choice stage); the file made is the one published: with `imatrix: auto`, the one with the
     lower mean KL divergence beyond twice the combined uncertainty, else the stock choice (with it).
     """
-    from moeq import steps
+    from moeq.plan import Options, run_to
     from moeq.quantize.stage import log_path
 
     ctx = open_context(config)
     results = []
     for spec in selected_quants(ctx.pipeline, quant):
         with _quantize_progress(spec.type, plain=as_json or not console.is_terminal) as on_tensor:
-            done = steps.quantize(ctx, spec, force=force, threads=threads, allow_requantize=allow_requantize,
-                                  on_tensor=on_tensor)
+            options = Options(force=frozenset({"quantize"} if force else ()), download=False, threads=threads,
+                              allow_requantize=allow_requantize, on_tensor=on_tensor)
+            done = run_to(ctx, "quantize", [spec], options)[("quantize", spec.type)]
         record = done.record
         chosen = ctx.records.get(ChoiceRecord, spec.type) if spec.imatrix is not None else None
         if chosen is not None and chosen.published.file.sha256 != record.output.sha256:

@@ -23,8 +23,9 @@ def recipe(
     Every recipe measured is kept in records/recipe-TYPE.json; the chosen one is written as a llama-quantize
     --tensor-type-file beside the file it makes. Without --quant, every rung that asks for a search.
     """
-    from moeq import steps
     from moeq.config import RECIPE_SEARCH
+    from moeq.plan import FETCH, Options, run_to
+    from moeq.steps.wiring import recipe_plan
 
     ctx = open_context(config)
     quants = selected_quants(ctx.pipeline, quant) if quant else [q for q in ctx.pipeline.quants
@@ -37,12 +38,14 @@ def recipe(
     results = []
     for spec in quants:
         if plan:
-            planned = steps.recipe_plan(ctx, spec)
+            source = run_to(ctx, "fetch", [spec], Options(download=False))[FETCH].record
+            planned = recipe_plan(ctx, spec, source)
             results.append({"quant": spec.type, "plan": planned.as_dict()})
             if not as_json:
                 console.print(f"{spec.type}: {planned.describe()}", soft_wrap=True)
             continue
-        done = steps.recipe(ctx, spec, force=force)
+        options = Options(force=frozenset({"recipe"} if force else ()), download=False)
+        done = run_to(ctx, "recipe", [spec], options)[("recipe", spec.type)]
         record = done.record
         results.append({"skipped": done.up_to_date, "record": record_json(record)})
         if not as_json:

@@ -34,10 +34,11 @@ def validate(
     if numerics not in ("sample", "full", "off"):
         raise InputError(f"--numerics {numerics!r}: use sample, full or off")
     if file is None and quant is not None:  # a quant of the ladder: the pipeline's file and source
-        from moeq import steps
+        from moeq.plan import Options, run_to
 
         ctx = open_context(config)
-        done = steps.validate(ctx, ctx.pipeline.quant(quant), numerics, force=force)
+        options = Options(force=frozenset({"validate"} if force else ()), download=False, numerics=numerics)
+        done = run_to(ctx, "validate", [ctx.pipeline.quant(quant)], options)[("validate", quant)]
         record = done.record
         if done.up_to_date and not as_json:
             console.print(f"{record.quant}: up to date (the record checked this file; --force to check again)",
@@ -64,6 +65,6 @@ def _report_checks(file: str, checks: list[dict], as_json: dict | None) -> None:
         for check in checks:
             table.add_row(check.name, "[green]pass[/]" if check.ok else "[red]FAIL[/]", check.detail)
         console.print(table)
-    from moeq.steps import require_passed
+    from moeq.steps.policy import require_passed
 
     require_passed(file, checks)

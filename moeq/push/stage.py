@@ -259,12 +259,12 @@ def _only_selected(plan: PushPlan, card: CardRecord, selected: list[str]) -> Non
                              "ladder (moeq push without --quant) to delete it, or build its quant and push it")
 
 
-def push_stage(pipeline: Pipeline, quant: str | None, selected: list[str], api: HfApi, records: Records, *,
+def push_stage(pipeline: Pipeline, card: CardRecord, selected: list[str], api: HfApi, records: Records, *,
                create_pr: bool | None = None, replace_card: bool = False, switch_layout: bool = False, prune: bool = False,
                on_message: Callable[[str], None] = lambda _msg: None) -> Stage[PushRecord]:
-    """Publish the staged repo of `quant` (a quant, or None: the ladder's one repo) in one commit (or pull request);
+    """Publish the repo `card` staged (for a quant, or for the ladder's one repo) in one commit (or pull request);
     `selected`: the quants asked for."""
-    card = records.require(CardRecord, quant)
+    quant = card.quant
     check_staged(pipeline, quant, card)
     create_pr = pipeline.hub.create_pr if create_pr is None else create_pr
     require_token()
