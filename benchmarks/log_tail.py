@@ -27,7 +27,8 @@ from pathlib import Path
 from moeq.bench.runs import run_memory
 from moeq.errors import ToolError
 from moeq.imatrix_file import read_imatrix
-from moeq.kld import default_eval_text, run_perplexity
+from moeq.kld import run_perplexity
+from moeq.texts import shipped_evaluation
 from moeq.offload import OffloadMode
 from moeq.runner import LOG_FLUSH_LIBRARY, run_tool
 from moeq.speed import run_speed
@@ -61,7 +62,7 @@ def unchanged_tools(folder: Path) -> Path:
 
 def run_once(kind: str, chain: Toolchain, model: Path, base_kld: Path, work: Path, i: int) -> None:
     log = work / f"{kind}-{i}.log"
-    text = default_eval_text()
+    text = shipped_evaluation()
     try:
         if kind == "perplexity-base":
             run_perplexity(chain.path("llama-perplexity"), model, text, log, ctx=256, chunks=4,
@@ -108,7 +109,7 @@ def main() -> None:
             flush = chain.tool("llama-perplexity").build.log_flush
             print(f"{label}: {chain.path('llama-perplexity').parent} (log flush {flush[:12] if flush else 'none'})")
         base_kld = work / "f16.kld"
-        run_perplexity(pinned_bin_dir() / "llama-perplexity", model, default_eval_text(), work / "f16.log", ctx=256,
+        run_perplexity(pinned_bin_dir() / "llama-perplexity", model, shipped_evaluation(), work / "f16.log", ctx=256,
                        chunks=4, kld_base=base_kld, save_base=True, threads=1, timeout_s=300)
         jobs = [(label, kind, i) for i in range(args.runs) for kind in KINDS for label in chains]
         lost: Counter = Counter()

@@ -18,7 +18,6 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +29,6 @@ from moeq.gguf_header import GGUFHeader
 
 GGUF_MAGIC = b"GGUF"
 EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(?:up|gate|down)_exps\.weight")
-
-
-def default_calibration() -> Path:
-    """The calibration text shipped with moeq: imatrix.calibration when the pipeline names none."""
-    return Path(str(resources.files("moeq") / "data" / "calibration.txt"))
 
 
 @dataclass

@@ -15,10 +15,10 @@ import hashlib
 import json
 import math
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
+from moeq import texts
 from moeq.config import Pipeline
 from moeq.errors import InputError, ToolError
 from moeq.records import FileRef, PerplexityFigures, PerplexityOptions
@@ -26,18 +26,9 @@ from moeq.runner import run_tool
 from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace, partial_file, write_json_atomic
 
-def default_eval_text() -> Path:
-    return Path(str(resources.files("moeq.bench") / "eval-text.txt"))
-
-
-def eval_text(pipeline: Pipeline) -> Path:
-    """The evaluation text: bench.perplexity.text, or moeq's own (moeq/bench/EVAL-TEXT.md)."""
-    return pipeline.bench.perplexity.text or default_eval_text()
-
-
 def eval_options(pipeline: Pipeline, ws: Workspace) -> PerplexityOptions:
     ppl = pipeline.bench.perplexity
-    text = eval_text(pipeline)
+    text = texts.evaluation(pipeline)
     return PerplexityOptions(text=text.name, text_sha256=ws.hashes.sha256(text), ctx=ppl.ctx, chunks=ppl.chunks)
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from moeq.kld import default_eval_text, parse_perplexity
+from moeq.kld import parse_perplexity
+from moeq.texts import shipped_evaluation
 from moeq.choice.stage import FOLDERS
 from moeq.record_store import Records
 from moeq.records import ChoiceRecord, QuantizeRecord, ValidateRecord
@@ -53,7 +54,7 @@ def benched(tmp_path_factory, toolchain, rpc_device):
 
 
 def test_eval_text_is_the_shipped_one():
-    assert hashlib.sha256(default_eval_text().read_bytes()).hexdigest() == EVAL_TEXT_SHA256
+    assert hashlib.sha256(shipped_evaluation().read_bytes()).hexdigest() == EVAL_TEXT_SHA256
 
 
 @pytest.mark.parametrize("quant", LADDER)
@@ -239,7 +240,7 @@ def test_perplexity_uncertainty_printed_as_nan_is_parsed(tmp_path, toolchain, ti
     """The F16 against its own logits: llama-perplexity prints `± nan` (or -nan) for the ratio; that is no failure."""
     from moeq.kld import run_perplexity
 
-    text = default_eval_text()
+    text = shipped_evaluation()
     kwargs = dict(ctx=128, chunks=4, threads=None, timeout_s=300)
     run_perplexity(toolchain.path("llama-perplexity"), tiny_model, text, tmp_path / "base.log",
                    kld_base=tmp_path / "base.kld", save_base=True, **kwargs)
@@ -261,7 +262,7 @@ def test_a_missing_figure_names_the_line(tmp_path, toolchain, tiny_model):
     tool = tmp_path / "llama-perplexity"
     tool.write_text(f'#!/bin/sh\n{real} "$@" 2>&1 | grep -v "Same top p"\n')
     tool.chmod(0o755)
-    text, kwargs = default_eval_text(), dict(ctx=128, chunks=2, threads=None, timeout_s=300)
+    text, kwargs = shipped_evaluation(), dict(ctx=128, chunks=2, threads=None, timeout_s=300)
     run_perplexity(real, tiny_model, text, tmp_path / "base.log", kld_base=tmp_path / "b.kld", save_base=True,
                    **kwargs)
     with pytest.raises(ToolError) as info:
@@ -399,7 +400,7 @@ def test_the_f16_logits_of_older_settings_are_deleted(tmp_path, toolchain, tiny_
     from moeq.workspace import Workspace
 
     ws = Workspace(tmp_path / "work")
-    text = default_eval_text()
+    text = shipped_evaluation()
     source = FileRef(path=str(tiny_model), size=tiny_model.stat().st_size, sha256="0" * 64)
 
     def made(ctx: int, purpose: str) -> Path:

@@ -14,7 +14,7 @@ import pytest
 
 from moeq.config import load_pipeline
 from moeq.errors import InputError
-from moeq.imatrix.stage import default_calibration
+from moeq.texts import shipped_calibration
 from moeq.records import QuantizeRecord
 from moeq.steps import wiring
 from moeq.steps.context import Context
@@ -77,7 +77,7 @@ def test_record_holds_the_per_expert_counts_of_the_imatrix_gguf(made):
     chunks = reader.get_field("imatrix.chunk_count").contents()
     assert record["chunks"] == chunks and record["ctx"] == 256 and record["tokens"] == chunks * 256
     assert all(sum(v) == 2 * record["tokens"] for v in in_file.values())
-    calibration = default_calibration()
+    calibration = shipped_calibration()
     assert record["calibration"] == {
         "name": "calibration.txt", "size": calibration.stat().st_size, "shipped": True,
         "sha256": hashlib.sha256(calibration.read_bytes()).hexdigest(), "sources": record["calibration"]["sources"]}
@@ -207,7 +207,7 @@ def other_model_imatrix(tmp_path: Path, toolchain, width: int) -> Path:
     out = tmp_path / f"other-{width}.imatrix.gguf"
     import subprocess
 
-    subprocess.run([str(toolchain.path("llama-imatrix")), "-m", str(model), "-f", str(default_calibration()),
+    subprocess.run([str(toolchain.path("llama-imatrix")), "-m", str(model), "-f", str(shipped_calibration()),
                     "-o", str(out), "-c", "128", "--chunks", "4"], check=True, capture_output=True)
     return out
 
@@ -241,7 +241,7 @@ def test_changing_the_calibration_reruns_imatrix_and_its_quants_only(tmp_path):
     first = run_moeq("build", "--config", str(config), "--all", "--skip-bench", "--json")
     assert first.returncode == 0, first.stderr
     text = tmp_path / "calibration.txt"
-    text.write_text(default_calibration().read_text()[:40000])
+    text.write_text(shipped_calibration().read_text()[:40000])
     config = pipeline(tmp_path / "change", {"calibration": str(text)})
     second = run_moeq("build", "--config", str(config), "--all", "--skip-bench", "--json")
     assert second.returncode == 0, second.stderr
@@ -311,7 +311,7 @@ def test_a_card_never_publishes_another_matrix_than_the_quant_was_made_with(tmp_
     config = pipeline(tmp_path / "stale")
     assert run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--skip-bench").returncode == 0
     text = tmp_path / "calibration.txt"
-    text.write_text(default_calibration().read_text()[:30000])
+    text.write_text(shipped_calibration().read_text()[:30000])
     config = pipeline(tmp_path / "stale", {"calibration": str(text)})
     assert run_moeq("imatrix", "--config", str(config)).returncode == 0
     # The card stage handed these records refuses (moeq card's plan would make Q4_K_M again with the new matrix first)

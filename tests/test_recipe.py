@@ -13,7 +13,7 @@ import pytest
 
 from moeq.errors import InputError
 from moeq.gguf_header import read_header
-from moeq.imatrix.stage import default_calibration
+from moeq.texts import shipped_calibration
 from moeq.recipe.assemble import assemble
 from moeq.recipe_file import recipe_types
 
@@ -38,7 +38,7 @@ def pure(request, tmp_path_factory, toolchain, tiny_model):
     if request.param == "imatrix":
         matrix = folder / "tiny.imatrix"
         proc = subprocess.run([str(toolchain.path("llama-imatrix")), "-m", str(tiny_model), "-f",
-                               str(default_calibration()), "--chunks", "2", "-c", "128", "-o", str(matrix)],
+                               str(shipped_calibration()), "--chunks", "2", "-c", "128", "-o", str(matrix)],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         extra = ["--imatrix", str(matrix)]

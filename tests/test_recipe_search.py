@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from moeq.imatrix.stage import default_calibration
-from moeq.kld import default_eval_text
+from moeq.texts import shipped_calibration
+from moeq.texts import shipped_evaluation
 from moeq.recipe_file import recipe_types
 from moeq.recipe.search import Group, Option, groups_of, predicted, recipe_lines, solve, stepped
-from moeq.recipe.stage import default_selection_text
+from moeq.texts import shipped_selection
 
 from conftest import REPO, default_sigint, example_section, pipeline_file, run_moeq
 
@@ -41,8 +41,8 @@ def lines_of(path: Path) -> set[str]:
 def test_the_selection_text_shares_no_line_with_the_other_texts():
     """Calibration (the imatrix), selection (the search) and evaluation (the published figures) are disjoint, and
     none is the tiny model's training text."""
-    texts = {"calibration": default_calibration(), "selection": default_selection_text(),
-             "evaluation": default_eval_text(), "training": REPO / "moeq" / "data" / "training-text.txt"}
+    texts = {"calibration": shipped_calibration(), "selection": shipped_selection(),
+             "evaluation": shipped_evaluation(), "training": REPO / "moeq" / "data" / "training-text.txt"}
     lines = {name: lines_of(path) for name, path in texts.items()}
     assert len(lines["selection"]) > 300
     for name in ("calibration", "evaluation", "training"):
@@ -315,13 +315,13 @@ def test_recipe_settings_are_checked(tmp_path, quant, recipe, message):
 
 def test_a_selection_text_that_shares_lines_with_the_evaluation_text_is_refused(tmp_path, toolchain):
     borrowed = tmp_path / "borrowed.txt"
-    borrowed.write_text(default_selection_text().read_text() + default_eval_text().read_text()[:4000])
+    borrowed.write_text(shipped_selection().read_text() + shipped_evaluation().read_text()[:4000])
     quants = [{"type": "Q2_K", "recipe": "search"}]
     config = pipeline_file(tmp_path, trained=False, quants=quants, recipe={**SMALL, "selection": str(borrowed)})
     proc = run_moeq("recipe", "--config", str(config))
     assert proc.returncode == 3
     line = error_line(proc)
-    assert line.startswith(f"error: {borrowed}: shares ") and f"with {default_eval_text()} (bench.perplexity.text)" in line
+    assert line.startswith(f"error: {borrowed}: shares ") and f"with {shipped_evaluation()} (bench.perplexity.text)" in line
     assert line.endswith("(recipe.selection)")
     assert not (tmp_path / "work" / "recipe" / "pure").exists()  # refused before any per-type file is made
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from moeq import texts
 from moeq.bench.machine import machine_facts
 from moeq.bench.rpc import rpc_endpoint
 from moeq.bench.runs import offload_devices, run_memory
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import MoeqError, ToolError
-from moeq.kld import base_logits, eval_options, eval_text, measure
+from moeq.kld import base_logits, eval_options, measure
 from moeq.memory_plan import plan_file
 from moeq.offload import OffloadMode, require_settings
 from moeq.speed import run_speed
@@ -49,7 +50,7 @@ def bench_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Tool
         require_settings(modes, "--modes")
     rpc = rpc or pipeline.bench.rpc
     cfg = pipeline.bench
-    text = eval_text(pipeline)
+    text = texts.evaluation(pipeline)
     tool = chain.tool("llama-bench")
     machine = Machine(**machine_facts())
     options = BenchOptions(

@@ -23,8 +23,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from moeq import texts
 from moeq.config import Pipeline, QuantSpec
-from moeq.kld import base_logits, compare, eval_options, eval_text, measure
+from moeq.kld import base_logits, compare, eval_options, measure
 from moeq.offload import OffloadMode
 from moeq.records import (SEARCHED, WITH, WITHOUT, Candidate, ChoiceRecord, FetchRecord, QuantizeRecord, SpeedRun,
                           ToolBuildRef)
@@ -43,7 +44,7 @@ def choice_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
     i with its file, made again when it was measured and deleted) and choose; `may_choose` False: the pipeline
     named the importance matrix, so the file made without it is not published."""
     options = eval_options(pipeline, ws)
-    text = eval_text(pipeline)
+    text = texts.evaluation(pipeline)
     cfg = pipeline.bench
     tool = chain.tool("llama-perplexity")
 

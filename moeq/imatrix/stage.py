@@ -22,9 +22,10 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
+from moeq import texts
 from moeq.config import Pipeline
 from moeq.errors import InputError, ToolError
-from moeq.imatrix_file import default_calibration, read_imatrix
+from moeq.imatrix_file import read_imatrix
 from moeq.records import (CalibrationRef, CalibrationSource, ExpertCoverage, ExpertTokens, FileRef, ImatrixRecord,
                           FetchRecord, ToolBuildRef)
 from moeq.runner import run_tool
@@ -86,7 +87,7 @@ def check_calibration(text: Path, config: Path) -> None:
 def imatrix_stage(pipeline: Pipeline, ws: Workspace, chain: Toolchain, source: FetchRecord,
                   on_message: Callable[[str], None] = lambda _msg: None) -> Stage[ImatrixRecord]:
     spec = pipeline.imatrix
-    text = spec.calibration or default_calibration()
+    text = texts.calibration(pipeline)
     check_calibration(text, pipeline.path)
     tool = chain.tool("llama-imatrix")
     final = imatrix_path(ws, pipeline)

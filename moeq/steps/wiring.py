@@ -25,7 +25,8 @@ from moeq.imatrix.stage import imatrix_stage
 from moeq.kld import compare
 from moeq.push.stage import push_stage
 from moeq.quantize.stage import quantize_stage
-from moeq.recipe.stage import plan_search, recipe_stage
+from moeq.recipe.cost import plan_search
+from moeq.recipe.stage import recipe_stage
 from moeq.records import (SEARCHED, BenchRecord, CardRecord, ChoiceRecord, FetchRecord, ImatrixRecord, PushRecord,
                           QuantizeRecord, RecipeRecord, ShardsRecord, ValidateRecord)
 from moeq.shards.stage import shards_stage
