@@ -18,7 +18,7 @@ from moeq.config import QuantSpec
 from moeq.errors import ConfigError
 from moeq.hub.client import hub_endpoint
 from moeq.plan import STAGES, Options, Release, Step, forced_stages, plan, run_plan
-from moeq.stage_runner import StageResult
+from moeq.stage_runner import StageResult, Status
 from moeq.steps import release as releases, repos
 from moeq.steps.context import Context, require_tools
 
@@ -35,7 +35,7 @@ class QuantRow:
 
     @property
     def ok(self) -> bool:
-        return all(s.status != "failed" for s in self.stages)
+        return all(s.status != Status.FAILED for s in self.stages)
 
     def record(self, stage: str):
         return next((s.record for s in self.stages if s.stage == stage and s.record is not None), None)
@@ -83,7 +83,7 @@ class BuildSummary:
     @property
     def exit_code(self) -> int:
         """0, or the exit code of the first failed stage (errors.py), so CI sees what kind of failure."""
-        return next((s.exit_code for q in self.quants for s in q.stages if s.status == "failed"), 0)
+        return next((s.exit_code for q in self.quants for s in q.stages if s.status == Status.FAILED), 0)
 
     def as_dict(self) -> dict:
         return {"ok": self.ok, "exit_code": self.exit_code, "pushed": self.pushed, "single_repo": self.single_repo,
@@ -99,7 +99,7 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
     if staged:
         ctx.say(f"{', '.join(staged)}: {next(iter(staged.values()))}; nothing to build")
     rows_of_staged = [QuantRow(q.type, pipeline.repo_id(q), f"{hub_endpoint()}/{pipeline.repo_id(q)}",
-                               [StageResult("push", "up to date", staged[q.type])]) for q in quants if q.type in staged]
+                               [StageResult("push", Status.UP_TO_DATE, staged[q.type])]) for q in quants if q.type in staged]
     quants = [q for q in quants if q.type not in staged]
     if not quants:
         return BuildSummary(rows_of_staged, pushed=True, single_repo=pipeline.single_repo)
@@ -135,9 +135,9 @@ def _row(quant: str, todo: list[Step], results: dict, blocked: dict) -> list[Sta
     row, cause = [], None
     for step in shown:
         result = results[step.id]
-        if cause is not None and result.status == "skipped":
+        if cause is not None and result.status == Status.SKIPPED:
             result = dataclasses.replace(result, why=cause)
-        elif cause is None and result.status == "failed":
+        elif cause is None and result.status == Status.FAILED:
             cause = blocked[step.id]
         row.append(result)
     return row

@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError
 
-from moeq.config import SEARCHED_SUFFIX
+from moeq.config import SEARCHED_SUFFIX, Layout
 from moeq.errors import InputError
-from moeq.records import (SEARCHED, BenchRecord, ChoiceRecord, ImatrixRecord, Model, QuantizeRecord, FetchRecord,
+from moeq.records import (BenchRecord, ChoiceRecord, ImatrixRecord, Model, QuantizeRecord, FetchRecord,
                           RecipeRecord, ValidateRecord)
 from moeq.workspace import read_text_limited
 
@@ -131,10 +131,14 @@ class QuantEntry(Model):
     """The records the card's figures for it come from."""
 
     @property
+    def searched(self) -> bool:
+        """Whether its file is moeq's searched recipe (the choice published it)."""
+        return self.records.choice is not None and self.records.choice.searched_published
+
+    @property
     def label(self) -> str:
-        """The quant label its file carries: TYPE_MOEQ where the choice published moeq's searched recipe."""
-        choice = self.records.choice
-        return self.quant + (SEARCHED_SUFFIX if choice is not None and choice.published.name == SEARCHED else "")
+        """The quant label its file carries: TYPE_MOEQ for moeq's searched recipe."""
+        return self.quant + (SEARCHED_SUFFIX if self.searched else "")
 
 
 class Manifest(Model):
@@ -144,7 +148,7 @@ class Manifest(Model):
     """The manifest's format version."""
     generator: str
     """The moeq that wrote it (moeq VERSION)."""
-    layout: Literal["single", "per-quant"]
+    layout: Layout
     """hub.layout: the ladder in one repo, or a repo per quant."""
     repo_id: str
     """The Hub repo it describes."""

@@ -26,8 +26,8 @@ from typing import Any, Callable
 from moeq.config import IMATRIX_AUTO, RECIPE_SEARCH, QuantSpec
 from moeq.errors import ConfigError, MoeqError, from_os_error
 from moeq.fetch.stage import HUB_KINDS
-from moeq.records import SEARCHED, QuantizeRecord
-from moeq.stage_runner import StageResult
+from moeq.records import Made, QuantizeRecord
+from moeq.stage_runner import StageResult, Status
 from moeq.steps import candidates, policy, release as releases, repos, wiring
 from moeq.steps.context import Context
 from moeq.steps.repos import RepoUnit
@@ -105,7 +105,7 @@ class Step:
 
 
 def skipped(stage: str, subject: str | None, why: str) -> Step:
-    return Step(stage, subject, lambda _got: StageResult(stage, "skipped", why), rows=(subject,))
+    return Step(stage, subject, lambda _got: StageResult(stage, Status.SKIPPED, why), rows=(subject,))
 
 
 def forced_stages(force_stage: str | None) -> frozenset[str]:
@@ -216,7 +216,7 @@ class _Planner:
 
         def candidate_step(name: str) -> Step:
             needs = self.source_needs + (matrix if candidates.needs_matrix(q, name) else ()) + \
-                ((recipe_id,) if name == SEARCHED else ())
+                ((recipe_id,) if name == Made.SEARCHED else ())
             return Step(CANDIDATE, made[name][1], lambda got: candidate(name, got), needs=needs, lock=lock)
 
         todo = []
@@ -263,7 +263,7 @@ class _Planner:
                  check=lambda record: policy.require_passed(q.type, record.checks, see=see)),
         ]
         if options.skip_bench:
-            todo.append(Step("bench", q.type, lambda _got: StageResult("bench", "skipped"), (q.type,),
+            todo.append(Step("bench", q.type, lambda _got: StageResult("bench", Status.SKIPPED), (q.type,),
                              after=(("validate", q.type),)))
         else:
             todo.append(Step("bench", q.type, lambda got: wiring.bench(
@@ -305,7 +305,7 @@ class _Planner:
                                            replace_card=options.replace_card, switch_layout=options.switch_layout,
                                            prune=options.prune)
         else:
-            push = lambda _got: StageResult("push", "skipped")
+            push = lambda _got: StageResult("push", Status.SKIPPED)
         waits = None if unit.quant else (lambda failed: f"the ladder's repo waits for {', '.join(failed)}")
         return todo + [
             Step("card", unit.quant, card, held, needs=tuple(("shards", q.type) for q in listed), lock=lock,
@@ -328,7 +328,7 @@ def run_plan(ctx: Context, todo: list[Step], target: str | None = None) -> tuple
             failed = [need for need in step.needs + step.after if need in blocked]
             if failed:
                 results[step.id] = _blocked_result(step, failed, by_id, results, blocked)
-                blocked[step.id] = results[step.id].why if results[step.id].status == "skipped" else \
+                blocked[step.id] = results[step.id].why if results[step.id].status == Status.SKIPPED else \
                     step.on_failure or f"{step.stage} failed"
                 continue
             if target is None and step.lock != holding:
@@ -348,7 +348,7 @@ def run_plan(ctx: Context, todo: list[Step], target: str | None = None) -> tuple
                 if target is not None:
                     raise
                 error = from_os_error(exc) if isinstance(exc, OSError) else exc
-                results[step.id] = StageResult(step.stage, "failed", error.message, _since(started),
+                results[step.id] = StageResult(step.stage, Status.FAILED, error.message, _since(started),
                                                exit_code=error.exit_code)
                 locked_out = step.lock is not None and holding is None  # another build holds this quant
                 blocked[step.id] = ("another build is running" if locked_out
@@ -359,11 +359,11 @@ def run_plan(ctx: Context, todo: list[Step], target: str | None = None) -> tuple
 def _blocked_result(step: Step, failed: list[StepId], by_id: dict, results: dict, blocked: dict) -> StageResult:
     """What a step whose needs failed shows: a failed candidate's error as its own when only candidates failed (a
     candidate has no row: the choice shows it), else skipped with what it waited for."""
-    hidden = next((need for need in failed if not by_id[need].rows and results[need].status == "failed"), None)
+    hidden = next((need for need in failed if not by_id[need].rows and results[need].status == Status.FAILED), None)
     if hidden is not None and all(not by_id[need].rows for need in failed):
         return dataclasses.replace(results[hidden], stage=step.stage)
     why = step.waits_for([subject for _stage, subject in failed]) if step.waits_for else blocked[failed[0]]
-    return StageResult(step.stage, "skipped", why)
+    return StageResult(step.stage, Status.SKIPPED, why)
 
 
 def run_to(ctx: Context, target: str, quants: list[QuantSpec], options: Options = Options()) -> dict[StepId, StageResult]:

@@ -9,6 +9,7 @@ loading and caching them is record_store.py's job.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -559,15 +560,24 @@ class Quality(Model):
     """Chunks evaluated."""
 
 
-WITH, WITHOUT = "with the importance matrix", "without the importance matrix"  # the choice's candidates, by name
-SEARCHED = "with the searched recipe"
+class Made(StrEnum):
+    """How a candidate of the choice is made: its name in the records (the value), and `folder`, its folder under
+    WORKSPACE/choice/TYPE/ and the suffix of its quantize record (quantize-Q4_K_M-with-imatrix.json)."""
+
+    WITH = "with the importance matrix"
+    WITHOUT = "without the importance matrix"
+    SEARCHED = "with the searched recipe"
+
+    @property
+    def folder(self) -> str:
+        return {Made.WITH: "with-imatrix", Made.WITHOUT: "without-imatrix", Made.SEARCHED: "searched"}[self]
 
 
 class Candidate(Model):
     """One file the choice stage measured before choosing the one to publish."""
 
-    name: str
-    """What it is: "with the importance matrix", "without the importance matrix" or "with the searched recipe"."""
+    name: Made
+    """How it was made: with the importance matrix, without it, or with the searched recipe."""
     imatrix: ImatrixRef | None
     """The importance matrix it was made with (None: without one)."""
     file: FileRef
@@ -605,6 +615,11 @@ class ChoiceRecord(Record):
     @property
     def published(self) -> Candidate:
         return self.candidates[self.chosen]
+
+    @property
+    def searched_published(self) -> bool:
+        """Whether the file published is the searched recipe's (labelled TYPE_MOEQ): decided here only."""
+        return self.published.name == Made.SEARCHED
 
     def others(self) -> list[Candidate]:
         return [c for i, c in enumerate(self.candidates) if i != self.chosen]
@@ -775,11 +790,21 @@ class CardRecord(Record):
     """The branch's commit they were checked at, which the publish copies them from."""
 
 
+class PushAction(StrEnum):
+    """What a push does to one file of the repo."""
+
+    ADD = "add"
+    UPDATE = "update"
+    UNCHANGED = "unchanged"
+    DELETE = "delete"  # a file moeq published before and the card no longer lists (or any, with --prune)
+    KEPT = "kept"  # a file moeq did not publish, left as it is
+
+
 class PushedFile(Model):
     path: str
     """The file's path in the repo."""
-    action: str
-    """add, update, unchanged, delete or kept."""
+    action: PushAction
+    """What the push did to it: add, update, unchanged, delete, or kept (a file moeq did not publish)."""
     size: int
     """Its size in bytes."""
     sha256: str | None = None

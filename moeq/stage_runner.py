@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Callable, Generic, TypeVar
 
 from moeq.record_store import Records, Saved, save_record
@@ -23,6 +24,15 @@ from moeq.records import SCHEMA_VERSION, Model, record_json
 from moeq.toolchain import Tool
 
 R = TypeVar("R", bound=Model)
+
+
+class Status(StrEnum):
+    """What became of a stage: the runner says ran or up to date; a plan also says failed or skipped."""
+
+    RAN = "ran"
+    UP_TO_DATE = "up to date"
+    FAILED = "failed"
+    SKIPPED = "skipped"
 
 
 @dataclass
@@ -34,7 +44,7 @@ class Stage(Generic[R]):
     tool: Callable[[], Tool] | None = None  # the llama.cpp tool whose output the record describes
     lock: str | None = None  # default: NAME-QUANT
     intact: Callable[[R], bool] = lambda _record: True  # the outputs the record names are still as it says
-    status: Callable[[R], str] = lambda _record: "ran"  # push: "up to date" when nothing had changed
+    status: Callable[[R], Status] = lambda _record: Status.RAN  # push: up to date when nothing had changed
     # The key may be computed after run() when there is nothing to compare it with (no record, or forced):
     # quantize's key waits on the source's sha256, which a first run computes beside llama-quantize.
     lazy_key: bool = False
@@ -46,7 +56,7 @@ class StageResult(Generic[R]):
     `failed` (why: the error) or `skipped` (why: what it waited for, or why it was not asked for)."""
 
     stage: str
-    status: str  # ran, up to date, failed, skipped
+    status: Status
     why: str = ""  # ran: forced, no record, which key changed, outputs changed; up to date: inputs unchanged
     seconds: float = 0.0  # how long this call took
     record: R | None = None
@@ -55,7 +65,7 @@ class StageResult(Generic[R]):
 
     @property
     def up_to_date(self) -> bool:
-        return self.status == "up to date"
+        return self.status == Status.UP_TO_DATE
 
 
 def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
@@ -71,7 +81,7 @@ def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
         key = None if later else declared_key(stage)
         why = _why_run(stage, previous, key, force, unusable)
         if why is None:
-            return StageResult(stage.name, "up to date", "inputs unchanged", _since(started), previous.record)
+            return StageResult(stage.name, Status.UP_TO_DATE, "inputs unchanged", _since(started), previous.record)
         if unusable:
             on_message(f"{path}: {unusable}; {stage.name} will run again")
         running = time.monotonic()

@@ -13,7 +13,6 @@ import pytest
 
 from moeq.kld import parse_perplexity
 from moeq.texts import shipped_evaluation
-from moeq.choice.stage import FOLDERS
 from moeq.record_store import Records
 from moeq.records import ChoiceRecord, QuantizeRecord, ValidateRecord
 from moeq.cards.lint import lint_card
@@ -105,7 +104,7 @@ def test_quality_against_f16(benched):
     for q in LADDER:
         assert quality[q].quant.ppl_ratio > 0
         choice = Records(ws).get(ChoiceRecord, q)  # Q4_K_M and Q2_K: measured once, by the choice stage
-        folder = FOLDERS[choice.published.name] if choice else None
+        folder = choice.published.name.folder if choice else None
         log = ws.root / "choice" / q / f"perplexity-{folder}.log" if choice else ws.root / "bench" / q / "perplexity.log"
         assert parse_perplexity(log.read_text())["kld_mean"] == quality[q].quant.kld_mean
     assert [q for q in LADDER if Records(ws).get(ChoiceRecord, q)] == ["Q4_K_M", "Q2_K"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from moeq.kld import compare
-from moeq.choice.stage import WITH, WITHOUT, choose
-from moeq.records import Candidate, FileRef, PerplexityFigures
+from moeq.choice.stage import choose
+from moeq.records import Candidate, FileRef, Made, PerplexityFigures
 
 from conftest import example_section, pipeline_file, run_moeq
 
@@ -23,8 +23,8 @@ def figures(pair) -> PerplexityFigures:
 
 def candidates(with_, without) -> list[Candidate]:
     file = FileRef(path="q.gguf", size=1, sha256="0" * 64)
-    return [Candidate(name=WITH, imatrix=None, file=file, quality=figures(with_)),
-            Candidate(name=WITHOUT, imatrix=None, file=file, quality=figures(without))]
+    return [Candidate(name=Made.WITH, imatrix=None, file=file, quality=figures(with_)),
+            Candidate(name=Made.WITHOUT, imatrix=None, file=file, quality=figures(without))]
 
 
 @pytest.mark.parametrize("a,b,verdict", [
@@ -78,7 +78,7 @@ def test_the_published_file_is_the_candidate_the_measurements_favour(chosen):
     config, quantized, choice = chosen
     work = config.parent / "work"
     [with_, without] = choice["candidates"]
-    assert (with_["name"], without["name"]) == (WITH, WITHOUT)
+    assert (with_["name"], without["name"]) == (Made.WITH, Made.WITHOUT)
     assert with_["imatrix"]["sha256"] and without["imatrix"] is None
     verdict = compare(PerplexityFigures(**without["quality"]), PerplexityFigures(**with_["quality"]))
     assert choice["chosen"] == (1 if verdict == "lower" else 0) and choice["may_choose"] is True

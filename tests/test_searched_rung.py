@@ -20,7 +20,7 @@ from moeq.kld import compare
 from moeq.manifest import parse_manifest
 from moeq.recipe_file import read_recipe
 from moeq.cards.facts import _slower
-from moeq.records import SEARCHED, WITH, WITHOUT, Candidate, FileRef, PerplexityFigures, SpeedRun
+from moeq.records import Made, Candidate, FileRef, PerplexityFigures, SpeedRun
 from moeq.choice.stage import choose
 from moeq.validate.checks import check_type_mix
 from moeq.runner import tool_env
@@ -46,9 +46,9 @@ def candidate(name, kld, err, size) -> Candidate:
     ((0.030000, 0.000500, 1_500_000), 0, "is larger than the stock file (1,500,000 bytes against 1,480,000)"),
 ])
 def test_a_searched_file_is_published_only_when_better_beyond_the_uncertainty_at_no_larger_size(searched, chosen, why):
-    stock = candidate(WITH, 0.060273, 0.001633, 1_480_000)
-    without = candidate(WITHOUT, 0.060000, 0.001600, 1_480_000)
-    index, reason = choose([stock, without, candidate(SEARCHED, *searched)], may_choose=True)
+    stock = candidate(Made.WITH, 0.060273, 0.001633, 1_480_000)
+    without = candidate(Made.WITHOUT, 0.060000, 0.001600, 1_480_000)
+    index, reason = choose([stock, without, candidate(Made, *searched)], may_choose=True)
     assert index == chosen and why in reason
 
 
@@ -91,7 +91,7 @@ def test_the_searched_file_is_published_when_it_measures_better(published):
     stages = {s["stage"]: s["status"] for s in summary["quants"][0]["stages"]}
     assert stages["recipe"] == "ran" and stages["choice"] == "ran" and stages["push"] == "ran"
     choice = records(config, "choice-Q2_K")
-    assert [c["name"] for c in choice["candidates"]] == [WITH, WITHOUT, SEARCHED]
+    assert [c["name"] for c in choice["candidates"]] == [Made.WITH, Made.WITHOUT, Made.SEARCHED]
     stock, searched = choice["candidates"][0], choice["candidates"][2]
     verdict = compare(PerplexityFigures(**searched["quality"]), PerplexityFigures(**stock["quality"]))
     # The trained example's searched Q2_K beats the stock one well beyond 2 sigma (0.045 against 0.060); a run whose
@@ -130,7 +130,7 @@ def test_the_card_shows_the_recipe_and_every_candidate(published):
     # The searched file's speed beside the stock file's, from the choice's llama-bench runs (three repetitions).
     choice = records(config, "choice-Q2_K")
     timed = [c for c in choice["candidates"] if c["speed"]]
-    assert [c["name"] for c in timed] == [WITH, SEARCHED]
+    assert [c["name"] for c in timed] == [Made.WITH, Made.SEARCHED]
     assert all(t["n_gen"] or t["n_prompt"] for c in timed for t in c["speed"]["tests"])
     assert all(len(t["samples_ts"]) == 3 for c in timed for t in c["speed"]["tests"])
     assert "| Tokens/s on the CPU (llama-bench) | pp64 " in card

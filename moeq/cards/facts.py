@@ -15,12 +15,13 @@ import re
 import shlex
 from collections import Counter
 
+from moeq.config import Layout
 from moeq.cards.charts import charts
 from moeq.cards.render import code
 from moeq.kld import compare
 from moeq.manifest import LadderEntry, Manifest, ModelCardSpec, QuantEntry
 from moeq.offload import OffloadMode
-from moeq.records import (SEARCHED, WITH, WITHOUT, BenchRecord, ChoiceRecord, Fit, ModelFacts, PerplexityFigures,
+from moeq.records import (Made, BenchRecord, ChoiceRecord, Fit, ModelFacts, PerplexityFigures,
                           QuantizeRecord, FetchRecord, SpeedRun, ValidateRecord, WorstTensor)
 from moeq.units import binary_size, decimal_size, short_count
 
@@ -46,7 +47,7 @@ def hub_url(repo_id: str) -> str:
 def card_facts(manifest: Manifest) -> dict:
     """Everything a card can say, from the manifest alone."""
     model_spec = manifest.pipeline.model
-    single = manifest.layout == "single"
+    single = manifest.layout == Layout.SINGLE
     quants = [_quant_facts(manifest, entry) for entry in manifest.quants]
     first = manifest.quants[0].records.quantize
     return {
@@ -115,7 +116,7 @@ def _model(spec: ModelCardSpec, model: ModelFacts) -> dict:
 
 def _quant(manifest: Manifest, entry: QuantEntry, quantized: QuantizeRecord) -> dict:
     repo_id = manifest.repo_id
-    single = manifest.layout == "single"
+    single = manifest.layout == Layout.SINGLE
     files = [{"name": f.name, "size": decimal_size(f.size), "sha256": f.sha256,
               "url": f"{hub_url(repo_id)}/resolve/main/{f.name}"} for f in entry.files]
     first = files[0]["name"]  # the first shard when split: llama.cpp loads the rest from it
@@ -417,14 +418,14 @@ def _imatrix_choice(choice: ChoiceRecord | None) -> dict | None:
     published, stock = choice.published, choice.candidates[0]
     others = [{"name": c.name, "size": decimal_size(c.file.size), "speed": _speed(c.speed),
                **_figures(c.quality, choice.base)} for c in choice.others()]
-    verdicts = {compare(published.quality, c.quality) for c in choice.others() if c.name != SEARCHED}
-    searched = next((c for c in choice.candidates if c.name == SEARCHED), None)
+    verdicts = {compare(published.quality, c.quality) for c in choice.others() if c.name != Made.SEARCHED}
+    searched = next((c for c in choice.candidates if c.name == Made.SEARCHED), None)
     return {"published": published.name, "size": decimal_size(published.file.size), "speed": _speed(published.speed),
             "timed": any(c.speed for c in choice.candidates), "stock": choice.chosen == 0,
             "stock_name": stock.name, "stock_size": decimal_size(stock.file.size), "may_choose": choice.may_choose,
             "others": others, "verdict": verdicts.pop() if len(verdicts) == 1 else None,
-            "imatrix_worse": published.name == WITHOUT and choice.chosen != 0,
-            "imatrix_compared": {WITH, WITHOUT} <= {c.name for c in choice.candidates},
+            "imatrix_worse": published.name == Made.WITHOUT and choice.chosen != 0,
+            "imatrix_compared": {Made.WITH, Made.WITHOUT} <= {c.name for c in choice.candidates},
             "candidates": ", ".join(c.name for c in choice.candidates[:-1]) + " and " + choice.candidates[-1].name,
             "searched": None if searched is None else {
                 "published": searched is published, "larger": searched.file.size > stock.file.size,
@@ -464,13 +465,13 @@ def _recipe(manifest: Manifest, entry: QuantEntry) -> dict | None:
         row["kld"] = (f"{alone.quality.kld_mean - stock_eval.quality.kld_mean:+.6f}" if measured
                       else "not measured alone")
     choice = entry.records.choice
-    stock, searched = choice.candidates[0], next(c for c in choice.candidates if c.name == SEARCHED)
+    stock, searched = choice.candidates[0], next(c for c in choice.candidates if c.name == Made.SEARCHED)
     speed = None
     if stock.speed is not None and searched.speed is not None:
         speed = {"stock": _speed(stock.speed), "recipe": _speed(searched.speed),
                  "slower": ", ".join(_slower(searched.speed, stock.speed)), "stock_name": stock.name}
     return {
-        "published": entry.label != entry.quant,
+        "published": entry.searched,
         "speed": speed,
         "command": shlex.join(record.command), "budget": record.budget, "budget_bytes": f"{record.budget_bytes:,}",
         "rows": sorted(rows.values(), key=lambda r: r["group"]),

@@ -46,8 +46,9 @@ FILE_NAME = re.compile(r"(?<![\w.\-])[\w.\-]+\.gguf\b")  # starts only where a n
 
 
 def lint_card(text: str, path: str = "README.md", manifest: Manifest | None = None,
-              template: Path | None = None) -> list[Finding]:
-    """All findings in a card, in line order; `template` (default moeq's own) says which figures are static text."""
+              template: Path | None = None, facts: dict | None = None) -> list[Finding]:
+    """All findings in a card, in line order; `template` (default moeq's own) says which figures are static text;
+    `facts`: the manifest's card facts where the caller made them already (the card stage renders from them)."""
     lines = text.split("\n")
     body_start, findings = _frontmatter(text, lines)
     findings += _conflict_markers(lines)
@@ -67,7 +68,7 @@ def lint_card(text: str, path: str = "README.md", manifest: Manifest | None = No
                                                  "pipeline or the records is text, escape it")
                      for tag in dict.fromkeys(t.lower() for t in HTML_TAG.findall(line)) if tag not in written]
     if manifest is not None:
-        findings += _figure_findings(lines, body_start, manifest, template)
+        findings += _figure_findings(lines, body_start, manifest, template, facts or card_facts(manifest))
 
     findings += derived_findings(lines)
     return sorted(findings, key=lambda f: (f.line, f.rule))
@@ -207,11 +208,9 @@ def _figures(value) -> set[str]:
     return set(FIGURE.findall(str(value)))
 
 
-def known_figures(manifest: Manifest) -> set[str]:
+def known_figures(facts: dict) -> set[str]:
     """Every figure the card's facts hold, from records: what a table may show (card.extra is not a record)."""
-    facts = card_facts(manifest)
-    facts.pop("extra", None)
-    return _figures(facts)
+    return _figures({key: value for key, value in facts.items() if key != "extra"})
 
 
 def template_figures(template: Path | None) -> set[str]:
@@ -219,9 +218,10 @@ def template_figures(template: Path | None) -> set[str]:
     return set().union(*(FIGURE.findall(p.read_text(encoding="utf-8")) for p in template_files(template)))
 
 
-def _figure_findings(lines: list[str], start: int, manifest: Manifest, template: Path | None) -> list[Finding]:
+def _figure_findings(lines: list[str], start: int, manifest: Manifest, template: Path | None,
+                     facts: dict) -> list[Finding]:
     """Figures and file names in tables, list items and prose that no record (or template) holds."""
-    figures = known_figures(manifest)
+    figures = known_figures(facts)
     # Outside tables the templates' own words and the pipeline's card.extra (a citation's year) may add figures;
     # inside tables every figure is a measurement and must come from a record.
     prose_figures = figures | template_figures(template) | _figures(manifest.pipeline.card_extra)

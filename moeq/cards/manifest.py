@@ -19,7 +19,7 @@ from typing import Any, Callable
 from moeq import __version__
 from moeq.cards.charts import charts
 from moeq.cards.render import DEFAULT_TEMPLATE, templates_sha256
-from moeq.config import Pipeline, QuantSpec
+from moeq.config import Layout, Pipeline, QuantSpec
 from moeq.errors import InputError
 from moeq.manifest import MANIFEST_NAME, MANIFEST_VERSION, README_NAME, Manifest
 from moeq.record_store import R, Records
@@ -253,7 +253,7 @@ def merge_staged(pipeline: Pipeline, staged: list[tuple[str, Manifest]]) -> Mani
         redo = f"stage {manifest.quants[0].quant} again with this moeq and pipeline"
         if manifest.generator != f"moeq {__version__}":
             raise InputError(f"{where}: staged by {manifest.generator}, this is moeq {__version__}; {redo}")
-        if manifest.repo_id != pipeline.hub.repo or manifest.layout != "single":
+        if manifest.repo_id != pipeline.hub.repo or manifest.layout != Layout.SINGLE:
             raise InputError(f"{where}: staged for {manifest.repo_id} ({manifest.layout}), the pipeline publishes "
                              f"{pipeline.hub.repo} (single); {redo}")
         if manifest.source != first.source or manifest.license_file != first.license_file:

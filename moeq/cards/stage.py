@@ -6,7 +6,7 @@ single) holds exactly what the Hub repo will hold: the card, the GGUF files the 
 manifest) and the records manifest. A card that fails lint is never written. Its key is the manifest's
 sha256 and the templates' sha256.
 
-    inputs = RepoInputs(repo_id, "per-quant", source, [CardInputs.from_records(records, quant, shards)])
+    inputs = RepoInputs(repo_id, Layout.PER_QUANT, source, [CardInputs.from_records(records, quant, shards)])
     result = run_stage(card_stage(pipeline, "Q8_0", ws, inputs), records)
     Path(result.record.folder) == ws.repo_dir("Q8_0")
     # -> True
@@ -75,7 +75,7 @@ def _staged_card(pipeline: Pipeline, quant: str | None, ws: Workspace, manifest:
     def run() -> CardRecord:
         facts = card_facts(manifest)
         text = render_card(facts, template)
-        findings = lint_card(text, README_NAME, manifest, template)
+        findings = lint_card(text, README_NAME, manifest, template, facts)
         if findings:
             shown = "; ".join(f.format(README_NAME) for f in findings[:3])
             more = f" (+{len(findings) - 3} more)" if len(findings) > 3 else ""

@@ -27,14 +27,13 @@ from moeq import texts
 from moeq.config import Pipeline, QuantSpec
 from moeq.kld import base_logits, compare, eval_options, measure
 from moeq.offload import OffloadMode
-from moeq.records import (SEARCHED, WITH, WITHOUT, Candidate, ChoiceRecord, FetchRecord, QuantizeRecord, SpeedRun,
+from moeq.records import (Made, Candidate, ChoiceRecord, FetchRecord, QuantizeRecord, SpeedRun,
                           ToolBuildRef)
 from moeq.speed import run_speed
 from moeq.stage_runner import Stage
 from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace
 
-FOLDERS = {WITH: "with-imatrix", WITHOUT: "without-imatrix", SEARCHED: "searched"}  # and record suffixes
 
 
 def choice_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Toolchain, source: FetchRecord,
@@ -48,8 +47,8 @@ def choice_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
     cfg = pipeline.bench
     tool = chain.tool("llama-perplexity")
 
-    timed = {0, *(i for i, (name, _record) in enumerate(made) if name == SEARCHED)} if any(
-        name == SEARCHED for name, _record in made) else set()  # a searched recipe's speed against the stock file's
+    timed = {0, *(i for i, (name, _record) in enumerate(made) if name == Made.SEARCHED)} if any(
+        name == Made.SEARCHED for name, _record in made) else set()  # a searched recipe's speed against the stock file's
     speed_options = {"n_prompt": cfg.n_prompt, "n_gen": cfg.n_gen, "repetitions": max(3, cfg.repetitions),
                      "threads": cfg.threads}  # three at least: the card compares the two files within their spread
 
@@ -66,14 +65,14 @@ def choice_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
             record = files(i)
             on_message(f"{quant.type} {name}: llama-perplexity with KL divergence against F16")
             figures = measure(chain, Path(record.output.path), text, base_kld, options,
-                              ws.choice_dir(quant.type) / f"perplexity-{FOLDERS[name]}.log", threads=cfg.threads,
+                              ws.choice_dir(quant.type) / f"perplexity-{name.folder}.log", threads=cfg.threads,
                               timeout_s=cfg.timeout_s)
             speed = None
             if i in timed:
                 on_message(f"{quant.type} {name}: llama-bench on the CPU")
                 speed = SpeedRun(**run_speed(chain.path("llama-bench"), Path(record.output.path),
                                              OffloadMode.from_name("cpu", record.model.block_count or 1),
-                                             ws.choice_dir(quant.type) / f"speed-{FOLDERS[name]}.log",
+                                             ws.choice_dir(quant.type) / f"speed-{name.folder}.log",
                                              rpc=None, timeout_s=cfg.timeout_s, **speed_options))
             measured.append(Candidate(name=name, imatrix=record.options.imatrix, file=record.output,
                                       quality=figures, speed=speed))
@@ -98,8 +97,8 @@ def choose(candidates: list[Candidate], may_choose: bool) -> tuple[int, str]:
     stock = candidates[0]
     figures = "; ".join(f"{_kld(c)} {c.name}" for c in candidates)
     better = [i for i, c in enumerate(candidates) if i and compare(c.quality, stock.quality) == "lower"]
-    larger = [i for i in better if candidates[i].name == SEARCHED and candidates[i].file.size > stock.file.size]
-    named = [i for i in better if candidates[i].name == WITHOUT and not may_choose]
+    larger = [i for i in better if candidates[i].name == Made.SEARCHED and candidates[i].file.size > stock.file.size]
+    named = [i for i in better if candidates[i].name == Made.WITHOUT and not may_choose]
     eligible = [i for i in better if i not in larger and i not in named]
     notes = "".join(f"; the file made {candidates[i].name} is larger than the stock file ({candidates[i].file.size:,} "
                     f"bytes against {stock.file.size:,}), so it is not published" for i in larger)

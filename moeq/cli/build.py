@@ -44,6 +44,7 @@ def build(
     from moeq.plan import Release
     from moeq.errors import InputError
     from moeq.push.staging import check_branch
+    from moeq.stage_runner import Status
 
     ctx = open_context(config)
     if bool(quant) == all_quants:
@@ -61,7 +62,7 @@ def build(
         _print_summary(summary, ctx.ws)
     failures: dict[tuple[str, str], list[str]] = {}  # the shared fetch's failure names every quant once
     for q in summary.quants:
-        failed = next((s for s in q.stages if s.status == "failed"), None)
+        failed = next((s for s in q.stages if s.status == Status.FAILED), None)
         if failed:
             failures.setdefault((failed.stage, failed.why), []).append(q.quant)
     if failures:  # one error line, whatever failed
@@ -73,14 +74,15 @@ def build(
 
 def _print_summary(summary, ws) -> None:
     from moeq.plan import STAGES
+    from moeq.stage_runner import Status
 
-    colors = {"ran": "green", "up to date": "cyan", "failed": "red", "skipped": "yellow"}
+    colors = {Status.RAN: "green", Status.UP_TO_DATE: "cyan", Status.FAILED: "red", Status.SKIPPED: "yellow"}
     # One row per stage and a column per quant: stage names never wrap in an 80-column terminal or CI log.
     table = Table(title="moeq build")
     table.add_column("stage", no_wrap=True)
     for q in summary.quants:
         table.add_column(q.quant, no_wrap=True)
-    cells = [{s.stage: f"[{colors[s.status]}]{s.status}[/]" + (f" {s.seconds:.1f}s" if s.status in ("ran", "failed")
+    cells = [{s.stage: f"[{colors[s.status]}]{s.status}[/]" + (f" {s.seconds:.1f}s" if s.status in (Status.RAN, Status.FAILED)
                                                                 else "") for s in q.stages} for q in summary.quants]
     for stage in STAGES:
         table.add_row(stage, *[c.get(stage, "") for c in cells])
@@ -103,7 +105,7 @@ def _print_summary(summary, ws) -> None:
             console.print(f"{names}: push plan (dry run, not compared with the Hub) for {repo_id}: {files}",
                           soft_wrap=True)
     cards = "ladder" if summary.single_repo else "<quant>"
-    if any(s.stage == "card" and s.status in ("ran", "up to date") for q in summary.quants for s in q.stages):
+    if any(s.stage == "card" and s.status in (Status.RAN, Status.UP_TO_DATE) for q in summary.quants for s in q.stages):
         console.print(f"cards: {ws.repos_dir}/{cards}/README.md, charts in {ws.repos_dir}/{cards}/images/; "
                       f"previews: {ws.root / 'previews'}/{cards}.html", soft_wrap=True)
     console.print(f"records: {ws.records_dir}", soft_wrap=True)

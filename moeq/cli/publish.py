@@ -8,7 +8,7 @@ import typer
 
 from moeq.cli.options import ConfigOption, JsonOption
 from moeq.cli.output import console, open_context, print_json, quiet_progress_off_terminal
-from moeq.records import record_json
+from moeq.records import PushAction, record_json
 from moeq.units import decimal_size
 
 
@@ -35,7 +35,7 @@ def publish(
     if as_json:
         print_json({"branch": from_branch, "record": record_json(record)})
         return
-    copied = [f for f in record.files if f.action in ("add", "update") and f.path.endswith(".gguf")]
+    copied = [f for f in record.files if f.action in (PushAction.ADD, PushAction.UPDATE) and f.path.endswith(".gguf")]
     if record.commit is None:
         console.print(f"{record.repo_id}: main already holds the ladder as staged on {from_branch}; no commit")
     else:

@@ -22,7 +22,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from moeq import quant_types
-from moeq.config.spec import (DEFAULT_FILE_TEMPLATE, DEFAULT_REPO_TEMPLATE, DEFAULT_SINGLE_REPO, IMATRIX_AUTO, LAYOUTS,
+from moeq.config.spec import (DEFAULT_FILE_TEMPLATE, DEFAULT_REPO_TEMPLATE, DEFAULT_SINGLE_REPO, IMATRIX_AUTO, Layout, BudgetKind,
                               BUDGET_PLACEMENTS, MAX_CTX, MAX_EXTRA_VALUES, MAX_PIPELINE_BYTES, MAX_TIMEOUT_S,
                               RECIPE_SEARCH, REPO_TEMPLATE_FIELDS, SOURCE_KINDS, SYNTH_ARCHS, SYNTH_MAX, UNQUANTIZED,
                               BenchSpec, Budget, CardSpec, HubSpec, ImatrixSpec, ModelSpec, PerplexitySpec, Pipeline,
@@ -256,20 +256,20 @@ def _budget(n: Node) -> Budget:
         value = m["bpw"].scalar()
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 16:
             raise m["bpw"].fail(f"bits per weight from 1 to 16, got {value!r}")
-        return Budget("bpw", float(value))
-    kind = kinds[0]
+        return Budget(BudgetKind.BPW, float(value))
+    kind = BudgetKind(kinds[0])
     size = parse_size(str(m[kind].scalar()))
     if not size:
         raise m[kind].fail(f"{str(m[kind].scalar())[:40]!r} is not a size; write it like 24GB or 1.5GiB")
-    if kind == "bytes":
-        return Budget("bytes", float(size))
+    if kind == BudgetKind.BYTES:
+        return Budget(kind, float(size))
     if "placement" not in m or m["placement"].str() not in BUDGET_PLACEMENTS:
         given = f"got {m['placement'].str()[:40]!r}; " if "placement" in m else ""
         raise (m["placement"] if "placement" in m else n).fail(
             f"a GPU budget needs placement: {' or '.join(BUDGET_PLACEMENTS)} ({given}cpu-moe: the experts in system "
             "RAM)")
     ctx = m["ctx"].int(1, MAX_CTX) if "ctx" in m else 4096
-    return Budget("gpu", float(size), m["placement"].str(), ctx)
+    return Budget(BudgetKind.GPU, float(size), m["placement"].str(), ctx)
 
 
 def _recipe(n: Node, base: Path) -> RecipeSpec:
@@ -322,13 +322,14 @@ def _hub(n: Node, model: ModelSpec, quants: tuple[QuantSpec, ...]) -> HubSpec:
         raise m["namespace"].fail(f"{namespace!r} is not a valid Hub user or organization name") from None
     if "/" in namespace:
         raise m["namespace"].fail("a namespace is one name, without '/'")
-    layout = m["layout"].str() if "layout" in m else HubSpec.layout
-    if layout not in LAYOUTS:
-        raise m["layout"].fail(f"{layout!r}: use single (one repo for the ladder) or per-quant (a repo per quant)")
-    unused = "repo_template" if layout == "single" else "repo"
+    given = m["layout"].str() if "layout" in m else HubSpec.layout
+    if given not in tuple(Layout):
+        raise m["layout"].fail(f"{given!r}: use single (one repo for the ladder) or per-quant (a repo per quant)")
+    layout = Layout(given)
+    unused = "repo_template" if layout == Layout.SINGLE else "repo"
     if unused in m:
         raise m[unused].fail(f"not used with hub.layout {layout}; "
-                             + ("name the one repo with hub.repo" if layout == "single"
+                             + ("name the one repo with hub.repo" if layout == Layout.SINGLE
                                 else "name each quant's repo with hub.repo_template"))
     max_shard = HubSpec.max_shard_size
     if "max_shard_size" in m:
@@ -345,7 +346,7 @@ def _hub(n: Node, model: ModelSpec, quants: tuple[QuantSpec, ...]) -> HubSpec:
         create_pr=m["create_pr"].bool() if "create_pr" in m else HubSpec.create_pr,
         max_shard_size=max_shard, push=m["push"].bool() if "push" in m else HubSpec.push,
     )
-    if layout == "single":
+    if layout == Layout.SINGLE:
         for quant in quants:  # llama.cpp's -hf REPO:TYPE and the Hub's quant label read the type from the name
             if not re.search(re.escape(quant.type) + r"[.-]", quant.file, re.IGNORECASE):
                 raise n.fail(f"quants: {quant.type}'s file {quant.file!r} does not carry its quant type; in one repo "

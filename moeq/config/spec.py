@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,13 @@ REPO_TEMPLATE_FIELDS = {"namespace", "model", "quant", "quant_slug", "quant_lowe
 DEFAULT_REPO_TEMPLATE = "{namespace}/{model}-{quant}-GGUF"
 # One repo for the whole ladder (bartowski's and mradermacher's layout, what llama.cpp's -hf REPO:QUANT expects).
 DEFAULT_SINGLE_REPO = "{namespace}/{model}-GGUF"
-LAYOUTS = ("single", "per-quant")
+
+
+class Layout(StrEnum):
+    """hub.layout: the ladder in one repo (single), or a repo per quant (per-quant)."""
+
+    SINGLE = "single"
+    PER_QUANT = "per-quant"
 DEFAULT_FILE_TEMPLATE = "{file_stem}-{quant}.gguf"
 MAX_PIPELINE_BYTES = 1 << 20  # a pipeline file is a few KB; this bounds what is read
 MAX_EXTRA_VALUES = 10_000  # card.extra, after YAML aliases are expanded
@@ -116,7 +123,15 @@ SEARCHED_SUFFIX = "_MOEQ"
 
 
 RECIPE_SEARCH = "search"
-BUDGET_KINDS = ("stock", "bpw", "bytes", "gpu")
+
+
+class BudgetKind(StrEnum):
+    """What bounds a searched recipe: the stock file's size, bits per weight, bytes, or a GPU's memory."""
+
+    STOCK = "stock"
+    BPW = "bpw"
+    BYTES = "bytes"
+    GPU = "gpu"
 BUDGET_PLACEMENTS = {"cpu-moe": "every expert in system RAM", "gpu": "every layer on the GPU"}
 
 
@@ -127,17 +142,17 @@ class Budget:
     cache at `ctx` and the compute allowance, as moeq's memory plan counts them) no more than `value` bytes, the
     tensors no more than the stock file's."""
 
-    kind: str = "stock"
+    kind: BudgetKind = BudgetKind.STOCK
     value: float = 0.0
     placement: str = ""  # gpu: a key of BUDGET_PLACEMENTS
     ctx: int = 0  # gpu: the context the KV cache is counted at
 
     def describe(self) -> str:
-        if self.kind == "gpu":
+        if self.kind == BudgetKind.GPU:
             return (f"{self.value / 2**30:g} GiB of GPU memory with {self.placement} at context {self.ctx:,}, "
                     "no larger than the stock file")
-        return {"stock": "no larger than the stock file", "bpw": f"{self.value:g} bits per weight",
-                "bytes": f"{int(self.value):,} bytes"}[self.kind]
+        return {BudgetKind.STOCK: "no larger than the stock file", BudgetKind.BPW: f"{self.value:g} bits per weight",
+                BudgetKind.BYTES: f"{int(self.value):,} bytes"}[self.kind]
 
 
 @dataclass(frozen=True)
@@ -152,7 +167,7 @@ class RecipeSpec:
 @dataclass(frozen=True)
 class HubSpec:
     namespace: str
-    layout: str = "single"  # one repo for the ladder, or "per-quant": one repo per quant (repo_template)
+    layout: Layout = Layout.SINGLE
     repo: str = ""  # the single repo's id
     repo_template: str = DEFAULT_REPO_TEMPLATE
     private: bool = False
@@ -237,11 +252,11 @@ class Pipeline:
 
     @property
     def single_repo(self) -> bool:
-        return self.hub.layout == "single"
+        return self.hub.layout == Layout.SINGLE
 
 
 def render_repo_id(hub: HubSpec, model: ModelSpec, quant: QuantSpec) -> str:
-    if hub.layout == "single":
+    if hub.layout == Layout.SINGLE:
         return hub.repo
     return hub.repo_template.format(
         namespace=hub.namespace, model=repo_name(model.name), quant=quant.type, quant_slug=quant.slug,

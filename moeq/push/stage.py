@@ -36,14 +36,14 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash
 
 from moeq import __version__
-from moeq.config import Pipeline
+from moeq.config import Layout, Pipeline
 from moeq.errors import HubError, InputError, MoeqError
 from moeq.hub.client import hub_errors, interrupt_ends_upload, max_wait_s, remote_text, require_token
 from moeq.manifest import (MANIFEST_NAME, MANIFEST_VERSION, MARKER, MAX_CARD_BYTES, MAX_MANIFEST_BYTES, README_NAME,
                            parse_manifest, read_manifest)
 from moeq.record_store import Records
-from moeq.records import CardRecord, PushedFile, PushRecord
-from moeq.stage_runner import Stage
+from moeq.records import CardRecord, PushAction, PushedFile, PushRecord
+from moeq.stage_runner import Stage, Status
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 MOVED_ON = 412  # the Hub's answer to a commit whose parent_commit is no longer the branch's head
@@ -54,7 +54,7 @@ COMMIT_ATTEMPTS = 4
 @dataclass
 class PlannedFile:
     path: str
-    action: str  # add, update, unchanged, delete; kept: on the Hub, not moeq's, left as it is
+    action: PushAction
     size: int
     sha256: str | None = None
     local: str | None = None
@@ -72,12 +72,12 @@ class PushPlan:
 
     @property
     def changes(self) -> list[PlannedFile]:
-        return [f for f in self.files if f.action not in ("unchanged", "kept")]
+        return [f for f in self.files if f.action not in (PushAction.UNCHANGED, PushAction.KEPT)]
 
     @property
     def upload_bytes(self) -> int:
         """The bytes the push uploads: a file copied from a staging branch is on the Hub already."""
-        return sum(f.size for f in self.files if f.action in ("add", "update") and f.local is not None)
+        return sum(f.size for f in self.files if f.action in (PushAction.ADD, PushAction.UPDATE) and f.local is not None)
 
     def pushed_files(self) -> list[PushedFile]:
         """Each file's path, action, size and sha256, as the push record keeps them (no local paths)."""
@@ -95,13 +95,13 @@ def local_files(card: CardRecord) -> dict[str, PlannedFile]:
         path = folder / name
         if not path.is_file():
             if card.from_branch and name in known:
-                files[name] = PlannedFile(name, "add", known[name].size, known[name].sha256)
+                files[name] = PlannedFile(name, PushAction.ADD, known[name].size, known[name].sha256)
                 continue
             raise InputError(f"{path}: missing from the staged repo; run moeq card --config CFG"
                              f"{' --quant ' + card.quant if card.quant else ''}")
         # a chart: small, drawn by moeq card, hashed here
         sha = known[name].sha256 if name in known else hashlib.sha256(path.read_bytes()).hexdigest()
-        files[name] = PlannedFile(name, "add", path.stat().st_size, sha, str(path))
+        files[name] = PlannedFile(name, PushAction.ADD, path.stat().st_size, sha, str(path))
     if hashlib.sha256((folder / README_NAME).read_bytes()).hexdigest() != card.readme.sha256:
         raise InputError(f"{folder / README_NAME}: changed since moeq card wrote it; run moeq card again")
     return files
@@ -133,21 +133,21 @@ def plan_push(api: HfApi, card: CardRecord, ladder: list[str] | None = None, pru
                 same = False
             else:
                 same = there.blob_id == git_hash(Path(planned.local).read_bytes())
-            planned.action = "unchanged" if same else "update"
+            planned.action = PushAction.UNCHANGED if same else PushAction.UPDATE
         plan.files.append(planned)
     published, plan.remote_layout, plan.older_manifest = _published(api, card.repo_id, plan.head,
                                                                       remote.get(MANIFEST_NAME))
     for path in sorted(remote_paths - set(local) - set(HUB_OWN)):
         if path not in published:
-            plan.files.append(PlannedFile(path, "delete" if prune else "kept", 0))
+            plan.files.append(PlannedFile(path, PushAction.DELETE if prune else PushAction.KEPT, 0))
             continue
         quant = published[path]
         if quant is not None and quant not in card.quants and quant in (ladder or []):
             raise InputError(f"{card.repo_id}: holds {path}, the {quant} that moeq published, but the card staged "
                              f"in {card.folder} leaves {quant} out, so pushing it would drop {quant} from the "
                              f"repo; build {quant} in this workspace too (moeq build --quant {quant} ...)")
-        plan.files.append(PlannedFile(path, "delete", 0))
-    if README_NAME in remote and local[README_NAME].action == "update":
+        plan.files.append(PlannedFile(path, PushAction.DELETE, 0))
+    if README_NAME in remote and local[README_NAME].action == PushAction.UPDATE:
         plan.foreign_readme = MARKER not in remote_text(api, card.repo_id, README_NAME, MAX_CARD_BYTES, plan.head)
     return plan
 
@@ -181,7 +181,7 @@ def _unreadable(manifest_text: str) -> tuple[str | None, str]:
     version = data.get("manifest_version")
     why = (f"of manifest version {version}, an older moeq's (this one reads {MANIFEST_VERSION})"
            if isinstance(version, int) and not isinstance(version, bool) else "not a records manifest this moeq can read")
-    return data.get("layout", "per-quant"), why
+    return data.get("layout", Layout.PER_QUANT), why
 
 
 def _commit_message(card: CardRecord) -> tuple[str, str]:
@@ -218,7 +218,7 @@ def planned(api: HfApi, pipeline: Pipeline, selected: list[str], records: Record
 
 def plan_notes(plan: PushPlan) -> list[str]:
     """What a push plan keeps that the user should know of."""
-    kept = [f.path for f in plan.files if f.action == "kept"]
+    kept = [f.path for f in plan.files if f.action == PushAction.KEPT]
     if plan.older_manifest is None or not kept:
         return []
     return [f"{plan.repo_id}: its {MANIFEST_NAME} on the Hub is {plan.older_manifest}, so this moeq cannot tell which "
@@ -236,7 +236,7 @@ def _check_layout_switch(pipeline: Pipeline, records: Records, switch_layout: bo
     else:
         other = [r.repo_id for r in [records.get(PushRecord)] if r is not None]
     if other:
-        was = "per-quant" if pipeline.single_repo else "single"
+        was = Layout.PER_QUANT if pipeline.single_repo else Layout.SINGLE
         raise InputError(f"{records.ws.records_dir}: this workspace published {', '.join(other)} with hub.layout "
                          f"{was}, and the pipeline now says {pipeline.hub.layout}; pass --switch-layout to publish in "
                          "the new layout (the old repos are left as they are)")
@@ -274,7 +274,7 @@ def push_stage(pipeline: Pipeline, card: CardRecord, selected: list[str], api: H
         for note in plan_notes(plan):
             on_message(note)
         for f in plan.files:
-            if f.action == "kept":
+            if f.action == PushAction.KEPT:
                 on_message(f"{card.repo_id}: kept {f.path}, which moeq did not publish (push --prune deletes it)")
         with hub_errors("creating the repo", card.repo_id):
             if not plan.repo_exists:
@@ -290,7 +290,7 @@ def push_stage(pipeline: Pipeline, card: CardRecord, selected: list[str], api: H
         )
 
     return Stage("push", quant, key=lambda: None, run=run, lock=f"repo-{quant or 'ladder'}",
-                 status=lambda r: "up to date" if r.commit is None else "ran")
+                 status=lambda r: Status.UP_TO_DATE if r.commit is None else Status.RAN)
 
 
 def _commit_with_retries(api: HfApi, card: CardRecord, plan: PushPlan, create_pr: bool,
@@ -304,7 +304,7 @@ def _commit_with_retries(api: HfApi, card: CardRecord, plan: PushPlan, create_pr
             return None
         operations = []
         for f in plan.changes:
-            if f.action == "delete":
+            if f.action == PushAction.DELETE:
                 operations.append(CommitOperationDelete(path_in_repo=f.path))
                 continue
             if f.local is None:  # stored on the Hub already: main's commit takes it from the staging branch

@@ -33,7 +33,7 @@ from moeq.errors import HubError, InputError, UsageError
 from moeq.hub.client import hub_errors, interrupt_ends_upload, remote_text
 from moeq.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, manifest_text, parse_manifest, read_manifest
 from moeq.push.stage import COMMIT_ATTEMPTS, commit_retry_wait
-from moeq.records import CardRecord, PushedFile, PushRecord
+from moeq.records import CardRecord, PushAction, PushedFile, PushRecord
 from moeq.workspace import write_bytes_atomic
 
 STAGE_DIR = ".moeq-stage"
@@ -222,7 +222,7 @@ def stage_quant(api: HfApi, card: CardRecord, quant: str, branch: str, inputs: d
     return PushRecord(quant=None, quants=[quant], repo_id=card.repo_id, create_pr=False, repo_existed=existed,
                       commit=commit.oid if commit else None, commit_url=commit.commit_url if commit else None,
                       pr_url=None, files=pushed, branch=branch,
-                      uploaded_bytes=sum(f.size for f in pushed if f.action != "unchanged"),
+                      uploaded_bytes=sum(f.size for f in pushed if f.action != PushAction.UNCHANGED),
                       readme_sha256=card.readme.sha256)
 
 
@@ -242,7 +242,7 @@ def _staging_plan(api: HfApi, card: CardRecord, staged: StagedQuant, doc: bytes,
         entry = there.get(path)
         same = entry is not None and (entry.lfs.sha256 == sha if entry.lfs
                                       else entry.blob_id == git_hash(local.read_bytes()))
-        pushed.append(PushedFile(path=path, action="unchanged" if same else ("update" if entry else "add"), size=size,
+        pushed.append(PushedFile(path=path, action=PushAction.UNCHANGED if same else (PushAction.UPDATE if entry else PushAction.ADD), size=size,
                                  sha256=sha))
         if not same:
             op = CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local))

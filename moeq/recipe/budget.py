@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gguf import Keys
 
-from moeq.config import QuantSpec
+from moeq.config import BudgetKind, QuantSpec
 from moeq.errors import InputError
 from moeq.gguf_header import read_header
 from moeq.memory_plan import DEFAULT_COMPUTE_ALLOWANCE, kv_bytes, on_gpu
@@ -22,9 +22,9 @@ from moeq.units import binary_size
 
 def budget_bytes(quant: QuantSpec, stock: QuantizeRecord) -> int:
     budget = quant.budget
-    if budget is None or budget.kind in ("stock", "gpu"):
+    if budget is None or budget.kind in (BudgetKind.STOCK, BudgetKind.GPU):
         return sum(row.bytes_after for row in stock.tensors)
-    if budget.kind == "bpw":
+    if budget.kind == BudgetKind.BPW:
         elements = sum(math.prod(row.shape) for row in stock.tensors)
         return int(budget.value * elements / 8)
     return int(budget.value)
@@ -35,7 +35,7 @@ def gpu_room(quant: QuantSpec, source: Path) -> tuple[int | None, int]:
     plan's compute allowance), and the layers whose experts its placement keeps in system RAM; (None, 0) without
     one."""
     budget = quant.budget
-    if budget is None or budget.kind != "gpu":
+    if budget is None or budget.kind != BudgetKind.GPU:
         return None, 0
     header = read_header(source)
     n_layer = header.arch_value(Keys.LLM.BLOCK_COUNT) or 0

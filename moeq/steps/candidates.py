@@ -10,41 +10,40 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from moeq.choice.stage import FOLDERS
 from moeq.config import IMATRIX_AUTO, RECIPE_SEARCH, Pipeline, QuantSpec
-from moeq.records import SEARCHED, WITH, WITHOUT, ImatrixRecord, RecipeRecord
+from moeq.records import Made, ImatrixRecord, RecipeRecord
 
 
 def names(quant: QuantSpec) -> list[str]:
     """The candidates of `quant`, the stock choice first."""
-    return ([WITH, WITHOUT] if quant.imatrix is not None else [WITHOUT]) + \
-        ([SEARCHED] if quant.recipe == RECIPE_SEARCH else [])
+    return ([Made.WITH, Made.WITHOUT] if quant.imatrix is not None else [Made.WITHOUT]) + \
+        ([Made.SEARCHED] if quant.recipe == RECIPE_SEARCH else [])
 
 
 def record_name(quant: QuantSpec, name: str) -> str:
     """The subject candidate `name` of `quant` is recorded under (records/quantize-Q4_K_M-with-imatrix.json)."""
-    return f"{quant.type}-{FOLDERS[name]}"
+    return f"{quant.type}-{name.folder}"
 
 
 def output(ws, quant: QuantSpec, name: str) -> Path:
-    return ws.choice_dir(quant.type) / FOLDERS[name] / file_name(quant, name)
+    return ws.choice_dir(quant.type) / name.folder / file_name(quant, name)
 
 
 def file_name(quant: QuantSpec, name: str) -> str:
     """The file's name: the searched one is labelled TYPE_MOEQ."""
-    return quant.searched_file if name == SEARCHED else quant.file
+    return quant.searched_file if name == Made.SEARCHED else quant.file
 
 
 def spec(quant: QuantSpec, name: str, *, imatrix: ImatrixRecord | None = None,
          recipe: RecipeRecord | None = None) -> QuantSpec:
     """How candidate `name` of `quant` is made: with the importance matrix `imatrix` (imatrix: auto) or the one the
     pipeline names; the searched one from the recipe stage's record (--pure, the recipe file, the two end types)."""
-    if name == SEARCHED:
+    if name == Made.SEARCHED:
         return dataclasses.replace(quant, imatrix=Path(recipe.imatrix.path) if recipe.imatrix else None, pure=True,
                                    tensor_type_file=Path(recipe.recipe_file.path), tensor_types=(),
                                    token_embedding_type=recipe.token_embedding_type.lower(),
                                    output_tensor_type=recipe.output_tensor_type.lower(), recipe=None, budget=None)
-    return dataclasses.replace(quant, imatrix=matrix(quant, imatrix) if name == WITH else None)
+    return dataclasses.replace(quant, imatrix=matrix(quant, imatrix) if name == Made.WITH else None)
 
 
 def matrix(quant: QuantSpec, imatrix: ImatrixRecord | None) -> Path | None:
@@ -56,7 +55,7 @@ def matrix(quant: QuantSpec, imatrix: ImatrixRecord | None) -> Path | None:
 
 def needs_matrix(quant: QuantSpec, name: str) -> bool:
     """Whether candidate `name` is made with the importance matrix the imatrix stage makes."""
-    return name == WITH and quant.imatrix == IMATRIX_AUTO
+    return name == Made.WITH and quant.imatrix == IMATRIX_AUTO
 
 
 def unchosen(pipeline: Pipeline, quant: QuantSpec, skip_bench: bool = False) -> str:

@@ -25,7 +25,7 @@ from moeq.push.staging import current_on_branch, delete_branch, read_staged, sta
 from moeq.record_store import load_saved
 from moeq.imatrix.stage import imatrix_stage
 from moeq.records import CardRecord, FetchRecord, ImatrixRecord, PushRecord
-from moeq.stage_runner import StageResult, declared_key, run_stage
+from moeq.stage_runner import StageResult, Status, declared_key, run_stage
 from moeq.steps import wiring
 from moeq.steps.context import Context
 from moeq.steps.repos import RepoUnit
@@ -90,7 +90,7 @@ def stage_to_branch(ctx: Context, unit: RepoUnit, branch: str, card_record: Card
     merged = last.model_copy(update={"quants": [q.type for q in unit.quants],
                                      "files": [f for r in records for f in r.files],
                                      "uploaded_bytes": sum(r.uploaded_bytes for r in records)})
-    status = "ran" if any(r.commit for r in records) else "up to date"
+    status = Status.RAN if any(r.commit for r in records) else Status.UP_TO_DATE
     return StageResult("push", status, f"staged on {branch}", round(time.monotonic() - started, 3), merged)
 
 

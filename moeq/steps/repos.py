@@ -17,7 +17,7 @@ from moeq.errors import InputError
 from moeq.hub.client import hub_errors, remote_text
 from moeq.manifest import MANIFEST_NAME, MAX_CARD_BYTES, MAX_MANIFEST_BYTES, README_NAME, parse_manifest, read_manifest
 from moeq.push.stage import check_staged, local_files, planned
-from moeq.records import CardRecord, PushRecord, QuantizeRecord
+from moeq.records import CardRecord, PushAction, PushRecord, QuantizeRecord
 from moeq.steps.context import Context
 
 
@@ -121,7 +121,7 @@ def check_pushed(ctx: Context, units: list[RepoUnit], replace_card: bool = False
     for unit in units:
         plan = push_plan(ctx, unit, replace_card=replace_card, prune=prune)
         check.plans.append(plan)
-        if plan.repo_exists and any(f.path == "README.md" and f.action == "update" for f in plan.files):
+        if plan.repo_exists and any(f.path == "README.md" and f.action == PushAction.UPDATE for f in plan.files):
             check.findings += hub_card_findings(ctx, plan.repo_id)  # which lines, as moeq card verify says
         check.findings += hub_link_findings(ctx, plan.repo_id, ctx.records.require(CardRecord, unit.quant))
     return check

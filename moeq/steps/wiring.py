@@ -27,10 +27,10 @@ from moeq.push.stage import push_stage
 from moeq.quantize.stage import quantize_stage
 from moeq.recipe.cost import plan_search
 from moeq.recipe.stage import recipe_stage
-from moeq.records import (SEARCHED, BenchRecord, CardRecord, ChoiceRecord, FetchRecord, ImatrixRecord, PushRecord,
+from moeq.records import (Made, BenchRecord, CardRecord, ChoiceRecord, FetchRecord, ImatrixRecord, PushRecord,
                           QuantizeRecord, RecipeRecord, ShardsRecord, ValidateRecord)
 from moeq.shards.stage import shards_stage
-from moeq.stage_runner import StageResult, run_stage
+from moeq.stage_runner import StageResult, Status, run_stage
 from moeq.steps import candidates
 from moeq.steps.context import Context
 from moeq.steps.repos import RepoUnit, siblings
@@ -47,7 +47,7 @@ def fetch(ctx: Context, force: bool = False) -> StageResult[FetchRecord]:
 def fetched(ctx: Context) -> StageResult[FetchRecord]:
     """A Hub source as moeq fetch left it: the commands after fetch never download."""
     record = fetched_source(ctx.pipeline, ctx.ws, ctx.records.get(FetchRecord))
-    return StageResult("fetch", "up to date", "as moeq fetch left it", 0.0, record)
+    return StageResult("fetch", Status.UP_TO_DATE, "as moeq fetch left it", 0.0, record)
 
 
 @dataclass
@@ -113,7 +113,7 @@ def candidate(ctx: Context, quant: QuantSpec, name: str, source: SourceFile, *, 
                            record_as=candidates.record_name(quant, name),
                            silence_s=ctx.pipeline.toolchain.quantize_silence_s)
     done = run_stage(stage, ctx.records, force=force, on_message=ctx.say)
-    if name == SEARCHED:
+    if name == Made.SEARCHED:
         _require_rebuilt(quant, done.record, recipe)
     return done
 
