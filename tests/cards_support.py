@@ -11,7 +11,7 @@ from moeq.steps.context import Context
 from moeq.steps.repos import repo_units
 from moeq.workspace import Workspace
 
-from conftest import pipeline_file, run_target
+from conftest import copy_built, pipeline_file, run_target
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
 CHARTS = ("images/gpu-memory.png",)  # no bench here, so no quality chart: empty axes are not published
@@ -31,6 +31,17 @@ def build_until_card(config: Path, validate: tuple[str, ...] = LADDER) -> tuple:
     for q in validate:
         run_target(pipeline, "validate", q, numerics="sample")
     return pipeline, ws
+
+
+def ladder_copy(quantized: Path, folder: Path, card: dict | None = None, hub: dict | None = None,
+                validate: tuple[str, ...] = LADDER) -> tuple:
+    """A copy of the quantized ladder (the `quantized_ladder` fixture's folder) in `folder`, its pipeline given
+    another card: or hub: section (neither changes a file), and `validate` validated."""
+    copy_built(quantized, folder)
+    pipeline = load_pipeline(copy_example(folder, card=card, hub=hub))
+    for q in validate:
+        run_target(pipeline, "validate", q, numerics="sample")
+    return pipeline, Workspace(pipeline.workspace)
 
 
 def make_cards(pipeline, quants: tuple[str, ...] = LADDER, ctx: Context | None = None) -> dict:

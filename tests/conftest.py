@@ -51,6 +51,14 @@ def pipeline_file(folder: Path, *, trained: bool = True, rpc: str | None = None,
     return path
 
 
+def copy_built(built: Path, folder: Path) -> None:
+    """Everything under `built` (a pipeline file and its workspace) copied into `folder` with `cp -a`. Records hold
+    workspace-relative paths, so the copy is current and independent of the original (test_build.py's
+    test_a_moved_and_a_copied_workspace shows both): a test starts from a workspace built once per session."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-a", f"{built}/.", str(folder)], check=True)
+
+
 def default_sigint() -> None:
     """preexec_fn for a moeq process a test interrupts: a shell that starts the tests in the background (`cmd &`)
     hands every child an ignored SIGINT, and Python keeps it ignored."""
@@ -67,8 +75,8 @@ def toolchain() -> Toolchain:
 
 # The fixtures that build a workspace, a ladder, a release or an installed wheel (seconds to tens of seconds, once per
 # module or session): every test that uses one is slow. Tests slow on their own carry @pytest.mark.slow.
-SLOW_FIXTURES = {"built", "benched", "benched_record", "carded_ladder", "carded_per_quant", "chosen", "cuda_tools",
-                 "hub", "installed", "made", "published", "release", "searched"}
+SLOW_FIXTURES = {"built", "benched", "benched_record", "carded_ladder", "carded_per_quant", "chosen", "cuda_tools", "example_built",
+                 "hub", "installed", "made", "published", "q8_built", "quantized_ladder", "release", "searched"}
 
 
 def pytest_configure(config) -> None:
@@ -153,23 +161,42 @@ def rpc_device(toolchain):
 
 
 @pytest.fixture(scope="session")
-def carded_ladder(tmp_path_factory, toolchain):
+def example_built(tmp_path_factory, toolchain, rpc_device) -> Path:
+    """The folder of the example pipeline (trained weights; the RPC device stands in for a GPU) after `moeq build
+    --all`: every stage but the push. Copy it (copy_built) rather than change it."""
+    config = pipeline_file(tmp_path_factory.mktemp("example-built"), rpc=rpc_device)
+    proc = run_moeq("build", "--config", str(config), "--all")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return config.parent
+
+
+@pytest.fixture(scope="session")
+def quantized_ladder(tmp_path_factory, toolchain) -> Path:
+    """The folder of the example pipeline (random weights) with its ladder quantized, the choice made, nothing
+    validated or carded: copy it (cards_support.ladder_copy) rather than change it."""
+    from cards_support import build_until_card, copy_example
+
+    config = copy_example(tmp_path_factory.mktemp("quantized-ladder"))
+    build_until_card(config, validate=())
+    return config.parent
+
+
+@pytest.fixture(scope="session")
+def carded_ladder(tmp_path_factory, quantized_ladder):
     """The example pipeline (one repo for the ladder, random weights) quantized, validated and carded in a workspace
     of its own: (pipeline, workspace, card outcome by repo). Tests that change it put it back."""
-    from cards_support import build_until_card, copy_example, make_cards
+    from cards_support import ladder_copy, make_cards
 
-    config = copy_example(tmp_path_factory.mktemp("cards"))
-    pipeline, ws = build_until_card(config)
+    pipeline, ws = ladder_copy(quantized_ladder, tmp_path_factory.mktemp("cards"))
     return pipeline, ws, make_cards(pipeline)
 
 
 @pytest.fixture(scope="session")
-def carded_per_quant(tmp_path_factory, toolchain):
+def carded_per_quant(tmp_path_factory, quantized_ladder):
     """The same with a repo per quant (hub.layout per-quant)."""
-    from cards_support import build_until_card, copy_example, make_cards
+    from cards_support import ladder_copy, make_cards
 
-    config = copy_example(tmp_path_factory.mktemp("cards-per-quant"), hub=PER_QUANT)
-    pipeline, ws = build_until_card(config)
+    pipeline, ws = ladder_copy(quantized_ladder, tmp_path_factory.mktemp("cards-per-quant"), hub=PER_QUANT)
     return pipeline, ws, make_cards(pipeline)
 
 

@@ -16,7 +16,7 @@ from moeq.cards.lint import lint_card
 from moeq.manifest import parse_manifest
 from moeq.toolchain import TOOLS
 
-from conftest import HUB_TOKEN, PER_QUANT, REPO, example_section, link_log_flush, pipeline_file, run_moeq
+from conftest import HUB_TOKEN, PER_QUANT, REPO, copy_built, example_section, link_log_flush, pipeline_file, run_moeq
 from hub_server import Fault
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
@@ -50,8 +50,9 @@ def wrapped_tools(tmp_path: Path, toolchain, fail_quant: str | None = None) -> P
 
 
 def write_config(tmp_path: Path, bin_dir: Path, template: Path | None = None, layout: str = "single",
-                 source: dict | None = None) -> Path:
-    return pipeline_file(tmp_path, toolchain={"llama_cpp_bin": str(bin_dir)}, source=source or example_section("source"),
+                 source: dict | None = None, rpc: str | None = None) -> Path:
+    return pipeline_file(tmp_path, rpc=rpc, toolchain={"llama_cpp_bin": str(bin_dir)},
+                         source=source or example_section("source"),
                          hub=PER_QUANT if layout == "per-quant" else example_section("hub"),
                          card={**example_section("card"), **({"template": str(template)} if template else {})})
 
@@ -131,14 +132,15 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain,
 
 
 @pytest.mark.slow
-def test_template_change_reruns_card_and_push_only(tmp_path, test_hub, toolchain):
+def test_template_change_reruns_card_and_push_only(tmp_path, test_hub, toolchain, example_built, rpc_device):
+    copy_built(example_built, tmp_path)  # the ladder built: the first build here makes its card and pushes it
     template = tmp_path / "card.md.j2"
     builtin = (REPO / "templates" / "model-card.md.j2").read_text()
     template.write_text(builtin)
-    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain), template)
+    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain), template, rpc=rpc_device)
     assert build(test_hub, config, "--all", "--push")[0].returncode == 0
     template.write_text(builtin.replace("## Model details", "Published by the release job.\n\n## Model details"))
-    (tmp_path / "starts").unlink()
+    (tmp_path / "starts").unlink(missing_ok=True)
     proc, summary = build(test_hub, config, "--all", "--push")
     assert proc.returncode == 0, proc.stderr
     assert statuses(summary) == {q: ["up to date", "skipped" if q == "Q8_0" else "up to date", "skipped"]
@@ -188,11 +190,11 @@ def test_killed_during_quantize_resumes(tmp_path, test_hub, toolchain):
 
 
 @pytest.mark.slow
-def test_killed_during_push_resumes(tmp_path, test_hub, toolchain):
-    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
+def test_killed_during_push_resumes(tmp_path, test_hub, toolchain, example_built, rpc_device):
+    copy_built(example_built, tmp_path)  # the ladder built: the build below goes straight to its card and push
+    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain), rpc=rpc_device)
     test_hub.state.faults.append(Fault("PUT", r"^/lfs-upload/", "sleep", seconds=5))
     proc = start_build(test_hub, config)
-    # every stage of three quants runs first (the choice's two candidates of two of them included): minutes when busy
     wait_for(lambda: any(r.path.startswith("/lfs-upload/") for r in test_hub.requests), "the first upload",
              timeout=600)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -252,8 +254,9 @@ def test_build_argument_errors(tmp_path, args, code, message):
 
 
 @pytest.mark.slow
-def test_force_stage_card_reruns_card_and_push_only(tmp_path, toolchain):
-    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
+def test_force_stage_card_reruns_card_and_push_only(tmp_path, toolchain, example_built, rpc_device):
+    copy_built(example_built, tmp_path)
+    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain), rpc=rpc_device)
     assert run_moeq("build", "--config", str(config), "--quant", "Q4_K_M").returncode == 0
     proc = run_moeq("build", "--config", str(config), "--quant", "Q4_K_M", "--force-stage", "card", "--json")
     assert proc.returncode == 0, proc.stderr

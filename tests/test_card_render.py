@@ -25,7 +25,7 @@ from moeq.errors import CheckFailed, InputError
 from moeq.cards.stage import staged_paths
 
 from conftest import REPO, run_moeq
-from cards_support import CHARTS, LADDER, build_until_card, card_text, copy_example, make_cards
+from cards_support import CHARTS, LADDER, card_text, copy_example, ladder_copy, make_cards
 
 GOLDEN = REPO / "tests" / "golden"
 
@@ -164,9 +164,8 @@ def test_cli_card_and_json(carded_ladder):
 
 
 @pytest.mark.slow
-def test_missing_validate_record_says_not_measured(tmp_path, toolchain):
-    config = copy_example(tmp_path)
-    pipeline, ws = build_until_card(config, validate=("Q8_0",))
+def test_missing_validate_record_says_not_measured(tmp_path, quantized_ladder):
+    pipeline, ws = ladder_copy(quantized_ladder, tmp_path, validate=("Q8_0",))
     outcome = make_cards(pipeline)[None]
     text = card_text(ws)
     memory = text.split("\n## Q2_K\n")[1].split("### Memory: where the weights go")[1].split("\n### ")[0]
@@ -184,9 +183,8 @@ def test_missing_validate_record_says_not_measured(tmp_path, toolchain):
 
 
 @pytest.mark.slow
-def test_stale_validate_record_is_ignored_with_a_warning(tmp_path, toolchain):
-    config = copy_example(tmp_path)
-    pipeline, ws = build_until_card(config, validate=("Q8_0",))
+def test_stale_validate_record_is_ignored_with_a_warning(tmp_path, quantized_ladder):
+    pipeline, ws = ladder_copy(quantized_ladder, tmp_path, validate=("Q8_0",))
     record_path = ws.record_path("validate", "Q8_0")
     data = json.loads(record_path.read_text())
     data["record"]["file"]["sha256"] = "0" * 64
@@ -213,11 +211,10 @@ def test_card_in_a_fresh_workspace_runs_the_steps_it_needs_first(tmp_path):
 
 
 @pytest.mark.slow
-def test_template_asking_for_a_missing_fact_names_it(tmp_path, toolchain):
+def test_template_asking_for_a_missing_fact_names_it(tmp_path, quantized_ladder):
     template = tmp_path / "card.md.j2"
     template.write_text("---\nlicense: mit\n---\n# {{ model.name }}\n\nSize: {{ quant.weight_in_tons }}\n")
-    config = copy_example(tmp_path, card={"template": str(template)})
-    pipeline, ws = build_until_card(config, validate=())
+    pipeline, ws = ladder_copy(quantized_ladder, tmp_path / "copy", card={"template": str(template)}, validate=())
     with pytest.raises(InputError) as err:
         make_cards(pipeline, ("Q8_0",))
     assert f"{template}:6:" in err.value.message and "weight_in_tons" in err.value.message
@@ -225,27 +222,25 @@ def test_template_asking_for_a_missing_fact_names_it(tmp_path, toolchain):
 
 
 @pytest.mark.slow
-def test_card_that_fails_lint_is_not_written(tmp_path, toolchain):
+def test_card_that_fails_lint_is_not_written(tmp_path, quantized_ladder):
     bad = tmp_path / "bad.md.j2"
     good = (REPO / "templates" / "model-card.md.j2").read_text()
     bad.write_text(good.replace("## Model details", "See [the other quant](../sibling-gguf).\n\n## Model details"))
-    config = copy_example(tmp_path, card={"template": str(bad)})
-    pipeline, ws = build_until_card(config, validate=())
+    pipeline, ws = ladder_copy(quantized_ladder, tmp_path / "copy", card={"template": str(bad)}, validate=())
     with pytest.raises(CheckFailed) as err:
         make_cards(pipeline, ("Q8_0",))
     assert "relative-link" in err.value.message and "was not" in err.value.message
     assert not (ws.repo_dir(None) / "README.md").exists()
-    proc = run_moeq("card", "--config", str(config), "--quant", "Q8_0")
+    proc = run_moeq("card", "--config", str(pipeline.path), "--quant", "Q8_0")
     assert proc.returncode == 7 and "relative-link" in proc.stderr
 
 
 @pytest.mark.slow
-def test_user_template_can_include_builtin_partials(tmp_path, toolchain):
+def test_user_template_can_include_builtin_partials(tmp_path, quantized_ladder):
     template = tmp_path / "mine.md.j2"
     template.write_text("---\n{{ frontmatter | card_yaml }}\n---\n\n# {{ model.name }} {{ quant.type }}\n\n"
                         "{% include 'partials/cpu-moe.md.j2' %}\n")
-    config = copy_example(tmp_path, card={"template": str(template)})
-    pipeline, ws = build_until_card(config, validate=())
+    pipeline, ws = ladder_copy(quantized_ladder, tmp_path / "copy", card={"template": str(template)}, validate=())
     make_cards(pipeline, ("Q8_0",))
     text = card_text(ws)
     assert text.splitlines()[-1].startswith("layers to fit the GPU")

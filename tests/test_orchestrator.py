@@ -14,16 +14,15 @@ from moeq.plan import CANDIDATE, plan
 from moeq.steps import release, wiring
 from moeq.steps.context import Context
 
-from conftest import pipeline_file
+from conftest import copy_built, pipeline_file
 
 
 @pytest.fixture(scope="module")
-def example(tmp_path_factory, toolchain):
-    """The example's ladder (random weights) built once with `moeq build --all`, in a workspace of its own."""
-    pipeline = load_pipeline(pipeline_file(tmp_path_factory.mktemp("orchestrator"), trained=False))
-    summary = build(Context.of(pipeline), list(pipeline.quants), push=False)
-    assert summary.ok, summary.as_dict()
-    return pipeline
+def example(tmp_path_factory, example_built):
+    """A copy of the example's ladder built with `moeq build --all`."""
+    folder = tmp_path_factory.mktemp("orchestrator")
+    copy_built(example_built, folder)
+    return load_pipeline(folder / "tiny-phimoe.yaml")
 
 
 @pytest.mark.slow

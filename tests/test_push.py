@@ -16,20 +16,34 @@ from moeq.steps.repos import repo_units
 from moeq.config import load_pipeline
 from moeq.workspace import Workspace
 
-from conftest import HUB_TOKEN, PER_QUANT, REPO, example_section, pipeline_file, run_moeq, run_target
+from conftest import HUB_TOKEN, PER_QUANT, REPO, copy_built, example_section, pipeline_file, run_moeq, run_target
 from hub_server import Blob, Fault
 
 REPO_ID = "moeq-test/tiny-phimoe-GGUF"  # the example's one repo for the ladder
 
 
-def staged_pipeline(tmp_path: Path, card: dict | None = None, hub: dict | None = None, validate: bool = True):
-    """The example pipeline in tmp_path, its Q8_0 quantized (and validated) and its repo's card made for it."""
+@pytest.fixture(scope="module")
+def q8_built(tmp_path_factory, toolchain) -> Path:
+    """The example pipeline's folder with its ladder quantized (the choice made) and Q8_0 validated, built once:
+    tests copy it. A card lists only the quants asked for and those pushed, so the others change no card."""
+    folder = tmp_path_factory.mktemp("q8-built")
+    pipeline = load_pipeline(pipeline_file(folder))
+    for quant in ("Q8_0", "Q4_K_M", "Q2_K"):
+        run_target(pipeline, "quantize", quant)
+    run_target(pipeline, "validate", "Q8_0")
+    return folder
+
+
+def staged_pipeline(tmp_path: Path, built: Path, card: dict | None = None, hub: dict | None = None,
+                    validate: bool = True):
+    """The example pipeline in tmp_path, a copy of `built` (its Q8_0 quantized and validated; the validation's
+    record removed unless `validate`), with its repo's card made for Q8_0."""
+    copy_built(built, tmp_path)
     config = pipeline_file(tmp_path, **({"card": card} if card else {}), **({"hub": hub} if hub else {}))
     pipeline = load_pipeline(config)
     ws = Workspace(pipeline.workspace)
-    run_target(pipeline, "quantize", "Q8_0")
-    if validate:
-        run_target(pipeline, "validate", "Q8_0")
+    if not validate:
+        ws.record_path("validate", "Q8_0").unlink()
     make_card(pipeline, "Q8_0")
     return config, pipeline, ws
 
@@ -67,8 +81,8 @@ def sha256(data: bytes) -> str:
 
 
 @pytest.mark.slow
-def test_push_is_one_commit_then_nothing(tmp_path, test_hub, toolchain):
-    config, pipeline, ws = staged_pipeline(tmp_path)
+def test_push_is_one_commit_then_nothing(tmp_path, test_hub, q8_built):
+    config, pipeline, ws = staged_pipeline(tmp_path, q8_built)
     proc = push(test_hub, config)
     assert proc.returncode == 0, proc.stderr
     assert f"committed {test_hub.url}/{REPO_ID}/commit/" in proc.stdout
@@ -97,11 +111,11 @@ def test_push_is_one_commit_then_nothing(tmp_path, test_hub, toolchain):
 
 
 @pytest.mark.slow
-def test_changed_card_commits_only_the_card(tmp_path, test_hub, toolchain):
+def test_changed_card_commits_only_the_card(tmp_path, test_hub, q8_built):
     template = tmp_path / "card.md.j2"
     builtin = (REPO / "templates" / "model-card.md.j2").read_text()
     template.write_text(builtin)
-    config, pipeline, ws = staged_pipeline(tmp_path, card={**example_section("card"), "template": str(template)})
+    config, pipeline, ws = staged_pipeline(tmp_path, q8_built, card={**example_section("card"), "template": str(template)})
     assert push(test_hub, config).returncode == 0
     template.write_text(builtin.replace("## Model details", "A line added to the template.\n\n## Model details"))
     make_card(pipeline, "Q8_0")
@@ -122,8 +136,8 @@ def test_changed_card_commits_only_the_card(tmp_path, test_hub, toolchain):
 
 
 @pytest.mark.slow
-def test_create_pr_opens_refs_pr_1(tmp_path, test_hub, toolchain):
-    config, _, _ = staged_pipeline(tmp_path)
+def test_create_pr_opens_refs_pr_1(tmp_path, test_hub, q8_built):
+    config, _, _ = staged_pipeline(tmp_path, q8_built)
     test_hub.state.create_repo(REPO_ID)
     proc = push(test_hub, config, "--create-pr")
     assert proc.returncode == 0, proc.stderr
@@ -135,8 +149,8 @@ def test_create_pr_opens_refs_pr_1(tmp_path, test_hub, toolchain):
 
 
 @pytest.mark.slow
-def test_dry_run_sends_no_write(tmp_path, test_hub, toolchain):
-    config, _, _ = staged_pipeline(tmp_path)
+def test_dry_run_sends_no_write(tmp_path, test_hub, q8_built):
+    config, _, _ = staged_pipeline(tmp_path, q8_built)
     proc = push(test_hub, config, "--dry-run", "--json")
     assert proc.returncode == 0, proc.stderr
     [result] = json.loads(proc.stdout)
@@ -152,8 +166,8 @@ def test_dry_run_sends_no_write(tmp_path, test_hub, toolchain):
 
 
 @pytest.mark.slow
-def test_split_shards_rejoin_to_the_original(tmp_path, test_hub, toolchain):
-    config, pipeline, ws = staged_pipeline(tmp_path, validate=False)
+def test_split_shards_rejoin_to_the_original(tmp_path, test_hub, q8_built, toolchain):
+    config, pipeline, ws = staged_pipeline(tmp_path, q8_built, validate=False)
     config = pipeline_file(tmp_path, hub={**example_section("hub"), "max_shard_size": "1MB"})
     pipeline = load_pipeline(config)
     make_card(pipeline, "Q8_0")
@@ -188,8 +202,8 @@ def test_split_shards_rejoin_to_the_original(tmp_path, test_hub, toolchain):
     Fault("POST", r"/commit/main", 503),
 ], ids=["429-preupload", "500-upload", "dropped-upload", "503-commit"])
 @pytest.mark.slow
-def test_push_survives_transient_faults(tmp_path, test_hub, toolchain, fault):
-    config, _, ws = staged_pipeline(tmp_path)
+def test_push_survives_transient_faults(tmp_path, test_hub, q8_built, fault):
+    config, _, ws = staged_pipeline(tmp_path, q8_built)
     test_hub.state.faults.append(fault)
     proc = push(test_hub, config)
     assert proc.returncode == 0, proc.stderr
@@ -200,8 +214,8 @@ def test_push_survives_transient_faults(tmp_path, test_hub, toolchain, fault):
 
 
 @pytest.mark.slow
-def test_failed_push_leaves_the_repo_as_it_was(tmp_path, test_hub, toolchain):
-    config, _, _ = staged_pipeline(tmp_path)
+def test_failed_push_leaves_the_repo_as_it_was(tmp_path, test_hub, q8_built):
+    config, _, _ = staged_pipeline(tmp_path, q8_built)
     test_hub.state.create_repo(REPO_ID)
     before = test_hub.state.repos[REPO_ID].refs["main"]
     test_hub.state.faults.append(Fault("POST", r"/commit/main", 500, times=99))
@@ -214,8 +228,8 @@ def test_failed_push_leaves_the_repo_as_it_was(tmp_path, test_hub, toolchain):
 
 
 @pytest.mark.slow
-def test_bad_token_and_wrong_namespace(tmp_path, test_hub, toolchain):
-    config, _, _ = staged_pipeline(tmp_path)
+def test_bad_token_and_wrong_namespace(tmp_path, test_hub, q8_built):
+    config, _, _ = staged_pipeline(tmp_path, q8_built)
     proc = push(test_hub, config, env={"HF_TOKEN": "hf_notAValidToken"})
     assert proc.returncode == 5 and "refused the token (401)" in proc.stderr
     proc = push(test_hub, config, env={"HF_TOKEN": "hf_otherUserToken"})
@@ -225,8 +239,8 @@ def test_bad_token_and_wrong_namespace(tmp_path, test_hub, toolchain):
 
 
 @pytest.mark.slow
-def test_foreign_readme_needs_force(tmp_path, test_hub, toolchain):
-    config, _, _ = staged_pipeline(tmp_path)
+def test_foreign_readme_needs_force(tmp_path, test_hub, q8_built):
+    config, _, _ = staged_pipeline(tmp_path, q8_built)
     test_hub.state.add_files(REPO_ID, {"README.md": b"# A card someone wrote by hand\n"})
     proc = push(test_hub, config)
     assert proc.returncode == 5 and "README.md on the Hub was not written by moeq; pass --replace-card" in proc.stderr
@@ -237,8 +251,8 @@ def test_foreign_readme_needs_force(tmp_path, test_hub, toolchain):
 
 
 @pytest.mark.slow
-def test_token_never_written_anywhere(tmp_path, test_hub, toolchain):
-    config, _, _ = staged_pipeline(tmp_path)
+def test_token_never_written_anywhere(tmp_path, test_hub, q8_built):
+    config, _, _ = staged_pipeline(tmp_path, q8_built)
     assert push(test_hub, config).returncode == 0
     assert push(test_hub, config, "--json").returncode == 0
     for path in tmp_path.rglob("*"):
@@ -247,8 +261,8 @@ def test_token_never_written_anywhere(tmp_path, test_hub, toolchain):
 
 
 @pytest.mark.slow
-def test_multipart_upload_into_a_private_repo(tmp_path, test_hub, toolchain):
-    config, _, ws = staged_pipeline(tmp_path, hub={**example_section("hub"), "private": True}, validate=False)
+def test_multipart_upload_into_a_private_repo(tmp_path, test_hub, q8_built):
+    config, _, ws = staged_pipeline(tmp_path, q8_built, hub={**example_section("hub"), "private": True}, validate=False)
     test_hub.state.multipart_threshold = test_hub.state.chunk_size = 1_000_000
     proc = push(test_hub, config)
     assert proc.returncode == 0, proc.stderr
@@ -264,9 +278,9 @@ def test_multipart_upload_into_a_private_repo(tmp_path, test_hub, toolchain):
 
 
 @pytest.mark.slow
-def test_check_names_the_lines_edited_on_the_hub(tmp_path, test_hub, toolchain):
+def test_check_names_the_lines_edited_on_the_hub(tmp_path, test_hub, q8_built):
     """Someone edits a figure in the card on the Hub: push --check says which line, as moeq card verify does."""
-    config, _, ws = staged_pipeline(tmp_path)
+    config, _, ws = staged_pipeline(tmp_path, q8_built)
     assert push(test_hub, config).returncode == 0
     assert push(test_hub, config, "--check").returncode == 0
     card = test_hub.state.files(REPO_ID)["README.md"].decode()
@@ -285,9 +299,9 @@ def test_check_names_the_lines_edited_on_the_hub(tmp_path, test_hub, toolchain):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("path", [r"/preupload/", r"/commit/main"])
-def test_a_huge_retry_after_is_capped_and_said(tmp_path, test_hub, toolchain, path):
+def test_a_huge_retry_after_is_capped_and_said(tmp_path, test_hub, q8_built, path):
     """`Retry-After: 100000` (28 hours) on the client's own retries and on moeq's commit retry: waits are capped."""
-    config, _, _ = staged_pipeline(tmp_path)
+    config, _, _ = staged_pipeline(tmp_path, q8_built)
     test_hub.state.faults.append(Fault("POST", path, 429, headers={"Retry-After": "100000"}))
     proc = push(test_hub, config, env={"MOEQ_HUB_MAX_WAIT_S": "1"})
     assert proc.returncode == 0, proc.stderr
@@ -300,10 +314,10 @@ def test_a_huge_retry_after_is_capped_and_said(tmp_path, test_hub, toolchain, pa
 
 
 @pytest.mark.slow
-def test_pushing_one_quant_into_the_one_repo_changes_only_its_files(tmp_path, test_hub, toolchain):
+def test_pushing_one_quant_into_the_one_repo_changes_only_its_files(tmp_path, test_hub, q8_built):
     """Q8_0 first, then Q4_K_M alone: the second commit adds Q4_K_M and its importance matrix and rewrites README.md
     and the manifest, which now list both; Q8_0's file is not touched."""
-    config, pipeline, ws = staged_pipeline(tmp_path)
+    config, pipeline, ws = staged_pipeline(tmp_path, q8_built)
     assert push(test_hub, config).returncode == 0
     run_target(pipeline, "quantize", "Q4_K_M")
     run_target(pipeline, "validate", "Q4_K_M")
@@ -322,8 +336,8 @@ def test_pushing_one_quant_into_the_one_repo_changes_only_its_files(tmp_path, te
 
 
 @pytest.mark.slow
-def test_a_push_for_some_quants_refuses_to_change_the_others(tmp_path, test_hub, toolchain):
-    config, pipeline, ws = staged_pipeline(tmp_path)
+def test_a_push_for_some_quants_refuses_to_change_the_others(tmp_path, test_hub, q8_built):
+    config, pipeline, ws = staged_pipeline(tmp_path, q8_built)
     assert push(test_hub, config).returncode == 0
     test_hub.state.add_files(REPO_ID, {"tiny-phimoe-Q3_K_M.gguf": b"GGUF from elsewhere"})
     run_target(pipeline, "quantize", "Q4_K_M")
@@ -344,8 +358,8 @@ def test_a_push_for_some_quants_refuses_to_change_the_others(tmp_path, test_hub,
 
 
 @pytest.mark.slow
-def test_switching_layout_is_refused_unless_asked(tmp_path, test_hub, toolchain):
-    config, pipeline, ws = staged_pipeline(tmp_path, hub=PER_QUANT)
+def test_switching_layout_is_refused_unless_asked(tmp_path, test_hub, q8_built):
+    config, pipeline, ws = staged_pipeline(tmp_path, q8_built, hub=PER_QUANT)
     assert push(test_hub, config).returncode == 0
     assert "moeq-test/tiny-phimoe-q8-0-gguf" in test_hub.state.repos
     config = pipeline_file(tmp_path, hub=example_section("hub"))
@@ -358,17 +372,17 @@ def test_switching_layout_is_refused_unless_asked(tmp_path, test_hub, toolchain)
     assert push(test_hub, config, "--switch-layout").returncode == 0
     assert "tiny-phimoe-Q8_0.gguf" in test_hub.state.files(REPO_ID)
     # A fresh workspace knows nothing of the old repos, but the manifest on the Hub says which layout it holds.
-    fresh, _, _ = staged_pipeline(tmp_path / "fresh", hub={**example_section("hub"), "repo": "moeq-test/tiny-phimoe-q8-0-gguf"})
+    fresh, _, _ = staged_pipeline(tmp_path / "fresh", q8_built, hub={**example_section("hub"), "repo": "moeq-test/tiny-phimoe-q8-0-gguf"})
     proc = push(test_hub, fresh)
     assert proc.returncode == 5 and ("moeq-test/tiny-phimoe-q8-0-gguf: its manifest on the Hub says hub.layout "
                                      "per-quant, the pipeline says single; pass --switch-layout") in proc.stderr
 
 
 @pytest.mark.slow
-def test_a_per_quant_card_links_only_repos_on_the_hub(tmp_path, test_hub, toolchain):
+def test_a_per_quant_card_links_only_repos_on_the_hub(tmp_path, test_hub, q8_built):
     """Cards made for the whole ladder link every sibling repo; push --check names a link to a repo that is not on
     the Hub. A push of Q8_0 alone makes its card for Q8_0 alone, which links none."""
-    config, pipeline, ws = staged_pipeline(tmp_path, hub=PER_QUANT)
+    config, pipeline, ws = staged_pipeline(tmp_path, q8_built, hub=PER_QUANT)
     run_target(pipeline, "quantize", "Q2_K")
     make_card(pipeline, "Q8_0", "Q2_K")
     assert "(https://huggingface.co/moeq-test/tiny-phimoe-q2-k-gguf)" in (ws.repo_dir("Q8_0") / "README.md").read_text()
@@ -401,10 +415,10 @@ def test_a_staged_file_of_another_size_is_named_by_its_size():
 
 
 @pytest.mark.slow
-def test_a_repo_an_older_moeq_published_keeps_its_files_and_says_so(tmp_path, test_hub, toolchain):
+def test_a_repo_an_older_moeq_published_keeps_its_files_and_says_so(tmp_path, test_hub, q8_built):
     """A repo whose manifest is of an older version (2): the files it names are not known to be moeq's, so they are
     kept, and the plan and the push say why and what deletes them."""
-    config, _pipeline, _ws = staged_pipeline(tmp_path)
+    config, _pipeline, _ws = staged_pipeline(tmp_path, q8_built)
     old = {"manifest_version": 2, "layout": "single",
            "quants": [{"quant": "Q2_K", "files": [{"name": "tiny-phimoe-Q2_K.gguf"}]}]}
     test_hub.state.add_files(REPO_ID, {"moeq-manifest.json": json.dumps(old).encode(),

@@ -48,7 +48,7 @@ def candidate(name, kld, err, size) -> Candidate:
 def test_a_searched_file_is_published_only_when_better_beyond_the_uncertainty_at_no_larger_size(searched, chosen, why):
     stock = candidate(Made.WITH, 0.060273, 0.001633, 1_480_000)
     without = candidate(Made.WITHOUT, 0.060000, 0.001600, 1_480_000)
-    index, reason = choose([stock, without, candidate(Made, *searched)], may_choose=True)
+    index, reason = choose([stock, without, candidate(Made.SEARCHED, *searched)], may_choose=True)
     assert index == chosen and why in reason
 
 

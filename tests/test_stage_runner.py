@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import pipeline_file, run_moeq
+from conftest import copy_built, pipeline_file, run_moeq
 
 STAGES = ("fetch", "quantize", "validate", "bench", "shards", "card", "push")  # Q8_0's: it has no imatrix
 
@@ -31,13 +31,20 @@ def ran(result: dict[str, str]) -> set[str]:
     return {stage for stage, status in result.items() if status == "ran"}
 
 
-@pytest.fixture
-def built(tmp_path, toolchain, rpc_device):
+@pytest.fixture(scope="module")
+def built_once(tmp_path_factory, toolchain, rpc_device) -> Path:
     # Random weights: the skip rule does not depend on them, and a new seed of the trained model would train again.
-    config = pipeline_file(tmp_path, trained=False, rpc=rpc_device)
+    config = pipeline_file(tmp_path_factory.mktemp("runner"), trained=False, rpc=rpc_device)
     assert ran(statuses(config)) == set(STAGES) - {"push"}
     assert ran(statuses(config)) == set()  # a second build with nothing changed does nothing
-    return config
+    return config.parent
+
+
+@pytest.fixture
+def built(tmp_path, built_once) -> Path:
+    """A copy of the built folder for each test to change (a copy is current: each test's first build shows it)."""
+    copy_built(built_once, tmp_path)
+    return tmp_path / "tiny-phimoe.yaml"
 
 
 def edit(config: Path, where: str, value) -> None:
