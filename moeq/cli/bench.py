@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from moeq.cli.options import ConfigOption, JsonOption, QuantsOption
-from moeq.cli.output import console, open_context, print_json, selected_quants
+from moeq.cli.output import Results, console, open_context, selected_quants
 from moeq.records import record_json
 
 
@@ -28,17 +28,15 @@ def bench(
     from moeq.steps.policy import require_measured
 
     ctx = open_context(config)
-    results, benched = [], []
+    results, benched = Results(as_json), []
     options = Options(force=frozenset({"bench"} if force else ()), download=False,
                       modes=tuple(modes) if modes else None, rpc=rpc)
     for spec in selected_quants(ctx.pipeline, quant):
         done = run_to(ctx, "bench", [spec], options)[("bench", spec.type)]
         benched.append(done.record)
-        results.append({"skipped": done.up_to_date, "record": record_json(done.record)})
-        if not as_json:
-            _print_bench(done.record, done.up_to_date)
-    if as_json:
-        print_json(results)
+        results.add({"skipped": done.up_to_date, "record": record_json(done.record)},
+                    lambda: _print_bench(done.record, done.up_to_date))
+    results.done()
     require_measured(benched, ctx.ws.records_dir)
 
 

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from moeq.cli.options import ConfigOption, JsonOption, SwitchLayoutOption
-from moeq.cli.output import console, open_context, print_json, quiet_progress_off_terminal, selected_quants
+from moeq.cli.output import console, open_context, show, quiet_progress_off_terminal, selected_quants
 from moeq.units import decimal_size
 
 
@@ -56,10 +56,7 @@ def build(
     quiet_progress_off_terminal()
     summary = run_build(ctx, quants, push=(push or ctx.pipeline.hub.push) and stage_to is None, skip_bench=skip_bench,
                         force_stage=force_stage, switch_layout=switch_layout, release=release)
-    if as_json:
-        print_json(summary.as_dict())
-    else:
-        _print_summary(summary, ctx.ws)
+    show(as_json, summary.as_dict(), lambda: _print_summary(summary, ctx.ws))
     failures: dict[tuple[str, str], list[str]] = {}  # the shared fetch's failure names every quant once
     for q in summary.quants:
         failed = next((s for s in q.stages if s.status == Status.FAILED), None)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from moeq.cli.options import ConfigOption, JsonOption, QuantsOption
-from moeq.cli.output import console, open_context, print_json, selected_quants
+from moeq.cli.output import Results, console, open_context, print_json, selected_quants
 from moeq.errors import CheckFailed, InputError
 from moeq.records import record_json
 
@@ -40,19 +40,21 @@ def card(
     ctx = open_context(config)
     quants = selected_quants(ctx.pipeline, quant)
     made = run_to(ctx, "card", quants, Options(force=frozenset({"card"} if force else ()), download=False))
-    results = []
+    results = Results(as_json)
     for unit in repo_units(ctx, quants):
         done = made[("card", unit.quant)]
-        record = done.record
-        results.append({"skipped": done.up_to_date, "warnings": list(done.warnings), "record": record_json(record)})
-        if not as_json:
-            state = "up to date" if done.up_to_date else "written"
-            console.print(f"{', '.join(record.quants)}: card {state}: {record.readme.path} (repo {record.repo_id})",
-                          soft_wrap=True)
-            if record.not_measured:
-                console.print(f"  not measured: {', '.join(record.not_measured)}", soft_wrap=True)
-    if as_json:
-        print_json(results)
+        results.add({"skipped": done.up_to_date, "warnings": list(done.warnings), "record": record_json(done.record)},
+                    lambda: _print_card(done))
+    results.done()
+
+
+def _print_card(done) -> None:
+    record = done.record
+    state = "up to date" if done.up_to_date else "written"
+    console.print(f"{', '.join(record.quants)}: card {state}: {record.readme.path} (repo {record.repo_id})",
+                  soft_wrap=True)
+    if record.not_measured:
+        console.print(f"  not measured: {', '.join(record.not_measured)}", soft_wrap=True)
 
 
 def _print_findings(file: Path, findings: list, records: bool, as_json: bool) -> None:

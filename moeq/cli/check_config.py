@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from moeq.cli.options import ConfigOption, JsonOption
-from moeq.cli.output import console, pipeline_from, print_json
+from moeq.cli.output import console, pipeline_from, show
 
 
 def check_config(config: ConfigOption = None, as_json: JsonOption = False) -> None:
@@ -13,9 +13,11 @@ def check_config(config: ConfigOption = None, as_json: JsonOption = False) -> No
     pipeline = pipeline_from(config)
     rows = [{"quant": q.type, "file": q.file, "repo": pipeline.repo_id(q),
              "imatrix": str(q.imatrix) if q.imatrix else "none"} for q in pipeline.quants]
-    if as_json:
-        print_json({"pipeline": str(pipeline.path), "workspace": str(pipeline.workspace), "quants": rows})
-        return
+    show(as_json, {"pipeline": str(pipeline.path), "workspace": str(pipeline.workspace), "quants": rows},
+         lambda: _print_config(pipeline, rows))
+
+
+def _print_config(pipeline, rows: list[dict]) -> None:
     table = Table(title=f"{pipeline.path}: {pipeline.model.name}")
     for column in ("quant", "file", "repo", "imatrix"):
         table.add_column(column, overflow="fold")

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from moeq.cli.options import ConfigOption, JsonOption
-from moeq.cli.output import console, open_context, print_json, quiet_progress_off_terminal
+from moeq.cli.output import console, open_context, quiet_progress_off_terminal, show
 from moeq.records import record_json
 from moeq.units import decimal_size
 
@@ -28,9 +28,7 @@ def fetch(
     quiet_progress_off_terminal()
     done = run_to(ctx, "fetch", list(ctx.pipeline.quants), Options(force=frozenset({"fetch"} if force else ())))[FETCH]
     record = done.record
-    if as_json:
-        print_json({"skipped": done.up_to_date, "record": record_json(record)})
-        return
     state = "up to date" if done.up_to_date else f"fetched in {done.seconds:.1f} s"
-    console.print(f"source {state}: {record.output.path} ({decimal_size(record.output.size)}), from {record.origin}",
-                  soft_wrap=True)
+    show(as_json, {"skipped": done.up_to_date, "record": record_json(record)},
+         lambda: console.print(f"source {state}: {record.output.path} ({decimal_size(record.output.size)}), from "
+                               f"{record.origin}", soft_wrap=True))

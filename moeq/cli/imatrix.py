@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from moeq.cli.options import ConfigOption, JsonOption
-from moeq.cli.output import console, open_context, print_json
+from moeq.cli.output import console, open_context, show
 from moeq.records import record_json
 
 
@@ -25,10 +25,11 @@ def imatrix(
     ctx = open_context(config)
     done = run_to(ctx, "imatrix", list(ctx.pipeline.quants),
                   Options(force=frozenset({"imatrix"} if force else ()), download=False))[IMATRIX]
+    show(as_json, {"skipped": done.up_to_date, "record": record_json(done.record)}, lambda: _print_imatrix(done))
+
+
+def _print_imatrix(done) -> None:
     record = done.record
-    if as_json:
-        print_json({"skipped": done.up_to_date, "record": record_json(record)})
-        return
     state = "up to date" if done.up_to_date else f"done in {done.seconds:.1f} s"
     coverage = record.coverage
     console.print(f"imatrix: {state}: {record.output.path} ({record.chunks} chunks of {record.ctx} tokens of "

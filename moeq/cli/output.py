@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 
@@ -25,6 +26,31 @@ def print_json(data: object) -> None:
     """The command's result on stdout (a command that printed it, then failed, prints no second document)."""
     state["printed_json"] = True
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def show(as_json: bool, data: object, render: Callable[[], None]) -> None:
+    """A command's one result: a JSON document on stdout with --json, else `render()` for people."""
+    if as_json:
+        print_json(data)
+    else:
+        render()
+
+
+class Results:
+    """A command's results, one per quant or repo: each rendered for people as it comes (the others may take
+    minutes), or all printed as one JSON list at the end with --json."""
+
+    def __init__(self, as_json: bool):
+        self.as_json, self.items = as_json, []
+
+    def add(self, data: dict, render: Callable[[], None]) -> None:
+        self.items.append(data)
+        if not self.as_json:
+            render()
+
+    def done(self) -> None:
+        if self.as_json:
+            print_json(self.items)
 
 
 def pipeline_from(config: Path | None):

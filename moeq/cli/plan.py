@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from moeq.cli.options import JsonOption
-from moeq.cli.output import console, print_json, require_gguf_file
+from moeq.cli.output import console, show, require_gguf_file
 from moeq.errors import InputError
 from moeq.records import record_json
 from moeq.units import binary_size
@@ -36,9 +36,10 @@ def plan(
     require_gguf_file(file)
     result = plan_file(file, ctx_sizes=ctx_sizes or [4096], kv_type=kv_type,
                        compute_allowance=compute_allowance_mib * 2**20)
-    if as_json:
-        print_json(record_json(result))
-        return
+    show(as_json, record_json(result), lambda: _print_plan(file, result))
+
+
+def _print_plan(file: Path, result) -> None:
     weights = Table(title=f"{file.name}: weights by placement (computed from the file's tensors)")
     for column in ("mode", "GPU", "system RAM"):
         weights.add_column(column)
@@ -46,7 +47,7 @@ def plan(
         weights.add_row(p.mode, binary_size(p.gpu_bytes), binary_size(p.cpu_bytes))
     console.print(weights)
     fits = Table(title=f"smallest -ncmoe that fits (KV {result.kv_type}, "
-                       f"{compute_allowance_mib} MiB compute allowance)")
+                       f"{result.compute_allowance_bytes // 2**20} MiB compute allowance)")
     fits.add_column("GPU")
     for c in result.kv_bytes:
         fits.add_column(f"ctx {c} (KV {binary_size(result.kv_bytes[c])})")

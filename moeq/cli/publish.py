@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from moeq.cli.options import ConfigOption, JsonOption
-from moeq.cli.output import console, open_context, print_json, quiet_progress_off_terminal
+from moeq.cli.output import console, open_context, show, quiet_progress_off_terminal
 from moeq.records import PushAction, record_json
 from moeq.units import decimal_size
 
@@ -31,10 +31,10 @@ def publish(
     ctx = open_context(config)
     quiet_progress_off_terminal()
     done = publish_ladder(ctx, check_branch(from_branch), keep_branch=keep_branch)
-    record = done.record
-    if as_json:
-        print_json({"branch": from_branch, "record": record_json(record)})
-        return
+    show(as_json, {"branch": from_branch, "record": record_json(done.record)}, lambda: _print_published(done.record, from_branch))
+
+
+def _print_published(record, from_branch: str) -> None:
     copied = [f for f in record.files if f.action in (PushAction.ADD, PushAction.UPDATE) and f.path.endswith(".gguf")]
     if record.commit is None:
         console.print(f"{record.repo_id}: main already holds the ladder as staged on {from_branch}; no commit")

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from moeq.cli.options import ConfigOption, JsonOption, QuantsOption, SwitchLayoutOption
-from moeq.cli.output import console, open_context, print_json, quiet_progress_off_terminal, selected_quants
+from moeq.cli.output import Results, console, open_context, quiet_progress_off_terminal, selected_quants
 from moeq.errors import CheckFailed
 from moeq.records import record_json
 from moeq.units import decimal_size
@@ -48,7 +48,7 @@ def push(
     pushed = {} if dry_run or check else run_to(ctx, "push", quants, Options(
         download=False, push=True, create_pr=create_pr, replace_card=replace_card, switch_layout=switch_layout,
         prune=prune))
-    results = []
+    results = Results(as_json)
     for index, unit in enumerate(units):
         label = ", ".join(q.type for q in unit.quants)
         if dry_run or check:
@@ -63,11 +63,8 @@ def push(
             row = {"quant": label, "repo_id": record.repo_id, "dry_run": False, "repo_exists": record.repo_existed,
                    "files": [f.model_dump() for f in record.files], "upload_bytes": record.uploaded_bytes,
                    "record": record_json(record)}
-        results.append(row)
-        if not as_json:
-            _print_push(row)
-    if as_json:
-        print_json(results)
+        results.add(row, lambda: _print_push(row))
+    results.done()
     if verdict:
         for line in verdict.findings:
             sys.stdout.write(line + "\n")

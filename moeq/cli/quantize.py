@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from moeq.cli.options import ConfigOption, JsonOption, QuantsOption
-from moeq.cli.output import console, open_context, print_json, selected_quants
+from moeq.cli.output import Results, console, open_context, selected_quants
 from moeq.records import ChoiceRecord, record_json
 from moeq.units import decimal_size
 
@@ -32,7 +32,7 @@ def quantize(
     from moeq.quantize.stage import log_path
 
     ctx = open_context(config)
-    results = []
+    results = Results(as_json)
     for spec in selected_quants(ctx.pipeline, quant):
         with _quantize_progress(spec.type, plain=as_json or not console.is_terminal) as on_tensor:
             options = Options(force=frozenset({"quantize"} if force else ()), download=False, threads=threads,
@@ -42,16 +42,19 @@ def quantize(
         chosen = ctx.records.get(ChoiceRecord, spec.type) if spec.imatrix is not None else None
         if chosen is not None and chosen.published.file.sha256 != record.output.sha256:
             chosen = None  # another file than the one made now (--allow-requantize)
-        results.append({"skipped": done.up_to_date, "log": str(log_path(ctx.ws.quant_path(spec.file))),
-                        "record": record_json(record), "choice": record_json(chosen) if chosen else None})
-        if not as_json:
-            state = "up to date" if done.up_to_date else f"done in {done.seconds:.1f} s"
-            console.print(f"{record.quant}: {state}: {record.output.path} "
-                          f"({decimal_size(record.output.size)}, {record.quant_bpw:.2f} BPW)", soft_wrap=True)
-            if chosen is not None:
-                console.print(f"{record.quant}: made {chosen.published.name}: {chosen.why}", soft_wrap=True)
-    if as_json:
-        print_json(results)
+        results.add({"skipped": done.up_to_date, "log": str(log_path(ctx.ws.quant_path(spec.file))),
+                     "record": record_json(record), "choice": record_json(chosen) if chosen else None},
+                    lambda: _print_quantized(done, chosen))
+    results.done()
+
+
+def _print_quantized(done, chosen) -> None:
+    record = done.record
+    state = "up to date" if done.up_to_date else f"done in {done.seconds:.1f} s"
+    console.print(f"{record.quant}: {state}: {record.output.path} "
+                  f"({decimal_size(record.output.size)}, {record.quant_bpw:.2f} BPW)", soft_wrap=True)
+    if chosen is not None:
+        console.print(f"{record.quant}: made {chosen.published.name}: {chosen.why}", soft_wrap=True)
 
 
 class _quantize_progress:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from moeq.cli.options import ConfigOption, JsonOption, QuantsOption
-from moeq.cli.output import console, open_context, print_json, selected_quants
+from moeq.cli.output import Results, console, open_context, selected_quants
 from moeq.records import record_json
 
 
@@ -35,25 +35,25 @@ def recipe(
 
         raise ConfigError(f"{ctx.pipeline.path}: quants: no rung has recipe: search; add it to one, e.g. "
                           "- {type: Q2_K, imatrix: auto, recipe: search, budget: stock}")
-    results = []
+    results = Results(as_json)
     for spec in quants:
         if plan:
             source = run_to(ctx, "fetch", [spec], Options(download=False))[FETCH].record
             planned = recipe_plan(ctx, spec, source)
-            results.append({"quant": spec.type, "plan": planned.as_dict()})
-            if not as_json:
-                console.print(f"{spec.type}: {planned.describe()}", soft_wrap=True)
+            results.add({"quant": spec.type, "plan": planned.as_dict()},
+                        lambda: console.print(f"{spec.type}: {planned.describe()}", soft_wrap=True))
             continue
         options = Options(force=frozenset({"recipe"} if force else ()), download=False)
         done = run_to(ctx, "recipe", [spec], options)[("recipe", spec.type)]
-        record = done.record
-        results.append({"skipped": done.up_to_date, "record": record_json(record)})
-        if not as_json:
-            chosen, stock = record.evals[record.chosen], record.evals[0]
-            state = "up to date" if done.up_to_date else f"done in {done.seconds:.1f} s"
-            console.print(f"{spec.type}: {state}: {len(record.evals)} recipes measured on {record.selection.text}; "
-                          f"chosen: {chosen.label}, mean KLD {chosen.quality.kld_mean:.6f} against the stock "
-                          f"{stock.quality.kld_mean:.6f}, {chosen.tensor_bytes:,} bytes of {record.budget_bytes:,}; "
-                          f"recipe {record.recipe_file.path}", soft_wrap=True)
-    if as_json:
-        print_json(results)
+        results.add({"skipped": done.up_to_date, "record": record_json(done.record)}, lambda: _print_recipe(done))
+    results.done()
+
+
+def _print_recipe(done) -> None:
+    record = done.record
+    chosen, stock = record.evals[record.chosen], record.evals[0]
+    state = "up to date" if done.up_to_date else f"done in {done.seconds:.1f} s"
+    console.print(f"{record.quant}: {state}: {len(record.evals)} recipes measured on {record.selection.text}; "
+                  f"chosen: {chosen.label}, mean KLD {chosen.quality.kld_mean:.6f} against the stock "
+                  f"{stock.quality.kld_mean:.6f}, {chosen.tensor_bytes:,} bytes of {record.budget_bytes:,}; "
+                  f"recipe {record.recipe_file.path}", soft_wrap=True)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from moeq.cli.options import JsonOption
-from moeq.cli.output import console, print_json
+from moeq.cli.output import console, show
 from moeq.config import SynthSpec
 from moeq.errors import InputError
 from moeq.units import decimal_size
@@ -51,10 +51,8 @@ def synth_tiny_moe(
     path = write_synth_model(out, spec, arch, name=preset or f"tiny-{arch}")
     result = {"path": str(path), "bytes": path.stat().st_size, "parameters": parameter_count(spec, arch),
               "arch": arch, "options": vars(spec)}
-    if as_json:
-        print_json(result)
-    else:
-        console.print(f"wrote {path} ({decimal_size(result['bytes'])}, {result['parameters']:,} parameters, {arch})")
+    show(as_json, result, lambda: console.print(f"wrote {path} ({decimal_size(result['bytes'])}, "
+                                                f"{result['parameters']:,} parameters, {arch})"))
 
 
 synth_app.command("tiny-phimoe", help="The tiny-moe command for phimoe: a deterministic F16 phimoe GGUF with "
