@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from moeq.cards.facts import _offload_device
+from moeq.cards.facts.measured import offload_device
 from moeq.config import load_pipeline
 from moeq.errors import ToolError
 from moeq.llama_logs import parse_buffer_sizes, parse_memory_breakdown
@@ -282,7 +282,7 @@ def benched_record(tmp_path_factory, toolchain, rpc_device) -> BenchRecord:
 
 
 def test_the_card_names_the_gpu_it_was_measured_on(benched_record):
-    rpc = _offload_device(benched_record)
+    rpc = offload_device(benched_record)
     assert rpc == "RPC0 (a ggml-rpc-server on the same machine, llama.cpp's RPC backend standing in for a GPU)"
     # The same record as a CUDA run reports it: the GPU as nvidia-smi names it, and its memory.
     [memory] = benched_record.memory
@@ -291,7 +291,7 @@ def test_the_card_names_the_gpu_it_was_measured_on(benched_record):
         "breakdown": [DeviceMemory(**vars(parse_memory_breakdown(CUDA_LOG)[0]))]})
     machine = benched_record.machine.model_copy(update={"gpus": [Gpu(name="NVIDIA H200", memory_bytes=150754820096)]})
     cuda = benched_record.model_copy(update={"memory": [cuda_run], "machine": machine})
-    assert _offload_device(cuda) == "CUDA0 (NVIDIA H200, 143,166 MiB)"
+    assert offload_device(cuda) == "CUDA0 (NVIDIA H200, 143,166 MiB)"
 
 
 def test_a_cuda_build_without_cuda_tools_stops_before_any_stage(tmp_path, toolchain):

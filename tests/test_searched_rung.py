@@ -19,7 +19,7 @@ from moeq.gguf_header import read_header
 from moeq.kld import compare
 from moeq.manifest import parse_manifest
 from moeq.recipe_file import read_recipe
-from moeq.cards.facts import _slower
+from moeq.cards.facts.shared import slower_tests
 from moeq.records import Made, Candidate, FileRef, PerplexityFigures, SpeedRun
 from moeq.choice.stage import choose
 from moeq.validate.checks import check_type_mix
@@ -62,9 +62,9 @@ def speed(pp: tuple[float, float], tg: tuple[float, float]) -> SpeedRun:
 
 def test_the_card_says_a_recipe_is_slower_only_beyond_the_spread():
     stock = speed((1000, 20), (300, 5))
-    assert _slower(speed((990, 20), (280, 5)), stock) == ["tg16"]  # 20 apart, against 2 x 7.1
-    assert _slower(speed((900, 30), (295, 5)), stock) == ["pp64"]
-    assert _slower(speed((1100, 30), (310, 5)), stock) == []  # faster is not slower
+    assert slower_tests(speed((990, 20), (280, 5)), stock) == ["tg16"]  # 20 apart, against 2 x 7.1
+    assert slower_tests(speed((900, 30), (295, 5)), stock) == ["pp64"]
+    assert slower_tests(speed((1100, 30), (310, 5)), stock) == []  # faster is not slower
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,64 @@
+"""The facts of how the file was made: the model, the llama-quantize command and type mix, the log flush (partials/log-flush.md.j2)."""
+
+from __future__ import annotations
+
+import shlex
+from collections import Counter
+
+from moeq.cards.facts.shared import LLAMA_CPP_REPO, hub_url
+from moeq.manifest import Manifest, ModelCardSpec
+from moeq.records import ModelFacts, QuantizeRecord, FetchRecord
+from moeq.units import binary_size, decimal_size, short_count
+
+
+def model_facts(spec: ModelCardSpec, model: ModelFacts) -> dict:
+    return {
+        "name": spec.name,
+        "base_model": spec.base_model,
+        "base_model_url": hub_url(spec.base_model),
+        "license": spec.license,
+        "quantized_by": spec.quantized_by,
+        "architecture": model.architecture,
+        "parameters": short_count(model.parameters),
+        "parameters_exact": f"{model.parameters:,}",
+        "blocks": model.block_count,
+        "experts": model.expert_count,
+        "experts_used": model.expert_used_count,
+        "context_length": model.context_length,
+        "expert_tensors": model.expert_tensors,
+        "shared_experts": model.shared_experts,
+    }
+
+
+def quantization_facts(quantized: QuantizeRecord, source: FetchRecord | None) -> dict:
+    tool = quantized.tool
+    mix: Counter = Counter()
+    mix_bytes: Counter = Counter()
+    for row in quantized.tensors:
+        mix[row.type_after] += 1
+        mix_bytes[row.type_after] += row.bytes_after
+    options = quantized.options
+    return {
+        "command": shlex.join(["llama-quantize", *quantized.command[1:]]),
+        "llama_cpp": {"version": tool.version, "commit": tool.commit, "log_flush": tool.log_flush,
+                      "commit_url": f"{LLAMA_CPP_REPO}/commit/{tool.commit}"},
+        "overrides": [f"{k}={v}" for k, v in options.tensor_types.items()]
+        + ([f"output={options.output_tensor_type}"] if options.output_tensor_type else [])
+        + ([f"token_embd={options.token_embedding_type}"] if options.token_embedding_type else []),
+        "source": {"file": quantized.source.path, "sha256": quantized.source.sha256,
+                   "size": decimal_size(quantized.source.size),
+                   "origin": source.origin if source else None, "kind": source.kind if source else None},
+        "output_sha256": quantized.output.sha256,
+        "type_mix": [{"type": t, "tensors": mix[t], "size": binary_size(mix_bytes[t])}
+                     for t in sorted(mix, key=lambda t: -mix_bytes[t])],
+        "tensors": len(quantized.tensors),
+    }
+
+
+def log_flush_facts(manifest: Manifest) -> str | None:
+    """How many of the llama.cpp runs behind the records had moeq's log flush at exit: "all", "some" or None."""
+    tools = [record.tool for entry in manifest.quants
+             for record in (entry.records.imatrix, entry.records.choice, entry.records.recipe, entry.records.quantize,
+                            entry.records.bench) if record is not None]
+    flushed = sum(tool.log_flush is not None for tool in tools)
+    return "all" if flushed == len(tools) else ("some" if flushed else None)
