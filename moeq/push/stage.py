@@ -23,6 +23,7 @@ unless `switch_layout` is given.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -40,7 +41,7 @@ from moeq.config import Layout, Pipeline
 from moeq.errors import HubError, InputError, MoeqError
 from moeq.hub.client import hub_errors, interrupt_ends_upload, max_wait_s, remote_text, require_token
 from moeq.manifest import (MANIFEST_NAME, MANIFEST_VERSION, MARKER, MAX_CARD_BYTES, MAX_MANIFEST_BYTES, README_NAME,
-                           parse_manifest, read_manifest)
+                           Manifest, parse_manifest, read_manifest)
 from moeq.record_store import Records
 from moeq.records import CardRecord, PushAction, PushedFile, PushRecord
 from moeq.stage_runner import Stage, Status
@@ -84,11 +85,21 @@ class PushPlan:
         return [PushedFile(path=f.path, action=f.action, size=f.size, sha256=f.sha256) for f in self.files]
 
 
+def staged_manifest(card: CardRecord) -> Manifest:
+    """The records manifest the card stage staged beside the card, read once per command (by its sha256)."""
+    return _staged_manifest(card.folder, card.manifest.sha256)
+
+
+@functools.lru_cache(maxsize=16)
+def _staged_manifest(folder: str, sha256: str) -> Manifest:
+    return read_manifest(Path(folder) / MANIFEST_NAME)
+
+
 def local_files(card: CardRecord) -> dict[str, PlannedFile]:
     """The staged folder as the card stage left it, with sha256 from its records (no re-hashing of GGUFs). A card
     moeq publish made from a staging branch has its LFS files there, not here (`local` None)."""
     folder = Path(card.folder)
-    known = {**read_manifest(folder / MANIFEST_NAME).published_files(), README_NAME: card.readme,
+    known = {**staged_manifest(card).published_files(), README_NAME: card.readme,
              MANIFEST_NAME: card.manifest}
     files = {}
     for name in card.repo_files:
@@ -185,7 +196,7 @@ def _unreadable(manifest_text: str) -> tuple[str | None, str]:
 
 
 def _commit_message(card: CardRecord) -> tuple[str, str]:
-    manifest = read_manifest(Path(card.folder) / MANIFEST_NAME)
+    manifest = staged_manifest(card)
     commit = manifest.quants[0].records.quantize.tool.commit
     return (f"{', '.join(card.quants)} GGUF, card and records (moeq {__version__}, llama.cpp {commit})",
             f"Published by moeq {__version__} from the records in {MANIFEST_NAME}.")
@@ -247,7 +258,7 @@ def _only_selected(plan: PushPlan, card: CardRecord, selected: list[str]) -> Non
     the manifest, the charts, the importance matrix); the other quants' files must already be on the Hub as staged."""
     if set(card.quants) <= set(selected):
         return
-    manifest = read_manifest(Path(card.folder) / MANIFEST_NAME)
+    manifest = staged_manifest(card)
     others = {f.name: q.quant for q in manifest.quants if q.quant not in selected for f in q.files}
     for f in plan.changes:
         if f.path in others:

@@ -15,8 +15,8 @@ from moeq.cards.verify import card_template, verify_card
 from moeq.config import QuantSpec
 from moeq.errors import InputError
 from moeq.hub.client import hub_errors, remote_text
-from moeq.manifest import MANIFEST_NAME, MAX_CARD_BYTES, MAX_MANIFEST_BYTES, README_NAME, parse_manifest, read_manifest
-from moeq.push.stage import check_staged, local_files, planned
+from moeq.manifest import MANIFEST_NAME, MAX_CARD_BYTES, MAX_MANIFEST_BYTES, README_NAME, parse_manifest
+from moeq.push.stage import check_staged, local_files, planned, staged_manifest
 from moeq.records import CardRecord, PushAction, PushRecord, QuantizeRecord
 from moeq.steps.context import Context
 
@@ -129,7 +129,7 @@ def check_pushed(ctx: Context, units: list[RepoUnit], replace_card: bool = False
 
 def hub_link_findings(ctx: Context, repo_id: str, card_record: CardRecord) -> list[str]:
     """Every Hub repo the staged card links (other than the base model) must exist on the Hub."""
-    manifest = read_manifest(Path(card_record.folder) / MANIFEST_NAME)
+    manifest = staged_manifest(card_record)
     findings = []
     for sibling in manifest.siblings:
         with hub_errors("checking a linked repo", sibling.repo_id):
