@@ -210,10 +210,16 @@ REQUANTIZE_WARNING = ("requantizing an already-quantized model can severely redu
                       "quantizing from 16 or 32 bit")
 
 
+def require_source(source: Path) -> None:
+    """The F16 source a stage is about to read is there (it may have been deleted after the build)."""
+    if not Path(source).is_file():
+        raise InputError(f"{source}: source model not found; check source in the pipeline file, or fetch it again "
+                         "(moeq fetch) if it was deleted")
+
+
 def read_source_header(source: Path, allow_requantize: bool = False) -> GGUFHeader:
     """The header of an F16 source; a file that is missing, not a GGUF, or already quantized (unless allowed) is refused."""
-    if not source.is_file():
-        raise InputError(f"{source}: source model not found; check source in the pipeline file")
+    require_source(source)
     with open(source, "rb") as fh:
         magic = fh.read(4)
     if magic != b"GGUF":

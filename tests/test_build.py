@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,13 +70,19 @@ def statuses(summary: dict) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["single", "per-quant"])
-def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain, layout):
-    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain), layout=layout)
+def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain, example_built, rpc_device, layout):
+    # single: every stage from scratch; per-quant: the ladder's files as the single build made them (a copy), so
+    # only the repos' own stages run (the layout changes no file)
+    if layout == "per-quant":
+        copy_built(example_built, tmp_path)
+        shutil.rmtree(tmp_path / "work" / "previews")  # the one repo's preview: this layout writes its own
+    config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain), layout=layout, rpc=rpc_device)
     proc, summary = build(test_hub, config, "--all", "--push")
     assert proc.returncode == 0, proc.stderr
+    made = "ran" if layout == "single" else "up to date"
     # fetch, imatrix, recipe (no rung searches one), choice (Q8_0 has none), then the rest
-    assert statuses(summary) == {q: ["ran", "skipped" if q == "Q8_0" else "ran", "skipped"]
-                                 + ["skipped" if q == "Q8_0" else "ran"] + ["ran"] * 6 for q in LADDER}
+    assert statuses(summary) == {q: [made, "skipped" if q == "Q8_0" else made, "skipped"]
+                                 + ["skipped" if q == "Q8_0" else made] + [made] * 4 + ["ran"] * 2 for q in LADDER}
     repos = sorted({repo_id(q, layout) for q in LADDER})
     assert sorted(test_hub.state.repos) == repos
     for repo in repos:

@@ -120,15 +120,16 @@ def test_hf_source_is_downloaded_converted_quantized_and_validated(tmp_path, tes
         assert reader.fields["general.license"].contents() == "mit"
     else:
         assert "general.license" not in reader.fields
-    proc = run_moeq("quantize", "--config", str(config), "--quant", "Q4_K_M", env=test_hub.env)
+    quant = "Q4_K_M" if with_card else "Q8_0"  # one conversion through the imatrix and the choice is enough
+    proc = run_moeq("quantize", "--config", str(config), "--quant", quant, env=test_hub.env)
     assert proc.returncode == 0, proc.stderr
     # Every key the source has is carried over; a key it lacks (no card: no license) is not required.
-    proc = run_moeq("validate", "--config", str(config), "--quant", "Q4_K_M", "--json", env=test_hub.env)
+    proc = run_moeq("validate", "--config", str(config), "--quant", quant, "--json", env=test_hub.env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metadata = next(c for c in json.loads(proc.stdout)["checks"] if c["name"] == "metadata")
     assert metadata["ok"] and "carried over unchanged" in metadata["detail"]
     # The license text that came with the checkpoint is kept after conversion, published and linked.
-    proc = run_moeq("card", "--config", str(config), "--quant", "Q4_K_M", env=test_hub.env)
+    proc = run_moeq("card", "--config", str(config), "--quant", quant, env=test_hub.env)
     assert proc.returncode == 0, proc.stderr
     staged = tmp_path / "work" / "repos" / "ladder"
     readme = (staged / "README.md").read_text()
@@ -141,6 +142,16 @@ def test_hf_source_is_downloaded_converted_quantized_and_validated(tmp_path, tes
         assert "LICENSE" in json.loads((staged / "moeq-manifest.json").read_text())["repo_files"]
     else:
         assert record["license"] is None and not (staged / "LICENSE").exists() and "LICENSE" not in readme
+    # The F16 deleted after the build (84 GB freed): what is current stays current, keyed by its recorded sha256;
+    # a stage that must read it again says it is gone.
+    source = tmp_path / "work" / "source" / "tiny-phimoe-F16.gguf"
+    assert source.is_file()
+    source.unlink()
+    proc = run_moeq("card", "--config", str(config), "--quant", quant, "--force", env=test_hub.env)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_moeq("quantize", "--config", str(config), "--quant", "Q2_K", env=test_hub.env)
+    assert proc.returncode == 3 and f"{source}: source model not found" in proc.stderr, proc.stderr
+    assert "moeq fetch" in proc.stderr.splitlines()[-1]
 
 
 def test_tampered_download_is_rejected(tmp_path, test_hub, tiny_model):

@@ -23,7 +23,7 @@ import pytest
 from moeq.manifest import parse_manifest
 from moeq.runner import tool_env
 
-from conftest import HUB_TOKEN, HUB_USER, PER_QUANT, REPO, example_section, pipeline_file, run_moeq
+from conftest import HUB_TOKEN, HUB_USER, PER_QUANT, REPO, copy_built, example_section, pipeline_file, run_moeq
 import hub_server
 from hub_server import Fault
 
@@ -38,8 +38,12 @@ def hub(tmp_path_factory):
     server = hub_server.TestHub({HUB_TOKEN: HUB_USER})
     server.env = {"HF_ENDPOINT": server.url, "HF_TOKEN": HUB_TOKEN, "HF_HUB_DISABLE_XET": "1",
                   "HF_HOME": str(folder / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
-    for layout, hub in (("single", example_section("hub")), ("per-quant", PER_QUANT)):
-        config = pipeline_file(folder / layout, trained=False, hub={**hub, "max_shard_size": "2MB"})
+    single = pipeline_file(folder / "single", trained=False, hub={**example_section("hub"), "max_shard_size": "2MB"})
+    proc = run_moeq("build", "--config", str(single), "--all", "--skip-bench", env=server.env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    copy_built(folder / "single", folder / "per-quant")  # the same files: the layout changes only the repos
+    per_quant = pipeline_file(folder / "per-quant", trained=False, hub={**PER_QUANT, "max_shard_size": "2MB"})
+    for config in (single, per_quant):
         proc = run_moeq("build", "--config", str(config), "--all", "--skip-bench", "--push", env=server.env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     yield server

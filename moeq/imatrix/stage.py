@@ -25,6 +25,7 @@ from typing import Callable
 from moeq import texts
 from moeq.config import Pipeline
 from moeq.errors import InputError, ToolError
+from moeq.gguf_header import require_source
 from moeq.imatrix_file import read_imatrix
 from moeq.records import (CalibrationRef, CalibrationSource, ExpertCoverage, ExpertTokens, FileRef, ImatrixRecord,
                           FetchRecord, ToolBuildRef)
@@ -103,6 +104,7 @@ def imatrix_stage(pipeline: Pipeline, ws: Workspace, chain: Toolchain, source: F
                 and ws.hashes.sha256(final) == record.output.sha256)
 
     def run() -> ImatrixRecord:
+        require_source(Path(source.output.path))
         shipped = spec.calibration is None
         calibration = CalibrationRef(name=text.name, size=text.stat().st_size, sha256=ws.hashes.sha256(text),
                                      shipped=shipped, sources=list(SHIPPED_SOURCES) if shipped else [])
