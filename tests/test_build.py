@@ -160,8 +160,10 @@ def test_template_change_reruns_card_and_push_only(tmp_path, test_hub, toolchain
     assert b"Published by the release job." in new.files["README.md"].data
 
 
-def start_build(hub, config: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "moeq", "build", "--config", str(config), "--all", "--push"],
+def start_build(hub, config: Path, *which: str) -> subprocess.Popen:
+    """`moeq build --push` of `which` (default --all) in the background, to be killed."""
+    return subprocess.Popen([sys.executable, "-m", "moeq", "build", "--config", str(config), *(which or ["--all"]),
+                             "--push"],
                             cwd=REPO, env={**os.environ, **hub.env}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -185,13 +187,13 @@ def assert_released(hub, config: Path, tmp_path: Path) -> None:
 def test_killed_during_quantize_resumes(tmp_path, test_hub, toolchain):
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
     (tmp_path / "slow").touch()
-    proc = start_build(test_hub, config)
+    proc = start_build(test_hub, config, "--quant", "Q8_0")  # one quant: its llama-quantize is the one killed
     wait_for(lambda: (tmp_path / "quantizing").exists(), "llama-quantize to start")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (tmp_path / "work" / "quants" / "tiny-phimoe-Q8_0.gguf").exists()
     (tmp_path / "slow").unlink()
-    rerun, summary = build(test_hub, config, "--all", "--push")
+    rerun, summary = build(test_hub, config, "--quant", "Q8_0", "--push")
     assert rerun.returncode == 0, rerun.stderr
     assert_released(test_hub, config, tmp_path)
 
