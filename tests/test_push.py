@@ -10,13 +10,11 @@ from pathlib import Path
 import gguf
 import pytest
 
-from moeq.plan import Options, run_to
-from moeq.steps.context import Context
-from moeq.steps.repos import repo_units
 from moeq.config import load_pipeline
 from moeq.workspace import Workspace
 
 from conftest import HUB_TOKEN, PER_QUANT, REPO, copy_built, example_section, pipeline_file, run_moeq, run_target
+from cards_support import make_cards
 from hub_server import Blob, Fault
 
 REPO_ID = "moeq-test/tiny-phimoe-GGUF"  # the example's one repo for the ladder
@@ -44,16 +42,8 @@ def staged_pipeline(tmp_path: Path, built: Path, card: dict | None = None, hub: 
     ws = Workspace(pipeline.workspace)
     if not validate:
         ws.record_path("validate", "Q8_0").unlink()
-    make_card(pipeline, "Q8_0")
+    make_cards(pipeline, ("Q8_0",))
     return config, pipeline, ws
-
-
-def make_card(pipeline, *quants: str):
-    """`moeq card --quant Q ...`: the card of the repo(s) these quants go to."""
-    ctx = Context.of(pipeline)
-    asked = [pipeline.quant(q) for q in quants]
-    made = run_to(ctx, "card", asked, Options(download=False))
-    return [made[("card", unit.quant)] for unit in repo_units(ctx, asked)]
 
 
 def push(hub, config: Path, *args: str, env: dict | None = None, quants: tuple[str, ...] = ("Q8_0",)):
@@ -118,7 +108,7 @@ def test_changed_card_commits_only_the_card(tmp_path, test_hub, q8_built):
     config, pipeline, ws = staged_pipeline(tmp_path, q8_built, card={**example_section("card"), "template": str(template)})
     assert push(test_hub, config).returncode == 0
     template.write_text(builtin.replace("## Model details", "A line added to the template.\n\n## Model details"))
-    make_card(pipeline, "Q8_0")
+    make_cards(pipeline, ("Q8_0",))
     start = mark(test_hub)
     proc = push(test_hub, config, "--json")
     assert proc.returncode == 0, proc.stderr
@@ -170,7 +160,7 @@ def test_split_shards_rejoin_to_the_original(tmp_path, test_hub, q8_built, toolc
     config, pipeline, ws = staged_pipeline(tmp_path, q8_built, validate=False)
     config = pipeline_file(tmp_path, hub={**example_section("hub"), "max_shard_size": "1MB"})
     pipeline = load_pipeline(config)
-    make_card(pipeline, "Q8_0")
+    make_cards(pipeline, ("Q8_0",))
     readme = (ws.repo_dir(None) / "README.md").read_text()
     assert push(test_hub, config).returncode == 0
     files = test_hub.state.files(REPO_ID)
@@ -321,7 +311,7 @@ def test_pushing_one_quant_into_the_one_repo_changes_only_its_files(tmp_path, te
     assert push(test_hub, config).returncode == 0
     run_target(pipeline, "quantize", "Q4_K_M")
     run_target(pipeline, "validate", "Q4_K_M")
-    [done] = make_card(pipeline, "Q4_K_M")
+    done = make_cards(pipeline, ("Q4_K_M",))[None]
     assert done.record.quants == ["Q8_0", "Q4_K_M"]  # Q8_0 is in the repo (the push record says so)
     assert "| Q2_K |" not in (ws.repo_dir(None) / "README.md").read_text()  # never built: not listed
     proc = push(test_hub, config, "--json", quants=("Q4_K_M",))
@@ -341,7 +331,7 @@ def test_a_push_for_some_quants_refuses_to_change_the_others(tmp_path, test_hub,
     assert push(test_hub, config).returncode == 0
     test_hub.state.add_files(REPO_ID, {"tiny-phimoe-Q3_K_M.gguf": b"GGUF from elsewhere"})
     run_target(pipeline, "quantize", "Q4_K_M")
-    make_card(pipeline, "Q4_K_M")
+    make_cards(pipeline, ("Q4_K_M",))
     test_hub.state.add_files(REPO_ID, {"tiny-phimoe-Q8_0.gguf": b"changed on the Hub"})
     head = test_hub.state.repos[REPO_ID].refs["main"]
     proc = push(test_hub, config, quants=("Q4_K_M",))
@@ -363,7 +353,7 @@ def test_switching_layout_is_refused_unless_asked(tmp_path, test_hub, q8_built):
     assert push(test_hub, config).returncode == 0
     assert "moeq-test/tiny-phimoe-q8-0-gguf" in test_hub.state.repos
     config = pipeline_file(tmp_path, hub=example_section("hub"))
-    make_card(load_pipeline(config), "Q8_0")
+    make_cards(load_pipeline(config), ("Q8_0",))
     proc = push(test_hub, config)
     assert proc.returncode == 3
     assert ("this workspace published moeq-test/tiny-phimoe-q8-0-gguf with hub.layout per-quant, and the pipeline "
@@ -384,7 +374,7 @@ def test_a_per_quant_card_links_only_repos_on_the_hub(tmp_path, test_hub, q8_bui
     the Hub. A push of Q8_0 alone makes its card for Q8_0 alone, which links none."""
     config, pipeline, ws = staged_pipeline(tmp_path, q8_built, hub=PER_QUANT)
     run_target(pipeline, "quantize", "Q2_K")
-    make_card(pipeline, "Q8_0", "Q2_K")
+    make_cards(pipeline, ("Q8_0", "Q2_K"))
     assert "(https://huggingface.co/moeq-test/tiny-phimoe-q2-k-gguf)" in (ws.repo_dir("Q8_0") / "README.md").read_text()
     proc = push(test_hub, config, "--check")  # a staged card: --check reads it as it is
     assert proc.returncode == 7
@@ -396,7 +386,7 @@ def test_a_per_quant_card_links_only_repos_on_the_hub(tmp_path, test_hub, q8_bui
     proc = push(test_hub, config, "--check")
     assert proc.returncode == 0 and "links" not in proc.stdout, proc.stdout
     assert push(test_hub, config, quants=("Q2_K",)).returncode == 0
-    make_card(pipeline, "Q8_0")  # Q2_K's repo now exists (its push record says so): linked again
+    make_cards(pipeline, ("Q8_0",))  # Q2_K's repo now exists (its push record says so): linked again
     assert "(https://huggingface.co/moeq-test/tiny-phimoe-q2-k-gguf)" in (ws.repo_dir("Q8_0") / "README.md").read_text()
 
 
