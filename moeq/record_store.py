@@ -146,9 +146,11 @@ class Records:
         if stage in EARLIER_NAMES and not path.exists():
             path = self.ws.record_path(EARLIER_NAMES[stage], subject)
         cached = self._cache.get((stage, subject))
-        if cached is not None and not (fresh and cached[0] != _signature(path)):
+        if cached is not None and not fresh:
             return cached[1]
         signature = _signature(path)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
         saved, why = load_saved(path, RECORD_TYPES[stage])
         self._cache[(stage, subject)] = (signature, saved)
         self.reasons.pop((stage, subject), None)

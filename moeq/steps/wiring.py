@@ -164,10 +164,8 @@ def quantize(ctx: Context, quant: QuantSpec, source: SourceFile, *, imatrix: Ima
              allow_requantize: bool = False, on_tensor=None) -> StageResult[QuantizeRecord]:
     """Quantize `quant`: the file the choice `chosen` published, moved into place from its candidate in `made` (a
     searched one named TYPE_MOEQ); without a choice the stock file, made with `imatrix` for `imatrix: auto`."""
-    name = chosen.published.name if chosen is not None else candidates.names(quant)[0]
-    spec = candidates.spec(quant, name, imatrix=imatrix, recipe=recipe) if chosen is not None else quant
-    if chosen is None and quant.imatrix == IMATRIX_AUTO:
-        spec = candidates.spec(quant, name, imatrix=imatrix)
+    name = chosen.published.name if chosen is not None else candidates.names(quant)[0]  # else the stock one
+    spec = candidates.spec(quant, name, imatrix=imatrix, recipe=recipe)
     file = candidates.file_name(quant, name)
     stage = quantize_stage(spec, ctx.ws, ctx.chain, source.path, source.record, threads=threads,
                            allow_requantize=allow_requantize, on_tensor=on_tensor, on_message=ctx.say,
