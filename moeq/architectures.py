@@ -44,15 +44,15 @@ def require_moe(header: GGUFHeader, where: object) -> str:
     arch = header.architecture
     supported = moe_architectures()
     if not isinstance(arch, str) or not arch:
-        raise InputError(f"{where}: no general.architecture key; not a model llama.cpp can load")
+        raise InputError(where, "no general.architecture key", "not a model llama.cpp can load")
     if arch not in supported:
         known = arch in gguf.MODEL_ARCH_NAMES.values()
-        raise InputError(f"{where}: architecture {arch!r} " + ("has no mixture-of-experts tensors in llama.cpp "
+        raise InputError(where, f"architecture {arch!r} " + ("has no mixture-of-experts tensors in llama.cpp "
                          "(gguf-py's table of its tensors holds no ffn_*_exps)" if known else "is not one gguf-py "
-                         "knows") + f"; moeq quantizes MoE models for --cpu-moe: {', '.join(supported)}")
+                         "knows"), f"moeq quantizes MoE models for --cpu-moe: {', '.join(supported)}")
     experts = [t.name for t in header.tensors if EXPERT_RE.search(t.name)]
     count = header.arch_value(Keys.LLM.EXPERT_COUNT)
     if not experts or not isinstance(count, int) or count < 2:
-        raise InputError(f"{where}: a dense {arch} model ({len(experts)} ffn_*_exps tensors, {arch}.expert_count "
-                         f"{count!r}): --cpu-moe has no experts to move; moeq quantizes mixture-of-experts models")
+        raise InputError(where, f"a dense {arch} model ({len(experts)} ffn_*_exps tensors, {arch}.expert_count "
+                         f"{count!r}): --cpu-moe has no experts to move", "moeq quantizes mixture-of-experts models")
     return arch

@@ -14,20 +14,31 @@ SIGNAL_EXITS = {signal.SIGINT: ("SIGINT", 130), signal.SIGTERM: ("SIGTERM", 143)
 
 
 class MoeqError(Exception):
-    """Base class: a one-line, actionable message and an exit code."""
+    """Base class: where it went wrong (a file, key, tool or tensor), the problem, what to do; an exit code.
+
+    The three parts are fields, so no message can drop its fix and tests can assert on each; the one line
+    printed is always "WHERE: PROBLEM; FIX".
+    """
 
     exit_code = 1
 
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
+    def __init__(self, where: object, problem: str, fix: str):
+        where = str(where)
+        if not (where and problem and fix):
+            raise TypeError(f"{type(self).__name__} needs a where, a problem and a fix")
+        self.where, self.problem, self.fix = where, problem, fix
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        return f"{self.where}: {self.problem}; {self.fix}"
 
     def __str__(self) -> str:
         return self.message
 
 
 class ConfigError(MoeqError):
-    """pipeline.yaml is missing, unreadable or invalid (FILE:LINE: key.path: problem)."""
+    """pipeline.yaml is missing, unreadable or invalid (where: FILE:LINE: key.path)."""
 
     exit_code = 2
 
@@ -72,8 +83,8 @@ def from_os_error(exc: OSError) -> "ResourceError":
     """What the machine refused (a full disk, a read-only folder, a name too long), as one line naming the file."""
     where = exc.filename or "a file"
     detail = exc.strerror or (exc.args[0] if exc.args else exc.__class__.__name__)
-    return ResourceError(f"{where}: could not be written ({detail}); free some space, or point the "
-                         "workspace at a writable folder with room (moeq wrote nothing under a final name)")
+    return ResourceError(where, f"could not be written ({detail})", "free some space, or point the workspace at a "
+                         "writable folder with room (moeq wrote nothing under a final name)")
 
 
 class Interrupted(KeyboardInterrupt):

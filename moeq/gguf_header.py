@@ -19,6 +19,8 @@ from gguf import Keys
 
 from moeq.errors import InputError
 
+DAMAGED = "the file is damaged or cut short; download or make it again"
+
 VT = gguf.GGUFValueType
 _SCALAR = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I",
            VT.INT32: "<i", VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q",
@@ -79,7 +81,7 @@ class _Cursor:
         if self.pos + size > len(self.data):
             if not self.whole_file:
                 raise _NeedMore
-            raise InputError(f"{self.path}: GGUF header is truncated at byte {self.pos}")
+            raise InputError(self.path, f"GGUF header is truncated at byte {self.pos}", DAMAGED)
         value = struct.unpack_from(fmt, self.data, self.pos)[0]
         self.pos += size
         return value
@@ -89,7 +91,7 @@ class _Cursor:
         if length > len(self.data) - self.pos:
             if not self.whole_file and length < MAX_COUNT:
                 raise _NeedMore
-            raise InputError(f"{self.path}: GGUF header string at byte {self.pos} runs past the header")
+            raise InputError(self.path, f"GGUF header string at byte {self.pos} runs past the header", DAMAGED)
         raw = self.data[self.pos:self.pos + length]
         self.pos += length
         return raw.decode("utf-8", errors="replace")
@@ -101,11 +103,11 @@ class _Cursor:
             if self.pos > len(self.data):
                 if not self.whole_file and length < MAX_COUNT:
                     raise _NeedMore
-                raise InputError(f"{self.path}: GGUF header string runs past the end of the file")
+                raise InputError(self.path, "GGUF header string runs past the end of the file", DAMAGED)
         elif vtype in _SCALAR:
             self.pos += struct.calcsize(_SCALAR[vtype])
         else:
-            raise InputError(f"{self.path}: nested or unknown GGUF value type {int(vtype)} at byte {self.pos}")
+            raise InputError(self.path, f"nested or unknown GGUF value type {int(vtype)} at byte {self.pos}", DAMAGED)
 
 
 def read_header(path: Path, max_header: int = 256 * 2**20) -> GGUFHeader:
@@ -127,36 +129,37 @@ def read_header(path: Path, max_header: int = 256 * 2**20) -> GGUFHeader:
 
 def _parse(path: Path, data: bytes, size: int, whole_file: bool) -> GGUFHeader:
     if data[:4] != b"GGUF":
-        raise InputError(f"{path}: not a GGUF file (starts with {data[:4]!r})")
+        raise InputError(path, f"not a GGUF file (starts with {data[:4]!r})", "give a .gguf file")
     cur = _Cursor(data, path, whole_file)
     cur.pos = 4
     version = cur.read("<I")
     if version not in (2, 3):
-        raise InputError(f"{path}: GGUF version {version} is not supported (expected 3)")
+        raise InputError(path, f"GGUF version {version} is not supported (expected 3)",
+                         "convert it again with a current llama.cpp")
     n_tensors, n_kv = cur.read("<Q"), cur.read("<Q")
     if n_tensors > MAX_COUNT or n_kv > MAX_COUNT:
-        raise InputError(f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} keys; the file is corrupt")
+        raise InputError(path, f"GGUF header claims {n_tensors} tensors and {n_kv} keys", "the file is corrupt")
     header = GGUFHeader(path, version, file_size=size)
     for _ in range(n_kv):
         key = cur.string()
         try:
             vtype = VT(cur.read("<I"))
         except ValueError:
-            raise InputError(f"{path}: metadata key {key!r} has an unknown value type") from None
+            raise InputError(path, f"metadata key {key!r} has an unknown value type", DAMAGED) from None
         if vtype == VT.ARRAY:
             try:
                 item_type = VT(cur.read("<I"))
             except ValueError:
-                raise InputError(f"{path}: metadata array {key!r} has an unknown item type") from None
+                raise InputError(path, f"metadata array {key!r} has an unknown item type", DAMAGED) from None
             count = cur.read("<Q")
             if count > size:
-                raise InputError(f"{path}: metadata array {key!r} claims {count} items; the file is corrupt")
+                raise InputError(path, f"metadata array {key!r} claims {count} items", "the file is corrupt")
             if item_type in _SCALAR and item_type != VT.STRING:
                 cur.pos += count * struct.calcsize(_SCALAR[item_type])
                 if cur.pos > len(data):
                     if not whole_file:
                         raise _NeedMore
-                    raise InputError(f"{path}: metadata array {key!r} runs past the end of the file")
+                    raise InputError(path, f"metadata array {key!r} runs past the end of the file", DAMAGED)
             else:
                 for _ in range(count):
                     cur.skip_value(item_type)
@@ -170,17 +173,18 @@ def _parse(path: Path, data: bytes, size: int, whole_file: bool) -> GGUFHeader:
         name = cur.string()
         n_dims = cur.read("<I")
         if n_dims > 8:
-            raise InputError(f"{path}: tensor {name!r} claims {n_dims} dimensions; the file is corrupt")
+            raise InputError(path, f"tensor {name!r} claims {n_dims} dimensions", "the file is corrupt")
         shape = [cur.read("<Q") for _ in range(n_dims)]
         raw_type = cur.read("<I")
         try:
             ttype = gguf.GGMLQuantizationType(raw_type)
         except ValueError:
-            raise InputError(f"{path}: tensor {name!r} has unknown type {raw_type}") from None
+            raise InputError(path, f"tensor {name!r} has unknown type {raw_type}",
+                             "make it with the pinned llama.cpp, or update the gguf package") from None
         header.tensors.append(TensorInfo(name, shape, ttype, cur.read("<Q")))
     alignment = header.metadata.get(Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise InputError(f"{path}: general.alignment {alignment!r} is not a power of two")
+        raise InputError(path, f"general.alignment {alignment!r} is not a power of two", DAMAGED)
     header.alignment = alignment
     header.data_offset = -(-cur.pos // alignment) * alignment
     return header
@@ -189,20 +193,22 @@ def _parse(path: Path, data: bytes, size: int, whole_file: bool) -> GGUFHeader:
 def check_extent(header: GGUFHeader) -> None:
     """Every tensor's data lies inside the file, and the file ends where the last tensor's padded data ends."""
     if header.file_size < header.data_offset:
-        raise InputError(f"{header.path}: {header.file_size} bytes, shorter than its own header and metadata "
-                         f"({header.data_offset} bytes); the file is truncated")
+        raise InputError(header.path, f"{header.file_size} bytes, shorter than its own header and metadata "
+                         f"({header.data_offset} bytes)", "the file is truncated")
     end = header.data_offset
     for t in header.tensors:
         if t.offset % header.alignment:
-            raise InputError(f"{header.path}: tensor {t.name} offset {t.offset} is not aligned to {header.alignment}")
+            raise InputError(header.path, f"tensor {t.name} offset {t.offset} is not aligned to {header.alignment}",
+                             DAMAGED)
         t_end = header.data_offset + t.offset + t.n_bytes
         if t_end > header.file_size:
-            raise InputError(f"{header.path}: tensor {t.name} ends at byte {t_end}, past the end of the file "
-                             f"({header.file_size}); the file is truncated")
+            raise InputError(header.path,
+                             f"tensor {t.name} ends at byte {t_end}, past the end of the file ({header.file_size})",
+                             "the file is truncated")
         end = max(end, t_end)
     padded = -(-end // header.alignment) * header.alignment
     if header.file_size not in (end, padded):
-        raise InputError(f"{header.path}: {header.file_size - padded} unexpected bytes after the last tensor")
+        raise InputError(header.path, f"{header.file_size - padded} unexpected bytes after the last tensor", DAMAGED)
 
 
 UNQUANTIZED = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
@@ -213,8 +219,8 @@ REQUANTIZE_WARNING = ("requantizing an already-quantized model can severely redu
 def require_source(source: Path) -> None:
     """The F16 source a stage is about to read is there (it may have been deleted after the build)."""
     if not Path(source).is_file():
-        raise InputError(f"{source}: source model not found; check source in the pipeline file, or fetch it again "
-                         "(moeq fetch) if it was deleted")
+        raise InputError(source, "source model not found",
+                         "check source in the pipeline file, or fetch it again (moeq fetch) if it was deleted")
 
 
 def read_source_header(source: Path, allow_requantize: bool = False) -> GGUFHeader:
@@ -223,11 +229,11 @@ def read_source_header(source: Path, allow_requantize: bool = False) -> GGUFHead
     with open(source, "rb") as fh:
         magic = fh.read(4)
     if magic != b"GGUF":
-        raise InputError(f"{source}: not a GGUF file (starts with {magic!r}); point the source at an F16 GGUF")
+        raise InputError(source, f"not a GGUF file (starts with {magic!r})", "point the source at an F16 GGUF")
     header = read_header(source)
     check_extent(header)
     quantized = [t for t in header.tensors if t.type not in UNQUANTIZED]
     if quantized and not allow_requantize:
-        raise InputError(f"{source}: already quantized ({quantized[0].name} is {quantized[0].type.name}); "
+        raise InputError(source, f"already quantized ({quantized[0].name} is {quantized[0].type.name})",
                          f"quantize from the F16 model, or pass --allow-requantize ({REQUANTIZE_WARNING})")
     return header

@@ -45,7 +45,7 @@ def read_imatrix(path: Path) -> ImatrixFacts:
     """The imatrix at `path`; an InputError naming the file when it is missing, truncated or not an imatrix."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: imatrix file not found; fix quants[].imatrix or run moeq imatrix")
+        raise InputError(path, "imatrix file not found", "fix quants[].imatrix or run moeq imatrix")
     with open(path, "rb") as f:
         magic = f.read(4)
     try:
@@ -53,8 +53,8 @@ def read_imatrix(path: Path) -> ImatrixFacts:
     except InputError:
         raise
     except Exception as exc:  # gguf-py and struct fail in many ways on a cut or foreign file
-        raise InputError(f"{path}: not a readable importance matrix ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated?'}); "
+        raise InputError(path, f"not a readable importance matrix ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated?'})",
                          "make it again with moeq imatrix") from None
 
 
@@ -64,7 +64,7 @@ def _read_gguf(path: Path) -> ImatrixFacts:
     reader = gguf.GGUFReader(path)
     general_type = reader.get_field(Keys.General.TYPE)
     if general_type is None or general_type.contents() != "imatrix":
-        raise InputError(f"{path}: a GGUF file but not an importance matrix (general.type is not 'imatrix'); "
+        raise InputError(path, "a GGUF file but not an importance matrix (general.type is not 'imatrix')",
                          "pass the imatrix file, not a model")
     facts = ImatrixFacts(format="gguf", entries={})
     for key, attr in (("imatrix.chunk_count", "chunks"), ("imatrix.chunk_size", "chunk_size")):
@@ -113,7 +113,7 @@ def _parse_dat(path: Path, data: mmap.mmap) -> ImatrixFacts:
 
     (n_entries,) = take("<i")
     if not 0 < n_entries < 1_000_000:
-        raise InputError(f"{path}: neither a GGUF imatrix nor a legacy .dat one; pass the file llama-imatrix wrote")
+        raise InputError(path, "neither a GGUF imatrix nor a legacy .dat one", "pass the file llama-imatrix wrote")
     facts = ImatrixFacts(format="dat", entries={})
     for _ in range(n_entries):
         (length,) = take("<i")
@@ -133,15 +133,16 @@ def check_fits(facts: ImatrixFacts, path: Path, model: GGUFHeader, model_path: P
     """Every entry names a tensor of the model with the same input width and expert count; else an InputError."""
     tensors = {t.name: t for t in model.tensors}
     if not facts.entries:
-        raise InputError(f"{path}: the importance matrix has no entries; make it again with moeq imatrix")
+        raise InputError(path, "the importance matrix has no entries", "make it again with moeq imatrix")
     for name, (values, rows) in sorted(facts.entries.items()):
         tensor = tensors.get(name)
         if tensor is None:
-            raise InputError(f"{path}: entry {name} is not a tensor of {model_path.name}; this importance matrix "
-                             "is of another model: make one for this model with moeq imatrix (quants[].imatrix: auto)")
+            raise InputError(path, f"entry {name} is not a tensor of {model_path.name}",
+                             "this importance matrix is of another model: make one for this model with moeq imatrix "
+                             "(quants[].imatrix: auto)")
         experts = tensor.shape[2] if len(tensor.shape) > 2 else 1
         width = values if facts.format == "gguf" else values // experts
         if width != tensor.shape[0] or (facts.format == "gguf" and rows != experts):
-            raise InputError(f"{path}: entry {name} is {width} wide over {rows} rows, but the tensor in "
-                             f"{model_path.name} is {tensor.shape[0]} wide with {experts} experts; this importance "
-                             "matrix is of another model: make one for this model with moeq imatrix")
+            raise InputError(path, f"entry {name} is {width} wide over {rows} rows, but the tensor in "
+                             f"{model_path.name} is {tensor.shape[0]} wide with {experts} experts",
+                             "this importance matrix is of another model: make one for this model with moeq imatrix")

@@ -139,8 +139,9 @@ def run_perplexity(tool: Path, model: Path, text: Path, log: Path, *, ctx: int, 
     # llama-perplexity needs 2 x ctx tokens for one chunk, and a token covers at least one byte (plus BOS).
     size = text.stat().st_size
     if size + 1 < 2 * ctx:
-        raise InputError(f"{text}: {size} bytes, fewer than the {2 * ctx} tokens llama-perplexity needs for one "
-                         f"chunk of {ctx}; use a longer text (bench.perplexity.text) or a smaller bench.perplexity.ctx")
+        raise InputError(text,
+                         f"{size} bytes, fewer than the {2 * ctx} tokens llama-perplexity needs for one chunk of {ctx}",
+                         "use a longer text (bench.perplexity.text) or a smaller bench.perplexity.ctx")
     wanted = ("ppl",) if save_base else ("kld_mean", "same_top_p", "ppl_ratio")
     lines: list[str] = []
     run_tool(command, log, on_line=lines.append, timeout_s=timeout_s)
@@ -150,6 +151,6 @@ def run_perplexity(tool: Path, model: Path, text: Path, log: Path, *, ctx: int, 
     if absent is not None:
         hint = (f"; the text is too short for {chunks} chunks of {ctx} tokens (bench.perplexity)"
                 if "you need at least" in output else "")
-        raise ToolError(f"llama-perplexity exited 0 without its '{_LINES[absent]}' line for {model.name}{hint}; "
+        raise ToolError("llama-perplexity", f"exited 0 without its '{_LINES[absent]}' line for {model.name}{hint}",
                         f"see {log}")
     return {"command": command, **figures}

@@ -201,8 +201,8 @@ def _no_constant(name: str) -> None:
 
 def read_manifest(path: Path) -> Manifest:
     if not Path(path).exists():
-        raise InputError(f"{path}: no records manifest; make the card with moeq card, or pass --records "
-                         f"with the folder that holds {MANIFEST_NAME}")
+        raise InputError(path, "no records manifest",
+                         f"make the card with moeq card, or pass --records with the folder that holds {MANIFEST_NAME}")
     return parse_manifest(read_text_limited(path, MAX_MANIFEST_BYTES, "records manifest"), str(path))
 
 
@@ -216,16 +216,17 @@ def parse_manifest(text: str, where: str) -> Manifest:
     try:
         data = json.loads(text, parse_constant=_no_constant)
     except RecursionError:
-        raise InputError(f"{where}: nested deeper than a records manifest is; make the card again with this "
-                         "moeq") from None
+        raise InputError(where, "nested deeper than a records manifest is",
+                         "make the card again with this moeq") from None
     except ValueError as exc:
-        raise InputError(f"{where}: not a readable records manifest ({exc.__class__.__name__}: {exc})") from None
+        raise InputError(where, f"not a readable records manifest ({exc.__class__.__name__}: {exc})",
+                         "make it again with moeq card") from None
     if not isinstance(data, dict) or data.get("manifest_version") != MANIFEST_VERSION:
-        raise InputError(f"{where}: not a moeq records manifest of version {MANIFEST_VERSION}; "
-                         f"make the card again with this moeq")
+        raise InputError(where, f"not a moeq records manifest of version {MANIFEST_VERSION}",
+                         "make the card again with this moeq")
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
         at = ".".join(str(p) for p in error["loc"])
-        raise InputError(f"{where}: {at}: {error['msg']}; make the card again with this moeq") from None
+        raise InputError(where, f"{at}: {error['msg']}", "make the card again with this moeq") from None

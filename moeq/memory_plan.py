@@ -53,8 +53,8 @@ def _split(header: GGUFHeader, n_cpu_moe: int) -> tuple[int, int]:
 def _hparam(header: GGUFHeader, key: str) -> int:
     value = header.arch_value(key)
     if not isinstance(value, int):
-        raise InputError(f"{header.path}: metadata key {key.format(arch=header.architecture)} is missing; the "
-                         "memory plan needs it")
+        raise InputError(header.path, f"metadata key {key.format(arch=header.architecture)} is missing",
+                         "the memory plan needs it")
     return value
 
 
@@ -75,7 +75,7 @@ def plan_memory(header: GGUFHeader, ctx_sizes: list[int] | tuple[int, ...] = (40
                 gpu_sizes_gib: tuple[int, ...] = GPU_SIZES_GIB,
                 compute_allowance: int = DEFAULT_COMPUTE_ALLOWANCE) -> MemoryPlan:
     if kv_type not in KV_BYTES_PER_ELEMENT:
-        raise InputError(f"kv type {kv_type!r}: use one of {', '.join(KV_BYTES_PER_ELEMENT)}")
+        raise InputError(f"kv type {kv_type!r}", "not a KV cache type", f"use one of {', '.join(KV_BYTES_PER_ELEMENT)}")
     n_layer = _hparam(header, Keys.LLM.BLOCK_COUNT)
     plan = MemoryPlan(file=str(header.path), n_layer=n_layer, kv_type=kv_type, compute_allowance_bytes=compute_allowance)
     for n in range(n_layer + 1):

@@ -32,7 +32,7 @@ def is_setting(value: object) -> bool:
     return value in SETTINGS or (isinstance(value, int) and value >= 0) or (isinstance(value, str) and value.isdigit())
 
 
-MODE_HINT = "use cpu, gpu, cpu-moe, or an integer N for -ncmoe N"
+MODE_HINT = "use cpu, gpu, cpu-moe, or an integer N for -ncmoe N"  # the fix of a bad mode
 
 
 def require_settings(values, where: str) -> None:
@@ -41,7 +41,7 @@ def require_settings(values, where: str) -> None:
 
     for value in values:
         if not is_setting(value):
-            raise InputError(f"{where} {value!r}: {MODE_HINT}")
+            raise InputError(f"{where} {value!r}", "not an offload mode", MODE_HINT)
 
 
 @dataclass(frozen=True)

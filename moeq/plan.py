@@ -113,7 +113,7 @@ def forced_stages(force_stage: str | None) -> frozenset[str]:
     if force_stage is None:
         return frozenset()
     if force_stage not in STAGES:
-        raise ConfigError(f"--force-stage {force_stage!r}: use one of {', '.join(STAGES)}")
+        raise ConfigError(f"--force-stage {force_stage!r}", "not a stage", f"use one of {', '.join(STAGES)}")
     return frozenset(STAGES[STAGES.index(force_stage):])
 
 
@@ -207,7 +207,7 @@ class _Planner:
         made = {name: (CANDIDATE, candidates.record_name(q, name)) for name in names}
         recipe_id, choice_id, quantize_id = ("recipe", q.type), ("choice", q.type), ("quantize", q.type)
         if self.target == "recipe" and q.recipe != RECIPE_SEARCH:
-            raise ConfigError(f"{ctx.pipeline.path}: quants: {q.type} has no recipe: search; add it to search one")
+            raise ConfigError(ctx.pipeline.path, f"quants: {q.type} has no recipe: search", "add it to search one")
         searched = q.recipe == RECIPE_SEARCH and (not unchosen or self.target == "recipe")
 
         def candidate(name: str, got: Inputs, force_it: bool = False):
@@ -254,13 +254,13 @@ class _Planner:
                                    recipe=got.get(recipe_id), force="quantize" in force, threads=options.threads,
                                    allow_requantize=options.allow_requantize, on_tensor=options.on_tensor)
 
-        see = f"moeq validate --quant {q.type} --config {ctx.pipeline.path}"
+        see = f"see moeq validate --quant {q.type} --config {ctx.pipeline.path}"
         todo += [
             Step("quantize", q.type, quantize, (q.type,), needs=self.source_needs + matrix + chosen_needs, lock=lock),
             Step("validate", q.type, lambda got: wiring.validate(ctx, q, got[quantize_id], options.numerics,
                                                                  force="validate" in force),
                  (q.type,), needs=(quantize_id,), lock=lock,
-                 check=lambda record: policy.require_passed(q.type, record.checks, see=see)),
+                 check=lambda record: policy.require_passed(q.type, record.checks, see)),
         ]
         if options.skip_bench:
             todo.append(Step("bench", q.type, lambda _got: StageResult("bench", Status.SKIPPED), (q.type,),

@@ -100,37 +100,37 @@ def read_recipe(path: Path, where: str = "") -> list[tuple[str, str]]:
     InputError naming the item."""
     where = where or str(path)
     if not path.is_file():
-        raise InputError(f"{path}: recipe file not found; fix {where}")
+        raise InputError(path, "recipe file not found", f"fix {where}")
     if path.stat().st_size > MAX_RECIPE_BYTES:
-        raise InputError(f"{path}: {path.stat().st_size:,} bytes, more than a recipe file holds "
-                         f"({MAX_RECIPE_BYTES:,}); fix {where}")
+        raise InputError(path, f"{path.stat().st_size:,} bytes, more than a recipe file holds ({MAX_RECIPE_BYTES:,})",
+                         f"fix {where}")
     data = path.read_bytes()
     if b"\0" in data:
-        raise InputError(f"{path}: holds a NUL byte, where llama-quantize would cut an item short; a recipe file is "
-                         "REGEX=TYPE text")
+        raise InputError(path, "holds a NUL byte, where llama-quantize would cut an item short",
+                         "a recipe file is REGEX=TYPE text")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text; a recipe file is REGEX=TYPE lines") from None
+        raise InputError(path, "not UTF-8 text", "a recipe file is REGEX=TYPE lines") from None
     items = []
     for item in _C_SPACE.split(text):
         if not item:
             continue
         if len(items) == MAX_RECIPE_ITEMS:
-            raise InputError(f"{path}: more than {MAX_RECIPE_ITEMS:,} items; a recipe names each tensor at most once")
+            raise InputError(path, f"more than {MAX_RECIPE_ITEMS:,} items", "a recipe names each tensor at most once")
         pattern, sep, ggml_type = item.partition("=")
         shown = repr(item[:80])
         if not sep or not pattern:
-            raise InputError(f"{path}: {shown} is not REGEX=TYPE; fix the item or {where}")
+            raise InputError(path, f"{shown} is not REGEX=TYPE", f"fix the item or {where}")
         if ggml_type.upper() not in TENSOR_TYPES:
-            raise InputError(f"{path}: {shown}: {ggml_type[:20]!r} is not a type a tensor can be quantized to; use "
-                             "one of Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, F16, ...")
+            raise InputError(path, f"{shown}: {ggml_type[:20]!r} is not a type a tensor can be quantized to",
+                             "use one of Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, F16, ...")
         problem = pattern_problem(pattern)
         if problem is not None:
-            raise InputError(f"{path}: {problem}")  # the problem names the pattern
+            raise InputError(path, problem, f"fix the pattern or {where}")  # the problem names the pattern
         items.append((pattern, ggml_type.upper()))
     if not items:
-        raise InputError(f"{path}: no REGEX=TYPE item; a recipe file names the tensors it types")
+        raise InputError(path, "no REGEX=TYPE item", "a recipe file names the tensors it types")
     return items
 
 
@@ -164,8 +164,8 @@ def check_recipe(recipe: list[tuple[str, str]], header, recipe_path: Path, model
     names = [t.name for t in weights]
     for pattern, _type in recipe:
         if not any(re.search(pattern.lower(), name) for name in names):
-            raise InputError(f"{recipe_path}: {pattern[:80]!r} matches no weight tensor of {model_path.name}; fix "
-                             "the pattern (llama-quantize searches it in names such as "
+            raise InputError(recipe_path, f"{pattern[:80]!r} matches no weight tensor of {model_path.name}",
+                             "fix the pattern (llama-quantize searches it in names such as "
                              f"{names[len(names) // 2] if names else 'blk.0.attn_q.weight'})")
     typed = recipe_types(recipe, names)
     for t in weights:
@@ -174,5 +174,5 @@ def check_recipe(recipe: list[tuple[str, str]], header, recipe_path: Path, model
             continue
         block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]][0]
         if t.shape[0] % block:
-            raise InputError(f"{recipe_path}: {t.name} cannot be {ggml_type}: its rows of {t.shape[0]} values are "
-                             f"not a multiple of {ggml_type}'s block of {block}; give it another type")
+            raise InputError(recipe_path, f"{t.name} cannot be {ggml_type}: its rows of {t.shape[0]} values are not a "
+                             f"multiple of {ggml_type}'s block of {block}", "give it another type")

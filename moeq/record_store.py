@@ -125,8 +125,8 @@ class Records:
         if saved is None and (cls.stage_name(), quant) in self.reasons:
             stage = cls.stage_name()
             option = f" --quant {quant}" if quant else ""
-            raise InputError(f"{self.ws.record_path(stage, quant)}: {self.reasons[(stage, quant)]}; run moeq {stage} "
-                             f"--config {self.config_path}{option} --force")
+            raise InputError(self.ws.record_path(stage, quant), self.reasons[(stage, quant)],
+                             f"run moeq {stage} --config {self.config_path}{option} --force")
         return saved.record if saved else None
 
     def require(self, cls: type[R], quant: str | None = None) -> R:
@@ -136,7 +136,7 @@ class Records:
             path = self.ws.record_path(stage, quant)
             option = f" --quant {quant}" if quant else ""
             why = self.reasons.get((stage, quant), f"no {stage} record" + (f" for {quant}" if quant else ""))
-            raise InputError(f"{path}: {why}; run moeq {stage} --config {self.config_path}{option} first")
+            raise InputError(path, why, f"run moeq {stage} --config {self.config_path}{option} first")
         return record
 
     def saved(self, stage: str, subject: str | None = None, *, fresh: bool = False) -> Saved | None:

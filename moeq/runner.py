@@ -77,8 +77,8 @@ def start_tool(command: list[str], *, env: dict[str, str] | None = None, unblock
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
                                 env={**os.environ, **tool_env(command[0]), **(env or {})}, **popen)
     except OSError as exc:
-        raise ToolError(f"{Path(command[0]).name}: cannot start {command[0]} ({exc.strerror}); run scripts/setup"
-                        ) from None
+        raise ToolError(Path(command[0]).name, f"cannot start {command[0]} ({exc.strerror})",
+                        "run scripts/setup") from None
     finally:
         if unblock:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -141,14 +141,14 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
             if watchdog is not None:
                 watchdog.cancel()
         if timed_out.is_set():
-            raise ToolError(f"{name}: still running after {timeout_s:.0f} s, stopped; log: {log_path}")
+            raise ToolError(name, f"still running after {timeout_s:.0f} s, stopped", f"log: {log_path}")
         if idle.is_set():
-            raise ToolError(f"{name}: printed nothing for {idle_s:.0f} s, stopped; log: {log_path}")
+            raise ToolError(name, f"printed nothing for {idle_s:.0f} s, stopped", f"log: {log_path}")
     wall = time.monotonic() - started
     if returncode != 0:
         quoted = " | ".join(list(tail)[-TAIL_LINES:]) or "no output"
         how = f"killed by signal {-returncode}" if returncode < 0 else f"exited {returncode}"
-        raise ToolError(f"{name} {how}: {quoted} (full log: {log_path})")
+        raise ToolError(name, f"{how}: {quoted}", f"full log: {log_path}")
     return ToolRun(command=command, returncode=returncode, wall_s=wall, log_path=log_path)
 
 

@@ -30,12 +30,12 @@ def run_speed(tool: Path, model: Path, mode: OffloadMode, log: Path, *, n_prompt
     try:
         tests = json.loads(text[start:end + 1])
     except ValueError:
-        raise ToolError(f"llama-bench printed no JSON results for mode {mode.name}; see {log}") from None
+        raise ToolError("llama-bench", f"printed no JSON results for mode {mode.name}", f"see {log}") from None
     results = []
     for t in tests:
         if not all(math.isfinite(v) for v in [t["avg_ts"], t["stddev_ts"], *t["samples_ts"]]):
-            raise ToolError(f"llama-bench reported a figure that is not a number (NaN or infinity) for mode "
-                            f"{mode.name}; see {log}")
+            raise ToolError("llama-bench", f"reported a figure that is not a number (NaN or infinity) for mode {mode.name}",
+                            f"see {log}")
         kind = "pp" if t["n_prompt"] and not t["n_gen"] else "tg"
         results.append({
             "test": f"{kind}{t['n_prompt'] or t['n_gen']}", "n_prompt": t["n_prompt"], "n_gen": t["n_gen"],

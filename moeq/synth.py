@@ -92,7 +92,7 @@ TINY = {"phimoe": SynthSpec(), "qwen3moe": SynthSpec(experts=8), "llama-moe": Sy
 
 def arch_shape(arch: str) -> ArchShape:
     if arch not in ARCHS:
-        raise InputError(f"synth architecture {arch!r}: use one of {', '.join(ARCHS)}")
+        raise InputError(f"synth architecture {arch!r}", "not one moeq makes", f"use one of {', '.join(ARCHS)}")
     return ARCHS[arch]
 
 
@@ -151,7 +151,7 @@ def parameter_count(spec: SynthSpec, arch: str = "phimoe") -> int:
 def _vocab(size: int) -> tuple[list[str], list[float], list[int]]:
     """A SentencePiece-style vocabulary: unk/bos/eos, 256 byte tokens, pieces, Phi-3 specials."""
     if size < MIN_VOCAB:
-        raise InputError(f"vocab: {size} is too small for a llama vocabulary; use at least {MIN_VOCAB}")
+        raise InputError("vocab", f"{size} is too small for a llama vocabulary", f"use at least {MIN_VOCAB}")
     TT = gguf.TokenType
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [TT.UNKNOWN, TT.CONTROL, TT.CONTROL] + [TT.BYTE] * 256
@@ -305,7 +305,7 @@ def synth_spec(preset: str | None = None, arch: str = "phimoe", **options: int |
     """(architecture, dimensions): a preset's (or the architecture's tiny model), with each option that is not None
     in place of its own."""
     if preset is not None and preset not in PRESETS:
-        raise InputError(f"--preset {preset!r}: use one of {', '.join(PRESETS)}")
+        raise InputError(f"--preset {preset!r}", "not a preset", f"use one of {', '.join(PRESETS)}")
     if preset:
         arch, base = PRESETS[preset]
     else:
@@ -319,7 +319,7 @@ def check_spec(spec: SynthSpec) -> None:
     for key, value in asdict(spec).items():
         low, high = (0, 2**32 - 1) if key == "seed" else (1, SYNTH_MAX[key])
         if not low <= value <= high:
-            raise InputError(f"synth option {key} = {value}: use {low} to {high:,}")
+            raise InputError(f"synth option {key} = {value}", "out of range", f"use {low} to {high:,}")
     problems = []
     if spec.embd % 256 or spec.ff % 256:
         problems.append("embd and ff must be multiples of 256 so K-quants apply")
@@ -330,4 +330,4 @@ def check_spec(spec: SynthSpec) -> None:
     if spec.experts_used > spec.experts:
         problems.append("experts_used must not exceed experts")
     if problems:
-        raise InputError(f"synth options: {'; '.join(problems)}")
+        raise InputError("synth options", ", ".join(problems), "change them (moeq synth --help lists them)")

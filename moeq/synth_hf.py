@@ -116,16 +116,16 @@ def write_tiny_phimoe_hf(folder: Path, spec: SynthSpec = SynthSpec(vocab=320), *
     try:
         from safetensors.numpy import save_file
     except ImportError:
-        raise InputError("a Hugging Face checkpoint needs safetensors and sentencepiece: "
-                         ".venv/bin/pip install -e '.[convert]'") from None
+        raise InputError("--format hf", "a Hugging Face checkpoint needs safetensors and sentencepiece",
+                         "install them with .venv/bin/pip install -e '.[convert]'") from None
     if not 300 <= spec.vocab <= MAX_HF_VOCAB:
-        raise InputError(f"synth option vocab = {spec.vocab}: use 300 (256 byte tokens, specials and pieces) to "
-                         f"{MAX_HF_VOCAB:,} (a tokenizer trained on generated text)")
+        raise InputError(f"synth option vocab = {spec.vocab}", "out of range for a trained tokenizer",
+                         f"use 300 (256 byte tokens, specials and pieces) to {MAX_HF_VOCAB:,}")
     if weights is None:
         check_spec(spec)
         if 4 * parameter_count(spec) > MAX_HF_BYTES:  # the weights are made in memory, then written
-            raise InputError(f"synth options: {parameter_count(spec):,} parameters, more than a checkpoint made in "
-                             f"memory holds ({MAX_HF_BYTES >> 20} MiB); use fewer layers or experts")
+            raise InputError("synth options", f"{parameter_count(spec):,} parameters, more than a checkpoint made in "
+                             f"memory holds ({MAX_HF_BYTES >> 20} MiB)", "use fewer layers or experts")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf_config(spec), indent=2) + "\n")

@@ -103,9 +103,9 @@ def train_tiny_phimoe(folder: Path, spec: SynthSpec, on_message: Callable[[str],
         import torch
         from transformers import PhimoeConfig, PhimoeForCausalLM
     except ImportError:
-        raise InputError("training the tiny model needs torch, transformers and sentencepiece: install moeq's "
-                         "convert extra (pip install 'moeq[convert]', or .venv/bin/pip install -e '.[convert]' in a "
-                         "checkout)") from None
+        raise InputError("moeq synth --train", "training the tiny model needs torch, transformers and sentencepiece",
+                         "install moeq's convert extra (pip install 'moeq[convert]', or .venv/bin/pip install -e "
+                         "'.[convert]' in a checkout)") from None
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the longrope config notes are about real-sized contexts

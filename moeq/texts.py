@@ -50,15 +50,15 @@ def require_selection(pipeline: Pipeline, ctx: int) -> Path:
     text (whose figures the search must not have seen) or the calibration text."""
     text = selection(pipeline)
     if text.stat().st_size + 1 < 2 * 2 * ctx:
-        raise InputError(f"{text}: too short for two chunks of {ctx} tokens (recipe.selection); use a longer "
-                         "text or a smaller recipe.ctx")
+        raise InputError(text, f"too short for two chunks of {ctx} tokens (recipe.selection)",
+                         "use a longer text or a smaller recipe.ctx")
     lines = _lines(text)
     for other, key in ((evaluation(pipeline), "bench.perplexity.text"), (calibration(pipeline), "imatrix.calibration")):
         shared = sorted(lines & _lines(other))
         if shared:
-            raise InputError(f"{text}: shares {len(shared)} line{'s' if len(shared) > 1 else ''} with {other} ({key}), "
-                             f"e.g. {shared[0][:60]!r}; the selection text must be one the published figures and the "
-                             "importance matrix were not made from (recipe.selection)")
+            raise InputError(text, f"shares {len(shared)} line{'s' if len(shared) > 1 else ''} with {other} ({key}), "
+                             f"e.g. {shared[0][:60]!r}", "the selection text must be one the published figures and "
+                             "the importance matrix were not made from (recipe.selection)")
     return text
 
 

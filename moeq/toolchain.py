@@ -192,7 +192,7 @@ class Toolchain:
 
     def locate(self, name: str) -> tuple[str, Path]:
         if name not in TOOLS:
-            raise ToolError(f"{name}: not a llama.cpp tool moeq uses ({', '.join(TOOLS)})")
+            raise ToolError(name, "not a llama.cpp tool moeq uses", f"name one of {', '.join(TOOLS)}")
         places = self.candidates(name)
         for found_via, path in places:
             if path.is_file() and os.access(path, os.X_OK):
@@ -201,7 +201,7 @@ class Toolchain:
         hint = FIX_HINT if not self.backend else (
             f"toolchain.backend is {self.backend}: run scripts/setup --backend {self.backend}, or point "
             f"toolchain.llama_cpp_bin at a folder holding a {self.backend.upper()} build")
-        raise ToolError(f"{name}: not found (looked in {looked}); {hint}")
+        raise ToolError(name, f"not found (looked in {looked})", hint)
 
     def tool(self, name: str) -> Tool:
         if name not in self._tools:
@@ -219,10 +219,9 @@ class Toolchain:
                     self._probes.put(path, build)
             build = replace(build, log_flush=log_flush_id(path))  # not remembered: the library can come later
             if self.backend and build.backend != self.backend:
-                raise ToolError(f"{name}: {path} is a {build.backend.upper()} build of llama.cpp, and "
-                                f"toolchain.backend asks for {self.backend.upper()}; build it with "
-                                f"scripts/setup --backend {self.backend} (or point toolchain.llama_cpp_bin at "
-                                f"a {self.backend.upper()} build)")
+                raise ToolError(name, f"{path} is a {build.backend.upper()} build of llama.cpp, and toolchain.backend "
+                                f"asks for {self.backend.upper()}", "build it with scripts/setup --backend "
+                                f"{self.backend} (or point toolchain.llama_cpp_bin at a {self.backend.upper()} build)")
             self._tools[name] = Tool(name, path, found_via, build)
         return self._tools[name]
 
@@ -242,9 +241,9 @@ def _run_probe(name: str, path: Path, args: list[str]) -> subprocess.CompletedPr
         return subprocess.run([str(path), *args], capture_output=True, text=True, timeout=30,
                               errors="replace", stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise ToolError(f"{name}: {path} {' '.join(args)} did not answer in 30 s; {FIX_HINT}") from None
+        raise ToolError(name, f"{path} {' '.join(args)} did not answer in 30 s", FIX_HINT) from None
     except OSError as exc:
-        raise ToolError(f"{name}: {path} cannot run ({exc.strerror}); {FIX_HINT}") from None
+        raise ToolError(name, f"{path} cannot run ({exc.strerror})", FIX_HINT) from None
 
 
 def _last_line(text: str) -> str:
@@ -256,7 +255,7 @@ def check_runs(name: str, path: Path, args: list[str], marker: str) -> None:
     proc = _run_probe(name, path, args)
     output = proc.stdout + proc.stderr
     if marker not in output:
-        raise ToolError(f"{name}: {path} does not start properly ({_last_line(output)}); {FIX_HINT}")
+        raise ToolError(name, f"{path} does not start properly ({_last_line(output)})", FIX_HINT)
 
 
 def probe_build(name: str, path: Path) -> ToolBuild:
@@ -265,6 +264,7 @@ def probe_build(name: str, path: Path) -> ToolBuild:
     output = proc.stdout + proc.stderr
     build = parse_version(output)
     if build is None:
-        raise ToolError(f"{name}: {path} --version exited {proc.returncode} without a version line "
-                        f"({_last_line(output)}); {FIX_HINT}")
+        raise ToolError(name,
+                        f"{path} --version exited {proc.returncode} without a version line ({_last_line(output)})",
+                        FIX_HINT)
     return build

@@ -93,8 +93,8 @@ class Workspace:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise ResourceError(f"{self.root}: cannot make the workspace here ({exc.strerror}); point "
-                                    "workspace in the pipeline file at a writable folder") from None
+                raise ResourceError(self.root, f"cannot make the workspace here ({exc.strerror})",
+                                    "point workspace in the pipeline file at a writable folder") from None
 
     @contextlib.contextmanager
     def lock(self, artifact: str, on_wait: Callable[[str], None] | None = None,
@@ -110,7 +110,7 @@ class Workspace:
                     raise
                 holder = path.read_text().strip() or "another moeq process"
                 if not wait:
-                    raise ResourceError(f"{artifact}: being written by {holder}; wait for it or stop it") from None
+                    raise ResourceError(artifact, f"being written by {holder}", "wait for it or stop it") from None
                 if on_wait:
                     on_wait(f"{artifact}: waiting for {holder} to finish")
                 fcntl.flock(fh, fcntl.LOCK_EX)
@@ -196,21 +196,23 @@ def read_text_limited(path: Path, limit: int, what: str, error: type[MoeqError] 
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
-            raise error(f"{path}: not a regular file; pass the path of a {what}")
+            raise error(path, "not a regular file", f"pass the path of a {what}")
         with open(path, "rb") as fh:
             data = fh.read(limit + 1)
     except FileNotFoundError:
-        raise error(f"{path}: no such file; pass the path of a {what}") from None
+        raise error(path, "no such file", f"pass the path of a {what}") from None
     except IsADirectoryError:
-        raise error(f"{path}: a folder; pass the path of a {what}") from None
+        raise error(path, "a folder", f"pass the path of a {what}") from None
     except OSError as exc:
-        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc.__class__.__name__})") from None
+        raise error(path, f"cannot read the {what} ({exc.strerror or exc.__class__.__name__})",
+                    "check its permissions") from None
     if len(data) > limit:
-        raise error(f"{path}: larger than {limit // 1024} KiB, the most moeq reads for a {what}")
+        raise error(path, f"larger than {limit // 1024} KiB, the most moeq reads for a {what}",
+                    f"pass a smaller {what}")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise error(f"{path}: not UTF-8 text; pass the path of a {what}") from None
+        raise error(path, "not UTF-8 text", f"pass the path of a {what}") from None
 
 
 def inside(folder: Path, relative: str) -> Path | None:
@@ -238,7 +240,7 @@ def require_free(folder: Path, estimate: int | float, what: str) -> None:
 
     need, free = disk_needed(estimate), free_bytes(folder)
     if free < need:
-        raise ResourceError(f"{folder}: {decimal_size(free)} free, {what} needs about {decimal_size(need)}; "
+        raise ResourceError(folder, f"{decimal_size(free)} free, {what} needs about {decimal_size(need)}",
                             "free some space or move the workspace")
 
 

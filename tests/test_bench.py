@@ -268,8 +268,9 @@ def test_a_missing_figure_names_the_line(tmp_path, toolchain, tiny_model):
     with pytest.raises(ToolError) as info:
         run_perplexity(tool, tiny_model, text, tmp_path / "p.log", kld_base=tmp_path / "b.kld", save_base=False,
                        **kwargs)
-    assert info.value.message == (f"llama-perplexity exited 0 without its 'Same top p: ...' line for "
-                                  f"{tiny_model.name}; see {tmp_path / 'p.log'}")
+    error = info.value
+    assert (error.where, error.problem, error.fix) == (
+        "llama-perplexity", f"exited 0 without its 'Same top p: ...' line for {tiny_model.name}", f"see {tmp_path / 'p.log'}")
     assert (tmp_path / "p.log").read_text().count("$ ") == 1  # one run, one log: never run again
 
 
@@ -327,7 +328,7 @@ def test_cli_with_an_rpc_device(tmp_path, toolchain, rpc_device):
     [result] = json.loads(proc.stdout)
     assert result["skipped"] is True and [r["mode"] for r in result["record"]["speed"]] == ["cpu-moe"]
     proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0", "--modes", "fast")
-    assert proc.returncode == 3 and "--modes 'fast': use cpu, gpu, cpu-moe, or an integer N" in proc.stderr
+    assert proc.returncode == 3 and "--modes 'fast': not an offload mode; use cpu, gpu, cpu-moe, or an integer N" in proc.stderr
 
 
 def _hanging_tools(tmp_path: Path, toolchain, hang: str, script: str) -> Path:

@@ -238,7 +238,7 @@ def test_one_failing_quant_does_not_stop_the_others(tmp_path, test_hub, toolchai
         assert waits["detail"] == "the ladder's repo waits for Q2_K" and ONE_REPO not in test_hub.state.repos
     failed = summary["quants"][2]["stages"][len(before)]
     assert "simulated failure for Q2_K" in failed["detail"] and failed["exit_code"] == 4
-    assert f"error: Q2_K: {first} failed: llama-quantize exited 1: simulated failure for Q2_K" in proc.stderr
+    assert f"error: Q2_K: {first} failed: llama-quantize: exited 1: simulated failure for Q2_K" in proc.stderr
     assert summary["ok"] is False and summary["exit_code"] == 4
 
 
@@ -252,8 +252,8 @@ def test_offline_main_job_ends_with_a_local_push_plan(tmp_path, toolchain):
 
 
 @pytest.mark.parametrize("args,code,message", [
-    ((), 3, "moeq build needs --quant TYPE (one or more) or --all"),
-    (("--all", "--force-stage", "polish"), 2, "--force-stage 'polish': use one of fetch, imatrix, recipe, choice, quantize"),
+    ((), 3, "moeq build: no quant named; give --quant TYPE (one or more) or --all"),
+    (("--all", "--force-stage", "polish"), 2, "--force-stage 'polish': not a stage; use one of fetch, imatrix, recipe, choice, quantize"),
 ])
 def test_build_argument_errors(tmp_path, args, code, message):
     config = tmp_path / "p.yaml"

@@ -12,6 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import ModelCard
@@ -137,7 +138,7 @@ def test_frontmatter_round_trips_through_huggingface_hub(carded_ladder, carded_p
         for key in keys:
             facts = card_facts(read_manifest(ws.repo_dir(key) / MANIFEST_NAME))
             data = ModelCard(card_text(ws, key)).data.to_dict()
-            assert data == facts["frontmatter"]
+            assert data == facts.frontmatter
             assert data["base_model_relation"] == "quantized"
             assert all(q in data["tags"] for q in ([key] if key else LADDER))
 
@@ -300,10 +301,11 @@ def test_a_runaway_template_is_stopped_with_its_line(tmp_path, monkeypatch, body
     template = tmp_path / "card.md.j2"
     template.write_text("# A card\n\n" + body + "\n")
     with pytest.raises(InputError) as info:
-        render.render_card({}, template)
-    assert info.value.message.startswith(f"{template}:3: the template ran past its budget ({what}")
+        render.render_card(SimpleNamespace(), template)
+    assert info.value.where == f"{template}:3"
+    assert info.value.problem.startswith(f"the template ran past its budget ({what}")
     model = {"architecture": "phimoe", "expert_tensors": ["ffn_up_exps"], "shared_experts": []}
-    assert render.render_card({"model": model}, REPO / "templates" / "partials" / "cpu-moe.md.j2")  # budget restored
+    assert render.render_card(SimpleNamespace(model=model), REPO / "templates" / "partials" / "cpu-moe.md.j2")  # budget restored
 
 
 @pytest.mark.parametrize("name", ["blk.0.evil|name.weight", "a`|`b", "x<script>alert(1)</script>|y", "`|||`"])
@@ -334,5 +336,31 @@ def test_every_command_the_card_prints_is_shell_quoted(carded_ladder):
     records = entry.records.model_copy(update={"quantize": quantize})
     manifest = manifest.model_copy(update={"quants": [entry.model_copy(update={"records": records}),
                                                       *manifest.quants[1:]]})
-    command = card_facts(manifest)["quants"][0]["quantization"]["command"]
+    command = card_facts(manifest).quants[0].quantization.command
     assert shlex.split(command) == hostile and "'out $(touch pwned).gguf'" in command
+
+
+def test_the_facts_are_typed_down_to_each_row(good_card):
+    """Each section is a dataclass; only the frontmatter, card.extra and the calibration sources (records' own
+    shape) are plain mappings."""
+    import dataclasses
+
+    _, manifest = good_card
+    facts = card_facts(manifest)
+    mappings = []
+
+    def walk(value, path):
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(getattr(value, f.name), f"{path}.{f.name}")
+        elif isinstance(value, dict):
+            mappings.append(re.sub(r"\[\d+\]", "[]", path))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{path}[{i}]")
+
+    walk(facts, "facts")
+    assert set(mappings) <= {"facts.frontmatter", "facts.extra", "facts.quants[].imatrix.made.calibration.sources[]",
+                             "facts.quant.imatrix.made.calibration.sources[]",
+                             "facts.imatrix_files[].made.calibration.sources[]"}, mappings
+    assert facts.quant.quantization.type_mix[0].tensors > 0 and facts.quant.validation.checks[0].ok

@@ -47,7 +47,7 @@ def test_card_verify_finds_every_edited_line(carded_ladder, tmp_path):
         f'{card}:{lines.index(this_row) + 1}: edited: expected {json.dumps(this_row[:100] + "...")}, '
         f'found {json.dumps(swapped_row[:100] + "...")}',
     ]
-    assert proc.stderr.strip() == f"error: {card}: 2 finding(s)"
+    assert proc.stderr.strip() == f"error: {card}: 2 finding(s); the lines above name each"
     # A removed and an added line are named too.
     card = _staged_copy(ws, None, tmp_path / "moved", lambda t: t.replace(bullet + "\n", "") + "Hand-added.\n")
     proc = run_moeq("card", "verify", str(card), "--json")

@@ -124,7 +124,7 @@ BAD_CASES = [
     ("repo template without quant", lambda t: t + "  layout: per-quant\n  repo_template: '{namespace}/one-repo'\n",
      "14: hub.repo_template: must contain {quant_slug} (or {quant}) so each quant gets its own repo"),
     ("unknown layout", lambda t: t + "  layout: both\n",
-     "13: hub.layout: 'both': use single (one repo for the ladder) or per-quant (a repo per quant)"),
+     "13: hub.layout: 'both' is not a layout; use single (one repo for the ladder) or per-quant (a repo per quant)"),
     ("repo template in one repo", lambda t: t + "  repo_template: '{namespace}/x-{quant}'\n",
      "13: hub.repo_template: not used with hub.layout single; name the one repo with hub.repo"),
     ("one repo's name per quant", lambda t: t + "  layout: per-quant\n  repo: moeq-test/x\n",

@@ -154,7 +154,7 @@ def test_a_pipeline_that_asks_for_cuda_refuses_cpu_tools(toolchain, cuda_tools):
     assert [t["detail"] for t in tools] == [
         f"{name}: not found (looked in {cuda_dir / name}, PATH); toolchain.backend is cuda: run scripts/setup "
         "--backend cuda, or point toolchain.llama_cpp_bin at a folder holding a CUDA build" for name in TOOLS]
-    assert proc.stderr.splitlines()[-1].startswith(f"error: doctor found problems with: {', '.join(TOOLS)}")
+    assert proc.stderr.splitlines()[-1].startswith(f"error: moeq doctor: found problems with: {', '.join(TOOLS)}")
 
 
 def test_a_bad_backend_in_the_pipeline_names_the_key(tmp_path):
@@ -163,8 +163,8 @@ def test_a_bad_backend_in_the_pipeline_names_the_key(tmp_path):
     proc = run_moeq("check-config", "--config", str(config))
     assert proc.returncode == 2
     lines = (REPO / "examples" / "tiny-phimoe.yaml").read_text().count("\n") + 2
-    assert proc.stderr == (f"error: {config}:{lines}: toolchain.backend: 'rocm': use one of cpu, cuda, hip, musa, "
-                           "vulkan, sycl, metal, opencl, cann (the llama.cpp build the tools must be)\n")
+    assert proc.stderr == (f"error: {config}:{lines}: toolchain.backend: 'rocm' is not a llama.cpp backend; use one of "
+                           "cpu, cuda, hip, musa, vulkan, sycl, metal, opencl, cann (the llama.cpp build the tools must be)\n")
 
 
 # ---------------------------------------------------------------- doctor

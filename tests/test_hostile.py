@@ -198,7 +198,7 @@ def test_validate_and_plan_on_a_folder_and_a_short_file(tmp_path, tiny_model):
     assert_clean_failure(proc, 3, tmp_path, "shorter than its own header and metadata")
     assert "unexpected bytes" not in proc.stderr
     assert_clean_failure(run_moeq("plan", str(tiny_model), "--ctx", "-5"), 3, tmp_path,
-                         "--ctx -5: a context size is 1 to")
+                         "--ctx -5: out of range; a context size is 1 to")
 
 
 # ---------------------------------------------------------------- a full disk: exit 6, nothing half-written
@@ -305,7 +305,7 @@ def test_an_rpc_device_that_does_not_answer(tmp_path, toolchain):
     config = pipeline(tmp_path)
     assert run_moeq("quantize", "--config", str(config), "--quant", "Q8_0").returncode == 0
     proc = run_moeq("bench", "--config", str(config), "--quant", "Q8_0", "--modes", "gpu", "--rpc", "127.0.0.1:1")
-    line = assert_clean_failure(proc, 4, tmp_path, "bench recorded errors for Q8_0 gpu; measured: Q8_0 quality")
+    line = assert_clean_failure(proc, 4, tmp_path, "bench: recorded errors for Q8_0 gpu (measured: Q8_0 quality)")
     assert "the other modes were measured" not in line
     assert "gdb" not in proc.stdout + proc.stderr and "backtrace" not in proc.stdout + proc.stderr.lower()
 
@@ -343,9 +343,9 @@ def test_a_template_that_runs_away(tmp_path, toolchain):
 # ---------------------------------------------------------------- round 2: synth, calibration, imatrix, records
 
 @pytest.mark.parametrize("args, code, message", [
-    (["--vocab", "99999999999"], 3, "synth option vocab = 99999999999: use 1 to 1,048,576"),
-    (["--layers", "100000"], 3, "synth option layers = 100000: use 1 to 256"),
-    (["--layers", "0"], 3, "synth option layers = 0: use 1 to 256"),
+    (["--vocab", "99999999999"], 3, "synth option vocab = 99999999999: out of range; use 1 to 1,048,576"),
+    (["--layers", "100000"], 3, "synth option layers = 100000: out of range; use 1 to 256"),
+    (["--layers", "0"], 3, "synth option layers = 0: out of range; use 1 to 256"),
     (["--layers", "256", "--experts", "512", "--embd", "65536", "--ff", "262144"], 6, "free some space"),
 ])
 def test_synth_is_bounded_before_it_writes(tmp_path, args, code, message):
@@ -357,7 +357,7 @@ def test_synth_is_bounded_before_it_writes(tmp_path, args, code, message):
 
 def test_synth_hf_is_bounded(tmp_path):
     proc = run_moeq("synth", "tiny-phimoe-hf", str(tmp_path / "hf"), "--vocab", "99999999999")
-    assert_clean_failure(proc, 3, tmp_path, "synth option vocab = 99999999999: use 300")
+    assert_clean_failure(proc, 3, tmp_path, "synth option vocab = 99999999999: out of range for a trained tokenizer; use 300")
     proc = run_moeq("synth", "tiny-phimoe-hf", str(tmp_path / "hf2"), "--layers", "256", "--experts", "512")
     assert_clean_failure(proc, 3, tmp_path, "more than a checkpoint made in memory holds")
 
@@ -467,8 +467,8 @@ def test_a_bad_max_wait_is_refused(tmp_path, value):
                         "  file: x-F16.gguf\n", EXAMPLE)
     proc = run_moeq("fetch", "--config", str(pipeline(tmp_path, hub_source)),
                     env={"MOEQ_HUB_MAX_WAIT_S": value, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_x"})
-    assert_clean_failure(proc, 2, tmp_path, f"MOEQ_HUB_MAX_WAIT_S={value!r}: use a whole number of seconds from 0 "
-                                            "to 3600")
+    assert_clean_failure(proc, 2, tmp_path, f"MOEQ_HUB_MAX_WAIT_S={value!r}: not a wait moeq takes; use a whole "
+                                            "number of seconds from 0 to 3600")
 
 
 def test_usage_errors_and_early_errors_are_one_line(tmp_path):
@@ -477,9 +477,10 @@ def test_usage_errors_and_early_errors_are_one_line(tmp_path):
     assert_clean_failure(proc, 2, tmp_path, "No such option: --bogus", "see moeq build --help")
     assert "╭" not in proc.stderr
     proc = run_moeq("check-config", "--config", str(tmp_path / "missing.yaml"), "--json")
+    where, problem, fix = (str(tmp_path / "missing.yaml"), "pipeline file not found",
+                           "pass --config with the path to your pipeline.yaml")
     assert proc.returncode == 2 and json.loads(proc.stdout) == {
-        "error": f"{tmp_path / 'missing.yaml'}: pipeline file not found; pass --config with the path to your "
-                 "pipeline.yaml", "exit_code": 2}
+        "error": f"{where}: {problem}; {fix}", "where": where, "problem": problem, "fix": fix, "exit_code": 2}
 
 
 def test_a_tool_that_goes_silent_is_stopped(tmp_path):

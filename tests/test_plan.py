@@ -75,4 +75,4 @@ def test_plan_of_a_non_gguf_file(tmp_path):
     junk.write_bytes(b"not a model at all")
     proc = run_moeq("plan", str(junk))
     assert proc.returncode == 3
-    assert proc.stderr == f"error: {junk}: not a GGUF file (starts with b'not ')\n"
+    assert proc.stderr == f"error: {junk}: not a GGUF file (starts with b'not '); give a .gguf file\n"

@@ -152,7 +152,7 @@ def test_dry_run_sends_no_write(tmp_path, test_hub, q8_built):
     proc = push(test_hub, config, "--dry-run", env={"HF_TOKEN": ""})
     assert proc.returncode == 0, proc.stderr
     proc = push(test_hub, config, env={"HF_TOKEN": ""})
-    assert proc.returncode == 5 and "no Hub token: set HF_TOKEN" in proc.stderr
+    assert proc.returncode == 5 and "HF_TOKEN: no Hub token; set HF_TOKEN" in proc.stderr
 
 
 @pytest.mark.slow

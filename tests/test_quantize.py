@@ -264,7 +264,7 @@ def test_unknown_type_refused_before_anything_runs(tmp_path):
     cfg = write_config(tmp_path)
     proc = run_moeq("quantize", "--config", str(cfg), "--quant", "Q9_X")
     assert proc.returncode == 2
-    assert proc.stderr.splitlines()[-1] + "\n" == f"error: {cfg}: quants: no quant 'Q9_X' in the ladder (configured: Q8_0, Q4_K_M, Q2_K)\n"
+    assert proc.stderr.splitlines()[-1] + "\n" == f"error: {cfg}: quants: no quant 'Q9_X' in the ladder; name one it configures: Q8_0, Q4_K_M, Q2_K\n"
     assert not (tmp_path / "ws").exists()
 
 
@@ -278,8 +278,8 @@ def test_llama_quantize_failure_quotes_its_log(tmp_path, toolchain):
     proc = run_moeq("quantize", "--config", str(local_source_config(tmp_path, bad)), "--quant", "Q8_0")
     assert proc.returncode == 4, proc.stderr
     log = tmp_path / "ws" / "quants" / "tiny-phimoe-Q8_0.gguf.log"
-    assert proc.stderr.splitlines()[-1].startswith("error: llama-quantize exited 1: ")
-    assert proc.stderr.rstrip().endswith(f"(full log: {log})")
+    assert proc.stderr.splitlines()[-1].startswith("error: llama-quantize: exited 1: ")
+    assert proc.stderr.rstrip().endswith(f"; full log: {log}")
     assert "qwen3moe" in proc.stderr or "key not found" in proc.stderr
     assert not (tmp_path / "ws" / "quants" / "tiny-phimoe-Q8_0.gguf").exists()
     assert not list((tmp_path / "ws" / "quants").glob("*.partial"))

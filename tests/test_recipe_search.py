@@ -294,13 +294,13 @@ def test_a_budget_no_recipe_can_meet_is_refused_before_measuring(tmp_path, toolc
      "recipe"),
     ({"type": "Q2_K", "recipe": "search"}, {"chunks": 1}, "recipe.chunks: must be at least 2, got 1"),
     ({"type": "Q2_K", "recipe": "search", "budget": {"gpu": "12GiB"}}, None,
-     "quants[0].budget: a GPU budget needs placement: cpu-moe or gpu"),
+     "quants[0].budget: a GPU budget needs a placement (none given); give placement: cpu-moe or gpu"),
     ({"type": "Q2_K", "recipe": "search", "budget": {"gpu": "12GiB", "placement": "somewhere"}}, None,
-     "quants[0].budget.placement: a GPU budget needs placement: cpu-moe or gpu (got 'somewhere'; "),
+     "quants[0].budget.placement: a GPU budget needs a placement (got 'somewhere'); give placement: cpu-moe or gpu"),
     ({"type": "Q2_K", "recipe": "search", "budget": {"bpw": 3, "ctx": 4096}}, None,
-     "quants[0].budget.ctx: placement and ctx are for a GPU budget (gpu: SIZE)"),
+     "quants[0].budget.ctx: placement and ctx are for a GPU budget; give gpu: SIZE, or leave them out"),
     ({"type": "Q2_K", "recipe": "search", "budget": {"gpu": "12GiB", "bytes": "1GB"}}, None,
-     "quants[0].budget: give one of bpw, bytes or gpu"),
+     "quants[0].budget: 2 kinds of budget; give one of bpw, bytes or gpu"),
     ({"type": "Q2_K", "recipe": "search", "budget": {"gpu": "12GiB", "placement": "cpu-moe", "ctx": 0}}, None,
      "quants[0].budget.ctx: "),
     ({"type": "Q2_K", "recipe": "search"}, {"selection": "nowhere.txt"}, "recipe.selection: {folder}/nowhere.txt "
@@ -354,7 +354,7 @@ def test_a_full_disk_while_the_per_type_files_are_written_leaves_whole_files_and
                           capture_output=True, text=True, preexec_fn=limited, timeout=600)
     assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr
     [line] = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
-    assert line.startswith("error: llama-quantize killed by signal") and "Q6_K.log" in line, line
+    assert line.startswith("error: llama-quantize: killed by signal") and "Q6_K.log" in line, line
     pure = next((tmp_path / "work" / "recipe" / "pure").iterdir())
     assert not list((tmp_path / "work").rglob("*.partial"))
     made = json.loads((pure / "made.json").read_text())

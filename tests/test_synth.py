@@ -103,10 +103,10 @@ def test_cli_synth_bad_options(tmp_path):
     out = tmp_path / "bad.gguf"
     proc = run_moeq("synth", "tiny-phimoe", str(out), "--ff", "500")
     assert proc.returncode == 3
-    assert proc.stderr == "error: synth options: embd and ff must be multiples of 256 so K-quants apply\n"
+    assert proc.stderr == "error: synth options: embd and ff must be multiples of 256 so K-quants apply; change them (moeq synth --help lists them)\n"
     assert not out.exists()
     proc = run_moeq("synth", "tiny-phimoe", str(out), "--preset", "phi-4")
-    assert proc.returncode == 3 and proc.stderr == "error: --preset 'phi-4': use one of phi-3.5-moe, qwen3-30b-a3b, mixtral-8x7b\n"
+    assert proc.returncode == 3 and proc.stderr == "error: --preset 'phi-4': not a preset; use one of phi-3.5-moe, qwen3-30b-a3b, mixtral-8x7b\n"
 
 
 def test_generates_in_llama_completion(tiny_model, toolchain):
@@ -143,7 +143,7 @@ def test_the_training_key_follows_the_weights_not_the_messages():
 
     train, hf = ((REPO / "moeq" / name).read_text() for name in ("synth_train.py", "synth_hf.py"))
     key = weights_code_sha256([train, hf])
-    message = '"training the tiny model needs torch, transformers and sentencepiece: install moeq\'s '
+    message = '"training the tiny model needs torch, transformers and sentencepiece",'
     progress = 'on_message(f"training: step {step + 1}/{STEPS}, loss {loss.item():.3f}, '
     for edited in (train.replace(message, message.replace("needs", "requires")),
                    train.replace(progress, progress.replace("training: step", "step")),

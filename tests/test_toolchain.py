@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from moeq import quant_types
+from moeq.config.yaml_nodes import CONFIG_FIX
 from moeq.errors import ToolError
 from moeq.toolchain import PINNED_COMMIT, TOOLS, Toolchain, parse_version, pinned_bin_dir
 
@@ -115,7 +116,7 @@ def test_doctor_fails_when_a_tool_is_missing(tmp_path, toolchain):
     proc = run_moeq("doctor", env=env)
     assert proc.returncode == 7
     assert "problem: llama-perplexity: not found (looked in" in proc.stdout
-    assert proc.stderr.strip() == "error: doctor found problems with: llama-perplexity"
+    assert proc.stderr.strip() == "error: moeq doctor: found problems with: llama-perplexity; fix what the table above names"
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
@@ -152,7 +153,7 @@ def test_doctor_disk_refusal_is_reported(tmp_path, toolchain):
     assert proc.returncode == 7
     disk = json.loads(proc.stdout)["disk"]
     assert disk["ok"] is False and disk["needed_bytes"] > disk["free_bytes"]
-    assert proc.stderr.splitlines() == [f"pipeline: {cfg} (--config)", "error: doctor found problems with: disk space"]
+    assert proc.stderr.splitlines() == [f"pipeline: {cfg} (--config)", "error: moeq doctor: found problems with: disk space; fix what the table above names"]
 
 
 def test_doctor_disk_plan_is_the_peak_not_the_sum(tmp_path, toolchain):
@@ -212,7 +213,7 @@ def test_doctor_with_bad_config_names_file_and_line(tmp_path):
     cfg.write_text("model: {}\n")
     proc = run_moeq("doctor", "--config", str(cfg))
     assert proc.returncode == 2
-    assert proc.stderr == f"error: {cfg}:1: (top level): missing required key 'source'\n"
+    assert proc.stderr == f"error: {cfg}:1: (top level): missing required key 'source'; {CONFIG_FIX}\n"
 
 
 def test_doctor_checks_one_job_of_a_release_across_machines(tmp_path, toolchain):

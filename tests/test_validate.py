@@ -56,7 +56,7 @@ def test_not_a_model(tmp_path, content, detail):
     assert proc.returncode == 7
     assert check_of(report, "container")["ok"] is False
     assert detail in check_of(report, "container")["detail"]
-    assert proc.stderr == f"error: {path}: failed container\n"
+    assert proc.stderr == f"error: {path}: failed container; the table above says why\n"
 
 
 def test_truncated(quants, tmp_path):
@@ -105,7 +105,7 @@ def test_missing_file_and_bad_option(tmp_path):
     proc = run_moeq("validate", str(tmp_path / "none.gguf"))
     assert proc.returncode == 3 and proc.stderr == f"error: {tmp_path / 'none.gguf'}: no such file; pass the path of a GGUF model\n"
     proc = run_moeq("validate", str(tmp_path / "none.gguf"), "--numerics", "most")
-    assert proc.returncode == 3 and proc.stderr == "error: --numerics 'most': use sample, full or off\n"
+    assert proc.returncode == 3 and proc.stderr == "error: --numerics 'most': not a numerics setting; use sample, full or off\n"
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M", "Q2_K"])

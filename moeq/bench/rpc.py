@@ -38,7 +38,8 @@ def rpc_endpoint(setting: str | None, chain: Toolchain) -> Iterator[str | None]:
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise ToolError(f"ggml-rpc-server did not start on 127.0.0.1:{port}") from None
+                    raise ToolError("ggml-rpc-server", f"did not start on 127.0.0.1:{port}",
+                        "check that the pinned build made it (moeq doctor) and the port is free") from None
                 time.sleep(0.1)
         yield f"127.0.0.1:{port}"
     finally:

@@ -37,9 +37,9 @@ def run_memory(tool: Path, model: Path, mode: OffloadMode, ctx: int, log: Path, 
     text = "\n".join(lines)
     buffers, breakdown = parse_buffer_sizes(text), parse_memory_breakdown(text)
     if not any(b.kind == "model" for b in buffers):
-        raise ToolError(f"llama-completion exited 0 without a model buffer line in mode {mode.name}; see {log}")
+        raise ToolError("llama-completion", f"exited 0 without a model buffer line in mode {mode.name}", f"see {log}")
     if not breakdown_printed(text):
-        raise ToolError(f"llama-completion exited 0 without its memory breakdown at exit in mode {mode.name}; "
+        raise ToolError("llama-completion", f"exited 0 without its memory breakdown at exit in mode {mode.name}",
                         f"see {log}")
     devices: dict[str, dict[str, float]] = {}
     for b in buffers:

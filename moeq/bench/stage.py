@@ -107,10 +107,10 @@ def require_gpu_build(tool: Tool, gpus: list[str], modes: list[str]) -> None:
     offload = [f"ncmoe {m}" if str(m).isdigit() else str(m) for m in modes if m != "cpu"]
     if offload and gpus and tool.build.backend not in GPU_BACKENDS:
         modes_text = ("modes " if len(offload) > 1 else "mode ") + ", ".join(offload)
-        raise ToolError(
-            f"{tool.name} ({tool.path}) is a CPU-only llama.cpp build, but this machine has an NVIDIA GPU "
-            f"({', '.join(sorted(set(gpus)))}): {modes_text} would run on the CPU; build the CUDA tools "
-            "(scripts/setup --backend cuda) and set toolchain.backend: cuda, or bench --modes cpu")
+        raise ToolError(f"{tool.name} ({tool.path}) is a CPU-only llama.cpp build, but this machine has an NVIDIA GPU "
+                        f"({', '.join(sorted(set(gpus)))})", f"{modes_text} would run on the CPU",
+                        "build the CUDA tools (scripts/setup --backend cuda) and set toolchain.backend: cuda, or "
+                        "bench --modes cpu")
 
 
 def memory_plan(quantized: QuantizeRecord, validated: ValidateRecord | None, ctx: list[int]) -> MemoryPlan:
@@ -134,9 +134,8 @@ def _modes(chain: Toolchain, model: Path, plan: MemoryPlan, options: BenchOption
     if rpc is None and any(m.offload for m in modes):
         if not offload_devices(chain.path("llama-bench"), logs / "devices.log", options.timeout_s):
             if chain.backend in GPU_BACKENDS:  # the pipeline insists on measuring on that GPU
-                raise ToolError(f"llama-bench --list-devices finds no device, and toolchain.backend is "
-                                f"{chain.backend}: check the GPU and its driver (nvidia-smi); "
-                                f"see {logs / 'devices.log'}")
+                raise ToolError(f"llama-bench --list-devices finds no device, and toolchain.backend is {chain.backend}",
+                                "check the GPU and its driver (nvidia-smi)", f"see {logs / 'devices.log'}")
             no_device = NO_DEVICE
     for mode in modes:
         if mode.offload and no_device:
@@ -150,8 +149,8 @@ def _modes(chain: Toolchain, model: Path, plan: MemoryPlan, options: BenchOption
                                           repetitions=options.repetitions, threads=options.threads,
                                           rpc=rpc if mode.offload else None, timeout_s=options.timeout_s))
             if mode.offload and result.backends in OFFLOAD_BACKENDS_ABSENT:
-                raise ToolError(f"llama.cpp ran on {result.backends or 'the CPU'} only in mode {mode.name}, "
-                                f"though an offload device was {'given (' + rpc + ')' if rpc else 'found'}; "
+                raise ToolError(f"bench mode {mode.name}", f"llama.cpp ran on {result.backends or 'the CPU'} only, though "
+                                f"an offload device was {'given (' + rpc + ')' if rpc else 'found'}",
                                 "check the device and the llama.cpp build")
             speed.append(result)
             if not mode.offload:  # nothing is placed on a device: there is no plan to compare buffers with

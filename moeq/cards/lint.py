@@ -12,6 +12,7 @@ given.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import re
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
@@ -19,7 +20,7 @@ from urllib.parse import urlparse
 from huggingface_hub import ModelCard
 
 from moeq.cards.derived import derived_findings
-from moeq.cards.facts import card_facts
+from moeq.cards.facts import CardFacts, card_facts
 from moeq.cards.findings import Finding, table_cells
 from moeq.cards.render import template_files
 from moeq.manifest import Manifest
@@ -46,7 +47,7 @@ FILE_NAME = re.compile(r"(?<![\w.\-])[\w.\-]+\.gguf\b")  # starts only where a n
 
 
 def lint_card(text: str, path: str = "README.md", manifest: Manifest | None = None,
-              template: Path | None = None, facts: dict | None = None) -> list[Finding]:
+              template: Path | None = None, facts: CardFacts | None = None) -> list[Finding]:
     """All findings in a card, in line order; `template` (default moeq's own) says which figures are static text;
     `facts`: the manifest's card facts where the caller made them already (the card stage renders from them)."""
     lines = text.split("\n")
@@ -197,6 +198,8 @@ def _check_link(url: str, allowed_repos: set[str] | None,
 
 
 def _figures(value) -> set[str]:
+    if dataclasses.is_dataclass(value):
+        return _figures(vars(value))
     if isinstance(value, dict):
         return set().union(*(_figures(v) for v in value.values())) if value else set()
     if isinstance(value, (list, tuple)):
@@ -208,9 +211,9 @@ def _figures(value) -> set[str]:
     return set(FIGURE.findall(str(value)))
 
 
-def known_figures(facts: dict) -> set[str]:
+def known_figures(facts: CardFacts) -> set[str]:
     """Every figure the card's facts hold, from records: what a table may show (card.extra is not a record)."""
-    return _figures({key: value for key, value in facts.items() if key != "extra"})
+    return _figures({key: value for key, value in vars(facts).items() if key != "extra"})
 
 
 def template_figures(template: Path | None) -> set[str]:
@@ -219,7 +222,7 @@ def template_figures(template: Path | None) -> set[str]:
 
 
 def _figure_findings(lines: list[str], start: int, manifest: Manifest, template: Path | None,
-                     facts: dict) -> list[Finding]:
+                     facts: CardFacts) -> list[Finding]:
     """Figures and file names in tables, list items and prose that no record (or template) holds."""
     figures = known_figures(facts)
     # Outside tables the templates' own words and the pipeline's card.extra (a citation's year) may add figures;

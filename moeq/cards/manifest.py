@@ -159,11 +159,12 @@ def _beside_entry(quant: CardInputs, ref: FileRef | None, what: str, rename: str
         return None
     name = Path(ref.path).name
     if taken.get(name, ref.sha256) != ref.sha256:
-        raise InputError(f"{ref.path}: the {what} would be published as {name}, a name the repo already uses for "
-                         f"another file; {rename}")
+        raise InputError(ref.path,
+                         f"the {what} would be published as {name}, a name the repo already uses for another file",
+                         rename)
     if not Path(ref.path).is_file() or ws.hashes.sha256(Path(ref.path)) != ref.sha256:
-        raise InputError(f"{ref.path}: not the {what} {quant.quant} was made with (gone or changed since); run moeq "
-                         f"quantize --quant {quant.quant} again")
+        raise InputError(ref.path, f"not the {what} {quant.quant} was made with (gone or changed since)",
+                         f"run moeq quantize --quant {quant.quant} again")
     taken[name] = ref.sha256
     return {"name": name, "size": ref.size, "sha256": ref.sha256}
 
@@ -181,7 +182,8 @@ def _license_entry(source: FetchRecord | None, taken: dict[str, str]) -> dict | 
         return None
     name = Path(ref.path).name
     if name in taken:
-        raise InputError(f"{ref.path}: the license would be published as {name}, a name the repo already uses")
+        raise InputError(ref.path, f"the license would be published as {name}, a name the repo already uses",
+                             "rename the license file")
     taken[name] = ref.sha256
     return {"name": name, "size": ref.size, "sha256": ref.sha256}
 
@@ -193,14 +195,16 @@ def build_manifest(pipeline: Pipeline, inputs: RepoInputs, ws: Workspace) -> Man
     for quant in inputs.quants:
         validated = quant.validated
         if validated is not None and not validated.ok:
-            raise InputError(f"{ws.record_path('validate', quant.quant)}: {quant.quant} failed validation "
-                             f"({', '.join(validated.failed)}); fix the file before making its card")
+            raise InputError(ws.record_path('validate', quant.quant),
+                             f"{quant.quant} failed validation ({', '.join(validated.failed)})",
+                             "fix the file before making its card")
         files = [{"name": path, "size": f.size, "sha256": f.sha256}
                  for path, f in zip(repo_paths(pipeline, quant), quant.shards.files)]
         for f in files:
             if f["name"] in taken:
-                raise InputError(f"{quant.quantized.output.path}: would be published as {f['name']}, a name the "
-                                 "repo already uses; give the quant another file name (quants[].file)")
+                raise InputError(quant.quantized.output.path,
+                                 f"would be published as {f['name']}, a name the repo already uses",
+                                 "give the quant another file name (quants[].file)")
             taken[f["name"]] = f["sha256"]
         entries.append({
             "quant": quant.quant, "files": files,
@@ -252,28 +256,29 @@ def merge_staged(pipeline: Pipeline, staged: list[tuple[str, Manifest]]) -> Mani
     for where, manifest in staged:
         redo = f"stage {manifest.quants[0].quant} again with this moeq and pipeline"
         if manifest.generator != f"moeq {__version__}":
-            raise InputError(f"{where}: staged by {manifest.generator}, this is moeq {__version__}; {redo}")
+            raise InputError(where, f"staged by {manifest.generator}, this is moeq {__version__}", redo)
         if manifest.repo_id != pipeline.hub.repo or manifest.layout != Layout.SINGLE:
-            raise InputError(f"{where}: staged for {manifest.repo_id} ({manifest.layout}), the pipeline publishes "
-                             f"{pipeline.hub.repo} (single); {redo}")
+            raise InputError(where, f"staged for {manifest.repo_id} ({manifest.layout}), the pipeline publishes "
+                             f"{pipeline.hub.repo} (single)", redo)
         if manifest.source != first.source or manifest.license_file != first.license_file:
-            raise InputError(f"{where}: made from another source than {first_where} (its fetch record or license "
-                             f"differs); {redo}")
+            raise InputError(where,
+                             f"made from another source than {first_where} (its fetch record or license differs)", redo)
         tool, first_tool = manifest.quants[0].records.quantize.tool, first.quants[0].records.quantize.tool
         if tool.commit != first_tool.commit:
-            raise InputError(f"{where}: made with llama.cpp {tool.commit}, {first_where} with {first_tool.commit}; "
+            raise InputError(where, f"made with llama.cpp {tool.commit}, {first_where} with {first_tool.commit}",
                              f"{redo} and llama.cpp build")
         entry = manifest.quants[0]
         license_file = [manifest.license_file] if manifest.license_file else []
         for f in [*entry.files, *(extra for extra in (entry.imatrix_file, entry.recipe_file) if extra), *license_file]:
             if inside(Path("repo"), f.name) is None or f.name.startswith(".") or len(f.name) > 250:
-                raise InputError(f"{where}: names the repo file {f.name[:80]!r}, not a path inside the repo moeq "
-                                 f"publishes; {redo}")
+                raise InputError(where,
+                                 f"names the repo file {f.name[:80]!r}, not a path inside the repo moeq publishes",
+                                 redo)
             if f in license_file:
                 continue
             if taken.get(f.name, f.sha256) != f.sha256:
-                raise InputError(f"{where}: publishes {f.name}, which another staged quant publishes with other "
-                                 f"bytes; {redo}")
+                raise InputError(where, f"publishes {f.name}, which another staged quant publishes with other bytes",
+                                 redo)
             taken[f.name] = f.sha256
         entries.append(entry.model_dump(mode="json", by_alias=True))
     license_file = first.license_file.model_dump(mode="json") if first.license_file else None

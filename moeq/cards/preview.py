@@ -88,7 +88,7 @@ def write_preview(card: Path, out: Path, title: str) -> None:
     from moeq.workspace import write_text_atomic
 
     if out.resolve().parent == card.resolve().parent and (card.parent / MANIFEST_NAME).is_file():
-        raise CheckFailed(f"{out}: is inside the staged repo folder, which must hold only what is pushed; "
+        raise CheckFailed(out, "is inside the staged repo folder, which must hold only what is pushed",
                           "choose another --out")
     local = None
     if (card.parent / MANIFEST_NAME).is_file():  # a staged repo: its images from the folder beside the card

@@ -168,34 +168,36 @@ def _template_line(exc: BaseException) -> str:
     return where
 
 
-def render_card(facts: dict, template: Path | None = None) -> str:
+def render_card(facts: object, template: Path | None = None) -> str:
     template = Path(template) if template else DEFAULT_TEMPLATE
     if not template.is_file():
-        raise InputError(f"{template}: card template not found; fix card.template in the pipeline file")
+        raise InputError(template, "card template not found", "fix card.template in the pipeline file")
     env = _environment(template)
     try:
         with _budget():
-            text = env.get_template(template.name).render(**facts, marker=MARKER)
+            text = env.get_template(template.name).render(**vars(facts), marker=MARKER)
             if len(text) > MAX_OUTPUT:
                 raise _BudgetSpent(f"{len(text):,} characters of output")
     except jinja2.TemplateSyntaxError as exc:
-        raise InputError(f"{exc.filename or template}:{exc.lineno}: template syntax error: {exc.message}") from None
+        raise InputError(f"{exc.filename or template}:{exc.lineno}", f"template syntax error: {exc.message}",
+                         "fix the template") from None
     except jinja2.TemplateNotFound as exc:
-        raise InputError(f"{template}: includes {exc.name!r}, which is neither beside it nor in "
-                         f"{BUILTIN_TEMPLATES}") from None
+        raise InputError(template, f"includes {exc.name!r}, which is neither beside it nor in {BUILTIN_TEMPLATES}",
+                         "put the partial beside the template or include one moeq ships") from None
     except jinja2.UndefinedError as exc:
         where = _template_line(exc) or str(template)
-        raise InputError(f"{where}: the template uses a fact that does not exist ({exc.message}); "
-                         f"the facts are listed in README.md, 'Card facts'") from None
+        raise InputError(where, f"the template uses a fact that does not exist ({exc.message})",
+                         "the facts are listed in README.md, 'Card facts'") from None
     except (_BudgetSpent, MemoryError, RecursionError, OverflowError) as exc:
         where = _template_line(exc) or str(template)
         what = {MemoryError: f"more than {MAX_MEMORY >> 20} MiB of memory", RecursionError: "recursion too deep",
                 OverflowError: f"a range or number too large: {exc}"}.get(type(exc), str(exc))
-        raise InputError(f"{where}: the template ran past its budget ({what}); a card template only formats "
-                         "facts, see README.md, 'Limits'") from None
+        raise InputError(where, f"the template ran past its budget ({what})",
+                         "a card template only formats facts, see README.md, 'Limits'") from None
     except jinja2.exceptions.SecurityError as exc:
         where = _template_line(exc) or str(template)
-        raise InputError(f"{where}: the template tried something the sandbox forbids ({exc})") from None
+        raise InputError(where, f"the template tried something the sandbox forbids ({exc})",
+                         "use only the facts and filters a card template is given (README, \"Model cards\")") from None
     # Whitespace noise is normalised, not left to lint: no trailing spaces, no runs of blank lines.
     text = "\n".join(line.rstrip() for line in text.splitlines()).strip("\n") + "\n"
     return re.sub(r"\n{3,}", "\n\n", text)

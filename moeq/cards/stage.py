@@ -79,8 +79,8 @@ def _staged_card(pipeline: Pipeline, quant: str | None, ws: Workspace, manifest:
         if findings:
             shown = "; ".join(f.format(README_NAME) for f in findings[:3])
             more = f" (+{len(findings) - 3} more)" if len(findings) > 3 else ""
-            raise CheckFailed(f"{template}: the card it renders for {what} fails lint, so it was not "
-                              f"written: {shown}{more}")
+            raise CheckFailed(template, f"the card it renders for {what} fails lint, so it was not written: {shown}{more}",
+                              "fix the template")
         folder.mkdir(parents=True, exist_ok=True)
         for path, ref in published:
             _link_artifact(Path(ref.path), folder / path, ws, copy_outside=path in copied)
@@ -97,8 +97,8 @@ def _staged_card(pipeline: Pipeline, quant: str | None, ws: Workspace, manifest:
                              sha256=_sha(manifest_body)),
             repo_files=list(manifest.repo_files), template=str(template),
             templates_sha256=stage_key()["templates_sha256"],
-            not_measured=[f"{q['type']}: {label}" if len(manifest.quants) > 1 else label
-                          for q in facts["quants"] for k, label in MEASURED_SECTIONS.items() if q[k] is None],
+            not_measured=[f"{q.type}: {label}" if len(manifest.quants) > 1 else label
+                          for q in facts.quants for k, label in MEASURED_SECTIONS.items() if getattr(q, k) is None],
             from_branch=branch, from_commit=commit,
         )
 
@@ -153,8 +153,8 @@ def _link_artifact(artifact: Path, staged: Path, ws: Workspace, copy_outside: bo
     An importance matrix or a recipe file given by path (`copy_outside`) may live anywhere; it is small, and copied."""
     inside = _in_workspace(artifact, ws)
     if not inside and not copy_outside:
-        raise InputError(f"{artifact}: not in the workspace {ws.root}, so it is not staged; run moeq quantize "
-                         "--force for this quant")
+        raise InputError(artifact, f"not in the workspace {ws.root}, so it is not staged",
+                         "run moeq quantize --force for this quant")
     if staged.exists() and os.path.samefile(staged, artifact):
         return
     staged.parent.mkdir(parents=True, exist_ok=True)

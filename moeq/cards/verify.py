@@ -29,8 +29,8 @@ def card_template(manifest: Manifest, template: Path | None, where: str) -> tupl
     made_with = manifest.card
     if template is None:
         if not made_with.builtin:
-            raise InputError(f"{where}: the card was rendered with the pipeline's own template "
-                             f"{made_with.template!r} (card.template); pass --template PATH")
+            raise InputError(where, f"the card was rendered with the pipeline's own template {made_with.template!r} "
+                             "(card.template)", "pass --template PATH")
         template = DEFAULT_TEMPLATE
     return template, templates_sha256(template) == made_with.templates_sha256
 

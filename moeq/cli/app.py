@@ -112,7 +112,8 @@ def error_boundary():
         error = from_os_error(exc) if isinstance(exc, OSError) else exc
         sys.stderr.write(f"error: {error.message}\n")
         if state["json"] and not state["printed_json"]:
-            sys.stdout.write(json.dumps({"error": error.message, "exit_code": error.exit_code}, indent=2) + "\n")
+            sys.stdout.write(json.dumps({"error": error.message, "where": error.where, "problem": error.problem,
+                                         "fix": error.fix, "exit_code": error.exit_code}, indent=2) + "\n")
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM as Interrupted
         message = exc.message if isinstance(exc, Interrupted) else INTERRUPTED.format(signal="SIGINT")

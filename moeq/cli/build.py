@@ -48,10 +48,10 @@ def build(
 
     ctx = open_context(config)
     if bool(quant) == all_quants:
-        raise InputError("moeq build needs --quant TYPE (one or more) or --all")
+        raise InputError("moeq build", "no quant named", "give --quant TYPE (one or more) or --all")
     quants = selected_quants(ctx.pipeline, None if all_quants else quant)
     if stage_to is not None and push:
-        raise InputError("--stage-to and --push: a job staged on a branch is published by moeq publish; pass one")
+        raise InputError("--stage-to and --push", "a job staged on a branch is published by moeq publish", "pass one")
     release = Release(check_branch(stage_to) if stage_to is not None else None, imatrix_from)
     quiet_progress_off_terminal()
     summary = run_build(ctx, quants, push=(push or ctx.pipeline.hub.push) and stage_to is None, skip_bench=skip_bench,

@@ -66,7 +66,7 @@ def _print_findings(file: Path, findings: list, records: bool, as_json: bool) ->
         for finding in findings:
             sys.stdout.write(finding.format(str(file)) + "\n")
     if findings:
-        raise CheckFailed(f"{file}: {len(findings)} finding(s)")
+        raise CheckFailed(file, f"{len(findings)} finding(s)", "the lines above name each")
     if not as_json:
         console.print(f"{file}: no findings")
 
@@ -149,7 +149,8 @@ def preview(
         if ctx.pipeline.single_repo:
             units = repo_units(ctx, list(ctx.pipeline.quants))
         elif quant is None:
-            raise InputError("give a card FILE, or --quant TYPE for a quant of the pipeline's ladder")
+            raise InputError("moeq card", "nothing to check", 
+                         "give a card FILE, or --quant TYPE for a quant of the pipeline's ladder")
         else:
             units = repo_units(ctx, [ctx.pipeline.quant(quant)])
         console.print(f"wrote {preview(ctx, units[0], out)}", soft_wrap=True)

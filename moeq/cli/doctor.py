@@ -33,7 +33,7 @@ def doctor(
     # Not ./pipeline.yaml by default: in a checkout that is the full release, and doctor checks the machine.
     pipeline = pipeline_from(config) if config is not None or os.environ.get("MOEQ_CONFIG") else None
     if job and pipeline is None:
-        raise InputError("--job needs --config (the pipeline whose job it is)")
+        raise InputError("--job", "needs a pipeline", "give --config (the pipeline whose job it is)")
     jobs = [j if j == IMATRIX_JOB else pipeline.quant(j).type for j in job] if job else None
     chain = pipeline.toolchain.chain(fresh=True) if pipeline else Toolchain(fresh=True)
     report = run_doctor(chain, pipeline, jobs)
@@ -80,4 +80,4 @@ def doctor(
         problems = [c.name for c in report.tools if not c.ok]
         if report.disk and not report.disk.ok:
             problems.append("disk space")
-        raise CheckFailed(f"doctor found problems with: {', '.join(problems)}")
+        raise CheckFailed("moeq doctor", f"found problems with: {', '.join(problems)}", "fix what the table above names")

@@ -68,8 +68,8 @@ def pipeline_from(config: Path | None):
     else:
         path, why = DEFAULT_CONFIG, "default"
         if not path.is_file():
-            raise ConfigError(f"{path.resolve()}: no pipeline file here; pass --config PATH, set MOEQ_CONFIG, "
-                              "or run moeq in the folder that holds pipeline.yaml")
+            raise ConfigError(path.resolve(), "no pipeline file here",
+                              "pass --config PATH, set MOEQ_CONFIG, or run moeq in the folder that holds pipeline.yaml")
     pipeline = load_pipeline(path)
     sys.stderr.write(f"pipeline: {path} ({why})\n")
     return pipeline
@@ -99,6 +99,6 @@ def quiet_progress_off_terminal() -> None:
 def require_gguf_file(file: Path) -> None:
     """FILE must be a file: a folder or a missing path is one error that says so."""
     if file.is_dir():
-        raise InputError(f"{file}: a folder; pass the path of a GGUF model")
+        raise InputError(file, "a folder", "pass the path of a GGUF model")
     if not file.is_file():
-        raise InputError(f"{file}: no such file; pass the path of a GGUF model")
+        raise InputError(file, "no such file", "pass the path of a GGUF model")

@@ -30,9 +30,9 @@ def plan(
 
     for size in ctx_sizes or []:
         if not 1 <= size <= MAX_CTX:
-            raise InputError(f"--ctx {size}: a context size is 1 to {MAX_CTX} tokens")
+            raise InputError(f"--ctx {size}", "out of range", f"a context size is 1 to {MAX_CTX} tokens")
     if compute_allowance_mib < 0:
-        raise InputError(f"--compute-allowance-mib {compute_allowance_mib}: use 0 or more")
+        raise InputError(f"--compute-allowance-mib {compute_allowance_mib}", "below 0", "use 0 or more")
     require_gguf_file(file)
     result = plan_file(file, ctx_sizes=ctx_sizes or [4096], kv_type=kv_type,
                        compute_allowance=compute_allowance_mib * 2**20)

@@ -33,8 +33,8 @@ def recipe(
     if not quants:
         from moeq.errors import ConfigError
 
-        raise ConfigError(f"{ctx.pipeline.path}: quants: no rung has recipe: search; add it to one, e.g. "
-                          "- {type: Q2_K, imatrix: auto, recipe: search, budget: stock}")
+        raise ConfigError(ctx.pipeline.path, "quants: no rung has recipe: search",
+                          "add it to one, e.g. - {type: Q2_K, imatrix: auto, recipe: search, budget: stock}")
     results = Results(as_json)
     for spec in quants:
         if plan:

@@ -79,7 +79,7 @@ def synth_tiny_phimoe_hf(
     spec = SynthSpec(layers=layers, experts=experts, vocab=vocab, seed=seed)
     if train:
         if out.exists() and any(out.iterdir()):
-            raise InputError(f"{out}: not empty; give a new folder for the trained checkpoint")
+            raise InputError(out, "not empty", "give a new folder for the trained checkpoint")
         shutil.copytree(trained_checkpoint(spec, on_message=lambda m: sys.stderr.write(m + "\n")), out,
                         dirs_exist_ok=True, ignore=shutil.ignore_patterns(".complete"))
         folder = out

@@ -32,7 +32,7 @@ def validate(
     from moeq.validate.checks import validate_file
 
     if numerics not in ("sample", "full", "off"):
-        raise InputError(f"--numerics {numerics!r}: use sample, full or off")
+        raise InputError(f"--numerics {numerics!r}", "not a numerics setting", "use sample, full or off")
     if file is None and quant is not None:  # a quant of the ladder: the pipeline's file and source
         from moeq.plan import Options, run_to
 
@@ -46,9 +46,10 @@ def validate(
         _report_checks(record.file.path, record.checks, record_json(record) if as_json else None)
         return
     if config is not None:
-        raise InputError("--config needs --quant TYPE: which quant of the ladder to validate")
+        raise InputError("--config", "needs --quant TYPE", "say which quant of the ladder to validate")
     if file is None:
-        raise InputError("give a GGUF file, or --quant TYPE for a quant of the pipeline's ladder")
+        raise InputError("moeq validate", "nothing to validate", 
+                         "give a GGUF file, or --quant TYPE for a quant of the pipeline's ladder")
     require_gguf_file(file)
     report = validate_file(file, against, numerics, arch, quant)
     _report_checks(str(file), report.checks, report.as_dict() if as_json else None)
@@ -67,4 +68,4 @@ def _report_checks(file: str, checks: list[dict], as_json: dict | None) -> None:
         console.print(table)
     from moeq.steps.policy import require_passed
 
-    require_passed(file, checks)
+    require_passed(file, checks, "the table above says why")

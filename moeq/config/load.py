@@ -44,12 +44,12 @@ def _plain(n: Node, budget: list[int]) -> Any:
     `budget` counts the values left: aliases can expand a small file into billions of values."""
     budget[0] -= 1
     if budget[0] < 0:
-        raise n.fail(f"more than {MAX_EXTRA_VALUES} values (YAML aliases expand?); keep card.extra small")
+        raise n.fail(f"more than {MAX_EXTRA_VALUES} values (YAML aliases expand?)", "keep card.extra small")
     if isinstance(n.node, yaml.SequenceNode):
         return [_plain(item, budget) for item in n.list()]
     if isinstance(n.node, yaml.MappingNode):
         if n.node.tag != "tag:yaml.org,2002:map":
-            raise n.fail(f"the YAML tag {n.node.tag!r} is not allowed; write a plain mapping")
+            raise n.fail(f"the YAML tag {n.node.tag!r} is not allowed", "write a plain mapping")
         out: dict[str, Any] = {}
         lines: dict[str, int] = {}
         for key_node, value_node in n.node.value:
@@ -70,11 +70,11 @@ def _model(n: Node) -> ModelSpec:
     if "languages" in m:
         items = m["languages"].list()
         if not items:
-            raise m["languages"].fail("list at least one language code, e.g. [en]")
+            raise m["languages"].fail("an empty list", "list at least one language code, e.g. [en]")
         languages = tuple(item.str() for item in items)
     name = m["name"].str()
     if len(name) > MAX_NAME:
-        raise m["name"].fail(f"a name of {len(name)} characters; keep it to {MAX_NAME}")
+        raise m["name"].fail(f"a name of {len(name)} characters", f"keep it to {MAX_NAME}")
     file_stem = m["file_stem"].relative_name() if "file_stem" in m else _slug(name)
     if "/" in file_stem:
         raise m["file_stem"].fail("must be a plain name without '/'")
@@ -119,7 +119,7 @@ def _source(n: Node, base: Path) -> SourceSpec:
     m = n.mapping(keys_of(SourceSpec), required=("kind",))
     kind = m["kind"].str()
     if kind not in SOURCE_KINDS:
-        raise m["kind"].fail(f"unknown source kind {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
+        raise m["kind"].fail(f"unknown source kind {kind!r}", f"use one of {', '.join(SOURCE_KINDS)}")
     needs = {"hf": ("repo", "revision"), "gguf": ("repo", "revision", "file"), "local": ("path",), "synth": ()}
     allowed_extra = {"hf": ("repo", "revision"), "gguf": ("repo", "revision", "file"),
                      "local": ("path",), "synth": ("synth", "train", "arch")}
@@ -128,7 +128,7 @@ def _source(n: Node, base: Path) -> SourceSpec:
             raise n.fail(f"source kind {kind!r} needs {key!r}")
     for key in m:
         if key != "kind" and key not in allowed_extra[kind]:
-            raise m[key].fail(f"not used by source kind {kind!r}; remove it")
+            raise m[key].fail(f"not used by source kind {kind!r}", "remove it")
     given = _given(m, {"repo": _repo_id, "revision": Node.str, "file": Node.relative_name,
                        "path": lambda node: node.path_value(base), "synth": _synth, "train": Node.bool})
     if kind == "synth":
@@ -146,10 +146,10 @@ def _synth_arch(m: dict) -> str:
         return SourceSpec.arch
     arch = m["arch"].str()
     if arch not in SYNTH_ARCHS:
-        raise m["arch"].fail(f"unknown synth architecture {arch!r}; use one of {', '.join(SYNTH_ARCHS)}")
+        raise m["arch"].fail(f"unknown synth architecture {arch!r}", f"use one of {', '.join(SYNTH_ARCHS)}")
     if arch != "phimoe" and "train" in m and m["train"].bool():
-        raise m["train"].fail(f"only the phimoe model is trained (transformers' PhimoeForCausalLM); {arch} is "
-                              "made with random weights: remove train")
+        raise m["train"].fail("only the phimoe model is trained (transformers' PhimoeForCausalLM)",
+                              f"{arch} is made with random weights: remove train")
     return arch
 
 
@@ -157,7 +157,7 @@ def _ggml_type(n: Node) -> str:
     value = n.str()
     found = quant_types.lookup_ggml_type(value)
     if found is None:
-        raise n.fail(f"unknown tensor type {value!r}; use a ggml type such as q8_0, q6_K, q4_K, f16")
+        raise n.fail(f"unknown tensor type {value!r}", "use a ggml type such as q8_0, q6_K, q4_K, f16")
     return found.name.lower()
 
 
@@ -177,10 +177,10 @@ def _quant(n: Node, base: Path, model: ModelSpec) -> QuantSpec:
     raw_type = type_node.str()
     known = quant_types.lookup(raw_type)
     if known is None:
-        raise type_node.fail(f"unknown quant type {raw_type!r}; llama-quantize accepts "
-                             f"{', '.join(quant_types.QUANT_TYPES)}")
+        raise type_node.fail(f"unknown quant type {raw_type!r}",
+                             f"llama-quantize accepts {', '.join(quant_types.QUANT_TYPES)}")
     if known.name in UNQUANTIZED:
-        raise type_node.fail(f"{known.name} is not a quantization; the ladder lists quant types such as Q8_0, "
+        raise type_node.fail(f"{known.name} is not a quantization", "the ladder lists quant types such as Q8_0, "
                              "Q4_K_M, Q2_K (the F16 source comes from source:)")
     overrides: list[tuple[str, str]] = []
     if "tensor_types" in m:
@@ -215,7 +215,7 @@ def _recipe_of(m: dict[str, Node], quant_type: str, base: Path) -> dict:
     (llama-quantize's --tensor-type-file, applied over the type's mixture)."""
     if "recipe" not in m:
         if "budget" in m:
-            raise m["budget"].fail("a budget is for a searched recipe; add recipe: search")
+            raise m["budget"].fail("a budget is for a searched recipe", "add recipe: search")
         return {}
     if m["recipe"].str() != RECIPE_SEARCH:
         if "budget" in m:
@@ -223,35 +223,37 @@ def _recipe_of(m: dict[str, Node], quant_type: str, base: Path) -> dict:
         path = m["recipe"].path_value(base)
         if not PORTABLE_NAME.fullmatch(path.name) or len(path.name) > MAX_NAME:
             raise m["recipe"].fail(f"{path.name[:80]!r}: a recipe file is published under its name, which has "
-                                   "characters a file name on the Hub should not; rename it with letters, digits "
-                                   "and . _ - +")
+                                   "characters a file name on the Hub should not",
+                                   "rename it with letters, digits and . _ - +")
         if not path.is_file():
-            raise m["recipe"].fail(f"{path}: no such recipe file; give recipe: search, or the path of a "
+            raise m["recipe"].fail(f"{path}: no such recipe file", "give recipe: search, or the path of a "
                                    f"--tensor-type-file (relative paths start at {base})")
         try:
             read_recipe(path, where=m["recipe"].path)
         except InputError as exc:
-            raise m["recipe"].fail(exc.message) from None
+            raise m["recipe"].fail(f"{exc.where}: {exc.problem}", exc.fix) from None
         return {"tensor_type_file": path}
     overrides = [key for key in ("tensor_types", "output_tensor_type", "token_embedding_type") if key in m]
     if overrides:
-        raise m[overrides[0]].fail(f"a searched recipe types every tensor itself; remove {overrides[0]} from "
-                                   f"{quant_type}, or the recipe")
+        raise m[overrides[0]].fail("a searched recipe types every tensor itself",
+                                   f"remove {overrides[0]} from {quant_type}, or the recipe")
     return {"recipe": RECIPE_SEARCH, "budget": _budget(m["budget"]) if "budget" in m else Budget()}
 
 
 def _budget(n: Node) -> Budget:
     if isinstance(n.node, yaml.ScalarNode):
         if n.scalar() != "stock":
-            raise n.fail(f"unknown budget {n.scalar()!r}; use stock, {{bpw: 3.2}}, {{bytes: 24GB}} or "
-                         "{gpu: 12GiB, placement: cpu-moe, ctx: 32768}")
+            raise n.fail(f"unknown budget {n.scalar()!r}",
+                         "use stock, {bpw: 3.2}, {bytes: 24GB} or {gpu: 12GiB, placement: cpu-moe, ctx: 32768}")
         return Budget()
     m = n.mapping(("bpw", "bytes", "gpu", "placement", "ctx"))
     kinds = [k for k in ("bpw", "bytes", "gpu") if k in m]
     if len(kinds) != 1:
-        raise n.fail("give one of bpw, bytes or gpu, e.g. {bpw: 3.2} or {gpu: 12GiB, placement: cpu-moe, ctx: 32768}")
+        raise n.fail(f"{len(kinds)} kinds of budget",
+                     "give one of bpw, bytes or gpu, e.g. {bpw: 3.2} or {gpu: 12GiB, placement: cpu-moe, ctx: 32768}")
     if kinds != ["gpu"] and ("placement" in m or "ctx" in m):
-        raise m["placement" if "placement" in m else "ctx"].fail("placement and ctx are for a GPU budget (gpu: SIZE)")
+        raise m["placement" if "placement" in m else "ctx"].fail("placement and ctx are for a GPU budget",
+                                                                 "give gpu: SIZE, or leave them out")
     if "bpw" in m:
         value = m["bpw"].scalar()
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 16:
@@ -260,14 +262,14 @@ def _budget(n: Node) -> Budget:
     kind = BudgetKind(kinds[0])
     size = parse_size(str(m[kind].scalar()))
     if not size:
-        raise m[kind].fail(f"{str(m[kind].scalar())[:40]!r} is not a size; write it like 24GB or 1.5GiB")
+        raise m[kind].fail(f"{str(m[kind].scalar())[:40]!r} is not a size", "write it like 24GB or 1.5GiB")
     if kind == BudgetKind.BYTES:
         return Budget(kind, float(size))
     if "placement" not in m or m["placement"].str() not in BUDGET_PLACEMENTS:
-        given = f"got {m['placement'].str()[:40]!r}; " if "placement" in m else ""
+        given = f"got {m['placement'].str()[:40]!r}" if "placement" in m else "none given"
         raise (m["placement"] if "placement" in m else n).fail(
-            f"a GPU budget needs placement: {' or '.join(BUDGET_PLACEMENTS)} ({given}cpu-moe: the experts in system "
-            "RAM)")
+            f"a GPU budget needs a placement ({given})",
+            f"give placement: {' or '.join(BUDGET_PLACEMENTS)} (cpu-moe: the experts in system RAM)")
     ctx = m["ctx"].int(1, MAX_CTX) if "ctx" in m else 4096
     return Budget(BudgetKind.GPU, float(size), m["placement"].str(), ctx)
 
@@ -297,7 +299,7 @@ def _quant_file(n: Node) -> str:
     moeq-manifest.json) nor another quant's llama-quantize log (`X.gguf.log`) or partial file."""
     value = n.relative_name()
     if "/" in value or not value.lower().endswith(".gguf") or value.lower() == ".gguf":
-        raise n.fail(f"{value!r} is not a GGUF file name; use a plain name ending in .gguf, like 'model-Q8_0.gguf'")
+        raise n.fail(f"{value!r} is not a GGUF file name", "use a plain name ending in .gguf, like 'model-Q8_0.gguf'")
     return value
 
 
@@ -324,21 +326,22 @@ def _hub(n: Node, model: ModelSpec, quants: tuple[QuantSpec, ...]) -> HubSpec:
         raise m["namespace"].fail("a namespace is one name, without '/'")
     given = m["layout"].str() if "layout" in m else HubSpec.layout
     if given not in tuple(Layout):
-        raise m["layout"].fail(f"{given!r}: use single (one repo for the ladder) or per-quant (a repo per quant)")
+        raise m["layout"].fail(f"{given!r} is not a layout", "use single (one repo for the ladder) or per-quant (a repo per "
+                               "quant)")
     layout = Layout(given)
     unused = "repo_template" if layout == Layout.SINGLE else "repo"
     if unused in m:
-        raise m[unused].fail(f"not used with hub.layout {layout}; "
-                             + ("name the one repo with hub.repo" if layout == Layout.SINGLE
-                                else "name each quant's repo with hub.repo_template"))
+        raise m[unused].fail(f"not used with hub.layout {layout}",
+                             "name the one repo with hub.repo" if layout == Layout.SINGLE
+                             else "name each quant's repo with hub.repo_template")
     max_shard = HubSpec.max_shard_size
     if "max_shard_size" in m:
         raw = m["max_shard_size"].scalar()
         parsed = raw if isinstance(raw, int) and not isinstance(raw, bool) else parse_size(str(raw))
         if not parsed or parsed <= 0:
-            raise m["max_shard_size"].fail(f"{str(raw)[:40]!r} is not a size; write e.g. 50GB, 45G or 500MB")
+            raise m["max_shard_size"].fail(f"{str(raw)[:40]!r} is not a size", "write e.g. 50GB, 45G or 500MB")
         if parsed < 10**6:
-            raise m["max_shard_size"].fail(f"{raw!r} is under 1MB; llama-gguf-split splits in whole megabytes")
+            raise m["max_shard_size"].fail(f"{raw!r} is under 1MB", "llama-gguf-split splits in whole megabytes")
         max_shard = parsed
     spec = HubSpec(
         namespace=namespace, layout=layout,
@@ -349,15 +352,15 @@ def _hub(n: Node, model: ModelSpec, quants: tuple[QuantSpec, ...]) -> HubSpec:
     if layout == Layout.SINGLE:
         for quant in quants:  # llama.cpp's -hf REPO:TYPE and the Hub's quant label read the type from the name
             if not re.search(re.escape(quant.type) + r"[.-]", quant.file, re.IGNORECASE):
-                raise n.fail(f"quants: {quant.type}'s file {quant.file!r} does not carry its quant type; in one repo "
-                             f"clients pick a quant by name (e.g. {model.file_stem}-{quant.type}.gguf)")
+                raise n.fail(f"quants: {quant.type}'s file {quant.file!r} does not carry its quant type",
+                             f"in one repo clients pick a quant by name (e.g. {model.file_stem}-{quant.type}.gguf)")
             rest = re.sub(re.escape(quant.type) + r"(?=[.-])", "", quant.file, flags=re.IGNORECASE)
             other = next((t for t in quant_types.QUANT_TYPES if t != quant.type
                           and re.search(re.escape(t) + r"[.-]", rest, re.IGNORECASE)), None)
             if other:
                 raise n.fail(f"quants: {quant.type}'s file {quant.file!r} also carries the quant type {other}, so "
-                             f"llama.cpp's -hf REPO:{other} could pick it; name it e.g. "
-                             f"{model.file_stem}-{quant.type}.gguf")
+                             f"llama.cpp's -hf REPO:{other} could pick it",
+                             f"name it e.g. {model.file_stem}-{quant.type}.gguf")
         return _single_repo(m, spec, model, namespace)
     return _per_quant_repos(m, n, dataclasses.replace(spec, repo_template=m["repo_template"].str()
                                                       if "repo_template" in m else DEFAULT_REPO_TEMPLATE),
@@ -386,7 +389,7 @@ def _per_quant_repos(m: dict, n: Node, spec: HubSpec, model: ModelSpec, quants: 
         raise where.fail(f"bad template: {exc}") from None
     unknown = names - REPO_TEMPLATE_FIELDS
     if unknown:
-        raise where.fail(f"unknown placeholder {{{sorted(unknown)[0]}}}; "
+        raise where.fail(f"unknown placeholder {{{sorted(unknown)[0]}}}",
                          f"use {', '.join('{' + f + '}' for f in sorted(REPO_TEMPLATE_FIELDS))}")
     if len(quants) > 1 and not names & {"quant", "quant_slug", "quant_lower"}:
         raise where.fail("must contain {quant_slug} (or {quant}) so each quant gets its own repo")
@@ -394,8 +397,8 @@ def _per_quant_repos(m: dict, n: Node, spec: HubSpec, model: ModelSpec, quants: 
     for quant in quants:
         repo = render_repo_id(spec, model, quant)
         if repo.lower() in seen:
-            raise where.fail(f"gives {repo!r} for both {seen[repo.lower()]} and {quant.type}; each quant needs its "
-                             "own repo, or one push would delete the other's file")
+            raise where.fail(f"gives {repo!r} for both {seen[repo.lower()]} and {quant.type}",
+                             "each quant needs its own repo, or one push would delete the other's file")
         seen[repo.lower()] = quant.type
         try:
             validate_repo_id(repo)
@@ -431,7 +434,7 @@ def _bench(n: Node, base: Path) -> BenchSpec:
             if is_setting(value):
                 modes_list.append(str(value))
             else:
-                raise item.fail(f"unknown mode {value!r}; {MODE_HINT}")
+                raise item.fail(f"unknown mode {value!r}", MODE_HINT)
         modes = tuple(modes_list)
     ppl = defaults.perplexity
     if "perplexity" in m:
@@ -460,15 +463,15 @@ def _bench(n: Node, base: Path) -> BenchSpec:
 def _rpc(n: Node) -> str:
     value = n.str()
     if value != "local" and not re.fullmatch(r"[\w.\-]+:\d{1,5}", value):
-        raise n.fail(f"{value!r} is not HOST:PORT; use e.g. 127.0.0.1:50052, or local to start a ggml-rpc-server")
+        raise n.fail(f"{value!r} is not HOST:PORT", "use e.g. 127.0.0.1:50052, or local to start a ggml-rpc-server")
     return value
 
 
 def _imatrix(n: Node, base: Path) -> ImatrixSpec:
     m = n.mapping(keys_of(ImatrixSpec))
     if "format" in m and m["format"].str() not in ("gguf", "dat"):
-        raise m["format"].fail(f"unknown format {m['format'].str()!r}; use gguf (llama.cpp's default) or dat (the "
-                               "legacy format)")
+        raise m["format"].fail(f"unknown format {m['format'].str()!r}",
+                               "use gguf (llama.cpp's default) or dat (the legacy format)")
     return ImatrixSpec(**_given(m, {
         "calibration": lambda node: node.text_value(base),
         "ctx": lambda node: node.int(minimum=16, maximum=MAX_CTX),
@@ -480,8 +483,8 @@ def _imatrix(n: Node, base: Path) -> ImatrixSpec:
 def _toolchain(n: Node, base: Path) -> ToolchainSpec:
     m = n.mapping(keys_of(ToolchainSpec))
     if "backend" in m and m["backend"].str() not in BACKENDS:
-        raise m["backend"].fail(f"{m['backend'].str()!r}: use one of {', '.join(BACKENDS)} "
-                                "(the llama.cpp build the tools must be)")
+        raise m["backend"].fail(f"{m['backend'].str()!r} is not a llama.cpp backend",
+                                f"use one of {', '.join(BACKENDS)} (the llama.cpp build the tools must be)")
     return ToolchainSpec(**_given(m, {"llama_cpp_bin": lambda node: node.path_value(base), "backend": Node.str,
                                       "quantize_silence_s": lambda node: node.int(minimum=60, maximum=86_400)}))
 
@@ -490,18 +493,19 @@ def load_pipeline(path: Path) -> Pipeline:
     """Read and validate a pipeline file; raise ConfigError naming file, line and key."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{path}: pipeline file not found; pass --config with the path to your pipeline.yaml")
+        raise ConfigError(path, "pipeline file not found", "pass --config with the path to your pipeline.yaml")
     text = read_text_limited(path, MAX_PIPELINE_BYTES, "pipeline file", ConfigError)
     try:
         root_node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
-        raise ConfigError(f"{path}:{line}: not valid YAML: {exc.problem or exc.context}") from None
+        raise ConfigError(f"{path}:{line}", f"not valid YAML: {exc.problem or exc.context}",
+                          "fix the YAML at that line") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}:1: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}:1", f"not valid YAML: {exc}", "fix the YAML") from None
     if root_node is None:
-        raise ConfigError(f"{path}:1: the pipeline file is empty; start from examples/tiny-phimoe.yaml")
+        raise ConfigError(f"{path}:1", "the pipeline file is empty", "start from examples/tiny-phimoe.yaml")
     base = path.resolve().parent
     root = Node(path, root_node, "")
     require_plain_tags(root)
@@ -510,7 +514,7 @@ def load_pipeline(path: Path) -> Pipeline:
     source = _source(top["source"], base)
     quant_nodes = top["quants"].list()
     if not quant_nodes:
-        raise top["quants"].fail("the ladder is empty; list at least one quant, e.g. - type: Q8_0")
+        raise top["quants"].fail("the ladder is empty", "list at least one quant, e.g. - type: Q8_0")
     quants: list[QuantSpec] = []
     for node in quant_nodes:
         quant = _quant(node, base, model)
@@ -518,13 +522,14 @@ def load_pipeline(path: Path) -> Pipeline:
             raise node.fail(f"{quant.type} appears twice in the ladder")
         clash = next((q for q in quants if q.file.lower() == quant.file.lower()), None)
         if clash is not None:
-            raise node.fail(f"output file {quant.file!r} collides with {clash.type}'s {clash.file!r}; give each "
-                            "quant its own file name")
+            raise node.fail(f"output file {quant.file!r} collides with {clash.type}'s {clash.file!r}",
+                            "give each quant its own file name")
         quants.append(quant)
     workspace = top["workspace"].path_value(base) if "workspace" in top else base / "work"
     if workspace.exists() and not workspace.is_dir():
-        raise (top["workspace"] if "workspace" in top else top["model"]).fail(
-            f"{workspace} is a file, not a folder; point workspace at a folder (it is made when missing)")
+        raise (top["workspace"] if "workspace" in top else top["model"]).fail(f"{workspace} is a file, not a folder",
+                                                                              "point workspace at a folder (it is "
+                                                                              "made when missing)")
     return Pipeline(
         path=path, model=model, source=source, workspace=workspace, quants=tuple(quants),
         hub=_hub(top["hub"], model, tuple(quants)),

@@ -245,7 +245,7 @@ class Pipeline:
             if q.type.lower() == name.lower():
                 return q
         known = ", ".join(q.type for q in self.quants)
-        raise ConfigError(f"{self.path}: quants: no quant {name!r} in the ladder (configured: {known})")
+        raise ConfigError(self.path, f"quants: no quant {name!r} in the ladder", f"name one it configures: {known}")
 
     def repo_id(self, quant: QuantSpec) -> str:
         return render_repo_id(self.hub, self.model, quant)

@@ -20,6 +20,7 @@ PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", 
 PORTABLE_NAME = re.compile(r"[A-Za-z0-9._+\-/]+")  # '/' only where a relative path may have folders
 MAX_TEXT_BYTES = 256 << 20  # a calibration, selection or evaluation text (moeq compares them line by line)
 MAX_NAME = 200  # characters in one file name: the filesystem's limit is 255 bytes, with room for suffixes
+CONFIG_FIX = "fix it in the pipeline file (README, \"pipeline.yaml reference\")"
 COLLECTION_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
 
 
@@ -33,8 +34,8 @@ class Node:
     def line(self) -> int:
         return self.node.start_mark.line + 1
 
-    def fail(self, message: str) -> ConfigError:
-        return ConfigError(f"{self.file}:{self.line}: {self.path or '(top level)'}: {message}")
+    def fail(self, problem: str, fix: str = CONFIG_FIX) -> ConfigError:
+        return ConfigError(f"{self.file}:{self.line}: {self.path or '(top level)'}", problem, fix)
 
     def child_path(self, key: str | int) -> str:
         if isinstance(key, int):
@@ -53,7 +54,7 @@ class Node:
             key = key_node.value
             where = Node(self.file, key_node, self.child_path(key))
             if key not in allowed:
-                raise where.fail(f"unknown key; allowed here: {', '.join(allowed)}")
+                raise where.fail("unknown key", f"allowed here: {', '.join(allowed)}")
             if key in out:
                 raise where.fail(f"duplicate key (first at line {out[key].line})")
             out[key] = Node(self.file, value_node, self.child_path(key))
@@ -66,7 +67,7 @@ class Node:
         if not isinstance(self.node, yaml.ScalarNode):
             raise self.fail(f"expected a single value, got {kind_of(self.node)}")
         if self.node.tag not in PLAIN_TAGS:
-            raise self.fail(f"the YAML tag {self.node.tag!r} is not allowed; write a plain string, number or boolean")
+            raise self.fail(f"the YAML tag {self.node.tag!r} is not allowed", "write a plain string, number or boolean")
         try:
             value = yaml.safe_load(yaml.serialize(self.node))
         except yaml.YAMLError as exc:
@@ -107,12 +108,12 @@ class Node:
         value = self.str()
         pure = PurePosixPath(value)
         if pure.is_absolute() or value.startswith("~") or ".." in pure.parts or "\\" in value:
-            raise self.fail(f"{value[:80]!r} is not a safe relative name; use a plain name like 'model-Q8_0.gguf'")
+            raise self.fail(f"{value[:80]!r} is not a safe relative name", "use a plain name like 'model-Q8_0.gguf'")
         if not PORTABLE_NAME.fullmatch(value):
             raise self.fail(f"{value[:80]!r} has characters a file name should not (spaces, control or non-ASCII "
-                            "characters); use letters, digits and . _ - +")
+                            "characters)", "use letters, digits and . _ - +")
         if any(len(part) > MAX_NAME for part in pure.parts):
-            raise self.fail(f"a name of {len(value)} characters; file names are at most {MAX_NAME}")
+            raise self.fail(f"a name of {len(value)} characters", f"file names are at most {MAX_NAME}")
         return value
 
     def path_value(self, base: Path, must_exist: bool = False) -> Path:
@@ -120,7 +121,7 @@ class Node:
         raw = Path(self.str()).expanduser()
         resolved = raw if raw.is_absolute() else base / raw
         if must_exist and not resolved.exists():
-            raise self.fail(f"{resolved} does not exist; fix the path (relative paths start at {base})")
+            raise self.fail(f"{resolved} does not exist", f"fix the path (relative paths start at {base})")
         return resolved
 
 
@@ -131,13 +132,13 @@ class Node:
         try:
             info = path.stat()
         except OSError as exc:
-            raise self.fail(f"{path}: cannot be read ({exc.strerror}); fix the path") from None
+            raise self.fail(f"{path}: cannot be read ({exc.strerror})", "fix the path") from None
         if not stat.S_ISREG(info.st_mode):
             kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe or a device)"
-            raise self.fail(f"{path} is {kind}; give a text file")
+            raise self.fail(f"{path} is {kind}", "give a text file")
         if info.st_size > MAX_TEXT_BYTES:
-            raise self.fail(f"{path}: {info.st_size:,} bytes, more than a text moeq reads ({MAX_TEXT_BYTES:,}); give a "
-                            "shorter text")
+            raise self.fail(f"{path}: {info.st_size:,} bytes, more than a text moeq reads ({MAX_TEXT_BYTES:,})",
+                            "give a shorter text")
         return path
 
 
@@ -164,8 +165,8 @@ def require_plain_tags(root: Node) -> None:
             continue
         seen.add(id(n.node))
         if n.node.tag != COLLECTION_TAGS[type(n.node)]:
-            raise n.fail(f"the YAML tag {n.node.tag!r} is not allowed; write a plain "
-                         f"{'mapping' if isinstance(n.node, yaml.MappingNode) else 'list'}")
+            raise n.fail(f"the YAML tag {n.node.tag!r} is not allowed",
+                         f"write a plain {'mapping' if isinstance(n.node, yaml.MappingNode) else 'list'}")
         if isinstance(n.node, yaml.SequenceNode):
             todo += [Node(n.file, item, n.child_path(i)) for i, item in enumerate(n.node.value)]
         else:

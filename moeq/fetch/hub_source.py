@@ -63,7 +63,7 @@ def _entries(api: HfApi, repo: str, commit: str, names: list[str]) -> list[RepoF
         found = {e.path: e for e in api.get_paths_info(repo, names, revision=commit) if isinstance(e, RepoFile)}
     missing = [n for n in names if n not in found]
     if missing:
-        raise HubError(f"{repo}@{commit[:12]}: no file {missing[0]}; check source.file in the pipeline file")
+        raise HubError(f"{repo}@{commit[:12]}", f"no file {missing[0]}", "check source.file in the pipeline file")
     return [found[n] for n in names]
 
 
@@ -82,8 +82,9 @@ def _download_target(repo: str, commit: str, entry: RepoFile, folder: Path) -> P
     """Where a listed file is downloaded to: inside `folder`, or the listing is refused (a hostile Hub or mirror)."""
     target = inside(folder, entry.path)
     if target is None or not isinstance(entry.size, int) or entry.size < 0:
-        raise HubError(f"{repo}@{commit[:12]}: the Hub lists {entry.path[:200]!r}, which is not a file inside the "
-                       f"download folder {folder}; nothing was downloaded. Check source.repo and HF_ENDPOINT")
+        raise HubError(f"{repo}@{commit[:12]}",
+                       f"the Hub lists {entry.path[:200]!r}, which is not a file inside the download folder {folder}",
+                       "nothing was downloaded. Check source.repo and HF_ENDPOINT")
     return target
 
 
@@ -118,14 +119,14 @@ def _fetch_hf(pipeline: Pipeline, ws: Workspace, api: HfApi, commit: str, target
               on_message: Callable[[str], None]) -> tuple[list[dict], FileRef | None]:
     spec = pipeline.source
     if importlib.util.find_spec("torch") is None:
-        raise ToolError("converting a safetensors model needs torch, transformers and sentencepiece: "
-                        "install them with .venv/bin/pip install -e '.[convert]'")
+        raise ToolError("convert_hf_to_gguf.py", "converting a safetensors model needs torch, transformers and "
+                        "sentencepiece", "install them with .venv/bin/pip install -e '.[convert]'")
     with hub_errors("listing files", spec.repo):
         tree = [e for e in api.list_repo_tree(spec.repo, revision=commit, recursive=True) if isinstance(e, RepoFile)]
     entries = [e for e in tree if any(fnmatch.fnmatch(e.path, p) for p in HF_PATTERNS)]
     if not any(e.path.endswith(".safetensors") for e in entries):
-        raise HubError(f"{spec.repo}@{commit[:12]}: no .safetensors weights; source.kind hf needs a safetensors "
-                       "repo (use kind gguf for a GGUF repo)")
+        raise HubError(f"{spec.repo}@{commit[:12]}", "no .safetensors weights",
+                       "source.kind hf needs a safetensors repo (use kind gguf for a GGUF repo)")
     size = sum(e.size for e in entries)
     require_free(ws.source_dir, size * 2, "the source")
     folder = ws.source_dir / "hf" / f"{spec.repo.replace('/', '--')}@{commit[:12]}"
@@ -157,7 +158,7 @@ def convert_checkpoint(folder: Path, target: Path, log: Path, model_name: str | 
     """A safetensors checkpoint folder -> F16 GGUF at `target`, whole or not at all, with the pinned converter."""
     converter = pinned_src_dir() / "convert_hf_to_gguf.py"
     if not converter.is_file():
-        raise ToolError(f"{converter}: the pinned llama.cpp converter is missing; run scripts/build-llama-cpp")
+        raise ToolError(converter, "the pinned llama.cpp converter is missing", "run scripts/build-llama-cpp")
     env = {**os.environ, "PYTHONPATH": str(pinned_src_dir() / "gguf-py"), "HF_HUB_OFFLINE": "1"}
     with partial_file(target) as partial:
         command = [sys.executable, str(converter), str(folder), "--outtype", "f16", "--outfile", str(partial)]

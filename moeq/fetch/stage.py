@@ -47,8 +47,8 @@ def fetch_stage(pipeline: Pipeline, ws: Workspace, api=None, chain=None,
             with hub_errors("resolving the revision", spec.repo):
                 commit = api.model_info(spec.repo, revision=spec.revision or "main").sha
             if not SHA_RE.match(str(commit)):  # it names the download folder: only a sha is accepted
-                raise HubError(f"{spec.repo}: the Hub gave {str(commit)[:80]!r} as the commit of "
-                               f"{spec.revision or 'main'!r}, which is not a commit sha; check HF_ENDPOINT")
+                raise HubError(spec.repo, f"the Hub gave {str(commit)[:80]!r} as the commit of "
+                               f"{spec.revision or 'main'!r}, which is not a commit sha", "check HF_ENDPOINT")
             on_message(f"warning: source.revision {spec.revision or 'main'!r} is not a commit sha; using {commit}, "
                        f"its commit now. Pin it in {pipeline.path} for a reproducible release")
         resolved["commit"] = commit
@@ -120,7 +120,7 @@ def _local_stage(pipeline: Pipeline, ws: Workspace) -> Stage[FetchRecord]:
 
     def key() -> dict:
         if not path.is_file():
-            raise InputError(f"{path}: source.path does not exist; fix source.path in {pipeline.path}")
+            raise InputError(path, "source.path does not exist", f"fix source.path in {pipeline.path}")
         return {"kind": "local", "path": str(path), "sha256": ws.hashes.sha256(path)}
 
     def run() -> FetchRecord:
@@ -136,11 +136,10 @@ def fetched_source(pipeline: Pipeline, ws: Workspace, record: FetchRecord | None
     again says it is gone."""
     target = ws.source_path(pipeline.model.file_stem)
     if record is None or record.kind != pipeline.source.kind:
-        raise InputError(f"{target}: the {pipeline.source.kind} source has not been fetched; run moeq fetch "
-                         f"--config {pipeline.path}")
+        raise InputError(target, f"the {pipeline.source.kind} source has not been fetched",
+                         f"run moeq fetch --config {pipeline.path}")
     if target.exists() and not _intact(record, target, ws):
-        raise InputError(f"{target}: not the file moeq fetch recorded; run moeq fetch --config {pipeline.path} "
-                         "--force")
+        raise InputError(target, "not the file moeq fetch recorded", f"run moeq fetch --config {pipeline.path} --force")
     return record
 
 

@@ -41,8 +41,8 @@ def max_wait_s() -> int:
     if not value:
         return MAX_WAIT_S
     if not (value.isascii() and value.isdigit() and int(value) <= 3600):
-        raise ConfigError(f"MOEQ_HUB_MAX_WAIT_S={value[:20]!r}: use a whole number of seconds from 0 to 3600, or "
-                          "unset it (the default is 60)")
+        raise ConfigError(f"MOEQ_HUB_MAX_WAIT_S={value[:20]!r}", "not a wait moeq takes",
+                          "use a whole number of seconds from 0 to 3600, or unset it (the default is 60)")
     return int(value)
 _RATELIMIT_RESET = re.compile(r"(;\s*t=)(\d+)")
 
@@ -91,8 +91,8 @@ def _cap_wait(response: httpx2.Response, on_message: Callable[[str], None]) -> N
 
 def require_token() -> None:
     if not get_token():
-        raise HubError("no Hub token: set HF_TOKEN or run `hf auth login` with a token that may write to the "
-                       "namespace")
+        raise HubError("HF_TOKEN", "no Hub token",
+                       "set HF_TOKEN or run `hf auth login` with a token that may write to the namespace")
 
 
 def scrub(text: str) -> str:
@@ -111,32 +111,33 @@ def hub_errors(action: str, repo_id: str) -> Iterator[None]:
     try:
         yield
     except RevisionNotFoundError as exc:
-        raise HubError(f"{repo_id}: revision not found while {action} ({_first_line(exc)}); check the revision") from None
+        raise HubError(repo_id, f"revision not found while {action} ({_first_line(exc)})",
+                       "check the revision") from None
     except EntryNotFoundError as exc:
-        raise HubError(f"{repo_id}: file not found while {action} ({_first_line(exc)}); check the file name") from None
+        raise HubError(repo_id, f"file not found while {action} ({_first_line(exc)})", "check the file name") from None
     except RepositoryNotFoundError:
-        raise HubError(f"{repo_id}: repository not found while {action} (or it is private and the token may not "
-                       "read it); check the repo id and HF_TOKEN") from None
+        raise HubError(repo_id, f"repository not found while {action} (or it is private and the token may not read it)",
+                       "check the repo id and HF_TOKEN") from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status == 401:
-            raise HubError(f"{repo_id}: the Hub refused the token (401) while {action}; set HF_TOKEN to a valid "
-                           "token or run `hf auth login`") from None
+            raise HubError(repo_id, f"the Hub refused the token (401) while {action}",
+                           "set HF_TOKEN to a valid token or run `hf auth login`") from None
         if status == 403:
             namespace = repo_id.split("/")[0]
-            raise HubError(f"{repo_id}: the token may not write to the namespace {namespace!r} (403) while "
-                           f"{action}; use a token of {namespace} or change hub.namespace") from None
-        raise HubError(f"{repo_id}: the Hub answered {status} while {action}, after retries "
-                       f"({_first_line(exc)}); run the command again") from None
+            raise HubError(repo_id, f"the token may not write to the namespace {namespace!r} (403) while {action}",
+                           f"use a token of {namespace} or change hub.namespace") from None
+        raise HubError(repo_id, f"the Hub answered {status} while {action}, after retries ({_first_line(exc)})",
+                       "run the command again") from None
     except (httpx2.HTTPError, ConnectionError, TimeoutError) as exc:
-        raise HubError(f"{repo_id}: the connection to the Hub failed while {action} ({_first_line(exc)}); "
+        raise HubError(repo_id, f"the connection to the Hub failed while {action} ({_first_line(exc)})",
                        "check the network (or HF_ENDPOINT) and run the command again") from None
     except RuntimeError as exc:  # the client wraps a failed LFS upload: "Error while uploading 'X' to the Hub."
         if "to the Hub" not in str(exc):
             raise
         cause = exc.__cause__ or exc
-        raise HubError(f"{repo_id}: {_first_line(exc)} while {action} ({_first_line(cause)}); nothing was "
-                       "committed, run the command again") from None
+        raise HubError(repo_id, f"{_first_line(exc)} while {action} ({_first_line(cause)})",
+                       "nothing was committed, run the command again") from None
 
 
 def remote_text(api: HfApi, repo_id: str, name: str, limit: int = 16 << 20, revision: str = "main",
@@ -150,14 +151,14 @@ def remote_text(api: HfApi, repo_id: str, name: str, limit: int = 16 << 20, revi
             listed = api.get_paths_info(repo_id, [name], revision=revision)
         size = next((e.size for e in listed if isinstance(e, RepoFile)), None)
     if isinstance(size, int) and size > limit:
-        raise HubError(f"{where}: {size:,} bytes on the Hub, more than the {limit // 1024} KiB moeq reads for it; "
-                       "nothing was downloaded. Replace the file on the Hub")
+        raise HubError(where, f"{size:,} bytes on the Hub, more than the {limit // 1024} KiB moeq reads for it",
+                       "nothing was downloaded; replace the file on the Hub")
     with tempfile.TemporaryDirectory() as tmp, hub_errors(f"reading {name}", repo_id):
         path = Path(api.hf_hub_download(repo_id, name, revision=revision, local_dir=tmp))
         try:
             return read_text_limited(path, limit, f"{name} of {repo_id}")
         except MoeqError as exc:  # named as the Hub names it, not by the temporary folder that is gone
-            raise type(exc)(exc.message.replace(str(path), where)) from None
+            raise type(exc)(where, exc.problem.replace(str(path), where), exc.fix) from None
 
 
 @contextlib.contextmanager

@@ -60,7 +60,8 @@ def download_verified(api: HfApi, repo_id: str, commit: str, entry: RepoFile, de
     if got != expected:
         partial.unlink()
         kind = "sha256" if entry.lfs else "git blob id"
-        raise HubError(f"{repo_id}/{entry.path}@{commit[:12]}: downloaded {kind} {got} is not the {expected} the Hub "
-                       "reports; the file was deleted, run the command again")
+        raise HubError(f"{repo_id}/{entry.path}@{commit[:12]}",
+                       f"downloaded {kind} {got} is not the {expected} the Hub reports",
+                       "the file was deleted, run the command again")
     commit_file(partial, dest)
     return expected if entry.lfs else _digest(dest, True)

@@ -62,27 +62,27 @@ def check_calibration(text: Path, config: Path) -> None:
     try:
         st = os.stat(text)
     except FileNotFoundError:
-        raise InputError(f"{text}: calibration text not found; {fix}") from None
+        raise InputError(text, "calibration text not found", fix) from None
     except OSError as exc:
-        raise InputError(f"{text}: cannot read the calibration text ({exc.strerror}); {fix}") from None
+        raise InputError(text, f"cannot read the calibration text ({exc.strerror})", fix) from None
     if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{text}: not a regular file (a folder, device or FIFO); {fix}")
+        raise InputError(text, "not a regular file (a folder, device or FIFO)", fix)
     if st.st_size == 0 or st.st_size > MAX_CALIBRATION_BYTES:
         size = "empty" if st.st_size == 0 else f"{st.st_size:,} bytes, more than {MAX_CALIBRATION_BYTES >> 20} MiB"
-        raise InputError(f"{text}: the calibration text is {size}; a few hundred KB to a few MB of text is what "
-                         f"llama-imatrix needs; {fix}")
+        raise InputError(text, f"the calibration text is {size}; a few hundred KB to a few MB of text is what "
+                         "llama-imatrix needs", fix)
     decoder = codecs.getincrementaldecoder("utf-8")()
     with open(text, "rb") as fh:
         head = fh.read(4)
         if head == b"GGUF":
-            raise InputError(f"{text}: a GGUF file, not a calibration text; {fix}")
+            raise InputError(text, "a GGUF file, not a calibration text", fix)
         try:
             decoder.decode(head)
             while chunk := fh.read(1 << 20):
                 decoder.decode(chunk)
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
-            raise InputError(f"{text}: not UTF-8 text; a calibration text is plain text; {fix}") from None
+            raise InputError(text, "not UTF-8 text; a calibration text is plain text", fix) from None
 
 
 def imatrix_stage(pipeline: Pipeline, ws: Workspace, chain: Toolchain, source: FetchRecord,
@@ -126,9 +126,9 @@ def _imatrix(pipeline: Pipeline, ws: Workspace, tool, source: FetchRecord, text:
         command += ["--chunks", str(spec.chunks)]
     size = text.stat().st_size
     if size + 1 < 2 * spec.ctx:  # a token covers at least one byte (plus BOS): too short, before any tool runs
-        raise InputError(f"{text}: tokenizes to at most {size + 1} tokens; llama-imatrix needs at least "
-                         f"{2 * spec.ctx} (two chunks of imatrix.ctx {spec.ctx}); use a longer calibration text or a "
-                         "smaller imatrix.ctx")
+        raise InputError(text, f"tokenizes to at most {size + 1} tokens; llama-imatrix needs at least {2 * spec.ctx} "
+                         f"(two chunks of imatrix.ctx {spec.ctx})",
+                         "use a longer calibration text or a smaller imatrix.ctx")
     outputs = [computed]
     try:
         computed.unlink(missing_ok=True)
@@ -139,13 +139,13 @@ def _imatrix(pipeline: Pipeline, ws: Workspace, tool, source: FetchRecord, text:
             raise _short_text(log, text, spec.ctx) or exc from None
         facts = read_imatrix(computed)
         if not facts.expert_tokens:
-            raise ToolError(f"{computed}: llama-imatrix recorded no expert tensors (ffn_*_exps); is "
-                            f"{source.output.path} a Mixture-of-Experts model? See {log}")
+            raise ToolError(computed, "llama-imatrix recorded no expert tensors (ffn_*_exps)",
+                            f"is {source.output.path} a Mixture-of-Experts model? See {log}")
         coverage = expert_coverage(facts.expert_tokens, spec.min_expert_tokens)
         warnings = coverage_findings(coverage, text)
         if warnings and spec.require_coverage:
-            raise InputError(f"{text}: {warnings[0]}; use a longer or more varied calibration text "
-                             "(imatrix.calibration), or set imatrix.require_coverage: false to publish with a warning")
+            raise InputError(text, warnings[0], "use a longer or more varied calibration text (imatrix.calibration), "
+                             "or set imatrix.require_coverage: false to publish with a warning")
         written = computed
         if spec.format == "dat":  # llama-imatrix converts its own GGUF output to the legacy format
             written = final.with_name(final.name + ".legacy.partial")
@@ -193,9 +193,9 @@ def _short_text(log: Path, text: Path, ctx: int) -> InputError | None:
     if not need:
         return None
     got = TOKENIZED.search(logged)
-    return InputError(f"{text}: tokenizes to {got.group(1) if got else 'too few'} tokens; llama-imatrix needs at "
-                      f"least {need.group(1)} (two chunks of imatrix.ctx {ctx}); use a longer calibration text or a "
-                      "smaller imatrix.ctx")
+    return InputError(text, f"tokenizes to {got.group(1) if got else 'too few'} tokens; llama-imatrix needs at least "
+                      f"{need.group(1)} (two chunks of imatrix.ctx {ctx})",
+                      "use a longer calibration text or a smaller imatrix.ctx")
 
 
 def _progress(on_message: Callable[[str], None]) -> Callable[[str], None]:

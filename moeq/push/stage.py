@@ -108,13 +108,13 @@ def local_files(card: CardRecord) -> dict[str, PlannedFile]:
             if card.from_branch and name in known:
                 files[name] = PlannedFile(name, PushAction.ADD, known[name].size, known[name].sha256)
                 continue
-            raise InputError(f"{path}: missing from the staged repo; run moeq card --config CFG"
-                             f"{' --quant ' + card.quant if card.quant else ''}")
+            raise InputError(path, "missing from the staged repo",
+                             f"run moeq card --config CFG{' --quant ' + card.quant if card.quant else ''}")
         # a chart: small, drawn by moeq card, hashed here
         sha = known[name].sha256 if name in known else hashlib.sha256(path.read_bytes()).hexdigest()
         files[name] = PlannedFile(name, PushAction.ADD, path.stat().st_size, sha, str(path))
     if hashlib.sha256((folder / README_NAME).read_bytes()).hexdigest() != card.readme.sha256:
-        raise InputError(f"{folder / README_NAME}: changed since moeq card wrote it; run moeq card again")
+        raise InputError(folder / README_NAME, "changed since moeq card wrote it", "run moeq card again")
     return files
 
 
@@ -154,9 +154,9 @@ def plan_push(api: HfApi, card: CardRecord, ladder: list[str] | None = None, pru
             continue
         quant = published[path]
         if quant is not None and quant not in card.quants and quant in (ladder or []):
-            raise InputError(f"{card.repo_id}: holds {path}, the {quant} that moeq published, but the card staged "
-                             f"in {card.folder} leaves {quant} out, so pushing it would drop {quant} from the "
-                             f"repo; build {quant} in this workspace too (moeq build --quant {quant} ...)")
+            raise InputError(card.repo_id, f"holds {path}, the {quant} that moeq published, but the card staged in "
+                             f"{card.folder} leaves {quant} out, so pushing it would drop {quant} from the repo",
+                             f"build {quant} in this workspace too (moeq build --quant {quant} ...)")
         plan.files.append(PlannedFile(path, PushAction.DELETE, 0))
     if README_NAME in remote and local[README_NAME].action == PushAction.UPDATE:
         plan.foreign_readme = MARKER not in remote_text(api, card.repo_id, README_NAME, MAX_CARD_BYTES, plan.head)
@@ -205,8 +205,8 @@ def _commit_message(card: CardRecord) -> tuple[str, str]:
 def check_staged(pipeline: Pipeline, quant: str | None, card: CardRecord) -> None:
     expected = pipeline.hub.repo if quant is None else pipeline.repo_id(pipeline.quant(quant))
     if card.repo_id != expected:
-        raise InputError(f"{card.folder}: staged for {card.repo_id}, but the pipeline now says {expected}; run "
-                         "moeq card again")
+        raise InputError(card.folder, f"staged for {card.repo_id}, but the pipeline now says {expected}",
+                         "run moeq card again")
 
 
 def planned(api: HfApi, pipeline: Pipeline, selected: list[str], records: Records, card: CardRecord, replace_card: bool,
@@ -217,11 +217,13 @@ def planned(api: HfApi, pipeline: Pipeline, selected: list[str], records: Record
     with hub_errors("planning the push", card.repo_id):
         plan = plan_push(api, card, [q.type for q in pipeline.quants], prune)
     if plan.foreign_readme and not replace_card:
-        raise HubError(f"{card.repo_id}: README.md on the Hub was not written by moeq; pass --replace-card to replace it")
+        raise HubError(card.repo_id, "README.md on the Hub was not written by moeq",
+                       "pass --replace-card to replace it")
     layout = pipeline.hub.layout
     if plan.remote_layout not in (None, layout) and not switch_layout:
-        raise HubError(f"{card.repo_id}: its manifest on the Hub says hub.layout {plan.remote_layout}, the pipeline "
-                       f"says {layout}; pass --switch-layout to publish it as {layout}")
+        raise HubError(card.repo_id,
+                       f"its manifest on the Hub says hub.layout {plan.remote_layout}, the pipeline says {layout}",
+                       f"pass --switch-layout to publish it as {layout}")
     if card.quant is None:
         _only_selected(plan, card, selected)
     return plan
@@ -248,9 +250,9 @@ def _check_layout_switch(pipeline: Pipeline, records: Records, switch_layout: bo
         other = [r.repo_id for r in [records.get(PushRecord)] if r is not None]
     if other:
         was = Layout.PER_QUANT if pipeline.single_repo else Layout.SINGLE
-        raise InputError(f"{records.ws.records_dir}: this workspace published {', '.join(other)} with hub.layout "
-                         f"{was}, and the pipeline now says {pipeline.hub.layout}; pass --switch-layout to publish in "
-                         "the new layout (the old repos are left as they are)")
+        raise InputError(records.ws.records_dir, f"this workspace published {', '.join(other)} with hub.layout {was}, "
+                         f"and the pipeline now says {pipeline.hub.layout}",
+                         "pass --switch-layout to publish in the new layout (the old repos are left as they are)")
 
 
 def _only_selected(plan: PushPlan, card: CardRecord, selected: list[str]) -> None:
@@ -263,11 +265,12 @@ def _only_selected(plan: PushPlan, card: CardRecord, selected: list[str]) -> Non
     for f in plan.changes:
         if f.path in others:
             quant = others[f.path]
-            raise InputError(f"{card.repo_id}: {f.path} of {quant} is not on the Hub as staged ({f.action}); "
+            raise InputError(card.repo_id, f"{f.path} of {quant} is not on the Hub as staged ({f.action})",
                              f"push {quant} too (--quant {quant}) or the whole ladder (moeq push without --quant)")
         if f.path not in card.repo_files:
-            raise InputError(f"{card.repo_id}: holds {f.path}, which the staged card does not list; push the whole "
-                             "ladder (moeq push without --quant) to delete it, or build its quant and push it")
+            raise InputError(card.repo_id, f"holds {f.path}, which the staged card does not list",
+                             "push the whole ladder (moeq push without --quant) to delete it, or build its quant and "
+                             "push it")
 
 
 def push_stage(pipeline: Pipeline, card: CardRecord, selected: list[str], api: HfApi, records: Records, *,
@@ -336,9 +339,10 @@ def _commit_with_retries(api: HfApi, card: CardRecord, plan: PushPlan, create_pr
             except HfHubHTTPError as exc:
                 status = exc.response.status_code if exc.response is not None else None
                 if status == MOVED_ON:
-                    raise HubError(f"{card.repo_id}: main moved on since this push was planned against "
-                                   f"{(plan.head or '')[:12]} (another push landed); nothing was committed, run the "
-                                   "push again to plan it against the new head") from None
+                    raise HubError(card.repo_id, "main moved on since this push was planned against "
+                                   f"{(plan.head or '')[:12]} (another push landed)",
+                                   "nothing was committed, run the push again to plan it against the new "
+                                   "head") from None
                 wait = commit_retry_wait(exc, attempt)
                 if wait is None:
                     raise

@@ -45,8 +45,9 @@ BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 def check_branch(name: str) -> str:
     """A staging branch's name: letters, digits, `.`, `_` and `-`, at most 100, not main and not a git oddity."""
     if not BRANCH_NAME.fullmatch(name) or ".." in name or name.endswith((".lock", ".")) or name == "main":
-        raise UsageError(f"staging branch {name[:120]!r}: use 1 to 100 letters, digits, '.', '_' or '-', starting "
-                         "with a letter or digit, not 'main' (e.g. release-v1.2.0)")
+        raise UsageError(f"staging branch {name[:120]!r}", "not a branch name moeq stages to",
+                         "use 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit, not 'main' "
+                         "(e.g. release-v1.2.0)")
     return name
 
 
@@ -105,9 +106,9 @@ def read_staged(api: HfApi, repo_id: str, branch: str, quants: list[str], commit
     that is not one moeq wrote for that quant is an error naming it."""
     head = commit or branch_head(api, repo_id, branch)
     if head is None:
-        raise InputError(f"{repo_id}: no branch {branch!r} on the Hub; stage the quants on it first "
-                         f"(moeq build --quant TYPE --stage-to {branch}, one run per quant). A publish deletes it once "
-                         "main holds the ladder: moeq push --check says whether it does")
+        raise InputError(repo_id, f"no branch {branch!r} on the Hub", "stage the quants on it first (moeq build "
+                         f"--quant TYPE --stage-to {branch}, one run per quant). A publish deletes it once main holds "
+                         "the ladder: moeq push --check says whether it does")
     staged = Staged(repo_id, branch, head)
     with hub_errors(f"reading {STAGE_DIR}/ on {branch}", repo_id):
         listed = {f.path: f for f in api.get_paths_info(repo_id, [staged_doc_path(q) for q in quants], revision=head)
@@ -128,15 +129,15 @@ def parse_staged(text: str, quant: str, where: str) -> StagedQuant:
     try:
         data = json.loads(text)
     except (ValueError, RecursionError):
-        raise InputError(f"{where}: not a staged quant moeq can read; {redo}") from None
+        raise InputError(where, "not a staged quant moeq can read", redo) from None
     if not isinstance(data, dict) or data.get("stage_version") != STAGE_VERSION or data.get("quant") != quant:
-        raise InputError(f"{where}: not a quant {quant} staged by this moeq (stage_version {STAGE_VERSION}); {redo}")
+        raise InputError(where, f"not a quant {quant} staged by this moeq (stage_version {STAGE_VERSION})", redo)
     digest, manifest = data.get("inputs_sha256"), data.get("manifest")
     if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest) or not isinstance(manifest, dict):
-        raise InputError(f"{where}: no inputs_sha256 or manifest; {redo}")
+        raise InputError(where, "no inputs_sha256 or manifest", redo)
     parsed = parse_manifest(json.dumps(manifest), where)
     if [q.quant for q in parsed.quants] != [quant]:
-        raise InputError(f"{where}: its manifest holds {[q.quant for q in parsed.quants]}, not {quant} alone; {redo}")
+        raise InputError(where, f"its manifest holds {[q.quant for q in parsed.quants]}, not {quant} alone", redo)
     return StagedQuant(quant, digest, parsed)
 
 
@@ -238,7 +239,7 @@ def _staging_plan(api: HfApi, card: CardRecord, staged: StagedQuant, doc: bytes,
     for path, size, sha in files:
         local = folder / path
         if not local.is_file():
-            raise InputError(f"{local}: missing from the staged repo; run moeq card --config CFG")
+            raise InputError(local, "missing from the staged repo", "run moeq card --config CFG")
         entry = there.get(path)
         same = entry is not None and (entry.lfs.sha256 == sha if entry.lfs
                                       else entry.blob_id == git_hash(local.read_bytes()))
@@ -266,19 +267,19 @@ def take_from_branch(api: HfApi, card: CardRecord, limit: int = REGULAR_MAX) -> 
     there = branch_files(api, card.repo_id, card.from_commit, [f.name for f in away])
     wrong = mismatches(there, [(f.name, f.size, f.sha256) for f in away])
     if wrong:
-        raise HubError(f"{where}: {'; '.join(wrong[:3])} not as the staged records say; stage the quant again")
+        raise HubError(where, f"{'; '.join(wrong[:3])} not as the staged records say", "stage the quant again")
     taken = []
     for ref in away:
         if there[ref.name].lfs is not None:
             continue
         if ref.size > limit:
-            raise HubError(f"{where}/{ref.name}: {ref.size:,} bytes in git, more than the {limit:,} moeq reads; "
+            raise HubError(f"{where}/{ref.name}", f"{ref.size:,} bytes in git, more than the {limit:,} moeq reads",
                            "stage the quant again")
         with tempfile.TemporaryDirectory() as tmp, hub_errors(f"reading {ref.name}", card.repo_id):
             got = Path(api.hf_hub_download(card.repo_id, ref.name, revision=card.from_commit, local_dir=tmp))
             data = got.read_bytes()[: limit + 1]
         if hashlib.sha256(data).hexdigest() != ref.sha256:
-            raise HubError(f"{where}/{ref.name}: its sha256 is not the {ref.sha256[:12]} the staged records say; "
+            raise HubError(f"{where}/{ref.name}", f"its sha256 is not the {ref.sha256[:12]} the staged records say",
                            "stage the quant again")
         write_bytes_atomic(folder / ref.name, data)
         taken.append(ref.name)

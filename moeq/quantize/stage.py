@@ -49,8 +49,8 @@ def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_pat
     from this source, moved into place instead of quantizing again when its file is still whole. `silence_s`: how
     long llama-quantize may print nothing before it is stopped (toolchain.quantize_silence_s)."""
     if quant_types.lookup(quant.type) is None:
-        raise InputError(f"{quant.type}: unknown quant type; llama-quantize accepts "
-                         f"{', '.join(quant_types.QUANT_TYPES)}")
+        raise InputError(quant.type, "unknown quant type",
+                         f"llama-quantize accepts {', '.join(quant_types.QUANT_TYPES)}")
     tool = chain.tool("llama-quantize")
     final = output or ws.quant_path(quant.file)
     options = quant_options(quant, allow_requantize, ws)
@@ -138,14 +138,14 @@ def _quantize(quant: QuantSpec, ws: Workspace, tool, source_path: Path, source_r
             output_header = read_header(partial)
             check_extent(output_header)
             if len(parser.summary.tensors) != len(output_header.tensors):
-                raise ToolError(f"llama-quantize reported {len(parser.summary.tensors)} tensors but wrote "
-                                f"{len(output_header.tensors)}; see {log}")
+                raise ToolError("llama-quantize", f"reported {len(parser.summary.tensors)} tensors but wrote "
+                                f"{len(output_header.tensors)}", f"see {log}")
             file_type = output_header.metadata.get(Keys.General.FILE_TYPE)
             if not isinstance(file_type, int):
-                raise ToolError(f"llama-quantize wrote no general.file_type; see {log}")
+                raise ToolError("llama-quantize", "wrote no general.file_type", f"see {log}")
             recorded = source_record().output  # a first run's source hash finishes beside llama-quantize
             if ws.hashes.lookup(source_path) != recorded.sha256:
-                raise InputError(f"{source_path}: changed since the fetch record was made; run again")
+                raise InputError(source_path, "changed since the fetch record was made", "run again")
             output_digest = output_sha.result()
             synced.result()
             commit_file(partial, final, synced=True)
@@ -175,12 +175,12 @@ def quant_options(quant: QuantSpec, allow_requantize: bool, ws: Workspace) -> Qu
     imatrix = None
     if quant.imatrix is not None:
         if not quant.imatrix.is_file():
-            raise InputError(f"{quant.imatrix}: imatrix file not found; fix quants[].imatrix")
+            raise InputError(quant.imatrix, "imatrix file not found", "fix quants[].imatrix")
         imatrix = ImatrixRef(path=str(quant.imatrix), sha256=ws.hashes.sha256(quant.imatrix))
     recipe = None
     if quant.tensor_type_file is not None:
         if not quant.tensor_type_file.is_file():
-            raise InputError(f"{quant.tensor_type_file}: recipe file not found; fix quants[{quant.type}].recipe")
+            raise InputError(quant.tensor_type_file, "recipe file not found", f"fix quants[{quant.type}].recipe")
         recipe = FileRef(path=str(quant.tensor_type_file), size=quant.tensor_type_file.stat().st_size,
                          sha256=ws.hashes.sha256(quant.tensor_type_file))
     return QuantizeOptions(type=quant.type, imatrix=imatrix, tensor_types=dict(quant.tensor_types),

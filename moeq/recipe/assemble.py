@@ -30,11 +30,11 @@ def assemble(base: Path, per_type: dict[str, Path], types: dict[str, str], out: 
     names = {t.name for t in header.tensors}
     unknown = sorted(set(types) - names)
     if unknown:
-        raise InputError(f"{base}: no tensor {unknown[0]!r}; the recipe names a tensor this model does not have")
+        raise InputError(base, f"no tensor {unknown[0]!r}", "the recipe names a tensor this model does not have")
     missing = sorted({t for t in types.values()} - set(per_type))
     if missing:
-        raise InputError(f"no pure quantization for type {missing[0]} (the recipe uses it); make one with "
-                         "llama-quantize --pure")
+        raise InputError(base, f"no pure quantization for type {missing[0]} (the recipe uses it)",
+                         "make one with llama-quantize --pure")
     sources = {ggml_type: read_header(path) for ggml_type, path in per_type.items()}
     tensors = {ggml_type: {t.name: t for t in source.tensors} for ggml_type, source in sources.items()}
     chosen: list[tuple[GGUFHeader, TensorInfo]] = []
@@ -42,8 +42,8 @@ def assemble(base: Path, per_type: dict[str, Path], types: dict[str, str], out: 
         ggml_type = types.get(tensor.name)
         source, picked = (sources[ggml_type], tensors[ggml_type].get(tensor.name)) if ggml_type else (header, tensor)
         if picked is None or picked.shape != tensor.shape:
-            raise InputError(f"{source.path}: tensor {tensor.name!r} is missing or of another shape than in "
-                             f"{base}; quantize every type from the same source")
+            raise InputError(source.path, f"tensor {tensor.name!r} is missing or of another shape than in {base}",
+                             "quantize every type from the same source")
         chosen.append((source, picked))
     with partial_file(out) as partial:
         _write(header, chosen, partial)
@@ -70,7 +70,7 @@ def _write(header: GGUFHeader, chosen: list[tuple[GGUFHeader, TensorInfo]], part
                 while left:
                     block = f.read(min(left, CHUNK))
                     if not block:
-                        raise InputError(f"{source.path}: ends inside tensor {tensor.name!r}; the file is cut short")
+                        raise InputError(source.path, f"ends inside tensor {tensor.name!r}", "the file is cut short")
                     out.write(block)
                     left -= len(block)
             out.write(b"\0" * (_padded(tensor.n_bytes, align) - tensor.n_bytes))

@@ -42,9 +42,9 @@ def gpu_room(quant: QuantSpec, source: Path) -> tuple[int | None, int]:
     kv = kv_bytes(header, budget.ctx)
     room = int(budget.value) - kv - DEFAULT_COMPUTE_ALLOWANCE
     if room <= 0:
-        raise InputError(f"quants[{quant.type}].budget.gpu: {budget.value / 2**30:g} GiB holds no weights: the KV "
+        raise InputError(f"quants[{quant.type}].budget.gpu", f"{budget.value / 2**30:g} GiB holds no weights: the KV "
                          f"cache at context {budget.ctx:,} ({binary_size(kv)}) and the compute allowance "
-                         f"({binary_size(DEFAULT_COMPUTE_ALLOWANCE)}) take it all; raise gpu or lower ctx")
+                         f"({binary_size(DEFAULT_COMPUTE_ALLOWANCE)}) take it all", "raise gpu or lower ctx")
     return room, n_layer if budget.placement == "cpu-moe" else 0
 
 
@@ -60,13 +60,14 @@ def require_reachable(quant: QuantSpec, limit: int, fixed: int, sizes: dict, sto
     search can reach (every group one type down from the stock file)."""
     floor = fixed + sum(sizes[lowest][name] for name in stock_types)
     if limit < floor:
-        raise InputError(f"quants[{quant.type}].budget: {limit:,} bytes, less than any recipe can weigh (every "
-                         f"tensor {lowest}: {floor:,} bytes); raise the budget")
+        raise InputError(f"quants[{quant.type}].budget",
+                         f"{limit:,} bytes, less than any recipe can weigh (every tensor {lowest}: {floor:,} bytes)",
+                         "raise the budget")
     reach = fixed + sum(sizes[neighbours(t)[0]][name] for name, t in stock_types.items())
     if limit < reach:
-        raise InputError(f"quants[{quant.type}].budget: {limit:,} bytes, less than the search reaches (every tensor "
-                         f"one type below the stock {quant.type}: {reach:,} bytes); raise the budget or search a "
-                         "lower rung")
+        raise InputError(f"quants[{quant.type}].budget", f"{limit:,} bytes, less than the search reaches (every "
+                         f"tensor one type below the stock {quant.type}: {reach:,} bytes)",
+                         "raise the budget or search a lower rung")
 
 
 class GpuCount:
@@ -88,7 +89,7 @@ def require_gpu_reachable(quant: QuantSpec, room: int, gpu: GpuCount, stock_type
     file's, so the weights on the GPU weigh at least what they do one type below it."""
     reach = gpu.bytes({name: neighbours(t)[0] for name, t in stock_types.items()})
     if reach > room:
-        raise InputError(f"quants[{quant.type}].budget: {room:,} bytes for the weights on the GPU (after the KV cache "
-                         f"and the compute allowance), less than the search reaches (every tensor there one type "
-                         f"below the stock {quant.type}: {reach:,} bytes); raise gpu, lower ctx, use placement: "
-                         "cpu-moe, or search a lower rung")
+        raise InputError(f"quants[{quant.type}].budget", f"{room:,} bytes for the weights on the GPU (after the KV "
+                         "cache and the compute allowance), less than the search reaches (every tensor there one type "
+                         f"below the stock {quant.type}: {reach:,} bytes)",
+                         "raise gpu, lower ctx, use placement: cpu-moe, or search a lower rung")

@@ -92,8 +92,8 @@ class Measurements:
         finally:
             candidate.unlink(missing_ok=True)
         if figures.kld_mean is None:
-            raise ToolError(f"llama-perplexity gave no mean KL divergence for recipe {label}; see "
-                            f"{s.folder / 'perplexity.log'}")
+            raise ToolError("llama-perplexity", f"gave no mean KL divergence for recipe {label}",
+                            f"see {s.folder / 'perplexity.log'}")
         self.runs += 1
         self.seconds.append(time.monotonic() - started)
         return figures

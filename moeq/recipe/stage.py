@@ -66,8 +66,9 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
     stock_types = {row.name: row.type_after for row in stock.tensors if row.type_after not in UNQUANTIZED}
     off_ladder = sorted({t for t in stock_types.values() if t not in TYPE_LADDER})
     if off_ladder:
-        raise InputError(f"{stock.output.path}: the stock {quant.type} has tensors of type {', '.join(off_ladder)}, "
-                         f"which a searched recipe does not use ({', '.join(TYPE_LADDER)})")
+        raise InputError(stock.output.path, f"the stock {quant.type} has tensors of type {', '.join(off_ladder)}, "
+                         f"which a searched recipe does not use ({', '.join(TYPE_LADDER)})",
+                         f"publish the stock {quant.type} (remove recipe: search from quants[{quant.type}])")
     n_layer = stock.model.block_count or 1
     per_group = layers_per_group(pipeline, n_layer)
     groups = groups_of(stock_types, n_layer, per_group)
@@ -140,10 +141,10 @@ def _search(quant: QuantSpec, groups: list[Group], search: Measurements, limit: 
     fits = [i for i, e in enumerate(search.evals) if e.tensor_bytes <= limit and (room is None or e.gpu_bytes <= room)]
     if not fits:
         max_evals = setup.pipeline.recipe.max_evals
-        raise InputError(f"quants[{quant.type}].budget: {limit:,} bytes"
-                         + (f" ({room:,} on the GPU)" if room is not None else "")
-                         + ", and no measured recipe fits it (the search moves each group one type from the "
-                           "stock file); raise the budget"
+        raise InputError(f"quants[{quant.type}].budget",
+                         f"{limit:,} bytes" + (f" ({room:,} on the GPU)" if room is not None else "")
+                         + ", and no measured recipe fits it (the search moves each group one type from the stock file)",
+                         "raise the budget"
                          + (f", or recipe.max_evals ({max_evals} runs did not measure every group)"
                             if any(len(o) == 1 for o in options_by_group.values()) else ""))
     # the solution wins a tie: it is the same recipe as a single-group one when only that group changed

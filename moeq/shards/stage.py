@@ -32,7 +32,8 @@ def split_size_arg(max_bytes: int) -> str:
     if max_bytes % 10**9 == 0:
         return f"{max_bytes // 10**9}G"
     if max_bytes < 10**6:
-        raise InputError(f"hub.max_shard_size {max_bytes} B: llama-gguf-split splits in whole megabytes; use 1MB or more")
+        raise InputError(f"hub.max_shard_size {max_bytes} B", "llama-gguf-split splits in whole megabytes",
+                         "use 1MB or more")
     return f"{max_bytes // 10**6}M"
 
 
@@ -83,7 +84,7 @@ def _split(quantized: QuantizeRecord, folder: Path, size_arg: str, ws: Workspace
 
 def _check_shards(source: Path, shards: list[Path]) -> None:
     if not shards:
-        raise ToolError(f"llama-gguf-split wrote no shards for {source}")
+        raise ToolError("llama-gguf-split", f"wrote no shards for {source}", "see its log in the shards folder")
     expected = {t.name for t in read_header(source).tensors}
     seen: list[str] = []
     for index, shard in enumerate(shards):
@@ -91,7 +92,9 @@ def _check_shards(source: Path, shards: list[Path]) -> None:
         check_extent(header)
         count, number = header.metadata.get(Keys.Split.LLM_KV_SPLIT_COUNT), header.metadata.get(Keys.Split.LLM_KV_SPLIT_NO)
         if count != len(shards) or number != index:
-            raise ToolError(f"{shard}: split.no {number} of split.count {count}, expected {index} of {len(shards)}")
+            raise ToolError(shard, f"split.no {number} of split.count {count}, expected {index} of {len(shards)}",
+                            "make the shards again (--force-stage shards)")
         seen += [t.name for t in header.tensors]
     if sorted(seen) != sorted(expected):
-        raise ToolError(f"the shards of {source} do not hold its tensors exactly once")
+        raise ToolError(source, "its shards do not hold its tensors exactly once",
+                        "make the shards again (--force-stage shards)")

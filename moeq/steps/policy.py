@@ -8,11 +8,11 @@ from moeq.errors import CheckFailed, ToolError
 from moeq.records import BenchRecord, CheckResult
 
 
-def require_passed(what: str, checks: list[CheckResult], see: str = "") -> None:
+def require_passed(what: str, checks: list[CheckResult], fix: str) -> None:
     """A validation with a failed check fails (exit 7)."""
     failed = [c.name for c in checks if not c.ok]
     if failed:
-        raise CheckFailed(f"{what}: failed {', '.join(failed)}" + (f"; see {see}" if see else ""))
+        raise CheckFailed(what, f"failed {', '.join(failed)}", fix)
 
 
 def require_measured(benched: list[BenchRecord], records_dir: Path) -> None:
@@ -21,6 +21,6 @@ def require_measured(benched: list[BenchRecord], records_dir: Path) -> None:
     if failed:
         measured = [f"{r.quant} {run.mode}" for r in benched for run in r.speed] + [f"{r.quant} quality"
                                                                                     for r in benched if r.quality]
-        raise ToolError(f"bench recorded errors for {', '.join(failed)}; "
-                        + (f"measured: {', '.join(measured)}" if measured else "nothing was measured")
-                        + f" (see {records_dir})")
+        raise ToolError("bench", f"recorded errors for {', '.join(failed)} ("
+                        + (f"measured: {', '.join(measured)}" if measured else "nothing was measured") + ")",
+                        f"see the bench records in {records_dir}")

@@ -99,18 +99,18 @@ def imported_imatrix(folder: Path):
     FOLDER, and the matrix file it names checked against its size and sha256: (saved record, the file)."""
     path = Path(folder) / "records" / "imatrix.json"
     if not path.is_file() or path.stat().st_size > 1 << 20:
-        raise InputError(f"{path}: no imatrix record of at most 1 MB there; pass the folder the imatrix job made "
-                         "(its records/imatrix.json and imatrix/)")
+        raise InputError(path, "no imatrix record of at most 1 MB there",
+                         "pass the folder the imatrix job made (its records/imatrix.json and imatrix/)")
     saved, why = load_saved(path, ImatrixRecord)
     if saved is None:
-        raise InputError(f"{path}: {why}; make the importance matrix again with this moeq (moeq imatrix)")
+        raise InputError(path, why, "make the importance matrix again with this moeq (moeq imatrix)")
     made = Path(saved.record.output.path)
     if not made.resolve().is_relative_to(Path(folder).resolve()):  # a link out of FOLDER is followed, then refused
-        raise InputError(f"{path}: its importance matrix {made} lies outside {folder} (a link leaving it?); pass the "
-                         "folder the imatrix job made, with its files in it")
+        raise InputError(path, f"its importance matrix {made} lies outside {folder} (a link leaving it?)",
+                         "pass the folder the imatrix job made, with its files in it")
     if not made.is_file() or made.stat().st_size != saved.record.output.size or \
             sha256_file(made) != saved.record.output.sha256:
-        raise InputError(f"{made}: not the importance matrix its record {path} describes (size or sha256 differ); "
+        raise InputError(made, f"not the importance matrix its record {path} describes (size or sha256 differ)",
                          "download the imatrix job's files again")
     return saved, made
 
@@ -124,13 +124,14 @@ def imatrix_from(ctx: Context, folder: Path, source: FetchRecord) -> StageResult
     key = declared_key(stage)
     if saved.key != key:
         changed = sorted(k for k in {*key, *(saved.key or {})} if (saved.key or {}).get(k) != key.get(k))
-        raise InputError(f"{made}: made from other inputs than this workspace's ({', '.join(changed)} differ); use "
-                         "the importance matrix made for this source and pipeline, or make it here (moeq imatrix)")
+        raise InputError(made, f"made from other inputs than this workspace's ({', '.join(changed)} differ)",
+                         "use the importance matrix made for this source and pipeline, or make it here (moeq imatrix)")
     record_path = Path(folder) / "records" / "imatrix.json"
     relative = made.resolve().relative_to(Path(folder).resolve()).as_posix()
     here = inside(ctx.ws.root, relative)
     if here is None:
-        raise InputError(f"{record_path}: names {relative}, outside a workspace")
+        raise InputError(record_path, f"names {relative}, outside a workspace",
+                         "make the record again with this moeq")
     if not (here.is_file() and ctx.ws.hashes.sha256(here) == saved.record.output.sha256):
         here.parent.mkdir(parents=True, exist_ok=True)
         with partial_file(here) as partial:
@@ -139,7 +140,7 @@ def imatrix_from(ctx: Context, folder: Path, source: FetchRecord) -> StageResult
     write_json_atomic(ctx.ws.record_path("imatrix"), json.loads(record_path.read_text()))
     done = run_stage(stage, ctx.records, on_message=ctx.say)
     if not done.up_to_date:  # cannot happen with an equal key and an intact file; never a second matrix silently
-        raise InputError(f"{made}: the imatrix stage ran again here ({done.why}); the quants would differ")
+        raise InputError(made, f"the imatrix stage ran again here ({done.why})", "the quants would differ")
     ctx.say(f"imatrix: {made} (sha256 {saved.record.output.sha256[:12]}) checked against its record and used")
     return dataclasses.replace(done, why=f"from {folder}")
 
@@ -153,7 +154,7 @@ def branch_card(ctx: Context, branch: str) -> StageResult[CardRecord]:
     ladder = [q.type for q in pipeline.quants]
     staged = read_staged(ctx.api, repo_id, branch, ladder)
     if staged.missing:
-        raise InputError(f"{repo_id}@{branch}: {', '.join(staged.missing)} not staged (its build did not finish); "
+        raise InputError(f"{repo_id}@{branch}", f"{', '.join(staged.missing)} not staged (its build did not finish)",
                          f"main is unchanged. Run it (moeq build --quant {staged.missing[0]} --stage-to {branch}), "
                          "then publish again")
     manifest = merge_staged(pipeline, [(f"{repo_id}@{branch}/.moeq-stage/{q}.json", staged.found[q].manifest)

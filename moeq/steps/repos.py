@@ -87,8 +87,8 @@ def preview(ctx: Context, unit: RepoUnit, out: Path | None = None) -> Path:
     from the staged folder."""
     card = ctx.ws.repo_dir(unit.quant) / "README.md"
     if not card.is_file():
-        raise InputError(f"{card}: no card yet; run moeq card --config {ctx.pipeline.path}"
-                         f"{' --quant ' + unit.quant if unit.quant else ''}")
+        raise InputError(card, "no card yet",
+                         f"run moeq card --config {ctx.pipeline.path}{' --quant ' + unit.quant if unit.quant else ''}")
     out = out or ctx.ws.preview_path(unit.quant or "ladder")
     write_preview(card, out, title=unit.repo_id)
     return out

@@ -122,9 +122,9 @@ def _require_rebuilt(quant: QuantSpec, record: QuantizeRecord, found: RecipeReco
     """The searched file llama-quantize made from the recipe file is the one the search assembled and measured;
     the assembled copy is then deleted (the record keeps its sha256)."""
     if record.output.sha256 != found.output.sha256:
-        raise ToolError(f"{record.output.path}: llama-quantize made the searched recipe as sha256 "
+        raise ToolError(record.output.path, "llama-quantize made the searched recipe as sha256 "
                         f"{record.output.sha256[:12]}, but the search assembled and measured "
-                        f"{found.output.sha256[:12]}; run moeq recipe --force --quant {quant.type}")
+                        f"{found.output.sha256[:12]}", f"run moeq recipe --force --quant {quant.type}")
     Path(found.output.path).unlink(missing_ok=True)
 
 

@@ -232,7 +232,8 @@ def validate_file(path: Path, against: Path | None = None, numerics: str = "samp
     if against is not None:
         source_check, source_header = check_container(against)
         if not source_check.ok:
-            raise InputError(f"{against}: the source to compare with is not a sound GGUF ({source_check.detail})")
+            raise InputError(against, f"the source to compare with is not a sound GGUF ({source_check.detail})",
+                         "fetch the source again (moeq fetch --force)")
     if header is None:
         return report
     if expected_arch is None and source_header is not None:  # the source's architecture

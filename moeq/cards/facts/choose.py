@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from moeq.cards.facts.shared import gpu_label, pm_text
 from moeq.cards.render import code
 from moeq.manifest import QuantEntry
@@ -10,7 +12,44 @@ from moeq.records import BenchRecord
 from moeq.units import binary_size, decimal_size
 
 
-def choose_facts(entries: list[QuantEntry]) -> dict | None:
+@dataclass(frozen=True)
+class ChoiceRow:
+    """One quant's line in "Which file should I choose?" for a GPU size."""
+    quant: str
+    size: str
+    kld: str
+    key: int | str | None  # what makes two GPU sizes' rows the same choice
+    placement: str
+    gpu: str = ""
+    ram: str = ""
+    speed: str = ""
+
+
+@dataclass(frozen=True)
+class GpuGroup:
+    gpu: str
+    rows: list[ChoiceRow]
+
+
+@dataclass(frozen=True)
+class ChooseFacts:
+    ctx: int
+    kv_type: str
+    allowance: str
+    groups: list[GpuGroup]
+
+
+@dataclass(frozen=True)
+class ContextFacts:
+    ctx: int
+    kv: str
+    kv_type: str
+    per_1024: str
+    trained: int | None
+    kv_trained: str | None
+
+
+def choose_facts(entries: list[QuantEntry]) -> ChooseFacts | None:
     """"Which file should I choose?": for each GPU size of the plans, each quant's smallest expert offload that fits
     at the first configured context, with the system RAM its weights then need, and the generation speed and KLD
     where the bench measured them. GPU sizes where every quant's choice is the same share a row group."""
@@ -19,15 +58,15 @@ def choose_facts(entries: list[QuantEntry]) -> dict | None:
         return None
     ctx = plans[0].fits[0].ctx
     sizes = sorted({f.gpu_gib for plan in plans for f in plan.fits})
-    groups: list[tuple[list[int], list[dict]]] = []
+    groups: list[tuple[list[int], list[ChoiceRow]]] = []
     for gib in sizes:
         rows = [choice_row(entry, gib, ctx) for entry in entries]
-        if groups and [r["key"] for r in groups[-1][1]] == [r["key"] for r in rows]:
+        if groups and [r.key for r in groups[-1][1]] == [r.key for r in rows]:
             groups[-1][0].append(gib)
         else:
             groups.append(([gib], rows))
-    return {"ctx": ctx, "kv_type": plans[0].kv_type, "allowance": binary_size(plans[0].compute_allowance_bytes),
-            "groups": [{"gpu": gpu_label(gibs, gibs[-1] == sizes[-1]), "rows": rows} for gibs, rows in groups]}
+    return ChooseFacts(ctx=ctx, kv_type=plans[0].kv_type, allowance=binary_size(plans[0].compute_allowance_bytes),
+                       groups=[GpuGroup(gpu_label(gibs, gibs[-1] == sizes[-1]), rows) for gibs, rows in groups])
 
 
 def memory_plans(entries: list[QuantEntry]) -> list:
@@ -36,21 +75,21 @@ def memory_plans(entries: list[QuantEntry]) -> list:
     return [e.records.validate_.plan for e in entries if e.records.validate_ is not None]
 
 
-def choice_row(entry: QuantEntry, gib: int, ctx: int) -> dict:
+def choice_row(entry: QuantEntry, gib: int, ctx: int) -> ChoiceRow:
     quality = entry.records.bench.quality if entry.records.bench else None
     kld = pm_text(quality.quant, "kld_mean", 6) if quality else "not measured"
-    row = {"quant": entry.quant, "size": decimal_size(sum(f.size for f in entry.files)), "kld": kld}
+    row = ChoiceRow(quant=entry.quant, size=decimal_size(sum(f.size for f in entry.files)), kld=kld, key=None,
+                    placement="does not fit")
     plan = entry.records.validate_.plan if entry.records.validate_ else None
     if plan is None:
-        return {**row, "key": "no plan", "placement": "not computed (no validation record)", "gpu": "", "ram": "",
-                "speed": ""}
+        return replace(row, key="no plan", placement="not computed (no validation record)")
     fit = next((f for f in plan.fits if f.gpu_gib == gib and f.ctx == ctx), None)
     if fit is None or fit.n_cpu_moe is None:
-        return {**row, "key": None, "placement": "does not fit", "gpu": "", "ram": "", "speed": ""}
+        return row
     mode = OffloadMode.for_layers(fit.n_cpu_moe, plan.n_layer)
-    return {**row, "key": fit.n_cpu_moe, "placement": mode.advice if mode.name == "gpu" else code(mode.advice),
-            "gpu": binary_size(fit.gpu_bytes), "ram": binary_size(plan.placement(fit.n_cpu_moe).cpu_bytes),
-            "speed": generation_speed(entry.records.bench, mode.name)}
+    return replace(row, key=fit.n_cpu_moe, placement=mode.advice if mode.name == "gpu" else code(mode.advice),
+                   gpu=binary_size(fit.gpu_bytes), ram=binary_size(plan.placement(fit.n_cpu_moe).cpu_bytes),
+                   speed=generation_speed(entry.records.bench, mode.name))
 
 
 def generation_speed(bench: BenchRecord | None, mode: str) -> str:
@@ -63,7 +102,7 @@ def generation_speed(bench: BenchRecord | None, mode: str) -> str:
     return "not measured"
 
 
-def context_facts(entries: list[QuantEntry], trained: int | None) -> dict | None:
+def context_facts(entries: list[QuantEntry], trained: int | None) -> ContextFacts | None:
     """The context every usage snippet passes (-c), the one the memory figures assume, and how the KV cache
     grows with it (linearly: the same bytes per token at every context)."""
     plans = memory_plans(entries)
@@ -71,6 +110,6 @@ def context_facts(entries: list[QuantEntry], trained: int | None) -> dict | None
         return None
     ctx = plans[0].fits[0].ctx
     per_token = plans[0].kv_bytes[ctx] / ctx
-    return {"ctx": ctx, "kv": binary_size(plans[0].kv_bytes[ctx]), "kv_type": plans[0].kv_type,
-            "per_1024": binary_size(per_token * 1024),
-            "trained": trained, "kv_trained": binary_size(per_token * trained) if trained else None}
+    return ContextFacts(ctx=ctx, kv=binary_size(plans[0].kv_bytes[ctx]), kv_type=plans[0].kv_type,
+                        per_1024=binary_size(per_token * 1024),
+                        trained=trained, kv_trained=binary_size(per_token * trained) if trained else None)

@@ -4,15 +4,70 @@ from __future__ import annotations
 
 import shlex
 from collections import Counter
+from dataclasses import dataclass
 
 from moeq.cards.facts.shared import LLAMA_CPP_REPO, hub_url
 from moeq.manifest import Manifest, ModelCardSpec
-from moeq.records import ModelFacts, QuantizeRecord, FetchRecord
+from moeq.records import FetchRecord, QuantizeRecord
+from moeq.records import ModelFacts as RecordedModel
 from moeq.units import binary_size, decimal_size, short_count
 
 
-def model_facts(spec: ModelCardSpec, model: ModelFacts) -> dict:
-    return {
+@dataclass(frozen=True)
+class ModelFacts:
+    name: str
+    base_model: str
+    base_model_url: str
+    license: str
+    quantized_by: str
+    architecture: str | None
+    parameters: str
+    parameters_exact: str
+    blocks: int | None
+    experts: int | None
+    experts_used: int | None
+    context_length: int | None
+    expert_tensors: list[str]
+    shared_experts: list[str]
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    version: str
+    commit: str
+    log_flush: str | None
+    commit_url: str
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    file: str
+    sha256: str
+    size: str
+    origin: str | None
+    kind: str | None
+
+
+@dataclass(frozen=True)
+class TypeMixRow:
+    type: str
+    tensors: int
+    size: str
+
+
+@dataclass(frozen=True)
+class QuantizationFacts:
+    command: str
+    llama_cpp: Toolchain
+    overrides: list[str]
+    source: SourceFile
+    output_sha256: str
+    type_mix: list[TypeMixRow]
+    tensors: int
+
+
+def model_facts(spec: ModelCardSpec, model: RecordedModel) -> ModelFacts:
+    return ModelFacts(**{
         "name": spec.name,
         "base_model": spec.base_model,
         "base_model_url": hub_url(spec.base_model),
@@ -27,10 +82,10 @@ def model_facts(spec: ModelCardSpec, model: ModelFacts) -> dict:
         "context_length": model.context_length,
         "expert_tensors": model.expert_tensors,
         "shared_experts": model.shared_experts,
-    }
+    })
 
 
-def quantization_facts(quantized: QuantizeRecord, source: FetchRecord | None) -> dict:
+def quantization_facts(quantized: QuantizeRecord, source: FetchRecord | None) -> QuantizationFacts:
     tool = quantized.tool
     mix: Counter = Counter()
     mix_bytes: Counter = Counter()
@@ -38,21 +93,20 @@ def quantization_facts(quantized: QuantizeRecord, source: FetchRecord | None) ->
         mix[row.type_after] += 1
         mix_bytes[row.type_after] += row.bytes_after
     options = quantized.options
-    return {
-        "command": shlex.join(["llama-quantize", *quantized.command[1:]]),
-        "llama_cpp": {"version": tool.version, "commit": tool.commit, "log_flush": tool.log_flush,
-                      "commit_url": f"{LLAMA_CPP_REPO}/commit/{tool.commit}"},
-        "overrides": [f"{k}={v}" for k, v in options.tensor_types.items()]
+    return QuantizationFacts(
+        command=shlex.join(["llama-quantize", *quantized.command[1:]]),
+        llama_cpp=Toolchain(version=tool.version, commit=tool.commit, log_flush=tool.log_flush,
+                            commit_url=f"{LLAMA_CPP_REPO}/commit/{tool.commit}"),
+        overrides=[f"{k}={v}" for k, v in options.tensor_types.items()]
         + ([f"output={options.output_tensor_type}"] if options.output_tensor_type else [])
         + ([f"token_embd={options.token_embedding_type}"] if options.token_embedding_type else []),
-        "source": {"file": quantized.source.path, "sha256": quantized.source.sha256,
-                   "size": decimal_size(quantized.source.size),
-                   "origin": source.origin if source else None, "kind": source.kind if source else None},
-        "output_sha256": quantized.output.sha256,
-        "type_mix": [{"type": t, "tensors": mix[t], "size": binary_size(mix_bytes[t])}
-                     for t in sorted(mix, key=lambda t: -mix_bytes[t])],
-        "tensors": len(quantized.tensors),
-    }
+        source=SourceFile(file=quantized.source.path, sha256=quantized.source.sha256,
+                          size=decimal_size(quantized.source.size),
+                          origin=source.origin if source else None, kind=source.kind if source else None),
+        output_sha256=quantized.output.sha256,
+        type_mix=[TypeMixRow(t, mix[t], binary_size(mix_bytes[t])) for t in sorted(mix, key=lambda t: -mix_bytes[t])],
+        tensors=len(quantized.tensors),
+    )
 
 
 def log_flush_facts(manifest: Manifest) -> str | None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
-from moeq.cards.facts.shared import figure_texts, mode_facts, pm_text, speed_text
+from moeq.cards.facts.shared import Figures, Mode, figure_texts, mode_facts, pm_text, speed_text
 from moeq.kld import compare
 from moeq.records import Made, BenchRecord, ChoiceRecord
 from moeq.units import binary_size, decimal_size
@@ -39,55 +40,147 @@ def offload_device(bench: BenchRecord) -> str:
     return "the offload device"
 
 
-def choice_facts(choice: ChoiceRecord | None) -> dict | None:
+@dataclass(frozen=True)
+class OtherCandidate(Figures):
+    """A candidate the choice measured and did not publish."""
+    name: str
+    size: str
+    speed: str
+
+
+@dataclass(frozen=True)
+class SearchedVerdict:
+    published: bool
+    larger: bool
+    verdict: str
+
+
+@dataclass(frozen=True)
+class ChoiceFacts:
+    published: str
+    size: str
+    speed: str
+    timed: bool
+    stock: bool
+    stock_name: str
+    stock_size: str
+    may_choose: bool
+    others: list[OtherCandidate]
+    verdict: str | None
+    imatrix_worse: bool
+    imatrix_compared: bool
+    candidates: str
+    searched: SearchedVerdict | None
+
+
+def choice_facts(choice: ChoiceRecord | None) -> ChoiceFacts | None:
     """The candidates the choice stage measured besides the published file (made, measured, never published), and
     how the published one compares with them."""
     if choice is None:
         return None
     published, stock = choice.published, choice.candidates[0]
-    others = [{"name": c.name, "size": decimal_size(c.file.size), "speed": speed_text(c.speed),
-               **figure_texts(c.quality, choice.base)} for c in choice.others()]
+    others = [OtherCandidate(**vars(figure_texts(c.quality, choice.base)), name=c.name,
+                             size=decimal_size(c.file.size), speed=speed_text(c.speed)) for c in choice.others()]
     verdicts = {compare(published.quality, c.quality) for c in choice.others() if c.name != Made.SEARCHED}
     searched = next((c for c in choice.candidates if c.name == Made.SEARCHED), None)
-    return {"published": published.name, "size": decimal_size(published.file.size), "speed": speed_text(published.speed),
-            "timed": any(c.speed for c in choice.candidates), "stock": choice.chosen == 0,
-            "stock_name": stock.name, "stock_size": decimal_size(stock.file.size), "may_choose": choice.may_choose,
-            "others": others, "verdict": verdicts.pop() if len(verdicts) == 1 else None,
-            "imatrix_worse": published.name == Made.WITHOUT and choice.chosen != 0,
-            "imatrix_compared": {Made.WITH, Made.WITHOUT} <= {c.name for c in choice.candidates},
-            "candidates": ", ".join(c.name for c in choice.candidates[:-1]) + " and " + choice.candidates[-1].name,
-            "searched": None if searched is None else {
-                "published": searched is published, "larger": searched.file.size > stock.file.size,
-                "verdict": compare(searched.quality, stock.quality)}}
+    return ChoiceFacts(
+        published=published.name, size=decimal_size(published.file.size), speed=speed_text(published.speed),
+        timed=any(c.speed for c in choice.candidates), stock=choice.chosen == 0,
+        stock_name=stock.name, stock_size=decimal_size(stock.file.size), may_choose=choice.may_choose,
+        others=others, verdict=verdicts.pop() if len(verdicts) == 1 else None,
+        imatrix_worse=published.name == Made.WITHOUT and choice.chosen != 0,
+        imatrix_compared={Made.WITH, Made.WITHOUT} <= {c.name for c in choice.candidates},
+        candidates=", ".join(c.name for c in choice.candidates[:-1]) + " and " + choice.candidates[-1].name,
+        searched=None if searched is None else SearchedVerdict(
+            published=searched is published, larger=searched.file.size > stock.file.size,
+            verdict=compare(searched.quality, stock.quality)))
 
 
-def bench_facts(bench: BenchRecord | None, n_layer: int, choice: ChoiceRecord | None) -> dict:
-    """speed, measured_memory and quality: None each where the bench record has no such figures."""
+@dataclass(frozen=True)
+class SpeedRow(Mode):
+    test: str
+    tokens_per_s: str
+
+
+@dataclass(frozen=True)
+class SpeedFacts:
+    machine: str
+    rows: list[SpeedRow]
+    repetitions: int
+    backends: list[str]
+
+
+@dataclass(frozen=True)
+class MeasuredMemoryRow(Mode):
+    ctx: int
+    model: str
+    kv: str
+    compute: str
+    planned_model: str
+    difference: str
+
+
+@dataclass(frozen=True)
+class MeasuredMemoryFacts:
+    machine: str
+    device: str
+    rows: list[MeasuredMemoryRow]
+
+
+@dataclass(frozen=True)
+class QualityFacts(Figures):
+    machine: str
+    text: str
+    ctx: int
+    chunks: int
+    ppl_f16: str
+    choice: ChoiceFacts | None
+
+
+@dataclass(frozen=True)
+class BenchError:
+    mode: str
+    error: str
+
+
+@dataclass(frozen=True)
+class NotMeasuredRow(Mode):
+    reason: str
+
+
+@dataclass(frozen=True)
+class BenchFacts:
+    """What the bench record says; each part None (or empty) where the record has no such figures."""
+    speed: SpeedFacts | None = None
+    measured_memory: MeasuredMemoryFacts | None = None
+    quality: QualityFacts | None = None
+    bench_errors: list[BenchError] = field(default_factory=list)
+    bench_not_measured: list[NotMeasuredRow] = field(default_factory=list)
+
+
+def bench_facts(bench: BenchRecord | None, n_layer: int, choice: ChoiceRecord | None) -> BenchFacts:
     if not bench:
-        return {"speed": None, "measured_memory": None, "quality": None, "bench_errors": [], "bench_not_measured": []}
-    machine = machine_text(bench)
+        return BenchFacts()
     speed = None
     if bench.speed:
-        speed = {"machine": machine, "rows": [
-            {**mode_facts(run.mode, n_layer), "test": t.test, "tokens_per_s": f"{t.avg_ts:.2f} ± {t.stddev_ts:.2f}"}
-            for run in bench.speed for t in run.tests],
-            "repetitions": bench.options.repetitions, "backends": sorted({r.backends for r in bench.speed})}
+        speed = SpeedFacts(machine=machine_text(bench), rows=[
+            SpeedRow(**vars(mode_facts(run.mode, n_layer)), test=t.test,
+                     tokens_per_s=f"{t.avg_ts:.2f} ± {t.stddev_ts:.2f}") for run in bench.speed for t in run.tests],
+            repetitions=bench.options.repetitions, backends=sorted({r.backends for r in bench.speed}))
     memory = None
     if bench.memory:
-        memory = {"machine": machine_text(bench, offload=False), "device": offload_device(bench), "rows": [
-            {**mode_facts(m.mode, n_layer), "ctx": m.ctx, "model": f"{m.device_mib['model']:.2f} MiB",
-             "kv": f"{m.device_mib['KV']:.2f} MiB", "compute": f"{m.device_mib['compute']:.2f} MiB",
-             "planned_model": f"{m.planned_mib['model']:.2f} MiB",
-             "difference": f"{m.difference_mib['model']:+.2f} MiB"} for m in bench.memory]}
+        memory = MeasuredMemoryFacts(machine=machine_text(bench, offload=False), device=offload_device(bench), rows=[
+            MeasuredMemoryRow(**vars(mode_facts(m.mode, n_layer)), ctx=m.ctx, model=f"{m.device_mib['model']:.2f} MiB",
+                              kv=f"{m.device_mib['KV']:.2f} MiB", compute=f"{m.device_mib['compute']:.2f} MiB",
+                              planned_model=f"{m.planned_mib['model']:.2f} MiB",
+                              difference=f"{m.difference_mib['model']:+.2f} MiB") for m in bench.memory])
     quality = None
     if bench.quality:
         q, base = bench.quality.quant, bench.quality.base
-        quality = {
-            "machine": machine_text(bench, offload=False), "text": bench.quality.text, "ctx": bench.quality.ctx,
-            "chunks": bench.quality.chunks, "ppl_f16": pm_text(base, "ppl", 4), **figure_texts(q, base),
-            "choice": choice_facts(choice),
-        }
-    errors = [{"mode": e.mode, "error": e.error} for e in bench.errors]
-    not_measured = [{**mode_facts(m.mode, n_layer), "reason": m.reason} for m in bench.not_measured]
-    return {"speed": speed, "measured_memory": memory, "quality": quality, "bench_errors": errors,
-            "bench_not_measured": not_measured}
+        quality = QualityFacts(**vars(figure_texts(q, base)), machine=machine_text(bench, offload=False),
+                               text=bench.quality.text, ctx=bench.quality.ctx, chunks=bench.quality.chunks,
+                               ppl_f16=pm_text(base, "ppl", 4), choice=choice_facts(choice))
+    return BenchFacts(speed=speed, measured_memory=memory, quality=quality,
+                      bench_errors=[BenchError(e.mode, e.error) for e in bench.errors],
+                      bench_not_measured=[NotMeasuredRow(**vars(mode_facts(m.mode, n_layer)), reason=m.reason)
+                                          for m in bench.not_measured])

@@ -2,13 +2,54 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from moeq.cards.facts.shared import fit_cell
 from moeq.offload import OffloadMode
 from moeq.records import ValidateRecord
 from moeq.units import binary_size
 
 
-def memory_facts(validated: ValidateRecord | None) -> dict | None:
+@dataclass(frozen=True)
+class ModeRow:
+    label: str
+    flags: str
+    gpu: str
+    ram: str
+
+
+@dataclass(frozen=True)
+class KvRow:
+    ctx: int
+    size: str
+
+
+@dataclass(frozen=True)
+class FitRow:
+    gpu: str
+    cells: list[str]
+
+
+@dataclass(frozen=True)
+class NcmoeExample:
+    n: int
+    gpu: str
+    ctx: int
+
+
+@dataclass(frozen=True)
+class MemoryFacts:
+    kv_type: str
+    compute_allowance: str
+    modes: list[ModeRow]
+    kv: list[KvRow]
+    contexts: list[int]
+    fits: list[FitRow]
+    ncmoe_example: NcmoeExample | None
+    blocks: int
+
+
+def memory_facts(validated: ValidateRecord | None) -> MemoryFacts | None:
     if not validated:
         return None
     plan = validated.plan
@@ -19,16 +60,14 @@ def memory_facts(validated: ValidateRecord | None) -> dict | None:
     gpu_sizes = sorted({f.gpu_gib for f in plan.fits})
     advice = {(f.gpu_gib, f.ctx): f for f in plan.fits}
     example = next((f for f in plan.fits if f.n_cpu_moe not in (None, 0, n_layer)), None)
-    return {
-        "kv_type": plan.kv_type,
-        "compute_allowance": binary_size(plan.compute_allowance_bytes),
-        "modes": [{"label": m.label, "flags": m.flags, "gpu": binary_size(plan.placement(m.n_cpu_moe).gpu_bytes),
-                   "ram": binary_size(plan.placement(m.n_cpu_moe).cpu_bytes)} for m in modes],
-        "kv": [{"ctx": ctx, "size": binary_size(plan.kv_bytes[ctx])} for ctx in contexts],
-        "contexts": contexts,
-        "fits": [{"gpu": f"{gib} GiB",
-                  "cells": [fit_cell(advice[(gib, ctx)], n_layer) for ctx in contexts]} for gib in gpu_sizes],
-        "ncmoe_example": {"n": example.n_cpu_moe, "gpu": f"{example.gpu_gib} GiB", "ctx": example.ctx}
-        if example else None,
-        "blocks": n_layer,
-    }
+    return MemoryFacts(
+        kv_type=plan.kv_type,
+        compute_allowance=binary_size(plan.compute_allowance_bytes),
+        modes=[ModeRow(m.label, m.flags, binary_size(plan.placement(m.n_cpu_moe).gpu_bytes),
+                       binary_size(plan.placement(m.n_cpu_moe).cpu_bytes)) for m in modes],
+        kv=[KvRow(ctx, binary_size(plan.kv_bytes[ctx])) for ctx in contexts],
+        contexts=contexts,
+        fits=[FitRow(f"{gib} GiB", [fit_cell(advice[(gib, ctx)], n_layer) for ctx in contexts]) for gib in gpu_sizes],
+        ncmoe_example=NcmoeExample(example.n_cpu_moe, f"{example.gpu_gib} GiB", example.ctx) if example else None,
+        blocks=n_layer,
+    )

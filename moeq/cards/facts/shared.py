@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from moeq.cards.render import code
 from moeq.offload import OffloadMode
@@ -52,10 +53,21 @@ def ppl_ratio(figures: PerplexityFigures, base: PerplexityFigures) -> str:
     return f"{figures.ppl_q / base.ppl:.4f}"
 
 
-def figure_texts(figures: PerplexityFigures, base: PerplexityFigures) -> dict:
-    return {"ppl": pm_text(figures, "ppl_q", 4), "ppl_ratio": ppl_ratio(figures, base),
-            "kld_mean": pm_text(figures, "kld_mean", 6), "kld_p99": num_text(figures.kld_p99, 6),
-            "kld_max": num_text(figures.kld_max, 6), "same_top_p": pm_text(figures, "same_top_p", 2) + " %"}
+@dataclass(frozen=True)
+class Figures:
+    """A file's quality figures against the F16, as the card prints them."""
+    ppl: str
+    ppl_ratio: str
+    kld_mean: str
+    kld_p99: str
+    kld_max: str
+    same_top_p: str
+
+
+def figure_texts(figures: PerplexityFigures, base: PerplexityFigures) -> Figures:
+    return Figures(ppl=pm_text(figures, "ppl_q", 4), ppl_ratio=ppl_ratio(figures, base),
+                   kld_mean=pm_text(figures, "kld_mean", 6), kld_p99=num_text(figures.kld_p99, 6),
+                   kld_max=num_text(figures.kld_max, 6), same_top_p=pm_text(figures, "same_top_p", 2) + " %")
 
 
 def speed_text(run: SpeedRun | None) -> str:
@@ -84,6 +96,13 @@ def fit_cell(fit: Fit, n_layer: int) -> str:
     return (mode.advice if mode.name == "gpu" else code(mode.advice)) + f" ({binary_size(fit.gpu_bytes)})"
 
 
-def mode_facts(name: str, n_layer: int) -> dict:
+@dataclass(frozen=True)
+class Mode:
+    """An offload mode as the card names it: its label and the llama.cpp flags that choose it."""
+    label: str
+    flags: str
+
+
+def mode_facts(name: str, n_layer: int) -> Mode:
     mode = OffloadMode.from_name(name, n_layer)
-    return {"label": mode.label, "flags": mode.flags}
+    return Mode(mode.label, mode.flags)

@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from moeq.records import ValidateRecord, WorstTensor
 
 
-def validation_facts(validated: ValidateRecord | None) -> dict | None:
+@dataclass(frozen=True)
+class CheckRow:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class WorstRow:
+    type: str
+    tensor: str
+    rel_rmse: str
+    bound: str
+
+
+@dataclass(frozen=True)
+class ValidationFacts:
+    numerics: str
+    checks: list[CheckRow]
+    worst: list[WorstRow]
+
+
+def validation_facts(validated: ValidateRecord | None) -> ValidationFacts | None:
     if not validated:
         return None
     worst_by_type: dict[str, WorstTensor] = {}
@@ -13,9 +37,9 @@ def validation_facts(validated: ValidateRecord | None) -> dict | None:
         kept = worst_by_type.get(row.type)
         if kept is None or row.rel_rmse > kept.rel_rmse:
             worst_by_type[row.type] = row
-    return {
-        "numerics": validated.numerics,
-        "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in validated.checks],
-        "worst": [{"type": t, "tensor": r.name, "rel_rmse": f"{r.rel_rmse:.4f}",
-                   "bound": f"{r.bound:.3f}" if r.bound is not None else "none"} for t, r in sorted(worst_by_type.items())],
-    }
+    return ValidationFacts(
+        numerics=validated.numerics,
+        checks=[CheckRow(c.name, c.ok, c.detail) for c in validated.checks],
+        worst=[WorstRow(t, r.name, f"{r.rel_rmse:.4f}", f"{r.bound:.3f}" if r.bound is not None else "none")
+               for t, r in sorted(worst_by_type.items())],
+    )
