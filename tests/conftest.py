@@ -102,6 +102,22 @@ def run_target(pipeline, target: str, quant: str | None = None, ctx=None, **opti
     return run_to(ctx, target, quants, Options(force=force, **options))[(target, None if ladder else quant)]
 
 
+def tool_folder(folder: Path, toolchain: Toolchain, wrappers: dict[str, str] | None = None) -> Path:
+    """A llama.cpp tool folder for `toolchain.llama_cpp_bin`, with moeq's log flush beside its tools as the pinned
+    build has it: each tool the real one, or a sh script around it (`wrappers[NAME]`, where {real} is its path)."""
+    from moeq.toolchain import TOOLS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in TOOLS:
+        if name in (wrappers or {}):
+            (folder / name).write_text("#!/bin/sh\n" + wrappers[name].format(real=toolchain.path(name)))
+            (folder / name).chmod(0o755)
+        else:
+            (folder / name).symlink_to(toolchain.path(name))
+    link_log_flush(folder, toolchain)
+    return folder
+
+
 def link_log_flush(folder: Path, toolchain: Toolchain) -> None:
     """A test's own tool folder gets moeq's log flush beside its tools, as the pinned build has it."""
     library = log_flush_library(toolchain.path("llama-completion"))

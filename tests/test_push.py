@@ -209,9 +209,9 @@ def test_failed_push_leaves_the_repo_as_it_was(tmp_path, test_hub, q8_built):
     test_hub.state.create_repo(REPO_ID)
     before = test_hub.state.repos[REPO_ID].refs["main"]
     test_hub.state.faults.append(Fault("POST", r"/commit/main", 500, times=99))
-    proc = push(test_hub, config)
+    proc = push(test_hub, config, env={"MOEQ_HUB_MAX_WAIT_S": "0"})  # the retries, not their waits (1, 2, 4 s)
     assert proc.returncode == 5
-    assert proc.stderr.count("the Hub answered 500 to the commit; planning again") == 3
+    assert proc.stderr.count("the Hub answered 500 to the commit; planning again in 0 s") == 3
     assert proc.stderr.splitlines()[-1].startswith(f"error: {REPO_ID}: the Hub answered 500 while committing")
     assert "Traceback" not in proc.stderr
     assert test_hub.state.repos[REPO_ID].refs["main"] == before

@@ -18,26 +18,27 @@ from moeq.config import load_pipeline
 from moeq.errors import ResourceError
 from moeq.record_store import load_record
 from moeq.records import QuantizeRecord
-from moeq.toolchain import TOOLS
 from moeq.workspace import Workspace
 
-from conftest import REPO, default_sigint, link_log_flush, run_moeq, run_target
+from conftest import REPO, default_sigint, run_moeq, run_target, tool_folder
 
 Q = gguf.GGMLQuantizationType
 
 
 def make_counting_bin(tmp_path: Path, toolchain) -> Path:
     """A tool folder whose llama-quantize counts its starts, then runs the real one."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    for name in TOOLS:
-        if name != "llama-quantize":
-            (folder / name).symlink_to(toolchain.path(name))
-    wrapper = folder / "llama-quantize"
-    wrapper.write_text(f"#!/bin/sh\n[ \"$1\" = --help ] || echo start >> {tmp_path / 'starts'}\nexec {toolchain.path('llama-quantize')} \"$@\"\n")
-    wrapper.chmod(0o755)
-    link_log_flush(folder, toolchain)
-    return folder
+    return tool_folder(tmp_path / "bin", toolchain, {
+        "llama-quantize": f'[ "$1" = --help ] || echo start >> {tmp_path / "starts"}\nexec {{real}} "$@"\n'})
+
+
+def holding_bin(tmp_path: Path, toolchain) -> tuple[Path, Path]:
+    """A tool folder whose llama-quantize, once it has written its output, keeps running while the returned `hold`
+    file exists: a quantization caught in the act, however small the model."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    return tool_folder(tmp_path / "bin", toolchain, {"llama-quantize": (
+        f'[ "$1" = --help ] && exec {{real}} "$@"\n{{real}} "$@" || exit $?\n'
+        f'while [ -f {hold} ]; do sleep 0.05; done\n')}), hold
 
 
 def starts(tmp_path: Path) -> int:
@@ -162,7 +163,8 @@ def test_changed_output_is_redone(ladder):
 
 @pytest.mark.slow
 def test_interrupt_leaves_nothing_and_next_run_succeeds(tmp_path, toolchain):
-    cfg = write_config(tmp_path, synth="{layers: 4, experts: 16, experts_used: 2, embd: 1024, ff: 1024, vocab: 512}")
+    bin_dir, hold = holding_bin(tmp_path, toolchain)
+    cfg = write_config(tmp_path, bin_dir)
     final = tmp_path / "ws" / "quants" / "tiny-phimoe-Q2_K.gguf"
     partial = final.with_name(final.name + ".partial")
     proc = subprocess.Popen([sys.executable, "-m", "moeq", "quantize", "--config", str(cfg), "--quant", "Q2_K",
@@ -178,17 +180,15 @@ def test_interrupt_leaves_nothing_and_next_run_succeeds(tmp_path, toolchain):
     assert "interrupted by SIGINT" in err and "Traceback" not in err
     assert not final.exists() and not partial.exists()
     assert not subprocess.run(["pgrep", "-f", str(partial)], capture_output=True).stdout, "llama-quantize survived"
+    hold.unlink()
     again = run_moeq("quantize", "--config", str(cfg), "--quant", "Q2_K", "--json")
     assert again.returncode == 0, again.stderr
     assert gguf.GGUFReader(final).fields["general.file_type"].contents() == 10
 
 
-BIGGER = "{layers: 4, experts: 16, experts_used: 2, embd: 1024, ff: 1024, vocab: 512}"
-
-
-def start_quantize(cfg: Path) -> subprocess.Popen:
+def start_quantize(cfg: Path, stderr=subprocess.PIPE) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "moeq", "quantize", "--config", str(cfg), "--quant", "Q2_K",
-                             "--threads", "1", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--threads", "1", "--json"], stdout=subprocess.PIPE, stderr=stderr,
                             text=True, cwd=REPO)
 
 
@@ -201,7 +201,7 @@ def wait_for(path: Path, timeout: float = 120) -> None:
 
 @pytest.mark.slow
 def test_sigterm_stops_cleanly(tmp_path, toolchain):
-    cfg = write_config(tmp_path, synth=BIGGER)
+    cfg = write_config(tmp_path, holding_bin(tmp_path, toolchain)[0])
     final = tmp_path / "ws" / "quants" / "tiny-phimoe-Q2_K.gguf"
     proc = start_quantize(cfg)
     wait_for(final.with_name(final.name + ".partial"))
@@ -216,13 +216,22 @@ def test_sigterm_stops_cleanly(tmp_path, toolchain):
 
 @pytest.mark.slow
 def test_second_writer_waits_for_the_first(tmp_path, toolchain):
-    cfg = write_config(tmp_path, synth=BIGGER)
+    bin_dir, hold = holding_bin(tmp_path, toolchain)
+    cfg = write_config(tmp_path, bin_dir)
     final = tmp_path / "ws" / "quants" / "tiny-phimoe-Q2_K.gguf"
     first = start_quantize(cfg)
     wait_for(final.with_name(final.name + ".partial"))
-    second = start_quantize(cfg)
-    out1, err1 = first.communicate(timeout=300)
-    out2, err2 = second.communicate(timeout=300)
+    second_log = tmp_path / "second.log"
+    with open(second_log, "w") as log:
+        second = start_quantize(cfg, stderr=log)
+        deadline = time.monotonic() + 120
+        while "waiting for pid" not in second_log.read_text() and second.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        hold.unlink()  # the first finishes only once the second waits for it
+        out1, err1 = first.communicate(timeout=300)
+        out2, _ = second.communicate(timeout=300)
+    err2 = second_log.read_text()
     assert first.returncode == 0 and second.returncode == 0, err1 + err2
     assert f"quant-Q2_K: waiting for pid {first.pid} to finish" in err2
     assert json.loads(out1)[0]["skipped"] is False
