@@ -23,7 +23,7 @@ from moeq.config import load_pipeline
 from moeq.llama_logs import parse_buffer_sizes
 from moeq.workspace import Workspace
 
-from conftest import REPO, example_section, link_log_flush, pipeline_file, run_moeq, run_target
+from conftest import REPO, example_section, link_log_flush, pipeline_file, run_moeq, run_target, tool_folder
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
 EVAL_TEXT_SHA256 = "f08ec0c98a45566f009f3e07dce1e5a0247a9fb8311a3a8dea6ea86bad0612db"
@@ -291,18 +291,9 @@ def test_a_text_too_short_for_one_chunk_is_refused_before_running(tmp_path, tool
 
 @pytest.mark.slow
 def test_a_mode_over_its_time_limit_is_stopped_and_reported(tmp_path, toolchain, rpc_device):
-    from moeq.toolchain import TOOLS
-
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    for name in TOOLS:
-        if name == "llama-bench":  # answers --version, then hangs without a word
-            (folder / name).write_text(f'#!/bin/sh\n[ "$1" = --version ] && exec {toolchain.path(name)} --version\n'
-                                       "sleep 60\n")
-            (folder / name).chmod(0o755)
-        else:
-            (folder / name).symlink_to(toolchain.path(name))
-    link_log_flush(folder, toolchain)
+    # llama-bench answers --version, then hangs without a word
+    folder = tool_folder(tmp_path / "bin", toolchain, {"llama-bench": '[ "$1" = --version ] && exec {real} --version\n'
+                                                                     "sleep 60\n"})
     config, pipeline, ws = prepared(tmp_path, quants=("Q8_0",))
     # The limit applies to every tool: 5 s and 4 chunks leave llama-perplexity time enough on a busy machine.
     config.write_text(config.read_text().replace("  repetitions: 2\n", "  repetitions: 2\n  timeout_s: 5\n")
@@ -333,19 +324,8 @@ def test_cli_with_an_rpc_device(tmp_path, toolchain, rpc_device):
 
 def _hanging_tools(tmp_path: Path, toolchain, hang: str, script: str) -> Path:
     """The real tools, except `hang`, which answers --version/--list-devices and otherwise runs `script`."""
-    from moeq.toolchain import TOOLS
-
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    for name in TOOLS:
-        if name == hang:
-            (folder / name).write_text(f'#!/bin/sh\ncase "$1" in --version|--list-devices) exec {toolchain.path(name)} '
-                                       f'"$1";; esac\n{script}\n')
-            (folder / name).chmod(0o755)
-        else:
-            (folder / name).symlink_to(toolchain.path(name))
-    link_log_flush(folder, toolchain)
-    return folder
+    return tool_folder(tmp_path / "bin", toolchain, {
+        hang: 'case "$1" in --version|--list-devices) exec {real} "$1";; esac\n' + script.replace("{", "{{").replace("}", "}}") + "\n"})
 
 
 @pytest.mark.slow

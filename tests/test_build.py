@@ -17,7 +17,7 @@ from moeq.cards.lint import lint_card
 from moeq.manifest import parse_manifest
 from moeq.toolchain import TOOLS
 
-from conftest import HUB_TOKEN, PER_QUANT, REPO, copy_built, example_section, link_log_flush, pipeline_file, run_moeq
+from conftest import HUB_TOKEN, PER_QUANT, REPO, copy_built, example_section, pipeline_file, run_moeq, tool_folder
 from hub_server import Fault
 
 LADDER = ("Q8_0", "Q4_K_M", "Q2_K")
@@ -35,19 +35,12 @@ def wrapped_tools(tmp_path: Path, toolchain, fail_quant: str | None = None) -> P
     """A tool folder whose every tool logs its start to tmp_path/starts, then runs the real one.
 
     While tmp_path/slow exists, llama-quantize waits 60 s first (touching tmp_path/quantizing), to be killed."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    for name in TOOLS:
-        extra = ""
-        if name == "llama-quantize":
-            extra = (f'if [ "$1" != --help ] && [ -f {tmp_path}/slow ]; then touch {tmp_path}/quantizing; sleep 60; fi\n'
-                     + (f'case " $* " in *" {fail_quant} "*) echo "simulated failure for {fail_quant}" >&2; exit 1;; esac\n'
-                        if fail_quant else ""))
-        (folder / name).write_text(f"#!/bin/sh\necho \"{name} $*\" >> {tmp_path}/starts\n{extra}"
-                                   f"exec {toolchain.path(name)} \"$@\"\n")
-        (folder / name).chmod(0o755)
-    link_log_flush(folder, toolchain)
-    return folder
+    quantize = (f'if [ "$1" != --help ] && [ -f {tmp_path}/slow ]; then touch {tmp_path}/quantizing; sleep 60; fi\n'
+                + (f'case " $* " in *" {fail_quant} "*) echo "simulated failure for {fail_quant}" >&2; exit 1;; esac\n'
+                   if fail_quant else ""))
+    return tool_folder(tmp_path / "bin", toolchain, {
+        name: f'echo "{name} $*" >> {tmp_path}/starts\n' + (quantize if name == "llama-quantize" else "")
+        + 'exec {real} "$@"\n' for name in TOOLS})
 
 
 def write_config(tmp_path: Path, bin_dir: Path, template: Path | None = None, layout: str = "single",

@@ -20,7 +20,7 @@ from moeq.steps import wiring
 from moeq.steps.context import Context
 from moeq.steps.repos import repo_units
 
-from conftest import example_section, link_log_flush, pipeline_file, run_moeq
+from conftest import example_section, pipeline_file, run_moeq, tool_folder
 
 
 
@@ -156,18 +156,9 @@ def test_a_calibration_text_shorter_than_two_chunks_is_refused(tmp_path):
 
 
 def test_llama_imatrix_failing_is_one_line_and_leaves_nothing(tmp_path, toolchain):
-    from moeq.toolchain import TOOLS
-
-    tools = tmp_path / "bin"
-    tools.mkdir()
-    for name in TOOLS:
-        (tools / name).symlink_to(toolchain.path(name))
-    link_log_flush(tools, toolchain)
-    (tools / "llama-imatrix").unlink()
-    (tools / "llama-imatrix").write_text(
-        f'#!/bin/sh\n[ "$1" = --help ] && exec {toolchain.path("llama-imatrix")} --help\n'
-        'for a; do case "$prev" in -o) : > "$a";; esac; prev="$a"; done\necho "simulated crash" >&2\nexit 134\n')
-    (tools / "llama-imatrix").chmod(0o755)
+    tools = tool_folder(tmp_path / "bin", toolchain, {"llama-imatrix": (
+        '[ "$1" = --help ] && exec {real} --help\n'
+        'for a; do case "$prev" in -o) : > "$a";; esac; prev="$a"; done\necho "simulated crash" >&2\nexit 134\n')})
     config = pipeline(tmp_path / "crash", toolchain={"llama_cpp_bin": str(tools)})
     proc = run_moeq("imatrix", "--config", str(config))
     assert proc.returncode == 4, proc.stderr

@@ -53,9 +53,10 @@ def installed(tmp_path_factory, toolchain) -> Path:
     assert "moeq/templates/model-card.md.j2" in names and "moeq/bench/eval-text.txt" in names
     assert {"moeq/data/calibration.txt", "moeq/data/training-text.txt", "moeq/data/CALIBRATION.md"} <= set(names)
     venv = tmp / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)])
-    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-index", "--find-links", str(wheelhouse),
-          str(wheel)])
+    # pip from this venv installs into the new one (--python), which needs no pip of its own; modules compile on import
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet", "--no-compile",
+          "--no-index", "--find-links", str(wheelhouse), str(wheel)])
     return venv
 
 
