@@ -53,10 +53,11 @@ def installed(tmp_path_factory, toolchain) -> Path:
     assert "moeq/templates/model-card.md.j2" in names and "moeq/bench/eval-text.txt" in names
     assert {"moeq/data/calibration.txt", "moeq/data/training-text.txt", "moeq/data/CALIBRATION.md"} <= set(names)
     venv = tmp / "venv"
-    # pip from this venv installs into the new one (--python), which needs no pip of its own; modules compile on import
+    # pip from this venv installs into the new one (--python), which needs no pip of its own; compiled on both cores
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet", "--no-compile",
           "--no-index", "--find-links", str(wheelhouse), str(wheel)])
+    _run([str(venv / "bin" / "python"), "-m", "compileall", "-q", "-j", "0", *map(str, venv.glob("lib/python3*"))])
     return venv
 
 
