@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def pipeline_file(folder: Path, *, trained: bool = True, rpc: str | None = None,
     assert what moeq does with the matrix, not its figures. The random-weights builds (the golden cards) keep all."""
     data = yaml.safe_load(EXAMPLE.read_text())
     if trained:
-        data["imatrix"] = {**data.get("imatrix", {}), "chunks": 40}
+        data["imatrix"] = {**data.get("imatrix", {}), "chunks": QUICK_IMATRIX_CHUNKS}
     else:
         del data["source"]["train"]
     if rpc:
@@ -55,6 +56,14 @@ def pipeline_file(folder: Path, *, trained: bool = True, rpc: str | None = None,
     path = folder / "tiny-phimoe.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+QUICK_IMATRIX_CHUNKS = 40
+
+
+def quick_imatrix(text: str) -> str:
+    """A pipeline file's text with its importance matrix from QUICK_IMATRIX_CHUNKS chunks (see pipeline_file)."""
+    return re.sub(r"^imatrix:", f"imatrix:\n  chunks: {QUICK_IMATRIX_CHUNKS}", text, count=1, flags=re.M)
 
 
 def copy_built(built: Path, folder: Path) -> None:

@@ -22,7 +22,7 @@ from moeq.llama_logs import parse_buffer_sizes, parse_memory_breakdown
 from moeq.records import BenchRecord, DeviceMemory, Gpu
 from moeq.toolchain import PINNED_COMMIT, TOOLS, Toolchain, detect_backend
 
-from conftest import REPO, run_moeq
+from conftest import REPO, quick_imatrix, run_moeq
 
 BUILD = REPO / "scripts" / "build-llama-cpp"
 H200 = "NVIDIA H200, 143771, 9.0"
@@ -201,7 +201,7 @@ def test_doctor_shows_a_cuda_build_and_warns_when_no_gpu_is_found(tmp_path, cuda
 
 def _example(folder: Path, extra: str = "") -> Path:
     """The example without its RPC stand-in: offload modes need a GPU."""
-    text = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
+    text = quick_imatrix((REPO / "examples" / "tiny-phimoe.yaml").read_text())
     config = folder / "tiny-phimoe.yaml"
     config.write_text("\n".join(line for line in text.splitlines() if "rpc: local" not in line) + "\n" + extra)
     return config
@@ -216,8 +216,8 @@ def test_bench_refuses_offload_modes_from_a_cpu_build_where_a_gpu_is_present(tmp
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     tool = toolchain.path("llama-bench")
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: llama-bench ({tool}) is a CPU-only llama.cpp build, but this machine has an "
-        "NVIDIA GPU (NVIDIA H200): modes gpu, cpu-moe, ncmoe 1 would run on the CPU; build the CUDA tools "
+        f"error: llama-bench ({tool}): a CPU-only llama.cpp build, but this machine has an "
+        "NVIDIA GPU (NVIDIA H200), so modes gpu, cpu-moe, ncmoe 1 would run on the CPU; build the CUDA tools "
         "(scripts/setup --backend cuda) and set toolchain.backend: cuda, or bench --modes cpu")
     ws = load_pipeline(config).workspace
     assert not (ws / "records" / "bench-Q2_K.json").exists()
@@ -237,7 +237,7 @@ def test_a_cuda_pipeline_without_a_device_is_an_error_not_a_gap(tmp_path, cuda_t
     assert proc.returncode != 0
     ws = load_pipeline(config).workspace
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: llama-bench --list-devices finds no device, and toolchain.backend is cuda: "
+        "error: llama-bench --list-devices: finds no device, and toolchain.backend is cuda; "
         f"check the GPU and its driver (nvidia-smi); see {ws / 'bench' / 'Q2_K' / 'devices.log'}")
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from moeq.config import SynthSpec
 
-from conftest import HUB_TOKEN, REPO, default_sigint, run_moeq
+from conftest import HUB_TOKEN, REPO, default_sigint, quick_imatrix, run_moeq
 from hub_server import Fault
 from test_hostile import assert_clean_failure
 
@@ -29,7 +29,7 @@ EXAMPLE = (REPO / "examples" / "tiny-phimoe.yaml").read_text()
 
 def workspace(folder: Path, text: str = EXAMPLE) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pipeline.yaml").write_text(text)
+    (folder / "pipeline.yaml").write_text(quick_imatrix(text))
     return folder / "pipeline.yaml"
 
 

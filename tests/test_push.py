@@ -283,7 +283,7 @@ def test_check_names_the_lines_edited_on_the_hub(tmp_path, test_hub, q8_built):
     assert proc.returncode == 7
     assert (f'{REPO_ID}/README.md:{lines.index(bullet) + 1}: edited: expected {json.dumps(bullet)}, '
             f'found {json.dumps(edited)}') in proc.stdout.splitlines()
-    assert f"not what the records say: {REPO_ID}" in proc.stderr
+    assert f"moeq push --check: not what the records say: {REPO_ID}; run moeq push" in proc.stderr
 
 
 @pytest.mark.slow

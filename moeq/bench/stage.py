@@ -107,8 +107,8 @@ def require_gpu_build(tool: Tool, gpus: list[str], modes: list[str]) -> None:
     offload = [f"ncmoe {m}" if str(m).isdigit() else str(m) for m in modes if m != "cpu"]
     if offload and gpus and tool.build.backend not in GPU_BACKENDS:
         modes_text = ("modes " if len(offload) > 1 else "mode ") + ", ".join(offload)
-        raise ToolError(f"{tool.name} ({tool.path}) is a CPU-only llama.cpp build, but this machine has an NVIDIA GPU "
-                        f"({', '.join(sorted(set(gpus)))})", f"{modes_text} would run on the CPU",
+        raise ToolError(f"{tool.name} ({tool.path})", "a CPU-only llama.cpp build, but this machine has an NVIDIA GPU "
+                        f"({', '.join(sorted(set(gpus)))}), so {modes_text} would run on the CPU",
                         "build the CUDA tools (scripts/setup --backend cuda) and set toolchain.backend: cuda, or "
                         "bench --modes cpu")
 
@@ -134,8 +134,8 @@ def _modes(chain: Toolchain, model: Path, plan: MemoryPlan, options: BenchOption
     if rpc is None and any(m.offload for m in modes):
         if not offload_devices(chain.path("llama-bench"), logs / "devices.log", options.timeout_s):
             if chain.backend in GPU_BACKENDS:  # the pipeline insists on measuring on that GPU
-                raise ToolError(f"llama-bench --list-devices finds no device, and toolchain.backend is {chain.backend}",
-                                "check the GPU and its driver (nvidia-smi)", f"see {logs / 'devices.log'}")
+                raise ToolError("llama-bench --list-devices", f"finds no device, and toolchain.backend is {chain.backend}",
+                                f"check the GPU and its driver (nvidia-smi); see {logs / 'devices.log'}")
             no_device = NO_DEVICE
     for mode in modes:
         if mode.offload and no_device:

@@ -69,7 +69,8 @@ def push(
         for line in verdict.findings:
             sys.stdout.write(line + "\n")
         if verdict.behind:
-            raise CheckFailed("not what the records say", ', '.join(verdict.behind), "run moeq push for them")
+            raise CheckFailed("moeq push --check", f"not what the records say: {', '.join(verdict.behind)}",
+                              "run moeq push for them")
 
 
 def _print_push(row: dict) -> None:
