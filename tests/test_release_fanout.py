@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import hub_server
-from conftest import HUB_TOKEN, HUB_USER, PER_QUANT, pipeline_file, run_moeq
+from conftest import HUB_TOKEN, HUB_USER, PER_QUANT, QUICK_IMATRIX_CHUNKS, pipeline_file, run_moeq
 from moeq.push.stage import COMMIT_ATTEMPTS
 from moeq.runner import tool_env
 
@@ -33,7 +33,7 @@ FILES = {q: f"tiny-phimoe-{q}.gguf" for q in LADDER}
 
 def job(folder: Path) -> Path:
     """A runner's own checkout and workspace: the pipeline file in FOLDER, its workspace FOLDER/work."""
-    return pipeline_file(folder, trained=False, bench=BENCH)
+    return pipeline_file(folder, trained=False, bench=BENCH, imatrix={"ctx": 256, "chunks": QUICK_IMATRIX_CHUNKS})
 
 
 def moeq_process(config: Path, *args: str, env: dict) -> subprocess.Popen:
