@@ -44,7 +44,8 @@ def require_moe(header: GGUFHeader, where: object) -> str:
     arch = header.architecture
     supported = moe_architectures()
     if not isinstance(arch, str) or not arch:
-        raise InputError(where, "no general.architecture key", "not a model llama.cpp can load")
+        raise InputError(where, "no general.architecture key, so not a model llama.cpp can load",
+                         "convert the model with llama.cpp's convert_hf_to_gguf.py")
     if arch not in supported:
         known = arch in gguf.MODEL_ARCH_NAMES.values()
         raise InputError(where, f"architecture {arch!r} " + ("has no mixture-of-experts tensors in llama.cpp "

@@ -122,7 +122,7 @@ def _staged_already(ctx: Context, quants: list[QuantSpec], release: Release, for
         return {}
     if not ctx.pipeline.single_repo:
         raise ConfigError(ctx.pipeline.path, "--stage-to stages quants for the ladder's one repo (hub.layout single)",
-                          "with hub.layout per-quant each quant's build pushes its own repo")
+                          "leave out --stage-to: with hub.layout per-quant each quant's build pushes its own repo")
     if force:
         return {}
     found = {q.type: releases.staged_already(ctx, q, release.stage_to, release.imatrix_from) for q in quants}

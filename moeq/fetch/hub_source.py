@@ -126,7 +126,7 @@ def _fetch_hf(pipeline: Pipeline, ws: Workspace, api: HfApi, commit: str, target
     entries = [e for e in tree if any(fnmatch.fnmatch(e.path, p) for p in HF_PATTERNS)]
     if not any(e.path.endswith(".safetensors") for e in entries):
         raise HubError(f"{spec.repo}@{commit[:12]}", "no .safetensors weights",
-                       "source.kind hf needs a safetensors repo (use kind gguf for a GGUF repo)")
+                       "point source.repo at a safetensors repo, or use source.kind gguf for a GGUF repo")
     size = sum(e.size for e in entries)
     require_free(ws.source_dir, size * 2, "the source")
     folder = ws.source_dir / "hf" / f"{spec.repo.replace('/', '--')}@{commit[:12]}"

@@ -28,8 +28,8 @@ def base_type(quant: str) -> str:
     name = quant.removesuffix("_M")
     known, own = lookup(name), lookup(quant)
     if name not in TYPE_LADDER or known is None or own is None or known.file_type != own.file_type:
-        raise InputError(f"quants[{quant}].recipe", f"a searched recipe is for {', '.join(RUNGS)}",
-                         f"{quant} is not one")
+        raise InputError(f"quants[{quant}].recipe", f"a searched recipe is for {', '.join(RUNGS)}, not {quant}",
+                         f"remove recipe: search from {quant}")
     return name
 
 
