@@ -6,6 +6,7 @@ so a llama.cpp upgrade that changes the list fails loudly instead of drifting.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import gguf
@@ -71,6 +72,28 @@ def more_bits_share(n_layer: int) -> float:
     eighth = n_layer // 8
     chosen = [i for i in range(n_layer) if i < eighth or i >= 7 * n_layer // 8 or (i - eighth) % 3 == 2]
     return len(chosen) / n_layer
+
+
+# llama-quant.cpp's tensor_type_fallback, for a tensor whose rows do not hold whole blocks of its type (the
+# ladder's types and the search's filler); F16 when the fallback's blocks do not fit either.
+_Q = gguf.GGMLQuantizationType
+ROW_FALLBACK = {_Q.Q2_K: _Q.Q4_0, _Q.Q3_K: _Q.Q4_0, _Q.TQ1_0: _Q.Q4_0, _Q.Q4_K: _Q.Q5_0, _Q.Q5_K: _Q.Q5_1,
+                _Q.Q6_K: _Q.Q8_0}
+
+
+def row_type(ncols: int, ggml_type: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """The type llama-quantize gives a tensor of rows of `ncols` values that it is told to make `ggml_type`."""
+    if ncols % gguf.GGML_QUANT_SIZES[ggml_type][0] == 0:
+        return ggml_type
+    fallback = ROW_FALLBACK.get(ggml_type, ggml_type)
+    return fallback if ncols % gguf.GGML_QUANT_SIZES[fallback][0] == 0 else _Q.F16
+
+
+def tensor_bytes(shape: list[int], ggml_type: str) -> int:
+    """The bytes llama-quantize writes for a tensor of `shape` (ggml order) told to be `ggml_type`."""
+    actual = row_type(shape[0], gguf.GGMLQuantizationType[ggml_type])
+    block, size = gguf.GGML_QUANT_SIZES[actual]
+    return math.prod(shape) // block * size
 
 
 def estimated_bytes(name: str, parameters: int, n_layer: int | None = None) -> int:

@@ -94,6 +94,14 @@ def run_stage(stage: Stage[R], records: Records, *, force: bool = False,
         return StageResult(stage.name, stage.status(record), why, _since(started), record)
 
 
+def current(stage: Stage[R], records: Records) -> R | None:
+    """The saved record of `stage` when `run_stage` would find it up to date (nothing runs, nothing is locked)."""
+    previous = records.saved(stage.name, stage.subject, fresh=True)
+    if previous is None or stage.lazy_key:
+        return None
+    return previous.record if _why_run(stage, previous, declared_key(stage), False, None) is None else None
+
+
 def _since(started: float) -> float:
     return round(time.monotonic() - started, 3)
 

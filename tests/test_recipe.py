@@ -1,11 +1,12 @@
-"""A recipe's file assembled from per-type `--pure` quantizations equals llama-quantize's own, byte for byte.
+"""A recipe's file assembled from the search's per-type files equals llama-quantize's own, byte for byte.
 
-Real llama-quantize on the tiny model: one `--pure` file per type (token_embd and output typed explicitly,
-as a recipe types them), then the same recipe quantized directly with `--tensor-type-file`.
+Real llama-quantize on the tiny model: the per-type files a search keeps (each cut down to the tensors that may
+take its type; recipe/pure.py), then the same recipe quantized directly with `--tensor-type-file`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
@@ -13,9 +14,12 @@ import pytest
 
 from moeq.errors import InputError
 from moeq.gguf_header import read_header
+from moeq.quant_types import tensor_bytes
+from moeq.recipe.pure import needed_tensors, type_files
+from moeq.records import FileRef, ImatrixRef
 from moeq.texts import shipped_calibration
-from moeq.recipe.assemble import assemble
 from moeq.recipe_file import recipe_types
+from moeq.workspace import Workspace
 
 RECIPE = [("attn", "q8_0"), ("ffn_down_exps", "q4_k"), ("blk\\.0\\.ffn_(gate|up)_exps", "q4_k"),
           ("ffn_(gate|up)_exps", "q2_k")]
@@ -23,51 +27,74 @@ ENDS = ["--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0"]
 
 
 def quantize(toolchain, source: Path, out: Path, base: str, *extra: str) -> Path:
+    """llama-quantize run beside the importance matrix, named as the search names it (it is in the metadata)."""
     proc = subprocess.run([str(toolchain.path("llama-quantize")), "--pure", *ENDS, *extra, str(source), str(out),
-                           base], capture_output=True, text=True, timeout=300)
+                           base], capture_output=True, text=True, timeout=300, cwd=out.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
 
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @pytest.fixture(scope="module", params=["no imatrix", "imatrix"])
 def pure(request, tmp_path_factory, toolchain, tiny_model):
-    """One --pure file per type, made with an importance matrix (computed here on moeq's calibration text) or
-    without."""
+    """The per-type files a search of the recipe's types would keep, made with an importance matrix (computed here
+    on moeq's calibration text) or without."""
     folder = tmp_path_factory.mktemp("recipe")
-    extra = []
+    extra, imatrix = [], None
     if request.param == "imatrix":
         matrix = folder / "tiny.imatrix"
         proc = subprocess.run([str(toolchain.path("llama-imatrix")), "-m", str(tiny_model), "-f",
                                str(shipped_calibration()), "--chunks", "2", "-c", "128", "-o", str(matrix)],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        extra = ["--imatrix", str(matrix)]
-    files = {t: quantize(toolchain, tiny_model, folder / f"pure-{t}.gguf", t, *extra) for t in ("Q8_0", "Q4_K", "Q2_K")}
-    return folder, files, extra
+        extra, imatrix = ["--imatrix", matrix.name], ImatrixRef(path=str(matrix), sha256=sha256(matrix))
+    names = [t.name for t in read_header(tiny_model).tensors if t.name.endswith("_exps.weight")
+             or ("attn_" in t.name and t.name.endswith(".weight") and "norm" not in t.name)]
+    types = recipe_types(RECIPE, names) | {"token_embd.weight": "Q8_0", "output.weight": "Q8_0"}
+    source = FileRef(path=str(tiny_model), size=tiny_model.stat().st_size, sha256=sha256(tiny_model))
+    files = type_files(Workspace(folder / "work"), toolchain.tool("llama-quantize"), source, imatrix,
+                       needed_tensors(types, "Q2_K"), lambda _msg: None)
+    return folder, files, types, extra
 
 
 def test_an_assembled_file_is_the_file_llama_quantize_makes(pure, toolchain, tiny_model):
-    folder, files, extra = pure
+    folder, files, types, extra = pure
     recipe = folder / "recipe.txt"
     recipe.write_text("".join(f"{pattern}={ggml_type}\n" for pattern, ggml_type in RECIPE))
     direct = quantize(toolchain, tiny_model, folder / "direct.gguf", "Q2_K", *extra, "--tensor-type-file",
                       str(recipe))
-    names = [t.name for t in read_header(files["Q2_K"]).tensors]
-    types = recipe_types(RECIPE, names)
     assert types["blk.0.ffn_up_exps.weight"] == "Q4_K" and types["blk.1.ffn_up_exps.weight"] == "Q2_K"  # first wins
-    assert types["blk.1.attn_q.weight"] == "Q8_0" and "token_embd.weight" not in types
+    assert types["blk.1.attn_q.weight"] == "Q8_0"
+    order = [t.name for t in read_header(direct).tensors]
     assembled = folder / "assembled.gguf"
-    assemble(files["Q2_K"], files, types, assembled)
-    assert assembled.read_bytes() == direct.read_bytes()
+    files.assemble(order, "Q2_K", types, assembled)
+    assert sha256(assembled) == sha256(direct)
     by_name = {t.name: t.type.name for t in read_header(assembled).tensors}
-    assert {by_name[name] for name in names if "ffn_down_exps" in name} == {"Q4_K"}  # not a file of one type
+    assert {by_name[name] for name in order if "ffn_down_exps" in name} == {"Q4_K"}  # not a file of one type
+
+
+def test_a_per_type_file_holds_only_the_tensors_that_may_take_its_type(pure, tiny_model):
+    """With the recipe as the stock types, each file holds the tensors whose type is its own or one beside it, and
+    the unquantized ones (norms, router): the Q2_K file no attention tensor (Q8_0, far from Q2_K), the Q6_K file
+    no expert; together far less than whole files of their types."""
+    _folder, files, types, _extra = pure
+    held = {part.ggml_type: {t.name for t in read_header(part.path).tensors} for part in files.parts}
+    unquantized = {t.name for t in read_header(tiny_model).tensors} - set(types)
+    assert unquantized and all("norm" in n or "gate_inp" in n or "rope" in n or ".bias" in n for n in unquantized)
+    assert held["Q2_K"] == {n for n, t in types.items() if t == "Q2_K"} | unquantized
+    assert held["Q3_K"] == {n for n, t in types.items() if t in ("Q2_K", "Q4_K")} | unquantized
+    assert held["Q6_K"] == {n for n, t in types.items() if t == "Q8_0"} | unquantized
+    shapes = {t.name: t.shape for t in read_header(tiny_model).tensors}
+    whole = sum(tensor_bytes(shapes[n], part.ggml_type) for part in files.parts for n in types)
+    assert sum(part.path.stat().st_size for part in files.parts) < 0.6 * whole
 
 
 def test_a_recipe_naming_what_is_not_there_writes_nothing(pure):
-    folder, files, _ = pure
+    folder, files, types, _ = pure
     out = folder / "bad.gguf"
-    with pytest.raises(InputError, match="no tensor 'blk.9.attn_q.weight'"):
-        assemble(files["Q2_K"], files, {"blk.9.attn_q.weight": "Q8_0"}, out)
-    with pytest.raises(InputError, match="no pure quantization for type Q6_K"):
-        assemble(files["Q2_K"], files, {"blk.0.attn_q.weight": "Q6_K"}, out)
-    assert not out.exists() and not out.with_name("bad.gguf.partial").exists()
+    with pytest.raises(InputError, match="blk.0.attn_q.weight: no per-type file holds it at Q2_K"):
+        files.assemble(list(types), "Q2_K", {**types, "blk.0.attn_q.weight": "Q2_K"}, out)
+    assert not out.exists() and not list(folder.glob("*.partial"))

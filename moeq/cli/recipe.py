@@ -25,7 +25,7 @@ def recipe(
     """
     from moeq.config import RECIPE_SEARCH
     from moeq.plan import FETCH, Options, run_to
-    from moeq.steps.wiring import recipe_plan
+    from moeq.steps.wiring import recipe_current, recipe_plan
 
     ctx = open_context(config)
     quants = selected_quants(ctx.pipeline, quant) if quant else [q for q in ctx.pipeline.quants
@@ -39,9 +39,11 @@ def recipe(
     for spec in quants:
         if plan:
             source = run_to(ctx, "fetch", [spec], Options(download=False))[FETCH].record
-            planned = recipe_plan(ctx, spec, source)
-            results.add({"quant": spec.type, "plan": planned.as_dict()},
-                        lambda: console.print(f"{spec.type}: {planned.describe()}", soft_wrap=True))
+            planned, done = recipe_plan(ctx, spec, source), recipe_current(ctx, spec, source)
+            results.add({"quant": spec.type, "plan": planned.as_dict(), "up_to_date": done is not None,
+                         "chosen": _chosen(done) if done else None},
+                        lambda: console.print(f"{spec.type}: " + (f"up to date: {_chosen_line(done)}" if done else
+                                                                  planned.describe()), soft_wrap=True))
             continue
         options = Options(force=frozenset({"recipe"} if force else ()), download=False)
         done = run_to(ctx, "recipe", [spec], options)[("recipe", spec.type)]
@@ -50,10 +52,18 @@ def recipe(
 
 
 def _print_recipe(done) -> None:
-    record = done.record
-    chosen, stock = record.evals[record.chosen], record.evals[0]
     state = "up to date" if done.up_to_date else f"done in {done.seconds:.1f} s"
-    console.print(f"{record.quant}: {state}: {len(record.evals)} recipes measured on {record.selection.text}; "
-                  f"chosen: {chosen.label}, mean KLD {chosen.quality.kld_mean:.6f} against the stock "
-                  f"{stock.quality.kld_mean:.6f}, {chosen.tensor_bytes:,} bytes of {record.budget_bytes:,}; "
-                  f"recipe {record.recipe_file.path}", soft_wrap=True)
+    console.print(f"{done.record.quant}: {state}: {_chosen_line(done.record)}", soft_wrap=True)
+
+
+def _chosen(record) -> dict:
+    chosen = record.evals[record.chosen]
+    return {"label": chosen.label, "kld_mean": chosen.quality.kld_mean, "stock_kld_mean": record.evals[0].quality.kld_mean,
+            "tensor_bytes": chosen.tensor_bytes, "budget_bytes": record.budget_bytes, "recipe": record.recipe_file.path}
+
+
+def _chosen_line(record) -> str:
+    chosen, stock = record.evals[record.chosen], record.evals[0]
+    return (f"{len(record.evals)} recipes measured on {record.selection.text}; chosen: {chosen.label}, mean KLD "
+            f"{chosen.quality.kld_mean:.6f} against the stock {stock.quality.kld_mean:.6f}, {chosen.tensor_bytes:,} "
+            f"bytes of {record.budget_bytes:,}; recipe {record.recipe_file.path}")

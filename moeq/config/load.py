@@ -530,11 +530,18 @@ def load_pipeline(path: Path) -> Pipeline:
         raise (top["workspace"] if "workspace" in top else top["model"]).fail(f"{workspace} is a file, not a folder",
                                                                               "point workspace at a folder (it is "
                                                                               "made when missing)")
+    bench = _bench(top["bench"], base) if "bench" in top else BenchSpec()
+    searched = next((node for node, q in zip(quant_nodes, quants) if q.recipe == RECIPE_SEARCH), None)
+    if searched is not None and not bench.quality:
+        raise top["bench"].mapping(keys_of(BenchSpec))["quality"].fail(
+            f"false, while {quants[quant_nodes.index(searched)].type} has recipe: search, which measures every "
+            "recipe's KL divergence (without it the search would be skipped)",
+            "set bench.quality: true, or remove recipe: search")
     return Pipeline(
         path=path, model=model, source=source, workspace=workspace, quants=tuple(quants),
         hub=_hub(top["hub"], model, tuple(quants)),
         card=_card(top["card"], base) if "card" in top else CardSpec(),
-        bench=_bench(top["bench"], base) if "bench" in top else BenchSpec(),
+        bench=bench,
         toolchain=_toolchain(top["toolchain"], base) if "toolchain" in top else ToolchainSpec(),
         imatrix=_imatrix(top["imatrix"], base) if "imatrix" in top else ImatrixSpec(),
         recipe=_recipe(top["recipe"], base) if "recipe" in top else RecipeSpec(),

@@ -54,20 +54,15 @@ def neighbours(ggml_type: str) -> list[str]:
     return [TYPE_LADDER[i] for i in (rung - 1, rung, rung + 1) if 0 <= i < len(TYPE_LADDER)]
 
 
-def require_reachable(quant: QuantSpec, limit: int, fixed: int, sizes: dict, stock_types: dict[str, str],
-                      lowest: str) -> None:
-    """Refuse, before measuring anything, a budget below every tensor at the lowest type, or below what the
-    search can reach (every group one type down from the stock file)."""
-    floor = fixed + sum(sizes[lowest][name] for name in stock_types)
-    if limit < floor:
-        raise InputError(f"quants[{quant.type}].budget",
-                         f"{limit:,} bytes, less than any recipe can weigh (every tensor {lowest}: {floor:,} bytes)",
-                         "raise the budget")
+def require_reachable(quant: QuantSpec, limit: int, fixed: int, sizes: dict, stock_types: dict[str, str]) -> None:
+    """Refuse, before measuring anything, a budget below what the search can reach: every tensor one type below
+    the stock file's (a search moves no tensor further)."""
     reach = fixed + sum(sizes[neighbours(t)[0]][name] for name, t in stock_types.items())
     if limit < reach:
-        raise InputError(f"quants[{quant.type}].budget", f"{limit:,} bytes, less than the search reaches (every "
-                         f"tensor one type below the stock {quant.type}: {reach:,} bytes)",
-                         "raise the budget or search a lower rung")
+        lower = "" if quant.type.startswith(TYPE_LADDER[0]) else " or search a lower rung"
+        raise InputError(f"quants[{quant.type}].budget", f"{limit:,} bytes, less than any recipe the search makes can "
+                         f"weigh (every tensor one type below the stock {quant.type}: {reach:,} bytes)",
+                         f"raise the budget{lower}")
 
 
 class GpuCount:

@@ -1,25 +1,28 @@
-"""What a recipe search will cost, from the source's header alone: its tensor groups, its llama-perplexity runs,
-the tokens of each run, and the per-type files it keeps on disk.
+"""What a recipe search will cost, from the source's header and llama-quantize's dry run alone: its tensor groups,
+its llama-perplexity runs, the tokens of each run, and the per-type files it keeps on disk.
 
-    plan_search(pipeline, quant, Path("work/source/tiny-phimoe-F16.gguf")).describe()
-    # -> '2 tensor groups; up to 6 llama-perplexity runs of 2,048 tokens; 6 --pure quantizations (...), ...'
+    plan_search(pipeline, quant, Path("work/source/tiny-phimoe-F16.gguf"), tool).describe()
+    # -> '16 tensor groups; up to 34 llama-perplexity runs of 2,048 tokens; per-type files of Q2_K, ..., 0.01 GB ...'
 """
 
 from __future__ import annotations
 
 import math
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from gguf import Keys
 
-from moeq.config import Pipeline, QuantSpec
+from moeq.config import RECIPE_SEARCH, Pipeline, QuantSpec
 from moeq.errors import InputError
 from moeq.gguf_header import read_header
 from moeq.quant_types import lookup
-from moeq.recipe.search import TYPE_LADDER, Group, groups_of
+from moeq.recipe.pure import needed_bytes, needed_tensors, union
+from moeq.recipe.search import TYPE_LADDER, Group, groups_of, stepped
+from moeq.runner import run_tool
 
-BITS = {"Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5}  # per weight
 RUNGS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")  # the rungs whose --pure base type is on the ladder
 
 
@@ -38,33 +41,62 @@ class Plan:
     """What a search will cost, printed before it starts."""
 
     groups: int
-    runs: int  # llama-perplexity runs at most (recipe.max_evals bounds it)
+    runs: int  # llama-perplexity runs at most: the stock recipe, each group up and down where it can go, the
+    # solution (recipe.max_evals bounds them)
     tokens: int  # tokens each run evaluates
     pure_types: tuple[str, ...]
-    pure_bytes: int  # the per-type files, on disk while the search runs
+    pure_bytes: int  # the per-type files on disk while it runs, shared by the rungs in `shared_with`
     budget_bytes: int  # 0 when not known yet (a plan from the header alone)
+    pure_bytes_alone: int = 0  # what this rung's search alone keeps of them
+    shared_with: tuple[str, ...] = ()  # the other searched rungs whose per-type files these are
 
     def describe(self) -> str:
+        shared = (f" (shared with {', '.join(self.shared_with)}; {self.pure_bytes_alone / 1e9:.2f} GB for this rung "
+                  "alone)" if self.shared_with else "")
         return (f"{self.groups} tensor groups; up to {self.runs} llama-perplexity runs of {self.tokens:,} tokens; "
-                f"{len(self.pure_types)} --pure quantizations ({', '.join(self.pure_types)}), "
-                f"{self.pure_bytes / 1e9:.2f} GB on disk while it runs")
+                f"per-type files of {', '.join(self.pure_types)}, {self.pure_bytes / 1e9:.2f} GB on disk while it "
+                f"runs{shared}")
 
     def as_dict(self) -> dict:
         return {"groups": self.groups, "runs": self.runs, "tokens_per_run": self.tokens,
-                "pure_types": list(self.pure_types), "pure_bytes": self.pure_bytes, "budget_bytes": self.budget_bytes}
+                "pure_types": list(self.pure_types), "pure_bytes": self.pure_bytes,
+                "pure_bytes_alone": self.pure_bytes_alone, "shared_with": list(self.shared_with),
+                "budget_bytes": self.budget_bytes}
 
 
-def plan_search(pipeline: Pipeline, quant: QuantSpec, source: Path) -> Plan:
-    """The most a search of `quant` costs, from the source's header alone: its groups, llama-perplexity runs
-    (recipe.max_evals bounds them), tokens per run, and the per-type files (every type of the ladder at most)."""
+def plan_search(pipeline: Pipeline, quant: QuantSpec, source: Path, tool) -> Plan:
+    """The most a search of `quant` costs, from the source's header and llama-quantize's `--dry-run` of the stock
+    mixtures (`tool`): its groups, llama-perplexity runs, tokens per run, and the per-type files (what every searched
+    rung sharing them needs: the same source and importance matrix)."""
     base_type(quant.type)
     header = read_header(source)
-    weights = {t.name: t.n_elements for t in header.tensors if len(t.shape) >= 2 and "ffn_gate_inp" not in t.name}
+    shapes = {t.name: t.shape for t in header.tensors}
     n_layer = header.arch_value(Keys.LLM.BLOCK_COUNT) or 1
-    groups = groups_of({name: TYPE_LADDER[0] for name in weights}, n_layer, layers_per_group(pipeline, n_layer))
+    sharing = [q for q in pipeline.quants if q.recipe == RECIPE_SEARCH and (q.imatrix is None) == (quant.imatrix is None)]
+    stocks = {q.type: stock_mixture(tool, source, q.type) for q in sharing if q.type != quant.type}
+    stock = stock_mixture(tool, source, quant.type)
+    own = needed_tensors(stock, base_type(quant.type))
+    shared = union(own, *(needed_tensors(types, base_type(t)) for t, types in stocks.items()))
+    groups = groups_of(stock, n_layer, layers_per_group(pipeline, n_layer))
     cfg = pipeline.recipe
-    return Plan(len(groups), planned_runs(pipeline, groups), cfg.ctx * cfg.chunks, TYPE_LADDER,
-                int(sum(weights.values()) * sum(BITS.values()) / 8), 0)
+    # each file holds the metadata and the unquantized tensors too
+    extra = header.data_offset + sum(t.n_bytes for t in header.tensors if t.name not in stock)
+    return Plan(len(groups), planned_runs(pipeline, groups, stock), cfg.ctx * cfg.chunks, tuple(shared),
+                needed_bytes(shared, shapes) + len(shared) * extra, 0, needed_bytes(own, shapes) + len(own) * extra,
+                tuple(stocks))
+
+
+_DRY_RUN_RE = re.compile(r"\]\s+(?P<name>\S+)\s+-\s+\[.*->\s+[\d.]+ MiB \((?P<type>\w+)\)\s*$")
+
+
+def stock_mixture(tool, source: Path, quant: str) -> dict[str, str]:
+    """The type llama.cpp's mixture for `quant` gives each tensor it quantizes, from `llama-quantize --dry-run`
+    (which reads the header alone and writes nothing)."""
+    with tempfile.TemporaryDirectory(prefix="moeq-dry-run-") as folder:
+        log = Path(folder) / "dry-run.log"
+        run_tool([str(tool.path), "--dry-run", str(source), str(Path(folder) / "none.gguf"), quant], log)
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    return {m["name"]: m["type"].upper() for line in lines if (m := _DRY_RUN_RE.search(line))}
 
 
 def layers_per_group(pipeline: Pipeline, n_layer: int) -> int:
@@ -72,6 +104,8 @@ def layers_per_group(pipeline: Pipeline, n_layer: int) -> int:
     return pipeline.recipe.layers_per_group or max(1, math.ceil(n_layer / 8))
 
 
-def planned_runs(pipeline: Pipeline, groups: list[Group]) -> int:
-    """The stock recipe, each group up and down, and the solution: recipe.max_evals at most."""
-    return min(pipeline.recipe.max_evals, 2 + 2 * len(groups))
+def planned_runs(pipeline: Pipeline, groups: list[Group], stock: dict[str, str]) -> int:
+    """The runs a search makes at most: the stock recipe, each group one type up and down where the ladder lets it,
+    and the solution; recipe.max_evals at most."""
+    moves = sum(stepped(stock, group, step) is not None for group in groups for step in (1, -1))
+    return min(pipeline.recipe.max_evals, 2 + moves)

@@ -1,6 +1,6 @@
 """The measurements of one search: each recipe assembled from the per-type files and measured once against the
 F16 logits on the selection text; a measurement is saved, sealed, the moment it is made (WORKSPACE/recipe/TYPE/
-evals/, by the recipe, the options and the per-type files' sha256), and found again by an interrupted search
+evals/, by the recipe, the options and what the per-type files are made from), and found again by an interrupted search
 that runs again."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Callable
 from moeq.config import Pipeline
 from moeq.errors import ToolError
 from moeq.kld import figure_lines, measure, parse_perplexity
-from moeq.recipe.assemble import assemble
 from moeq.recipe.budget import GpuCount
+from moeq.recipe.pure import TypeFiles
 from moeq.records import PerplexityFigures, PerplexityOptions, RecipeEval
 from moeq.seal import seal_json, unseal_json
 from moeq.toolchain import Toolchain
@@ -31,7 +31,8 @@ class Setup:
     chain: Toolchain
     pipeline: Pipeline
     folder: Path  # WORKSPACE/recipe/TYPE
-    pure: dict[str, Path]  # the per-type files, by type
+    files: TypeFiles  # the per-type files
+    order: list[str]  # every tensor's name, in llama-quantize's order
     sizes: dict[str, dict[str, int]]  # each tensor's bytes at each type
     base: str  # the type --pure gives the rung's tensors
     stock_types: dict[str, str]  # the stock file's quantized tensors and their types
@@ -59,8 +60,7 @@ class Measurements:
         s = self.setup
         types = {**s.stock_types, **changes}
         tensor_bytes = s.fixed + sum(s.sizes[t][name] for name, t in types.items())
-        digest = hashlib.sha256(json.dumps([sorted(types.items()), s.options.model_dump(mode="json"),
-                                            {t: s.ws.hashes.sha256(p) for t, p in s.pure.items()}]
+        digest = hashlib.sha256(json.dumps([sorted(types.items()), s.options.model_dump(mode="json"), s.files.key]
                                            ).encode()).hexdigest()[:20]
         saved = s.folder / "evals" / f"{digest}.json"
         figures = _saved(saved, digest)
@@ -85,7 +85,7 @@ class Measurements:
         self.on_message(f"recipe {len(self.evals) + 1} of at most {self.planned_runs}: {label}{left}")
         started = time.monotonic()
         candidate = s.folder / "candidate.gguf"
-        assemble(s.pure[s.base], s.pure, {n: t for n, t in types.items() if t != s.base}, candidate)
+        s.files.assemble(s.order, s.base, types, candidate)
         try:
             figures = measure(s.chain, candidate, s.text, s.base_kld, s.options, s.folder / "perplexity.log",
                               threads=s.pipeline.bench.threads, timeout_s=s.pipeline.bench.timeout_s)

@@ -1,47 +1,174 @@
-"""The per-type files a search assembles its recipes from: one `--pure` quantization of the source per type
-(token_embd and output typed too), kept by what they are made from (WORKSPACE/recipe/pure/KEY/TYPE.gguf), so
-every rung's search shares them; made only when missing or changed."""
+"""The per-type files a search assembles its recipes from: for each type, the tensors a search may give that type,
+as llama-quantize `--pure` makes them from the source (with the importance matrix where the rung has one).
+
+A search moves each tensor at most one type from the stock file's, so a type's file needs only the tensors whose
+stock type is that type or one beside it (`needed_tensors`). llama-quantize makes the file with every other tensor
+at the cheapest type (FILLER: the quickest to make, too), and moeq keeps only the metadata, the tensors needed and
+the unquantized ones (norms, the router), dropping the rest: for Phi-3.5-MoE a searched Q2_K keeps about a
+quarter of six whole files. The files are kept by what they are made from (WORKSPACE/recipe/pure/KEY/, KEY the
+source, the importance matrix and the llama.cpp commit) and shared by every rung's search of that source and
+matrix: a search that needs tensors no file holds yet adds a part with only those (TYPE-2.gguf, ...), and never
+makes again what is there.
+
+    files = type_files(ws, tool, source, imatrix, needed_tensors(stock_types, "Q2_K"), print)
+    files.path_of("blk.0.ffn_down_exps.weight", "Q4_K")
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from dataclasses import dataclass
+from itertools import count
 from pathlib import Path
 from typing import Callable
 
-import gguf
-
-from moeq.records import FetchRecord, ImatrixRef
+from moeq.errors import InputError
+from moeq.gguf_header import read_header
+from moeq.quant_types import tensor_bytes
+from moeq.recipe.assemble import assemble
+from moeq.recipe.budget import neighbours
+from moeq.recipe.search import ENDS, TYPE_LADDER
+from moeq.records import FileRef, ImatrixRef
 from moeq.runner import run_tool
-from moeq.workspace import Workspace, partial_file, require_free, write_json_atomic
+from moeq.workspace import Workspace, partial_file, require_free, write_json_atomic, write_text_atomic
+
+FILLER = "TQ1_0"  # 1.69 bits a weight, quantized in a sixth of Q2_K's time; its fallback is llama-quantize's own
+UNQUANTIZED = {"F32", "F16", "BF16"}
 
 
-def pure_files(ws: Workspace, tool, source: FetchRecord, imatrix: ImatrixRef | None, types: list[str],
-               on_message: Callable[[str], None]) -> dict[str, Path]:
-    """The `--pure` file of each type in `types`, made with `tool` (llama-quantize) where missing or changed."""
-    key = hashlib.sha256(json.dumps([source.output.sha256, imatrix.sha256 if imatrix else None,
+def needed_tensors(stock_types: dict[str, str], base: str) -> dict[str, frozenset[str]]:
+    """For each type a search of this stock file may use, the tensors it may give that type (each tensor's stock
+    type and one type either side); the base type always has an entry: its file gives a recipe its metadata."""
+    needs: dict[str, set[str]] = {base: set()}
+    for name, stock in stock_types.items():
+        for ggml_type in neighbours(stock):
+            needs.setdefault(ggml_type, set()).add(name)
+    return {t: frozenset(needs[t]) for t in sorted(needs, key=TYPE_LADDER.index)}
+
+
+def union(*needs: dict[str, frozenset[str]]) -> dict[str, frozenset[str]]:
+    out: dict[str, frozenset[str]] = {}
+    for need in needs:
+        for ggml_type, names in need.items():
+            out[ggml_type] = out.get(ggml_type, frozenset()) | names
+    return {t: out[t] for t in sorted(out, key=TYPE_LADDER.index)}
+
+
+def needed_bytes(needs: dict[str, frozenset[str]], shapes: dict[str, list[int]]) -> int:
+    """What the tensors of `needs` weigh in the files holding them."""
+    return sum(tensor_bytes(shapes[name], ggml_type) for ggml_type, names in needs.items() for name in names)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One file of one type: the quantized tensors it holds at that type (and every unquantized tensor)."""
+
+    ggml_type: str
+    path: Path
+    tensors: frozenset[str]
+
+
+@dataclass(frozen=True)
+class TypeFiles:
+    key: str  # what they are made from: the source, the importance matrix, the llama.cpp commit
+    parts: tuple[Part, ...]
+
+    def path_of(self, name: str, ggml_type: str) -> Path:
+        for part in self.parts:
+            if part.ggml_type == ggml_type and name in part.tensors:
+                return part.path
+        raise InputError(name, f"no per-type file holds it at {ggml_type}", "run the search again: it makes what is "
+                         "missing")
+
+    def metadata_file(self, ggml_type: str) -> Path:
+        """The file a recipe of this base type takes its metadata and unquantized tensors from."""
+        return next(part.path for part in self.parts if part.ggml_type == ggml_type)
+
+    def sizes(self) -> dict[str, dict[str, int]]:
+        """Each tensor's bytes at each type a file holds it at."""
+        out: dict[str, dict[str, int]] = {}
+        for part in self.parts:
+            infos = {t.name: t.n_bytes for t in read_header(part.path).tensors}
+            out.setdefault(part.ggml_type, {}).update({name: infos[name] for name in part.tensors})
+        return out
+
+    def disk_bytes(self) -> int:
+        return sum(part.path.stat().st_size for part in self.parts)
+
+    def assemble(self, order: list[str], base: str, types: dict[str, str], out: Path) -> None:
+        """Write the recipe giving each tensor of `types` its type (the tensors of `order` it does not name are
+        unquantized: taken with the metadata from the base type's file), in `order`, to `out`."""
+        meta = self.metadata_file(base)
+        assemble(meta, [(name, self.path_of(name, types[name]) if name in types else meta) for name in order], out)
+
+
+def type_files(ws: Workspace, tool, source: FileRef, imatrix: ImatrixRef | None,
+               needs: dict[str, frozenset[str]], on_message: Callable[[str], None]) -> TypeFiles:
+    """The per-type files of `source` (the F16) holding `needs`, made with `tool` (llama-quantize) and `imatrix`
+    where a tensor is missing."""
+    key = hashlib.sha256(json.dumps([source.sha256, imatrix.sha256 if imatrix else None,
                                      tool.build.commit]).encode()).hexdigest()[:16]
     folder = ws.root / "recipe" / "pure" / key
     folder.mkdir(parents=True, exist_ok=True)
-    made_path = folder / "made.json"
-    made = json.loads(made_path.read_text()) if made_path.is_file() else {}
-    out = {}
-    for ggml_type in types:
-        path = folder / f"{ggml_type}.gguf"
-        with ws.lock(f"pure-{key}-{ggml_type}", on_wait=on_message):
-            if not (path.is_file() and made.get(ggml_type) == ws.hashes.sha256(path)):
-                on_message(f"llama-quantize --pure {ggml_type}")
-                block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
-                weights = source.output.size / 2  # the F16 holds 2 bytes a weight
-                require_free(folder, weights * size / block, f"the --pure {ggml_type} file")
-                command = [str(tool.path), "--pure", "--token-embedding-type", ggml_type.lower(),
-                           "--output-tensor-type", ggml_type.lower()]
-                if imatrix is not None:
-                    command += ["--imatrix", Path(imatrix.path).name]
-                with partial_file(path) as partial:
-                    run_tool([*command, str(Path(source.output.path).resolve()), str(partial.resolve()), ggml_type],
-                             folder / f"{ggml_type}.log", cwd=Path(imatrix.path).resolve().parent if imatrix else None)
-                made[ggml_type] = ws.hashes.sha256(path)
-                write_json_atomic(made_path, made)
-        out[ggml_type] = path
-    return out
+    with ws.lock(f"pure-{key}", on_wait=on_message):  # one list of parts, written by one search at a time
+        for ggml_type, names in needs.items():
+            parts = _made(ws, folder)
+            held = frozenset().union(*(p.tensors for p in parts if p.ggml_type == ggml_type))
+            if names - held or not any(p.ggml_type == ggml_type for p in parts):
+                taken = {p.path.name for p in parts}
+                path = next(folder / name for n in count(1)
+                            if (name := f"{ggml_type}.gguf" if n == 1 else f"{ggml_type}-{n}.gguf") not in taken)
+                _make(ws, tool, source, imatrix, ggml_type, names - held, path, on_message)
+                _save(ws, folder, [*parts, Part(ggml_type, path, names - held)])
+        return TypeFiles(key, tuple(p for p in _made(ws, folder) if p.ggml_type in needs))
+
+
+def _made(ws: Workspace, folder: Path) -> list[Part]:
+    """The parts made.json lists whose file is still the one it made (a changed or missing one is made again)."""
+    path = folder / "made.json"
+    try:
+        listed = json.loads(path.read_text())["parts"] if path.is_file() else []
+        parts = [(Part(p["type"], folder / Path(p["file"]).name, frozenset(p["tensors"])), p["sha256"])
+                 for p in listed]
+    except (ValueError, KeyError, TypeError):
+        return []  # another version's list, or a damaged one: everything is made again
+    return [part for part, sha in parts if part.path.is_file() and ws.hashes.sha256(part.path) == sha]
+
+
+def _save(ws: Workspace, folder: Path, parts: list[Part]) -> None:
+    write_json_atomic(folder / "made.json", {"parts": [
+        {"type": p.ggml_type, "file": p.path.name, "sha256": ws.hashes.sha256(p.path), "tensors": sorted(p.tensors)}
+        for p in parts]})
+
+
+def _make(ws: Workspace, tool, source: FileRef, imatrix: ImatrixRef | None, ggml_type: str,
+          names: frozenset[str], path: Path, on_message: Callable[[str], None]) -> None:
+    """llama-quantize --pure `ggml_type` with every quantized tensor but `names` at FILLER, cut down to `names`."""
+    source_path = Path(source.path).resolve()
+    header = read_header(source_path)
+    shapes = {t.name: t.shape for t in header.tensors}
+    quantized = {name: shape for name, shape in shapes.items() if len([d for d in shape if d > 1]) > 1}
+    on_message(f"llama-quantize --pure {ggml_type}: {len(names)} of {len(quantized)} tensors")
+    made = sum(tensor_bytes(shape, ggml_type if name in names else FILLER) for name, shape in quantized.items())
+    require_free(path.parent, made + sum(tensor_bytes(shapes[n], ggml_type) for n in names),
+                 f"the --pure {ggml_type} file")
+    ends = {end: ggml_type.lower() if end in names else FILLER.lower() for end in ENDS}
+    filler = path.with_suffix(".filler")
+    write_text_atomic(filler, "".join(f"^{re.escape(name)}$={FILLER.lower()}\n"
+                                      for name in quantized if name not in names and name not in ENDS))
+    command = [str(tool.path), "--pure", "--token-embedding-type", ends[ENDS[0]],
+               "--output-tensor-type", ends[ENDS[1]], "--tensor-type-file", str(filler.resolve())]
+    if imatrix is not None:
+        command += ["--imatrix", Path(imatrix.path).name]
+    whole = path.with_suffix(".whole.gguf")
+    try:
+        with partial_file(whole) as partial:
+            run_tool([*command, str(source_path), str(partial.resolve()), ggml_type], path.with_suffix(".log"),
+                     cwd=Path(imatrix.path).resolve().parent if imatrix else None)
+        kept = [t.name for t in read_header(whole).tensors if t.name in names or t.type.name in UNQUANTIZED]
+        assemble(whole, [(name, whole) for name in kept], path)
+    finally:
+        whole.unlink(missing_ok=True)
+        filler.unlink(missing_ok=True)

@@ -5,9 +5,9 @@ experts of a layer are one 3-D tensor, so never one expert), a band of consecuti
 (recipe.layers_per_group), token_embd or output. Each group has three options around the stock file: as the
 stock file types it, one step up the type ladder, one step down (each tensor from its own stock type). Each
 option's effect is measured (the KL divergence on the selection text of the stock recipe with that one group
-changed), and its bytes are exact (from the per-type files). Assuming the effects add, the cheapest set of
-options under the budget is found by Lagrangian relaxation over the groups; that recipe is then measured, as
-every recipe the published one rests on is.
+changed), and its bytes are exact (from the per-type files). Assuming the effects add, the set of options with
+the lowest predicted divergence under the budget is found exactly (a knapsack's dynamic program over the groups);
+that recipe is then measured, as every recipe the published one rests on is.
 
     groups = groups_of(stock_types, n_layer=32, layers_per_group=4)
     chosen = solve(options, spare_bytes=0)
@@ -15,6 +15,7 @@ every recipe the published one rests on is.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -76,62 +77,38 @@ def solve(options: dict[str, list[Option]], spare_bytes: int, stock_kld: float,
           spare_gpu: int | None = None) -> dict[str, Option]:
     """One option per group minimizing the predicted KL divergence (the stock figure plus each chosen option's
     change) with the bytes added no more than `spare_bytes` (negative: bytes to give up), and the GPU bytes added no
-    more than `spare_gpu` where a GPU budget gives one. Lagrangian relaxation: for a price per byte (and per GPU
-    byte), each group takes its cheapest option; each price is bisected until the recipe fits. Of every fitting
-    recipe the prices gave (and the stock one, when it fits), the lowest predicted is returned: with whole options
-    the relaxation can overshoot. The stock option (step 0, nothing added) is always among a group's options.
-    Returns {} when nothing fits."""
-    best: list[dict[str, Option]] = []
-
-    def fits(chosen: dict[str, Option]) -> bool:
-        return (sum(o.delta_bytes for o in chosen.values()) <= spare_bytes
-                and (spare_gpu is None or sum(o.delta_gpu for o in chosen.values()) <= spare_gpu))
-
-    def consider(chosen: dict[str, Option]) -> dict[str, Option]:
-        if fits(chosen) and (not best or predicted(chosen, stock_kld) < predicted(best[0], stock_kld)):
-            best[:] = [chosen]
-        return chosen
-
-    def pick(price: float, gpu_price: float) -> dict[str, Option]:
-        return consider({group: min(opts, key=lambda o: (o.kld - stock_kld) + price * o.delta_bytes
-                                    + gpu_price * o.delta_gpu) for group, opts in options.items()})
-
-    def bytes_fit(chosen: dict[str, Option]) -> bool:
-        return sum(o.delta_bytes for o in chosen.values()) <= spare_bytes
-
-    def cheapest(gpu_price: float) -> tuple[float, dict[str, Option]] | None:
-        """The lowest price per byte that fits the bytes, at this price per GPU byte."""
-        return _bisect(lambda price: pick(price, gpu_price), bytes_fit)
-
-    def gpu_fit(found: tuple[float, dict[str, Option]] | None) -> bool:
-        return found is not None and fits(found[1])
-
-    consider({group: next(o for o in opts if o.step == 0) for group, opts in options.items()})
-    if spare_gpu is None:
-        cheapest(0.0)
-    else:
-        _bisect(cheapest, gpu_fit)
-    return best[0] if best else {}
+    more than `spare_gpu` where a GPU budget gives one; {} when nothing fits. Exact: a dynamic program over the
+    groups that keeps, of the partial recipes, every one no other beats at once on bytes, GPU bytes and predicted
+    divergence (a knapsack's table, holding only the byte totals that can win), and drops those that cannot fit
+    even with every later group at its smallest option. Of equal predictions, the fewest bytes."""
+    names = list(options)
+    gpu = spare_gpu is not None
+    least_bytes, least_gpu = [0] * (len(names) + 1), [0] * (len(names) + 1)
+    for i in range(len(names) - 1, -1, -1):
+        least_bytes[i] = least_bytes[i + 1] + min(o.delta_bytes for o in options[names[i]])
+        least_gpu[i] = least_gpu[i + 1] + min(o.delta_gpu for o in options[names[i]])
+    front: list[tuple[int, int, float, tuple[Option, ...]]] = [(0, 0, 0.0, ())]  # bytes, GPU bytes, change, picks
+    for i, name in enumerate(names):
+        grown = [(added + o.delta_bytes, on_gpu + o.delta_gpu, change + (o.kld - stock_kld), (*picks, o))
+                 for added, on_gpu, change, picks in front for o in options[name]]
+        front = _undominated([s for s in grown if s[0] + least_bytes[i + 1] <= spare_bytes
+                              and (not gpu or s[1] + least_gpu[i + 1] <= spare_gpu)], gpu)
+    if not front:
+        return {}
+    best = min(front, key=lambda s: (s[2], s[0]))
+    return dict(zip(names, best[3]))
 
 
-def _bisect(make, ok):
-    """The lowest price >= 0 whose make(price) is ok (prices bisected; ok is assumed to hold from some price on), as
-    (price, made); None when no price up to 1e30 makes an ok one."""
-    made = make(0.0)
-    if ok(made):
-        return 0.0, made
-    low, high = 0.0, 1.0
-    while not ok(make(high)):
-        high *= 4
-        if high > 1e30:
-            return None
-    for _ in range(100):
-        middle = (low + high) / 2
-        if ok(make(middle)):
-            high = middle
-        else:
-            low = middle
-    return high, make(high)
+def _undominated(states: list, gpu: bool) -> list:
+    """The states no other state matches or beats on bytes, (with `gpu`) GPU bytes and change all at once."""
+    kept: list = []
+    fewest = math.inf
+    for state in sorted(states, key=lambda s: (s[2], s[0], s[1])):  # by change: a kept state changes no more
+        if gpu and any(k[0] <= state[0] and k[1] <= state[1] for k in kept) or not gpu and state[0] >= fewest:
+            continue
+        kept.append(state)
+        fewest = min(fewest, state[0])
+    return kept
 
 
 def predicted(chosen: dict[str, Option], stock_kld: float) -> float:

@@ -1,13 +1,14 @@
 """The recipe stage: a rung's per-tensor types, searched on measured KL divergence under a budget.
 
-For a rung with `recipe: search` it quantizes the F16 once per type it may use (`--pure`, with the
-importance matrix where the rung has one; WORKSPACE/recipe/pure/), then measures recipes assembled from
+For a rung with `recipe: search` it quantizes the F16 once per type it may use, only the tensors that may take
+that type (recipe/pure.py: `--pure`, with the importance matrix where the rung has one; WORKSPACE/recipe/pure/),
+then measures recipes assembled from
 those files tensor by tensor (recipe/assemble.py, byte for byte what llama-quantize would make) against
 the F16 logits on the selection text: the stock recipe (the rung's own llama.cpp mixture), the stock
 recipe with each group one type higher and one lower, and the recipe those figures predict is best
 under the budget (recipe/search.py). Of every recipe measured that fits the budget, the lowest mean KL
 divergence is chosen. Each measurement is saved as it is made (WORKSPACE/recipe/TYPE/evals/, by the recipe,
-the options and the per-type files' sha256), so an interrupted search continues where it stopped and a
+the options and what the per-type files are made from), so an interrupted search continues where it stopped and a
 finished one costs nothing.
 
 It writes the chosen recipe as a `--tensor-type-file` (WORKSPACE/recipe/TYPE/<stem>-TYPE_MOEQ.recipe), the
@@ -29,16 +30,13 @@ from typing import Callable
 from moeq import texts
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import InputError
-from moeq.gguf_header import read_header
 from moeq.kld import base_logits
 from moeq.records import (FileRef, PerplexityOptions, QuantizeRecord, FetchRecord, RecipeGroup, RecipeRecord,
                           ToolBuildRef)
-from moeq.recipe.assemble import assemble
-from moeq.recipe.budget import (GpuCount, budget_bytes, gpu_room, neighbours, require_gpu_reachable,
-                                require_reachable)
+from moeq.recipe.budget import GpuCount, budget_bytes, gpu_room, require_gpu_reachable, require_reachable
 from moeq.recipe.cost import Plan, base_type, layers_per_group, planned_runs
 from moeq.recipe.measure import Measurements, Setup
-from moeq.recipe.pure import pure_files
+from moeq.recipe.pure import needed_tensors, type_files
 from moeq.recipe.search import TYPE_LADDER, Group, Option, groups_of, predicted, recipe_lines, solve, stepped
 from moeq.stage_runner import Stage
 from moeq.toolchain import Toolchain
@@ -84,21 +82,20 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
     def run() -> RecipeRecord:
         started = time.monotonic()
         texts.require_selection(pipeline, options.ctx)
-        needed = sorted({n for t in [*stock_types.values(), base] for n in neighbours(t)}, key=TYPE_LADDER.index)
-        pure = pure_files(ws, tool, source, stock.options.imatrix, needed, on_message)
-        sizes = {t: {info.name: info.n_bytes for info in read_header(path).tensors} for t, path in pure.items()}
+        files = type_files(ws, tool, source.output, stock.options.imatrix, needed_tensors(stock_types, base), on_message)
+        sizes = files.sizes()
         fixed = sum(row.bytes_after for row in stock.tensors if row.name not in stock_types)
-        require_reachable(quant, limit, fixed, sizes, stock_types, needed[0])
+        require_reachable(quant, limit, fixed, sizes, stock_types)
         gpu = GpuCount(stock, stock_types, sizes, n_cpu_moe) if room is not None else None
         if gpu is not None:
             require_gpu_reachable(quant, room, gpu, stock_types)
         base_kld, _base = base_logits(ws, chain, source.output, options, text, tool.build.commit, purpose="selection",
                                       threads=pipeline.bench.threads, timeout_s=pipeline.bench.timeout_s,
                                       on_message=on_message)
-        plan = Plan(len(groups), planned_runs(pipeline, groups), options.ctx * options.chunks,
-                    tuple(needed), sum(p.stat().st_size for p in pure.values()), limit)
-        search = Measurements(Setup(ws, chain, pipeline, folder, pure, sizes, base, stock_types, fixed, text, options,
-                                    base_kld, gpu), plan.runs, on_message)
+        plan = Plan(len(groups), planned_runs(pipeline, groups, stock_types), options.ctx * options.chunks,
+                    tuple(p.ggml_type for p in files.parts), files.disk_bytes(), limit)
+        search = Measurements(Setup(ws, chain, pipeline, folder, files, [row.name for row in stock.tensors], sizes,
+                                    base, stock_types, fixed, text, options, base_kld, gpu), plan.runs, on_message)
         on_message(f"{quant.type}: recipe search, {plan.describe()}; budget {limit:,} bytes"
                    + (f", {room:,} bytes of weights on the GPU" if room is not None else ""))
         best, predicted_kld = _search(quant, groups, search, limit, room)
@@ -170,7 +167,7 @@ def _record(quant: QuantSpec, search: Measurements, source: FetchRecord, stock: 
     lines = recipe_lines(tensor_types, base)
     write_text_atomic(recipe_path, "".join(f"{pattern}={ggml_type}\n" for pattern, ggml_type in lines))
     out = setup.folder / quant.searched_file
-    assemble(setup.pure[base], setup.pure, {n: t for n, t in tensor_types.items() if t != base}, out)
+    setup.files.assemble(setup.order, base, tensor_types, out)
     imatrix = stock.options.imatrix
     command = ["llama-quantize", "--pure", *(["--imatrix", Path(imatrix.path).name] if imatrix else []),
                "--tensor-type-file", recipe_path.name, "--token-embedding-type", embd.lower(),

@@ -30,7 +30,7 @@ from moeq.recipe.stage import recipe_stage
 from moeq.records import (Made, BenchRecord, CardRecord, ChoiceRecord, FetchRecord, ImatrixRecord, PushRecord,
                           QuantizeRecord, RecipeRecord, ShardsRecord, ValidateRecord)
 from moeq.shards.stage import shards_stage
-from moeq.stage_runner import StageResult, Status, run_stage
+from moeq.stage_runner import StageResult, Status, current, run_stage
 from moeq.steps import candidates
 from moeq.steps.context import Context
 from moeq.steps.repos import RepoUnit, siblings
@@ -136,9 +136,18 @@ def recipe(ctx: Context, quant: QuantSpec, source: FetchRecord, stock: QuantizeR
     return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
 
 
+def recipe_current(ctx: Context, quant: QuantSpec, source: FetchRecord) -> RecipeRecord | None:
+    """The rung's finished search when a build would find it up to date (nothing is run)."""
+    stock = ctx.records.saved("quantize", candidates.record_name(quant, candidates.names(quant)[0]))
+    if stock is None:
+        return None
+    return current(recipe_stage(ctx.pipeline, quant, ctx.ws, ctx.chain, source, stock.record), ctx.records)
+
+
 def recipe_plan(ctx: Context, quant: QuantSpec, source: FetchRecord):
-    """What the search of `quant` would cost, from the source's header (nothing is run)."""
-    return plan_search(ctx.pipeline, quant, Path(source.output.path))
+    """What the search of `quant` would cost, from the source's header and llama-quantize's dry run (nothing is
+    made)."""
+    return plan_search(ctx.pipeline, quant, Path(source.output.path), ctx.chain.tool("llama-quantize"))
 
 
 def choice(ctx: Context, quant: QuantSpec, source: FetchRecord, made: list[tuple[str, QuantizeRecord]],

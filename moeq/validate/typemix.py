@@ -17,10 +17,10 @@ import gguf
 from gguf import Keys
 
 from moeq.gguf_header import GGUFHeader, TensorInfo
+from moeq.quant_types import row_type
 from moeq.recipe_file import pure_type
 
 Q = gguf.GGMLQuantizationType
-FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 
 # quant -> category -> allowed types; "*" is every other 2-D+ weight.
 RECIPES: dict[str, dict[str, set]] = {
@@ -72,13 +72,4 @@ def allowed_types(quant: str, t: TensorInfo, header: GGUFHeader, overrides: dict
         allowed = set(recipe.get(cat, recipe["*"]))
         if quant != "Q8_0" and cat in EIGHT_EXPERTS and header.arch_value(Keys.LLM.EXPERT_COUNT) == 8:
             allowed = set(EIGHT_EXPERTS[cat])
-    ncols = t.shape[0]
-    out = set()
-    for wanted in allowed:
-        block = gguf.GGML_QUANT_SIZES[wanted][0]
-        if ncols % block:
-            wanted = FALLBACK.get(wanted, wanted)
-            if ncols % gguf.GGML_QUANT_SIZES[wanted][0]:
-                wanted = Q.F16
-        out.add(wanted)
-    return out
+    return {row_type(t.shape[0], wanted) for wanted in allowed}
