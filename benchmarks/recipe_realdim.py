@@ -1,101 +1,198 @@
-"""A recipe's file at Phi-3.5-MoE's real dimensions: assembled from per-type files against quantized directly.
+"""A whole recipe search at Phi-3.5-MoE's real dimensions: what it costs, measured, and the release's figures
+scaled from it.
 
-    .venv/bin/python benchmarks/recipe_realdim.py [--layers 1] [--dir DIR]
+    .venv/bin/python benchmarks/recipe_realdim.py [--layers 2] [--quant Q2_K] [--dir DIR]
 
-Makes `moeq synth tiny-phimoe --preset phi-3.5-moe --layers N` (every tensor at its real size), one `--pure`
-file per type (Q2_K and Q4_K, token_embd and output typed too), then one recipe (attention and
-ffn_down_exps at Q4_K, the rest Q2_K) both ways: `moeq.recipe.assemble` from the per-type files, and
-`llama-quantize --pure --tensor-type-file` from the F16. Printed: each one's wall time and the disk it adds,
-whether the two files are the same bytes, and what a full search of the real model (32 layers) costs with
-moeq's default settings, from these measured per-layer costs.
+Makes `moeq synth tiny-phimoe --preset phi-3.5-moe --layers N` (every tensor and the vocabulary at their real
+sizes; random weights, so only the cost means anything), then runs `moeq recipe` on it as a user would, with
+the default search settings (runs of 512 x 16 = 8,192 tokens, up to 100 of them): the stock file, the per-type
+files, the F16's logits on the selection text, every llama-perplexity run, the recipe chosen. Printed, as a
+Markdown table for README "Recipes": the per-type files' time and disk (and what six whole files would weigh),
+the time to assemble one candidate, the seconds per run, the number of runs, the whole search's wall time, its
+peak disk (the workspace, sampled every second) and peak memory (the largest process's RSS); then the same
+per layer and scaled to the real model's 32 layers. No importance matrix (`imatrix: none`): with one the
+per-type files take the same time, and the matrix is the imatrix job's cost, measured apart.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import math
+import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from moeq.config import RecipeSpec  # noqa: E402
 from moeq.gguf_header import read_header  # noqa: E402
-from moeq.recipe.assemble import assemble  # noqa: E402
-from moeq.recipe_file import recipe_types  # noqa: E402
-from moeq.recipe.search import groups_of  # noqa: E402
-from moeq.toolchain import Toolchain  # noqa: E402
+from moeq.quant_types import tensor_bytes  # noqa: E402
+from moeq.recipe.pure import Part, TypeFiles  # noqa: E402
+from moeq.recipe.search import TYPE_LADDER  # noqa: E402
 
-RECIPE = [("attn_(q|k|v|output)", "q4_k"), ("ffn_down_exps", "q4_k")]
 REAL_LAYERS = 32
+PIPELINE = """model: {{name: phi-realdim, base_model: microsoft/Phi-3.5-MoE-instruct, file_stem: phi-realdim, license: mit,
+        quantized_by: moeq, languages: [en]}}
+source: {{kind: local, path: {source}}}
+workspace: {work}
+quants:
+  - {{type: {quant}, recipe: search, budget: stock}}
+hub: {{namespace: bench}}
+"""
 
 
-def timed(command: list[str]) -> float:
-    started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
-    return time.perf_counter() - started
+def disk_used(folder: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass  # a partial file renamed between the listing and the stat
+    return total
 
 
-def digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            sha.update(chunk)
-    return sha.hexdigest()
+def run_search(config: Path, work: Path) -> tuple[list[tuple[float, str]], dict, float, int]:
+    """`moeq recipe --json` on `config`: its stderr lines with the second each came, the record, the wall time and
+    the workspace's peak disk."""
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], disk_used(work))
+            done.wait(1.0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "moeq", "recipe", "--config", str(config), "--json"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[tuple[float, str]] = []
+    for line in proc.stderr:
+        lines.append((time.monotonic() - started, line.rstrip()))
+        print(f"  [{lines[-1][0]:7.1f} s] {line.rstrip()}", flush=True)
+    out = proc.stdout.read()
+    proc.wait()
+    wall = time.monotonic() - started
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        sys.exit(f"moeq recipe failed ({proc.returncode})")
+    return lines, json.loads(out)[0]["record"], wall, peak[0]
+
+
+def when(lines: list[tuple[float, str]], starts: str) -> float:
+    return next(t for t, line in lines if line.startswith(starts) or f" {starts}" in line)
+
+
+def sparse_model(out: Path, layers: int) -> Path:
+    """Phi-3.5-MoE's header at `layers` layers over a sparse file of its size: what a plan reads (the header, and
+    llama-quantize --dry-run, which maps the file but reads no weight), with no disk spent on weights."""
+    import moeq.synth as synth
+
+    def skip_data(writer, layout, _rng) -> None:
+        fout = writer.fout[0]
+        for name, _shape, _dtype in layout:
+            info = writer.tensors[0].pop(name)
+            writer.write_padding(fout, fout.tell())
+            fout.seek(info.nbytes, os.SEEK_CUR)
+            writer.write_padding(fout, info.nbytes)
+        fout.truncate()
+        writer.state = synth.gguf.gguf_writer.WriterState.WEIGHTS
+
+    if not out.exists():
+        arch, spec = synth.PRESETS["phi-3.5-moe"]
+        real, free = synth._write_tensors, synth.require_free
+        synth._write_tensors, synth.require_free = skip_data, lambda *_args: None
+        try:
+            synth.write_synth_model(out, replace(spec, layers=layers), arch)
+        finally:
+            synth._write_tensors, synth.require_free = real, free
+    return out
+
+
+def release_plan(folder: Path, layers: int) -> dict[str, object]:
+    """`moeq recipe --plan`'s figures for pipeline.yaml's searched rungs at the real model's `layers`."""
+    from moeq.config import load_pipeline
+    from moeq.recipe.cost import plan_search
+    from moeq.toolchain import Toolchain
+
+    source = sparse_model(folder / f"phi-header-{layers}-F16.gguf", layers)
+    pipeline = load_pipeline(REPO / "pipeline.yaml")
+    tool = Toolchain().tool("llama-quantize")
+    return {q.type: plan_search(pipeline, q, source, tool) for q in pipeline.quants if q.recipe == "search"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--quant", default="Q2_K")
     parser.add_argument("--dir", type=Path)
     args = parser.parse_args()
     folder = args.dir or Path(tempfile.mkdtemp(prefix="moeq-recipe-realdim-"))
     folder.mkdir(parents=True, exist_ok=True)
-    quantize = str(Toolchain().path("llama-quantize"))
-    source = folder / "phi-real-F16.gguf"
+    source, work = folder / f"phi-real-{args.layers}-F16.gguf", folder / "work"
     if not source.exists():
         subprocess.run([sys.executable, "-m", "moeq", "synth", "tiny-phimoe", str(source), "--preset", "phi-3.5-moe",
-                        "--layers", str(args.layers)], check=True, cwd=REPO)
-    print(f"source: {source.stat().st_size / 1e9:.2f} GB, {args.layers} layer(s) at Phi-3.5-MoE's dimensions")
-    pure = {}
-    for ggml_type in ("Q2_K", "Q4_K"):
-        pure[ggml_type] = folder / f"pure-{ggml_type}.gguf"
-        seconds = timed([quantize, "--pure", "--token-embedding-type", ggml_type.lower(), "--output-tensor-type",
-                         ggml_type.lower(), str(source), str(pure[ggml_type]), ggml_type])
-        print(f"--pure {ggml_type}: {seconds:.1f} s, {pure[ggml_type].stat().st_size / 1e9:.2f} GB")
-    recipe_file = folder / "recipe.txt"
-    recipe_file.write_text("".join(f"{p}={t}\n" for p, t in RECIPE))
-    names = [t.name for t in read_header(pure["Q2_K"]).tensors]
-    assembled, direct = folder / "assembled.gguf", folder / "direct.gguf"
+                        "--layers", str(args.layers)], check=True, cwd=REPO, capture_output=True)
+    config = folder / "pipeline.yaml"
+    config.write_text(PIPELINE.format(source=source, work=work, quant=args.quant))
+    print(f"source: {source.stat().st_size / 1e9:.2f} GB, {args.layers} layer(s) at Phi-3.5-MoE's dimensions; "
+          f"{os.cpu_count()} CPUs")
+    lines, record, wall, peak_disk = run_search(config, work)
+    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+    pure_s = when(lines, "llama-perplexity on the F16") - when(lines, "llama-quantize --pure")
+    logits_s = when(lines, f"{args.quant}: recipe search") - when(lines, "llama-perplexity on the F16")
+    runs_s = wall - when(lines, "recipe 1 of")
+    runs = record["runs"]
+    made = json.loads(next((work / "recipe" / "pure").glob("*/made.json")).read_text())["parts"]
+    pure_folder = next((work / "recipe" / "pure").glob("*/made.json")).parent
+    files = TypeFiles("bench", tuple(Part(p["type"], pure_folder / p["file"], frozenset(p["tensors"])) for p in made))
+    pure_bytes = files.disk_bytes()
+    header = read_header(source)
+    quantized = [t for t in header.tensors if t.name in record["stock_types"]]
+    whole_bytes = sum(tensor_bytes(t.shape, ggml_type) for t in quantized for ggml_type in TYPE_LADDER)
+    order = [t.name for t in read_header(Path(record["output"]["path"]) if Path(record["output"]["path"]).is_absolute()
+                                         else work / record["output"]["path"]).tensors]
     started = time.perf_counter()
-    assemble(pure["Q2_K"], pure, recipe_types(RECIPE, names), assembled)
+    files.assemble(order, record["base_type"], record["tensor_types"], folder / "assembled.gguf")
     assemble_s = time.perf_counter() - started
-    direct_s = timed([quantize, "--pure", "--tensor-type-file", str(recipe_file), "--token-embedding-type", "q2_k",
-                      "--output-tensor-type", "q2_k", str(source), str(direct), "Q2_K"])
-    same = digest(assembled) == digest(direct)
-    size = assembled.stat().st_size / 1e9
-    print(f"assembled: {assemble_s:.1f} s, adds {size:.2f} GB (the candidate; written as .partial, renamed)")
-    print(f"quantized directly: {direct_s:.1f} s, adds {direct.stat().st_size / 1e9:.2f} GB")
-    print(f"ratio assembled / direct: {assemble_s / direct_s:.3f}; the same bytes: {same}")
-    # A full search of the real model with the default settings, from these per-layer costs.
-    settings = RecipeSpec()
-    per_group = max(1, math.ceil(REAL_LAYERS / 8))
-    categories = {n.split(".", 2)[2] for n in names if n.startswith("blk.") and n.endswith(".weight")
-                  and "norm" not in n and "gate_inp" not in n}
-    stock = {f"blk.{i}.{c}": "Q2_K" for i in range(REAL_LAYERS) for c in categories}
-    stock |= {"token_embd.weight": "Q2_K", "output.weight": "Q2_K"}
-    groups = len(groups_of(stock, REAL_LAYERS, per_group))
-    runs = min(settings.max_evals, 2 + 2 * groups)
+    candidate_bytes = (folder / "assembled.gguf").stat().st_size
+    (folder / "assembled.gguf").unlink()
+    per_run = runs_s / max(runs, 1)
+    tokens = record["selection"]["ctx"] * record["selection"]["chunks"]
     scale = REAL_LAYERS / args.layers
-    print(f"the real model ({REAL_LAYERS} layers), defaults: {groups} groups, up to {runs} llama-perplexity runs of "
-          f"{settings.ctx * settings.chunks:,} tokens; assembling them ~{runs * assemble_s * scale / 3600:.1f} h "
-          f"(quantizing each directly ~{runs * direct_s * scale / 3600:.1f} h), plus 6 --pure files "
-          f"(~{sum(p.stat().st_size for p in pure.values()) / 2 * 6 * scale / 1e9:.0f} GB)")
+
+    rows = [
+        ("per-type files: time", f"{pure_s:.0f} s", f"{pure_s * scale / 3600:.1f} h"),
+        ("per-type files: disk", f"{pure_bytes / 1e9:.2f} GB ({pure_bytes / whole_bytes:.0%} of six whole files, "
+                                 f"{whole_bytes / 1e9:.2f} GB)", f"{pure_bytes * scale / 1e9:.0f} GB"),
+        ("F16 logits on the selection text", f"{logits_s:.0f} s", f"{logits_s * scale / 60:.0f} min"),
+        ("one candidate assembled", f"{assemble_s:.1f} s ({candidate_bytes / 1e9:.2f} GB)",
+         f"{assemble_s * scale:.0f} s"),
+        (f"one llama-perplexity run of {tokens:,} tokens (with its assembly)", f"{per_run:.1f} s",
+         f"{per_run * scale:.0f} s"),
+        ("runs", f"{runs}", "up to 100 (recipe.max_evals)"),
+        ("the whole search: wall time", f"{wall / 60:.1f} min",
+         f"{(pure_s + logits_s) * scale / 3600 + 100 * per_run * scale / 3600:.0f} h (at 100 runs)"),
+        ("peak disk (the workspace: F16, stock file, per-type files, candidate)", f"{peak_disk / 1e9:.2f} GB",
+         f"{peak_disk * scale / 1e9:.0f} GB"),
+        ("peak memory (largest process)", f"{peak_rss / 2**30:.1f} GiB", "-"),
+    ]
+    print(f"\n{args.quant}, {args.layers} layers of Phi-3.5-MoE, {os.cpu_count()} CPUs; search settings: default "
+          f"(ctx {record['selection']['ctx']}, {record['selection']['chunks']} chunks, max_evals 100); chosen: "
+          f"{record['evals'][record['chosen']]['label']}\n")
+    print(f"| measured | {args.layers} layers | 32 layers, scaled |")
+    print("| --- | --- | --- |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

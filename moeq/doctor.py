@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+import gguf
 from gguf import Keys
 
 from moeq import quant_types
 from moeq.config import RECIPE_SEARCH, Pipeline
 from moeq.errors import MoeqError, ToolError
 from moeq.gguf_header import SPLIT_NAME_RE, read_header
-from moeq.recipe_file import SEARCH_TYPES
+from moeq.recipe_file import FILLER, SEARCH_TYPES, neighbours
 from moeq.runner import LOG_FLUSH_LIBRARY, logs_through_common
 from moeq.gpus import nvidia_gpus
 from moeq.synth import parameter_count
@@ -168,13 +169,20 @@ def plan_disk(pipeline: Pipeline, jobs: list[str] | None = None) -> DiskPlan:
     if candidate:
         items.append(("the choice's candidate not published, of the largest quant with an importance matrix "
                       "(while it is measured)", candidate))
-    searched = [quants[q.type] for q in selected if q.recipe == RECIPE_SEARCH] if pipeline.bench.quality else []
+    searched = [q for q in selected if q.recipe == RECIPE_SEARCH] if pipeline.bench.quality else []
     search = 0
     if searched:
-        pure = sum(quant_types.estimated_bytes(t, params) for t in SEARCH_TYPES)
-        items += [("the recipe search's --pure file per type (kept for the next search)", pure),
+        groups = {q.imatrix is None for q in searched}  # the rungs of one importance matrix share their files
+        layers = n_layer or 32  # a many-layer model's mixture when the layer count is not known yet
+        pure = sum(int(params * per_type_file_bits([q.type for q in searched if (q.imatrix is None) == g], layers) / 8)
+                   for g in groups)
+        whole = int(params * max(per_type_file_bits([q.type], layers, t) for q in searched for t in SEARCH_TYPES) / 8)
+        searched = [quants[q.type] for q in searched]
+        items += [("the recipe search's per-type files (kept for the next search)", pure),
+                  ("the per-type file being made (llama-quantize writes it whole, moeq keeps what the search needs)",
+                   whole),
                   ("the recipe search's assembled candidate and searched file (while it runs)", 2 * max(searched))]
-        search = pure + 2 * max(searched)
+        search = pure + whole + 2 * max(searched)
     logits = 0
     if pipeline.bench.quality and vocab and selected:  # llama-perplexity keeps each chunk's 2nd half, uint16 a token
         ppl = pipeline.bench.perplexity
@@ -185,6 +193,38 @@ def plan_disk(pipeline: Pipeline, jobs: list[str] | None = None) -> DiskPlan:
     peak = max(fetch_peak, made + candidate + search)
     return DiskPlan(str(pipeline.workspace), free, disk_needed(peak), items, peak_bytes=peak,
                     refetch_bytes=made + f16 + download if download else None)
+
+
+# llama.cpp's mixture for the expert tensors, most of a MoE's weights, of each rung a search types (llama-quant.cpp's
+# llama_tensor_get_type_impl; tests/test_recipe_search.py checks both against llama-quantize --dry-run): the type of
+# ffn_gate_exps and ffn_up_exps, and of a layer's ffn_down_exps
+GATE_UP_TYPES = {"Q2_K": "Q2_K", "Q3_K_M": "Q3_K", "Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0"}
+
+
+def ffn_down_type(rung: str, layer: int, n_layer: int) -> str:
+    more = quant_types.uses_more_bits(layer, n_layer)
+    return {"Q2_K": "Q3_K", "Q3_K_M": "Q5_K" if layer < n_layer // 16 else "Q4_K", "Q4_K_M": "Q6_K" if more else "Q4_K",
+            "Q5_K_M": "Q6_K" if more else "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0"}[rung]
+
+
+def type_bits(ggml_type: str) -> float:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
+    return 8 * size / block
+
+
+def per_type_file_bits(rungs: list[str], n_layer: int, whole: str | None = None) -> float:
+    """Bits per weight of the per-type files the searches of `rungs` share, from the expert tensors (most of the
+    weights: gate and up two thirds, down one third): each may take its stock type in every rung and one type either
+    side (for Phi-3.5-MoE 39.6 GB for Q2_K, 97.2 GB for Q4_K_M and Q2_K, where `moeq recipe --plan` counts 40.0 and
+    96.9 from the header). With `whole`, that type's file as llama-quantize writes it, before moeq drops what no
+    search needs (written as the filler type)."""
+    gate_up = {n for r in rungs for n in neighbours(GATE_UP_TYPES[r])}
+    downs = [{n for r in rungs for n in neighbours(ffn_down_type(r, i, n_layer))} for i in range(n_layer)]
+    if whole is not None:
+        def held(needed: set[str]) -> float:
+            return type_bits(whole if whole in needed else FILLER)
+        return 2 / 3 * held(gate_up) + sum(held(down) for down in downs) / (3 * n_layer)
+    return 2 / 3 * sum(map(type_bits, gate_up)) + sum(sum(map(type_bits, down)) for down in downs) / (3 * n_layer)
 
 
 def _split_gguf(pipeline: Pipeline) -> bool:

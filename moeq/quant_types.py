@@ -68,10 +68,13 @@ def lookup_ggml_type(name: str) -> gguf.GGMLQuantizationType | None:
 MORE_BITS = {"Q4_K_M": 6.5625 - 4.5, "Q5_K_M": 6.5625 - 5.5}
 
 
-def more_bits_share(n_layer: int) -> float:
+def uses_more_bits(layer: int, n_layer: int) -> bool:
     eighth = n_layer // 8
-    chosen = [i for i in range(n_layer) if i < eighth or i >= 7 * n_layer // 8 or (i - eighth) % 3 == 2]
-    return len(chosen) / n_layer
+    return layer < eighth or layer >= 7 * n_layer // 8 or (layer - eighth) % 3 == 2
+
+
+def more_bits_share(n_layer: int) -> float:
+    return sum(uses_more_bits(i, n_layer) for i in range(n_layer)) / n_layer
 
 
 # llama-quant.cpp's tensor_type_fallback, for a tensor whose rows do not hold whole blocks of its type (the

@@ -147,6 +147,15 @@ def recipe_types(recipe: list[tuple[str, str]], names: list[str]) -> dict[str, s
     return types
 
 
+FILLER = "TQ1_0"  # what a per-type file's tensors no search needs are made as: the smallest, and the quickest to make
+
+
+def neighbours(ggml_type: str) -> list[str]:
+    """The types a searched recipe may give a tensor of this stock type: one down the ladder, itself, one up."""
+    rung = SEARCH_TYPES.index(ggml_type)
+    return [SEARCH_TYPES[i] for i in (rung - 1, rung, rung + 1) if 0 <= i < len(SEARCH_TYPES)]
+
+
 def pure_type(quant: str) -> str | None:
     """The tensor type `--pure` gives every tensor of a `quant` file: Q4_K for Q4_K_M, Q2_K for Q2_K."""
     for name in (quant, re.sub(r"_[SML]$", "", quant)):

@@ -201,6 +201,18 @@ def test_a_search_measures_within_its_bounds_and_keeps_every_figure(searched):
     assert types == {**record["stock_types"], **chosen["changes"]}
 
 
+def test_a_plan_after_the_search_says_it_is_up_to_date_and_what_it_chose(searched):
+    config, record = searched
+    proc = run_moeq("recipe", "--config", str(config), "--quant", "Q2_K", "--plan", "--json")
+    assert proc.returncode == 0, proc.stderr
+    [planned] = json.loads(proc.stdout)
+    chosen = record["evals"][record["chosen"]]
+    assert planned["up_to_date"] is True and planned["chosen"]["label"] == chosen["label"]
+    assert planned["chosen"]["kld_mean"] == chosen["quality"]["kld_mean"]
+    text = run_moeq("recipe", "--config", str(config), "--quant", "Q2_K", "--plan").stdout.replace("\n", " ")
+    assert text.startswith("Q2_K: up to date: ") and f"chosen: {chosen['label']}, mean KLD" in text
+
+
 def test_the_published_command_rebuilds_the_searched_file_byte_for_byte(searched, toolchain, tmp_path):
     config, record = searched
     work = config.parent / "work"
@@ -346,6 +358,45 @@ def test_recipe_settings_are_checked(tmp_path, quant, recipe, message):
     assert message.format(folder=tmp_path) in error_line(proc)
 
 
+def test_a_search_without_quality_figures_is_refused_at_load(tmp_path):
+    """A searched rung where bench.quality is off was skipped at run time, the reason only in --json."""
+    quants = [{"type": "Q8_0"}, {"type": "Q2_K", "recipe": "search"}]
+    config = pipeline_file(tmp_path, trained=False, quants=quants, bench={"quality": False})
+    proc = run_moeq("check-config", "--config", str(config))
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert line.startswith(f"error: {config}:") and line.endswith(
+        ": bench.quality: false, while Q2_K has recipe: search, which measures every recipe's KL divergence (without it "
+        "the search would be skipped); set bench.quality: true, or remove recipe: search"), line
+
+
+def test_check_config_names_the_file_a_searched_rung_may_publish(tmp_path):
+    quants = [{"type": "Q8_0"}, {"type": "Q2_K", "imatrix": "auto", "recipe": "search"}]
+    proc = run_moeq("check-config", "--config", str(pipeline_file(tmp_path, quants=quants)), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["quant"]: row for row in json.loads(proc.stdout)["quants"]}
+    assert rows["Q2_K"]["searched_file"] == "tiny-phimoe-Q2_K_MOEQ.gguf" and rows["Q8_0"]["searched_file"] is None
+    shown = run_moeq("check-config", "--config", str(tmp_path / "tiny-phimoe.yaml"))
+    assert "or, when the search wins:" in shown.stdout and "tiny-phimoe-Q2_K_MOEQ.gguf" in shown.stdout.replace("\n", "")
+
+
+@pytest.mark.parametrize("layers", [2, 16])
+def test_the_doctors_expert_mixture_is_llama_quantizes(tmp_path, toolchain, layers):
+    """doctor estimates the per-type files from llama.cpp's types for the expert tensors of each searchable rung:
+    llama-quantize --dry-run gives each expert tensor of a tiny model (2 and 16 layers: layer 0 is in the first
+    sixteenth, some layers use more bits) exactly those types."""
+    from moeq.doctor import GATE_UP_TYPES, ffn_down_type
+    from moeq.recipe.cost import stock_mixture
+    from moeq.synth import SynthSpec, write_synth_model
+
+    model = write_synth_model(tmp_path / "tiny-F16.gguf", SynthSpec(layers=layers))
+    for rung, gate_up in GATE_UP_TYPES.items():
+        mix = stock_mixture(toolchain.tool("llama-quantize"), model, rung)
+        assert {t for n, t in mix.items() if "ffn_gate_exps" in n or "ffn_up_exps" in n} == {gate_up}, rung
+        assert [mix[f"blk.{i}.ffn_down_exps.weight"] for i in range(layers)] == \
+            [ffn_down_type(rung, i, layers) for i in range(layers)], rung
+
+
 def test_a_selection_text_that_shares_lines_with_the_evaluation_text_is_refused(tmp_path, toolchain):
     borrowed = tmp_path / "borrowed.txt"
     borrowed.write_text(shipped_selection().read_text() + shipped_evaluation().read_text()[:4000])
@@ -399,3 +450,21 @@ def test_a_full_disk_while_the_per_type_files_are_written_leaves_whole_files_and
     assert again.returncode == 0, again.stderr
     assert all(pure.joinpath(name).stat().st_mtime_ns == when for name, when in kept.items())  # not made again
     assert {p.name for p in pure.glob("*.gguf")} == {f"{t}.gguf" for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")}
+
+
+def test_the_next_build_uses_the_search_run_by_hand_and_says_why_a_stage_is_skipped(searched):
+    """Last in this file: the build's choice deletes the searched file the search assembled (llama-quantize makes it
+    again from the recipe file), which the tests above read."""
+    config, record = searched
+    quick = run_moeq("build", "--config", str(config), "--quant", "Q2_K", "--skip-bench")
+    assert quick.returncode == 0, quick.stderr
+    assert ("recipe skipped for Q2_K: --skip-bench; the stock file is made with the importance matrix"
+            in quick.stdout.replace("\n", " "))
+    proc = run_moeq("build", "--config", str(config), "--quant", "Q2_K", "--json")
+    assert proc.returncode == 0, proc.stderr
+    [built] = json.loads(proc.stdout)["quants"]
+    stages = {s["stage"]: s for s in built["stages"]}
+    assert stages["recipe"]["status"] == "up to date"
+    choice = json.loads((config.parent / "work" / "records" / "choice-Q2_K.json").read_text())["record"]
+    searched_row = next(c for c in choice["candidates"] if c["name"] == "with the searched recipe")
+    assert searched_row["file"]["sha256"] == record["output"]["sha256"]  # the file the search chose, measured

@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import gguf
 import pytest
 
 from moeq import quant_types
@@ -160,10 +161,11 @@ def test_doctor_disk_plan_is_the_peak_not_the_sum(tmp_path, toolchain):
     """The release pipeline: the safetensors download is deleted once converted, so the peak is the F16 with every
     quant, the F16 logits (none known before the fetch) and the choice's other candidate of the largest quant with an
     importance matrix (Q4_K_M's), not all of it together;
-    a later fetch --force is reported beside it."""
+    a later fetch --force is reported beside it (its searches: test_doctor_counts_the_release_pipelines_recipe_searches)."""
     text = (Path(__file__).parent.parent / "pipeline.yaml").read_text().split("\ntoolchain:")[0]
     cfg = tmp_path / "release.yaml"
-    cfg.write_text(text.replace("workspace: work", f"workspace: {tmp_path / 'ws'}"))
+    cfg.write_text(text.replace("workspace: work", f"workspace: {tmp_path / 'ws'}").replace(
+        ", recipe: search, budget: stock}", "}"))
     proc = run_moeq("doctor", "--json", "--config", str(cfg))
     disk = json.loads(proc.stdout)["disk"]
     params = 41873153472
@@ -178,26 +180,45 @@ def test_doctor_disk_plan_is_the_peak_not_the_sum(tmp_path, toolchain):
     assert "a later moeq fetch --force downloads beside it all" in run_moeq("doctor", "--config", str(cfg)).stdout
 
 
-def test_doctor_counts_a_recipe_search(tmp_path, toolchain):
-    """A searched Q2_K rung of the release pipeline: the per-type --pure files (kept) and two candidates while the
-    search runs come on top of the peak."""
+def test_doctor_counts_the_release_pipelines_recipe_searches(tmp_path, toolchain):
+    """pipeline.yaml searches Q4_K_M and Q2_K: each job counts its search's per-type files (kept), the one being made
+    and two candidates while the search runs, on top of the peak without a search; the per-type files of a Q2_K
+    search are under a third of six whole files, and the two rungs' on one machine under two thirds."""
     text = (Path(__file__).parent.parent / "pipeline.yaml").read_text().split("\ntoolchain:")[0]
-    assert "  - {type: Q2_K, imatrix: auto}\n" in text
-    cfg = tmp_path / "release.yaml"
-    cfg.write_text(text.replace("workspace: work", f"workspace: {tmp_path / 'ws'}").replace(
-        "  - {type: Q2_K, imatrix: auto}\n", "  - {type: Q2_K, imatrix: auto, recipe: search}\n"))
-    before = tmp_path / "before.yaml"
-    before.write_text(text.replace("workspace: work", f"workspace: {tmp_path / 'ws'}"))
-    disk = json.loads(run_moeq("doctor", "--json", "--config", str(cfg)).stdout)["disk"]
-    stock = json.loads(run_moeq("doctor", "--json", "--config", str(before)).stdout)["disk"]
+    searched = ", recipe: search, budget: stock}"
+    assert text.count(searched) == 2
+    cfg, before = tmp_path / "release.yaml", tmp_path / "before.yaml"
+    cfg.write_text(text.replace("workspace: work", f"workspace: {tmp_path / 'ws'}"))
+    before.write_text(cfg.read_text().replace(searched, "}"))
+    assert run_moeq("check-config", "--config", str(cfg)).returncode == 0
     params = 41873153472
-    items = {i["what"]: i["bytes"] for i in disk["items"]}
-    pure = sum(int(params * quant_types.QUANT_TYPES[t].approx_bpw / 8)
-               for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"))
-    assert items["the recipe search's --pure file per type (kept for the next search)"] == pure
-    q2_k = int(params * quant_types.QUANT_TYPES["Q2_K"].approx_bpw / 8)
-    assert items["the recipe search's assembled candidate and searched file (while it runs)"] == 2 * q2_k
-    assert disk["peak_bytes"] == stock["peak_bytes"] + pure + 2 * q2_k
+
+    def bits(*types: str) -> float:
+        return sum(8 * gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][1]
+                   / gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0] for t in types)
+
+    six = int(params * bits("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0") / 8)
+    for jobs, limit in ((["Q2_K"], six / 3), (["Q4_K_M"], six), ([], 2 * six / 3)):
+        args = [a for j in jobs for a in ("--job", j)]
+        disk = json.loads(run_moeq("doctor", "--json", "--config", str(cfg), *args).stdout)["disk"]
+        stock = json.loads(run_moeq("doctor", "--json", "--config", str(before), *args).stdout)["disk"]
+        items = {i["what"]: i["bytes"] for i in disk["items"]}
+        files = items["the recipe search's per-type files (kept for the next search)"]
+        assert files < limit, jobs
+        being_made = items["the per-type file being made (llama-quantize writes it whole, moeq keeps what the search "
+                           "needs)"]
+        largest = max(size for what, size in items.items() if what.endswith(".gguf") and "Q8_0" not in what)
+        candidates = items["the recipe search's assembled candidate and searched file (while it runs)"]
+        assert candidates == 2 * largest
+        beside = sum(size for what, size in items.items() if not what.startswith("safetensors download"))
+        assert beside == sum(i["bytes"] for i in stock["items"] if not i["what"].startswith("safetensors download")) \
+            + files + being_made + candidates
+        assert disk["peak_bytes"] == max(stock["peak_bytes"], beside) > stock["peak_bytes"]
+    q2_k = {i["what"]: i["bytes"] for i in json.loads(run_moeq(
+        "doctor", "--json", "--config", str(cfg), "--job", "Q2_K").stdout)["disk"]["items"]}
+    # gate and up (Q2_K in the stock file) may be Q2_K or Q3_K; down (Q3_K) Q2_K, Q3_K or Q4_K
+    expected = params * (2 * bits("Q2_K", "Q3_K") + bits("Q2_K", "Q3_K", "Q4_K")) / 3 / 8
+    assert q2_k["the recipe search's per-type files (kept for the next search)"] == pytest.approx(expected, rel=1e-9)
 
 
 def test_quant_sizes_follow_the_per_layer_recipe():
@@ -220,8 +241,9 @@ def test_doctor_checks_one_job_of_a_release_across_machines(tmp_path, toolchain)
     """--job Q4_K_M: the F16 (and its download) with Q4_K_M's file and its choice candidate alone; --job imatrix: the
     F16 and its download alone. Each is the peak of that job's runner, at most the whole ladder's."""
     text = (Path(__file__).parent.parent / "pipeline.yaml").read_text().split("\ntoolchain:")[0]
-    cfg = tmp_path / "release.yaml"
-    cfg.write_text(text.replace("workspace: work", f"workspace: {tmp_path / 'ws'}"))
+    cfg = tmp_path / "release.yaml"  # without its searches (test_doctor_counts_the_release_pipelines_recipe_searches)
+    cfg.write_text(text.replace("workspace: work", f"workspace: {tmp_path / 'ws'}").replace(
+        ", recipe: search, budget: stock}", "}"))
 
     def disk(*jobs: str) -> dict:
         proc = run_moeq("doctor", "--json", "--config", str(cfg), *[a for j in jobs for a in ("--job", j)])

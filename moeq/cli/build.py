@@ -85,6 +85,13 @@ def _print_summary(summary, ws) -> None:
         table.add_row(stage, *[c.get(stage, "") for c in cells])
     table.add_row("size", *[decimal_size(q.artifact_bytes) if q.artifact_bytes else "" for q in summary.quants])
     console.print(table)
+    skips: dict[tuple[str, str], list[str]] = {}  # why each skipped stage was skipped, once for the quants it names
+    for q in summary.quants:
+        for s in q.stages:
+            if s.status == Status.SKIPPED and s.why:
+                skips.setdefault((s.stage, s.why), []).append(q.quant)
+    for (stage, why), names in skips.items():
+        console.print(f"{stage} skipped for {', '.join(names)}: {why}", soft_wrap=True, highlight=False)
     by_repo: dict[str, list] = {}  # the ladder's one repo: one line for its quants
     for q in summary.quants:
         by_repo.setdefault(q.repo_id, []).append(q)

@@ -16,6 +16,7 @@ from moeq.errors import InputError
 from moeq.gguf_header import read_header
 from moeq.memory_plan import DEFAULT_COMPUTE_ALLOWANCE, kv_bytes, on_gpu
 from moeq.recipe.search import TYPE_LADDER
+from moeq.recipe_file import neighbours
 from moeq.records import QuantizeRecord
 from moeq.units import binary_size
 
@@ -46,12 +47,6 @@ def gpu_room(quant: QuantSpec, source: Path) -> tuple[int | None, int]:
                          f"cache at context {budget.ctx:,} ({binary_size(kv)}) and the compute allowance "
                          f"({binary_size(DEFAULT_COMPUTE_ALLOWANCE)}) take it all", "raise gpu or lower ctx")
     return room, n_layer if budget.placement == "cpu-moe" else 0
-
-
-def neighbours(ggml_type: str) -> list[str]:
-    """The types a group of this stock type may take: one down, itself, one up."""
-    rung = TYPE_LADDER.index(ggml_type)
-    return [TYPE_LADDER[i] for i in (rung - 1, rung, rung + 1) if 0 <= i < len(TYPE_LADDER)]
 
 
 def require_reachable(quant: QuantSpec, limit: int, fixed: int, sizes: dict, stock_types: dict[str, str]) -> None:

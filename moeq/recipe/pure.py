@@ -28,13 +28,12 @@ from moeq.errors import InputError
 from moeq.gguf_header import read_header
 from moeq.quant_types import tensor_bytes
 from moeq.recipe.assemble import assemble
-from moeq.recipe.budget import neighbours
 from moeq.recipe.search import ENDS, TYPE_LADDER
+from moeq.recipe_file import FILLER, neighbours
 from moeq.records import FileRef, ImatrixRef
 from moeq.runner import run_tool
 from moeq.workspace import Workspace, partial_file, require_free, write_json_atomic, write_text_atomic
 
-FILLER = "TQ1_0"  # 1.69 bits a weight, quantized in a sixth of Q2_K's time; its fallback is llama-quantize's own
 UNQUANTIZED = {"F32", "F16", "BF16"}
 
 

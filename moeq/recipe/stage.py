@@ -93,7 +93,7 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
                                       threads=pipeline.bench.threads, timeout_s=pipeline.bench.timeout_s,
                                       on_message=on_message)
         plan = Plan(len(groups), planned_runs(pipeline, groups, stock_types), options.ctx * options.chunks,
-                    tuple(p.ggml_type for p in files.parts), files.disk_bytes(), limit)
+                    tuple(dict.fromkeys(p.ggml_type for p in files.parts)), files.disk_bytes(), limit)
         search = Measurements(Setup(ws, chain, pipeline, folder, files, [row.name for row in stock.tensors], sizes,
                                     base, stock_types, fixed, text, options, base_kld, gpu), plan.runs, on_message)
         on_message(f"{quant.type}: recipe search, {plan.describe()}; budget {limit:,} bytes"
