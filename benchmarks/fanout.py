@@ -57,20 +57,39 @@ STAGE_COST = {
     "bench Q8_0": (35.0, 10.0), "bench Q4_K_M": (143.0, -23.0), "bench Q2_K": (42.0, 61.0),
     "validate": (0.3, 2.5),
 }
+# A recipe search's seconds on this machine, per layer and fixed (benchmarks/recipe_realdim.py at 1 and 2 layers;
+# README "Recipes"): its per-type files, the F16's logits on the selection text, one llama-perplexity run of 8,192
+# tokens with its candidate's assembly; and the runs it makes at 32 layers (`moeq recipe --plan` of pipeline.yaml).
+# Q2_K at 1 and 2 layers: files 113 and 206 s, logits 33 and 82 s, a run 18.5 and 38.2 s; Q4_K_M at 1 layer: files
+# 132 s, logits 34 s, a run 21.2 s (its fixed parts taken as Q2_K's).
+SEARCH_COST = {"files Q2_K": (93.0, 20.0), "files Q4_K_M": (112.0, 20.0), "logits": (48.3, -14.6),
+               "run Q2_K": (19.7, -1.2), "run Q4_K_M": (22.4, -1.2)}
+SEARCH_RUNS = {"Q4_K_M": 100, "Q2_K": 85}
 TOOL_RSS_MB = (2318.0, 1232.0)  # the largest llama.cpp tool's peak RSS per layer and fixed (rehearsal.py)
 WITH_CHOICE = {"Q4_K_M", "Q2_K"}  # imatrix: auto, so the choice quantizes twice
+SEARCHED = {"Q4_K_M", "Q2_K"}  # recipe: search, so the choice has a third candidate
 UPLOAD_BPS = 1e9 / 8  # 1 Gbit/s to the Hub, for the pushes (an assumption, not a measurement)
 
 
-def cost(stage: str, layers: int, scale: float) -> float:
-    per_layer, fixed = STAGE_COST[stage]
+def cost(stage: str, layers: int, scale: float, table: dict = STAGE_COST) -> float:
+    per_layer, fixed = table[stage]
     return max(0.0, per_layer * layers * scale + fixed)
 
 
+def search_seconds(quant: str, layers: int, scale: float) -> float:
+    """A searched rung's recipe stage: its per-type files, the F16 logits, its runs; 0 for a stock rung."""
+    if quant not in SEARCHED:
+        return 0.0
+    return (cost(f"files {quant}", layers, scale, SEARCH_COST) + cost("logits", layers, scale, SEARCH_COST)
+            + SEARCH_RUNS[quant] * cost(f"run {quant}", layers, scale, SEARCH_COST))
+
+
 def job_seconds(quant: str, layers: int, scale: float, quant_bytes: int) -> float:
-    """A quant's own stages after the fetch: quantize (twice with a choice), validate, bench, its upload."""
-    quantize = cost(f"quantize {quant}", layers, scale) * (2 if quant in WITH_CHOICE else 1)
-    return quantize + cost("validate", layers, scale) + cost(f"bench {quant}", layers, scale) + quant_bytes / UPLOAD_BPS
+    """A quant's own stages after the fetch: its search, quantize (once per candidate of the choice: with and
+    without the importance matrix, the searched recipe), validate, bench, its upload."""
+    candidates = 1 + (quant in WITH_CHOICE) + (quant in SEARCHED)
+    return (search_seconds(quant, layers, scale) + cost(f"quantize {quant}", layers, scale) * candidates
+            + cost("validate", layers, scale) + cost(f"bench {quant}", layers, scale) + quant_bytes / UPLOAD_BPS)
 
 
 def computed_table() -> None:
@@ -89,8 +108,12 @@ def computed_table() -> None:
                  for q in LADDER]
         one = fetch + imatrix + sum(job_seconds(q, layers, scale, sizes[q]) for q in LADDER)
         fanned = fetch + imatrix + max(s for label, _d, s in rows[1:]) + 10  # + the publish: a commit, no upload
+        critical = max(rows[1:], key=lambda row: row[2])[0]
         for label, disk, seconds in rows:
-            print(f"| {name} | {label} | {disk / GB:,.0f} GB | {rss:,.0f} GB | {seconds / 3600:.1f} h |")
+            search = search_seconds(label.removeprefix("quant "), layers, scale)
+            note = f" (the search {search / 3600:.1f} h)" if search else ""
+            mark = " **(critical path)**" if label == critical else ""
+            print(f"| {name} | {label}{mark} | {disk / GB:,.0f} GB | {rss:,.0f} GB | {seconds / 3600:.1f} h{note} |")
         print(f"| {name} | publish | under 1 MB (card, manifest, charts) | under 0.3 GB | under 1 min |")
         print(f"| {name} | one runner, today: every stage | {plan_disk(shaped).peak_bytes / GB:,.0f} GB | {rss:,.0f} GB "
               f"| {one / 3600:.1f} h |")

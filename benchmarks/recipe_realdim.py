@@ -37,8 +37,8 @@ from moeq.recipe.pure import Part, TypeFiles  # noqa: E402
 from moeq.recipe.search import TYPE_LADDER  # noqa: E402
 
 REAL_LAYERS = 32
-PIPELINE = """model: {{name: phi-realdim, base_model: microsoft/Phi-3.5-MoE-instruct, file_stem: phi-realdim, license: mit,
-        quantized_by: moeq, languages: [en]}}
+PIPELINE = """model: {{name: phi-realdim, base_model: microsoft/Phi-3.5-MoE-instruct, file_stem: phi-realdim,
+        license: mit, quantized_by: moeq, languages: [en]}}
 source: {{kind: local, path: {source}}}
 workspace: {work}
 quants:

@@ -301,6 +301,30 @@ def test_sigint_mid_search_leaves_whole_files_and_the_next_run_continues(tmp_pat
     assert record["runs"] == len(record["evals"]) - measured  # what was measured before is not measured again
 
 
+@pytest.mark.slow
+def test_two_rungs_share_their_per_type_files_and_make_nothing_twice(tmp_path, toolchain):
+    """Q4_K_M searched, then Q2_K: the Q2_K search adds parts with only the tensors the Q4_K_M one did not need at a
+    type, touches none made before, and the files on disk are what `recipe --plan` said they would be."""
+    quants = [{"type": q, "imatrix": "auto", "recipe": "search", "budget": "stock"} for q in ("Q4_K_M", "Q2_K")]
+    config = pipeline_file(tmp_path, quants=quants, recipe=SMALL)
+    planned = json.loads(run_moeq("recipe", "--config", str(config), "--plan", "--json").stdout)
+    assert [p["plan"]["shared_with"] for p in planned] == [["Q2_K"], ["Q4_K_M"]]
+    assert planned[0]["plan"]["pure_bytes"] == planned[1]["plan"]["pure_bytes"] < sum(
+        p["plan"]["pure_bytes_alone"] for p in planned)
+    assert run_moeq("recipe", "--config", str(config), "--quant", "Q4_K_M").returncode == 0
+    pure = next((tmp_path / "work" / "recipe" / "pure").iterdir())
+    made = {p.name: p.stat().st_mtime_ns for p in pure.glob("*.gguf")}
+    assert run_moeq("recipe", "--config", str(config), "--quant", "Q2_K").returncode == 0
+    assert all((pure / name).stat().st_mtime_ns == when for name, when in made.items())
+    parts = json.loads((pure / "made.json").read_text())["parts"]
+    assert any(p["file"] not in made for p in parts)  # Q2_K needed tensors at some type Q4_K_M did not
+    for ggml_type in {p["type"] for p in parts}:
+        held = [name for p in parts if p["type"] == ggml_type for name in p["tensors"]]
+        assert len(held) == len(set(held)), ggml_type  # each tensor made once at each type
+    disk = sum((pure / p["file"]).stat().st_size for p in parts)
+    assert disk == pytest.approx(planned[0]["plan"]["pure_bytes"], rel=0.05)
+
+
 def test_a_plan_runs_nothing(tmp_path, toolchain):
     quants = [{"type": "Q2_K", "imatrix": "auto", "recipe": "search"}]
     config = pipeline_file(tmp_path, quants=quants, recipe=SMALL)

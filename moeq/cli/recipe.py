@@ -58,8 +58,9 @@ def _print_recipe(done) -> None:
 
 def _chosen(record) -> dict:
     chosen = record.evals[record.chosen]
-    return {"label": chosen.label, "kld_mean": chosen.quality.kld_mean, "stock_kld_mean": record.evals[0].quality.kld_mean,
-            "tensor_bytes": chosen.tensor_bytes, "budget_bytes": record.budget_bytes, "recipe": record.recipe_file.path}
+    return {"label": chosen.label, "kld_mean": chosen.quality.kld_mean,
+            "stock_kld_mean": record.evals[0].quality.kld_mean, "tensor_bytes": chosen.tensor_bytes,
+            "budget_bytes": record.budget_bytes, "recipe": record.recipe_file.path}
 
 
 def _chosen_line(record) -> str:

@@ -72,7 +72,8 @@ def plan_search(pipeline: Pipeline, quant: QuantSpec, source: Path, tool) -> Pla
     header = read_header(source)
     shapes = {t.name: t.shape for t in header.tensors}
     n_layer = header.arch_value(Keys.LLM.BLOCK_COUNT) or 1
-    sharing = [q for q in pipeline.quants if q.recipe == RECIPE_SEARCH and (q.imatrix is None) == (quant.imatrix is None)]
+    sharing = [q for q in pipeline.quants
+               if q.recipe == RECIPE_SEARCH and (q.imatrix is None) == (quant.imatrix is None)]
     stocks = {q.type: stock_mixture(tool, source, q.type) for q in sharing if q.type != quant.type}
     stock = stock_mixture(tool, source, quant.type)
     own = needed_tensors(stock, base_type(quant.type))

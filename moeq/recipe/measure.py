@@ -1,7 +1,7 @@
 """The measurements of one search: each recipe assembled from the per-type files and measured once against the
 F16 logits on the selection text; a measurement is saved, sealed, the moment it is made (WORKSPACE/recipe/TYPE/
-evals/, by the recipe, the options and what the per-type files are made from), and found again by an interrupted search
-that runs again."""
+evals/, by the recipe, the options and what the per-type files are made from), and found again by an
+interrupted search that runs again."""
 
 from __future__ import annotations
 

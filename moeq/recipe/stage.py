@@ -2,14 +2,13 @@
 
 For a rung with `recipe: search` it quantizes the F16 once per type it may use, only the tensors that may take
 that type (recipe/pure.py: `--pure`, with the importance matrix where the rung has one; WORKSPACE/recipe/pure/),
-then measures recipes assembled from
-those files tensor by tensor (recipe/assemble.py, byte for byte what llama-quantize would make) against
-the F16 logits on the selection text: the stock recipe (the rung's own llama.cpp mixture), the stock
-recipe with each group one type higher and one lower, and the recipe those figures predict is best
+then measures recipes assembled from those files tensor by tensor (recipe/assemble.py, byte for byte what
+llama-quantize would make) against the F16 logits on the selection text: the stock recipe (the rung's own
+llama.cpp mixture), the stock recipe with each group one type higher and one lower, and the recipe those figures predict is best
 under the budget (recipe/search.py). Of every recipe measured that fits the budget, the lowest mean KL
 divergence is chosen. Each measurement is saved as it is made (WORKSPACE/recipe/TYPE/evals/, by the recipe,
-the options and what the per-type files are made from), so an interrupted search continues where it stopped and a
-finished one costs nothing.
+the options and what the per-type files are made from), so an interrupted search continues where it stopped
+and a finished one costs nothing.
 
 It writes the chosen recipe as a `--tensor-type-file` (WORKSPACE/recipe/TYPE/<stem>-TYPE_MOEQ.recipe), the
 assembled file beside it (the choice stage has llama-quantize make it again from the recipe file, checks that
