@@ -263,8 +263,8 @@ class _Planner:
                  check=lambda record: policy.require_passed(q.type, record.checks, see)),
         ]
         if options.skip_bench:
-            todo.append(Step("bench", q.type, lambda _got: StageResult("bench", Status.SKIPPED), (q.type,),
-                             after=(("validate", q.type),)))
+            todo.append(Step("bench", q.type, lambda _got: StageResult("bench", Status.SKIPPED, "--skip-bench"),
+                             (q.type,), after=(("validate", q.type),)))
         else:
             todo.append(Step("bench", q.type, lambda got: wiring.bench(
                 ctx, q, got[quantize_id], got[("validate", q.type)], got.get(choice_id), modes=options.modes,
@@ -305,7 +305,8 @@ class _Planner:
                                            replace_card=options.replace_card, switch_layout=options.switch_layout,
                                            prune=options.prune)
         else:
-            push = lambda _got: StageResult("push", Status.SKIPPED)
+            push = lambda _got: StageResult("push", Status.SKIPPED, "no --push (nor hub.push: true): the push plan "
+                                            "below lists what it would send")
         waits = None if unit.quant else (lambda failed: f"the ladder's repo waits for {', '.join(failed)}")
         return todo + [
             Step("card", unit.quant, card, held, needs=tuple(("shards", q.type) for q in listed), lock=lock,
