@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from moeq.errors import InputError
-from moeq.gguf_header import read_header
+from moeq.gguf_header import UNQUANTIZED, read_header
 from moeq.quant_types import tensor_bytes
 from moeq.recipe.assemble import assemble
 from moeq.recipe.search import ENDS, TYPE_LADDER
@@ -33,9 +33,6 @@ from moeq.recipe_file import FILLER, neighbours
 from moeq.records import FileRef, ImatrixRef
 from moeq.runner import run_tool
 from moeq.workspace import Workspace, partial_file, require_free, write_json_atomic, write_text_atomic
-
-UNQUANTIZED = {"F32", "F16", "BF16"}
-
 
 def needed_tensors(stock_types: dict[str, str], base: str) -> dict[str, frozenset[str]]:
     """For each type a search of this stock file may use, the tensors it may give that type (each tensor's stock
@@ -167,7 +164,7 @@ def _make(ws: Workspace, tool, source: FileRef, imatrix: ImatrixRef | None, ggml
         with partial_file(whole) as partial:
             run_tool([*command, str(source_path), str(partial.resolve()), ggml_type], path.with_suffix(".log"),
                      cwd=Path(imatrix.path).resolve().parent if imatrix else None)
-        kept = [t.name for t in read_header(whole).tensors if t.name in names or t.type.name in UNQUANTIZED]
+        kept = [t.name for t in read_header(whole).tensors if t.name in names or t.type in UNQUANTIZED]
         assemble(whole, [(name, whole) for name in kept], path)
     finally:
         whole.unlink(missing_ok=True)
