@@ -240,7 +240,8 @@ def test_offline_main_job_ends_with_a_local_push_plan(tmp_path, toolchain):
     config = write_config(tmp_path, wrapped_tools(tmp_path, toolchain))
     proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
     assert proc.returncode == 0, proc.stderr
-    assert f"Q8_0: push plan (dry run, not compared with the Hub) for {ONE_REPO}: " in proc.stdout
+    # the plan lists the ladder's repo, not Q8_0's alone: it is named as such
+    assert f"{ONE_REPO}, the ladder's repo: push plan (dry run, not compared with the Hub): " in proc.stdout
     assert f"cards: {tmp_path / 'work' / 'repos'}/ladder/README.md" in proc.stdout.replace("\n", "")
 
 

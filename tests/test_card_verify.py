@@ -42,11 +42,17 @@ def test_card_verify_finds_every_edited_line(carded_ladder, tmp_path):
     assert run_moeq("card", "lint", str(card)).stdout.count("unrecorded-figure") == 1  # only the bullet
     proc = run_moeq("card", "verify", str(card))
     assert proc.returncode == 7, proc.stdout + proc.stderr
-    assert proc.stdout.splitlines() == [
-        f'{card}:{lines.index(bullet) + 1}: edited: expected {json.dumps(bullet)}, found {json.dumps(edited_bullet)}',
-        f'{card}:{lines.index(this_row) + 1}: edited: expected {json.dumps(this_row[:100] + "...")}, '
-        f'found {json.dumps(swapped_row[:100] + "...")}',
-    ]
+    first, second = proc.stdout.splitlines()
+    assert first == (f'{card}:{lines.index(bullet) + 1}: edited: expected {json.dumps(bullet)}, '
+                     f'found {json.dumps(edited_bullet)}')
+    # A long row is quoted from a little before its first difference, so the edit is in what is shown (it was cut
+    # at 100 characters from the start, before the size)
+    prefix = f'{card}:{lines.index(this_row) + 1}: edited: expected '
+    assert second.startswith(prefix) and len(this_row) > 100
+    expected, found = (json.loads(part) for part in second[len(prefix):].split(", found "))
+    assert own_size in expected and q2k_size in found and own_size not in found
+    assert len(expected) <= 106 and len(found) <= 106 and expected.strip(".") in this_row
+    assert found.strip(".") in swapped_row
     assert proc.stderr.strip() == f"error: {card}: 2 finding(s); the lines above name each"
     # A removed and an added line are named too.
     card = _staged_copy(ws, None, tmp_path / "moved", lambda t: t.replace(bullet + "\n", "") + "Hand-added.\n")

@@ -21,6 +21,20 @@ def test_help_lists_commands_in_the_order_a_user_meets_them():
                       "plan", "check-config", "doctor", "synth"]
 
 
+def test_help_wraps_each_paragraph_as_the_terminal_allows():
+    """A docstring's line breaks are for the code's reader: --help and the list of commands wrap the words to the
+    terminal (a line broke mid-sentence where the docstring did), and build's stages include the recipe."""
+    listed = run_moeq("--help", env={"COLUMNS": "400"}).stdout
+    build_line = next(line for line in listed.splitlines() if line.startswith("│ build "))
+    assert "fetch -> imatrix -> recipe -> choice -> quantize" in build_line and "published)." in build_line
+    publish_line = next(line for line in listed.splitlines() if line.startswith("│ publish "))
+    assert "and make one commit on main" in publish_line
+    own = run_moeq("build", "--help", env={"COLUMNS": "400"}).stdout
+    assert any("The summary says why each skipped stage was skipped. Exit 0 when every quant succeeded" in line
+               for line in own.splitlines())
+    assert "recipe, choice, quantize" in own  # --force-stage names every stage
+
+
 @pytest.mark.parametrize("command", [[], ["build"], ["imatrix"], ["recipe"], ["quantize"], ["validate"], ["bench"],
                                      ["card"],
                                      ["card", "lint"], ["push"], ["publish"], ["doctor"], ["synth", "tiny-phimoe"],
@@ -103,3 +117,29 @@ def test_check_config_lists_repos():
     proc = run_moeq("check-config", "--config", "pipeline.yaml", "--json")
     assert proc.returncode == 0, proc.stderr
     assert '"repo": "moeq/Phi-3.5-MoE-instruct-GGUF"' in proc.stdout
+
+
+def test_the_build_summary_times_a_shared_step_once_and_names_the_ladders_repo(tmp_path):
+    """The importance matrix is made once for every rung: its time shows under the first, "the same run" under the
+    others (it read "ran 47.4s" under each, as if it had run twice); the push plan of the ladder's one repo is
+    named by the repo, not by the first quant."""
+    from moeq.build import BuildSummary, QuantRow
+    from moeq.cli.build import _print_summary
+    from moeq.cli.output import console
+    from moeq.stage_runner import StageResult, Status
+    from moeq.workspace import Workspace
+
+    imatrix = StageResult("imatrix", Status.RAN, "no record", 47.4)
+    plan = [{"path": "tiny-Q2_K.gguf", "action": "add", "size": 1000}]
+    rows = [QuantRow(q, "me/tiny-GGUF", "http://hub/me/tiny-GGUF",
+                     [imatrix, StageResult("quantize", Status.RAN, "no record", seconds)], plan)
+            for q, seconds in (("Q4_K_M", 2.0), ("Q2_K", 1.5))]
+    with console.capture() as captured:
+        _print_summary(BuildSummary(rows, pushed=False, single_repo=True), Workspace(tmp_path))
+    text = captured.get()
+    imatrix_line = next(line for line in text.splitlines() if "imatrix" in line)
+    assert "ran 47.4s" in imatrix_line and "the same run" in imatrix_line and imatrix_line.count("47.4") == 1
+    quantize_line = next(line for line in text.splitlines() if "quantize" in line)
+    assert "ran 2.0s" in quantize_line and "ran 1.5s" in quantize_line
+    assert "me/tiny-GGUF, the ladder's repo: push plan (dry run, not compared with the Hub): tiny-Q2_K.gguf" in \
+        text.replace("\n", "")

@@ -272,7 +272,9 @@ def test_check_names_the_lines_edited_on_the_hub(tmp_path, test_hub, q8_built):
     """Someone edits a figure in the card on the Hub: push --check says which line, as moeq card verify does."""
     config, _, ws = staged_pipeline(tmp_path, q8_built)
     assert push(test_hub, config).returncode == 0
-    assert push(test_hub, config, "--check").returncode == 0
+    clean = push(test_hub, config, "--check")
+    assert clean.returncode == 0
+    assert f"{REPO_ID}: main on the Hub holds every staged file as staged (" in clean.stdout.replace("\n", " ")
     card = test_hub.state.files(REPO_ID)["README.md"].decode()
     lines = card.split("\n")
     bullet = next(line for line in lines if line.startswith("- **Source**: "))

@@ -35,9 +35,17 @@ def card_template(manifest: Manifest, template: Path | None, where: str) -> tupl
     return template, templates_sha256(template) == made_with.templates_sha256
 
 
-def _quote(line: str) -> str:
-    text = line if len(line) <= SHOWN else line[:SHOWN] + "..."
-    return json.dumps(text, ensure_ascii=False)
+def _quote(line: str, differs_at: int = 0) -> str:
+    """The line quoted, at most SHOWN characters of it: a long one from a little before `differs_at`, so that an
+    edit far into a table row is in what is shown."""
+    start = max(0, min(differs_at - SHOWN // 4, len(line) - SHOWN))
+    text = line[start:start + SHOWN]
+    return json.dumps(("..." if start else "") + text + ("..." if start + SHOWN < len(line) else ""),
+                      ensure_ascii=False)
+
+
+def _first_difference(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def verify_card(text: str, manifest: Manifest, template: Path | None = None) -> list[Finding]:
@@ -54,7 +62,8 @@ def verify_card(text: str, manifest: Manifest, template: Path | None = None) -> 
             theirs = found[j1 + k] if j1 + k < j2 else None
             line = min(j1 + k, j2 - 1) + 1 if j2 > j1 else j1 + 1  # a removed line is reported where it belongs
             if ours is not None and theirs is not None:
-                findings.append(Finding(line, "edited", f"expected {_quote(ours)}, found {_quote(theirs)}"))
+                at = _first_difference(ours, theirs)
+                findings.append(Finding(line, "edited", f"expected {_quote(ours, at)}, found {_quote(theirs, at)}"))
             elif ours is not None:
                 findings.append(Finding(line, "removed", f"expected {_quote(ours)} here"))
             else:

@@ -9,6 +9,7 @@ a bug in moeq: one line that says so, exit 70. Tracebacks only with --debug or M
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import signal
@@ -72,12 +73,29 @@ def register(name: str, command) -> None:
     REGISTERED.append(name)
     if isinstance(command, typer.Typer):
         for info in command.registered_commands:
+            info.help, info.short_help = info.help or _help(info.callback), info.short_help or _summary(info.callback)
             info.callback = _body(info.callback)
         if command.registered_callback is not None:
             command.registered_callback.callback = _body(command.registered_callback.callback)
         app.add_typer(command, name=name)
     else:
-        app.command(name)(_body(command))
+        app.command(name, help=_help(command), short_help=_summary(command))(_body(command))
+
+
+def _help(fn) -> str | None:
+    """A command's docstring with each paragraph on one line, for --help to wrap (the docstring's line breaks are
+    for the code's reader; typer keeps them). A paragraph with an indented line (an example) stays as written."""
+    doc = inspect.getdoc(fn)
+    if not doc:
+        return None
+    return "\n\n".join(p if any(line.startswith(" ") for line in p.splitlines()) else " ".join(p.split())
+                       for p in doc.split("\n\n"))
+
+
+def _summary(fn) -> str | None:
+    """A command's first paragraph, for the list of commands."""
+    doc = _help(fn)
+    return doc.split("\n\n")[0] if doc else None
 
 
 def _body(fn):

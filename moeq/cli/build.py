@@ -21,8 +21,8 @@ def build(
     push: Annotated[bool, typer.Option("--push", help="Push to the Hub (also when hub.push is true).")] = False,
     skip_bench: Annotated[bool, typer.Option("--skip-bench", help="Leave the bench stage out.")] = False,
     force_stage: Annotated[Optional[str], typer.Option(help="Run this stage and every stage after it again: "
-                                                       "fetch, imatrix, choice, quantize, validate, bench, "
-                                                       "shards, card or push.")] = None,
+                                                       "fetch, imatrix, recipe, choice, quantize, validate, "
+                                                       "bench, shards, card or push.")] = None,
     switch_layout: SwitchLayoutOption = False,
     stage_to: Annotated[Optional[str], typer.Option("--stage-to", metavar="BRANCH", help="One job of a release across "
                                                     "machines: stage the quants on this branch of the ladder's repo "
@@ -33,12 +33,14 @@ def build(
                                                          "and the file it names), checked by sha256.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Run fetch -> imatrix -> choice -> quantize -> validate -> bench -> shards -> card -> push for each quant,
-    skipping what is current (imatrix only for quants with `imatrix: auto`; choice only for quants with an
-    importance matrix: made with and without it, measured, and the better published).
+    """Run fetch -> imatrix -> recipe -> choice -> quantize -> validate -> bench -> shards -> card -> push for each
+    quant, skipping what is current (imatrix only for quants with `imatrix: auto`; recipe only for quants with
+    `recipe: search`; choice for quants with an importance matrix or a searched recipe: each candidate made,
+    measured, and the better published).
 
-    Without --push the last stage shows the files the push would send, without asking the Hub.
-    Exit 0 when every quant succeeded, else the exit code of the first failed stage.
+    Without --push the last stage shows the files the push would send, without asking the Hub. The summary says
+    why each skipped stage was skipped. Exit 0 when every quant succeeded, else the exit code of the first failed
+    stage.
     """
     from moeq.build import build as run_build
     from moeq.plan import Release
@@ -79,8 +81,15 @@ def _print_summary(summary, ws) -> None:
     table.add_column("stage", no_wrap=True)
     for q in summary.quants:
         table.add_column(q.quant, no_wrap=True)
-    cells = [{s.stage: f"[{colors[s.status]}]{s.status}[/]" + (f" {s.seconds:.1f}s" if s.status in (Status.RAN, Status.FAILED)
-                                                                else "") for s in q.stages} for q in summary.quants]
+    cells, seen = [], set()  # a step shared by quants (fetch, imatrix, the ladder's card) ran once: timed once
+    for q in summary.quants:
+        row = {}
+        for s in q.stages:
+            timed = s.status in (Status.RAN, Status.FAILED)
+            row[s.stage] = ("[dim]the same run[/]" if timed and id(s) in seen else
+                            f"[{colors[s.status]}]{s.status}[/]" + (f" {s.seconds:.1f}s" if timed else ""))
+            seen.add(id(s))
+        cells.append(row)
     for stage in STAGES:
         table.add_row(stage, *[c.get(stage, "") for c in cells])
     table.add_row("size", *[decimal_size(q.artifact_bytes) if q.artifact_bytes else "" for q in summary.quants])
@@ -96,7 +105,9 @@ def _print_summary(summary, ws) -> None:
     for q in summary.quants:
         by_repo.setdefault(q.repo_id, []).append(q)
     for repo_id, rows in by_repo.items():
-        q, names = rows[0], ", ".join(r.quant for r in rows)
+        q = rows[0]
+        names = (f"{repo_id}, the ladder's repo" if summary.single_repo
+                 else f"{', '.join(r.quant for r in rows)} ({repo_id})")
         if q.commit_url and q.branch:
             console.print(f"{names}: staged on {q.branch} (main untouched; moeq publish --from-branch {q.branch} "
                           f"publishes the ladder): {q.commit_url}", soft_wrap=True)
@@ -106,8 +117,7 @@ def _print_summary(summary, ws) -> None:
             console.print(f"{names}: {q.repo_url} (up to date)", soft_wrap=True)
         elif q.push_plan:
             files = ", ".join(f"{f['path']} ({decimal_size(f['size'])})" for f in q.push_plan)
-            console.print(f"{names}: push plan (dry run, not compared with the Hub) for {repo_id}: {files}",
-                          soft_wrap=True)
+            console.print(f"{names}: push plan (dry run, not compared with the Hub): {files}", soft_wrap=True)
     cards = "ladder" if summary.single_repo else "<quant>"
     if any(s.stage == "card" and s.status in (Status.RAN, Status.UP_TO_DATE) for q in summary.quants for s in q.stages):
         console.print(f"cards: {ws.repos_dir}/{cards}/README.md, charts in {ws.repos_dir}/{cards}/images/; "

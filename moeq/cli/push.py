@@ -71,6 +71,11 @@ def push(
         if verdict.behind:
             raise CheckFailed("moeq push --check", f"not what the records say: {', '.join(verdict.behind)}",
                               "run moeq push for them")
+        if not as_json:
+            for plan in verdict.plans:
+                same = sum(f.action == "unchanged" for f in plan.pushed_files())
+                console.print(f"{plan.repo_id}: main on the Hub holds every staged file as staged ({same} files, "
+                              "compared by sha256): nothing to push", soft_wrap=True)
 
 
 def _print_push(row: dict) -> None:
