@@ -18,6 +18,7 @@ from moeq import quant_types
 from moeq.config import RECIPE_SEARCH, Pipeline
 from moeq.errors import MoeqError, ToolError
 from moeq.gguf_header import SPLIT_NAME_RE, read_header
+from moeq.hub.client import write_access
 from moeq.recipe_file import FILLER, SEARCH_TYPES, neighbours
 from moeq.runner import LOG_FLUSH_LIBRARY, logs_through_common
 from moeq.gpus import nvidia_gpus
@@ -55,6 +56,15 @@ class DiskPlan:
 
 
 @dataclass
+class HubAccess:
+    """Whether the token may write to a namespace the pipeline pushes to, as the Hub says (whoami)."""
+
+    namespace: str
+    ok: bool
+    detail: str
+
+
+@dataclass
 class DoctorReport:
     tools: list[Check]
     packages: dict[str, str]
@@ -64,17 +74,30 @@ class DoctorReport:
     warnings: list[str] = field(default_factory=list)
     pipeline: str | None = None
     disk: DiskPlan | None = None
+    hub_access: list[HubAccess] = field(default_factory=list)
+    hub_required: bool = False  # the pipeline pushes (hub.push), or a release job was named (--job): it must write
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.tools) and (self.disk is None or self.disk.ok)
+        return (all(c.ok for c in self.tools) and (self.disk is None or self.disk.ok)
+                and (not self.hub_required or all(a.ok for a in self.hub_access)))
+
+    def problems(self) -> list[str]:
+        """What is not in order, by name: the tools, the disk, the Hub namespaces the token may not write to."""
+        found = [c.name for c in self.tools if not c.ok]
+        if self.disk is not None and not self.disk.ok:
+            found.append("disk space")
+        if self.hub_required:
+            found += [f"writing to {a.namespace} on the Hub" for a in self.hub_access if not a.ok]
+        return found
 
     def as_dict(self) -> dict:
         out = {
             "ok": self.ok,
             "tools": [vars(c) for c in self.tools],
             "packages": self.packages,
-            "hub": {"token_present": self.hub_token_present, "endpoint": self.hub_endpoint},
+            "hub": {"token_present": self.hub_token_present, "endpoint": self.hub_endpoint,
+                    "required": self.hub_required, "access": [vars(a) for a in self.hub_access]},
             "gpus": self.gpus,
             "warnings": self.warnings,
             "pipeline": self.pipeline,
@@ -249,9 +272,18 @@ def _source_shape(pipeline: Pipeline) -> tuple[int | None, int | None, int | Non
             vocab if isinstance(vocab, int) else None)
 
 
+def hub_access(pipeline: Pipeline, jobs: list[str] | None) -> list[HubAccess]:
+    """For each namespace the quants of `jobs` (all without) are pushed to, whether the token may write there; the
+    imatrix job pushes nothing."""
+    selected = pipeline.quants if jobs is None else [pipeline.quant(j) for j in jobs if j != IMATRIX_JOB]
+    namespaces = sorted({pipeline.repo_id(q).split("/")[0] for q in selected})
+    return [HubAccess(namespace, *write_access(namespace)) for namespace in namespaces]
+
+
 def run_doctor(chain: Toolchain, pipeline: Pipeline | None = None, jobs: list[str] | None = None) -> DoctorReport:
     token_present, endpoint = hub_status()
     tools, gpus = check_tools(chain), nvidia_gpus()
+    access = hub_access(pipeline, jobs) if pipeline else []
     return DoctorReport(
         tools=tools,
         packages=package_versions(),
@@ -261,4 +293,6 @@ def run_doctor(chain: Toolchain, pipeline: Pipeline | None = None, jobs: list[st
         warnings=backend_warnings(tools, gpus),
         pipeline=str(pipeline.path) if pipeline else None,
         disk=plan_disk(pipeline, jobs) if pipeline else None,
+        hub_access=access,
+        hub_required=bool(pipeline) and bool(access) and (pipeline.hub.push or jobs is not None),
     )

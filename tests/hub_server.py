@@ -323,6 +323,12 @@ class Handler(BaseHTTPRequestHandler):
             return self._create_repo(json.loads(body or b"{}"))
         if method == "POST" and path == "/api/validate-yaml":
             return self._json(200, {"errors": [], "warnings": []})
+        if method == "GET" and path == "/api/whoami-v2":  # who the token is: a user who writes to its own namespace
+            user = self._user()
+            if user is None:
+                raise HubError(401, "You must be authenticated")
+            return self._json(200, {"type": "user", "name": user, "orgs": [],
+                                    "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
         m = re.fullmatch(rf"/api/models/{REPO}(?:/revision/{REV})?", path)
         if method == "GET" and m:
             repo = self._repo(m["repo"])

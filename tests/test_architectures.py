@@ -192,5 +192,5 @@ def test_the_real_examples_load_and_pass_doctor_but_for_the_disk(example, toolch
     assert {q["repo"] for q in json.loads(proc.stdout)["quants"]} == {"moeq/" + config.stem.replace(
         "qwen3-30b-a3b", "Qwen3-30B-A3B").replace("mixtral-8x7b-instruct", "Mixtral-8x7B-Instruct-v0.1") + "-GGUF"}
     proc = run_moeq("doctor", "--config", str(config))
-    assert proc.returncode == 0 or proc.stderr.splitlines()[-1] == "error: moeq doctor: found problems with: disk space; fix what the table above names", \
+    assert proc.returncode == 0 or proc.stderr.splitlines()[-1] == "error: moeq doctor: found problems with: disk space; fix what the lines above name", \
         proc.stdout + proc.stderr

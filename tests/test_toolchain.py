@@ -16,7 +16,7 @@ from moeq.config.yaml_nodes import CONFIG_FIX
 from moeq.errors import ToolError
 from moeq.toolchain import PINNED_COMMIT, TOOLS, Toolchain, parse_version, pinned_bin_dir
 
-from conftest import run_moeq
+from conftest import HUB_TOKEN, pipeline_file, run_moeq
 
 
 def test_parse_version():
@@ -117,7 +117,7 @@ def test_doctor_fails_when_a_tool_is_missing(tmp_path, toolchain):
     proc = run_moeq("doctor", env=env)
     assert proc.returncode == 7
     assert "problem: llama-perplexity: not found (looked in" in proc.stdout
-    assert proc.stderr.strip() == "error: moeq doctor: found problems with: llama-perplexity; fix what the table above names"
+    assert proc.stderr.strip() == "error: moeq doctor: found problems with: llama-perplexity; fix what the lines above name"
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
@@ -154,7 +154,7 @@ def test_doctor_disk_refusal_is_reported(tmp_path, toolchain):
     assert proc.returncode == 7
     disk = json.loads(proc.stdout)["disk"]
     assert disk["ok"] is False and disk["needed_bytes"] > disk["free_bytes"]
-    assert proc.stderr.splitlines() == [f"pipeline: {cfg} (--config)", "error: moeq doctor: found problems with: disk space; fix what the table above names"]
+    assert proc.stderr.splitlines() == [f"pipeline: {cfg} (--config)", "error: moeq doctor: found problems with: disk space; fix what the lines above name"]
 
 
 def test_doctor_disk_plan_is_the_peak_not_the_sum(tmp_path, toolchain):
@@ -263,3 +263,52 @@ def test_doctor_checks_one_job_of_a_release_across_machines(tmp_path, toolchain)
     assert disk("imatrix")["peak_bytes"] == 2 * f16 <= disk()["peak_bytes"]
     proc = run_moeq("doctor", "--config", str(cfg), "--job", "Q5_K_M")
     assert proc.returncode != 0 and "no quant 'Q5_K_M' in the ladder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_doctor_asks_the_hub_whether_the_token_may_write_to_the_namespace(tmp_path, test_hub):
+    """"Hub token present: no" passed for a pipeline that pushes, and a token that could not write there was found
+    out at the push, hours later. doctor asks the Hub who the token is (whoami) for each namespace the pipeline
+    pushes to, and fails when the pipeline pushes (hub.push, or a release job) and the token may not write there."""
+    from conftest import HUB_USER
+
+    pushing = pipeline_file(tmp_path / "pushing", hub={"namespace": HUB_USER, "push": True})
+    ours = run_moeq("doctor", "--config", str(pushing), env=test_hub.env)
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    out = ours.stdout.replace("\n", " ")
+    assert f"Hub namespace {HUB_USER}: the token may write there: the token is {HUB_USER}'s, with write access" in out
+    assert ours.stdout.rstrip().endswith("verdict: ready (tools, disk and the Hub)")
+    other = run_moeq("doctor", "--config", str(pushing), "--json", env={**test_hub.env, "HF_TOKEN": "hf_otherUserToken"})
+    assert other.returncode == 7
+    access = json.loads(other.stdout)["hub"]["access"]
+    assert access == [{"namespace": HUB_USER, "ok": False,
+                       "detail": f"the token is someone-else's, who is not a member of {HUB_USER}"}]
+    assert other.stderr.strip().endswith(f"error: moeq doctor: found problems with: writing to {HUB_USER} on the Hub; "
+                                         "fix what the lines above name")
+    local = pipeline_file(tmp_path / "local")  # hub.push unset: a missing token is said, not a failure
+    tokenless = {**test_hub.env, "HF_TOKEN": ""}
+    proc = run_moeq("doctor", "--config", str(local), env=tokenless)
+    assert proc.returncode == 0 and "needed only to push" in proc.stdout.replace("\n", " ")
+    job = run_moeq("doctor", "--config", str(local), "--job", "Q8_0", env=tokenless)  # a release job pushes
+    assert job.returncode == 7 and "writing to moeq-test on the Hub" in job.stderr
+    assert HUB_TOKEN not in ours.stdout + ours.stderr + other.stdout + other.stderr
+
+
+@pytest.mark.parametrize("info,ok,detail", [
+    ({"name": "me", "orgs": [], "auth": {"accessToken": {"role": "read"}}}, False, "the token of me is read-only"),
+    ({"name": "me", "orgs": [{"name": "team", "roleInOrg": "write"}], "auth": {"accessToken": {"role": "write"}}},
+     True, "the token is me's, write in team"),
+    ({"name": "me", "orgs": [{"name": "team", "roleInOrg": "read"}], "auth": {"accessToken": {"role": "write"}}},
+     False, "me's role in team is read, which may not write"),
+    ({"name": "me", "auth": {"accessToken": {"role": "fineGrained", "fineGrained": {"scoped": [
+        {"entity": {"type": "org", "name": "team"}, "permissions": ["repo.content.read", "repo.write"]}]}}}},
+     True, "the fine-grained token of me may write to team (repo.write)"),
+    ({"name": "me", "auth": {"accessToken": {"role": "fineGrained", "fineGrained": {"scoped": [
+        {"entity": {"type": "org", "name": "team"}, "permissions": ["repo.content.read"]}]}}}},
+     False, "the fine-grained token of me has no repo.write on team"),
+    ({"name": "me", "orgs": "not a list", "auth": []}, False, "the token is me's, who is not a member of team"),
+])
+def test_whether_a_token_may_write_is_read_from_the_hubs_answer(info, ok, detail):
+    from moeq.hub.client import can_write
+
+    assert can_write(info, "team") == (ok, detail)

@@ -61,8 +61,13 @@ def doctor(
         for name, version in report.packages.items():
             packages.add_row(name, version)
         console.print(packages)
-        console.print(f"Hub endpoint: {report.hub_endpoint}")
+        console.print(f"Hub endpoint: {report.hub_endpoint}", highlight=False)
         console.print(f"Hub token present: {'yes' if report.hub_token_present else 'no'}")
+        for access in report.hub_access:
+            mark = "may write" if access.ok else "may NOT write"
+            need = "" if access.ok or report.hub_required else " (needed only to push: the pipeline does not push here)"
+            console.print(f"Hub namespace {access.namespace}: the token {mark} there: {access.detail}{need}",
+                          soft_wrap=True, markup=False, highlight=False)
         if report.disk:
             disk = report.disk
             if disk.needed_bytes is None:
@@ -77,7 +82,8 @@ def doctor(
                     console.print(f"  a later moeq fetch --force downloads beside it all: about "
                                   f"{decimal_size(disk.refetch_bytes)}")
     if not report.ok:
-        problems = [c.name for c in report.tools if not c.ok]
-        if report.disk and not report.disk.ok:
-            problems.append("disk space")
-        raise CheckFailed("moeq doctor", f"found problems with: {', '.join(problems)}", "fix what the table above names")
+        raise CheckFailed("moeq doctor", f"found problems with: {', '.join(report.problems())}",
+                          "fix what the lines above name")
+    if not as_json:
+        console.print("verdict: ready" + (" (tools, disk and the Hub)" if report.hub_required else
+                                          " (tools and disk)" if report.disk else " (tools)"), highlight=False)

@@ -95,6 +95,46 @@ def require_token() -> None:
                        "set HF_TOKEN or run `hf auth login` with a token that may write to the namespace")
 
 
+WRITING_ROLES = ("admin", "write", "contributor")  # an organization's roles that may push to its repos
+
+
+def write_access(namespace: str) -> tuple[bool, str]:
+    """Whether the token may write to `namespace`, from what the Hub says the token is (whoami), and why."""
+    if not get_token():
+        return False, "no Hub token (set HF_TOKEN or run `hf auth login`)"
+    try:
+        with hub_errors("asking the Hub who the token is", namespace):
+            info = hub_api().whoami()
+    except HubError as exc:
+        return False, exc.problem
+    return can_write(info if isinstance(info, dict) else {}, namespace)
+
+
+def can_write(info: dict, namespace: str) -> tuple[bool, str]:
+    """The Hub's whoami answer (untrusted: every field checked) read for `namespace`."""
+    name = str(info.get("name", "?"))[:100]
+    auth = info.get("auth") if isinstance(info.get("auth"), dict) else {}
+    token = auth.get("accessToken") if isinstance(auth.get("accessToken"), dict) else {}
+    role = token.get("role")
+    if role == "read":
+        return False, f"the token of {name} is read-only"
+    if role == "fineGrained":
+        grained = token.get("fineGrained") if isinstance(token.get("fineGrained"), dict) else {}
+        scoped = [e for e in grained.get("scoped") or [] if isinstance(e, dict) and isinstance(e.get("entity"), dict)]
+        if any(e["entity"].get("name") == namespace and "repo.write" in (e.get("permissions") or []) for e in scoped):
+            return True, f"the fine-grained token of {name} may write to {namespace} (repo.write)"
+        return False, f"the fine-grained token of {name} has no repo.write on {namespace}"
+    if namespace == name:
+        return True, f"the token is {name}'s, with {role or 'write'} access"
+    orgs = [o for o in info.get("orgs") or [] if isinstance(o, dict)]
+    org = next((o for o in orgs if o.get("name") == namespace), None)
+    if org is None:
+        return False, f"the token is {name}'s, who is not a member of {namespace}"
+    if org.get("roleInOrg") in WRITING_ROLES:
+        return True, f"the token is {name}'s, {org.get('roleInOrg')} in {namespace}"
+    return False, f"{name}'s role in {namespace} is {str(org.get('roleInOrg'))[:40]}, which may not write"
+
+
 def scrub(text: str) -> str:
     token = get_token()
     return text.replace(token, "***") if token else text
