@@ -348,6 +348,17 @@ class MemoryPlan(Model):
         return set(ctx_sizes) <= set(self.kv_bytes)
 
 
+class PromptFormat(Model):
+    template_sha256: str
+    """The sha256 of the file's chat template (tokenizer.chat_template), the source's too (the chat template check)."""
+    template_chars: int
+    """Its length in characters."""
+    rendered: str | None
+    """A system message and one user message rendered with it, generation prompt included (None: see why_not)."""
+    why_not: str | None = None
+    """Why it was not rendered (too long, too slow, an error the template raises)."""
+
+
 class ValidateRecord(Record):
     stage: Literal["validate"] = "validate"
     """The stage that wrote it."""
@@ -367,6 +378,8 @@ class ValidateRecord(Record):
     """The tensors with the largest error for their type."""
     plan: MemoryPlan
     """Where its bytes go under llama.cpp's placement rules."""
+    prompt: PromptFormat | None = None
+    """The file's chat template and an example conversation rendered with it (None: the file has none)."""
 
     @property
     def failed(self) -> list[str]:

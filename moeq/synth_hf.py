@@ -18,8 +18,8 @@ import numpy as np
 
 from moeq.config import SynthSpec
 from moeq.errors import InputError
-from moeq.synth import (CONTEXT_LENGTH, ORIGINAL_CONTEXT_LENGTH, RMS_EPS, ROPE_FREQ_BASE, check_spec,
-                        parameter_count)
+from moeq.synth import (CONTEXT_LENGTH, ORIGINAL_CONTEXT_LENGTH, PHI35_CHAT_TEMPLATE, RMS_EPS, ROPE_FREQ_BASE,
+                        check_spec, parameter_count)
 
 MAX_HF_VOCAB = 32_000
 MAX_HF_BYTES = 1 << 30
@@ -138,5 +138,6 @@ def write_tiny_phimoe_hf(folder: Path, spec: SynthSpec = SynthSpec(vocab=320), *
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False, "model_max_length": CONTEXT_LENGTH,
+        "chat_template": PHI35_CHAT_TEMPLATE,  # the converter writes it into the GGUF (tokenizer.chat_template)
     }, indent=2) + "\n")
     return folder

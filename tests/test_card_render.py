@@ -364,3 +364,23 @@ def test_the_facts_are_typed_down_to_each_row(good_card):
                              "facts.quant.imatrix.made.calibration.sources[]",
                              "facts.imatrix_files[].made.calibration.sources[]"}, mappings
     assert facts.quant.quantization.type_mix[0].tensors > 0 and facts.quant.validation.checks[0].ok
+
+
+@pytest.mark.parametrize("rendered,as_json", [
+    ("<|user|>\nhi<|end|>\n<|assistant|>\n", False),
+    ("<|user|>  \nhi", True),  # trailing spaces: card lint's trailing-whitespace would refuse the card
+    ("=======\n<<<<<<< user\nhi\n>>>>>>>", True),  # lines card lint reads as a merge conflict
+])
+def test_a_rendered_prompt_a_card_cannot_hold_as_it_is_is_shown_as_a_json_string(rendered, as_json):
+    """The template is the file's: what it renders must not make the card fail lint (nor be written as it is)."""
+    from types import SimpleNamespace
+
+    from moeq.cards.facts.prompt import prompt_facts
+    from moeq.records import PromptFormat
+
+    prompt = PromptFormat(template_sha256="0" * 64, template_chars=10, rendered=rendered)
+    entry = SimpleNamespace(records=SimpleNamespace(validate_=SimpleNamespace(prompt=prompt)))
+    facts = prompt_facts([entry])
+    assert facts.as_json is as_json
+    assert facts.text == (json.dumps(rendered) if as_json else rendered)
+    assert prompt_facts([SimpleNamespace(records=SimpleNamespace(validate_=None))]) is None

@@ -35,7 +35,8 @@ def validate(path, *args):
 def test_real_quants_pass_every_check(quants, tiny_model, qtype):
     proc, report = validate(quants[qtype], "--against", str(tiny_model), "--numerics", "full")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert [c["name"] for c in report["checks"]] == ["container", "model", "tensors", "metadata", "numerics"]
+    assert [c["name"] for c in report["checks"]] == ["container", "model", "tensors", "metadata", "chat template",
+                                                     "numerics"]
     assert report["worst_tensors"][0]["rel_rmse"] > 0
 
 
@@ -145,6 +146,44 @@ def test_metadata_of_the_source_is_carried_over(quants, tiny_model, tmp_path):
     proc, report = validate(quants["Q8_0"], "--against", str(tiny_model), "--numerics", "off")
     assert proc.returncode == 0
     assert check_of(report, "metadata")["detail"].endswith("other keys carried over unchanged")
+
+
+def test_a_chat_template_changed_on_the_way_fails_the_chat_template_check(quants, tiny_model, tmp_path, toolchain):
+    """The source's template reaches every quant (the example phimoe carries Phi-3.5's); a quant made with another
+    (llama-quantize --override-kv, as a wrong converter or a hand edit would) fails, naming both sha256."""
+    proc, report = validate(quants["Q4_K_M"], "--against", str(tiny_model), "--numerics", "off")
+    assert proc.returncode == 0
+    assert check_of(report, "chat template")["detail"].startswith("the source's (407 characters, sha256 ")
+    other = tmp_path / "other-template.gguf"
+    subprocess.run([str(toolchain.path("llama-quantize")), "--override-kv",
+                    "tokenizer.chat_template=str:{{ messages[0].content }}", str(tiny_model), str(other), "Q8_0"],
+                   check=True, capture_output=True)
+    proc, report = validate(other, "--against", str(tiny_model), "--numerics", "off")
+    assert proc.returncode == 7
+    assert check_of(report, "chat template")["detail"].startswith("differs from the source's (sha256 ")
+    assert not check_of(report, "chat template")["ok"]
+
+
+@pytest.mark.parametrize("template,rendered,why_not", [
+    ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant]"
+     "{% endif %}", "[system] You are a helpful assistant.\n[user] Which file should I download?\n[assistant]", None),
+    ("{{ bos_token }}{{ messages[1].content }}{{ eos_token }}", "<s>Which file should I download?</s>", None),
+    ("{{ raise_exception('only user and assistant roles are supported') }}", None,
+     "the template does not render (TemplateError: only user and assistant roles are supported)"),
+    ("{{ ''.__class__.__mro__ }}", None, "the template does not render (SecurityError: "),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", None,
+     "rendering it took over 5 s"),
+    ("x" * 70000, None, "the template has 70,000 characters, more than moeq renders (65,536)"),
+    ("{% for i in range(20000) %}abc{% endfor %}", None, "it renders to more than 16,384 characters"),
+])
+def test_a_chat_template_is_rendered_in_a_sandbox_bounded_in_size_and_time(template, rendered, why_not):
+    """The template comes from the file: untrusted. Jinja's immutable sandbox (no attribute escapes), and a child
+    process stopped after 5 s (a sandbox does not bound loops)."""
+    from moeq.validate.prompt import render_example
+
+    text, why = render_example(template, "<s>", "</s>")
+    assert text == rendered
+    assert (why or "").startswith(why_not) if why_not else why is None
 
 
 def test_missing_tensor_and_offset_past_end(quants, tmp_path, tiny_model):

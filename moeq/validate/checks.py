@@ -7,6 +7,7 @@ earlier one failed says so instead of raising.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from gguf.quants import dequantize
 from moeq.architectures import require_moe
 from moeq.errors import InputError
 from moeq.gguf_header import GGUFHeader, check_extent, read_header
-from moeq.records import CheckResult
+from moeq.validate.prompt import render_example
+from moeq.records import CheckResult, PromptFormat
 
 # The keys llama-quantize sets (src/llama-quant.cpp): every other key of the source is copied unchanged,
 # except a split source's split.* keys, which it drops. A key the source lacks is not required.
@@ -38,6 +40,7 @@ class ValidateReport:
     against: str | None
     checks: list[CheckResult] = field(default_factory=list)
     worst_tensors: list[dict] = field(default_factory=list)
+    prompt: PromptFormat | None = None
 
     @property
     def ok(self) -> bool:
@@ -151,6 +154,52 @@ def check_metadata(header: GGUFHeader, reader: gguf.GGUFReader | None,
                                          "carried over unchanged")
 
 
+CHAT_TEMPLATE = "tokenizer.chat_template"
+
+
+def check_chat_template(reader: gguf.GGUFReader, source: gguf.GGUFReader | None
+                        ) -> tuple[CheckResult, PromptFormat | None]:
+    """The file's chat template is the source's (a template lost or changed on the way is the most common fault
+    of a published GGUF), and an example conversation rendered with it for the card."""
+    ours, theirs = _string(reader, CHAT_TEMPLATE), _string(source, CHAT_TEMPLATE) if source else None
+    prompt = None
+    if ours is not None:
+        rendered, why_not = render_example(ours, _token(reader, "tokenizer.ggml.bos_token_id"),
+                                           _token(reader, "tokenizer.ggml.eos_token_id"))
+        prompt = PromptFormat(template_sha256=hashlib.sha256(ours.encode()).hexdigest(), template_chars=len(ours),
+                              rendered=rendered, why_not=why_not)
+    if source is None:
+        return CheckResult("chat template", True, "no source to compare it with"), prompt
+    if ours == theirs:
+        detail = "neither the source nor this file has one" if ours is None else \
+            f"the source's ({len(ours):,} characters, sha256 {prompt.template_sha256[:12]}), unchanged"
+        return CheckResult("chat template", True, detail), prompt
+    if ours is None:
+        return CheckResult("chat template", False, "lost: the source has one, this file has none"), prompt
+    if theirs is None:
+        return CheckResult("chat template", False, "this file has one, the source has none"), prompt
+    return CheckResult("chat template", False, f"differs from the source's (sha256 {prompt.template_sha256[:12]}, "
+                                               f"the source's {hashlib.sha256(theirs.encode()).hexdigest()[:12]})"), prompt
+
+
+def _string(reader: gguf.GGUFReader, key: str) -> str | None:
+    field = reader.fields.get(key)
+    if field is None or not field.types or field.types[0] != gguf.GGUFValueType.STRING:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+
+
+def _token(reader: gguf.GGUFReader, id_key: str) -> str:
+    """The text of the token whose id `id_key` holds ("" when there is none)."""
+    field, tokens = reader.fields.get(id_key), reader.fields.get("tokenizer.ggml.tokens")
+    if field is None or tokens is None:
+        return ""
+    index = int(field.parts[field.data[0]][0])
+    if not 0 <= index < len(tokens.data):
+        return ""
+    return bytes(tokens.parts[tokens.data[index]]).decode("utf-8", errors="replace")
+
+
 class _Rows:
     """Reads whole rows of one tensor with pread: memory stays bounded and no mapping grows."""
 
@@ -253,6 +302,9 @@ def validate_file(path: Path, against: Path | None = None, numerics: str = "samp
             return report
         source_reader = gguf.GGUFReader(against)
     report.checks.append(check_metadata(header, reader, source_reader))
+    if reader is not None:
+        chat, report.prompt = check_chat_template(reader, source_reader)
+        report.checks.append(chat)
     reader = source_reader = None  # gguf-py's parsed vocabularies (tens of MB each): freed before the numerics
     if numerics != "off" and source_header is not None and all(c.ok for c in report.checks):
         result, report.worst_tensors = check_numerics(header, source_header, numerics)

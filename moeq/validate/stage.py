@@ -21,6 +21,9 @@ from moeq.stage_runner import Stage
 from moeq.validate.checks import validate_file
 
 
+CHECKS = 2  # raised when validate checks more: a record made before is checked again (2: the chat template)
+
+
 def validate_stage(pipeline: Pipeline, quant: QuantSpec, quantized: QuantizeRecord,
                    numerics: str = "sample") -> Stage[ValidateRecord]:
     options = quantized.options  # what llama-quantize was asked for: the type mix expected of each tensor
@@ -35,7 +38,7 @@ def validate_stage(pipeline: Pipeline, quant: QuantSpec, quantized: QuantizeReco
     def key() -> dict:
         return {"file_sha256": quantized.output.sha256, "source_sha256": quantized.source.sha256,
                 "numerics": numerics, "ctx": sorted(ctx), "overrides": overrides, "ends": ends,
-                "pure": options.pure}
+                "pure": options.pure, "checks": CHECKS}
 
     def run() -> ValidateRecord:
         report = validate_file(Path(quantized.output.path), Path(quantized.source.path), numerics,
@@ -45,6 +48,7 @@ def validate_stage(pipeline: Pipeline, quant: QuantSpec, quantized: QuantizeReco
         return ValidateRecord(
             quant=quant.type, file=quantized.output, source=quantized.source, numerics=numerics, ok=report.ok,
             checks=report.checks, worst_tensors=[WorstTensor(**w) for w in report.worst_tensors], plan=plan,
+            prompt=report.prompt,
         )
 
     return Stage("validate", quant.type, key=key, run=run)

@@ -2,7 +2,7 @@
 
 Every figure is formatted here, once, from a record value; the template only lays them out. A section's
 facts sit in the module named after its partial (choose, usage, memory, measured, recipe, imatrix,
-validation; made for how the file was made), each a frozen dataclass, its shared formatting in shared.py.
+validation, prompt; made for how the file was made), each a frozen dataclass, its shared formatting in shared.py.
 A section whose record is absent is None, and the template says "not measured".
 
     facts = card_facts(read_manifest(Path("work/repos/Q8_0/moeq-manifest.json")))
@@ -21,6 +21,7 @@ from moeq.cards.facts.made import ModelFacts, QuantizationFacts, log_flush_facts
 from moeq.cards.facts.measured import (BenchError, BenchFacts, MeasuredMemoryFacts, NotMeasuredRow, QualityFacts,
                                         SpeedFacts, bench_facts)
 from moeq.cards.facts.memory import MemoryFacts, memory_facts
+from moeq.cards.facts.prompt import PromptFacts, prompt_facts
 from moeq.cards.facts.recipe import RecipeFacts, recipe_facts
 from moeq.cards.facts.shared import LLAMA_CPP_REPO, hub_url
 from moeq.cards.facts.usage import FileFacts, SiblingFacts, file_facts, sibling_facts
@@ -84,6 +85,7 @@ class CardFacts:
     llama_cpp: BuildTool
     quants: list[QuantFacts]
     quant: QuantFacts  # the repo's one quant (per-quant layout), or the ladder's first
+    prompt: PromptFacts | None  # None: no file carries a chat template
     choose: ChooseFacts | None
     context: ContextFacts | None
     charts: list[ChartLink]
@@ -117,6 +119,7 @@ def card_facts(manifest: Manifest) -> CardFacts:
                             log_flush_facts(manifest)),
         quants=quants,
         quant=quants[0],
+        prompt=prompt_facts(manifest.quants),
         choose=choose_facts(manifest.quants),
         context=context_facts(manifest.quants, first.model.context_length),
         charts=[ChartLink(c.path, c.alt, f"{hub_url(manifest.repo_id)}/resolve/main/{c.path}")
