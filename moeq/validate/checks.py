@@ -178,8 +178,9 @@ def check_chat_template(reader: gguf.GGUFReader, source: gguf.GGUFReader | None
         return CheckResult("chat template", False, "lost: the source has one, this file has none"), prompt
     if theirs is None:
         return CheckResult("chat template", False, "this file has one, the source has none"), prompt
+    source_sha256 = hashlib.sha256(theirs.encode()).hexdigest()
     return CheckResult("chat template", False, f"differs from the source's (sha256 {prompt.template_sha256[:12]}, "
-                                               f"the source's {hashlib.sha256(theirs.encode()).hexdigest()[:12]})"), prompt
+                                               f"the source's {source_sha256[:12]})"), prompt
 
 
 def _string(reader: gguf.GGUFReader, key: str) -> str | None:
