@@ -251,7 +251,8 @@ def test_ladder_mode_writes_a_validate_record(tmp_path, toolchain):
     assert record_json(load_record(path, ValidateRecord)) == json.loads(proc.stdout)  # paths in the file: workspace-relative
     assert saved["file"]["path"] == "quants/tiny-phimoe-Q4_K_M.gguf"
     assert saved["ok"] is True and saved["stage"] == "validate"
-    assert [c["name"] for c in saved["checks"]] == ["container", "model", "tensors", "type mix", "metadata", "numerics"]
+    assert [c["name"] for c in saved["checks"]] == ["container", "model", "tensors", "type mix", "metadata",
+                                                    "chat template", "numerics"]
     assert saved["plan"]["n_layer"] == 2 and [w["mode"] for w in saved["plan"]["weights"]] == ["gpu", "ncmoe 1", "cpu-moe"]
 
 
