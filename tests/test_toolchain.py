@@ -307,6 +307,9 @@ def test_doctor_asks_the_hub_whether_the_token_may_write_to_the_namespace(tmp_pa
         {"entity": {"type": "org", "name": "team"}, "permissions": ["repo.content.read"]}]}}}},
      False, "the fine-grained token of me has no repo.write on team"),
     ({"name": "me", "orgs": "not a list", "auth": []}, False, "the token is me's, who is not a member of team"),
+    ({"name": "me", "auth": {"accessToken": {"role": "fineGrained", "fineGrained": {"scoped": [
+        {"entity": {"name": "team"}, "permissions": "not repo.write but a string"}]}}}},
+     False, "the fine-grained token of me has no repo.write on team"),
 ])
 def test_whether_a_token_may_write_is_read_from_the_hubs_answer(info, ok, detail):
     from moeq.hub.client import can_write

@@ -121,7 +121,8 @@ def can_write(info: dict, namespace: str) -> tuple[bool, str]:
     if role == "fineGrained":
         grained = token.get("fineGrained") if isinstance(token.get("fineGrained"), dict) else {}
         scoped = [e for e in grained.get("scoped") or [] if isinstance(e, dict) and isinstance(e.get("entity"), dict)]
-        if any(e["entity"].get("name") == namespace and "repo.write" in (e.get("permissions") or []) for e in scoped):
+        if any(e["entity"].get("name") == namespace and isinstance(e.get("permissions"), list)
+               and "repo.write" in e["permissions"] for e in scoped):
             return True, f"the fine-grained token of {name} may write to {namespace} (repo.write)"
         return False, f"the fine-grained token of {name} has no repo.write on {namespace}"
     if namespace == name:
