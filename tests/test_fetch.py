@@ -15,6 +15,7 @@ import gguf
 import pytest
 
 from moeq.config import SynthSpec
+from moeq.synth import PHI35_CHAT_TEMPLATE
 
 from conftest import HUB_TOKEN, REPO, run_moeq
 from hub_server import Fault
@@ -106,6 +107,10 @@ def test_hf_source_is_downloaded_converted_quantized_and_validated(tmp_path, tes
     if with_card:  # the card carries the license the converter writes into the GGUF
         files["README.md"] = CARD
         files["LICENSE"] = b"MIT License\n"
+    else:  # the chat template in chat_template.jinja, as transformers now saves it, not in tokenizer_config.json
+        tokenizer_config = json.loads(files["tokenizer_config.json"])
+        files["chat_template.jinja"] = tokenizer_config.pop("chat_template").encode()
+        files["tokenizer_config.json"] = json.dumps(tokenizer_config).encode()
     commit = test_hub.state.add_files("someone/tiny-phimoe-hf", files)
     config = write_config(tmp_path, f"  kind: hf\n  repo: someone/tiny-phimoe-hf\n  revision: {commit}\n")
     proc = fetch(test_hub, config, "--json")
@@ -120,6 +125,7 @@ def test_hf_source_is_downloaded_converted_quantized_and_validated(tmp_path, tes
         assert reader.fields["general.license"].contents() == "mit"
     else:
         assert "general.license" not in reader.fields
+    assert reader.fields["tokenizer.chat_template"].contents() == PHI35_CHAT_TEMPLATE  # wherever the checkpoint had it
     quant = "Q4_K_M" if with_card else "Q8_0"  # one conversion through the imatrix and the choice is enough
     proc = run_moeq("quantize", "--config", str(config), "--quant", quant, env=test_hub.env)
     assert proc.returncode == 0, proc.stderr
@@ -280,3 +286,23 @@ def test_disk_space_is_checked_before_downloading(tmp_path, test_hub, tiny_model
     assert info.value.message.startswith(f"{pipeline.workspace / 'source'}: 2.10 MB free, the source needs about "
                                          f"{need};")
     assert not [r for r in test_hub.requests if "/lfs-objects/" in r.path or "/resolve/" in r.path]
+
+
+@pytest.mark.parametrize("files,expected", [
+    ({"tokenizer_config.json": '{"chat_template": "A"}', "chat_template.jinja": "B"}, ("A", "tokenizer_config.json")),
+    ({"tokenizer_config.json": "{}", "chat_template.jinja": "B"}, ("B", "chat_template.jinja")),
+    ({"chat_template.json": '{"chat_template": "C"}'}, ("C", "chat_template.json")),
+    ({"tokenizer_config.json": '{"chat_template": [{"name": "default", "template": "A"}]}'}, (None, "")),
+    ({"chat_template.jinja": "B", "additional_chat_templates/tool_use.jinja": "D"}, (None, "")),
+    ({"tokenizer_config.json": "[1, 2]", "chat_template.json": '"not an object"'}, (None, "")),
+    ({}, (None, "")),
+])
+def test_the_checkpoints_chat_template_is_found_where_the_converter_takes_it(tmp_path, files, expected):
+    """The one template the F16 must carry after conversion, found as gguf-py's SpecialVocab finds it; named
+    templates and broken files are left to the converter."""
+    from moeq.fetch.hub_source import checkpoint_chat_template
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert checkpoint_chat_template(tmp_path) == expected

@@ -10,6 +10,7 @@ downloads resume after an interruption.
 from __future__ import annotations
 
 import fnmatch
+import json
 import importlib.util
 import os
 import shutil
@@ -22,7 +23,7 @@ from huggingface_hub.hf_api import RepoFile
 
 from moeq.config import Pipeline
 from moeq.errors import HubError, ToolError
-from moeq.gguf_header import SPLIT_NAME_RE, read_source_header
+from moeq.gguf_header import SPLIT_NAME_RE, read_header, read_source_header
 from moeq.hub.client import hub_errors
 from moeq.hub.download import download_verified
 from moeq.records import FileRef, FetchRecord
@@ -33,8 +34,10 @@ from moeq.workspace import Workspace, commit_file, inside, partial_file, require
 
 # README.md is the model card: convert_hf_to_gguf.py takes general.license, name, base model, tags and
 # languages from its frontmatter (gguf-py metadata.py); the license file travels with it.
+# The chat template is in tokenizer_config.json, or (transformers' newer layout) in chat_template.jinja or .json.
 HF_PATTERNS = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "added_tokens.json", "*.safetensors", "model.safetensors.index.json",
+               "chat_template.jinja", "chat_template.json", "additional_chat_templates/*.jinja",
                "README.md", "LICENSE", "LICENSE.*")
 
 
@@ -154,6 +157,29 @@ def _keep_license(folder: Path, files: list[dict], keep: Path) -> FileRef | None
     return FileRef(path=str(keep / name), size=entry["size"], sha256=entry["sha256"])
 
 
+def checkpoint_chat_template(folder: Path) -> tuple[str | None, str]:
+    """The checkpoint's one chat template, where the converter takes it from (gguf-py's SpecialVocab: tokenizer_config
+    .json, else chat_template.jinja, else chat_template.json), and that file's name; (None, "") without one, or
+    when it is a list of named templates (the converter writes those as it finds them)."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict) and "chat_template" in config:
+        template = config["chat_template"]
+        return (template, "tokenizer_config.json") if isinstance(template, str) else (None, "")
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        extra = folder / "additional_chat_templates"
+        return (None, "") if extra.is_dir() and any(extra.glob("*.jinja")) else \
+            (jinja.read_text(encoding="utf-8"), jinja.name)
+    try:
+        template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None, ""
+    return (template, "chat_template.json") if isinstance(template, str) else (None, "")
+
+
 def convert_checkpoint(folder: Path, target: Path, log: Path, model_name: str | None = None) -> None:
     """A safetensors checkpoint folder -> F16 GGUF at `target`, whole or not at all, with the pinned converter."""
     converter = pinned_src_dir() / "convert_hf_to_gguf.py"
@@ -165,3 +191,7 @@ def convert_checkpoint(folder: Path, target: Path, log: Path, model_name: str | 
         if model_name:
             command += ["--model-name", model_name]
         run_tool(command, log, env=env)
+        expected, where = checkpoint_chat_template(folder)
+        if expected is not None and read_header(partial).metadata.get("tokenizer.chat_template") != expected:
+            raise ToolError("convert_hf_to_gguf.py", f"the F16 it wrote does not carry the chat template of {where}",
+                            f"see {log}; a GGUF without its template gives every client the wrong prompt format")
