@@ -12,6 +12,10 @@ how long its loops run).
 from __future__ import annotations
 
 import multiprocessing
+import signal
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment  # imported before the fork, not in the child
 
 MAX_TEMPLATE_CHARS = 64 * 1024
 MAX_RENDERED_CHARS = 16 * 1024
@@ -24,20 +28,36 @@ def render_example(template: str, bos: str, eos: str) -> tuple[str | None, str |
     """EXAMPLE rendered with `template` and a generation prompt: (the text, None), or (None, why it was not)."""
     if len(template) > MAX_TEMPLATE_CHARS:
         return None, f"the template has {len(template):,} characters, more than moeq renders ({MAX_TEMPLATE_CHARS:,})"
-    with multiprocessing.get_context("fork").Pool(1) as pool:
-        try:
-            text, error = pool.apply_async(_render, (template, bos, eos)).get(TIMEOUT_S)
-        except multiprocessing.TimeoutError:
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(send, template, bos, eos), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(TIMEOUT_S):
             return None, f"rendering it took over {TIMEOUT_S} s"
+        return receive.recv()
+    except EOFError:
+        return None, "rendering it ended the process that rendered it"
+    finally:
+        if child.is_alive():
+            child.kill()  # SIGKILL: the child holds no file moeq writes
+        child.join()
+        receive.close()
+
+
+def _child(send, template: str, bos: str, eos: str) -> None:
+    """The rendering process: moeq's own signal handlers (inherited by the fork) would print a traceback here."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    text, error = _render(template, bos, eos)
     if text is not None and len(text) > MAX_RENDERED_CHARS:
-        return None, f"it renders to more than {MAX_RENDERED_CHARS:,} characters"
-    return text, error
+        text, error = None, f"it renders to more than {MAX_RENDERED_CHARS:,} characters"
+    send.send((text, error))
+    send.close()
 
 
 def _render(template: str, bos: str, eos: str) -> tuple[str | None, str | None]:
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
