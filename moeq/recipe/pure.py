@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -28,7 +27,7 @@ from moeq.errors import InputError
 from moeq.gguf_header import UNQUANTIZED, read_header
 from moeq.quant_types import tensor_bytes
 from moeq.recipe.assemble import assemble
-from moeq.recipe.search import ENDS, TYPE_LADDER
+from moeq.recipe.search import ENDS, TYPE_LADDER, recipe_lines
 from moeq.recipe_file import FILLER, neighbours
 from moeq.records import FileRef, ImatrixRef
 from moeq.runner import run_tool
@@ -109,16 +108,17 @@ def type_files(ws: Workspace, tool, source: FileRef, imatrix: ImatrixRef | None,
     folder = ws.root / "recipe" / "pure" / key
     folder.mkdir(parents=True, exist_ok=True)
     with ws.lock(f"pure-{key}", on_wait=on_message):  # one list of parts, written by one search at a time
+        parts = _made(ws, folder)
         for ggml_type, names in needs.items():
-            parts = _made(ws, folder)
             held = frozenset().union(*(p.tensors for p in parts if p.ggml_type == ggml_type))
             if names - held or not any(p.ggml_type == ggml_type for p in parts):
                 taken = {p.path.name for p in parts}
                 path = next(folder / name for n in count(1)
                             if (name := f"{ggml_type}.gguf" if n == 1 else f"{ggml_type}-{n}.gguf") not in taken)
                 _make(ws, tool, source, imatrix, ggml_type, names - held, path, on_message)
-                _save(ws, folder, [*parts, Part(ggml_type, path, names - held)])
-        return TypeFiles(key, tuple(p for p in _made(ws, folder) if p.ggml_type in needs))
+                parts.append(Part(ggml_type, path, names - held))
+                _save(ws, folder, parts)
+        return TypeFiles(key, tuple(p for p in parts if p.ggml_type in needs))
 
 
 def _made(ws: Workspace, folder: Path) -> list[Part]:
@@ -153,8 +153,8 @@ def _make(ws: Workspace, tool, source: FileRef, imatrix: ImatrixRef | None, ggml
                  f"the --pure {ggml_type} file")
     ends = {end: ggml_type.lower() if end in names else FILLER.lower() for end in ENDS}
     filler = path.with_suffix(".filler")
-    write_text_atomic(filler, "".join(f"^{re.escape(name)}$={FILLER.lower()}\n"
-                                      for name in quantized if name not in names and name not in ENDS))
+    lines = recipe_lines({name: FILLER for name in quantized if name not in names}, ggml_type)
+    write_text_atomic(filler, "".join(f"{pattern}={filler_type}\n" for pattern, filler_type in lines))
     command = [str(tool.path), "--pure", "--token-embedding-type", ends[ENDS[0]],
                "--output-tensor-type", ends[ENDS[1]], "--tensor-type-file", str(filler.resolve())]
     if imatrix is not None:

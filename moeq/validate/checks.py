@@ -184,21 +184,16 @@ def check_chat_template(reader: gguf.GGUFReader, source: gguf.GGUFReader | None
 
 
 def _string(reader: gguf.GGUFReader, key: str) -> str | None:
-    field = reader.fields.get(key)
-    if field is None or not field.types or field.types[0] != gguf.GGUFValueType.STRING:
-        return None
-    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+    value = _field(reader, key)
+    return value if isinstance(value, str) else None
 
 
 def _token(reader: gguf.GGUFReader, id_key: str) -> str:
     """The text of the token whose id `id_key` holds ("" when there is none)."""
-    field, tokens = reader.fields.get(id_key), reader.fields.get("tokenizer.ggml.tokens")
-    if field is None or tokens is None:
+    index, tokens = _field(reader, id_key), reader.fields.get("tokenizer.ggml.tokens")
+    if not isinstance(index, int) or tokens is None or not 0 <= index < len(tokens.data):
         return ""
-    index = int(field.parts[field.data[0]][0])
-    if not 0 <= index < len(tokens.data):
-        return ""
-    return bytes(tokens.parts[tokens.data[index]]).decode("utf-8", errors="replace")
+    return tokens.contents(index)
 
 
 class _Rows:
