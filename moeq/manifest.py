@@ -141,6 +141,85 @@ class QuantEntry(Model):
         return self.quant + (SEARCHED_SUFFIX if self.searched else "")
 
 
+class SupersededFile(Model):
+    """A GGUF moeq published that a later release replaced under another name (Q2_K by Q2_K_MOEQ): kept on the Hub,
+    so that what was scripted against its name (`-hf REPO:Q2_K`) still works, until `push --prune`."""
+
+    name: str
+    """Its path in the repo."""
+    size: int
+    """Its size in bytes."""
+    sha256: str
+    """Its sha256."""
+    quant: str
+    """The quant type it is a file of."""
+    label: str
+    """The quant label its name carries."""
+    replaced_by: str
+    """The label of the file that replaced it."""
+
+
+class FigureChange(Model):
+    quant: str
+    """The quant type."""
+    figure: str
+    """What changed: size (bytes), mean KLD, PPL."""
+    before: float
+    """On the Hub before."""
+    after: float
+    """In this release."""
+
+    def text(self, value: float) -> str:
+        return f"{int(value):,} bytes" if self.figure == "size" else f"{value:.4g}"
+
+
+class Replacement(Model):
+    quant: str
+    """The quant type."""
+    old: str
+    """The file (first shard) it had."""
+    new: str
+    """The file (first shard) it has now."""
+    kept: bool
+    """Whether the old file stays on the Hub (superseded) or is deleted (push --prune)."""
+
+
+class UpdateNote(Model):
+    """What one release changed in the repo, from the manifest on the Hub before it and the one it published."""
+
+    since: str
+    """The commit of main on the Hub the release was compared with."""
+    llama_cpp: list[str] = []
+    """The llama.cpp commit before and after, when it changed."""
+    added: list[str] = []
+    """Files (first shards) of quants the repo did not hold."""
+    replaced: list[Replacement] = []
+    """Quants now published under another file name."""
+    remade: list[str] = []
+    """Files published again under the same name with other bytes."""
+    removed: list[str] = []
+    """Files (first shards) of quants the repo no longer holds."""
+    pruned: list[str] = []
+    """Superseded files deleted by this release (push --prune)."""
+    figures: list[FigureChange] = []
+    """Figures of a quant that changed."""
+
+    def lines(self) -> list[str]:
+        """The note in lines of words (the commit message; the card's "Updates" section says the same)."""
+        lines = [f"llama.cpp {self.llama_cpp[0]} -> {self.llama_cpp[1]}"] if len(self.llama_cpp) == 2 else []
+        lines += [f"added {name}" for name in self.added]
+        lines += [f"{r.quant}: {r.new} replaces {r.old}, " + ("which stays as it was (superseded)" if r.kept
+                                                               else "which is deleted") for r in self.replaced]
+        lines += [f"remade {name}" for name in self.remade]
+        lines += [f"removed {name}" for name in self.removed]
+        lines += [f"deleted {name}, superseded before (push --prune)" for name in self.pruned]
+        lines += [f"{c.quant} {c.figure}: {c.text(c.before)} -> {c.text(c.after)}" for c in self.figures]
+        return lines
+
+
+MAX_UPDATES = 20  # the update notes a manifest carries: the newest; older ones are in the Hub's commit history
+
+
 class Manifest(Model):
     """moeq-manifest.json: every record a Hub repo's card was rendered from."""
 
@@ -166,6 +245,10 @@ class Manifest(Model):
     """Every file of the repo, with its folder."""
     license_file: RepoFile | None = None
     """The base model's license text, published as it came with the source."""
+    superseded: list[SupersededFile] = Field(default=[], max_length=200)
+    """GGUFs an earlier release published that this one replaced under another name, kept on the Hub."""
+    updates: list[UpdateNote] = Field(default=[], max_length=MAX_UPDATES)
+    """What each release changed, oldest first (none: the first release, or one that changed nothing)."""
 
     def entry(self, quant: str) -> QuantEntry:
         return next(q for q in self.quants if q.quant == quant)

@@ -291,8 +291,12 @@ class _Planner:
                 todo.append(Step("shards", q.type, lambda _got, q=q: wiring.shards(
                     ctx, ctx.records.require(QuantizeRecord, q.type))))
 
+        pushing = options.push and not options.release.stage_to
+
         def card(got: Inputs):
-            done = wiring.card(ctx, unit, [(q, got[("shards", q.type)]) for q in listed], force="card" in force)
+            done = wiring.card(ctx, unit, [(q, got[("shards", q.type)]) for q in listed], force="card" in force,
+                               published=repos.published_repo(ctx, unit, online=pushing),
+                               prune=pushing and options.prune)
             repos.preview(ctx, unit)
             return done
 

@@ -357,6 +357,8 @@ class PromptFormat(Model):
     """A system message and one user message rendered with it, generation prompt included (None: see why_not)."""
     why_not: str | None = None
     """Why it was not rendered (too long, too slow, an error the template raises)."""
+    messages: list[dict[str, str]] = []
+    """The conversation rendered (role and content of each message), which the card's chat request sends too."""
 
 
 class ValidateRecord(Record):
@@ -380,6 +382,9 @@ class ValidateRecord(Record):
     """Where its bytes go under llama.cpp's placement rules."""
     prompt: PromptFormat | None = None
     """The file's chat template and an example conversation rendered with it (None: the file has none)."""
+    sampling: dict[str, float | int | str] = {}
+    """The file's general.sampling.* keys by their last part (temp, top_p, ...): llama.cpp's default sampling for
+    it, which the converter takes from the checkpoint's generation_config.json (empty: the file sets none)."""
 
     @property
     def failed(self) -> list[str]:
@@ -811,6 +816,7 @@ class PushAction(StrEnum):
     UNCHANGED = "unchanged"
     DELETE = "delete"  # a file moeq published before and the card no longer lists (or any, with --prune)
     KEPT = "kept"  # a file moeq did not publish, left as it is
+    SUPERSEDED = "superseded"  # a GGUF moeq published, replaced under another name, left as it is (the card says so)
 
 
 class PushedFile(Model):
@@ -849,6 +855,11 @@ class PushRecord(Record):
     """The bytes sent."""
     readme_sha256: str
     """The sha256 of the README.md pushed."""
+    manifest_sha256: str | None = None
+    """The sha256 of the moeq-manifest.json pushed."""
+    head: str | None = None
+    """main's commit that holds these files after the push (the commit made, or the one that held them already);
+    None for a pull request or a staging branch."""
     branch: str | None = None
     """The staging branch committed to (moeq build --stage-to), or None: main, or a pull request."""
 

@@ -109,6 +109,9 @@ def hf_tensor_names(state: dict[str, np.ndarray], spec: SynthSpec) -> dict[str, 
     return {name: np.ascontiguousarray(value) for name, value in out.items()}
 
 
+GENERATION_CONFIG = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+
+
 def write_tiny_phimoe_hf(folder: Path, spec: SynthSpec = SynthSpec(vocab=320), *,
                          weights: dict[str, np.ndarray] | None = None, tokenizer: bytes | None = None) -> Path:
     """Write the checkpoint into `folder`: seeded random weights and a tokenizer of generated text unless given
@@ -140,4 +143,7 @@ def write_tiny_phimoe_hf(folder: Path, spec: SynthSpec = SynthSpec(vocab=320), *
         "add_bos_token": True, "add_eos_token": False, "model_max_length": CONTEXT_LENGTH,
         "chat_template": PHI35_CHAT_TEMPLATE,  # the converter writes it into the GGUF (tokenizer.chat_template)
     }, indent=2) + "\n")
+    # The checkpoint's recommended sampling, which the converter writes as general.sampling.* (llama.cpp's
+    # defaults for the file) and the card shows beside its chat request.
+    (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
     return folder

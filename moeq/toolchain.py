@@ -31,7 +31,7 @@ PINNED_COMMIT = "0c1e570"
 PINNED_SDIST = "llama-cpp-python==0.3.36"
 TOOLS = (
     "llama-quantize", "llama-gguf-split", "llama-bench", "llama-perplexity",
-    "llama-imatrix", "llama-completion", "ggml-rpc-server",
+    "llama-imatrix", "llama-completion", "llama-server", "ggml-rpc-server",
 )
 # These two have no --version; each is checked by its usage text and takes the build
 # reported by a sibling tool of the same folder (one build makes them all).

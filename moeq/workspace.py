@@ -71,6 +71,11 @@ class Workspace:
     def shards_dir(self, quant: str) -> Path:
         return self.root / "shards" / quant
 
+    def pushed_manifest(self, quant: str | None) -> Path:
+        """The manifest the last push to a repo published (its push record names its sha256): the repo as this
+        workspace left it, which a card made without reading the Hub compares with."""
+        return self.root / "pushed" / f"{quant or 'ladder'}.json"
+
     def preview_path(self, quant: str) -> Path:
         return self.root / "previews" / f"{quant}.html"
 

@@ -61,6 +61,7 @@ class Commit:
     message: str
     files: dict[str, Blob]
     parent: str | None
+    description: str = ""
 
 
 @dataclass
@@ -112,9 +113,10 @@ class HubState:
         self.chunk_size = 1 << 20
         self.hub_url = self.storage_url = ""
 
-    def new_commit(self, repo: Repo, message: str, files: dict[str, Blob], parent: str | None) -> Commit:
+    def new_commit(self, repo: Repo, message: str, files: dict[str, Blob], parent: str | None,
+                   description: str = "") -> Commit:
         oid = hashlib.sha1(f"{repo.repo_id}{message}{time.time_ns()}{len(repo.commits)}".encode()).hexdigest()
-        commit = Commit(oid, message, files, parent)
+        commit = Commit(oid, message, files, parent, description)
         repo.commits[oid] = commit
         return commit
 
@@ -491,7 +493,7 @@ class Handler(BaseHTTPRequestHandler):
                 if value["path"] not in files:
                     raise HubError(404, "A file with this name doesn't exist", "EntryNotFound")
                 del files[value["path"]]
-        commit = self.state.new_commit(repo, header["summary"], files, base.oid)
+        commit = self.state.new_commit(repo, header["summary"], files, base.oid, header.get("description") or "")
         pr_url = None
         if create_pr:
             number = 1 + sum(1 for ref in repo.refs if ref.startswith("refs/pr/"))

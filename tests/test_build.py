@@ -104,6 +104,9 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain,
         assert ("### Importance matrix" in readme) == ("tiny-phimoe.imatrix" in files)
         assert not any(name.startswith("without-imatrix") for name in files)
         assert "#### Speed" in readme and "#### Quality against F16" in readme
+        # the trained example's generation_config.json, carried by the converter into every file
+        assert '"temperature": 0.7,\n  "top_p": 0.9\n}' in readme and "(`general.sampling.*`: `temp 0.7, top_p 0.9`)" in readme
+        assert all(e.records.validate_.sampling == {"temp": 0.7, "top_p": 0.9} for e in manifest.quants)
         links = {f"https://huggingface.co/{repo_id(q, layout)}" for q in LADDER}
         assert all(f"]({url})" in readme or f"]({url}/resolve/main/" in readme for url in links)
     if layout == "single":

@@ -379,8 +379,24 @@ def test_a_rendered_prompt_a_card_cannot_hold_as_it_is_is_shown_as_a_json_string
     from moeq.records import PromptFormat
 
     prompt = PromptFormat(template_sha256="0" * 64, template_chars=10, rendered=rendered)
-    entry = SimpleNamespace(records=SimpleNamespace(validate_=SimpleNamespace(prompt=prompt)))
+    entry = SimpleNamespace(records=SimpleNamespace(validate_=SimpleNamespace(prompt=prompt, sampling={})))
     facts = prompt_facts([entry])
     assert facts.as_json is as_json
     assert facts.text == (json.dumps(rendered) if as_json else rendered)
     assert prompt_facts([SimpleNamespace(records=SimpleNamespace(validate_=None))]) is None
+
+
+def test_the_chat_request_is_one_shell_command_sending_the_records_conversation_and_sampling():
+    """The card's curl line is built from a record (untrusted): a quote, backticks or a newline in a message
+    must still give one command whose JSON body is the conversation and the files' sampling defaults."""
+    import shlex
+
+    from moeq.cards.facts.prompt import chat_request
+
+    messages = [{"role": "system", "content": "It's ```sh\n'; rm -rf ~; echo '"},
+                {"role": "user", "content": "<<<<<<< Ünïcode \\ \"quoted\""}]
+    sampling = {"temp": 0.7, "top_k": 40, "penalty_repeat": 1.1, "sequence": "edkypmxt"}
+    words = shlex.split(chat_request(messages, sampling))
+    assert words[:2] == ["curl", "-s"] and words[2].endswith("/v1/chat/completions") and words[-2] == "-d"
+    body = json.loads(words[-1])
+    assert body == {"messages": messages, "temperature": 0.7, "top_k": 40, "repeat_penalty": 1.1}

@@ -15,7 +15,11 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -194,3 +198,55 @@ def test_the_cards_llama_cpp_snippets_run(hub, tmp_path, toolchain):
         ran += 1
     assert ran == len(commands) == 5  # three quants by name, the first quant's file twice
     assert "not run by moeq's tests" in readme.split("### Rust")[1].split("\n")[0]
+
+
+def test_the_cards_chat_request_gets_a_chat_completion_from_llama_server(hub, tmp_path, toolchain):
+    """The card's "Chat with it": its `llama-server -hf` line, started against the test Hub, answers the card's
+    own curl request with a chat completion, and the prompt the server builds from the file's template for that
+    conversation is the one the card shows under "Prompt format"."""
+    readme = hub.state.files(ONE_REPO)["README.md"].decode()
+    server_block, request_block = re.findall(r"```sh\n(.*?)```", readme.split("### Chat with it\n")[1], re.S)[:2]
+    command = shlex.split(server_block.strip())
+    assert command[:2] == ["llama-server", "-hf"] and "--jinja" in command and command[-2:] == ["--port", "8080"]
+    request = request_block.strip()
+    assert request.startswith("curl ") and "127.0.0.1:8080/v1/chat/completions" in request
+    with socket.socket() as probe:  # a free port for this run, in place of the card's 8080
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tool = toolchain.path("llama-server")
+    env = {**os.environ, **tool_env(tool), "MODEL_ENDPOINT": hub.url + "/", "LLAMA_CACHE": str(tmp_path / "cache")}
+    env.pop("HF_TOKEN", None)
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([str(tool), *command[1:-1], str(port), "--host", "127.0.0.1", "-t", "2",
+                                   "-n", "16", "--no-warmup"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while not _answers(base + "/health"):  # 503 while the model downloads and loads
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        proc = subprocess.run(["bash", "-c", request.replace("127.0.0.1:8080", f"127.0.0.1:{port}")],
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        reply = json.loads(proc.stdout)
+        assert reply["object"] == "chat.completion", reply
+        assert reply["choices"][0]["message"]["role"] == "assistant" and reply["usage"]["completion_tokens"] > 0
+        messages = json.loads(shlex.split(request)[-1])["messages"]
+        applied = urllib.request.urlopen(urllib.request.Request(
+            base + "/apply-template", data=json.dumps({"messages": messages}).encode(),
+            headers={"Content-Type": "application/json"}), timeout=60)
+        shown = latest_manifest(hub, ONE_REPO).quants[0].records.validate_.prompt
+        assert messages == shown.messages and json.load(applied)["prompt"] == shown.rendered
+        assert shown.rendered.strip("\n") in readme  # the card shows that very text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError):
+        return False

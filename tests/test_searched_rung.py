@@ -33,6 +33,7 @@ SEARCH = {"ctx": 256, "chunks": 16, "max_evals": 25}  # about 25 llama-perplexit
 REPO_ID = f"{HUB_USER}/tiny-phimoe-GGUF"
 LABEL = "Q2_K_MOEQ"
 FILE = "tiny-phimoe-Q2_K_MOEQ.gguf"
+STOCK_FILE = "tiny-phimoe-Q2_K.gguf"
 
 
 def candidate(name, kld, err, size) -> Candidate:
@@ -69,11 +70,16 @@ def test_the_card_says_a_recipe_is_slower_only_beyond_the_spread():
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory, toolchain):
-    """The trained example's Q2_K with a searched recipe, built, measured and pushed to a test Hub."""
+    """The trained example's Q2_K pushed to a test Hub as llama.cpp makes it, then again with a searched recipe,
+    built, measured and pushed to the same repo (a re-release that publishes Q2_K_MOEQ where Q2_K was)."""
     folder = tmp_path_factory.mktemp("searched")
     server = hub_server.TestHub({HUB_TOKEN: HUB_USER})
     server.env = {"HF_ENDPOINT": server.url, "HF_TOKEN": HUB_TOKEN, "HF_HUB_DISABLE_XET": "1",
                   "HF_HOME": str(folder / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    stock = pipeline_file(folder, bench=CPU_ONLY, quants=[{"type": "Q2_K", "imatrix": "auto"}], recipe=SEARCH)
+    proc = run_moeq("build", "--config", str(stock), "--all", "--push", env=server.env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert STOCK_FILE in server.state.files(REPO_ID)
     quants = [{"type": "Q2_K", "imatrix": "auto", "recipe": "search", "budget": "stock"}]
     config = pipeline_file(folder, bench=CPU_ONLY, quants=quants, recipe=SEARCH)
     proc = run_moeq("build", "--config", str(config), "--all", "--push", "--json", env=server.env)
@@ -210,3 +216,38 @@ def test_validate_checks_each_tensor_against_the_recipe(published):
     assert not result.ok and name in result.detail, result.detail
     validated = records(config, "validate-Q2_K")
     assert validated["ok"] and [c["ok"] for c in validated["checks"] if c["name"] == "type mix"] == [True]
+
+
+def test_a_re_release_keeps_the_file_it_replaces_and_says_what_changed(published, tmp_path):
+    """Q2_K_MOEQ published where Q2_K was: the old file stays (`-hf REPO:Q2_K` keeps working), the card marks it
+    superseded, its "Updates" section and the commit message say what changed; `push --prune` deletes it (last in
+    this module: it changes the repo the tests above read)."""
+    config, server, _summary = published
+    files = server.state.files(REPO_ID)
+    assert STOCK_FILE in files and FILE in files
+    card = files["README.md"].decode()
+    row = next(line for line in card.splitlines() if line.startswith(f"| [{STOCK_FILE}]"))
+    assert "**superseded** by Q2_K_MOEQ" in row
+    updates = card.split("\n## Updates\n")[1].split("\n## ")[0]
+    first, stock_commit = server.state.commits_on(REPO_ID)[:2]
+    assert f"Since [{stock_commit.oid[:12]}]" in updates
+    replaced = f"Q2_K: {FILE} replaces {STOCK_FILE}, which stays as it was (superseded)"
+    assert replaced in updates and replaced in first.description
+    assert first.description.startswith(f"Changes since {stock_commit.oid[:12]}:")
+    assert "Q2_K mean KLD: " in updates and "Q2_K size: " in updates
+    manifest = parse_manifest(files["moeq-manifest.json"].decode(), "manifest")
+    assert [(s.name, s.label, s.replaced_by) for s in manifest.superseded] == [(STOCK_FILE, "Q2_K", LABEL)]
+    assert manifest.superseded[0].sha256 == hashlib.sha256(files[STOCK_FILE]).hexdigest()
+    proc = run_moeq("card", "verify", "--config", str(config), env=server.env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    commits = len(server.state.commits_on(REPO_ID))
+    proc = run_moeq("push", "--config", str(config), env=server.env)  # again, nothing changed: no commit
+    assert proc.returncode == 0 and len(server.state.commits_on(REPO_ID)) == commits, proc.stdout + proc.stderr
+    assert server.state.files(REPO_ID)["README.md"].decode() == card
+    proc = run_moeq("push", "--config", str(config), "--prune", env=server.env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = server.state.files(REPO_ID)
+    assert STOCK_FILE not in files and FILE in files
+    card = files["README.md"].decode()
+    assert "superseded** by" not in card and f"deleted {STOCK_FILE}, superseded before (push --prune)" in card
+    assert replaced in card  # the earlier release's note stays

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from moeq import __version__
 from moeq.cards.charts import charts
+from moeq.cards.history import PublishedRepo, superseded_files, updates
 from moeq.cards.render import DEFAULT_TEMPLATE, templates_sha256
 from moeq.config import Layout, Pipeline, QuantSpec
 from moeq.errors import InputError
@@ -86,6 +87,8 @@ class RepoInputs:
     source: FetchRecord | None
     quants: list[CardInputs]
     siblings: list[tuple[QuantSpec, QuantizeRecord, ValidateRecord | None]] = dataclasses.field(default_factory=list)
+    published: PublishedRepo | None = None  # main on the Hub before this release: what it supersedes and changes
+    prune: bool = False  # the push deletes what it supersedes (push --prune): nothing is listed as kept
 
 
 def _choice_of(choice: ChoiceRecord | None, quantized: QuantizeRecord,
@@ -218,8 +221,11 @@ def build_manifest(pipeline: Pipeline, inputs: RepoInputs, ws: Workspace) -> Man
                         "validate": _published(validated), "bench": _published(quant.bench)},
         })
     license_file = _license_entry(inputs.source, taken)
-    return _assembled(pipeline, inputs.layout, inputs.repo_id, _published(inputs.source), entries,
-                      [_sibling(pipeline, *sibling) for sibling in inputs.siblings], taken, license_file)
+    manifest = _assembled(pipeline, inputs.layout, inputs.repo_id, _published(inputs.source), entries,
+                          [_sibling(pipeline, *sibling) for sibling in inputs.siblings], taken, license_file)
+    kept = superseded_files(inputs.published, manifest.quants, set(manifest.repo_files), inputs.prune)
+    manifest = manifest.model_copy(update={"superseded": kept})
+    return manifest.model_copy(update={"updates": updates(inputs.published, manifest)})
 
 
 def _assembled(pipeline: Pipeline, layout: str, repo_id: str, source: dict | None, entries: list[dict],

@@ -45,6 +45,7 @@ from moeq.manifest import (MANIFEST_NAME, MANIFEST_VERSION, MARKER, MAX_CARD_BYT
 from moeq.record_store import Records
 from moeq.records import CardRecord, PushAction, PushedFile, PushRecord
 from moeq.stage_runner import Stage, Status
+from moeq.units import decimal_size
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 MOVED_ON = 412  # the Hub's answer to a commit whose parent_commit is no longer the branch's head
@@ -73,7 +74,7 @@ class PushPlan:
 
     @property
     def changes(self) -> list[PlannedFile]:
-        return [f for f in self.files if f.action not in (PushAction.UNCHANGED, PushAction.KEPT)]
+        return [f for f in self.files if f.action not in (PushAction.UNCHANGED, PushAction.KEPT, PushAction.SUPERSEDED)]
 
     @property
     def upload_bytes(self) -> int:
@@ -148,7 +149,11 @@ def plan_push(api: HfApi, card: CardRecord, ladder: list[str] | None = None, pru
         plan.files.append(planned)
     published, plan.remote_layout, plan.older_manifest = _published(api, card.repo_id, plan.head,
                                                                       remote.get(MANIFEST_NAME))
+    superseded = {s.name for s in staged_manifest(card).superseded}
     for path in sorted(remote_paths - set(local) - set(HUB_OWN)):
+        if path in superseded and path in published:  # the card lists it as superseded; --prune made none
+            plan.files.append(PlannedFile(path, PushAction.SUPERSEDED, 0))
+            continue
         if path not in published:
             plan.files.append(PlannedFile(path, PushAction.DELETE if prune else PushAction.KEPT, 0))
             continue
@@ -177,6 +182,7 @@ def _published(api: HfApi, repo_id: str, head: str,
         return {}, *_unreadable(text)
     owners: dict[str, str | None] = dict.fromkeys(theirs.repo_files)
     owners.update({f.name: q.quant for q in theirs.quants for f in q.files})
+    owners.update({s.name: None for s in theirs.superseded})  # moeq's; deleted once no card lists it
     owners[MANIFEST_NAME] = None
     return owners, theirs.layout, None
 
@@ -195,11 +201,15 @@ def _unreadable(manifest_text: str) -> tuple[str | None, str]:
     return data.get("layout", Layout.PER_QUANT), why
 
 
-def _commit_message(card: CardRecord) -> tuple[str, str]:
+def _commit_message(card: CardRecord, head: str | None) -> tuple[str, str]:
+    """The title, and a description that tells what this release changed (its update note, made against `head`)."""
     manifest = staged_manifest(card)
     commit = manifest.quants[0].records.quantize.tool.commit
+    note = manifest.updates[-1] if manifest.updates and manifest.updates[-1].since == head else None
+    changed = "".join(f"\n- {line}" for line in note.lines()) if note else ""
     return (f"{', '.join(card.quants)} GGUF, card and records (moeq {__version__}, llama.cpp {commit})",
-            f"Published by moeq {__version__} from the records in {MANIFEST_NAME}.")
+            (f"Changes since {head[:12]}:{changed}\n\n" if changed and head else "")
+            + f"Published by moeq {__version__} from the records in {MANIFEST_NAME}.")
 
 
 def check_staged(pipeline: Pipeline, quant: str | None, card: CardRecord) -> None:
@@ -227,6 +237,14 @@ def planned(api: HfApi, pipeline: Pipeline, selected: list[str], records: Record
     if card.quant is None:
         _only_selected(plan, card, selected)
     return plan
+
+
+def plan_line(plan: PushPlan) -> str:
+    """The plan in one line, said before anything is sent: what each file gets and the bytes to upload."""
+    counts = {action: sum(f.action == action for f in plan.changes)
+              for action in (PushAction.ADD, PushAction.UPDATE, PushAction.DELETE)}
+    done = ", ".join(f"{n} to {action.value}" for action, n in counts.items() if n)
+    return f"{plan.repo_id}: pushing {done} in one commit ({decimal_size(plan.upload_bytes)} to upload)"
 
 
 def plan_notes(plan: PushPlan) -> list[str]:
@@ -290,17 +308,24 @@ def push_stage(pipeline: Pipeline, card: CardRecord, selected: list[str], api: H
         for f in plan.files:
             if f.action == PushAction.KEPT:
                 on_message(f"{card.repo_id}: kept {f.path}, which moeq did not publish (push --prune deletes it)")
+            elif f.action == PushAction.SUPERSEDED:
+                on_message(f"{card.repo_id}: kept {f.path}, superseded under another name; the card says so "
+                           "(push --prune deletes it)")
+        if plan.changes:
+            on_message(plan_line(plan))
         with hub_errors("creating the repo", card.repo_id):
             if not plan.repo_exists:
                 api.create_repo(card.repo_id, private=pipeline.hub.private, exist_ok=True)
         commit = _commit_with_retries(api, card, plan, create_pr, on_message,
                                       lambda: plan_push(api, card, [q.type for q in pipeline.quants], prune))
+        head = None if create_pr else (commit.oid if commit else plan.head)
         return PushRecord(
             quant=quant, quants=list(card.quants), repo_id=card.repo_id, create_pr=create_pr,
             repo_existed=plan.repo_exists, commit=commit.oid if commit else None,
             commit_url=commit.commit_url if commit else None, pr_url=commit.pr_url if commit else None,
             files=plan.pushed_files(),
             uploaded_bytes=plan.upload_bytes if commit else 0, readme_sha256=card.readme.sha256,
+            manifest_sha256=card.manifest.sha256, head=head,
         )
 
     return Stage("push", quant, key=lambda: None, run=run, lock=f"repo-{quant or 'ladder'}",
@@ -311,7 +336,7 @@ def _commit_with_retries(api: HfApi, card: CardRecord, plan: PushPlan, create_pr
                          on_message: Callable[[str], None], replan: Callable[[], PushPlan]):
     """One commit of the plan's changes. The client retries uploads itself but not the commit call: a 429/5xx
     there is retried here after planning again, so a commit that did land is never made twice."""
-    summary, description = _commit_message(card)
+    summary, description = _commit_message(card, plan.head)
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
         if not plan.changes:
             on_message(f"{card.repo_id}: up to date, nothing to commit")

@@ -6,19 +6,24 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from huggingface_hub.errors import RepositoryNotFoundError
+
+from moeq.cards.history import PublishedRepo
 from moeq.cards.manifest import current_validate
 from moeq.cards.preview import write_preview
 from moeq.cards.verify import card_template, verify_card
 from moeq.config import QuantSpec
-from moeq.errors import InputError
+from moeq.errors import InputError, MoeqError
 from moeq.hub.client import hub_errors, remote_text
 from moeq.manifest import MANIFEST_NAME, MAX_CARD_BYTES, MAX_MANIFEST_BYTES, README_NAME, parse_manifest
 from moeq.push.stage import check_staged, local_files, planned, staged_manifest
 from moeq.records import CardRecord, PushAction, PushRecord, QuantizeRecord
 from moeq.steps.context import Context
+from moeq.workspace import read_text_limited
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,36 @@ def card_quants(ctx: Context, unit: RepoUnit) -> list[QuantSpec]:
             if validated is None or validated.ok:
                 listed.append(quant)
     return listed
+
+
+def published_repo(ctx: Context, unit: RepoUnit, online: bool) -> PublishedRepo | None:
+    """main on the Hub before this release, which the card tells what it supersedes and changes: read from the Hub
+    when the command pushes (`online`), else as this workspace's last push left it (its record and the manifest it
+    published); None for a repo never pushed to from here."""
+    if online:
+        with hub_errors("reading the repo before the push", unit.repo_id):
+            try:
+                info = ctx.api.model_info(unit.repo_id, revision="main", files_metadata=False)
+            except RepositoryNotFoundError:
+                return None
+            paths = frozenset(s.rfilename for s in info.siblings or [])
+            manifest = None
+            if MANIFEST_NAME in paths:
+                text = remote_text(ctx.api, unit.repo_id, MANIFEST_NAME, MAX_MANIFEST_BYTES, info.sha)
+                try:
+                    manifest = parse_manifest(text, f"{unit.repo_id}/{MANIFEST_NAME}")
+                except MoeqError:  # an older moeq's: the push keeps its files and says why
+                    manifest = None
+        return PublishedRepo(info.sha, manifest, paths)
+    record = ctx.records.get(PushRecord, unit.quant)
+    copy = ctx.ws.pushed_manifest(unit.quant)
+    if record is None or record.head is None or record.repo_id != unit.repo_id or not copy.is_file():
+        return None
+    text = read_text_limited(copy, MAX_MANIFEST_BYTES, str(copy))
+    if hashlib.sha256(text.encode()).hexdigest() != record.manifest_sha256:
+        return None
+    return PublishedRepo(record.head, parse_manifest(text, str(copy)),
+                         frozenset(f.path for f in record.files if f.action != PushAction.DELETE))
 
 
 def siblings(ctx: Context, unit: RepoUnit) -> list:

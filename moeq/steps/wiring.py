@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from moeq.bench.stage import bench_stage
+from moeq.cards.history import PublishedRepo
 from moeq.cards.manifest import CardInputs, RepoInputs
 from moeq.cards.stage import card_stage
 from moeq.choice.stage import choice_stage
@@ -23,6 +24,7 @@ from moeq.errors import ToolError
 from moeq.fetch.stage import HUB_KINDS, fetch_stage, fetched_source
 from moeq.imatrix.stage import imatrix_stage
 from moeq.kld import compare
+from moeq.manifest import MANIFEST_NAME
 from moeq.push.stage import push_stage
 from moeq.quantize.stage import quantize_stage
 from moeq.recipe.cost import plan_search
@@ -33,6 +35,7 @@ from moeq.shards.stage import shards_stage
 from moeq.stage_runner import StageResult, Status, current, run_stage
 from moeq.steps import candidates
 from moeq.steps.context import Context
+from moeq.workspace import write_bytes_atomic
 from moeq.steps.repos import RepoUnit, siblings
 from moeq.validate.stage import validate_stage
 
@@ -210,8 +213,9 @@ def shards(ctx: Context, quantized: QuantizeRecord, force: bool = False) -> Stag
 
 
 def card(ctx: Context, unit: RepoUnit, listed: list[tuple[QuantSpec, ShardsRecord]],
-         force: bool = False) -> StageResult[CardRecord]:
-    """The repo's card from the current records of the quants it lists (`listed`, each with its shards)."""
+         force: bool = False, published: PublishedRepo | None = None, prune: bool = False) -> StageResult[CardRecord]:
+    """The repo's card from the current records of the quants it lists (`listed`, each with its shards), told what
+    it supersedes and changes on the Hub (`published`; `prune`: the push deletes what it supersedes)."""
     warned: list[str] = []
 
     def warn(message: str) -> None:
@@ -220,7 +224,7 @@ def card(ctx: Context, unit: RepoUnit, listed: list[tuple[QuantSpec, ShardsRecor
 
     quants = [CardInputs.from_records(ctx.records, q, split, warn=warn) for q, split in listed]
     inputs = RepoInputs(unit.repo_id, ctx.pipeline.hub.layout, ctx.records.get(FetchRecord), quants,
-                        siblings=siblings(ctx, unit))
+                        siblings=siblings(ctx, unit), published=published, prune=prune)
     done = run_stage(card_stage(ctx.pipeline, unit.quant, ctx.ws, inputs), ctx.records, force=force,
                      on_message=ctx.say)
     return dataclasses.replace(done, warnings=tuple(warned))
@@ -232,4 +236,9 @@ def push(ctx: Context, unit: RepoUnit, card_record: CardRecord, *, create_pr: bo
     stage = push_stage(ctx.pipeline, card_record, [q.type for q in unit.quants], ctx.api, ctx.records,
                        create_pr=create_pr, replace_card=replace_card, switch_layout=switch_layout, prune=prune,
                        on_message=ctx.say)
-    return run_stage(stage, ctx.records, on_message=ctx.say)
+    done = run_stage(stage, ctx.records, on_message=ctx.say)
+    if done.record is not None and done.record.head is not None:  # what the next card compares with offline
+        copy = ctx.ws.pushed_manifest(unit.quant)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(copy, (Path(card_record.folder) / MANIFEST_NAME).read_bytes())
+    return done

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from gguf.quants import dequantize
 from moeq.architectures import require_moe
 from moeq.errors import InputError
 from moeq.gguf_header import GGUFHeader, check_extent, read_header
-from moeq.validate.prompt import render_example
+from moeq.validate.prompt import EXAMPLE, render_example
 from moeq.records import CheckResult, PromptFormat
 
 # The keys llama-quantize sets (src/llama-quant.cpp): every other key of the source is copied unchanged,
@@ -41,6 +42,7 @@ class ValidateReport:
     checks: list[CheckResult] = field(default_factory=list)
     worst_tensors: list[dict] = field(default_factory=list)
     prompt: PromptFormat | None = None
+    sampling: dict[str, float | int | str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -167,7 +169,7 @@ def check_chat_template(reader: gguf.GGUFReader, source: gguf.GGUFReader | None
         rendered, why_not = render_example(ours, _token(reader, "tokenizer.ggml.bos_token_id"),
                                            _token(reader, "tokenizer.ggml.eos_token_id"))
         prompt = PromptFormat(template_sha256=hashlib.sha256(ours.encode()).hexdigest(), template_chars=len(ours),
-                              rendered=rendered, why_not=why_not)
+                              rendered=rendered, why_not=why_not, messages=[dict(m) for m in EXAMPLE])
     if source is None:
         return CheckResult("chat template", True, "no source to compare it with"), prompt
     if ours == theirs:
@@ -181,6 +183,28 @@ def check_chat_template(reader: gguf.GGUFReader, source: gguf.GGUFReader | None
     source_sha256 = hashlib.sha256(theirs.encode()).hexdigest()
     return CheckResult("chat template", False, f"differs from the source's (sha256 {prompt.template_sha256[:12]}, "
                                                f"the source's {source_sha256[:12]})"), prompt
+
+
+SAMPLING_PREFIX = "general.sampling."
+SAMPLING_KEYS = ("temp", "top_k", "top_p", "min_p", "penalty_repeat", "penalty_last_n", "xtc_probability",
+                 "xtc_threshold", "mirostat", "mirostat_tau", "mirostat_eta", "sequence")
+
+
+def sampling_defaults(reader: gguf.GGUFReader) -> dict[str, float | int | str]:
+    """The file's general.sampling.* keys that llama.cpp reads, by their last part: numbers at float32's own
+    precision (0.7, not 0.699999988), a sampler sequence of at most 200 characters; anything else is left out."""
+    found: dict[str, float | int | str] = {}
+    for name in SAMPLING_KEYS:
+        value = _field(reader, SAMPLING_PREFIX + name)
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int) and abs(value) < 2 ** 31:
+            found[name] = value
+        elif isinstance(value, float) and math.isfinite(value):
+            found[name] = float(f"{value:.7g}")
+        elif isinstance(value, str) and len(value) <= 200 and value.isprintable():
+            found[name] = value
+    return found
 
 
 def _string(reader: gguf.GGUFReader, key: str) -> str | None:
@@ -301,6 +325,7 @@ def validate_file(path: Path, against: Path | None = None, numerics: str = "samp
     if reader is not None:
         chat, report.prompt = check_chat_template(reader, source_reader)
         report.checks.append(chat)
+        report.sampling = sampling_defaults(reader)
     reader = source_reader = None  # gguf-py's parsed vocabularies (tens of MB each): freed before the numerics
     if numerics != "off" and source_header is not None and all(c.ok for c in report.checks):
         result, report.worst_tensors = check_numerics(header, source_header, numerics)

@@ -21,7 +21,8 @@ from moeq.stage_runner import Stage
 from moeq.validate.checks import validate_file
 
 
-CHECKS = 2  # raised when validate checks more: a record made before is checked again (2: the chat template)
+CHECKS = 3  # raised when validate checks more: a record made before is checked again (2: the chat template;
+# 3: the sampling defaults and the conversation rendered, for the card's chat request)
 
 
 def validate_stage(pipeline: Pipeline, quant: QuantSpec, quantized: QuantizeRecord,
@@ -48,7 +49,7 @@ def validate_stage(pipeline: Pipeline, quant: QuantSpec, quantized: QuantizeReco
         return ValidateRecord(
             quant=quant.type, file=quantized.output, source=quantized.source, numerics=numerics, ok=report.ok,
             checks=report.checks, worst_tensors=[WorstTensor(**w) for w in report.worst_tensors], plan=plan,
-            prompt=report.prompt,
+            prompt=report.prompt, sampling=report.sampling,
         )
 
     return Stage("validate", quant.type, key=key, run=run)

@@ -2,7 +2,7 @@
 
 Every figure is formatted here, once, from a record value; the template only lays them out. A section's
 facts sit in the module named after its partial (choose, usage, memory, measured, recipe, imatrix,
-validation, prompt; made for how the file was made), each a frozen dataclass, its shared formatting in shared.py.
+validation, prompt, history; made for how the file was made), each a frozen dataclass, its shared formatting in shared.py.
 A section whose record is absent is None, and the template says "not measured".
 
     facts = card_facts(read_manifest(Path("work/repos/Q8_0/moeq-manifest.json")))
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from moeq.cards.charts import charts
 from moeq.cards.facts.choose import ChooseFacts, ContextFacts, choose_facts, context_facts
+from moeq.cards.facts.history import SupersededRow, UpdateFacts, superseded_rows, update_facts
 from moeq.cards.facts.imatrix import ImatrixFacts, imatrix_facts
 from moeq.cards.facts.made import ModelFacts, QuantizationFacts, log_flush_facts, model_facts, quantization_facts
 from moeq.cards.facts.measured import (BenchError, BenchFacts, MeasuredMemoryFacts, NotMeasuredRow, QualityFacts,
@@ -91,6 +92,8 @@ class CardFacts:
     charts: list[ChartLink]
     imatrix_files: list[ImatrixFacts]
     siblings: list[SiblingFacts]
+    superseded: list[SupersededRow]  # GGUFs an earlier release published, kept under their old names
+    updates: list[UpdateFacts]  # what each release changed, newest first
     license_file: Link | None
     extra: dict  # card.extra from the pipeline file: not a record
 
@@ -126,6 +129,8 @@ def card_facts(manifest: Manifest) -> CardFacts:
                 for c in charts(manifest)],
         imatrix_files=list({q.imatrix.file: q.imatrix for q in quants if q.imatrix}.values()),
         siblings=[sibling_facts(row) for row in manifest.siblings],
+        superseded=superseded_rows(manifest),
+        updates=update_facts(manifest),
         license_file=Link(manifest.license_file.name,
                           f"{hub_url(manifest.repo_id)}/blob/main/{manifest.license_file.name}")
         if manifest.license_file else None,
