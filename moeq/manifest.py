@@ -250,6 +250,11 @@ class Manifest(Model):
     updates: list[UpdateNote] = Field(default=[], max_length=MAX_UPDATES)
     """What each release changed, oldest first (none: the first release, or one that changed nothing)."""
 
+    @property
+    def hub_files(self) -> list[str]:
+        """Every file the repo holds after the push: those staged, and the superseded ones kept on the Hub."""
+        return [*self.repo_files, *(s.name for s in self.superseded)]
+
     def entry(self, quant: str) -> QuantEntry:
         return next(q for q in self.quants if q.quant == quant)
 

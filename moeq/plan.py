@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from moeq import progress
 from moeq.config import IMATRIX_AUTO, RECIPE_SEARCH, QuantSpec
 from moeq.errors import ConfigError, MoeqError, from_os_error
 from moeq.fetch.stage import HUB_KINDS
@@ -61,7 +62,6 @@ class Options:
     skip_bench: bool = False
     release: Release = Release()
     threads: int | None = None
-    on_tensor: Callable | None = None
     allow_requantize: bool = False
     numerics: str = "sample"
     modes: tuple[str, ...] | None = None
@@ -212,7 +212,7 @@ class _Planner:
 
         def candidate(name: str, got: Inputs, force_it: bool = False):
             return wiring.candidate(ctx, q, name, self.source(got), imatrix=got.get(IMATRIX), recipe=got.get(recipe_id),
-                                    force=force_it, threads=options.threads, on_tensor=options.on_tensor)
+                                    force=force_it, threads=options.threads)
 
         def candidate_step(name: str) -> Step:
             needs = self.source_needs + (matrix if candidates.needs_matrix(q, name) else ()) + \
@@ -252,7 +252,7 @@ class _Planner:
             return wiring.quantize(ctx, q, self.source(got), imatrix=got.get(IMATRIX), chosen=chosen,
                                    made={n: got[made[n]] for n in names} if chosen else None,
                                    recipe=got.get(recipe_id), force="quantize" in force, threads=options.threads,
-                                   allow_requantize=options.allow_requantize, on_tensor=options.on_tensor)
+                                   allow_requantize=options.allow_requantize)
 
         see = f"see moeq validate --quant {q.type} --config {ctx.pipeline.path}"
         todo += [
@@ -344,7 +344,8 @@ def run_plan(ctx: Context, todo: list[Step], target: str | None = None) -> tuple
                 if target is None and step.lock and holding is None:
                     held.enter_context(ctx.ws.lock(step.lock, wait=False))
                     holding = step.lock
-                result = step.run(Inputs({need: results[need] for need in step.needs if need in results}))
+                with progress.step(" ".join(str(part) for part in (step.subject, step.stage) if part)):
+                    result = step.run(Inputs({need: results[need] for need in step.needs if need in results}))
                 if step.check is not None and step.stage != target and result.record is not None:
                     step.check(result.record)
                 # a stage that ran beside others (a local source's hash) took longer than the wait for it

@@ -9,8 +9,10 @@ before the exception travels on, so no tool outlives the command that started it
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -18,11 +20,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+from moeq import progress
 from moeq.errors import ToolError
 
 TAIL_LINES = 3
+LINE_END = re.compile(r"\r\n|\r|\n")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -125,14 +129,18 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
         try:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile is raised here
             assert proc.stdout is not None
-            for line in proc.stdout:
+            gauge = progress.meter(name)
+            for line, whole in _output(proc.stdout.buffer):
                 last_line[0] = time.monotonic()
-                log.write(line)
-                stripped = line.rstrip("\n")
-                if stripped.strip():
-                    tail.append(stripped.strip())
+                if gauge is not None:
+                    gauge.feed(line, whole)
+                if not whole:
+                    continue
+                log.write(line + "\n")
+                if line.strip():
+                    tail.append(line.strip())
                 if on_line:
-                    on_line(stripped)
+                    on_line(line)
             returncode = proc.wait()
         except BaseException:
             stop_process(proc, group=True)
@@ -140,6 +148,8 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+            if gauge is not None:
+                gauge.close()
         if timed_out.is_set():
             raise ToolError(name, f"still running after {timeout_s:.0f} s, stopped", f"log: {log_path}")
         if idle.is_set():
@@ -150,6 +160,27 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
         how = f"killed by signal {-returncode}" if returncode < 0 else f"exited {returncode}"
         raise ToolError(name, f"{how}: {quoted}", f"full log: {log_path}")
     return ToolRun(command=command, returncode=returncode, wall_s=wall, log_path=log_path)
+
+
+def _output(stream) -> Iterator[tuple[str, bool]]:
+    """A tool's output as it comes: each whole line (True), and after them the line written so far (False), which is
+    how llama.cpp's tools print the chunks of a pass ("[1]5.12,[2]4.98," on one line). Decoded as UTF-8 with
+    replacement; a line ends at \\n, \\r\\n or \\r, as Python's text mode splits them."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    pending = ""
+    while data := stream.read1(1 << 16):
+        pending += decoder.decode(data)
+        held = "\r" if pending.endswith("\r") else ""  # a \r\n may be split between two reads
+        *lines, pending = LINE_END.split(pending[:len(pending) - len(held)])
+        yield from ((line, True) for line in lines)
+        if pending:
+            yield pending, False
+        pending += held
+    pending += decoder.decode(b"", final=True)
+    lines = LINE_END.split(pending) if pending else []
+    if lines and not lines[-1]:
+        lines.pop()
+    yield from ((line, True) for line in lines)
 
 
 def _idle_watch(proc: subprocess.Popen, last_line: list[float], idle_s: float, idle: threading.Event) -> None:

@@ -57,7 +57,7 @@ def lint_card(text: str, path: str = "README.md", manifest: Manifest | None = No
                  for i, line in enumerate(lines, 1) if line != line.rstrip()]
     allowed_repos = repo = None
     if manifest is not None:
-        repo = (manifest.repo_id.lower(), set(manifest.repo_files))
+        repo = (manifest.repo_id.lower(), set(manifest.hub_files))
         allowed_repos = ({manifest.pipeline.model.base_model.lower(), manifest.repo_id.lower()}
                          | {row.repo_id.lower() for row in manifest.siblings})
     written = _template_tags(template)
@@ -228,7 +228,7 @@ def _figure_findings(lines: list[str], start: int, manifest: Manifest, template:
     # Outside tables the templates' own words and the pipeline's card.extra (a citation's year) may add figures;
     # inside tables every figure is a measurement and must come from a record.
     prose_figures = figures | template_figures(template) | _figures(manifest.pipeline.card_extra)
-    repo_files = set(manifest.repo_files) | {PurePosixPath(name).name for name in manifest.repo_files}
+    repo_files = set(manifest.hub_files) | {PurePosixPath(name).name for name in manifest.hub_files}
     ladder_files = {row.file for row in manifest.siblings}
     findings = []
     header: list[str] | None = None

@@ -104,8 +104,12 @@ def _body(fn):
 
     @functools.wraps(fn)
     def body(*args, **kwargs):
+        from moeq import progress
+        from moeq.cli.output import progress_reporter
+
         _command_signals()
-        return fn(*args, **kwargs)
+        with progress.reporting(progress_reporter(state["json"])):
+            return fn(*args, **kwargs)
 
     return body
 

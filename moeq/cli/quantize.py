@@ -1,8 +1,7 @@
-"""`moeq quantize`: the quantize stage, with a progress bar per tensor."""
+"""`moeq quantize`: the quantize stage (llama-quantize's tensors shown as they are done: moeq/progress.py)."""
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated, Optional
 
 import typer
@@ -34,10 +33,9 @@ def quantize(
     ctx = open_context(config)
     results = Results(as_json)
     for spec in selected_quants(ctx.pipeline, quant):
-        with _quantize_progress(spec.type, plain=as_json or not console.is_terminal) as on_tensor:
-            options = Options(force=frozenset({"quantize"} if force else ()), download=False, threads=threads,
-                              allow_requantize=allow_requantize, on_tensor=on_tensor)
-            done = run_to(ctx, "quantize", [spec], options)[("quantize", spec.type)]
+        options = Options(force=frozenset({"quantize"} if force else ()), download=False, threads=threads,
+                          allow_requantize=allow_requantize)
+        done = run_to(ctx, "quantize", [spec], options)[("quantize", spec.type)]
         record = done.record
         chosen = ctx.records.get(ChoiceRecord, spec.type) if spec.imatrix is not None else None
         if chosen is not None and chosen.published.file.sha256 != record.output.sha256:
@@ -56,45 +54,3 @@ def _print_quantized(done, chosen) -> None:
     if chosen is not None:
         console.print(f"{record.quant}: made {chosen.published.name}: {chosen.why}", soft_wrap=True)
 
-
-class _quantize_progress:
-    """A rich progress bar on a terminal; plain log lines (stderr) otherwise."""
-
-    def __init__(self, label: str, plain: bool):
-        self.label, self.plain = label, plain
-        self.progress = None
-        self.task = None
-        self.mib_in = self.mib_out = 0.0
-
-    def __enter__(self):
-        if not self.plain:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[mib]}"), TimeElapsedColumn(),
-                                     TimeRemainingColumn(), console=console, transient=True)
-            self.progress.__enter__()
-            self.task = self.progress.add_task(self.label, total=None, mib="")
-        return self.on_tensor
-
-    def on_tensor(self, t) -> None:
-        self.mib_in += t.mib_in
-        self.mib_out += t.mib_out
-        if self.plain:
-            sys.stderr.write(f"{self.label}: [{t.index}/{t.total}] {t.name} {t.type_before} -> {t.type_after} "
-                             f"({self.mib_in:.1f} -> {self.mib_out:.1f} MiB)\n")
-        else:
-            self.progress.update(self.task, total=t.total, completed=t.index,
-                                 mib=f"{self.mib_in:.1f} -> {self.mib_out:.1f} MiB")
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-        return False

@@ -25,7 +25,7 @@ from moeq.architectures import EXPERT_RE, SHARED_EXPERT_RE, require_moe
 from moeq.gguf_header import (REQUANTIZE_WARNING, UNQUANTIZED, GGUFHeader, check_extent, read_header,
                               read_source_header)
 from moeq.imatrix_file import check_fits, read_imatrix
-from moeq.quantize.progress import QuantizeLogParser, TensorLine
+from moeq.quantize.progress import QuantizeLogParser
 from moeq.recipe_file import check_recipe, read_recipe
 from moeq.records import (FileRef, ImatrixRef, ModelFacts, QuantizeOptions, QuantizeRecord, FetchRecord,
                           TensorRow, ToolBuildRef)
@@ -38,7 +38,6 @@ from moeq.workspace import Workspace, commit_file, fsync_file, partial_path, req
 
 def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_path: Path,
                    source_record: Callable[[], FetchRecord], *, threads: int | None = None, allow_requantize: bool = False,
-                   on_tensor: Callable[[TensorLine], None] | None = None,
                    on_message: Callable[[str], None] = lambda _msg: None, output: Path | None = None,
                    record_as: str | None = None, adopt: QuantizeRecord | None = None,
                    silence_s: int = ToolchainSpec.quantize_silence_s) -> Stage[QuantizeRecord]:
@@ -68,7 +67,7 @@ def quantize_stage(quant: QuantSpec, ws: Workspace, chain: Toolchain, source_pat
         adopted = _adopt(adopt, options, source_record, ws, final, tool) if adopt is not None else None
         if adopted is not None:
             return adopted
-        return _quantize(quant, ws, tool, source_path, source_record, options, threads, on_tensor, on_message,
+        return _quantize(quant, ws, tool, source_path, source_record, options, threads, on_message,
                          final, silence_s)
 
     name = record_as or quant.type
@@ -98,7 +97,7 @@ def log_path(final: Path) -> Path:
 
 
 def _quantize(quant: QuantSpec, ws: Workspace, tool, source_path: Path, source_record: Callable[[], FetchRecord],
-              options: QuantizeOptions, threads: int | None, on_tensor, on_message, final: Path,
+              options: QuantizeOptions, threads: int | None, on_message, final: Path,
               silence_s: int) -> QuantizeRecord:
     log = log_path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -122,9 +121,7 @@ def _quantize(quant: QuantSpec, ws: Workspace, tool, source_path: Path, source_r
     parser = QuantizeLogParser()
 
     def on_line(line: str) -> None:
-        tensor = parser.feed(line)
-        if tensor and on_tensor:
-            on_tensor(tensor)
+        parser.feed(line)
 
     stop_hashing = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:

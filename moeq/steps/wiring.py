@@ -106,12 +106,11 @@ def imatrix(ctx: Context, source: FetchRecord, force: bool = False) -> StageResu
 
 
 def candidate(ctx: Context, quant: QuantSpec, name: str, source: SourceFile, *, imatrix: ImatrixRecord | None = None,
-              recipe: RecipeRecord | None = None, force: bool = False, threads: int | None = None,
-              on_tensor=None) -> StageResult[QuantizeRecord]:
+              recipe: RecipeRecord | None = None, force: bool = False, threads: int | None = None) -> StageResult[QuantizeRecord]:
     """Candidate `name` of `quant`, current (its file may be measured and deleted). The searched one is quantized
     by llama-quantize from the recipe file and must be the recipe stage's assembled file byte for byte."""
     spec = candidates.spec(quant, name, imatrix=imatrix, recipe=recipe)
-    stage = quantize_stage(spec, ctx.ws, ctx.chain, source.path, source.record, threads=threads, on_tensor=on_tensor,
+    stage = quantize_stage(spec, ctx.ws, ctx.chain, source.path, source.record, threads=threads,
                            on_message=ctx.say, output=candidates.output(ctx.ws, quant, name),
                            record_as=candidates.record_name(quant, name),
                            silence_s=ctx.pipeline.toolchain.quantize_silence_s)
@@ -173,14 +172,14 @@ def choice(ctx: Context, quant: QuantSpec, source: FetchRecord, made: list[tuple
 def quantize(ctx: Context, quant: QuantSpec, source: SourceFile, *, imatrix: ImatrixRecord | None = None,
              chosen: ChoiceRecord | None = None, made: dict[str, QuantizeRecord] | None = None,
              recipe: RecipeRecord | None = None, force: bool = False, threads: int | None = None,
-             allow_requantize: bool = False, on_tensor=None) -> StageResult[QuantizeRecord]:
+             allow_requantize: bool = False) -> StageResult[QuantizeRecord]:
     """Quantize `quant`: the file the choice `chosen` published, moved into place from its candidate in `made` (a
     searched one named TYPE_MOEQ); without a choice the stock file, made with `imatrix` for `imatrix: auto`."""
     name = chosen.published.name if chosen is not None else candidates.names(quant)[0]  # else the stock one
     spec = candidates.spec(quant, name, imatrix=imatrix, recipe=recipe)
     file = candidates.file_name(quant, name)
     stage = quantize_stage(spec, ctx.ws, ctx.chain, source.path, source.record, threads=threads,
-                           allow_requantize=allow_requantize, on_tensor=on_tensor, on_message=ctx.say,
+                           allow_requantize=allow_requantize, on_message=ctx.say,
                            adopt=(made or {}).get(name) if chosen is not None else None,
                            output=ctx.ws.quant_path(file), silence_s=ctx.pipeline.toolchain.quantize_silence_s)
     done = run_stage(stage, ctx.records, force=force, on_message=ctx.say)

@@ -29,6 +29,7 @@ from moeq.cards.facts.usage import FileFacts, SiblingFacts, file_facts, sibling_
 from moeq.cards.facts.validation import ValidationFacts, validation_facts
 from moeq.config import Layout
 from moeq.manifest import Manifest, QuantEntry
+from moeq.units import decimal_size
 
 
 TAGS = ("gguf", "quantized", "moe", "mixture-of-experts", "cpu-offload", "text-generation")
@@ -86,6 +87,7 @@ class CardFacts:
     llama_cpp: BuildTool
     quants: list[QuantFacts]
     quant: QuantFacts  # the repo's one quant (per-quant layout), or the ladder's first
+    download_total: str  # every GGUF file of the repo's quants
     prompt: PromptFacts | None  # None: no file carries a chat template
     choose: ChooseFacts | None
     context: ContextFacts | None
@@ -122,6 +124,7 @@ def card_facts(manifest: Manifest) -> CardFacts:
                             log_flush_facts(manifest)),
         quants=quants,
         quant=quants[0],
+        download_total=decimal_size(sum(f.size for q in manifest.quants for f in q.files)),
         prompt=prompt_facts(manifest.quants),
         choose=choose_facts(manifest.quants),
         context=context_facts(manifest.quants, first.model.context_length),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from moeq.cards.facts.shared import gpu_label, pm_text
+from moeq.cards.facts.shared import gpu_label, noisy, pm_text
 from moeq.cards.render import code
 from moeq.manifest import QuantEntry
 from moeq.offload import OffloadMode
@@ -23,6 +23,8 @@ class ChoiceRow:
     gpu: str = ""
     ram: str = ""
     speed: str = ""
+    download: int = 0  # bytes of all its files
+    tokens_s: str | None = None  # its generation speed as a figure to quote: measured on a GPU, and not noisy
 
 
 @dataclass(frozen=True)
@@ -32,11 +34,22 @@ class GpuGroup:
 
 
 @dataclass(frozen=True)
+class Pick:
+    """The card's first answer for one GPU size: the largest file that fits, and how."""
+    gpu: str
+    quant: str | None  # None: no file fits
+    placement: str
+    download: str
+    tokens_s: str | None
+
+
+@dataclass(frozen=True)
 class ChooseFacts:
     ctx: int
     kv_type: str
     allowance: str
     groups: list[GpuGroup]
+    picks: list[Pick]
 
 
 @dataclass(frozen=True)
@@ -65,8 +78,18 @@ def choose_facts(entries: list[QuantEntry]) -> ChooseFacts | None:
             groups[-1][0].append(gib)
         else:
             groups.append(([gib], rows))
+    labelled = [GpuGroup(gpu_label(gibs, gibs[-1] == sizes[-1]), rows) for gibs, rows in groups]
     return ChooseFacts(ctx=ctx, kv_type=plans[0].kv_type, allowance=binary_size(plans[0].compute_allowance_bytes),
-                       groups=[GpuGroup(gpu_label(gibs, gibs[-1] == sizes[-1]), rows) for gibs, rows in groups])
+                       groups=labelled, picks=[pick(group) for group in labelled])
+
+
+def pick(group: GpuGroup) -> Pick:
+    """The largest file whose row fits the group's GPU size (the rule the table states)."""
+    fitting = [row for row in group.rows if row.gpu]
+    if not fitting:
+        return Pick(group.gpu, None, "", "", None)
+    best = max(fitting, key=lambda row: row.download)
+    return Pick(group.gpu, best.quant, best.placement, best.size, best.tokens_s)
 
 
 def memory_plans(entries: list[QuantEntry]) -> list:
@@ -78,8 +101,9 @@ def memory_plans(entries: list[QuantEntry]) -> list:
 def choice_row(entry: QuantEntry, gib: int, ctx: int) -> ChoiceRow:
     quality = entry.records.bench.quality if entry.records.bench else None
     kld = pm_text(quality.quant, "kld_mean", 6) if quality else "not measured"
-    row = ChoiceRow(quant=entry.quant, size=decimal_size(sum(f.size for f in entry.files)), kld=kld, key=None,
-                    placement="does not fit")
+    download = sum(f.size for f in entry.files)
+    row = ChoiceRow(quant=entry.quant, size=decimal_size(download), kld=kld, key=None, placement="does not fit",
+                    download=download)
     plan = entry.records.validate_.plan if entry.records.validate_ else None
     if plan is None:
         return replace(row, key="no plan", placement="not computed (no validation record)")
@@ -89,17 +113,23 @@ def choice_row(entry: QuantEntry, gib: int, ctx: int) -> ChoiceRow:
     mode = OffloadMode.for_layers(fit.n_cpu_moe, plan.n_layer)
     return replace(row, key=fit.n_cpu_moe, placement=mode.advice if mode.name == "gpu" else code(mode.advice),
                    gpu=binary_size(fit.gpu_bytes), ram=binary_size(plan.placement(fit.n_cpu_moe).cpu_bytes),
-                   speed=generation_speed(entry.records.bench, mode.name))
+                   **dict(zip(("speed", "tokens_s"), generation_speed(entry.records.bench, mode.name))))
 
 
-def generation_speed(bench: BenchRecord | None, mode: str) -> str:
-    """Tokens per second generating (llama-bench's tg test) in `mode`, where the bench measured it."""
+def generation_speed(bench: BenchRecord | None, mode: str) -> tuple[str, str | None]:
+    """Tokens per second generating (llama-bench's tg test) in `mode`, as the table shows it and as a figure to
+    quote (None: not measured, noisy, or measured with a CPU standing in for the GPU, which says nothing of a
+    GPU's speed)."""
     for run in bench.speed if bench else []:
         if run.mode == mode:
             for test in run.tests:
                 if test.test.startswith("tg"):
-                    return f"{test.avg_ts:.2f} ± {test.stddev_ts:.2f}"
-    return "not measured"
+                    if bench.options.rpc and mode != "cpu":
+                        return "not measured on a GPU (a CPU stood in for it)", None
+                    if noisy(test):
+                        return "too noisy to quote", None
+                    return f"{test.avg_ts:.2f} ± {test.stddev_ts:.2f}", f"{test.avg_ts:.2f}"
+    return "not measured", None
 
 
 def context_facts(entries: list[QuantEntry], trained: int | None) -> ContextFacts | None:

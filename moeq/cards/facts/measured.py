@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from moeq.cards.facts.shared import Figures, Mode, figure_texts, mode_facts, pm_text, speed_text
+from moeq.cards.facts.shared import noisy, Figures, Mode, figure_texts, mode_facts, pm_text, speed_text
 from moeq.kld import compare
 from moeq.records import Made, BenchRecord, ChoiceRecord
 from moeq.units import binary_size, decimal_size
@@ -165,7 +165,8 @@ def bench_facts(bench: BenchRecord | None, n_layer: int, choice: ChoiceRecord | 
     if bench.speed:
         speed = SpeedFacts(machine=machine_text(bench), rows=[
             SpeedRow(**vars(mode_facts(run.mode, n_layer)), test=t.test,
-                     tokens_per_s=f"{t.avg_ts:.2f} ± {t.stddev_ts:.2f}") for run in bench.speed for t in run.tests],
+                     tokens_per_s=f"{t.avg_ts:.2f} ± {t.stddev_ts:.2f}" + (" (noisy)" if noisy(t) else ""))
+            for run in bench.speed for t in run.tests],
             repetitions=bench.options.repetitions, backends=sorted({r.backends for r in bench.speed}))
     memory = None
     if bench.memory:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from moeq.cards.render import code
 from moeq.offload import OffloadMode
-from moeq.records import Fit, PerplexityFigures, SpeedRun
+from moeq.records import Fit, PerplexityFigures, SpeedRun, SpeedTest
 from moeq.units import binary_size
 
 
@@ -70,10 +70,18 @@ def figure_texts(figures: PerplexityFigures, base: PerplexityFigures) -> Figures
                    kld_max=num_text(figures.kld_max, 6), same_top_p=pm_text(figures, "same_top_p", 2) + " %")
 
 
+NOISY = 0.25  # a speed whose standard deviation is over this share of its mean is not quoted as a figure
+
+
+def noisy(test: SpeedTest) -> bool:
+    return test.stddev_ts > NOISY * test.avg_ts
+
+
 def speed_text(run: SpeedRun | None) -> str:
     if run is None:
         return "not measured"
-    return "; ".join(f"{t.test} {t.avg_ts:,.0f} ± {t.stddev_ts:,.0f}" for t in run.tests)
+    return "; ".join(f"{t.test} {t.avg_ts:,.0f} ± {t.stddev_ts:,.0f}" + (" (noisy)" if noisy(t) else "")
+                     for t in run.tests)
 
 
 def slower_tests(run: SpeedRun, than: SpeedRun) -> list[str]:
