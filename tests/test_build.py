@@ -107,6 +107,9 @@ def test_build_all_push_then_a_rerun_does_nothing(tmp_path, test_hub, toolchain,
         # the trained example's generation_config.json, carried by the converter into every file
         assert '"temperature": 0.7,\n  "top_p": 0.9\n}' in readme and "(`general.sampling.*`: `temp 0.7, top_p 0.9`)" in readme
         assert all(e.records.validate_.sampling == {"temp": 0.7, "top_p": 0.9} for e in manifest.quants)
+        # the RPC device stands in for a GPU: its speeds are never quoted as a GPU's
+        assert "not measured on a GPU (a CPU stood in for it)" in readme.split("## Which file should I choose?")[1]
+        assert "tokens/s generating" not in readme.split("## Prompt format")[0]
         links = {f"https://huggingface.co/{repo_id(q, layout)}" for q in LADDER}
         assert all(f"]({url})" in readme or f"]({url}/resolve/main/" in readme for url in links)
     if layout == "single":

@@ -400,3 +400,23 @@ def test_the_chat_request_is_one_shell_command_sending_the_records_conversation_
     assert words[:2] == ["curl", "-s"] and words[2].endswith("/v1/chat/completions") and words[-2] == "-d"
     body = json.loads(words[-1])
     assert body == {"messages": messages, "temperature": 0.7, "top_k": 40, "repeat_penalty": 1.1}
+
+
+@pytest.mark.parametrize("rpc,mode,stddev,shown,quoted", [
+    (False, "gpu", 0.5, "12.00 ± 0.50", "12.00"),
+    (False, "gpu", 11.0, "too noisy to quote", None),  # a spread like 14,033 ± 11,352 is no figure
+    (True, "gpu", 0.5, "not measured on a GPU (a CPU stood in for it)", None),  # the RPC stand-in is a CPU
+    (True, "cpu", 0.5, "12.00 ± 0.50", "12.00"),  # the CPU mode is what it says, stand-in or not
+])
+def test_which_file_quotes_only_a_speed_measured_on_a_gpu_and_not_noisy(rpc, mode, stddev, shown, quoted):
+    from types import SimpleNamespace
+
+    from moeq.cards.facts.choose import generation_speed
+    from moeq.cards.facts.shared import speed_text
+    from moeq.records import SpeedTest
+
+    test = SpeedTest(test="tg16", n_prompt=0, n_gen=16, avg_ts=12.0, stddev_ts=stddev, samples_ts=[12.0], n_threads=2,
+                     n_cpu_moe=0, n_gpu_layers=99)
+    bench = SimpleNamespace(options=SimpleNamespace(rpc=rpc), speed=[SimpleNamespace(mode=mode, tests=[test])])
+    assert generation_speed(bench, mode) == (shown, quoted)
+    assert speed_text(SimpleNamespace(tests=[test])).endswith(" (noisy)") == (stddev > 3)
