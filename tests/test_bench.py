@@ -137,12 +137,11 @@ def test_card_shows_the_measurements(benched, toolchain, rpc_device):
     assert f"buffer sizes on RPC0 ({rpc})" in memory and memory.count("RPC") == 2  # the device named once
     assert "; llama.cpp 0c1e570 (CPU-only build); " in measured
     manifest = read_manifest(ws.repo_dir(None) / MANIFEST_NAME)
-    # The choice table shows the speed measured in the placement it advises, and the KL divergence.
+    # The choice table shows the KL divergence, and no speed for the placement it advises: the device measured in
+    # it was the RPC server, a CPU standing in for the GPU (the CPU mode's speed is in the speed table).
     choice = next(line for line in text.splitlines() if line.startswith("| 8 GiB or more | Q4_K_M | "))
     record = outcome.record
-    tg = next(t for run in read_manifest(ws.repo_dir(None) / MANIFEST_NAME).quants[0].records.bench.speed
-              if run.mode == "gpu" for t in run.tests if t.test.startswith("tg"))
-    assert f"| {tg.avg_ts:.2f} ± {tg.stddev_ts:.2f} | " in choice and record.quants == ["Q4_K_M"]
+    assert "| not measured on a GPU (a CPU stood in for it) | " in choice and record.quants == ["Q4_K_M"]
     assert choice.split(" | ")[-1].rstrip(" |") == manifest.quants[0].records.bench.quality.quant.kld_mean.__format__(".6f") \
         + f" ± {manifest.quants[0].records.bench.quality.quant.kld_mean_err:.6f}"
     assert lint_card(text, "README.md", manifest) == []

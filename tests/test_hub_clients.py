@@ -209,7 +209,7 @@ def test_the_cards_chat_request_gets_a_chat_completion_from_llama_server(hub, tm
     command = shlex.split(server_block.strip())
     assert command[:2] == ["llama-server", "-hf"] and "--jinja" in command and command[-2:] == ["--port", "8080"]
     request = request_block.strip()
-    assert request.startswith("curl ") and "127.0.0.1:8080/v1/chat/completions" in request
+    assert request.startswith("curl ") and "http://localhost:8080/v1/chat/completions" in request
     with socket.socket() as probe:  # a free port for this run, in place of the card's 8080
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -226,7 +226,7 @@ def test_the_cards_chat_request_gets_a_chat_completion_from_llama_server(hub, tm
         while not _answers(base + "/health"):  # 503 while the model downloads and loads
             assert server.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(0.2)
-        proc = subprocess.run(["bash", "-c", request.replace("127.0.0.1:8080", f"127.0.0.1:{port}")],
+        proc = subprocess.run(["bash", "-c", request.replace("localhost:8080", f"127.0.0.1:{port}")],
                               capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr
         reply = json.loads(proc.stdout)

@@ -11,17 +11,19 @@ given.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import re
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from huggingface_hub import ModelCard
+from markdown_it import MarkdownIt
 
 from moeq.cards.derived import derived_findings
 from moeq.cards.facts import CardFacts, card_facts
-from moeq.cards.findings import Finding, table_cells
+from moeq.cards.findings import Finding
 from moeq.cards.render import template_files
 from moeq.manifest import Manifest
 
@@ -33,14 +35,11 @@ HUB_PAGES = {"docs", "blog", "papers", "spaces", "datasets", "models", "settings
              "learn", "collections", "organizations", "tasks", "chat", "api", "posts", "enterprise"}
 
 CONFLICT_OPEN, CONFLICT_BASE, CONFLICT_MID, CONFLICT_CLOSE = "<" * 7, "|" * 7, "=" * 7, ">" * 7
-FENCE = re.compile(r"^\s{0,3}(`{3,}|~{3,})(.*)$")
-# Each repeated part stops where another link could start ('[', '(', '<'), so no line takes quadratic time.
-INLINE_LINK = re.compile(r"!?\[(?:[^\[\]\\]|\\.)*\]\(\s*<?([^()\s<>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
-REFERENCE_DEF = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)")
-AUTOLINK = re.compile(r"<([a-zA-Z][a-zA-Z0-9+.-]*:[^\s<>]+)>")
+# The card's Markdown as the Hub shows it: CommonMark, raw HTML, GFM tables (markdown-it, linear in the text).
+MARKDOWN = MarkdownIt("commonmark", {"html": True}).enable(["table"])
+# GFM's autolink extension (a bare https://... in text is a link on the Hub), which CommonMark lacks.
 BARE_URL = re.compile(r"(?<![(<\w])(?:https?|ftp)://[^\s)>\]]+")
-BACKTICK_RUN = re.compile(r"`+")
-HTML_TAG = re.compile(r"<(!--|/?[A-Za-z][A-Za-z0-9-]*)")
+HTML_TAG = re.compile(r"<(!--|/?[A-Za-z][A-Za-z0-9-]*)")  # in the Jinja templates, which are not Markdown
 # A figure: a number standing alone (not part of a name such as Q8_0, phi-3.5 or a sha256).
 FIGURE = re.compile(r"(?<![\w.\-])-?\d+(?:[.,]\d+)*(?![\w])")
 FILE_NAME = re.compile(r"(?<![\w.\-])[\w.\-]+\.gguf\b")  # starts only where a name can start: linear
@@ -60,16 +59,18 @@ def lint_card(text: str, path: str = "README.md", manifest: Manifest | None = No
         repo = (manifest.repo_id.lower(), set(manifest.hub_files))
         allowed_repos = ({manifest.pipeline.model.base_model.lower(), manifest.repo_id.lower()}
                          | {row.repo_id.lower() for row in manifest.siblings})
+    card = read_markdown(lines, body_start)
+    for number, url in card.links:
+        findings += [Finding(number, rule, msg) for rule, msg in _check_link(url, allowed_repos, repo)]
     written = _template_tags(template)
-    for number, line in _prose_lines(lines, body_start):
-        line = without_code_spans(line)
-        for url in _links(line):
-            findings += [Finding(number, rule, msg) for rule, msg in _check_link(url, allowed_repos, repo)]
-        findings += [Finding(number, "raw-html", f"HTML <{tag}> that the template does not write; a value from the "
-                                                 "pipeline or the records is text, escape it")
-                     for tag in dict.fromkeys(t.lower() for t in HTML_TAG.findall(line)) if tag not in written]
+    seen: set[tuple[int, str]] = set()
+    for number, tag in card.tags:
+        if tag not in written and (number, tag) not in seen:
+            seen.add((number, tag))
+            findings.append(Finding(number, "raw-html", f"HTML <{tag}> that the template does not write; a value "
+                                                        "from the pipeline or the records is text, escape it"))
     if manifest is not None:
-        findings += _figure_findings(lines, body_start, manifest, template, facts or card_facts(manifest))
+        findings += _figure_findings(card, manifest, template, facts or card_facts(manifest))
 
     findings += derived_findings(lines)
     return sorted(findings, key=lambda f: (f.line, f.rule))
@@ -112,61 +113,119 @@ def _conflict_markers(lines: list[str]) -> list[Finding]:
     return findings
 
 
-def _prose_lines(lines: list[str], start: int):
-    """(line number, text) of the lines outside fenced code blocks.
-
-    As CommonMark closes them: only a fence of the same character, at least as long as the one that opened
-    the block, with nothing after it (a citation's own ``` inside a ```` block is code)."""
-    opened = None
-    for i in range(start, len(lines)):
-        line = lines[i]
-        fence = FENCE.match(line)
-        if opened is None:
-            if fence:
-                opened = fence.group(1)
-                continue
-            yield i + 1, line
-        elif fence and fence.group(1)[0] == opened[0] and len(fence.group(1)) >= len(opened) \
-                and not fence.group(2).strip():
-            opened = None
-
-
 def _template_tags(template: Path | None) -> set[str]:
     """The HTML tags (and comments) the card's templates write themselves."""
     return {t.lower() for p in template_files(template) for t in HTML_TAG.findall(p.read_text(encoding="utf-8"))}
 
 
-def without_code_spans(line: str) -> str:
-    """The line less its code spans (a URL or tag in code is an example, not a link or markup), in O(n log n).
-
-    A span opens at a run of backticks and closes at the next run of the same length (CommonMark); a run
-    that no later run matches is literal text."""
-    runs = [(m.start(), m.end()) for m in BACKTICK_RUN.finditer(line)]
-    by_length: dict[int, list[int]] = {}
-    for index, (start, end) in enumerate(runs):
-        by_length.setdefault(end - start, []).append(index)
-    kept, position, i = [], 0, 0
-    while i < len(runs):
-        start, end = runs[i]
-        same = by_length[end - start]
-        j = bisect.bisect_right(same, i)
-        if j == len(same):
-            i += 1
-            continue
-        close = runs[same[j]]
-        kept.append(line[position:start])
-        position, i = close[1], same[j] + 1
-    kept.append(line[position:])
-    return "".join(kept)
+@dataclass
+class Cell:
+    line: int
+    column: int
+    header: bool  # a cell of the table's header row
+    table: int  # which table of the card
+    text: str
 
 
-def _links(line: str) -> list[str]:
-    urls = INLINE_LINK.findall(line) + AUTOLINK.findall(line)
-    ref = REFERENCE_DEF.match(line)
-    if ref:
-        urls.append(ref.group(1))
-    rest = AUTOLINK.sub("", INLINE_LINK.sub("", line))
-    return urls + BARE_URL.findall(rest)
+@dataclass
+class MarkdownCard:
+    """What lint reads of a card's body, from markdown-it's tokens as CommonMark (and GFM's tables) parse it: the
+    link targets, the HTML tags, the text of prose and of table cells (code spans in, code blocks out), each with
+    its line."""
+
+    links: list[tuple[int, str]] = field(default_factory=list)
+    tags: list[tuple[int, str]] = field(default_factory=list)
+    prose: list[tuple[int, str]] = field(default_factory=list)
+    cells: list[Cell] = field(default_factory=list)
+
+
+def read_markdown(lines: list[str], start: int) -> MarkdownCard:
+    """The card's body (`lines` from index `start`) as lint reads it."""
+    card = MarkdownCard()
+    table = column = row_line = 0
+    header = in_cell = False
+    for token in MARKDOWN.parse("\n".join(lines[start:])):
+        first = start + 1 + (token.map[0] if token.map else 0)
+        if token.type == "table_open":
+            table += 1
+        elif token.type in ("thead_open", "tbody_open"):
+            header = token.type == "thead_open"
+        elif token.type == "tr_open":
+            column, row_line = -1, first
+        elif token.type in ("th_open", "td_open"):
+            column, in_cell = column + 1, True
+        elif token.type in ("th_close", "td_close"):
+            in_cell = False
+        elif token.type == "html_block":
+            _read_html(card, token.content, first)
+        elif token.type == "inline":
+            for number, text in _read_inline(card, token.children or [], row_line if in_cell else first):
+                if in_cell:
+                    card.cells.append(Cell(number, column, header, table, text))
+                else:
+                    card.prose.append((number, text))
+    return card
+
+
+def _read_inline(card: MarkdownCard, children, line: int) -> list[tuple[int, str]]:
+    """Each line's text (code spans and link texts in, link targets and autolinks out), and the links and tags on
+    the way: a bare URL in text is a link too (GFM's autolink extension), but not in a link's own text."""
+    texts: list[tuple[int, str]] = []
+    parts: list[str] = []
+    link = None  # the markup of the link being read ("autolink" for <https://...>)
+    for child in children:
+        if child.type in ("softbreak", "hardbreak"):
+            texts.append((line, "".join(parts)))
+            parts, line = [], line + 1
+        elif child.type == "link_open":
+            link = child.markup
+            card.links.append((line, str(child.attrs.get("href", ""))))
+        elif child.type == "link_close":
+            link = None
+        elif child.type == "image":
+            card.links.append((line, str(child.attrs.get("src", ""))))
+            parts.append(child.content)
+        elif child.type == "html_inline":
+            _read_html(card, child.content, line)
+        elif child.type == "text" and link != "autolink":
+            if link is None:
+                card.links += [(line, url) for url in BARE_URL.findall(child.content)]
+            parts.append(child.content)
+        elif child.type == "code_inline":
+            parts.append(child.content)
+    texts.append((line, "".join(parts)))
+    return [(number, text) for number, text in texts if text]
+
+
+class _Tags(HTMLParser):
+    def __init__(self, card: MarkdownCard, line: int):
+        super().__init__(convert_charrefs=True)
+        self.card, self.line = card, line
+
+    def _at(self) -> int:
+        return self.line + self.getpos()[0] - 1
+
+    def handle_starttag(self, tag, attrs):
+        self.card.tags.append((self._at(), tag))
+        self.card.links += [(self._at(), value or "") for name, value in attrs if name in ("href", "src")]
+
+    def handle_endtag(self, tag):
+        self.card.tags.append((self._at(), "/" + tag))
+
+    def handle_comment(self, data):
+        self.card.tags.append((self._at(), "!--"))
+
+    def handle_data(self, data):
+        for offset, text in enumerate(data.split("\n")):
+            if text.strip():
+                self.card.prose.append((self._at() + offset, text))
+
+
+def _read_html(card: MarkdownCard, html: str, line: int) -> None:
+    """The tags (and comments) of raw HTML, the targets of its href and src, its text as prose."""
+    parser = _Tags(card, line)
+    parser.feed(html)
+    parser.close()
 
 
 def _check_link(url: str, allowed_repos: set[str] | None,
@@ -221,7 +280,7 @@ def template_figures(template: Path | None) -> set[str]:
     return set().union(*(FIGURE.findall(p.read_text(encoding="utf-8")) for p in template_files(template)))
 
 
-def _figure_findings(lines: list[str], start: int, manifest: Manifest, template: Path | None,
+def _figure_findings(card: MarkdownCard, manifest: Manifest, template: Path | None,
                      facts: CardFacts) -> list[Finding]:
     """Figures and file names in tables, list items and prose that no record (or template) holds."""
     figures = known_figures(facts)
@@ -231,28 +290,18 @@ def _figure_findings(lines: list[str], start: int, manifest: Manifest, template:
     repo_files = set(manifest.hub_files) | {PurePosixPath(name).name for name in manifest.hub_files}
     ladder_files = {row.file for row in manifest.siblings}
     findings = []
-    header: list[str] | None = None
-    for number, line in _prose_lines(lines, start):
-        if not line.lstrip().startswith("|"):
-            header = None
-            findings += _unrecorded(number, BARE_URL.sub("", _link_texts(line)), prose_figures)
-            continue
-        cells = table_cells(line)
-        if all(re.fullmatch(r":?-{3,}:?", c) for c in cells if c):
-            continue
-        if header is None:
-            header = cells
-        files_table = bool(header) and header[0].lower() == "file"
-        for column, cell in enumerate(cells):
-            text = _link_texts(cell)
-            for name in FILE_NAME.findall(text):
-                if files_table and column == 0 and cells is not header and name not in repo_files:
-                    findings.append(Finding(number, "unknown-file", f"the file table names {name}, which this "
-                                                                    "repo will not contain"))
-                elif name not in repo_files and name not in ladder_files:
-                    findings.append(Finding(number, "unknown-file", f"names {name}, a file of no repo of this "
-                                                                    "ladder"))
-            findings += _unrecorded(number, text, figures)
+    for number, text in card.prose:
+        findings += _unrecorded(number, BARE_URL.sub("", text), prose_figures)
+    files_tables = {c.table for c in card.cells if c.header and c.column == 0 and c.text.strip().lower() == "file"}
+    for cell in card.cells:
+        for name in FILE_NAME.findall(cell.text):
+            if cell.table in files_tables and cell.column == 0 and not cell.header and name not in repo_files:
+                findings.append(Finding(cell.line, "unknown-file", f"the file table names {name}, which this "
+                                                                   "repo will not contain"))
+            elif name not in repo_files and name not in ladder_files:
+                findings.append(Finding(cell.line, "unknown-file", f"names {name}, a file of no repo of this "
+                                                                   "ladder"))
+        findings += _unrecorded(cell.line, cell.text, figures)
     return findings
 
 
@@ -260,8 +309,3 @@ def _unrecorded(number: int, text: str, allowed: set[str]) -> list[Finding]:
     """A finding per figure in `text` (file names aside) that `allowed` does not hold."""
     return [Finding(number, "unrecorded-figure", f"{figure} is in no record; figures come from records, not hands")
             for figure in FIGURE.findall(FILE_NAME.sub("", text)) if figure not in allowed]
-
-
-def _link_texts(text: str) -> str:
-    """Markdown links replaced by their text: a URL's digits are not figures."""
-    return INLINE_LINK.sub(lambda m: m.group(0)[1:m.group(0).index("]")], text)

@@ -55,5 +55,5 @@ def chat_request(messages: list[dict[str, str]], sampling: dict[str, float | int
     settings = [f'"{REQUEST_FIELDS[k]}": {json.dumps(v)}' for k, v in sampling.items() if k in REQUEST_FIELDS]
     body = "{\n  \"messages\": [\n" + ",\n".join(f"    {line}" for line in lines) + "\n  ]" + \
         "".join(f",\n  {s}" for s in settings) + "\n}"
-    return (f"curl -s http://127.0.0.1:{PORT}/v1/chat/completions -H 'Content-Type: application/json' -d '"
+    return (f"curl -s http://localhost:{PORT}/v1/chat/completions -H 'Content-Type: application/json' -d '"
             + body.replace("'", "'\\''") + "'")
