@@ -125,11 +125,6 @@ def test_record_rows_match_the_file(ladder):
         assert Path(result["log"]).read_text().count("converting to") > 0
 
 
-def test_plain_progress_lines_when_not_a_terminal(ladder):
-    assert "Q4_K_M: [39/39] " in ladder.stderr
-    assert "-> q6_K" in ladder.stderr or "-> Q6_K" in ladder.stderr
-
-
 def test_second_run_skips_and_override_reruns(ladder):
     before = starts(ladder.tmp)
     assert before == 3
@@ -318,3 +313,12 @@ def test_two_writers_never_overlap(tmp_path, toolchain):
             "except Exception as e: print(e); sys.exit(6)\n")], capture_output=True, text=True)
     assert proc.returncode == 6
     assert proc.stdout.strip() == f"quant-Q8_0: being written by pid {__import__('os').getpid()}; wait for it or stop it"
+
+
+def test_one_progress_line_per_run_when_not_a_terminal_and_none_with_json(ladder):
+    """(Last in the module: it quantizes again, which the counts of starts above would see.)"""
+    assert "llama-quantize" not in ladder.stderr  # --json: nothing but the result
+    proc = run_moeq("quantize", "--config", str(ladder.cfg), "--quant", "Q4_K_M", "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "llama-quantize" in line] == [
+        "Q4_K_M quantize: llama-quantize: 39 tensors"]

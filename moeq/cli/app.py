@@ -105,7 +105,7 @@ def _body(fn):
     @functools.wraps(fn)
     def body(*args, **kwargs):
         from moeq import progress
-        from moeq.cli.output import progress_reporter
+        from moeq.cli.progress_view import progress_reporter
 
         _command_signals()
         with progress.reporting(progress_reporter(state["json"])):

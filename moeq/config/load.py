@@ -20,6 +20,7 @@ from typing import Any, Callable
 import yaml
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from pydantic import ByteSize, TypeAdapter, ValidationError
 
 from moeq import quant_types
 from moeq.config.spec import (DEFAULT_FILE_TEMPLATE, DEFAULT_REPO_TEMPLATE, DEFAULT_SINGLE_REPO, IMATRIX_AUTO, Layout, BudgetKind,
@@ -303,16 +304,17 @@ def _quant_file(n: Node) -> str:
     return value
 
 
-_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
-               "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+BYTE_SIZE = TypeAdapter(ByteSize)  # pydantic's: KB, MB, GB decimal (as llama-gguf-split counts), KiB, MiB, GiB binary
 
 
 def parse_size(text: str) -> int | None:
-    """'50GB' -> 50_000_000_000 (decimal, as llama-gguf-split counts); None when unparseable."""
-    match = re.fullmatch(r"\s*(\d{1,18}(?:\.\d{1,18})?)\s*([A-Za-z]*)\s*", text)  # digits bounded: no float overflow
-    if not match or match.group(2).upper() not in _SIZE_UNITS:
+    """'50GB' -> 50_000_000_000; None when unparseable (at most 40 characters are read: no float overflow)."""
+    if len(text) > 40:
         return None
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    try:
+        return int(BYTE_SIZE.validate_python(text))
+    except (ValidationError, ValueError, OverflowError):
+        return None
 
 
 def _hub(n: Node, model: ModelSpec, quants: tuple[QuantSpec, ...]) -> HubSpec:
