@@ -187,7 +187,7 @@ class Replacement(Model):
 class UpdateNote(Model):
     """What one release changed in the repo, from the manifest on the Hub before it and the one it published."""
 
-    since: str
+    since: str = Field(pattern=r"^[0-9a-f]{40}$")
     """The commit of main on the Hub the release was compared with."""
     llama_cpp: list[str] = []
     """The llama.cpp commit before and after, when it changed."""

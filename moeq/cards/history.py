@@ -3,8 +3,8 @@ it supersedes (kept under their old names, so `-hf REPO:Q2_K` keeps working, unt
 changed (the card's "Updates" and the commit message).
 
     published = PublishedRepo(head="3f2a...", manifest=parse_manifest(text, where), paths=frozenset(listing))
-    kept = superseded_files(published, entries, taken, prune=False)
-    note = update_note(published, new_manifest)    # None: nothing changed
+    manifest = with_history(new_manifest, published, prune=False)
+    manifest.superseded, manifest.updates[-1].lines()
 """
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ class PublishedRepo:
     head: str
     manifest: Manifest | None
     paths: frozenset[str]
+
+
+def with_history(manifest: Manifest, published: PublishedRepo | None, prune: bool) -> Manifest:
+    """`manifest` with what it supersedes on the Hub and the repo's update notes, this release's included."""
+    kept = superseded_files(published, manifest.quants, set(manifest.repo_files), prune)
+    manifest = manifest.model_copy(update={"superseded": kept})
+    return manifest.model_copy(update={"updates": updates(published, manifest)})
 
 
 def superseded_files(published: PublishedRepo | None, quants: list[QuantEntry], taken: set[str],

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from moeq import __version__
 from moeq.cards.charts import charts
-from moeq.cards.history import PublishedRepo, superseded_files, updates
+from moeq.cards.history import PublishedRepo, with_history
 from moeq.cards.render import DEFAULT_TEMPLATE, templates_sha256
 from moeq.config import Layout, Pipeline, QuantSpec
 from moeq.errors import InputError
@@ -223,9 +223,7 @@ def build_manifest(pipeline: Pipeline, inputs: RepoInputs, ws: Workspace) -> Man
     license_file = _license_entry(inputs.source, taken)
     manifest = _assembled(pipeline, inputs.layout, inputs.repo_id, _published(inputs.source), entries,
                           [_sibling(pipeline, *sibling) for sibling in inputs.siblings], taken, license_file)
-    kept = superseded_files(inputs.published, manifest.quants, set(manifest.repo_files), inputs.prune)
-    manifest = manifest.model_copy(update={"superseded": kept})
-    return manifest.model_copy(update={"updates": updates(inputs.published, manifest)})
+    return with_history(manifest, inputs.published, inputs.prune)
 
 
 def _assembled(pipeline: Pipeline, layout: str, repo_id: str, source: dict | None, entries: list[dict],

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from moeq import __version__
 from moeq.cards.manifest import merge_staged
+from moeq.cards.history import with_history
 from moeq.cards.stage import branch_card_stage
 from moeq.config import IMATRIX_AUTO, QuantSpec
 from moeq.errors import InputError
@@ -28,7 +29,7 @@ from moeq.records import CardRecord, FetchRecord, ImatrixRecord, PushRecord
 from moeq.stage_runner import StageResult, Status, declared_key, run_stage
 from moeq.steps import wiring
 from moeq.steps.context import Context
-from moeq.steps.repos import RepoUnit
+from moeq.steps.repos import RepoUnit, published_repo
 from moeq.workspace import inside, partial_file, sha256_file, write_json_atomic
 
 
@@ -159,6 +160,7 @@ def branch_card(ctx: Context, branch: str) -> StageResult[CardRecord]:
                          "then publish again")
     manifest = merge_staged(pipeline, [(f"{repo_id}@{branch}/.moeq-stage/{q}.json", staged.found[q].manifest)
                                        for q in ladder])
+    manifest = with_history(manifest, published_repo(ctx, RepoUnit(repo_id, None, ()), online=True), prune=False)
     return run_stage(branch_card_stage(pipeline, ctx.ws, manifest, branch, staged.commit), ctx.records,
                      on_message=ctx.say)
 
