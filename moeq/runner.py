@@ -126,10 +126,10 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
         idle = threading.Event()
         if idle_s is not None:
             threading.Thread(target=_idle_watch, args=(proc, last_line, idle_s, idle), daemon=True).start()
+        gauge = progress.meter(name)
         try:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile is raised here
             assert proc.stdout is not None
-            gauge = progress.meter(name)
             for line, whole in _output(proc.stdout.buffer):
                 last_line[0] = time.monotonic()
                 if gauge is not None:
