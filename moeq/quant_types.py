@@ -7,9 +7,14 @@ so a llama.cpp upgrade that changes the list fails loudly instead of drifting.
 from __future__ import annotations
 
 import math
+import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import gguf
+
+from moeq.runner import run_tool
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,12 @@ _TABLE: dict[str, tuple[int, float]] = {
     "Q6_K": (18, 6.56), "Q8_0": (7, 8.5),
     "F16": (1, 16.0), "BF16": (32, 16.0), "F32": (0, 32.0), "COPY": (0, 16.0),
 }
+
+# The types whose mixture gives some tensor of a MoE a type llama-quantize makes only with an importance matrix
+# (llama-quant.cpp's tensor_requires_imatrix: IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, and Q2_K in a Q2_K_S
+# file), as `llama-quantize --dry-run` says of each ("will require an imatrix"); tests/test_toolchain.py checks the
+# set against the pinned build on two architectures.
+REQUIRES_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
 
 QUANT_TYPES: dict[str, QuantType] = {
     name: QuantType(name, ftype, bpw) for name, (ftype, bpw) in _TABLE.items()
@@ -106,3 +117,27 @@ def estimated_bytes(name: str, parameters: int, n_layer: int | None = None) -> i
     if n_layer and name in MORE_BITS:
         bpw += (more_bits_share(n_layer) - 0.5) * MORE_BITS[name] / 3
     return int(parameters * bpw / 8)
+
+
+_DRY_RUN_RE = re.compile(r"\]\s+(?P<name>\S+)\s+-\s+\[.*->\s+[\d.]+ MiB \((?P<type>\w+)\)\s*$")
+_NEEDS_IMATRIX = "will require an imatrix"
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """What llama.cpp's mixture gives a source for a quant type, as `llama-quantize --dry-run` says (it reads the
+    header alone and writes nothing)."""
+
+    types: dict[str, str]  # each tensor it quantizes -> its type (the row fallback applied)
+    requires_imatrix: bool  # some tensor gets a type made only with an importance matrix
+
+
+def mixture(tool: Path, source: Path, quant: str, flags: list[str] | tuple[str, ...] = ()) -> Mixture:
+    """llama.cpp's mixture for `quant` of `source`, with llama-quantize's type flags (`--pure`, `--tensor-type`,
+    ..., as QuantizeOptions.type_flags gives them)."""
+    with tempfile.TemporaryDirectory(prefix="moeq-dry-run-") as folder:
+        log = Path(folder) / "dry-run.log"
+        run_tool([str(tool), "--dry-run", *flags, str(source), str(Path(folder) / "none.gguf"), quant], log)
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    return Mixture({m["name"]: m["type"].upper() for line in lines if (m := _DRY_RUN_RE.search(line))},
+                   any(_NEEDS_IMATRIX in line for line in lines))

@@ -21,6 +21,7 @@ from moeq.errors import InputError
 # The types a searched recipe may give a tensor, lowest to highest: the k-quants llama.cpp's own mixes use, and
 # Q8_0. (IQ types need an importance matrix entry for every tensor; they are left out.)
 SEARCH_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+SEARCHED_RUNGS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")  # the rungs whose --pure base type is above
 MAX_RECIPE_BYTES = 1 << 20  # a line per tensor of a 1,000-layer model is under a megabyte
 MAX_RECIPE_ITEMS = 8192
 _TYPES = {t.name for t in gguf.GGMLQuantizationType}

@@ -10,6 +10,7 @@ loading and caching them is record_store.py's job.
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -238,6 +239,20 @@ class QuantizeOptions(Model):
     """--pure: every tensor the type's base type, but for those tensor_type_file and the two end flags name."""
     tensor_type_file: FileRef | None = None
     """--tensor-type-file: REGEX=TYPE lines (a recipe), the first that matches a tensor's name wins."""
+
+    def type_flags(self) -> tuple[list[str], list[str]]:
+        """llama-quantize's flags that choose the tensor types, in the order its command gives them: those before
+        the importance matrix (--allow-requantize, --pure) and those after (the overrides). The quantize command and
+        a --dry-run of the same mixture share them."""
+        before = ["--allow-requantize"] * self.allow_requantize + ["--pure"] * self.pure
+        after = [flag for name, ggml_type in self.tensor_types.items() for flag in ("--tensor-type", f"{name}={ggml_type}")]
+        if self.tensor_type_file:
+            after += ["--tensor-type-file", str(Path(self.tensor_type_file.path).resolve())]
+        if self.output_tensor_type:
+            after += ["--output-tensor-type", self.output_tensor_type]
+        if self.token_embedding_type:
+            after += ["--token-embedding-type", self.token_embedding_type]
+        return before, after
 
 
 class QuantizeRecord(Record):

@@ -315,3 +315,19 @@ def test_whether_a_token_may_write_is_read_from_the_hubs_answer(info, ok, detail
     from moeq.hub.client import can_write
 
     assert can_write(info, "team") == (ok, detail)
+
+
+@pytest.mark.parametrize("arch", ["phimoe", "qwen3moe"])
+def test_the_types_made_only_with_an_importance_matrix_are_the_pinned_builds(tmp_path, toolchain, arch):
+    """quant_types.REQUIRES_IMATRIX, which check-config refuses without `imatrix:` and the choice makes no candidate
+    without, is exactly the set of types whose mixture `llama-quantize --dry-run` says "will require an imatrix" for,
+    of every type it offers, on a MoE of two architectures; each type's dry run types every tensor it quantizes."""
+    from moeq.synth import SynthSpec, write_synth_model
+
+    model = write_synth_model(tmp_path / f"{arch}-F16.gguf", SynthSpec(), arch)
+    offered = [name for name in quant_types.QUANT_TYPES if name not in ("F16", "BF16", "F32", "COPY")]
+    mixtures = {name: quant_types.mixture(toolchain.path("llama-quantize"), model, name) for name in offered}
+    assert {name for name, mix in mixtures.items() if mix.requires_imatrix} == quant_types.REQUIRES_IMATRIX
+    assert all(mix.types for mix in mixtures.values())
+    assert set(mixtures["IQ2_XXS"].types.values()) >= {"IQ2_XXS"} and set(mixtures["IQ4_XS"].types.values()) >= {
+        "IQ4_XS"}

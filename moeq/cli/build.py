@@ -71,16 +71,14 @@ def build(
         raise typer.Exit(summary.exit_code)
 
 
+STAGE_COLUMN, QUANT_COLUMN = 12, 17  # the stage column's width with its borders; a quant's column's
+
+
 def _print_summary(summary, ws) -> None:
     from moeq.plan import STAGES
     from moeq.stage_runner import Status
 
     colors = {Status.RAN: "green", Status.UP_TO_DATE: "cyan", Status.FAILED: "red", Status.SKIPPED: "yellow"}
-    # One row per stage and a column per quant: stage names never wrap in an 80-column terminal or CI log.
-    table = Table(title="moeq build")
-    table.add_column("stage", no_wrap=True)
-    for q in summary.quants:
-        table.add_column(q.quant, no_wrap=True)
     cells, seen = [], set()  # a step shared by quants (fetch, imatrix, the ladder's card) ran once: timed once
     for q in summary.quants:
         row = {}
@@ -89,11 +87,20 @@ def _print_summary(summary, ws) -> None:
             row[s.stage] = ("[dim]the same run[/]" if timed and id(s) in seen else
                             f"[{colors[s.status]}]{s.status}[/]" + (f" {s.seconds:.1f}s" if timed else ""))
             seen.add(id(s))
+        row["size"] = decimal_size(q.artifact_bytes) if q.artifact_bytes else ""
         cells.append(row)
-    for stage in STAGES:
-        table.add_row(stage, *[c.get(stage, "") for c in cells])
-    table.add_row("size", *[decimal_size(q.artifact_bytes) if q.artifact_bytes else "" for q in summary.quants])
-    console.print(table)
+    # One row per stage and a column per quant, as many quants to a table as the terminal's width holds (a cell is
+    # at most "the same run" or "failed 1234.5s" wide): no stage name or status is ever cut or wrapped.
+    per_table = max(1, (console.width - STAGE_COLUMN) // QUANT_COLUMN)
+    parts = [range(i, min(i + per_table, len(cells))) for i in range(0, len(cells), per_table)]
+    for number, part in enumerate(parts, 1):
+        table = Table(title="moeq build" + (f" ({number} of {len(parts)})" if len(parts) > 1 else ""))
+        table.add_column("stage", no_wrap=True)
+        for i in part:
+            table.add_column(summary.quants[i].quant, no_wrap=True)
+        for stage in (*STAGES, "size"):
+            table.add_row(stage, *[cells[i].get(stage, "") for i in part])
+        console.print(table)
     skips: dict[tuple[str, str], list[str]] = {}  # why each skipped stage was skipped, once for the quants it names
     for q in summary.quants:
         for s in q.stages:

@@ -31,7 +31,7 @@ from moeq.config.spec import (DEFAULT_FILE_TEMPLATE, DEFAULT_REPO_TEMPLATE, DEFA
                               repo_name)
 from moeq.config.yaml_nodes import MAX_NAME, PORTABLE_NAME, Node, first_sentence, require_plain_tags
 from moeq.errors import ConfigError, InputError
-from moeq.recipe_file import pattern_problem, read_recipe
+from moeq.recipe_file import SEARCHED_RUNGS, pattern_problem, read_recipe
 from moeq.offload import MODE_HINT, is_setting
 from moeq.toolchain import BACKENDS
 from moeq.workspace import read_text_limited
@@ -200,9 +200,14 @@ def _quant(n: Node, base: Path, model: ModelSpec) -> QuantSpec:
     quant_type = known.name
     file = _quant_file(m["file"]) if "file" in m else DEFAULT_FILE_TEMPLATE.format(
         file_stem=model.file_stem, quant=quant_type)
+    imatrix = _quant_imatrix(m["imatrix"], base) if "imatrix" in m else None
+    if imatrix is None and quant_type in quant_types.REQUIRES_IMATRIX:
+        raise m.get("imatrix", m["type"]).fail(
+            f"{quant_type} is made only with an importance matrix (llama-quantize refuses it without one)",
+            f"give {quant_type} imatrix: auto, or the path of a matrix")
     return QuantSpec(
         type=quant_type,
-        imatrix=_quant_imatrix(m["imatrix"], base) if "imatrix" in m else None,
+        imatrix=imatrix,
         tensor_types=tuple(overrides),
         output_tensor_type=_ggml_type(m["output_tensor_type"]) if "output_tensor_type" in m else None,
         token_embedding_type=_ggml_type(m["token_embedding_type"]) if "token_embedding_type" in m else None,
@@ -234,6 +239,10 @@ def _recipe_of(m: dict[str, Node], quant_type: str, base: Path) -> dict:
         except InputError as exc:
             raise m["recipe"].fail(f"{exc.where}: {exc.problem}", exc.fix) from None
         return {"tensor_type_file": path}
+    if quant_type not in SEARCHED_RUNGS:
+        raise m["recipe"].fail(f"a searched recipe is for {', '.join(SEARCHED_RUNGS)}, whose tensors it types from "
+                               f"the K ladder, not {quant_type}",
+                               f"remove recipe: search from {quant_type}, or search one of those")
     overrides = [key for key in ("tensor_types", "output_tensor_type", "token_embedding_type") if key in m]
     if overrides:
         raise m[overrides[0]].fail("a searched recipe types every tensor itself",

@@ -200,21 +200,10 @@ def option_key(options: QuantizeOptions) -> dict:
 
 def build_command(tool: Path, options: QuantizeOptions, source: Path, out: Path, threads: int | None) -> list[str]:
     """The llama-quantize command for `options`: what the record keeps, and what rebuilds the file."""
-    command = [str(tool)]
-    if options.allow_requantize:
-        command.append("--allow-requantize")
-    if options.pure:
-        command.append("--pure")
-    if options.imatrix:  # by its bare name, run from its folder: llama-quantize writes it into the file
-        command += ["--imatrix", Path(options.imatrix.path).name]
-    for name, ggml_type in options.tensor_types.items():
-        command += ["--tensor-type", f"{name}={ggml_type}"]
-    if options.tensor_type_file:
-        command += ["--tensor-type-file", str(Path(options.tensor_type_file.path).resolve())]
-    if options.output_tensor_type:
-        command += ["--output-tensor-type", options.output_tensor_type]
-    if options.token_embedding_type:
-        command += ["--token-embedding-type", options.token_embedding_type]
+    before, after = options.type_flags()
+    # the importance matrix by its bare name, run from its folder: llama-quantize writes the name into the file
+    imatrix = ["--imatrix", Path(options.imatrix.path).name] if options.imatrix else []
+    command = [str(tool), *before, *imatrix, *after]
     command += [str(Path(source).resolve()), str(Path(out).resolve()), options.type]
     if threads:
         command.append(str(threads))

@@ -8,8 +8,6 @@ its llama-perplexity runs, the tokens of each run, and the per-type files it kee
 from __future__ import annotations
 
 import math
-import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +16,11 @@ from gguf import Keys
 from moeq.config import RECIPE_SEARCH, Pipeline, QuantSpec
 from moeq.errors import InputError
 from moeq.gguf_header import read_header
-from moeq.quant_types import lookup
+from moeq.quant_types import lookup, mixture
 from moeq.recipe.pure import needed_bytes, needed_tensors, union
 from moeq.recipe.search import TYPE_LADDER, Group, groups_of, stepped
-from moeq.runner import run_tool
+from moeq.recipe_file import SEARCHED_RUNGS
 
-RUNGS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")  # the rungs whose --pure base type is on the ladder
 
 
 def base_type(quant: str) -> str:
@@ -31,7 +28,7 @@ def base_type(quant: str) -> str:
     name = quant.removesuffix("_M")
     known, own = lookup(name), lookup(quant)
     if name not in TYPE_LADDER or known is None or own is None or known.file_type != own.file_type:
-        raise InputError(f"quants[{quant}].recipe", f"a searched recipe is for {', '.join(RUNGS)}, not {quant}",
+        raise InputError(f"quants[{quant}].recipe", f"a searched recipe is for {', '.join(SEARCHED_RUNGS)}, not {quant}",
                          f"remove recipe: search from {quant}")
     return name
 
@@ -87,17 +84,9 @@ def plan_search(pipeline: Pipeline, quant: QuantSpec, source: Path, tool) -> Pla
                 tuple(stocks))
 
 
-_DRY_RUN_RE = re.compile(r"\]\s+(?P<name>\S+)\s+-\s+\[.*->\s+[\d.]+ MiB \((?P<type>\w+)\)\s*$")
-
-
 def stock_mixture(tool, source: Path, quant: str) -> dict[str, str]:
-    """The type llama.cpp's mixture for `quant` gives each tensor it quantizes, from `llama-quantize --dry-run`
-    (which reads the header alone and writes nothing)."""
-    with tempfile.TemporaryDirectory(prefix="moeq-dry-run-") as folder:
-        log = Path(folder) / "dry-run.log"
-        run_tool([str(tool.path), "--dry-run", str(source), str(Path(folder) / "none.gguf"), quant], log)
-        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-    return {m["name"]: m["type"].upper() for line in lines if (m := _DRY_RUN_RE.search(line))}
+    """The type llama.cpp's mixture for `quant` gives each tensor it quantizes (llama-quantize --dry-run)."""
+    return mixture(tool.path, source, quant).types
 
 
 def layers_per_group(pipeline: Pipeline, n_layer: int) -> int:

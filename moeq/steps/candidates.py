@@ -1,6 +1,7 @@
 """The choice's candidates of a rung: which files are made and measured, and how each one is made.
 
-A rung with an importance matrix is made with it and without it; a rung with `recipe: search` also with its
+A rung with an importance matrix is made with it and without it (with it alone for a type llama-quantize makes only
+with one: IQ2_XXS, ...); a rung with `recipe: search` also with its
 searched recipe (TYPE_MOEQ). The stock choice comes first: the file the rung is made as without a choice.
 Each candidate lies under WORKSPACE/choice/TYPE/FOLDER/ with its own record, `quantize-TYPE-FOLDER.json`.
 """
@@ -11,13 +12,20 @@ import dataclasses
 from pathlib import Path
 
 from moeq.config import IMATRIX_AUTO, RECIPE_SEARCH, Pipeline, QuantSpec
+from moeq.quant_types import REQUIRES_IMATRIX
 from moeq.records import Made, ImatrixRecord, RecipeRecord
 
 
 def names(quant: QuantSpec) -> list[str]:
-    """The candidates of `quant`, the stock choice first."""
-    return ([Made.WITH, Made.WITHOUT] if quant.imatrix is not None else [Made.WITHOUT]) + \
-        ([Made.SEARCHED] if quant.recipe == RECIPE_SEARCH else [])
+    """The candidates of `quant`, the stock choice first: a type llama-quantize makes only with an importance
+    matrix (IQ2_XXS) has no candidate without one."""
+    if quant.imatrix is None:
+        made = [Made.WITHOUT]
+    elif quant.type in REQUIRES_IMATRIX:
+        made = [Made.WITH]
+    else:
+        made = [Made.WITH, Made.WITHOUT]
+    return made + ([Made.SEARCHED] if quant.recipe == RECIPE_SEARCH else [])
 
 
 def record_name(quant: QuantSpec, name: str) -> str:
@@ -63,6 +71,8 @@ def unchosen(pipeline: Pipeline, quant: QuantSpec, skip_bench: bool = False) -> 
     has two candidates or more, measured only with bench.quality."""
     if quant.imatrix is None and quant.recipe != RECIPE_SEARCH:
         return "imatrix: none"
+    if len(names(quant)) == 1:
+        return f"{quant.type} is made only with the importance matrix: nothing to choose between"
     stock = (f"the {'stock ' if quant.recipe == RECIPE_SEARCH else ''}file is made"
              + (" with the importance matrix" if quant.imatrix is not None else ""))
     if not pipeline.bench.quality:

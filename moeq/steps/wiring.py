@@ -194,7 +194,7 @@ def quantize(ctx: Context, quant: QuantSpec, source: SourceFile, *, imatrix: Ima
 
 def validate(ctx: Context, quant: QuantSpec, quantized: QuantizeRecord, numerics: str = "sample",
              force: bool = False) -> StageResult[ValidateRecord]:
-    stage = validate_stage(ctx.pipeline, quant, quantized, numerics)
+    stage = validate_stage(ctx.pipeline, quant, quantized, numerics, ctx.chain)
     return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
 
 

@@ -103,7 +103,10 @@ def _first_three(problems: list[str]) -> str:
 
 
 def check_type_mix(header: GGUFHeader, quant: str, overrides: dict[str, str] | None = None,
-                   ends: dict[str, str] | None = None, pure: bool = False) -> CheckResult:
+                   ends: dict[str, str] | None = None, pure: bool = False,
+                   expected: dict[str, str] | None = None) -> CheckResult:
+    """Each tensor's type is the one llama.cpp gives it: `expected`, llama-quantize's own --dry-run of the source
+    with the same type flags, where the caller has the tool (the validate stage); else the tables of typemix.py."""
     from moeq import quant_types
     from moeq.validate.typemix import allowed_types, keeps_source_type
 
@@ -123,6 +126,11 @@ def check_type_mix(header: GGUFHeader, quant: str, overrides: dict[str, str] | N
         if keeps_source_type(t):
             if t.type != gguf.GGMLQuantizationType.F32:
                 wrong.append(f"{t.name} is {t.type.name}, expected F32")
+            continue
+        if expected is not None:
+            if t.type.name != expected.get(t.name):
+                wrong.append(f"{t.name} is {t.type.name}, llama-quantize --dry-run of the source gives "
+                             f"{expected.get(t.name, 'it no type (it keeps the source type)')}")
             continue
         allowed = allowed_types(known.name, t, header, overrides or {}, ends, pure)
         if allowed is not None and t.type not in allowed:
@@ -292,7 +300,7 @@ def check_numerics(header: GGUFHeader, source: GGUFHeader, mode: str) -> tuple[C
 def validate_file(path: Path, against: Path | None = None, numerics: str = "sample",
                   expected_arch: str | None = None, quant: str | None = None,
                   overrides: dict[str, str] | None = None, ends: dict[str, str] | None = None,
-                  pure: bool = False) -> ValidateReport:
+                  pure: bool = False, expected: dict[str, str] | None = None) -> ValidateReport:
     """Run every check on `path` (and against `against`, the F16 source, when given)."""
     report = ValidateReport(str(path), str(against) if against else None)
     container, header = check_container(path)
@@ -311,7 +319,7 @@ def validate_file(path: Path, against: Path | None = None, numerics: str = "samp
     if source_header is not None:
         report.checks.append(check_tensors(header, source_header))
     if quant is not None:
-        report.checks.append(check_type_mix(header, quant, overrides, ends, pure))
+        report.checks.append(check_type_mix(header, quant, overrides, ends, pure, expected))
     reader = source_reader = None
     if against is not None:  # the tokenizer and template are compared value by value with gguf-py
         try:

@@ -1,0 +1,113 @@
+"""The importance-matrix (IQ) rungs: refused at load where llama-quantize would refuse them, built where it can make
+them, validated against llama.cpp's own mixture for their type (llama-quantize --dry-run), measured, charted and
+read back by the clients users run; and the wide example, the trained model's whole ladder in one repo."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from moeq import quant_types
+from moeq.gguf_header import read_header
+from moeq.manifest import parse_manifest
+from moeq.runner import tool_env
+
+from conftest import HUB_TOKEN, HUB_USER, REPO, pipeline_file, run_moeq
+import hub_server
+from test_hub_clients import node_clients
+
+WIDE = REPO / "examples" / "tiny-phimoe-wide.yaml"
+WIDE_REPO = "moeq-test/tiny-phimoe-wide-GGUF"
+
+
+@pytest.mark.parametrize("quant,where,message", [
+    ({"type": "IQ2_XXS"}, "quants[0].type",
+     "IQ2_XXS is made only with an importance matrix (llama-quantize refuses it without one); give IQ2_XXS "
+     "imatrix: auto, or the path of a matrix"),
+    ({"type": "IQ1_M", "imatrix": "none"}, "quants[0].imatrix", "IQ1_M is made only with an importance matrix"),
+    ({"type": "IQ3_M", "imatrix": "auto", "recipe": "search"}, "quants[0].recipe",
+     "a searched recipe is for Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, Q8_0, whose tensors it types from the K ladder, "
+     "not IQ3_M; remove recipe: search from IQ3_M"),
+])
+def test_check_config_refuses_what_llama_quantize_or_the_search_cannot_make(tmp_path, quant, where, message):
+    config = pipeline_file(tmp_path, trained=False, quants=[quant])
+    proc = run_moeq("check-config", "--config", str(config))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{config}:" in proc.stderr and f": {where}: " in proc.stderr and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "work").exists()  # nothing ran
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """examples/tiny-phimoe-wide.yaml built from a fresh workspace and pushed to a test Hub."""
+    folder = tmp_path_factory.mktemp("wide")
+    config = folder / WIDE.name
+    shutil.copy(WIDE, config)
+    server = hub_server.TestHub({HUB_TOKEN: HUB_USER})
+    server.env = {"HF_ENDPOINT": server.url, "HF_TOKEN": HUB_TOKEN, "HF_HUB_DISABLE_XET": "1", "COLUMNS": "80",
+                  "HF_HOME": str(folder / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    proc = run_moeq("build", "--config", str(config), "--all", "--push", env=server.env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    yield config, server, proc
+    server.close()
+
+
+@pytest.mark.slow
+def test_the_wide_ladder_builds_validates_against_llama_cpps_mixture_and_runs(wide, toolchain):
+    config, server, proc = wide
+    ladder = [q["type"] for q in yaml.safe_load(WIDE.read_text())["quants"]]
+    assert len(ladder) == 11
+    tables = [line for line in proc.stdout.splitlines() if line[:1] in "┏┃┡│└"]  # the summary, in parts
+    assert len(tables) > 40 and not [line for line in tables if "…" in line or len(line) > 80]
+    files = server.state.files(WIDE_REPO)
+    manifest = parse_manifest(files["moeq-manifest.json"].decode(), "manifest")
+    assert [e.quant for e in manifest.quants] == ladder
+    matrix = config.parent / "work-wide" / "imatrix" / "tiny-phimoe.imatrix"
+    source = config.parent / "work-wide" / "source" / "tiny-phimoe-F16.gguf"
+    for entry in manifest.quants:
+        quantize, validated, bench = entry.records.quantize, entry.records.validate_, entry.records.bench
+        assert validated.ok and bench is not None and bench.speed, entry.quant  # measured: it ran in llama.cpp
+        assert bench.quality.quant.kld_mean > 0
+        # every tensor has the type llama.cpp's own mixture gives it for this type, with this importance matrix
+        flags = ["--imatrix", str(matrix)] if quantize.options.imatrix else []
+        mix = quant_types.mixture(toolchain.path("llama-quantize"), source, entry.quant, flags).types
+        header = read_header(config.parent / "work-wide" / "quants" / entry.files[0].name)
+        assert {t.name: t.type.name for t in header.tensors if t.name in mix} == mix, entry.quant
+        if entry.quant in quant_types.REQUIRES_IMATRIX:
+            # no candidate without the matrix: made with it, no choice
+            assert entry.records.choice is None and quantize.options.imatrix is not None, entry.quant
+    assert manifest.entry("IQ4_XS").records.choice.candidates[1].name == "without the importance matrix"
+    readme = files["README.md"].decode()
+    quality_alt = re.search(r"!\[([^\]]*)\]\([^)]*quality-size\.png\)", readme).group(1)
+    assert all(q in quality_alt for q in ladder)  # the chart shows the whole ladder
+    (config.parent / "hub-card").mkdir()
+    for name in ("README.md", "moeq-manifest.json"):
+        (config.parent / "hub-card" / name).write_bytes(files[name])
+    for check in ("lint", "verify"):
+        done = run_moeq("card", check, str(config.parent / "hub-card" / "README.md"))
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_llama_cpp_and_the_hubs_javascript_pick_exactly_the_iq_file(wide, tmp_path, toolchain):
+    _config, server, _proc = wide
+    tool = toolchain.path("llama-completion")
+    env = {**os.environ, **tool_env(tool), "MODEL_ENDPOINT": server.url + "/", "LLAMA_CACHE": str(tmp_path / "c")}
+    env.pop("HF_TOKEN", None)
+    for label in ("IQ4_XS", "IQ3_XXS", "IQ2_XXS"):
+        start = len(server.requests)
+        proc = subprocess.run([str(tool), "-hf", f"{WIDE_REPO}:{label}", "-p", "The", "-n", "4", "--temp", "0",
+                               "-no-cnv", "--no-warmup", "-t", "2"], env=env, capture_output=True, text=True,
+                              errors="replace", timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        resolved = {r.path.rsplit("/", 1)[1] for r in server.requests[start:] if "/resolve/" in r.path}
+        assert resolved == {f"tiny-phimoe-{label}.gguf"}, (label, resolved)
+    names = sorted(server.state.files(WIDE_REPO))
+    found = node_clients(names, {n: f"{server.url}/{WIDE_REPO}/resolve/main/{n}" for n in names if n.endswith(".gguf")})
+    labels = {n: found["labels"][n]["label"] for n in names if n.endswith(".gguf")}
+    assert labels == {f"tiny-phimoe-{q['type']}.gguf": q["type"] for q in yaml.safe_load(WIDE.read_text())["quants"]}
