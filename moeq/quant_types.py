@@ -48,6 +48,50 @@ _TABLE: dict[str, tuple[int, float]] = {
 # set against the pinned build on two architectures.
 REQUIRES_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
 
+# The tensor type each quant type is made of where no rule of its mixture says otherwise (llama-quant.cpp's
+# llama_ftype_get_default_type: what `--pure` gives every tensor); tests/test_toolchain.py checks it against the
+# pinned build's --dry-run --pure.
+BASE_TENSOR_TYPE = {
+    "Q1_0": "Q1_0", "Q2_0": "Q2_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "MXFP4_MOE": "MXFP4", "Q5_0": "Q5_0",
+    "Q5_1": "Q5_1", "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_XS", "IQ2_M": "IQ2_S", "IQ1_S": "IQ1_S",
+    "IQ1_M": "IQ1_M", "TQ1_0": "TQ1_0", "TQ2_0": "TQ2_0", "Q2_K": "Q2_K", "Q2_K_S": "Q2_K", "IQ3_XXS": "IQ3_XXS",
+    "IQ3_S": "IQ3_S", "IQ3_M": "IQ3_S", "Q3_K": "Q3_K", "IQ3_XS": "IQ3_S", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K",
+    "Q3_K_L": "Q3_K", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "Q4_K": "Q4_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K",
+    "Q5_K": "Q5_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0",
+}
+
+
+def unreadable(quant: str) -> str | None:
+    """Why moeq cannot check a file of `quant` (None: it can): gguf-py, which reads and dequantizes every file
+    validate checks, must know its base tensor type and dequantize it (asked of gguf-py itself, one zero block)."""
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    import numpy as np
+
+    base = BASE_TENSOR_TYPE.get(quant)
+    if base is None:
+        return None
+    ggml = lookup_ggml_type(base)
+    if ggml is None or ggml not in GGML_QUANT_SIZES:
+        return f"the gguf package moeq reads files with (gguf-py {_gguf_version()}) does not know {base} tensors"
+    block, size = GGML_QUANT_SIZES[ggml]
+    try:
+        dequantize(np.zeros((1, size * (256 // block if 256 % block == 0 else 1)), dtype=np.uint8), ggml)
+    except NotImplementedError:
+        return f"the gguf package moeq reads files with (gguf-py {_gguf_version()}) cannot dequantize {base} tensors"
+    return None
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "of unknown version"
+
+
 QUANT_TYPES: dict[str, QuantType] = {
     name: QuantType(name, ftype, bpw) for name, (ftype, bpw) in _TABLE.items()
 }

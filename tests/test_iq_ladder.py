@@ -30,6 +30,9 @@ WIDE_REPO = "moeq-test/tiny-phimoe-wide-GGUF"
      "IQ2_XXS is made only with an importance matrix (llama-quantize refuses it without one); give IQ2_XXS "
      "imatrix: auto, or the path of a matrix"),
     ({"type": "IQ1_M", "imatrix": "none"}, "quants[0].imatrix", "IQ1_M is made only with an importance matrix"),
+    ({"type": "Q1_0"}, "quants[0].type", "moeq cannot validate a Q1_0 file: the gguf package moeq reads files with "
+     "(gguf-py "),
+    ({"type": "Q2_0"}, "quants[0].type", "does not know Q2_0 tensors; leave Q2_0 out of the ladder"),
     ({"type": "IQ3_M", "imatrix": "auto", "recipe": "search"}, "quants[0].recipe",
      "a searched recipe is for Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, Q8_0, whose tensors it types from the K ladder, "
      "not IQ3_M; remove recipe: search from IQ3_M"),
@@ -111,3 +114,22 @@ def test_llama_cpp_and_the_hubs_javascript_pick_exactly_the_iq_file(wide, tmp_pa
     found = node_clients(names, {n: f"{server.url}/{WIDE_REPO}/resolve/main/{n}" for n in names if n.endswith(".gguf")})
     labels = {n: found["labels"][n]["label"] for n in names if n.endswith(".gguf")}
     assert labels == {f"tiny-phimoe-{q['type']}.gguf": q["type"] for q in yaml.safe_load(WIDE.read_text())["quants"]}
+
+
+@pytest.mark.slow
+def test_every_type_llama_quantize_offers_builds_and_validates_or_is_refused_at_load(tmp_path):
+    """Each type of the pinned llama-quantize's list (the quant-type table is checked against it) that check-config
+    accepts is made from the tiny model, with the importance matrix where it may have one, and passes validate:
+    its mixture as llama-quantize's own --dry-run gives it, and the numerics bounds of its tensor types."""
+    offered = list(quant_types.BASE_TENSOR_TYPE)
+    refused = [t for t in offered if quant_types.unreadable(t)]
+    assert refused == ["Q1_0", "Q2_0"]
+    quants = [{"type": t} if t == "Q8_0" else {"type": t, "imatrix": "auto"} for t in offered if t not in refused
+              and t not in ("Q3_K", "Q4_K", "Q5_K")]  # the same file types as Q3_K_M, Q4_K_M, Q5_K_M
+    config = pipeline_file(tmp_path, trained=False, quants=quants)
+    proc = run_moeq("build", "--config", str(config), "--all", "--skip-bench")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for q in quants:
+        record = yaml.safe_load((tmp_path / "work" / "records" / f"validate-{q['type']}.json").read_text())["record"]
+        assert record["ok"] and [c["name"] for c in record["checks"]][3] == "type mix", q
+        assert all(w["bound"] is not None for w in record["worst_tensors"]), q  # every tensor type has a bound

@@ -329,5 +329,10 @@ def test_the_types_made_only_with_an_importance_matrix_are_the_pinned_builds(tmp
     mixtures = {name: quant_types.mixture(toolchain.path("llama-quantize"), model, name) for name in offered}
     assert {name for name, mix in mixtures.items() if mix.requires_imatrix} == quant_types.REQUIRES_IMATRIX
     assert all(mix.types for mix in mixtures.values())
+    pure = {name: set(quant_types.mixture(toolchain.path("llama-quantize"), model, name, ["--pure"]).types.values())
+            for name in quant_types.BASE_TENSOR_TYPE}
+    assert set(quant_types.BASE_TENSOR_TYPE) == set(offered)  # every type offered has its base type here
+    assert {name: types - {"Q8_0"} for name, types in pure.items()} == {  # Q8_0: rows no K block fits
+        name: {base} - {"Q8_0"} for name, base in quant_types.BASE_TENSOR_TYPE.items()}
     assert set(mixtures["IQ2_XXS"].types.values()) >= {"IQ2_XXS"} and set(mixtures["IQ4_XS"].types.values()) >= {
         "IQ4_XS"}

@@ -200,6 +200,10 @@ def _quant(n: Node, base: Path, model: ModelSpec) -> QuantSpec:
     quant_type = known.name
     file = _quant_file(m["file"]) if "file" in m else DEFAULT_FILE_TEMPLATE.format(
         file_stem=model.file_stem, quant=quant_type)
+    unreadable = quant_types.unreadable(quant_type)
+    if unreadable:
+        raise type_node.fail(f"moeq cannot validate a {quant_type} file: {unreadable}",
+                             f"leave {quant_type} out of the ladder")
     imatrix = _quant_imatrix(m["imatrix"], base) if "imatrix" in m else None
     if imatrix is None and quant_type in quant_types.REQUIRES_IMATRIX:
         raise m.get("imatrix", m["type"]).fail(
