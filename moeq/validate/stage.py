@@ -1,9 +1,9 @@
 """The validate stage: check a quant of the ladder against its source and plan its memory.
 
 It receives the QuantizeRecord (the hand-off from quantize) and writes a ValidateRecord. Its key is
-the file's and the source's sha256, the numerics mode, the context sizes of the plan and the types the
-type-mix check expects: llama.cpp's mixture for the type, but for the tensors the quantize record's options
-name (--tensor-type, the end flags, a recipe file), and the base type everywhere else for a --pure file.
+the file's and the source's sha256, the numerics mode, the context sizes of the plan and what the type-mix
+check expects: each tensor's type as `llama-quantize --dry-run` of the source gives it with the record's type
+flags (--pure, --tensor-type, a recipe file, the end flags) and importance matrix, for any type of the ladder.
 
     result = run_stage(validate_stage(pipeline, pipeline.quant("Q8_0"), quantized), records)
     result.record.ok, result.record.plan.n_layer
