@@ -7,6 +7,9 @@ covers every layer position (use_more_bits), the n_gqa bump, llama.cpp's bumps f
 experts (Mixtral's, and any other: attn_v and attn_k to Q8_0, attn_output to Q5_K) and the fallback for
 rows not divisible by the block size. The recipe reads the architecture itself only for Falcon, which has
 no experts. Other quant types are checked on general.file_type alone.
+
+These tables serve a file checked by path (`moeq validate FILE`); the validate stage asks the pinned
+llama-quantize's --dry-run of the source instead, for every type.
 """
 
 from __future__ import annotations
