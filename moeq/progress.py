@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
+from pathlib import Path
 from typing import Iterator, Protocol
 
 
@@ -97,7 +98,11 @@ class Meter:
             _reporter.end(self.task)
 
 
-def meter(tool: str) -> Meter | None:
-    """The meter of a run of `tool` (a llama.cpp tool's file name), when a reporter listens."""
-    return Meter(tool) if _reporter is not None and tool in ("llama-quantize", "llama-imatrix",
-                                                              "llama-perplexity") else None
+def meter(command: list[str]) -> Meter | None:
+    """The meter of a run of `command` (a llama.cpp tool's), when a reporter listens; none for a --dry-run, which
+    reads a header and is done before a bar could show."""
+    tool = Path(command[0]).name
+    if _reporter is None or tool not in ("llama-quantize", "llama-imatrix", "llama-perplexity") \
+            or "--dry-run" in command:
+        return None
+    return Meter(tool)

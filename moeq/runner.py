@@ -126,7 +126,7 @@ def run_tool(command: list[str], log_path: Path, on_line: Callable[[str], None] 
         idle = threading.Event()
         if idle_s is not None:
             threading.Thread(target=_idle_watch, args=(proc, last_line, idle_s, idle), daemon=True).start()
-        gauge = progress.meter(name)
+        gauge = progress.meter(command)
         try:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile is raised here
             assert proc.stdout is not None

@@ -335,7 +335,8 @@ def test_build_hashes_a_local_source_beside_llama_quantize(tmp_path, toolchain):
     quantize = bin_dir / "llama-quantize"
     records = tmp_path / "work" / "records"
     quantize.write_text(quantize.read_text().replace(
-        "exec ", f'[ "$1" = --help ] || {{ [ -e {records}/fetch.json ] && echo after || echo before; }} >> {tmp_path}/order\n'
+        "exec ", f'[ "$1" = --help ] || [ "$1" = --dry-run ] || {{ [ -e {records}/fetch.json ] && echo after '
+                 f'|| echo before; }} >> {tmp_path}/order\n'
                  "exec ", 1))
     config = write_config(tmp_path, bin_dir, source={"kind": "local", "path": str(model)})
     proc = run_moeq("build", "--config", str(config), "--quant", "Q8_0", "--skip-bench", "--json")

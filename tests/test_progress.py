@@ -64,7 +64,9 @@ def test_each_tool_is_metered_from_its_own_output_as_it_comes(tmp_path):
         run_tool([str(quantize)], tmp_path / "q.log")
     assert seen.updates == [("llama-quantize", 1, 39, "tensors"), ("llama-quantize", 39, 39, "tensors")]
     with progress.reporting(None):  # nobody listening: no meter at all
-        assert progress.meter("llama-quantize") is None
+        assert progress.meter(["llama-quantize", "in.gguf", "out.gguf", "Q8_0"]) is None
+    with progress.reporting(seen):
+        assert progress.meter(["/bin/llama-quantize", "--dry-run", "in.gguf", "Q8_0"]) is None
 
 
 def _in_pty(argv: list[str], env: dict, timeout: float) -> tuple[int, str]:
