@@ -15,7 +15,10 @@ from moeq.kld import parse_perplexity
 from moeq.texts import shipped_evaluation
 from moeq.record_store import Records
 from moeq.records import ChoiceRecord, QuantizeRecord, ValidateRecord
+from moeq.cards.facts import card_facts
+from moeq.cards.facts.shared import NOISY
 from moeq.cards.lint import lint_card
+from moeq.cards.render import render_card
 from moeq.steps import wiring
 from moeq.steps.context import Context
 from moeq.manifest import MANIFEST_NAME, read_manifest
@@ -160,6 +163,20 @@ def test_card_shows_the_measurements(benched, toolchain, rpc_device):
     findings = lint_card(text.replace(rows["| PPL ratio, this file / F16"], tool_ratio), "README.md")
     assert [(f.rule, f.message.split(" (")[0]) for f in findings] == [
         ("derived-figure", f"PPL ratio {ratio + 0.05:.4f}")]
+    # The same records as a real GPU's (no RPC stand-in): "In short" and "Which file" quote the speed measured in
+    # the placement they advise, or mark it noisy, and the card still lints clean.
+    on_gpu = manifest.model_copy(deep=True)
+    for entry in on_gpu.quants:
+        entry.records.bench.options.rpc = False
+    gpu_text = render_card(card_facts(on_gpu))
+    tg = next(t for run in on_gpu.quants[0].records.bench.speed if run.mode == "gpu" for t in run.tests
+              if t.test.startswith("tg"))
+    short = gpu_text.split("## In short")[1].split("## ")[0]
+    if tg.stddev_ts > NOISY * tg.avg_ts:
+        assert "tokens/s" not in short and "| too noisy to quote |" in gpu_text
+    else:
+        assert f"about {tg.avg_ts:.2f} tokens/s generating" in short
+    assert lint_card(gpu_text, "README.md", on_gpu) == []
 
 
 @pytest.mark.slow
