@@ -66,8 +66,7 @@ class Meter:
     def __init__(self, tool: str):
         self.tool, self.task = tool, next(_tasks)
         self.label = f"{_step.get()}: {tool}" if _step.get() else tool
-        self.done, self.total, self.unit = 0, None, "chunks"
-        self.shown = False
+        self.done, self.total, self.shown = 0, None, False
 
     def feed(self, text: str, whole: bool) -> None:
         """A line of output (`whole`), or the line being written so far."""
@@ -90,7 +89,7 @@ class Meter:
     def _report(self, done: int, total: int | None, unit: str) -> None:
         if _reporter is None or (self.shown and (done, total) == (self.done, self.total)):
             return
-        self.done, self.total, self.unit, self.shown = done, total, unit, True
+        self.done, self.total, self.shown = done, total, True
         _reporter.update(self.task, self.label, min(done, total or done), total, unit)
 
     def close(self) -> None:

@@ -410,12 +410,12 @@ def test_the_doctors_expert_mixture_is_llama_quantizes(tmp_path, toolchain, laye
     llama-quantize --dry-run gives each expert tensor of a tiny model (2 and 16 layers: layer 0 is in the first
     sixteenth, some layers use more bits) exactly those types."""
     from moeq.doctor import GATE_UP_TYPES, ffn_down_type
-    from moeq.recipe.cost import stock_mixture
+    from moeq.quant_types import mixture
     from moeq.synth import SynthSpec, write_synth_model
 
     model = write_synth_model(tmp_path / "tiny-F16.gguf", SynthSpec(layers=layers))
     for rung, gate_up in GATE_UP_TYPES.items():
-        mix = stock_mixture(toolchain.tool("llama-quantize"), model, rung)
+        mix = mixture(toolchain.path("llama-quantize"), model, rung).types
         assert {t for n, t in mix.items() if "ffn_gate_exps" in n or "ffn_up_exps" in n} == {gate_up}, rung
         assert [mix[f"blk.{i}.ffn_down_exps.weight"] for i in range(layers)] == \
             [ffn_down_type(rung, i, layers) for i in range(layers)], rung

@@ -71,8 +71,8 @@ def plan_search(pipeline: Pipeline, quant: QuantSpec, source: Path, tool) -> Pla
     n_layer = header.arch_value(Keys.LLM.BLOCK_COUNT) or 1
     sharing = [q for q in pipeline.quants
                if q.recipe == RECIPE_SEARCH and (q.imatrix is None) == (quant.imatrix is None)]
-    stocks = {q.type: stock_mixture(tool, source, q.type) for q in sharing if q.type != quant.type}
-    stock = stock_mixture(tool, source, quant.type)
+    stocks = {q.type: mixture(tool.path, source, q.type).types for q in sharing if q.type != quant.type}
+    stock = mixture(tool.path, source, quant.type).types
     own = needed_tensors(stock, base_type(quant.type))
     shared = union(own, *(needed_tensors(types, base_type(t)) for t, types in stocks.items()))
     groups = groups_of(stock, n_layer, layers_per_group(pipeline, n_layer))
@@ -82,11 +82,6 @@ def plan_search(pipeline: Pipeline, quant: QuantSpec, source: Path, tool) -> Pla
     return Plan(len(groups), planned_runs(pipeline, groups, stock), cfg.ctx * cfg.chunks, tuple(shared),
                 needed_bytes(shared, shapes) + len(shared) * extra, 0, needed_bytes(own, shapes) + len(own) * extra,
                 tuple(stocks))
-
-
-def stock_mixture(tool, source: Path, quant: str) -> dict[str, str]:
-    """The type llama.cpp's mixture for `quant` gives each tensor it quantizes (llama-quantize --dry-run)."""
-    return mixture(tool.path, source, quant).types
 
 
 def layers_per_group(pipeline: Pipeline, n_layer: int) -> int:

@@ -111,9 +111,10 @@ def choice_row(entry: QuantEntry, gib: int, ctx: int) -> ChoiceRow:
     if fit is None or fit.n_cpu_moe is None:
         return row
     mode = OffloadMode.for_layers(fit.n_cpu_moe, plan.n_layer)
+    speed, tokens_s = generation_speed(entry.records.bench, mode.name)
     return replace(row, key=fit.n_cpu_moe, placement=mode.advice if mode.name == "gpu" else code(mode.advice),
                    gpu=binary_size(fit.gpu_bytes), ram=binary_size(plan.placement(fit.n_cpu_moe).cpu_bytes),
-                   **dict(zip(("speed", "tokens_s"), generation_speed(entry.records.bench, mode.name))))
+                   speed=speed, tokens_s=tokens_s)
 
 
 def generation_speed(bench: BenchRecord | None, mode: str) -> tuple[str, str | None]:
