@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-import gguf
 from gguf import Keys
 
 from moeq import quant_types
@@ -19,7 +18,7 @@ from moeq.config import RECIPE_SEARCH, Pipeline
 from moeq.errors import MoeqError, ToolError
 from moeq.gguf_header import SPLIT_NAME_RE, read_header
 from moeq.hub.client import write_access
-from moeq.recipe_file import FILLER, SEARCH_TYPES, neighbours
+from moeq.recipe_file import FILLER, SEARCH_TYPES, neighbours, type_bits
 from moeq.runner import LOG_FLUSH_LIBRARY, logs_through_common
 from moeq.gpus import nvidia_gpus
 from moeq.synth import parameter_count
@@ -197,9 +196,11 @@ def plan_disk(pipeline: Pipeline, jobs: list[str] | None = None) -> DiskPlan:
     if searched:
         groups = {q.imatrix is None for q in searched}  # the rungs of one importance matrix share their files
         layers = n_layer or 32  # a many-layer model's mixture when the layer count is not known yet
-        pure = sum(int(params * per_type_file_bits([q.type for q in searched if (q.imatrix is None) == g], layers) / 8)
+        pure = sum(int(params * per_type_file_bits([q.type for q in searched if (q.imatrix is None) == g], layers,
+                                                   imatrix=not g) / 8)
                    for g in groups)
-        whole = int(params * max(per_type_file_bits([q.type], layers, t) for q in searched for t in SEARCH_TYPES) / 8)
+        whole = int(params * max(per_type_file_bits([q.type], layers, t, q.imatrix is not None)
+                                 for q in searched for t in SEARCH_TYPES) / 8)
         searched = [quants[q.type] for q in searched]
         items += [("the recipe search's per-type files (kept for the next search)", pure),
                   ("the per-type file being made (llama-quantize writes it whole, moeq keeps what the search needs)",
@@ -218,31 +219,46 @@ def plan_disk(pipeline: Pipeline, jobs: list[str] | None = None) -> DiskPlan:
                     refetch_bytes=made + f16 + download if download else None)
 
 
-# llama.cpp's mixture for the expert tensors, most of a MoE's weights, of each rung a search types (llama-quant.cpp's
-# llama_tensor_get_type_impl; tests/test_recipe_search.py checks both against llama-quantize --dry-run): the type of
-# ffn_gate_exps and ffn_up_exps, and of a layer's ffn_down_exps
-GATE_UP_TYPES = {"Q2_K": "Q2_K", "Q3_K_M": "Q3_K", "Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0"}
+# llama.cpp's mixture for the expert tensors, most of a MoE's weights, of each rung a search types but IQ3_XS
+# (llama-quant.cpp's llama_tensor_get_type_impl; tests/test_recipe_search.py checks both against llama-quantize
+# --dry-run): the type of ffn_gate_exps and ffn_up_exps, and of a layer's ffn_down_exps. IQ3_XS, which mixes two
+# types in gate and up, is counted at its base type.
+GATE_UP_TYPES = {"Q2_K": "Q2_K", "Q2_K_S": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
+                 "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0",
+                 "IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M", "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_XS",
+                 "IQ2_M": "IQ2_S", "IQ3_XXS": "IQ3_XXS", "IQ3_S": "IQ3_S", "IQ3_M": "IQ3_S", "IQ4_XS": "IQ4_XS"}
+# ffn_down_exps in the first eighth of the layers, where the rung gives it more bits than the rest
+FIRST_EIGHTH_DOWN = {"IQ1_S": "Q2_K", "IQ1_M": "Q2_K", "IQ2_XXS": "Q2_K", "IQ2_XS": "Q2_K", "IQ2_S": "IQ3_S",
+                     "IQ2_M": "IQ3_S", "IQ3_XXS": "Q4_K", "IQ3_M": "Q4_K", "IQ4_XS": "Q5_K", "Q2_K_S": "Q4_K",
+                     "Q4_K_S": "Q5_K"}
+
+
+def gate_up_type(rung: str) -> str:
+    return GATE_UP_TYPES.get(rung, quant_types.BASE_TENSOR_TYPE[rung])
 
 
 def ffn_down_type(rung: str, layer: int, n_layer: int) -> str:
     more = quant_types.uses_more_bits(layer, n_layer)
-    return {"Q2_K": "Q3_K", "Q3_K_M": "Q5_K" if layer < n_layer // 16 else "Q4_K", "Q4_K_M": "Q6_K" if more else "Q4_K",
-            "Q5_K_M": "Q6_K" if more else "Q5_K", "Q6_K": "Q6_K", "Q8_0": "Q8_0"}[rung]
+    own = {"Q2_K": "Q3_K", "Q3_K_M": "Q5_K" if layer < n_layer // 16 else "Q4_K", "Q4_K_M": "Q6_K" if more else "Q4_K",
+           "Q5_K_M": "Q6_K" if more else "Q5_K", "Q3_K_L": "Q5_K"}.get(rung)
+    if own is not None:
+        return own
+    if layer < n_layer // 8 and rung in FIRST_EIGHTH_DOWN:
+        return FIRST_EIGHTH_DOWN[rung]
+    return "Q3_K" if rung == "IQ3_XXS" else gate_up_type(rung)
 
 
-def type_bits(ggml_type: str) -> float:
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
-    return 8 * size / block
-
-
-def per_type_file_bits(rungs: list[str], n_layer: int, whole: str | None = None) -> float:
+def per_type_file_bits(rungs: list[str], n_layer: int, whole: str | None = None, imatrix: bool = True) -> float:
     """Bits per weight of the per-type files the searches of `rungs` share, from the expert tensors (most of the
-    weights: gate and up two thirds, down one third): each may take its stock type in every rung and one type either
-    side (for Phi-3.5-MoE 39.6 GB for Q2_K, 97.2 GB for Q4_K_M and Q2_K, where `moeq recipe --plan` counts 40.0 and
-    96.9 from the header). With `whole`, that type's file as llama-quantize writes it, before moeq drops what no
-    search needs (written as the filler type)."""
-    gate_up = {n for r in rungs for n in neighbours(GATE_UP_TYPES[r])}
-    downs = [{n for r in rungs for n in neighbours(ffn_down_type(r, i, n_layer))} for i in range(n_layer)]
+    weights: gate and up two thirds, down one third): each may take its stock type in every rung and the next type
+    either side (for Phi-3.5-MoE 36.6 GB for Q2_K, 87.7 GB for Q4_K_M and Q2_K, where `moeq recipe --plan` counts
+    36.9 and 87.4 from the header). With `whole`, that type's file as llama-quantize writes it, before moeq drops
+    what no search needs (written as the filler type)."""
+    def near(ggml_type: str) -> set[str]:
+        return set(neighbours(ggml_type, imatrix).values())
+
+    gate_up = {n for r in rungs for n in near(gate_up_type(r))}
+    downs = [{n for r in rungs for n in near(ffn_down_type(r, i, n_layer))} for i in range(n_layer)]
     if whole is not None:
         def held(needed: set[str]) -> float:
             return type_bits(whole if whole in needed else FILLER)

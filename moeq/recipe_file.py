@@ -17,11 +17,15 @@ from pathlib import Path
 import gguf
 
 from moeq.errors import InputError
+from moeq.quant_types import BASE_TENSOR_TYPE
 
-# The types a searched recipe may give a tensor, lowest to highest: the k-quants llama.cpp's own mixes use, and
-# Q8_0. (IQ types need an importance matrix entry for every tensor; they are left out.)
-SEARCH_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
-SEARCHED_RUNGS = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")  # the rungs whose --pure base type is above
+# The types a searched recipe may give a tensor, by bits per weight (ties: the IQ type first): the k-quants and
+# IQ types llama.cpp's own mixtures use, and Q8_0. IQ4_NL (Q4_K's size) is only a fallback for short rows there.
+SEARCH_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K",
+                "Q5_K", "Q6_K", "Q8_0")
+# The tensor types llama-quantize makes only from an importance matrix entry, except for token_embd and output
+# (llama-quant.cpp's tensor_requires_imatrix; tests/test_recipe_file.py checks it against the pinned build).
+NEEDS_IMATRIX_ENTRY = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
 MAX_RECIPE_BYTES = 1 << 20  # a line per tensor of a 1,000-layer model is under a megabyte
 MAX_RECIPE_ITEMS = 8192
 _TYPES = {t.name for t in gguf.GGMLQuantizationType}
@@ -151,18 +155,45 @@ def recipe_types(recipe: list[tuple[str, str]], names: list[str]) -> dict[str, s
 FILLER = "TQ1_0"  # what a per-type file's tensors no search needs are made as: the smallest, and the quickest to make
 
 
-def neighbours(ggml_type: str) -> list[str]:
-    """The types a searched recipe may give a tensor of this stock type: one down the ladder, itself, one up."""
-    rung = SEARCH_TYPES.index(ggml_type)
-    return [SEARCH_TYPES[i] for i in (rung - 1, rung, rung + 1) if 0 <= i < len(SEARCH_TYPES)]
+def type_bits(ggml_type: str) -> float:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
+    return 8 * size / block
 
 
-def pure_type(quant: str) -> str | None:
-    """The tensor type `--pure` gives every tensor of a `quant` file: Q4_K for Q4_K_M, Q2_K for Q2_K."""
-    for name in (quant, re.sub(r"_[SML]$", "", quant)):
-        if name in _TYPES:
-            return name
+def neighbours(ggml_type: str, imatrix: bool, name: str = "", ncols: int | None = None) -> dict[int, str]:
+    """The types a searched recipe may give a tensor of this stock type: -1 the next type below it by bits per weight,
+    0 itself, 1 the next above (of two the same size, the one of its own family, K or IQ). Only types the tensor can
+    take: whose blocks its rows of `ncols` hold, and with no importance matrix (`imatrix` False) none that needs one,
+    but for token_embd and output, which never do."""
+    family = ggml_type.startswith("IQ")
+    ends = name in ("token_embd.weight", "output.weight")
+    allowed = [t for t in SEARCH_TYPES
+               if (imatrix or ends or t not in NEEDS_IMATRIX_ENTRY)
+               and (ncols is None or ncols % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0] == 0)]
+    own = type_bits(ggml_type)
+    out = {0: ggml_type}
+    for step, side in ((-1, [t for t in allowed if type_bits(t) < own]), (1, [t for t in allowed if type_bits(t) > own])):
+        if side:
+            nearest = max(side, key=type_bits) if step < 0 else min(side, key=type_bits)
+            tied = [t for t in side if type_bits(t) == type_bits(nearest)]
+            out[step] = next((t for t in tied if t.startswith("IQ") == family), tied[0])
+    return out
+
+
+def search_problem(quant: str) -> str | None:
+    """Why a rung of `quant` cannot have a searched recipe (None: it can): a search types tensors along SEARCH_TYPES
+    from the rung's own mixture, and rebuilds the file with `--pure`, which gives every tensor the base type."""
+    base = BASE_TENSOR_TYPE.get(quant.upper())
+    if base is None or base not in SEARCH_TYPES:
+        return (f"a searched recipe moves tensors along {', '.join(SEARCH_TYPES)}; {quant}'s tensors are "
+                f"{base or quant}, which is not among them")
     return None
+
+
+def pure_ftype(ggml_type: str) -> str:
+    """The quant type whose `--pure` file gives every tensor `ggml_type`: IQ2_M for IQ2_S, else the type itself."""
+    return ggml_type if BASE_TENSOR_TYPE.get(ggml_type) == ggml_type else next(
+        quant for quant, base in BASE_TENSOR_TYPE.items() if base == ggml_type)
 
 
 def check_recipe(recipe: list[tuple[str, str]], header, recipe_path: Path, model_path: Path) -> None:

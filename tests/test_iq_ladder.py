@@ -33,9 +33,11 @@ WIDE_REPO = "moeq-test/tiny-phimoe-wide-GGUF"
     ({"type": "Q1_0"}, "quants[0].type", "moeq cannot validate a Q1_0 file: the gguf package moeq reads files with "
      "(gguf-py "),
     ({"type": "Q2_0"}, "quants[0].type", "does not know Q2_0 tensors; leave Q2_0 out of the ladder"),
-    ({"type": "IQ3_M", "imatrix": "auto", "recipe": "search"}, "quants[0].recipe",
-     "a searched recipe is for Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, Q8_0, whose tensors it types from the K ladder, "
-     "not IQ3_M; remove recipe: search from IQ3_M"),
+    ({"type": "IQ4_NL", "imatrix": "auto", "recipe": "search"}, "quants[0].recipe",
+     "a searched recipe moves tensors along IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, Q2_K, IQ3_XXS, IQ3_S, Q3_K, IQ4_XS, "
+     "Q4_K, Q5_K, Q6_K, Q8_0; IQ4_NL's tensors are IQ4_NL, which is not among them; remove recipe: search from "
+     "IQ4_NL"),
+    ({"type": "MXFP4_MOE", "recipe": "search"}, "quants[0].recipe", "MXFP4_MOE's tensors are MXFP4, which is not"),
 ])
 def test_check_config_refuses_what_llama_quantize_or_the_search_cannot_make(tmp_path, quant, where, message):
     config = pipeline_file(tmp_path, trained=False, quants=[quant])

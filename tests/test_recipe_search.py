@@ -20,7 +20,8 @@ import pytest
 from moeq.texts import shipped_calibration
 from moeq.texts import shipped_evaluation
 from moeq.recipe_file import recipe_types
-from moeq.recipe.search import Group, Option, groups_of, predicted, recipe_lines, solve, stepped
+from moeq.recipe.search import Group, Ladder, Option, groups_of, predicted, recipe_lines, solve, stepped
+from moeq.recipe_file import (NEEDS_IMATRIX_ENTRY, SEARCH_TYPES, pure_ftype, search_problem, type_bits)
 from moeq.texts import shipped_selection
 
 from conftest import REPO, default_sigint, example_section, pipeline_file, run_moeq
@@ -59,8 +60,51 @@ def test_groups_are_per_layer_band_and_category():
     assert groups["blk.0-1.attn_q"] == ("blk.0.attn_q.weight", "blk.1.attn_q.weight")
     assert groups["blk.4.ffn_down_exps"] == ("blk.4.ffn_down_exps.weight",)  # the last band holds what is left
     assert groups["token_embd"] == ("token_embd.weight",) and len(groups) == 8
-    assert stepped(stock, Group("output", ("output.weight",)), 1) == {"output.weight": "Q8_0"}
-    assert stepped(stock, Group("output", ("output.weight",)), 2) is None  # off the ladder
+    ladder = Ladder(imatrix=True, ncols={})
+    assert stepped(stock, Group("output", ("output.weight",)), 1, ladder) == {"output.weight": "Q8_0"}
+    assert stepped({"output.weight": "Q8_0"}, Group("output", ("output.weight",)), 1, ladder) is None  # the top
+
+
+@pytest.mark.parametrize("stock,imatrix,name,ncols,moves", [
+    ("Q2_K", True, "blk.0.ffn_up_exps.weight", 256, {-1: "IQ2_S", 0: "Q2_K", 1: "IQ3_XXS"}),
+    ("Q3_K", True, "blk.0.ffn_down_exps.weight", 512, {-1: "IQ3_XXS", 0: "Q3_K", 1: "IQ4_XS"}),
+    ("IQ3_XXS", True, "blk.0.attn_q.weight", 256, {-1: "Q2_K", 0: "IQ3_XXS", 1: "IQ3_S"}),  # IQ3_S: Q3_K's size
+    ("IQ4_XS", True, "blk.0.attn_q.weight", 256, {-1: "IQ3_S", 0: "IQ4_XS", 1: "Q4_K"}),
+    ("Q4_K", True, "blk.0.attn_q.weight", 256, {-1: "IQ4_XS", 0: "Q4_K", 1: "Q5_K"}),
+    ("IQ1_S", True, "blk.0.attn_q.weight", 256, {0: "IQ1_S", 1: "IQ1_M"}),
+    # without an importance matrix no type that needs its entry, but for token_embd and output
+    ("Q2_K", False, "blk.0.ffn_up_exps.weight", 256, {0: "Q2_K", 1: "Q3_K"}),
+    ("Q3_K", False, "blk.0.attn_q.weight", 256, {-1: "Q2_K", 0: "Q3_K", 1: "IQ4_XS"}),
+    ("Q2_K", False, "token_embd.weight", 256, {-1: "IQ2_S", 0: "Q2_K", 1: "IQ3_XXS"}),
+    # rows of 96 values hold no block of 256: from Q8_0, nothing on the ladder
+    ("Q8_0", True, "blk.0.attn_k.weight", 96, {0: "Q8_0"}),
+])
+def test_a_tensor_moves_to_the_next_type_by_bits_per_weight_it_can_take(stock, imatrix, name, ncols, moves):
+    assert Ladder(imatrix, {name: ncols}).moves(name, stock) == moves
+
+
+def test_the_ladder_is_ordered_by_bits_per_weight_and_the_rungs_it_searches_are_its_base_types():
+    bits = [type_bits(t) for t in SEARCH_TYPES]
+    assert bits == sorted(bits) and bits[0] < 2 and SEARCH_TYPES[-1] == "Q8_0"
+    assert search_problem("IQ3_M") is None and search_problem("Q4_K_S") is None and search_problem("Q2_K") is None
+    assert "IQ4_NL's tensors are IQ4_NL, which is not among them" in search_problem("IQ4_NL")
+    assert "MXFP4_MOE's tensors are MXFP4" in search_problem("MXFP4_MOE")
+    assert [pure_ftype(t) for t in ("IQ2_S", "IQ3_S", "Q4_K", "Q3_K")] == ["IQ2_M", "IQ3_S", "Q4_K", "Q3_K"]
+
+
+def test_the_types_that_need_an_importance_matrix_entry_are_the_pinned_builds(tmp_path, toolchain):
+    """recipe_file.NEEDS_IMATRIX_ENTRY is what `llama-quantize --dry-run` says "will require an imatrix" for, given to
+    one layer tensor of every ladder type; token_embd and output never require one."""
+    from moeq.quant_types import mixture
+    from moeq.synth import SynthSpec, write_synth_model
+
+    model = write_synth_model(tmp_path / "tiny-F16.gguf", SynthSpec())
+    tool = toolchain.path("llama-quantize")
+    needs = {t for t in SEARCH_TYPES
+             if mixture(tool, model, "Q8_0", ["--pure", "--tensor-type", rf"blk\.0\.attn_q\.weight={t}"]).requires_imatrix}
+    assert needs == NEEDS_IMATRIX_ENTRY
+    ends = ["--pure", "--token-embedding-type", "iq1_s", "--output-tensor-type", "iq2_xxs"]
+    assert not mixture(tool, model, "Q8_0", ends).requires_imatrix
 
 
 def test_the_choice_under_a_budget_takes_the_best_measured_trade():
@@ -344,8 +388,8 @@ def test_a_budget_no_recipe_can_meet_is_refused_before_measuring(tmp_path, toolc
     assert proc.returncode == 3
     line = error_line(proc)
     assert line.startswith("error: quants[Q2_K].budget: 100,000 bytes, less than any recipe the search makes can "
-                           "weigh (every tensor one type below the stock Q2_K: ") and line.endswith("bytes); raise the "
-                                                                                                  "budget")
+                           "weigh (every tensor one type below the stock Q2_K: ") and line.endswith(
+        "bytes); raise the budget or search a lower rung")
     assert not list((tmp_path / "work" / "recipe" / "Q2_K" / "evals").glob("*.json"))
 
 
@@ -450,30 +494,31 @@ def test_a_full_disk_while_the_per_type_files_are_written_leaves_whole_files_and
                                                                                                     toolchain):
     """Writes past a size limit fail while the --pure files are made: one error line, no partial file, no file
     under a final name that is not whole; the next run keeps the files made and makes the rest."""
-    quants = [{"type": "Q2_K", "imatrix": "auto", "recipe": "search", "budget": "stock"}]
+    quants = [{"type": "Q4_K_M", "imatrix": "auto", "recipe": "search", "budget": "stock"}]
     config = pipeline_file(tmp_path, trained=False, quants=quants, recipe=SMALL)
     assert run_moeq("fetch", "--config", str(config)).returncode == 0
 
     def limited() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        # llama-quantize writes each per-type file whole before moeq keeps what the search needs of it: the Q2_K one
-        # (1.27 MB, most tensors at Q2_K) fits under 1.5 MiB, the Q3_K one (1.65 MB) does not
-        resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 19, 3 << 19))
+        # llama-quantize writes each per-type file whole before moeq keeps what the search needs of it: the stock
+        # Q4_K_M (2.25 MiB), the IQ4_XS and Q4_K ones (1.76 and 1.85 MiB) fit under 2.375 MiB, the Q5_K one (2.53 MiB,
+        # every expert tensor at Q5_K) does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (19 << 17, 19 << 17))
 
     proc = subprocess.run([sys.executable, "-m", "moeq", "recipe", "--config", str(config)], cwd=tmp_path,
                           capture_output=True, text=True, preexec_fn=limited, timeout=600)
     assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr
     [line] = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
-    assert line.startswith("error: llama-quantize: killed by signal") and "Q3_K.log" in line, line
+    assert line.startswith("error: llama-quantize: killed by signal") and "Q5_K.log" in line, line
     pure = next((tmp_path / "work" / "recipe" / "pure").iterdir())
     assert not list((tmp_path / "work").rglob("*.partial"))
     made = json.loads((pure / "made.json").read_text())["parts"]
-    assert [p["type"] for p in made] == [p.stem for p in pure.glob("*.gguf")] == ["Q2_K"]
+    assert [p["type"] for p in made] == sorted(p.stem for p in pure.glob("*.gguf")) == ["IQ4_XS", "Q4_K"]
     kept = {p.name: p.stat().st_mtime_ns for p in pure.glob("*.gguf")}
     again = run_moeq("recipe", "--config", str(config), "--json")
     assert again.returncode == 0, again.stderr
     assert all(pure.joinpath(name).stat().st_mtime_ns == when for name, when in kept.items())  # not made again
-    assert {p.name for p in pure.glob("*.gguf")} == {f"{t}.gguf" for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")}
+    assert {p.name for p in pure.glob("*.gguf")} == {f"{t}.gguf" for t in ("IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")}
 
 
 def test_the_next_build_uses_the_search_run_by_hand_and_says_why_a_stage_is_skipped(searched):

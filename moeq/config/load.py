@@ -31,7 +31,7 @@ from moeq.config.spec import (DEFAULT_FILE_TEMPLATE, DEFAULT_REPO_TEMPLATE, DEFA
                               repo_name)
 from moeq.config.yaml_nodes import MAX_NAME, PORTABLE_NAME, Node, first_sentence, require_plain_tags
 from moeq.errors import ConfigError, InputError
-from moeq.recipe_file import SEARCHED_RUNGS, pattern_problem, read_recipe
+from moeq.recipe_file import pattern_problem, read_recipe, search_problem
 from moeq.offload import MODE_HINT, is_setting
 from moeq.toolchain import BACKENDS
 from moeq.workspace import read_text_limited
@@ -243,10 +243,9 @@ def _recipe_of(m: dict[str, Node], quant_type: str, base: Path) -> dict:
         except InputError as exc:
             raise m["recipe"].fail(f"{exc.where}: {exc.problem}", exc.fix) from None
         return {"tensor_type_file": path}
-    if quant_type not in SEARCHED_RUNGS:
-        raise m["recipe"].fail(f"a searched recipe is for {', '.join(SEARCHED_RUNGS)}, whose tensors it types from "
-                               f"the K ladder, not {quant_type}",
-                               f"remove recipe: search from {quant_type}, or search one of those")
+    problem = search_problem(quant_type)
+    if problem is not None:
+        raise m["recipe"].fail(problem, f"remove recipe: search from {quant_type}, or search a rung of those types")
     overrides = [key for key in ("tensor_types", "output_tensor_type", "token_embedding_type") if key in m]
     if overrides:
         raise m[overrides[0]].fail("a searched recipe types every tensor itself",

@@ -25,10 +25,12 @@ CHUNK = 64 << 20  # bytes copied at a time: a tensor of a real model is gigabyte
 N_TENSORS_AT = 8  # the tensor count's place in a GGUF header (after the magic and the version), a uint64
 
 
-def assemble(metadata_from: Path, tensors_from: list[tuple[str, Path]], out: Path) -> None:
-    """Write `out`: the metadata of `metadata_from`, then each tensor of `tensors_from` (name, the file that holds it
-    at the type wanted), in that order. Written to a partial file and renamed: a failure leaves nothing under
-    `out`."""
+def assemble(metadata_from: Path, tensors_from: list[tuple[str, Path]], out: Path,
+             file_type: int | None = None) -> None:
+    """Write `out`: the metadata of `metadata_from` (general.file_type set to `file_type` where given: llama-quantize
+    writes the quant type it was told, the only metadata that differs between --pure files of one tensor type), then
+    each tensor of `tensors_from` (name, the file that holds it at the type wanted), in that order. Written to a
+    partial file and renamed: a failure leaves nothing under `out`."""
     headers: dict[Path, GGUFHeader] = {}
     infos: dict[Path, dict[str, TensorInfo]] = {}
     chosen: list[tuple[GGUFHeader, TensorInfo]] = []
@@ -42,10 +44,13 @@ def assemble(metadata_from: Path, tensors_from: list[tuple[str, Path]], out: Pat
         chosen.append((headers[path], info))
     meta = headers.get(metadata_from) or read_header(metadata_from)
     with partial_file(out) as partial:
-        _write(meta, chosen, partial)
+        _write(meta, chosen, partial, file_type)
 
 
-def _write(meta: GGUFHeader, chosen: list[tuple[GGUFHeader, TensorInfo]], partial: Path) -> None:
+FILE_TYPE_KEY = struct.pack("<Q", len(b"general.file_type")) + b"general.file_type" + struct.pack("<I", 4)  # uint32
+
+
+def _write(meta: GGUFHeader, chosen: list[tuple[GGUFHeader, TensorInfo]], partial: Path, file_type: int | None) -> None:
     align = meta.alignment
     infos, offset = [], 0
     for _source, tensor in chosen:
@@ -57,6 +62,12 @@ def _write(meta: GGUFHeader, chosen: list[tuple[GGUFHeader, TensorInfo]], partia
     with open(meta.path, "rb") as f:
         metadata = bytearray(f.read(meta.infos_offset))
     metadata[N_TENSORS_AT:N_TENSORS_AT + 8] = struct.pack("<Q", len(chosen))
+    if file_type is not None:
+        at = metadata.find(FILE_TYPE_KEY)
+        if at < 0:
+            raise InputError(meta.path, "no general.file_type", "the per-type file is not llama-quantize's: delete it")
+        at += len(FILE_TYPE_KEY)
+        metadata[at:at + 4] = struct.pack("<I", file_type)
     head = bytes(metadata) + b"".join(infos)
     with open(partial, "wb") as out:
         out.write(head + b"\0" * (_padded(len(head), align) - len(head)))

@@ -15,8 +15,7 @@ from moeq.config import BudgetKind, QuantSpec
 from moeq.errors import InputError
 from moeq.gguf_header import read_header
 from moeq.memory_plan import DEFAULT_COMPUTE_ALLOWANCE, kv_bytes, on_gpu
-from moeq.recipe.search import TYPE_LADDER
-from moeq.recipe_file import neighbours
+from moeq.recipe.search import TYPE_LADDER, Ladder
 from moeq.records import QuantizeRecord
 from moeq.units import binary_size
 
@@ -49,10 +48,11 @@ def gpu_room(quant: QuantSpec, source: Path) -> tuple[int | None, int]:
     return room, n_layer if budget.placement == "cpu-moe" else 0
 
 
-def require_reachable(quant: QuantSpec, limit: int, fixed: int, sizes: dict, stock_types: dict[str, str]) -> None:
+def require_reachable(quant: QuantSpec, limit: int, fixed: int, sizes: dict, stock_types: dict[str, str],
+                      ladder: Ladder) -> None:
     """Refuse, before measuring anything, a budget below what the search can reach: every tensor one type below
     the stock file's (a search moves no tensor further)."""
-    reach = fixed + sum(sizes[neighbours(t)[0]][name] for name, t in stock_types.items())
+    reach = fixed + sum(sizes[_down(ladder, name, t)][name] for name, t in stock_types.items())
     if limit < reach:
         lower = "" if quant.type.startswith(TYPE_LADDER[0]) else " or search a lower rung"
         raise InputError(f"quants[{quant.type}].budget", f"{limit:,} bytes, less than any recipe the search makes can "
@@ -74,10 +74,16 @@ class GpuCount:
         return self.fixed + sum(self.sizes[types[name]][name] for name in self.names)
 
 
-def require_gpu_reachable(quant: QuantSpec, room: int, gpu: GpuCount, stock_types: dict[str, str]) -> None:
+def _down(ladder: Ladder, name: str, ggml_type: str) -> str:
+    moves = ladder.moves(name, ggml_type)
+    return moves.get(-1, moves[0])
+
+
+def require_gpu_reachable(quant: QuantSpec, room: int, gpu: GpuCount, stock_types: dict[str, str],
+                          ladder: Ladder) -> None:
     """Refuse, before measuring, a GPU room the search cannot reach: it moves each tensor one type from the stock
     file's, so the weights on the GPU weigh at least what they do one type below it."""
-    reach = gpu.bytes({name: neighbours(t)[0] for name, t in stock_types.items()})
+    reach = gpu.bytes({name: _down(ladder, name, t) for name, t in stock_types.items()})
     if reach > room:
         raise InputError(f"quants[{quant.type}].budget", f"{room:,} bytes for the weights on the GPU (after the KV "
                          "cache and the compute allowance), less than the search reaches (every tensor there one type "

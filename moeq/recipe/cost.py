@@ -16,21 +16,18 @@ from gguf import Keys
 from moeq.config import RECIPE_SEARCH, Pipeline, QuantSpec
 from moeq.errors import InputError
 from moeq.gguf_header import read_header
-from moeq.quant_types import lookup, mixture
+from moeq.quant_types import BASE_TENSOR_TYPE, mixture
 from moeq.recipe.pure import needed_bytes, needed_tensors, union
-from moeq.recipe.search import TYPE_LADDER, Group, groups_of, stepped
-from moeq.recipe_file import SEARCHED_RUNGS
-
+from moeq.recipe.search import Group, Ladder, groups_of, stepped
+from moeq.recipe_file import search_problem
 
 
 def base_type(quant: str) -> str:
-    """The tensor type `--pure` gives a rung's tensors: Q4_K for Q4_K_M (the same general.file_type)."""
-    name = quant.removesuffix("_M")
-    known, own = lookup(name), lookup(quant)
-    if name not in TYPE_LADDER or known is None or own is None or known.file_type != own.file_type:
-        raise InputError(f"quants[{quant}].recipe", f"a searched recipe is for {', '.join(SEARCHED_RUNGS)}, not {quant}",
-                         f"remove recipe: search from {quant}")
-    return name
+    """The tensor type `--pure` gives a rung's tensors: Q4_K for Q4_K_M, IQ3_S for IQ3_M."""
+    problem = search_problem(quant)
+    if problem is not None:
+        raise InputError(f"quants[{quant}].recipe", problem, f"remove recipe: search from {quant}")
+    return BASE_TENSOR_TYPE[quant.upper()]
 
 
 @dataclass(frozen=True)
@@ -73,13 +70,14 @@ def plan_search(pipeline: Pipeline, quant: QuantSpec, source: Path, tool) -> Pla
                if q.recipe == RECIPE_SEARCH and (q.imatrix is None) == (quant.imatrix is None)]
     stocks = {q.type: mixture(tool.path, source, q.type).types for q in sharing if q.type != quant.type}
     stock = mixture(tool.path, source, quant.type).types
-    own = needed_tensors(stock, base_type(quant.type))
-    shared = union(own, *(needed_tensors(types, base_type(t)) for t, types in stocks.items()))
+    ladder = Ladder.of(quant.imatrix is not None, shapes)
+    own = needed_tensors(stock, base_type(quant.type), ladder)
+    shared = union(own, *(needed_tensors(types, base_type(t), ladder) for t, types in stocks.items()))
     groups = groups_of(stock, n_layer, layers_per_group(pipeline, n_layer))
     cfg = pipeline.recipe
     # each file holds the metadata and the unquantized tensors too
     extra = header.data_offset + sum(t.n_bytes for t in header.tensors if t.name not in stock)
-    return Plan(len(groups), planned_runs(pipeline, groups, stock), cfg.ctx * cfg.chunks, tuple(shared),
+    return Plan(len(groups), planned_runs(pipeline, groups, stock, ladder), cfg.ctx * cfg.chunks, tuple(shared),
                 needed_bytes(shared, shapes) + len(shared) * extra, 0, needed_bytes(own, shapes) + len(own) * extra,
                 tuple(stocks))
 
@@ -89,8 +87,8 @@ def layers_per_group(pipeline: Pipeline, n_layer: int) -> int:
     return pipeline.recipe.layers_per_group or max(1, math.ceil(n_layer / 8))
 
 
-def planned_runs(pipeline: Pipeline, groups: list[Group], stock: dict[str, str]) -> int:
+def planned_runs(pipeline: Pipeline, groups: list[Group], stock: dict[str, str], ladder: Ladder) -> int:
     """The runs a search makes at most: the stock recipe, each group one type up and down where the ladder lets it,
     and the solution; recipe.max_evals at most."""
-    moves = sum(stepped(stock, group, step) is not None for group in groups for step in (1, -1))
+    moves = sum(stepped(stock, group, step, ladder) is not None for group in groups for step in (1, -1))
     return min(pipeline.recipe.max_evals, 2 + moves)

@@ -35,6 +35,7 @@ class Setup:
     order: list[str]  # every tensor's name, in llama-quantize's order
     sizes: dict[str, dict[str, int]]  # each tensor's bytes at each type
     base: str  # the type --pure gives the rung's tensors
+    file_type: int  # the rung's general.file_type
     stock_types: dict[str, str]  # the stock file's quantized tensors and their types
     fixed: int  # the bytes of the tensors no recipe changes
     text: Path  # the selection text
@@ -85,7 +86,7 @@ class Measurements:
         self.on_message(f"recipe {len(self.evals) + 1} of at most {self.planned_runs}: {label}{left}")
         started = time.monotonic()
         candidate = s.folder / "candidate.gguf"
-        s.files.assemble(s.order, s.base, types, candidate)
+        s.files.assemble(s.order, s.base, types, candidate, s.file_type)
         try:
             figures = measure(s.chain, candidate, s.text, s.base_kld, s.options, s.folder / "perplexity.log",
                               threads=s.pipeline.bench.threads, timeout_s=s.pipeline.bench.timeout_s)

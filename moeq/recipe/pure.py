@@ -27,18 +27,20 @@ from moeq.errors import InputError
 from moeq.gguf_header import UNQUANTIZED, read_header
 from moeq.quant_types import tensor_bytes
 from moeq.recipe.assemble import assemble
-from moeq.recipe.search import ENDS, TYPE_LADDER, recipe_lines
-from moeq.recipe_file import FILLER, neighbours
+from moeq.recipe.search import ENDS, TYPE_LADDER, Ladder, recipe_lines
+from moeq.recipe_file import FILLER, pure_ftype
 from moeq.records import FileRef, ImatrixRef
 from moeq.runner import run_tool
 from moeq.workspace import Workspace, partial_file, require_free, write_json_atomic, write_text_atomic
 
-def needed_tensors(stock_types: dict[str, str], base: str) -> dict[str, frozenset[str]]:
+
+def needed_tensors(stock_types: dict[str, str], base: str, ladder: Ladder) -> dict[str, frozenset[str]]:
     """For each type a search of this stock file may use, the tensors it may give that type (each tensor's stock
-    type and one type either side); the base type always has an entry: its file gives a recipe its metadata."""
+    type and the next type either side on the `ladder`); the base type always has an entry: its file gives a recipe
+    its metadata."""
     needs: dict[str, set[str]] = {base: set()}
     for name, stock in stock_types.items():
-        for ggml_type in neighbours(stock):
+        for ggml_type in ladder.moves(name, stock).values():
             needs.setdefault(ggml_type, set()).add(name)
     return {t: frozenset(needs[t]) for t in sorted(needs, key=TYPE_LADDER.index)}
 
@@ -92,11 +94,14 @@ class TypeFiles:
     def disk_bytes(self) -> int:
         return sum(part.path.stat().st_size for part in self.parts)
 
-    def assemble(self, order: list[str], base: str, types: dict[str, str], out: Path) -> None:
+    def assemble(self, order: list[str], base: str, types: dict[str, str], out: Path,
+                 file_type: int | None = None) -> None:
         """Write the recipe giving each tensor of `types` its type (the tensors of `order` it does not name are
-        unquantized: taken with the metadata from the base type's file), in `order`, to `out`."""
+        unquantized: taken with the metadata from the base type's file), in `order`, to `out`, as a file of
+        `file_type` where given (general.file_type: the rung's, where the base type's file was made as another)."""
         meta = self.metadata_file(base)
-        assemble(meta, [(name, self.path_of(name, types[name]) if name in types else meta) for name in order], out)
+        assemble(meta, [(name, self.path_of(name, types[name]) if name in types else meta) for name in order], out,
+                 file_type)
 
 
 def type_files(ws: Workspace, tool, source: FileRef, imatrix: ImatrixRef | None,
@@ -141,12 +146,13 @@ def _save(ws: Workspace, folder: Path, parts: list[Part]) -> None:
 
 def _make(ws: Workspace, tool, source: FileRef, imatrix: ImatrixRef | None, ggml_type: str,
           names: frozenset[str], path: Path, on_message: Callable[[str], None]) -> None:
-    """llama-quantize --pure `ggml_type` with every quantized tensor but `names` at FILLER, cut down to `names`."""
+    """llama-quantize --pure `ggml_type` with every quantized tensor but `names` at FILLER, cut down to `names` (made
+    as the quant type whose --pure type it is: IQ2_M for IQ2_S tensors)."""
     source_path = Path(source.path).resolve()
     header = read_header(source_path)
     shapes = {t.name: t.shape for t in header.tensors}
     quantized = {name: shape for name, shape in shapes.items() if len([d for d in shape if d > 1]) > 1}
-    on_message(f"llama-quantize --pure {ggml_type}: the {len(names)} tensor{'s' if len(names) != 1 else ''} a search "
+    on_message(f"llama-quantize --pure {pure_ftype(ggml_type)}: the {len(names)} tensor{'s' if len(names) != 1 else ''} a search "
                f"may give {ggml_type} (the rest made {FILLER} and dropped)")
     made = sum(tensor_bytes(shape, ggml_type if name in names else FILLER) for name, shape in quantized.items())
     require_free(path.parent, made + sum(tensor_bytes(shapes[n], ggml_type) for n in names),
@@ -162,8 +168,8 @@ def _make(ws: Workspace, tool, source: FileRef, imatrix: ImatrixRef | None, ggml
     whole = path.with_suffix(".whole.gguf")
     try:
         with partial_file(whole) as partial:
-            run_tool([*command, str(source_path), str(partial.resolve()), ggml_type], path.with_suffix(".log"),
-                     cwd=Path(imatrix.path).resolve().parent if imatrix else None)
+            run_tool([*command, str(source_path), str(partial.resolve()), pure_ftype(ggml_type)],
+                     path.with_suffix(".log"), cwd=Path(imatrix.path).resolve().parent if imatrix else None)
         kept = [t.name for t in read_header(whole).tensors if t.name in names or t.type in UNQUANTIZED]
         assemble(whole, [(name, whole) for name in kept], path)
     finally:

@@ -3,7 +3,8 @@
 A group is what a recipe types together: one layer's tensor of one category (attn_q, ffn_down_exps, ...; the
 experts of a layer are one 3-D tensor, so never one expert), a band of consecutive layers of one category
 (recipe.layers_per_group), token_embd or output. Each group has three options around the stock file: as the
-stock file types it, one step up the type ladder, one step down (each tensor from its own stock type). Each
+stock file types it, one step up the type ladder, one step down (each tensor from its own stock type to the next
+type by bits per weight it can take, K or IQ: recipe_file.neighbours). Each
 option's effect is measured (the KL divergence on the selection text of the stock recipe with that one group
 changed), and its bytes are exact (from the per-type files). Assuming the effects add, the set of options with
 the lowest predicted divergence under the budget is found exactly (a knapsack's dynamic program over the groups);
@@ -19,7 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from moeq.recipe_file import SEARCH_TYPES
+from moeq.recipe_file import SEARCH_TYPES, neighbours
 
 TYPE_LADDER = SEARCH_TYPES
 LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)\.weight$")
@@ -45,6 +46,22 @@ class Option:
     delta_gpu: int = 0  # the bytes it adds on the GPU (a GPU budget's placement)
 
 
+@dataclass(frozen=True)
+class Ladder:
+    """The types each tensor of one source may take in a search: with or without an importance matrix, and the
+    length of each tensor's rows (the blocks of a type must divide it)."""
+
+    imatrix: bool
+    ncols: dict[str, int]
+
+    def moves(self, name: str, ggml_type: str) -> dict[int, str]:
+        return neighbours(ggml_type, self.imatrix, name, self.ncols.get(name))
+
+    @classmethod
+    def of(cls, imatrix: bool, shapes: dict[str, list[int]]) -> Ladder:
+        return cls(imatrix, {name: shape[0] for name, shape in shapes.items() if shape})
+
+
 def groups_of(stock: dict[str, str], n_layer: int, layers_per_group: int) -> list[Group]:
     """The groups of the tensors the stock file quantizes (`stock`: name -> type, on the type ladder), in file order
     of their first tensor: per layer band and category, then token_embd and output apart."""
@@ -62,14 +79,15 @@ def groups_of(stock: dict[str, str], n_layer: int, layers_per_group: int) -> lis
     return [Group(key, tuple(names)) for key, names in bands.items()]
 
 
-def stepped(types: dict[str, str], group: Group, step: int) -> dict[str, str] | None:
-    """The group's tensors each `step` rungs from its type in `types`; None when one would leave the ladder."""
+def stepped(types: dict[str, str], group: Group, step: int, ladder: Ladder) -> dict[str, str] | None:
+    """The group's tensors each one type up (`step` 1) or down (-1) the ladder from its type in `types`; None when
+    one cannot move so."""
     out = {}
     for name in group.tensors:
-        rung = TYPE_LADDER.index(types[name]) + step
-        if not 0 <= rung < len(TYPE_LADDER):
+        moved = ladder.moves(name, types[name]).get(step)
+        if moved is None:
             return None
-        out[name] = TYPE_LADDER[rung]
+        out[name] = moved
     return out
 
 

@@ -30,13 +30,14 @@ from moeq import texts
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import InputError
 from moeq.kld import base_logits
+from moeq.quant_types import lookup
 from moeq.records import (FileRef, PerplexityOptions, QuantizeRecord, FetchRecord, RecipeGroup, RecipeRecord,
                           ToolBuildRef)
 from moeq.recipe.budget import GpuCount, budget_bytes, gpu_room, require_gpu_reachable, require_reachable
 from moeq.recipe.cost import Plan, base_type, layers_per_group, planned_runs
 from moeq.recipe.measure import Measurements, Setup
 from moeq.recipe.pure import needed_tensors, type_files
-from moeq.recipe.search import TYPE_LADDER, Group, Option, groups_of, predicted, recipe_lines, solve, stepped
+from moeq.recipe.search import TYPE_LADDER, Group, Ladder, Option, groups_of, predicted, recipe_lines, solve, stepped
 from moeq.stage_runner import Stage
 from moeq.toolchain import Toolchain
 from moeq.workspace import Workspace, write_text_atomic
@@ -55,12 +56,14 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
                  ) -> Stage[RecipeRecord]:
     """Search `quant`'s recipe; `stock` is the rung's stock file, made with the importance matrix the search uses."""
     base = base_type(quant.type)
+    file_type = lookup(quant.type).file_type
     tool = chain.tool("llama-quantize")
     text, options = selection_options(pipeline, ws)
     settings = pipeline.recipe
     limit = budget_bytes(quant, stock)
     room, n_cpu_moe = gpu_room(quant, Path(source.output.path))
     stock_types = {row.name: row.type_after for row in stock.tensors if row.type_after not in UNQUANTIZED}
+    ladder = Ladder.of(stock.options.imatrix is not None, {row.name: row.shape for row in stock.tensors})
     off_ladder = sorted({t for t in stock_types.values() if t not in TYPE_LADDER})
     if off_ladder:
         raise InputError(stock.output.path, f"the stock {quant.type} has tensors of type {', '.join(off_ladder)}, "
@@ -81,23 +84,25 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
     def run() -> RecipeRecord:
         started = time.monotonic()
         texts.require_selection(pipeline, options.ctx)
-        files = type_files(ws, tool, source.output, stock.options.imatrix, needed_tensors(stock_types, base), on_message)
+        files = type_files(ws, tool, source.output, stock.options.imatrix, needed_tensors(stock_types, base, ladder),
+                           on_message)
         sizes = files.sizes()
         fixed = sum(row.bytes_after for row in stock.tensors if row.name not in stock_types)
-        require_reachable(quant, limit, fixed, sizes, stock_types)
+        require_reachable(quant, limit, fixed, sizes, stock_types, ladder)
         gpu = GpuCount(stock, stock_types, sizes, n_cpu_moe) if room is not None else None
         if gpu is not None:
-            require_gpu_reachable(quant, room, gpu, stock_types)
+            require_gpu_reachable(quant, room, gpu, stock_types, ladder)
         base_kld, _base = base_logits(ws, chain, source.output, options, text, tool.build.commit, purpose="selection",
                                       threads=pipeline.bench.threads, timeout_s=pipeline.bench.timeout_s,
                                       on_message=on_message)
-        plan = Plan(len(groups), planned_runs(pipeline, groups, stock_types), options.ctx * options.chunks,
+        plan = Plan(len(groups), planned_runs(pipeline, groups, stock_types, ladder), options.ctx * options.chunks,
                     tuple(dict.fromkeys(p.ggml_type for p in files.parts)), files.disk_bytes(), limit)
         search = Measurements(Setup(ws, chain, pipeline, folder, files, [row.name for row in stock.tensors], sizes,
-                                    base, stock_types, fixed, text, options, base_kld, gpu), plan.runs, on_message)
+                                    base, file_type, stock_types, fixed, text, options, base_kld, gpu), plan.runs,
+                              on_message)
         on_message(f"{quant.type}: recipe search, {plan.describe()}; budget {limit:,} bytes"
                    + (f", {room:,} bytes of weights on the GPU" if room is not None else ""))
-        best, predicted_kld = _search(quant, groups, search, limit, room)
+        best, predicted_kld = _search(quant, groups, search, limit, room, ladder)
         tensor_types = {**stock_types, **search.evals[best].changes}
         return _record(quant, search, source, stock, tool, limit, room, groups, best, predicted_kld, tensor_types,
                        round(time.monotonic() - started, 1))
@@ -106,7 +111,7 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
 
 
 def _search(quant: QuantSpec, groups: list[Group], search: Measurements, limit: int,
-            room: int | None) -> tuple[int, float | None]:
+            room: int | None, ladder: Ladder) -> tuple[int, float | None]:
     """Measure the stock recipe, each group one type up and down, and the recipe those figures predict is best
     under the budget; return the measured recipe that fits with the lowest mean KL divergence, and the figure
     predicted for it when it is the solution."""
@@ -119,7 +124,7 @@ def _search(quant: QuantSpec, groups: list[Group], search: Measurements, limit: 
     for group in order:
         opts = [Option(group.name, 0, (), 0, stock_eval.quality.kld_mean, stock_eval.quality.kld_mean_err)]
         for step, word in ((1, "up"), (-1, "down")):
-            types = stepped(setup.stock_types, group, step)
+            types = stepped(setup.stock_types, group, step, ladder)
             if types is None or search.runs_left() <= 1:
                 continue
             measured = search.evaluate(f"{group.name} {word}", types)
@@ -166,7 +171,7 @@ def _record(quant: QuantSpec, search: Measurements, source: FetchRecord, stock: 
     lines = recipe_lines(tensor_types, base)
     write_text_atomic(recipe_path, "".join(f"{pattern}={ggml_type}\n" for pattern, ggml_type in lines))
     out = setup.folder / quant.searched_file
-    setup.files.assemble(setup.order, base, tensor_types, out)
+    setup.files.assemble(setup.order, base, tensor_types, out, setup.file_type)
     imatrix = stock.options.imatrix
     command = ["llama-quantize", "--pure", *(["--imatrix", Path(imatrix.path).name] if imatrix else []),
                "--tensor-type-file", recipe_path.name, "--token-embedding-type", embd.lower(),

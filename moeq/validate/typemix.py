@@ -20,8 +20,7 @@ import gguf
 from gguf import Keys
 
 from moeq.gguf_header import GGUFHeader, TensorInfo
-from moeq.quant_types import row_type
-from moeq.recipe_file import pure_type
+from moeq.quant_types import BASE_TENSOR_TYPE, row_type
 
 Q = gguf.GGMLQuantizationType
 
@@ -63,7 +62,7 @@ def allowed_types(quant: str, t: TensorInfo, header: GGUFHeader, overrides: dict
     if named is not None:
         allowed = {Q[named.upper()]}
     elif pure:
-        base = pure_type(quant)
+        base = BASE_TENSOR_TYPE.get(quant.upper())
         if base is None:
             return None
         allowed = {Q[base]}
