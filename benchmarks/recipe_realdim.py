@@ -1,17 +1,19 @@
 """A whole recipe search at Phi-3.5-MoE's real dimensions: what it costs, measured, and the release's figures
 scaled from it.
 
-    .venv/bin/python benchmarks/recipe_realdim.py [--layers 2] [--quant Q2_K] [--dir DIR]
+    .venv/bin/python benchmarks/recipe_realdim.py [--layers 2] [--quant Q2_K] [--imatrix] [--dir DIR]
 
 Makes `moeq synth tiny-phimoe --preset phi-3.5-moe --layers N` (every tensor and the vocabulary at their real
 sizes; random weights, so only the cost means anything), then runs `moeq recipe` on it as a user would, with
 the default search settings (runs of 512 x 16 = 8,192 tokens, up to 100 of them): the stock file, the per-type
 files, the F16's logits on the selection text, every llama-perplexity run, the recipe chosen. Printed, as a
-Markdown table for README "Recipes": the per-type files' time and disk (and what six whole files would weigh),
+Markdown table for README "Recipes": the per-type files' time and disk (and what whole files of their types weigh),
 the time to assemble one candidate, the seconds per run, the number of runs, the whole search's wall time, its
 peak disk (the workspace, sampled every second) and peak memory (the largest process's RSS); then the same
-per layer and scaled to the real model's 32 layers. No importance matrix (`imatrix: none`): with one the
-per-type files take the same time, and the matrix is the imatrix job's cost, measured apart.
+per layer and scaled to the real model's 32 layers. Without `--imatrix` no importance matrix; with it, as the
+release's rungs are, `imatrix: auto` on 16 chunks of the calibration text (made before the search, not counted in
+it: the imatrix job's cost, measured apart), and the ladder's types that need one (IQ2_S, IQ3_XXS, ...) in the
+per-type files.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ sys.path.insert(0, str(REPO))
 from moeq.gguf_header import read_header  # noqa: E402
 from moeq.quant_types import tensor_bytes  # noqa: E402
 from moeq.recipe.pure import Part, TypeFiles  # noqa: E402
-from moeq.recipe.search import TYPE_LADDER  # noqa: E402
 
 REAL_LAYERS = 32
 PIPELINE = """model: {{name: phi-realdim, base_model: microsoft/Phi-3.5-MoE-instruct, file_stem: phi-realdim,
@@ -42,7 +43,8 @@ PIPELINE = """model: {{name: phi-realdim, base_model: microsoft/Phi-3.5-MoE-inst
 source: {{kind: local, path: {source}}}
 workspace: {work}
 quants:
-  - {{type: {quant}, recipe: search, budget: stock}}
+  - {{type: {quant}, imatrix: {imatrix}, recipe: search, budget: stock}}
+imatrix: {{chunks: 16}}
 hub: {{namespace: bench}}
 """
 
@@ -133,6 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--quant", default="Q2_K")
+    parser.add_argument("--imatrix", action="store_true")
     parser.add_argument("--dir", type=Path)
     args = parser.parse_args()
     folder = args.dir or Path(tempfile.mkdtemp(prefix="moeq-recipe-realdim-"))
@@ -142,7 +145,10 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "moeq", "synth", "tiny-phimoe", str(source), "--preset", "phi-3.5-moe",
                         "--layers", str(args.layers)], check=True, cwd=REPO, capture_output=True)
     config = folder / "pipeline.yaml"
-    config.write_text(PIPELINE.format(source=source, work=work, quant=args.quant))
+    config.write_text(PIPELINE.format(source=source, work=work, quant=args.quant,
+                                      imatrix="auto" if args.imatrix else "none"))
+    if args.imatrix:
+        subprocess.run([sys.executable, "-m", "moeq", "imatrix", "--config", str(config)], check=True, cwd=REPO)
     print(f"source: {source.stat().st_size / 1e9:.2f} GB, {args.layers} layer(s) at Phi-3.5-MoE's dimensions; "
           f"{os.cpu_count()} CPUs")
     lines, record, wall, peak_disk = run_search(config, work)
@@ -158,7 +164,7 @@ def main() -> None:
     pure_bytes = files.disk_bytes()
     header = read_header(source)
     quantized = [t for t in header.tensors if t.name in record["stock_types"]]
-    whole_bytes = sum(tensor_bytes(t.shape, ggml_type) for t in quantized for ggml_type in TYPE_LADDER)
+    whole_bytes = sum(tensor_bytes(t.shape, ggml_type) for t in quantized for ggml_type in record["types"])
     order = [t.name for t in read_header(Path(record["output"]["path"]) if Path(record["output"]["path"]).is_absolute()
                                          else work / record["output"]["path"]).tensors]
     started = time.perf_counter()
@@ -172,8 +178,9 @@ def main() -> None:
 
     rows = [
         ("per-type files: time", f"{pure_s:.0f} s", f"{pure_s * scale / 3600:.1f} h"),
-        ("per-type files: disk", f"{pure_bytes / 1e9:.2f} GB ({pure_bytes / whole_bytes:.0%} of six whole files, "
-                                 f"{whole_bytes / 1e9:.2f} GB)", f"{pure_bytes * scale / 1e9:.0f} GB"),
+        ("per-type files: disk", f"{pure_bytes / 1e9:.2f} GB ({pure_bytes / whole_bytes:.0%} of whole files of "
+                                 f"{', '.join(record['types'])}, {whole_bytes / 1e9:.2f} GB)",
+         f"{pure_bytes * scale / 1e9:.0f} GB"),
         ("F16 logits on the selection text", f"{logits_s:.0f} s", f"{logits_s * scale / 60:.0f} min"),
         ("one candidate assembled", f"{assemble_s:.1f} s ({candidate_bytes / 1e9:.2f} GB)",
          f"{assemble_s * scale:.0f} s"),

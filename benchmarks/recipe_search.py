@@ -1,6 +1,6 @@
 """Searched against stock rungs of the trained example, side by side on the evaluation text.
 
-    .venv/bin/python benchmarks/recipe_search.py [--quants Q2_K Q4_K_M] [--dir DIR]
+    .venv/bin/python benchmarks/recipe_search.py [--quants Q2_K Q4_K_M IQ3_M] [--dir DIR]
 
 For each rung, `moeq build` with `recipe: search` and `budget: stock`: the search on the selection text, then
 the choice between the stock file with and without the importance matrix and the searched file, all three
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from moeq.config import load_pipeline  # noqa: E402
 from moeq.record_store import Records  # noqa: E402
-from moeq.records import SEARCHED, WITH, ChoiceRecord, PerplexityFigures, QuantizeRecord, RecipeRecord  # noqa: E402
+from moeq.records import ChoiceRecord, Made, PerplexityFigures, QuantizeRecord, RecipeRecord  # noqa: E402
 from moeq.toolchain import Toolchain  # noqa: E402
 from moeq.workspace import Workspace  # noqa: E402
 
@@ -60,6 +60,9 @@ def main() -> None:
     data["bench"].pop("rpc", None)
     data["quants"] = [{**q, "recipe": "search", "budget": "stock"} if isinstance(q, dict) and q["type"] in args.quants
                       else q for q in data["quants"]]
+    known = {q["type"] if isinstance(q, dict) else q for q in data["quants"]}
+    data["quants"] += [{"type": quant, "imatrix": "auto", "recipe": "search", "budget": "stock"}
+                       for quant in args.quants if quant not in known]  # a rung the example does not have (IQ3_M)
     data["recipe"] = {"ctx": 256, "chunks": 32}  # the selection: 32 chunks of 256 tokens
     config = folder / "tiny-phimoe.yaml"
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,7 +75,7 @@ def main() -> None:
         choice, recipe = records.require(ChoiceRecord, quant), records.require(RecipeRecord, quant)
         stock = remake(chain, records.require(QuantizeRecord, f"{quant}-with-imatrix"), folder / f"stock-{quant}.gguf")
         searched = remake(chain, records.require(QuantizeRecord, f"{quant}-searched"), folder / f"searched-{quant}.gguf")
-        tokens = {WITH: speed(chain, stock), SEARCHED: speed(chain, searched)}
+        tokens = {Made.WITH: speed(chain, stock), Made.SEARCHED: speed(chain, searched)}
         options = choice.options
         print(f"\n## {quant}: evaluation text {options.text}, {options.chunks} chunks of {options.ctx}\n")
         print("| file | bytes | mean KLD | same top token | tokens/s (cpu) |\n| --- | --- | --- | --- | --- |")

@@ -707,7 +707,7 @@ class RecipeRecord(Record):
     tool: ToolBuildRef
     """The llama.cpp build that quantized and measured."""
     types: list[str]
-    """The type ladder a tensor may move on."""
+    """The types its tensors could take, lowest to highest: one per-type --pure quantization of the source each."""
     groups: list[RecipeGroup]
     """What the recipe types together."""
     stock_types: dict[str, str]

@@ -1,11 +1,14 @@
 """The importance-matrix (IQ) rungs: refused at load where llama-quantize would refuse them, built where it can make
 them, validated against llama.cpp's own mixture for their type (llama-quantize --dry-run), measured, charted and
-read back by the clients users run; and the wide example, the trained model's whole ladder in one repo."""
+read back by the clients users run; the wide example, the trained model's whole ladder in one repo; and a searched
+IQ rung, typed along the ladder of K and IQ types, published by the choice's rule and rebuilt from its card."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 
@@ -14,10 +17,12 @@ import yaml
 
 from moeq import quant_types
 from moeq.gguf_header import read_header
+from moeq.choice.stage import choose
 from moeq.manifest import parse_manifest
+from moeq.records import Candidate, Made
 from moeq.runner import tool_env
 
-from conftest import HUB_TOKEN, HUB_USER, REPO, pipeline_file, run_moeq
+from conftest import HUB_TOKEN, HUB_USER, REPO, example_section, pipeline_file, run_moeq
 import hub_server
 from test_hub_clients import node_clients
 
@@ -135,3 +140,72 @@ def test_every_type_llama_quantize_offers_builds_and_validates_or_is_refused_at_
         record = yaml.safe_load((tmp_path / "work" / "records" / f"validate-{q['type']}.json").read_text())["record"]
         assert record["ok"] and [c["name"] for c in record["checks"]][3] == "type mix", q
         assert all(w["bound"] is not None for w in record["worst_tensors"]), q  # every tensor type has a bound
+
+
+IQ_SEARCHED = {"type": "IQ3_M", "imatrix": "auto", "recipe": "search", "budget": "stock"}
+IQ_FILE = "tiny-phimoe-IQ3_M_MOEQ.gguf"
+IQ_REPO = f"{HUB_USER}/tiny-phimoe-GGUF"
+
+
+@pytest.fixture(scope="module")
+def iq_searched(tmp_path_factory):
+    """The trained example's IQ3_M with a searched recipe, built with its choice and pushed to a test Hub."""
+    folder = tmp_path_factory.mktemp("iq-searched")
+    server = hub_server.TestHub({HUB_TOKEN: HUB_USER})
+    server.env = {"HF_ENDPOINT": server.url, "HF_TOKEN": HUB_TOKEN, "HF_HUB_DISABLE_XET": "1",
+                  "HF_HOME": str(folder / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    bench = {**{k: v for k, v in example_section("bench").items() if k != "rpc"}, "modes": ["cpu"], "repetitions": 1}
+    config = pipeline_file(folder, bench=bench, quants=[IQ_SEARCHED], recipe={"ctx": 256, "chunks": 16, "max_evals": 25})
+    proc = run_moeq("build", "--config", str(config), "--all", "--push", env=server.env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    yield config, server
+    server.close()
+
+
+def record(config, name: str) -> dict:
+    return json.loads((config.parent / "work" / "records" / f"{name}.json").read_text())["record"]
+
+
+@pytest.mark.slow
+def test_a_searched_iq_rung_types_k_and_iq_and_is_published_by_the_choices_rule(iq_searched):
+    config, server = iq_searched
+    recipe = record(config, "recipe-IQ3_M")
+    # the stock IQ3_S, Q4_K and Q6_K tensors and the next type either side of each by bits per weight
+    assert recipe["base_type"] == "IQ3_S"
+    assert recipe["types"] == ["IQ3_XXS", "IQ3_S", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+    moved = {(recipe["stock_types"][n], t) for e in recipe["evals"] for n, t in e["changes"].items()}
+    assert ("IQ3_S", "IQ3_XXS") in moved and ("IQ3_S", "IQ4_XS") in moved  # the IQ tensors' neighbours are measured
+    choice = record(config, "choice-IQ3_M")
+    candidates = [Candidate(**c) for c in choice["candidates"]]
+    assert [c.name for c in candidates] == [Made.WITH, Made.WITHOUT, Made.SEARCHED]
+    # published exactly when the choice's rule says so: on this model the searched recipe is lower beyond twice the
+    # combined uncertainty (0.0113 against 0.0147) at a smaller file
+    assert choose(candidates, may_choose=True)[0] == choice["chosen"] == 2, choice["why"]
+    assert IQ_FILE in server.state.files(IQ_REPO) and "tiny-phimoe-IQ3_M.gguf" not in server.state.files(IQ_REPO)
+    assert read_header(config.parent / "work" / "quants" / IQ_FILE).metadata["general.file_type"] == 27  # IQ3_M's
+
+
+@pytest.mark.slow
+def test_the_searched_iq_file_rebuilds_from_its_cards_command_and_clients_pick_it(iq_searched, tmp_path, toolchain):
+    config, server = iq_searched
+    files = server.state.files(IQ_REPO)
+    for name in ("tiny-phimoe.imatrix", "tiny-phimoe-IQ3_M_MOEQ.recipe"):
+        (tmp_path / name).write_bytes(files[name])
+    (tmp_path / "tiny-phimoe-F16.gguf").symlink_to(config.parent / "work" / "source" / "tiny-phimoe-F16.gguf")
+    [command] = [shlex.split(line) for line in files["README.md"].decode().splitlines()
+                 if line.startswith("llama-quantize --pure ")]
+    proc = subprocess.run([str(toolchain.path("llama-quantize")), *command[1:]], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / IQ_FILE).read_bytes() == files[IQ_FILE]
+    tool = toolchain.path("llama-completion")
+    env = {**os.environ, **tool_env(tool), "MODEL_ENDPOINT": server.url + "/", "LLAMA_CACHE": str(tmp_path / "c")}
+    env.pop("HF_TOKEN", None)
+    start = len(server.requests)
+    proc = subprocess.run([str(tool), "-hf", f"{IQ_REPO}:IQ3_M_MOEQ", "-p", "The", "-n", "4", "--temp", "0", "-no-cnv",
+                           "--no-warmup", "-t", "2"], env=env, capture_output=True, text=True, errors="replace",
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {r.path.rsplit("/", 1)[1] for r in server.requests[start:] if "/resolve/" in r.path} == {IQ_FILE}
+    found = node_clients(sorted(files), {IQ_FILE: f"{server.url}/{IQ_REPO}/resolve/main/{IQ_FILE}"})
+    assert found["labels"][IQ_FILE]["label"] == "IQ3_M_MOEQ" and found["headers"][IQ_FILE]["file_type"] == 27

@@ -179,7 +179,7 @@ def _record(quant: QuantSpec, search: Measurements, source: FetchRecord, stock: 
     return RecipeRecord(
         quant=quant.type, base_type=base, budget=quant.budget.describe() if quant.budget else "stock",
         budget_bytes=limit, gpu_budget_bytes=room, source=source.output, imatrix=imatrix, selection=setup.options,
-        tool=ToolBuildRef(**tool.build.as_dict()), types=list(TYPE_LADDER),
+        tool=ToolBuildRef(**tool.build.as_dict()), types=sorted({p.ggml_type for p in setup.files.parts}, key=TYPE_LADDER.index),
         groups=[RecipeGroup(name=g.name, tensors=list(g.tensors)) for g in groups], stock_types=setup.stock_types,
         evals=search.evals, chosen=best, predicted_kld=predicted_kld, tensor_types=tensor_types,
         token_embedding_type=embd, output_tensor_type=output,
