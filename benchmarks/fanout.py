@@ -57,14 +57,16 @@ STAGE_COST = {
     "bench Q8_0": (35.0, 10.0), "bench Q4_K_M": (143.0, -23.0), "bench Q2_K": (42.0, 61.0),
     "validate": (0.3, 2.5),
 }
-# A recipe search's seconds on this machine, per layer and fixed (benchmarks/recipe_realdim.py at 1 and 2 layers;
-# README "Recipes"): its per-type files, the F16's logits on the selection text, one llama-perplexity run of 8,192
-# tokens with its candidate's assembly; and the runs it makes at 32 layers (`moeq recipe --plan` of pipeline.yaml).
-# Q2_K at 1 and 2 layers: files 113 and 206 s, logits 33 and 82 s, a run 18.5 and 38.2 s; Q4_K_M at 1 layer: files
-# 132 s, logits 34 s, a run 21.2 s (its fixed parts taken as Q2_K's).
-SEARCH_COST = {"files Q2_K": (93.0, 20.0), "files Q4_K_M": (112.0, 20.0), "logits": (48.3, -14.6),
+# A recipe search's seconds on this machine, per layer and fixed (benchmarks/recipe_realdim.py; README "Recipes"):
+# its per-type files, the F16's logits on the selection text, one llama-perplexity run of 8,192 tokens with its
+# candidate's assembly; and the runs it makes at 32 layers (`moeq recipe --plan` of pipeline.yaml). The per-type
+# files with the importance matrix on the ladder of K and IQ types at 1 layer: Q2_K 565 s, Q4_K_M 287 s (their fixed
+# part taken as before, 20 s); logits and runs as measured on the K ladder without a matrix, Q2_K at 1 and 2 layers:
+# logits 33 and 82 s, a run 18.5 and 38.2 s; Q4_K_M at 1 layer a run 21.2 s (with the matrix and the IQ types again:
+# 18.4 and 20.9 s, logits 35 and 34 s).
+SEARCH_COST = {"files Q2_K": (545.0, 20.0), "files Q4_K_M": (267.0, 20.0), "logits": (48.3, -14.6),
                "run Q2_K": (19.7, -1.2), "run Q4_K_M": (22.4, -1.2)}
-SEARCH_RUNS = {"Q4_K_M": 100, "Q2_K": 85}
+SEARCH_RUNS = {"Q4_K_M": 100, "Q2_K": 100}
 TOOL_RSS_MB = (2318.0, 1232.0)  # the largest llama.cpp tool's peak RSS per layer and fixed (rehearsal.py)
 WITH_CHOICE = {"Q4_K_M", "Q2_K"}  # imatrix: auto, so the choice quantizes twice
 SEARCHED = {"Q4_K_M", "Q2_K"}  # recipe: search, so the choice has a third candidate

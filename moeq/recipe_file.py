@@ -152,6 +152,7 @@ def recipe_types(recipe: list[tuple[str, str]], names: list[str]) -> dict[str, s
     return types
 
 
+ENDS = ("token_embd.weight", "output.weight")  # typed by their own llama-quantize flags in a rebuild
 FILLER = "TQ1_0"  # what a per-type file's tensors no search needs are made as: the smallest, and the quickest to make
 
 
@@ -165,10 +166,9 @@ def neighbours(ggml_type: str, imatrix: bool, name: str = "", ncols: int | None 
     0 itself, 1 the next above (of two the same size, the one of its own family, K or IQ). Only types the tensor can
     take: whose blocks its rows of `ncols` hold, and with no importance matrix (`imatrix` False) none that needs one,
     but for token_embd and output, which never do."""
-    family = ggml_type.startswith("IQ")
-    ends = name in ("token_embd.weight", "output.weight")
+    iq = ggml_type.startswith("IQ")
     allowed = [t for t in SEARCH_TYPES
-               if (imatrix or ends or t not in NEEDS_IMATRIX_ENTRY)
+               if (imatrix or name in ENDS or t not in NEEDS_IMATRIX_ENTRY)
                and (ncols is None or ncols % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0] == 0)]
     own = type_bits(ggml_type)
     out = {0: ggml_type}
@@ -176,7 +176,7 @@ def neighbours(ggml_type: str, imatrix: bool, name: str = "", ncols: int | None 
         if side:
             nearest = max(side, key=type_bits) if step < 0 else min(side, key=type_bits)
             tied = [t for t in side if type_bits(t) == type_bits(nearest)]
-            out[step] = next((t for t in tied if t.startswith("IQ") == family), tied[0])
+            out[step] = next((t for t in tied if t.startswith("IQ") == iq), tied[0])
     return out
 
 

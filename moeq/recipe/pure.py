@@ -1,16 +1,17 @@
 """The per-type files a search assembles its recipes from: for each type, the tensors a search may give that type,
 as llama-quantize `--pure` makes them from the source (with the importance matrix where the rung has one).
 
-A search moves each tensor at most one type from the stock file's, so a type's file needs only the tensors whose
-stock type is that type or one beside it (`needed_tensors`). llama-quantize makes the file with every other tensor
-at the cheapest type (FILLER: the quickest to make, too), and moeq keeps only the metadata, the tensors needed and
-the unquantized ones (norms, the router), dropping the rest: for Phi-3.5-MoE a searched Q2_K keeps about a
-quarter of six whole files. The files are kept by what they are made from (WORKSPACE/recipe/pure/KEY/, KEY the
-source, the importance matrix and the llama.cpp commit) and shared by every rung's search of that source and
-matrix: a search that needs tensors no file holds yet adds a part with only those (TYPE-2.gguf, ...), and never
-makes again what is there.
+A search moves each tensor at most one step from the stock file's type (to the next type by bits per weight it can
+take, K or IQ), so a type's file needs only the tensors whose stock type is that type or a step beside it
+(`needed_tensors`). llama-quantize makes the file with every other tensor at the cheapest type (FILLER: the
+quickest to make, too), and moeq keeps only the metadata, the tensors needed and the unquantized ones (norms, the
+router), dropping the rest: for Phi-3.5-MoE a searched Q2_K with an importance matrix keeps about a third of six
+whole K files. The files are kept by what they are made from (WORKSPACE/recipe/pure/KEY/, KEY the source, the
+importance matrix and the llama.cpp commit) and shared by every rung's search of that source and matrix: a search
+that needs tensors no file holds yet adds a part with only those (TYPE-2.gguf, ...), and never makes again what is
+there.
 
-    files = type_files(ws, tool, source, imatrix, needed_tensors(stock_types, "Q2_K"), print)
+    files = type_files(ws, tool, source, imatrix, needed_tensors(stock_types, "Q2_K", ladder), print)
     files.path_of("blk.0.ffn_down_exps.weight", "Q4_K")
 """
 
@@ -27,8 +28,8 @@ from moeq.errors import InputError
 from moeq.gguf_header import UNQUANTIZED, read_header
 from moeq.quant_types import tensor_bytes
 from moeq.recipe.assemble import assemble
-from moeq.recipe.search import ENDS, TYPE_LADDER, Ladder, recipe_lines
-from moeq.recipe_file import FILLER, pure_ftype
+from moeq.recipe.search import TYPE_LADDER, Ladder, recipe_lines
+from moeq.recipe_file import ENDS, FILLER, pure_ftype
 from moeq.records import FileRef, ImatrixRef
 from moeq.runner import run_tool
 from moeq.workspace import Workspace, partial_file, require_free, write_json_atomic, write_text_atomic

@@ -20,7 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from moeq.recipe_file import SEARCH_TYPES, neighbours
+from moeq.recipe_file import ENDS, SEARCH_TYPES, neighbours
 
 TYPE_LADDER = SEARCH_TYPES
 LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)\.weight$")
@@ -131,9 +131,6 @@ def _undominated(states: list, gpu: bool) -> list:
 
 def predicted(chosen: dict[str, Option], stock_kld: float) -> float:
     return stock_kld + sum(o.kld - stock_kld for o in chosen.values())
-
-
-ENDS = ("token_embd.weight", "output.weight")  # typed by their own llama-quantize flags in a rebuild
 
 
 def recipe_lines(types: dict[str, str], base: str) -> list[tuple[str, str]]:
