@@ -19,7 +19,7 @@ from moeq import quant_types
 from moeq.gguf_header import read_header
 from moeq.choice.stage import choose
 from moeq.manifest import parse_manifest
-from moeq.records import Candidate, Made
+from moeq.records import Candidate, Made, QuantizeRecord
 from moeq.runner import tool_env
 
 from conftest import HUB_TOKEN, HUB_USER, REPO, pipeline_file, run_moeq
@@ -68,8 +68,9 @@ def wide(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_wide_ladder_builds_validates_against_llama_cpps_mixture_and_runs(wide, toolchain):
+def test_the_wide_ladder_builds_validates_against_llama_cpps_mixture_and_runs(wide, toolchain, monkeypatch):
     config, server, proc = wide
+    monkeypatch.chdir(config.parent / "work-wide")  # the records' paths are the workspace's
     ladder = [q["type"] for q in yaml.safe_load(WIDE.read_text())["quants"]]
     assert len(ladder) == 11
     tables = [line for line in proc.stdout.splitlines() if line[:1] in "┏┃┡│└"]  # the summary, in parts
@@ -85,8 +86,9 @@ def test_the_wide_ladder_builds_validates_against_llama_cpps_mixture_and_runs(wi
         assert bench.quality.quant.kld_mean > 0
         # every tensor has the type llama.cpp gives it for this type with this importance matrix: its own mixture,
         # or with a searched recipe published, the recipe's (llama-quantize --dry-run with the same flags)
-        before, after = quantize.options.type_flags()
-        flags = [*before, *(["--imatrix", str(matrix)] if quantize.options.imatrix else []), *after]
+        options = QuantizeRecord.model_validate(record(config, f"quantize-{entry.quant}")).options  # the workspace's
+        before, after = options.type_flags()
+        flags = [*before, *(["--imatrix", str(matrix)] if options.imatrix else []), *after]
         mix = quant_types.mixture(toolchain.path("llama-quantize"), source, entry.quant, flags).types
         header = read_header(config.parent / "work-wide" / "quants" / entry.files[0].name)
         assert {t.name: t.type.name for t in header.tensors if t.name in mix} == mix, entry.quant
