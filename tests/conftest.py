@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -64,6 +65,20 @@ QUICK_IMATRIX_CHUNKS = 40
 def quick_imatrix(text: str) -> str:
     """A pipeline file's text with its importance matrix from QUICK_IMATRIX_CHUNKS chunks (see pipeline_file)."""
     return re.sub(r"^imatrix:", f"imatrix:\n  chunks: {QUICK_IMATRIX_CHUNKS}", text, count=1, flags=re.M)
+
+
+def rebuild_from_card(files: dict[str, bytes], out: str, source: Path, folder: Path, tool: Path) -> bytes:
+    """Run the card's `llama-quantize --pure ...` line that makes `out` in `folder`, with the importance matrix and
+    recipe file as published (`files`: the repo's) and `source` (the F16) beside them; the bytes it made."""
+    [command] = [shlex.split(line) for line in files["README.md"].decode().splitlines()
+                 if line.startswith("llama-quantize --pure ") and f" {out} " in line]
+    for name in command:
+        if name.endswith((".imatrix", ".recipe")):
+            (folder / name).write_bytes(files[name])
+    (folder / source.name).symlink_to(source)
+    proc = subprocess.run([str(tool), *command[1:]], cwd=folder, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return (folder / out).read_bytes()
 
 
 def copy_built(built: Path, folder: Path) -> None:

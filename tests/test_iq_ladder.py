@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 
@@ -22,7 +21,7 @@ from moeq.manifest import parse_manifest
 from moeq.records import Candidate, Made, QuantizeRecord
 from moeq.runner import tool_env
 
-from conftest import HUB_TOKEN, HUB_USER, REPO, pipeline_file, run_moeq
+from conftest import HUB_TOKEN, HUB_USER, REPO, pipeline_file, rebuild_from_card, run_moeq
 import hub_server
 from test_hub_clients import node_clients
 
@@ -178,15 +177,8 @@ def test_a_searched_iq_rung_types_k_and_iq_and_is_published_by_the_choices_rule(
 def test_the_searched_iq_file_rebuilds_from_its_cards_command_and_clients_pick_it(wide, tmp_path, toolchain):
     config, server, _proc = wide
     files = server.state.files(WIDE_REPO)
-    for name in ("tiny-phimoe.imatrix", "tiny-phimoe-IQ3_M_MOEQ.recipe"):
-        (tmp_path / name).write_bytes(files[name])
-    (tmp_path / "tiny-phimoe-F16.gguf").symlink_to(config.parent / "work-wide" / "source" / "tiny-phimoe-F16.gguf")
-    [command] = [shlex.split(line) for line in files["README.md"].decode().splitlines()
-                 if line.startswith("llama-quantize --pure ") and line.endswith(f" {IQ_FILE} IQ3_M")]
-    proc = subprocess.run([str(toolchain.path("llama-quantize")), *command[1:]], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / IQ_FILE).read_bytes() == files[IQ_FILE]
+    source = config.parent / "work-wide" / "source" / "tiny-phimoe-F16.gguf"
+    assert rebuild_from_card(files, IQ_FILE, source, tmp_path, toolchain.path("llama-quantize")) == files[IQ_FILE]
     tool = toolchain.path("llama-completion")
     env = {**os.environ, **tool_env(tool), "MODEL_ENDPOINT": server.url + "/", "LLAMA_CACHE": str(tmp_path / "c")}
     env.pop("HF_TOKEN", None)

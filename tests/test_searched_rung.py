@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import subprocess
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from moeq.choice.stage import choose
 from moeq.validate.checks import check_type_mix
 from moeq.runner import tool_env
 
-from conftest import HUB_TOKEN, HUB_USER, example_section, pipeline_file, run_moeq
+from conftest import HUB_TOKEN, HUB_USER, example_section, pipeline_file, rebuild_from_card, run_moeq
 import hub_server
 
 CPU_ONLY = {**{k: v for k, v in example_section("bench").items() if k != "rpc"}, "modes": ["cpu"], "repetitions": 1}
@@ -190,15 +189,9 @@ def test_the_published_recipe_rebuilds_the_published_file(published, tmp_path, t
     """The card's rebuild command, run on the F16 source with the importance matrix and recipe file from the Hub."""
     config, server, _summary = published
     files = server.state.files(REPO_ID)
-    for name in ("tiny-phimoe.imatrix", "tiny-phimoe-Q2_K_MOEQ.recipe"):
-        (tmp_path / name).write_bytes(files[name])
-    (tmp_path / "tiny-phimoe-F16.gguf").symlink_to(config.parent / "work" / "source" / "tiny-phimoe-F16.gguf")
-    card = files["README.md"].decode()
-    [command] = [shlex.split(line) for line in card.splitlines() if line.startswith("llama-quantize --pure ")]
-    proc = subprocess.run([str(toolchain.path("llama-quantize")), *command[1:]], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert hashlib.sha256((tmp_path / FILE).read_bytes()).hexdigest() == hashlib.sha256(files[FILE]).hexdigest()
+    source = config.parent / "work" / "source" / "tiny-phimoe-F16.gguf"
+    made = rebuild_from_card(files, FILE, source, tmp_path, toolchain.path("llama-quantize"))
+    assert hashlib.sha256(made).hexdigest() == hashlib.sha256(files[FILE]).hexdigest()
 
 
 def test_validate_checks_each_tensor_against_the_recipe(published):

@@ -153,8 +153,9 @@ def _make(ws: Workspace, tool, source: FileRef, imatrix: ImatrixRef | None, ggml
     header = read_header(source_path)
     shapes = {t.name: t.shape for t in header.tensors}
     quantized = {name: shape for name, shape in shapes.items() if len([d for d in shape if d > 1]) > 1}
-    on_message(f"llama-quantize --pure {pure_ftype(ggml_type)}: the {len(names)} tensor{'s' if len(names) != 1 else ''} a search "
-               f"may give {ggml_type} (the rest made {FILLER} and dropped)")
+    plural = "s" if len(names) != 1 else ""
+    on_message(f"llama-quantize --pure {pure_ftype(ggml_type)}: the {len(names)} tensor{plural} a search may give "
+               f"{ggml_type} (the rest made {FILLER} and dropped)")
     made = sum(tensor_bytes(shape, ggml_type if name in names else FILLER) for name, shape in quantized.items())
     require_free(path.parent, made + sum(tensor_bytes(shapes[n], ggml_type) for n in names),
                  f"the --pure {ggml_type} file")
