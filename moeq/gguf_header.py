@@ -54,12 +54,12 @@ class GGUFHeader:
     path: Path
     version: int
     metadata: dict[str, object] = field(default_factory=dict)  # scalars; arrays as ("array", type, count)
-    array_sha256: dict[str, str] = field(default_factory=dict)  # each array's items as the file encodes them
     tensors: list[TensorInfo] = field(default_factory=list)
     alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT
     infos_offset: int = 0  # where the tensor infos start, after the metadata
     data_offset: int = 0
     file_size: int = 0
+    array_sha256: dict[str, str] = field(default_factory=dict)  # each array's items as the file encodes them
 
     @property
     def architecture(self) -> object:
