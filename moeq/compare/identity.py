@@ -9,6 +9,8 @@ itself (general.file_type, general.quantization_version, quantize.*).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from gguf import Keys
 
 from moeq.gguf_header import GGUFHeader
@@ -47,32 +49,30 @@ def first_difference(f16: GGUFHeader, peer: GGUFHeader) -> str | None:
     return None
 
 
-def _key_difference(f16: GGUFHeader, peer: GGUFHeader, key: str) -> str | None:
-    ours, theirs = f16.metadata.get(key), peer.metadata.get(key)
-    if isinstance(ours, tuple) or isinstance(theirs, tuple):
-        return _array_difference(_array(f16, key), _array(peer, key), key)
-    if ours == theirs:
-        return None
-    if theirs is None:
-        return f"no {key} (the F16's is {shown(ours)})"
-    if ours is None:
-        return f"{key} is {shown(theirs)}, which the F16 does not have"
-    return f"{key} is {shown(theirs)}, where the F16's is {shown(ours)}"
+class _Array(NamedTuple):
+    """A metadata array, compared by its item count and the digest of its items."""
+
+    count: int
+    sha256: str
 
 
-def _array(header: GGUFHeader, key: str) -> tuple[int, str] | None:
-    """An array's item count and digest; None where the key is not an array."""
+def _value(header: GGUFHeader, key: str) -> object:
     value = header.metadata.get(key)
-    return (value[2], header.array_sha256[key]) if isinstance(value, tuple) else None
+    return _Array(value[2], header.array_sha256[key]) if isinstance(value, tuple) else value
 
 
-def _array_difference(ours: tuple[int, str] | None, theirs: tuple[int, str] | None, key: str) -> str | None:
+def _described(value: object) -> str:
+    return f"an array of {value.count:,} items" if isinstance(value, _Array) else shown(value)
+
+
+def _key_difference(f16: GGUFHeader, peer: GGUFHeader, key: str) -> str | None:
+    ours, theirs = _value(f16, key), _value(peer, key)
     if ours == theirs:
         return None
+    if isinstance(ours, _Array) and isinstance(theirs, _Array) and ours.count == theirs.count:
+        return f"{key} holds other items than the F16's ({theirs.count:,} of them)"
     if theirs is None:
-        return f"no {key} array (the F16's has {ours[0]:,} items)"
+        return f"no {key} (the F16's is {_described(ours)})"
     if ours is None:
-        return f"{key} is an array of {theirs[0]:,} items, which the F16 does not have"
-    if ours[0] != theirs[0]:
-        return f"{key} has {theirs[0]:,} items, where the F16's has {ours[0]:,}"
-    return f"{key} holds other items than the F16's ({theirs[0]:,} of them)"
+        return f"{key} is {_described(theirs)}, which the F16 does not have"
+    return f"{key} is {_described(theirs)}, where the F16's is {_described(ours)}"
