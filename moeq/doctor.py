@@ -252,8 +252,8 @@ def per_type_file_bits(rungs: list[str], n_layer: int, whole: str | None = None,
     """Bits per weight of the per-type files the searches of `rungs` share, from the expert tensors (most of the
     weights: gate and up two thirds, down one third): each may take its stock type in every rung and the next type
     either side, K or IQ (for Phi-3.5-MoE with an importance matrix 47.5 GB for Q2_K, 123.9 GB for Q4_K_M and
-    Q2_K, where `moeq recipe --plan` counts 48.0 and 123.6 from the header). With `whole`, that type's file as llama-quantize writes it, before moeq drops
-    what no search needs (written as the filler type)."""
+    Q2_K, where `moeq recipe --plan` counts 48.0 and 123.6 from the header). With `whole`, that type's file as
+    llama-quantize writes it, before moeq drops what no search needs (written as the filler type)."""
     def near(ggml_type: str) -> set[str]:
         return set(neighbours(ggml_type, imatrix).values())
 

@@ -24,7 +24,7 @@ from moeq.quant_types import BASE_TENSOR_TYPE
 SEARCH_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K",
                 "Q5_K", "Q6_K", "Q8_0")
 # The tensor types llama-quantize makes only from an importance matrix entry, except for token_embd and output
-# (llama-quant.cpp's tensor_requires_imatrix; tests/test_recipe_file.py checks it against the pinned build).
+# (llama-quant.cpp's tensor_requires_imatrix; tests/test_recipe_search.py checks it against the pinned build).
 NEEDS_IMATRIX_ENTRY = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
 MAX_RECIPE_BYTES = 1 << 20  # a line per tensor of a 1,000-layer model is under a megabyte
 MAX_RECIPE_ITEMS = 8192

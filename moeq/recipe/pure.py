@@ -92,6 +92,11 @@ class TypeFiles:
             out.setdefault(part.ggml_type, {}).update({name: infos[name] for name in part.tensors})
         return out
 
+    @property
+    def types(self) -> list[str]:
+        """The types the parts hold, lowest to highest."""
+        return sorted({part.ggml_type for part in self.parts}, key=TYPE_LADDER.index)
+
     def disk_bytes(self) -> int:
         return sum(part.path.stat().st_size for part in self.parts)
 

@@ -96,7 +96,7 @@ def recipe_stage(pipeline: Pipeline, quant: QuantSpec, ws: Workspace, chain: Too
                                       threads=pipeline.bench.threads, timeout_s=pipeline.bench.timeout_s,
                                       on_message=on_message)
         plan = Plan(len(groups), planned_runs(pipeline, groups, stock_types, ladder), options.ctx * options.chunks,
-                    tuple(dict.fromkeys(p.ggml_type for p in files.parts)), files.disk_bytes(), limit)
+                    tuple(files.types), files.disk_bytes(), limit)
         search = Measurements(Setup(ws, chain, pipeline, folder, files, [row.name for row in stock.tensors], sizes,
                                     base, file_type, stock_types, fixed, text, options, base_kld, gpu), plan.runs,
                               on_message)
@@ -179,7 +179,7 @@ def _record(quant: QuantSpec, search: Measurements, source: FetchRecord, stock: 
     return RecipeRecord(
         quant=quant.type, base_type=base, budget=quant.budget.describe() if quant.budget else "stock",
         budget_bytes=limit, gpu_budget_bytes=room, source=source.output, imatrix=imatrix, selection=setup.options,
-        tool=ToolBuildRef(**tool.build.as_dict()), types=sorted({p.ggml_type for p in setup.files.parts}, key=TYPE_LADDER.index),
+        tool=ToolBuildRef(**tool.build.as_dict()), types=setup.files.types,
         groups=[RecipeGroup(name=g.name, tensors=list(g.tensors)) for g in groups], stock_types=setup.stock_types,
         evals=search.evals, chosen=best, predicted_kld=predicted_kld, tensor_types=tensor_types,
         token_embedding_type=embd, output_tensor_type=output,
