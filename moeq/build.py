@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from moeq.config import QuantSpec
+from moeq.config import CompareSpec, QuantSpec
 from moeq.errors import ConfigError
 from moeq.hub.client import hub_endpoint
 from moeq.plan import STAGES, Options, Release, Step, forced_stages, plan, run_plan
@@ -71,23 +71,41 @@ class QuantRow:
 
 
 @dataclass
+class PeerRow:
+    """A file of another publisher (compare:): what the compare step made of it."""
+
+    peer: CompareSpec
+    result: StageResult
+
+    def as_dict(self) -> dict:
+        record = self.result.record
+        return {"repo": self.peer.repo, "file": self.peer.file, "status": self.result.status,
+                "detail": "" if self.result.why == "inputs unchanged" else self.result.why,
+                "exit_code": self.result.exit_code,
+                "kld_mean": record.quality.quant.kld_mean if record and record.quality else None}
+
+
+@dataclass
 class BuildSummary:
     quants: list[QuantRow]
     pushed: bool
     single_repo: bool = False  # hub.layout single: every quant's card and push are the ladder's one repo's
+    compared: list[PeerRow] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return all(q.ok for q in self.quants)
+        return all(q.ok for q in self.quants) and all(p.result.status != Status.FAILED for p in self.compared)
 
     @property
     def exit_code(self) -> int:
-        """0, or the exit code of the first failed stage (errors.py), so CI sees what kind of failure."""
-        return next((s.exit_code for q in self.quants for s in q.stages if s.status == Status.FAILED), 0)
+        """0, or the exit code of the first failed stage (errors.py), so CI sees what kind of failure: a quant's,
+        else a compared file's."""
+        failed = [s for q in self.quants for s in q.stages] + [p.result for p in self.compared]
+        return next((s.exit_code for s in failed if s.status == Status.FAILED), 0)
 
     def as_dict(self) -> dict:
         return {"ok": self.ok, "exit_code": self.exit_code, "pushed": self.pushed, "single_repo": self.single_repo,
-                "quants": [q.as_dict() for q in self.quants]}
+                "quants": [q.as_dict() for q in self.quants], "compared": [p.as_dict() for p in self.compared]}
 
 
 def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool = False,
@@ -112,8 +130,10 @@ def build(ctx: Context, quants: list[QuantSpec], *, push: bool, skip_bench: bool
             shown[unit.repo_id] = repos.staged_files(ctx, unit)
     rows = [QuantRow(q.type, pipeline.repo_id(q), f"{hub_endpoint()}/{pipeline.repo_id(q)}",
                      _row(q.type, todo, results, blocked), shown.get(pipeline.repo_id(q), [])) for q in quants]
+    compared = [PeerRow(peer, results[("compare", peer.id)]) for peer in pipeline.compare
+                if ("compare", peer.id) in results]
     return BuildSummary(rows_of_staged + rows, pushed=push or release.stage_to is not None,
-                        single_repo=pipeline.single_repo)
+                        single_repo=pipeline.single_repo, compared=compared)
 
 
 def _staged_already(ctx: Context, quants: list[QuantSpec], release: Release, force: frozenset[str]) -> dict[str, str]:

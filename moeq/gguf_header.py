@@ -27,6 +27,9 @@ _SCALAR = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UI
            VT.INT32: "<i", VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q",
            VT.FLOAT64: "<d"}
 MAX_COUNT = 1 << 40
+# The fewest bytes a tensor's entry (name length, dimension count, type, offset) and a key (name length, type, one
+# byte of value) take in a header.
+MIN_TENSOR_INFO, MIN_KEY = 24, 13
 
 # llama-gguf-split's file names: STEM-00001-of-00003.gguf
 SPLIT_NAME_RE = re.compile(r"^(?P<stem>.+)-(?P<n>\d{5})-of-(?P<total>\d{5})\.gguf$")
@@ -139,8 +142,9 @@ def _parse(path: Path, data: bytes, size: int, whole_file: bool) -> GGUFHeader:
         raise InputError(path, f"GGUF version {version} is not supported (expected 3)",
                          "convert it again with a current llama.cpp")
     n_tensors, n_kv = cur.read("<Q"), cur.read("<Q")
-    if n_tensors > MAX_COUNT or n_kv > MAX_COUNT:
-        raise InputError(path, f"GGUF header claims {n_tensors} tensors and {n_kv} keys", "the file is corrupt")
+    if n_tensors > MAX_COUNT or n_kv > MAX_COUNT or n_tensors * MIN_TENSOR_INFO + n_kv * MIN_KEY > size:
+        raise InputError(path, f"GGUF header claims {n_tensors} tensors and {n_kv} keys, more than its {size:,} bytes "
+                         "can hold", "the file is corrupt")
     header = GGUFHeader(path, version, file_size=size)
     for _ in range(n_kv):
         key = cur.string()

@@ -20,8 +20,9 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError
 
 from moeq.config import SEARCHED_SUFFIX, Layout
+from moeq.config.spec import MAX_COMPARED
 from moeq.errors import InputError
-from moeq.records import (BenchRecord, ChoiceRecord, ImatrixRecord, Model, QuantizeRecord, FetchRecord,
+from moeq.records import (BenchRecord, ChoiceRecord, CompareRecord, ImatrixRecord, Model, QuantizeRecord, FetchRecord,
                           RecipeRecord, ValidateRecord)
 from moeq.workspace import read_text_limited
 
@@ -249,6 +250,8 @@ class Manifest(Model):
     """GGUFs an earlier release published that this one replaced under another name, kept on the Hub."""
     updates: list[UpdateNote] = Field(default=[], max_length=MAX_UPDATES)
     """What each release changed, oldest first (none: the first release, or one that changed nothing)."""
+    compared: list[CompareRecord] = Field(default=[], max_length=MAX_COMPARED)
+    """Other publishers' GGUFs of the same model (pipeline compare:), measured on the same text and machine."""
 
     @property
     def hub_files(self) -> list[str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moeq import progress
-from moeq.config import IMATRIX_AUTO, RECIPE_SEARCH, QuantSpec
+from moeq.config import IMATRIX_AUTO, RECIPE_SEARCH, CompareSpec, QuantSpec
 from moeq.errors import ConfigError, MoeqError, from_os_error
 from moeq.fetch.stage import HUB_KINDS
 from moeq.records import Made, QuantizeRecord
@@ -34,7 +34,7 @@ from moeq.steps.context import Context
 from moeq.steps.repos import RepoUnit
 from moeq.steps.wiring import SourceBeside, SourceFile
 
-STAGES = ("fetch", "imatrix", "recipe", "choice", "quantize", "validate", "bench", "shards", "card", "push")
+STAGES = ("fetch", "imatrix", "recipe", "choice", "quantize", "validate", "bench", "compare", "shards", "card", "push")
 CANDIDATE = "candidate"  # a step that makes one candidate of the choice (a quantize stage under its own record)
 LADDER = None  # the subject of a step run once for the whole ladder
 FETCH = ("fetch", LADDER)
@@ -94,6 +94,7 @@ class Step:
     rows: tuple[str, ...] = ()  # the quants whose summary rows show its result (none: a candidate)
     needs: tuple[StepId, ...] = ()  # the steps whose records it is handed: in a cut plan they run first
     after: tuple[StepId, ...] = ()  # the steps that must not have failed (in a build; a cut plan leaves them out)
+    takes: tuple[StepId, ...] = ()  # steps whose records it is handed when they have one; their failure is not its own
     lock: str | None = None  # the build lock it runs under (consecutive steps with the same one share it)
     on_failure: str = ""  # what the steps that need it say when it fails (default: "STAGE failed")
     waits_for: Callable[[list[str]], str] | None = None  # what it says when the steps it needs fail, by subject
@@ -134,7 +135,7 @@ def _cut(todo: list[Step], target: str) -> list[Step]:
         step = stack.pop()
         if step not in wanted:
             wanted.add(step)
-            stack += by_id[step].needs
+            stack += by_id[step].needs + by_id[step].takes
     if FETCH in by_id and any(by_id[s].stage in (CANDIDATE, "quantize") for s in wanted):
         wanted.add(FETCH)
     return [step for step in todo if step.id in wanted]
@@ -164,6 +165,8 @@ class _Planner:
             todo += self._file_stages(quant)
         if self.beside:
             todo.append(Step("fetch", LADDER, lambda _got: self.beside.result(), self._every()))
+        if self.target in (None, "compare", "card", "push"):
+            todo += [self._compare(peer) for peer in self.ctx.pipeline.compare]
         if self.target in (None, "shards", "card", "push"):
             for unit in repos.repo_units(self.ctx, self.quants):
                 todo += self._repo(unit)
@@ -179,6 +182,18 @@ class _Planner:
         else:
             run = lambda _got: wiring.fetched(ctx)
         return Step("fetch", LADDER, run, self._every(), on_failure="the source could not be fetched")
+
+    def _compare(self, peer: CompareSpec) -> Step:
+        """A file another publisher made, measured (a build, moeq compare) or as it was measured (the card's and
+        push's commands: they never download); a file refused is a failed step, which no quant waits for."""
+        ctx = self.ctx
+        if self.options.skip_bench and self.target is None:
+            return Step("compare", peer.id, lambda _got: StageResult("compare", Status.SKIPPED, "--skip-bench"))
+        if self.target in (None, "compare"):
+            run = lambda got: wiring.compare_peer(ctx, peer, got[FETCH], force="compare" in self.force)
+        else:
+            run = lambda got: wiring.compared(ctx, peer, got[FETCH])
+        return Step("compare", peer.id, run, needs=(FETCH,), check=lambda record: policy.require_same_model(record))
 
     def _imatrix(self) -> list[Step]:
         ctx, folder = self.ctx, self.options.release.imatrix_from
@@ -296,11 +311,13 @@ class _Planner:
         def card(got: Inputs):
             done = wiring.card(ctx, unit, [(q, got[("shards", q.type)]) for q in listed], force="card" in force,
                                published=repos.published_repo(ctx, unit, online=pushing),
-                               prune=pushing and options.prune)
+                               prune=pushing and options.prune,
+                               compared=[got.get(peer) for peer in compared if got.get(peer) is not None])
             repos.preview(ctx, unit)
             return done
 
         card_id = ("card", unit.quant)
+        compared = tuple(("compare", peer.id) for peer in ctx.pipeline.compare)
         if options.release.stage_to:
             branch = options.release.stage_to
             push = lambda got: releases.stage_to_branch(ctx, unit, branch, got[card_id])
@@ -314,7 +331,7 @@ class _Planner:
         waits = None if unit.quant else (lambda failed: f"the ladder's repo waits for {', '.join(failed)}")
         return todo + [
             Step("card", unit.quant, card, held, needs=tuple(("shards", q.type) for q in listed), lock=lock,
-                 waits_for=waits),
+                 waits_for=waits, takes=compared),
             Step("push", unit.quant, push, held, needs=(card_id,), lock=lock),
         ]
 
@@ -345,7 +362,8 @@ def run_plan(ctx: Context, todo: list[Step], target: str | None = None) -> tuple
                     held.enter_context(ctx.ws.lock(step.lock, wait=False))
                     holding = step.lock
                 with progress.step(" ".join(str(part) for part in (step.subject, step.stage) if part)):
-                    result = step.run(Inputs({need: results[need] for need in step.needs if need in results}))
+                    result = step.run(Inputs({need: results[need] for need in step.needs + step.takes
+                                              if need in results}))
                 if step.check is not None and step.stage != target and result.record is not None:
                     step.check(result.record)
                 # a stage that ran beside others (a local source's hash) took longer than the wait for it

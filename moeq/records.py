@@ -778,6 +778,68 @@ class BenchRecord(Record):
     """The offload modes without a device to measure them on."""
 
 
+class TypeShare(Model):
+    """One tensor type of a file: how many tensors have it and how many of the file's bytes they take."""
+
+    type: str
+    """The ggml type (Q4_K, Q6_K, F32, ...)."""
+    tensors: int
+    """Tensors of that type."""
+    bytes: int
+    """Their bytes."""
+
+
+class PeerFile(Model):
+    name: str
+    """Its path in the repo it was downloaded from."""
+    size: int
+    """Its size in bytes."""
+    sha256: str
+    """The sha256 of its bytes, as the Hub's LFS metadata lists it and the download was checked against."""
+
+
+class CompareRecord(Record):
+    """A GGUF of the same model another publisher made (pipeline compare:), measured as the ladder's files are:
+    KL divergence against the same F16 logits on the same text, and speed on the same machine."""
+
+    stage: Literal["compare"] = "compare"
+    """The stage that wrote it."""
+    peer: str
+    """Its id (names the record: compare-ID.json)."""
+    repo: str
+    """The Hub repo it came from."""
+    repo_file: str
+    """The GGUF's path in the repo (a split file's first shard), as the pipeline names it."""
+    revision: str | None
+    """The revision the pipeline names (None: main)."""
+    commit: str
+    """The commit it was downloaded at."""
+    label: str | None
+    """What the card calls it (None: the file's name)."""
+    files: list[PeerFile]
+    """The file, or every shard of it."""
+    refused: str | None = None
+    """Why it was not measured: the first way it is not a quantization of the F16 (None: measured)."""
+    size: int | None = None
+    """Its bytes, every shard together."""
+    bpw: float | None = None
+    """Bits per weight: its tensors' bytes over their elements."""
+    types: list[TypeShare] = []
+    """Its tensor types, most bytes first: which types the publisher chose."""
+    machine: Machine | None = None
+    """The machine it was measured on."""
+    tool: ToolBuildRef | None = None
+    """The llama.cpp build that measured it."""
+    options: BenchOptions | None = None
+    """How it was measured (the bench's options; modes: those measured)."""
+    speed: list[SpeedRun] = []
+    """llama-bench's figures per offload mode."""
+    quality: Quality | None = None
+    """llama-perplexity's figures against the F16 source."""
+    errors: list[ModeError] = []
+    """The measurements that failed."""
+
+
 # ---------------------------------------------------------------- shards, card, push
 
 
@@ -880,7 +942,8 @@ class PushRecord(Record):
 
 
 RECORD_TYPES: dict[str, type[Record]] = {cls.stage_name(): cls for cls in (
-    FetchRecord, ImatrixRecord, RecipeRecord, ChoiceRecord, QuantizeRecord, ValidateRecord, BenchRecord, ShardsRecord,
+    FetchRecord, ImatrixRecord, RecipeRecord, ChoiceRecord, QuantizeRecord, ValidateRecord, BenchRecord, CompareRecord,
+    ShardsRecord,
     CardRecord, PushRecord)}
 
 

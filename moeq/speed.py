@@ -1,5 +1,6 @@
-"""llama-bench's tokens/s of a GGUF: for the bench stage (every offload mode) and the choice stage (a searched
-recipe's file against the stock one, on the CPU).
+"""llama-bench's tokens/s of a GGUF: for the bench stage (every offload mode), the choice stage (a searched
+recipe's file against the stock one, on the CPU) and the compare stage (another publisher's file); and the GPUs
+llama.cpp finds.
 
 llama-bench -o json gives tokens/s per test (prompt processing, generation) with the backend it ran on; the
 command is logged, and a failure is a ToolError quoting the tool.
@@ -47,3 +48,11 @@ def run_speed(tool: Path, model: Path, mode: OffloadMode, log: Path, *, n_prompt
             "cpu_info": first.get("cpu_info"), "model_size": first.get("model_size"),
             "model_n_params": first.get("model_n_params"), "build_commit": first.get("build_commit"),
             "tests": results}
+
+
+def offload_devices(tool: Path, log: Path, timeout_s: float) -> list[str]:
+    """The GPUs llama.cpp finds (`--list-devices`), without loading a model; RPC devices are not listed."""
+    lines: list[str] = []
+    run_tool([str(tool), "--list-devices"], log, on_line=lines.append, timeout_s=timeout_s)
+    start = next((i for i, line in enumerate(lines) if line.startswith("Available devices")), len(lines))
+    return [line.strip().split(":")[0] for line in lines[start + 1:] if line.startswith("  ") and ":" in line]

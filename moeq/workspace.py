@@ -68,6 +68,10 @@ class Workspace:
         """The choice stage's candidates of a quant (one folder each, deleted once chosen) and their logs."""
         return self.root / "choice" / quant
 
+    def compare_dir(self, peer: str) -> Path:
+        """A compared file's download (deleted once measured) and its tools' logs."""
+        return self.root / "compare" / peer
+
     def shards_dir(self, quant: str) -> Path:
         return self.root / "shards" / quant
 

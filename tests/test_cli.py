@@ -17,8 +17,8 @@ def test_help_lists_commands_in_the_order_a_user_meets_them():
     proc = run_moeq("--help", env={"COLUMNS": "100"})
     assert proc.returncode == 0
     listed = re.findall(r"^│ ([a-z-]+) ", proc.stdout.split("Commands")[1], flags=re.MULTILINE)
-    assert listed == ["build", "fetch", "imatrix", "recipe", "quantize", "validate", "bench", "card", "push", "publish",
-                      "plan", "check-config", "doctor", "synth"]
+    assert listed == ["build", "fetch", "imatrix", "recipe", "quantize", "validate", "bench", "compare", "card", "push",
+                      "publish", "plan", "check-config", "doctor", "synth"]
 
 
 def test_help_wraps_each_paragraph_as_the_terminal_allows():
@@ -36,7 +36,7 @@ def test_help_wraps_each_paragraph_as_the_terminal_allows():
 
 
 @pytest.mark.parametrize("command", [[], ["build"], ["imatrix"], ["recipe"], ["quantize"], ["validate"], ["bench"],
-                                     ["card"],
+                                     ["compare"], ["card"],
                                      ["card", "lint"], ["push"], ["publish"], ["doctor"], ["synth", "tiny-phimoe"],
                                      ["synth", "tiny-phimoe-hf"]])
 @pytest.mark.slow

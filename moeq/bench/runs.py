@@ -1,8 +1,8 @@
 """One function per llama.cpp tool the bench stage runs, each returning what it parsed from the tool's output.
 
 - llama-completion -v (one token): model, KV and compute buffer sizes per device.
-(llama-bench's tokens/s is moeq/speed.py's and llama-perplexity's KL divergence moeq/kld.py's, both shared with
-the choice stage.) Every command is logged
+(llama-bench's tokens/s and devices are moeq/speed.py's and llama-perplexity's KL divergence moeq/kld.py's, shared
+with the choice and compare stages.) Every command is logged
 beside the bench record; a failure is a ToolError quoting the tool.
 """
 
@@ -14,13 +14,6 @@ from moeq.errors import ToolError
 from moeq.llama_logs import breakdown_printed, parse_buffer_sizes, parse_memory_breakdown
 from moeq.offload import OffloadMode
 from moeq.runner import run_tool
-
-def offload_devices(tool: Path, log: Path, timeout_s: float) -> list[str]:
-    """The GPUs llama.cpp finds (`--list-devices`), without loading a model; RPC devices are not listed."""
-    lines: list[str] = []
-    run_tool([str(tool), "--list-devices"], log, on_line=lines.append, timeout_s=timeout_s)
-    start = next((i for i, line in enumerate(lines) if line.startswith("Available devices")), len(lines))
-    return [line.strip().split(":")[0] for line in lines[start + 1:] if line.startswith("  ") and ":" in line]
 
 
 def _rpc(rpc: str | None, flag: str) -> list[str]:

@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Callable
 
 from moeq import texts
-from moeq.bench.machine import machine_facts
+from moeq.machine import machine_facts
 from moeq.bench.rpc import rpc_endpoint
-from moeq.bench.runs import offload_devices, run_memory
+from moeq.bench.runs import run_memory
 from moeq.config import Pipeline, QuantSpec
 from moeq.errors import MoeqError, ToolError
 from moeq.kld import base_logits, eval_options, measure
 from moeq.memory_plan import plan_file
 from moeq.offload import OffloadMode, require_settings
-from moeq.speed import run_speed
+from moeq.speed import offload_devices, run_speed
 from moeq.records import (BenchOptions, BenchRecord, ChoiceRecord, Machine, MemoryPlan, MemoryRun, ModeError,
                           NotMeasured, Quality, QuantizeRecord, SpeedRun, ToolBuildRef, ValidateRecord)
 from moeq.stage_runner import Stage

@@ -6,7 +6,8 @@ records (so an unchanged card pushes nothing):
    (model + KV on the offload device) marked where they exist; common GPU sizes as horizontal lines where
    they fall inside the plot.
 2. Quality against size: mean KL divergence against F16 (log scale) against file size, a point per quant,
-   and a hollow one for the same type made without its importance matrix where both were measured.
+   a hollow one for the same type made without its importance matrix where both were measured, and a grey
+   square for each other publisher's file measured beside them (pipeline compare:).
 
     [c.path for c in charts(manifest)]
     # -> ['images/gpu-memory.png', 'images/quality-size.png']
@@ -19,7 +20,7 @@ import warnings
 from dataclasses import dataclass
 
 from moeq.manifest import Manifest, QuantEntry
-from moeq.records import Candidate
+from moeq.records import Candidate, CompareRecord
 from moeq.offload import OffloadMode
 from moeq.units import binary_size, decimal_size
 
@@ -103,7 +104,19 @@ def _quality_alt(manifest: Manifest) -> str:
         for other in _not_published(entry):
             text += f", {other.quality.kld_mean:.6f} {other.name} ({decimal_size(other.file.size)}, not published)"
         words.append(text)
+    for record in _peers(manifest):
+        words.append(f"{peer_name(record)} from {record.repo} ({decimal_size(record.size)}) "
+                     f"{record.quality.quant.kld_mean:.6f}, another publisher's file")
     return "Mean KL divergence against F16 by file size. " + "; ".join(words)
+
+
+def peer_name(record: CompareRecord) -> str:
+    """What the card calls another publisher's file: its label, else its file name."""
+    return record.label or record.repo_file.rsplit("/", 1)[-1]
+
+
+def _peers(manifest: Manifest) -> list[CompareRecord]:
+    return [r for r in manifest.compared if r.quality is not None and r.quality.quant.kld_mean is not None]
 
 
 def _not_published(entry: QuantEntry) -> list[Candidate]:
@@ -180,6 +193,10 @@ def _quality_png(manifest: Manifest) -> bytes:
             ax.errorbar([other.file.size / 1e6], [other.quality.kld_mean], yerr=[other.quality.kld_mean_err or 0],
                         fmt="o", markersize=7, mfc="none", color=color, capsize=3, zorder=3,
                         label=f"{entry.quant} {other.name} (not published)")
+    for record in _peers(manifest):  # another publisher's file: a grey square
+        ax.errorbar([record.size / 1e6], [record.quality.quant.kld_mean], yerr=[record.quality.quant.kld_mean_err or 0],
+                    fmt="s", color="#555555", markersize=7, capsize=3, zorder=3,
+                    label=f"{peer_name(record)} ({record.repo})".replace("$", r"\$"))  # no mathtext from a label
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_xlabel("file size, MB")

@@ -58,7 +58,8 @@ def lint_card(text: str, path: str = "README.md", manifest: Manifest | None = No
     if manifest is not None:
         repo = (manifest.repo_id.lower(), set(manifest.hub_files))
         allowed_repos = ({manifest.pipeline.model.base_model.lower(), manifest.repo_id.lower()}
-                         | {row.repo_id.lower() for row in manifest.siblings})
+                         | {row.repo_id.lower() for row in manifest.siblings}
+                         | {compared.repo.lower() for compared in manifest.compared})
     card = read_markdown(lines, body_start)
     for number, url in card.links:
         findings += [Finding(number, rule, msg) for rule, msg in _check_link(url, allowed_repos, repo)]
@@ -244,8 +245,8 @@ def _check_link(url: str, allowed_repos: set[str] | None,
         return []
     repo_id = f"{parts[0]}/{parts[1]}".lower()
     if repo_id not in allowed_repos:
-        return [("hub-link", f"links {parts[0]}/{parts[1]}, which is neither the base model, this repo nor a "
-                             "published repo of this ladder")]
+        return [("hub-link", f"links {parts[0]}/{parts[1]}, which is neither the base model, this repo, a "
+                             "published repo of this ladder nor the repo of a file compared with it")]
     if repo and repo_id == repo[0] and len(parts) > 4 and parts[2] in ("resolve", "blob"):
         path = "/".join(parts[4:])
         if path not in repo[1]:

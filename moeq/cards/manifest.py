@@ -24,7 +24,7 @@ from moeq.config import Layout, Pipeline, QuantSpec
 from moeq.errors import InputError
 from moeq.manifest import MANIFEST_NAME, MANIFEST_VERSION, README_NAME, Manifest
 from moeq.record_store import R, Records
-from moeq.records import (BenchRecord, ChoiceRecord, FetchRecord, FileRef, ImatrixRecord, QuantizeRecord, RecipeRecord,
+from moeq.records import (BenchRecord, ChoiceRecord, CompareRecord, FetchRecord, FileRef, ImatrixRecord, QuantizeRecord, RecipeRecord,
                           ShardsRecord, ValidateRecord, record_json)
 from moeq.workspace import Workspace, inside
 
@@ -89,6 +89,7 @@ class RepoInputs:
     siblings: list[tuple[QuantSpec, QuantizeRecord, ValidateRecord | None]] = dataclasses.field(default_factory=list)
     published: PublishedRepo | None = None  # main on the Hub before this release: what it supersedes and changes
     prune: bool = False  # the push deletes what it supersedes (push --prune): nothing is listed as kept
+    compared: list[CompareRecord] = dataclasses.field(default_factory=list)  # other publishers' files, measured
 
 
 def _choice_of(choice: ChoiceRecord | None, quantized: QuantizeRecord,
@@ -222,12 +223,14 @@ def build_manifest(pipeline: Pipeline, inputs: RepoInputs, ws: Workspace) -> Man
         })
     license_file = _license_entry(inputs.source, taken)
     manifest = _assembled(pipeline, inputs.layout, inputs.repo_id, _published(inputs.source), entries,
-                          [_sibling(pipeline, *sibling) for sibling in inputs.siblings], taken, license_file)
+                          [_sibling(pipeline, *sibling) for sibling in inputs.siblings], taken, license_file,
+                          [_published(record) for record in inputs.compared])
     return with_history(manifest, inputs.published, inputs.prune)
 
 
 def _assembled(pipeline: Pipeline, layout: str, repo_id: str, source: dict | None, entries: list[dict],
-               siblings: list[dict], taken: dict[str, str], license_file: dict | None) -> Manifest:
+               siblings: list[dict], taken: dict[str, str], license_file: dict | None,
+               compared: list[dict] = ()) -> Manifest:
     template = pipeline.card.template or DEFAULT_TEMPLATE
     manifest = Manifest.model_validate({
         "manifest_version": MANIFEST_VERSION,
@@ -245,6 +248,7 @@ def _assembled(pipeline: Pipeline, layout: str, repo_id: str, source: dict | Non
         "siblings": siblings,
         "repo_files": sorted(taken),
         "license_file": license_file,
+        "compared": list(compared),
     })
     images = [chart.path for chart in charts(manifest)]  # drawn from this manifest by the card stage
     return manifest.model_copy(update={"repo_files": sorted([*manifest.repo_files, *images])})

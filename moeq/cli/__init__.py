@@ -5,14 +5,14 @@ user meets them, which is the order `moeq --help` lists them in. Errors are Moeq
 once by the error boundary in app.py.
 """
 
-from moeq.cli import (bench, build, card, check_config, doctor, fetch, imatrix, plan, publish, push, quantize,
+from moeq.cli import (bench, build, card, check_config, compare, doctor, fetch, imatrix, plan, publish, push, quantize,
                       recipe, synth, validate)
 from moeq.cli.app import app, register
 
 COMMANDS = (
     ("build", build.build), ("fetch", fetch.fetch), ("imatrix", imatrix.imatrix), ("recipe", recipe.recipe),
     ("quantize", quantize.quantize),
-    ("validate", validate.validate), ("bench", bench.bench), ("card", card.card_app), ("push", push.push),
+    ("validate", validate.validate), ("bench", bench.bench), ("compare", compare.compare), ("card", card.card_app), ("push", push.push),
     ("publish", publish.publish),
     ("plan", plan.plan), ("check-config", check_config.check_config), ("doctor", doctor.doctor),
     ("synth", synth.synth_app),

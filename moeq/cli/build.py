@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from moeq.cli.options import ConfigOption, JsonOption, SwitchLayoutOption
@@ -22,7 +23,7 @@ def build(
     skip_bench: Annotated[bool, typer.Option("--skip-bench", help="Leave the bench stage out.")] = False,
     force_stage: Annotated[Optional[str], typer.Option(help="Run this stage and every stage after it again: "
                                                        "fetch, imatrix, recipe, choice, quantize, validate, "
-                                                       "bench, shards, card or push.")] = None,
+                                                       "bench, compare, shards, card or push.")] = None,
     switch_layout: SwitchLayoutOption = False,
     stage_to: Annotated[Optional[str], typer.Option("--stage-to", metavar="BRANCH", help="One job of a release across "
                                                     "machines: stage the quants on this branch of the ladder's repo "
@@ -33,14 +34,15 @@ def build(
                                                          "and the file it names), checked by sha256.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Run fetch -> imatrix -> recipe -> choice -> quantize -> validate -> bench -> shards -> card -> push for each
-    quant, skipping what is current (imatrix only for quants with `imatrix: auto`; recipe only for quants with
+    """Run fetch -> imatrix -> recipe -> choice -> quantize -> validate -> bench -> compare -> shards -> card -> push
+    for each quant, skipping what is current (imatrix only for quants with `imatrix: auto`; recipe only for quants with
     `recipe: search`; choice for quants with an importance matrix or a searched recipe: each candidate made,
     measured, and the better published).
 
-    Without --push the last stage shows the files the push would send, without asking the Hub. The summary says
-    why each skipped stage was skipped. Exit 0 when every quant succeeded, else the exit code of the first failed
-    stage.
+    compare measures the files the pipeline's compare: lists, for the card. Without --push the last stage shows
+    the files the push would send, without asking the Hub. The summary says
+    why each skipped stage was skipped. Exit 0 when every quant succeeded and every compared file was measured,
+    else the exit code of the first failed stage (a compared file refused fails no quant).
     """
     from moeq.build import build as run_build
     from moeq.plan import Release
@@ -64,6 +66,9 @@ def build(
         failed = next((s for s in q.stages if s.status == Status.FAILED), None)
         if failed:
             failures.setdefault((failed.stage, failed.why), []).append(q.quant)
+    for p in summary.compared:
+        if p.result.status == Status.FAILED:
+            failures.setdefault(("compare", p.result.why), []).append(f"{p.peer.repo}/{p.peer.file}")
     if failures:  # one error line, whatever failed
         sys.stderr.write("error: " + "; ".join(f"{', '.join(names)}: {stage} failed: {detail}"
                                               for (stage, detail), names in failures.items()) + "\n")
@@ -125,6 +130,15 @@ def _print_summary(summary, ws) -> None:
         elif q.push_plan:
             files = ", ".join(f"{f['path']} ({decimal_size(f['size'])})" for f in q.push_plan)
             console.print(f"{names}: push plan (dry run, not compared with the Hub): {files}", soft_wrap=True)
+    for p in summary.compared:
+        record, result = p.result.record, p.result
+        if result.status == Status.FAILED:
+            continue  # the error line says why
+        figures = (f": mean KLD {record.quality.quant.kld_mean:.6f}"
+                   if record is not None and record.quality and record.quality.quant.kld_mean is not None else "")
+        why = f" ({escape(result.why)})" if result.status == Status.SKIPPED else ""
+        console.print(f"compare {p.peer.repo}/{p.peer.file}: [{colors[result.status]}]{result.status}[/]{why}{figures}",
+                      soft_wrap=True, highlight=False)
     cards = "ladder" if summary.single_repo else "<quant>"
     if any(s.stage == "card" and s.status in (Status.RAN, Status.UP_TO_DATE) for q in summary.quants for s in q.stages):
         console.print(f"cards: {ws.repos_dir}/{cards}/README.md, charts in {ws.repos_dir}/{cards}/images/; "

@@ -8,10 +8,10 @@ reader of each section (load.py). What the rest of moeq uses is named here.
 
 from moeq.config.load import TOP_LEVEL, load_pipeline, parse_size
 from moeq.config.spec import (IMATRIX_AUTO, MAX_CTX, RECIPE_SEARCH, SEARCHED_SUFFIX, SYNTH_MAX, BenchSpec, Budget,
-                              BudgetKind, Layout,
+                              BudgetKind, CompareSpec, Layout,
                               CardSpec, HubSpec, ImatrixSpec, ModelSpec, PerplexitySpec, Pipeline, QuantSpec,
                               RecipeSpec, SourceSpec, SynthSpec, ToolchainSpec, keys_of)
 
 __all__ = ["IMATRIX_AUTO", "MAX_CTX", "RECIPE_SEARCH", "SEARCHED_SUFFIX", "SYNTH_MAX", "TOP_LEVEL", "BenchSpec",
-           "Budget", "BudgetKind", "Layout", "CardSpec", "HubSpec", "ImatrixSpec", "ModelSpec", "PerplexitySpec", "Pipeline", "QuantSpec",
+           "Budget", "BudgetKind", "CompareSpec", "Layout", "CardSpec", "HubSpec", "ImatrixSpec", "ModelSpec", "PerplexitySpec", "Pipeline", "QuantSpec",
            "RecipeSpec", "SourceSpec", "SynthSpec", "ToolchainSpec", "keys_of", "load_pipeline", "parse_size"]

@@ -23,7 +23,7 @@ from huggingface_hub.utils import validate_repo_id
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
 from moeq import quant_types
-from moeq.config.spec import (DEFAULT_FILE_TEMPLATE, DEFAULT_REPO_TEMPLATE, DEFAULT_SINGLE_REPO, IMATRIX_AUTO, Layout, BudgetKind,
+from moeq.config.spec import (MAX_COMPARED, CompareSpec, DEFAULT_FILE_TEMPLATE, DEFAULT_REPO_TEMPLATE, DEFAULT_SINGLE_REPO, IMATRIX_AUTO, Layout, BudgetKind,
                               BUDGET_PLACEMENTS, MAX_CTX, MAX_EXTRA_VALUES, MAX_PIPELINE_BYTES, MAX_TIMEOUT_S,
                               RECIPE_SEARCH, REPO_TEMPLATE_FIELDS, SOURCE_KINDS, SYNTH_ARCHS, SYNTH_MAX, UNQUANTIZED,
                               BenchSpec, Budget, CardSpec, HubSpec, ImatrixSpec, ModelSpec, PerplexitySpec, Pipeline,
@@ -31,6 +31,7 @@ from moeq.config.spec import (DEFAULT_FILE_TEMPLATE, DEFAULT_REPO_TEMPLATE, DEFA
                               repo_name)
 from moeq.config.yaml_nodes import MAX_NAME, PORTABLE_NAME, Node, first_sentence, require_plain_tags
 from moeq.errors import ConfigError, InputError
+from moeq.gguf_header import SPLIT_NAME_RE
 from moeq.recipe_file import pattern_problem, read_recipe, search_problem
 from moeq.offload import MODE_HINT, is_setting
 from moeq.toolchain import BACKENDS
@@ -503,6 +504,37 @@ def _toolchain(n: Node, base: Path) -> ToolchainSpec:
                                       "quantize_silence_s": lambda node: node.int(minimum=60, maximum=86_400)}))
 
 
+def _compare(n: Node, quality: bool) -> tuple[CompareSpec, ...]:
+    """compare: the other publishers' GGUFs of the model, each {repo, file, revision?, label?}."""
+    items = n.list()
+    if len(items) > MAX_COMPARED:
+        raise n.fail(f"{len(items)} files", f"compare at most {MAX_COMPARED}")
+    if items and not quality:
+        raise n.fail("files to compare, while bench.quality is false: they are compared on their KL divergence "
+                     "against F16", "set bench.quality: true, or remove compare")
+    peers: list[CompareSpec] = []
+    for item in items:
+        m = item.mapping(keys_of(CompareSpec), required=("repo", "file"))
+        file = m["file"].relative_name()
+        if not file.endswith(".gguf"):
+            raise m["file"].fail(f"{file[:80]!r} is not a .gguf file", "name the GGUF file in the repo")
+        shard = SPLIT_NAME_RE.match(file.rsplit("/", 1)[-1])
+        if shard and int(shard["n"]) != 1:
+            raise m["file"].fail(f"{file[:80]!r} is shard {int(shard['n'])} of a split file",
+                                 f"name its first shard, {shard['stem']}-00001-of-{shard['total']}.gguf")
+        label = m["label"].str() if "label" in m else None
+        if label is not None and not (0 < len(label) <= 80 and label.isprintable()):
+            raise m["label"].fail("a label is 1 to 80 printable characters")
+        revision = m["revision"].str() if "revision" in m else None
+        if revision is not None and not (0 < len(revision) <= 200 and revision.isprintable()):
+            raise m["revision"].fail("a revision is a commit sha, a branch or a tag")
+        peer = CompareSpec(repo=_repo_id(m["repo"]), file=file, revision=revision, label=label)
+        if any(p.id == peer.id for p in peers):
+            raise item.fail(f"{peer.repo}/{peer.file} is listed twice")
+        peers.append(peer)
+    return tuple(peers)
+
+
 def load_pipeline(path: Path) -> Pipeline:
     """Read and validate a pipeline file; raise ConfigError naming file, line and key."""
     path = Path(path)
@@ -559,4 +591,5 @@ def load_pipeline(path: Path) -> Pipeline:
         toolchain=_toolchain(top["toolchain"], base) if "toolchain" in top else ToolchainSpec(),
         imatrix=_imatrix(top["imatrix"], base) if "imatrix" in top else ImatrixSpec(),
         recipe=_recipe(top["recipe"], base) if "recipe" in top else RecipeSpec(),
+        compare=_compare(top["compare"], bench.quality) if "compare" in top else (),
     )

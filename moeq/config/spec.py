@@ -7,6 +7,7 @@ and their defaults are the section's defaults, written once here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -80,6 +81,24 @@ class SourceSpec:
 
 
 IMATRIX_AUTO = "auto"  # quants[].imatrix: the imatrix stage's output
+MAX_COMPARED = 16  # compare: entries; each is a download and a measurement
+
+
+@dataclass(frozen=True)
+class CompareSpec:
+    """compare[]: a GGUF of the same model published elsewhere on the Hub, measured beside the ladder."""
+
+    repo: str
+    file: str  # the GGUF, or a split file's first shard
+    revision: str | None = None  # None: main when it is fetched (the commit is recorded)
+    label: str | None = None  # what the card calls it (default: the file's name)
+
+    @property
+    def id(self) -> str:
+        """What names its record (records/compare-ID.json) and its download folder: readable, unique per file."""
+        text = f"{self.repo}/{self.file.removesuffix('.gguf')}"
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", text.replace("/", "--"))
+        return slug if len(slug) <= 80 else f"{slug[:67]}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)
@@ -239,6 +258,7 @@ class Pipeline:
     toolchain: ToolchainSpec
     imatrix: ImatrixSpec = field(default_factory=ImatrixSpec)
     recipe: RecipeSpec = field(default_factory=RecipeSpec)
+    compare: tuple[CompareSpec, ...] = ()
 
     def quant(self, name: str) -> QuantSpec:
         for q in self.quants:

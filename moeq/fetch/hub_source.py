@@ -25,12 +25,11 @@ from moeq.config import Pipeline
 from moeq.errors import HubError, ToolError
 from moeq.gguf_header import SPLIT_NAME_RE, read_header, read_source_header
 from moeq.hub.client import hub_errors
-from moeq.hub.download import download_verified
+from moeq.hub.download import download_all, listed_files
 from moeq.records import FileRef, FetchRecord
 from moeq.runner import run_tool
 from moeq.toolchain import Toolchain, pinned_src_dir
-from moeq.units import decimal_size
-from moeq.workspace import Workspace, commit_file, inside, partial_file, require_free
+from moeq.workspace import Workspace, commit_file, partial_file, require_free
 
 # README.md is the model card: convert_hf_to_gguf.py takes general.license, name, base model, tags and
 # languages from its frontmatter (gguf-py metadata.py); the license file travels with it.
@@ -61,36 +60,6 @@ def fetch_hub_source(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolc
     )
 
 
-def _entries(api: HfApi, repo: str, commit: str, names: list[str]) -> list[RepoFile]:
-    with hub_errors("listing files", repo):
-        found = {e.path: e for e in api.get_paths_info(repo, names, revision=commit) if isinstance(e, RepoFile)}
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise HubError(f"{repo}@{commit[:12]}", f"no file {missing[0]}", "check source.file in the pipeline file")
-    return [found[n] for n in names]
-
-
-def _download_all(api: HfApi, repo: str, commit: str, entries: list[RepoFile], folder: Path,
-                  on_message: Callable[[str], None]) -> list[dict]:
-    targets = [_download_target(repo, commit, entry, folder) for entry in entries]  # all checked before any byte
-    files = []
-    for entry, target in zip(entries, targets):
-        on_message(f"{repo}: {entry.path} ({decimal_size(entry.size)})")
-        sha = download_verified(api, repo, commit, entry, target)
-        files.append({"name": entry.path, "size": entry.size, "sha256": sha})
-    return files
-
-
-def _download_target(repo: str, commit: str, entry: RepoFile, folder: Path) -> Path:
-    """Where a listed file is downloaded to: inside `folder`, or the listing is refused (a hostile Hub or mirror)."""
-    target = inside(folder, entry.path)
-    if target is None or not isinstance(entry.size, int) or entry.size < 0:
-        raise HubError(f"{repo}@{commit[:12]}",
-                       f"the Hub lists {entry.path[:200]!r}, which is not a file inside the download folder {folder}",
-                       "nothing was downloaded. Check source.repo and HF_ENDPOINT")
-    return target
-
-
 def _fetch_gguf(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolchain | None, commit: str,
                 target: Path, on_message: Callable[[str], None]) -> list[dict]:
     spec = pipeline.source
@@ -100,11 +69,11 @@ def _fetch_gguf(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolchain 
         prefix = spec.file[: -len(Path(spec.file).name)]
         total = int(shard["total"])
         names = [f"{prefix}{shard['stem']}-{i:05d}-of-{total:05d}.gguf" for i in range(1, total + 1)]
-    entries = _entries(api, spec.repo, commit, names)
+    entries = listed_files(api, spec.repo, commit, names, "check source.file in the pipeline file")
     size = sum(e.size for e in entries)
     require_free(ws.source_dir, size * (2 if shard else 1), "the source")
     folder = ws.source_dir / "download"
-    files = _download_all(api, spec.repo, commit, entries, folder, on_message)
+    files = download_all(api, spec.repo, commit, entries, folder, on_message)
     if not shard:
         commit_file(folder / spec.file, target, synced=True)
         ws.hashes.remember(target, files[0]["sha256"])  # verified while downloading: no second read
@@ -133,7 +102,7 @@ def _fetch_hf(pipeline: Pipeline, ws: Workspace, api: HfApi, commit: str, target
     size = sum(e.size for e in entries)
     require_free(ws.source_dir, size * 2, "the source")
     folder = ws.source_dir / "hf" / f"{spec.repo.replace('/', '--')}@{commit[:12]}"
-    files = _download_all(api, spec.repo, commit, entries, folder, on_message)
+    files = download_all(api, spec.repo, commit, entries, folder, on_message)
     on_message(f"{spec.repo}: converting to F16 GGUF with convert_hf_to_gguf.py")
     convert_checkpoint(folder, target, ws.source_dir / "convert.log")
     license_file = _keep_license(folder, files, ws.source_dir / "license")

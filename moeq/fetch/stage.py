@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
 from moeq.config import Pipeline
-from moeq.errors import HubError, InputError
-from moeq.hub.client import hub_errors
+from moeq.errors import InputError
+from moeq.hub.download import resolve_commit
 from moeq.records import FileRef, FetchRecord
 from moeq.stage_runner import Stage
 from moeq.toolchain import PINNED_COMMIT
 from moeq.workspace import Workspace, partial_file
 
-SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 HUB_KINDS = ("gguf", "hf")
 
 
@@ -41,16 +39,7 @@ def fetch_stage(pipeline: Pipeline, ws: Workspace, api=None, chain=None,
     resolved: dict[str, str] = {}  # the commit the key found, so run() fetches exactly that one
 
     def key() -> dict:
-        if SHA_RE.match(spec.revision or ""):
-            commit = spec.revision
-        else:
-            with hub_errors("resolving the revision", spec.repo):
-                commit = api.model_info(spec.repo, revision=spec.revision or "main").sha
-            if not SHA_RE.match(str(commit)):  # it names the download folder: only a sha is accepted
-                raise HubError(spec.repo, f"the Hub gave {str(commit)[:80]!r} as the commit of "
-                               f"{spec.revision or 'main'!r}, which is not a commit sha", "check HF_ENDPOINT")
-            on_message(f"warning: source.revision {spec.revision or 'main'!r} is not a commit sha; using {commit}, "
-                       f"its commit now. Pin it in {pipeline.path} for a reproducible release")
+        commit = resolve_commit(api, spec.repo, spec.revision, "source.revision", pipeline.path, on_message)
         resolved["commit"] = commit
         return {"kind": spec.kind, "repo": spec.repo, "file": spec.file, "commit": commit}
 

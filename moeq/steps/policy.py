@@ -1,11 +1,12 @@
-"""When a validation or a bench fails its quant: the same rule for `moeq validate`, `moeq bench` and a build."""
+"""When a validation or a bench fails its quant, and when a compared file fails: the same rule for `moeq validate`,
+`moeq bench`, `moeq compare` and a build."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from moeq.errors import CheckFailed, ToolError
-from moeq.records import BenchRecord, CheckResult
+from moeq.errors import CheckFailed, InputError, ToolError
+from moeq.records import BenchRecord, CheckResult, CompareRecord
 
 
 def require_passed(what: str, checks: list[CheckResult], fix: str) -> None:
@@ -24,3 +25,11 @@ def require_measured(benched: list[BenchRecord], records_dir: Path) -> None:
         raise ToolError("bench", f"recorded errors for {', '.join(failed)} ("
                         + (f"measured: {', '.join(measured)}" if measured else "nothing was measured") + ")",
                         f"see the bench records in {records_dir}")
+
+
+def require_same_model(compared: CompareRecord) -> None:
+    """A compared file that is not a quantization of the F16 fails (exit 3), naming its first difference; it was
+    deleted, and its record keeps the refusal until the file on the Hub changes."""
+    if compared.refused is not None:
+        raise InputError(f"compare: {compared.repo}/{compared.repo_file}@{compared.commit[:12]}", compared.refused,
+                         "remove it from compare in the pipeline file, or name a GGUF of the same model")

@@ -19,17 +19,18 @@ from moeq.cards.history import PublishedRepo
 from moeq.cards.manifest import CardInputs, RepoInputs
 from moeq.cards.stage import card_stage
 from moeq.choice.stage import choice_stage
-from moeq.config import IMATRIX_AUTO, QuantSpec
+from moeq.compare.stage import compare_stage
+from moeq.config import IMATRIX_AUTO, CompareSpec, QuantSpec
 from moeq.errors import ToolError
 from moeq.fetch.stage import HUB_KINDS, fetch_stage, fetched_source
 from moeq.imatrix.stage import imatrix_stage
-from moeq.kld import compare
+from moeq.kld import compare, eval_options
 from moeq.manifest import MANIFEST_NAME
 from moeq.push.stage import push_stage
 from moeq.quantize.stage import quantize_stage
 from moeq.recipe.cost import plan_search
 from moeq.recipe.stage import recipe_stage
-from moeq.records import (Made, BenchRecord, CardRecord, ChoiceRecord, FetchRecord, ImatrixRecord, PushRecord,
+from moeq.records import (Made, BenchRecord, CardRecord, ChoiceRecord, CompareRecord, FetchRecord, ImatrixRecord, PushRecord,
                           QuantizeRecord, RecipeRecord, ShardsRecord, ValidateRecord)
 from moeq.shards.stage import shards_stage
 from moeq.stage_runner import StageResult, Status, current, run_stage
@@ -206,15 +207,36 @@ def bench(ctx: Context, quant: QuantSpec, quantized: QuantizeRecord, validated: 
     return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
 
 
+def compare_peer(ctx: Context, peer: CompareSpec, source: FetchRecord, force: bool = False) -> StageResult[CompareRecord]:
+    """Another publisher's GGUF of the model, fetched and measured beside the ladder (or refused, saying why)."""
+    stage = compare_stage(ctx.pipeline, peer, ctx.ws, ctx.chain, ctx.api, source, on_message=ctx.say)
+    return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
+
+
+def compared(ctx: Context, peer: CompareSpec, source: FetchRecord) -> StageResult[CompareRecord]:
+    """Its saved record, without asking the Hub, when it was measured against this F16 with the pipeline's
+    evaluation options (the commands after compare never download); else skipped, saying what measures it."""
+    saved = ctx.records.saved("compare", peer.id)
+    key = saved.key or {} if saved is not None else {}
+    options = eval_options(ctx.pipeline, ctx.ws).model_dump(mode="json")
+    if (saved is None or saved.record.refused is not None or key.get("source_sha256") != source.output.sha256
+            or (key.get("options") or {}).get("perplexity") != options
+            or [key.get("repo"), key.get("file"), key.get("label")] != [peer.repo, peer.file, peer.label]):
+        return StageResult("compare", Status.SKIPPED, f"not measured: run moeq compare --config {ctx.pipeline.path}")
+    return StageResult("compare", Status.UP_TO_DATE, "as moeq compare left it", 0.0, saved.record)
+
+
 def shards(ctx: Context, quantized: QuantizeRecord, force: bool = False) -> StageResult[ShardsRecord]:
     stage = shards_stage(ctx.pipeline, quantized, ctx.ws, ctx.chain)
     return run_stage(stage, ctx.records, force=force, on_message=ctx.say)
 
 
 def card(ctx: Context, unit: RepoUnit, listed: list[tuple[QuantSpec, ShardsRecord]],
-         force: bool = False, published: PublishedRepo | None = None, prune: bool = False) -> StageResult[CardRecord]:
+         force: bool = False, published: PublishedRepo | None = None, prune: bool = False,
+         compared: list[CompareRecord] = ()) -> StageResult[CardRecord]:
     """The repo's card from the current records of the quants it lists (`listed`, each with its shards), told what
-    it supersedes and changes on the Hub (`published`; `prune`: the push deletes what it supersedes)."""
+    it supersedes and changes on the Hub (`published`; `prune`: the push deletes what it supersedes), and the other
+    publishers' files measured beside them (`compared`)."""
     warned: list[str] = []
 
     def warn(message: str) -> None:
@@ -223,7 +245,7 @@ def card(ctx: Context, unit: RepoUnit, listed: list[tuple[QuantSpec, ShardsRecor
 
     quants = [CardInputs.from_records(ctx.records, q, split, warn=warn) for q, split in listed]
     inputs = RepoInputs(unit.repo_id, ctx.pipeline.hub.layout, ctx.records.get(FetchRecord), quants,
-                        siblings=siblings(ctx, unit), published=published, prune=prune)
+                        siblings=siblings(ctx, unit), published=published, prune=prune, compared=list(compared))
     done = run_stage(card_stage(ctx.pipeline, unit.quant, ctx.ws, inputs), ctx.records, force=force,
                      on_message=ctx.say)
     return dataclasses.replace(done, warnings=tuple(warned))

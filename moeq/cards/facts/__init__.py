@@ -1,8 +1,8 @@
 """Records manifest -> the typed facts a card template formats.
 
 Every figure is formatted here, once, from a record value; the template only lays them out. A section's
-facts sit in the module named after its partial (choose, usage, memory, measured, recipe, imatrix,
-validation, prompt, history; made for how the file was made), each a frozen dataclass, its shared formatting in shared.py.
+facts sit in the module named after its partial (choose, compare, usage, memory, measured, recipe,
+imatrix, validation, prompt, history; made for how the file was made), each a frozen dataclass, its shared formatting in shared.py.
 A section whose record is absent is None, and the template says "not measured".
 
     facts = card_facts(read_manifest(Path("work/repos/Q8_0/moeq-manifest.json")))
@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeq.cards.charts import charts
+from moeq.cards.facts.compare import CompareFacts, compare_facts
 from moeq.cards.facts.choose import ChooseFacts, ContextFacts, choose_facts, context_facts
 from moeq.cards.facts.history import SupersededRow, UpdateFacts, superseded_rows, update_facts
 from moeq.cards.facts.imatrix import ImatrixFacts, imatrix_facts
@@ -90,6 +91,7 @@ class CardFacts:
     download_total: str  # every GGUF file of the repo's quants
     prompt: PromptFacts | None  # None: no file carries a chat template
     choose: ChooseFacts | None
+    compare: CompareFacts | None  # other publishers' files, measured beside this repo's
     context: ContextFacts | None
     charts: list[ChartLink]
     imatrix_files: list[ImatrixFacts]
@@ -127,6 +129,7 @@ def card_facts(manifest: Manifest) -> CardFacts:
         download_total=decimal_size(sum(f.size for q in manifest.quants for f in q.files)),
         prompt=prompt_facts(manifest.quants),
         choose=choose_facts(manifest.quants),
+        compare=compare_facts(manifest),
         context=context_facts(manifest.quants, first.model.context_length),
         charts=[ChartLink(c.path, c.alt, f"{hub_url(manifest.repo_id)}/resolve/main/{c.path}")
                 for c in charts(manifest)],

@@ -1,0 +1,122 @@
+"""compare: other publishers' GGUFs of the model, fetched from the (test) Hub, checked from their header, measured
+beside the ladder on the same text and machine, and shown on the card; hostile ones refused with one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import copy_built, run_moeq
+from moeq.cards.facts.compare import VERDICTS
+from moeq.compare.identity import first_difference
+from moeq.config import CompareSpec, SynthSpec
+from moeq.gguf_header import read_header
+from moeq.kld import compare
+from moeq.manifest import MANIFEST_NAME, read_manifest
+from moeq.records import Made
+from moeq.synth import write_synth_model
+
+PUBLISHER = "other-publisher/tiny-phimoe-GGUF"
+PEER = "tiny-phimoe-Q4_K_M.gguf"
+OTHER = "other/other-model-Q4_K_M.gguf"
+
+
+def with_compare(config: Path, peers: list[dict]) -> Path:
+    data = yaml.safe_load(config.read_text())
+    data["compare"] = peers
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return config
+
+
+def quantized(toolchain, source: Path, out: Path, quant: str = "Q4_K_M") -> bytes:
+    """`source` quantized by plain llama-quantize, as another publisher would (no importance matrix)."""
+    proc = subprocess.run([str(toolchain.path("llama-quantize")), str(source), str(out), quant],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out.read_bytes()
+
+
+def record(folder: Path, repo: str, file: str) -> dict:
+    path = folder / "work" / "records" / f"compare-{CompareSpec(repo, file).id}.json"
+    return json.loads(path.read_text())["record"]
+
+
+@pytest.fixture
+def built_copy(tmp_path, example_built) -> Path:
+    copy_built(example_built, tmp_path)
+    return tmp_path / "tiny-phimoe.yaml"
+
+
+@pytest.mark.slow
+def test_a_plain_llama_quantize_file_is_measured_as_moeqs_own_and_another_model_is_refused(
+        tmp_path, built_copy, test_hub, toolchain):
+    source = tmp_path / "work" / "source" / "tiny-phimoe-F16.gguf"
+    peer = quantized(toolchain, source, tmp_path / "peer.gguf")
+    other_f16 = write_synth_model(tmp_path / "other-F16.gguf", SynthSpec(layers=2, experts=4, embd=256, ff=256))
+    other = quantized(toolchain, other_f16, tmp_path / "other.gguf")
+    commit = test_hub.state.add_files(PUBLISHER, {PEER: peer, OTHER: other})
+    config = with_compare(built_copy, [{"repo": PUBLISHER, "file": PEER, "label": "plain llama-quantize Q4_K_M"},
+                                       {"repo": PUBLISHER, "file": OTHER}])
+
+    proc = run_moeq("build", "--config", str(config), "--all", "--json", env=test_hub.env)
+    summary = json.loads(proc.stdout)
+    assert proc.returncode == 3, proc.stderr
+    # every quant's stages are as the build left them; the card was made again, with the comparison
+    assert all(q["ok"] for q in summary["quants"])
+    assert [(p["file"], p["status"]) for p in summary["compared"]] == [(PEER, "ran"), (OTHER, "failed")]
+    [error] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    difference = first_difference(read_header(source), read_header(tmp_path / "other.gguf"))
+    assert difference is not None
+    assert error == (f"error: {PUBLISHER}/{OTHER}: compare failed: compare: {PUBLISHER}/{OTHER}@{commit[:12]}: not a "
+                     f"quantization of the F16 source: {difference}; remove it from compare in the pipeline file, or "
+                     "name a GGUF of the same model")
+
+    measured = record(tmp_path, PUBLISHER, PEER)
+    assert measured["commit"] == commit and measured["refused"] is None
+    assert measured["files"] == [{"name": PEER, "size": len(peer), "sha256": hashlib.sha256(peer).hexdigest()}]
+    # plain llama-quantize is deterministic: the peer is moeq's own candidate made without the matrix, byte for
+    # byte, and measured the same
+    choice = json.loads((tmp_path / "work" / "records" / "choice-Q4_K_M.json").read_text())["record"]
+    [without] = [c for c in choice["candidates"] if c["name"] == "without the importance matrix"]
+    assert without["file"]["sha256"] == hashlib.sha256(peer).hexdigest()
+    assert measured["quality"]["quant"]["kld_mean"] == without["quality"]["kld_mean"]
+    assert measured["quality"]["quant"]["kld_mean_err"] == without["quality"]["kld_mean_err"]
+    assert {t["type"] for t in measured["types"]} >= {"Q4_K", "Q6_K", "F32"}
+    assert [run["mode"] for run in measured["speed"]] == ["cpu"]  # no GPU here: the offload modes are not run
+    refused = record(tmp_path, PUBLISHER, OTHER)
+    assert refused["refused"] == f"not a quantization of the F16 source: {difference}"
+    assert refused["quality"] is None
+    assert not list((tmp_path / "work" / "compare").rglob("*.gguf*"))  # measured or refused, then deleted
+
+    card = tmp_path / "work" / "repos" / "ladder" / "README.md"
+    text = card.read_text()
+    section = text.split("## Compared with other published files")[1].split("\n## ")[0]
+    assert f"### [plain llama-quantize Q4_K_M](https://huggingface.co/{PUBLISHER}/blob/{commit}/{PEER})" in section
+    assert f"in [{PUBLISHER}](https://huggingface.co/{PUBLISHER}/tree/{commit})" in section
+    assert "| Figure | That file | This repo's Q4_K_M |" in section
+    kld = f"{without['quality']['kld_mean']:.6f} ± {without['quality']['kld_mean_err']:.6f}"
+    assert f"| Mean KLD | {kld} |" in section
+    assert "other-model" not in text
+    manifest = read_manifest(card.parent / MANIFEST_NAME)
+    assert [r.repo_file for r in manifest.compared] == [PEER]
+    # the verdict is the choice's own between the published file and the one made without the matrix: the same file
+    choice = manifest.entry("Q4_K_M").records.choice
+    [unpublished] = [c for c in choice.candidates if c.name == Made.WITHOUT]
+    verdict = VERDICTS[compare(choice.published.quality, unpublished.quality)]
+    assert f"by the rule moeq chooses its own files by: {verdict}." in section
+    assert "plain llama-quantize Q4_K_M from other-publisher/tiny-phimoe-GGUF" in text  # the chart's alt text
+    for check in ("lint", "verify"):
+        proc = run_moeq("card", check, str(card))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    # nothing changed: nothing is downloaded or measured again, and the refusal is said again from its record
+    start = len(test_hub.requests)
+    proc = run_moeq("compare", "--config", str(config), "--json", env=test_hub.env)
+    assert proc.returncode == 3 and "not a quantization of the F16 source" in proc.stderr
+    assert [item["skipped"] for item in json.loads(proc.stdout)] == [True, True]
+    assert not [r for r in test_hub.requests[start:] if r.path.startswith(("/lfs-objects/", f"/{PUBLISHER}/resolve"))]
