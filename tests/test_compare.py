@@ -114,9 +114,90 @@ def test_a_plain_llama_quantize_file_is_measured_as_moeqs_own_and_another_model_
         proc = run_moeq("card", check, str(card))
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
-    # nothing changed: nothing is downloaded or measured again, and the refusal is said again from its record
+    # the card's own command takes the comparison as measured, without asking the Hub
     start = len(test_hub.requests)
+    proc = run_moeq("card", "--config", str(config), "--force", env=test_hub.env)
+    assert proc.returncode == 0, proc.stderr
+    assert card.read_text() == text and not test_hub.requests[start:]
+
+    # nothing changed: nothing is downloaded or measured again, and the refusal is said again from its record
     proc = run_moeq("compare", "--config", str(config), "--json", env=test_hub.env)
     assert proc.returncode == 3 and "not a quantization of the F16 source" in proc.stderr
     assert [item["skipped"] for item in json.loads(proc.stdout)] == [True, True]
     assert not [r for r in test_hub.requests[start:] if r.path.startswith(("/lfs-objects/", f"/{PUBLISHER}/resolve"))]
+
+
+def random_example(tmp_path: Path, peers: list[dict]) -> Path:
+    """The example with random weights (made in a second) and `peers` in compare:."""
+    from conftest import pipeline_file
+
+    return pipeline_file(tmp_path, trained=False, compare=peers)
+
+
+def left_behind(tmp_path: Path) -> list[Path]:
+    """What a refused compared file left: any file under the compare folder but a log, or a compare record."""
+    work = tmp_path / "work"
+    return ([p for p in (work / "compare").rglob("*") if p.is_file() and p.suffix != ".log"]
+            + list((work / "records").glob("compare-*.json")))
+
+
+def gguf_claiming(tensors: int) -> bytes:
+    """A GGUF header that claims `tensors` tensors and holds none."""
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, tensors, 0) + bytes(4096)
+
+
+@pytest.mark.parametrize("case", ["larger than the F16", "truncated", "absurd tensor count"])
+def test_a_hostile_file_is_refused_with_one_line_and_nothing_left(tmp_path, test_hub, case):
+    config = random_example(tmp_path, [{"repo": PUBLISHER, "file": PEER}])
+    run_moeq("fetch", "--config", str(config))
+    source = (tmp_path / "work" / "source" / "tiny-phimoe-F16.gguf").read_bytes()
+    data = {"larger than the F16": source + bytes(1024), "truncated": source[:-4096],
+            "absurd tensor count": gguf_claiming(1 << 39)}[case]
+    commit = test_hub.state.add_files(PUBLISHER, {PEER: source if case == "truncated" else data})
+    if case == "truncated":  # the Hub lists the whole file; its storage serves a file cut short
+        test_hub.state.lfs[hashlib.sha256(source).hexdigest()] = data
+    proc = run_moeq("compare", "--config", str(config), env=test_hub.env)
+    where = f"{PUBLISHER}/{PEER}@{commit[:12]}"
+    expected = {
+        "larger than the F16": (f"error: {where}: {len(data) / 1e6:.2f} MB, larger than the F16 source "
+                                f"({len(source) / 1e6:.2f} MB), so no quantization of it; nothing was downloaded"),
+        "truncated": (f"error: {PUBLISHER}/{PEER}@{commit[:12]}: the download ended at {len(data):,} of the "
+                      f"{len(source):,} bytes the Hub lists"),
+        "absurd tensor count": f"error: {where}: GGUF header claims {1 << 39} tensors and 0 keys, more than its "
+                               f"{len(data):,} bytes can hold; the file is corrupt; remove it from compare in {config}",
+    }[case]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode in (3, 5) and len(errors) == 1 and errors[0].startswith(expected), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert left_behind(tmp_path) == []
+
+
+def test_the_pipeline_refuses_a_compared_file_it_cannot_name_safely(tmp_path):
+    cases = {
+        "../outside.gguf": "is not a safe relative name",
+        "model.safetensors": "is not a .gguf file",
+        "split/model-00002-of-00003.gguf": "is shard 2 of a split file; name its first shard, "
+                                           "model-00001-of-00003.gguf",
+    }
+    for file, problem in cases.items():
+        config = random_example(tmp_path, [{"repo": PUBLISHER, "file": file}])
+        proc = run_moeq("check-config", "--config", str(config))
+        assert proc.returncode == 2 and problem in proc.stderr and "compare[0].file" in proc.stderr, proc.stderr
+    config = random_example(tmp_path, [{"repo": PUBLISHER, "file": PEER}] * 2)
+    proc = run_moeq("check-config", "--config", str(config))
+    assert proc.returncode == 2 and f"{PUBLISHER}/{PEER} is listed twice" in proc.stderr
+    config = random_example(tmp_path, [{"repo": PUBLISHER, "file": PEER, "label": "x" * 81}])
+    assert "a label is 1 to 80 printable characters" in run_moeq("check-config", "--config", str(config)).stderr
+    config = random_example(tmp_path, [{"repo": PUBLISHER, "file": f"f{i}.gguf"} for i in range(17)])
+    assert "compare: 17 files; compare at most 16" in run_moeq("check-config", "--config", str(config)).stderr
+    from conftest import example_section
+
+    config = random_example(tmp_path, [{"repo": PUBLISHER, "file": PEER}])
+    data = yaml.safe_load(config.read_text())
+    data["bench"] = {**example_section("bench"), "quality": False}
+    config.write_text(yaml.safe_dump(data))
+    proc = run_moeq("check-config", "--config", str(config))
+    assert proc.returncode == 2 and "they are compared on their KL divergence against F16" in proc.stderr
+    assert not (tmp_path / "work").exists()

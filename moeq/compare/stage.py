@@ -89,7 +89,13 @@ def compare_stage(pipeline: Pipeline, peer: CompareSpec, ws: Workspace, chain: T
             record = CompareRecord(peer=peer.id, repo=peer.repo, repo_file=peer.file, revision=peer.revision,
                                    commit=commit, label=peer.label, files=[PeerFile(**f) for f in files])
             paths = [folder / "download" / e.path for e in entries]
-            header = _merged_header(paths)
+            try:
+                header = _merged_header(paths)
+            except InputError as exc:  # named as the Hub holds it: the download is deleted below
+                name = Path(exc.where).relative_to(folder / "download") if Path(exc.where).is_relative_to(
+                    folder / "download") else peer.file
+                raise InputError(f"{peer.repo}/{name}@{commit[:12]}", exc.problem,
+                                 f"{exc.fix}; remove it from compare in {pipeline.path}") from None
             difference = first_difference(read_source_header(Path(source.output.path)), header)
             if difference is not None:
                 return record.model_copy(update={"refused": f"not a quantization of the F16 source: {difference}"})

@@ -75,8 +75,16 @@ def download_verified(api: HfApi, repo_id: str, commit: str, entry: RepoFile, de
             meta = get_hf_file_metadata(url, token=api.token)
             with open(partial, "r+b" if have else "wb") as fh:
                 fh.seek(have)
-                http_get(meta.location, fh, resume_size=have, headers=headers, expected_size=entry.size,
-                         displayed_filename=entry.path)
+                try:
+                    http_get(meta.location, fh, resume_size=have, headers=headers, expected_size=entry.size,
+                             displayed_filename=entry.path)
+                except OSError as exc:
+                    if exc.errno is not None:  # the disk's (full, read-only): the workspace's to fix
+                        raise
+                    # the client's size check: the body ended short of the size the Hub lists, even resumed
+                    raise HubError(f"{repo_id}/{entry.path}@{commit[:12]}",
+                                   f"the download ended at {fh.tell():,} of the {entry.size:,} bytes the Hub lists",
+                                   f"run the command again: it resumes from {partial.name}") from None
                 fh.truncate()
     got = _digest(partial, entry.lfs is not None)
     if got != expected:
