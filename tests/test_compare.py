@@ -72,7 +72,7 @@ def test_a_plain_llama_quantize_file_is_measured_as_moeqs_own_and_another_model_
     [error] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     difference = first_difference(read_header(source), read_header(tmp_path / "other.gguf"))
     assert difference is not None
-    assert error == (f"error: {PUBLISHER}/{OTHER}: compare failed: compare: {PUBLISHER}/{OTHER}@{commit[:12]}: not a "
+    assert error == (f"error: {PUBLISHER}/{OTHER}: compare failed: {PUBLISHER}/{OTHER}@{commit[:12]}: not a "
                      f"quantization of the F16 source: {difference}; remove it from compare in the pipeline file, or "
                      "name a GGUF of the same model")
 

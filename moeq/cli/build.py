@@ -103,7 +103,7 @@ def _print_summary(summary, ws) -> None:
         table.add_column("stage", no_wrap=True)
         for i in part:
             table.add_column(summary.quants[i].quant, no_wrap=True)
-        for stage in (*STAGES, "size"):
+        for stage in (*(s for s in STAGES if s != "compare"), "size"):  # compare is per file: the lines below
             table.add_row(stage, *[cells[i].get(stage, "") for i in part])
         console.print(table)
     skips: dict[tuple[str, str], list[str]] = {}  # why each skipped stage was skipped, once for the quants it names

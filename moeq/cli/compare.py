@@ -56,7 +56,7 @@ def _print(record, up_to_date: bool) -> None:
     table.add_row("tensor types", ", ".join(f"{t.type} x{t.tensors}" for t in record.types))
     for name, value, digits in (("mean KLD", figures.kld_mean, 6), ("99% KLD", figures.kld_p99, 6),
                                 ("max KLD", figures.kld_max, 6), ("same top token %", figures.same_top_p, 2),
-                                ("PPL ratio", figures.ppl_ratio, 4)):
+                                ("PPL", figures.ppl_q, 4)):
         table.add_row(name, "not printed" if value is None else f"{value:.{digits}f}")
     for run in record.speed:
         for test in run.tests:

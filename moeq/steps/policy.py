@@ -31,5 +31,5 @@ def require_same_model(compared: CompareRecord) -> None:
     """A compared file that is not a quantization of the F16 fails (exit 3), naming its first difference; it was
     deleted, and its record keeps the refusal until the file on the Hub changes."""
     if compared.refused is not None:
-        raise InputError(f"compare: {compared.repo}/{compared.repo_file}@{compared.commit[:12]}", compared.refused,
+        raise InputError(f"{compared.repo}/{compared.repo_file}@{compared.commit[:12]}", compared.refused,
                          "remove it from compare in the pipeline file, or name a GGUF of the same model")

@@ -76,6 +76,12 @@ def _cpu(speed: list[SpeedRun]) -> SpeedRun | None:
     return next((run for run in speed if run.mode == "cpu"), None)
 
 
+def _size_note(ours: int, theirs: int) -> str:
+    """How much larger or smaller this repo's file is, where the two differ by a percent or more."""
+    change = round(100 * (ours / theirs - 1))
+    return "" if change == 0 else f", at a file {abs(change)} % {'larger' if change > 0 else 'smaller'} than that one"
+
+
 def _peer(manifest: Manifest, record: CompareRecord) -> PeerFacts:
     measured = [entry for entry in manifest.quants if _comparable(entry, record)]
     nearest = min(measured, key=lambda e: (abs(sum(f.size for f in e.files) - record.size), e.quant), default=None)
@@ -99,7 +105,8 @@ def _peer(manifest: Manifest, record: CompareRecord) -> PeerFacts:
                 ", ".join(f"{name} ({n})" for name, (n, _b) in sorted(own.items(), key=lambda kv: (-kv[1][1], kv[0]))),
                 figures.kld_mean, figures.kld_p99, figures.kld_max, figures.same_top_p, figures.ppl_ratio,
                 speed_text(_cpu(bench.speed))]
-        verdict = VERDICTS[compare(bench.quality.quant, record.quality.quant)]
+        verdict = VERDICTS[compare(bench.quality.quant, record.quality.quant)] + _size_note(
+            sum(f.size for f in nearest.files), record.size)
     path = quote(record.repo_file)
     return PeerFacts(
         name=peer_name(record), repo=record.repo, file=record.repo_file,
