@@ -13,7 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 2  # 2: every nested value typed, and the stage runner's key stored in the record
 
@@ -812,7 +812,7 @@ class CompareRecord(Record):
     """The GGUF's path in the repo (a split file's first shard), as the pipeline names it."""
     revision: str | None
     """The revision the pipeline names (None: main)."""
-    commit: str
+    commit: str = Field(pattern=r"^[0-9a-f]{40}$")
     """The commit it was downloaded at."""
     label: str | None
     """What the card calls it (None: the file's name)."""

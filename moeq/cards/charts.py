@@ -115,8 +115,14 @@ def peer_name(record: CompareRecord) -> str:
     return record.label or record.repo_file.rsplit("/", 1)[-1]
 
 
+def measured_peers(manifest: Manifest) -> list[CompareRecord]:
+    """The compared files the manifest holds every figure of (a refused one, or one cut short, is left out)."""
+    return [r for r in manifest.compared if r.refused is None and None not in (r.quality, r.options, r.tool, r.machine)
+            and r.size and r.bpw is not None]
+
+
 def _peers(manifest: Manifest) -> list[CompareRecord]:
-    return [r for r in manifest.compared if r.quality is not None and r.quality.quant.kld_mean is not None]
+    return [r for r in measured_peers(manifest) if r.quality.quant.kld_mean is not None]
 
 
 def _not_published(entry: QuantEntry) -> list[Candidate]:

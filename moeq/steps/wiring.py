@@ -30,8 +30,8 @@ from moeq.push.stage import push_stage
 from moeq.quantize.stage import quantize_stage
 from moeq.recipe.cost import plan_search
 from moeq.recipe.stage import recipe_stage
-from moeq.records import (Made, BenchRecord, CardRecord, ChoiceRecord, CompareRecord, FetchRecord, ImatrixRecord, PushRecord,
-                          QuantizeRecord, RecipeRecord, ShardsRecord, ValidateRecord)
+from moeq.records import (Made, BenchRecord, CardRecord, ChoiceRecord, CompareRecord, FetchRecord, ImatrixRecord,
+                          PushRecord, QuantizeRecord, RecipeRecord, ShardsRecord, ValidateRecord)
 from moeq.shards.stage import shards_stage
 from moeq.stage_runner import StageResult, Status, current, run_stage
 from moeq.steps import candidates
@@ -217,7 +217,7 @@ def compared(ctx: Context, peer: CompareSpec, source: FetchRecord) -> StageResul
     """Its saved record, without asking the Hub, when it was measured against this F16 with the pipeline's
     evaluation options (the commands after compare never download); else skipped, saying what measures it."""
     saved = ctx.records.saved("compare", peer.id)
-    key = saved.key or {} if saved is not None else {}
+    key = (saved.key if saved is not None else None) or {}
     options = eval_options(ctx.pipeline, ctx.ws).model_dump(mode="json")
     if (saved is None or saved.record.refused is not None or key.get("source_sha256") != source.output.sha256
             or (key.get("options") or {}).get("perplexity") != options

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from moeq.cards.charts import peer_name
+from moeq.cards.charts import measured_peers, peer_name
 from moeq.cards.facts.measured import machine_text
 from moeq.cards.facts.shared import HUB, figure_texts, speed_text
 from moeq.kld import compare
@@ -55,12 +55,13 @@ class CompareFacts:
 
 def compare_facts(manifest: Manifest) -> CompareFacts | None:
     """Each compared file beside this repo's measured quant nearest to it in size; None without any."""
-    if not manifest.compared:
+    measured = measured_peers(manifest)
+    if not measured:
         return None
-    first = manifest.compared[0]
+    first = measured[0]
     return CompareFacts(text=first.quality.text, ctx=first.quality.ctx, chunks=first.quality.chunks,
                         machine=machine_text(first, offload=False),
-                        peers=[_peer(manifest, record) for record in manifest.compared])
+                        peers=[_peer(manifest, record) for record in measured])
 
 
 def _comparable(entry: QuantEntry, record: CompareRecord) -> bool:
@@ -78,7 +79,7 @@ def _cpu(speed: list[SpeedRun]) -> SpeedRun | None:
 
 def _size_note(ours: int, theirs: int) -> str:
     """How much larger or smaller this repo's file is, where the two differ by a percent or more."""
-    change = round(100 * (ours / theirs - 1))
+    change = round(100 * (ours / theirs - 1)) if theirs > 0 else 0
     return "" if change == 0 else f", at a file {abs(change)} % {'larger' if change > 0 else 'smaller'} than that one"
 
 
