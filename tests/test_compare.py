@@ -201,3 +201,42 @@ def test_the_pipeline_refuses_a_compared_file_it_cannot_name_safely(tmp_path):
     proc = run_moeq("check-config", "--config", str(config))
     assert proc.returncode == 2 and "they are compared on their KL divergence against F16" in proc.stderr
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.slow
+def test_a_compared_file_with_the_rungs_own_figures_is_within_the_uncertainty_and_its_label_stays_text(example_built):
+    """The card's comparison agrees with itself: a compared file whose figures are a rung's own is set beside that
+    rung, every row equal, the verdict "within"; a hostile label opens no link or cell; one the manifest holds
+    without figures is left out."""
+    from moeq.cards.facts import card_facts
+    from moeq.cards.lint import lint_card
+    from moeq.cards.render import render_card
+    from moeq.records import CompareRecord, PeerFile, TypeShare
+
+    manifest = read_manifest(example_built / "work" / "repos" / "ladder" / MANIFEST_NAME)
+    entry = manifest.entry("Q4_K_M")
+    bench, quantized = entry.records.bench, entry.records.quantize
+    size = sum(f.size for f in entry.files)
+    shares: dict[str, list[int]] = {}
+    for t in quantized.tensors:
+        shares.setdefault(t.type_after, [0, 0])
+        shares[t.type_after][0] += 1
+        shares[t.type_after][1] += t.bytes_after
+    label = "evil](https://example.com) | cell `x` <b>"
+    twin = CompareRecord(peer="p", repo=PUBLISHER, repo_file="q/twin.gguf", revision=None, commit="a" * 40,
+                         label=label, files=[PeerFile(name="q/twin.gguf", size=size, sha256="b" * 64)], size=size,
+                         bpw=quantized.quant_bpw, types=[TypeShare(type=k, tensors=n, bytes=b) for k, (n, b) in
+                                                         sorted(shares.items(), key=lambda kv: -kv[1][1])],
+                         machine=bench.machine, tool=bench.tool, options=bench.options, speed=bench.speed,
+                         quality=bench.quality)
+    cut_short = twin.model_copy(update={"peer": "q", "repo_file": "q/short.gguf", "quality": None})
+    compared = manifest.model_copy(update={"compared": [twin, cut_short]})
+    text = render_card(card_facts(compared))
+    section = text.split("## Compared with other published files")[1].split("\n## ")[0]
+    assert section.count("\n### ") == 1 and "short.gguf" not in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith(("| Figure", "| ---"))]
+    assert len(rows) == 9 and all(line.split(" | ")[1] == line.split(" | ")[2].rstrip(" |") for line in rows), rows
+    assert ("by the rule moeq chooses its own files by: the two mean KL divergences against F16 are within twice "
+            "their combined uncertainty.") in section
+    assert "### [evil\\](https://example.com) \\| cell \\`x\\` &lt;b&gt;](https://huggingface.co/" in section
+    assert lint_card(text, "README.md", compared) == []
