@@ -161,8 +161,8 @@ def test_a_hostile_file_is_refused_with_one_line_and_nothing_left(tmp_path, test
     proc = run_moeq("compare", "--config", str(config), env=test_hub.env)
     where = f"{PUBLISHER}/{PEER}@{commit[:12]}"
     expected = {
-        "larger than the F16": (f"error: {where}: {len(data) / 1e6:.2f} MB, larger than the F16 source "
-                                f"({len(source) / 1e6:.2f} MB), so no quantization of it; nothing was downloaded"),
+        "larger than the F16": (f"error: {where}: {len(data) / 1e6:.2f} MB ({len(data):,} bytes), larger than the F16 "
+                                f"source ({len(source):,} bytes), so no quantization of it; nothing was downloaded"),
         "truncated": (f"error: {PUBLISHER}/{PEER}@{commit[:12]}: the download ended at {len(data):,} of the "
                       f"{len(source):,} bytes the Hub lists"),
         "absurd tensor count": f"error: {where}: GGUF header claims {1 << 39} tensors and 0 keys, more than its "

@@ -72,8 +72,8 @@ def compare_stage(pipeline: Pipeline, peer: CompareSpec, ws: Workspace, chain: T
         size = sum(e.size for e in entries)
         if size > source.output.size:
             raise InputError(f"{peer.repo}/{peer.file}@{commit[:12]}",
-                             f"{decimal_size(size)}, larger than the F16 source ({decimal_size(source.output.size)}), "
-                             "so no quantization of it; nothing was downloaded",
+                             f"{decimal_size(size)} ({size:,} bytes), larger than the F16 source "
+                             f"({source.output.size:,} bytes), so no quantization of it; nothing was downloaded",
                              f"remove it from compare in {pipeline.path}, or name a quantized file")
         found.update(commit=commit, entries=entries)
         return {"repo": peer.repo, "file": peer.file, "label": peer.label, "commit": commit,
