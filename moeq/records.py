@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -288,6 +288,11 @@ class QuantizeRecord(Record):
     """Threads llama-quantize used (None: its default)."""
     model: ModelFacts
     """The model, as its header describes it."""
+
+    @property
+    def type_shares(self) -> list[TypeShare]:
+        """Each tensor type of the file: its tensors and bytes, most bytes first."""
+        return type_shares((t.type_after, t.bytes_after) for t in self.tensors)
 
 
 # ---------------------------------------------------------------- validate
@@ -787,6 +792,17 @@ class TypeShare(Model):
     """Tensors of that type."""
     bytes: int
     """Their bytes."""
+
+
+def type_shares(tensors: Iterable[tuple[str, int]]) -> list[TypeShare]:
+    """(type, bytes) per tensor -> each type's tensors and bytes, most bytes first."""
+    shares: dict[str, list[int]] = {}
+    for name, size in tensors:
+        share = shares.setdefault(name, [0, 0])
+        share[0] += 1
+        share[1] += size
+    return [TypeShare(type=name, tensors=n, bytes=size)
+            for name, (n, size) in sorted(shares.items(), key=lambda item: (-item[1][1], item[0]))]
 
 
 class PeerFile(Model):

@@ -34,7 +34,7 @@ from moeq.hub.download import download_all, download_target, listed_files, resol
 from moeq.kld import base_logits, eval_options, measure
 from moeq.offload import OffloadMode
 from moeq.records import (BenchOptions, CompareRecord, FetchRecord, Machine, ModeError, PeerFile, Quality, SpeedRun,
-                          ToolBuildRef, TypeShare)
+                          ToolBuildRef, type_shares)
 from moeq.speed import offload_devices, run_speed
 from moeq.stage_runner import Stage
 from moeq.toolchain import Toolchain
@@ -120,16 +120,6 @@ def _merged_header(paths: list[Path]) -> GGUFHeader:
     return dataclasses.replace(headers[0], tensors=[t for h in headers for t in h.tensors])
 
 
-def _types(header: GGUFHeader) -> list[TypeShare]:
-    shares: dict[str, list[int]] = {}
-    for tensor in header.tensors:
-        share = shares.setdefault(tensor.type.name, [0, 0])
-        share[0] += 1
-        share[1] += tensor.n_bytes
-    return [TypeShare(type=name, tensors=n, bytes=size)
-            for name, (n, size) in sorted(shares.items(), key=lambda item: (-item[1][1], item[0]))]
-
-
 def _measured(record: CompareRecord, paths: list[Path], header: GGUFHeader, chain: Toolchain, ws: Workspace,
               source: FetchRecord, text: Path, options: BenchOptions, machine: Machine,
               on_message: Callable[[str], None]) -> CompareRecord:
@@ -146,7 +136,7 @@ def _measured(record: CompareRecord, paths: list[Path], header: GGUFHeader, chai
     n_bytes = sum(t.n_bytes for t in header.tensors)
     return record.model_copy(update={
         "size": sum(f.size for f in record.files), "bpw": round(8 * n_bytes / n_params, 4),
-        "types": _types(header), "machine": machine, "tool": ToolBuildRef(**tool.build.as_dict()),
+        "types": type_shares((t.type.name, t.n_bytes) for t in header.tensors), "machine": machine, "tool": ToolBuildRef(**tool.build.as_dict()),
         "options": options.model_copy(update={"modes": modes}), "speed": speed, "errors": errors,
         "quality": Quality(base=base, quant=figures, text=ppl.text, ctx=ppl.ctx, chunks=ppl.chunks)})
 

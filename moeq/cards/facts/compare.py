@@ -12,7 +12,7 @@ from moeq.cards.facts.measured import machine_text
 from moeq.cards.facts.shared import HUB, figure_texts, speed_text
 from moeq.kld import compare
 from moeq.manifest import Manifest, QuantEntry
-from moeq.records import CompareRecord, SpeedRun
+from moeq.records import CompareRecord, SpeedRun, TypeShare
 from moeq.units import decimal_size
 
 # The choice's rule, said of this repo's file against the other one.
@@ -77,6 +77,10 @@ def _cpu(speed: list[SpeedRun]) -> SpeedRun | None:
     return next((run for run in speed if run.mode == "cpu"), None)
 
 
+def _types(shares: list[TypeShare]) -> str:
+    return ", ".join(f"{share.type} ({share.tensors})" for share in shares)
+
+
 def _size_note(ours: int, theirs: int) -> str:
     """How much larger or smaller this repo's file is, where the two differ by a percent or more."""
     change = round(100 * (ours / theirs - 1)) if theirs > 0 else 0
@@ -87,9 +91,8 @@ def _peer(manifest: Manifest, record: CompareRecord) -> PeerFacts:
     measured = [entry for entry in manifest.quants if _comparable(entry, record)]
     nearest = min(measured, key=lambda e: (abs(sum(f.size for f in e.files) - record.size), e.quant), default=None)
     theirs = figure_texts(record.quality.quant, record.quality.base)
-    types = ", ".join(f"{t.type} ({t.tensors})" for t in record.types)  # most bytes first, as ours below
     rows = [("File size", decimal_size(record.size)), ("Bits per weight", f"{record.bpw:.2f}"),
-            ("Tensor types (tensors)", types), ("Mean KLD", theirs.kld_mean), ("99% KLD", theirs.kld_p99),
+            ("Tensor types (tensors)", _types(record.types)), ("Mean KLD", theirs.kld_mean), ("99% KLD", theirs.kld_p99),
             ("Maximum KLD", theirs.kld_max), ("Same top token", theirs.same_top_p),
             ("PPL ratio to F16", theirs.ppl_ratio), ("Tokens/s on the CPU", speed_text(_cpu(record.speed)))]
     ours = [""] * len(rows)
@@ -97,13 +100,8 @@ def _peer(manifest: Manifest, record: CompareRecord) -> PeerFacts:
     if nearest is not None:
         quantized, bench = nearest.records.quantize, nearest.records.bench
         figures = figure_texts(bench.quality.quant, bench.quality.base)
-        own: dict[str, list[int]] = {}
-        for tensor in quantized.tensors:
-            share = own.setdefault(tensor.type_after, [0, 0])
-            share[0] += 1
-            share[1] += tensor.bytes_after
         ours = [decimal_size(sum(f.size for f in nearest.files)), f"{quantized.quant_bpw:.2f}",
-                ", ".join(f"{name} ({n})" for name, (n, _b) in sorted(own.items(), key=lambda kv: (-kv[1][1], kv[0]))),
+                _types(quantized.type_shares),
                 figures.kld_mean, figures.kld_p99, figures.kld_max, figures.same_top_p, figures.ppl_ratio,
                 speed_text(_cpu(bench.speed))]
         verdict = VERDICTS[compare(bench.quality.quant, record.quality.quant)] + _size_note(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-from collections import Counter
 from dataclasses import dataclass
 
 from moeq.cards.facts.shared import LLAMA_CPP_REPO, hub_url
@@ -87,11 +86,6 @@ def model_facts(spec: ModelCardSpec, model: RecordedModel) -> ModelFacts:
 
 def quantization_facts(quantized: QuantizeRecord, source: FetchRecord | None) -> QuantizationFacts:
     tool = quantized.tool
-    mix: Counter = Counter()
-    mix_bytes: Counter = Counter()
-    for row in quantized.tensors:
-        mix[row.type_after] += 1
-        mix_bytes[row.type_after] += row.bytes_after
     options = quantized.options
     return QuantizationFacts(
         command=shlex.join(["llama-quantize", *quantized.command[1:]]),
@@ -104,7 +98,7 @@ def quantization_facts(quantized: QuantizeRecord, source: FetchRecord | None) ->
                           size=decimal_size(quantized.source.size),
                           origin=source.origin if source else None, kind=source.kind if source else None),
         output_sha256=quantized.output.sha256,
-        type_mix=[TypeMixRow(t, mix[t], binary_size(mix_bytes[t])) for t in sorted(mix, key=lambda t: -mix_bytes[t])],
+        type_mix=[TypeMixRow(share.type, share.tensors, binary_size(share.bytes)) for share in quantized.type_shares],
         tensors=len(quantized.tensors),
     )
 
