@@ -35,6 +35,16 @@ MIN_TENSOR_INFO, MIN_KEY = 24, 13
 SPLIT_NAME_RE = re.compile(r"^(?P<stem>.+)-(?P<n>\d{5})-of-(?P<total>\d{5})\.gguf$")
 
 
+def shard_names(file: str) -> list[str]:
+    """The repo paths of a file, or of every shard of a split file named by its first shard."""
+    shard = SPLIT_NAME_RE.match(Path(file).name)
+    if not shard:
+        return [file]
+    prefix = file[: -len(Path(file).name)]
+    total = int(shard["total"])
+    return [f"{prefix}{shard['stem']}-{i:05d}-of-{total:05d}.gguf" for i in range(1, total + 1)]
+
+
 @dataclass
 class TensorInfo:
     name: str

@@ -29,7 +29,7 @@ from moeq.machine import machine_facts
 from moeq.compare.identity import first_difference
 from moeq.config import CompareSpec, Pipeline
 from moeq.errors import InputError, MoeqError
-from moeq.gguf_header import SPLIT_NAME_RE, GGUFHeader, check_extent, read_header, read_source_header
+from moeq.gguf_header import GGUFHeader, check_extent, read_header, read_source_header, shard_names
 from moeq.hub.download import download_all, download_target, listed_files, resolve_commit
 from moeq.kld import base_logits, eval_options, measure
 from moeq.offload import OffloadMode
@@ -40,16 +40,6 @@ from moeq.stage_runner import Stage
 from moeq.toolchain import Toolchain
 from moeq.units import decimal_size
 from moeq.workspace import Workspace, require_free
-
-
-def shard_names(file: str) -> list[str]:
-    """The repo paths of a file, or of every shard of a split file named by its first shard."""
-    shard = SPLIT_NAME_RE.match(Path(file).name)
-    if not shard:
-        return [file]
-    prefix = file[: -len(Path(file).name)]
-    total = int(shard["total"])
-    return [f"{prefix}{shard['stem']}-{i:05d}-of-{total:05d}.gguf" for i in range(1, total + 1)]
 
 
 def compare_stage(pipeline: Pipeline, peer: CompareSpec, ws: Workspace, chain: Toolchain, api: HfApi,

@@ -23,7 +23,7 @@ from huggingface_hub.hf_api import RepoFile
 
 from moeq.config import Pipeline
 from moeq.errors import HubError, ToolError
-from moeq.gguf_header import SPLIT_NAME_RE, read_header, read_source_header
+from moeq.gguf_header import SPLIT_NAME_RE, read_header, read_source_header, shard_names
 from moeq.hub.client import hub_errors
 from moeq.hub.download import download_all, listed_files
 from moeq.records import FileRef, FetchRecord
@@ -63,12 +63,8 @@ def fetch_hub_source(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolc
 def _fetch_gguf(pipeline: Pipeline, ws: Workspace, api: HfApi, chain: Toolchain | None, commit: str,
                 target: Path, on_message: Callable[[str], None]) -> list[dict]:
     spec = pipeline.source
-    shard = SPLIT_NAME_RE.match(Path(spec.file).name)
-    names = [spec.file]
-    if shard:
-        prefix = spec.file[: -len(Path(spec.file).name)]
-        total = int(shard["total"])
-        names = [f"{prefix}{shard['stem']}-{i:05d}-of-{total:05d}.gguf" for i in range(1, total + 1)]
+    names = shard_names(spec.file)
+    shard = SPLIT_NAME_RE.match(Path(spec.file).name) is not None  # even 1 of 1 is merged into one file
     entries = listed_files(api, spec.repo, commit, names, "check source.file in the pipeline file")
     size = sum(e.size for e in entries)
     require_free(ws.source_dir, size * (2 if shard else 1), "the source")

@@ -88,8 +88,9 @@ def _size_note(ours: int, theirs: int) -> str:
 
 
 def _peer(manifest: Manifest, record: CompareRecord) -> PeerFacts:
-    measured = [entry for entry in manifest.quants if _comparable(entry, record)]
-    nearest = min(measured, key=lambda e: (abs(sum(f.size for f in e.files) - record.size), e.quant), default=None)
+    sizes = {entry.quant: sum(f.size for f in entry.files) for entry in manifest.quants if _comparable(entry, record)}
+    nearest_quant = min(sizes, key=lambda quant: (abs(sizes[quant] - record.size), quant), default=None)
+    nearest = manifest.entry(nearest_quant) if nearest_quant is not None else None
     theirs = figure_texts(record.quality.quant, record.quality.base)
     rows = [("File size", decimal_size(record.size)), ("Bits per weight", f"{record.bpw:.2f}"),
             ("Tensor types (tensors)", _types(record.types)), ("Mean KLD", theirs.kld_mean), ("99% KLD", theirs.kld_p99),
@@ -100,12 +101,12 @@ def _peer(manifest: Manifest, record: CompareRecord) -> PeerFacts:
     if nearest is not None:
         quantized, bench = nearest.records.quantize, nearest.records.bench
         figures = figure_texts(bench.quality.quant, bench.quality.base)
-        ours = [decimal_size(sum(f.size for f in nearest.files)), f"{quantized.quant_bpw:.2f}",
+        ours = [decimal_size(sizes[nearest.quant]), f"{quantized.quant_bpw:.2f}",
                 _types(quantized.type_shares),
                 figures.kld_mean, figures.kld_p99, figures.kld_max, figures.same_top_p, figures.ppl_ratio,
                 speed_text(_cpu(bench.speed))]
-        verdict = VERDICTS[compare(bench.quality.quant, record.quality.quant)] + _size_note(
-            sum(f.size for f in nearest.files), record.size)
+        verdict = VERDICTS[compare(bench.quality.quant, record.quality.quant)] + _size_note(sizes[nearest.quant],
+                                                                                          record.size)
     path = quote(record.repo_file)
     return PeerFacts(
         name=peer_name(record), repo=record.repo, file=record.repo_file,
